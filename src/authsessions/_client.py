@@ -1,0 +1,151 @@
+"""Who is on the other end: client IP behind trusted proxies, device, fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ua_parser
+from starlette.types import Scope
+
+from authsessions._config import IPNetwork
+from authsessions._records import DeviceType
+
+__all__ = ["Device", "client_ip", "describe_device", "user_agent_of"]
+
+MAX_USER_AGENT_LENGTH = 512
+
+_OS_NAMES = {"Mac OS X": "macOS", "Mac OS": "macOS", "Chrome OS": "ChromeOS"}
+_BROWSER_NAMES = {
+    "Mobile Safari": "Safari",
+    "Mobile Safari UI/WKWebView": "Safari",
+    "Chrome Mobile": "Chrome",
+    "Chrome Mobile iOS": "Chrome",
+    "Chrome Mobile WebView": "Chrome WebView",
+    "Firefox Mobile": "Firefox",
+    "Firefox iOS": "Firefox",
+    "Edge Mobile": "Edge",
+    "Opera Mobile": "Opera",
+}
+_MOBILE_OSES = {
+    "iOS",
+    "Android",
+    "Windows Phone",
+    "BlackBerry OS",
+    "KaiOS",
+    "Firefox OS",
+    "Symbian OS",
+}
+_DESKTOP_OSES = {
+    "Windows", "macOS", "Linux", "Ubuntu", "Debian", "Fedora", "ChromeOS", "FreeBSD",
+    "OpenBSD", "NetBSD", "Solaris", "Mandriva", "Red Hat", "SUSE", "Gentoo", "Arch Linux",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """What a User-Agent says about the client, reduced to stable traits."""
+
+    name: str
+    """"<browser family> on <OS family>", e.g. "Chrome on macOS"."""
+    type: DeviceType
+    fingerprint: str
+    """Digest of browser family, OS family and device type; no versions, so updates keep it."""
+
+
+def user_agent_of(scope: Scope) -> str:
+    """The request's User-Agent, decoded leniently and capped in length."""
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return value[:MAX_USER_AGENT_LENGTH].decode("latin-1")
+    return ""
+
+
+@lru_cache(maxsize=4096)
+def describe_device(user_agent: str) -> Device:
+    """Parse a User-Agent; cached, as a parse costs about 1 ms and a cache hit under 1 µs."""
+    result = ua_parser.parse(user_agent)
+    browser = result.user_agent.family if result.user_agent else "Unknown"
+    browser = _BROWSER_NAMES.get(browser, browser)
+    os_family = result.os.family if result.os else "Unknown"
+    os_family = _OS_NAMES.get(os_family, os_family)
+    if browser == "Other":
+        browser = "Unknown"
+    if os_family == "Other":
+        os_family = "Unknown"
+    device_type = _device_type(user_agent, os_family, result.device)
+    traits = f"{browser}\x1f{os_family}\x1f{device_type}".encode()
+    return Device(
+        name=f"{browser} on {os_family}",
+        type=device_type,
+        fingerprint=hashlib.sha256(traits).hexdigest()[:32],
+    )
+
+
+def _device_type(user_agent: str, os_family: str, device: ua_parser.Device | None) -> DeviceType:
+    family = device.family if device else ""
+    brand = (device.brand or "") if device else ""
+    if family == "Spider" or brand == "Spider":
+        return "bot"
+    if family == "iPad" or "Tablet" in family or "Tablet" in brand or "Kindle" in family:
+        return "tablet"
+    if os_family == "Android":
+        # Android phones say "Mobile"; Android tablets do not.
+        return "mobile" if "Mobile" in user_agent else "tablet"
+    if os_family in _MOBILE_OSES or family in ("iPhone", "iPod", "Generic Smartphone"):
+        return "mobile"
+    if os_family in _DESKTOP_OSES:
+        return "desktop"
+    return "other"
+
+
+def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
+    """The client's IP address.
+
+    The peer address is the answer unless it lies in ``trusted``; only then
+    are X-Forwarded-For (its right-most hop that is not itself trusted) and
+    X-Real-IP believed. A hop that is not an IP address stops the walk at the
+    last address known good.
+    """
+    client = scope.get("client")
+    peer: str | None = client[0] if client else None
+    if not trusted or peer is None or not _is_trusted(peer, trusted):
+        return peer
+    forwarded: list[str] = []
+    real_ip: str | None = None
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            forwarded.extend(value.decode("latin-1").split(","))
+        elif name == b"x-real-ip":
+            real_ip = value.decode("latin-1").strip()
+    if forwarded:
+        nearest = peer
+        for hop in reversed(forwarded):
+            address = _parse_ip(hop.strip())
+            if address is None:
+                return nearest
+            if not any(address in network for network in trusted):
+                return str(address)
+            nearest = str(address)
+        return nearest
+    if real_ip is not None:
+        address = _parse_ip(real_ip)
+        return str(address) if address is not None else peer
+    return peer
+
+
+def _is_trusted(host: str, trusted: Sequence[IPNetwork]) -> bool:
+    address = _parse_ip(host)
+    return address is not None and any(address in network for network in trusted)
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

@@ -1,0 +1,139 @@
+"""Session settings, validated once at construction."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+__all__ = ["SessionConfig"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SessionConfig:
+    """Settings for sessions and their cookie, with secure defaults.
+
+    Every field is keyword-only; an invalid value raises ``ValueError`` naming
+    the field and what would be valid::
+
+        SessionConfig(ttl=timedelta(days=7), absolute_ttl=timedelta(days=30))
+    """
+
+    ttl: timedelta = timedelta(days=30)
+    """Idle (sliding) lifetime: activity moves ``expires_at`` to now + ttl."""
+
+    absolute_ttl: timedelta | None = None
+    """Hard cap counted from ``created_at``; never extended by activity or ``rotate``."""
+
+    touch_interval: timedelta = timedelta(minutes=5)
+    """At most one "last active" write per session per interval."""
+
+    max_sessions_per_user: int = 10
+    """On login, the least recently active sessions beyond this many are destroyed."""
+
+    validate_fingerprint: bool = True
+    """End a session when a request's client fingerprint differs from the stored one."""
+
+    cookie_name: str = "__Host-session"
+    cookie_secure: bool = True
+    """``False`` only for plain-HTTP development."""
+
+    cookie_http_only: bool = True
+    cookie_same_site: Literal["lax", "strict"] = "lax"
+    cookie_path: str = "/"
+    cookie_domain: str | None = None
+
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed."""
+
+    max_data_bytes: int = 65536
+    """Cap on the serialised JSON data of one session."""
+
+    trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+    """``trusted_proxies`` parsed, for the per-request path."""
+
+    def __post_init__(self) -> None:
+        _require_timedelta("ttl", self.ttl)
+        _require_timedelta("touch_interval", self.touch_interval)
+        if self.ttl <= timedelta(0):
+            raise ValueError(f"ttl must be positive, got {self.ttl!r}.")
+        if self.absolute_ttl is not None:
+            _require_timedelta("absolute_ttl", self.absolute_ttl)
+            if self.absolute_ttl <= timedelta(0):
+                raise ValueError(
+                    f"absolute_ttl must be positive or None, got {self.absolute_ttl!r}."
+                )
+        if not timedelta(0) <= self.touch_interval < self.ttl:
+            raise ValueError(
+                f"touch_interval must be at least 0 and shorter than ttl ({self.ttl!r}), "
+                f"got {self.touch_interval!r}."
+            )
+        _require_int("max_sessions_per_user", self.max_sessions_per_user, minimum=1)
+        _require_int("max_data_bytes", self.max_data_bytes, minimum=2)
+        self._check_cookie()
+        object.__setattr__(self, "trusted_networks", _parse_networks(self.trusted_proxies))
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+
+    def _check_cookie(self) -> None:
+        name = self.cookie_name
+        if (
+            not isinstance(name, str)
+            or not name
+            or any(ch in name for ch in ' \t\r\n;,="()<>@:\\/[]?{}')
+            or not name.isascii()
+            or not name.isprintable()
+        ):
+            raise ValueError(f"cookie_name must be a non-empty cookie token, got {name!r}.")
+        if self.cookie_same_site not in ("lax", "strict"):
+            raise ValueError(
+                f'cookie_same_site must be "lax" or "strict", got {self.cookie_same_site!r}.'
+            )
+        if not isinstance(self.cookie_path, str) or not self.cookie_path.startswith("/"):
+            raise ValueError(f'cookie_path must start with "/", got {self.cookie_path!r}.')
+        for attribute in (self.cookie_path, self.cookie_domain or ""):
+            if any(ch in attribute for ch in ";\r\n"):
+                raise ValueError(
+                    f"cookie attributes may not contain ';' or newlines: {attribute!r}."
+                )
+        lowered = name.lower()
+        if not self.cookie_secure and lowered.startswith(("__host-", "__secure-")):
+            raise ValueError(
+                f"cookie_name {name!r} needs cookie_secure=True: browsers drop __Host- and "
+                "__Secure- cookies without Secure. For plain-HTTP development pick another "
+                'name, e.g. cookie_name="session".'
+            )
+        if lowered.startswith("__host-") and (
+            self.cookie_domain is not None or self.cookie_path != "/"
+        ):
+            raise ValueError(
+                f"cookie_name {name!r} requires cookie_path='/' and no cookie_domain "
+                "(the __Host- prefix forbids both); choose another name to use them."
+            )
+
+
+def _require_timedelta(name: str, value: object) -> None:
+    if not isinstance(value, timedelta):
+        raise ValueError(f"{name} must be a datetime.timedelta, got {value!r}.")
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
+    if isinstance(cidrs, str) or not isinstance(cidrs, tuple | list | frozenset | set):
+        raise ValueError(
+            "trusted_proxies must be a tuple of CIDR strings such as ('10.0.0.0/8',), "
+            f"got {cidrs!r}."
+        )
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}") from None
+    return tuple(networks)

@@ -1,0 +1,55 @@
+"""The session cookie: reading it from a request, writing it on a response."""
+
+from __future__ import annotations
+
+from starlette.types import Scope
+
+from authsessions._config import SessionConfig
+from authsessions._tokens import is_well_formed_token
+
+__all__ = ["MALFORMED", "SessionCookie"]
+
+MALFORMED = ""
+"""What :meth:`SessionCookie.read` returns for a cookie that is present but not a token."""
+
+
+class SessionCookie:
+    """Reads and writes one configured cookie; its attributes are joined once, here."""
+
+    __slots__ = ("_attributes", "_clearing", "_prefix", "name")
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.name = config.cookie_name
+        self._prefix = f"{config.cookie_name}=".encode("ascii")
+        attributes = f"; Path={config.cookie_path}"
+        if config.cookie_domain is not None:
+            attributes += f"; Domain={config.cookie_domain}"
+        if config.cookie_http_only:
+            attributes += "; HttpOnly"
+        if config.cookie_secure:
+            attributes += "; Secure"
+        attributes += f"; SameSite={config.cookie_same_site.capitalize()}"
+        self._attributes = attributes
+        self._clearing = (
+            f"{self.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT{attributes}"
+        ).encode("latin-1")
+
+    def read(self, scope: Scope) -> str | None:
+        """The token the request carries: ``None`` without the cookie, :data:`MALFORMED`
+        when the cookie is there but is not shaped like a token (no store is asked then).
+        """
+        prefix = self._prefix
+        for name, value in scope["headers"]:
+            if name == b"cookie" and prefix in value:
+                for pair in value.split(b";"):
+                    pair = pair.strip()
+                    if pair.startswith(prefix):
+                        token = pair[len(prefix) :].decode("latin-1")
+                        return token if is_well_formed_token(token) else MALFORMED
+        return None
+
+    def header(self, token: str | None, max_age: int = 0) -> bytes:
+        """A ``Set-Cookie`` value carrying ``token``, or clearing the cookie when it is ``None``."""
+        if token is None:
+            return self._clearing
+        return f"{self.name}={token}; Max-Age={max_age}{self._attributes}".encode("latin-1")

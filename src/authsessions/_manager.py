@@ -1,0 +1,91 @@
+"""Session operations outside a request: admin screens, jobs, the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from authsessions._config import SessionConfig
+from authsessions._errors import SessionNotFound
+from authsessions._records import SessionData
+from authsessions._tokens import is_well_formed_session_id
+from authsessions.stores._base import Store
+
+__all__ = ["SessionManager"]
+
+
+class SessionManager:
+    """Lists and ends sessions by user or id, and sweeps expired ones::
+
+        manager = SessionManager(store)
+        for session in await manager.list_for_user("42"):
+            print(session.device_name, session.last_active_at)
+        await manager.revoke_all("42")           # e.g. after a password reset
+        removed = await manager.cleanup_expired()
+
+    The store is opened on first use; closing it stays with its owner.
+    """
+
+    def __init__(self, store: Store, config: SessionConfig | None = None) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a Store, got {type(store).__name__}.")
+        self.store = store
+        self.config = config if config is not None else SessionConfig()
+
+    async def _store(self) -> Store:
+        if not self.store.is_open:
+            await self.store.open()
+        return self.store
+
+    async def list_for_user(self, user_id: str) -> list[SessionData]:
+        """The user's live sessions, most recently active first.
+
+        Raises:
+            StoreUnavailable: the store failed.
+        """
+        store = await self._store()
+        return [record.to_data() for record in await store.list_for_user(user_id, now=time.time())]
+
+    async def revoke(self, user_id: str, session_id: str) -> None:
+        """End one session of ``user_id``.
+
+        Raises:
+            SessionNotFound: no such session, or it belongs to another user.
+            StoreUnavailable: the store failed.
+        """
+        store = await self._store()
+        if not is_well_formed_session_id(session_id) or not await store.delete(
+            session_id, user_id=user_id
+        ):
+            raise SessionNotFound()
+
+    async def revoke_all(self, user_id: str, *, except_id: str | None = None) -> int:
+        """End every session of ``user_id`` (but ``except_id``); returns how many ended.
+
+        Raises:
+            StoreUnavailable: the store failed.
+        """
+        store = await self._store()
+        return await store.delete_for_user(user_id, except_id=except_id)
+
+    async def cleanup_expired(self, *, batch_size: int = 1000) -> int:
+        """Delete expired sessions in batches; returns how many were deleted.
+
+        Expired sessions are already rejected on every request; this only
+        reclaims space. Each batch is its own short operation and the event
+        loop runs between batches, so live traffic keeps being served.
+
+        Raises:
+            ValueError: ``batch_size`` is below 1.
+            StoreUnavailable: the store failed (batches done so far stay done).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}.")
+        store = await self._store()
+        total = 0
+        while True:
+            deleted = await store.delete_expired(now=time.time(), limit=batch_size)
+            total += deleted
+            if deleted < batch_size:
+                return total
+            await asyncio.sleep(0)

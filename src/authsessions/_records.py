@@ -1,0 +1,107 @@
+"""What a session is, as callers see it and as stores keep it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+__all__ = ["DeviceType", "SessionData", "SessionRecord", "SessionUpdate", "dump_json"]
+
+DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
+
+
+def dump_json(data: Any) -> str:
+    """Compact, strict JSON: the one encoding of session data everywhere."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def to_datetime(timestamp: float) -> datetime:
+    """A UNIX timestamp as a timezone-aware UTC datetime."""
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionData:
+    """One stored session, as returned to callers.
+
+    ``id`` is the public handle used to revoke it; the token and its digest
+    never appear here.
+    """
+
+    id: str
+    user_id: str
+    ip_address: str | None
+    user_agent: str | None
+    device_name: str
+    device_type: DeviceType
+    fingerprint: str
+    data: dict[str, Any]
+    created_at: datetime
+    last_active_at: datetime
+    expires_at: datetime
+    is_current: bool = False
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """One session as a store keeps it.
+
+    Times are UNIX timestamps (seconds, UTC) so the per-request path compares
+    floats; :meth:`to_data` turns them into datetimes for callers. ``data``
+    belongs to whoever holds the record: stores hand out fresh objects.
+    """
+
+    id: str
+    token_digest: str
+    user_id: str
+    ip_address: str | None
+    user_agent: str | None
+    device_name: str
+    device_type: DeviceType
+    fingerprint: str
+    data: dict[str, Any]
+    created_at: float
+    last_active_at: float
+    expires_at: float
+
+    def to_data(self, *, is_current: bool = False) -> SessionData:
+        """A caller-facing copy, without the token digest."""
+        return SessionData(
+            id=self.id,
+            user_id=self.user_id,
+            ip_address=self.ip_address,
+            user_agent=self.user_agent,
+            device_name=self.device_name,
+            device_type=self.device_type,
+            fingerprint=self.fingerprint,
+            data=copy.deepcopy(self.data),
+            created_at=to_datetime(self.created_at),
+            last_active_at=to_datetime(self.last_active_at),
+            expires_at=to_datetime(self.expires_at),
+            is_current=is_current,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUpdate:
+    """A change to one live session, applied atomically by ``Store.update``.
+
+    ``set_keys`` replaces top-level keys of ``data`` (values are plain JSON),
+    ``removed_keys`` deletes them; keys not named are left as they are in the
+    store, so concurrent requests writing different keys both keep theirs.
+    The other fields, when not ``None``, replace the stored column.
+    """
+
+    last_active_at: float
+    expires_at: float
+    set_keys: Mapping[str, Any] = field(default_factory=dict)
+    removed_keys: frozenset[str] = frozenset()
+    token_digest: str | None = None
+
+    @property
+    def changes_data(self) -> bool:
+        return bool(self.set_keys or self.removed_keys)

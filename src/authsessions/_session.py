@@ -1,0 +1,438 @@
+"""The request-scoped session handle and the changes it holds until the response starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, TypeVar, overload
+
+from starlette.types import Scope
+
+from authsessions._client import client_ip, describe_device, user_agent_of
+from authsessions._config import SessionConfig
+from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
+from authsessions._records import SessionData, SessionRecord, SessionUpdate, dump_json
+from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
+from authsessions._values import plain_json_copy, read_as
+from authsessions.stores._base import CreateError, Store
+
+__all__ = ["SCOPE_KEY", "CookieChange", "Session"]
+
+logger = logging.getLogger("authsessions")
+
+T = TypeVar("T")
+SCOPE_KEY = "authsessions.session"
+MAX_USER_ID_LENGTH = 255
+
+
+class CookieChange(Enum):
+    """What the response must do to the session cookie."""
+
+    NONE = 0
+    SET = 1
+    CLEAR = 2
+
+
+class Session:
+    """The current request's session, from ``Session.from_request(request)``.
+
+    Reads and ``set``/``remove_key`` are synchronous and touch only memory;
+    ``SessionMiddleware`` writes the changed keys when the response starts.
+    Everything that must reach the store at once is ``async``::
+
+        async def login(request):
+            session = Session.from_request(request)
+            user = await check_password(...)
+            await session.authenticate(user.id)       # new token, cookie set
+            session.set("theme", "dark")              # kept: flushed after the handler
+            return RedirectResponse("/", 303)
+
+    Extracting a session does not require a logged-in user: check
+    :attr:`is_authenticated` or :attr:`user_id`.
+    """
+
+    __slots__ = (
+        "_changed",
+        "_config",
+        "_cookie_change",
+        "_flushed",
+        "_record",
+        "_removed",
+        "_scope",
+        "_store",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        config: SessionConfig,
+        scope: Scope,
+        record: SessionRecord | None,
+        token: str | None,
+        cookie_change: CookieChange = CookieChange.NONE,
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._scope = scope
+        self._record = record
+        self._token = token
+        self._cookie_change = cookie_change
+        self._changed: dict[str, Any] = {}
+        self._removed: set[str] = set()
+        self._flushed = False
+
+    def __repr__(self) -> str:
+        if self._record is None:
+            return "<Session anonymous>"
+        return f"<Session id={self._record.id!r} user_id={self._record.user_id!r}>"
+
+    # -- getting one -----------------------------------------------------------
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> Session:
+        """The session ``SessionMiddleware`` attached to this ASGI scope.
+
+        Raises:
+            RuntimeError: ``SessionMiddleware`` is not installed around this app.
+        """
+        try:
+            session: Session = scope[SCOPE_KEY]
+        except KeyError:
+            raise RuntimeError(
+                "No session on this request: add SessionMiddleware to the app, e.g. "
+                "Starlette(middleware=[Middleware(SessionMiddleware)]) or "
+                "app.add_middleware(SessionMiddleware)."
+            ) from None
+        return session
+
+    @classmethod
+    def from_request(cls, request: Any) -> Session:
+        """The session of a Starlette ``Request`` or ``WebSocket`` (anything with ``.scope``).
+
+        Raises:
+            RuntimeError: ``SessionMiddleware`` is not installed around this app.
+        """
+        return cls.from_scope(request.scope)
+
+    # -- reading -----------------------------------------------------------------
+
+    @property
+    def user_id(self) -> str | None:
+        """The authenticated user's id, or ``None``."""
+        return self._record.user_id if self._record is not None else None
+
+    @property
+    def is_authenticated(self) -> bool:
+        """Whether a valid session exists for this request."""
+        return self._record is not None
+
+    def current(self) -> SessionData | None:
+        """A copy of the whole session, including writes made earlier in this request."""
+        return self._record.to_data(is_current=True) if self._record is not None else None
+
+    @overload
+    def get(self, key: str, type: None = None, default: Any = None) -> Any: ...
+    @overload
+    def get(self, key: str, type: type[T], default: T | None = None) -> T | None: ...
+
+    def get(self, key: str, type: Any = None, default: Any = None) -> Any:
+        """The value under ``key``, or ``default`` without a session or without the key.
+
+        With ``type``, the value is converted strictly (no "1" to 1):
+        ``session.get("cart", type=Cart)`` accepts plain JSON types and, with
+        pydantic installed, dataclasses, TypedDicts and models. Mutating a
+        returned list or dict changes nothing stored: call :meth:`set`.
+
+        Raises:
+            SessionDataError: the stored value does not fit ``type``.
+        """
+        record = self._record
+        if record is None:
+            return default
+        try:
+            value = record.data[key]
+        except KeyError:
+            return default
+        return value if type is None else read_as(value, type, key)
+
+    # -- writing, in memory --------------------------------------------------------
+
+    def set(self, key: str, value: Any) -> None:
+        """Store a plain-JSON value under ``key``; written when the response starts.
+
+        Does nothing without a session. Only changed keys are written, so
+        concurrent requests writing different keys both keep theirs.
+
+        Raises:
+            SessionDataError: ``value`` is not plain JSON, or the session's data
+                would exceed ``max_data_bytes``. The session is left unchanged.
+        """
+        record = self._record
+        if record is None:
+            return
+        if not isinstance(key, str):
+            raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
+        value = plain_json_copy(value, f"the value for session key {key!r}")
+        size = len(dump_json({**record.data, key: value}))
+        if size > self._config.max_data_bytes:
+            raise SessionDataError(
+                f"setting session key {key!r} would make the session data {size} bytes, over "
+                f"max_data_bytes={self._config.max_data_bytes}; store less or raise the limit."
+            )
+        record.data[key] = value
+        self._changed[key] = value
+        self._removed.discard(key)
+
+    def remove_key(self, key: str) -> None:
+        """Remove ``key``; written when the response starts. No-op without a session or key."""
+        record = self._record
+        if record is None or key not in record.data:
+            return
+        del record.data[key]
+        self._changed.pop(key, None)
+        self._removed.add(key)
+
+    # -- acting on the store -------------------------------------------------------
+
+    async def authenticate(self, user_id: str) -> None:
+        """Start a new session for ``user_id`` with empty data; see :meth:`authenticate_with`."""
+        await self.authenticate_with(user_id, {})
+
+    async def authenticate_with(self, user_id: str, data: Mapping[str, Any]) -> None:
+        """Start a new session for ``user_id`` holding ``data``, and set its cookie.
+
+        Any current session is destroyed first, so a token planted before
+        login is worthless afterwards (session fixation). When the user then
+        has more than ``max_sessions_per_user`` sessions, the least recently
+        active ones end, in the same atomic step as the insert.
+
+        Raises:
+            SessionDataError: ``data`` is not a mapping of plain JSON, or too large.
+            StoreUnavailable: the store failed; the request's cookie is cleared.
+        """
+        _check_user_id(user_id)
+        if not isinstance(data, Mapping):
+            raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
+        initial = plain_json_copy(dict(data), "the initial session data")
+        size = len(dump_json(initial))
+        if size > self._config.max_data_bytes:
+            raise SessionDataError(
+                f"the initial session data is {size} bytes, over "
+                f"max_data_bytes={self._config.max_data_bytes}."
+            )
+        self._refuse_cookie_on_websocket("authenticate")
+        if self._record is not None:
+            await self._store.delete(self._record.id)
+            self._forget()
+        self._cookie_change = CookieChange.CLEAR
+        now = time.time()
+        device = describe_device(user_agent_of(self._scope))
+        config = self._config
+        for _attempt in range(3):
+            token = new_token()
+            record = SessionRecord(
+                id=new_session_id(),
+                token_digest=token_digest(token),
+                user_id=user_id,
+                ip_address=client_ip(self._scope, config.trusted_networks),
+                user_agent=user_agent_of(self._scope) or None,
+                device_name=device.name,
+                device_type=device.type,
+                fingerprint=device.fingerprint,
+                data=initial,
+                created_at=now,
+                last_active_at=now,
+                expires_at=self._expiry(created_at=now, now=now),
+            )
+            try:
+                await self._store.create(record, max_sessions=config.max_sessions_per_user, now=now)
+            except CreateError:  # 2**-128 odds, but never overwrite someone's session
+                continue
+            self._record = record
+            self._token = token
+            self._cookie_change = CookieChange.SET
+            return
+        raise RuntimeError("could not create a session with a fresh id three times in a row")
+
+    async def rotate(self) -> None:
+        """Issue a new token and refresh the expiry, keeping the session id and data.
+
+        Use it after privilege changes. The old token stops working at once.
+
+        Raises:
+            Unauthorized: there is no session (or it ended meanwhile).
+            StoreUnavailable: the store failed.
+        """
+        record = self._require_session()
+        self._refuse_cookie_on_websocket("rotate")
+        now = time.time()
+        token = new_token()
+        digest = token_digest(token)
+        changes = self._pending_update(now, token_digest=digest)
+        if not await self._store.update(record.id, changes, now=now):
+            self._end()
+            raise Unauthorized("This session has ended; sign in again.")
+        self._changed.clear()
+        self._removed.clear()
+        record.token_digest = digest
+        record.last_active_at = now
+        record.expires_at = changes.expires_at
+        self._token = token
+        self._cookie_change = CookieChange.SET
+
+    async def logout(self) -> None:
+        """Destroy the current session and clear its cookie; succeeds silently without one.
+
+        Raises:
+            StoreUnavailable: the store failed; the session still exists.
+        """
+        if self._record is not None:
+            await self._store.delete(self._record.id)
+            self._end()
+
+    async def logout_all(self) -> None:
+        """Destroy every session of the current user, this one included, and clear the cookie.
+
+        Raises:
+            Unauthorized: there is no session.
+            StoreUnavailable: the store failed.
+        """
+        record = self._require_session()
+        await self._store.delete_for_user(record.user_id)
+        self._end()
+
+    async def logout_other(self) -> None:
+        """Destroy every session of the current user except this one.
+
+        Raises:
+            Unauthorized: there is no session.
+            StoreUnavailable: the store failed.
+        """
+        record = self._require_session()
+        await self._store.delete_for_user(record.user_id, except_id=record.id)
+
+    async def list_my_sessions(self) -> list[SessionData]:
+        """The user's live sessions, most recently active first; this one has ``is_current``.
+
+        Raises:
+            Unauthorized: there is no session.
+            StoreUnavailable: the store failed.
+        """
+        record = self._require_session()
+        records = await self._store.list_for_user(record.user_id, now=time.time())
+        return [
+            record.to_data(is_current=True) if stored.id == record.id else stored.to_data()
+            for stored in records
+        ]
+
+    async def revoke(self, session_id: str) -> None:
+        """Destroy one session of the current user (this one too, which clears the cookie).
+
+        Raises:
+            Unauthorized: there is no session.
+            SessionNotFound: no session has this id, or it is another user's
+                (indistinguishable on purpose).
+            StoreUnavailable: the store failed.
+        """
+        record = self._require_session()
+        if not is_well_formed_session_id(session_id) or not await self._store.delete(
+            session_id, user_id=record.user_id
+        ):
+            raise SessionNotFound()
+        if session_id == record.id:
+            self._end()
+
+    # -- for the middleware ----------------------------------------------------------
+
+    @property
+    def cookie_change(self) -> CookieChange:
+        return self._cookie_change
+
+    def cookie_token(self) -> tuple[str, int] | None:
+        """The token to send and its Max-Age, when the cookie must be set."""
+        if (
+            self._cookie_change is not CookieChange.SET
+            or self._record is None
+            or self._token is None
+        ):
+            return None
+        return self._token, max(0, int(self._record.expires_at - time.time()))
+
+    async def flush(self, *, save: bool) -> None:
+        """Write changed keys and a due touch in one update; runs once per request.
+
+        With ``save=False`` (an error response) nothing is written. A touch
+        re-sends the cookie so the browser's expiry follows the store's.
+        """
+        record = self._record
+        if self._flushed or record is None:
+            return
+        self._flushed = True
+        now = time.time()
+        touch_due = now - record.last_active_at >= self._config.touch_interval.total_seconds()
+        if not save or not (touch_due or self._changed or self._removed):
+            return
+        changes = self._pending_update(now)
+        self._changed.clear()
+        self._removed.clear()
+        if not await self._store.update(record.id, changes, now=now):
+            # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
+            logger.info("session %s ended during the request; its changes were dropped", record.id)
+            self._end()
+            return
+        record.last_active_at = now
+        record.expires_at = changes.expires_at
+        if touch_due and self._cookie_change is CookieChange.NONE:
+            self._cookie_change = CookieChange.SET
+
+    # -- internals -------------------------------------------------------------
+
+    def _require_session(self) -> SessionRecord:
+        if self._record is None:
+            raise Unauthorized()
+        return self._record
+
+    def _refuse_cookie_on_websocket(self, operation: str) -> None:
+        if self._scope["type"] == "websocket":
+            raise RuntimeError(
+                f"{operation}() sets a cookie, which a WebSocket cannot carry; do it in an "
+                "HTTP request."
+            )
+
+    def _expiry(self, *, created_at: float, now: float) -> float:
+        expires_at = now + self._config.ttl.total_seconds()
+        if self._config.absolute_ttl is not None:
+            expires_at = min(expires_at, created_at + self._config.absolute_ttl.total_seconds())
+        return expires_at
+
+    def _pending_update(self, now: float, *, token_digest: str | None = None) -> SessionUpdate:
+        assert self._record is not None
+        return SessionUpdate(
+            last_active_at=now,
+            expires_at=self._expiry(created_at=self._record.created_at, now=now),
+            set_keys=dict(self._changed),
+            removed_keys=frozenset(self._removed),
+            token_digest=token_digest,
+        )
+
+    def _forget(self) -> None:
+        self._record = None
+        self._token = None
+        self._changed.clear()
+        self._removed.clear()
+
+    def _end(self) -> None:
+        self._forget()
+        self._cookie_change = CookieChange.CLEAR
+
+
+def _check_user_id(user_id: object) -> None:
+    if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_LENGTH:
+        raise ValueError(
+            f"user_id must be a non-empty string of at most {MAX_USER_ID_LENGTH} characters, "
+            f"got {user_id!r:.80}; pass str(user.id) for numeric ids."
+        )

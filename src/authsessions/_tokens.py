@@ -1,0 +1,44 @@
+"""Tokens, their digests and session ids.
+
+The browser holds a token; the store only ever sees its SHA-256 digest, so a
+leaked database cannot be replayed as cookies. Session ids are public handles
+for "manage my devices" and are unrelated to the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+TOKEN_BYTES = 32
+SESSION_ID_BYTES = 16
+
+# token_urlsafe(n) yields ceil(n * 4 / 3) characters of the URL-safe alphabet, unpadded.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+_SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def new_token() -> str:
+    """A fresh cookie token with 256 bits from the OS's CSPRNG."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def new_session_id() -> str:
+    """A fresh public session id with 128 bits of randomness."""
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def token_digest(token: str) -> str:
+    """The hex SHA-256 digest under which a token's session is stored."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def is_well_formed_token(value: str) -> bool:
+    """Whether ``value`` has the exact shape of a token (checked before any store access)."""
+    return _TOKEN_PATTERN.fullmatch(value) is not None
+
+
+def is_well_formed_session_id(value: object) -> bool:
+    """Whether ``value`` has the exact shape of a session id."""
+    return isinstance(value, str) and _SESSION_ID_PATTERN.fullmatch(value) is not None

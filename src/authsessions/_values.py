@@ -1,0 +1,89 @@
+"""Session values: only plain JSON goes in, and typed reads come out strictly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable
+from functools import lru_cache
+from typing import Any, TypeVar, cast
+
+from authsessions._errors import SessionDataError
+
+__all__ = ["plain_json_copy", "read_as"]
+
+T = TypeVar("T")
+
+_PLAIN_TYPES: frozenset[type] = frozenset({str, int, float, bool, list, dict, type(None)})
+
+
+def plain_json_copy(value: Any, what: str) -> Any:
+    """A private copy of ``value`` after checking it is exactly representable as JSON.
+
+    Rejects what ``json`` would silently change (tuples, non-string keys),
+    NaN and infinities, and anything JSON has no form for (sets, bytes,
+    datetimes, objects).
+
+    Raises:
+        SessionDataError: naming ``what`` and the reason.
+    """
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SessionDataError(
+            f"{what} is not JSON-serialisable ({exc}); store plain dicts, lists, strings, "
+            "numbers, booleans and None (e.g. a dataclass as dataclasses.asdict(obj))."
+        ) from None
+    copy = json.loads(encoded)
+    if copy != value:  # json turned a tuple into a list or an int key into a string
+        raise SessionDataError(
+            f"{what} would not read back as written (a tuple, or a dict with non-string "
+            "keys?); store lists and string-keyed dicts instead."
+        )
+    return copy
+
+
+def read_as(value: Any, type_: type[T], key: str) -> T:
+    """``value`` (plain JSON) as a ``type_``, converted strictly: "1" never becomes 1.
+
+    Plain JSON types are checked directly (an int is accepted for float);
+    anything else (dataclasses, TypedDicts, pydantic models, ``list[int]``…)
+    goes through pydantic in strict mode.
+
+    Raises:
+        SessionDataError: the value does not fit ``type_``, or pydantic is
+            needed for ``type_`` and not installed.
+    """
+    if type_ in _PLAIN_TYPES:
+        if type_ is float and type(value) is int:
+            return float(value)  # type: ignore[return-value]
+        if isinstance(value, type_) and not (type_ is int and isinstance(value, bool)):
+            return value
+        raise SessionDataError(
+            f"session key {key!r} holds {type(value).__name__}, expected {type_.__name__}."
+        )
+    try:
+        from pydantic import PydanticUserError, ValidationError
+    except ImportError:
+        raise SessionDataError(
+            f"reading session key {key!r} as {type_!r} needs pydantic: "
+            "pip install 'authsessions[pydantic]'."
+        ) from None
+    try:
+        adapter = _adapter(cast(Hashable, type_))
+    except PydanticUserError as exc:
+        raise SessionDataError(f"pydantic cannot read {type_!r}: {exc.message}") from None
+    try:
+        result: T = adapter.validate_json(json.dumps(value), strict=True)
+    except ValidationError as exc:
+        raise SessionDataError(
+            f"session key {key!r} cannot be read as {type_!r}: {exc.error_count()} error(s), "
+            f"first: {exc.errors()[0]['msg']}."
+        ) from None
+    return result
+
+
+@lru_cache(maxsize=256)
+def _adapter(type_: Hashable) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cast(Any, type_))

@@ -1,0 +1,139 @@
+"""The store protocol: seven async primitives over records, digests, ids and times.
+
+Behaviour (expiry rules, cookies, fixation defence, size limits) lives in the
+session layer; a store only keeps records. Every primitive takes ``now`` (a
+UNIX timestamp) from its caller, so tests control the clock without sleeping.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Self
+
+from authsessions._errors import StoreUnavailable
+from authsessions._records import SessionRecord, SessionUpdate
+
+__all__ = ["CreateError", "Store", "translate_errors"]
+
+
+class CreateError(Exception):
+    """Internal signal: ``Store.create`` met an existing id or token digest."""
+
+
+@contextmanager
+def translate_errors(store_name: str, *driver_errors: type[BaseException]) -> Iterator[None]:
+    """Re-raise the driver's own failures as :class:`StoreUnavailable`, chained to the original."""
+    try:
+        yield
+    except driver_errors as exc:
+        raise StoreUnavailable(
+            f"The {store_name} session store failed ({type(exc).__name__}); try again shortly."
+        ) from exc
+
+
+class Store(abc.ABC):
+    """Where sessions live. Subclasses implement the primitives; the base supplies opening.
+
+    A store is an async context manager, opens itself once (idempotently) and
+    can be closed and reopened::
+
+        async with SQLiteStore("sessions.db") as store:
+            record = await store.get(digest, now=time.time())
+
+    Every primitive raises :class:`~authsessions.StoreUnavailable` when the
+    backend fails, never the driver's own exception.
+    """
+
+    _is_open: bool = False
+    _open_lock: asyncio.Lock | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._is_open
+
+    async def open(self) -> None:
+        """Connect and create the schema if missing. Calling it again does nothing."""
+        if self._is_open:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._is_open:
+                await self._open()
+                self._is_open = True
+
+    async def close(self) -> None:
+        """Release connections. The store can be opened again afterwards."""
+        if self._is_open:
+            self._is_open = False
+            await self._close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _open(self) -> None:  # noqa: B027 - stores without connections need nothing
+        """Connect and create the schema; called once per open."""
+
+    async def _close(self) -> None:  # noqa: B027
+        """Release what ``_open`` acquired."""
+
+    @abc.abstractmethod
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        """Insert ``record`` and evict, as one atomic step.
+
+        Afterwards the user has at most ``max_sessions`` live sessions: the
+        user's expired sessions and the least recently active ones beyond the
+        limit are deleted (the new record is the most recent). Concurrent
+        creates for one user never leave more than the limit.
+
+        Raises :class:`CreateError` when the id or token digest exists already.
+        """
+
+    @abc.abstractmethod
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        """The live session stored under ``token_digest``; ``None`` when missing or expired."""
+
+    @abc.abstractmethod
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        """Apply ``changes`` to a live session atomically.
+
+        Data changes are key-level: keys the update does not name keep their
+        stored values. Returns ``False``, changing nothing, when the session
+        is gone or expired: an update never re-creates a session.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        """Delete one session; with ``user_id``, only if it belongs to that user.
+
+        Returns whether a session was deleted.
+        """
+
+    @abc.abstractmethod
+    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        """Delete every session of ``user_id`` but ``except_id``; returns how many."""
+
+    @abc.abstractmethod
+    async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        """The user's live sessions, most recently active first."""
+
+    @abc.abstractmethod
+    async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        """Delete at most ``limit`` expired sessions; returns how many were deleted.
+
+        Callers repeat it until it returns less than ``limit``, so a large
+        backlog never holds a lock or a transaction for long.
+        """

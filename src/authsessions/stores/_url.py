@@ -1,0 +1,60 @@
+"""Store URLs: one string in config or the environment picks and configures a store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from authsessions.stores._base import Store
+
+__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store"]
+
+DEFAULT_STORE_URL = "sqlite:///sessions.db"
+STORE_URL_ENV = "AUTHSESSIONS_STORE"
+
+
+def open_store(url: str) -> Store:
+    """Build the store a URL names; it connects on first use (or ``await store.open()``).
+
+    Accepted forms: ``memory://``, ``sqlite:///relative.db``,
+    ``sqlite:////absolute.db``, ``postgresql://user@host:5432/db`` (or
+    ``postgres://``), ``redis://host:6379/0`` (or ``rediss://``).
+
+    Raises:
+        ValueError: the URL's scheme is unknown or the URL is malformed. The
+            message names the scheme only, never a password.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"a store URL must be a string, got {type(url).__name__}.")
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator:
+        raise ValueError(
+            "a store URL needs a scheme, e.g. sqlite:///sessions.db, memory://, "
+            "postgresql://host/db or redis://host:6379/0."
+        )
+    if scheme == "memory":
+        from authsessions.stores.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        from authsessions.stores.sqlite import SQLiteStore
+
+        path = rest.removeprefix("/").partition("?")[0]
+        if not path:
+            raise ValueError(
+                "a sqlite URL needs a file: sqlite:///relative.db or sqlite:////absolute/path.db."
+            )
+        return SQLiteStore(path)
+    if scheme in ("postgresql", "postgres"):
+        from authsessions.stores.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if scheme in ("redis", "rediss", "unix"):
+        from authsessions.stores.redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///path.db, "
+        "postgresql://… or redis://…."
+    )

@@ -1,0 +1,121 @@
+"""A store in this process's memory, for tests and single-process development.
+
+Every primitive runs without awaiting, so each is atomic on the event loop.
+Data is kept as JSON text, as a database would keep it, so no caller can
+change a stored session by mutating an object it was handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from authsessions._records import SessionRecord, SessionUpdate, dump_json
+from authsessions.stores._base import CreateError, Store
+
+__all__ = ["MemoryStore"]
+
+
+@dataclasses.dataclass(slots=True)
+class _Row:
+    record: SessionRecord
+    data_json: str
+
+
+class MemoryStore(Store):
+    """Sessions in a dict: fast, and gone when the process exits.
+
+    Not shared between processes or app servers; use ``SQLiteStore``,
+    ``PostgresStore`` or ``RedisStore`` for that.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._ids_by_digest: dict[str, str] = {}
+        self._ids_by_user: dict[str, set[str]] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(<{len(self._rows)} sessions>)"
+
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        if record.id in self._rows or record.token_digest in self._ids_by_digest:
+            raise CreateError(record.id)
+        stored = dataclasses.replace(record, data={})
+        self._rows[record.id] = _Row(stored, dump_json(record.data))
+        self._ids_by_digest[record.token_digest] = record.id
+        self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
+        for row in self._user_rows(record.user_id, now=now, include_expired=True)[max_sessions:]:
+            self._remove(row.record.id)
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        session_id = self._ids_by_digest.get(token_digest)
+        if session_id is None:
+            return None
+        row = self._rows[session_id]
+        if row.record.expires_at <= now:
+            return None
+        return _materialise(row)
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        row = self._rows.get(session_id)
+        if row is None or row.record.expires_at <= now:
+            return False
+        if changes.changes_data:
+            data: dict[str, Any] = json.loads(row.data_json)
+            for key in changes.removed_keys:
+                data.pop(key, None)
+            data.update(changes.set_keys)
+            row.data_json = dump_json(data)
+        record = row.record
+        if changes.token_digest is not None:
+            del self._ids_by_digest[record.token_digest]
+            record.token_digest = changes.token_digest
+            self._ids_by_digest[record.token_digest] = session_id
+        record.last_active_at = changes.last_active_at
+        record.expires_at = changes.expires_at
+        return True
+
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        row = self._rows.get(session_id)
+        if row is None or (user_id is not None and row.record.user_id != user_id):
+            return False
+        self._remove(session_id)
+        return True
+
+    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        doomed = [sid for sid in self._ids_by_user.get(user_id, ()) if sid != except_id]
+        for session_id in doomed:
+            self._remove(session_id)
+        return len(doomed)
+
+    async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        rows = self._user_rows(user_id, now=now, include_expired=False)
+        return [_materialise(row) for row in rows]
+
+    async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        doomed = [sid for sid, row in self._rows.items() if row.record.expires_at <= now][:limit]
+        for session_id in doomed:
+            self._remove(session_id)
+        return len(doomed)
+
+    def _user_rows(self, user_id: str, *, now: float, include_expired: bool) -> list[_Row]:
+        """Live rows most recently active first, then (optionally) the expired ones."""
+        rows = [self._rows[sid] for sid in self._ids_by_user.get(user_id, ())]
+        live = [row for row in rows if row.record.expires_at > now]
+        live.sort(key=lambda row: (row.record.last_active_at, row.record.created_at), reverse=True)
+        if include_expired:
+            live.extend(row for row in rows if row.record.expires_at <= now)
+        return live
+
+    def _remove(self, session_id: str) -> None:
+        row = self._rows.pop(session_id)
+        del self._ids_by_digest[row.record.token_digest]
+        user_ids = self._ids_by_user[row.record.user_id]
+        user_ids.discard(session_id)
+        if not user_ids:
+            del self._ids_by_user[row.record.user_id]
+
+
+def _materialise(row: _Row) -> SessionRecord:
+    return dataclasses.replace(row.record, data=json.loads(row.data_json))
