@@ -122,28 +122,31 @@ class SessionMiddleware:
             await send({"type": "websocket.close", "code": _WS_TRY_AGAIN_LATER})
             return
         scope[SCOPE_KEY] = session
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            await session.flush(save=True)
+        await self.app(scope, receive, send)
+        await session.flush(save=True)
 
     async def _load(self, scope: Scope) -> Session:
         """The request's session; anonymous, marked to clear the cookie, when it is not valid."""
-        if not self.store.is_open:
-            await self.store.open()
+        store = self.store
+        if not store.is_open:
+            await store.open()
         token = self._cookie.read(scope)
         if token is None:
-            return Session(
-                store=self.store, config=self.config, scope=scope, record=None, token=None
-            )
+            return Session(store=store, config=self.config, scope=scope, record=None, token=None)
         record = None
-        if token is not MALFORMED:
+        if token != MALFORMED:
             digest = token_digest(token)
-            record = await self.store.get(digest, now=time.time())
-            if record is not None and not await self._is_valid(record, digest, scope):
+            now = time.time()
+            record = await store.get(digest, now=now)
+            if record is not None and not self._is_live(record, digest, now):
+                record = None
+            if record is not None and self._is_replayed(record, scope):
+                # A cookie replayed from another kind of client: end the session for good.
+                logger.warning("session %s used by a different client; ending it", record.id)
+                await store.delete(record.id)
                 record = None
         return Session(
-            store=self.store,
+            store=store,
             config=self.config,
             scope=scope,
             record=record,
@@ -151,22 +154,19 @@ class SessionMiddleware:
             cookie_change=CookieChange.NONE if record is not None else CookieChange.CLEAR,
         )
 
-    async def _is_valid(self, record: SessionRecord, digest: str, scope: Scope) -> bool:
+    def _is_live(self, record: SessionRecord, digest: str, now: float) -> bool:
         # The store found the row by this digest; comparing again in constant time
         # guards against a store that matches loosely (collation, prefix index).
         if not hmac.compare_digest(record.token_digest, digest):
             return False
-        if self._absolute_ttl is not None and record.created_at + self._absolute_ttl <= time.time():
-            return False
-        if (
+        # absolute_ttl may have been shortened since this session was created.
+        return self._absolute_ttl is None or record.created_at + self._absolute_ttl > now
+
+    def _is_replayed(self, record: SessionRecord, scope: Scope) -> bool:
+        return (
             self.config.validate_fingerprint
             and describe_device(user_agent_of(scope)).fingerprint != record.fingerprint
-        ):
-            # A stolen cookie replayed from another kind of client: end the session for good.
-            logger.warning("session %s presented by a different client; ending it", record.id)
-            await self.store.delete(record.id)
-            return False
-        return True
+        )
 
     def _add_headers(self, message: Message, session: Session) -> None:
         change = session.cookie_change
