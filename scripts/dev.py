@@ -25,7 +25,7 @@ EXTRAS = {"demo": "cli", "test": "test", "check": "test"}
 
 
 def ensure_environment(extra: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script may be run by an older python3
         sys.exit(f"authsessions needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
     if not (BIN / "python").exists():
         print("Creating .venv …", flush=True)

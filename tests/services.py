@@ -12,7 +12,9 @@ import socket
 
 import pytest
 
-POSTGRES_URL = os.environ.get("AUTHSESSIONS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "AUTHSESSIONS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("AUTHSESSIONS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("AUTHSESSIONS_REQUIRE_SERVICES", "") not in ("", "0")
 

@@ -14,7 +14,7 @@ from starlette.types import Scope
 from authsessions._config import IPNetwork
 from authsessions._records import DeviceType
 
-__all__ = ["Device", "client_ip", "describe_device", "user_agent_of"]
+__all__ = ["Device", "client_ip", "describe_device", "device_of", "user_agent_of"]
 
 MAX_USER_AGENT_LENGTH = 512
 
@@ -65,9 +65,22 @@ def user_agent_of(scope: Scope) -> str:
     return ""
 
 
+def device_of(scope: Scope) -> Device:
+    """The :class:`Device` a request's User-Agent describes (cached by the raw header)."""
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return _device_of_header(value)
+    return _device_of_header(b"")
+
+
 @lru_cache(maxsize=4096)
+def _device_of_header(value: bytes) -> Device:
+    return describe_device(value[:MAX_USER_AGENT_LENGTH].decode("latin-1"))
+
+
 def describe_device(user_agent: str) -> Device:
-    """Parse a User-Agent; cached, as a parse costs about 1 ms and a cache hit under 1 µs."""
+    """What a User-Agent string says about the client (a parse costs about a millisecond)."""
     result = ua_parser.parse(user_agent)
     browser = result.user_agent.family if result.user_agent else "Unknown"
     browser = _BROWSER_NAMES.get(browser, browser)

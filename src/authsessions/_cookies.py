@@ -5,9 +5,11 @@ from __future__ import annotations
 from starlette.types import Scope
 
 from authsessions._config import SessionConfig
-from authsessions._tokens import is_well_formed_token
+from authsessions._tokens import is_well_formed_token_bytes
 
 __all__ = ["MALFORMED", "SessionCookie"]
+
+_PAIR_BOUNDARY = b"; \t"
 
 MALFORMED = ""
 """What :meth:`SessionCookie.read` returns for a cookie that is present but not a token."""
@@ -40,12 +42,18 @@ class SessionCookie:
         """
         prefix = self._prefix
         for name, value in scope["headers"]:
-            if name == b"cookie" and prefix in value:
-                for pair in value.split(b";"):
-                    pair = pair.strip()
-                    if pair.startswith(prefix):
-                        token = pair[len(prefix) :].decode("latin-1")
-                        return token if is_well_formed_token(token) else MALFORMED
+            if name != b"cookie":
+                continue
+            start = value.find(prefix)
+            # The name must start a pair: "a__Host-session=" is another cookie.
+            while start > 0 and value[start - 1] not in _PAIR_BOUNDARY:
+                start = value.find(prefix, start + 1)
+            if start == -1:
+                continue
+            start += len(prefix)
+            end = value.find(b";", start)
+            token = (value[start:] if end == -1 else value[start:end]).strip()
+            return token.decode("ascii") if is_well_formed_token_bytes(token) else MALFORMED
         return None
 
     def header(self, token: str | None, max_age: int = 0) -> bytes:

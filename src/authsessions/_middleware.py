@@ -8,10 +8,9 @@ import logging
 import os
 import time
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from authsessions._client import describe_device, user_agent_of
+from authsessions._client import device_of
 from authsessions._config import SessionConfig
 from authsessions._cookies import MALFORMED, SessionCookie
 from authsessions._errors import SessionError, StoreUnavailable
@@ -80,17 +79,15 @@ class SessionMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope_type = scope["type"]
-        if scope_type == "http":
-            await self._http(scope, receive, send)
-        elif scope_type == "websocket":
-            await self._websocket(scope, receive, send)
-        elif scope_type == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send)
+            elif scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # Every request pays for this path: keep it flat and free of needless awaits.
         try:
             session = await self._load(scope)
         except StoreUnavailable as exc:
@@ -99,11 +96,27 @@ class SessionMiddleware:
             return
         scope[SCOPE_KEY] = session
         response_started = False
+        replaced_by_error = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, replaced_by_error
+            if replaced_by_error:
+                return  # the app's response was replaced by an error response
             if message["type"] == "http.response.start":
-                await session.flush(save=message["status"] < 500)
+                write = session.pending_write(save=message["status"] < 500)
+                if write is not None:
+                    try:
+                        await write
+                    except SessionError as exc:
+                        # Answer here instead of raising into the app: its own error
+                        # handlers would see a started response and send a bare 500.
+                        replaced_by_error = True
+                        start, body = _error_response(exc)
+                        self._add_headers(start, session)
+                        response_started = True
+                        await send(start)
+                        await send(body)
+                        return
                 self._add_headers(message, session)
                 response_started = True
             await send(message)
@@ -113,7 +126,9 @@ class SessionMiddleware:
         except SessionError as exc:
             if response_started:
                 raise
-            await _send_error(send_wrapper, exc)
+            start, body = _error_response(exc)
+            await send_wrapper(start)
+            await send_wrapper(body)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -123,7 +138,9 @@ class SessionMiddleware:
             return
         scope[SCOPE_KEY] = session
         await self.app(scope, receive, send)
-        await session.flush(save=True)
+        write = session.pending_write(save=True)
+        if write is not None:
+            await write
 
     async def _load(self, scope: Scope) -> Session:
         """The request's session; anonymous, marked to clear the cookie, when it is not valid."""
@@ -132,7 +149,7 @@ class SessionMiddleware:
             await store.open()
         token = self._cookie.read(scope)
         if token is None:
-            return Session(store=store, config=self.config, scope=scope, record=None, token=None)
+            return Session(store, self.config, scope, None, None, CookieChange.NONE)
         record = None
         if token != MALFORMED:
             digest = token_digest(token)
@@ -145,14 +162,9 @@ class SessionMiddleware:
                 logger.warning("session %s used by a different client; ending it", record.id)
                 await store.delete(record.id)
                 record = None
-        return Session(
-            store=store,
-            config=self.config,
-            scope=scope,
-            record=record,
-            token=token if record is not None else None,
-            cookie_change=CookieChange.NONE if record is not None else CookieChange.CLEAR,
-        )
+        if record is None:
+            return Session(store, self.config, scope, None, None, CookieChange.CLEAR)
+        return Session(store, self.config, scope, record, token, CookieChange.NONE)
 
     def _is_live(self, record: SessionRecord, digest: str, now: float) -> bool:
         # The store found the row by this digest; comparing again in constant time
@@ -164,26 +176,40 @@ class SessionMiddleware:
 
     def _is_replayed(self, record: SessionRecord, scope: Scope) -> bool:
         return (
-            self.config.validate_fingerprint
-            and describe_device(user_agent_of(scope)).fingerprint != record.fingerprint
+            self.config.validate_fingerprint and device_of(scope).fingerprint != record.fingerprint
         )
 
     def _add_headers(self, message: Message, session: Session) -> None:
         change = session.cookie_change
-        if change is CookieChange.NONE and not session.is_authenticated:
+        if change is CookieChange.NONE and session.user_id is None:
             return
-        message.setdefault("headers", [])
-        headers = MutableHeaders(scope=message)
-        if change is CookieChange.SET:
-            cookie = session.cookie_token()
-            if cookie is not None:
-                headers.append("set-cookie", self._cookie.header(*cookie).decode("latin-1"))
-        elif change is CookieChange.CLEAR:
-            headers.append("set-cookie", self._cookie.header(None).decode("latin-1"))
-        # Never let a shared cache keep a response that sets a cookie or shows a user's data.
-        if change is not CookieChange.NONE or "cache-control" not in headers:
-            headers["cache-control"] = "no-store"
-        headers.add_vary_header("Cookie")
+        headers = message.setdefault("headers", [])
+        if not isinstance(headers, list):
+            headers = message["headers"] = list(headers)
+        if change is not CookieChange.NONE:
+            cookie = session.cookie_token() if change is CookieChange.SET else None
+            headers.append(
+                (
+                    b"set-cookie",
+                    self._cookie.header(*cookie) if cookie else self._cookie.header(None),
+                )
+            )
+        # A shared cache must never keep a response that sets a cookie or shows a user's data;
+        # header names in ASGI messages are lower-case.
+        cache_control = vary = -1
+        for index, (name, _) in enumerate(headers):
+            if name == b"cache-control":
+                cache_control = index
+            elif name == b"vary":
+                vary = index
+        if cache_control == -1:
+            headers.append((b"cache-control", b"no-store"))
+        elif change is not CookieChange.NONE:
+            headers[cache_control] = (b"cache-control", b"no-store")
+        if vary == -1:
+            headers.append((b"vary", b"Cookie"))
+        elif not _varies_on_cookie(headers[vary][1]):
+            headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_wrapper() -> Message:
@@ -207,16 +233,24 @@ class SessionMiddleware:
         await self.app(scope, receive_wrapper, send_wrapper)
 
 
-async def _send_error(send: Send, exc: SessionError) -> None:
+def _error_response(exc: SessionError) -> tuple[Message, Message]:
+    """The start and body messages of ``{"detail": message}`` with the error's status."""
     body = json.dumps({"detail": exc.message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status_code,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    start = {
+        "type": "http.response.start",
+        "status": exc.status_code,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+async def _send_error(send: Send, exc: SessionError) -> None:
+    for message in _error_response(exc):
+        await send(message)
+
+
+def _varies_on_cookie(vary: bytes) -> bool:
+    return any(field.strip().lower() in (b"cookie", b"*") for field in vary.split(b","))

@@ -68,6 +68,23 @@ class SessionRecord:
     last_active_at: float
     expires_at: float
 
+    def with_data(self, data: dict[str, Any]) -> SessionRecord:
+        """A copy holding ``data`` (positional: this sits on the per-request path)."""
+        return SessionRecord(
+            self.id,
+            self.token_digest,
+            self.user_id,
+            self.ip_address,
+            self.user_agent,
+            self.device_name,
+            self.device_type,
+            self.fingerprint,
+            data,
+            self.created_at,
+            self.last_active_at,
+            self.expires_at,
+        )
+
     def to_data(self, *, is_current: bool = False) -> SessionData:
         """A caller-facing copy, without the token digest."""
         return SessionData(

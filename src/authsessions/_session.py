@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from enum import Enum
 from typing import Any, TypeVar, overload
 
@@ -67,14 +67,14 @@ class Session:
 
     def __init__(
         self,
-        *,
         store: Store,
         config: SessionConfig,
         scope: Scope,
         record: SessionRecord | None,
         token: str | None,
-        cookie_change: CookieChange = CookieChange.NONE,
+        cookie_change: CookieChange,
     ) -> None:
+        # Built by SessionMiddleware on every request; apps get it from from_request().
         self._store = store
         self._config = config
         self._scope = scope
@@ -362,20 +362,24 @@ class Session:
             return None
         return self._token, max(0, int(self._record.expires_at - time.time()))
 
-    async def flush(self, *, save: bool) -> None:
-        """Write changed keys and a due touch in one update; runs once per request.
+    def pending_write(self, *, save: bool) -> Awaitable[None] | None:
+        """The store write this request owes (changed keys, a due touch), or ``None``.
 
-        With ``save=False`` (an error response) nothing is written. A touch
-        re-sends the cookie so the browser's expiry follows the store's.
+        Called once, as the response starts; an untouched session within the
+        touch interval owes nothing, so the common request never awaits here.
+        With ``save=False`` (an error response) nothing is written.
         """
         record = self._record
-        if self._flushed or record is None:
-            return
+        if self._flushed or record is None or not save:
+            return None
         self._flushed = True
         now = time.time()
         touch_due = now - record.last_active_at >= self._config.touch_interval.total_seconds()
-        if not save or not (touch_due or self._changed or self._removed):
-            return
+        if not (touch_due or self._changed or self._removed):
+            return None
+        return self._write(record, now, touch_due=touch_due)
+
+    async def _write(self, record: SessionRecord, now: float, *, touch_due: bool) -> None:
         changes = self._pending_update(now)
         self._changed.clear()
         self._removed.clear()
@@ -387,6 +391,7 @@ class Session:
         record.last_active_at = now
         record.expires_at = changes.expires_at
         if touch_due and self._cookie_change is CookieChange.NONE:
+            # Re-send the cookie so the browser's expiry follows the store's.
             self._cookie_change = CookieChange.SET
 
     # -- internals -------------------------------------------------------------

@@ -16,6 +16,7 @@ SESSION_ID_BYTES = 16
 
 # token_urlsafe(n) yields ceil(n * 4 / 3) characters of the URL-safe alphabet, unpadded.
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+_TOKEN_BYTES_PATTERN = re.compile(rb"[A-Za-z0-9_-]{43}")
 _SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
@@ -37,6 +38,11 @@ def token_digest(token: str) -> str:
 def is_well_formed_token(value: str) -> bool:
     """Whether ``value`` has the exact shape of a token (checked before any store access)."""
     return _TOKEN_PATTERN.fullmatch(value) is not None
+
+
+def is_well_formed_token_bytes(value: bytes) -> bool:
+    """:func:`is_well_formed_token` for a raw header value, before any decoding."""
+    return _TOKEN_BYTES_PATTERN.fullmatch(value) is not None
 
 
 def is_well_formed_session_id(value: object) -> bool:

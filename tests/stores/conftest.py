@@ -1,15 +1,36 @@
-"""One ``store`` fixture over every store, so a new store is one fixture away from proven."""
+"""One ``store`` fixture over every store, so a new store is one fixture away from proven.
+
+The PostgreSQL and Redis stores need their servers (``tests/services.py``);
+each test gets its own schema or key prefix, removed afterwards. The Redis
+Cluster is three ``redis-server`` processes this run starts and stops itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from authsessions.stores import MemoryStore, SQLiteStore, Store
+from authsessions.stores import MemoryStore, PostgresStore, RedisStore, SQLiteStore, Store
+from tests.services import POSTGRES_URL, REDIS_URL, REQUIRE_SERVICES, require_port
 
-STORE_FIXTURES = ["memory_store", "sqlite_store"]
+STORE_FIXTURES = [
+    "memory_store",
+    "sqlite_store",
+    "postgres_store",
+    "redis_store",
+    "redis_cluster_store",
+]
 
 
 @pytest.fixture
@@ -21,6 +42,161 @@ async def memory_store() -> AsyncIterator[Store]:
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
     async with SQLiteStore(tmp_path / "sessions.db") as store:
+        yield store
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+def address(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The test server's URL; skips (or fails under CI) when it is not reachable."""
+    require_port("PostgreSQL", *address(POSTGRES_URL, 5432))
+    return POSTGRES_URL
+
+
+@pytest.fixture
+async def postgres_schema(postgres_url: str) -> AsyncIterator[str]:
+    """A schema name of this test's own; the schema is dropped afterwards."""
+    schema = f"authsessions_test_{secrets.token_hex(6)}"
+    yield schema
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def postgres_store(postgres_url: str, postgres_schema: str) -> AsyncIterator[Store]:
+    async with PostgresStore(postgres_url, schema=postgres_schema, max_size=4) as store:
+        yield store
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test server's URL; skips (or fails under CI) when it is not reachable."""
+    require_port("Redis", *address(REDIS_URL, 6379))
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    yield prefix
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_store(redis_url: str, redis_prefix: str) -> AsyncIterator[Store]:
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        yield store
+
+
+def free_cluster_port() -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too."""
+    for _ in range(100):
+        port = 20000 + secrets.randbelow(20000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def wait_for(condition: str, check: Callable[[], bool], *, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {condition}")
+        time.sleep(0.05)
+
+
+def cluster_node_ready(cli: str, port: int) -> bool:
+    info = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, check=False
+    )
+    return "cluster_state:ok" in info.stdout
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster (no replicas) on free ports, for this test run only."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        reason = "redis-server and redis-cli are needed to start a Redis Cluster"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{reason}, and AUTHSESSIONS_REQUIRE_SERVICES is set")
+        pytest.skip(reason)
+    ports: list[int] = []
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(3):
+            port = free_cluster_port()
+            ports.append(port)
+            directory = tmp_path_factory.mktemp(f"redis-cluster-{port}")
+            nodes.append(
+                subprocess.Popen(
+                    [server, "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--dir", str(directory), "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        for port in ports:
+            wait_for(f"redis-server on {port}", functools.partial(accepts, port))
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, check=True, timeout=60,
+        )  # fmt: skip
+        for port in ports:
+            wait_for("the cluster to agree", functools.partial(cluster_node_ready, cli, port))
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def redis_cluster_store(redis_cluster_url: str) -> AsyncIterator[Store]:
+    # The cluster lives for this run only: a fresh prefix isolates the test, and
+    # its keys go with the cluster.
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    async with RedisStore(redis_cluster_url, prefix=prefix) as store:
         yield store
 
 

@@ -17,11 +17,18 @@ from typing import Self
 from authsessions._errors import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate
 
-__all__ = ["CreateError", "Store", "translate_errors"]
+__all__ = ["CreateError", "Store", "store_unavailable", "translate_errors"]
 
 
 class CreateError(Exception):
     """Internal signal: ``Store.create`` met an existing id or token digest."""
+
+
+def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
+    """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``."""
+    return StoreUnavailable(
+        f"The {store_name} session store failed ({type(exc).__name__}); try again shortly."
+    )
 
 
 @contextmanager
@@ -30,9 +37,7 @@ def translate_errors(store_name: str, *driver_errors: type[BaseException]) -> It
     try:
         yield
     except driver_errors as exc:
-        raise StoreUnavailable(
-            f"The {store_name} session store failed ({type(exc).__name__}); try again shortly."
-        ) from exc
+        raise store_unavailable(store_name, exc) from exc
 
 
 class Store(abc.ABC):

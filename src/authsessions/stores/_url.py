@@ -18,7 +18,8 @@ def open_store(url: str) -> Store:
 
     Accepted forms: ``memory://``, ``sqlite:///relative.db``,
     ``sqlite:////absolute.db``, ``postgresql://user@host:5432/db`` (or
-    ``postgres://``), ``redis://host:6379/0`` (or ``rediss://``).
+    ``postgres://``), ``redis://host:6379/0`` (or ``rediss://``), and
+    ``redis+cluster://host:6379`` (or ``rediss+cluster://``) for a Redis Cluster.
 
     Raises:
         ValueError: the URL's scheme is unknown or the URL is malformed. The
@@ -50,11 +51,11 @@ def open_store(url: str) -> Store:
         from authsessions.stores.postgres import PostgresStore
 
         return PostgresStore(url)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
         from authsessions.stores.redis import RedisStore
 
         return RedisStore(url)
     raise ValueError(
         f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///path.db, "
-        "postgresql://… or redis://…."
+        "postgresql://…, redis://… or redis+cluster://…."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from authsessions._records import SessionRecord, SessionUpdate, dump_json
@@ -41,11 +42,16 @@ class MemoryStore(Store):
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         if record.id in self._rows or record.token_digest in self._ids_by_digest:
             raise CreateError(record.id)
-        stored = dataclasses.replace(record, data={})
-        self._rows[record.id] = _Row(stored, dump_json(record.data))
+        self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
         self._ids_by_digest[record.token_digest] = record.id
         self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
-        for row in self._user_rows(record.user_id, now=now, include_expired=True)[max_sessions:]:
+        rows = self._rows_of(record.user_id)
+        for row in rows:
+            if row.record.expires_at <= now:
+                self._remove(row.record.id)
+        for row in _most_recent_first(row for row in rows if row.record.expires_at > now)[
+            max_sessions:
+        ]:
             self._remove(row.record.id)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
@@ -90,8 +96,8 @@ class MemoryStore(Store):
         return len(doomed)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        rows = self._user_rows(user_id, now=now, include_expired=False)
-        return [_materialise(row) for row in rows]
+        live = (row for row in self._rows_of(user_id) if row.record.expires_at > now)
+        return [_materialise(row) for row in _most_recent_first(live)]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         doomed = [sid for sid, row in self._rows.items() if row.record.expires_at <= now][:limit]
@@ -99,14 +105,8 @@ class MemoryStore(Store):
             self._remove(session_id)
         return len(doomed)
 
-    def _user_rows(self, user_id: str, *, now: float, include_expired: bool) -> list[_Row]:
-        """Live rows most recently active first, then (optionally) the expired ones."""
-        rows = [self._rows[sid] for sid in self._ids_by_user.get(user_id, ())]
-        live = [row for row in rows if row.record.expires_at > now]
-        live.sort(key=lambda row: (row.record.last_active_at, row.record.created_at), reverse=True)
-        if include_expired:
-            live.extend(row for row in rows if row.record.expires_at <= now)
-        return live
+    def _rows_of(self, user_id: str) -> list[_Row]:
+        return [self._rows[session_id] for session_id in self._ids_by_user.get(user_id, ())]
 
     def _remove(self, session_id: str) -> None:
         row = self._rows.pop(session_id)
@@ -117,5 +117,11 @@ class MemoryStore(Store):
             del self._ids_by_user[row.record.user_id]
 
 
+def _most_recent_first(rows: Iterable[_Row]) -> list[_Row]:
+    return sorted(
+        rows, key=lambda row: (row.record.last_active_at, row.record.created_at), reverse=True
+    )
+
+
 def _materialise(row: _Row) -> SessionRecord:
-    return dataclasses.replace(row.record, data=json.loads(row.data_json))
+    return row.record.with_data(json.loads(row.data_json))

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from authsessions._records import SessionRecord, SessionUpdate, dump_json
-from authsessions.stores._base import CreateError, Store, translate_errors
+from authsessions.stores._base import CreateError, Store, store_unavailable, translate_errors
 
 __all__ = ["SQLiteStore"]
 
@@ -57,6 +57,12 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _SQLITE_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
+_SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
+_SELECT_BY_USER = (
+    f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
+    " ORDER BY last_active_at DESC, created_at DESC"
+)
+
 
 class SQLiteStore(Store):
     """Sessions in a SQLite database file (WAL mode), created with its schema on open.
@@ -75,7 +81,7 @@ class SQLiteStore(Store):
         self, path: str | os.PathLike[str] = "sessions.db", *, timeout: float = 5.0
     ) -> None:
         self.path = os.fspath(path)
-        if self.path == ":memory:" or self.path.startswith("file::memory:"):
+        if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
             raise ValueError(
                 "SQLiteStore needs a file so its reader and writer connections share it; "
                 "use MemoryStore for an in-memory store."
@@ -97,7 +103,11 @@ class SQLiteStore(Store):
         try:
             await self._write(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
-                reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                # timeout=0: a read that meets a lock is retried on the writer thread
+                # instead of blocking the event loop.
+                reader = sqlite3.connect(
+                    self.path, timeout=0, isolation_level=None, check_same_thread=False
+                )
                 reader.execute("PRAGMA query_only = ON")
             self._reader = reader
         except BaseException:
@@ -131,29 +141,34 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        rows = await self._read(
-            f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?",
-            (token_digest, now),
-        )
+        params = (token_digest, now)
+        rows = self._read_now(_SELECT_BY_DIGEST, params)
+        if rows is None:
+            rows = await self._read_when_free(_SELECT_BY_DIGEST, params)
         return _record(rows[0]) if rows else None
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        rows = await self._read(
-            f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
-            " ORDER BY last_active_at DESC, created_at DESC",
-            (user_id, now),
-        )
+        params = (user_id, now)
+        rows = self._read_now(_SELECT_BY_USER, params)
+        if rows is None:
+            rows = await self._read_when_free(_SELECT_BY_USER, params)
         return [_record(row) for row in rows]
 
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
+        """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
         reader = self._connection(self._reader)
-        with translate_errors("SQLite", sqlite3.Error):
-            try:
-                # fetchall() finishes the statement, so no read transaction stays open.
-                return reader.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in _SQLITE_BUSY_CODES:
-                    raise
+        try:
+            # fetchall() finishes the statement, so no read transaction stays open.
+            return reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            # sqlite_errorcode is the extended code (e.g. SQLITE_BUSY_RECOVERY); its low byte
+            # is the primary one.
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_BUSY_CODES:
+                return None
+            raise store_unavailable("SQLite", exc) from exc
+
+    async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Run a SELECT on the writer thread, whose connection waits out locks."""
         return await self._write(
             lambda: self._connection(self._writer).execute(sql, params).fetchall()
         )
@@ -285,17 +300,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _record(row: Sequence[Any]) -> SessionRecord:
+    # Positional, in COLUMNS order: this runs on every authenticated request.
     return SessionRecord(
-        id=row[0],
-        token_digest=row[1],
-        user_id=row[2],
-        ip_address=row[3],
-        user_agent=row[4],
-        device_name=row[5],
-        device_type=row[6],
-        fingerprint=row[7],
-        data=json.loads(row[8]),
-        created_at=row[9],
-        last_active_at=row[10],
-        expires_at=row[11],
-    )
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+        json.loads(row[8]), row[9], row[10], row[11],
+    )  # fmt: skip

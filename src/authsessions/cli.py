@@ -1,0 +1,410 @@
+"""The ``authsessions`` command: run the demo, and manage sessions from a terminal.
+
+::
+
+    authsessions demo                      # http://127.0.0.1:8000, sessions in ./sessions.db
+    authsessions migrate --store postgresql://app@db/app
+    authsessions list 42 --json
+    authsessions revoke-user 42            # e.g. after a password reset
+    authsessions cleanup                   # cron it; expired sessions are refused anyway
+
+Every subcommand takes ``--store URL``, else ``$AUTHSESSIONS_STORE``, else
+``sqlite:///sessions.db``. Errors print one line on stderr and exit with 1.
+
+click and rich come with the ``cli`` extra. The commands are built by
+:func:`make_cli`, which imports them, so that without the extra :func:`main`
+can say what to install instead of failing on import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from authsessions import SessionData, SessionError, SessionManager, __version__
+from authsessions._tokens import is_well_formed_session_id
+from authsessions.stores import SQLiteStore, Store, open_store
+from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV
+
+if TYPE_CHECKING:
+    import click
+    from rich.console import Console
+
+__all__ = ["StoreStats", "main", "make_cli"]
+
+T = TypeVar("T")
+
+CLI_EXTRA_MODULES = frozenset({"click", "rich", "uvicorn", "jinja2", "argon2", "multipart"})
+INSTALL_HINT = "The authsessions command needs its extra: pip install 'authsessions[cli]'"
+# Store drivers, by the module name an ImportError reports, and the extra that brings each.
+DRIVER_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the ``authsessions`` console script."""
+    try:
+        cli = make_cli()
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in CLI_EXTRA_MODULES:
+            raise
+        print(INSTALL_HINT, file=sys.stderr)
+        sys.exit(1)
+    cli.main(args=argv, prog_name="authsessions")
+
+
+def make_cli() -> click.Group:
+    """Build the ``authsessions`` command group.
+
+    Raises:
+        ImportError: click or rich is missing (the ``cli`` extra is not installed).
+    """
+    import click
+    import rich  # noqa: F401 - fail now, not halfway through a command
+
+    store_option = click.option(
+        "--store",
+        "store_url",
+        metavar="URL",
+        envvar=STORE_URL_ENV,
+        default=DEFAULT_STORE_URL,
+        show_default=True,
+        show_envvar=True,
+        help="The session store: sqlite:///file.db, postgresql://…, redis://…",
+    )
+    json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="authsessions")
+    def cli() -> None:
+        """Server-side sessions for ASGI apps: run the demo, inspect and end sessions."""
+
+    @cli.command()
+    @store_option
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", default=8000, type=click.IntRange(1, 65535), show_default=True)
+    def demo(store_url: str, host: str, port: int) -> None:
+        """Serve the demo web app over plain HTTP.
+
+        Sign up, sign in, keep a preference in session data and manage your
+        devices. Accounts go to demo-users.db beside a SQLite sessions file.
+        """
+        _serve_demo(store_url, host, port)
+
+    @cli.command()
+    @store_option
+    def migrate(store_url: str) -> None:
+        """Create or upgrade the store's schema; safe to run again."""
+        _run(_with_store(store_url, _nothing))
+        _stdout().print(f"The session store at {display_url(store_url)} is ready.")
+
+    @cli.command(name="list")
+    @store_option
+    @json_option
+    @click.argument("user_id")
+    def list_(store_url: str, as_json: bool, user_id: str) -> None:
+        """List USER_ID's live sessions, most recently active first."""
+        sessions = _run(_with_store(store_url, lambda s: SessionManager(s).list_for_user(user_id)))
+        if as_json:
+            click.echo(json.dumps([session_json(s) for s in sessions], indent=2))
+        else:
+            _print_sessions(_stdout(), user_id, sessions)
+
+    @cli.command()
+    @store_option
+    @click.argument("session_id")
+    def revoke(store_url: str, session_id: str) -> None:
+        """End one session, by the id that `list` shows."""
+        # The id's shape is checked first: a malformed one cannot exist, so skip the store.
+        ended = is_well_formed_session_id(session_id) and _run(
+            _with_store(store_url, lambda store: store.delete(session_id))
+        )
+        if not ended:
+            raise click.ClickException(f"no session with id {session_id!r}.")
+        _stdout().print(f"Ended session {session_id}.")
+
+    @cli.command(name="revoke-user")
+    @store_option
+    @click.argument("user_id")
+    def revoke_user(store_url: str, user_id: str) -> None:
+        """End every session of USER_ID, e.g. after a password reset."""
+        ended = _run(_with_store(store_url, lambda s: SessionManager(s).revoke_all(user_id)))
+        _stdout().print(f"Ended {_count(ended, 'session')} of user {user_id!r}.")
+
+    @cli.command()
+    @store_option
+    @click.option("--batch-size", default=1000, type=click.IntRange(min=1), show_default=True,
+                  help="Sessions deleted per store call.")  # fmt: skip
+    def cleanup(store_url: str, batch_size: int) -> None:
+        """Delete expired sessions in batches, to reclaim space."""
+        started = time.monotonic()
+        deleted = _run(_with_store(store_url, lambda store: _cleanup(store, batch_size)))
+        elapsed = time.monotonic() - started
+        _stdout().print(f"Deleted {_count(deleted, 'expired session')} in {elapsed:.1f} s.")
+
+    @cli.command()
+    @store_option
+    @json_option
+    def stats(store_url: str, as_json: bool) -> None:
+        """Count live sessions, users and device types."""
+        result = _run(_with_store(store_url, store_stats))
+        if as_json:
+            click.echo(json.dumps(asdict(result), indent=2))
+        else:
+            _print_stats(_stdout(), display_url(store_url), result)
+
+    return cli
+
+
+# -- running store work with one-line errors --------------------------------------------
+
+
+async def _with_store(url: str, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
+    """Open the store at ``url`` (creating its schema), run ``work``, close it."""
+    async with open_store(url) as store:
+        return await work(store)
+
+
+async def _nothing(store: Store) -> None:
+    """Opening the store is the whole of ``migrate``."""
+
+
+def _run(work: Coroutine[Any, Any, T]) -> T:
+    with one_line_errors():
+        return asyncio.run(work)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn the failures a user can cause or fix into ``click.ClickException`` (one line, exit 1).
+
+    Anything else is a bug, yet still shown as one line: a command line tool
+    that prints a traceback for a typo in a URL teaches people to ignore it.
+    """
+    import click
+
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except SessionError as exc:
+        message = _first_line(exc.message)
+        if exc.__cause__ is not None and str(exc.__cause__):
+            # An operator can act on the driver's words ("unable to open database file").
+            message += f" Cause: {_first_line(str(exc.__cause__))}"
+        raise click.ClickException(message) from None
+    except ImportError as exc:
+        extra = DRIVER_EXTRAS.get((exc.name or "").partition(".")[0])
+        hint = f"; pip install 'authsessions[{extra}]'" if extra else ""
+        raise click.ClickException(f"cannot load this store ({exc}){hint}.") from None
+    except ValueError as exc:  # open_store: an unknown scheme or a malformed URL
+        raise click.ClickException(_first_line(str(exc))) from None
+    except Exception as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no message)"
+
+
+# -- what the commands compute ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counts across the whole store, for ``authsessions stats``."""
+
+    live_sessions: int
+    users: int
+    by_device_type: dict[str, int]
+    expired_sessions: int
+    """Expired but not yet deleted: what ``cleanup`` would remove."""
+
+
+async def store_stats(store: Store) -> StoreStats:
+    """Counts across the store.
+
+    The store protocol has no store-wide query (its primitives work per
+    digest, id or user), so only the SQLite store is supported, read
+    directly through a read-only connection; a ``Store`` primitive for this
+    is proposed to the core.
+
+    Raises:
+        ClickException: the store offers no way to count.
+    """
+    if not isinstance(store, SQLiteStore):
+        import click
+
+        raise click.ClickException(
+            f"stats is not supported for {type(store).__name__} yet (only SQLite stores)."
+        )
+    return await asyncio.to_thread(_sqlite_stats, store.path, time.time())
+
+
+def _sqlite_stats(path: str, now: float) -> StoreStats:
+    from authsessions.stores.sqlite import TABLE
+
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    # TABLE is the store module's constant; every value is a bound parameter.
+    with closing(sqlite3.connect(uri, uri=True)) as db:
+        (users,) = db.execute(
+            f"SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?",  # noqa: S608
+            (now,),
+        ).fetchone()
+        by_type: list[tuple[str, int]] = db.execute(
+            f"SELECT device_type, COUNT(*) FROM {TABLE} WHERE expires_at > ?"  # noqa: S608
+            " GROUP BY device_type ORDER BY COUNT(*) DESC, device_type",
+            (now,),
+        ).fetchall()
+        (expired,) = db.execute(
+            f"SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?",  # noqa: S608
+            (now,),
+        ).fetchone()
+    return StoreStats(
+        live_sessions=sum(count for _, count in by_type),
+        users=users,
+        by_device_type=dict(by_type),
+        expired_sessions=expired,
+    )
+
+
+async def _cleanup(store: Store, batch_size: int) -> int:
+    """``SessionManager.cleanup_expired``'s loop, reporting each batch to a progress bar.
+
+    On a terminal the bar shows the batches as they go; the total comes from
+    :func:`store_stats` when the store can count, else the bar just pulses.
+    """
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    total: int | None = None
+    if isinstance(store, SQLiteStore):
+        total = (await store_stats(store)).expired_sessions
+    stderr = _stdout(stderr=True)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("Deleting expired sessions"),
+        BarColumn(),
+        TextColumn("{task.completed:,} deleted"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
+    deleted = 0
+    with progress:
+        task = progress.add_task("cleanup", total=total)
+        while True:
+            batch = await store.delete_expired(now=time.time(), limit=batch_size)
+            deleted += batch
+            progress.advance(task, batch)
+            if batch < batch_size:
+                return deleted
+            await asyncio.sleep(0)
+
+
+def _serve_demo(store_url: str, host: str, port: int) -> None:
+    import uvicorn
+
+    from authsessions.demo.app import create_app, users_path_for
+
+    with one_line_errors():
+        app = create_app(store_url)
+        # Open once before serving: a bad URL or an unreachable store fails here, in one
+        # line, rather than as a 503 on every page; it also creates the schema.
+        asyncio.run(_with_store(store_url, _nothing))
+    out = _stdout()
+    out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
+    out.print(f"  sessions: {display_url(store_url)}   accounts: {users_path_for(store_url)}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print("  warning: plain HTTP; do not expose the demo beyond this machine.")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+# -- printing ---------------------------------------------------------------------------
+
+
+def display_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def session_json(session: SessionData) -> dict[str, Any]:
+    """What ``list --json`` prints of a session: everything but its app data."""
+    return {
+        "id": session.id,
+        "user_id": session.user_id,
+        "device_name": session.device_name,
+        "device_type": session.device_type,
+        "ip_address": session.ip_address,
+        "user_agent": session.user_agent,
+        "created_at": session.created_at.isoformat(),
+        "last_active_at": session.last_active_at.isoformat(),
+        "expires_at": session.expires_at.isoformat(),
+    }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _stdout(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    # No markup: printed values may hold brackets, and device names come from
+    # User-Agent headers, which anyone can write.
+    console = Console(stderr=stderr, highlight=False, markup=False)
+    if not console.is_terminal:
+        # Piped into grep or a file: never wrap a session id across lines.
+        console.width = 200
+    return console
+
+
+def _print_sessions(console: Console, user_id: str, sessions: list[SessionData]) -> None:
+    from rich.table import Table
+
+    from authsessions.demo._humanize import format_utc, time_ago
+
+    if not sessions:
+        console.print(f"No live sessions for user {user_id!r}.")
+        return
+    table = Table(title=f"Sessions of user {user_id!r}", title_justify="left")
+    table.add_column("ID", no_wrap=True)
+    for column in ("Device", "IP", "Last active", "Expires"):
+        table.add_column(column)
+    for session in sessions:
+        table.add_row(
+            session.id,
+            f"{session.device_name} ({session.device_type})",
+            session.ip_address or "-",
+            time_ago(session.last_active_at),
+            format_utc(session.expires_at),
+        )
+    console.print(table)
+
+
+def _print_stats(console: Console, where: str, stats: StoreStats) -> None:
+    from rich.table import Table
+
+    console.print(f"Session store: {where}")
+    console.print(
+        f"{_count(stats.live_sessions, 'live session')} of {_count(stats.users, 'user')}; "
+        f"{_count(stats.expired_sessions, 'expired session')} awaiting cleanup."
+    )
+    if stats.by_device_type:
+        table = Table("Device type", "Live sessions")
+        for kind, count in stats.by_device_type.items():
+            table.add_row(kind, f"{count:,}")
+        console.print(table)

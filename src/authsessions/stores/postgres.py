@@ -1,0 +1,399 @@
+"""A store in PostgreSQL, shared by every app server, through an asyncpg pool.
+
+Every primitive is one statement, except ``create``, which inserts and
+evicts in one short transaction serialised per user by a transaction-scoped
+advisory lock, so concurrent logins never leave a user above the limit. The
+schema is created on open and versioned in a one-row table beside it; an
+advisory lock makes concurrent opens by many processes safe.
+
+Times are ``double precision`` UNIX seconds rather than ``timestamptz``: the
+protocol speaks floats, callers choose ``now`` (tests run a clock of their
+own), and a float survives the round trip bit for bit, where ``timestamptz``
+would round it to the microsecond.
+
+``data`` is a ``jsonb`` object mapping the JSON text of each top-level key
+to the JSON text of its value (``(data->>'"theme"')::jsonb`` reads ``theme``).
+``jsonb`` itself would rewrite numbers (``1e20`` reads back as a 21-digit
+integer) and refuses ``\\u0000`` in strings and keys; JSON text keeps every
+key and value exact, while the key-level patch stays one ``jsonb`` expression.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from authsessions._records import SessionRecord, SessionUpdate, dump_json
+from authsessions.stores._base import CreateError, Store, translate_errors
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["PostgresStore"]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+_COLUMNS = (
+    "id, token_digest, user_id, ip_address, user_agent, device_name, device_type,"
+    " fingerprint, data::text, created_at, last_active_at, expires_at"
+)
+
+# Each entry upgrades the schema by one version. {table} is the quoted, schema-qualified
+# table; {name} its bare name, for index names (PostgreSQL keeps indexes in its schema).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE {table} (
+            id text PRIMARY KEY,
+            token_digest text NOT NULL,
+            user_id text NOT NULL,
+            ip_address text,
+            user_agent text,
+            device_name text NOT NULL,
+            device_type text NOT NULL,
+            fingerprint text NOT NULL,
+            data jsonb NOT NULL,
+            created_at double precision NOT NULL,
+            last_active_at double precision NOT NULL,
+            expires_at double precision NOT NULL
+        )""",
+        'CREATE UNIQUE INDEX "{name}_token_digest" ON {table} (token_digest)',
+        'CREATE INDEX "{name}_user_id" ON {table} (user_id, last_active_at)',
+        'CREATE INDEX "{name}_expires_at" ON {table} (expires_at)',
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sql:
+    """The statements for one table, built once."""
+
+    get: str
+    list_for_user: str
+    lock_user: str
+    insert: str
+    evict: str
+    touch: str
+    patch: str
+    delete: str
+    delete_owned: str
+    delete_for_user: str
+    delete_expired: str
+
+    @classmethod
+    def for_table(cls, t: str) -> _Sql:
+        update = "UPDATE {t} SET last_active_at = $2, expires_at = $3,"
+        update += " token_digest = coalesce($4, token_digest){data}"
+        update += " WHERE id = $1 AND expires_at > $5"
+        return cls(
+            get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
+            list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
+            " ORDER BY last_active_at DESC, created_at DESC",
+            lock_user="SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            insert=f"INSERT INTO {t} (id, token_digest, user_id, ip_address, user_agent,"
+            " device_name, device_type, fingerprint, data, created_at, last_active_at,"
+            " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, $11, $12)",
+            evict=f"DELETE FROM {t} WHERE user_id = $1 AND id NOT IN (SELECT id FROM {t}"
+            " WHERE user_id = $1 AND expires_at > $2"
+            " ORDER BY last_active_at DESC, created_at DESC LIMIT $3)",
+            # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
+            touch=update.format(t=t, data=""),
+            patch=update.format(t=t, data=", data = (data - $6::text[]) || $7::text::jsonb"),
+            delete=f"DELETE FROM {t} WHERE id = $1",
+            delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $2",
+            delete_for_user=f"DELETE FROM {t} WHERE user_id = $1 AND id IS DISTINCT FROM $2",
+            delete_expired=f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
+            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+
+
+class PostgresStore(Store):
+    """Sessions in a PostgreSQL table, created (and upgraded) on open.
+
+    The store builds its own asyncpg pool from ``dsn``, or borrows the
+    app's::
+
+        store = PostgresStore("postgresql://app@db/app", max_size=20)
+        store = PostgresStore(pool=app_pool)  # the app keeps closing it
+
+    Args:
+        dsn: a libpq-style URL; its password never appears in reprs or errors.
+        pool: an asyncpg pool to use instead of building one; the store never
+            closes it, and the pool's own settings govern connecting.
+        schema: the schema holding the table; created when missing.
+        table: the table's name; the version table is ``<table>_schema_version``.
+        min_size: connections the store's own pool keeps open.
+        max_size: the most connections the store's own pool opens.
+        connect_timeout: seconds to establish a connection.
+        command_timeout: seconds one statement may take.
+        acquire_timeout: seconds to wait for a free connection (or to connect).
+
+    An unreachable server or an exhausted pool gives
+    :class:`~authsessions.StoreUnavailable` once these timeouts pass, never
+    a hang.
+
+    Raises:
+        ImportError: asyncpg is not installed.
+        ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: asyncpg.Pool[asyncpg.Record] | None = None,
+        schema: str = "public",
+        table: str = "authsessions_session",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 5.0,
+        acquire_timeout: float = 5.0,
+    ) -> None:
+        self._asyncpg = _import_asyncpg()
+        if (dsn is None) == (pool is None):
+            raise ValueError("PostgresStore needs a dsn or a pool (exactly one of them).")
+        for what, name in (("schema", schema), ("table", table)):
+            if not _IDENTIFIER.fullmatch(name):
+                raise ValueError(
+                    f"{what} must be a plain identifier of at most 40 characters "
+                    f"(letters, digits, _), got {name!r}."
+                )
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError(
+                f"need 0 <= min_size <= max_size and max_size >= 1, got {min_size}, {max_size}."
+            )
+        for what, seconds in (
+            ("connect_timeout", connect_timeout),
+            ("command_timeout", command_timeout),
+            ("acquire_timeout", acquire_timeout),
+        ):
+            if not seconds > 0:
+                raise ValueError(f"{what} must be positive, got {seconds!r}.")
+        self._dsn = dsn
+        self._given_pool = pool
+        self.schema = schema
+        self.table = table
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.acquire_timeout = acquire_timeout
+        self._qualified = f'"{schema}"."{table}"'
+        self._sql = _Sql.for_table(self._qualified)
+        self._errors: tuple[type[BaseException], ...] = (
+            self._asyncpg.PostgresError,
+            self._asyncpg.InterfaceError,
+            OSError,  # refused, reset, and TimeoutError (a connect, statement or acquire timeout)
+        )
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    def __repr__(self) -> str:
+        where = _redact_dsn(self._dsn) if self._dsn is not None else "<app pool>"
+        return f"PostgresStore({where!r}, table='{self.schema}.{self.table}')"
+
+    # -- opening -------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        with translate_errors("PostgreSQL", *self._errors):
+            if self._given_pool is not None:
+                pool = self._given_pool
+            else:
+                pool = await self._asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    reset=_keep_connection_state,
+                )
+            try:
+                async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                    await self._migrate(conn)
+            except BaseException:
+                if pool is not self._given_pool:
+                    pool.terminate()
+                raise
+        self._pool = pool
+
+    async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
+        version_table = f'"{self.schema}"."{self.table}_schema_version"'
+        timeout = self.command_timeout
+        async with conn.transaction():
+            # Serialises concurrent opens (many workers starting at once): DDL races on
+            # the catalogs otherwise, even with IF NOT EXISTS.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"authsessions migrate {self.schema}.{self.table}",
+                timeout=timeout,
+            )
+            if not await conn.fetchval(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema, timeout=timeout
+            ):
+                await conn.execute(f'CREATE SCHEMA "{self.schema}"', timeout=timeout)
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)",
+                timeout=timeout,
+            )
+            version = await conn.fetchval(
+                f"SELECT max(version) FROM {version_table}", timeout=timeout
+            )
+            version = version or 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"The session table {self.schema}.{self.table} has schema version {version}, "
+                    f"newer than this authsessions release knows ({SCHEMA_VERSION}); "
+                    "upgrade authsessions."
+                )
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    sql = statement.format(table=self._qualified, name=self.table)
+                    await conn.execute(sql, timeout=timeout)
+            if version < SCHEMA_VERSION:
+                await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
+                await conn.execute(
+                    f"INSERT INTO {version_table} (version) VALUES ($1)",
+                    SCHEMA_VERSION,
+                    timeout=timeout,
+                )
+
+    async def _close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and pool is not self._given_pool:
+            with translate_errors("PostgreSQL", *self._errors):
+                await pool.close()
+
+    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+        return self._pool
+
+    # -- primitives ------------------------------------------------------------------
+
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        pool, sql, timeout = self._require_pool(), self._sql, self.command_timeout
+        with translate_errors("PostgreSQL", *self._errors):
+            async with pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
+                # One creator per user at a time: the eviction below then sees every
+                # session committed before it, so racing logins never exceed the limit.
+                await conn.execute(
+                    sql.lock_user, f"{self._qualified} {record.user_id}", timeout=timeout
+                )
+                try:
+                    await conn.execute(
+                        sql.insert,
+                        record.id, record.token_digest, record.user_id, record.ip_address,
+                        record.user_agent, record.device_name, record.device_type,
+                        record.fingerprint, _encode_data(record.data), record.created_at,
+                        record.last_active_at, record.expires_at,
+                        timeout=timeout,
+                    )  # fmt: skip
+                except self._asyncpg.UniqueViolationError as exc:
+                    raise CreateError(record.id) from exc
+                await conn.execute(sql.evict, record.user_id, now, max_sessions, timeout=timeout)
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        pool = self._require_pool()
+        with translate_errors("PostgreSQL", *self._errors):
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                row = await conn.fetchrow(
+                    self._sql.get, token_digest, now, timeout=self.command_timeout
+                )
+        return _record(row) if row is not None else None
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        pool, sql = self._require_pool(), self._sql
+        args: tuple[Any, ...] = (
+            session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
+        )  # fmt: skip
+        if changes.changes_data:
+            statement = sql.patch
+            removed = [dump_json(key) for key in changes.removed_keys]
+            args += (removed, _encode_data(changes.set_keys))
+        else:
+            statement = sql.touch
+        with translate_errors("PostgreSQL", *self._errors):
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                status = await conn.execute(statement, *args, timeout=self.command_timeout)
+        return _count(status) == 1
+
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        if user_id is None:
+            return await self._execute(self._sql.delete, session_id) == 1
+        return await self._execute(self._sql.delete_owned, session_id, user_id) == 1
+
+    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        return await self._execute(self._sql.delete_for_user, user_id, except_id)
+
+    async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        pool = self._require_pool()
+        with translate_errors("PostgreSQL", *self._errors):
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                rows = await conn.fetch(
+                    self._sql.list_for_user, user_id, now, timeout=self.command_timeout
+                )
+        return [_record(row) for row in rows]
+
+    async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
+        return await self._execute(self._sql.delete_expired, now, limit)
+
+    async def _execute(self, sql: str, *args: Any) -> int:
+        pool = self._require_pool()
+        with translate_errors("PostgreSQL", *self._errors):
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                return _count(await conn.execute(sql, *args, timeout=self.command_timeout))
+
+
+async def _keep_connection_state(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Skip asyncpg's reset query on release: the store sets no session state.
+
+    Open transactions are still rolled back by the pool; advisory locks here
+    are transaction-scoped. This saves a round trip on every call.
+    """
+
+
+def _import_asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError as exc:
+        raise ImportError(
+            "PostgresStore needs asyncpg: pip install 'authsessions[postgres]'"
+        ) from exc
+    return asyncpg
+
+
+def _redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***``, for reprs and logs."""
+    try:
+        parts = urlsplit(dsn)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+        query = urlencode(
+            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*"
+        )
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "<unparseable dsn>"
+
+
+def _encode_data(data: Any) -> str:
+    return dump_json({dump_json(key): dump_json(value) for key, value in data.items()})
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as ``DELETE 3``."""
+    return int(status.rpartition(" ")[2])
+
+
+def _record(row: asyncpg.Record) -> SessionRecord:
+    data = {json.loads(key): json.loads(value) for key, value in json.loads(row[8]).items()}
+    # Positional, in _COLUMNS order: this runs on every authenticated request.
+    return SessionRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+        data, row[9], row[10], row[11],
+    )  # fmt: skip

@@ -1,0 +1,615 @@
+"""A store in Redis or Redis Cluster, through redis-py's asyncio client.
+
+Layout, for a key prefix ``P`` and a user's tag ``T`` (128 bits of the
+SHA-256 of the user id, so any id makes a valid, fixed-size hash tag)::
+
+    P{T}:s:<session id>   hash: the record's columns, and one field per data key
+    P{T}:u                sorted set: the user's session ids, scored by last activity
+    Pd:<token digest>     string "T:<session id>": where the digest's session lives
+    Pi:<session id>       string "T": whose session an id is
+
+Everything of one user shares the tag, hence one cluster slot, so every
+per-user or per-session change is one Lua script: create with its eviction,
+a key-level data patch (``HSET``/``HDEL`` of single fields, so no JSON is
+decoded in Lua and values read back exactly), rotation, deletes. A cookie's
+digest says nothing about its user, so the two pointer keys, hashed to
+slots of their own, lead from a digest or an id to the user's slot. They
+are hints: each read checks the record's own digest, expiry and owner, so a
+stale pointer finds nothing. Pointers are written before the script that
+makes them true and removed after the one that makes them false (on a
+single server, ``update`` moves them inside its own script).
+
+``get`` is one round trip: on a single server, one script follows the
+pointer to the record; in a cluster the record may sit on another node, so
+this process remembers where each digest's session lives (a bounded cache
+of immutable facts) and reads the hash directly, paying a second round trip
+only the first time it sees a digest.
+
+Every key expires when its session does (``PEXPIRE`` with the session's
+remaining life as the caller's clock counts it); the index lives as long as
+its longest session and each script that walks it drops ids whose hash has
+gone. Redis forgets expired sessions by itself, so ``delete_expired`` only
+sweeps the indexes: it deletes sessions that are expired by the caller's
+clock but not yet by Redis's, and counts index entries of sessions Redis
+already dropped as deleted too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from authsessions._records import DeviceType, SessionRecord, SessionUpdate, dump_json
+from authsessions.stores._base import CreateError, Store, translate_errors
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Iterable, Mapping
+
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+__all__ = ["RedisStore"]
+
+DEFAULT_PREFIX = "authsessions:"
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_TAG_LENGTH = 32
+_CACHE_SIZE = 10_000
+
+# Shared by every script. ARGV pairs are sent in slices: Lua's unpack has a stack limit.
+_LUA_HELPERS = """
+local function hset_from(key, first)
+  for i = first, #ARGV, 200 do
+    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 199, #ARGV)))
+  end
+end
+local function hdel_range(key, first, last)
+  for i = first, last, 200 do
+    redis.call('HDEL', key, unpack(ARGV, i, math.min(i + 199, last)))
+  end
+end
+local function extend(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
+end
+local function forget(index, prefix, doomed)
+  local out = {}
+  for _, d in ipairs(doomed) do
+    redis.call('DEL', prefix .. d[1])
+    redis.call('ZREM', index, d[1])
+    out[#out + 1] = d[1]
+    out[#out + 1] = d[2]
+  end
+  return out
+end
+"""
+
+# KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
+# last_active_at, field/value pairs. Returns nil if the id exists, else the evicted
+# (id, digest) pairs.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+hset_from(KEYS[1], 7)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+extend(KEYS[2], ARGV[2])
+local now, live, doomed = tonumber(ARGV[1]), {}, {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca')
+  if not f[1] then
+    redis.call('ZREM', KEYS[2], sid)
+  elseif tonumber(f[1]) <= now then
+    doomed[#doomed + 1] = {sid, f[2]}
+  else
+    live[#live + 1] = {sid, f[2], tonumber(f[3]), tonumber(f[4])}
+  end
+end
+table.sort(live, function(a, b)
+  if a[3] ~= b[3] then return a[3] > b[3] end
+  return a[4] > b[4]
+end)
+for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
+return forget(KEYS[2], ARGV[4], doomed)
+"""
+
+# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at, new digest or
+# '', key prefix on a single server or '' in a cluster, tag, n, n removed fields,
+# field/value pairs. Returns nil if not live, else the digest it had.
+_UPDATE = """
+local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
+if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
+local n = tonumber(ARGV[9])
+hdel_range(KEYS[1], 10, 9 + n)
+hset_from(KEYS[1], 10 + n)
+redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+extend(KEYS[2], ARGV[2])
+local p = ARGV[7]
+if p ~= '' then
+  -- Single server: the pointers (elsewhere in a cluster) change in the same step.
+  redis.call('PEXPIRE', p .. 'i:' .. ARGV[3], ARGV[2])
+  if ARGV[6] == '' then
+    redis.call('PEXPIRE', p .. 'd:' .. f[2], ARGV[2])
+  else
+    redis.call('DEL', p .. 'd:' .. f[2])
+    redis.call('SET', p .. 'd:' .. ARGV[6], ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
+  end
+end
+return f[2]
+"""
+
+# KEYS: session, index. ARGV: id, '1' to require the owner, owner. Returns the digest.
+_DELETE = """
+local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
+if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
+if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return f[2]
+"""
+
+# KEYS: index. ARGV: session key prefix, id to keep. Returns the deleted (id, digest) pairs.
+_DELETE_FOR_USER = """
+local doomed = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if sid ~= ARGV[2] then
+    local td = redis.call('HGET', ARGV[1] .. sid, 'td')
+    if td then doomed[#doomed + 1] = {sid, td} else redis.call('ZREM', KEYS[1], sid) end
+  end
+end
+return forget(KEYS[1], ARGV[1], doomed)
+"""
+
+# Hashes travel as one JSON string (cjson: all strings here, so exact): redis-py parses a
+# reply element by element in Python, and a session is two dozen of them.
+# KEYS: index. ARGV: session key prefix. Returns every stored hash (expired ones too).
+_LIST = """
+local out = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = redis.call('HGETALL', ARGV[1] .. sid)
+  if #h == 0 then redis.call('ZREM', KEYS[1], sid) else out[#out + 1] = cjson.encode(h) end
+end
+return out
+"""
+
+# KEYS: session.
+_READ = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
+
+# KEYS: index. ARGV: session key prefix, now, limit. Returns the count removed, then
+# the deleted (id, digest) pairs.
+_DELETE_EXPIRED = """
+local now, limit, removed, doomed = tonumber(ARGV[2]), tonumber(ARGV[3]), 0, {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if removed >= limit then break end
+  local f = redis.call('HMGET', ARGV[1] .. sid, 'ea', 'td')
+  if not f[1] then
+    redis.call('ZREM', KEYS[1], sid)
+    removed = removed + 1
+  elseif tonumber(f[1]) <= now then
+    doomed[#doomed + 1] = {sid, f[2]}
+    removed = removed + 1
+  end
+end
+local out = forget(KEYS[1], ARGV[1], doomed)
+table.insert(out, 1, removed)
+return out
+"""
+
+# Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
+# KEYS: digest pointer. ARGV: key prefix. Returns the pointer and the session's hash.
+_FOLLOW = """
+local loc = redis.call('GET', KEYS[1])
+if not loc then return false end
+local tag, sid = string.match(loc, '^(%x+):(.+)$')
+return {loc, cjson.encode(redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid))}
+"""
+
+
+class RedisStore(Store):
+    """Sessions in Redis, or in a Redis Cluster, under a key prefix.
+
+    ::
+
+        store = RedisStore("redis://cache:6379/0")
+        store = RedisStore("redis+cluster://node1:6379")   # or cluster=True
+        store = RedisStore(client=app_redis)                # the app keeps closing it
+
+    Args:
+        url: ``redis://``, ``rediss://``, ``unix://``, or ``redis+cluster://`` /
+            ``rediss+cluster://`` for a cluster; its password never appears in
+            reprs or errors.
+        prefix: prepended to every key, so the store can share a database.
+            Braces are refused: they would pin every key to one cluster slot.
+        client: a ``redis.asyncio`` ``Redis`` or ``RedisCluster`` to use instead
+            of building one; the store never closes it.
+        cluster: ``True`` for a cluster, ``False`` for a single server, ``None``
+            to ask the server on open.
+        socket_timeout: seconds a command may wait for its reply.
+        socket_connect_timeout: seconds to establish a connection.
+        max_connections: cap on the built client's connections (``None``: no cap).
+
+    A failed command is not retried: the caller gets
+    :class:`~authsessions.StoreUnavailable` once the timeouts pass.
+
+    Raises:
+        ImportError: redis-py is not installed.
+        ValueError: neither ``url`` nor ``client``, or a prefix with braces.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        client: Redis | RedisCluster | None = None,
+        cluster: bool | None = None,
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 2.0,
+        max_connections: int | None = None,
+    ) -> None:
+        self._driver = _import_redis()
+        if (url is None) == (client is None):
+            raise ValueError("RedisStore needs a url or a client (exactly one of them).")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces, got {prefix!r}.")
+        if url is not None:
+            scheme, separator, rest = url.partition("://")
+            if scheme.lower() in _CLUSTER_SCHEMES:
+                url, cluster = f"{_CLUSTER_SCHEMES[scheme.lower()]}{separator}{rest}", True
+        elif client is not None:
+            if not client.get_encoder().decode_responses:
+                raise ValueError("RedisStore needs a client built with decode_responses=True.")
+            cluster = isinstance(client, self._driver.RedisCluster)
+        self._url = url
+        self._given_client = client
+        self._cluster = cluster
+        self.prefix = prefix
+        self._client_options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            "max_connections": max_connections,
+            "decode_responses": True,
+            # One attempt: a retried script may already have run (a create would then
+            # refuse its own session); failing fast gives the caller its 503 promptly.
+            "retry": self._driver.Retry(self._driver.NoBackoff(), 0),
+        }
+        if max_connections is None:
+            del self._client_options["max_connections"]  # RedisCluster wants an int
+        self._errors = (self._driver.RedisError, self._driver.RedisClusterException, OSError)
+        self._client: Redis | RedisCluster | None = None
+        # Where sessions live, learnt from pointers: never changes for a digest or an id.
+        self._digest_locations: dict[str, tuple[str, str]] = {}
+        self._id_tags: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        where = _redact(self._url) if self._url is not None else "<app client>"
+        return f"RedisStore({where!r}, prefix={self.prefix!r})"
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether the store talks to a Redis Cluster (known once open)."""
+        return bool(self._cluster)
+
+    # -- opening -------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        with translate_errors("Redis", *self._errors):
+            client = self._given_client or self._build(cluster=bool(self._cluster))
+            try:
+                if self._cluster is None and not (await client.info("cluster")).get(
+                    "cluster_enabled"
+                ):
+                    self._cluster = False
+                elif self._cluster is None:
+                    await client.aclose()
+                    self._cluster, client = True, self._build(cluster=True)
+                await client.ping()
+            except BaseException:
+                if client is not self._given_client:
+                    await client.aclose()
+                raise
+        self._client = client
+        register = client.register_script
+        self._create = register(_LUA_HELPERS + _CREATE)
+        self._update = register(_LUA_HELPERS + _UPDATE)
+        self._delete = register(_DELETE)
+        self._delete_for_user = register(_LUA_HELPERS + _DELETE_FOR_USER)
+        self._list = register(_LIST)
+        self._delete_expired = register(_LUA_HELPERS + _DELETE_EXPIRED)
+        self._follow = register(_FOLLOW)
+        self._read = register(_READ)
+
+    def _build(self, *, cluster: bool) -> Redis | RedisCluster:
+        assert self._url is not None
+        factory = self._driver.RedisCluster if cluster else self._driver.Redis
+        client: Redis | RedisCluster = factory.from_url(self._url, **self._client_options)
+        return client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        self._digest_locations.clear()
+        self._id_tags.clear()
+        if client is not None and client is not self._given_client:
+            with translate_errors("Redis", *self._errors):
+                await client.aclose()
+
+    def _require_client(self) -> Redis | RedisCluster:
+        if self._client is None:
+            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+        return self._client
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _session_prefix(self, tag: str) -> str:
+        return f"{self.prefix}{{{tag}}}:s:"
+
+    def _index(self, tag: str) -> str:
+        return f"{self.prefix}{{{tag}}}:u"
+
+    def _digest_key(self, digest: str) -> str:
+        return f"{self.prefix}d:{digest}"
+
+    def _id_key(self, session_id: str) -> str:
+        return f"{self.prefix}i:{session_id}"
+
+    # -- primitives ------------------------------------------------------------------
+
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        client, tag = self._require_client(), _tag(record.user_id)
+        ttl = _ttl_ms(record.expires_at, now)
+        pointers = (self._digest_key(record.token_digest), self._id_key(record.id))
+        with translate_errors("Redis", *self._errors):
+            # Claiming both pointers first makes a colliding digest or id fail before
+            # anything of the user's changes.
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(pointers[0], f"{tag}:{record.id}", nx=True, px=ttl)
+                pipe.set(pointers[1], tag, nx=True, px=ttl)
+                claimed = await pipe.execute()
+            if not all(claimed):
+                await self._unlink(key for key, ok in zip(pointers, claimed, strict=True) if ok)
+                raise CreateError(record.id)
+            prefix = self._session_prefix(tag)
+            evicted = await self._create(
+                keys=[prefix + record.id, self._index(tag)],
+                args=[now, ttl, max_sessions, prefix, record.id, record.last_active_at,
+                      *_fields(record)],
+            )  # fmt: skip
+            if evicted is None:
+                await self._unlink(pointers)
+                raise CreateError(record.id)
+            await self._drop_pointers(evicted)
+        self._remember(record.token_digest, tag, record.id)
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        client = self._require_client()
+        location = self._digest_locations.get(token_digest)
+        with translate_errors("Redis", *self._errors):
+            if location is None and not self._cluster:
+                found = await self._follow(
+                    keys=[self._digest_key(token_digest)], args=[self.prefix]
+                )
+                if found is None:
+                    return None
+                location, fields = _location(found[0]), _hash(found[1])
+            else:
+                if location is None:
+                    pointer = cast("str | None", await client.get(self._digest_key(token_digest)))
+                    if pointer is None:
+                        return None
+                    location = _location(pointer)
+                key = self._session_prefix(location[0]) + location[1]
+                fields = _hash(await self._read(keys=[key]))
+        if not fields or fields["td"] != token_digest or float(fields["ea"]) <= now:
+            self._digest_locations.pop(token_digest, None)
+            return None
+        self._remember(token_digest, *location)
+        return _record(fields)
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        client, new_digest = self._require_client(), changes.token_digest
+        ttl = _ttl_ms(changes.expires_at, now)
+        removed = ["d:" + dump_json(key) for key in changes.removed_keys]
+        in_cluster = bool(self._cluster)
+        with translate_errors("Redis", *self._errors):
+            tag = await self._tag_of(session_id)
+            if tag is None:
+                return False
+            if new_digest is not None and in_cluster:
+                await client.set(self._digest_key(new_digest), f"{tag}:{session_id}", px=ttl)
+            old_digest = await self._update(
+                keys=[self._session_prefix(tag) + session_id, self._index(tag)],
+                args=[now, ttl, session_id, changes.last_active_at, changes.expires_at,
+                      new_digest or "", "" if in_cluster else self.prefix, tag, len(removed),
+                      *removed, *_data_fields(changes.set_keys)],
+            )  # fmt: skip
+            if old_digest is None:
+                if new_digest is not None and in_cluster:
+                    await self._unlink([self._digest_key(new_digest)])
+                self._id_tags.pop(session_id, None)
+                return False
+            if in_cluster:
+                # The pointers follow the session's new expiry; a rotated-out digest goes.
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.pexpire(self._id_key(session_id), ttl)
+                    if new_digest is None:
+                        pipe.pexpire(self._digest_key(old_digest), ttl)
+                    else:
+                        pipe.delete(self._digest_key(old_digest))
+                    await pipe.execute()
+        if new_digest is not None:
+            self._digest_locations.pop(old_digest, None)
+        return True
+
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        self._require_client()
+        with translate_errors("Redis", *self._errors):
+            tag = _tag(user_id) if user_id is not None else await self._tag_of(session_id)
+            if tag is None:
+                return False
+            digest = await self._delete(
+                keys=[self._session_prefix(tag) + session_id, self._index(tag)],
+                args=[session_id, "0" if user_id is None else "1", user_id or ""],
+            )
+            if digest is None:
+                return False
+            await self._drop_pointers([session_id, digest])
+        return True
+
+    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        self._require_client()
+        tag = _tag(user_id)
+        with translate_errors("Redis", *self._errors):
+            deleted = await self._delete_for_user(
+                keys=[self._index(tag)], args=[self._session_prefix(tag), except_id or ""]
+            )
+            await self._drop_pointers(deleted)
+        return len(deleted) // 2
+
+    async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        self._require_client()
+        tag = _tag(user_id)
+        with translate_errors("Redis", *self._errors):
+            hashes = await self._list(keys=[self._index(tag)], args=[self._session_prefix(tag)])
+        records = [_record(_hash(text)) for text in hashes]
+        live = [record for record in records if record.expires_at > now]
+        live.sort(key=lambda record: (record.last_active_at, record.created_at), reverse=True)
+        return live
+
+    async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        client = self._require_client()
+        pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:u"
+        removed = 0
+        with translate_errors("Redis", *self._errors):
+            scan = cast("AsyncGenerator[str]", client.scan_iter(match=pattern, count=1000))
+            async with aclosing(scan) as indexes:
+                async for index in indexes:
+                    result = await self._delete_expired(
+                        keys=[index], args=[index[:-1] + "s:", now, limit - removed]
+                    )
+                    removed += int(result[0])
+                    await self._drop_pointers(result[1:])
+                    if removed >= limit:
+                        break
+        return removed
+
+    # -- pointers and the location cache ---------------------------------------------
+
+    async def _tag_of(self, session_id: str) -> str | None:
+        tag = self._id_tags.get(session_id)
+        if tag is None:
+            tag = cast("str | None", await self._require_client().get(self._id_key(session_id)))
+            if tag is not None:
+                _put(self._id_tags, session_id, tag)
+        return tag
+
+    def _remember(self, digest: str, tag: str, session_id: str) -> None:
+        _put(self._digest_locations, digest, (tag, session_id))
+        _put(self._id_tags, session_id, tag)
+
+    async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
+        """Remove the pointers of deleted sessions (a flat list of id, digest, id, ...)."""
+        keys = []
+        for session_id, digest in zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True):
+            keys += [self._id_key(session_id), self._digest_key(digest)]
+            self._id_tags.pop(session_id, None)
+            self._digest_locations.pop(digest, None)
+        await self._unlink(keys)
+
+    async def _unlink(self, keys: Iterable[str]) -> None:
+        if keys := list(keys):
+            await self._require_client().delete(*keys)
+
+
+def _import_redis() -> Any:
+    try:
+        from types import SimpleNamespace
+
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisClusterException, RedisError
+    except ImportError as exc:
+        raise ImportError("RedisStore needs redis-py: pip install 'authsessions[redis]'") from exc
+    return SimpleNamespace(
+        Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
+        RedisError=RedisError, RedisClusterException=RedisClusterException,
+    )  # fmt: skip
+
+
+def _put(cache: dict[str, Any], key: str, value: Any) -> None:
+    # Oldest out first: a forgotten location costs one extra read, once.
+    if len(cache) >= _CACHE_SIZE and key not in cache:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
+def _tag(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode()).hexdigest()[:_TAG_LENGTH]
+
+
+def _ttl_ms(expires_at: float, now: float) -> int:
+    # Counted from the caller's clock, so a clock that differs from Redis's (or a test's
+    # own clock) still gives the key exactly the session's remaining life.
+    return max(1, math.ceil((expires_at - now) * 1000))
+
+
+def _location(pointer: str) -> tuple[str, str]:
+    tag, _, session_id = pointer.partition(":")
+    return tag, session_id
+
+
+def _hash(text: str) -> dict[str, str]:
+    """A hash sent as JSON by a script; cjson encodes an empty one as ``{}``."""
+    flat = json.loads(text)
+    items = iter(flat)
+    return dict(zip(items, items, strict=True)) if flat else {}
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+
+
+def _data_fields(data: Mapping[str, Any]) -> list[str]:
+    # Field names are JSON too: any key, even one with a lone surrogate, is plain ASCII.
+    return [
+        text for key, value in data.items() for text in ("d:" + dump_json(key), dump_json(value))
+    ]
+
+
+def _fields(record: SessionRecord) -> list[Any]:
+    fields: list[Any] = [
+        "id", record.id, "uid", record.user_id, "td", record.token_digest,
+        "dn", record.device_name, "dt", record.device_type, "fp", record.fingerprint,
+        "ca", record.created_at, "la", record.last_active_at, "ea", record.expires_at,
+    ]  # fmt: skip
+    if record.ip_address is not None:
+        fields += ["ip", record.ip_address]
+    if record.user_agent is not None:
+        fields += ["ua", record.user_agent]
+    return fields + _data_fields(record.data)
+
+
+def _record(fields: Mapping[str, str]) -> SessionRecord:
+    data = {
+        json.loads(name[2:]): json.loads(value)
+        for name, value in fields.items()
+        if name.startswith("d:")
+    }
+    return SessionRecord(
+        fields["id"], fields["td"], fields["uid"], fields.get("ip"), fields.get("ua"),
+        fields["dn"], cast(DeviceType, fields["dt"]), fields["fp"], data,
+        float(fields["ca"]), float(fields["la"]), float(fields["ea"]),
+    )  # fmt: skip

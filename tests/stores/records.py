@@ -1,0 +1,88 @@
+"""Building store records for the store tests, with fresh ids and digests every time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from authsessions._records import DeviceType, SessionRecord, SessionUpdate
+from authsessions._tokens import new_session_id, new_token, token_digest
+
+__all__ = ["TTL", "make_record", "make_update", "new_digest", "start_time", "typed"]
+
+TTL = 3600.0
+"""Lifetime of a record built here, in seconds."""
+
+
+def start_time() -> float:
+    """A whole-second "now" near the real clock.
+
+    Tests count from it with whole seconds, so every timestamp survives a
+    store that keeps times to the second, and records expire (for the test)
+    in the real future, which keeps stores that also set a native TTL honest.
+    """
+    return float(int(time.time()))
+
+
+def new_digest() -> str:
+    """The digest of a fresh token, as the session layer would store it."""
+    return token_digest(new_token())
+
+
+def make_record(
+    *,
+    now: float,
+    user_id: str = "alice",
+    data: Mapping[str, Any] | None = None,
+    ttl: float = TTL,
+    last_active_at: float | None = None,
+    ip_address: str | None = "203.0.113.7",
+    user_agent: str | None = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) Chrome/124.0",
+    device_name: str = "Chrome on macOS",
+    device_type: DeviceType = "desktop",
+    fingerprint: str = "f" * 64,
+) -> SessionRecord:
+    """A session created at ``now`` that expires ``ttl`` seconds later."""
+    return SessionRecord(
+        id=new_session_id(),
+        token_digest=new_digest(),
+        user_id=user_id,
+        ip_address=ip_address,
+        user_agent=user_agent,
+        device_name=device_name,
+        device_type=device_type,
+        fingerprint=fingerprint,
+        data=dict(data) if data is not None else {},
+        created_at=now,
+        last_active_at=now if last_active_at is None else last_active_at,
+        expires_at=now + ttl,
+    )
+
+
+def make_update(
+    *,
+    now: float,
+    ttl: float = TTL,
+    set_keys: Mapping[str, Any] | None = None,
+    removed_keys: frozenset[str] = frozenset(),
+    token_digest: str | None = None,
+) -> SessionUpdate:
+    """Activity at ``now``: the session's expiry slides to ``now + ttl``."""
+    return SessionUpdate(
+        last_active_at=now,
+        expires_at=now + ttl,
+        set_keys=dict(set_keys) if set_keys is not None else {},
+        removed_keys=removed_keys,
+        token_digest=token_digest,
+    )
+
+
+def typed(value: Any) -> str:
+    """``value`` as canonical JSON, so ``1`` and ``1.0`` (or ``1`` and ``True``) differ.
+
+    ``==`` treats them as equal; a store that turns a float into an int does not.
+    Keys are sorted: JSON objects are unordered and some databases reorder them.
+    """
+    return json.dumps(value, sort_keys=True, allow_nan=False)

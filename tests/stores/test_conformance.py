@@ -1,0 +1,989 @@
+"""The store contract of ``stores/_base.py``, proven against every store.
+
+Every test asks only for the ``store`` fixture, which conftest.py
+parametrises over ``STORE_FIXTURES``: a new store joins by adding its
+fixture there. Time is passed explicitly (whole seconds counted from
+:func:`start_time`), so nothing sleeps. A store that cannot honour a test
+skips it with a reason; it never passes silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import pytest
+
+from authsessions._records import SessionRecord
+from authsessions._tokens import new_session_id
+from authsessions.stores import CreateError, Store
+from tests.stores.records import TTL, make_record, make_update, new_digest, start_time, typed
+
+
+def assert_same_record(got: SessionRecord | None, want: SessionRecord) -> None:
+    """Every field equal, and the data equal down to JSON types (``1`` is not ``1.0``)."""
+    assert got is not None
+    assert got == want
+    assert typed(got.data) == typed(want.data)
+
+
+async def stored_at(store: Store, record: SessionRecord, *, now: float) -> SessionRecord | None:
+    """What the store holds under ``record``'s digest, looked up at ``now``."""
+    return await store.get(record.token_digest, now=now)
+
+
+async def listed_ids(store: Store, user_id: str, *, now: float) -> list[str]:
+    return [record.id for record in await store.list_for_user(user_id, now=now)]
+
+
+# -- create and get ---------------------------------------------------------------
+
+
+async def test_create_then_get_returns_an_equal_record(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "theme": "dark"})
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
+async def test_create_then_get_keeps_missing_device_fields_as_none(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(
+        now=t0,
+        ip_address=None,
+        user_agent=None,
+        device_name="Unknown on Unknown",
+        device_type="other",
+    )
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
+DATA_CASES: dict[str, dict[str, Any]] = {
+    "empty": {},
+    "nested": {
+        "a": {"b": {"c": [1, [2, [3, {"d": []}]]]}},
+        "list_of_objects": [{"x": 1}, {}, []],
+        "deep": {"k": {"k": {"k": {"k": {"k": {"k": {"k": {"k": "bottom"}}}}}}}},
+    },
+    "unicode": {
+        "name": "Zoë Ångström",
+        "emoji": "🔐🍪",
+        "cjk": "会话",
+        "rtl": "مرحبا",
+        "ключ": "значение",
+        "": "the empty key",
+        "quotes": 'it\'s "quoted" \\ and /slashed/',
+    },
+    "numbers": {
+        "zero": 0,
+        "negative": -42,
+        "big_int": 2**63 + 1,
+        "beyond_double_precision": 2**53 + 1,
+        "float_with_zero_fraction": 1.0,
+        "half": 0.5,
+        "negative_float": -2.5,
+        "pi": 3.141592653589793,
+        "small": 1.5e-07,
+    },
+    "scalars": {
+        "true": True,
+        "false": False,
+        "none": None,
+        "empty_string": "",
+        "empty_list": [],
+        "empty_object": {},
+        "mixed_list": [1, 1.0, True, None, "1", 0, False],
+    },
+    "floats_in_exponent_form": {
+        "large": 1e20,
+        "largest": 1.7976931348623157e308,
+        "tiniest": 5e-324,
+    },
+    "control_characters": {
+        "nul": "a\x00b",
+        "whitespace": "line\nbreak\ttab\r",
+        "escape": "\x1b[0m",
+    },
+}
+
+
+@pytest.mark.parametrize("data", DATA_CASES.values(), ids=DATA_CASES.keys())
+async def test_data_round_trips_exactly(store: Store, data: dict[str, Any]) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data=copy.deepcopy(data))
+    await store.create(record, max_sessions=10, now=t0)
+
+    got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == data
+    assert typed(got.data) == typed(data)
+    (listed,) = await store.list_for_user(record.user_id, now=t0)
+    assert typed(listed.data) == typed(data)
+
+
+async def test_get_of_unknown_digest_returns_none(store: Store) -> None:
+    t0 = start_time()
+    await store.create(make_record(now=t0), max_sessions=10, now=t0)
+
+    assert await store.get(new_digest(), now=t0) is None
+
+
+async def test_expired_session_is_not_served_before_cleanup(store: Store) -> None:
+    """A stolen or abandoned token must stop working the moment its session expires.
+
+    Cleanup runs in batches, maybe rarely; until it does, the expired row is
+    still in the store, and ``get`` alone must refuse it.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.get(record.token_digest, now=t0 + 61) is None
+    assert await store.list_for_user(record.user_id, now=t0 + 61) == []
+    assert_same_record(await store.get(record.token_digest, now=t0 + 59), record)
+
+
+async def test_session_expiring_exactly_now_counts_as_expired(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.get(record.token_digest, now=t0 + 60) is None
+    assert await store.list_for_user(record.user_id, now=t0 + 60) == []
+    assert await store.get(record.token_digest, now=t0 + 59) is not None
+
+
+async def test_public_session_id_does_not_work_as_a_token(store: Store) -> None:
+    """Session ids are shown in "your devices" lists and sent to revoke endpoints.
+
+    If ``get`` matched ids as well as digests, anyone who saw an id could
+    present it as a cookie and take over the session.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.get(record.id, now=t0) is None
+    assert await store.get(record.user_id, now=t0) is None
+
+
+@pytest.mark.parametrize(
+    "probe",
+    ["*", "%", "_" * 64, "?", "' OR '1'='1", "half", "upper", "trailing_space", "last_char"],
+)
+async def test_wildcard_or_partial_digest_matches_no_session(store: Store, probe: str) -> None:
+    """A cookie is attacker-controlled: patterns or fragments must never find a session.
+
+    A store that pattern-matched (SQL LIKE, Redis KEYS/SCAN globs) or compared
+    loosely would let a forged cookie load somebody's session.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    digest = record.token_digest
+    forged = {
+        "half": digest[:32],
+        "upper": digest.upper(),
+        "trailing_space": digest + " ",
+        "last_char": digest[:-1] + ("0" if digest[-1] != "0" else "1"),
+    }.get(probe, probe)
+
+    assert await store.get(forged, now=t0) is None
+
+
+# -- create: collisions -----------------------------------------------------------
+
+
+async def test_duplicate_token_digest_is_refused_and_the_original_kept(store: Store) -> None:
+    """A create must never overwrite the session that already holds a digest.
+
+    Otherwise whoever holds the token (the victim) would be signed in as the
+    new record's user, or the new user would inherit the victim's session.
+    """
+    t0 = start_time()
+    original = make_record(now=t0, user_id="victim", data={"role": "admin"})
+    await store.create(original, max_sessions=10, now=t0)
+    intruder = make_record(now=t0 + 1, user_id="intruder", data={"role": "guest"})
+    intruder.token_digest = original.token_digest
+
+    with pytest.raises(CreateError):
+        await store.create(intruder, max_sessions=10, now=t0 + 1)
+
+    assert_same_record(await store.get(original.token_digest, now=t0 + 1), original)
+    assert await store.list_for_user("intruder", now=t0 + 1) == []
+    assert await listed_ids(store, "victim", now=t0 + 1) == [original.id]
+
+
+async def test_duplicate_session_id_is_refused_and_the_original_kept(store: Store) -> None:
+    """A create must never overwrite the session that already has an id.
+
+    Otherwise a colliding create would replace (hijack or end) another user's
+    session behind the token its owner still holds.
+    """
+    t0 = start_time()
+    original = make_record(now=t0, user_id="victim", data={"role": "admin"})
+    await store.create(original, max_sessions=10, now=t0)
+    intruder = make_record(now=t0 + 1, user_id="intruder")
+    intruder.id = original.id
+
+    with pytest.raises(CreateError):
+        await store.create(intruder, max_sessions=10, now=t0 + 1)
+
+    assert_same_record(await store.get(original.token_digest, now=t0 + 1), original)
+    assert await store.get(intruder.token_digest, now=t0 + 1) is None
+    assert await store.list_for_user("intruder", now=t0 + 1) == []
+
+
+async def test_refused_create_evicts_nothing(store: Store) -> None:
+    t0 = start_time()
+    original = make_record(now=t0)
+    await store.create(original, max_sessions=1, now=t0)
+    duplicate = make_record(now=t0 + 1)
+    duplicate.token_digest = original.token_digest
+
+    with pytest.raises(CreateError):
+        await store.create(duplicate, max_sessions=1, now=t0 + 1)
+
+    assert await listed_ids(store, "alice", now=t0 + 1) == [original.id]
+
+
+# -- create: eviction ---------------------------------------------------------------
+
+
+async def test_create_evicts_the_least_recently_active_beyond_the_limit(store: Store) -> None:
+    t0 = start_time()
+    old = [make_record(now=t0 + i) for i in range(4)]
+    for record in old:
+        await store.create(record, max_sessions=10, now=record.created_at)
+    new = make_record(now=t0 + 4)
+
+    await store.create(new, max_sessions=3, now=t0 + 4)
+
+    assert await listed_ids(store, "alice", now=t0 + 4) == [new.id, old[3].id, old[2].id]
+    assert await store.get(old[0].token_digest, now=t0 + 4) is None
+    assert await store.get(old[1].token_digest, now=t0 + 4) is None
+
+
+async def test_eviction_ranks_by_last_activity_not_creation(store: Store) -> None:
+    t0 = start_time()
+    first, second, third = (make_record(now=t0 + i) for i in range(3))
+    for record in (first, second, third):
+        await store.create(record, max_sessions=10, now=record.created_at)
+    assert await store.update(first.id, make_update(now=t0 + 3), now=t0 + 3)
+    new = make_record(now=t0 + 4)
+
+    await store.create(new, max_sessions=3, now=t0 + 4)
+
+    assert await listed_ids(store, "alice", now=t0 + 4) == [new.id, first.id, third.id]
+
+
+async def test_limit_of_one_keeps_only_the_new_session(store: Store) -> None:
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(3)]
+    for record in records:
+        await store.create(record, max_sessions=1, now=record.created_at)
+        assert await listed_ids(store, "alice", now=record.created_at) == [record.id]
+
+    for record in records[:-1]:
+        assert await store.get(record.token_digest, now=t0) is None
+
+
+async def test_eviction_leaves_other_users_sessions_alone(store: Store) -> None:
+    t0 = start_time()
+    bobs = [make_record(now=t0 + i, user_id="bob", ttl=TTL if i else 100) for i in range(3)]
+    for record in bobs:
+        await store.create(record, max_sessions=10, now=record.created_at)
+    alices = [make_record(now=t0 + 200 + i) for i in range(3)]
+
+    for record in alices:
+        await store.create(record, max_sessions=1, now=record.created_at)
+
+    assert await listed_ids(store, "alice", now=t0 + 202) == [alices[-1].id]
+    assert await listed_ids(store, "bob", now=t0 + 202) == [bobs[2].id, bobs[1].id]
+    # bob's expired session is bob's business (and cleanup's), not alice's login's.
+    assert_same_record(await store.get(bobs[0].token_digest, now=t0), bobs[0])
+
+
+async def test_create_removes_the_users_expired_sessions(store: Store) -> None:
+    t0 = start_time()
+    expired = make_record(now=t0, ttl=10)
+    await store.create(expired, max_sessions=10, now=t0)
+    new = make_record(now=t0 + 20)
+
+    await store.create(new, max_sessions=10, now=t0 + 20)
+
+    # Looked up at a time when it was still live: it is gone, not merely expired.
+    assert await store.get(expired.token_digest, now=t0) is None
+    assert await store.delete(expired.id) is False
+    assert await listed_ids(store, "alice", now=t0 + 20) == [new.id]
+
+
+async def test_expired_sessions_do_not_count_toward_the_limit(store: Store) -> None:
+    t0 = start_time()
+    lasting = make_record(now=t0)
+    short = [make_record(now=t0 + 1 + i, ttl=10) for i in range(2)]
+    for record in (lasting, *short):
+        await store.create(record, max_sessions=10, now=record.created_at)
+    new = make_record(now=t0 + 30)
+
+    await store.create(new, max_sessions=2, now=t0 + 30)
+
+    assert await listed_ids(store, "alice", now=t0 + 30) == [new.id, lasting.id]
+
+
+# -- update -------------------------------------------------------------------------
+
+
+async def test_update_patches_data_key_by_key(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(
+        now=t0, data={"keep": 1, "change": "old", "drop": True, "nested": {"a": 1}}
+    )
+    await store.create(record, max_sessions=10, now=t0)
+
+    changed = await store.update(
+        record.id,
+        make_update(
+            now=t0 + 1,
+            set_keys={"change": "new", "added": [1, 2.0]},
+            removed_keys=frozenset({"drop", "never_there"}),
+        ),
+        now=t0 + 1,
+    )
+
+    assert changed is True
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert typed(got.data) == typed(
+        {"keep": 1, "change": "new", "nested": {"a": 1}, "added": [1, 2.0]}
+    )
+
+
+async def test_update_replaces_a_nested_value_whole(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"prefs": {"theme": "dark", "lang": "en"}})
+    await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 1, set_keys={"prefs": {"lang": "fr"}})
+    assert await store.update(record.id, update, now=t0 + 1)
+
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"prefs": {"lang": "fr"}}
+
+
+@pytest.mark.parametrize("data", DATA_CASES.values(), ids=DATA_CASES.keys())
+async def test_updated_values_round_trip_exactly(store: Store, data: dict[str, Any]) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"untouched": 1.0})
+    await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 1, set_keys={"value": copy.deepcopy(data)})
+    assert await store.update(record.id, update, now=t0 + 1)
+
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert typed(got.data) == typed({"untouched": 1.0, "value": data})
+
+
+async def test_update_without_data_changes_keeps_the_data(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "n": 1.5})
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.update(record.id, make_update(now=t0 + 1), now=t0 + 1)
+
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert typed(got.data) == typed(record.data)
+
+
+async def test_update_moves_activity_and_expiry_only(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.update(record.id, make_update(now=t0 + 50, ttl=60), now=t0 + 50)
+
+    # Past the old expiry, before the new one.
+    got = await store.get(record.token_digest, now=t0 + 100)
+    want = copy.deepcopy(record)
+    want.last_active_at = t0 + 50
+    want.expires_at = t0 + 110
+    assert_same_record(got, want)
+    assert await store.get(record.token_digest, now=t0 + 110) is None
+
+
+async def test_update_can_shorten_the_expiry(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.update(record.id, make_update(now=t0 + 1, ttl=9), now=t0 + 1)
+
+    assert await store.get(record.token_digest, now=t0 + 9) is not None
+    assert await store.get(record.token_digest, now=t0 + 10) is None
+
+
+async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> None:
+    """After rotation a stolen copy of the previous token must be worthless.
+
+    Rotation is how a session sheds a token that may have leaked (after
+    login, privilege changes); if the old digest still matched, it would not.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    rotated = new_digest()
+
+    update = make_update(now=t0 + 1, token_digest=rotated, set_keys={"b": 2})
+    assert await store.update(record.id, update, now=t0 + 1)
+
+    assert await store.get(record.token_digest, now=t0 + 1) is None
+    got = await store.get(rotated, now=t0 + 1)
+    assert got is not None
+    assert (got.id, got.token_digest, got.user_id) == (record.id, rotated, record.user_id)
+    assert got.data == {"a": 1, "b": 2}
+    (listed,) = await store.list_for_user(record.user_id, now=t0 + 1)
+    assert listed.token_digest == rotated
+
+
+async def test_update_of_missing_session_returns_false_and_creates_nothing(store: Store) -> None:
+    """``update`` is not an upsert: an unknown id must not become a session."""
+    t0 = start_time()
+    digest = new_digest()
+
+    update = make_update(now=t0, token_digest=digest, set_keys={"role": "admin"})
+    changed = await store.update(new_session_id(), update, now=t0)
+
+    assert changed is False
+    assert await store.get(digest, now=t0) is None
+    assert await store.delete_expired(now=t0 + 10 * TTL) == 0
+
+
+async def test_update_of_expired_session_returns_false_and_changes_nothing(store: Store) -> None:
+    """Activity on an expired session must not extend it back to life."""
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    rotated = new_digest()
+
+    update = make_update(now=t0 + 60, token_digest=rotated, set_keys={"a": 2, "b": 3})
+    changed = await store.update(record.id, update, now=t0 + 60)
+
+    assert changed is False
+    assert await store.get(record.token_digest, now=t0 + 60) is None
+    assert await store.get(rotated, now=t0 + 60) is None
+    # Seen from before the expiry, the record is exactly as it was.
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
+async def test_update_after_logout_cannot_resurrect_the_session(store: Store) -> None:
+    """A request still in flight when the user signs out must not bring the session back.
+
+    Its flush arrives after the delete; an update that re-created the row
+    would silently undo the logout (or a revocation after a password reset).
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    assert await store.delete(record.id) is True
+    rotated = new_digest()
+
+    update = make_update(now=t0 + 1, token_digest=rotated, set_keys={"a": 2})
+    changed = await store.update(record.id, update, now=t0 + 1)
+
+    assert changed is False
+    assert await store.get(record.token_digest, now=t0 + 1) is None
+    assert await store.get(rotated, now=t0 + 1) is None
+    assert await store.list_for_user(record.user_id, now=t0 + 1) == []
+    assert await store.delete(record.id) is False
+
+
+async def test_update_touches_only_the_named_session(store: Store) -> None:
+    t0 = start_time()
+    target, sibling = make_record(now=t0, data={"a": 1}), make_record(now=t0, data={"a": 1})
+    for record in (target, sibling):
+        await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 5, token_digest=new_digest(), set_keys={"a": 2})
+    assert await store.update(target.id, update, now=t0 + 5)
+
+    assert_same_record(await store.get(sibling.token_digest, now=t0 + 5), sibling)
+
+
+# -- delete -------------------------------------------------------------------------
+
+
+async def test_delete_removes_the_session(store: Store) -> None:
+    t0 = start_time()
+    record, other = make_record(now=t0), make_record(now=t0)
+    for each in (record, other):
+        await store.create(each, max_sessions=10, now=t0)
+
+    assert await store.delete(record.id) is True
+
+    assert await store.get(record.token_digest, now=t0) is None
+    assert await listed_ids(store, "alice", now=t0) == [other.id]
+    assert await store.delete(record.id) is False
+
+
+async def test_delete_of_unknown_id_returns_false(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete(new_session_id()) is False
+    assert await store.delete(new_session_id(), user_id="alice") is False
+    assert await store.get(record.token_digest, now=t0) is not None
+
+
+async def test_delete_by_the_owner_removes_the_session(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete(record.id, user_id="alice") is True
+    assert await store.get(record.token_digest, now=t0) is None
+
+
+async def test_revoking_another_users_session_by_id_is_refused(store: Store) -> None:
+    """Session ids are visible; knowing one must not let another user end that session.
+
+    ``delete(id, user_id=...)`` backs "revoke my session": without the owner
+    check it is an insecure direct object reference.
+    """
+    t0 = start_time()
+    victim = make_record(now=t0, user_id="victim")
+    await store.create(victim, max_sessions=10, now=t0)
+
+    assert await store.delete(victim.id, user_id="mallory") is False
+    assert await store.delete(victim.id, user_id="Victim") is False
+
+    assert_same_record(await store.get(victim.token_digest, now=t0), victim)
+
+
+async def test_delete_for_user_deletes_every_session_and_counts(store: Store) -> None:
+    t0 = start_time()
+    alices = [make_record(now=t0 + i) for i in range(3)]
+    bob = make_record(now=t0, user_id="bob")
+    for record in (*alices, bob):
+        await store.create(record, max_sessions=10, now=t0 + 3)
+
+    assert await store.delete_for_user("alice") == 3
+
+    assert await store.list_for_user("alice", now=t0 + 3) == []
+    for record in alices:
+        assert await store.get(record.token_digest, now=t0 + 3) is None
+    assert_same_record(await store.get(bob.token_digest, now=t0 + 3), bob)
+    assert await store.delete_for_user("alice") == 0
+
+
+async def test_delete_for_user_keeps_the_excepted_session(store: Store) -> None:
+    t0 = start_time()
+    alices = [make_record(now=t0 + i) for i in range(3)]
+    for record in alices:
+        await store.create(record, max_sessions=10, now=t0 + 3)
+
+    assert await store.delete_for_user("alice", except_id=alices[1].id) == 2
+
+    assert await listed_ids(store, "alice", now=t0 + 3) == [alices[1].id]
+    assert_same_record(await store.get(alices[1].token_digest, now=t0 + 3), alices[1])
+
+
+async def test_delete_for_user_ignores_an_except_id_of_another_user(store: Store) -> None:
+    t0 = start_time()
+    alice, bob = make_record(now=t0), make_record(now=t0, user_id="bob")
+    for record in (alice, bob):
+        await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete_for_user("alice", except_id=bob.id) == 1
+
+    assert await store.list_for_user("alice", now=t0) == []
+    assert await listed_ids(store, "bob", now=t0) == [bob.id]
+
+
+async def test_delete_for_user_without_sessions_returns_zero(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete_for_user("nobody") == 0
+    assert await store.delete_for_user("nobody", except_id=record.id) == 0
+    assert await listed_ids(store, "alice", now=t0) == [record.id]
+
+
+# -- list_for_user --------------------------------------------------------------------
+
+
+async def test_list_for_user_orders_most_recently_active_first(store: Store) -> None:
+    t0 = start_time()
+    first, second, third = (make_record(now=t0 + i) for i in range(3))
+    for record in (first, second, third):
+        await store.create(record, max_sessions=10, now=record.created_at)
+    assert await listed_ids(store, "alice", now=t0 + 3) == [third.id, second.id, first.id]
+
+    assert await store.update(first.id, make_update(now=t0 + 5), now=t0 + 5)
+
+    listed = await store.list_for_user("alice", now=t0 + 5)
+    assert [record.id for record in listed] == [first.id, third.id, second.id]
+    assert_same_record(listed[1], third)
+    assert listed[0].last_active_at == t0 + 5
+
+
+async def test_list_for_user_excludes_expired_and_other_users(store: Store) -> None:
+    t0 = start_time()
+    live = make_record(now=t0)
+    expired = make_record(now=t0 + 1, ttl=10)
+    bob = make_record(now=t0 + 2, user_id="bob")
+    for record in (live, expired, bob):
+        await store.create(record, max_sessions=10, now=record.created_at)
+
+    listed = await store.list_for_user("alice", now=t0 + 20)
+
+    assert len(listed) == 1
+    assert_same_record(listed[0], live)
+
+
+async def test_list_for_unknown_user_is_empty(store: Store) -> None:
+    t0 = start_time()
+    await store.create(make_record(now=t0), max_sessions=10, now=t0)
+
+    assert await store.list_for_user("nobody", now=t0) == []
+
+
+async def test_user_ids_are_compared_exactly(store: Store) -> None:
+    t0 = start_time()
+    users = ["alice", "Alice", "alice ", "ålice", "42", "o'brien"]
+    records = {user: make_record(now=t0, user_id=user) for user in users}
+    for record in records.values():
+        await store.create(record, max_sessions=1, now=t0)
+
+    for user, record in records.items():
+        listed = await store.list_for_user(user, now=t0)
+        assert [each.id for each in listed] == [record.id]
+        assert_same_record(listed[0], record)
+
+
+@pytest.mark.parametrize("pattern", ["*", "%", "a*", "al%", "_lice", "?lice", "[a]lice", ".*"])
+async def test_wildcard_user_id_never_reaches_other_users_sessions(
+    store: Store, pattern: str
+) -> None:
+    """User ids can come from user input (sign-up names); patterns must stay literal.
+
+    A store that built SQL LIKE or Redis glob patterns from them would let a
+    user named ``*`` list, or sign out, everybody.
+    """
+    t0 = start_time()
+    alice, bob = make_record(now=t0), make_record(now=t0, user_id="bob")
+    for record in (alice, bob):
+        await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.list_for_user(pattern, now=t0) == []
+    assert await store.delete_for_user(pattern) == 0
+
+    attacker = make_record(now=t0 + 1, user_id=pattern)
+    await store.create(attacker, max_sessions=1, now=t0 + 1)
+    assert await listed_ids(store, pattern, now=t0 + 1) == [attacker.id]
+    assert await store.delete_for_user(pattern) == 1
+    assert await listed_ids(store, "alice", now=t0 + 1) == [alice.id]
+    assert await listed_ids(store, "bob", now=t0 + 1) == [bob.id]
+
+
+# -- delete_expired -------------------------------------------------------------------
+
+
+async def test_delete_expired_deletes_only_expired_sessions(store: Store) -> None:
+    t0 = start_time()
+    expired = [make_record(now=t0, user_id=f"user{i}", ttl=ttl) for i, ttl in enumerate((5, 9, 10))]
+    live = [make_record(now=t0, user_id=f"user{i}", ttl=11) for i in range(2)]
+    for record in (*expired, *live):
+        await store.create(record, max_sessions=10, now=t0)
+
+    # The last of the expired ones expires exactly at the cut: it counts.
+    assert await store.delete_expired(now=t0 + 10) == 3
+    assert await store.delete_expired(now=t0 + 10) == 0
+
+    for record in expired:
+        assert await store.get(record.token_digest, now=t0) is None
+    for record in live:
+        assert_same_record(await store.get(record.token_digest, now=t0 + 10), record)
+
+
+async def test_delete_expired_keeps_live_sessions(store: Store) -> None:
+    t0 = start_time()
+    expired = make_record(now=t0, ttl=10)
+    live = [make_record(now=t0, user_id=f"user{i}") for i in range(3)]
+    for record in (expired, *live):
+        await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete_expired(now=t0 + 20) == 1
+
+    assert await store.get(expired.token_digest, now=t0) is None
+    for record in live:
+        assert_same_record(await store.get(record.token_digest, now=t0 + 20), record)
+
+
+async def test_delete_expired_with_nothing_expired_returns_zero(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete_expired(now=t0 + 1) == 0
+    assert await store.get(record.token_digest, now=t0 + 1) is not None
+
+
+async def test_delete_expired_respects_the_limit_and_drains_a_backlog(store: Store) -> None:
+    t0 = start_time()
+    expired = [make_record(now=t0, user_id=f"user{i % 3}", ttl=10) for i in range(7)]
+    live = [make_record(now=t0, user_id=f"user{i}") for i in range(2)]
+    for record in (*expired, *live):
+        await store.create(record, max_sessions=10, now=t0)
+
+    counts = [await store.delete_expired(now=t0 + 20, limit=3) for _ in range(4)]
+
+    assert counts == [3, 3, 1, 0]
+    for record in expired:
+        assert await store.get(record.token_digest, now=t0) is None
+    for record in live:
+        assert await store.get(record.token_digest, now=t0 + 20) is not None
+
+
+# -- returned records are copies ------------------------------------------------------
+
+
+async def test_mutating_a_returned_record_does_not_change_the_store(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "prefs": {"theme": "dark"}})
+    await store.create(record, max_sessions=10, now=t0)
+
+    got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    got.data["cart"].append(3)
+    got.data["prefs"]["theme"] = "light"
+    got.data["injected"] = True
+    got.expires_at = t0 + 10 * TTL
+    got.user_id = "mallory"
+    (listed,) = await store.list_for_user("alice", now=t0)
+    listed.data.clear()
+
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+    assert await listed_ids(store, "mallory", now=t0) == []
+
+
+async def test_mutating_the_created_record_afterwards_does_not_change_the_store(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "prefs": {"theme": "dark"}})
+    original = copy.deepcopy(record)
+    await store.create(record, max_sessions=10, now=t0)
+
+    record.data["cart"].append(3)
+    record.data["prefs"]["theme"] = "light"
+    record.expires_at = t0 + 10 * TTL
+
+    assert_same_record(await store.get(original.token_digest, now=t0), original)
+
+
+async def test_mutating_update_values_afterwards_does_not_change_the_store(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    cart = [1, 2]
+
+    assert await store.update(record.id, make_update(now=t0, set_keys={"cart": cart}), now=t0)
+    cart.append(3)
+
+    got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"cart": [1, 2]}
+
+
+# -- concurrency ----------------------------------------------------------------------
+
+
+async def test_concurrent_updates_of_different_keys_all_survive(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"base": 0})
+    await store.create(record, max_sessions=10, now=t0)
+
+    results = await asyncio.gather(
+        *(
+            store.update(record.id, make_update(now=t0 + 1, set_keys={f"k{i}": i}), now=t0 + 1)
+            for i in range(50)
+        )
+    )
+
+    assert results == [True] * 50
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"base": 0, **{f"k{i}": i for i in range(50)}}
+
+
+async def test_concurrent_sets_and_removals_all_apply(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={f"old{i}": i for i in range(20)})
+    await store.create(record, max_sessions=10, now=t0)
+    updates = [make_update(now=t0 + 1, removed_keys=frozenset({f"old{i}"})) for i in range(20)]
+    updates += [make_update(now=t0 + 1, set_keys={f"new{i}": [i]}) for i in range(20)]
+
+    await asyncio.gather(*(store.update(record.id, update, now=t0 + 1) for update in updates))
+
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {f"new{i}": [i] for i in range(20)}
+
+
+async def test_concurrent_rotation_and_data_update_both_apply(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    rotated = new_digest()
+
+    await asyncio.gather(
+        store.update(record.id, make_update(now=t0 + 1, token_digest=rotated), now=t0 + 1),
+        store.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1),
+    )
+
+    got = await store.get(rotated, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"a": 1, "b": 2}
+    assert await store.get(record.token_digest, now=t0 + 1) is None
+
+
+async def test_concurrent_creates_for_one_user_respect_the_limit(store: Store) -> None:
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(20)]
+
+    await asyncio.gather(
+        *(store.create(record, max_sessions=5, now=record.created_at) for record in records)
+    )
+
+    listed = await listed_ids(store, "alice", now=t0 + 20)
+    assert listed == [record.id for record in reversed(records[-5:])]
+    assert await store.delete_for_user("alice") == 5
+
+
+async def test_concurrent_creates_with_one_token_digest_admit_exactly_one(store: Store) -> None:
+    """Two logins racing on one digest must not both believe they own it.
+
+    A check-then-insert create would let both succeed, the later silently
+    taking over the token the earlier one's user was handed.
+    """
+    t0 = start_time()
+    digest = new_digest()
+    records = [make_record(now=t0, user_id=f"user{i}") for i in range(10)]
+    for record in records:
+        record.token_digest = digest
+
+    results = await asyncio.gather(
+        *(store.create(record, max_sessions=10, now=t0) for record in records),
+        return_exceptions=True,
+    )
+
+    winners = [record for record, result in zip(records, results, strict=True) if result is None]
+    assert len(winners) == 1
+    assert all(isinstance(result, CreateError) for result in results if result is not None)
+    assert_same_record(await store.get(digest, now=t0), winners[0])
+    for record in records:
+        expected = [record.id] if record is winners[0] else []
+        assert await listed_ids(store, record.user_id, now=t0) == expected
+
+
+@pytest.mark.parametrize("update_first", [True, False], ids=["update-first", "delete-first"])
+async def test_update_racing_delete_never_brings_the_session_back(
+    store: Store, update_first: bool
+) -> None:
+    t0 = start_time()
+    for round_ in range(10):
+        record = make_record(now=t0 + round_, data={"a": 1})
+        await store.create(record, max_sessions=10, now=t0 + round_)
+        rotated = new_digest()
+        update = store.update(
+            record.id,
+            make_update(now=t0 + round_, token_digest=rotated, set_keys={"a": 2}),
+            now=t0 + round_,
+        )
+        delete = store.delete(record.id)
+
+        if update_first:
+            _, deleted = await asyncio.gather(update, delete)
+        else:
+            deleted, _ = await asyncio.gather(delete, update)
+
+        assert deleted is True
+        assert await store.get(record.token_digest, now=t0 + round_) is None
+        assert await store.get(rotated, now=t0 + round_) is None
+        assert await store.list_for_user("alice", now=t0 + round_) == []
+
+
+# -- opening and closing ----------------------------------------------------------------
+
+
+async def test_async_with_opens_and_closes_the_store(store: Store) -> None:
+    await store.close()
+    assert not store.is_open
+    t0 = start_time()
+    record = make_record(now=t0)
+
+    async with store as entered:
+        assert entered is store
+        assert store.is_open
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) is not None
+
+    assert not store.is_open
+
+
+async def test_reopened_store_works_and_keeps_its_sessions(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": [1.0]})
+    await store.create(record, max_sessions=10, now=t0)
+
+    await store.close()
+    await store.open()
+
+    assert store.is_open
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+    assert await store.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1)
+    second = make_record(now=t0 + 2)
+    await store.create(second, max_sessions=10, now=t0 + 2)
+    assert await listed_ids(store, "alice", now=t0 + 2) == [second.id, record.id]
+
+
+async def test_opening_twice_is_harmless(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    await store.open()
+    await asyncio.gather(store.open(), store.open())
+
+    assert store.is_open
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
+async def test_concurrent_first_opens_open_once(store: Store) -> None:
+    await store.close()
+
+    await asyncio.gather(*(store.open() for _ in range(5)))
+
+    assert store.is_open
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    assert await store.get(record.token_digest, now=t0) is not None
+
+
+async def test_closing_twice_is_harmless(store: Store) -> None:
+    await store.close()
+    await store.close()
+
+    assert not store.is_open
+    await store.open()
+    assert store.is_open

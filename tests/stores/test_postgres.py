@@ -1,0 +1,340 @@
+"""What only PostgresStore promises: its pool, its schema version, and failing fast.
+
+The store contract itself is proven in test_conformance.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from authsessions import StoreUnavailable
+from authsessions.stores import PostgresStore, Store, open_store
+from authsessions.stores.postgres import SCHEMA_VERSION
+from tests.stores.records import make_record, make_update, start_time, typed
+from tests.tcp_proxy import TcpProxy, refusing_port
+
+
+def with_netloc(url: str, netloc: str, query: str = "") -> str:
+    return urlunsplit(urlsplit(url)._replace(netloc=netloc, query=query))
+
+
+@pytest.fixture
+async def admin(postgres_url: str) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
+    """A plain connection for looking at what the store did."""
+    connection = await asyncpg.connect(postgres_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def proxy(postgres_url: str) -> AsyncIterator[TcpProxy]:
+    parts = urlsplit(postgres_url)
+    async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        yield proxy
+
+
+def impatient_store_through(
+    proxy: TcpProxy, postgres_url: str, schema: str, *, max_size: int = 10
+) -> PostgresStore:
+    """A store reaching the server through ``proxy``, giving up on anything after 1 s."""
+    user = urlsplit(postgres_url).username or "postgres"
+    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    return PostgresStore(
+        dsn,
+        schema=schema,
+        connect_timeout=1.0,
+        command_timeout=1.0,
+        acquire_timeout=1.0,
+        max_size=max_size,
+    )
+
+
+async def recorded_versions(
+    admin: asyncpg.Connection[asyncpg.Record], schema: str, *, set_to: int | None = None
+) -> list[int]:
+    """The rows of the version table (after setting them to ``set_to``, if given)."""
+    table = f'"{schema}".authsessions_session_schema_version'  # the fixture's own name
+    if set_to is not None:
+        await admin.execute(f"UPDATE {table} SET version = $1", set_to)  # noqa: S608
+    return [row["version"] for row in await admin.fetch(f"SELECT version FROM {table}")]  # noqa: S608
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+async def test_open_creates_the_schema_and_records_its_version(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+
+    versions = await recorded_versions(admin, postgres_schema)
+    indexes = await admin.fetch(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2",
+        postgres_schema,
+        "authsessions_session",
+    )
+    assert versions == [SCHEMA_VERSION]
+    definitions = " ".join(row["indexdef"] for row in indexes)
+    assert "UNIQUE INDEX authsessions_session_token_digest" in definitions
+    assert "(user_id, last_active_at)" in definitions
+    assert "(expires_at)" in definitions
+
+
+async def test_reopening_is_idempotent_and_keeps_sessions(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    async with PostgresStore(postgres_url, schema=postgres_schema) as first:
+        await first.create(record, max_sessions=10, now=t0)
+
+    for _ in range(2):
+        async with PostgresStore(postgres_url, schema=postgres_schema) as again:
+            assert await again.get(record.token_digest, now=t0) == record
+
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+
+
+async def test_concurrent_first_opens_by_many_processes_migrate_once(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Workers of one deployment start together; their DDL must not collide."""
+    stores = [PostgresStore(postgres_url, schema=postgres_schema, min_size=1) for _ in range(6)]
+
+    await asyncio.gather(*(store.open() for store in stores))
+
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+    await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_a_newer_schema_is_refused_with_a_remedy(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+    await recorded_versions(admin, postgres_schema, set_to=SCHEMA_VERSION + 1)
+
+    store = PostgresStore(postgres_url, schema=postgres_schema)
+    with pytest.raises(RuntimeError, match="upgrade authsessions"):
+        await store.open()
+    assert not store.is_open
+
+
+async def test_tables_with_other_names_are_separate_stores(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with (
+        PostgresStore(postgres_url, schema=postgres_schema, table="app_a") as a,
+        PostgresStore(postgres_url, schema=postgres_schema, table="app_b") as b,
+    ):
+        await a.create(record, max_sessions=10, now=t0)
+
+        assert await a.get(record.token_digest, now=t0) == record
+        assert await b.get(record.token_digest, now=t0) is None
+        assert await b.delete_for_user("alice") == 0
+
+
+@pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1starts_with_digit", "a" * 41, ""])
+def test_unsafe_table_and_schema_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        PostgresStore("postgresql://localhost/db", table=name)
+    with pytest.raises(ValueError, match="identifier"):
+        PostgresStore("postgresql://localhost/db", schema=name)
+
+
+async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
+    postgres_store: Store,
+) -> None:
+    """``jsonb`` turns 1e300 into a 301-digit integer and refuses NUL, even in keys."""
+    t0 = start_time()
+    data = {"nul\x00key": "nul\x00value", "huge": 1e300, "exact": 0.1, "int": 10**20}
+    record = make_record(now=t0, data=data)
+    await postgres_store.create(record, max_sessions=10, now=t0)
+    update = make_update(now=t0, set_keys={"more\x00": [1e20]}, removed_keys=frozenset({"int"}))
+    assert await postgres_store.update(record.id, update, now=t0)
+
+    found = await postgres_store.get(record.token_digest, now=t0)
+
+    assert found is not None
+    assert typed(found.data) == typed(
+        {"nul\x00key": "nul\x00value", "huge": 1e300, "exact": 0.1, "more\x00": [1e20]}
+    )
+
+
+# -- the pool -------------------------------------------------------------------------------
+
+
+async def test_pool_sizes_bound_the_connections_used(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    name = f"authsessions_{secrets.token_hex(4)}"
+    dsn = with_netloc(postgres_url, urlsplit(postgres_url).netloc, f"application_name={name}")
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    t0 = start_time()
+    async with PostgresStore(dsn, schema=postgres_schema, min_size=2, max_size=3) as store:
+        assert await admin.fetchval(count, name) == 2
+        record = make_record(now=t0)
+        await store.create(record, max_sessions=10, now=t0)
+
+        found = await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(40)))
+
+        assert found == [record] * 40
+        assert 2 <= await admin.fetchval(count, name) <= 3
+    assert await admin.fetchval(count, name) == 0
+
+
+async def test_an_exhausted_pool_gives_store_unavailable_within_the_timeout(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """A pool that is used up must not queue requests for ever: they get 503 promptly."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    store = PostgresStore(pool=pool, schema=postgres_schema, acquire_timeout=0.5)
+    await store.open()
+    t0 = start_time()
+
+    async with pool.acquire():
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.get(make_record(now=t0).token_digest, now=t0)
+        assert time.monotonic() - started < 5
+    assert isinstance(raised.value.__cause__, TimeoutError)
+
+    assert await store.get(make_record(now=t0).token_digest, now=t0) is None
+    await store.close()
+    # The app's pool is the app's to close.
+    assert await pool.fetchval("SELECT 1") == 1
+    await pool.close()
+
+
+async def test_open_store_builds_a_postgres_store_from_a_url(postgres_url: str) -> None:
+    store = open_store(postgres_url)
+    assert isinstance(store, PostgresStore)
+    assert open_store(postgres_url.replace("postgresql://", "postgres://", 1)) is not store
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_gives_store_unavailable_at_open() -> None:
+    with refusing_port() as port:
+        store = PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/test", connect_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.open()
+    assert time.monotonic() - started < 5
+    assert not store.is_open
+
+
+async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy
+) -> None:
+    """A server that stops answering (a network partition) must not hang requests."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with impatient_store_through(proxy, postgres_url, postgres_schema) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        proxy.stall()
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get(record.token_digest, now=t0)
+        assert time.monotonic() - started < 5
+
+        proxy.unstall()
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    store = impatient_store_through(proxy, postgres_url, postgres_schema, max_size=2)
+    async with store:
+        await store.create(record, max_sessions=10, now=t0)
+        await proxy.drop()
+
+        for operation in (
+            store.get(record.token_digest, now=t0),
+            store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0),
+            store.create(make_record(now=t0), max_sessions=10, now=t0),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                await operation
+            assert time.monotonic() - started < 5
+            assert isinstance(raised.value.__cause__, OSError | asyncpg.PostgresError)
+
+        await proxy.resume()
+        assert await store.get(record.token_digest, now=t0) == record
+        assert await store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+
+
+async def test_the_password_never_shows_in_reprs_or_errors() -> None:
+    with refusing_port() as port:
+        store = PostgresStore(
+            f"postgresql://app:s3cret-pw@127.0.0.1:{port}/test?password=s3cret-pw",
+            connect_timeout=1,
+        )
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.open()
+
+    assert "s3cret-pw" not in repr(store)
+    assert "app:***@127.0.0.1" in repr(store)
+    assert "s3cret-pw" not in str(raised.value)
+    assert "s3cret-pw" not in repr(raised.value.__cause__)
+
+
+# -- concurrency across processes -------------------------------------------------------------
+
+
+async def test_creates_from_several_pools_respect_the_limit(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The per-user lock lives in the database, so app servers racing on logins agree."""
+    t0 = start_time()
+    stores = [PostgresStore(postgres_url, schema=postgres_schema, max_size=3) for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    records = [make_record(now=t0 + i) for i in range(20)]
+
+    await asyncio.gather(
+        *(
+            stores[i % 4].create(record, max_sessions=5, now=record.created_at)
+            for i, record in enumerate(records)
+        )
+    )
+
+    listed = await stores[0].list_for_user("alice", now=t0 + 20)
+    assert [record.id for record in listed] == [record.id for record in reversed(records[-5:])]
+    await asyncio.gather(*(store.close() for store in stores))
+
+
+# -- without the driver -----------------------------------------------------------------------
+
+
+def test_stores_import_without_asyncpg_and_the_store_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "import authsessions.stores\n"
+        "from authsessions.stores import PostgresStore\n"
+        "try:\n"
+        "    PostgresStore('postgresql://localhost/db')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert "pip install 'authsessions[postgres]'" in result.stdout

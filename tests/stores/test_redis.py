@@ -1,0 +1,425 @@
+"""What only RedisStore promises: key layout and TTLs, tidy indexes, clusters, failing fast.
+
+The store contract itself is proven in test_conformance.py, on a single
+server and on a three-node cluster. Key names below follow the layout the
+module's docstring documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from authsessions import StoreUnavailable
+from authsessions._records import SessionRecord
+from authsessions.stores import RedisStore, open_store
+from tests.stores.records import make_record, make_update, new_digest, start_time
+from tests.tcp_proxy import TcpProxy, refusing_port
+
+
+@dataclass
+class Setup:
+    """A store, a second store on the same keys (another process), and a raw client."""
+
+    store: RedisStore
+    other: RedisStore
+    raw: Redis | RedisCluster
+    prefix: str
+
+    def keys(self, record: SessionRecord) -> dict[str, str]:
+        tag = hashlib.sha256(record.user_id.encode()).hexdigest()[:32]
+        return {
+            "session": f"{self.prefix}{{{tag}}}:s:{record.id}",
+            "index": f"{self.prefix}{{{tag}}}:u",
+            "digest": f"{self.prefix}d:{record.token_digest}",
+            "id": f"{self.prefix}i:{record.id}",
+        }
+
+    async def all_keys(self) -> list[str]:
+        return [key async for key in self.raw.scan_iter(match=self.prefix + "*", count=1000)]
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> str:
+    """A single server's URL, then the cluster's: the same checks run on both."""
+    fixture = "redis_url" if request.param == "single" else "redis_cluster_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+async def setup(redis_target: str) -> AsyncIterator[Setup]:
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    raw: Redis | RedisCluster
+    if "+cluster" in redis_target:
+        raw = RedisCluster.from_url(redis_target.replace("+cluster", ""), decode_responses=True)
+    else:
+        raw = Redis.from_url(redis_target, decode_responses=True)
+    async with (
+        RedisStore(redis_target, prefix=prefix) as store,
+        RedisStore(redis_target, prefix=prefix) as other,
+    ):
+        setup = Setup(store, other, raw, prefix)
+        yield setup
+    if keys := await setup.all_keys():
+        await raw.delete(*keys)
+    await raw.aclose()
+
+
+# -- keys and their TTLs ----------------------------------------------------------------------
+
+
+async def test_every_key_expires_with_its_session(setup: Setup) -> None:
+    """Redis must forget a session by itself when it expires: no key outlives it."""
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    keys = setup.keys(record)
+
+    for key in keys.values():
+        assert 50_000 < await setup.raw.pttl(key) <= 60_000, key
+
+    assert await setup.store.update(record.id, make_update(now=t0, ttl=9), now=t0)
+    for name in ("session", "digest", "id"):
+        assert 0 < await setup.raw.pttl(keys[name]) <= 9_000, name
+    assert sorted(await setup.all_keys()) == sorted(keys.values())
+
+
+async def test_rotation_moves_the_digest_pointer(setup: Setup) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    old = setup.keys(record)
+    rotated = new_digest()
+
+    update = make_update(now=t0, ttl=30, token_digest=rotated)
+    assert await setup.store.update(record.id, update, now=t0)
+
+    record.token_digest = rotated
+    new = setup.keys(record)
+    assert await setup.raw.exists(old["digest"]) == 0
+    assert 20_000 < await setup.raw.pttl(new["digest"]) <= 30_000
+    assert sorted(await setup.all_keys()) == sorted(new.values())
+
+
+async def test_keys_of_evicted_and_deleted_sessions_are_removed(setup: Setup) -> None:
+    """Logins beyond the limit must not leave pointers or index entries behind."""
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(12)]
+    for record in records:
+        await setup.store.create(record, max_sessions=3, now=record.created_at)
+
+    kept = records[-3:]
+    assert sorted(await setup.all_keys()) == sorted(
+        {key for record in kept for key in setup.keys(record).values()}
+    )
+    assert await setup.raw.zcard(setup.keys(kept[0])["index"]) == 3
+
+    assert await setup.store.delete(kept[0].id)
+    assert await setup.store.delete_for_user("alice") == 2
+    assert await setup.all_keys() == []
+
+
+async def test_the_index_never_lists_a_session_redis_dropped(setup: Setup) -> None:
+    """Redis expires hashes on its own; the index must not keep or show their ids."""
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(3)]
+    for record in records:
+        await setup.store.create(record, max_sessions=10, now=record.created_at)
+    dropped = setup.keys(records[0])
+    await setup.raw.delete(dropped["session"])  # as if its TTL had run out
+
+    listed = await setup.store.list_for_user("alice", now=t0 + 3)
+
+    assert [record.id for record in listed] == [records[2].id, records[1].id]
+    assert await setup.raw.zrange(dropped["index"], 0, -1) == [records[1].id, records[2].id]
+    assert await setup.store.get(records[0].token_digest, now=t0) is None
+    assert await setup.store.update(records[0].id, make_update(now=t0 + 3), now=t0 + 3) is False
+
+
+async def test_delete_expired_sweeps_indexes_of_sessions_redis_dropped(setup: Setup) -> None:
+    t0 = start_time()
+    gone, expired, live = (make_record(now=t0, user_id=user, ttl=10) for user in "abc")
+    live.expires_at = t0 + 3600
+    for record in (gone, expired, live):
+        await setup.store.create(record, max_sessions=10, now=t0)
+    # As if Redis had expired them: the hash and its pointers share one TTL.
+    for name in ("session", "digest", "id"):
+        await setup.raw.delete(setup.keys(gone)[name])
+
+    assert await setup.store.delete_expired(now=t0 + 10) == 2
+
+    assert await setup.raw.exists(setup.keys(gone)["index"], setup.keys(expired)["index"]) == 0
+    assert sorted(await setup.all_keys()) == sorted(setup.keys(live).values())
+
+
+# -- several processes --------------------------------------------------------------------------
+
+
+async def test_a_remembered_location_never_serves_a_rotated_out_token(setup: Setup) -> None:
+    """A process caches where a digest's session lives; another process may rotate it."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await setup.store.create(record, max_sessions=10, now=t0)
+    assert await setup.other.get(record.token_digest, now=t0) == record
+    rotated = new_digest()
+
+    assert await setup.store.update(record.id, make_update(now=t0, token_digest=rotated), now=t0)
+
+    assert await setup.other.get(record.token_digest, now=t0) is None
+    found = await setup.other.get(rotated, now=t0)
+    assert found is not None
+    assert found.id == record.id
+    assert await setup.store.delete(record.id)
+    assert await setup.other.get(rotated, now=t0) is None
+    assert await setup.other.update(record.id, make_update(now=t0), now=t0) is False
+
+
+async def test_creates_from_two_processes_respect_the_limit(setup: Setup) -> None:
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(20)]
+
+    await asyncio.gather(
+        *(
+            (setup.store, setup.other)[i % 2].create(record, max_sessions=5, now=record.created_at)
+            for i, record in enumerate(records)
+        )
+    )
+
+    listed = await setup.other.list_for_user("alice", now=t0 + 20)
+    assert [record.id for record in listed] == [record.id for record in reversed(records[-5:])]
+    assert len(await setup.all_keys()) == 5 * 3 + 1
+
+
+async def test_updates_from_two_processes_keep_every_key(setup: Setup) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await setup.store.create(record, max_sessions=10, now=t0)
+
+    await asyncio.gather(
+        *(
+            (setup.store, setup.other)[i % 2].update(
+                record.id, make_update(now=t0 + 1, set_keys={f"k{i}": i}), now=t0 + 1
+            )
+            for i in range(50)
+        )
+    )
+
+    found = await setup.store.get(record.token_digest, now=t0 + 1)
+    assert found is not None
+    assert found.data == {f"k{i}": i for i in range(50)}
+
+
+# -- the cluster ----------------------------------------------------------------------------------
+
+
+async def test_a_users_keys_share_a_slot_and_users_spread_over_nodes(
+    redis_cluster_url: str,
+) -> None:
+    t0 = start_time()
+    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    records = [make_record(now=t0, user_id=f"user{i}") for i in range(12)]
+    async with RedisStore(redis_cluster_url, prefix=prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+        setup = Setup(store, store, raw, prefix)
+
+        nodes = set()
+        for record in records:
+            keys = setup.keys(record)
+            slot = await raw.cluster_keyslot(keys["session"])
+            assert await raw.cluster_keyslot(keys["index"]) == slot
+            node = raw.get_node_from_key(keys["session"])
+            assert node is not None
+            nodes.add(node.name)
+            assert await store.get(record.token_digest, now=t0) == record
+    await raw.aclose()
+    assert len(nodes) > 1
+
+
+async def command_calls(raw: RedisCluster, *commands: str) -> dict[str, int]:
+    """How often each node has run each command (the cluster is this test run's own)."""
+    calls = dict.fromkeys(commands, 0)
+    await raw.initialize()
+    for node in raw.get_primaries():
+        stats = await raw.info("commandstats", target_nodes=node)
+        for command in commands:
+            calls[command] += stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+    return calls
+
+
+async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
+    redis_cluster_url: str,
+) -> None:
+    """One round trip per request; a process pays a second only for a digest new to it."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    async with (
+        RedisStore(redis_cluster_url, prefix=prefix) as creator,
+        RedisStore(redis_cluster_url, prefix=prefix) as newcomer,
+    ):
+        await creator.create(record, max_sessions=10, now=t0)
+        await creator.get(record.token_digest, now=t0)  # loads the script on that node
+        await newcomer.open()
+        spent = []
+        for store in (creator, newcomer, newcomer):
+            before = await command_calls(raw, "evalsha", "get")
+            assert await store.get(record.token_digest, now=t0) == record
+            after = await command_calls(raw, "evalsha", "get")
+            spent.append({command: after[command] - before[command] for command in after})
+    await raw.aclose()
+
+    one_script = {"evalsha": 1, "get": 0}
+    assert spent == [one_script, {"evalsha": 1, "get": 1}, one_script]
+
+
+async def test_a_cluster_is_recognised_from_a_plain_url(redis_cluster_url: str) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    plain = redis_cluster_url.replace("redis+cluster://", "redis://")
+    async with RedisStore(plain, prefix=f"authsessions-test-{secrets.token_hex(6)}:") as store:
+        assert store.is_cluster
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+def test_open_store_accepts_cluster_urls() -> None:
+    for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://127.0.0.1:7000"):
+        store = open_store(url)
+        assert isinstance(store, RedisStore)
+        assert store.is_cluster
+    single = open_store("redis://127.0.0.1:6379/0")
+    assert isinstance(single, RedisStore)
+    assert not single.is_cluster
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+
+async def test_an_apps_client_is_used_and_left_open(redis_url: str, redis_prefix: str) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    client = Redis.from_url(redis_url, decode_responses=True)
+
+    async with RedisStore(client=client, prefix=redis_prefix) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+
+    assert await client.ping()
+    await client.aclose()
+
+
+def test_a_client_returning_bytes_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses=True"):
+        RedisStore(client=Redis())
+
+
+@pytest.mark.parametrize("prefix", ["app{1}:", "}"])
+def test_a_prefix_with_braces_is_refused(prefix: str) -> None:
+    """A brace would make the prefix the hash tag: every key in one cluster slot."""
+    with pytest.raises(ValueError, match="braces"):
+        RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+
+
+def test_the_password_never_shows_in_the_repr() -> None:
+    store = RedisStore("redis://app:s3cret-pw@127.0.0.1:6379/0")
+    assert "s3cret-pw" not in repr(store)
+    assert "app:***@127.0.0.1" in repr(store)
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
+    async with TcpProxy("127.0.0.1", int(redis_url.rsplit(":", 1)[1].split("/")[0])) as proxy:
+        yield proxy
+
+
+async def test_an_unreachable_server_gives_store_unavailable_at_open() -> None:
+    with refusing_port() as port:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.open()
+    assert time.monotonic() - started < 5
+    assert not store.is_open
+
+
+async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    async with RedisStore(url, prefix=redis_prefix, socket_timeout=1) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        await proxy.drop()
+
+        for operation in (
+            store.get(record.token_digest, now=t0),
+            store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0),
+            store.create(make_record(now=t0), max_sessions=10, now=t0),
+            store.list_for_user("alice", now=t0),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await operation
+            assert time.monotonic() - started < 5
+
+        await proxy.resume()
+        assert await store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+        found = await store.get(record.token_digest, now=t0)
+        assert found is not None
+        assert found.data == {"a": 1, "b": 2}
+
+
+async def test_a_silent_server_gives_store_unavailable_within_the_timeout(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    async with RedisStore(url, prefix=redis_prefix, socket_timeout=0.5) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        proxy.stall()
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get(record.token_digest, now=t0)
+        assert time.monotonic() - started < 5
+
+        proxy.unstall()
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+# -- without the driver ---------------------------------------------------------------------------
+
+
+def test_stores_import_without_redis_and_the_store_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import authsessions.stores\n"
+        "from authsessions.stores import RedisStore\n"
+        "try:\n"
+        "    RedisStore('redis://localhost')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert "pip install 'authsessions[redis]'" in result.stdout

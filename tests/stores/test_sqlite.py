@@ -1,0 +1,472 @@
+"""What only SQLiteStore promises: WAL, its schema version, locking and failure behaviour.
+
+The store contract itself is proven in test_conformance.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from authsessions import StoreUnavailable
+from authsessions.stores import CreateError, SQLiteStore
+from authsessions.stores.sqlite import SCHEMA_VERSION, TABLE
+from tests.stores.records import make_record, make_update, new_digest, start_time
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.db"
+
+
+@pytest.fixture
+async def impatient_store(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open store whose writes give up on a held lock after 0.2 s."""
+    async with SQLiteStore(db_path, timeout=0.2) as store:
+        yield store
+
+
+def pragma(path: Path, name: str) -> Any:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        db.close()
+
+
+@contextmanager
+def write_lock(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection (as another process would) holding the database's write lock."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+# -- file, WAL and schema ---------------------------------------------------------------
+
+
+async def test_database_is_in_wal_mode(impatient_store: SQLiteStore, db_path: Path) -> None:
+    assert pragma(db_path, "journal_mode") == "wal"
+
+
+async def test_schema_version_is_recorded(impatient_store: SQLiteStore, db_path: Path) -> None:
+    assert SCHEMA_VERSION >= 1
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+
+
+async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    async with SQLiteStore(db_path) as first:
+        await first.create(record, max_sessions=10, now=t0)
+
+    for _ in range(2):
+        async with SQLiteStore(db_path) as again:
+            assert await again.get(record.token_digest, now=t0) == record
+
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+
+
+async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Path) -> None:
+    first, second = SQLiteStore(db_path), SQLiteStore(db_path)
+    try:
+        await asyncio.gather(first.open(), second.open())
+
+        assert first.is_open
+        assert second.is_open
+        assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_database_with_a_newer_schema_is_refused(db_path: Path) -> None:
+    """A newer release may have changed the table; writing to it could corrupt sessions."""
+    db = sqlite3.connect(db_path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    store = SQLiteStore(db_path)
+
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade"):
+        await store.open()
+
+    assert not store.is_open
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION + 1
+
+
+@pytest.mark.parametrize("path", [":memory:", "file::memory:", "file::memory:?cache=shared"])
+def test_in_memory_database_is_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="MemoryStore"):
+        SQLiteStore(path)
+
+
+def test_empty_path_is_refused() -> None:
+    """SQLite opens ``""`` as a private temporary database per connection.
+
+    The reader and the writer would each get their own, so every read would
+    fail (no table) or miss what was written: like ``:memory:``, refuse it.
+    """
+    with pytest.raises(ValueError, match="MemoryStore"):
+        SQLiteStore("")
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0])
+def test_non_positive_timeout_is_refused(db_path: Path, timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        SQLiteStore(db_path, timeout=timeout)
+
+
+def test_default_path_and_repr() -> None:
+    store = SQLiteStore()
+
+    assert store.path == "sessions.db"
+    assert repr(store) == "SQLiteStore('sessions.db')"
+    assert not store.is_open
+
+
+async def test_unopened_store_says_to_open_it(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    t0 = start_time()
+
+    with pytest.raises(RuntimeError, match="open it first"):
+        await store.get(new_digest(), now=t0)
+    with pytest.raises(RuntimeError, match="open it first"):
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
+
+
+async def test_sub_second_timestamps_are_kept_exactly(impatient_store: SQLiteStore) -> None:
+    t0 = start_time() + 0.123456789
+    record = make_record(now=t0, last_active_at=t0 + 0.000001)
+
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    assert await impatient_store.get(record.token_digest, now=t0) == record
+
+
+# -- several connections ----------------------------------------------------------------
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        await one.create(record, max_sessions=10, now=t0)
+        assert await two.get(record.token_digest, now=t0) == record
+
+        rotated = new_digest()
+        update = make_update(now=t0 + 1, token_digest=rotated, set_keys={"b": 2})
+        assert await two.update(record.id, update, now=t0 + 1)
+        assert await one.get(record.token_digest, now=t0 + 1) is None
+        got = await one.get(rotated, now=t0 + 1)
+        assert got is not None
+        assert got.data == {"a": 1, "b": 2}
+
+        assert await one.delete(record.id)
+        assert await two.get(rotated, now=t0 + 1) is None
+        assert await two.list_for_user(record.user_id, now=t0 + 1) == []
+
+
+async def test_two_stores_on_one_file_share_the_session_limit(db_path: Path) -> None:
+    """Two app processes logging one user in at once must still respect the limit."""
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(20)]
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        await asyncio.gather(
+            *(
+                (one if i % 2 else two).create(record, max_sessions=3, now=record.created_at)
+                for i, record in enumerate(records)
+            )
+        )
+
+        listed = await one.list_for_user("alice", now=t0 + 20)
+    assert [record.id for record in listed] == [record.id for record in records[:-4:-1]]
+
+
+async def test_concurrent_updates_from_two_stores_keep_every_key(db_path: Path) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        await one.create(record, max_sessions=10, now=t0)
+
+        await asyncio.gather(
+            *(
+                (one if i % 2 else two).update(
+                    record.id, make_update(now=t0 + 1, set_keys={f"k{i}": i}), now=t0 + 1
+                )
+                for i in range(20)
+            )
+        )
+
+        got = await two.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {f"k{i}": i for i in range(20)}
+
+
+# -- locking ----------------------------------------------------------------------------
+
+
+DIRTY_UPDATE = f"UPDATE {TABLE} SET data = '{{\"dirty\":true}}' WHERE id = ?"  # noqa: S608
+DIRTY_INSERT = (
+    f"INSERT INTO {TABLE} (id, token_digest, user_id, device_name, device_type,"  # noqa: S608
+    " fingerprint, data, created_at, last_active_at, expires_at)"
+    " VALUES (?, ?, 'alice', 'x', 'other', 'f', '{}', ?, ?, ?)"
+)
+
+
+async def test_reads_answer_while_another_connection_holds_the_write_lock(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    uncommitted = make_record(now=t0)
+
+    with write_lock(db_path) as other:
+        other.execute(DIRTY_UPDATE, (record.id,))
+        other.execute(
+            DIRTY_INSERT,
+            (uncommitted.id, uncommitted.token_digest, t0, t0, uncommitted.expires_at),
+        )
+
+        # Committed state only: no dirty read, and no waiting.
+        assert await impatient_store.get(record.token_digest, now=t0) == record
+        assert await impatient_store.get(uncommitted.token_digest, now=t0) is None
+        assert await impatient_store.list_for_user("alice", now=t0) == [record]
+
+
+WRITES = ["create", "update", "delete", "delete_for_user", "delete_expired"]
+
+
+async def write(store: SQLiteStore, operation: str, session_id: str, now: float) -> None:
+    """One write primitive, by name, as a request or a cleanup job would call it."""
+    if operation == "create":
+        await store.create(make_record(now=now), max_sessions=10, now=now)
+    elif operation == "update":
+        await store.update(session_id, make_update(now=now, set_keys={"x": 1}), now=now)
+    elif operation == "delete":
+        await store.delete(session_id)
+    elif operation == "delete_for_user":
+        await store.delete_for_user("alice")
+    else:
+        await store.delete_expired(now=now + 10**6)
+
+
+@pytest.mark.parametrize("operation", WRITES)
+async def test_write_fails_with_store_unavailable_once_the_lock_timeout_passes(
+    impatient_store: SQLiteStore, db_path: Path, operation: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    with write_lock(db_path):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as raised:
+            await write(impatient_store, operation, record.id, t0)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 5.0  # timeout=0.2; generous for a loaded machine
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    # Nothing was half-done, and the store writes again once the lock is gone.
+    assert await impatient_store.list_for_user("alice", now=t0) == [record]
+    assert await impatient_store.update(
+        record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1
+    )
+
+
+async def test_write_waits_for_the_lock_and_succeeds_when_it_is_released(db_path: Path) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path, timeout=30) as store:
+        with write_lock(db_path) as other:
+            creating = asyncio.create_task(store.create(record, max_sessions=10, now=t0))
+            await asyncio.sleep(0.05)
+
+            # The event loop is free while the write waits on its own thread.
+            assert await store.list_for_user("alice", now=t0) == []
+            assert not creating.done()
+            other.execute("ROLLBACK")
+
+            await asyncio.wait_for(creating, timeout=10)
+
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_refused_create_releases_the_write_lock(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    with pytest.raises(CreateError):
+        await impatient_store.create(record, max_sessions=10, now=t0)
+
+    # write_lock() has timeout=0: it fails at once if the store kept its transaction open.
+    with write_lock(db_path):
+        pass
+
+
+async def test_opening_while_another_connection_holds_the_write_lock_fails_cleanly(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    second = SQLiteStore(db_path, timeout=0.2)
+
+    with write_lock(db_path), pytest.raises(StoreUnavailable):
+        await second.open()
+
+    assert not second.is_open
+    await second.open()
+    await second.close()
+
+
+# -- the read path ----------------------------------------------------------------------
+
+
+async def test_reader_never_waits_for_a_lock_on_the_event_loop(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Reads run on the event loop; a busy read must fail fast and be retried on the writer.
+
+    sqlite3.connect() defaults to a 5-second busy timeout: a read that met
+    a lock (WAL recovery after a crash, an EXCLUSIVE-mode connection) would
+    freeze every request of the process for that long.
+    """
+    reader = impatient_store._reader
+    assert reader is not None
+
+    assert reader.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+
+
+class BusyReader:
+    """Stands in for the reader connection and finds the database busy every time."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.calls = 0
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self.calls += 1
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = self.code
+        raise exc
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_BUSY_RECOVERY,
+    ],
+    ids=["BUSY", "LOCKED", "BUSY_RECOVERY"],
+)
+async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, code: int) -> None:
+    """Python reports SQLite's extended codes (e.g. 261, SQLITE_BUSY_RECOVERY, after a crash).
+
+    Each of them means "busy", and the read must be retried, not failed.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    busy, real = BusyReader(code), impatient_store._reader
+    impatient_store._reader = cast(sqlite3.Connection, busy)
+    try:
+        got = await impatient_store.get(record.token_digest, now=t0)
+        listed = await impatient_store.list_for_user("alice", now=t0)
+    finally:
+        impatient_store._reader = real
+
+    assert busy.calls == 2
+    assert got == record
+    assert listed == [record]
+
+
+async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -> None:
+    busy, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._reader
+    impatient_store._reader = cast(sqlite3.Connection, busy)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await impatient_store.get(new_digest(), now=start_time())
+    finally:
+        impatient_store._reader = real
+
+    assert busy.calls == 1
+
+
+# -- damaged files ----------------------------------------------------------------------
+
+
+def fill_with_garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(8192))
+
+
+def scribble_over_pages(path: Path) -> None:
+    """Overwrite everything but the first page: the file still opens, its tables are garbage."""
+    page_size = pragma(path, "page_size")
+    size = path.stat().st_size
+    assert size > 2 * page_size
+    with path.open("r+b") as file:
+        file.seek(page_size)
+        file.write(b"\xff" * (size - page_size))
+
+
+async def test_file_that_is_not_a_database_gives_store_unavailable(db_path: Path) -> None:
+    fill_with_garbage(db_path)
+    store = SQLiteStore(db_path)
+
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.open()
+
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    assert "SQLite" in raised.value.message
+    assert not store.is_open
+
+
+async def test_damaged_pages_give_store_unavailable(db_path: Path) -> None:
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user{i}", data={"x": "y" * 200}) for i in range(40)]
+    async with SQLiteStore(db_path) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+    scribble_over_pages(db_path)
+
+    async with SQLiteStore(db_path) as store:
+        with pytest.raises(StoreUnavailable):
+            await store.get(records[0].token_digest, now=t0)
+        with pytest.raises(StoreUnavailable):
+            await store.list_for_user("user1", now=t0)
+        with pytest.raises(StoreUnavailable):
+            await store.create(make_record(now=t0), max_sessions=10, now=t0)
+
+
+@pytest.mark.parametrize("where", ["directory", "missing_parent"])
+async def test_unopenable_path_gives_store_unavailable(tmp_path: Path, where: str) -> None:
+    if where == "directory":
+        path = tmp_path / "sessions.db"
+        path.mkdir()
+    else:
+        path = tmp_path / "missing" / "sessions.db"
+    store = SQLiteStore(path)
+
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.open()
+
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert not store.is_open

@@ -1,0 +1,162 @@
+"""``open_store``: one URL string (config, environment, CLI) picks and configures a store."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from authsessions.stores import DEFAULT_STORE_URL, MemoryStore, SQLiteStore, Store, open_store
+
+PASSWORD = "hunter2-s3cret"
+
+
+def test_memory_url_builds_a_memory_store() -> None:
+    store = open_store("memory://")
+
+    assert isinstance(store, MemoryStore)
+    assert not store.is_open
+
+
+def test_memory_urls_build_independent_stores() -> None:
+    assert open_store("memory://") is not open_store("memory://")
+
+
+@pytest.mark.parametrize("url", ["MEMORY://", "Memory://"])
+def test_scheme_is_case_insensitive(url: str) -> None:
+    assert isinstance(open_store(url), MemoryStore)
+    assert isinstance(open_store("SQLite:///sessions.db"), SQLiteStore)
+
+
+async def test_three_slashes_name_a_file_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    store = open_store("sqlite:///relative.db")
+
+    assert isinstance(store, SQLiteStore)
+    assert store.path == "relative.db"
+    await opened_and_closed(store)
+    assert (tmp_path / "relative.db").is_file()
+
+
+def test_three_slashes_keep_relative_subdirectories() -> None:
+    store = open_store("sqlite:///var/sessions.db")
+
+    assert isinstance(store, SQLiteStore)
+    assert store.path == "var/sessions.db"
+
+
+async def test_four_slashes_name_an_absolute_file(tmp_path: Path) -> None:
+    path = tmp_path / "absolute.db"
+    url = f"sqlite:///{path}"
+    assert url.startswith("sqlite:////")
+
+    store = open_store(url)
+
+    assert isinstance(store, SQLiteStore)
+    assert store.path == str(path)
+    await opened_and_closed(store)
+    assert path.is_file()
+
+
+def test_open_store_does_not_connect(tmp_path: Path) -> None:
+    path = tmp_path / "lazy.db"
+
+    store = open_store(f"sqlite:///{path}")
+
+    assert not store.is_open
+    assert not path.exists()
+
+
+def test_default_url_is_a_sessions_db_in_the_working_directory() -> None:
+    store = open_store(DEFAULT_STORE_URL)
+
+    assert isinstance(store, SQLiteStore)
+    assert store.path == "sessions.db"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///?mode=ro"])
+def test_sqlite_url_without_a_file_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match=r"sqlite URL needs a file.*sqlite:///relative\.db"):
+        open_store(url)
+
+
+def test_sqlite_memory_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="MemoryStore"):
+        open_store("sqlite:///:memory:")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://app@db/app", "http://example.com/", "file:///tmp/x.db", "sqlite3:///x.db", "://x"],
+)
+def test_unknown_scheme_is_refused_with_the_accepted_forms(url: str) -> None:
+    with pytest.raises(ValueError, match="unknown store URL scheme") as raised:
+        open_store(url)
+
+    assert "memory://" in str(raised.value)
+    assert "sqlite:///" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["", "sessions.db", "/var/lib/sessions.db", "memory"])
+def test_url_without_a_scheme_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="needs a scheme"):
+        open_store(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://admin:{PASSWORD}@db.internal/app",
+        f"mongodb+srv://admin:{PASSWORD}@cluster0.example.net/app",
+        f"admin:{PASSWORD}@db.internal:5432/app",
+        f"postgresql:/admin:{PASSWORD}@db.internal/app",
+        f"redis//:{PASSWORD}@cache:6379/0",
+    ],
+    ids=["unknown-scheme", "unknown-scheme-srv", "no-scheme", "one-slash", "no-colon"],
+)
+def test_refused_url_never_echoes_its_password(url: str) -> None:
+    """Error messages end up in logs, tracebacks and error pages; credentials must not."""
+    with pytest.raises(ValueError, match="store URL") as raised:
+        open_store(url)
+
+    assert PASSWORD not in str(raised.value)
+    assert PASSWORD not in repr(raised.value)
+    assert raised.value.__cause__ is None or PASSWORD not in str(raised.value.__cause__)
+
+
+NETWORKED = [
+    ("postgresql://app:{}@db.internal:5432/app", "authsessions.stores.postgres", "PostgresStore"),
+    ("postgres://app:{}@db.internal/app", "authsessions.stores.postgres", "PostgresStore"),
+    ("redis://:{}@cache:6379/0", "authsessions.stores.redis", "RedisStore"),
+    ("rediss://default:{}@cache:6380/1", "authsessions.stores.redis", "RedisStore"),
+]
+
+
+@pytest.mark.parametrize(
+    ("template", "module", "class_name"),
+    NETWORKED,
+    ids=["postgresql", "postgres", "redis", "rediss"],
+)
+def test_networked_url_builds_its_store_without_showing_the_password(
+    template: str, module: str, class_name: str
+) -> None:
+    """A store's repr lands in logs and debug pages; it must not carry the DSN's password."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not part of this tree yet")
+
+    store = open_store(template.format(PASSWORD))
+
+    assert type(store).__name__ == class_name
+    assert not store.is_open
+    assert PASSWORD not in repr(store)
+    assert PASSWORD not in str(store)
+
+
+async def opened_and_closed(store: Store) -> None:
+    async with store:
+        assert store.is_open
+    assert not store.is_open

@@ -1,0 +1,416 @@
+"""The ``authsessions`` command line, against real stores, in process and as the console script."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from click.testing import CliRunner, Result
+
+from authsessions._client import describe_device
+from authsessions._records import SessionRecord
+from authsessions._tokens import new_session_id, new_token, token_digest
+from authsessions.cli import INSTALL_HINT, display_url, main, make_cli
+from authsessions.stores import open_store
+from tests.services import POSTGRES_URL, REDIS_URL, require_port
+
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+)
+SAFARI_IPHONE = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+CONSOLE_SCRIPT = Path(sys.executable).parent / "authsessions"
+
+
+def networked_store(module: str, url: str) -> str:
+    """``url`` when its store module exists and its server answers; else skip."""
+    if importlib.util.find_spec(f"authsessions.stores.{module}") is None:
+        pytest.skip(f"authsessions/stores/{module}.py is not written yet")
+    parts = urlsplit(url)
+    require_port(module, parts.hostname or "127.0.0.1", parts.port or 0)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store in turn, by URL. The servers are shared, so tests use fresh user ids."""
+    if request.param == "postgres":
+        return networked_store("postgres", POSTGRES_URL)
+    if request.param == "redis":
+        return networked_store("redis", REDIS_URL)
+    return f"sqlite:///{tmp_path / 'sessions.db'}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'sessions.db'}"
+
+
+@pytest.fixture
+def user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def make_record(
+    user_id: str,
+    *,
+    user_agent: str = CHROME_WINDOWS,
+    ip_address: str = "198.51.100.4",
+    idle: float = 0.0,
+    ttl: float = 3600.0,
+) -> SessionRecord:
+    """A session last active ``idle`` seconds ago that expires ``ttl`` seconds after that."""
+    device = describe_device(user_agent)
+    last_active = float(int(time.time() - idle))
+    return SessionRecord(
+        id=new_session_id(),
+        token_digest=token_digest(new_token()),
+        user_id=user_id,
+        ip_address=ip_address,
+        user_agent=user_agent,
+        device_name=device.name,
+        device_type=device.type,
+        fingerprint=device.fingerprint,
+        data={"csrf": "an app secret the CLI never prints"},
+        created_at=last_active,
+        last_active_at=last_active,
+        expires_at=last_active + ttl,
+    )
+
+
+def seed(url: str, *records: SessionRecord) -> None:
+    """Insert ``records`` through the store protocol, as the session layer would."""
+
+    async def insert() -> None:
+        async with open_store(url) as store:
+            for record in records:
+                # Created "as of" its own start, so an already expired record goes in too.
+                await store.create(record, max_sessions=10, now=record.created_at)
+
+    asyncio.run(insert())
+
+
+def run(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """The command in process, with stdout and stderr apart."""
+    return CliRunner().invoke(make_cli(), list(args), env=env, catch_exceptions=False)
+
+
+def listed_ids(url: str, user_id: str) -> list[str]:
+    """The ids ``list --json`` prints for ``user_id``."""
+    return [
+        session["id"]
+        for session in json.loads(run("list", user_id, "--json", "--store", url).stdout)
+    ]
+
+
+def assert_one_line_error(result: Result, text: str = "") -> None:
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert text in result.stderr
+
+
+# -- migrate ------------------------------------------------------------------------------
+
+
+def test_migrate_creates_the_schema_and_is_idempotent(store_url: str) -> None:
+    for _ in range(2):
+        result = run("migrate", "--store", store_url)
+        assert result.exit_code == 0, result.output
+        assert f"The session store at {display_url(store_url)} is ready." in result.stdout
+
+
+# -- list ---------------------------------------------------------------------------------
+
+
+def test_list_prints_a_table_of_live_sessions(store_url: str, user: str) -> None:
+    desktop = make_record(user, idle=180)
+    phone = make_record(user, user_agent=SAFARI_IPHONE, ip_address="2001:db8::5")
+    expired = make_record(user, idle=7200, ttl=3600)
+    seed(store_url, expired, desktop, phone)
+    result = run("list", user, "--store", store_url)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"Sessions of user {user!r}" in lines[0]
+    assert "Last active" in result.stdout
+    assert "Expires" in result.stdout
+    (desktop_line,) = [line for line in lines if desktop.id in line]
+    assert "Chrome on Windows (desktop)" in desktop_line
+    assert "198.51.100.4" in desktop_line
+    assert "3 minutes ago" in desktop_line
+    assert " UTC" in desktop_line
+    (phone_line,) = [line for line in lines if phone.id in line]
+    assert "Safari on iOS (mobile)" in phone_line
+    assert "just now" in phone_line
+    assert lines.index(phone_line) < lines.index(desktop_line)  # most recent first
+    assert expired.id not in result.stdout
+
+
+def test_list_json_is_for_scripts(store_url: str, user: str) -> None:
+    older, newer = make_record(user, idle=60), make_record(user, user_agent=SAFARI_IPHONE)
+    seed(store_url, older, newer)
+    result = run("list", "--json", user, "--store", store_url)
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [s["id"] for s in listed] == [newer.id, older.id]
+    assert listed[0]["device_name"] == "Safari on iOS"
+    assert listed[0]["device_type"] == "mobile"
+    assert listed[1]["ip_address"] == "198.51.100.4"
+    assert listed[1]["expires_at"].endswith("+00:00")
+    # The app's data and the token digest stay out of a listing.
+    assert "csrf" not in result.stdout
+    assert older.token_digest not in result.stdout
+
+
+def test_list_of_a_user_without_sessions(store_url: str, user: str) -> None:
+    result = run("list", user, "--store", store_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"No live sessions for user {user!r}.\n"
+    assert listed_ids(store_url, user) == []
+
+
+# -- revoke and revoke-user -----------------------------------------------------------------
+
+
+def test_revoke_ends_one_session(store_url: str, user: str) -> None:
+    doomed, kept = make_record(user), make_record(user)
+    seed(store_url, doomed, kept)
+    result = run("revoke", doomed.id, "--store", store_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Ended session {doomed.id}.\n"
+    assert listed_ids(store_url, user) == [kept.id]
+    assert_one_line_error(run("revoke", doomed.id, "--store", store_url), "no session with id")
+
+
+@pytest.mark.parametrize("session_id", ["AAAAAAAAAAAAAAAAAAAAAA", "not-an-id", "' OR 1=1 --"])
+def test_revoke_of_an_unknown_id_fails_in_one_line(store_url: str, session_id: str) -> None:
+    assert_one_line_error(run("revoke", session_id, "--store", store_url), repr(session_id))
+
+
+def test_revoke_user_ends_every_session_of_that_user_only(store_url: str, user: str) -> None:
+    other = f"{user}-other"
+    seed(store_url, make_record(user), make_record(user), make_record(other))
+    result = run("revoke-user", user, "--store", store_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"Ended 2 sessions of user {user!r}.\n"
+    assert listed_ids(store_url, user) == []
+    assert len(listed_ids(store_url, other)) == 1
+    again = run("revoke-user", user, "--store", store_url)
+    assert again.stdout == f"Ended 0 sessions of user {user!r}.\n"
+
+
+# -- cleanup and stats ----------------------------------------------------------------------
+
+
+def test_cleanup_deletes_expired_sessions_in_batches(store_url: str, user: str) -> None:
+    live = make_record(user)
+    # One expired session per user: creating a session evicts its user's expired ones.
+    expired = [make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(3)]
+    seed(store_url, live, *expired)
+    result = run("cleanup", "--batch-size", "2", "--store", store_url)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Deleted ")
+    assert result.stdout.rstrip().endswith(" s.")
+    if store_url.startswith("sqlite"):  # the servers are shared with other tests
+        assert result.stdout.startswith("Deleted 3 expired sessions in ")
+    assert listed_ids(store_url, user) == [live.id]
+
+
+def test_cleanup_shows_progress_on_a_terminal(sqlite_url: str, user: str) -> None:
+    seed(sqlite_url, *[make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(5)])
+    # TTY_COMPATIBLE makes rich treat the captured stderr as a terminal.
+    result = run("cleanup", "--batch-size", "2", "--store", sqlite_url, env={"TTY_COMPATIBLE": "1"})
+    assert result.exit_code == 0, result.output
+    assert "Deleted 5 expired sessions in " in result.stdout
+
+
+def test_stats_counts_sessions_users_and_device_types(sqlite_url: str, user: str) -> None:
+    seed(
+        sqlite_url,
+        make_record(user),
+        make_record(user, user_agent=SAFARI_IPHONE),
+        make_record(f"{user}-2"),
+        make_record(f"{user}-3", idle=7200, ttl=3600),
+    )
+    result = run("stats", "--json", "--store", sqlite_url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "live_sessions": 3,
+        "users": 2,
+        "by_device_type": {"desktop": 2, "mobile": 1},
+        "expired_sessions": 1,
+    }
+    table = run("stats", "--store", sqlite_url)
+    assert table.exit_code == 0, table.output
+    assert "3 live sessions of 2 users; 1 expired session awaiting cleanup." in table.stdout
+    assert "desktop" in table.stdout
+
+
+@pytest.mark.parametrize(("module", "url"), [("postgres", POSTGRES_URL), ("redis", REDIS_URL)])
+def test_stats_without_a_store_wide_count_fails_in_one_line(module: str, url: str) -> None:
+    """Only the SQLite store can count until the store protocol has a primitive for it."""
+    assert_one_line_error(run("stats", "--store", networked_store(module, url)), "not supported")
+
+
+# -- choosing the store -----------------------------------------------------------------------
+
+
+def test_store_comes_from_the_environment_then_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user: str
+) -> None:
+    env_url = f"sqlite:///{tmp_path / 'from-env.db'}"
+    seed(env_url, make_record(user))
+    listed = run("list", user, "--json", env={"AUTHSESSIONS_STORE": env_url})
+    assert len(json.loads(listed.stdout)) == 1
+    monkeypatch.chdir(tmp_path)
+    default = run("migrate", env={"AUTHSESSIONS_STORE": None})
+    assert default.exit_code == 0, default.output
+    assert "sqlite:///sessions.db is ready" in default.stdout
+    assert (tmp_path / "sessions.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        ("nosuch://x", "unknown store URL scheme"),
+        ("sessions.db", "needs a scheme"),
+        ("sqlite://", "needs a file"),
+        ("sqlite:////nonexistent-dir/sessions.db", "unable to open database file"),
+        ("postgresql://127.0.0.1:1/x", ""),
+        ("redis://127.0.0.1:1/0", ""),
+    ],
+)
+@pytest.mark.parametrize("command", [["migrate"], ["list", "42"], ["stats"], ["cleanup"]])
+def test_bad_or_unreachable_store_fails_in_one_line(
+    url: str, text: str, command: list[str]
+) -> None:
+    assert_one_line_error(run(*command, "--store", url), text)
+
+
+def test_missing_store_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("authsessions.stores.postgres") is None:
+        pytest.skip("authsessions/stores/postgres.py is not written yet")
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if the extra were not installed
+    assert_one_line_error(
+        run("list", "42", "--store", "postgresql://127.0.0.1:1/x"),
+        "pip install 'authsessions[postgres]'",
+    )
+
+
+def test_url_passwords_are_not_printed() -> None:
+    assert display_url("postgresql://app:s3cret@db:5432/app") == "postgresql://app:***@db:5432/app"
+    assert display_url("sqlite:///sessions.db") == "sqlite:///sessions.db"
+
+
+def test_demo_with_a_bad_store_fails_in_one_line() -> None:
+    assert_one_line_error(run("demo", "--store", "nosuch://x"), "unknown store URL scheme")
+
+
+def test_main_without_the_cli_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "click", None)  # makes `import click` fail
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "42"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"{INSTALL_HINT}\n"
+
+
+# -- the real console script ------------------------------------------------------------------
+
+
+def console_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ}
+    env.pop("AUTHSESSIONS_STORE", None)
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_console_script_lists_and_revokes(tmp_path: Path, user: str) -> None:
+    record = make_record(user)
+    seed(f"sqlite:///{tmp_path / 'sessions.db'}", record)  # the default store, in cwd
+    listed = console_script("list", user, "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert [s["id"] for s in json.loads(listed.stdout)] == [record.id]
+    revoked = console_script("revoke", record.id, cwd=tmp_path)
+    assert (revoked.returncode, revoked.stdout) == (0, f"Ended session {record.id}.\n")
+    again = console_script("revoke", record.id, cwd=tmp_path)
+    assert again.returncode == 1
+    assert again.stderr == f"Error: no session with id {record.id!r}.\n"
+
+
+def test_console_script_reports_an_unreachable_store_in_one_line(tmp_path: Path) -> None:
+    result = console_script("list", "42", "--store", "postgresql://127.0.0.1:1/x", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def demo_server(tmp_path: Path) -> Iterator[str]:
+    """``authsessions demo`` as a real process on a free port; its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "demo", "--port", str(port), "--store", "sqlite:///sessions.db"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{base_url}/signin", timeout=1).close()  # noqa: S310
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the demo did not start:\n{process.communicate()[0]}")
+                time.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_demo_command_serves_the_demo(demo_server: str, tmp_path: Path) -> None:
+    with urllib.request.urlopen(f"{demo_server}/signin", timeout=5) as page:  # noqa: S310
+        body = page.read().decode()
+        cookies = page.headers.get_all("set-cookie")
+    assert "<h1>Sign in</h1>" in body
+    assert any(cookie.startswith("authsessions_demo_csrf=") for cookie in cookies)
+    assert (tmp_path / "sessions.db").exists()

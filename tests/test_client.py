@@ -1,0 +1,195 @@
+"""Who is on the other end: device names and types, fingerprints, client IP.
+
+These are the pure functions behind ``SessionData.device_name``,
+``device_type``, ``fingerprint`` and ``ip_address``; ``test_middleware.py``
+proves the same rules end to end over HTTP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from authsessions._client import client_ip, describe_device, user_agent_of
+from authsessions._config import IPNetwork
+from tests.apps.session_app import CHROME_MAC, FIREFOX_WINDOWS
+
+UAS = {
+    "chrome-macos": CHROME_MAC,
+    "safari-iphone": (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+    ),
+    "safari-ipad": (
+        "Mozilla/5.0 (iPad; CPU OS 17_1 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+    ),
+    "chrome-android-phone": (
+        "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36"
+    ),
+    "chrome-android-tablet": (
+        "Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0.6099.144 Safari/537.36"
+    ),
+    "firefox-windows": FIREFOX_WINDOWS,
+    "edge-windows": (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/120.0.0.0 Safari/537.36 Edg/120.0.2210.91"
+    ),
+    "firefox-linux": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+    "googlebot": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "curl": "curl/8.4.0",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize(
+    ("ua", "name", "device_type"),
+    [
+        ("chrome-macos", "Chrome on macOS", "desktop"),
+        ("safari-iphone", "Safari on iOS", "mobile"),
+        ("safari-ipad", "Safari on iOS", "tablet"),
+        ("chrome-android-phone", "Chrome on Android", "mobile"),
+        ("chrome-android-tablet", "Chrome on Android", "tablet"),
+        ("firefox-windows", "Firefox on Windows", "desktop"),
+        ("edge-windows", "Edge on Windows", "desktop"),
+        ("firefox-linux", "Firefox on Linux", "desktop"),
+        ("googlebot", "Googlebot on Unknown", "bot"),
+        ("curl", "curl on Unknown", "other"),
+        ("empty", "Unknown on Unknown", "other"),
+    ],
+)
+def test_device_name_and_type_from_real_user_agents(ua: str, name: str, device_type: str) -> None:
+    device = describe_device(UAS[ua])
+
+    assert device.name == name
+    assert device.type == device_type
+
+
+def test_fingerprint_ignores_browser_and_os_versions() -> None:
+    chrome_119_older_macos = CHROME_MAC.replace("10_15_7", "10_14_6").replace(
+        "Chrome/120.0.0.0", "Chrome/119.0.6045.199"
+    )
+
+    assert (
+        describe_device(chrome_119_older_macos).fingerprint
+        == describe_device(CHROME_MAC).fingerprint
+    )
+
+
+def test_identical_requests_give_identical_fingerprints() -> None:
+    ua = UAS["safari-iphone"]
+
+    fingerprints = {describe_device("".join(list(ua))).fingerprint for _ in range(3)}
+
+    assert len(fingerprints) == 1
+
+
+def test_fingerprints_differ_across_browser_os_and_device_type() -> None:
+    fingerprints = {describe_device(ua).fingerprint for ua in UAS.values()}
+
+    # Every two UAs above differ in browser family, OS family or device type
+    # (iPhone and iPad only in device type, curl and "" only in browser).
+    assert len(fingerprints) == len(UAS)
+
+
+def test_fingerprint_does_not_contain_the_user_agent_text() -> None:
+    fingerprint = describe_device(CHROME_MAC).fingerprint
+
+    assert "Chrome" not in fingerprint
+    assert len(fingerprint) >= 32
+    int(fingerprint, 16)
+
+
+def scope(
+    peer: str | None = "192.0.2.1", headers: list[tuple[bytes, bytes]] | None = None
+) -> dict[str, object]:
+    return {
+        "type": "http",
+        "client": (peer, 1234) if peer is not None else None,
+        "headers": headers or [],
+    }
+
+
+def nets(*cidrs: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
+
+
+PROXIES = nets("10.0.0.0/8", "fd00::/8")
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "trusted", "expected"),
+    [
+        ("192.0.2.1", [], (), "192.0.2.1"),
+        ("192.0.2.1", [(b"x-forwarded-for", b"203.0.113.9")], (), "192.0.2.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")], (), "10.0.0.1"),
+        ("192.0.2.1", [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, "192.0.2.1"),
+        ("192.0.2.1", [(b"x-real-ip", b"203.0.113.9")], PROXIES, "192.0.2.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, "203.0.113.9"),
+        (
+            "10.0.0.1",
+            [(b"x-forwarded-for", b"198.51.100.1, 203.0.113.9, 10.1.1.1")],
+            PROXIES,
+            "203.0.113.9",
+        ),
+        (
+            "10.0.0.1",
+            [(b"x-forwarded-for", b"198.51.100.1"), (b"x-forwarded-for", b"203.0.113.9")],
+            PROXIES,
+            "203.0.113.9",
+        ),
+        ("10.0.0.1", [(b"x-forwarded-for", b"10.2.2.2, 10.1.1.1")], PROXIES, "10.2.2.2"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9, not-an-ip")], PROXIES, "10.0.0.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"not-an-ip, 10.1.1.1")], PROXIES, "10.1.1.1"),
+        ("10.0.0.1", [(b"x-real-ip", b"203.0.113.9")], PROXIES, "203.0.113.9"),
+        ("10.0.0.1", [(b"x-real-ip", b"garbage")], PROXIES, "10.0.0.1"),
+        (
+            "10.0.0.1",
+            [(b"x-real-ip", b"198.51.100.1"), (b"x-forwarded-for", b"203.0.113.9")],
+            PROXIES,
+            "203.0.113.9",
+        ),
+        ("fd00::1", [(b"x-forwarded-for", b"2001:db8::7")], PROXIES, "2001:db8::7"),
+        ("10.0.0.1", [], PROXIES, "10.0.0.1"),
+        ("testclient", [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, "testclient"),
+        (None, [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, None),
+    ],
+    ids=[
+        "peer",
+        "xff-ignored-without-trusted-proxies",
+        "private-peer-not-trusted-by-default",
+        "xff-from-untrusted-peer",
+        "x-real-ip-from-untrusted-peer",
+        "xff-from-trusted-peer",
+        "rightmost-untrusted-hop",
+        "several-xff-headers-joined",
+        "all-hops-trusted-gives-leftmost",
+        "unparsable-hop-stops-at-last-good",
+        "unparsable-hop-after-trusted",
+        "x-real-ip-from-trusted-peer",
+        "garbage-x-real-ip",
+        "xff-wins-over-x-real-ip",
+        "ipv6",
+        "trusted-peer-without-headers",
+        "non-ip-peer",
+        "no-peer",
+    ],
+)
+def test_client_ip(
+    peer: str | None,
+    headers: list[tuple[bytes, bytes]],
+    trusted: tuple[IPNetwork, ...],
+    expected: str | None,
+) -> None:
+    assert client_ip(scope(peer, headers), trusted) == expected
+
+
+def test_user_agent_is_read_leniently_and_capped() -> None:
+    assert user_agent_of(scope(headers=[(b"user-agent", b"x" * 5000)])) == "x" * 512
+    assert user_agent_of(scope(headers=[(b"user-agent", "Br\xe9sil".encode("latin-1"))])) == (
+        "Br\xe9sil"
+    )
+    assert user_agent_of(scope()) == ""

@@ -1,0 +1,163 @@
+"""SessionConfig: the defaults of API.md's table, and a helpful ValueError for every bad value."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from authsessions import SessionConfig
+
+# API.md, "SessionConfig": field -> default.
+API_DEFAULTS: dict[str, Any] = {
+    "ttl": timedelta(days=30),
+    "absolute_ttl": None,
+    "touch_interval": timedelta(minutes=5),
+    "max_sessions_per_user": 10,
+    "validate_fingerprint": True,
+    "cookie_name": "__Host-session",
+    "cookie_secure": True,
+    "cookie_http_only": True,
+    "cookie_same_site": "lax",
+    "cookie_path": "/",
+    "cookie_domain": None,
+    "trusted_proxies": (),
+    "max_data_bytes": 65536,
+}
+
+
+@pytest.mark.parametrize(("name", "default"), API_DEFAULTS.items(), ids=list(API_DEFAULTS))
+def test_defaults_match_the_api_table(name: str, default: object) -> None:
+    value = getattr(SessionConfig(), name)
+
+    assert value == default
+    assert type(value) is type(default)
+
+
+def test_every_documented_field_is_a_keyword_only_init_field() -> None:
+    init_fields = {f.name: f for f in dataclasses.fields(SessionConfig) if f.init}
+
+    assert set(API_DEFAULTS) <= set(init_fields)
+    assert all(init_fields[name].kw_only for name in API_DEFAULTS)
+    with pytest.raises(TypeError):
+        SessionConfig(timedelta(days=1))  # type: ignore[call-arg]
+
+
+def test_config_is_frozen() -> None:
+    config = SessionConfig()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.ttl = timedelta(days=1)  # type: ignore[misc]
+
+
+def test_valid_non_default_values_are_kept() -> None:
+    config = SessionConfig(
+        ttl=timedelta(hours=2),
+        absolute_ttl=timedelta(days=1),
+        touch_interval=timedelta(0),
+        max_sessions_per_user=1,
+        validate_fingerprint=False,
+        cookie_name="session",
+        cookie_secure=False,
+        cookie_http_only=False,
+        cookie_same_site="strict",
+        cookie_path="/app",
+        cookie_domain="example.com",
+        trusted_proxies=("10.0.0.0/8", "2001:db8::/32", "192.0.2.1"),
+        max_data_bytes=1024,
+    )
+
+    assert config.ttl == timedelta(hours=2)
+    assert config.cookie_same_site == "strict"
+    assert config.trusted_proxies == ("10.0.0.0/8", "2001:db8::/32", "192.0.2.1")
+    assert config.trusted_networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("192.0.2.1/32"),
+    )
+
+
+def test_a_list_of_trusted_proxies_is_stored_as_a_tuple() -> None:
+    config = SessionConfig(trusted_proxies=["10.0.0.0/8"])  # type: ignore[arg-type]
+
+    assert config.trusted_proxies == ("10.0.0.0/8",)
+
+
+def test_secure_prefixes_are_fine_with_secure_cookies() -> None:
+    assert SessionConfig(cookie_name="__Secure-session", cookie_domain="example.com")
+    assert SessionConfig(cookie_name="__Secure-session", cookie_path="/app")
+
+
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    ("ttl-zero", {"ttl": timedelta(0)}, "ttl must be positive"),
+    ("ttl-negative", {"ttl": timedelta(seconds=-1)}, "ttl must be positive"),
+    ("ttl-not-timedelta", {"ttl": 3600}, "ttl must be a datetime.timedelta"),
+    ("touch-equals-ttl", {"ttl": timedelta(hours=1), "touch_interval": timedelta(hours=1)},
+     "touch_interval must be at least 0 and shorter than ttl"),
+    ("touch-over-ttl", {"ttl": timedelta(minutes=1), "touch_interval": timedelta(minutes=5)},
+     "touch_interval must be at least 0 and shorter than ttl"),
+    ("touch-negative", {"touch_interval": timedelta(seconds=-1)},
+     "touch_interval must be at least 0"),
+    ("touch-not-timedelta", {"touch_interval": 300}, "touch_interval must be a datetime.timedelta"),
+    ("absolute-zero", {"absolute_ttl": timedelta(0)}, "absolute_ttl must be positive or None"),
+    ("absolute-negative", {"absolute_ttl": timedelta(days=-1)},
+     "absolute_ttl must be positive or None"),
+    ("absolute-not-timedelta", {"absolute_ttl": 60}, "absolute_ttl must be a datetime.timedelta"),
+    ("max-sessions-zero", {"max_sessions_per_user": 0},
+     "max_sessions_per_user must be an integer >= 1"),
+    ("max-sessions-negative", {"max_sessions_per_user": -3},
+     "max_sessions_per_user must be an integer >= 1"),
+    ("max-sessions-bool", {"max_sessions_per_user": True},
+     "max_sessions_per_user must be an integer >= 1"),
+    ("max-sessions-float", {"max_sessions_per_user": 2.5},
+     "max_sessions_per_user must be an integer >= 1"),
+    ("max-data-zero", {"max_data_bytes": 0}, "max_data_bytes must be an integer >= 2"),
+    ("host-prefix-insecure", {"cookie_secure": False}, "needs cookie_secure=True"),
+    ("host-prefix-any-case-insecure", {"cookie_name": "__host-s", "cookie_secure": False},
+     "needs cookie_secure=True"),
+    ("secure-prefix-insecure", {"cookie_name": "__Secure-s", "cookie_secure": False},
+     "needs cookie_secure=True"),
+    ("host-prefix-domain", {"cookie_domain": "example.com"},
+     "requires cookie_path='/' and no cookie_domain"),
+    ("host-prefix-path", {"cookie_path": "/app"}, "requires cookie_path='/' and no cookie_domain"),
+    ("same-site-none", {"cookie_same_site": "none"}, 'cookie_same_site must be "lax" or "strict"'),
+    ("same-site-capitalised", {"cookie_same_site": "Lax"},
+     'cookie_same_site must be "lax" or "strict"'),
+    ("path-relative", {"cookie_name": "s", "cookie_path": "app"},
+     'cookie_path must start with "/"'),
+    ("path-injection", {"cookie_name": "s", "cookie_path": "/; Domain=evil.example"},
+     "may not contain ';'"),
+    ("domain-injection", {"cookie_name": "s", "cookie_domain": "example.com\r\nX-Evil: 1"},
+     "may not contain ';' or newlines"),
+    ("name-empty", {"cookie_name": ""}, "cookie_name must be a non-empty cookie token"),
+    ("name-with-semicolon", {"cookie_name": "a;b"}, "cookie_name must be a non-empty cookie token"),
+    ("name-with-space", {"cookie_name": "a b"}, "cookie_name must be a non-empty cookie token"),
+    ("name-non-ascii", {"cookie_name": "séance"}, "cookie_name must be a non-empty cookie token"),
+    ("cidr-bad-prefix", {"trusted_proxies": ("10.0.0.0/33",)},
+     "trusted_proxies has an invalid CIDR '10.0.0.0/33'"),
+    ("cidr-not-ip", {"trusted_proxies": ("proxy.internal",)},
+     "trusted_proxies has an invalid CIDR 'proxy.internal'"),
+    ("cidr-bare-string", {"trusted_proxies": "10.0.0.0/8"},
+     "trusted_proxies must be a tuple of CIDR strings"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [(k, m) for _, k, m in INVALID], ids=[i for i, _, _ in INVALID]
+)
+def test_invalid_config_raises_value_error_naming_the_problem(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SessionConfig(**kwargs)
+
+
+def test_value_errors_suggest_a_remedy() -> None:
+    with pytest.raises(ValueError, match=r'cookie_name="session"'):
+        SessionConfig(cookie_secure=False)
+    with pytest.raises(ValueError, match="choose another name"):
+        SessionConfig(cookie_domain="example.com")

@@ -1,0 +1,316 @@
+"""The demo app (``authsessions.demo``) driven over ASGI, as two browsers would."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+from starlette.applications import Starlette
+from starlette.types import Message
+
+from authsessions.demo.app import create_app
+
+DESKTOP_UA = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+)
+PHONE_UA = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+)
+PASSWORD = "correct horse battery"
+COOKIE = "authsessions_demo"
+# argon2's defaults take about half a second here; the tests only need a real argon2 hash.
+FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Run the app's ASGI lifespan as a server would, so the middleware closes its store."""
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    from_app: asyncio.Queue[Message] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, to_app.get, from_app.put))
+    await to_app.put({"type": "lifespan.startup"})
+    assert (await from_app.get())["type"] == "lifespan.startup.complete"
+    try:
+        yield
+    finally:
+        await to_app.put({"type": "lifespan.shutdown"})
+        assert (await from_app.get())["type"] == "lifespan.shutdown.complete"
+        await task
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[Starlette]:
+    app = create_app(f"sqlite:///{tmp_path / 'sessions.db'}", password_hasher=FAST_HASHER)
+    async with lifespan(app):
+        yield app
+
+
+def browser(app: Starlette, user_agent: str = DESKTOP_UA) -> httpx.AsyncClient:
+    """A client keeping cookies, like one browser (one device)."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 50000)),
+        base_url="http://demo.test",
+        headers={"user-agent": user_agent},
+    )
+
+
+@pytest.fixture
+async def desktop(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with browser(app) as client:
+        yield client
+
+
+@pytest.fixture
+async def phone(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with browser(app, PHONE_UA) as client:
+        yield client
+
+
+async def csrf_token(client: httpx.AsyncClient, path: str) -> str:
+    """The CSRF token in the forms of the page at ``path``."""
+    page = await client.get(path)
+    assert page.status_code == 200, page.text
+    match = _TOKEN.search(page.text)
+    assert match, f"no CSRF token on {path}"
+    return match.group(1)
+
+
+async def post_form(
+    client: httpx.AsyncClient, page: str, action: str, **fields: str
+) -> httpx.Response:
+    """Submit a form of ``page`` to ``action``, with the token that page carries."""
+    return await client.post(action, data={"csrf_token": await csrf_token(client, page), **fields})
+
+
+async def sign_up(client: httpx.AsyncClient, username: str = "alice") -> httpx.Response:
+    return await post_form(
+        client,
+        "/signup",
+        "/signup",
+        username=username,
+        password=PASSWORD,
+        password_again=PASSWORD,
+    )
+
+
+async def sign_in(
+    client: httpx.AsyncClient, username: str = "alice", password: str = PASSWORD
+) -> httpx.Response:
+    return await post_form(client, "/signin", "/signin", username=username, password=password)
+
+
+async def test_sign_up_signs_in_and_shows_the_profile(desktop: httpx.AsyncClient) -> None:
+    response = await sign_up(desktop, "Alice")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/profile?notice=signed-up"
+    set_cookie = response.headers["set-cookie"]
+    assert set_cookie.startswith(f"{COOKIE}=")
+    assert "httponly" in set_cookie.lower()
+    assert "secure" not in set_cookie.lower()  # the demo serves plain HTTP on purpose
+
+    profile = await desktop.get("/profile")
+    assert profile.status_code == 200
+    assert "Hello, alice" in profile.text
+    assert "This session started" in profile.text
+    assert "It expires" in profile.text
+    assert "in 30 days" in profile.text
+    assert "Chrome on Windows" in profile.text
+
+
+async def test_sign_in_after_sign_out(desktop: httpx.AsyncClient) -> None:
+    await sign_up(desktop)
+    signed_out = await post_form(desktop, "/profile", "/signout")
+    assert signed_out.headers["location"] == "/signin?notice=signed-out"
+    assert (await desktop.get("/profile")).headers["location"] == "/signin"
+
+    response = await sign_in(desktop, "ALICE ")  # usernames ignore case and spaces
+    assert response.status_code == 303
+    assert response.headers["location"] == "/profile"
+    assert "Hello, alice" in (await desktop.get("/profile")).text
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_error(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    wrong_password = await sign_in(phone, "alice", "not the password")
+    unknown_user = await sign_in(phone, "mallory", PASSWORD)
+    for response in (wrong_password, unknown_user):
+        assert response.status_code == 400
+        assert "Wrong username or password." in response.text
+        assert COOKIE not in response.cookies
+    assert (await phone.get("/profile")).headers["location"] == "/signin"
+
+
+async def test_sign_up_refuses_taken_names_and_mismatched_passwords(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    taken = await sign_up(phone, "alice")
+    assert taken.status_code == 400
+    assert "That username is taken" in taken.text
+    mismatched = await post_form(
+        phone, "/signup", "/signup", username="bob", password=PASSWORD, password_again="other"
+    )
+    assert mismatched.status_code == 400
+    assert "The two passwords differ" in mismatched.text
+    short = await post_form(
+        phone, "/signup", "/signup", username="bob", password="short", password_again="short"
+    )
+    assert "Choose a password" in short.text
+
+
+async def test_login_csrf_missing_or_forged_token_is_refused(desktop: httpx.AsyncClient) -> None:
+    """A forged sign-in form would log the victim into the attacker's account."""
+    await sign_up(desktop)
+    await post_form(desktop, "/profile", "/signout")
+    await desktop.get("/signin")  # the browser now holds a nonce cookie
+    for fields in ({}, {"csrf_token": "forged"}):
+        response = await desktop.post(
+            "/signin", data={"username": "alice", "password": PASSWORD, **fields}
+        )
+        assert response.status_code == 403
+        assert "That form was refused" in response.text
+        assert COOKIE not in response.cookies
+
+
+async def test_login_csrf_planted_cookie_without_the_secret_is_refused(
+    app: Starlette, tmp_path: Path
+) -> None:
+    """Planting the nonce cookie (a sibling subdomain can) is useless without the HMAC key."""
+    async with browser(app) as victim:
+        token = await csrf_token(victim, "/signin")
+        nonce = "A" * 43  # the attacker's planted nonce, with a token signed by another key
+        other = create_app(f"sqlite:///{tmp_path / 'other.db'}", password_hasher=FAST_HASHER)
+        async with lifespan(other), browser(other) as attacker:
+            attacker.cookies.set("authsessions_demo_csrf", nonce)
+            forged = await csrf_token(attacker, "/signin")
+        victim.cookies.set("authsessions_demo_csrf", nonce)
+        for submitted in (forged, token):
+            response = await victim.post("/signin", data={"csrf_token": submitted})
+            assert response.status_code == 403
+
+
+async def test_signed_in_forms_need_the_session_token(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    # The phone's token is valid for the phone's session only.
+    phone_token = await csrf_token(phone, "/profile")
+    for fields in ({}, {"csrf_token": phone_token}):
+        response = await desktop.post("/profile", data={"theme": "dark", **fields})
+        assert response.status_code == 403
+    for action in ("/devices/all", "/devices/others", "/devices/rotate", "/signout"):
+        assert (await desktop.post(action, data={"csrf_token": "x"})).status_code == 403
+    assert "theme-light" in (await desktop.get("/profile")).text
+    assert len(re.findall(r'class="device[ "]', (await phone.get("/devices")).text)) == 2
+
+
+async def test_theme_persists_in_session_data(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    saved = await post_form(desktop, "/profile", "/profile", theme="dark")
+    assert saved.headers["location"] == "/profile?notice=theme-saved"
+    assert 'class="theme-dark"' in (await desktop.get("/devices")).text
+    assert 'class="theme-dark"' in (await desktop.get("/profile")).text
+    # The theme lives in one session's data: the other device keeps its own.
+    assert 'class="theme-light"' in (await phone.get("/profile")).text
+    # Not a theme: ignored.
+    await post_form(desktop, "/profile", "/profile", theme="<script>")
+    assert 'class="theme-dark"' in (await desktop.get("/profile")).text
+
+
+async def test_devices_page_lists_both_clients(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    page = (await desktop.get("/devices")).text
+    assert "Chrome on Windows" in page
+    assert "Safari on iOS" in page
+    assert page.count("This device") == 1
+    assert "203.0.113.7" in page
+    assert "last active just now" in page
+    assert "active now" in page
+    assert page.count(">Revoke</button>") == 1  # on the other device only
+
+
+async def test_revoke_signs_the_other_device_out(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    page = (await desktop.get("/devices")).text
+    (phone_id,) = re.findall(r'<li class="device" data-session-id="([^"]+)"', page)
+    response = await post_form(desktop, "/devices", "/devices/revoke", session_id=phone_id)
+    assert response.headers["location"] == "/devices?notice=revoked"
+    assert (await phone.get("/profile")).headers["location"] == "/signin"
+    assert (await desktop.get("/profile")).status_code == 200
+    again = await post_form(desktop, "/devices", "/devices/revoke", session_id=phone_id)
+    assert again.headers["location"] == "/devices?notice=already-ended"
+
+
+async def test_rotate_replaces_the_token(desktop: httpx.AsyncClient, app: Starlette) -> None:
+    await sign_up(desktop)
+    old_token = desktop.cookies[COOKIE]
+    response = await post_form(desktop, "/devices", "/devices/rotate")
+    assert response.headers["location"] == "/devices?notice=rotated"
+    assert desktop.cookies[COOKIE] != old_token
+    assert (await desktop.get("/profile")).status_code == 200
+    async with browser(app) as thief:
+        thief.cookies.set(COOKIE, old_token)
+        assert (await thief.get("/profile")).headers["location"] == "/signin"
+
+
+async def test_sign_out_everywhere_else_keeps_this_device(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    response = await post_form(desktop, "/devices", "/devices/others")
+    assert response.headers["location"] == "/devices?notice=others-signed-out"
+    assert (await desktop.get("/profile")).status_code == 200
+    assert (await phone.get("/profile")).headers["location"] == "/signin"
+
+
+async def test_sign_out_everywhere(desktop: httpx.AsyncClient, phone: httpx.AsyncClient) -> None:
+    await sign_up(desktop)
+    await sign_in(phone)
+    response = await post_form(phone, "/devices", "/devices/all")
+    assert response.headers["location"] == "/signin?notice=signed-out-everywhere"
+    for client in (desktop, phone):
+        assert (await client.get("/devices")).headers["location"] == "/signin"
+
+
+async def test_signed_out_visitors_are_sent_to_sign_in(desktop: httpx.AsyncClient) -> None:
+    for path in ("/", "/profile", "/devices"):
+        response = await desktop.get(path)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/signin"
+    # A signed-out post is not a forgery worth a 403: there is nothing to act on.
+    assert (await desktop.post("/devices/all")).headers["location"] == "/signin"
+
+
+async def test_pages_carry_security_headers_and_the_stylesheet(
+    desktop: httpx.AsyncClient,
+) -> None:
+    page = await desktop.get("/signin")
+    assert "form-action 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert '<link rel="stylesheet" href="/static/demo.css">' in page.text
+    css = await desktop.get("/static/demo.css")
+    assert css.status_code == 200
+    assert css.headers["content-type"].startswith("text/css")

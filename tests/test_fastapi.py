@@ -1,0 +1,153 @@
+"""FastAPI: ``app.add_middleware(SessionMiddleware)``, the ``CurrentSession`` and
+``RequiredSession`` dependencies, and errors rendered without any app setup."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, WebSocket
+from starlette.testclient import TestClient
+
+from authsessions import SessionMiddleware
+from authsessions.fastapi import CurrentSession, RequiredSession
+from authsessions.stores import MemoryStore, SQLiteStore, Store
+from tests.apps.session_app import COOKIE, cookie_header, session_cookie
+from tests.conftest import ClientFactory
+
+
+def build_fastapi_app(store: Store | None) -> FastAPI:
+    app = FastAPI()
+    if store is not None:
+        app.add_middleware(SessionMiddleware, store=store)
+
+    @app.post("/login")
+    async def login(session: CurrentSession, user_id: str) -> dict[str, Any]:
+        await session.authenticate(user_id)
+        session.set("via", "fastapi")
+        return {"user_id": session.user_id}
+
+    @app.get("/anyone")
+    async def anyone(session: CurrentSession) -> dict[str, Any]:
+        return {"authenticated": session.is_authenticated, "via": session.get("via")}
+
+    @app.get("/me")
+    async def me(session: RequiredSession) -> dict[str, Any]:
+        return {"user_id": session.user_id, "via": session.get("via", type=str)}
+
+    @app.post("/sessions/{session_id}/revoke")
+    async def revoke(session: RequiredSession, session_id: str) -> dict[str, bool]:
+        await session.revoke(session_id)
+        return {"revoked": True}
+
+    @app.post("/rotate")
+    async def rotate(session: CurrentSession) -> dict[str, bool]:
+        await session.rotate()
+        return {"rotated": True}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, session: CurrentSession) -> None:
+        await websocket.accept()
+        await websocket.send_json({"user_id": session.user_id})
+        await websocket.close()
+
+    return app
+
+
+@pytest.fixture
+def fastapi_client(sqlite_store: Store, client_factory: ClientFactory) -> httpx.AsyncClient:
+    return client_factory(build_fastapi_app(sqlite_store))
+
+
+async def test_login_and_required_session(fastapi_client: httpx.AsyncClient) -> None:
+    login = await fastapi_client.post("/login", params={"user_id": "alice"})
+
+    assert login.status_code == 200
+    assert login.json() == {"user_id": "alice"}
+    cookie = session_cookie(login)
+    assert cookie is not None
+    assert "secure" in cookie.attributes
+    me = await fastapi_client.get("/me")
+    assert me.json() == {"user_id": "alice", "via": "fastapi"}
+    assert (await fastapi_client.get("/anyone")).json() == {"authenticated": True, "via": "fastapi"}
+
+
+async def test_current_session_does_not_require_a_login(fastapi_client: httpx.AsyncClient) -> None:
+    response = await fastapi_client.get("/anyone")
+
+    assert response.status_code == 200
+    assert response.json() == {"authenticated": False, "via": None}
+    assert "set-cookie" not in response.headers
+
+
+async def test_required_session_answers_401_json_without_a_login(
+    fastapi_client: httpx.AsyncClient,
+) -> None:
+    response = await fastapi_client.get("/me")
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "Not authenticated: sign in first."}
+
+
+async def test_unauthorized_from_a_session_method_answers_401(
+    fastapi_client: httpx.AsyncClient,
+) -> None:
+    response = await fastapi_client.post("/rotate")
+
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated: sign in first."}
+
+
+async def test_session_not_found_answers_404_json(fastapi_client: httpx.AsyncClient) -> None:
+    await fastapi_client.post("/login", params={"user_id": "alice"})
+
+    response = await fastapi_client.post("/sessions/AAAAAAAAAAAAAAAAAAAAAA/revoke")
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "No such session."}
+    assert (await fastapi_client.get("/me")).status_code == 200
+
+
+async def test_store_unavailable_answers_503_json_and_keeps_the_cookie(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path) as store:
+        client = client_factory(build_fastapi_app(store))
+        login = await client.post("/login", params={"user_id": "alice"})
+        token = session_cookie(login)
+        assert token is not None
+
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("ALTER TABLE authsessions_session RENAME TO away")
+        try:
+            response = await client.get("/me", headers=cookie_header(token.value))
+        finally:
+            db.execute("ALTER TABLE away RENAME TO authsessions_session")
+            db.close()
+
+        assert response.status_code == 503
+        assert set(response.json()) == {"detail"}
+        assert "set-cookie" not in response.headers
+        assert (await client.get("/me", headers=cookie_header(token.value))).status_code == 200
+
+
+async def test_missing_middleware_names_session_middleware(client_factory: ClientFactory) -> None:
+    client = client_factory(build_fastapi_app(None))
+
+    with pytest.raises(RuntimeError, match="SessionMiddleware"):
+        await client.get("/anyone")
+
+
+def test_current_session_works_on_websockets() -> None:
+    with TestClient(build_fastapi_app(MemoryStore()), base_url="https://testserver") as client:
+        token = client.post("/login", params={"user_id": "alice"}).cookies[COOKIE]
+
+        with client.websocket_connect("/ws", headers=cookie_header(token)) as ws:
+            message = ws.receive_json()
+
+    assert message == {"user_id": "alice"}

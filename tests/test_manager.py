@@ -1,0 +1,155 @@
+"""SessionManager over every store: listing, revoking, and sweeping expired sessions.
+
+Sessions are planted directly in the store with times the test chooses, so
+expiry needs no sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from authsessions import SessionManager, SessionNotFound
+from authsessions._tokens import new_session_id
+from authsessions.stores import MemoryStore, SQLiteStore, Store
+from tests.apps.session_app import FIREFOX_WINDOWS, plant_session
+
+
+async def test_list_for_user_is_most_recent_first_and_only_live_sessions(store: Store) -> None:
+    _, old = await plant_session(store, "alice", created_ago=900, idle_for=600)
+    _, new = await plant_session(
+        store, "alice", created_ago=900, idle_for=5, user_agent=FIREFOX_WINDOWS
+    )
+    await plant_session(store, "alice", created_ago=900, idle_for=1, expires_in=-1)
+    await plant_session(store, "bob")
+
+    listed = await SessionManager(store).list_for_user("alice")
+
+    assert [s.id for s in listed] == [new.id, old.id]
+    assert [s.is_current for s in listed] == [False, False]
+    assert listed[0].device_name == "Firefox on Windows"
+    assert listed[0].user_agent == FIREFOX_WINDOWS
+    for data, record in zip(listed, (new, old), strict=True):
+        assert data.user_id == "alice"
+        for moment, expected in (
+            (data.created_at, record.created_at),
+            (data.last_active_at, record.last_active_at),
+            (data.expires_at, record.expires_at),
+        ):
+            assert moment.utcoffset() == timedelta(0)
+            assert moment.timestamp() == pytest.approx(expected, abs=1)
+
+
+async def test_list_for_unknown_user_is_empty(store: Store) -> None:
+    assert await SessionManager(store).list_for_user("nobody") == []
+
+
+async def test_revoke_ends_one_session_of_the_user(store: Store) -> None:
+    _, doomed = await plant_session(store, "alice")
+    _, kept = await plant_session(store, "alice")
+    manager = SessionManager(store)
+
+    await manager.revoke("alice", doomed.id)
+
+    assert [s.id for s in await manager.list_for_user("alice")] == [kept.id]
+    assert await store.get(doomed.token_digest, now=time.time()) is None
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["other-users", "unknown", "malformed", "empty", "token-digest"],
+)
+async def test_revoke_raises_session_not_found_and_changes_nothing(
+    store: Store, target: str
+) -> None:
+    """Wrong user, unknown id and garbage must all look the same: no id probing."""
+    _, alices = await plant_session(store, "alice")
+    _, bobs = await plant_session(store, "bob")
+    session_id = {
+        "other-users": bobs.id,
+        "unknown": new_session_id(),
+        "malformed": "'; DROP TABLE x; --",
+        "empty": "",
+        "token-digest": bobs.token_digest,
+    }[target]
+
+    with pytest.raises(SessionNotFound) as raised:
+        await SessionManager(store).revoke("alice", session_id)
+
+    assert raised.value.message == SessionNotFound().message
+    assert [s.id for s in await SessionManager(store).list_for_user("alice")] == [alices.id]
+    assert [s.id for s in await SessionManager(store).list_for_user("bob")] == [bobs.id]
+
+
+async def test_revoke_all_ends_every_session_of_the_user(store: Store) -> None:
+    for _ in range(3):
+        await plant_session(store, "alice")
+    _, bobs = await plant_session(store, "bob")
+    manager = SessionManager(store)
+
+    assert await manager.revoke_all("alice") == 3
+
+    assert await manager.list_for_user("alice") == []
+    assert [s.id for s in await manager.list_for_user("bob")] == [bobs.id]
+    assert await manager.revoke_all("alice") == 0
+
+
+async def test_revoke_all_except_one(store: Store) -> None:
+    _, keep = await plant_session(store, "alice")
+    for _ in range(2):
+        await plant_session(store, "alice")
+    manager = SessionManager(store)
+
+    assert await manager.revoke_all("alice", except_id=keep.id) == 2
+
+    assert [s.id for s in await manager.list_for_user("alice")] == [keep.id]
+
+
+async def test_cleanup_expired_deletes_only_expired_sessions(store: Store) -> None:
+    # Live first: a store may sweep a user's expired sessions when it creates one.
+    _, live = await plant_session(store, "alice", expires_in=60)
+    expired = [
+        (await plant_session(store, user, created_ago=7200, idle_for=3600, expires_in=-ago))[1]
+        for user, ago in (("alice", 1), ("alice", 3600), ("bob", 60))
+    ]
+
+    removed = await SessionManager(store).cleanup_expired()
+
+    assert removed == 3
+    assert [s.id for s in await SessionManager(store).list_for_user("alice")] == [live.id]
+    for record in expired:  # gone, not merely hidden: even "before expiry" finds nothing
+        assert await store.get(record.token_digest, now=record.expires_at - 10) is None
+    assert await store.delete_expired(now=time.time() + 10**10) == 1  # only `live` was left
+
+
+async def test_cleanup_expired_works_through_many_batches(store: Store) -> None:
+    await plant_session(store, "alice")
+    for i in range(7):  # each older than the last, so planting one never sweeps another
+        await plant_session(store, "alice", created_ago=100, expires_in=-1 - i)
+
+    assert await SessionManager(store).cleanup_expired(batch_size=2) == 7
+    assert await SessionManager(store).cleanup_expired(batch_size=2) == 0
+    assert len(await SessionManager(store).list_for_user("alice")) == 1
+
+
+async def test_cleanup_expired_rejects_a_batch_size_below_one() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        await SessionManager(MemoryStore()).cleanup_expired(batch_size=0)
+
+
+async def test_manager_opens_its_store_on_first_use(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sessions.db")
+    assert not store.is_open
+
+    assert await SessionManager(store).list_for_user("alice") == []
+
+    assert store.is_open
+    await store.close()
+
+
+def test_manager_needs_a_store_object() -> None:
+    with pytest.raises(TypeError, match="Store"):
+        SessionManager("sqlite:///sessions.db")  # type: ignore[arg-type]

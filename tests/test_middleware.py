@@ -1,0 +1,838 @@
+"""SessionMiddleware: headers, frugal writes, expiry, fingerprints, proxies, errors, outages,
+WebSocket and lifespan.
+
+Store-independent behaviour runs on a real SQLite file (``sqlite_store``);
+the scenarios every store must pass live in ``test_scenarios.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from authsessions import (
+    Session,
+    SessionConfig,
+    SessionData,
+    SessionManager,
+    SessionMiddleware,
+    SessionNotFound,
+    StoreUnavailable,
+)
+from authsessions.stores import MemoryStore, SQLiteStore, Store
+from tests.apps.session_app import (
+    CHROME_MAC,
+    COOKIE,
+    FIREFOX_WINDOWS,
+    ROUTES,
+    build_app,
+    cookie_header,
+    plant_session,
+    session_cookie,
+)
+from tests.conftest import AppFactory, ClientFactory
+
+TABLE = "authsessions_session"
+CHROME_MAC_119 = CHROME_MAC.replace("Chrome/120.0.0.0", "Chrome/119.0.6045.199")
+
+
+async def only_session(store: Store, user_id: str = "alice") -> SessionData:
+    [data] = await SessionManager(store).list_for_user(user_id)
+    return data
+
+
+def assert_clears_cookie(response: httpx.Response) -> None:
+    cookie = session_cookie(response)
+    assert cookie is not None, f"no clearing Set-Cookie in {response.headers}"
+    assert cookie.is_clearing
+    assert cookie.attributes["path"] == "/"
+    assert "secure" in cookie.attributes
+
+
+def approx_now(seconds_from_now: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+
+
+# -- headers ---------------------------------------------------------------------------
+
+
+async def test_untouched_anonymous_request_gets_no_session_headers(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.get("/me")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is False
+    assert "set-cookie" not in response.headers
+    assert "vary" not in response.headers
+    assert "cache-control" not in response.headers
+
+
+async def test_authenticated_response_is_no_store_and_varies_on_cookie(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    token, _ = await plant_session(sqlite_store, "alice")
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is True
+    assert "set-cookie" not in response.headers
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["vary"] == "Cookie"
+
+
+async def test_existing_vary_is_extended_and_cookie_responses_are_never_cached(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    async def cacheable_login(request: Request) -> Response:
+        await Session.from_request(request).authenticate("alice")
+        return JSONResponse(
+            {}, headers={"vary": "Accept-Encoding", "cache-control": "public, max-age=600"}
+        )
+
+    app = app_factory(sqlite_store, extra_routes=[Route("/cacheable-login", cacheable_login)])
+    client = client_factory(app)
+
+    response = await client.get("/cacheable-login")
+
+    assert session_cookie(response) is not None
+    assert response.headers["vary"] == "Accept-Encoding, Cookie"
+    assert response.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        ("Accept-Encoding", "Accept-Encoding, Cookie"),
+        ("accept-encoding, cookie", "accept-encoding, cookie"),
+        ("Cookie", "Cookie"),
+        ("X-Cookie-Consent", "X-Cookie-Consent, Cookie"),
+        ("*", "*"),
+    ],
+)
+async def test_authenticated_response_vary_gains_cookie_exactly_once(
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    existing: str,
+    expected: str,
+) -> None:
+    """A shared cache keyed without Cookie would serve one user's page to another."""
+
+    async def page(request: Request) -> Response:
+        return JSONResponse(
+            {"user": Session.from_request(request).user_id}, headers={"vary": existing}
+        )
+
+    token, _ = await plant_session(sqlite_store, "alice")
+    client = client_factory(app_factory(sqlite_store, extra_routes=[Route("/page", page)]))
+
+    response = await client.get("/page", headers=cookie_header(token))
+
+    assert response.json() == {"user": "alice"}
+    assert response.headers.get_list("vary") == [expected]
+
+
+async def test_cookie_clearing_response_is_no_store_and_varies_on_cookie(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.get("/me", headers=cookie_header("A" * 43))
+
+    assert_clears_cookie(response)
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["vary"] == "Cookie"
+
+
+async def test_cookie_attributes_follow_the_config_when_set_and_cleared(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(
+        cookie_name="sid",
+        cookie_domain="example.com",
+        cookie_path="/",
+        cookie_same_site="strict",
+        cookie_http_only=False,
+    )
+    client = client_factory(app_factory(sqlite_store, config))
+
+    login = await client.post("/login", json={"user_id": "alice"})
+    issued = session_cookie(login, "sid")
+    assert issued is not None
+    logout = await client.post("/logout", headers=cookie_header(issued.value, "sid"))
+    cleared = session_cookie(logout, "sid")
+
+    assert session_cookie(login) is None  # nothing under the default name
+    assert cleared is not None
+    assert cleared.is_clearing
+    for cookie in (issued, cleared):
+        assert cookie.attributes["domain"] == "example.com"
+        assert cookie.attributes["path"] == "/"
+        assert cookie.attributes["samesite"] == "Strict"
+        assert "secure" in cookie.attributes
+        assert "httponly" not in cookie.attributes
+
+
+# -- writing only what changed, and touching ------------------------------------------------
+
+
+async def test_no_store_write_for_unchanged_session_within_touch_interval(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=60, expires_in=600)
+    before = await only_session(sqlite_store)
+    client = client_factory(app_factory(sqlite_store))
+
+    for _ in range(3):
+        response = await client.get("/me", headers=cookie_header(token))
+        assert response.json()["authenticated"] is True
+        assert session_cookie(response) is None
+
+    after = await only_session(sqlite_store)
+    assert after.last_active_at == before.last_active_at
+    assert after.expires_at == before.expires_at
+
+
+async def test_touch_after_interval_resends_cookie_and_slides_expiry(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=301, expires_in=60)
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.value == token  # same token, re-sent so the browser's expiry follows
+    assert cookie.max_age is not None
+    assert cookie.max_age >= timedelta(days=30).total_seconds() - 5
+    after = await only_session(sqlite_store)
+    assert after.last_active_at >= approx_now(-5)
+    assert after.expires_at >= approx_now(timedelta(days=30).total_seconds() - 5)
+
+
+async def test_zero_touch_interval_touches_on_every_request(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(touch_interval=timedelta(0))
+    client = client_factory(app_factory(sqlite_store, config))
+    await client.post("/login", json={"user_id": "alice"})
+    first = await only_session(sqlite_store)
+    await asyncio.sleep(0.01)
+
+    response = await client.get("/me")
+
+    assert session_cookie(response) is not None
+    second = await only_session(sqlite_store)
+    assert second.last_active_at > first.last_active_at
+    assert second.expires_at > first.expires_at
+
+
+async def test_sliding_ttl_moves_expiry_to_now_plus_ttl(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(ttl=timedelta(hours=1))
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=3590, expires_in=10)
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is True
+    after = await only_session(sqlite_store)
+    assert approx_now(3595) <= after.expires_at <= approx_now(3601)
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.max_age is not None
+    assert 3590 <= cookie.max_age <= 3600
+
+
+async def test_idle_session_ends_after_ttl_in_real_time(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(ttl=timedelta(seconds=1), touch_interval=timedelta(0))
+    client = client_factory(app_factory(sqlite_store, config))
+    token = session_cookie(await client.post("/login", json={"user_id": "alice"}))
+    assert token is not None
+    assert token.max_age is not None
+    assert token.max_age <= 1
+
+    await asyncio.sleep(1.1)
+    response = await client.get("/me", headers=cookie_header(token.value))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+
+
+async def test_absolute_ttl_ends_session_however_active(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A session must end at ``created_at + absolute_ttl`` even if used every minute.
+
+    Otherwise a stolen cookie kept busy by an attacker would live forever.
+    """
+    config = SessionConfig(absolute_ttl=timedelta(hours=1))
+    token, _ = await plant_session(
+        sqlite_store, "alice", created_ago=3601, idle_for=10, expires_in=86400
+    )
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+
+
+async def test_activity_never_extends_past_absolute_ttl(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(ttl=timedelta(days=1), absolute_ttl=timedelta(hours=1))
+    token, record = await plant_session(
+        sqlite_store, "alice", created_ago=3000, idle_for=600, expires_in=60
+    )
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    after = await only_session(sqlite_store)
+    assert after.last_active_at >= approx_now(-5)  # it was touched…
+    assert after.expires_at.timestamp() == pytest.approx(record.created_at + 3600, abs=1)
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.max_age is not None
+    assert 590 <= cookie.max_age <= 600  # …but only up to the hard cap
+
+
+async def test_rotate_never_extends_past_absolute_ttl(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(ttl=timedelta(days=1), absolute_ttl=timedelta(hours=1))
+    token, record = await plant_session(sqlite_store, "alice", created_ago=3000, expires_in=600)
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.post("/rotate", headers=cookie_header(token))
+
+    assert response.status_code == 200
+    after = await only_session(sqlite_store)
+    assert after.created_at.timestamp() == pytest.approx(record.created_at, abs=1)
+    assert after.expires_at.timestamp() == pytest.approx(record.created_at + 3600, abs=1)
+
+
+async def test_login_expiry_is_capped_by_absolute_ttl(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(ttl=timedelta(days=30), absolute_ttl=timedelta(hours=1))
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.post("/login", json={"user_id": "alice"})
+
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.max_age is not None
+    assert 3590 <= cookie.max_age <= 3600
+    assert (await only_session(sqlite_store)).expires_at <= approx_now(3601)
+
+
+# -- fingerprints ---------------------------------------------------------------------------
+
+
+async def test_cookie_replayed_from_a_different_browser_ends_the_session(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A cookie stolen from Chrome on macOS and replayed from Firefox on Windows is refused.
+
+    The session is deleted for good, so the thief cannot retry with a better
+    User-Agent, and the owner must sign in again.
+    """
+    app = app_factory(sqlite_store)
+    owner = client_factory(app)
+    thief = client_factory(app, user_agent=FIREFOX_WINDOWS)
+    token = session_cookie(await owner.post("/login", json={"user_id": "alice"}))
+    assert token is not None
+
+    stolen = await thief.get("/me", headers=cookie_header(token.value))
+
+    assert stolen.json()["authenticated"] is False
+    assert_clears_cookie(stolen)
+    assert await SessionManager(sqlite_store).list_for_user("alice") == []
+    assert (await owner.get("/me")).json()["authenticated"] is False
+
+
+async def test_browser_update_keeps_the_session(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    app = app_factory(sqlite_store)
+    before_update = client_factory(app, user_agent=CHROME_MAC_119)
+    token = session_cookie(await before_update.post("/login", json={"user_id": "alice"}))
+    assert token is not None
+    after_update = client_factory(app, user_agent=CHROME_MAC)
+
+    response = await after_update.get("/me", headers=cookie_header(token.value))
+
+    assert response.json()["authenticated"] is True
+
+
+async def test_different_browser_is_accepted_when_fingerprints_are_not_validated(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    app = app_factory(sqlite_store, SessionConfig(validate_fingerprint=False))
+    token = session_cookie(await client_factory(app).post("/login", json={"user_id": "alice"}))
+    assert token is not None
+    other = client_factory(app, user_agent=FIREFOX_WINDOWS)
+
+    response = await other.get("/me", headers=cookie_header(token.value))
+
+    assert response.json()["authenticated"] is True
+    assert session_cookie(response) is None
+    assert len(await SessionManager(sqlite_store).list_for_user("alice")) == 1
+
+
+# -- client IP behind proxies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trusted", "peer", "headers", "expected"),
+    [
+        ((), "10.0.0.1", {"x-forwarded-for": "203.0.113.9"}, "10.0.0.1"),
+        (("10.0.0.0/8",), "192.0.2.1", {"x-forwarded-for": "203.0.113.9"}, "192.0.2.1"),
+        (("10.0.0.0/8",), "192.0.2.1", {"x-real-ip": "203.0.113.9"}, "192.0.2.1"),
+        (
+            ("10.0.0.0/8",),
+            "10.0.0.1",
+            {"x-forwarded-for": "198.51.100.7, 203.0.113.9, 10.0.0.2"},
+            "203.0.113.9",
+        ),
+        (("10.0.0.0/8",), "10.0.0.1", {"x-real-ip": "203.0.113.9"}, "203.0.113.9"),
+        (("10.0.0.0/8",), "10.0.0.1", {}, "10.0.0.1"),
+    ],
+    ids=[
+        "no-trusted-proxies",
+        "untrusted-peer-xff",
+        "untrusted-peer-x-real-ip",
+        "trusted-peer-rightmost-untrusted-hop",
+        "trusted-peer-x-real-ip",
+        "trusted-peer-no-header",
+    ],
+)
+async def test_spoofed_forwarding_headers_are_believed_only_from_trusted_proxies(
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    trusted: tuple[str, ...],
+    peer: str,
+    headers: dict[str, str],
+    expected: str,
+) -> None:
+    """A client must not be able to choose the IP its session records by sending headers.
+
+    Only a peer inside ``trusted_proxies`` is believed, and then only the
+    right-most hop it did not add itself (left-most hops are client-written).
+    """
+    app = app_factory(sqlite_store, SessionConfig(trusted_proxies=trusted))
+    client = client_factory(app, peer=(peer, 4321))
+
+    response = await client.post("/login", json={"user_id": "alice"}, headers=headers)
+
+    assert response.json()["session"]["ip_address"] == expected
+    assert (await only_session(sqlite_store)).ip_address == expected
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+async def test_session_errors_render_as_json_and_keep_cookie_changes_made_before(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    async def login_then_404(request: Request) -> Response:
+        session = Session.from_request(request)
+        await session.authenticate("alice")
+        await session.revoke("AAAAAAAAAAAAAAAAAAAAAA")
+        return JSONResponse({})
+
+    async def logout_then_401(request: Request) -> Response:
+        session = Session.from_request(request)
+        await session.logout()
+        await session.rotate()
+        return JSONResponse({})
+
+    app = app_factory(
+        sqlite_store,
+        extra_routes=[
+            Route("/login-then-404", login_then_404, methods=["POST"]),
+            Route("/logout-then-401", logout_then_401, methods=["POST"]),
+        ],
+    )
+    client = client_factory(app)
+
+    not_found = await client.post("/login-then-404")
+
+    assert not_found.status_code == 404
+    assert not_found.headers["content-type"] == "application/json"
+    assert not_found.json() == {"detail": SessionNotFound().message}
+    issued = session_cookie(not_found)
+    assert issued is not None
+    assert len(issued.value) == 43
+    assert (await client.get("/me")).json()["authenticated"] is True
+
+    unauthorized = await client.post("/logout-then-401")
+
+    assert unauthorized.status_code == 401
+    assert unauthorized.json() == {"detail": "Not authenticated: sign in first."}
+    assert_clears_cookie(unauthorized)
+    assert await SessionManager(sqlite_store).list_for_user("alice") == []
+
+
+async def test_session_data_error_renders_as_500_json_and_saves_nothing(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    async def bad_value(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("fine", 1)
+        session.set("bad", {1, 2})
+        return JSONResponse({})
+
+    token, _ = await plant_session(sqlite_store, "alice")
+    client = client_factory(
+        app_factory(sqlite_store, extra_routes=[Route("/bad", bad_value, methods=["POST"])])
+    )
+
+    response = await client.post("/bad", headers=cookie_header(token))
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert "not JSON-serialisable" in response.json()["detail"]
+    assert set(response.json()) == {"detail"}
+    assert session_cookie(response) is None
+    assert (await only_session(sqlite_store)).data == {}
+
+
+async def test_from_request_without_middleware_names_session_middleware(
+    client_factory: ClientFactory,
+) -> None:
+    async def handler(request: Request) -> Response:
+        Session.from_request(request)
+        return JSONResponse({})
+
+    client = client_factory(Starlette(routes=[Route("/", handler)]))
+
+    with pytest.raises(RuntimeError, match="SessionMiddleware"):
+        await client.get("/")
+    with pytest.raises(RuntimeError, match="SessionMiddleware"):
+        Session.from_scope({"type": "http", "headers": []})
+
+
+# -- a failing store: fail closed, keep the cookie, recover --------------------------------------
+
+
+@contextmanager
+def table_renamed_away(path: Path) -> Iterator[None]:
+    """Break the live database under the app (as a botched migration would), then repair it."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_away")
+        yield
+        db.execute(f"ALTER TABLE {TABLE}_away RENAME TO {TABLE}")
+    finally:
+        db.close()
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[None]:
+    """Another connection holds the database's write lock (a long transaction elsewhere)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+async def test_store_outage_answers_503_and_keeps_the_cookie_until_recovery(
+    tmp_path: Path, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Fail closed: no anonymous or stale answer while the store is broken, and no logout.
+
+    Clearing the cookie during an outage would sign every user out for good.
+    """
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path) as store:
+        token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+        client = client_factory(app_factory(store))
+        assert (await client.get("/me", headers=cookie_header(token))).json()["authenticated"]
+
+        with table_renamed_away(path):
+            response = await client.get("/me", headers=cookie_header(token))
+
+            assert response.status_code == 503
+            assert response.headers["content-type"] == "application/json"
+            assert set(response.json()) == {"detail"}
+            assert "set-cookie" not in response.headers
+
+        recovered = await client.get("/me", headers=cookie_header(token))
+        assert recovered.status_code == 200
+        assert recovered.json()["session"]["data"] == {"theme": "dark"}
+
+
+async def test_corrupt_database_file_at_startup_answers_503_then_recovers(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path) as seeding:
+        token, _ = await plant_session(seeding, "alice")
+    moved = tmp_path / "sessions.db.moved"
+    path.rename(moved)
+    path.write_bytes(os.urandom(8192))
+    app = build_app(f"sqlite:///{path}")
+    client = client_factory(app)
+
+    async with LifespanManager(app):  # startup logs the failure instead of crashing the app
+        broken = await client.get("/me", headers=cookie_header(token))
+
+        assert broken.status_code == 503
+        assert "set-cookie" not in broken.headers
+        path.unlink()
+        moved.rename(path)
+
+        recovered = await client.get("/me", headers=cookie_header(token))
+
+        assert recovered.status_code == 200
+        assert recovered.json()["user_id"] == "alice"
+
+
+async def test_failed_flush_turns_the_response_into_503(
+    tmp_path: Path, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The handler ran, but its changes could not be saved: the client must not see success."""
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path, timeout=0.2) as store:
+        token, _ = await plant_session(store, "alice", data={"theme": "light"})
+        client = client_factory(app_factory(store))
+
+        with write_lock_held(path):
+            response = await client.post(
+                "/set", json={"theme": "dark"}, headers=cookie_header(token)
+            )
+
+        assert response.status_code == 503
+        assert set(response.json()) == {"detail"}
+        assert "set-cookie" not in response.headers
+        after = await client.get("/me", headers=cookie_header(token))
+        assert after.json()["session"]["data"] == {"theme": "light"}
+
+
+async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    """Apps (FastAPI ones especially) register handlers to style errors; that must not
+    turn a store outage into an opaque 500."""
+
+    async def styled(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "try later"}, status_code=503)
+
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path, timeout=0.2) as store:
+        token, _ = await plant_session(store, "alice")
+        app = Starlette(
+            routes=ROUTES,
+            middleware=[Middleware(SessionMiddleware, store=store)],
+            exception_handlers={StoreUnavailable: styled},
+        )
+        client = client_factory(app)
+
+        with write_lock_held(path):
+            try:
+                response = await client.post("/set", json={"a": 1}, headers=cookie_header(token))
+            except RuntimeError as exc:  # what the app re-raised instead of answering
+                pytest.fail(f"no response, the app raised {exc!r}")
+
+        assert response.status_code == 503
+
+
+# -- WebSocket ----------------------------------------------------------------------------------
+
+
+def test_websocket_sees_the_session_and_cannot_authenticate() -> None:
+    # A MemoryStore: TestClient cancels the app task as soon as the socket closes, which
+    # would cut short a store write that has to leave the event loop (SQLite's thread).
+    app = build_app(MemoryStore())
+    with TestClient(app, base_url="https://testserver") as client:
+        login = client.post("/login", json={"user_id": "alice", "data": {"theme": "dark"}})
+        token = login.cookies[COOKIE]
+
+        with client.websocket_connect("/ws", headers=cookie_header(token)) as ws:
+            hello = ws.receive_json()
+            refused = ws.receive_json()
+            ws.send_json({"hello": "there"})
+            with pytest.raises(WebSocketDisconnect):
+                ws.receive_json()
+
+        me = client.get("/me", headers=cookie_header(token))
+
+    assert hello == {"user_id": "alice", "theme": "dark", "authenticated": True}
+    assert refused["authenticate"] == "refused"
+    assert "WebSocket" in refused["error"]
+    assert "RuntimeError" not in refused["error"]
+    assert me.json()["user_id"] == "alice"  # the refused authenticate ended nothing
+    assert me.json()["session"]["data"] == {"theme": "dark", "from_websocket": {"hello": "there"}}
+
+
+def test_websocket_without_session_is_anonymous() -> None:
+    with (
+        TestClient(build_app(MemoryStore()), base_url="https://testserver") as client,
+        client.websocket_connect("/ws") as ws,
+    ):
+        hello = ws.receive_json()
+        ws.receive_json()
+        ws.send_json(1)
+
+    assert hello == {"user_id": None, "theme": None, "authenticated": False}
+
+
+def test_websocket_is_refused_with_try_again_later_while_the_store_is_down(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteStore(path)
+    with TestClient(build_app(store), base_url="https://testserver") as client:
+        token = client.post("/login", json={"user_id": "alice"}).cookies[COOKIE]
+
+        with (
+            table_renamed_away(path),
+            pytest.raises(WebSocketDisconnect) as refused,
+            client.websocket_connect("/ws", headers=cookie_header(token)),
+        ):
+            pytest.fail("the WebSocket was accepted while the store was down")
+
+        with client.websocket_connect("/ws", headers=cookie_header(token)) as ws:
+            hello = ws.receive_json()
+            ws.receive_json()
+            ws.send_json(1)
+        client.portal.call(store.close)  # type: ignore[union-attr]
+
+    assert refused.value.code == 1013
+    assert hello["user_id"] == "alice"
+
+
+# -- lifespan and the default store ----------------------------------------------------------------
+
+
+def count_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        (count,) = db.execute("SELECT count(*) FROM authsessions_session").fetchone()
+    db.close()
+    assert isinstance(count, int)
+    return count
+
+
+async def test_store_built_from_url_opens_at_startup_and_closes_at_shutdown(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    path = tmp_path / "from-url.db"
+    middleware = SessionMiddleware(Starlette(routes=ROUTES), store=f"sqlite:///{path}")
+    assert not middleware.store.is_open
+    assert not path.exists()
+
+    async with LifespanManager(middleware):
+        assert middleware.store.is_open
+        assert count_rows(path) == 0  # schema created at startup
+        client = client_factory(middleware)
+        response = await client.post("/login", json={"user_id": "alice"})
+        assert response.status_code == 200
+
+    assert not middleware.store.is_open
+    assert count_rows(path) == 1
+
+
+async def test_unopened_store_object_is_opened_on_first_request(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    store = SQLiteStore(tmp_path / "sessions.db")
+    client = client_factory(build_app(store))  # no lifespan: ASGITransport sends none
+
+    response = await client.post("/login", json={"user_id": "alice"})
+
+    assert response.status_code == 200
+    assert store.is_open
+    assert len(await SessionManager(store).list_for_user("alice")) == 1
+    await store.close()
+
+
+async def test_store_passed_as_object_is_left_open_at_shutdown() -> None:
+    store = MemoryStore()
+    middleware = SessionMiddleware(Starlette(routes=ROUTES), store=store)
+
+    async with LifespanManager(middleware):
+        assert store.is_open
+
+    assert store.is_open
+    await store.close()
+
+
+async def test_default_store_is_sessions_db_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_factory: ClientFactory
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTHSESSIONS_STORE", raising=False)
+    middleware = SessionMiddleware(Starlette(routes=ROUTES))
+    assert isinstance(middleware.store, SQLiteStore)
+
+    async with LifespanManager(middleware):
+        await client_factory(middleware).post("/login", json={"user_id": "alice"})
+
+    assert count_rows(tmp_path / "sessions.db") == 1
+
+
+async def test_default_store_comes_from_authsessions_store_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_factory: ClientFactory
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTHSESSIONS_STORE", "sqlite:///from-env.db")
+    middleware = SessionMiddleware(Starlette(routes=ROUTES))
+
+    async with LifespanManager(middleware):
+        await client_factory(middleware).post("/login", json={"user_id": "alice"})
+
+    assert count_rows(tmp_path / "from-env.db") == 1
+    assert not (tmp_path / "sessions.db").exists()
+
+
+async def test_other_scope_types_pass_through_untouched() -> None:
+    seen: list[str] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append(str(scope["type"]))
+
+    middleware = SessionMiddleware(app, store=MemoryStore())  # type: ignore[arg-type]
+    await middleware({"type": "custom"}, None, None)  # type: ignore[arg-type]
+
+    assert seen == ["custom"]
+    assert not middleware.store.is_open
+
+
+def test_invalid_arguments_are_rejected_at_construction() -> None:
+    with pytest.raises(TypeError, match="SessionConfig"):
+        SessionMiddleware(Starlette(), store=MemoryStore(), config={"ttl": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Store"):
+        SessionMiddleware(Starlette(), store=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scheme"):
+        SessionMiddleware(Starlette(), store="mysql://nope")

@@ -1,0 +1,674 @@
+"""HTTP scenarios through ``SessionMiddleware``, run once for every store.
+
+The second layer of the conformance suite (tower-sessions' ``route_tests!``):
+each test drives the test app in ``tests/apps/session_app.py`` over real
+HTTP (``httpx.ASGITransport``) and checks both the responses and what the
+store holds afterwards. The ``store`` fixture is parametrised over
+``tests/stores/conftest.py``'s ``STORE_FIXTURES``, so a new store runs all of
+these by being added there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from authsessions import Session, SessionConfig, SessionData, SessionManager
+from authsessions._tokens import new_session_id, new_token
+from authsessions.stores import Store
+from tests.apps.session_app import (
+    COOKIE,
+    FIREFOX_WINDOWS,
+    SlowGate,
+    cookie_header,
+    plant_session,
+    session_cookie,
+)
+from tests.conftest import AppFactory, ClientFactory
+
+THIRTY_DAYS = int(timedelta(days=30).total_seconds())
+
+
+async def live_sessions(store: Store, user_id: str) -> list[SessionData]:
+    return await SessionManager(store).list_for_user(user_id)
+
+
+async def count_all_rows(store: Store) -> int:
+    """How many sessions the store holds, live or expired. Destructive: it empties the store.
+
+    No store primitive counts every row, but "delete the sessions expired as of
+    a far future" deletes all of them and says how many there were.
+    """
+    return await store.delete_expired(now=time.time() + 10**10, limit=10**6)
+
+
+async def login(client: httpx.AsyncClient, user_id: str = "alice", **body: object) -> str:
+    """Sign in; returns the new token (also kept in the client's cookie jar)."""
+    response = await client.post("/login", json={"user_id": user_id, **body})
+    assert response.status_code == 200, response.text
+    cookie = session_cookie(response)
+    assert cookie is not None
+    return cookie.value
+
+
+def assert_clears_cookie(response: httpx.Response) -> None:
+    cookie = session_cookie(response)
+    assert cookie is not None, f"no clearing Set-Cookie in {response.headers}"
+    assert cookie.value == ""
+    assert cookie.max_age == 0
+    assert cookie.attributes["path"] == "/"
+    assert "secure" in cookie.attributes
+    assert "domain" not in cookie.attributes
+
+
+# -- login and the cookie ------------------------------------------------------------------
+
+
+async def test_login_sets_host_cookie_secure_httponly_lax_with_max_age(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    response = await client.post("/login", json={"user_id": "alice"})
+
+    assert response.status_code == 200
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.name == "__Host-session"
+    assert len(cookie.value) == 43
+    assert "secure" in cookie.attributes
+    assert "httponly" in cookie.attributes
+    assert cookie.attributes["samesite"] == "Lax"
+    assert cookie.attributes["path"] == "/"
+    assert "domain" not in cookie.attributes
+    assert cookie.max_age is not None
+    assert THIRTY_DAYS - 5 <= cookie.max_age <= THIRTY_DAYS
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["vary"] == "Cookie"
+    body = response.json()
+    assert body["authenticated"] is True
+    assert body["user_id"] == "alice"
+    [stored] = await live_sessions(store, "alice")
+    assert stored.id == body["session"]["id"]
+    assert stored.data == {}
+    assert stored.device_name == "Chrome on macOS"
+    assert stored.device_type == "desktop"
+    assert stored.ip_address == "127.0.0.1"
+
+
+async def test_next_request_is_authenticated_without_new_cookie(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await login(client)
+    [stored] = await live_sessions(store, "alice")
+
+    response = await client.get("/me")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is True
+    assert response.json()["user_id"] == "alice"
+    assert response.json()["session"]["id"] == stored.id
+    assert session_cookie(response) is None
+
+
+async def test_values_set_after_authenticate_in_the_same_request_are_kept(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await login(client, data={"plan": "pro"}, set={"theme": "dark"})
+
+    response = await client.get("/me")
+
+    assert response.json()["session"]["data"] == {"plan": "pro", "theme": "dark"}
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == {"plan": "pro", "theme": "dark"}
+
+
+async def test_values_set_after_rotate_in_the_same_request_are_kept(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await login(client, data={"plan": "pro"})
+
+    rotated = await client.post("/rotate", json={"set": {"elevated": True}})
+
+    assert rotated.status_code == 200
+    me = await client.get("/me")
+    assert me.json()["session"]["data"] == {"plan": "pro", "elevated": True}
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == {"plan": "pro", "elevated": True}
+
+
+# -- rotate -------------------------------------------------------------------------------
+
+
+async def test_rotate_keeps_id_and_data_and_refreshes_expiry(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    token, record = await plant_session(
+        store, "alice", created_ago=600, expires_in=60, data={"cart": [1, 2]}
+    )
+
+    response = await client.post("/rotate", headers=cookie_header(token))
+
+    assert response.status_code == 200
+    new = session_cookie(response)
+    assert new is not None
+    assert new.value not in ("", token)
+    assert new.max_age is not None
+    assert new.max_age > THIRTY_DAYS - 5
+    [stored] = await live_sessions(store, "alice")
+    assert stored.id == record.id
+    assert stored.data == {"cart": [1, 2]}
+    assert stored.created_at.timestamp() == pytest.approx(record.created_at, abs=1)
+    assert stored.expires_at > datetime.now(UTC) + timedelta(days=29)
+
+
+async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """An attacker who copied the cookie before a privilege change gains nothing after it.
+
+    ``rotate`` replaces the token: the old one must no longer find the session,
+    and a client presenting it is told to drop it.
+    """
+    old = await login(client)
+    rotated = await client.post("/rotate")
+    new = session_cookie(rotated)
+    assert new is not None
+
+    replay = await client.get("/me", headers=cookie_header(old))
+
+    assert replay.json()["authenticated"] is False
+    assert_clears_cookie(replay)
+    fresh = await client.get("/me", headers=cookie_header(new.value))
+    assert fresh.json()["authenticated"] is True
+    assert len(await live_sessions(store, "alice")) == 1
+
+
+# -- logout ----------------------------------------------------------------------------------
+
+
+async def test_logout_destroys_session_and_clears_cookie(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    token = await login(client)
+
+    response = await client.post("/logout")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+    assert "httponly" in session_cookie(response).attributes  # type: ignore[union-attr]
+    assert await live_sessions(store, "alice") == []
+    replay = await client.get("/me", headers=cookie_header(token))
+    assert replay.json()["authenticated"] is False
+    assert_clears_cookie(replay)
+
+
+async def test_logout_without_session_succeeds_and_sets_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/logout")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is False
+    assert "set-cookie" not in response.headers
+
+
+async def test_logout_all_from_device_b_ends_device_a(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    device_a = client_factory(app)
+    device_b = client_factory(app, user_agent=FIREFOX_WINDOWS)
+    bob = client_factory(app)
+    await login(device_a)
+    await login(device_b)
+    await login(bob, "bob")
+
+    response = await device_b.post("/logout_all")
+
+    assert response.status_code == 200
+    assert_clears_cookie(response)
+    a = await device_a.get("/me")
+    assert a.json()["authenticated"] is False
+    assert_clears_cookie(a)
+    assert await live_sessions(store, "alice") == []
+    assert (await bob.get("/me")).json()["user_id"] == "bob"
+    assert len(await live_sessions(store, "bob")) == 1
+
+
+async def test_logout_other_keeps_only_the_current_session(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    devices = [client_factory(app) for _ in range(3)]
+    for device in devices:
+        await login(device)
+    await login(client_factory(app), "bob")
+    current = (await devices[1].get("/current")).json()
+
+    response = await devices[1].post("/logout_other")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is True
+    assert session_cookie(response) is None
+    for other in (devices[0], devices[2]):
+        me = await other.get("/me")
+        assert me.json()["authenticated"] is False
+        assert_clears_cookie(me)
+    assert [s.id for s in await live_sessions(store, "alice")] == [current["id"]]
+    assert len(await live_sessions(store, "bob")) == 1
+
+
+ODD_BUT_VALID_JSON: dict[str, object] = {
+    "float_one": 1.0,
+    "big_int": 2**63 + 1,
+    "tiny": 5e-324,
+    "unicode": "é \u2028 😀 \u0000 nul",
+    "empty": "",
+    "": "empty key",
+    "dotted.key": {"$dollar": [None, True, False, [], {}]},
+    "quote'and\"backslash\\": "'; DROP TABLE x; --",
+}
+
+
+async def test_stored_values_read_back_exactly_as_written(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """Whatever strict JSON ``set`` accepts, every store must give back unchanged."""
+    await login(client)
+
+    written = await client.post("/set", json=ODD_BUT_VALID_JSON)
+
+    assert written.status_code == 200, written.text
+    read = (await client.get("/me")).json()["session"]["data"]
+    assert read == ODD_BUT_VALID_JSON
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == ODD_BUT_VALID_JSON
+    assert type(stored.data["float_one"]) is float
+
+
+# -- listing and revoking -------------------------------------------------------------------
+
+
+async def test_list_my_sessions_orders_by_recent_activity_with_one_current(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    oldest_token, oldest = await plant_session(store, "alice", created_ago=7200, idle_for=3600)
+    _, middle = await plant_session(store, "alice", created_ago=7200, idle_for=1800)
+    _, newest = await plant_session(
+        store, "alice", created_ago=7200, idle_for=60, user_agent=FIREFOX_WINDOWS
+    )
+    await plant_session(store, "bob")
+
+    response = await client.get("/sessions", headers=cookie_header(oldest_token))
+
+    assert response.status_code == 200
+    listed = response.json()
+    assert [s["id"] for s in listed] == [newest.id, middle.id, oldest.id]
+    assert [s["is_current"] for s in listed] == [False, False, True]
+    assert {s["user_id"] for s in listed} == {"alice"}
+    assert listed[0]["device_name"] == "Firefox on Windows"
+    assert oldest_token not in response.text
+    # That request was activity, and the hour-old session was due a touch: it now leads.
+    again = await client.get("/sessions", headers=cookie_header(oldest_token))
+    assert [s["id"] for s in again.json()] == [oldest.id, newest.id, middle.id]
+
+
+async def test_revoke_another_device_ends_it_and_keeps_this_one(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    phone = client_factory(app)
+    laptop = client_factory(app)
+    await login(phone)
+    await login(laptop)
+    phone_id = (await phone.get("/current")).json()["id"]
+
+    response = await laptop.post(f"/sessions/{phone_id}/revoke")
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is True
+    assert session_cookie(response) is None
+    me = await phone.get("/me")
+    assert me.json()["authenticated"] is False
+    assert_clears_cookie(me)
+    remaining = [s.id for s in await live_sessions(store, "alice")]
+    assert len(remaining) == 1
+    assert phone_id not in remaining
+
+
+async def test_revoke_own_session_clears_the_cookie(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    await login(client)
+    own_id = (await client.get("/current")).json()["id"]
+
+    response = await client.post(f"/sessions/{own_id}/revoke")
+
+    assert response.status_code == 200
+    assert_clears_cookie(response)
+    assert await live_sessions(store, "alice") == []
+
+
+async def test_session_id_enumeration_through_revoke_learns_nothing(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    """Revoking someone else's session and a made-up id must look exactly alike.
+
+    Otherwise an attacker with any account could probe which session ids exist
+    (and so which users are signed in), and a different answer would prove it.
+    """
+    mallory = client_factory(app)
+    bob = client_factory(app)
+    await login(mallory, "mallory")
+    await login(bob, "bob")
+    bob_id = (await bob.get("/current")).json()["id"]
+
+    others = await mallory.post(f"/sessions/{bob_id}/revoke")
+    unknown = await mallory.post(f"/sessions/{new_session_id()}/revoke")
+    malformed = await mallory.post("/sessions/not-an-id/revoke")
+
+    assert others.status_code == unknown.status_code == malformed.status_code == 404
+    assert others.content == unknown.content == malformed.content
+    assert others.json() == {"detail": "No such session."}
+    assert dict(others.headers) == dict(unknown.headers)
+    assert (await bob.get("/me")).json()["authenticated"] is True
+    assert len(await live_sessions(store, "bob")) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/rotate"),
+        ("POST", "/logout_all"),
+        ("POST", "/logout_other"),
+        ("GET", "/sessions"),
+        ("POST", "/sessions/AAAAAAAAAAAAAAAAAAAAAA/revoke"),
+    ],
+)
+async def test_operations_needing_a_session_answer_401_without_one(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    response = await client.request(method, path)
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"detail": "Not authenticated: sign in first."}
+    assert "set-cookie" not in response.headers
+
+
+async def test_current_reflects_writes_made_earlier_in_the_request(
+    client: httpx.AsyncClient,
+) -> None:
+    await login(client, data={"keep": 1, "drop": 2})
+
+    written = await client.post("/set", json={"theme": "dark", "keep": 10})
+    removed = await client.post("/remove", json={"keys": ["drop", "never-there"]})
+
+    assert written.json()["session"]["data"] == {"keep": 10, "drop": 2, "theme": "dark"}
+    assert removed.json()["session"]["data"] == {"keep": 10, "theme": "dark"}
+    assert (await client.get("/me")).json()["session"]["data"] == {"keep": 10, "theme": "dark"}
+
+
+# -- cookies the server did not issue (or no longer honours) -----------------------------------
+
+
+async def test_session_fixation_token_planted_before_login_is_destroyed(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    """A token an attacker slips into the victim's browser must be worthless after login.
+
+    The attacker signs in, plants their own cookie in the victim's browser,
+    and waits: if login kept that session (or token), the attacker would
+    share the victim's signed-in session.
+    """
+    attacker = client_factory(app)
+    planted = await login(attacker, "victim")  # any session the attacker can get a token for
+    victim = client_factory(app)
+
+    response = await victim.post(
+        "/login", json={"user_id": "victim"}, headers=cookie_header(planted)
+    )
+
+    issued = session_cookie(response)
+    assert issued is not None
+    assert issued.value not in ("", planted)
+    replay = await attacker.get("/me", headers=cookie_header(planted))
+    assert replay.json()["authenticated"] is False
+    assert [s.id for s in await live_sessions(store, "victim")] == [
+        response.json()["session"]["id"]
+    ]
+
+
+async def test_login_while_signed_in_replaces_the_session_with_empty_data(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    old_token = await login(client, data={"cart": [1]})
+    [old] = await live_sessions(store, "alice")
+
+    new_token = await login(client, "alice")
+
+    [new] = await live_sessions(store, "alice")
+    assert new.id != old.id
+    assert new.data == {}
+    assert new_token != old_token
+    replay = await client.get("/me", headers=cookie_header(old_token))
+    assert replay.json()["authenticated"] is False
+
+
+async def test_session_fixation_unknown_token_is_never_adopted(
+    client: httpx.AsyncClient,
+) -> None:
+    """A client-chosen token must never become a session's token (no adoption)."""
+    chosen = new_token()
+
+    response = await client.post("/login", json={"user_id": "alice"}, headers=cookie_header(chosen))
+
+    issued = session_cookie(response)
+    assert issued is not None
+    assert issued.value not in ("", chosen)
+    assert (await client.get("/me", headers=cookie_header(chosen))).json()["authenticated"] is False
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    ["not-a-token", "", "x" * 43 + "A", "!" * 43, "A" * 42, "é" * 43],
+    ids=["words", "empty", "too-long", "bad-alphabet", "too-short", "non-ascii"],
+)
+async def test_malformed_cookie_is_cleared_and_creates_no_row(
+    client: httpx.AsyncClient, store: Store, cookie: str
+) -> None:
+    await plant_session(store, "alice")
+
+    response = await client.get("/me", headers={b"cookie": f"{COOKIE}={cookie}".encode()})
+
+    assert response.status_code == 200
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+    assert await count_all_rows(store) == 1
+
+
+async def test_bogus_session_cookie_is_cleared_and_creates_no_row(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """A well-formed token the server never issued must not create a session record.
+
+    Creating rows for unknown tokens would let anyone fill the store (a DoS),
+    and adopting them would allow session fixation.
+    """
+    await plant_session(store, "alice")
+
+    for _ in range(3):
+        response = await client.get("/me", headers=cookie_header(new_token()))
+        assert response.json()["authenticated"] is False
+        assert_clears_cookie(response)
+
+    assert len(await live_sessions(store, "alice")) == 1
+    assert await count_all_rows(store) == 1
+
+
+async def test_expired_session_cookie_is_cleared_and_not_revived(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    token, _ = await plant_session(store, "alice", created_ago=7200, idle_for=3600, expires_in=-5)
+
+    response = await client.post("/set", json={"theme": "dark"}, headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+    assert await live_sessions(store, "alice") == []
+    assert await count_all_rows(store) == 1  # the expired row itself, not revived, nothing new
+
+
+async def test_revoked_session_cookie_is_cleared(client: httpx.AsyncClient, store: Store) -> None:
+    token = await login(client)
+    [stored] = await live_sessions(store, "alice")
+    await SessionManager(store).revoke("alice", stored.id)
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+    assert await count_all_rows(store) == 0
+
+
+async def test_login_beyond_the_limit_evicts_the_least_recently_active(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    client = client_factory(app_factory(store, SessionConfig(max_sessions_per_user=2)))
+    _, stale = await plant_session(store, "alice", idle_for=3600)
+    _, recent = await plant_session(store, "alice", idle_for=60)
+
+    await login(client)
+
+    remaining = {s.id for s in await live_sessions(store, "alice")}
+    assert stale.id not in remaining
+    assert recent.id in remaining
+    assert len(remaining) == 2
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_requests_writing_different_keys_keep_all_fifty(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    barrier = asyncio.Barrier(50)
+
+    async def set_after_all_loaded(request: Request) -> Response:
+        session = Session.from_request(request)
+        # Every request holds the same loaded snapshot before any of them writes.
+        await asyncio.wait_for(barrier.wait(), timeout=10)
+        key = request.query_params["key"]
+        session.set(key, int(key[1:]))
+        return JSONResponse({"ok": True})
+
+    app = app_factory(store, extra_routes=[Route("/barrier-set", set_after_all_loaded)])
+    client = client_factory(app)
+    await login(client, data={"base": True})
+
+    responses = await asyncio.gather(
+        *(client.get("/barrier-set", params={"key": f"k{i}"}) for i in range(50))
+    )
+
+    assert all(r.status_code == 200 for r in responses)
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == {"base": True, **{f"k{i}": i for i in range(50)}}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="max_data_bytes is checked against the request's own snapshot (_session.py, "
+    "Session.set) and Store.update merges keys without a size check, so concurrent "
+    "requests together exceed the cap",
+)
+async def test_concurrent_writes_cannot_together_exceed_max_data_bytes(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """``max_data_bytes`` caps a session's stored data, however the writes interleave.
+
+    Otherwise N parallel requests can store N times the limit, and every later
+    ``set`` on that session fails because the session is already over it.
+    """
+    barrier = asyncio.Barrier(2)
+
+    async def set_big_value(request: Request) -> Response:
+        session = Session.from_request(request)
+        await asyncio.wait_for(barrier.wait(), timeout=10)
+        session.set(request.query_params["key"], "x" * 60)
+        return JSONResponse({"ok": True})
+
+    config = SessionConfig(max_data_bytes=100)
+    app = app_factory(store, config, extra_routes=[Route("/big", set_big_value)])
+    client = client_factory(app)
+    await login(client)
+
+    responses = await asyncio.gather(
+        client.get("/big", params={"key": "a"}), client.get("/big", params={"key": "b"})
+    )
+
+    [stored] = await live_sessions(store, "alice")
+    stored_size = len(json.dumps(stored.data, separators=(",", ":")))
+    assert stored_size <= 100, (
+        f"{stored_size} bytes stored under max_data_bytes=100 "
+        f"(responses {[r.status_code for r in responses]})"
+    )
+
+
+async def test_twenty_concurrent_logins_leave_exactly_max_sessions(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    barrier = asyncio.Barrier(20)
+
+    async def login_together(request: Request) -> Response:
+        session = Session.from_request(request)
+        await asyncio.wait_for(barrier.wait(), timeout=10)
+        await session.authenticate("alice")
+        return JSONResponse({"ok": True})
+
+    app = app_factory(
+        store,
+        SessionConfig(max_sessions_per_user=5),
+        extra_routes=[Route("/barrier-login", login_together, methods=["POST"])],
+    )
+    clients = [client_factory(app) for _ in range(20)]
+
+    responses = await asyncio.gather(*(c.post("/barrier-login") for c in clients))
+
+    assert all(r.status_code == 200 for r in responses)
+    assert len(await live_sessions(store, "alice")) == 5
+    authenticated = [(await c.get("/me")).json()["authenticated"] for c in clients]
+    assert authenticated.count(True) == 5
+
+
+async def test_slow_request_overlapping_logout_does_not_resurrect_the_session(
+    app: Starlette, store: Store, client_factory: ClientFactory
+) -> None:
+    """A request that loaded the session before a logout must not write it back after.
+
+    Otherwise "sign out" (say, of a stolen session) could be undone by any
+    request still in flight, and the slow response must also tell the
+    browser to drop the cookie.
+    """
+    client = client_factory(app)
+    token = await login(client)
+    gate: SlowGate = app.state.slow_gate
+    slow = asyncio.create_task(client.get("/slow", headers=cookie_header(token)))
+    await asyncio.wait_for(gate.started.wait(), timeout=5)
+
+    logout = await client.post("/logout", headers=cookie_header(token))
+    assert_clears_cookie(logout)
+    gate.proceed.set()
+    slow_response = await asyncio.wait_for(slow, timeout=5)
+
+    assert slow_response.status_code == 200
+    assert_clears_cookie(slow_response)
+    assert await live_sessions(store, "alice") == []
+    assert await count_all_rows(store) == 0
+    replay = await client.get("/me", headers=cookie_header(token))
+    assert replay.json()["authenticated"] is False

@@ -1,0 +1,473 @@
+"""Session values: only strict JSON goes in, typed reads come out strictly.
+
+Every operation runs inside a real request through ``SessionMiddleware`` (the
+``run`` fixture), and the store is checked afterwards: a rejected value must
+leave both the in-memory session and the stored one as they were.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import httpx
+import pytest
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from typing_extensions import TypedDict
+
+from authsessions import Session, SessionConfig, SessionDataError, SessionManager
+from authsessions.stores import Store
+from tests.apps.session_app import cookie_header, plant_session, session_cookie
+from tests.conftest import AppFactory, ClientFactory
+
+Action = Callable[[Session], Any]
+
+
+@dataclass
+class Outcome:
+    """What an action did inside a request: its result or its error, and the response."""
+
+    response: httpx.Response
+    value: Any = None
+    error: Exception | None = None
+    data_after: dict[str, Any] | None = None
+
+
+class Runner(Protocol):
+    async def __call__(
+        self,
+        action: Action,
+        *,
+        data: dict[str, Any] | None = ...,
+        signed_in: bool = ...,
+        config: SessionConfig | None = ...,
+    ) -> Outcome: ...
+
+
+@pytest.fixture
+def run(sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory) -> Runner:
+    """Run ``action(session)`` in one real request, signed in with ``data`` (or anonymous)."""
+
+    async def runner(
+        action: Action,
+        *,
+        data: dict[str, Any] | None = None,
+        signed_in: bool = True,
+        config: SessionConfig | None = None,
+    ) -> Outcome:
+        outcome_fields: dict[str, Any] = {}
+
+        async def handler(request: Request) -> Response:
+            session = Session.from_request(request)
+            try:
+                result = action(session)
+                if inspect.isawaitable(result):
+                    result = await result
+                outcome_fields["value"] = result
+            except Exception as exc:
+                outcome_fields["error"] = exc
+            current = session.current()
+            outcome_fields["data_after"] = current.data if current is not None else None
+            return JSONResponse({})
+
+        app = app_factory(sqlite_store, config, extra_routes=[Route("/run", handler)])
+        headers: dict[str, str] = {}
+        if signed_in:
+            token, _ = await plant_session(sqlite_store, "alice", data=data or {})
+            headers = cookie_header(token)
+        response = await client_factory(app).get("/run", headers=headers)
+        assert response.status_code == 200, response.text
+        return Outcome(response=response, **outcome_fields)
+
+    return runner
+
+
+async def stored_data(store: Store, user_id: str = "alice") -> dict[str, Any]:
+    [session] = await SessionManager(store).list_for_user(user_id)
+    return session.data
+
+
+class Opaque:
+    pass
+
+
+def _deep(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+DEEP = _deep(100_000)  # deeper than json can encode: a RecursionError must not escape
+
+
+# -- set ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1, 2},
+        frozenset({1}),
+        b"bytes",
+        bytearray(b"x"),
+        (1, 2),
+        [1, (2, 3)],
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        {1: "non-str key"},
+        {"nested": {2: "x"}},
+        {"a": [{"b": {1, 2}}]},
+        Opaque(),
+        datetime(2024, 1, 1, tzinfo=UTC),
+        1 + 2j,
+        DEEP,
+    ],
+    ids=[
+        "set",
+        "frozenset",
+        "bytes",
+        "bytearray",
+        "tuple",
+        "nested-tuple",
+        "nan",
+        "inf",
+        "-inf",
+        "int-key",
+        "nested-int-key",
+        "deep-set",
+        "object",
+        "datetime",
+        "complex",
+        "too-deep",
+    ],
+)
+async def test_set_rejects_what_strict_json_cannot_hold_and_changes_nothing(
+    run: Runner, sqlite_store: Store, value: object
+) -> None:
+    outcome = await run(lambda s: s.set("theme", value), data={"theme": "light"})
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert isinstance(outcome.error, ValueError)
+    assert "'theme'" in str(outcome.error)
+    assert outcome.data_after == {"theme": "light"}
+    assert await stored_data(sqlite_store) == {"theme": "light"}
+    assert session_cookie(outcome.response) is None
+
+
+@pytest.mark.parametrize("key", [1, None, ("a",), b"key"], ids=["int", "none", "tuple", "bytes"])
+async def test_set_rejects_non_string_keys(run: Runner, sqlite_store: Store, key: object) -> None:
+    outcome = await run(lambda s: s.set(key, 1))  # type: ignore[arg-type]
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert outcome.data_after == {}
+    assert await stored_data(sqlite_store) == {}
+
+
+async def test_set_accepts_plain_json_and_stores_a_copy(run: Runner, sqlite_store: Store) -> None:
+    value: dict[str, Any] = {
+        "s": "ünïcode",
+        "i": 2**53,
+        "f": -1.5,
+        "b": False,
+        "n": None,
+        "l": [1, "two", [3.0], {"four": 4}],
+        "d": {"deep": {"deeper": []}},
+    }
+
+    def action(session: Session) -> None:
+        session.set("value", value)
+        value["l"].append("mutated after set")
+
+    outcome = await run(action)
+
+    assert outcome.error is None
+    expected = {**value, "l": [1, "two", [3.0], {"four": 4}]}
+    assert outcome.data_after == {"value": expected}
+    assert await stored_data(sqlite_store) == {"value": expected}
+
+
+async def test_max_data_bytes_is_enforced_with_a_message_naming_the_limit(
+    run: Runner, sqlite_store: Store
+) -> None:
+    config = SessionConfig(max_data_bytes=100)
+
+    outcome = await run(lambda s: s.set("big", "x" * 200), data={"small": 1}, config=config)
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert "max_data_bytes=100" in str(outcome.error)
+    assert outcome.data_after == {"small": 1}
+    assert await stored_data(sqlite_store) == {"small": 1}
+
+
+async def test_max_data_bytes_counts_the_whole_session_not_one_value(
+    run: Runner, sqlite_store: Store
+) -> None:
+    config = SessionConfig(max_data_bytes=100)
+
+    def action(session: Session) -> list[str]:
+        results = []
+        for key in ("a", "b", "c"):
+            try:
+                session.set(key, "y" * 30)
+                results.append("ok")
+            except SessionDataError:
+                results.append("refused")
+        return results
+
+    outcome = await run(action, config=config)
+
+    assert outcome.value == ["ok", "ok", "refused"]
+    assert await stored_data(sqlite_store) == {"a": "y" * 30, "b": "y" * 30}
+
+
+async def test_initial_data_is_held_to_the_same_rules(run: Runner) -> None:
+    config = SessionConfig(max_data_bytes=50)
+
+    too_big = await run(
+        lambda s: s.authenticate_with("bob", {"big": "x" * 100}), signed_in=False, config=config
+    )
+    not_json = await run(lambda s: s.authenticate_with("bob", {"s": {1}}), signed_in=False)
+    not_mapping = await run(
+        lambda s: s.authenticate_with("bob", [("a", 1)]),  # type: ignore[arg-type]
+        signed_in=False,
+    )
+
+    for outcome in (too_big, not_json, not_mapping):
+        assert isinstance(outcome.error, SessionDataError)
+        assert outcome.data_after is None
+        assert session_cookie(outcome.response) is None
+    assert "max_data_bytes=50" in str(too_big.error)
+
+
+async def test_set_without_session_is_a_no_op(run: Runner, sqlite_store: Store) -> None:
+    outcome = await run(lambda s: s.set("theme", "dark"), signed_in=False)
+
+    assert outcome.error is None
+    assert outcome.data_after is None
+    assert "set-cookie" not in outcome.response.headers
+    assert await SessionManager(sqlite_store).list_for_user("alice") == []
+
+
+# -- remove_key ---------------------------------------------------------------------------------
+
+
+async def test_remove_key_removes_and_is_written(run: Runner, sqlite_store: Store) -> None:
+    outcome = await run(lambda s: s.remove_key("drop"), data={"drop": 1, "keep": 2})
+
+    assert outcome.data_after == {"keep": 2}
+    assert await stored_data(sqlite_store) == {"keep": 2}
+
+
+async def test_remove_key_of_missing_key_is_a_no_op(run: Runner, sqlite_store: Store) -> None:
+    outcome = await run(lambda s: s.remove_key("never-there"), data={"keep": 2})
+
+    assert outcome.error is None
+    assert outcome.data_after == {"keep": 2}
+    assert session_cookie(outcome.response) is None
+    assert await stored_data(sqlite_store) == {"keep": 2}
+
+
+async def test_remove_key_without_session_is_a_no_op(run: Runner) -> None:
+    outcome = await run(lambda s: s.remove_key("anything"), signed_in=False)
+
+    assert outcome.error is None
+    assert "set-cookie" not in outcome.response.headers
+
+
+async def test_set_then_remove_in_one_request_leaves_the_key_absent(
+    run: Runner, sqlite_store: Store
+) -> None:
+    def action(session: Session) -> None:
+        session.set("k", 1)
+        session.remove_key("k")
+        session.set("other", 2)
+
+    await run(action, data={"k": 0})
+
+    assert await stored_data(sqlite_store) == {"other": 2}
+
+
+# -- get --------------------------------------------------------------------------------------
+
+STORED = {
+    "int": 1,
+    "str_int": "1",
+    "bool": True,
+    "float": 1.5,
+    "list": [1, 2],
+    "mixed_list": [1, "2"],
+    "dict": {"a": 1},
+    "none": None,
+    "cart": {"items": [1, 2], "total": 3.5},
+    "bad_cart": {"items": ["1"], "total": 3.5},
+}
+
+
+async def read(run: Runner, key: str, type_: Any) -> Outcome:
+    return await run(lambda s: s.get(key, type=type_), data=STORED)
+
+
+@pytest.mark.parametrize(
+    ("key", "type_", "expected"),
+    [
+        ("int", int, 1),
+        ("int", None, 1),
+        ("str_int", str, "1"),
+        ("bool", bool, True),
+        ("float", float, 1.5),
+        ("list", list, [1, 2]),
+        ("dict", dict, {"a": 1}),
+        ("list", list[int], [1, 2]),
+        ("dict", dict[str, int], {"a": 1}),
+    ],
+)
+async def test_get_returns_values_of_the_right_type(
+    run: Runner, key: str, type_: Any, expected: object
+) -> None:
+    outcome = await read(run, key, type_)
+
+    assert outcome.error is None
+    assert outcome.value == expected
+    assert type(outcome.value) is type(expected)
+
+
+async def test_get_accepts_an_int_as_float(run: Runner) -> None:
+    outcome = await read(run, "int", float)
+
+    assert outcome.value == 1.0
+    assert type(outcome.value) is float
+
+
+@pytest.mark.parametrize(
+    ("key", "type_"),
+    [
+        ("str_int", int),
+        ("int", str),
+        ("bool", int),
+        ("bool", float),
+        ("int", bool),
+        ("float", int),
+        ("list", dict),
+        ("dict", list),
+        ("none", int),
+        ("mixed_list", list[int]),
+        ("str_int", list[int]),
+    ],
+    ids=lambda p: getattr(p, "__name__", str(p)),
+)
+async def test_get_converts_strictly(run: Runner, key: str, type_: Any) -> None:
+    """No "1" -> 1, no True -> 1: a lenient read would hide corrupt or forged data."""
+    outcome = await read(run, key, type_)
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert repr(key) in str(outcome.error)
+
+
+@dataclass
+class Cart:
+    items: list[int]
+    total: float
+    note: str = ""
+
+
+class CartDict(TypedDict):
+    items: list[int]
+    total: float
+
+
+class CartModel(BaseModel):
+    items: list[int]
+    total: float
+
+
+async def test_get_converts_to_a_dataclass(run: Runner) -> None:
+    outcome = await read(run, "cart", Cart)
+
+    assert outcome.value == Cart(items=[1, 2], total=3.5)
+
+
+async def test_get_converts_to_a_typeddict(run: Runner) -> None:
+    outcome = await read(run, "cart", CartDict)
+
+    assert outcome.value == {"items": [1, 2], "total": 3.5}
+
+
+async def test_get_converts_to_a_pydantic_model(run: Runner) -> None:
+    outcome = await read(run, "cart", CartModel)
+
+    assert isinstance(outcome.value, CartModel)
+    assert outcome.value.items == [1, 2]
+
+
+@pytest.mark.parametrize("type_", [Cart, CartDict, CartModel], ids=lambda t: t.__name__)
+async def test_structured_types_are_converted_strictly_too(run: Runner, type_: Any) -> None:
+    outcome = await read(run, "bad_cart", type_)
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert "'bad_cart'" in str(outcome.error)
+
+
+async def test_get_returns_default_for_a_missing_key(run: Runner) -> None:
+    outcome = await run(
+        lambda s: (s.get("missing"), s.get("missing", default=7), s.get("missing", int, 7)),
+        data=STORED,
+    )
+
+    assert outcome.value == (None, 7, 7)
+
+
+async def test_get_returns_default_without_a_session(run: Runner) -> None:
+    outcome = await run(
+        lambda s: (s.get("int"), s.get("int", default="d"), s.get("int", type=int, default=3)),
+        signed_in=False,
+    )
+
+    assert outcome.value == (None, "d", 3)
+
+
+async def test_get_of_a_stored_null_is_none_not_the_default(run: Runner) -> None:
+    outcome = await run(lambda s: s.get("none", default="d"), data=STORED)
+
+    assert outcome.value is None
+
+
+async def test_mutating_a_read_value_does_not_change_what_is_stored(
+    run: Runner, sqlite_store: Store
+) -> None:
+    def action(session: Session) -> None:
+        session.get("list").append(3)
+        session.set("other", True)  # forces a write of the session
+
+    await run(action, data={"list": [1, 2]})
+
+    assert await stored_data(sqlite_store) == {"list": [1, 2], "other": True}
+
+
+async def test_current_returns_a_copy(run: Runner, sqlite_store: Store) -> None:
+    def action(session: Session) -> tuple[Any, Any]:
+        snapshot = session.current()
+        assert snapshot is not None
+        snapshot.data["injected"] = True
+        snapshot.data["list"].append(3)
+        return session.get("injected"), session.get("list")
+
+    outcome = await run(action, data={"list": [1, 2]})
+
+    assert outcome.value == (None, [1, 2])
+    assert await stored_data(sqlite_store) == {"list": [1, 2]}
+
+
+async def test_get_with_a_type_nothing_can_convert_to_raises_session_data_error(
+    run: Runner,
+) -> None:
+    outcome = await read(run, "dict", Opaque)
+
+    assert isinstance(outcome.error, SessionDataError)
