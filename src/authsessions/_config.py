@@ -52,8 +52,11 @@ class SessionConfig:
     max_data_bytes: int = 65536
     """Cap on the serialised JSON data of one session."""
 
+    # Derived once for the per-request path.
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
-    """``trusted_proxies`` parsed, for the per-request path."""
+    ttl_seconds: float = field(init=False, repr=False, compare=False)
+    touch_interval_seconds: float = field(init=False, repr=False, compare=False)
+    absolute_ttl_seconds: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require_timedelta("ttl", self.ttl)
@@ -74,7 +77,16 @@ class SessionConfig:
         _require_int("max_sessions_per_user", self.max_sessions_per_user, minimum=1)
         _require_int("max_data_bytes", self.max_data_bytes, minimum=2)
         self._check_cookie()
-        object.__setattr__(self, "trusted_networks", _parse_networks(self.trusted_proxies))
+        derived = {
+            "trusted_networks": _parse_networks(self.trusted_proxies),
+            "ttl_seconds": self.ttl.total_seconds(),
+            "touch_interval_seconds": self.touch_interval.total_seconds(),
+            "absolute_ttl_seconds": self.absolute_ttl.total_seconds()
+            if self.absolute_ttl
+            else None,
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
 
     def _check_cookie(self) -> None:

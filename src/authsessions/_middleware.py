@@ -24,6 +24,9 @@ __all__ = ["SessionMiddleware"]
 
 logger = logging.getLogger("authsessions")
 
+_NO_STORE = (b"cache-control", b"no-store")
+_VARY_COOKIE = (b"vary", b"Cookie")
+
 # WebSocket close code 1013: "try again later", for a store that cannot be read.
 _WS_TRY_AGAIN_LATER = 1013
 
@@ -74,9 +77,6 @@ class SessionMiddleware:
         else:
             raise TypeError(f"store must be a Store or a store URL, got {type(store).__name__}.")
         self._cookie = SessionCookie(self.config)
-        self._absolute_ttl = (
-            self.config.absolute_ttl.total_seconds() if self.config.absolute_ttl else None
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,7 +172,8 @@ class SessionMiddleware:
         if not hmac.compare_digest(record.token_digest, digest):
             return False
         # absolute_ttl may have been shortened since this session was created.
-        return self._absolute_ttl is None or record.created_at + self._absolute_ttl > now
+        absolute_ttl = self.config.absolute_ttl_seconds
+        return absolute_ttl is None or record.created_at + absolute_ttl > now
 
     def _is_replayed(self, record: SessionRecord, scope: Scope) -> bool:
         return (
@@ -194,20 +195,20 @@ class SessionMiddleware:
                     self._cookie.header(*cookie) if cookie else self._cookie.header(None),
                 )
             )
-        # A shared cache must never keep a response that sets a cookie or shows a user's data;
-        # header names in ASGI messages are lower-case.
+        # A shared cache must never keep a response that sets a cookie or shows a user's data.
+        # Header names in ASGI messages are lower-case.
         cache_control = vary = -1
         for index, (name, _) in enumerate(headers):
             if name == b"cache-control":
                 cache_control = index
             elif name == b"vary":
                 vary = index
-        if cache_control == -1:
-            headers.append((b"cache-control", b"no-store"))
+        if cache_control < 0:
+            headers.append(_NO_STORE)
         elif change is not CookieChange.NONE:
-            headers[cache_control] = (b"cache-control", b"no-store")
-        if vary == -1:
-            headers.append((b"vary", b"Cookie"))
+            headers[cache_control] = _NO_STORE
+        if vary < 0:
+            headers.append(_VARY_COOKIE)
         elif not _varies_on_cookie(headers[vary][1]):
             headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
 

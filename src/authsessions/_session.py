@@ -374,7 +374,7 @@ class Session:
             return None
         self._flushed = True
         now = time.time()
-        touch_due = now - record.last_active_at >= self._config.touch_interval.total_seconds()
+        touch_due = now - record.last_active_at >= self._config.touch_interval_seconds
         if not (touch_due or self._changed or self._removed):
             return None
         return self._write(record, now, touch_due=touch_due)
@@ -409,9 +409,9 @@ class Session:
             )
 
     def _expiry(self, *, created_at: float, now: float) -> float:
-        expires_at = now + self._config.ttl.total_seconds()
-        if self._config.absolute_ttl is not None:
-            expires_at = min(expires_at, created_at + self._config.absolute_ttl.total_seconds())
+        expires_at = now + self._config.ttl_seconds
+        if self._config.absolute_ttl_seconds is not None:
+            expires_at = min(expires_at, created_at + self._config.absolute_ttl_seconds)
         return expires_at
 
     def _pending_update(self, now: float, *, token_digest: str | None = None) -> SessionUpdate:

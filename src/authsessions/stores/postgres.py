@@ -20,6 +20,7 @@ key and value exact, while the key-level patch stays one ``jsonb`` expression.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ class PostgresStore(Store):
                     reset=_keep_connection_state,
                 )
             try:
-                async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                async with _Borrowed(pool, self.acquire_timeout) as conn:
                     await self._migrate(conn)
             except BaseException:
                 if pool is not self._given_pool:
@@ -265,17 +266,17 @@ class PostgresStore(Store):
             with translate_errors("PostgreSQL", *self._errors):
                 await pool.close()
 
-    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+    def _borrow(self) -> _Borrowed:
         if self._pool is None:
             raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
-        return self._pool
+        return _Borrowed(self._pool, self.acquire_timeout)
 
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        pool, sql, timeout = self._require_pool(), self._sql, self.command_timeout
+        sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
-            async with pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
+            async with self._borrow() as conn, conn.transaction():
                 # One creator per user at a time: the eviction below then sees every
                 # session committed before it, so racing logins never exceed the limit.
                 await conn.execute(
@@ -295,16 +296,15 @@ class PostgresStore(Store):
                 await conn.execute(sql.evict, record.user_id, now, max_sessions, timeout=timeout)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        pool = self._require_pool()
         with translate_errors("PostgreSQL", *self._errors):
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+            async with self._borrow() as conn:
                 row = await conn.fetchrow(
                     self._sql.get, token_digest, now, timeout=self.command_timeout
                 )
         return _record(row) if row is not None else None
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        pool, sql = self._require_pool(), self._sql
+        sql = self._sql
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
         )  # fmt: skip
@@ -315,7 +315,7 @@ class PostgresStore(Store):
         else:
             statement = sql.touch
         with translate_errors("PostgreSQL", *self._errors):
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+            async with self._borrow() as conn:
                 status = await conn.execute(statement, *args, timeout=self.command_timeout)
         return _count(status) == 1
 
@@ -328,9 +328,8 @@ class PostgresStore(Store):
         return await self._execute(self._sql.delete_for_user, user_id, except_id)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        pool = self._require_pool()
         with translate_errors("PostgreSQL", *self._errors):
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+            async with self._borrow() as conn:
                 rows = await conn.fetch(
                     self._sql.list_for_user, user_id, now, timeout=self.command_timeout
                 )
@@ -341,10 +340,32 @@ class PostgresStore(Store):
         return await self._execute(self._sql.delete_expired, now, limit)
 
     async def _execute(self, sql: str, *args: Any) -> int:
-        pool = self._require_pool()
         with translate_errors("PostgreSQL", *self._errors):
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+            async with self._borrow() as conn:
                 return _count(await conn.execute(sql, *args, timeout=self.command_timeout))
+
+
+class _Borrowed:
+    """A pooled connection for one operation, waiting at most ``timeout`` for it.
+
+    ``asyncio.timeout`` rather than ``pool.acquire(timeout=...)``: the latter
+    wraps every acquisition in a task (``wait_for``), a cost on each request.
+    """
+
+    __slots__ = ("_connection", "_pool", "_timeout")
+
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def __aenter__(self) -> asyncpg.pool.PoolConnectionProxy[asyncpg.Record]:
+        async with asyncio.timeout(self._timeout):
+            self._connection = await self._pool.acquire()
+        return self._connection
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Bounded too: after a statement timeout, release waits for the cancellation.
+        await self._pool.release(self._connection, timeout=self._timeout)
 
 
 async def _keep_connection_state(connection: asyncpg.Connection[asyncpg.Record]) -> None:

@@ -230,14 +230,16 @@ class RedisStore(Store):
             to ask the server on open.
         socket_timeout: seconds a command may wait for its reply.
         socket_connect_timeout: seconds to establish a connection.
-        max_connections: cap on the built client's connections (``None``: no cap).
+        max_connections: cap on the built client's connections (``None``: no cap);
+            a call beyond it fails at once with ``StoreUnavailable``.
 
     A failed command is not retried: the caller gets
     :class:`~authsessions.StoreUnavailable` once the timeouts pass.
 
     Raises:
         ImportError: redis-py is not installed.
-        ValueError: neither ``url`` nor ``client``, or a prefix with braces.
+        ValueError: neither ``url`` nor ``client``, a client that returns bytes,
+            a prefix with braces, or a timeout that is not positive.
     """
 
     def __init__(
@@ -256,6 +258,8 @@ class RedisStore(Store):
             raise ValueError("RedisStore needs a url or a client (exactly one of them).")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not contain braces, got {prefix!r}.")
+        if not (socket_timeout > 0 and socket_connect_timeout > 0):
+            raise ValueError("socket_timeout and socket_connect_timeout must be positive.")
         if url is not None:
             scheme, separator, rest = url.partition("://")
             if scheme.lower() in _CLUSTER_SCHEMES:
