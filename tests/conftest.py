@@ -1,8 +1,8 @@
 """Fixtures shared by the session-layer tests: the test app and HTTP clients for it.
 
 The store fixtures (``memory_store``, ``sqlite_store``, … and ``store``,
-parametrised over ``STORE_FIXTURES``) come from ``tests/stores/conftest.py``,
-so every store added there joins the HTTP scenarios too.
+parametrised over ``STORE_FIXTURES``) come from ``tests/store_fixtures.py``,
+so every store added there joins the conformance suite and the HTTP scenarios.
 """
 
 from __future__ import annotations
@@ -16,25 +16,11 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-import tests.stores.conftest as store_conftest
 from authsessions import SessionConfig
 from authsessions.stores import Store
 from tests.apps.session_app import CHROME_MAC, build_app
 
-
-def _is_fixture(value: object) -> bool:
-    # pytest >= 8.4 wraps fixtures in FixtureFunctionDefinition; older ones mark functions.
-    return type(value).__name__ == "FixtureFunctionDefinition" or hasattr(
-        value, "_pytestfixturefunction"
-    )
-
-
-# Every fixture of tests/stores/conftest.py, visible to all of tests/. Not through
-# `pytest_plugins`: that module is also collected as a conftest, and pytest refuses
-# to register one module as two plugins (an error whenever tests/stores is collected).
-globals().update(
-    {name: value for name, value in vars(store_conftest).items() if _is_fixture(value)}
-)
+pytest_plugins = ["tests.store_fixtures"]
 
 
 class AppFactory(Protocol):

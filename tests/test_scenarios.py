@@ -4,7 +4,7 @@ The second layer of the conformance suite (tower-sessions' ``route_tests!``):
 each test drives the test app in ``tests/apps/session_app.py`` over real
 HTTP (``httpx.ASGITransport``) and checks both the responses and what the
 store holds afterwards. The ``store`` fixture is parametrised over
-``tests/stores/conftest.py``'s ``STORE_FIXTURES``, so a new store runs all of
+``tests/store_fixtures.py``'s ``STORE_FIXTURES``, so a new store runs all of
 these by being added there.
 """
 

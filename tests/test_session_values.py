@@ -247,6 +247,21 @@ async def test_initial_data_is_held_to_the_same_rules(run: Runner) -> None:
     assert "max_data_bytes=50" in str(too_big.error)
 
 
+@pytest.mark.parametrize("user_id", ["", "x" * 256, "al\x00ice", "bob\n", 42, None])
+async def test_authenticate_rejects_user_ids_no_store_can_keep(
+    run: Runner, sqlite_store: Store, user_id: Any
+) -> None:
+    """Empty, overlong, non-string and control-character ids are refused before any write:
+    PostgreSQL cannot store NUL, and newlines would forge lines in logs and admin tables."""
+    outcome = await run(lambda s: s.authenticate(user_id), signed_in=False)
+
+    assert isinstance(outcome.error, ValueError)
+    assert not isinstance(outcome.error, SessionDataError)
+    assert "user_id" in str(outcome.error)
+    assert session_cookie(outcome.response) is None
+    assert await SessionManager(sqlite_store).list_for_user(str(user_id)) == []
+
+
 async def test_set_without_session_is_a_no_op(run: Runner, sqlite_store: Store) -> None:
     outcome = await run(lambda s: s.set("theme", "dark"), signed_in=False)
 

@@ -436,8 +436,14 @@ class Session:
 
 
 def _check_user_id(user_id: object) -> None:
-    if not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_ID_LENGTH:
+    # Printable only: every store can keep it, and it is safe in logs and admin tables.
+    if (
+        not isinstance(user_id, str)
+        or not user_id
+        or len(user_id) > MAX_USER_ID_LENGTH
+        or not user_id.isprintable()
+    ):
         raise ValueError(
-            f"user_id must be a non-empty string of at most {MAX_USER_ID_LENGTH} characters, "
-            f"got {user_id!r:.80}; pass str(user.id) for numeric ids."
+            f"user_id must be a non-empty printable string of at most {MAX_USER_ID_LENGTH} "
+            f"characters, got {user_id!r:.80}; pass str(user.id) for numeric ids."
         )

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -117,7 +118,7 @@ class SQLiteStore(Store):
     def _connect_writer(self) -> None:
         writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
-            writer.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(writer, timeout=self.timeout)
             # WAL with synchronous=NORMAL survives an app crash; only a power loss can
             # drop the last commits, which for sessions means signing in again.
             writer.execute("PRAGMA synchronous = NORMAL")
@@ -283,6 +284,23 @@ class _transaction:
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
+    """Switch the file to WAL, retrying while another connection is switching it too.
+
+    SQLite answers a lock it could deadlock on with SQLITE_BUSY at once, without
+    its busy handler: two processes opening a new file together meet exactly that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in _SQLITE_BUSY_CODES or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # on the writer thread, never the event loop
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -1,4 +1,4 @@
-"""One ``store`` fixture over every store, so a new store is one fixture away from proven.
+"""Store fixtures for every test (loaded by ``tests/conftest.py``): a new store is one fixture away.
 
 The PostgreSQL and Redis stores need their servers (``tests/services.py``);
 each test gets its own schema or key prefix, removed afterwards. The Redis
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from authsessions.stores import MemoryStore, PostgresStore, RedisStore, SQLiteStore, Store
 from tests.services import POSTGRES_URL, REDIS_URL, REQUIRE_SERVICES, require_port
@@ -88,18 +89,22 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
-    yield prefix
-    client = Redis.from_url(redis_url)
+async def delete_prefixed(client: Redis | RedisCluster, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on every node of a cluster), then close ``client``."""
     try:
         keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
         if keys:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    yield prefix
+    await delete_prefixed(Redis.from_url(redis_url), prefix)
 
 
 @pytest.fixture
@@ -137,50 +142,77 @@ def cluster_node_ready(cli: str, port: int) -> bool:
     return "cluster_state:ok" in info.stdout
 
 
+class LocalRedisCluster:
+    """Three cluster-enabled ``redis-server`` processes (no replicas) on free ports.
+
+    tests/conftest.py re-exports this module's fixtures, so pytest holds two
+    copies of the session fixture below; they share one cluster, stopped when
+    the last of them is torn down.
+    """
+
+    url: str | None = None
+    nodes: list[subprocess.Popen[bytes]] = []  # noqa: RUF012 - one cluster per run
+    users = 0
+
+    @classmethod
+    def start(cls, server: str, cli: str, directory: Path) -> str:
+        if cls.url is None:
+            ports = [free_cluster_port() for _ in range(3)]
+            for port in ports:
+                node_dir = directory / str(port)
+                node_dir.mkdir()
+                cls.nodes.append(
+                    subprocess.Popen(
+                        [server, "--port", str(port), "--bind", "127.0.0.1",
+                         "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--dir", str(node_dir), "--save", "", "--appendonly", "no"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
+            for port in ports:
+                wait_for(f"redis-server on {port}", functools.partial(accepts, port))
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, check=True, timeout=60,
+            )  # fmt: skip
+            for port in ports:
+                wait_for("the cluster to agree", functools.partial(cluster_node_ready, cli, port))
+            cls.url = f"redis+cluster://127.0.0.1:{ports[0]}"
+        cls.users += 1
+        return cls.url
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users = max(0, cls.users - 1)
+        if cls.users:
+            return
+        for node in cls.nodes:
+            node.terminate()
+        for node in cls.nodes:
+            try:
+                node.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        cls.nodes.clear()
+        cls.url = None
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A three-node Redis Cluster (no replicas) on free ports, for this test run only."""
+    """A three-node Redis Cluster of this test run's own, as a ``redis+cluster://`` URL."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
         reason = "redis-server and redis-cli are needed to start a Redis Cluster"
         if REQUIRE_SERVICES:
             pytest.fail(f"{reason}, and AUTHSESSIONS_REQUIRE_SERVICES is set")
         pytest.skip(reason)
-    ports: list[int] = []
-    nodes: list[subprocess.Popen[bytes]] = []
     try:
-        for _ in range(3):
-            port = free_cluster_port()
-            ports.append(port)
-            directory = tmp_path_factory.mktemp(f"redis-cluster-{port}")
-            nodes.append(
-                subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--dir", str(directory), "--save", "", "--appendonly", "no"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-        for port in ports:
-            wait_for(f"redis-server on {port}", functools.partial(accepts, port))
-        subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, check=True, timeout=60,
-        )  # fmt: skip
-        for port in ports:
-            wait_for("the cluster to agree", functools.partial(cluster_node_ready, cli, port))
-        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+        yield LocalRedisCluster.start(server, cli, tmp_path_factory.mktemp("redis-cluster"))
     finally:
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+        LocalRedisCluster.release()
 
 
 def accepts(port: int) -> bool:
@@ -193,11 +225,11 @@ def accepts(port: int) -> bool:
 
 @pytest.fixture
 async def redis_cluster_store(redis_cluster_url: str) -> AsyncIterator[Store]:
-    # The cluster lives for this run only: a fresh prefix isolates the test, and
-    # its keys go with the cluster.
     prefix = f"authsessions-test-{secrets.token_hex(6)}:"
     async with RedisStore(redis_cluster_url, prefix=prefix) as store:
         yield store
+    plain_url = redis_cluster_url.replace("+cluster", "")
+    await delete_prefixed(RedisCluster.from_url(plain_url), prefix)
 
 
 @pytest.fixture(params=STORE_FIXTURES)
