@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,7 +17,7 @@ from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, CookieChange, Session
 from authsessions._tokens import token_digest
 from authsessions.stores._base import Store
-from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, open_store
+from authsessions.stores._url import resolve_store
 
 __all__ = ["SessionMiddleware"]
 
@@ -66,16 +65,7 @@ class SessionMiddleware:
             raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
         self.app = app
         self.config = config if config is not None else SessionConfig()
-        if store is None:
-            store = os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
-        if isinstance(store, str):
-            self.store: Store = open_store(store)
-            self._owns_store = True
-        elif isinstance(store, Store):
-            self.store = store
-            self._owns_store = False
-        else:
-            raise TypeError(f"store must be a Store or a store URL, got {type(store).__name__}.")
+        self.store, self._owns_store = resolve_store(store)
         self._cookie = SessionCookie(self.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

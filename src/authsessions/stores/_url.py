@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from authsessions.stores._base import Store
 
-__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store"]
+__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store", "resolve_store"]
 
 DEFAULT_STORE_URL = "sqlite:///sessions.db"
 STORE_URL_ENV = "AUTHSESSIONS_STORE"
@@ -59,3 +60,24 @@ def open_store(url: str) -> Store:
         f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///path.db, "
         "postgresql://…, redis://… or redis+cluster://…."
     )
+
+
+def resolve_store(store: Store | str | None) -> tuple[Store, bool]:
+    """The store an integration was given, and whether the integration owns it (must close it).
+
+    ``None`` means ``$AUTHSESSIONS_STORE`` or else :data:`DEFAULT_STORE_URL`; a URL is
+    built with :func:`open_store` and owned; a ``Store`` object stays its creator's.
+
+    Raises:
+        TypeError: ``store`` is none of these.
+        ValueError: the URL is not one :func:`open_store` accepts.
+    """
+    from authsessions.stores._base import Store
+
+    if store is None:
+        store = os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
+    if isinstance(store, str):
+        return open_store(store), True
+    if isinstance(store, Store):
+        return store, False
+    raise TypeError(f"store must be a Store or a store URL, got {type(store).__name__}.")

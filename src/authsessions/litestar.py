@@ -1,0 +1,90 @@
+"""Litestar integration: one plugin adds the middleware, a ``session`` dependency and error pages.
+
+::
+
+    from litestar import Litestar, get
+    from authsessions.litestar import CurrentSession, SessionPlugin
+
+    @get("/me")
+    async def me(session: CurrentSession) -> dict[str, str | None]:
+        return {"user": session.user_id}
+
+    app = Litestar([me], plugins=[SessionPlugin(store="sqlite:///sessions.db")])
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, cast
+
+from litestar import Request, Response
+from litestar.config.app import AppConfig
+from litestar.di import NamedDependency, Provide
+from litestar.middleware import DefineMiddleware
+from litestar.plugins import InitPlugin
+from litestar.types import Scope
+
+from authsessions._config import SessionConfig
+from authsessions._errors import SessionError
+from authsessions._middleware import SessionMiddleware
+from authsessions._session import Session
+from authsessions.stores._base import Store
+from authsessions.stores._url import resolve_store
+
+__all__ = ["CurrentSession", "SessionPlugin", "provide_session"]
+
+CurrentSession = NamedDependency[Session]
+"""Annotation for the ``session`` parameter SessionPlugin provides, signed in or not."""
+
+
+def provide_session(scope: Scope) -> Session:
+    """The request's :class:`Session` (HTTP or WebSocket), for Litestar's dependency injection.
+
+    Raises:
+        RuntimeError: ``SessionMiddleware`` is not installed.
+    """
+    return Session.from_scope(cast("MutableMapping[str, Any]", scope))
+
+
+def session_error_response(request: Request[Any, Any, Any], exc: SessionError) -> Response[Any]:
+    """``{"detail": message}`` with the error's status code, as in Starlette and FastAPI."""
+    return Response({"detail": exc.message}, status_code=exc.status_code)
+
+
+class SessionPlugin(InitPlugin):
+    """Sessions for a Litestar app.
+
+    Adds :class:`SessionMiddleware`, a ``session`` dependency (declare a
+    ``session: CurrentSession`` parameter), and renders uncaught
+    :class:`SessionError`\\ s as JSON with their status code (Litestar would
+    otherwise answer 500). The store opens at startup; one built from a URL
+    (or the default) is closed at shutdown.
+
+    Args:
+        store: a :class:`~authsessions.stores.Store`, a store URL, or ``None``
+            for ``$AUTHSESSIONS_STORE`` or else ``sqlite:///sessions.db``.
+        config: settings; ``SessionConfig()`` by default.
+    """
+
+    def __init__(
+        self, *, store: Store | str | None = None, config: SessionConfig | None = None
+    ) -> None:
+        # Litestar builds a middleware stack per route: resolve the store once, here,
+        # so every stack shares one store instead of opening one each.
+        self.store, self._owns_store = resolve_store(store)
+        self.config = config if config is not None else SessionConfig()
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        # SessionMiddleware speaks Starlette's (structurally equal) ASGI types.
+        middleware: Any = SessionMiddleware
+        app_config.middleware.append(
+            DefineMiddleware(middleware, store=self.store, config=self.config)
+        )
+        app_config.dependencies.setdefault(
+            "session", Provide(provide_session, sync_to_thread=False)
+        )
+        app_config.exception_handlers.setdefault(SessionError, session_error_response)
+        app_config.on_startup.append(self.store.open)
+        if self._owns_store:
+            app_config.on_shutdown.append(self.store.close)
+        return app_config

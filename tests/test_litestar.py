@@ -1,0 +1,148 @@
+"""Litestar: SessionPlugin wires the middleware, a ``session`` dependency and JSON error pages."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from litestar import Litestar, get, post
+from litestar.params import FromPath, JSONBody
+from starlette.types import ASGIApp
+
+from authsessions import SessionManager
+from authsessions.litestar import CurrentSession, SessionPlugin
+from authsessions.stores import SQLiteStore, Store
+from authsessions.stores.sqlite import TABLE
+from tests.apps.session_app import CHROME_MAC, cookie_header, session_cookie
+
+
+@post("/login", status_code=200)
+async def login(session: CurrentSession, data: JSONBody[dict[str, str]]) -> dict[str, str | None]:
+    await session.authenticate(data["user_id"])
+    session.set("theme", "dark")
+    return {"user": session.user_id}
+
+
+@get("/me")
+async def me(session: CurrentSession) -> dict[str, Any]:
+    return {"user": session.user_id, "theme": session.get("theme")}
+
+
+@post("/rotate", status_code=200)
+async def rotate(session: CurrentSession) -> None:
+    await session.rotate()
+
+
+@post("/revoke/{session_id:str}", status_code=200)
+async def revoke(session: CurrentSession, session_id: FromPath[str]) -> None:
+    await session.revoke(session_id)
+
+
+def build(store: Store | str | None) -> tuple[ASGIApp, SessionPlugin]:
+    """The test app, typed as the plain ASGI app httpx and asgi-lifespan expect."""
+    plugin = SessionPlugin(store=store)
+    app: Any = Litestar([login, me, rotate, revoke], plugins=[plugin])
+    return app, plugin
+
+
+ClientFor = Callable[[ASGIApp], httpx.AsyncClient]
+
+
+@pytest.fixture
+async def client_for() -> AsyncIterator[ClientFor]:
+    clients: list[httpx.AsyncClient] = []
+
+    def make(app: ASGIApp) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app)
+        client = httpx.AsyncClient(
+            transport=transport, base_url="https://testserver", headers={"user-agent": CHROME_MAC}
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def test_login_sets_the_secure_cookie_and_the_next_request_is_signed_in(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    app, _ = build(sqlite_store)
+    client = client_for(app)
+
+    response = await client.post("/login", json={"user_id": "alice"})
+    me_response = await client.get("/me")
+
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert {"secure", "httponly"} <= set(cookie.attributes)
+    assert me_response.json() == {"user": "alice", "theme": "dark"}
+    assert me_response.headers["cache-control"] == "no-store"
+    assert "Cookie" in me_response.headers["vary"]
+
+
+async def test_session_errors_render_as_json_with_their_status(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """Litestar turns unknown exceptions into 500; the plugin keeps 401 and 404 meaningful."""
+    app, _ = build(sqlite_store)
+    client = client_for(app)
+
+    anonymous = await client.post("/rotate")
+    await client.post("/login", json={"user_id": "alice"})
+    unknown = await client.post("/revoke/AAAAAAAAAAAAAAAAAAAAAA")
+
+    assert (anonymous.status_code, anonymous.json()) == (
+        401,
+        {"detail": "Not authenticated: sign in first."},
+    )
+    assert (unknown.status_code, unknown.json()) == (404, {"detail": "No such session."})
+
+
+async def test_an_unreadable_store_gives_503_and_keeps_the_cookie(
+    tmp_path: Path, client_for: ClientFor
+) -> None:
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path) as store:
+        app, _ = build(store)
+        client = client_for(app)
+        token = session_cookie(await client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+        with sqlite3.connect(path) as db:
+            db.execute(f"ALTER TABLE {TABLE} RENAME TO moved_away")
+
+        down = await client.get("/me", headers=cookie_header(token.value))
+        with sqlite3.connect(path) as db:
+            db.execute(f"ALTER TABLE moved_away RENAME TO {TABLE}")
+        back = await client.get("/me", headers=cookie_header(token.value))
+
+    assert down.status_code == 503
+    assert session_cookie(down) is None
+    assert back.json()["user"] == "alice"
+
+
+async def test_a_store_built_from_a_url_opens_at_startup_and_closes_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    app, plugin = build(f"sqlite:///{tmp_path / 'sessions.db'}")
+
+    async with LifespanManager(app):
+        opened = plugin.store.is_open
+    assert opened
+    assert not plugin.store.is_open
+
+
+async def test_a_store_object_is_left_open_for_its_owner(sqlite_store: Store) -> None:
+    app, _ = build(sqlite_store)
+
+    async with LifespanManager(app):
+        pass
+
+    assert sqlite_store.is_open
+    assert await SessionManager(sqlite_store).list_for_user("nobody") == []
