@@ -135,6 +135,18 @@ async def test_cleanup_expired_works_through_many_batches(store: Store) -> None:
     assert len(await SessionManager(store).list_for_user("alice")) == 1
 
 
+async def test_cleanup_expired_reports_each_batch(store: Store) -> None:
+    await plant_session(store, "alice")
+    for i in range(5):
+        await plant_session(store, "alice", created_ago=100, expires_in=-1 - i)
+    batches: list[int] = []
+
+    deleted = await SessionManager(store).cleanup_expired(batch_size=2, on_batch=batches.append)
+
+    assert deleted == 5
+    assert batches == [2, 2, 1]
+
+
 async def test_cleanup_expired_rejects_a_batch_size_below_one() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         await SessionManager(MemoryStore()).cleanup_expired(batch_size=0)

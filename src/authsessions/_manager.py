@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
@@ -68,12 +69,18 @@ class SessionManager:
         store = await self._store()
         return await store.delete_for_user(user_id, except_id=except_id)
 
-    async def cleanup_expired(self, *, batch_size: int = 1000) -> int:
+    async def cleanup_expired(
+        self, *, batch_size: int = 1000, on_batch: Callable[[int], None] | None = None
+    ) -> int:
         """Delete expired sessions in batches; returns how many were deleted.
 
         Expired sessions are already rejected on every request; this only
         reclaims space. Each batch is its own short operation and the event
         loop runs between batches, so live traffic keeps being served.
+        ``on_batch``, when given, is called with each batch's count as it
+        completes (the last one may be 0), e.g. to advance a progress bar::
+
+            await manager.cleanup_expired(on_batch=lambda n: bar.advance(task, n))
 
         Raises:
             ValueError: ``batch_size`` is below 1.
@@ -86,6 +93,8 @@ class SessionManager:
         while True:
             deleted = await store.delete_expired(now=time.time(), limit=batch_size)
             total += deleted
+            if on_batch is not None:
+                on_batch(deleted)
             if deleted < batch_size:
                 return total
             await asyncio.sleep(0)

@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["DeviceType", "SessionData", "SessionRecord", "SessionUpdate", "dump_json"]
+__all__ = [
+    "DeviceType",
+    "SessionData",
+    "SessionRecord",
+    "SessionUpdate",
+    "StoreStats",
+    "data_size",
+    "dump_json",
+]
 
 DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
 
@@ -17,6 +25,18 @@ DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
 def dump_json(data: Any) -> str:
     """Compact, strict JSON: the one encoding of session data everywhere."""
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def data_size(data: Mapping[str, Any]) -> int:
+    """The size of session data as ``max_data_bytes`` counts it: ``len(dump_json(data))``.
+
+    The encoding escapes every non-ASCII character, so characters and bytes
+    agree. The session layer and every store measure with exactly this; a
+    store that keeps data in pieces (PostgreSQL, Redis) adds up the same
+    length from them: ``{}`` is 2, and each key adds its JSON text, a colon,
+    its value's JSON text and, after the first, a comma.
+    """
+    return len(dump_json(data))
 
 
 def to_datetime(timestamp: float) -> datetime:
@@ -110,7 +130,9 @@ class SessionUpdate:
     ``set_keys`` replaces top-level keys of ``data`` (values are plain JSON),
     ``removed_keys`` deletes them; keys not named are left as they are in the
     store, so concurrent requests writing different keys both keep theirs.
-    The other fields, when not ``None``, replace the stored column.
+    ``max_data_bytes``, when not ``None``, caps the :func:`data_size` of the
+    data as merged in the store (see :attr:`size_cap`). The other fields,
+    when not ``None``, replace the stored column.
     """
 
     last_active_at: float
@@ -118,7 +140,32 @@ class SessionUpdate:
     set_keys: Mapping[str, Any] = field(default_factory=dict)
     removed_keys: frozenset[str] = frozenset()
     token_digest: str | None = None
+    max_data_bytes: int | None = None
 
     @property
     def changes_data(self) -> bool:
         return bool(self.set_keys or self.removed_keys)
+
+    @property
+    def size_cap(self) -> int | None:
+        """The cap the store must check the merged data against; ``None``: no check.
+
+        Only an update that sets keys can make the data grow, so one that
+        only removes keys, or changes no data, is never refused: a session
+        already over the cap (the limit was lowered) can always shrink.
+        """
+        return self.max_data_bytes if self.set_keys else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Counts across a whole store at one moment, from ``Store.stats``."""
+
+    live_sessions: int
+    """Sessions that have not expired."""
+    users: int
+    """Distinct users with at least one live session."""
+    by_device_type: Mapping[str, int]
+    """Live sessions per device type ("desktop", "mobile", ...); types without any are absent."""
+    expired_sessions: int
+    """Expired sessions still stored: what cleanup would remove (0 when the store cannot know)."""

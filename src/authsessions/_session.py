@@ -13,10 +13,10 @@ from starlette.types import Scope
 from authsessions._client import client_ip, describe_device, user_agent_of
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
-from authsessions._records import SessionData, SessionRecord, SessionUpdate, dump_json
+from authsessions._records import SessionData, SessionRecord, SessionUpdate, data_size
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
 from authsessions._values import plain_json_copy, read_as
-from authsessions.stores._base import CreateError, Store
+from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["SCOPE_KEY", "CookieChange", "Session"]
 
@@ -177,7 +177,7 @@ class Session:
         if not isinstance(key, str):
             raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
         value = plain_json_copy(value, f"the value for session key {key!r}")
-        size = len(dump_json({**record.data, key: value}))
+        size = data_size({**record.data, key: value})
         if size > self._config.max_data_bytes:
             raise SessionDataError(
                 f"setting session key {key!r} would make the session data {size} bytes, over "
@@ -218,7 +218,7 @@ class Session:
         if not isinstance(data, Mapping):
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
-        size = len(dump_json(initial))
+        size = data_size(initial)
         if size > self._config.max_data_bytes:
             raise SessionDataError(
                 f"the initial session data is {size} bytes, over "
@@ -262,9 +262,12 @@ class Session:
         """Issue a new token and refresh the expiry, keeping the session id and data.
 
         Use it after privilege changes. The old token stops working at once.
+        Values set earlier in the request are written in the same step.
 
         Raises:
             Unauthorized: there is no session (or it ended meanwhile).
+            SessionDataError: with what concurrent requests stored meanwhile, the
+                values set earlier would exceed ``max_data_bytes``; nothing changed.
             StoreUnavailable: the store failed.
         """
         record = self._require_session()
@@ -273,7 +276,7 @@ class Session:
         token = new_token()
         digest = token_digest(token)
         changes = self._pending_update(now, token_digest=digest)
-        if not await self._store.update(record.id, changes, now=now):
+        if not await self._update(record, changes, now):
             self._end()
             raise Unauthorized("This session has ended; sign in again.")
         self._changed.clear()
@@ -367,7 +370,9 @@ class Session:
 
         Called once, as the response starts; an untouched session within the
         touch interval owes nothing, so the common request never awaits here.
-        With ``save=False`` (an error response) nothing is written.
+        With ``save=False`` (an error response) nothing is written. Awaiting the
+        write raises :class:`SessionDataError` when the changed keys, merged
+        with what concurrent requests stored, would exceed ``max_data_bytes``.
         """
         record = self._record
         if self._flushed or record is None or not save:
@@ -383,7 +388,7 @@ class Session:
         changes = self._pending_update(now)
         self._changed.clear()
         self._removed.clear()
-        if not await self._store.update(record.id, changes, now=now):
+        if not await self._update(record, changes, now):
             # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
             logger.info("session %s ended during the request; its changes were dropped", record.id)
             self._end()
@@ -395,6 +400,19 @@ class Session:
             self._cookie_change = CookieChange.SET
 
     # -- internals -------------------------------------------------------------
+
+    async def _update(self, record: SessionRecord, changes: SessionUpdate, now: float) -> bool:
+        """``Store.update``, with a refused size cap as :class:`SessionDataError`."""
+        try:
+            return await self._store.update(record.id, changes, now=now)
+        except DataTooLarge as exc:
+            # set() checked this request's own copy; the store saw every request's keys.
+            raise SessionDataError(
+                f"this request's session changes were not saved: merged with what concurrent "
+                f"requests of this session stored meanwhile, the data would be {exc.size} "
+                f"bytes, over max_data_bytes={self._config.max_data_bytes}. Together they "
+                "exceeded the limit; store less per session or raise the limit."
+            ) from None
 
     def _require_session(self) -> SessionRecord:
         if self._record is None:
@@ -422,6 +440,7 @@ class Session:
             set_keys=dict(self._changed),
             removed_keys=frozenset(self._removed),
             token_digest=token_digest,
+            max_data_bytes=self._config.max_data_bytes,
         )
 
     def _forget(self) -> None:

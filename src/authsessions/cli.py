@@ -7,6 +7,7 @@
     authsessions list 42 --json
     authsessions revoke-user 42            # e.g. after a password reset
     authsessions cleanup                   # cron it; expired sessions are refused anyway
+    authsessions stats --json              # live sessions, users, device types
 
 Every subcommand takes ``--store URL``, else ``$AUTHSESSIONS_STORE``, else
 ``sqlite:///sessions.db``. Errors print one line on stderr and exit with 1.
@@ -19,27 +20,25 @@ can say what to install instead of failing on import.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from authsessions import SessionData, SessionError, SessionManager, __version__
 from authsessions._tokens import is_well_formed_session_id
-from authsessions.stores import SQLiteStore, Store, open_store
+from authsessions.stores import Store, StoreStats, open_store
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV
 
 if TYPE_CHECKING:
     import click
     from rich.console import Console
 
-__all__ = ["StoreStats", "main", "make_cli"]
+__all__ = ["main", "make_cli"]
 
 T = TypeVar("T")
 
@@ -146,7 +145,9 @@ def make_cli() -> click.Group:
     def cleanup(store_url: str, batch_size: int) -> None:
         """Delete expired sessions in batches, to reclaim space."""
         started = time.monotonic()
-        deleted = _run(_with_store(store_url, lambda store: _cleanup(store, batch_size)))
+        deleted = _run(
+            _with_store(store_url, lambda store: _cleanup_with_progress(store, batch_size))
+        )
         elapsed = time.monotonic() - started
         _stdout().print(f"Deleted {_count(deleted, 'expired session')} in {elapsed:.1f} s.")
 
@@ -154,10 +155,10 @@ def make_cli() -> click.Group:
     @store_option
     @json_option
     def stats(store_url: str, as_json: bool) -> None:
-        """Count live sessions, users and device types."""
-        result = _run(_with_store(store_url, store_stats))
+        """Count live sessions, users, device types and expired sessions."""
+        result = _run(_with_store(store_url, lambda store: store.stats(now=time.time())))
         if as_json:
-            click.echo(json.dumps(asdict(result), indent=2))
+            click.echo(json.dumps(stats_json(result), indent=2))
         else:
             _print_stats(_stdout(), display_url(store_url), result)
 
@@ -218,75 +219,16 @@ def _first_line(text: str) -> str:
 # -- what the commands compute ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Counts across the whole store, for ``authsessions stats``."""
+async def _cleanup_with_progress(store: Store, batch_size: int) -> int:
+    """``SessionManager.cleanup_expired``, reporting each batch to a progress bar.
 
-    live_sessions: int
-    users: int
-    by_device_type: dict[str, int]
-    expired_sessions: int
-    """Expired but not yet deleted: what ``cleanup`` would remove."""
-
-
-async def store_stats(store: Store) -> StoreStats:
-    """Counts across the store.
-
-    The store protocol has no store-wide query (its primitives work per
-    digest, id or user), so only the SQLite store is supported, read
-    directly through a read-only connection; a ``Store`` primitive for this
-    is proposed to the core.
-
-    Raises:
-        ClickException: the store offers no way to count.
-    """
-    if not isinstance(store, SQLiteStore):
-        import click
-
-        raise click.ClickException(
-            f"stats is not supported for {type(store).__name__} yet (only SQLite stores)."
-        )
-    return await asyncio.to_thread(_sqlite_stats, store.path, time.time())
-
-
-def _sqlite_stats(path: str, now: float) -> StoreStats:
-    from authsessions.stores.sqlite import TABLE
-
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
-    # TABLE is the store module's constant; every value is a bound parameter.
-    with closing(sqlite3.connect(uri, uri=True)) as db:
-        (users,) = db.execute(
-            f"SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?",  # noqa: S608
-            (now,),
-        ).fetchone()
-        by_type: list[tuple[str, int]] = db.execute(
-            f"SELECT device_type, COUNT(*) FROM {TABLE} WHERE expires_at > ?"  # noqa: S608
-            " GROUP BY device_type ORDER BY COUNT(*) DESC, device_type",
-            (now,),
-        ).fetchall()
-        (expired,) = db.execute(
-            f"SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?",  # noqa: S608
-            (now,),
-        ).fetchone()
-    return StoreStats(
-        live_sessions=sum(count for _, count in by_type),
-        users=users,
-        by_device_type=dict(by_type),
-        expired_sessions=expired,
-    )
-
-
-async def _cleanup(store: Store, batch_size: int) -> int:
-    """``SessionManager.cleanup_expired``'s loop, reporting each batch to a progress bar.
-
-    On a terminal the bar shows the batches as they go; the total comes from
-    :func:`store_stats` when the store can count, else the bar just pulses.
+    On a terminal the bar shows the batches as they go, against the store's
+    count of expired sessions. Redis cannot count them (it drops expired
+    sessions itself, and would scan every session to say 0), so there the
+    bar just pulses. Off a terminal there is no bar, and no count.
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    total: int | None = None
-    if isinstance(store, SQLiteStore):
-        total = (await store_stats(store)).expired_sessions
     stderr = _stdout(stderr=True)
     progress = Progress(
         SpinnerColumn(),
@@ -298,16 +240,16 @@ async def _cleanup(store: Store, batch_size: int) -> int:
         transient=True,
         disable=not stderr.is_terminal,
     )
-    deleted = 0
+    from authsessions.stores.redis import RedisStore  # needs no driver to import
+
+    total = None
+    if stderr.is_terminal and not isinstance(store, RedisStore):
+        total = (await store.stats(now=time.time())).expired_sessions or None
     with progress:
         task = progress.add_task("cleanup", total=total)
-        while True:
-            batch = await store.delete_expired(now=time.time(), limit=batch_size)
-            deleted += batch
-            progress.advance(task, batch)
-            if batch < batch_size:
-                return deleted
-            await asyncio.sleep(0)
+        return await SessionManager(store).cleanup_expired(
+            batch_size=batch_size, on_batch=lambda deleted: progress.advance(task, deleted)
+        )
 
 
 def _serve_demo(store_url: str, host: str, port: int) -> None:
@@ -356,6 +298,16 @@ def session_json(session: SessionData) -> dict[str, Any]:
     }
 
 
+def stats_json(stats: StoreStats) -> dict[str, Any]:
+    """What ``stats --json`` prints: every count, device types most common first."""
+    fields = {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)}
+    return {**fields, "by_device_type": dict(_by_count(stats.by_device_type))}
+
+
+def _by_count(counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -375,7 +327,7 @@ def _stdout(*, stderr: bool = False) -> Console:
 def _print_sessions(console: Console, user_id: str, sessions: list[SessionData]) -> None:
     from rich.table import Table
 
-    from authsessions.demo._humanize import format_utc, time_ago
+    from authsessions._humanize import format_utc, time_ago
 
     if not sessions:
         console.print(f"No live sessions for user {user_id!r}.")
@@ -405,6 +357,6 @@ def _print_stats(console: Console, where: str, stats: StoreStats) -> None:
     )
     if stats.by_device_type:
         table = Table("Device type", "Live sessions")
-        for kind, count in stats.by_device_type.items():
+        for kind, count in _by_count(stats.by_device_type):
             table.add_row(kind, f"{count:,}")
         console.print(table)

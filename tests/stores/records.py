@@ -68,6 +68,7 @@ def make_update(
     set_keys: Mapping[str, Any] | None = None,
     removed_keys: frozenset[str] = frozenset(),
     token_digest: str | None = None,
+    max_data_bytes: int | None = None,
 ) -> SessionUpdate:
     """Activity at ``now``: the session's expiry slides to ``now + ttl``."""
     return SessionUpdate(
@@ -76,6 +77,7 @@ def make_update(
         set_keys=dict(set_keys) if set_keys is not None else {},
         removed_keys=removed_keys,
         token_digest=token_digest,
+        max_data_bytes=max_data_bytes,
     )
 
 

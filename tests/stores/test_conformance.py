@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from authsessions._records import SessionRecord
+from authsessions._records import SessionRecord, StoreStats, data_size
 from authsessions._tokens import new_session_id
-from authsessions.stores import CreateError, Store
+from authsessions.stores import CreateError, DataTooLarge, RedisStore, Store
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time, typed
 
 
@@ -516,6 +516,161 @@ async def test_update_touches_only_the_named_session(store: Store) -> None:
     assert_same_record(await store.get(sibling.token_digest, now=t0 + 5), sibling)
 
 
+# -- update: the size cap -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", DATA_CASES.values(), ids=DATA_CASES.keys())
+async def test_merged_data_exactly_at_the_cap_is_accepted_one_byte_over_refused(
+    store: Store, data: dict[str, Any]
+) -> None:
+    """Every store measures merged data exactly as ``data_size`` does, down to the byte.
+
+    The session layer checks a request's own copy with ``data_size``; a store
+    that counted otherwise (unescaped UTF-8, other separators, a lost key)
+    would refuse what the session accepted, or keep more than the cap.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data=copy.deepcopy(data))
+    await store.create(record, max_sessions=10, now=t0)
+    added = {"pad": "x" * 10, 'ключ/\x00"': ["é", 1.5, {"/": None}]}
+    cap = data_size({**data, **added})
+
+    too_tight = make_update(now=t0 + 1, set_keys=added, max_data_bytes=cap - 1)
+    with pytest.raises(DataTooLarge) as refused:
+        await store.update(record.id, too_tight, now=t0 + 1)
+    assert (refused.value.size, refused.value.limit) == (cap, cap - 1)
+    assert_same_record(await stored_at(store, record, now=t0 + 1), record)
+
+    exact = make_update(now=t0 + 2, set_keys=added, max_data_bytes=cap)
+    assert await store.update(record.id, exact, now=t0 + 2)
+    got = await stored_at(store, record, now=t0 + 2)
+    assert got is not None
+    assert typed(got.data) == typed({**data, **added})
+    assert data_size(got.data) == cap
+
+
+async def test_refused_update_changes_nothing(store: Store) -> None:
+    """A write refused for size must not half-apply: no removal, no rotation, no touch."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"keep": "v", "drop": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    rotated = new_digest()
+
+    update = make_update(
+        now=t0 + 5,
+        ttl=10,
+        set_keys={"big": "x" * 100},
+        removed_keys=frozenset({"drop"}),
+        token_digest=rotated,
+        max_data_bytes=50,
+    )
+    with pytest.raises(DataTooLarge):
+        await store.update(record.id, update, now=t0 + 5)
+
+    assert_same_record(await stored_at(store, record, now=t0 + 5), record)
+    assert await store.get(rotated, now=t0 + 5) is None
+    (listed,) = await store.list_for_user(record.user_id, now=t0 + 5)
+    assert_same_record(listed, record)
+    small = make_update(now=t0 + 6, set_keys={"small": 1}, max_data_bytes=50)
+    assert await store.update(record.id, small, now=t0 + 6)
+
+
+async def test_a_replaced_value_counts_at_its_new_size_only(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": "x" * 40})
+    await store.create(record, max_sessions=10, now=t0)
+    cap = data_size(record.data)
+
+    same_size = make_update(now=t0 + 1, set_keys={"cart": "y" * 40}, max_data_bytes=cap)
+    assert await store.update(record.id, same_size, now=t0 + 1)
+    larger = make_update(now=t0 + 2, set_keys={"cart": "y" * 41}, max_data_bytes=cap)
+    with pytest.raises(DataTooLarge):
+        await store.update(record.id, larger, now=t0 + 2)
+
+    got = await stored_at(store, record, now=t0 + 2)
+    assert got is not None
+    assert got.data == {"cart": "y" * 40}
+
+
+async def test_removing_keys_is_allowed_even_when_the_data_is_over_the_cap(store: Store) -> None:
+    """A session over the cap (the limit was lowered since) must always be able to shrink.
+
+    Refusing removals would leave it stuck: every later write refused too.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": "x" * 50, "b": "y" * 50, "c": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 1, removed_keys=frozenset({"a"}), max_data_bytes=20)
+    assert await store.update(record.id, update, now=t0 + 1)
+
+    got = await stored_at(store, record, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"b": "y" * 50, "c": 1}
+    assert data_size(got.data) > 20
+
+
+async def test_update_without_data_changes_ignores_the_cap(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": "x" * 100})
+    await store.create(record, max_sessions=10, now=t0)
+    rotated = new_digest()
+
+    touch = make_update(now=t0 + 1, max_data_bytes=10)
+    assert await store.update(record.id, touch, now=t0 + 1)
+    rotation = make_update(now=t0 + 2, token_digest=rotated, max_data_bytes=10)
+    assert await store.update(record.id, rotation, now=t0 + 2)
+
+    got = await store.get(rotated, now=t0 + 2)
+    assert got is not None
+    assert (got.data, got.last_active_at, got.expires_at) == (record.data, t0 + 2, t0 + 2 + TTL)
+
+
+async def test_update_of_a_session_that_is_not_live_returns_false_whatever_the_cap(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    expired = make_record(now=t0, ttl=10)
+    await store.create(expired, max_sessions=10, now=t0)
+    too_big = {"big": "x" * 100}
+
+    for session_id in (expired.id, new_session_id()):
+        update = make_update(now=t0 + 20, set_keys=too_big, max_data_bytes=10)
+        assert await store.update(session_id, update, now=t0 + 20) is False
+
+
+async def test_concurrent_updates_cannot_together_exceed_the_cap(store: Store) -> None:
+    """Each write fits on its own; the store, merging them, must stop at the cap.
+
+    A check against each request's own copy lets N concurrent requests store
+    N times the limit.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    value = "x" * 20
+    cap = data_size({f"k{i}": value for i in range(3)})  # room for exactly three keys
+
+    results = await asyncio.gather(
+        *(
+            store.update(
+                record.id,
+                make_update(now=t0 + 1, set_keys={f"k{i}": value}, max_data_bytes=cap),
+                now=t0 + 1,
+            )
+            for i in range(10)
+        ),
+        return_exceptions=True,
+    )
+
+    assert results.count(True) == 3, results
+    assert all(isinstance(result, DataTooLarge) for result in results if result is not True)
+    got = await stored_at(store, record, now=t0 + 1)
+    assert got is not None
+    assert len(got.data) == 3
+    assert data_size(got.data) == cap
+
+
 # -- delete -------------------------------------------------------------------------
 
 
@@ -753,6 +908,71 @@ async def test_delete_expired_respects_the_limit_and_drains_a_backlog(store: Sto
         assert await store.get(record.token_digest, now=t0 + 20) is not None
 
 
+# -- stats ----------------------------------------------------------------------------
+
+
+async def test_stats_of_an_empty_store_are_zero(store: Store) -> None:
+    assert await store.stats(now=start_time()) == StoreStats(0, 0, {}, 0)
+
+
+async def test_stats_count_live_sessions_users_and_device_types(store: Store) -> None:
+    t0 = start_time()
+    records = [
+        make_record(now=t0),
+        make_record(now=t0, device_type="mobile"),
+        make_record(now=t0, user_id="bob", device_type="mobile"),
+        make_record(now=t0, user_id="carol", device_type="tablet", ttl=10),
+        make_record(now=t0, user_id="dave", ttl=20),  # expires exactly at t0 + 20
+        make_record(now=t0, user_id="erin", device_type="bot", ttl=21),
+    ]
+    for record in records:
+        await store.create(record, max_sessions=10, now=t0)
+
+    before = await store.stats(now=t0)
+    after = await store.stats(now=t0 + 20)
+
+    assert (before.live_sessions, before.users) == (6, 5)
+    assert dict(before.by_device_type) == {"desktop": 2, "mobile": 2, "tablet": 1, "bot": 1}
+    # Expired sessions count as neither live sessions nor users, expiring now included.
+    assert (after.live_sessions, after.users) == (4, 3)
+    assert dict(after.by_device_type) == {"desktop": 1, "mobile": 2, "bot": 1}
+
+
+async def test_stats_count_expired_sessions_until_cleanup(store: Store) -> None:
+    if isinstance(store, RedisStore):
+        pytest.skip("Redis drops expired sessions itself; RedisStore documents reporting 0")
+    t0 = start_time()
+    expired = [make_record(now=t0, user_id=f"user{i}", ttl=10 + i) for i in range(3)]
+    live = make_record(now=t0, ttl=30)
+    for record in (*expired, live):
+        await store.create(record, max_sessions=10, now=t0)
+
+    # The last one expires exactly at t0 + 12: it counts.
+    assert (await store.stats(now=t0 + 12)).expired_sessions == 3
+    assert (await store.stats(now=t0 + 11)).expired_sessions == 2
+    assert await store.delete_expired(now=t0 + 12) == 3
+
+    assert await store.stats(now=t0 + 12) == StoreStats(1, 1, {"desktop": 1}, 0)
+
+
+async def test_stats_follow_rotations_updates_and_deletes(store: Store) -> None:
+    t0 = start_time()
+    first, second = make_record(now=t0), make_record(now=t0, device_type="mobile")
+    bob = make_record(now=t0, user_id="bob")
+    for record in (first, second, bob):
+        await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 1, token_digest=new_digest(), set_keys={"a": 1})
+    assert await store.update(first.id, update, now=t0 + 1)
+    assert await store.delete(bob.id)
+
+    stats = await store.stats(now=t0 + 1)
+    assert (stats.live_sessions, stats.users) == (2, 1)
+    assert dict(stats.by_device_type) == {"desktop": 1, "mobile": 1}
+    await store.delete_for_user("alice")
+    assert await store.stats(now=t0 + 1) == StoreStats(0, 0, {}, 0)
+
+
 # -- returned records are copies ------------------------------------------------------
 
 
@@ -839,15 +1059,19 @@ async def test_concurrent_sets_and_removals_all_apply(store: Store) -> None:
     assert got.data == {f"new{i}": [i] for i in range(20)}
 
 
-async def test_concurrent_rotation_and_data_update_both_apply(store: Store) -> None:
+@pytest.mark.parametrize("cap", [None, 1000], ids=["uncapped", "capped"])
+async def test_concurrent_rotation_and_data_update_both_apply(
+    store: Store, cap: int | None
+) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await store.create(record, max_sessions=10, now=t0)
     rotated = new_digest()
+    patch = make_update(now=t0 + 1, set_keys={"b": 2}, max_data_bytes=cap)
 
     await asyncio.gather(
         store.update(record.id, make_update(now=t0 + 1, token_digest=rotated), now=t0 + 1),
-        store.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1),
+        store.update(record.id, patch, now=t0 + 1),
     )
 
     got = await store.get(rotated, now=t0 + 1)
@@ -895,9 +1119,10 @@ async def test_concurrent_creates_with_one_token_digest_admit_exactly_one(store:
         assert await listed_ids(store, record.user_id, now=t0) == expected
 
 
+@pytest.mark.parametrize("cap", [None, 1000], ids=["uncapped", "capped"])
 @pytest.mark.parametrize("update_first", [True, False], ids=["update-first", "delete-first"])
 async def test_update_racing_delete_never_brings_the_session_back(
-    store: Store, update_first: bool
+    store: Store, update_first: bool, cap: int | None
 ) -> None:
     t0 = start_time()
     for round_ in range(10):
@@ -906,7 +1131,9 @@ async def test_update_racing_delete_never_brings_the_session_back(
         rotated = new_digest()
         update = store.update(
             record.id,
-            make_update(now=t0 + round_, token_digest=rotated, set_keys={"a": 2}),
+            make_update(
+                now=t0 + round_, token_digest=rotated, set_keys={"a": 2}, max_data_bytes=cap
+            ),
             now=t0 + round_,
         )
         delete = store.delete(record.id)

@@ -20,9 +20,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+import authsessions.stores.redis
 from authsessions import StoreUnavailable
-from authsessions._records import SessionRecord
-from authsessions.stores import RedisStore, open_store
+from authsessions._records import SessionRecord, StoreStats
+from authsessions.stores import DataTooLarge, RedisStore, open_store
 from tests.stores.records import make_record, make_update, new_digest, start_time
 from tests.tcp_proxy import TcpProxy, refusing_port
 
@@ -163,6 +164,60 @@ async def test_delete_expired_sweeps_indexes_of_sessions_redis_dropped(setup: Se
     assert sorted(await setup.all_keys()) == sorted(setup.keys(live).values())
 
 
+async def test_a_refused_rotation_leaves_no_pointer_behind(setup: Setup) -> None:
+    """In a cluster the new digest's pointer is written before the script; a refusal removes it."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await setup.store.create(record, max_sessions=10, now=t0)
+    keys_before = sorted(await setup.all_keys())
+    rotated = new_digest()
+
+    update = make_update(
+        now=t0 + 1, token_digest=rotated, set_keys={"b": "x" * 100}, max_data_bytes=50
+    )
+    with pytest.raises(DataTooLarge):
+        await setup.store.update(record.id, update, now=t0 + 1)
+
+    assert sorted(await setup.all_keys()) == keys_before
+    assert await setup.other.get(record.token_digest, now=t0 + 1) == record
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+
+async def test_stats_scan_only_this_prefix_in_batches(
+    setup: Setup, redis_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(authsessions.stores.redis, "_SCAN_BATCH", 3)
+    t0 = start_time()
+    records = [
+        make_record(now=t0, user_id=f"user{i}", device_type="mobile" if i % 3 else "desktop")
+        for i in range(10)
+    ]
+    records.append(make_record(now=t0, user_id="user0"))
+    for record in records:
+        await setup.store.create(record, max_sessions=10, now=t0)
+    # Keys under a longer prefix belong to another store, as does a stray key.
+    async with RedisStore(redis_target, prefix=f"{setup.prefix}other:") as neighbour:
+        await neighbour.create(make_record(now=t0, user_id="user1"), max_sessions=10, now=t0)
+    await setup.raw.set(f"{setup.prefix}s:not-a-session", "1")
+
+    stats = await setup.other.stats(now=t0)
+
+    assert stats == StoreStats(11, 10, {"desktop": 5, "mobile": 6}, 0)
+
+
+async def test_stats_report_no_expired_sessions(setup: Setup) -> None:
+    """Redis forgets expired sessions by itself, so the store does not claim to count them."""
+    t0 = start_time()
+    live, expired = make_record(now=t0), make_record(now=t0, user_id="bob", ttl=10)
+    for record in (live, expired):
+        await setup.store.create(record, max_sessions=10, now=t0)
+
+    # Expired by the caller's clock, though Redis still holds it.
+    assert await setup.store.stats(now=t0 + 20) == StoreStats(1, 1, {"desktop": 1}, 0)
+
+
 # -- several processes --------------------------------------------------------------------------
 
 
@@ -284,6 +339,26 @@ async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
 
     one_script = {"evalsha": 1, "get": 0}
     assert spent == [one_script, {"evalsha": 1, "get": 1}, one_script]
+
+
+async def test_stats_scan_every_primary_and_never_send_keys(redis_cluster_url: str) -> None:
+    t0 = start_time()
+    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    prefix = f"authsessions-test-{secrets.token_hex(6)}:"
+    records = [make_record(now=t0, user_id=f"user{i}") for i in range(12)]
+    async with RedisStore(redis_cluster_url, prefix=prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+        before = await command_calls(raw, "scan", "keys")
+        stats = await store.stats(now=t0)
+        after = await command_calls(raw, "scan", "keys")
+        keys = [key async for key in raw.scan_iter(match=prefix + "*", count=1000)]
+        await raw.delete(*keys)
+    await raw.aclose()
+
+    assert (stats.live_sessions, stats.users) == (12, 12)
+    assert after["keys"] == before["keys"]
+    assert after["scan"] - before["scan"] >= 3  # one cursor per primary, at least
 
 
 async def test_a_cluster_is_recognised_from_a_plain_url(redis_cluster_url: str) -> None:

@@ -24,8 +24,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from authsessions import Session, SessionConfig, SessionMiddleware, SessionNotFound
+from authsessions._humanize import format_utc, time_ago
 from authsessions.demo._csrf import FORM_FIELD, CsrfGuard
-from authsessions.demo._humanize import format_utc, time_ago
 from authsessions.demo._users import USERNAME_RULE, SignupError, User, UserStore
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV
 

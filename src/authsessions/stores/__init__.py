@@ -8,7 +8,7 @@ Pick one by URL with :func:`open_store`, or build it directly::
     store = open_store("postgresql://app@db/app")    # shared by many app servers
     store = open_store("redis://cache:6379/0")
 
-A new store subclasses :class:`Store` and implements its seven primitives,
+A new store subclasses :class:`Store` and implements its eight primitives,
 each speaking only in records, token digests, session ids and times::
 
     class DictStore(Store):
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from authsessions._records import SessionRecord, SessionUpdate
-from authsessions.stores._base import CreateError, Store
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats
+from authsessions.stores._base import CreateError, DataTooLarge, Store
 from authsessions.stores._url import DEFAULT_STORE_URL, open_store
 from authsessions.stores.memory import MemoryStore
 from authsessions.stores.sqlite import SQLiteStore
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_STORE_URL",
     "CreateError",
+    "DataTooLarge",
     "MemoryStore",
     "PostgresStore",
     "RedisStore",
@@ -44,6 +45,7 @@ __all__ = [
     "SessionRecord",
     "SessionUpdate",
     "Store",
+    "StoreStats",
     "open_store",
 ]
 

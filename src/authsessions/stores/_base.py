@@ -1,8 +1,10 @@
-"""The store protocol: seven async primitives over records, digests, ids and times.
+"""The store protocol: async primitives over records, digests, ids and times.
 
 Behaviour (expiry rules, cookies, fixation defence, size limits) lives in the
-session layer; a store only keeps records. Every primitive takes ``now`` (a
-UNIX timestamp) from its caller, so tests control the clock without sleeping.
+session layer; a store only keeps records, and checks a size cap it is handed
+only because merging concurrent writes happens there. Every primitive takes
+``now`` (a UNIX timestamp) from its caller, so tests control the clock
+without sleeping.
 """
 
 from __future__ import annotations
@@ -15,13 +17,27 @@ from types import TracebackType
 from typing import Self
 
 from authsessions._errors import StoreUnavailable
-from authsessions._records import SessionRecord, SessionUpdate
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats
 
-__all__ = ["CreateError", "Store", "store_unavailable", "translate_errors"]
+__all__ = ["CreateError", "DataTooLarge", "Store", "store_unavailable", "translate_errors"]
 
 
 class CreateError(Exception):
     """Internal signal: ``Store.create`` met an existing id or token digest."""
+
+
+class DataTooLarge(Exception):
+    """Internal signal: ``Store.update`` refused data that would exceed ``max_data_bytes``.
+
+    ``size`` is the merged data's :func:`~authsessions._records.data_size`,
+    ``limit`` the cap it exceeds. The session layer turns it into
+    :class:`~authsessions.SessionDataError`.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the merged session data would be {size} bytes, over {limit}")
+        self.size = size
+        self.limit = limit
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
@@ -118,6 +134,15 @@ class Store(abc.ABC):
         Data changes are key-level: keys the update does not name keep their
         stored values. Returns ``False``, changing nothing, when the session
         is gone or expired: an update never re-creates a session.
+
+        With a :attr:`~SessionUpdate.size_cap` (``max_data_bytes`` on an
+        update that sets keys), the store measures the data as merged, with
+        :func:`~authsessions._records.data_size`, in the same atomic step, so
+        concurrent updates that each fit cannot together exceed the cap.
+
+        Raises:
+            DataTooLarge: the merged data would exceed the cap; nothing changed
+                (neither the data nor the times nor the digest).
         """
 
     @abc.abstractmethod
@@ -141,4 +166,18 @@ class Store(abc.ABC):
 
         Callers repeat it until it returns less than ``limit``, so a large
         backlog never holds a lock or a transaction for long.
+        """
+
+    @abc.abstractmethod
+    async def stats(self, *, now: float) -> StoreStats:
+        """Counts across the whole store as of ``now``, for admin tools and ``authsessions stats``.
+
+        Live sessions are those with ``expires_at > now``; ``expired_sessions``
+        counts the stored ones that are not, i.e. what :meth:`delete_expired`
+        would remove (0 from a store that cannot know). It may read every
+        session, so it belongs in admin screens and jobs, never on the
+        request path.
+
+        Raises:
+            StoreUnavailable: the backend failed.
         """

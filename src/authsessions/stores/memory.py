@@ -7,13 +7,14 @@ change a stored session by mutating an object it was handed.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from collections.abc import Iterable
 from typing import Any
 
-from authsessions._records import SessionRecord, SessionUpdate, dump_json
-from authsessions.stores._base import CreateError, Store
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["MemoryStore"]
 
@@ -72,7 +73,12 @@ class MemoryStore(Store):
             for key in changes.removed_keys:
                 data.pop(key, None)
             data.update(changes.set_keys)
-            row.data_json = dump_json(data)
+            data_json = dump_json(data)
+            cap = changes.size_cap
+            # len(dump_json(data)) is data_size(data), without encoding the data twice.
+            if cap is not None and len(data_json) > cap:
+                raise DataTooLarge(len(data_json), cap)
+            row.data_json = data_json
         record = row.record
         if changes.token_digest is not None:
             del self._ids_by_digest[record.token_digest]
@@ -104,6 +110,16 @@ class MemoryStore(Store):
         for session_id in doomed:
             self._remove(session_id)
         return len(doomed)
+
+    async def stats(self, *, now: float) -> StoreStats:
+        """Counts over every session in the dict: O(sessions), for admin tools."""
+        live = [row.record for row in self._rows.values() if row.record.expires_at > now]
+        return StoreStats(
+            live_sessions=len(live),
+            users=len({record.user_id for record in live}),
+            by_device_type=dict(collections.Counter(record.device_type for record in live)),
+            expired_sessions=len(self._rows) - len(live),
+        )
 
     def _rows_of(self, user_id: str) -> list[_Row]:
         return [self._rows[session_id] for session_id in self._ids_by_user.get(user_id, ())]

@@ -16,6 +16,10 @@ to the JSON text of its value (``(data->>'"theme"')::jsonb`` reads ``theme``).
 ``jsonb`` itself would rewrite numbers (``1e20`` reads back as a 21-digit
 integer) and refuses ``\\u0000`` in strings and keys; JSON text keeps every
 key and value exact, while the key-level patch stays one ``jsonb`` expression.
+The same texts give the size ``max_data_bytes`` caps (``data_size``, the
+length of the compact JSON object) without decoding anything: 2 for ``{}``,
+plus for each key its text, a colon, its value's text and, after the first,
+a comma. The texts are ASCII, so ``octet_length`` counts characters.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from authsessions._records import SessionRecord, SessionUpdate, dump_json
-from authsessions.stores._base import CreateError, Store, translate_errors
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions.stores._base import CreateError, DataTooLarge, Store, translate_errors
 
 if TYPE_CHECKING:
     import asyncpg
@@ -78,16 +82,19 @@ class _Sql:
     evict: str
     touch: str
     patch: str
+    capped_patch: str
     delete: str
     delete_owned: str
     delete_for_user: str
     delete_expired: str
+    stats: str
 
     @classmethod
     def for_table(cls, t: str) -> _Sql:
         update = "UPDATE {t} SET last_active_at = $2, expires_at = $3,"
         update += " token_digest = coalesce($4, token_digest){data}"
         update += " WHERE id = $1 AND expires_at > $5"
+        merged = "(data - $6::text[]) || $7::text::jsonb"
         return cls(
             get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
             list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
@@ -101,12 +108,32 @@ class _Sql:
             " ORDER BY last_active_at DESC, created_at DESC LIMIT $3)",
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
-            patch=update.format(t=t, data=", data = (data - $6::text[]) || $7::text::jsonb"),
+            patch=update.format(t=t, data=f", data = {merged}"),
+            # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
+            # the row before the size is taken, and reads its newest version: a concurrent
+            # patch is waited for and measured, never merged past. Returns whether the row
+            # changed and the size (NULL when the session is not live).
+            capped_patch=f"WITH target AS (SELECT id, {merged} AS data FROM {t}"
+            " WHERE id = $1 AND expires_at > $5 FOR UPDATE),"
+            " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
+            " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
+            " FROM jsonb_each_text(target.data)) AS size FROM target),"
+            f" patched AS (UPDATE {t} AS s SET last_active_at = $2, expires_at = $3,"
+            " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
+            " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
+            " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)",
             delete=f"DELETE FROM {t} WHERE id = $1",
             delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $2",
             delete_for_user=f"DELETE FROM {t} WHERE user_id = $1 AND id IS DISTINCT FROM $2",
             delete_expired=f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
             " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            # One statement, so one snapshot; the expired count is an expires_at index range.
+            stats=f"SELECT e.n, u.n, d.types, d.counts"
+            f" FROM (SELECT count(*) AS n FROM {t} WHERE expires_at <= $1) AS e,"
+            f" (SELECT count(DISTINCT user_id) AS n FROM {t} WHERE expires_at > $1) AS u,"
+            " (SELECT array_agg(device_type) AS types, array_agg(n) AS counts FROM"
+            f" (SELECT device_type, count(*) AS n FROM {t} WHERE expires_at > $1"
+            " GROUP BY device_type) AS g) AS d",
         )
 
 
@@ -308,14 +335,22 @@ class PostgresStore(Store):
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
         )  # fmt: skip
+        cap = changes.size_cap
         if changes.changes_data:
-            statement = sql.patch
             removed = [dump_json(key) for key in changes.removed_keys]
             args += (removed, _encode_data(changes.set_keys))
-        else:
-            statement = sql.touch
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
+                if cap is not None:
+                    row = await conn.fetchrow(
+                        sql.capped_patch, *args, cap, timeout=self.command_timeout
+                    )
+                    assert row is not None  # a SELECT of two subqueries gives one row
+                    patched, size = row
+                    if not patched and size is not None:
+                        raise DataTooLarge(size, cap)
+                    return bool(patched)
+                statement = sql.patch if changes.changes_data else sql.touch
                 status = await conn.execute(statement, *args, timeout=self.command_timeout)
         return _count(status) == 1
 
@@ -338,6 +373,27 @@ class PostgresStore(Store):
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
         return await self._execute(self._sql.delete_expired, now, limit)
+
+    async def stats(self, *, now: float) -> StoreStats:
+        """Counts from one aggregate statement, so one consistent snapshot.
+
+        The expired count reads a range of the ``expires_at`` index; the live
+        counts read every live row, which is fine for an admin tool.
+
+        Raises:
+            StoreUnavailable: the server failed or could not be reached.
+        """
+        with translate_errors("PostgreSQL", *self._errors):
+            async with self._borrow() as conn:
+                row = await conn.fetchrow(self._sql.stats, now, timeout=self.command_timeout)
+        assert row is not None  # aggregates always give one row
+        expired, users, types, counts = row
+        return StoreStats(
+            live_sessions=sum(counts or ()),
+            users=users,
+            by_device_type=dict(zip(types or (), counts or (), strict=True)),
+            expired_sessions=expired,
+        )
 
     async def _execute(self, sql: str, *args: Any) -> int:
         with translate_errors("PostgreSQL", *self._errors):

@@ -11,7 +11,8 @@ SHA-256 of the user id, so any id makes a valid, fixed-size hash tag)::
 Everything of one user shares the tag, hence one cluster slot, so every
 per-user or per-session change is one Lua script: create with its eviction,
 a key-level data patch (``HSET``/``HDEL`` of single fields, so no JSON is
-decoded in Lua and values read back exactly), rotation, deletes. A cookie's
+decoded in Lua and values read back exactly, and the ``max_data_bytes`` cap is
+measured from the fields' texts), rotation, deletes. A cookie's
 digest says nothing about its user, so the two pointer keys, hashed to
 slots of their own, lead from a digest or an id to the user's slot. They
 are hints: each read checks the record's own digest, expiry and owner, so a
@@ -31,7 +32,7 @@ its longest session and each script that walks it drops ids whose hash has
 gone. Redis forgets expired sessions by itself, so ``delete_expired`` only
 sweeps the indexes: it deletes sessions that are expired by the caller's
 clock but not yet by Redis's, and counts index entries of sessions Redis
-already dropped as deleted too.
+already dropped as deleted too. The scripts are in ``_redis_scripts.py``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from authsessions._records import DeviceType, SessionRecord, SessionUpdate, dump_json
-from authsessions.stores._base import CreateError, Store, translate_errors
+from authsessions._records import DeviceType, SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions.stores import _redis_scripts as lua
+from authsessions.stores._base import CreateError, DataTooLarge, Store, translate_errors
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -58,155 +60,7 @@ DEFAULT_PREFIX = "authsessions:"
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
-
-# Shared by every script. ARGV pairs are sent in slices: Lua's unpack has a stack limit.
-_LUA_HELPERS = """
-local function hset_from(key, first)
-  for i = first, #ARGV, 200 do
-    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 199, #ARGV)))
-  end
-end
-local function hdel_range(key, first, last)
-  for i = first, last, 200 do
-    redis.call('HDEL', key, unpack(ARGV, i, math.min(i + 199, last)))
-  end
-end
-local function extend(key, ms)
-  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
-end
-local function forget(index, prefix, doomed)
-  local out = {}
-  for _, d in ipairs(doomed) do
-    redis.call('DEL', prefix .. d[1])
-    redis.call('ZREM', index, d[1])
-    out[#out + 1] = d[1]
-    out[#out + 1] = d[2]
-  end
-  return out
-end
-"""
-
-# KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
-# last_active_at, field/value pairs. Returns nil if the id exists, else the evicted
-# (id, digest) pairs.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-hset_from(KEYS[1], 7)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-extend(KEYS[2], ARGV[2])
-local now, live, doomed = tonumber(ARGV[1]), {}, {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca')
-  if not f[1] then
-    redis.call('ZREM', KEYS[2], sid)
-  elseif tonumber(f[1]) <= now then
-    doomed[#doomed + 1] = {sid, f[2]}
-  else
-    live[#live + 1] = {sid, f[2], tonumber(f[3]), tonumber(f[4])}
-  end
-end
-table.sort(live, function(a, b)
-  if a[3] ~= b[3] then return a[3] > b[3] end
-  return a[4] > b[4]
-end)
-for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
-return forget(KEYS[2], ARGV[4], doomed)
-"""
-
-# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at, new digest or
-# '', key prefix on a single server or '' in a cluster, tag, n, n removed fields,
-# field/value pairs. Returns nil if not live, else the digest it had.
-_UPDATE = """
-local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
-if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
-local n = tonumber(ARGV[9])
-hdel_range(KEYS[1], 10, 9 + n)
-hset_from(KEYS[1], 10 + n)
-redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-extend(KEYS[2], ARGV[2])
-local p = ARGV[7]
-if p ~= '' then
-  -- Single server: the pointers (elsewhere in a cluster) change in the same step.
-  redis.call('PEXPIRE', p .. 'i:' .. ARGV[3], ARGV[2])
-  if ARGV[6] == '' then
-    redis.call('PEXPIRE', p .. 'd:' .. f[2], ARGV[2])
-  else
-    redis.call('DEL', p .. 'd:' .. f[2])
-    redis.call('SET', p .. 'd:' .. ARGV[6], ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
-  end
-end
-return f[2]
-"""
-
-# KEYS: session, index. ARGV: id, '1' to require the owner, owner. Returns the digest.
-_DELETE = """
-local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
-if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
-if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return f[2]
-"""
-
-# KEYS: index. ARGV: session key prefix, id to keep. Returns the deleted (id, digest) pairs.
-_DELETE_FOR_USER = """
-local doomed = {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if sid ~= ARGV[2] then
-    local td = redis.call('HGET', ARGV[1] .. sid, 'td')
-    if td then doomed[#doomed + 1] = {sid, td} else redis.call('ZREM', KEYS[1], sid) end
-  end
-end
-return forget(KEYS[1], ARGV[1], doomed)
-"""
-
-# Hashes travel as one JSON string (cjson: all strings here, so exact): redis-py parses a
-# reply element by element in Python, and a session is two dozen of them.
-# KEYS: index. ARGV: session key prefix. Returns every stored hash (expired ones too).
-_LIST = """
-local out = {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local h = redis.call('HGETALL', ARGV[1] .. sid)
-  if #h == 0 then redis.call('ZREM', KEYS[1], sid) else out[#out + 1] = cjson.encode(h) end
-end
-return out
-"""
-
-# KEYS: session.
-_READ = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
-
-# KEYS: index. ARGV: session key prefix, now, limit. Returns the count removed, then
-# the deleted (id, digest) pairs.
-_DELETE_EXPIRED = """
-local now, limit, removed, doomed = tonumber(ARGV[2]), tonumber(ARGV[3]), 0, {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if removed >= limit then break end
-  local f = redis.call('HMGET', ARGV[1] .. sid, 'ea', 'td')
-  if not f[1] then
-    redis.call('ZREM', KEYS[1], sid)
-    removed = removed + 1
-  elseif tonumber(f[1]) <= now then
-    doomed[#doomed + 1] = {sid, f[2]}
-    removed = removed + 1
-  end
-end
-local out = forget(KEYS[1], ARGV[1], doomed)
-table.insert(out, 1, removed)
-return out
-"""
-
-# Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
-# KEYS: digest pointer. ARGV: key prefix. Returns the pointer and the session's hash.
-_FOLLOW = """
-local loc = redis.call('GET', KEYS[1])
-if not loc then return false end
-local tag, sid = string.match(loc, '^(%x+):(.+)$')
-return {loc, cjson.encode(redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid))}
-"""
+_SCAN_BATCH = 1000
 
 
 class RedisStore(Store):
@@ -318,14 +172,14 @@ class RedisStore(Store):
                 raise
         self._client = client
         register = client.register_script
-        self._create = register(_LUA_HELPERS + _CREATE)
-        self._update = register(_LUA_HELPERS + _UPDATE)
-        self._delete = register(_DELETE)
-        self._delete_for_user = register(_LUA_HELPERS + _DELETE_FOR_USER)
-        self._list = register(_LIST)
-        self._delete_expired = register(_LUA_HELPERS + _DELETE_EXPIRED)
-        self._follow = register(_FOLLOW)
-        self._read = register(_READ)
+        self._create = register(lua.LUA_HELPERS + lua.CREATE)
+        self._update = register(lua.LUA_HELPERS + lua.UPDATE)
+        self._delete = register(lua.DELETE)
+        self._delete_for_user = register(lua.LUA_HELPERS + lua.DELETE_FOR_USER)
+        self._list = register(lua.LIST)
+        self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
+        self._follow = register(lua.FOLLOW)
+        self._read = register(lua.READ)
 
     def _build(self, *, cluster: bool) -> Redis | RedisCluster:
         assert self._url is not None
@@ -417,22 +271,25 @@ class RedisStore(Store):
         client, new_digest = self._require_client(), changes.token_digest
         ttl = _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
-        in_cluster = bool(self._cluster)
+        in_cluster, cap = bool(self._cluster), changes.size_cap
         with translate_errors("Redis", *self._errors):
             tag = await self._tag_of(session_id)
             if tag is None:
                 return False
             if new_digest is not None and in_cluster:
                 await client.set(self._digest_key(new_digest), f"{tag}:{session_id}", px=ttl)
-            old_digest = await self._update(
+            old_digest: str | int | None = await self._update(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
                 args=[now, ttl, session_id, changes.last_active_at, changes.expires_at,
-                      new_digest or "", "" if in_cluster else self.prefix, tag, len(removed),
-                      *removed, *_data_fields(changes.set_keys)],
+                      new_digest or "", "" if in_cluster else self.prefix, tag,
+                      "" if cap is None else cap, len(removed), *removed,
+                      *_data_fields(changes.set_keys)],
             )  # fmt: skip
-            if old_digest is None:
+            if not isinstance(old_digest, str):  # not live (None), or refused (its size)
                 if new_digest is not None and in_cluster:
                     await self._unlink([self._digest_key(new_digest)])
+                if old_digest is not None and cap is not None:
+                    raise DataTooLarge(old_digest, cap)
                 self._id_tags.pop(session_id, None)
                 return False
             if in_cluster:
@@ -499,6 +356,55 @@ class RedisStore(Store):
                     if removed >= limit:
                         break
         return removed
+
+    async def stats(self, *, now: float) -> StoreStats:
+        """Counts from reading every session: O(sessions) time and memory, for admin use only.
+
+        SCANs the prefix's session keys (never ``KEYS``; in a cluster, on every
+        primary), ``_SCAN_BATCH`` at a time, and reads each batch's owner, device
+        type and expiry in one pipelined round trip. Keys and users seen are
+        remembered (SCAN may return a key twice). Not a snapshot: sessions
+        created or ended meanwhile may or may not count. ``expired_sessions`` is
+        always 0: Redis drops expired sessions itself, so what cleanup would
+        remove is unknown.
+
+        Raises:
+            StoreUnavailable: a command failed or timed out.
+        """
+        client = self._require_client()
+        pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:s:*"
+        seen: set[str] = set()
+        users: set[str] = set()
+        by_type: dict[str, int] = {}
+        with translate_errors("Redis", *self._errors):
+            scan = cast("AsyncGenerator[str]", client.scan_iter(match=pattern, count=_SCAN_BATCH))
+            async with aclosing(scan) as keys:
+                batch: list[str] = []
+                async for key in keys:
+                    if key not in seen:
+                        seen.add(key)
+                        batch.append(key)
+                    if len(batch) == _SCAN_BATCH:
+                        await self._tally(batch, now, users, by_type)
+                        batch = []
+                await self._tally(batch, now, users, by_type)
+        return StoreStats(sum(by_type.values()), len(users), by_type, expired_sessions=0)
+
+    async def _tally(
+        self, keys: list[str], now: float, users: set[str], by_type: dict[str, int]
+    ) -> None:
+        """Count the live sessions among ``keys`` into ``users`` and ``by_type``."""
+        if not keys:
+            return
+        async with self._require_client().pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, ["uid", "dt", "ea"])
+            rows: list[list[str | None]] = await pipe.execute()
+        for user_id, device_type, expires_at in rows:
+            # A hash that went between SCAN and HMGET reads as three None.
+            if user_id and device_type and expires_at and float(expires_at) > now:
+                users.add(user_id)
+                by_type[device_type] = by_type.get(device_type, 0) + 1
 
     # -- pointers and the location cache ---------------------------------------------
 

@@ -20,8 +20,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from authsessions._records import SessionRecord, SessionUpdate, dump_json
-from authsessions.stores._base import CreateError, Store, store_unavailable, translate_errors
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions.stores._base import (
+    CreateError,
+    DataTooLarge,
+    Store,
+    store_unavailable,
+    translate_errors,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -62,6 +68,14 @@ _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND e
 _SELECT_BY_USER = (
     f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
     " ORDER BY last_active_at DESC, created_at DESC"
+)
+# The expired count is a range of the expires_at index; the live counts read the rows.
+_COUNT_USERS_AND_EXPIRED = (
+    f"SELECT (SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?1),"
+    f" (SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?1)"
+)
+_COUNT_BY_DEVICE_TYPE = (
+    f"SELECT device_type, COUNT(*) FROM {TABLE} WHERE expires_at > ? GROUP BY device_type"
 )
 
 
@@ -174,6 +188,39 @@ class SQLiteStore(Store):
             lambda: self._connection(self._writer).execute(sql, params).fetchall()
         )
 
+    # -- counting, on a thread and connection of its own ------------------------
+
+    async def stats(self, *, now: float) -> StoreStats:
+        """Counts from two aggregate queries in one read transaction (a consistent snapshot).
+
+        They read the whole table, so they run on a worker thread with a
+        read-only connection of their own: neither the event loop nor the
+        writer thread (and the requests queued on it) waits for them.
+
+        Raises:
+            StoreUnavailable: the database could not be read.
+        """
+        self._connection(self._reader)  # refuses a closed store
+        with translate_errors("SQLite", sqlite3.Error):
+            return await asyncio.to_thread(self._count, now)
+
+    def _count(self, now: float) -> StoreStats:
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA query_only = ON")
+            db.execute("BEGIN")
+            users, expired = db.execute(_COUNT_USERS_AND_EXPIRED, (now,)).fetchone()
+            by_type: list[tuple[str, int]] = db.execute(_COUNT_BY_DEVICE_TYPE, (now,)).fetchall()
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        return StoreStats(
+            live_sessions=sum(count for _, count in by_type),
+            users=users,
+            by_device_type=dict(by_type),
+            expired_sessions=expired,
+        )
+
     # -- writes, on the writer thread -----------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
@@ -219,8 +266,13 @@ class SQLiteStore(Store):
                     for key in changes.removed_keys:
                         data.pop(key, None)
                     data.update(changes.set_keys)
+                    data_json = dump_json(data)
+                    cap = changes.size_cap
+                    # len(dump_json(data)) is data_size(data), without encoding twice.
+                    if cap is not None and len(data_json) > cap:
+                        raise DataTooLarge(len(data_json), cap)  # rolls the transaction back
                     assignments.append("data = ?")
-                    params.append(dump_json(data))
+                    params.append(data_json)
                 cursor = db.execute(
                     f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ? AND expires_at > ?",
                     (*params, session_id, now),

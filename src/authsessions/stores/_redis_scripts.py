@@ -1,0 +1,187 @@
+"""The Lua scripts of ``RedisStore``, as text (see ``redis.py`` for the key layout).
+
+Each script runs atomically on the node holding its keys. ``LUA_HELPERS`` is
+prepended to the scripts that call its functions.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CREATE",
+    "DELETE",
+    "DELETE_EXPIRED",
+    "DELETE_FOR_USER",
+    "FOLLOW",
+    "LIST",
+    "LUA_HELPERS",
+    "READ",
+    "UPDATE",
+]
+
+# Shared by every script. ARGV pairs are sent in slices: Lua's unpack has a stack limit.
+LUA_HELPERS = """
+local function hset_from(key, first)
+  for i = first, #ARGV, 200 do
+    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 199, #ARGV)))
+  end
+end
+local function hdel_range(key, first, last)
+  for i = first, last, 200 do
+    redis.call('HDEL', key, unpack(ARGV, i, math.min(i + 199, last)))
+  end
+end
+local function extend(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
+end
+local function forget(index, prefix, doomed)
+  local out = {}
+  for _, d in ipairs(doomed) do
+    redis.call('DEL', prefix .. d[1])
+    redis.call('ZREM', index, d[1])
+    out[#out + 1] = d[1]
+    out[#out + 1] = d[2]
+  end
+  return out
+end
+"""
+
+# KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
+# last_active_at, field/value pairs. Returns nil if the id exists, else the evicted
+# (id, digest) pairs.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+hset_from(KEYS[1], 7)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+extend(KEYS[2], ARGV[2])
+local now, live, doomed = tonumber(ARGV[1]), {}, {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca')
+  if not f[1] then
+    redis.call('ZREM', KEYS[2], sid)
+  elseif tonumber(f[1]) <= now then
+    doomed[#doomed + 1] = {sid, f[2]}
+  else
+    live[#live + 1] = {sid, f[2], tonumber(f[3]), tonumber(f[4])}
+  end
+end
+table.sort(live, function(a, b)
+  if a[3] ~= b[3] then return a[3] > b[3] end
+  return a[4] > b[4]
+end)
+for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
+return forget(KEYS[2], ARGV[4], doomed)
+"""
+
+# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at, new digest or
+# '', key prefix on a single server or '' in a cluster, tag, size cap or '', n, n removed
+# fields, field/value pairs. Returns nil if not live, the size (an integer) if the merged
+# data would exceed the cap (nothing changed), else the digest it had.
+# The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
+# <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
+UPDATE = """
+local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
+if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
+local n = tonumber(ARGV[10])
+if ARGV[9] ~= '' then
+  local size, count, named = 0, 0, {}
+  for i = 11, 10 + n do named[ARGV[i]] = true end
+  for i = 11 + n, #ARGV, 2 do
+    named[ARGV[i]] = true
+    size, count = size + #ARGV[i] - 1 + #ARGV[i + 1], count + 1
+  end
+  local h = redis.call('HGETALL', KEYS[1])
+  for i = 1, #h, 2 do
+    if not named[h[i]] and string.sub(h[i], 1, 2) == 'd:' then
+      size, count = size + #h[i] - 1 + #h[i + 1], count + 1
+    end
+  end
+  size = size + math.max(count + 1, 2)
+  if size > tonumber(ARGV[9]) then return size end
+end
+hdel_range(KEYS[1], 11, 10 + n)
+hset_from(KEYS[1], 11 + n)
+redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+extend(KEYS[2], ARGV[2])
+local p = ARGV[7]
+if p ~= '' then
+  -- Single server: the pointers (elsewhere in a cluster) change in the same step.
+  redis.call('PEXPIRE', p .. 'i:' .. ARGV[3], ARGV[2])
+  if ARGV[6] == '' then
+    redis.call('PEXPIRE', p .. 'd:' .. f[2], ARGV[2])
+  else
+    redis.call('DEL', p .. 'd:' .. f[2])
+    redis.call('SET', p .. 'd:' .. ARGV[6], ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
+  end
+end
+return f[2]
+"""
+
+# KEYS: session, index. ARGV: id, '1' to require the owner, owner. Returns the digest.
+DELETE = """
+local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
+if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
+if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return f[2]
+"""
+
+# KEYS: index. ARGV: session key prefix, id to keep. Returns the deleted (id, digest) pairs.
+DELETE_FOR_USER = """
+local doomed = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if sid ~= ARGV[2] then
+    local td = redis.call('HGET', ARGV[1] .. sid, 'td')
+    if td then doomed[#doomed + 1] = {sid, td} else redis.call('ZREM', KEYS[1], sid) end
+  end
+end
+return forget(KEYS[1], ARGV[1], doomed)
+"""
+
+# Hashes travel as one JSON string (cjson: all strings here, so exact): redis-py parses a
+# reply element by element in Python, and a session is two dozen of them.
+# KEYS: index. ARGV: session key prefix. Returns every stored hash (expired ones too).
+LIST = """
+local out = {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = redis.call('HGETALL', ARGV[1] .. sid)
+  if #h == 0 then redis.call('ZREM', KEYS[1], sid) else out[#out + 1] = cjson.encode(h) end
+end
+return out
+"""
+
+# KEYS: session.
+READ = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
+
+# KEYS: index. ARGV: session key prefix, now, limit. Returns the count removed, then
+# the deleted (id, digest) pairs.
+DELETE_EXPIRED = """
+local now, limit, removed, doomed = tonumber(ARGV[2]), tonumber(ARGV[3]), 0, {}
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if removed >= limit then break end
+  local f = redis.call('HMGET', ARGV[1] .. sid, 'ea', 'td')
+  if not f[1] then
+    redis.call('ZREM', KEYS[1], sid)
+    removed = removed + 1
+  elseif tonumber(f[1]) <= now then
+    doomed[#doomed + 1] = {sid, f[2]}
+    removed = removed + 1
+  end
+end
+local out = forget(KEYS[1], ARGV[1], doomed)
+table.insert(out, 1, removed)
+return out
+"""
+
+# Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
+# KEYS: digest pointer. ARGV: key prefix. Returns the pointer and the session's hash.
+FOLLOW = """
+local loc = redis.call('GET', KEYS[1])
+if not loc then return false end
+local tag, sid = string.match(loc, '^(%x+):(.+)$')
+return {loc, cjson.encode(redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid))}
+"""
