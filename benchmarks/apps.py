@@ -1,0 +1,250 @@
+"""The benchmarked apps: one Starlette app per variant, with the same routes everywhere.
+
+Routes (the handler bodies differ only in how they reach the session):
+
+- ``GET /read``: read key ``k`` (authenticated read; without a cookie, the anonymous case)
+- ``GET /write``: set key ``k`` to a new value
+- ``GET /login``: start a new session for ``login-user`` holding ``{"k": "v"}``
+- ``GET /setup``: the same for ``reader``, whose cookie the read and write scenarios send
+- ``GET /list``, ``GET /logout-all``: authsessions only, for the scale part
+
+``uvicorn --factory benchmarks.apps:app_from_env`` builds the variant that the
+``AUTHSESSIONS_BENCH_APP`` environment variable describes (JSON, see
+:func:`app_spec`), for the end-to-end part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from authsessions import Session, SessionConfig, SessionMiddleware
+from authsessions.stores import MemoryStore, SQLiteStore, Store
+
+BARE = "bare"
+NOOP_MIDDLEWARE = "noop-middleware"
+STARLETTE_COOKIE = "starlette-cookie"
+STARSESSIONS_MEMORY = "starsessions-memory"
+STARSESSIONS_REDIS = "starsessions-redis"
+PEERS = (STARLETTE_COOKIE, STARSESSIONS_MEMORY, STARSESSIONS_REDIS)
+OURS_PREFIX = "authsessions-"
+
+SECRET_KEY = "benchmark-secret-key-not-for-production"  # noqa: S105 - a benchmark
+APP_SPEC_ENV = "AUTHSESSIONS_BENCH_APP"
+
+Handler = Callable[[Request], Any]
+
+
+def ours(kind: str) -> str:
+    return f"{OURS_PREFIX}{kind}"
+
+
+def is_ours(variant: str) -> bool:
+    return variant.startswith(OURS_PREFIX)
+
+
+# -- handlers -------------------------------------------------------------------------
+
+_counter = itertools.count()
+
+
+async def bare_read(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("v")
+
+
+async def bare_ok(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+async def peer_read(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(request.session.get("k")))
+
+
+async def peer_write(request: Request) -> PlainTextResponse:
+    request.session["k"] = next(_counter)
+    return PlainTextResponse("ok")
+
+
+def peer_login(user_id: str) -> Handler:
+    async def login(request: Request) -> PlainTextResponse:
+        request.session.clear()
+        request.session.update({"user": user_id, "k": "v"})
+        return PlainTextResponse("ok")
+
+    return login
+
+
+async def our_read(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(Session.from_request(request).get("k")))
+
+
+async def our_write(request: Request) -> PlainTextResponse:
+    Session.from_request(request).set("k", next(_counter))
+    return PlainTextResponse("ok")
+
+
+def our_login(user_id: str) -> Handler:
+    async def login(request: Request) -> PlainTextResponse:
+        await Session.from_request(request).authenticate_with(user_id, {"k": "v"})
+        return PlainTextResponse("ok")
+
+    return login
+
+
+async def our_list(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(len(await Session.from_request(request).list_my_sessions())))
+
+
+async def our_logout_all(request: Request) -> PlainTextResponse:
+    await Session.from_request(request).logout_all()
+    return PlainTextResponse("ok")
+
+
+# -- apps -----------------------------------------------------------------------------
+
+
+def _routes(read: Handler, write: Handler, login: Callable[[str], Handler]) -> list[Route]:
+    return [
+        Route("/read", read),
+        Route("/write", write),
+        Route("/login", login("login-user")),
+        Route("/setup", login("reader")),
+    ]
+
+
+def bare_app() -> Starlette:
+    return Starlette(routes=_routes(bare_read, bare_ok, lambda _user: bare_ok))
+
+
+class NoopMiddleware:
+    """The least a pure-ASGI session middleware does: wrap ``send`` in a closure.
+
+    A reference point, not a peer: what any middleware of this shape costs.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def noop_middleware_app() -> Starlette:
+    return Starlette(
+        routes=_routes(bare_read, bare_ok, lambda _user: bare_ok),
+        middleware=[Middleware(NoopMiddleware)],
+    )
+
+
+def starlette_cookie_app() -> Starlette:
+    from starlette.middleware.sessions import SessionMiddleware as CookieSessionMiddleware
+
+    return Starlette(
+        routes=_routes(peer_read, peer_write, peer_login),
+        middleware=[Middleware(CookieSessionMiddleware, secret_key=SECRET_KEY)],
+    )
+
+
+def starsessions_app(store: Any) -> Starlette:
+    """starsessions as its README wires it: its middleware, then the autoload middleware."""
+    from starsessions import SessionAutoloadMiddleware
+    from starsessions import SessionMiddleware as StarSessionMiddleware
+
+    return Starlette(
+        routes=_routes(peer_read, peer_write, peer_login),
+        middleware=[
+            Middleware(
+                StarSessionMiddleware,
+                store=store,
+                lifetime=timedelta(days=30),
+                rolling=True,
+                cookie_https_only=False,
+            ),
+            Middleware(SessionAutoloadMiddleware),
+        ],
+    )
+
+
+def starsessions_memory_store() -> Any:
+    from starsessions import InMemoryStore
+
+    return InMemoryStore()
+
+
+def starsessions_redis_store(url: str, prefix: str) -> Any:
+    from redis.asyncio import Redis
+    from starsessions.stores.redis import RedisStore
+
+    return RedisStore(connection=Redis.from_url(url), prefix=prefix)
+
+
+def authsessions_app(store: Store, config: SessionConfig | None = None) -> Starlette:
+    routes = _routes(our_read, our_write, our_login)
+    routes += [Route("/list", our_list), Route("/logout-all", our_logout_all)]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(SessionMiddleware, store=store, config=config or SessionConfig())],
+    )
+
+
+# -- for uvicorn ------------------------------------------------------------------------
+
+
+def app_spec(variant: str, *, url: str = "", options: dict[str, str] | None = None) -> str:
+    """The environment value that makes :func:`app_from_env` build ``variant``."""
+    return json.dumps({"variant": variant, "url": url, "options": options or {}})
+
+
+def store_from_spec(kind: str, url: str, options: dict[str, str]) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(url.removeprefix("sqlite:///"))
+    if kind == "postgres":
+        from authsessions.stores.postgres import PostgresStore
+
+        return PostgresStore(url, **options)  # type: ignore[arg-type]
+    if kind == "redis":
+        from authsessions.stores.redis import RedisStore
+
+        return RedisStore(url, **options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown store kind {kind!r}")
+
+
+def app_from_env() -> Starlette:
+    spec = json.loads(os.environ[APP_SPEC_ENV])
+    variant: str = spec["variant"]
+    if variant == BARE:
+        return bare_app()
+    if variant == NOOP_MIDDLEWARE:
+        return noop_middleware_app()
+    if variant == STARLETTE_COOKIE:
+        return starlette_cookie_app()
+    if variant == STARSESSIONS_MEMORY:
+        return starsessions_app(starsessions_memory_store())
+    if variant == STARSESSIONS_REDIS:
+        return starsessions_app(starsessions_redis_store(spec["url"], spec["options"]["prefix"]))
+    if is_ours(variant):
+        kind = variant.removeprefix(OURS_PREFIX)
+        return authsessions_app(store_from_spec(kind, spec["url"], spec["options"]))
+    raise ValueError(f"unknown variant {variant!r}")

@@ -1,0 +1,113 @@
+"""Driving an ASGI app directly: a hand-built scope, receive and send, no HTTP client."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message
+
+from benchmarks.common import USER_AGENT
+
+_REQUEST: Message = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _receive() -> Message:
+    return _REQUEST
+
+
+async def _discard(message: Message) -> None:
+    pass
+
+
+def make_scope(path: str, cookie: str | None = None, *, method: str = "GET") -> dict[str, Any]:
+    """A scope as uvicorn would build it for a browser's GET (copy it per request)."""
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", USER_AGENT.encode("latin-1")),
+        (b"accept", b"text/html,application/xhtml+xml"),
+        (b"accept-language", b"en-GB,en;q=0.9"),
+    ]
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode("latin-1")))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode("ascii"),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 51234),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+@dataclass
+class Response:
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+    def header(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [value.decode("latin-1") for header, value in self.headers if header == key]
+
+    def cookie(self) -> str | None:
+        """The first ``name=value`` this response sets (for sending it back)."""
+        for value in self.header("set-cookie"):
+            pair = value.split(";", 1)[0].strip()
+            if pair.split("=", 1)[1] not in ("", "''", '""'):
+                return pair
+        return None
+
+
+async def call(app: ASGIApp, scope: dict[str, Any]) -> Response:
+    """One request, keeping the response (for setup and validation, not for timing)."""
+    response = Response()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            response.status = message["status"]
+            response.headers = list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            response.body += message.get("body", b"")
+
+    await app(dict(scope), _receive, send)
+    return response
+
+
+async def drive(app: ASGIApp, scope: dict[str, Any], count: int) -> int:
+    """Nanoseconds that ``count`` sequential requests take (a fresh scope copy each)."""
+    return (await drive_timed(app, scope, count))[0]
+
+
+async def drive_timed(app: ASGIApp, scope: dict[str, Any], count: int) -> tuple[int, int]:
+    """Wall-clock and CPU nanoseconds (this process, all threads) of ``count`` requests.
+
+    On a shared machine the CPU time is the steadier measure of our own work;
+    it leaves out time spent waiting, including a database server's work.
+    """
+    clock, cpu = time.perf_counter_ns, time.process_time_ns
+    receive, send = _receive, _discard
+    start, start_cpu = clock(), cpu()
+    for _ in range(count):
+        await app(dict(scope), receive, send)
+    return clock() - start, cpu() - start_cpu
+
+
+async def time_each(app: ASGIApp, scope: dict[str, Any], count: int) -> list[float]:
+    """Per-request durations in µs (for latency distributions)."""
+    clock = time.perf_counter_ns
+    receive, send = _receive, _discard
+    samples = []
+    for _ in range(count):
+        start = clock()
+        await app(dict(scope), receive, send)
+        samples.append((clock() - start) / 1000)
+    return samples

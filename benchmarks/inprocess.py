@@ -1,0 +1,186 @@
+"""Per-request cost in process: every variant driven directly, batches interleaved.
+
+For each repetition, every (variant, scenario) pair runs one batch of
+sequential requests, in a freshly shuffled order, so drift on a shared
+machine hits all variants alike. The result is the median over repetitions
+of the mean per-request time of a batch, and its ratio to the bare app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from benchmarks import apps
+from benchmarks.asgi import call, drive, drive_timed, make_scope
+from benchmarks.common import (
+    REDIS_PREFIX,
+    REDIS_URL,
+    Settings,
+    StoreHandle,
+    fmt_us,
+    make_store,
+    markdown_table,
+    median,
+    port_open,
+)
+
+SCENARIOS = ("read", "write", "anon", "login")
+SCENARIO_TITLES = {
+    "read": "authenticated read",
+    "write": "authenticated write",
+    "anon": "no cookie",
+    "login": "login",
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    app: ASGIApp
+    cookie: str | None = None
+    """The ``Cookie`` header the read and write scenarios send."""
+    handle: StoreHandle | None = None
+    closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+    def scope(self, scenario: str) -> dict[str, Any]:
+        if scenario == "read":
+            return make_scope("/read", self.cookie)
+        if scenario == "write":
+            return make_scope("/write", self.cookie)
+        if scenario == "anon":
+            return make_scope("/read")
+        if scenario == "login":
+            return make_scope("/login")
+        raise ValueError(scenario)
+
+    async def close(self) -> None:
+        for closer in self.closers:
+            with contextlib.suppress(Exception):
+                await closer()
+        if self.handle is not None:
+            await self.handle.cleanup()
+
+
+async def sign_in(app: ASGIApp) -> str:
+    """Log ``reader`` in through the app itself; the cookie the app set."""
+    response = await call(app, make_scope("/setup"))
+    cookie = response.cookie()
+    if response.status != 200 or cookie is None:
+        raise RuntimeError(f"/setup gave {response.status} and no cookie: {response.headers}")
+    return cookie
+
+
+async def open_variants(kinds: list[str], *, peers: bool = True) -> list[Variant]:
+    """The bare app, the peers and authsessions over each store kind, signed in."""
+    variants = [Variant(apps.BARE, apps.bare_app())]
+    if peers:
+        variants.append(Variant(apps.NOOP_MIDDLEWARE, apps.noop_middleware_app()))
+        variants.append(Variant(apps.STARLETTE_COOKIE, apps.starlette_cookie_app()))
+        variants.append(
+            Variant(
+                apps.STARSESSIONS_MEMORY, apps.starsessions_app(apps.starsessions_memory_store())
+            )
+        )
+        if port_open(REDIS_URL):
+            store = apps.starsessions_redis_store(REDIS_URL, f"{REDIS_PREFIX}starsessions:")
+            variant = Variant(apps.STARSESSIONS_REDIS, apps.starsessions_app(store))
+            variant.closers.append(store._connection.aclose)
+            variants.append(variant)
+        else:
+            print(f"  note: skipping starsessions-redis: Redis not reachable at {REDIS_URL}")
+    for kind in kinds:
+        handle = await make_store(kind, label=f"inprocess_{kind}")
+        variants.append(
+            Variant(apps.ours(kind), apps.authsessions_app(handle.store), handle=handle)
+        )
+    for variant in variants:
+        if variant.name not in (apps.BARE, apps.NOOP_MIDDLEWARE):
+            variant.cookie = await sign_in(variant.app)
+    return variants
+
+
+async def validate(variant: Variant) -> None:
+    """Each scenario does what it claims before it is timed."""
+    for scenario in SCENARIOS:
+        response = await call(variant.app, variant.scope(scenario))
+        problem = ""
+        if response.status != 200:
+            problem = f"status {response.status}"
+        elif scenario == "read" and response.body != b"v":
+            problem = f"read {response.body!r}, not b'v': the session was not loaded"
+        elif (
+            scenario == "login"
+            and variant.name not in (apps.BARE, apps.NOOP_MIDDLEWARE)
+            and response.cookie() is None
+        ):
+            problem = "no session cookie set"
+        elif (
+            apps.is_ours(variant.name)
+            and scenario in ("read", "anon")
+            and response.header("set-cookie")
+        ):
+            problem = f"unexpected Set-Cookie {response.header('set-cookie')}"
+        if problem:
+            raise RuntimeError(f"{variant.name} / {scenario}: {problem}")
+
+
+async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
+    variants = await open_variants(kinds)
+    try:
+        for variant in variants:
+            await validate(variant)
+        pairs = [(variant, scenario) for variant in variants for scenario in SCENARIOS]
+        scopes = {(v.name, s): v.scope(s) for v, s in pairs}
+        for variant, scenario in pairs:
+            await drive(variant.app, scopes[variant.name, scenario], settings.inprocess_warmup)
+        samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        cpu_samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        order = random.Random(4)  # noqa: S311 - only an ordering
+        batch = settings.inprocess_batch
+        for _rep in range(settings.inprocess_reps):
+            order.shuffle(pairs)
+            for variant, scenario in pairs:
+                gc.collect()
+                wall, cpu = await drive_timed(variant.app, scopes[variant.name, scenario], batch)
+                samples[variant.name, scenario].append(wall / batch / 1000)
+                cpu_samples[variant.name, scenario].append(cpu / batch / 1000)
+    finally:
+        for variant in variants:
+            await variant.close()
+    results: dict[str, Any] = {"variants": [v.name for v in variants], "scenarios": {}}
+    for scenario in SCENARIOS:
+        bare = median(samples[apps.BARE, scenario])
+        bare_cpu = median(cpu_samples[apps.BARE, scenario])
+        results["scenarios"][scenario] = {
+            v.name: {
+                "median_us": median(samples[v.name, scenario]),
+                "min_us": min(samples[v.name, scenario]),
+                "max_us": max(samples[v.name, scenario]),
+                "ratio": median(samples[v.name, scenario]) / bare,
+                "cpu_us": median(cpu_samples[v.name, scenario]),
+                "cpu_ratio": median(cpu_samples[v.name, scenario]) / bare_cpu,
+            }
+            for v in variants
+        }
+    return results
+
+
+def table(results: dict[str, Any], *, cpu: bool = False) -> str:
+    """Median per request (ratio to bare); ``cpu``: this process's CPU time instead."""
+    value, ratio = ("cpu_us", "cpu_ratio") if cpu else ("median_us", "ratio")
+    header = ["variant"] + [SCENARIO_TITLES[s] for s in SCENARIOS]
+    rows = []
+    for name in results["variants"]:
+        row = [name]
+        for scenario in SCENARIOS:
+            cell = results["scenarios"][scenario][name]
+            row.append(f"{fmt_us(cell[value])} ({cell[ratio]:.2f}x)")
+        rows.append(row)
+    return markdown_table(header, rows)

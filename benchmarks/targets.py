@@ -1,0 +1,97 @@
+"""The issue's targets, checked against one run's results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import apps
+from benchmarks.common import fmt_us, markdown_table
+from benchmarks.inprocess import SCENARIO_TITLES, SCENARIOS
+
+MAX_READ_RATIO = 2.0
+AIM_READ_RATIO = 1.5
+MAX_ANON_RATIO = 1.05
+MAX_PYTHON_US = 25.0
+MIN_E2E_SHARE = 0.85
+
+
+def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, what was measured, met) rows; ``None`` when the part did not run."""
+    rows: list[tuple[str, str, bool | None]] = []
+    inprocess = results.get("inprocess")
+    sqlite = apps.ours("sqlite")
+    if inprocess:
+        cell = inprocess["scenarios"]["read"][sqlite]
+        rows.append(
+            (
+                f"in process, authenticated read with SQLite <= {MAX_READ_RATIO:g}x bare "
+                f"(aim {AIM_READ_RATIO:g}x)",
+                f"{cell['ratio']:.2f}x ({fmt_us(cell['median_us'])})"
+                + ("; aim met" if cell["ratio"] <= AIM_READ_RATIO else "; aim missed"),
+                cell["ratio"] <= MAX_READ_RATIO,
+            )
+        )
+        for scenario in SCENARIOS:
+            cells = inprocess["scenarios"][scenario]
+            peers = {name: cells[name] for name in apps.PEERS if name in cells}
+            fastest = min(peers, key=lambda name: peers[name]["median_us"])
+            ours = cells[sqlite]["median_us"]
+            rows.append(
+                (
+                    f"SQLite faster than every peer: {SCENARIO_TITLES[scenario]}",
+                    f"{fmt_us(ours)} vs fastest peer {fastest} "
+                    f"{fmt_us(peers[fastest]['median_us'])}",
+                    ours < peers[fastest]["median_us"],
+                )
+            )
+        anon = inprocess["scenarios"]["anon"]
+        for name in inprocess["variants"]:
+            if apps.is_ours(name):
+                cell = anon[name]
+                extra = cell["median_us"] - anon[apps.BARE]["median_us"]
+                rows.append(
+                    (
+                        f"no cookie within 5% of bare ({name})",
+                        f"{cell['ratio']:.3f}x (+{fmt_us(extra)})",
+                        cell["ratio"] <= MAX_ANON_RATIO,
+                    )
+                )
+    for kind, floor in (results.get("floors") or {}).items():
+        if kind not in ("postgres", "redis"):
+            continue
+        trips = floor["round_trips"]["read"]
+        rows.append(
+            (
+                f"{kind}: one round trip per authenticated read",
+                f"{trips:.2f} round trips per read",
+                trips <= 1.0,
+            )
+        )
+        rows.append(
+            (
+                f"{kind}: <= {MAX_PYTHON_US:g} µs of our Python above the raw round trip",
+                f"CPU: {fmt_us(floor['request_overhead_cpu_us'])} per request "
+                f"(store.get alone {fmt_us(floor['store_overhead_cpu_us'])}); wall: "
+                f"{fmt_us(floor['request_overhead_us'])} above {floor['raw_floor_name']} "
+                f"{fmt_us(floor['raw_floor_us'])}",
+                floor["request_overhead_cpu_us"] <= MAX_PYTHON_US,
+            )
+        )
+    endtoend = results.get("endtoend")
+    if endtoend:
+        share = endtoend["variants"][sqlite]["ratio"]
+        rows.append(
+            (
+                "end to end, SQLite authenticated reads >= 85% of bare requests/s",
+                f"{share * 100:.0f}%",
+                share >= MIN_E2E_SHARE,
+            )
+        )
+    return rows
+
+
+def table(rows: list[tuple[str, str, bool | None]]) -> str:
+    verdicts = {True: "met", False: "**missed**", None: "-"}
+    return markdown_table(
+        ["target", "measured", "verdict"], [[t, m, verdicts[ok]] for t, m, ok in rows]
+    )
