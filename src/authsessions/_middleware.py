@@ -78,12 +78,16 @@ class SessionMiddleware:
                 await self.app(scope, receive, send)
             return
         # Every request pays for this path: keep it flat and free of needless awaits.
-        try:
-            session = await self._load(scope)
-        except StoreUnavailable as exc:
-            # Fail closed, and keep the cookie: the session may be fine once the store is back.
-            await _send_error(send, exc)
-            return
+        token = self._cookie.read(scope)
+        if token is None and self.store.is_open:
+            session = Session(self.store, self.config, scope, None, None, CookieChange.NONE)
+        else:
+            try:
+                session = await self._load(scope, token)
+            except StoreUnavailable as exc:
+                # Fail closed, and keep the cookie: the session may be fine once the store is back.
+                await _send_error(send, exc)
+                return
         scope[SCOPE_KEY] = session
         response_started = False
         replaced_by_error = False
@@ -122,7 +126,7 @@ class SessionMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            session = await self._load(scope)
+            session = await self._load(scope, self._cookie.read(scope))
         except StoreUnavailable:
             await send({"type": "websocket.close", "code": _WS_TRY_AGAIN_LATER})
             return
@@ -132,12 +136,13 @@ class SessionMiddleware:
         if write is not None:
             await write
 
-    async def _load(self, scope: Scope) -> Session:
-        """The request's session; anonymous, marked to clear the cookie, when it is not valid."""
+    async def _load(self, scope: Scope, token: str | None) -> Session:
+        """The session ``token`` (read from the cookie) names; anonymous, marked to clear the
+        cookie, when it is not valid. Opens the store on first use.
+        """
         store = self.store
         if not store.is_open:
             await store.open()
-        token = self._cookie.read(scope)
         if token is None:
             return Session(store, self.config, scope, None, None, CookieChange.NONE)
         record = None
