@@ -10,7 +10,7 @@ from typing import Any, TypeVar, overload
 
 from starlette.types import Scope
 
-from authsessions._client import client_ip, describe_device, user_agent_of
+from authsessions._client import client_ip, device_of, user_agent_of
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
 from authsessions._records import SessionData, SessionRecord, SessionUpdate, data_size
@@ -230,16 +230,18 @@ class Session:
             self._forget()
         self._cookie_change = CookieChange.CLEAR
         now = time.time()
-        device = describe_device(user_agent_of(self._scope))
         config = self._config
+        device = device_of(self._scope)
+        ip_address = client_ip(self._scope, config.trusted_networks)
+        user_agent = user_agent_of(self._scope) or None
         for _attempt in range(3):
             token = new_token()
             record = SessionRecord(
                 id=new_session_id(),
                 token_digest=token_digest(token),
                 user_id=user_id,
-                ip_address=client_ip(self._scope, config.trusted_networks),
-                user_agent=user_agent_of(self._scope) or None,
+                ip_address=ip_address,
+                user_agent=user_agent,
                 device_name=device.name,
                 device_type=device.type,
                 fingerprint=device.fingerprint,
