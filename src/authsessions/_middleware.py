@@ -38,7 +38,8 @@ class SessionMiddleware:
     digest and checks expiry and fingerprint. When the response starts it
     writes the changed keys or a due touch in one store update, then adds
     ``Set-Cookie``, ``Cache-Control: no-store`` and ``Vary: Cookie`` as needed.
-    A request that changes nothing writes nothing and gets no extra header::
+    A request that changes nothing writes nothing (but one "last active" touch
+    per ``touch_interval``), and an anonymous one gets no extra header::
 
         app = Starlette(routes=routes, middleware=[
             Middleware(SessionMiddleware, store="sqlite:///sessions.db"),
