@@ -48,6 +48,11 @@ INSTALL_HINT = "The authsessions command needs its extra: pip install 'authsessi
 DRIVER_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
 
 
+# Session ids (and user ids) may start with "-": read such an argument as the id it is,
+# not as an unknown option.
+_IDS_MAY_START_WITH_DASH = {"ignore_unknown_options": True}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the ``authsessions`` console script."""
     try:
@@ -105,7 +110,7 @@ def make_cli() -> click.Group:
         _run(_with_store(store_url, _nothing))
         _stdout().print(f"The session store at {display_url(store_url)} is ready.")
 
-    @cli.command(name="list")
+    @cli.command(name="list", context_settings=_IDS_MAY_START_WITH_DASH)
     @store_option
     @json_option
     @click.argument("user_id")
@@ -117,7 +122,7 @@ def make_cli() -> click.Group:
         else:
             _print_sessions(_stdout(), user_id, sessions)
 
-    @cli.command()
+    @cli.command(context_settings=_IDS_MAY_START_WITH_DASH)
     @store_option
     @click.argument("session_id")
     def revoke(store_url: str, session_id: str) -> None:
@@ -130,7 +135,7 @@ def make_cli() -> click.Group:
             raise click.ClickException(f"no session with id {session_id!r}.")
         _stdout().print(f"Ended session {session_id}.")
 
-    @cli.command(name="revoke-user")
+    @cli.command(name="revoke-user", context_settings=_IDS_MAY_START_WITH_DASH)
     @store_option
     @click.argument("user_id")
     def revoke_user(store_url: str, user_id: str) -> None:

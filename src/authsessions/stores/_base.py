@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -20,6 +21,9 @@ from authsessions._errors import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats
 
 __all__ = ["CreateError", "DataTooLarge", "Store", "store_unavailable", "translate_errors"]
+
+
+logger = logging.getLogger("authsessions")
 
 
 class CreateError(Exception):
@@ -41,10 +45,14 @@ class DataTooLarge(Exception):
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
-    """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``."""
-    return StoreUnavailable(
-        f"The {store_name} session store failed ({type(exc).__name__}); try again shortly."
-    )
+    """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``.
+
+    The failure is logged here with the store and the driver's error type; the
+    error itself carries only the generic message, since it may reach a client
+    as a 503 body and the driver's details (hosts, table names) must not.
+    """
+    logger.warning("the %s session store failed: %s", store_name, type(exc).__name__)
+    return StoreUnavailable()
 
 
 @contextmanager
