@@ -98,6 +98,10 @@ class SessionMiddleware:
             if replaced_by_error:
                 return  # the app's response was replaced by an error response
             if message["type"] == "http.response.start":
+                response_started = True
+                if session.is_untouched_anonymous:
+                    await send(message)  # nothing to write, no header to add
+                    return
                 write = session.pending_write(save=message["status"] < 500)
                 if write is not None:
                     try:
@@ -106,14 +110,12 @@ class SessionMiddleware:
                         # Answer here instead of raising into the app: its own error
                         # handlers would see a started response and send a bare 500.
                         replaced_by_error = True
-                        start, body = _error_response(exc)
-                        self._add_headers(start, session)
-                        response_started = True
-                        await send(start)
+                        message, body = _error_response(exc)
+                        self._add_headers(message, session)
+                        await send(message)
                         await send(body)
                         return
                 self._add_headers(message, session)
-                response_started = True
             await send(message)
 
         try:

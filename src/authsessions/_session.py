@@ -357,6 +357,11 @@ class Session:
     def cookie_change(self) -> CookieChange:
         return self._cookie_change
 
+    @property
+    def is_untouched_anonymous(self) -> bool:
+        """No session and no cookie to send: the response needs nothing from us."""
+        return self._record is None and self._cookie_change is CookieChange.NONE
+
     def cookie_token(self) -> tuple[str, int] | None:
         """The token to send and its Max-Age, when the cookie must be set."""
         if (
