@@ -6,6 +6,7 @@ The store contract itself is proven in test_conformance.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sqlite3
 import time
@@ -17,9 +18,10 @@ from typing import Any, cast
 import pytest
 
 from authsessions import StoreUnavailable
+from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
-from authsessions.stores.sqlite import SCHEMA_VERSION, TABLE
-from tests.stores.records import make_record, make_update, new_digest, start_time
+from authsessions.stores.sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION, TABLE
+from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
 
 @pytest.fixture
@@ -408,6 +410,382 @@ async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -
         impatient_store._reader = real
 
     assert busy.calls == 1
+
+
+# -- the row cache of get ---------------------------------------------------------------
+
+
+@contextmanager
+def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
+    """The SQL the store's reader connection runs meanwhile (it reads as before)."""
+    real = store._reader
+    assert real is not None
+    reader: sqlite3.Connection = real
+    statements: list[str] = []
+
+    class Recording:
+        def execute(self, sql: str, params: Any = ()) -> Any:
+            statements.append(sql)
+            return reader.execute(sql, params)
+
+    store._reader = cast(sqlite3.Connection, Recording())
+    try:
+        yield statements
+    finally:
+        store._reader = real
+
+
+CACHE_HIT = ["PRAGMA data_version"]
+"""What a get served from the cache runs: the check, no SELECT."""
+
+
+async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
+    """``store.get``, asserting that it came from the cache."""
+    with reader_statements(store) as statements:
+        got = await store.get(digest, now=now)
+    assert statements == CACHE_HIT
+    return got
+
+
+async def test_a_repeated_get_is_served_from_the_cache(impatient_store: SQLiteStore) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    with reader_statements(impatient_store) as statements:
+        assert await impatient_store.get(record.token_digest, now=t0) == record
+    assert statements[0] == "PRAGMA data_version"
+    assert statements[1].startswith("SELECT")
+
+    assert await cached(impatient_store, record.token_digest, t0) == record
+
+
+async def test_every_get_returns_fresh_data(impatient_store: SQLiteStore) -> None:
+    """Callers mutate ``data``: a hit must not hand out (or keep) a shared dict."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1], "theme": "dark"})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    first = await impatient_store.get(record.token_digest, now=t0)
+    assert first is not None
+    first.data["cart"].append(2)
+    first.data["new"] = True
+    second = await cached(impatient_store, record.token_digest, t0)
+
+    assert second is not None
+    assert second.data == {"cart": [1], "theme": "dark"}
+    assert second.data is not first.data
+    assert second.data["cart"] is not first.data["cart"]
+
+
+async def test_expiry_is_checked_on_a_cache_hit(impatient_store: SQLiteStore) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    assert await impatient_store.get(record.token_digest, now=t0) == record
+
+    assert await cached(impatient_store, record.token_digest, t0 + 59.999) == record
+    # expires_at > now, exactly as the SELECT says it.
+    assert await cached(impatient_store, record.token_digest, t0 + 60) is None
+    assert await cached(impatient_store, record.token_digest, t0 + 61) is None
+
+
+async def test_a_miss_is_not_cached(impatient_store: SQLiteStore) -> None:
+    """A session created right after a lookup found nothing must be found at once."""
+    t0 = start_time()
+    record = make_record(now=t0)
+
+    assert await impatient_store.get(record.token_digest, now=t0) is None
+    assert len(impatient_store._cache) == 0
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    assert await impatient_store.get(record.token_digest, now=t0) == record
+
+
+async def test_a_commit_by_another_store_on_the_file_empties_the_cache(db_path: Path) -> None:
+    """Another process commits through its own connection: the same mechanism.
+
+    tests/test_many_processes.py runs real processes.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        await one.create(record, max_sessions=10, now=t0)
+        assert await one.get(record.token_digest, now=t0) == record
+        assert await cached(one, record.token_digest, t0) == record
+
+        assert await two.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1)
+        got = await one.get(record.token_digest, now=t0 + 1)
+        assert got is not None
+        assert got.data == {"a": 1, "b": 2}
+        assert got.expires_at == t0 + 1 + TTL
+        assert await cached(one, record.token_digest, t0 + 1) == got
+
+        rotated = new_digest()
+        assert await two.update(
+            record.id, make_update(now=t0 + 2, token_digest=rotated), now=t0 + 2
+        )
+        assert await one.get(record.token_digest, now=t0 + 2) is None
+        assert await one.get(rotated, now=t0 + 2) is not None
+        assert await cached(one, rotated, t0 + 2) is not None
+
+        assert await two.delete(record.id)
+        assert await one.get(rotated, now=t0 + 2) is None
+
+
+async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    assert await impatient_store.get(record.token_digest, now=t0) == record
+    assert await cached(impatient_store, record.token_digest, t0) == record
+
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute(DIRTY_UPDATE, (record.id,))
+    finally:
+        other.close()
+
+    got = await impatient_store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"dirty": True}
+
+
+@pytest.mark.parametrize("path", ["inline", "writer thread"])
+async def test_the_stores_own_writes_empty_the_cache_at_once(
+    impatient_store: SQLiteStore, path: str
+) -> None:
+    """Its write connections are other connections than its reader: data_version moves."""
+    t0 = start_time()
+    store = impatient_store
+    busy, inline = BusyReader(sqlite3.SQLITE_BUSY), store._inline
+    if path == "writer thread":
+        store._inline = cast(sqlite3.Connection, busy)  # every write falls back to the thread
+    try:
+        record = make_record(now=t0, data={"a": 1})
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+        assert await cached(store, record.token_digest, t0) == record
+
+        # update: the new data and times at once
+        assert await store.update(record.id, make_update(now=t0 + 1, set_keys={"a": 2}), now=t0)
+        got = await store.get(record.token_digest, now=t0 + 1)
+        assert got is not None
+        assert (got.data, got.last_active_at) == ({"a": 2}, t0 + 1)
+        assert await cached(store, record.token_digest, t0 + 1) == got
+
+        # rotation: the old digest misses at once
+        rotated = new_digest()
+        assert await store.update(record.id, make_update(now=t0 + 2, token_digest=rotated), now=t0)
+        assert await store.get(record.token_digest, now=t0 + 2) is None
+        assert await store.get(rotated, now=t0 + 2) is not None
+        assert await cached(store, rotated, t0 + 2) is not None
+
+        # delete: gone at once
+        assert await store.delete(record.id)
+        assert await store.get(rotated, now=t0 + 2) is None
+
+        # delete_for_user (always on the writer thread)
+        other = make_record(now=t0)
+        await store.create(other, max_sessions=10, now=t0)
+        assert await store.get(other.token_digest, now=t0) == other
+        assert await cached(store, other.token_digest, t0) == other
+        assert await store.delete_for_user("alice") == 1
+        assert await store.get(other.token_digest, now=t0) is None
+    finally:
+        store._inline = inline
+    assert (busy.calls > 0) == (path == "writer thread")
+
+
+async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:
+    """data_version numbers belong to one connection: a reopened store's new reader may
+    count from the same number as the old one did, while the file changed in between."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    store = SQLiteStore(db_path)
+    async with store:
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+    async with SQLiteStore(db_path) as other:
+        assert await other.update(record.id, make_update(now=t0, set_keys={"a": 2}), now=t0)
+
+    async with store:
+        got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"a": 2}
+
+
+async def test_the_cache_is_bounded_in_rows_and_in_data(impatient_store: SQLiteStore) -> None:
+    t0 = start_time()
+    store = impatient_store
+    store._cache.max_rows = 3
+    store._cache.max_chars = 1000
+    records = [make_record(now=t0, user_id=f"user{i}", data={"i": i}) for i in range(5)]
+    large = make_record(now=t0, user_id="large", data={"x": "y" * 1000})
+    for record in [*records, large]:
+        await store.create(record, max_sessions=10, now=t0)
+
+    for record in records:
+        assert await store.get(record.token_digest, now=t0) == record
+        assert 1 <= len(store._cache) <= 3
+    assert await store.get(large.token_digest, now=t0) == large
+    with reader_statements(store) as statements:
+        assert await store.get(large.token_digest, now=t0) == large
+    assert len(statements) == 2  # read again: larger than the whole cache may hold
+
+
+# -- writes on the event loop -----------------------------------------------------------
+
+
+async def test_inline_writer_never_waits_and_never_checkpoints(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Its busy timeout must be 0 (a lock is the writer thread's to wait for); no fsync in a
+    commit (synchronous=NORMAL in WAL); no automatic checkpoint inside a commit (it fsyncs)."""
+    inline = impatient_store._inline
+    assert inline is not None
+
+    assert inline.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    assert inline.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert inline.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("operation", ["create", "update", "delete"])
+async def test_a_locked_file_sends_the_write_to_the_writer_thread_and_the_loop_runs_on(
+    db_path: Path, operation: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    new = make_record(now=t0)
+    async with SQLiteStore(db_path, timeout=30) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.005)
+
+        async def run_write() -> None:
+            if operation == "create":
+                await store.create(new, max_sessions=10, now=t0)
+            elif operation == "update":
+                update = make_update(now=t0 + 1, set_keys={"b": 2})
+                assert await store.update(record.id, update, now=t0 + 1)
+            else:
+                assert await store.delete(record.id)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            with write_lock(db_path) as other:
+                writing = asyncio.create_task(run_write())
+                await asyncio.sleep(0.2)
+                assert not writing.done()
+                other.execute("ROLLBACK")
+                await asyncio.wait_for(writing, timeout=10)
+        finally:
+            ticker.cancel()
+
+        gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
+        assert len(ticks) >= 10
+        assert max(gaps) < 0.1  # sleeps of 5 ms; the lock was held for 200 ms
+        if operation == "create":
+            assert await store.get(new.token_digest, now=t0) == new
+        elif operation == "update":
+            got = await store.get(record.token_digest, now=t0 + 1)
+            assert got is not None
+            assert got.data == {"b": 2}
+        else:
+            assert await store.get(record.token_digest, now=t0) is None
+
+
+@pytest.mark.parametrize("operation", ["create", "update", "delete"])
+async def test_busy_inline_write_is_retried_on_the_writer_thread(
+    impatient_store: SQLiteStore, operation: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._inline
+    impatient_store._inline = cast(sqlite3.Connection, busy)
+    try:
+        await write(impatient_store, operation, record.id, t0)
+    finally:
+        impatient_store._inline = real
+
+    assert busy.calls == 1
+    listed = await impatient_store.list_for_user("alice", now=t0)
+    expected = {"create": 2, "update": 1, "delete": 0}[operation]
+    assert len(listed) == expected
+
+
+async def test_other_inline_write_errors_are_not_retried(impatient_store: SQLiteStore) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    failing, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._inline
+    impatient_store._inline = cast(sqlite3.Connection, failing)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await impatient_store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+    finally:
+        impatient_store._inline = real
+
+    assert failing.calls == 1
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert await impatient_store.get(record.token_digest, now=t0) == record
+
+
+async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path: Path) -> None:
+    """Read-modify-write stays atomic between the two paths (BEGIN IMMEDIATE on both)."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path) as inline, SQLiteStore(db_path) as threaded:
+        await inline.create(record, max_sessions=10, now=t0)
+        real = threaded._inline
+        threaded._inline = cast(sqlite3.Connection, BusyReader(sqlite3.SQLITE_BUSY))
+        try:
+            await asyncio.gather(
+                *(
+                    (threaded if i % 2 else inline).update(
+                        record.id, make_update(now=t0 + 1, set_keys={f"k{i}": i}), now=t0 + 1
+                    )
+                    for i in range(40)
+                )
+            )
+        finally:
+            threaded._inline = real
+
+        got = await inline.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {f"k{i}": i for i in range(40)}
+
+
+def wal_size(path: Path) -> int:
+    return os.path.getsize(f"{path}-wal")
+
+
+async def test_the_wal_stays_bounded_under_inline_writes(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """The inline connection never checkpoints; the writer thread does, every so many writes."""
+    t0 = start_time()
+    records = [make_record(now=t0) for _ in range(5)]
+    for record in records:
+        await impatient_store.create(record, max_sessions=10, now=t0)
+    page_size = pragma(db_path, "page_size")
+
+    largest = 0
+    for i in range(8 * CHECKPOINT_EVERY):
+        now = t0 + i / 1000
+        update = make_update(now=now, set_keys={"i": i})
+        assert await impatient_store.update(records[i % 5].id, update, now=now)
+        largest = max(largest, wal_size(db_path))
+
+    # An update adds about 3 pages to the WAL: without checkpoints it would reach 6000.
+    assert largest < 6 * CHECKPOINT_EVERY * page_size
 
 
 # -- damaged files ----------------------------------------------------------------------

@@ -3,10 +3,18 @@
 Reads run on the event loop's thread through the standard ``sqlite3`` module:
 in WAL mode a reader never waits for a writer, and an indexed lookup costs a
 few microseconds, far less than handing it to a thread (about 100 µs, as
-aiosqlite does). Writes may wait for another process's write lock, so they
-run on one dedicated writer thread with its own connection: the event loop
-never blocks on a lock. The rare read that finds the database busy (WAL
-recovery after a crash) is retried on the writer thread, which may wait.
+aiosqlite does). ``get`` also keeps the rows it read, for as long as
+``PRAGMA data_version`` shows that no other connection (this store's writers,
+another process) has committed since.
+
+A write is one short transaction. It runs on the event loop too, on a
+connection that never waits for a lock: in WAL mode with ``synchronous=NORMAL``
+a commit writes to the WAL without an fsync. When the file is locked, the same
+work is retried on one dedicated writer thread whose connection waits for the
+lock, so the event loop never blocks on one. That thread also runs the writes
+that may touch many rows, and checkpoints the WAL (which fsyncs) every
+``CHECKPOINT_EVERY`` writes. The rare read that finds the database busy (WAL
+recovery after a crash) is retried there as well.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,6 +35,13 @@ from authsessions.stores._base import (
     store_unavailable,
     translate_errors,
 )
+from authsessions.stores._sqlite_support import (
+    RowCache,
+    checkpoint_then,
+    enable_wal,
+    is_busy,
+    transaction,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -38,6 +52,7 @@ COLUMNS = (
     "id, token_digest, user_id, ip_address, user_agent, device_name, device_type,"
     " fingerprint, data, created_at, last_active_at, expires_at"
 )
+_DATA, _EXPIRES_AT = 8, 11  # positions in COLUMNS
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file got.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -62,7 +77,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_SQLITE_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+# Writes between two checkpoints of the WAL. A session write adds a few pages to the
+# WAL, so this keeps it near SQLite's own default of 1000 pages (about 4 MB).
+CHECKPOINT_EVERY = 250
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
 _SELECT_BY_USER = (
@@ -104,9 +121,15 @@ class SQLiteStore(Store):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}.")
         self.timeout = timeout
+        # On the event loop's thread: reads, and writes that need not wait for a lock.
         self._reader: sqlite3.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+        self._cache = RowCache()
+        # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
+        self._writes_since_checkpoint = 0
+        self._checkpointing = False
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -116,15 +139,18 @@ class SQLiteStore(Store):
     async def _open(self) -> None:
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="authsessions-sqlite")
         try:
-            await self._write(self._connect_writer)
+            await self._on_writer_thread(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
-                # timeout=0: a read that meets a lock is retried on the writer thread
-                # instead of blocking the event loop.
-                reader = sqlite3.connect(
-                    self.path, timeout=0, isolation_level=None, check_same_thread=False
-                )
-                reader.execute("PRAGMA query_only = ON")
-            self._reader = reader
+                # timeout=0 on both: whatever meets a lock is retried on the writer
+                # thread instead of blocking the event loop.
+                self._reader = _connect(self.path, timeout=0)
+                self._reader.execute("PRAGMA query_only = ON")
+                self._inline = _connect(self.path, timeout=0)
+                # Per connection, and what makes a commit cheap enough for the event loop:
+                # no fsync (see _connect_writer), and no checkpoint (it fsyncs) inside a
+                # commit; the writer thread checkpoints instead.
+                self._inline.execute("PRAGMA synchronous = NORMAL")
+                self._inline.execute("PRAGMA wal_autocheckpoint = 0")
         except BaseException:
             await self._close()
             raise
@@ -132,7 +158,7 @@ class SQLiteStore(Store):
     def _connect_writer(self) -> None:
         writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
-            _enable_wal(writer, timeout=self.timeout)
+            enable_wal(writer, timeout=self.timeout)
             # WAL with synchronous=NORMAL survives an app crash; only a power loss can
             # drop the last commits, which for sessions means signing in again.
             writer.execute("PRAGMA synchronous = NORMAL")
@@ -143,9 +169,12 @@ class SQLiteStore(Store):
         self._writer = writer
 
     async def _close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._cache.clear()
+        self._writes_since_checkpoint = 0
+        for connection in (self._reader, self._inline):
+            if connection is not None:
+                connection.close()
+        self._reader = self._inline = None
         pool, self._writer_thread = self._writer_thread, None
         if pool is not None:
             if self._writer is not None:
@@ -156,11 +185,28 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        params = (token_digest, now)
-        rows = self._read_now(_SELECT_BY_DIGEST, params)
-        if rows is None:
-            rows = await self._read_when_free(_SELECT_BY_DIGEST, params)
-        return _record(rows[0]) if rows else None
+        reader = self._connection(self._reader)
+        cache = self._cache
+        try:
+            # Read before the row: see RowCache.put.
+            cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
+            row = cache.get(token_digest)
+            if row is None:
+                rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
+                if not rows:
+                    # Misses are not kept: any client can send unknown tokens, which
+                    # would crowd out the sessions that do exist.
+                    return None
+                row = rows[0]
+                cache.put(token_digest, row, len(row[_DATA]))
+            elif row[_EXPIRES_AT] <= now:
+                return None  # as the SELECT's "expires_at > ?" would
+        except sqlite3.Error as exc:
+            if not is_busy(exc):
+                raise store_unavailable("SQLite", exc) from exc
+            rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
+            return _record(rows[0]) if rows else None
+        return _record(row)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         params = (user_id, now)
@@ -176,15 +222,13 @@ class SQLiteStore(Store):
             # fetchall() finishes the statement, so no read transaction stays open.
             return reader.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            # sqlite_errorcode is the extended code (e.g. SQLITE_BUSY_RECOVERY); its low byte
-            # is the primary one.
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _SQLITE_BUSY_CODES:
+            if is_busy(exc):
                 return None
             raise store_unavailable("SQLite", exc) from exc
 
     async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a SELECT on the writer thread, whose connection waits out locks."""
-        return await self._write(
+        return await self._on_writer_thread(
             lambda: self._connection(self._writer).execute(sql, params).fetchall()
         )
 
@@ -221,7 +265,7 @@ class SQLiteStore(Store):
             expired_sessions=expired,
         )
 
-    # -- writes, on the writer thread -----------------------------------------
+    # -- writes: on the event loop when the file is free, else on the writer thread --
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         values = (
@@ -230,8 +274,8 @@ class SQLiteStore(Store):
             record.created_at, record.last_active_at, record.expires_at,
         )  # fmt: skip
 
-        def create() -> None:
-            with _transaction(self._connection(self._writer)) as db:
+        def create(db: sqlite3.Connection) -> None:
+            with transaction(db):
                 try:
                     db.execute(
                         f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})", values
@@ -248,8 +292,8 @@ class SQLiteStore(Store):
         await self._write(create)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        def update() -> bool:
-            with _transaction(self._connection(self._writer)) as db:
+        def update(db: sqlite3.Connection) -> bool:
+            with transaction(db):
                 assignments = ["last_active_at = ?", "expires_at = ?"]
                 params: list[Any] = [changes.last_active_at, changes.expires_at]
                 if changes.token_digest is not None:
@@ -287,28 +331,63 @@ class SQLiteStore(Store):
             sql, params = f"DELETE FROM {TABLE} WHERE id = ?", (session_id,)
         else:
             sql, params = f"DELETE FROM {TABLE} WHERE id = ? AND user_id = ?", (session_id, user_id)
-        return await self._write(lambda: self._execute(sql, params) == 1)
+        # One statement in autocommit mode: a "busy" refuses it before it changes anything.
+        return await self._write(lambda db: db.execute(sql, params).rowcount == 1)
+
+    # These two may delete many rows: they run on the writer thread, so that the event
+    # loop's share of a write stays short.
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        return await self._write(
-            lambda: self._execute(
-                f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?", (user_id, except_id)
-            )
+        sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
+        return await self._write_on_thread(
+            lambda db: db.execute(sql, (user_id, except_id)).rowcount
         )
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        return await self._write(
-            lambda: self._execute(
-                f"DELETE FROM {TABLE} WHERE id IN"
-                f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)",
-                (now, limit),
-            )
+        sql = (
+            f"DELETE FROM {TABLE} WHERE id IN"
+            f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
         )
+        return await self._write_on_thread(lambda db: db.execute(sql, (now, limit)).rowcount)
 
-    def _execute(self, sql: str, params: Sequence[Any]) -> int:
-        return self._connection(self._writer).execute(sql, params).rowcount
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` (one transaction or statement) on the event loop if the file is free.
 
-    async def _write(self, work: Callable[[], T]) -> T:
+        A "busy" on the inline connection comes before the work changed
+        anything, so the same work is then run on the writer thread, which
+        waits for the lock up to ``timeout``.
+        """
+        db = self._connection(self._inline)
+        # While a checkpoint is under way, every write queues behind it on the thread: the
+        # first commit after it restarts the WAL and fsyncs its header, which must not
+        # happen here.
+        if self._writes_since_checkpoint < CHECKPOINT_EVERY and not self._checkpointing:
+            try:
+                result = work(db)
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise store_unavailable("SQLite", exc) from exc
+            else:
+                self._writes_since_checkpoint += 1
+                return result
+        return await self._write_on_thread(work)
+
+    async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
+        if self._writes_since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._checkpointing = True
+            try:
+                return await self._on_writer_thread(
+                    lambda: checkpoint_then(self._connection(self._writer), work)
+                )
+            finally:
+                self._checkpointing = False
+                self._writes_since_checkpoint = 0
+        result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
+        self._writes_since_checkpoint += 1
+        return result
+
+    async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:
             raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
         with translate_errors("SQLite", sqlite3.Error):
@@ -320,43 +399,13 @@ class SQLiteStore(Store):
         return connection
 
 
-class _transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error.
-
-    IMMEDIATE takes the write lock up front, so a read-modify-write inside
-    cannot interleave with another connection's.
-    """
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-
-
-def _enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
-    """Switch the file to WAL, retrying while another connection is switching it too.
-
-    SQLite answers a lock it could deadlock on with SQLITE_BUSY at once, without
-    its busy handler: two processes opening a new file together meet exactly that.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF not in _SQLITE_BUSY_CODES or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)  # on the writer thread, never the event loop
+def _connect(path: str, *, timeout: float) -> sqlite3.Connection:
+    # check_same_thread=False: close() may run on another thread than the one that opened.
+    return sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
-    with _transaction(db):
+    with transaction(db):
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise RuntimeError(

@@ -1,0 +1,145 @@
+"""The parts of SQLiteStore that work on a bare connection: transactions, locks, the row cache."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["RowCache", "checkpoint_then", "enable_wal", "is_busy", "transaction"]
+
+T = TypeVar("T")
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused for a lock held elsewhere, so nothing was done and a retry may work.
+
+    ``sqlite_errorcode`` is the extended code (e.g. SQLITE_BUSY_RECOVERY); its low
+    byte is the primary one.
+    """
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES
+
+
+class transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error, the COMMIT's own included.
+
+    IMMEDIATE takes the write lock up front, so a read-modify-write inside
+    cannot interleave with another connection's, and on a connection that does
+    not wait for locks the only "busy" comes from the BEGIN, before any work.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is not None:
+            self.db.execute("ROLLBACK")
+            return
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT can leave the transaction open, holding the write lock;
+            # the caller may retry the work elsewhere, so nothing of it may survive.
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            raise
+
+
+def checkpoint_then(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Copy the WAL into the database file (PASSIVE: waits for nobody), then run ``work``.
+
+    When the checkpoint copied everything, the next commit restarts the WAL
+    from its beginning and fsyncs the WAL header once; running ``work`` right
+    here makes that commit, and its fsync, happen on this thread.
+    """
+    # A checkpoint that fails only lets the WAL grow until the next one; the work decides.
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return work(db)
+
+
+def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
+    """Switch the file to WAL, retrying while another connection is switching it too.
+
+    SQLite answers a lock it could deadlock on with SQLITE_BUSY at once, without
+    its busy handler: two processes opening a new file together meet exactly that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # on the writer thread, never the event loop
+
+
+Row = tuple[Any, ...]
+
+
+class RowCache:
+    """Rows of the session table by token digest, trusted only while nothing was committed.
+
+    The owner reads ``PRAGMA data_version`` on its reader connection before each
+    lookup and passes it to :meth:`validate`. SQLite changes that number whenever
+    any *other* connection commits (the store's own write connections, another
+    process), so an unchanged number proves every cached row is still what the
+    table holds. Rows keep ``data`` as its JSON text: each hit decodes a fresh
+    dict, as a read from the table would.
+
+    Bounded in rows and in characters of data (sessions may hold up to
+    ``max_data_bytes`` each). When full it is simply emptied: any commit
+    anywhere empties it anyway, so it rarely fills, and a hit pays no
+    recency bookkeeping.
+    """
+
+    __slots__ = ("_chars", "_rows", "_version", "max_chars", "max_rows")
+
+    def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
+        self.max_rows = max_rows
+        self.max_chars = max_chars
+        self._rows: dict[str, Row] = {}
+        self._chars = 0
+        self._version: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def validate(self, data_version: int) -> None:
+        """Empty the cache unless ``data_version`` is the one its rows were read under."""
+        if data_version != self._version:
+            self.clear()
+            self._version = data_version
+
+    def get(self, token_digest: str) -> Row | None:
+        return self._rows.get(token_digest)
+
+    def put(self, token_digest: str, row: Row, data_chars: int) -> None:
+        """Keep ``row``, read after the latest :meth:`validate`.
+
+        A commit between that ``validate`` and the read only makes the row
+        newer than its version says, and the next ``validate`` drops it.
+        """
+        if data_chars > self.max_chars:
+            return
+        if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
+            self._rows.clear()
+            self._chars = 0
+        self._rows[token_digest] = row
+        self._chars += data_chars
+
+    def clear(self) -> None:
+        """Forget every row and the version they were read under."""
+        self._rows.clear()
+        self._chars = 0
+        self._version = None
