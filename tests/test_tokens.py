@@ -44,6 +44,11 @@ def test_session_ids_are_22_url_safe_characters() -> None:
         assert not is_well_formed_token(session_id)
 
 
+def test_session_ids_never_start_with_a_dash() -> None:
+    """One id in 64 would otherwise be read as an option by `authsessions revoke ID`."""
+    assert not any(new_session_id().startswith("-") for _ in range(5000))
+
+
 def test_tokens_and_ids_do_not_repeat() -> None:
     tokens = {new_token() for _ in range(5000)}
     ids = {new_session_id() for _ in range(5000)}

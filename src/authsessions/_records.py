@@ -105,8 +105,13 @@ class SessionRecord:
             self.expires_at,
         )
 
-    def to_data(self, *, is_current: bool = False) -> SessionData:
-        """A caller-facing copy, without the token digest."""
+    def to_data(self, *, is_current: bool = False, copy_data: bool = True) -> SessionData:
+        """A caller-facing copy, without the token digest.
+
+        ``data`` is deep-copied unless ``copy_data`` is false, which is only for
+        a record fresh from a store that nobody keeps: the caller then gets the
+        record's own dict, sparing a deep copy per session (about 10 µs).
+        """
         return SessionData(
             id=self.id,
             user_id=self.user_id,
@@ -115,7 +120,7 @@ class SessionRecord:
             device_name=self.device_name,
             device_type=self.device_type,
             fingerprint=self.fingerprint,
-            data=copy.deepcopy(self.data),
+            data=copy.deepcopy(self.data) if copy_data else self.data,
             created_at=to_datetime(self.created_at),
             last_active_at=to_datetime(self.last_active_at),
             expires_at=to_datetime(self.expires_at),

@@ -329,8 +329,12 @@ class Session:
         """
         record = self._require_session()
         records = await self._store.list_for_user(record.user_id, now=time.time())
+        # The others are fresh from the store and dropped here, so their data is handed
+        # over; this session's own record stays with the session, so its data is copied.
         return [
-            record.to_data(is_current=True) if stored.id == record.id else stored.to_data()
+            record.to_data(is_current=True)
+            if stored.id == record.id
+            else stored.to_data(copy_data=False)
             for stored in records
         ]
 

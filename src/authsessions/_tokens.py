@@ -27,8 +27,15 @@ def new_token() -> str:
 
 
 def new_session_id() -> str:
-    """A fresh public session id with 128 bits of randomness."""
-    return secrets.token_urlsafe(SESSION_ID_BYTES)
+    """A fresh public session id with 128 bits of randomness.
+
+    Never starting with "-", so it can be pasted after a command (``authsessions
+    revoke ID``) without being read as an option.
+    """
+    while True:
+        session_id = secrets.token_urlsafe(SESSION_ID_BYTES)
+        if not session_id.startswith("-"):
+            return session_id
 
 
 def token_digest(token: str) -> str:

@@ -995,6 +995,26 @@ async def test_mutating_a_returned_record_does_not_change_the_store(store: Store
     assert await listed_ids(store, "mallory", now=t0) == []
 
 
+async def test_listed_records_hold_data_of_their_own_every_time(store: Store) -> None:
+    """Callers hand listed records' data out uncopied (``to_data(copy_data=False)``)."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "prefs": {"theme": "dark"}})
+    await store.create(record, max_sessions=10, now=t0)
+
+    (first,) = await store.list_for_user("alice", now=t0)
+    (second,) = await store.list_for_user("alice", now=t0)
+    assert first.data is not second.data
+    assert first.data["cart"] is not second.data["cart"]
+    first.data["cart"].append(3)
+    first.data["prefs"]["theme"] = "light"
+    first.data["injected"] = True
+
+    assert typed(second.data) == typed(record.data)
+    (third,) = await store.list_for_user("alice", now=t0)
+    assert_same_record(third, record)
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
 async def test_mutating_the_created_record_afterwards_does_not_change_the_store(
     store: Store,
 ) -> None:

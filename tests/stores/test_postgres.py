@@ -6,6 +6,7 @@ The store contract itself is proven in test_conformance.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import subprocess
 import sys
@@ -43,11 +44,11 @@ async def proxy(postgres_url: str) -> AsyncIterator[TcpProxy]:
 
 
 def impatient_store_through(
-    proxy: TcpProxy, postgres_url: str, schema: str, *, max_size: int = 10
+    proxy: TcpProxy, postgres_url: str, schema: str, *, max_size: int = 10, query: str = ""
 ) -> PostgresStore:
     """A store reaching the server through ``proxy``, giving up on anything after 1 s."""
     user = urlsplit(postgres_url).username or "postgres"
-    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}", query)
     return PostgresStore(
         dsn,
         schema=schema,
@@ -56,6 +57,27 @@ def impatient_store_through(
         acquire_timeout=1.0,
         max_size=max_size,
     )
+
+
+def named_dsn(postgres_url: str) -> tuple[str, str]:
+    """``postgres_url`` with an ``application_name`` of its own, and that name."""
+    name = f"authsessions_{secrets.token_hex(4)}"
+    return with_netloc(
+        postgres_url, urlsplit(postgres_url).netloc, f"application_name={name}"
+    ), name
+
+
+CONNECTIONS_NAMED = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+
+
+@contextlib.asynccontextmanager
+async def table_locked(
+    admin: asyncpg.Connection[asyncpg.Record], schema: str
+) -> AsyncIterator[None]:
+    """Every statement on the session table waits until the block ends."""
+    async with admin.transaction():
+        await admin.execute(f'LOCK TABLE "{schema}".authsessions_session')
+        yield
 
 
 async def recorded_versions(
@@ -179,9 +201,8 @@ async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
 async def test_pool_sizes_bound_the_connections_used(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
-    name = f"authsessions_{secrets.token_hex(4)}"
-    dsn = with_netloc(postgres_url, urlsplit(postgres_url).netloc, f"application_name={name}")
-    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    dsn, name = named_dsn(postgres_url)
+    count = CONNECTIONS_NAMED
     t0 = start_time()
     async with PostgresStore(dsn, schema=postgres_schema, min_size=2, max_size=3) as store:
         assert await admin.fetchval(count, name) == 2
@@ -216,6 +237,119 @@ async def test_an_exhausted_pool_gives_store_unavailable_within_the_timeout(
     # The app's pool is the app's to close.
     assert await pool.fetchval("SELECT 1") == 1
     await pool.close()
+
+
+async def test_an_apps_pool_gets_its_connection_back_after_every_call(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The store holds no connection of an app's pool between calls: the app needs them."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(pool=pool, schema=postgres_schema, acquire_timeout=1) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+
+        async with pool.acquire(timeout=0.5) as connection:
+            assert await connection.fetchval("SELECT 1") == 1
+        # The app may even close its pool first, without waiting for the store.
+        await asyncio.wait_for(pool.close(), timeout=5)
+
+
+async def test_an_exhausted_own_pool_gives_store_unavailable_within_the_timeout(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    store = PostgresStore(
+        postgres_url, schema=postgres_schema, max_size=1, acquire_timeout=0.5, command_timeout=5
+    )
+    async with store:
+        await store.create(record, max_sessions=10, now=t0)
+        async with table_locked(admin, postgres_schema):
+            waiting = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+            await asyncio.sleep(0.1)  # it holds the only connection, waiting for the lock
+
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.get(record.token_digest, now=t0)
+            assert time.monotonic() - started < 2
+            assert isinstance(raised.value.__cause__, TimeoutError)
+
+        assert await waiting == record
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_a_call_waiting_for_the_pool_gets_the_connection_a_finished_call_frees(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A finished call must hand its connection to a waiting one, not keep it idle."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    store = PostgresStore(postgres_url, schema=postgres_schema, max_size=1, acquire_timeout=2)
+    async with store:
+        await store.create(record, max_sessions=10, now=t0)
+        async with table_locked(admin, postgres_schema):
+            first = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+            await asyncio.sleep(0.1)
+            second = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+            await asyncio.sleep(0.1)  # waiting for the pool now
+
+        started = time.monotonic()
+        assert list(await asyncio.gather(first, second)) == [record, record]
+        assert time.monotonic() - started < 1
+
+
+async def test_a_cancelled_call_does_not_hand_its_connection_to_the_next(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A cancelled query leaves its connection cancelling, maybe mid-transaction."""
+    t0 = start_time()
+    kept = make_record(now=t0)
+    cancelled = make_record(now=t0 + 1)
+    store = PostgresStore(postgres_url, schema=postgres_schema, max_size=1, acquire_timeout=2)
+    async with store:
+        await store.create(kept, max_sessions=10, now=t0)
+        async with table_locked(admin, postgres_schema):
+            creating = asyncio.ensure_future(
+                store.create(cancelled, max_sessions=10, now=cancelled.created_at)
+            )
+            await asyncio.sleep(0.1)  # inside its transaction, waiting for the lock
+            creating.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await creating
+
+        for _ in range(3):
+            assert await store.get(kept.token_digest, now=t0 + 1) == kept
+        assert [record.id for record in await store.list_for_user("alice", now=t0 + 1)] == [kept.id]
+        again = make_record(now=t0 + 2)
+        await store.create(again, max_sessions=10, now=t0 + 2)
+        assert await store.get(again.token_digest, now=t0 + 2) == again
+
+
+async def test_closing_waits_for_running_calls_and_leaves_no_connection_open(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    dsn, name = named_dsn(postgres_url)
+    t0 = start_time()
+    record = make_record(now=t0)
+    store = PostgresStore(dsn, schema=postgres_schema, min_size=1, max_size=3)
+    await store.open()
+    await store.create(record, max_sessions=10, now=t0)
+    await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(3)))
+    assert await admin.fetchval(CONNECTIONS_NAMED, name) == 3
+
+    async with table_locked(admin, postgres_schema):
+        running = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+        await asyncio.sleep(0.1)
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0.1)
+        assert not closing.done()  # the running call still has its connection
+
+    async with asyncio.timeout(5):
+        assert await running == record
+        await closing
+    assert await admin.fetchval(CONNECTIONS_NAMED, name) == 0
 
 
 async def test_open_store_builds_a_postgres_store_from_a_url(postgres_url: str) -> None:
@@ -280,6 +414,64 @@ async def test_dropped_connections_give_store_unavailable_then_the_store_recover
         await proxy.resume()
         assert await store.get(record.token_digest, now=t0) == record
         assert await store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+
+
+@pytest.mark.parametrize("when", ["at-once", "once-seen"])
+@pytest.mark.parametrize("cause", ["network", "server"])
+async def test_connections_broken_while_idle_are_replaced(
+    postgres_url: str,
+    postgres_schema: str,
+    proxy: TcpProxy,
+    admin: asyncpg.Connection[asyncpg.Record],
+    cause: str,
+    when: str,
+) -> None:
+    """Idle connections die unseen (a server restart, a network cut, an idle timeout).
+
+    Right away, one call may still meet a connection the server is closing
+    (its farewell read, its socket not yet closed); once the sockets are
+    closed, every broken connection is noticed when taken and no call fails.
+    """
+    name = f"authsessions_{secrets.token_hex(4)}"
+    t0 = start_time()
+    record = make_record(now=t0)
+    store = impatient_store_through(
+        proxy, postgres_url, postgres_schema, max_size=3, query=f"application_name={name}"
+    )
+    async with store:
+        await store.create(record, max_sessions=10, now=t0)
+        # Calls at once leave three connections idle (in the store, or in its pool).
+        found = await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(3)))
+        assert found == [record] * 3
+        backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
+        pids = await admin.fetchval(backends, name)
+        assert len(pids) == 3
+
+        if cause == "network":
+            await proxy.drop()
+            await proxy.resume()
+        else:
+            terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            await admin.execute(f"{terminate} WHERE application_name = $1", name)
+
+        if when == "at-once":
+            with contextlib.suppress(StoreUnavailable):
+                assert await store.get(record.token_digest, now=t0) == record
+        else:
+            # Until the server has let go of those connections (the pool may open others).
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1)"
+            for _ in range(250):
+                if not await admin.fetchval(alive, pids):
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+        # Every call from now on succeeds: the broken connections are all replaced.
+        for _ in range(3):
+            assert await store.get(record.token_digest, now=t0) == record
+        found = await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(3)))
+        assert found == [record] * 3
+        assert await store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
 
 
 async def test_the_password_never_shows_in_reprs_or_errors() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -106,7 +107,9 @@ class MemoryStore(Store):
         return [_materialise(row) for row in _most_recent_first(live)]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        doomed = [sid for sid, row in self._rows.items() if row.record.expires_at <= now][:limit]
+        # The scan stops at ``limit``: a batch costs what it deletes, not the whole dict.
+        expired = (sid for sid, row in self._rows.items() if row.record.expires_at <= now)
+        doomed = list(itertools.islice(expired, limit))
         for session_id in doomed:
             self._remove(session_id)
         return len(doomed)

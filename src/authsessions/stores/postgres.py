@@ -3,8 +3,12 @@
 Every primitive is one statement, except ``create``, which inserts and
 evicts in one short transaction serialised per user by a transaction-scoped
 advisory lock, so concurrent logins never leave a user above the limit. The
-schema is created on open and versioned in a one-row table beside it; an
-advisory lock makes concurrent opens by many processes safe.
+lock and the insert share a statement; the eviction needs one of its own,
+whose snapshot is taken once the lock is held, so that it sees every session
+committed by the creators before it (a single statement's snapshot predates
+its wait for the lock). The schema is created on open and versioned in a
+one-row table beside it; an advisory lock makes concurrent opens by many
+processes safe.
 
 Times are ``double precision`` UNIX seconds rather than ``timestamptz``: the
 protocol speaks floats, callers choose ``now`` (tests run a clock of their
@@ -24,7 +28,6 @@ a comma. The texts are ASCII, so ``octet_length`` counts characters.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
 from authsessions.stores._base import CreateError, DataTooLarge, Store, translate_errors
+from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
 
 if TYPE_CHECKING:
     import asyncpg
@@ -77,7 +81,6 @@ class _Sql:
 
     get: str
     list_for_user: str
-    lock_user: str
     insert: str
     evict: str
     touch: str
@@ -99,10 +102,12 @@ class _Sql:
             get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
             list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
             " ORDER BY last_active_at DESC, created_at DESC",
-            lock_user="SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            # The per-user lock ($13) is taken before the row is produced, so inserted under it.
             insert=f"INSERT INTO {t} (id, token_digest, user_id, ip_address, user_agent,"
             " device_name, device_type, fingerprint, data, created_at, last_active_at,"
-            " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, $11, $12)",
+            " expires_at) SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::text,"
+            " $7::text, $8::text, $9::text::jsonb, $10::float8, $11::float8, $12::float8"
+            " FROM pg_advisory_xact_lock(hashtextextended($13, 0))",
             evict=f"DELETE FROM {t} WHERE user_id = $1 AND id NOT IN (SELECT id FROM {t}"
             " WHERE user_id = $1 AND expires_at > $2"
             " ORDER BY last_active_at DESC, created_at DESC LIMIT $3)",
@@ -162,6 +167,11 @@ class PostgresStore(Store):
     :class:`~authsessions.StoreUnavailable` once these timeouts pass, never
     a hang.
 
+    The store keeps the idle connections of its own pool at hand between
+    calls, sparing the pool's costly acquire and release; an app's pool is
+    acquired from and released to on every call, so the app always gets its
+    connections back (see ``_postgres_pool``).
+
     Raises:
         ImportError: asyncpg is not installed.
         ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout.
@@ -214,9 +224,11 @@ class PostgresStore(Store):
         self._errors: tuple[type[BaseException], ...] = (
             self._asyncpg.PostgresError,
             self._asyncpg.InterfaceError,
+            self._asyncpg.InternalClientError,  # a connection out of step with its server
             OSError,  # refused, reset, and TimeoutError (a connect, statement or acquire timeout)
         )
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._connections: PooledConnections | None = None
 
     def __repr__(self) -> str:
         where = _redact_dsn(self._dsn) if self._dsn is not None else "<app pool>"
@@ -238,13 +250,18 @@ class PostgresStore(Store):
                     reset=_keep_connection_state,
                 )
             try:
-                async with _Borrowed(pool, self.acquire_timeout) as conn:
+                async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
                     await self._migrate(conn)
             except BaseException:
                 if pool is not self._given_pool:
                     pool.terminate()
                 raise
         self._pool = pool
+        if pool is self._given_pool:
+            # The app's pool serves the app too: holding its connections could starve it.
+            self._connections = PooledConnections(pool, self.acquire_timeout)
+        else:
+            self._connections = HeldConnections(pool, self.acquire_timeout, max_idle=self.max_size)
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
@@ -289,38 +306,42 @@ class PostgresStore(Store):
 
     async def _close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None and pool is not self._given_pool:
-            with translate_errors("PostgreSQL", *self._errors):
+        connections, self._connections = self._connections, None
+        with translate_errors("PostgreSQL", *self._errors):
+            if connections is not None:
+                await connections.close()  # the pool's close waits for every connection
+            if pool is not None and pool is not self._given_pool:
                 await pool.close()
 
-    def _borrow(self) -> _Borrowed:
-        if self._pool is None:
+    def _borrow(self) -> Borrowed:
+        if self._connections is None:
             raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
-        return _Borrowed(self._pool, self.acquire_timeout)
+        return self._connections.borrow()
 
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
-            async with self._borrow() as conn, conn.transaction():
-                # One creator per user at a time: the eviction below then sees every
-                # session committed before it, so racing logins never exceed the limit.
-                await conn.execute(
-                    sql.lock_user, f"{self._qualified} {record.user_id}", timeout=timeout
-                )
-                try:
+            try:
+                async with self._borrow() as conn, conn.transaction():
+                    # One creator per user at a time: the eviction below, a statement (and
+                    # so a snapshot) of its own, then sees every session committed before
+                    # it, so racing logins never exceed the limit.
                     await conn.execute(
                         sql.insert,
                         record.id, record.token_digest, record.user_id, record.ip_address,
                         record.user_agent, record.device_name, record.device_type,
                         record.fingerprint, _encode_data(record.data), record.created_at,
                         record.last_active_at, record.expires_at,
+                        f"{self._qualified} {record.user_id}",
                         timeout=timeout,
                     )  # fmt: skip
-                except self._asyncpg.UniqueViolationError as exc:
-                    raise CreateError(record.id) from exc
-                await conn.execute(sql.evict, record.user_id, now, max_sessions, timeout=timeout)
+                    await conn.execute(
+                        sql.evict, record.user_id, now, max_sessions, timeout=timeout
+                    )
+            except self._asyncpg.UniqueViolationError as exc:  # only the insert can raise it
+                raise CreateError(record.id) from exc
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         with translate_errors("PostgreSQL", *self._errors):
@@ -341,18 +362,19 @@ class PostgresStore(Store):
             args += (removed, _encode_data(changes.set_keys))
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
-                if cap is not None:
-                    row = await conn.fetchrow(
-                        sql.capped_patch, *args, cap, timeout=self.command_timeout
-                    )
-                    assert row is not None  # a SELECT of two subqueries gives one row
-                    patched, size = row
-                    if not patched and size is not None:
-                        raise DataTooLarge(size, cap)
-                    return bool(patched)
-                statement = sql.patch if changes.changes_data else sql.touch
-                status = await conn.execute(statement, *args, timeout=self.command_timeout)
-        return _count(status) == 1
+                if cap is None:
+                    statement = sql.patch if changes.changes_data else sql.touch
+                    status = await conn.execute(statement, *args, timeout=self.command_timeout)
+                    return _count(status) == 1
+                row = await conn.fetchrow(
+                    sql.capped_patch, *args, cap, timeout=self.command_timeout
+                )
+        assert row is not None  # a SELECT of two subqueries gives one row
+        patched, size = row
+        # Raised outside the borrowing: a refusal is no reason to give the connection up.
+        if not patched and size is not None:
+            raise DataTooLarge(size, cap)
+        return bool(patched)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
         if user_id is None:
@@ -399,29 +421,6 @@ class PostgresStore(Store):
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 return _count(await conn.execute(sql, *args, timeout=self.command_timeout))
-
-
-class _Borrowed:
-    """A pooled connection for one operation, waiting at most ``timeout`` for it.
-
-    ``asyncio.timeout`` rather than ``pool.acquire(timeout=...)``: the latter
-    wraps every acquisition in a task (``wait_for``), a cost on each request.
-    """
-
-    __slots__ = ("_connection", "_pool", "_timeout")
-
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], timeout: float) -> None:
-        self._pool = pool
-        self._timeout = timeout
-
-    async def __aenter__(self) -> asyncpg.pool.PoolConnectionProxy[asyncpg.Record]:
-        async with asyncio.timeout(self._timeout):
-            self._connection = await self._pool.acquire()
-        return self._connection
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        # Bounded too: after a statement timeout, release waits for the cancellation.
-        await self._pool.release(self._connection, timeout=self._timeout)
 
 
 async def _keep_connection_state(connection: asyncpg.Connection[asyncpg.Record]) -> None:
