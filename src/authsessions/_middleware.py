@@ -137,7 +137,11 @@ class SessionMiddleware:
         await self.app(scope, receive, send)
         write = session.pending_write(save=True)
         if write is not None:
-            await write
+            try:
+                await write
+            except SessionError as exc:
+                # The socket is closed: nobody is left to answer, so say it in the log.
+                logger.warning("session changes of a WebSocket were not saved: %s", exc.message)
 
     async def _load(self, scope: Scope, token: str | None) -> Session:
         """The session ``token`` (read from the cookie) names; anonymous, marked to clear the

@@ -76,7 +76,7 @@ class SessionRecord:
     """
 
     id: str
-    token_digest: str
+    token_digest: str = field(repr=False)  # kept out of logs and tracebacks
     user_id: str
     ip_address: str | None
     user_agent: str | None
