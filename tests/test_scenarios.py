@@ -709,3 +709,31 @@ async def test_slow_request_overlapping_logout_does_not_resurrect_the_session(
     assert await count_all_rows(store) == 0
     replay = await client.get("/me", headers=cookie_header(token))
     assert replay.json()["authenticated"] is False
+
+
+async def test_touch_overlapping_a_rotate_does_not_send_back_the_dead_token(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A request in flight during rotate() must not hand the browser its old token.
+
+    Its touch re-sends the cookie; if that response landed after the rotate's,
+    the browser would keep a dead token and be signed out.
+    """
+    app = app_factory(store, SessionConfig(touch_interval=timedelta(0)))
+    client = client_factory(app)
+    token = await login(client)
+    gate: SlowGate = app.state.slow_gate
+    slow = asyncio.create_task(client.get("/slow", headers=cookie_header(token)))
+    await asyncio.wait_for(gate.started.wait(), timeout=5)
+
+    rotated = session_cookie(await client.post("/rotate", headers=cookie_header(token)))
+    gate.proceed.set()
+    slow_response = await asyncio.wait_for(slow, timeout=5)
+
+    assert rotated is not None
+    assert rotated.value != token
+    sent_back = session_cookie(slow_response)
+    assert sent_back is None or sent_back.value != token
+    me = await client.get("/me", headers=cookie_header(rotated.value))
+    assert me.json()["authenticated"] is True
+    assert me.json()["session"]["data"]["slow"] is True

@@ -406,8 +406,14 @@ class Session:
             return
         record.last_active_at = now
         record.expires_at = changes.expires_at
-        if touch_due and self._cookie_change is CookieChange.NONE:
-            # Re-send the cookie so the browser's expiry follows the store's.
+        # Re-send the cookie so the browser's expiry follows the store's, unless a
+        # concurrent rotate() replaced this token: the browser's new cookie must not
+        # be overwritten by a dead one. One extra read, once per touch_interval.
+        if (
+            touch_due
+            and self._cookie_change is CookieChange.NONE
+            and await self._store.get(record.token_digest, now=now) is not None
+        ):
             self._cookie_change = CookieChange.SET
 
     # -- internals -------------------------------------------------------------
