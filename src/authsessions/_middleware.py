@@ -81,7 +81,7 @@ class SessionMiddleware:
         # Every request pays for this path: keep it flat and free of needless awaits.
         token = self._cookie.read(scope)
         if token is None and self.store.is_open:
-            session = Session(self.store, self.config, scope, None, None, CookieChange.NONE)
+            session = self._anonymous(scope)
         else:
             try:
                 session = await self._load(scope, token)
@@ -151,7 +151,7 @@ class SessionMiddleware:
         if not store.is_open:
             await store.open()
         if token is None:
-            return Session(store, self.config, scope, None, None, CookieChange.NONE)
+            return self._anonymous(scope)
         record = None
         if token != MALFORMED:
             digest = token_digest(token)
@@ -167,6 +167,9 @@ class SessionMiddleware:
         if record is None:
             return Session(store, self.config, scope, None, None, CookieChange.CLEAR)
         return Session(store, self.config, scope, record, token, CookieChange.NONE)
+
+    def _anonymous(self, scope: Scope) -> Session:
+        return Session(self.store, self.config, scope, None, None, CookieChange.NONE)
 
     def _is_live(self, record: SessionRecord, digest: str, now: float) -> bool:
         # The store found the row by this digest; comparing again in constant time

@@ -177,12 +177,7 @@ class Session:
         if not isinstance(key, str):
             raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
         value = plain_json_copy(value, f"the value for session key {key!r}")
-        size = data_size({**record.data, key: value})
-        if size > self._config.max_data_bytes:
-            raise SessionDataError(
-                f"setting session key {key!r} would make the session data {size} bytes, over "
-                f"max_data_bytes={self._config.max_data_bytes}; store less or raise the limit."
-            )
+        self._check_fits({**record.data, key: value}, f"setting session key {key!r}")
         record.data[key] = value
         self._changed[key] = value
         self._removed.discard(key)
@@ -218,12 +213,7 @@ class Session:
         if not isinstance(data, Mapping):
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
-        size = data_size(initial)
-        if size > self._config.max_data_bytes:
-            raise SessionDataError(
-                f"the initial session data is {size} bytes, over "
-                f"max_data_bytes={self._config.max_data_bytes}."
-            )
+        self._check_fits(initial, "the initial session data")
         self._refuse_cookie_on_websocket("authenticate")
         if self._record is not None:
             await self._store.delete(self._record.id)
@@ -430,6 +420,14 @@ class Session:
                 f"bytes, over max_data_bytes={self._config.max_data_bytes}. Together they "
                 "exceeded the limit; store less per session or raise the limit."
             ) from None
+
+    def _check_fits(self, data: dict[str, Any], what: str) -> None:
+        size = data_size(data)
+        if size > self._config.max_data_bytes:
+            raise SessionDataError(
+                f"{what} would make the session data {size} bytes, over "
+                f"max_data_bytes={self._config.max_data_bytes}; store less or raise the limit."
+            )
 
     def _require_session(self) -> SessionRecord:
         if self._record is None:
