@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import mmap
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
+from authsessions.stores._sqlite_support import RowCache, WalIndexWatch
 from authsessions.stores.sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
@@ -435,42 +438,58 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
         store._reader = real
 
 
-CACHE_HIT = ["PRAGMA data_version"]
-"""What a get served from the cache runs: the check, no SELECT."""
+@pytest.fixture(params=["wal-index header", "data_version"])
+async def caching_store(
+    request: pytest.FixtureRequest, db_path: Path
+) -> AsyncIterator[SQLiteStore]:
+    """An impatient store telling commits apart either way: by the ``-shm`` header it
+    reads where it can, or by ``PRAGMA data_version`` where it cannot.
+    """
+    async with SQLiteStore(db_path, timeout=0.2) as store:
+        assert store._wal_index is not None
+        if request.param == "data_version":
+            store._wal_index.close()
+            store._wal_index = None
+        yield store
+
+
+def cache_hit(store: SQLiteStore) -> list[str]:
+    """What a get served from the cache runs on the reader: no SELECT."""
+    return [] if store._wal_index is not None else ["PRAGMA data_version"]
 
 
 async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
     """``store.get``, asserting that it came from the cache."""
     with reader_statements(store) as statements:
         got = await store.get(digest, now=now)
-    assert statements == CACHE_HIT
+    assert statements == cache_hit(store)
     return got
 
 
-async def test_a_repeated_get_is_served_from_the_cache(impatient_store: SQLiteStore) -> None:
+async def test_a_repeated_get_is_served_from_the_cache(caching_store: SQLiteStore) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    await caching_store.create(record, max_sessions=10, now=t0)
 
-    with reader_statements(impatient_store) as statements:
-        assert await impatient_store.get(record.token_digest, now=t0) == record
-    assert statements[0] == "PRAGMA data_version"
-    assert statements[1].startswith("SELECT")
+    with reader_statements(caching_store) as statements:
+        assert await caching_store.get(record.token_digest, now=t0) == record
+    assert statements[:-1] == cache_hit(caching_store)
+    assert statements[-1].startswith("SELECT")
 
-    assert await cached(impatient_store, record.token_digest, t0) == record
+    assert await cached(caching_store, record.token_digest, t0) == record
 
 
-async def test_every_get_returns_fresh_data(impatient_store: SQLiteStore) -> None:
+async def test_every_get_returns_fresh_data(caching_store: SQLiteStore) -> None:
     """Callers mutate ``data``: a hit must not hand out (or keep) a shared dict."""
     t0 = start_time()
     record = make_record(now=t0, data={"cart": [1], "theme": "dark"})
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    await caching_store.create(record, max_sessions=10, now=t0)
 
-    first = await impatient_store.get(record.token_digest, now=t0)
+    first = await caching_store.get(record.token_digest, now=t0)
     assert first is not None
     first.data["cart"].append(2)
     first.data["new"] = True
-    second = await cached(impatient_store, record.token_digest, t0)
+    second = await cached(caching_store, record.token_digest, t0)
 
     assert second is not None
     assert second.data == {"cart": [1], "theme": "dark"}
@@ -478,38 +497,41 @@ async def test_every_get_returns_fresh_data(impatient_store: SQLiteStore) -> Non
     assert second.data["cart"] is not first.data["cart"]
 
 
-async def test_expiry_is_checked_on_a_cache_hit(impatient_store: SQLiteStore) -> None:
+async def test_expiry_is_checked_on_a_cache_hit(caching_store: SQLiteStore) -> None:
     t0 = start_time()
     record = make_record(now=t0, ttl=60)
-    await impatient_store.create(record, max_sessions=10, now=t0)
-    assert await impatient_store.get(record.token_digest, now=t0) == record
+    await caching_store.create(record, max_sessions=10, now=t0)
+    assert await caching_store.get(record.token_digest, now=t0) == record
 
-    assert await cached(impatient_store, record.token_digest, t0 + 59.999) == record
+    assert await cached(caching_store, record.token_digest, t0 + 59.999) == record
     # expires_at > now, exactly as the SELECT says it.
-    assert await cached(impatient_store, record.token_digest, t0 + 60) is None
-    assert await cached(impatient_store, record.token_digest, t0 + 61) is None
+    assert await cached(caching_store, record.token_digest, t0 + 60) is None
+    assert await cached(caching_store, record.token_digest, t0 + 61) is None
 
 
-async def test_a_miss_is_not_cached(impatient_store: SQLiteStore) -> None:
+async def test_a_miss_is_not_cached(caching_store: SQLiteStore) -> None:
     """A session created right after a lookup found nothing must be found at once."""
     t0 = start_time()
     record = make_record(now=t0)
 
-    assert await impatient_store.get(record.token_digest, now=t0) is None
-    assert len(impatient_store._cache) == 0
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    assert await caching_store.get(record.token_digest, now=t0) is None
+    assert len(caching_store._cache) == 0
+    await caching_store.create(record, max_sessions=10, now=t0)
 
-    assert await impatient_store.get(record.token_digest, now=t0) == record
+    assert await caching_store.get(record.token_digest, now=t0) == record
 
 
-async def test_a_commit_by_another_store_on_the_file_empties_the_cache(db_path: Path) -> None:
+async def test_a_commit_by_another_store_on_the_file_empties_the_cache(
+    caching_store: SQLiteStore, db_path: Path
+) -> None:
     """Another process commits through its own connection: the same mechanism.
 
     tests/test_many_processes.py runs real processes.
     """
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
-    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+    one = caching_store
+    async with SQLiteStore(db_path) as two:
         await one.create(record, max_sessions=10, now=t0)
         assert await one.get(record.token_digest, now=t0) == record
         assert await cached(one, record.token_digest, t0) == record
@@ -534,13 +556,13 @@ async def test_a_commit_by_another_store_on_the_file_empties_the_cache(db_path: 
 
 
 async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
-    impatient_store: SQLiteStore, db_path: Path
+    caching_store: SQLiteStore, db_path: Path
 ) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
-    await impatient_store.create(record, max_sessions=10, now=t0)
-    assert await impatient_store.get(record.token_digest, now=t0) == record
-    assert await cached(impatient_store, record.token_digest, t0) == record
+    await caching_store.create(record, max_sessions=10, now=t0)
+    assert await caching_store.get(record.token_digest, now=t0) == record
+    assert await cached(caching_store, record.token_digest, t0) == record
 
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -548,18 +570,18 @@ async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
     finally:
         other.close()
 
-    got = await impatient_store.get(record.token_digest, now=t0)
+    got = await caching_store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data == {"dirty": True}
 
 
 @pytest.mark.parametrize("path", ["inline", "writer thread"])
 async def test_the_stores_own_writes_empty_the_cache_at_once(
-    impatient_store: SQLiteStore, path: str
+    caching_store: SQLiteStore, path: str
 ) -> None:
     """Its write connections are other connections than its reader: data_version moves."""
     t0 = start_time()
-    store = impatient_store
+    store = caching_store
     busy, inline = BusyReader(sqlite3.SQLITE_BUSY), store._inline
     if path == "writer thread":
         store._inline = cast(sqlite3.Connection, busy)  # every write falls back to the thread
@@ -617,9 +639,9 @@ async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:
     assert got.data == {"a": 2}
 
 
-async def test_the_cache_is_bounded_in_rows_and_in_data(impatient_store: SQLiteStore) -> None:
+async def test_the_cache_is_bounded_in_rows_and_in_data(caching_store: SQLiteStore) -> None:
     t0 = start_time()
-    store = impatient_store
+    store = caching_store
     store._cache.max_rows = 3
     store._cache.max_chars = 1000
     records = [make_record(now=t0, user_id=f"user{i}", data={"i": i}) for i in range(5)]
@@ -633,7 +655,50 @@ async def test_the_cache_is_bounded_in_rows_and_in_data(impatient_store: SQLiteS
     assert await store.get(large.token_digest, now=t0) == large
     with reader_statements(store) as statements:
         assert await store.get(large.token_digest, now=t0) == large
-    assert len(statements) == 2  # read again: larger than the whole cache may hold
+    # read again: larger than the whole cache may hold
+    assert statements[-1].startswith("SELECT")
+
+
+def test_a_header_halfway_written_is_not_trusted() -> None:
+    """A commit writes the second copy of the header first: copies that differ mean
+    "changing now", and a cache must not be validated against either.
+    """
+    size = WalIndexWatch.HEADER_SIZE
+    shm = mmap.mmap(-1, 2 * size)
+    header = struct.pack("=I", 3007000) + bytes(range(1, size - 3))
+    shm[:size] = shm[size:] = header
+    watch = WalIndexWatch(shm)
+    assert watch.read() == header
+
+    shm[size + 20] ^= 0xFF
+    assert watch.read() is None
+    cache = RowCache()
+    cache.validate(header)
+    cache.put("digest", ("row",), 3)
+    cache.validate(watch.read())
+    assert len(cache) == 0
+    watch.close()
+
+
+def test_no_watch_without_a_readable_wal_index(db_path: Path, tmp_path: Path) -> None:
+    """Without a ``-shm`` of a known version the store falls back to ``data_version``."""
+    assert WalIndexWatch.open(str(db_path)) is None  # no such file
+    shm = tmp_path / "other.db-shm"
+    shm.write_bytes(b"\0" * 4096)  # a header version this code does not know
+    assert WalIndexWatch.open(str(tmp_path / "other.db")) is None
+
+
+async def test_a_store_watches_the_wal_index_of_its_file(db_path: Path) -> None:
+    async with SQLiteStore(db_path) as store:
+        assert store._wal_index is not None
+        before = store._wal_index.read()
+        t0 = start_time()
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
+        after = store._wal_index.read()
+    assert before is not None
+    assert after is not None
+    assert before != after
+    assert store._wal_index is None  # closed with the store
 
 
 # -- writes on the event loop -----------------------------------------------------------
