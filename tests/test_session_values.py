@@ -7,7 +7,9 @@ leave both the in-memory session and the stored one as they were.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from starlette.routing import Route
 from typing_extensions import TypedDict
 
 from authsessions import Session, SessionConfig, SessionDataError, SessionManager
+from authsessions._tokens import token_digest
 from authsessions.stores import Store
 from tests.apps.session_app import cookie_header, plant_session, session_cookie
 from tests.conftest import AppFactory, ClientFactory
@@ -486,3 +489,36 @@ async def test_get_with_a_type_nothing_can_convert_to_raises_session_data_error(
     outcome = await read(run, "dict", Opaque)
 
     assert isinstance(outcome.error, SessionDataError)
+
+
+async def test_a_record_the_store_shares_between_requests_is_never_changed(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """SQLiteStore hands every request the same cached record: what one request
+    changes goes to the store, never into that shared object.
+    """
+    token, _ = await plant_session(
+        sqlite_store, "alice", data={"list": [1, 2], "gone": 1}, idle_for=3600
+    )
+    shared = await sqlite_store.get(token_digest(token), now=time.time())
+    assert shared is not None
+    snapshot = copy.deepcopy(shared)
+    seen: dict[str, Any] = {}
+
+    async def handler(request: Request) -> Response:
+        session = Session.from_request(request)
+        seen["shared"] = session._record is shared
+        session.get("list").append(3)
+        session.set("new", {"a": [1]})
+        session.remove_key("gone")
+        await session.rotate()
+        session.set("after", 1)
+        return JSONResponse({})
+
+    app = app_factory(sqlite_store, None, extra_routes=[Route("/change", handler)])
+    response = await client_factory(app).get("/change", headers=cookie_header(token))
+
+    assert response.status_code == 200
+    assert seen["shared"] is True
+    assert shared == snapshot
+    assert await stored_data(sqlite_store) == {"list": [1, 2], "new": {"a": [1]}, "after": 1}

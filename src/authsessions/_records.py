@@ -71,8 +71,9 @@ class SessionRecord:
     """One session as a store keeps it.
 
     Times are UNIX timestamps (seconds, UTC) so the per-request path compares
-    floats; :meth:`to_data` turns them into datetimes for callers. ``data``
-    belongs to whoever holds the record: stores hand out fresh objects.
+    floats; :meth:`to_data` turns them into datetimes for callers. A record
+    from ``Store.get`` may be shared (a cache): nobody changes it, the session
+    layer included, which makes a changed copy instead.
     """
 
     id: str

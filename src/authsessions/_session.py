@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -15,7 +16,7 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
 from authsessions._records import SessionData, SessionRecord, SessionUpdate, data_size
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
-from authsessions._values import plain_json_copy, read_as
+from authsessions._values import copy_json, plain_json_copy, read_as
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["SCOPE_KEY", "CookieChange", "Session"]
@@ -57,6 +58,8 @@ class Session:
         "_changed",
         "_config",
         "_cookie_change",
+        "_data",
+        "_data_is_own",
         "_flushed",
         "_record",
         "_removed",
@@ -78,7 +81,11 @@ class Session:
         self._store = store
         self._config = config
         self._scope = scope
+        # The record may be shared with other requests (a store's cache), so it is never
+        # changed here: changes replace it, and this request's data is copied on the first.
         self._record = record
+        self._data: dict[str, Any] = record.data if record is not None else {}
+        self._data_is_own = False
         self._token = token
         self._cookie_change = cookie_change
         self._changed: dict[str, Any] = {}
@@ -132,7 +139,7 @@ class Session:
 
     def current(self) -> SessionData | None:
         """A copy of the whole session, including writes made earlier in this request."""
-        return self._record.to_data(is_current=True) if self._record is not None else None
+        return self._current_data() if self._record is not None else None
 
     @overload
     def get(self, key: str, type: None = None, default: Any = None) -> Any: ...
@@ -150,11 +157,10 @@ class Session:
         Raises:
             SessionDataError: the stored value does not fit ``type``.
         """
-        record = self._record
-        if record is None:
+        if self._record is None:
             return default
         try:
-            value = record.data[key]
+            value = copy_json(self._data[key])
         except KeyError:
             return default
         return value if type is None else read_as(value, type, key)
@@ -171,23 +177,21 @@ class Session:
             SessionDataError: ``value`` is not plain JSON, or the session's data
                 would exceed ``max_data_bytes``. The session is left unchanged.
         """
-        record = self._record
-        if record is None:
+        if self._record is None:
             return
         if not isinstance(key, str):
             raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
         value = plain_json_copy(value, f"the value for session key {key!r}")
-        self._check_fits({**record.data, key: value}, f"setting session key {key!r}")
-        record.data[key] = value
+        self._check_fits({**self._data, key: value}, f"setting session key {key!r}")
+        self._own_data()[key] = value
         self._changed[key] = value
         self._removed.discard(key)
 
     def remove_key(self, key: str) -> None:
         """Remove ``key``; written when the response starts. No-op without a session or key."""
-        record = self._record
-        if record is None or key not in record.data:
+        if self._record is None or key not in self._data:
             return
-        del record.data[key]
+        del self._own_data()[key]
         self._changed.pop(key, None)
         self._removed.add(key)
 
@@ -245,6 +249,7 @@ class Session:
             except CreateError:  # 2**-128 odds, but never overwrite someone's session
                 continue
             self._record = record
+            self._data, self._data_is_own = initial, True
             self._token = token
             self._cookie_change = CookieChange.SET
             return
@@ -273,9 +278,7 @@ class Session:
             raise Unauthorized("This session has ended; sign in again.")
         self._changed.clear()
         self._removed.clear()
-        record.token_digest = digest
-        record.last_active_at = now
-        record.expires_at = changes.expires_at
+        self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
         self._cookie_change = CookieChange.SET
 
@@ -322,9 +325,7 @@ class Session:
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
         return [
-            record.to_data(is_current=True)
-            if stored.id == record.id
-            else stored.to_data(copy_data=False)
+            self._current_data() if stored.id == record.id else stored.to_data(copy_data=False)
             for stored in records
         ]
 
@@ -394,8 +395,7 @@ class Session:
             logger.info("session %s ended during the request; its changes were dropped", record.id)
             self._end()
             return
-        record.last_active_at = now
-        record.expires_at = changes.expires_at
+        self._record = record = self._renewed(record, changes)
         # Re-send the cookie so the browser's expiry follows the store's, unless a
         # concurrent rotate() replaced this token: the browser's new cookie must not
         # be overwritten by a dead one. One extra read, once per touch_interval.
@@ -429,6 +429,33 @@ class Session:
                 f"max_data_bytes={self._config.max_data_bytes}; store less or raise the limit."
             )
 
+    def _own_data(self) -> dict[str, Any]:
+        """This request's data, to change: a copy of the (maybe shared) record's, made once.
+
+        One level deep is enough: values are only ever replaced whole, and
+        :meth:`get` hands out copies.
+        """
+        if not self._data_is_own:
+            self._data = dict(self._data)
+            self._data_is_own = True
+        return self._data
+
+    def _current_data(self) -> SessionData:
+        assert self._record is not None
+        return self._record.with_data(self._data).to_data(is_current=True)
+
+    def _renewed(
+        self, record: SessionRecord, changes: SessionUpdate, *, token_digest: str | None = None
+    ) -> SessionRecord:
+        """``record`` as ``changes`` left it in the store, holding this request's data."""
+        return dataclasses.replace(
+            record,
+            token_digest=token_digest or record.token_digest,
+            data=self._data,
+            last_active_at=changes.last_active_at,
+            expires_at=changes.expires_at,
+        )
+
     def _require_session(self) -> SessionRecord:
         if self._record is None:
             raise Unauthorized()
@@ -460,6 +487,7 @@ class Session:
 
     def _forget(self) -> None:
         self._record = None
+        self._data, self._data_is_own = {}, True
         self._token = None
         self._changed.clear()
         self._removed.clear()

@@ -973,23 +973,40 @@ async def test_stats_follow_rotations_updates_and_deletes(store: Store) -> None:
     assert await store.stats(now=t0 + 1) == StoreStats(0, 0, {}, 0)
 
 
-# -- returned records are copies ------------------------------------------------------
+# -- returned records: shared read-only from get, owned from list_for_user ----------------
 
 
-async def test_mutating_a_returned_record_does_not_change_the_store(store: Store) -> None:
+async def test_a_record_from_get_is_not_changed_by_later_writes(store: Store) -> None:
+    """Records from ``get`` may be shared (a cache), and a request keeps its own for its
+    whole life: a store replaces what it hands out, it never edits it in place.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"cart": [1, 2], "prefs": {"theme": "dark"}})
+    await store.create(record, max_sessions=10, now=t0)
+    got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    snapshot = copy.deepcopy(got)
+
+    changes = make_update(now=t0 + 1, set_keys={"cart": [3]}, removed_keys=frozenset({"prefs"}))
+    assert await store.update(record.id, changes, now=t0 + 1)
+    assert await store.update(
+        record.id, make_update(now=t0 + 2, token_digest=new_digest()), now=t0 + 2
+    )
+
+    assert got == snapshot
+
+
+async def test_mutating_a_listed_record_does_not_change_the_store(store: Store) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"cart": [1, 2], "prefs": {"theme": "dark"}})
     await store.create(record, max_sessions=10, now=t0)
 
-    got = await store.get(record.token_digest, now=t0)
-    assert got is not None
-    got.data["cart"].append(3)
-    got.data["prefs"]["theme"] = "light"
-    got.data["injected"] = True
-    got.expires_at = t0 + 10 * TTL
-    got.user_id = "mallory"
     (listed,) = await store.list_for_user("alice", now=t0)
-    listed.data.clear()
+    listed.data["cart"].append(3)
+    listed.data["prefs"]["theme"] = "light"
+    listed.data["injected"] = True
+    listed.expires_at = t0 + 10 * TTL
+    listed.user_id = "mallory"
 
     assert_same_record(await store.get(record.token_digest, now=t0), record)
     assert await listed_ids(store, "mallory", now=t0) == []

@@ -22,7 +22,7 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
-from authsessions.stores._sqlite_support import RowCache, WalIndexWatch
+from authsessions.stores._sqlite_support import RecordCache, WalIndexWatch
 from authsessions.stores.sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
@@ -479,22 +479,20 @@ async def test_a_repeated_get_is_served_from_the_cache(caching_store: SQLiteStor
     assert await cached(caching_store, record.token_digest, t0) == record
 
 
-async def test_every_get_returns_fresh_data(caching_store: SQLiteStore) -> None:
-    """Callers mutate ``data``: a hit must not hand out (or keep) a shared dict."""
+async def test_a_hit_hands_out_the_record_read_by_the_miss(caching_store: SQLiteStore) -> None:
+    """No decode and no copy per hit: callers treat records from get as read-only
+    (the session layer's side of that is in tests/test_session_values.py).
+    """
     t0 = start_time()
     record = make_record(now=t0, data={"cart": [1], "theme": "dark"})
     await caching_store.create(record, max_sessions=10, now=t0)
 
     first = await caching_store.get(record.token_digest, now=t0)
-    assert first is not None
-    first.data["cart"].append(2)
-    first.data["new"] = True
     second = await cached(caching_store, record.token_digest, t0)
 
-    assert second is not None
+    assert first is not None
+    assert second is first
     assert second.data == {"cart": [1], "theme": "dark"}
-    assert second.data is not first.data
-    assert second.data["cart"] is not first.data["cart"]
 
 
 async def test_expiry_is_checked_on_a_cache_hit(caching_store: SQLiteStore) -> None:
@@ -672,9 +670,9 @@ def test_a_header_halfway_written_is_not_trusted() -> None:
 
     shm[size + 20] ^= 0xFF
     assert watch.read() is None
-    cache = RowCache()
+    cache = RecordCache()
     cache.validate(header)
-    cache.put("digest", ("row",), 3)
+    cache.put("digest", make_record(now=start_time()), 3)
     cache.validate(watch.read())
     assert len(cache) == 0
     watch.close()

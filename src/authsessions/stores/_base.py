@@ -133,7 +133,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        """The live session stored under ``token_digest``; ``None`` when missing or expired."""
+        """The live session stored under ``token_digest``; ``None`` when missing or expired.
+
+        The record may be shared with other callers (a store may cache it, as
+        ``SQLiteStore`` does): treat it, its ``data`` included, as read-only.
+        """
 
     @abc.abstractmethod
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:

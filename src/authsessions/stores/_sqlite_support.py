@@ -9,10 +9,12 @@ import sqlite3
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from authsessions._records import SessionRecord
 
 __all__ = [
-    "RowCache",
+    "RecordCache",
     "WalIndexWatch",
     "checkpoint_then",
     "enable_wal",
@@ -152,19 +154,16 @@ class WalIndexWatch:
         self._map.close()
 
 
-Row = tuple[Any, ...]
-
-
-class RowCache:
-    """Rows of the session table by token digest, trusted only while nothing was committed.
+class RecordCache:
+    """Records of the session table by token digest, trusted only while nothing was committed.
 
     Before each lookup the owner passes :meth:`validate` a version of the whole
     database that changes with every commit by any connection (the store's own
     write connections, another process): the WAL-index header
     (:class:`WalIndexWatch`), or else ``PRAGMA data_version`` on its reader
     connection. An unchanged version proves every cached row is still what the
-    table holds. Rows keep ``data`` as its JSON text: each hit decodes a fresh
-    dict, as a read from the table would.
+    table holds. A hit hands out the cached record itself, which callers treat as
+    read-only (see ``Store.get``): no JSON decode, no copy.
 
     Bounded in rows and in characters of data (sessions may hold up to
     ``max_data_bytes`` each). When full it is simply emptied: any commit
@@ -177,7 +176,7 @@ class RowCache:
     def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
         self.max_rows = max_rows
         self.max_chars = max_chars
-        self._rows: dict[str, Row] = {}
+        self._rows: dict[str, SessionRecord] = {}
         self._chars = 0
         self._version: object = None
 
@@ -194,13 +193,13 @@ class RowCache:
             self.clear()
             self._version = version
 
-    def get(self, token_digest: str) -> Row | None:
+    def get(self, token_digest: str) -> SessionRecord | None:
         return self._rows.get(token_digest)
 
-    def put(self, token_digest: str, row: Row, data_chars: int) -> None:
-        """Keep ``row``, read after the latest :meth:`validate`.
+    def put(self, token_digest: str, record: SessionRecord, data_chars: int) -> None:
+        """Keep ``record``, read after the latest :meth:`validate`.
 
-        A commit between that ``validate`` and the read only makes the row
+        A commit between that ``validate`` and the read only makes the record
         newer than its version says, and the next ``validate`` drops it.
         """
         if data_chars > self.max_chars:
@@ -208,7 +207,7 @@ class RowCache:
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
             self._rows.clear()
             self._chars = 0
-        self._rows[token_digest] = row
+        self._rows[token_digest] = record
         self._chars += data_chars
 
     def clear(self) -> None:

@@ -37,7 +37,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._sqlite_support import (
-    RowCache,
+    RecordCache,
     WalIndexWatch,
     checkpoint_then,
     enable_wal,
@@ -54,7 +54,7 @@ COLUMNS = (
     "id, token_digest, user_id, ip_address, user_agent, device_name, device_type,"
     " fingerprint, data, created_at, last_active_at, expires_at"
 )
-_DATA, _EXPIRES_AT = 8, 11  # positions in COLUMNS
+_DATA = 8  # the position of data in COLUMNS
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file got.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -126,7 +126,7 @@ class SQLiteStore(Store):
         # On the event loop's thread: reads, and writes that need not wait for a lock.
         self._reader: sqlite3.Connection | None = None
         self._inline: sqlite3.Connection | None = None
-        self._cache = RowCache()
+        self._cache = RecordCache()
         self._wal_index: WalIndexWatch | None = None
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
@@ -198,29 +198,29 @@ class SQLiteStore(Store):
         reader = self._connection(self._reader)
         cache = self._cache
         try:
-            # Read before the row: see RowCache.put.
+            # Read before the row: see RecordCache.put.
             wal_index = self._wal_index
             if wal_index is not None:
                 cache.validate(wal_index.read())
             else:
                 cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
-            row = cache.get(token_digest)
-            if row is None:
+            record = cache.get(token_digest)
+            if record is None:
                 rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
                 if not rows:
                     # Misses are not kept: any client can send unknown tokens, which
                     # would crowd out the sessions that do exist.
                     return None
-                row = rows[0]
-                cache.put(token_digest, row, len(row[_DATA]))
-            elif row[_EXPIRES_AT] <= now:
+                record = _record(rows[0])
+                cache.put(token_digest, record, len(rows[0][_DATA]))
+            elif record.expires_at <= now:
                 return None  # as the SELECT's "expires_at > ?" would
         except sqlite3.Error as exc:
             if not is_busy(exc):
                 raise store_unavailable("SQLite", exc) from exc
             rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
             return _record(rows[0]) if rows else None
-        return _record(row)
+        return record
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         params = (user_id, now)
