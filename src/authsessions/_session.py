@@ -27,6 +27,9 @@ T = TypeVar("T")
 SCOPE_KEY = "authsessions.session"
 MAX_USER_ID_LENGTH = 255
 
+_NO_DATA: dict[str, Any] = {}  # never changed: a session without a record takes no writes
+_REMOVED = object()  # a key's pending change: removed
+
 
 class CookieChange(Enum):
     """What the response must do to the session cookie."""
@@ -55,14 +58,12 @@ class Session:
     """
 
     __slots__ = (
-        "_changed",
+        "_changes",
         "_config",
         "_cookie_change",
         "_data",
-        "_data_is_own",
         "_flushed",
         "_record",
-        "_removed",
         "_scope",
         "_store",
         "_token",
@@ -82,14 +83,13 @@ class Session:
         self._config = config
         self._scope = scope
         # The record may be shared with other requests (a store's cache), so it is never
-        # changed here: changes replace it, and this request's data is copied on the first.
+        # changed here: changes replace it, and the data is copied before a key changes.
         self._record = record
-        self._data: dict[str, Any] = record.data if record is not None else {}
-        self._data_is_own = False
+        self._data: dict[str, Any] = record.data if record is not None else _NO_DATA
         self._token = token
         self._cookie_change = cookie_change
-        self._changed: dict[str, Any] = {}
-        self._removed: set[str] = set()
+        # Keys set (to their value) or removed (to _REMOVED) in this request, to write.
+        self._changes: dict[str, Any] | None = None
         self._flushed = False
 
     def __repr__(self) -> str:
@@ -184,16 +184,14 @@ class Session:
         value = plain_json_copy(value, f"the value for session key {key!r}")
         self._check_fits({**self._data, key: value}, f"setting session key {key!r}")
         self._own_data()[key] = value
-        self._changed[key] = value
-        self._removed.discard(key)
+        self._change(key, value)
 
     def remove_key(self, key: str) -> None:
         """Remove ``key``; written when the response starts. No-op without a session or key."""
         if self._record is None or key not in self._data:
             return
         del self._own_data()[key]
-        self._changed.pop(key, None)
-        self._removed.add(key)
+        self._change(key, _REMOVED)
 
     # -- acting on the store -------------------------------------------------------
 
@@ -249,7 +247,7 @@ class Session:
             except CreateError:  # 2**-128 odds, but never overwrite someone's session
                 continue
             self._record = record
-            self._data, self._data_is_own = initial, True
+            self._data = initial
             self._token = token
             self._cookie_change = CookieChange.SET
             return
@@ -276,8 +274,7 @@ class Session:
         if not await self._update(record, changes, now):
             self._end()
             raise Unauthorized("This session has ended; sign in again.")
-        self._changed.clear()
-        self._removed.clear()
+        self._changes = None
         self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
         self._cookie_change = CookieChange.SET
@@ -382,14 +379,13 @@ class Session:
         self._flushed = True
         now = time.time()
         touch_due = now - record.last_active_at >= self._config.touch_interval_seconds
-        if not (touch_due or self._changed or self._removed):
+        if not (touch_due or self._changes):
             return None
         return self._write(record, now, touch_due=touch_due)
 
     async def _write(self, record: SessionRecord, now: float, *, touch_due: bool) -> None:
         changes = self._pending_update(now)
-        self._changed.clear()
-        self._removed.clear()
+        self._changes = None
         if not await self._update(record, changes, now):
             # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
             logger.info("session %s ended during the request; its changes were dropped", record.id)
@@ -429,15 +425,20 @@ class Session:
                 f"max_data_bytes={self._config.max_data_bytes}; store less or raise the limit."
             )
 
-    def _own_data(self) -> dict[str, Any]:
-        """This request's data, to change: a copy of the (maybe shared) record's, made once.
+    def _change(self, key: str, value: Any) -> None:
+        if self._changes is None:
+            self._changes = {}
+        self._changes[key] = value
 
-        One level deep is enough: values are only ever replaced whole, and
-        :meth:`get` hands out copies.
+    def _own_data(self) -> dict[str, Any]:
+        """This request's data, to change: a copy of the (maybe shared) record's.
+
+        Copied again after each write, when ``_changes`` starts afresh, as the
+        written data may be shared again. One level deep is enough: values
+        are only ever replaced whole, and :meth:`get` hands out copies.
         """
-        if not self._data_is_own:
+        if self._changes is None:
             self._data = dict(self._data)
-            self._data_is_own = True
         return self._data
 
     def _current_data(self) -> SessionData:
@@ -476,21 +477,21 @@ class Session:
 
     def _pending_update(self, now: float, *, token_digest: str | None = None) -> SessionUpdate:
         assert self._record is not None
+        changes = self._changes or {}
         return SessionUpdate(
             last_active_at=now,
             expires_at=self._expiry(created_at=self._record.created_at, now=now),
-            set_keys=dict(self._changed),
-            removed_keys=frozenset(self._removed),
+            set_keys={key: value for key, value in changes.items() if value is not _REMOVED},
+            removed_keys=frozenset(key for key, value in changes.items() if value is _REMOVED),
             token_digest=token_digest,
             max_data_bytes=self._config.max_data_bytes,
         )
 
     def _forget(self) -> None:
         self._record = None
-        self._data, self._data_is_own = {}, True
+        self._data = _NO_DATA
         self._token = None
-        self._changed.clear()
-        self._removed.clear()
+        self._changes = None
 
     def _end(self) -> None:
         self._forget()
