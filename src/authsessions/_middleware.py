@@ -25,6 +25,8 @@ logger = logging.getLogger("authsessions")
 
 _NO_STORE = (b"cache-control", b"no-store")
 _VARY_COOKIE = (b"vary", b"Cookie")
+_NO_STORE_VARY_COOKIE = (_NO_STORE, _VARY_COOKIE)
+_CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
 
 # WebSocket close code 1013: "try again later", for a store that cannot be read.
 _WS_TRY_AGAIN_LATER = 1013
@@ -202,6 +204,12 @@ class SessionMiddleware:
             )
         # A shared cache must never keep a response that sets a cookie or shows a user's data.
         # Header names in ASGI messages are lower-case.
+        for name, _ in headers:
+            if name in _CACHING_HEADERS:
+                break
+        else:
+            headers += _NO_STORE_VARY_COOKIE  # the usual case: the app set neither
+            return
         cache_control = vary = -1
         for index, (name, _) in enumerate(headers):
             if name == b"cache-control":
