@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import mmap
 import os
 import sqlite3
@@ -14,6 +15,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +25,7 @@ from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores._sqlite_support import RecordCache, WalIndexWatch
-from authsessions.stores.sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION, TABLE
+from authsessions.stores.sqlite import CHECKPOINT_EVERY, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
 
@@ -96,6 +98,33 @@ async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Pat
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_path: Path) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    db = sqlite3.connect(db_path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute(
+        f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608 - constants
+        (*astuple(record)[:8], json.dumps(record.data), *astuple(record)[9:]),
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+
+    async with SQLiteStore(db_path) as store:
+        assert await store.get(record.token_digest, now=t0) == record
+        assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
+
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    db = sqlite3.connect(db_path)
+    indexes = {
+        name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    db.close()
+    assert f"{TABLE}_user" in indexes
+    assert f"{TABLE}_user_id" not in indexes
 
 
 async def test_database_with_a_newer_schema_is_refused(db_path: Path) -> None:

