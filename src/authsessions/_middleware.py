@@ -14,7 +14,7 @@ from authsessions._config import SessionConfig
 from authsessions._cookies import MALFORMED, SessionCookie
 from authsessions._errors import SessionError, StoreUnavailable
 from authsessions._records import SessionRecord
-from authsessions._session import SCOPE_KEY, CookieChange, Session
+from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
@@ -167,11 +167,11 @@ class SessionMiddleware:
                 await store.delete(record.id)
                 record = None
         if record is None:
-            return Session(store, self.config, scope, None, None, CookieChange.CLEAR)
-        return Session(store, self.config, scope, record, token, CookieChange.NONE)
+            return Session(store, self.config, scope, None, None, "clear")
+        return Session(store, self.config, scope, record, token, "keep")
 
     def _anonymous(self, scope: Scope) -> Session:
-        return Session(self.store, self.config, scope, None, None, CookieChange.NONE)
+        return Session(self.store, self.config, scope, None, None, "keep")
 
     def _is_live(self, record: SessionRecord, digest: str, now: float) -> bool:
         # The store found the row by this digest; comparing again in constant time
@@ -189,13 +189,13 @@ class SessionMiddleware:
 
     def _add_headers(self, message: Message, session: Session) -> None:
         change = session.cookie_change
-        if change is CookieChange.NONE and session.user_id is None:
+        if change == "keep" and session.user_id is None:
             return
         headers = message.setdefault("headers", [])
         if not isinstance(headers, list):
             headers = message["headers"] = list(headers)
-        if change is not CookieChange.NONE:
-            cookie = session.cookie_token() if change is CookieChange.SET else None
+        if change != "keep":
+            cookie = session.cookie_token() if change == "set" else None
             headers.append(
                 (
                     b"set-cookie",
@@ -218,7 +218,7 @@ class SessionMiddleware:
                 vary = index
         if cache_control < 0:
             headers.append(_NO_STORE)
-        elif change is not CookieChange.NONE:
+        elif change != "keep":
             headers[cache_control] = _NO_STORE
         if vary < 0:
             headers.append(_VARY_COOKIE)
