@@ -30,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from authsessions import Session, SessionConfig, SessionMiddleware
+from authsessions._tokens import new_token
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 
 BARE = "bare"
@@ -44,6 +45,13 @@ SECRET_KEY = "benchmark-secret-key-not-for-production"  # noqa: S105 - a benchma
 APP_SPEC_ENV = "AUTHSESSIONS_BENCH_APP"
 
 Handler = Callable[[Request], Any]
+
+
+def ignored_cookie() -> str:
+    """For the apps without sessions: a cookie like ours, so every variant parses the
+    same request (a browser sends its cookies to every route).
+    """
+    return f"{SessionConfig().cookie_name}={new_token()}"
 
 
 def ours(kind: str) -> str:

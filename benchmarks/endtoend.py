@@ -3,7 +3,8 @@
 Every variant runs in its own single-worker uvicorn process on a free port
 (``--log-level warning``). A session is made through the server's own
 ``/setup`` route and ``wrk`` then sends authenticated reads with that fixed
-cookie, for a bounded time, only to 127.0.0.1. Rounds interleave the
+cookie (the apps without sessions get a cookie of the same shape, which they
+ignore), for a bounded time, only to 127.0.0.1. Rounds interleave the
 variants in shuffled order; requests/s and latency are medians over rounds.
 """
 
@@ -137,11 +138,13 @@ def prepare(server: Server, deadline: float) -> None:
             raise RuntimeError(f"uvicorn for {server.variant} did not start")
         time.sleep(0.05)
     status, set_cookie, _ = _get(server.port, "/setup")
-    if server.variant not in (apps.BARE, apps.NOOP_MIDDLEWARE):
+    if server.variant in (apps.BARE, apps.NOOP_MIDDLEWARE):
+        server.cookie = apps.ignored_cookie()
+    else:
         server.cookie = set_cookie.split(";", 1)[0]
         if status != 200 or not server.cookie:
             raise RuntimeError(f"{server.variant}: /setup gave {status} and no cookie")
-    status, _, body = _get(server.port, "/read", server.cookie or None)
+    status, _, body = _get(server.port, "/read", server.cookie)
     if status != 200 or body != b"v":
         raise RuntimeError(f"{server.variant}: authenticated read gave {status} {body!r}")
 

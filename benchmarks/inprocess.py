@@ -101,7 +101,9 @@ async def open_variants(kinds: list[str], *, peers: bool = True) -> list[Variant
             Variant(apps.ours(kind), apps.authsessions_app(handle.store), handle=handle)
         )
     for variant in variants:
-        if variant.name not in (apps.BARE, apps.NOOP_MIDDLEWARE):
+        if variant.name in (apps.BARE, apps.NOOP_MIDDLEWARE):
+            variant.cookie = apps.ignored_cookie()
+        else:
             variant.cookie = await sign_in(variant.app)
     return variants
 
