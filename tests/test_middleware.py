@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.types import Message, Scope
 from starlette.websockets import WebSocketDisconnect
 
 from authsessions import (
@@ -848,13 +849,13 @@ async def test_a_request_leaves_no_reference_cycle_behind(
     token, _ = await plant_session(sqlite_store, "alice")
     app = app_factory(sqlite_store, None)
 
-    async def receive() -> dict[str, object]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
-    def scope(cookie: bytes | None) -> dict[str, object]:
+    def scope(cookie: bytes | None) -> Scope:
         headers = [(b"host", b"testserver"), (b"user-agent", CHROME_MAC.encode())]
         if cookie is not None:
             headers.append((b"cookie", cookie))
@@ -866,7 +867,7 @@ async def test_a_request_leaves_no_reference_cycle_behind(
         }  # fmt: skip
 
     cookies = [f"{COOKIE}={token}".encode(), None, f"{COOKIE}=malformed".encode()]
-    sent: list[dict[str, object]] = []
+    sent: list[Message] = []
     for cookie in cookies:  # warm up: first requests fill caches
         await app(scope(cookie), receive, send)
     gc.collect()

@@ -17,14 +17,31 @@ __all__ = [
     "StoreStats",
     "data_size",
     "dump_json",
+    "load_json",
 ]
 
 DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
 
 
+# Built once: json.dumps with any option builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder()
+
+
 def dump_json(data: Any) -> str:
-    """Compact, strict JSON: the one encoding of session data everywhere."""
-    return json.dumps(data, separators=(",", ":"), allow_nan=False)
+    """Compact, strict JSON: the one encoding of session data everywhere.
+
+    Raises:
+        TypeError, ValueError: ``data`` has no JSON form (NaN, a set, a cycle, ...).
+    """
+    return _ENCODER.encode(data)
+
+
+def load_json(text: str) -> Any:
+    """Decode what :func:`dump_json` wrote; ``json.loads`` less its regex passes over
+    surrounding whitespace, which stored data never has.
+    """
+    return _DECODER.raw_decode(text)[0]
 
 
 def data_size(data: Mapping[str, Any]) -> int:

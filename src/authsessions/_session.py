@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -447,12 +446,19 @@ class Session:
         self, record: SessionRecord, changes: SessionUpdate, *, token_digest: str | None = None
     ) -> SessionRecord:
         """``record`` as ``changes`` left it in the store, holding this request's data."""
-        return dataclasses.replace(
-            record,
-            token_digest=token_digest or record.token_digest,
-            data=self._data,
-            last_active_at=changes.last_active_at,
-            expires_at=changes.expires_at,
+        return SessionRecord(
+            record.id,
+            token_digest or record.token_digest,
+            record.user_id,
+            record.ip_address,
+            record.user_agent,
+            record.device_name,
+            record.device_type,
+            record.fingerprint,
+            self._data,
+            record.created_at,
+            changes.last_active_at,
+            changes.expires_at,
         )
 
     def _require_session(self) -> SessionRecord:

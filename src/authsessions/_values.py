@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any, TypeVar, cast
 
 from authsessions._errors import SessionDataError
+from authsessions._records import dump_json, load_json
 
 __all__ = ["copy_json", "plain_json_copy", "read_as"]
 
@@ -27,13 +28,13 @@ def plain_json_copy(value: Any, what: str) -> Any:
         SessionDataError: naming ``what`` and the reason.
     """
     try:
-        encoded = json.dumps(value, allow_nan=False)
+        encoded = dump_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SessionDataError(
             f"{what} is not JSON-serialisable ({exc}); store plain dicts, lists, strings, "
             "numbers, booleans and None (e.g. a dataclass as dataclasses.asdict(obj))."
         ) from None
-    copy = json.loads(encoded)
+    copy = load_json(encoded)
     if copy != value:  # json turned a tuple into a list or an int key into a string
         raise SessionDataError(
             f"{what} would not read back as written (a tuple, or a dict with non-string "

@@ -10,11 +10,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterable
 from typing import Any
 
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["MemoryStore"]
@@ -70,7 +69,7 @@ class MemoryStore(Store):
         if row is None or row.record.expires_at <= now:
             return False
         if changes.changes_data:
-            data: dict[str, Any] = json.loads(row.data_json)
+            data: dict[str, Any] = load_json(row.data_json)
             for key in changes.removed_keys:
                 data.pop(key, None)
             data.update(changes.set_keys)
@@ -143,4 +142,4 @@ def _most_recent_first(rows: Iterable[_Row]) -> list[_Row]:
 
 
 def _materialise(row: _Row) -> SessionRecord:
-    return row.record.with_data(json.loads(row.data_json))
+    return row.record.with_data(load_json(row.data_json))

@@ -21,14 +21,13 @@ recovery after a crash) is retried there as well.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
 from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
@@ -326,7 +325,7 @@ class SQLiteStore(Store):
                     ).fetchone()
                     if row is None:
                         return False
-                    data: dict[str, Any] = json.loads(row[0])
+                    data: dict[str, Any] = load_json(row[0])
                     for key in changes.removed_keys:
                         data.pop(key, None)
                     data.update(changes.set_keys)
@@ -442,5 +441,5 @@ def _record(row: Sequence[Any]) -> SessionRecord:
     # Positional, in COLUMNS order: this runs on every authenticated request.
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-        json.loads(row[8]), row[9], row[10], row[11],
+        load_json(row[8]), row[9], row[10], row[11],
     )  # fmt: skip
