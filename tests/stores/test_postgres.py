@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import subprocess
 import sys
@@ -300,6 +301,53 @@ async def test_a_call_waiting_for_the_pool_gets_the_connection_a_finished_call_f
         assert time.monotonic() - started < 1
 
 
+async def test_a_read_that_times_out_or_is_cancelled_hands_back_its_idle_connection(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """get runs on a free-list connection directly (its fast path): a failed or cancelled
+    read must still give that connection to the pool, or a one-connection pool is gone."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    store = PostgresStore(
+        postgres_url, schema=postgres_schema, max_size=1, command_timeout=0.3, acquire_timeout=1
+    )
+    async with asyncio.timeout(10), store:  # a connection never given back hangs the close
+        await store.create(record, max_sessions=10, now=t0)
+        for _ in range(3):  # the connection sits in the free list between reads
+            assert await store.get(record.token_digest, now=t0) == record
+        async with table_locked(admin, postgres_schema):
+            with pytest.raises(StoreUnavailable):
+                await store.get(record.token_digest, now=t0)
+            reading = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+            await asyncio.sleep(0.1)
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+        for _ in range(3):
+            assert await store.get(record.token_digest, now=t0) == record
+
+
+def test_data_decodes_as_one_json_text_exactly() -> None:
+    """get joins the stored key and value texts into one object to decode it at once."""
+    from authsessions._records import dump_json
+    from authsessions.stores.postgres import _decode_data, _encode_data
+
+    data = {
+        "k": "v",
+        'q"\\/': [1e20, -0.0, None, {"n": True}],
+        "\u0000\ud800\u00e9": "\u4e2d",
+        "": {},
+        "1": 1,
+    }
+    # As PostgreSQL's jsonb output writes the stored object: spaced, keys reordered.
+    stored = json.loads(_encode_data(data))
+    text = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in stored.items()) + "}"
+    decoded = _decode_data(text)
+    assert decoded == data
+    assert dump_json(decoded) == dump_json(data)  # -0.0, 1e20 and the rest, exactly
+    assert _decode_data("{}") == {}
+
+
 async def test_a_cancelled_call_does_not_hand_its_connection_to_the_next(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
@@ -530,3 +578,22 @@ def test_stores_import_without_asyncpg_and_the_store_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert "pip install 'authsessions[postgres]'" in result.stdout
+
+
+async def test_reads_reach_the_connection_behind_the_pools_proxy(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The per-request read skips the proxy's wrapper through asyncpg's own ``_con``;
+    an asyncpg release that renamed it would still work, only slower: this says so.
+    """
+    from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
+
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+        connections = store._connections
+        assert isinstance(connections, HeldConnections)
+        proxy, _ = connections._idle[-1]
+        assert isinstance(_unwrapped(proxy), asyncpg.Connection)

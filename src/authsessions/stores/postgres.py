@@ -28,14 +28,19 @@ a comma. The texts are ASCII, so ``octet_length`` counts characters.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json
-from authsessions.stores._base import CreateError, DataTooLarge, Store, translate_errors
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions.stores._base import (
+    CreateError,
+    DataTooLarge,
+    Store,
+    store_unavailable,
+    translate_errors,
+)
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
 
 if TYPE_CHECKING:
@@ -344,11 +349,16 @@ class PostgresStore(Store):
                 raise CreateError(record.id) from exc
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        with translate_errors("PostgreSQL", *self._errors):
-            async with self._borrow() as conn:
-                row = await conn.fetchrow(
-                    self._sql.get, token_digest, now, timeout=self.command_timeout
-                )
+        # Every authenticated request runs this: no context managers of our own here.
+        connections = self._connections
+        if connections is None:
+            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+        try:
+            row = await connections.fetchrow(
+                self._sql.get, token_digest, now, seconds=self.command_timeout
+            )
+        except self._errors as exc:
+            raise store_unavailable("PostgreSQL", exc) from exc
         return _record(row) if row is not None else None
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
@@ -467,9 +477,19 @@ def _count(status: str) -> int:
 
 
 def _record(row: asyncpg.Record) -> SessionRecord:
-    data = {json.loads(key): json.loads(value) for key, value in json.loads(row[8]).items()}
     # Positional, in _COLUMNS order: this runs on every authenticated request.
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
-        data, row[9], row[10], row[11],
+        _decode_data(row[8]), row[9], row[10], row[11],
     )  # fmt: skip
+
+
+def _decode_data(text: str) -> dict[str, Any]:
+    """The data from ``data::text``: its keys' and values' JSON texts, joined into one
+    JSON object and decoded in one go (joining in SQL would cost the server more).
+    """
+    texts: dict[str, str] = load_json(text)
+    if not texts:
+        return {}
+    decoded: dict[str, Any] = load_json("{" + ",".join(map(":".join, texts.items())) + "}")
+    return decoded
