@@ -314,6 +314,48 @@ async def command_calls(raw: RedisCluster, *commands: str) -> dict[str, int]:
     return calls
 
 
+async def test_reads_survive_a_flushed_script_cache(setup: Setup) -> None:
+    """get sends EVALSHA itself: a server that forgot the scripts (restarted, flushed)
+    must still answer, by the pointer (a digest new to the process) and by the cached
+    location alike."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"k": "v"})
+    await setup.store.create(record, max_sessions=10, now=t0)
+    assert await setup.store.get(record.token_digest, now=t0) == record  # location cached
+    await setup.raw.script_flush()  # on every primary, in a cluster
+
+    assert await setup.store.get(record.token_digest, now=t0) == record
+    await setup.raw.script_flush()  # on every primary, in a cluster
+    assert await setup.other.get(record.token_digest, now=t0) == record  # by the pointer
+    assert await setup.other.get(record.token_digest, now=t0) == record
+
+
+@pytest.mark.parametrize("absent", [True, False])
+async def test_a_read_returns_every_column_exactly(setup: Setup, absent: bool) -> None:
+    """The scripts send a session as one JSON text, its columns by position: none may
+    shift, absent ones read back as None, and data keys and values come back exact."""
+    t0 = start_time() + 0.123456789
+    data = {
+        "k": "v",
+        'quote"and\\slash/': [1e20, -0.0, 1.5, None, True],
+        "\u00e9\u0000\ud800": {"nested": {"x": "</script>"}},
+        "": "",
+    }
+    record = make_record(
+        now=t0,
+        data=data,
+        ip_address=None if absent else "2001:db8::1",
+        user_agent=None if absent else 'Mozilla/5.0 (X11) \u00e9\u4e2d "q" \\ /',
+        device_name="Firefox on Linux \u00e9",
+        device_type="mobile",
+    )
+    await setup.store.create(record, max_sessions=10, now=t0)
+    for store in (setup.other, setup.other, setup.store):  # by the pointer, then cached
+        assert await store.get(record.token_digest, now=t0) == record
+    (listed,) = await setup.store.list_for_user(record.user_id, now=t0)
+    assert listed == record
+
+
 async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
     redis_cluster_url: str,
 ) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "LIST",
     "LUA_HELPERS",
     "READ",
+    "RECORD_JSON",
     "UPDATE",
 ]
 
@@ -142,20 +143,51 @@ end
 return forget(KEYS[1], ARGV[1], doomed)
 """
 
-# Hashes travel as one JSON string (cjson: all strings here, so exact): redis-py parses a
-# reply element by element in Python, and a session is two dozen of them.
-# KEYS: index. ARGV: session key prefix. Returns every stored hash (expired ones too).
+# A session travels as one JSON text, decoded once by the caller: redis-py parses a reply
+# element by element in Python (a session's hash is two dozen of them), and decoding
+# each data key and value apart costs as much again. The text is an array: ``first``,
+# then the columns in SessionRecord's order (cjson: all strings, or null, so exact),
+# then the data as one object joined from its stored texts ('d:<key JSON>' holding
+# <value JSON>).
+RECORD_JSON = """
+local function record_json(first, h)
+  local f, data, null = {}, {}, cjson.null
+  for i = 1, #h, 2 do
+    local name = h[i]
+    if string.sub(name, 1, 2) == 'd:' then
+      data[#data + 1] = string.sub(name, 3) .. ':' .. h[i + 1]
+    else
+      f[name] = h[i + 1]
+    end
+  end
+  local head = cjson.encode({first, f.id or null, f.td or null, f.uid or null,
+    f.ip or null, f.ua or null, f.dn or null, f.dt or null, f.fp or null,
+    f.ca or null, f.la or null, f.ea or null})
+  return string.sub(head, 1, -2) .. ',{' .. table.concat(data, ',') .. '}]'
+end
+"""
+
+# KEYS: index. ARGV: session key prefix. Returns every stored session (expired ones too),
+# as RECORD_JSON texts.
 LIST = """
 local out = {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local h = redis.call('HGETALL', ARGV[1] .. sid)
-  if #h == 0 then redis.call('ZREM', KEYS[1], sid) else out[#out + 1] = cjson.encode(h) end
+  if #h == 0 then
+    redis.call('ZREM', KEYS[1], sid)
+  else
+    out[#out + 1] = record_json(cjson.null, h)
+  end
 end
 return out
 """
 
-# KEYS: session.
-READ = "return cjson.encode(redis.call('HGETALL', KEYS[1]))"
+# KEYS: session. Returns the session as a RECORD_JSON text, or nil when it is gone.
+READ = """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return false end
+return record_json(cjson.null, h)
+"""
 
 # KEYS: index. ARGV: session key prefix, now, limit. Returns the count removed, then
 # the deleted (id, digest) pairs.
@@ -178,10 +210,13 @@ return out
 """
 
 # Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
-# KEYS: digest pointer. ARGV: key prefix. Returns the pointer and the session's hash.
+# KEYS: digest pointer. ARGV: key prefix. Returns the session as a RECORD_JSON text led by
+# the pointer, or nil when either is gone.
 FOLLOW = """
 local loc = redis.call('GET', KEYS[1])
 if not loc then return false end
 local tag, sid = string.match(loc, '^(%x+):(.+)$')
-return {loc, cjson.encode(redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid))}
+local h = redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid)
+if #h == 0 then return false end
+return record_json(loc, h)
 """

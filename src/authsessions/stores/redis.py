@@ -38,15 +38,27 @@ already dropped as deleted too. The scripts are in ``_redis_scripts.py``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from authsessions._records import DeviceType, SessionRecord, SessionUpdate, StoreStats, dump_json
+from authsessions._records import (
+    DeviceType,
+    SessionRecord,
+    SessionUpdate,
+    StoreStats,
+    dump_json,
+    load_json,
+)
 from authsessions.stores import _redis_scripts as lua
-from authsessions.stores._base import CreateError, DataTooLarge, Store, translate_errors
+from authsessions.stores._base import (
+    CreateError,
+    DataTooLarge,
+    Store,
+    store_unavailable,
+    translate_errors,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -176,10 +188,10 @@ class RedisStore(Store):
         self._update = register(lua.LUA_HELPERS + lua.UPDATE)
         self._delete = register(lua.DELETE)
         self._delete_for_user = register(lua.LUA_HELPERS + lua.DELETE_FOR_USER)
-        self._list = register(lua.LIST)
+        self._list = register(lua.RECORD_JSON + lua.LIST)
         self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
-        self._follow = register(lua.FOLLOW)
-        self._read = register(lua.READ)
+        self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
+        self._read = register(lua.RECORD_JSON + lua.READ)
 
     def _build(self, *, cluster: bool) -> Redis | RedisCluster:
         assert self._url is not None
@@ -243,29 +255,36 @@ class RedisStore(Store):
         self._remember(record.token_digest, tag, record.id)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        # Every authenticated request runs this: no context managers of our own here.
         client = self._require_client()
-        location = self._digest_locations.get(token_digest)
-        with translate_errors("Redis", *self._errors):
+        location = known = self._digest_locations.get(token_digest)
+        keys: tuple[str, ...]
+        try:
             if location is None and not self._cluster:
-                found = await self._follow(
-                    keys=[self._digest_key(token_digest)], args=[self.prefix]
-                )
-                if found is None:
-                    return None
-                location, fields = _location(found[0]), _hash(found[1])
+                script, keys = self._follow, (self._digest_key(token_digest), self.prefix)
             else:
                 if location is None:
                     pointer = cast("str | None", await client.get(self._digest_key(token_digest)))
                     if pointer is None:
                         return None
                     location = _location(pointer)
-                key = self._session_prefix(location[0]) + location[1]
-                fields = _hash(await self._read(keys=[key]))
-        if not fields or fields["td"] != token_digest or float(fields["ea"]) <= now:
+                script, keys = self._read, (self._session_prefix(location[0]) + location[1],)
+            try:
+                # EVALSHA itself: the Script object's call adds layers, and an import, to it.
+                text = await client.execute_command("EVALSHA", script.sha, 1, *keys)
+            except self._driver.NoScriptError:  # a restarted or flushed server
+                text = await script(keys=keys[:1], args=keys[1:])
+        except self._errors as exc:
+            raise store_unavailable("Redis", exc) from exc
+        row = load_json(text) if text is not None else None
+        if row is None or row[2] != token_digest or float(row[11]) <= now:
             self._digest_locations.pop(token_digest, None)
             return None
-        self._remember(token_digest, *location)
-        return _record(fields)
+        if row[0] is not None:  # the pointer FOLLOW went by
+            location = _location(row[0])
+        if location is not None and (known is None or row[1] not in self._id_tags):
+            self._remember(token_digest, *location)
+        return _record(row)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         client, new_digest = self._require_client(), changes.token_digest
@@ -335,7 +354,7 @@ class RedisStore(Store):
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
             hashes = await self._list(keys=[self._index(tag)], args=[self._session_prefix(tag)])
-        records = [_record(_hash(text)) for text in hashes]
+        records = [_record(load_json(text)) for text in hashes]
         live = [record for record in records if record.expires_at > now]
         live.sort(key=lambda record: (record.last_active_at, record.created_at), reverse=True)
         return live
@@ -442,12 +461,13 @@ def _import_redis() -> Any:
         from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisClusterException, RedisError
+        from redis.exceptions import NoScriptError, RedisClusterException, RedisError
     except ImportError as exc:
         raise ImportError("RedisStore needs redis-py: pip install 'authsessions[redis]'") from exc
     return SimpleNamespace(
         Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
         RedisError=RedisError, RedisClusterException=RedisClusterException,
+        NoScriptError=NoScriptError,
     )  # fmt: skip
 
 
@@ -471,13 +491,6 @@ def _ttl_ms(expires_at: float, now: float) -> int:
 def _location(pointer: str) -> tuple[str, str]:
     tag, _, session_id = pointer.partition(":")
     return tag, session_id
-
-
-def _hash(text: str) -> dict[str, str]:
-    """A hash sent as JSON by a script; cjson encodes an empty one as ``{}``."""
-    flat = json.loads(text)
-    items = iter(flat)
-    return dict(zip(items, items, strict=True)) if flat else {}
 
 
 def _glob_escape(text: str) -> str:
@@ -512,14 +525,9 @@ def _fields(record: SessionRecord) -> list[Any]:
     return fields + _data_fields(record.data)
 
 
-def _record(fields: Mapping[str, str]) -> SessionRecord:
-    data = {
-        json.loads(name[2:]): json.loads(value)
-        for name, value in fields.items()
-        if name.startswith("d:")
-    }
+def _record(row: list[Any]) -> SessionRecord:
+    """A session from a RECORD_JSON text's array (decoded), positionally."""
     return SessionRecord(
-        fields["id"], fields["td"], fields["uid"], fields.get("ip"), fields.get("ua"),
-        fields["dn"], cast(DeviceType, fields["dt"]), fields["fp"], data,
-        float(fields["ca"]), float(fields["la"]), float(fields["ea"]),
+        row[1], row[2], row[3], row[4], row[5], row[6], cast(DeviceType, row[7]), row[8],
+        row[12], float(row[9]), float(row[10]), float(row[11]),
     )  # fmt: skip
