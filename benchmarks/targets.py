@@ -36,11 +36,18 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             peers = {name: cells[name] for name in apps.PEERS if name in cells}
             fastest = min(peers, key=lambda name: peers[name]["median_us"])
             ours = cells[sqlite]["median_us"]
+            measured = (
+                f"{fmt_us(ours)} vs fastest peer {fastest} {fmt_us(peers[fastest]['median_us'])}"
+            )
+            server_side = apps.STARSESSIONS_REDIS
+            if fastest != server_side and server_side in peers:
+                # The in-memory and cookie peers write no storage; say how we fare
+                # against the one peer that, like us, keeps sessions on a server.
+                measured += f"; {server_side} {fmt_us(peers[server_side]['median_us'])}"
             rows.append(
                 (
                     f"SQLite faster than every peer: {SCENARIO_TITLES[scenario]}",
-                    f"{fmt_us(ours)} vs fastest peer {fastest} "
-                    f"{fmt_us(peers[fastest]['median_us'])}",
+                    measured,
                     ours < peers[fastest]["median_us"],
                 )
             )
@@ -49,10 +56,14 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             if apps.is_ours(name):
                 cell = anon[name]
                 extra = cell["median_us"] - anon[apps.BARE]["median_us"]
+                measured = f"{cell['ratio']:.3f}x (+{fmt_us(extra)})"
+                if apps.NOOP_MIDDLEWARE in anon:
+                    # The floor of any middleware that can set a cookie on a response.
+                    measured += f"; a no-op middleware {anon[apps.NOOP_MIDDLEWARE]['ratio']:.3f}x"
                 rows.append(
                     (
                         f"no cookie within 5% of bare ({name})",
-                        f"{cell['ratio']:.3f}x (+{fmt_us(extra)})",
+                        measured,
                         cell["ratio"] <= MAX_ANON_RATIO,
                     )
                 )
