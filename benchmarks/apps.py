@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -133,6 +133,16 @@ def _routes(read: Handler, write: Handler, login: Callable[[str], Handler]) -> l
 
 def bare_app() -> Starlette:
     return Starlette(routes=_routes(bare_read, bare_ok, lambda _user: bare_ok))
+
+
+def bare_app_with_lookup(lookup: Callable[[], Awaitable[Any]]) -> Starlette:
+    """The bare app whose read route awaits ``lookup`` (a raw store lookup) first."""
+
+    async def read(request: Request) -> PlainTextResponse:
+        await lookup()
+        return PlainTextResponse("v")
+
+    return Starlette(routes=_routes(read, bare_ok, lambda _user: bare_ok))
 
 
 class NoopMiddleware:

@@ -11,7 +11,11 @@ For each store this part times, interleaved in chunks:
   script, on a client built as the store builds its own;
 - ``store.get``: authsessions' store lookup of the same session;
 - ``bare`` and ``ours``: a whole authenticated read request through the bare
-  app and through ``SessionMiddleware`` over that store.
+  app and through ``SessionMiddleware`` over that store;
+- ``bare + same command``: the bare app's route making the same-command lookup
+  itself, so ``ours - (bare + same command)`` is what the session layer costs a
+  request beyond a hand-written lookup, every cost of running a request around
+  a network wait falling on both alike.
 
 ``store.get - raw`` is the store's own Python overhead; ``ours - bare - raw``
 is all the Python work the session layer adds to a request beyond the one
@@ -57,6 +61,9 @@ from benchmarks.inprocess import sign_in
 
 SAME_COMMAND = "raw (same command)"
 """The floor that makes the store's own driver call (see the module docstring)."""
+LOOKUP_REQUEST = "bare request + same command"
+"""The bare app's read route making the same-command lookup itself: the least a request
+that reads a session from this store by hand can cost."""
 
 CHUNK = 200
 """Calls per timed chunk; chunks of the compared operations alternate."""
@@ -246,7 +253,7 @@ async def _sqlite_raw(stack: AsyncExitStack, handle: StoreHandle, digest: str) -
 
 async def _postgres_raw(
     stack: AsyncExitStack, handle: StoreHandle, digest: str
-) -> dict[str, Timed]:
+) -> dict[str, Callable[[], Awaitable[Any]]]:
     import asyncpg
 
     assert handle.schema is not None
@@ -261,11 +268,9 @@ async def _postgres_raw(
     store: Any = handle.store
     same, timeout = store._sql.get, store.command_timeout  # its statement, its timeout
     return {
-        "raw (one connection)": per_call_async(lambda: connection.fetchrow(by_digest, digest)),
-        "raw (pool)": per_call_async(lambda: pool.fetchrow(by_digest, digest)),
-        SAME_COMMAND: per_call_async(
-            lambda: connection.fetchrow(same, digest, time.time(), timeout=timeout)
-        ),
+        "raw (one connection)": lambda: connection.fetchrow(by_digest, digest),
+        "raw (pool)": lambda: pool.fetchrow(by_digest, digest),
+        SAME_COMMAND: lambda: connection.fetchrow(same, digest, time.time(), timeout=timeout),
     }
 
 
@@ -273,7 +278,9 @@ async def _no_reset(connection: object) -> None:
     pass
 
 
-async def _redis_raw(stack: AsyncExitStack, handle: StoreHandle) -> dict[str, Timed]:
+async def _redis_raw(
+    stack: AsyncExitStack, handle: StoreHandle
+) -> dict[str, Callable[[], Awaitable[Any]]]:
     """``GET`` of a value as long as a session, and ``HGETALL`` of the store's own session hash
     (the command the store's cached-location read sends; found by scanning its prefix).
     """
@@ -283,7 +290,7 @@ async def _redis_raw(stack: AsyncExitStack, handle: StoreHandle) -> dict[str, Ti
     stack.push_async_callback(client.aclose)
     key = f"{REDIS_PREFIX}floor"
     await client.set(key, json.dumps({**PAYLOAD_COLUMNS, "expires_at": time.time() + 86400}))
-    operations = {"raw (GET)": per_call_async(lambda: client.get(key))}
+    operations: dict[str, Callable[[], Awaitable[Any]]] = {"raw (GET)": lambda: client.get(key)}
     prefix = handle.options.get("prefix", REDIS_PREFIX)
     session_hash: bytes | None = None
     async for found in client.scan_iter(match=f"{prefix}*", count=1000):
@@ -291,7 +298,7 @@ async def _redis_raw(stack: AsyncExitStack, handle: StoreHandle) -> dict[str, Ti
             session_hash = found
             break
     if session_hash is not None:
-        operations["raw (HGETALL)"] = per_call_async(lambda: client.hgetall(session_hash))
+        operations["raw (HGETALL)"] = lambda: client.hgetall(session_hash)
         # The store's cached-location read: its script, on a client built like its own.
         from authsessions.stores import _redis_scripts as lua
 
@@ -300,9 +307,7 @@ async def _redis_raw(stack: AsyncExitStack, handle: StoreHandle) -> dict[str, Ti
         stack.push_async_callback(like_store.aclose)
         sha = await like_store.script_load(lua.RECORD_JSON + lua.READ)
         hash_key = session_hash.decode()
-        operations[SAME_COMMAND] = per_call_async(
-            lambda: like_store.execute_command("EVALSHA", sha, 1, hash_key)
-        )
+        operations[SAME_COMMAND] = lambda: like_store.execute_command("EVALSHA", sha, 1, hash_key)
     return operations
 
 
@@ -313,22 +318,26 @@ async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
         app = apps.authsessions_app(handle.store)
         cookie = await sign_in(app)
         digest = digest_of(cookie.partition("=")[2])
+        raw_lookups: dict[str, Callable[[], Awaitable[Any]]] = {}
+        if kind == "postgres":
+            raw_lookups = await _postgres_raw(stack, handle, digest)
+        elif kind == "redis":
+            raw_lookups = await _redis_raw(stack, handle)
+        raw = {name: per_call_async(lookup) for name, lookup in raw_lookups.items()}
         if kind == "sqlite":
             raw = await _sqlite_raw(stack, handle, digest)
-        elif kind == "postgres":
-            raw = await _postgres_raw(stack, handle, digest)
-        elif kind == "redis":
-            raw = await _redis_raw(stack, handle)
-        else:
-            raw = {}
         bare = apps.bare_app()
         store = handle.store
+        same_scope = make_scope("/read", apps.ignored_cookie())
         operations = {
             **raw,
             "store.get": per_call_async(lambda: store.get(digest, now=time.time())),
-            "bare request": per_request(bare, make_scope("/read")),
+            "bare request": per_request(bare, same_scope),
             "our request": per_request(app, make_scope("/read", cookie)),
         }
+        if SAME_COMMAND in raw:
+            lookup_app = apps.bare_app_with_lookup(raw_lookups[SAME_COMMAND])
+            operations[LOOKUP_REQUEST] = per_request(lookup_app, same_scope)
         for operation in operations.values():  # warm-up: caches, prepared statements
             await operation(CHUNK)
         timings, cpu = await interleave(operations, settings.floor_lookups)
@@ -351,6 +360,10 @@ async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
         result["same_command_cpu_us"] = same_cpu
         result["store_overhead_same_cpu_us"] = cpu["store.get"] - same_cpu
         result["request_overhead_same_cpu_us"] = cpu["our request"] - cpu["bare request"] - same_cpu
+        # The whole request against the same request doing the same lookup by hand: every
+        # cost of running a request around a network wait falls on both sides alike.
+        result["request_overhead_lookup_cpu_us"] = cpu["our request"] - cpu[LOOKUP_REQUEST]
+        result["request_overhead_lookup_us"] = timings["our request"] - timings[LOOKUP_REQUEST]
     if kind in ("postgres", "redis"):
         result["round_trips"] = await count_round_trips(kind)
     return result
@@ -386,6 +399,12 @@ def table(results: dict[str, Any]) -> str:
                     else "-"
                 ),
                 (
+                    f"{fmt_us(result['request_overhead_lookup_cpu_us'])} "
+                    f"(wall {fmt_us(result['request_overhead_lookup_us'])})"
+                    if "request_overhead_lookup_cpu_us" in result
+                    else "-"
+                ),
+                (
                     f"{trips['read']:.2f} / {trips['write']:.2f} / {trips['anon']:.2f} / "
                     f"{trips['login']:.2f}"
                     if trips
@@ -402,6 +421,7 @@ def table(results: dict[str, Any]) -> str:
         "ours - bare - raw (wall)",
         "ours - bare - raw (CPU)",
         "ours - bare - same command (CPU)",
+        "ours - (bare + same command) (CPU)",
         "round trips read / write / anon / login",
     ]
     return markdown_table(header, rows)
