@@ -135,16 +135,6 @@ def bare_app() -> Starlette:
     return Starlette(routes=_routes(bare_read, bare_ok, lambda _user: bare_ok))
 
 
-def bare_app_with_lookup(lookup: Callable[[], Awaitable[Any]]) -> Starlette:
-    """The bare app whose read route awaits ``lookup`` (a raw store lookup) first."""
-
-    async def read(request: Request) -> PlainTextResponse:
-        await lookup()
-        return PlainTextResponse("v")
-
-    return Starlette(routes=_routes(read, bare_ok, lambda _user: bare_ok))
-
-
 class NoopMiddleware:
     """The least a pure-ASGI session middleware does: wrap ``send`` in a closure.
 
@@ -165,6 +155,28 @@ class NoopMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+
+class LookupMiddleware(NoopMiddleware):
+    """The least a database-backed session middleware does: one raw store lookup before
+    the app runs, and the ``send`` wrapper. A floor, not a peer: it reads nothing.
+    """
+
+    def __init__(self, app: ASGIApp, lookup: Callable[[], Awaitable[Any]]) -> None:
+        super().__init__(app)
+        self.lookup = lookup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.lookup()
+        await super().__call__(scope, receive, send)
+
+
+def lookup_middleware_app(lookup: Callable[[], Awaitable[Any]]) -> Starlette:
+    return Starlette(
+        routes=_routes(bare_read, bare_ok, lambda _user: bare_ok),
+        middleware=[Middleware(LookupMiddleware, lookup=lookup)],
+    )
 
 
 def noop_middleware_app() -> Starlette:

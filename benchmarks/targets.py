@@ -78,15 +78,15 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 trips <= 1.0,
             )
         )
-        # Ours against the bare app making the same lookup by hand (see floors.py): the
-        # session layer's whole cost in a request, pool handling included.
+        # Ours against the bare app behind a middleware making the same lookup (see
+        # floors.py): the session layer's whole cost in a request, pool handling included.
         overhead = floor.get("request_overhead_lookup_cpu_us")
         rows.append(
             (
                 f"{kind}: <= {MAX_PYTHON_US:g} µs of our Python above the raw round trip",
                 (
-                    f"CPU: {fmt_us(overhead)} per request above the bare app making the "
-                    f"same lookup itself (wall {fmt_us(floor['request_overhead_lookup_us'])}); "
+                    f"CPU: {fmt_us(overhead)} per request above a middleware making the same "
+                    f"lookup (wall {fmt_us(floor['request_overhead_lookup_us'])}); "
                     if overhead is not None
                     else ""
                 )
