@@ -6,12 +6,11 @@ The store contract itself is proven in test_conformance.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
-import mmap
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
-from authsessions.stores._sqlite_support import RecordCache, WalIndexWatch
 from authsessions.stores.sqlite import CHECKPOINT_EVERY, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
@@ -467,24 +465,16 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
         store._reader = real
 
 
-@pytest.fixture(params=["wal-index header", "data_version"])
-async def caching_store(
-    request: pytest.FixtureRequest, db_path: Path
-) -> AsyncIterator[SQLiteStore]:
-    """An impatient store telling commits apart either way: by the ``-shm`` header it
-    reads where it can, or by ``PRAGMA data_version`` where it cannot.
-    """
+@pytest.fixture
+async def caching_store(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open store whose writes give up on a held lock after 0.2 s."""
     async with SQLiteStore(db_path, timeout=0.2) as store:
-        assert store._wal_index is not None
-        if request.param == "data_version":
-            store._wal_index.close()
-            store._wal_index = None
         yield store
 
 
 def cache_hit(store: SQLiteStore) -> list[str]:
-    """What a get served from the cache runs on the reader: no SELECT."""
-    return [] if store._wal_index is not None else ["PRAGMA data_version"]
+    """What a get served from the cache runs on the reader: the check, no SELECT."""
+    return ["PRAGMA data_version"]
 
 
 async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
@@ -686,46 +676,28 @@ async def test_the_cache_is_bounded_in_rows_and_in_data(caching_store: SQLiteSto
     assert statements[-1].startswith("SELECT")
 
 
-def test_a_header_halfway_written_is_not_trusted() -> None:
-    """A commit writes the second copy of the header first: copies that differ mean
-    "changing now", and a cache must not be validated against either.
+def open_descriptors_on(path: str) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to list open files")
+    target = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == target
+    return count
+
+
+async def test_the_store_leaves_the_shm_file_to_sqlite(db_path: Path) -> None:
+    """A descriptor this process opened and closed on ``-shm`` would release SQLite's
+    POSIX locks on it, letting another process rebuild the WAL index under us.
     """
-    size = WalIndexWatch.HEADER_SIZE
-    shm = mmap.mmap(-1, 2 * size)
-    header = struct.pack("=I", 3007000) + bytes(range(1, size - 3))
-    shm[:size] = shm[size:] = header
-    watch = WalIndexWatch(shm)
-    assert watch.read() == header
-
-    shm[size + 20] ^= 0xFF
-    assert watch.read() is None
-    cache = RecordCache()
-    cache.validate(header)
-    cache.put("digest", make_record(now=start_time()), 3)
-    cache.validate(watch.read())
-    assert len(cache) == 0
-    watch.close()
-
-
-def test_no_watch_without_a_readable_wal_index(db_path: Path, tmp_path: Path) -> None:
-    """Without a ``-shm`` of a known version the store falls back to ``data_version``."""
-    assert WalIndexWatch.open(str(db_path)) is None  # no such file
-    shm = tmp_path / "other.db-shm"
-    shm.write_bytes(b"\0" * 4096)  # a header version this code does not know
-    assert WalIndexWatch.open(str(tmp_path / "other.db")) is None
-
-
-async def test_a_store_watches_the_wal_index_of_its_file(db_path: Path) -> None:
     async with SQLiteStore(db_path) as store:
-        assert store._wal_index is not None
-        before = store._wal_index.read()
         t0 = start_time()
         await store.create(make_record(now=t0), max_sessions=10, now=t0)
-        after = store._wal_index.read()
-    assert before is not None
-    assert after is not None
-    assert before != after
-    assert store._wal_index is None  # closed with the store
+        await store.get(new_digest(), now=t0)
+        # SQLite's connections in one process share one descriptor per file.
+        assert open_descriptors_on(f"{db_path}-shm") == 1
 
 
 # -- writes on the event loop -----------------------------------------------------------

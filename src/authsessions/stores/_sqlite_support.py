@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
-import os
 import sqlite3
-import struct
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,7 +12,6 @@ from authsessions._records import SessionRecord
 
 __all__ = [
     "RecordCache",
-    "WalIndexWatch",
     "checkpoint_then",
     "enable_wal",
     "is_busy",
@@ -96,73 +92,14 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
             time.sleep(0.01)  # on the writer thread, never the event loop
 
 
-class WalIndexWatch:
-    """Tells whether any connection committed, by reading the WAL-index header in ``-shm``.
-
-    Every commit in WAL mode rewrites this header (https://sqlite.org/walformat.html,
-    "the WAL-index header"): frame count, checksums, salts and a change counter.
-    Comparing it with a copy taken earlier is how SQLite itself decides, when a
-    read begins, that the database changed (and what ``PRAGMA data_version``
-    reports); here it costs a 48-byte compare instead of a read transaction with
-    its file-lock system calls (3 µs on a quiet machine, about 15 µs under load).
-
-    The header is written twice, second copy first; two copies that differ mean a
-    writer is halfway, and :meth:`read` answers ``None`` ("do not trust a cache
-    now"). The owner must keep a connection to the database open while it
-    watches: that connection's shared lock on ``-shm`` is what stops SQLite from
-    truncating or replacing the file meanwhile.
-    """
-
-    HEADER_SIZE = 48
-    _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
-
-    __slots__ = ("_map",)
-
-    def __init__(self, shm: mmap.mmap) -> None:
-        self._map = shm
-
-    @classmethod
-    def open(cls, database_path: str) -> WalIndexWatch | None:
-        """A watch on ``database_path``'s ``-shm`` file, or ``None`` when there is none to
-        read (not in WAL mode, an unknown header version, a platform without ``mmap``).
-        """
-        try:
-            fd = os.open(f"{database_path}-shm", os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            if os.fstat(fd).st_size < 2 * cls.HEADER_SIZE:
-                return None
-            shm = mmap.mmap(fd, 2 * cls.HEADER_SIZE, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)  # the mapping keeps the file
-        if shm[:4] != cls._VERSION:
-            shm.close()
-            return None
-        return cls(shm)
-
-    def read(self) -> bytes | None:
-        """The current header, or ``None`` while a commit is writing it."""
-        header = self._map[: self.HEADER_SIZE]
-        if header != self._map[self.HEADER_SIZE : 2 * self.HEADER_SIZE]:
-            return None
-        return header
-
-    def close(self) -> None:
-        self._map.close()
-
-
 class RecordCache:
     """Records of the session table by token digest, trusted only while nothing was committed.
 
-    Before each lookup the owner passes :meth:`validate` a version of the whole
-    database that changes with every commit by any connection (the store's own
-    write connections, another process): the WAL-index header
-    (:class:`WalIndexWatch`), or else ``PRAGMA data_version`` on its reader
-    connection. An unchanged version proves every cached row is still what the
-    table holds. A hit hands out the cached record itself, which callers treat as
+    Before each lookup the owner passes :meth:`validate` the ``PRAGMA
+    data_version`` of its reader connection, which SQLite changes whenever any
+    *other* connection commits (the store's own write connections, another
+    process): an unchanged number proves every cached record is still what
+    the table holds. A hit hands out the cached record itself, which callers treat as
     read-only (see ``Store.get``): no JSON decode, no copy.
 
     Bounded in rows and in characters of data (sessions may hold up to
@@ -178,20 +115,16 @@ class RecordCache:
         self.max_chars = max_chars
         self._rows: dict[str, SessionRecord] = {}
         self._chars = 0
-        self._version: object = None
+        self._version: int | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def validate(self, version: object) -> None:
-        """Empty the cache unless ``version`` is the one its rows were read under.
-
-        ``None`` means "unknown": the cache is emptied, and rows put before the
-        next ``validate`` are dropped by it.
-        """
-        if version is None or version != self._version:
+    def validate(self, data_version: int) -> None:
+        """Empty the cache unless ``data_version`` is the one its records were read under."""
+        if data_version != self._version:
             self.clear()
-            self._version = version
+            self._version = data_version
 
     def get(self, token_digest: str) -> SessionRecord | None:
         return self._rows.get(token_digest)

@@ -3,10 +3,14 @@
 Reads run on the event loop's thread through the standard ``sqlite3`` module:
 in WAL mode a reader never waits for a writer, and an indexed lookup costs a
 few microseconds, far less than handing it to a thread (about 100 µs, as
-aiosqlite does). ``get`` also keeps the rows it read, for as long as the
-WAL-index header in the ``-shm`` file shows that no connection (this store's
-writers, another process) has committed since: the same check SQLite makes
-when a read begins, without the read.
+aiosqlite does). ``get`` also keeps the sessions it read, for as long as
+``PRAGMA data_version`` shows that no other connection (this store's writers,
+another process) has committed since.
+
+The ``-shm`` file is left to SQLite alone: reading it directly would be
+cheaper, but opening and closing any descriptor on it releases every POSIX
+lock this process holds on it, and with them SQLite's guard against another
+process rebuilding the WAL index under live connections.
 
 A write is one short transaction. It runs on the event loop too, on a
 connection that never waits for a lock: in WAL mode with ``synchronous=NORMAL``
@@ -37,7 +41,6 @@ from authsessions.stores._base import (
 )
 from authsessions.stores._sqlite_support import (
     RecordCache,
-    WalIndexWatch,
     checkpoint_then,
     enable_wal,
     is_busy,
@@ -132,7 +135,6 @@ class SQLiteStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._inline: sqlite3.Connection | None = None
         self._cache = RecordCache()
-        self._wal_index: WalIndexWatch | None = None
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
@@ -153,10 +155,6 @@ class SQLiteStore(Store):
                 # thread instead of blocking the event loop.
                 self._reader = _connect(self.path, timeout=0)
                 self._reader.execute("PRAGMA query_only = ON")
-                # A first read maps -shm for the reader, whose open connection then
-                # keeps the file in place for as long as the watch reads it.
-                self._reader.execute("PRAGMA data_version").fetchone()
-                self._wal_index = WalIndexWatch.open(self.path)
                 self._inline = _connect(self.path, timeout=0)
                 # Per connection, and what makes a commit cheap enough for the event loop:
                 # no fsync (see _connect_writer), and no checkpoint (it fsyncs) inside a
@@ -183,9 +181,6 @@ class SQLiteStore(Store):
     async def _close(self) -> None:
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        if self._wal_index is not None:
-            self._wal_index.close()
-            self._wal_index = None
         for connection in (self._reader, self._inline):
             if connection is not None:
                 connection.close()
@@ -204,11 +199,7 @@ class SQLiteStore(Store):
         cache = self._cache
         try:
             # Read before the row: see RecordCache.put.
-            wal_index = self._wal_index
-            if wal_index is not None:
-                cache.validate(wal_index.read())
-            else:
-                cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
+            cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
             record = cache.get(token_digest)
             if record is None:
                 rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
