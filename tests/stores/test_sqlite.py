@@ -584,6 +584,15 @@ async def test_a_commit_by_another_store_on_the_file_empties_the_cache(
         assert await one.get(rotated, now=t0 + 2) is None
 
 
+def write_as_another_program(db_path: Path, session_id: str) -> None:
+    """Set the session's data to ``{"dirty": true}`` through a connection of its own."""
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute(DIRTY_UPDATE, (session_id,))
+    finally:
+        other.close()
+
+
 async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
     caching_store: SQLiteStore, db_path: Path
 ) -> None:
@@ -593,11 +602,7 @@ async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
     assert await caching_store.get(record.token_digest, now=t0) == record
     assert await cached(caching_store, record.token_digest, t0) == record
 
-    other = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        other.execute(DIRTY_UPDATE, (record.id,))
-    finally:
-        other.close()
+    write_as_another_program(db_path, record.id)
 
     got = await caching_store.get(record.token_digest, now=t0)
     assert got is not None
@@ -943,11 +948,7 @@ async def test_a_lost_watch_falls_back_to_data_version(db_path: Path) -> None:
         os.rename(wal + ".moved", wal)
         assert await store.get(record.token_digest, now=t0) == record
         assert watch.is_lost
-        other = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            other.execute(DIRTY_UPDATE, (record.id,))
-        finally:
-            other.close()
+        write_as_another_program(db_path, record.id)
         got = await store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data == {"dirty": True}
