@@ -465,28 +465,16 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
         store._reader = real
 
 
-@pytest.fixture(params=["WAL writes", "data_version"])
-async def caching_store(
-    request: pytest.FixtureRequest, db_path: Path
-) -> AsyncIterator[SQLiteStore]:
-    """An impatient store telling commits apart either way: by the inotify watch on its
-    WAL file where it has one (Linux), or by ``PRAGMA data_version``.
-    """
+@pytest.fixture
+async def caching_store(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open store whose writes give up on a held lock after 0.2 s."""
     async with SQLiteStore(db_path, timeout=0.2) as store:
-        if request.param == "data_version":
-            assert store._wal_writes is not None
-            store._wal_writes.close()
-        elif store._wal_writes is None:
-            pytest.skip("no inotify here: the data_version case covers this platform")
         yield store
 
 
 def cache_hit(store: SQLiteStore) -> list[str]:
-    """What a get served from the cache runs on the reader: no SELECT, and with the
-    watch on the WAL file nothing at all.
-    """
-    watch = store._wal_writes
-    return [] if watch is not None and not watch.is_lost else ["PRAGMA data_version"]
+    """What a get served from the cache runs on the reader: the check, no SELECT."""
+    return ["PRAGMA data_version"]
 
 
 async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
@@ -929,26 +917,3 @@ async def test_unopenable_path_gives_store_unavailable(tmp_path: Path, where: st
 
     assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
     assert not store.is_open
-
-
-async def test_a_lost_watch_falls_back_to_data_version(db_path: Path) -> None:
-    """Were the WAL file replaced, the watch would follow the old one: it gives up, and
-    the store asks SQLite again.
-    """
-    async with SQLiteStore(db_path) as store:
-        watch = store._wal_writes
-        if watch is None:
-            pytest.skip("no inotify here")
-        t0 = start_time()
-        record = make_record(now=t0, data={"a": 1})
-        await store.create(record, max_sessions=10, now=t0)
-        assert await store.get(record.token_digest, now=t0) == record
-        wal = f"{db_path}-wal"
-        os.rename(wal, wal + ".moved")  # what no live SQLite file should ever see
-        os.rename(wal + ".moved", wal)
-        assert await store.get(record.token_digest, now=t0) == record
-        assert watch.is_lost
-        write_as_another_program(db_path, record.id)
-        got = await store.get(record.token_digest, now=t0)
-    assert got is not None
-    assert got.data == {"dirty": True}

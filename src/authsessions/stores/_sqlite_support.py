@@ -95,12 +95,11 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
 class RecordCache:
     """Records of the session table by token digest, trusted only while nothing was committed.
 
-    Before each lookup the owner either calls :meth:`clear` when the WAL file
-    was written to since the last lookup (``WalWrites``), or passes
-    :meth:`validate` the ``PRAGMA data_version`` of its reader connection,
-    which SQLite changes whenever any *other* connection commits (the store's
-    own write connections, another process). Either way, a cached record is
-    still what the table holds. A hit hands out the cached record itself, which callers treat as
+    Before each lookup the owner passes :meth:`validate` the ``PRAGMA
+    data_version`` of its reader connection, which SQLite changes whenever any
+    *other* connection commits (the store's own write connections, another
+    process): an unchanged number proves every cached record is still what
+    the table holds. A hit hands out the cached record itself, which callers treat as
     read-only (see ``Store.get``): no JSON decode, no copy.
 
     Bounded in rows and in characters of data (sessions may hold up to

@@ -3,16 +3,11 @@
 Reads run on the event loop's thread through the standard ``sqlite3`` module:
 in WAL mode a reader never waits for a writer, and an indexed lookup costs a
 few microseconds, far less than handing it to a thread (about 100 µs, as
-aiosqlite does). ``get`` also keeps the sessions it read, for as long as no
-connection (this store's writers, another process) has committed since: on
-Linux, as long as an inotify watch saw no write to the WAL file (one ``poll``,
-see ``_wal_writes.py``); elsewhere, or when the watch is lost, as long as
-``PRAGMA data_version`` is unchanged.
-
-The ``-wal`` and ``-shm`` files are left to SQLite alone: closing any
-descriptor this process opened on them would release every POSIX lock it
-holds on them, and with them SQLite's guard against another process
-rebuilding the WAL index under live connections.
+aiosqlite does). ``get`` also keeps the sessions it read, for as long as
+``PRAGMA data_version`` shows that no other connection (this store's writers,
+another process) has committed since. That check is a read transaction (two
+file-lock system calls); the cheaper signals tried instead were unsafe: see
+"Tried and reverted" in benchmarks/README.md.
 
 A write is one short transaction. It runs on the event loop too, on a
 connection that never waits for a lock: in WAL mode with ``synchronous=NORMAL``
@@ -48,7 +43,6 @@ from authsessions.stores._sqlite_support import (
     is_busy,
     transaction,
 )
-from authsessions.stores._wal_writes import WalWrites
 
 __all__ = ["SQLiteStore"]
 
@@ -138,7 +132,6 @@ class SQLiteStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._inline: sqlite3.Connection | None = None
         self._cache = RecordCache()
-        self._wal_writes: WalWrites | None = None
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
@@ -159,7 +152,6 @@ class SQLiteStore(Store):
                 # thread instead of blocking the event loop.
                 self._reader = _connect(self.path, timeout=0)
                 self._reader.execute("PRAGMA query_only = ON")
-                self._wal_writes = WalWrites.watch(self.path)
                 self._inline = _connect(self.path, timeout=0)
                 # Per connection, and what makes a commit cheap enough for the event loop:
                 # no fsync (see _connect_writer), and no checkpoint (it fsyncs) inside a
@@ -186,9 +178,6 @@ class SQLiteStore(Store):
     async def _close(self) -> None:
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        if self._wal_writes is not None:
-            self._wal_writes.close()
-            self._wal_writes = None
         for connection in (self._reader, self._inline):
             if connection is not None:
                 connection.close()
@@ -207,12 +196,7 @@ class SQLiteStore(Store):
         cache = self._cache
         try:
             # Read before the row: see RecordCache.put.
-            wal_writes = self._wal_writes
-            if wal_writes is not None and not wal_writes.is_lost:
-                if wal_writes.happened():
-                    cache.clear()
-            else:
-                cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
+            cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
             record = cache.get(token_digest)
             if record is None:
                 rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
