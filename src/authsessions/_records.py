@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ __all__ = [
     "SessionRecord",
     "SessionUpdate",
     "StoreStats",
+    "copy_json",
     "data_size",
     "dump_json",
     "load_json",
@@ -35,6 +35,15 @@ def dump_json(data: Any) -> str:
         TypeError, ValueError: ``data`` has no JSON form (NaN, a set, a cycle, ...).
     """
     return _ENCODER.encode(data)
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of plain JSON: lists and dicts are copied, the rest is immutable."""
+    if type(value) is list:
+        return [copy_json(item) for item in value]
+    if type(value) is dict:
+        return {key: copy_json(item) for key, item in value.items()}
+    return value
 
 
 def load_json(text: str) -> Any:
@@ -128,7 +137,7 @@ class SessionRecord:
 
         ``data`` is deep-copied unless ``copy_data`` is false, which is only for
         a record fresh from a store that nobody keeps: the caller then gets the
-        record's own dict, sparing a deep copy per session (about 10 µs).
+        record's own dict, sparing a deep copy per session.
         """
         return SessionData(
             id=self.id,
@@ -138,7 +147,7 @@ class SessionRecord:
             device_name=self.device_name,
             device_type=self.device_type,
             fingerprint=self.fingerprint,
-            data=copy.deepcopy(self.data) if copy_data else self.data,
+            data=copy_json(self.data) if copy_data else self.data,
             created_at=to_datetime(self.created_at),
             last_active_at=to_datetime(self.last_active_at),
             expires_at=to_datetime(self.expires_at),

@@ -12,9 +12,9 @@ from starlette.types import Scope
 from authsessions._client import client_ip, device_of, user_agent_of
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
-from authsessions._records import SessionData, SessionRecord, SessionUpdate, data_size
+from authsessions._records import SessionData, SessionRecord, SessionUpdate, copy_json, data_size
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
-from authsessions._values import copy_json, plain_json_copy, read_as
+from authsessions._values import plain_json_copy, read_as
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["SCOPE_KEY", "CookieChange", "Session"]

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 from authsessions._errors import SessionDataError
 from authsessions._records import dump_json, load_json
 
-__all__ = ["copy_json", "plain_json_copy", "read_as"]
+__all__ = ["plain_json_copy", "read_as"]
 
 T = TypeVar("T")
 
@@ -41,15 +41,6 @@ def plain_json_copy(value: Any, what: str) -> Any:
             "keys?); store lists and string-keyed dicts instead."
         )
     return copy
-
-
-def copy_json(value: Any) -> Any:
-    """A deep copy of plain JSON: lists and dicts are copied, the rest is immutable."""
-    if type(value) is list:
-        return [copy_json(item) for item in value]
-    if type(value) is dict:
-        return {key: copy_json(item) for key, item in value.items()}
-    return value
 
 
 def read_as(value: Any, type_: type[T], key: str) -> T:
