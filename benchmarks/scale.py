@@ -397,14 +397,21 @@ async def _read_latencies(app: Any, cookie: str, until: asyncio.Task[Any] | floa
     return samples
 
 
+async def signed_in(handle: StoreHandle, settings: Settings) -> tuple[Any, str, BulkInserter]:
+    """Our app over the store, the cookie of a session it made, and an inserter that
+    copies that session's stored row.
+    """
+    app = apps.authsessions_app(handle.store)
+    cookie = await sign_in(app)
+    template = await handle.store.get(digest_of(cookie.partition("=")[2]), now=time.time())
+    assert template is not None
+    return app, cookie, BulkInserter(handle, template, settings)
+
+
 async def measure_cleanup(kind: str, settings: Settings) -> dict[str, Any]:
     handle = await make_store(kind, label=f"cleanup_{kind}")
     try:
-        app = apps.authsessions_app(handle.store)
-        cookie = await sign_in(app)
-        template = await handle.store.get(digest_of(cookie.partition("=")[2]), now=time.time())
-        assert template is not None
-        inserter = BulkInserter(handle, template, settings)
+        app, cookie, inserter = await signed_in(handle, settings)
         start = time.perf_counter()
         inserted = await inserter.grow_to(settings.cleanup_size, expired=True)
         insert_seconds = time.perf_counter() - start
@@ -482,11 +489,7 @@ async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
     handle = await make_store(kind, label=f"scale_{kind}")
     result: dict[str, Any] = {"lookups": {}}
     try:
-        app = apps.authsessions_app(handle.store)
-        cookie = await sign_in(app)
-        template = await handle.store.get(digest_of(cookie.partition("=")[2]), now=time.time())
-        assert template is not None
-        inserter = BulkInserter(handle, template, settings)
+        app, _cookie, inserter = await signed_in(handle, settings)
         for size in settings.scale_sizes:
             start = time.perf_counter()
             reached = await inserter.grow_to(size)
@@ -500,7 +503,7 @@ async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
                 break
         result["insert_method"] = inserter.method
         result["stored"] = inserter.count
-        result["users"] = await measure_user_operations(handle, app, template, settings)
+        result["users"] = await measure_user_operations(handle, app, inserter.template, settings)
     finally:
         await handle.cleanup()
     result["cleanup"] = await measure_cleanup(kind, settings)
