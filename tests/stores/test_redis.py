@@ -74,7 +74,6 @@ async def setup(redis_target: str) -> AsyncIterator[Setup]:
         yield setup
     if keys := await setup.all_keys():
         await raw.delete(*keys)
-    await raw.aclose()
 
 
 # -- keys and their TTLs ----------------------------------------------------------------------
@@ -278,16 +277,30 @@ async def test_updates_from_two_processes_keep_every_key(setup: Setup) -> None:
 # -- the cluster ----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+async def raw_cluster(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
+    """A plain redis-py cluster client on the test cluster, for looking behind the store."""
+    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    yield raw
+    await raw.aclose()
+
+
+async def twelve_users(store: RedisStore, t0: float) -> list[SessionRecord]:
+    """One session each for twelve users: enough to land on every node of the cluster."""
+    records = [make_record(now=t0, user_id=f"user{i}") for i in range(12)]
+    for record in records:
+        await store.create(record, max_sessions=10, now=t0)
+    return records
+
+
 async def test_a_users_keys_share_a_slot_and_users_spread_over_nodes(
-    redis_cluster_url: str,
+    redis_cluster_url: str, raw_cluster: RedisCluster
 ) -> None:
     t0 = start_time()
-    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    raw = raw_cluster
     prefix = f"authsessions-test-{secrets.token_hex(6)}:"
-    records = [make_record(now=t0, user_id=f"user{i}") for i in range(12)]
     async with RedisStore(redis_cluster_url, prefix=prefix) as store:
-        for record in records:
-            await store.create(record, max_sessions=10, now=t0)
+        records = await twelve_users(store, t0)
         setup = Setup(store, store, raw, prefix)
 
         nodes = set()
@@ -299,7 +312,6 @@ async def test_a_users_keys_share_a_slot_and_users_spread_over_nodes(
             assert node is not None
             nodes.add(node.name)
             assert await store.get(record.token_digest, now=t0) == record
-    await raw.aclose()
     assert len(nodes) > 1
 
 
@@ -357,12 +369,12 @@ async def test_a_read_returns_every_column_exactly(setup: Setup, absent: bool) -
 
 
 async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
-    redis_cluster_url: str,
+    redis_cluster_url: str, raw_cluster: RedisCluster
 ) -> None:
     """One round trip per request; a process pays a second only for a digest new to it."""
     t0 = start_time()
+    raw = raw_cluster
     record = make_record(now=t0)
-    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
     prefix = f"authsessions-test-{secrets.token_hex(6)}:"
     async with (
         RedisStore(redis_cluster_url, prefix=prefix) as creator,
@@ -377,26 +389,24 @@ async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
             assert await store.get(record.token_digest, now=t0) == record
             after = await command_calls(raw, "evalsha", "get")
             spent.append({command: after[command] - before[command] for command in after})
-    await raw.aclose()
 
     one_script = {"evalsha": 1, "get": 0}
     assert spent == [one_script, {"evalsha": 1, "get": 1}, one_script]
 
 
-async def test_stats_scan_every_primary_and_never_send_keys(redis_cluster_url: str) -> None:
+async def test_stats_scan_every_primary_and_never_send_keys(
+    redis_cluster_url: str, raw_cluster: RedisCluster
+) -> None:
     t0 = start_time()
-    raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
+    raw = raw_cluster
     prefix = f"authsessions-test-{secrets.token_hex(6)}:"
-    records = [make_record(now=t0, user_id=f"user{i}") for i in range(12)]
     async with RedisStore(redis_cluster_url, prefix=prefix) as store:
-        for record in records:
-            await store.create(record, max_sessions=10, now=t0)
+        await twelve_users(store, t0)
         before = await command_calls(raw, "scan", "keys")
         stats = await store.stats(now=t0)
         after = await command_calls(raw, "scan", "keys")
         keys = [key async for key in raw.scan_iter(match=prefix + "*", count=1000)]
         await raw.delete(*keys)
-    await raw.aclose()
 
     assert (stats.live_sessions, stats.users) == (12, 12)
     assert after["keys"] == before["keys"]
