@@ -37,6 +37,8 @@ from authsessions import (
     SessionNotFound,
     StoreUnavailable,
 )
+from authsessions._records import SessionRecord
+from authsessions._tokens import new_token
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 from tests.apps.session_app import (
     CHROME_MAC,
@@ -406,6 +408,30 @@ async def test_different_browser_is_accepted_when_fingerprints_are_not_validated
     assert response.json()["authenticated"] is True
     assert session_cookie(response) is None
     assert len(await SessionManager(sqlite_store).list_for_user("alice")) == 1
+
+
+class LooselyMatchingStore(MemoryStore):
+    """A faulty store that answers any digest with alice's session, as a backend whose
+    index or collation matched too loosely would.
+    """
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        sessions = await self.list_for_user("alice", now=now)
+        return sessions[0] if sessions else None
+
+
+async def test_a_record_for_another_digest_is_never_taken_for_the_session(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    store = LooselyMatchingStore()
+    await plant_session(store, "alice")
+    client = client_factory(app_factory(store))
+
+    response = await client.get("/me", headers=cookie_header(new_token()))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+    assert len(await SessionManager(store).list_for_user("alice")) == 1
 
 
 # -- client IP behind proxies -----------------------------------------------------------------

@@ -13,7 +13,6 @@ from authsessions._client import device_of
 from authsessions._config import SessionConfig
 from authsessions._cookies import MALFORMED, SessionCookie
 from authsessions._errors import SessionError, StoreUnavailable
-from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
 from authsessions.stores._base import Store
@@ -70,6 +69,8 @@ class SessionMiddleware:
         self.config = config if config is not None else SessionConfig()
         self.store, self._owns_store = resolve_store(store)
         self._cookie = SessionCookie(self.config)
+        self._absolute_ttl = self.config.absolute_ttl_seconds
+        self._validate_fingerprint = self.config.validate_fingerprint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -154,38 +155,30 @@ class SessionMiddleware:
             await store.open()
         if token is None:
             return self._anonymous(scope)
-        record = None
         if token != MALFORMED:
             digest = token_digest(token)
             now = time.time()
             record = await store.get(digest, now=now)
-            if record is not None and not self._is_live(record, digest, now):
-                record = None
-            if record is not None and self._is_replayed(record, scope):
+            # The checks are written out here, not called: every authenticated request runs them.
+            if (
+                record is not None
+                # The store found the row by this digest; comparing again in constant time
+                # guards against a store that matches loosely (collation, prefix index).
+                and hmac.compare_digest(record.token_digest, digest)
+                # absolute_ttl may have been shortened since this session was created.
+                and (self._absolute_ttl is None or record.created_at + self._absolute_ttl > now)
+            ):
+                if not self._validate_fingerprint or (
+                    device_of(scope).fingerprint == record.fingerprint
+                ):
+                    return Session(store, self.config, scope, record, token, "keep")
                 # A cookie replayed from another kind of client: end the session for good.
                 logger.warning("session %s used by a different client; ending it", record.id)
                 await store.delete(record.id)
-                record = None
-        if record is None:
-            return Session(store, self.config, scope, None, None, "clear")
-        return Session(store, self.config, scope, record, token, "keep")
+        return Session(store, self.config, scope, None, None, "clear")
 
     def _anonymous(self, scope: Scope) -> Session:
         return Session(self.store, self.config, scope, None, None, "keep")
-
-    def _is_live(self, record: SessionRecord, digest: str, now: float) -> bool:
-        # The store found the row by this digest; comparing again in constant time
-        # guards against a store that matches loosely (collation, prefix index).
-        if not hmac.compare_digest(record.token_digest, digest):
-            return False
-        # absolute_ttl may have been shortened since this session was created.
-        absolute_ttl = self.config.absolute_ttl_seconds
-        return absolute_ttl is None or record.created_at + absolute_ttl > now
-
-    def _is_replayed(self, record: SessionRecord, scope: Scope) -> bool:
-        return (
-            self.config.validate_fingerprint and device_of(scope).fingerprint != record.fingerprint
-        )
 
     def _add_headers(self, message: Message, session: Session) -> None:
         change = session.cookie_change

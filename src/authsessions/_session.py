@@ -124,7 +124,11 @@ class Session:
         Raises:
             RuntimeError: ``SessionMiddleware`` is not installed around this app.
         """
-        return cls.from_scope(request.scope)
+        try:
+            session: Session = request.scope[SCOPE_KEY]
+        except KeyError:
+            return cls.from_scope(request.scope)  # raises, explaining
+        return session
 
     # -- reading -----------------------------------------------------------------
 

@@ -95,12 +95,12 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
 class RecordCache:
     """Records of the session table by token digest, trusted only while nothing was committed.
 
-    Before each lookup the owner passes :meth:`validate` the ``PRAGMA
-    data_version`` of its reader connection, which SQLite changes whenever any
-    *other* connection commits (the store's own write connections, another
-    process): an unchanged number proves every cached record is still what
-    the table holds. A hit hands out the cached record itself, which callers treat as
-    read-only (see ``Store.get``): no JSON decode, no copy.
+    Each lookup passes :meth:`get` the ``PRAGMA data_version`` of its reader
+    connection, which SQLite changes whenever any *other* connection commits
+    (the store's own write connections, another process): an unchanged number
+    proves every cached record is still what the table holds. A hit hands out
+    the cached record itself, which callers treat as read-only (see
+    ``Store.get``): no JSON decode, no copy.
 
     Bounded in rows and in characters of data (sessions may hold up to
     ``max_data_bytes`` each). When full it is simply emptied: any commit
@@ -120,20 +120,22 @@ class RecordCache:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def validate(self, data_version: int) -> None:
-        """Empty the cache unless ``data_version`` is the one its records were read under."""
+    def get(self, data_version: int, token_digest: str) -> SessionRecord | None:
+        """The record kept for ``token_digest``; none at all unless ``data_version`` is the
+        one the kept records were read under (otherwise they are dropped, and this version
+        becomes theirs).
+        """
         if data_version != self._version:
             self.clear()
             self._version = data_version
-
-    def get(self, token_digest: str) -> SessionRecord | None:
+            return None
         return self._rows.get(token_digest)
 
     def put(self, token_digest: str, record: SessionRecord, data_chars: int) -> None:
-        """Keep ``record``, read after the latest :meth:`validate`.
+        """Keep ``record``, read after the latest :meth:`get`.
 
-        A commit between that ``validate`` and the read only makes the record
-        newer than its version says, and the next ``validate`` drops it.
+        A commit between that ``get`` and the read only makes the record
+        newer than its version says, and the next ``get`` drops it.
         """
         if data_chars > self.max_chars:
             return

@@ -192,12 +192,13 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        reader = self._connection(self._reader)
+        reader = self._reader
+        if reader is None:
+            reader = self._connection(reader)  # raises: the store is closed
         cache = self._cache
         try:
             # Read before the row: see RecordCache.put.
-            cache.validate(reader.execute("PRAGMA data_version").fetchone()[0])
-            record = cache.get(token_digest)
+            record = cache.get(reader.execute("PRAGMA data_version").fetchone()[0], token_digest)
             if record is None:
                 rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
                 if not rows:
