@@ -44,15 +44,17 @@ class SessionCookie:
         for name, value in scope["headers"]:
             if name != b"cookie":
                 continue
-            start = value.find(prefix)
-            # The name must start a pair: "a__Host-session=" is another cookie.
-            while start > 0 and value[start - 1] not in _PAIR_BOUNDARY:
-                start = value.find(prefix, start + 1)
-            if start == -1:
-                continue
-            start += len(prefix)
-            end = value.find(b";", start)
-            token = (value[start:] if end == -1 else value[start:end]).strip()
+            if value.startswith(prefix):
+                start = len(prefix)  # the usual case: our cookie comes first
+            else:
+                start = value.find(prefix)
+                # The name must start a pair: "a__Host-session=" is another cookie.
+                while start > 0 and value[start - 1] not in _PAIR_BOUNDARY:
+                    start = value.find(prefix, start + 1)
+                if start == -1:
+                    continue
+                start += len(prefix)
+            token = value[start:].partition(b";")[0].strip()
             return token.decode("ascii") if is_well_formed_token_bytes(token) else MALFORMED
         return None
 

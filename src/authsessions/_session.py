@@ -27,6 +27,7 @@ MAX_USER_ID_LENGTH = 255
 
 _NO_DATA: dict[str, Any] = {}  # never changed: a session without a record takes no writes
 _REMOVED = object()  # a key's pending change: removed
+_CONTAINERS = (list, dict)  # the JSON values a caller could change: get() hands out copies
 
 
 # What the response must do to the session cookie. Strings, not an Enum: on Python 3.11
@@ -165,9 +166,11 @@ class Session:
         if self._record is None:
             return default
         try:
-            value = copy_json(self._data[key])
+            value = self._data[key]
         except KeyError:
             return default
+        if value.__class__ in _CONTAINERS:
+            value = copy_json(value)
         return value if type is None else read_as(value, type, key)
 
     # -- writing, in memory --------------------------------------------------------

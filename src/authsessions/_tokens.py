@@ -18,6 +18,9 @@ SESSION_ID_BYTES = 16
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOKEN_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 TOKEN_LENGTH = 43
+# Maps every byte of the alphabet to 0 and every other byte to 1: a token translates to zeros.
+_OUTSIDE_ALPHABET = bytes(0 if byte in _TOKEN_ALPHABET else 1 for byte in range(256))
+_ALL_INSIDE = bytes(TOKEN_LENGTH)
 _SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
@@ -50,8 +53,8 @@ def is_well_formed_token(value: str) -> bool:
 
 def is_well_formed_token_bytes(value: bytes) -> bool:
     """:func:`is_well_formed_token` for a raw header value, before any decoding."""
-    # Deleting every alphabet byte leaves nothing exactly when all bytes are in it.
-    return len(value) == TOKEN_LENGTH and not value.translate(None, _TOKEN_ALPHABET)
+    # A plain table lookup per byte: cheaper than deleting the alphabet, which builds a table.
+    return len(value) == TOKEN_LENGTH and value.translate(_OUTSIDE_ALPHABET) == _ALL_INSIDE
 
 
 def is_well_formed_session_id(value: object) -> bool:

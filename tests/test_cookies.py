@@ -1,0 +1,88 @@
+"""SessionCookie.read: finding the session token among a request's cookies."""
+
+from __future__ import annotations
+
+import pytest
+
+from authsessions import SessionConfig
+from authsessions._cookies import MALFORMED, SessionCookie
+from authsessions._tokens import new_token
+
+TOKEN = new_token()
+OTHER_TOKEN = new_token()
+NAME = SessionConfig().cookie_name
+
+
+def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
+    headers = [(b"host", b"example.com"), (b"user-agent", b"test")]
+    for value in cookie_headers:
+        headers.append((b"cookie", value.encode("latin-1") if isinstance(value, str) else value))
+    return SessionCookie(SessionConfig(cookie_name=name)).read({"headers": headers})
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ((f"{NAME}={TOKEN}",), TOKEN),
+        ((f"theme=dark; {NAME}={TOKEN}",), TOKEN),
+        ((f"theme=dark;{NAME}={TOKEN}; lang=en",), TOKEN),
+        ((f"theme=dark;\t{NAME}={TOKEN}",), TOKEN),
+        ((f"{NAME}= {TOKEN} ; lang=en",), TOKEN),
+        (("theme=dark", f"{NAME}={TOKEN}"), TOKEN),
+        ((f"{NAME}={TOKEN}; {NAME}={OTHER_TOKEN}",), TOKEN),
+        ((f"x{NAME}={OTHER_TOKEN}; {NAME}={TOKEN}",), TOKEN),
+        ((f"a=x{NAME}={OTHER_TOKEN}; {NAME}={TOKEN}",), TOKEN),
+        ((), None),
+        (("theme=dark",), None),
+        ((f"x{NAME}={TOKEN}",), None),
+        ((f"{NAME.lower()}={TOKEN}",), None),
+        ((f"{NAME}",), None),
+        ((f"{NAME}=",), MALFORMED),
+        ((f"{NAME}={TOKEN}x",), MALFORMED),
+        ((f"{NAME}={TOKEN[:-1]}",), MALFORMED),
+        ((f"{NAME}={TOKEN[:-1]}!",), MALFORMED),
+        ((f"{NAME}={TOKEN[:-1]}=",), MALFORMED),
+        ((f"{NAME}={TOKEN[:-1]}\u00e9",), MALFORMED),
+        ((f"{NAME}=junk; {NAME}={TOKEN}",), MALFORMED),
+        ((f"{NAME}={TOKEN} {TOKEN}",), MALFORMED),
+    ],
+    ids=[
+        "alone",
+        "after-another",
+        "between-others-no-space",
+        "after-a-tab",
+        "spaces-around-the-value",
+        "second-cookie-header",
+        "first-of-two-wins",
+        "lookalike-name-before",
+        "name-inside-another-value",
+        "no-cookie-header",
+        "other-cookies-only",
+        "lookalike-name-only",
+        "name-is-case-sensitive",
+        "name-without-value",
+        "empty-value",
+        "too-long",
+        "too-short",
+        "outside-the-alphabet",
+        "base64-padding",
+        "non-ascii",
+        "first-is-malformed",
+        "two-tokens-in-one-value",
+    ],
+)
+def test_the_token_is_read_from_the_first_pair_with_the_cookie_name(
+    headers: tuple[str, ...], expected: str | None
+) -> None:
+    assert read(*headers) == expected
+
+
+def test_a_custom_cookie_name_is_read_and_the_default_one_ignored() -> None:
+    assert read(f"sid={TOKEN}", name="sid") == TOKEN
+    assert read(f"{NAME}={TOKEN}", name="sid") is None
+    assert read(f"xsid={TOKEN}; sid={OTHER_TOKEN}", name="sid") == OTHER_TOKEN
+
+
+def test_raw_non_ascii_bytes_in_the_header_are_malformed_not_an_error() -> None:
+    assert read(f"{NAME}=".encode() + TOKEN[:-1].encode() + b"\xff") == MALFORMED
+    assert read(b"theme=\xff\xfe; " + f"{NAME}={TOKEN}".encode()) == TOKEN
