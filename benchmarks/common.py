@@ -94,7 +94,7 @@ class Settings:
             inprocess_batch=500,
             inprocess_warmup=500,
             floor_lookups=20_000,
-            e2e_rounds=5,
+            e2e_rounds=9,
             e2e_seconds=2.0,
             e2e_warmup=1.0,
             e2e_connections=16,
