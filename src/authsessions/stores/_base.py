@@ -84,6 +84,10 @@ class Store(abc.ABC):
     def is_open(self) -> bool:
         return self._is_open
 
+    def _closed_error(self) -> RuntimeError:
+        """What a primitive raises when called on a store that is not open."""
+        return RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+
     async def open(self) -> None:
         """Connect and create the schema if missing. Calling it again does nothing."""
         if self._is_open:

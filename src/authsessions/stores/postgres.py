@@ -320,7 +320,7 @@ class PostgresStore(Store):
 
     def _borrow(self) -> Borrowed:
         if self._connections is None:
-            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+            raise self._closed_error()
         return self._connections.borrow()
 
     # -- primitives ------------------------------------------------------------------
@@ -352,7 +352,7 @@ class PostgresStore(Store):
         # Every authenticated request runs this: no context managers of our own here.
         connections = self._connections
         if connections is None:
-            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+            raise self._closed_error()
         try:
             row = await connections.fetchrow(
                 self._sql.get, token_digest, now, seconds=self.command_timeout

@@ -209,7 +209,7 @@ class RedisStore(Store):
 
     def _require_client(self) -> Redis | RedisCluster:
         if self._client is None:
-            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+            raise self._closed_error()
         return self._client
 
     # -- keys ------------------------------------------------------------------------

@@ -194,7 +194,7 @@ class SQLiteStore(Store):
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         reader = self._reader
         if reader is None:
-            reader = self._connection(reader)  # raises: the store is closed
+            raise self._closed_error()
         cache = self._cache
         try:
             # Read before the row: see RecordCache.put.
@@ -397,13 +397,13 @@ class SQLiteStore(Store):
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:
-            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+            raise self._closed_error()
         with translate_errors("SQLite", sqlite3.Error):
             return await asyncio.get_running_loop().run_in_executor(self._writer_thread, work)
 
     def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
         if connection is None:
-            raise RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+            raise self._closed_error()
         return connection
 
 
