@@ -69,8 +69,6 @@ class SessionMiddleware:
         self.config = config if config is not None else SessionConfig()
         self.store, self._owns_store = resolve_store(store)
         self._cookie = SessionCookie(self.config)
-        self._absolute_ttl = self.config.absolute_ttl_seconds
-        self._validate_fingerprint = self.config.validate_fingerprint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,6 +154,7 @@ class SessionMiddleware:
         if token is None:
             return self._anonymous(scope)
         if token != MALFORMED:
+            config = self.config
             digest = token_digest(token)
             now = time.time()
             record = await store.get(digest, now=now)
@@ -166,12 +165,15 @@ class SessionMiddleware:
                 # guards against a store that matches loosely (collation, prefix index).
                 and hmac.compare_digest(record.token_digest, digest)
                 # absolute_ttl may have been shortened since this session was created.
-                and (self._absolute_ttl is None or record.created_at + self._absolute_ttl > now)
+                and (
+                    config.absolute_ttl_seconds is None
+                    or record.created_at + config.absolute_ttl_seconds > now
+                )
             ):
-                if not self._validate_fingerprint or (
+                if not config.validate_fingerprint or (
                     device_of(scope).fingerprint == record.fingerprint
                 ):
-                    return Session(store, self.config, scope, record, token, "keep")
+                    return Session(store, config, scope, record, token, "keep")
                 # A cookie replayed from another kind of client: end the session for good.
                 logger.warning("session %s used by a different client; ending it", record.id)
                 await store.delete(record.id)

@@ -472,16 +472,15 @@ async def caching_store(db_path: Path) -> AsyncIterator[SQLiteStore]:
         yield store
 
 
-def cache_hit(store: SQLiteStore) -> list[str]:
-    """What a get served from the cache runs on the reader: the check, no SELECT."""
-    return ["PRAGMA data_version"]
+# What a get served from the cache runs on the reader: the check, no SELECT.
+CACHE_HIT = ["PRAGMA data_version"]
 
 
 async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
     """``store.get``, asserting that it came from the cache."""
     with reader_statements(store) as statements:
         got = await store.get(digest, now=now)
-    assert statements == cache_hit(store)
+    assert statements == CACHE_HIT
     return got
 
 
@@ -492,7 +491,7 @@ async def test_a_repeated_get_is_served_from_the_cache(caching_store: SQLiteStor
 
     with reader_statements(caching_store) as statements:
         assert await caching_store.get(record.token_digest, now=t0) == record
-    assert statements[:-1] == cache_hit(caching_store)
+    assert statements[:-1] == CACHE_HIT
     assert statements[-1].startswith("SELECT")
 
     assert await cached(caching_store, record.token_digest, t0) == record
