@@ -95,10 +95,11 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
 class RecordCache:
     """Records of the session table by token digest, trusted only while nothing was committed.
 
-    Each lookup passes :meth:`get` the ``PRAGMA data_version`` of its reader
-    connection, which SQLite changes whenever any *other* connection commits
-    (the store's own write connections, another process): an unchanged number
-    proves every cached record is still what the table holds. A hit hands out
+    Each lookup passes :meth:`get` a version of the whole database that every
+    commit by another connection changes (the store's own write connections,
+    another process): the WAL-index header, or ``PRAGMA data_version`` on the
+    reader connection. An unchanged version proves every cached record is
+    still what the table holds. A hit hands out
     the cached record itself, which callers treat as read-only (see
     ``Store.get``): no JSON decode, no copy.
 
@@ -115,19 +116,19 @@ class RecordCache:
         self.max_chars = max_chars
         self._rows: dict[str, SessionRecord] = {}
         self._chars = 0
-        self._version: int | None = None
+        self._version: object = None
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def get(self, data_version: int, token_digest: str) -> SessionRecord | None:
-        """The record kept for ``token_digest``; none at all unless ``data_version`` is the
+    def get(self, version: object, token_digest: str) -> SessionRecord | None:
+        """The record kept for ``token_digest``; none at all unless ``version`` is the
         one the kept records were read under (otherwise they are dropped, and this version
         becomes theirs).
         """
-        if data_version != self._version:
+        if version != self._version:
             self.clear()
-            self._version = data_version
+            self._version = version
             return None
         return self._rows.get(token_digest)
 

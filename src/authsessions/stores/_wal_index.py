@@ -1,0 +1,85 @@
+"""The WAL-index header of a SQLite database, read where SQLite itself maps it in this process.
+
+In WAL mode every commit, by any connection of any process, rewrites this
+header (https://sqlite.org/walformat.html, "The WAL-Index Header"): the last
+frame, page count, checksums, salts and a change counter. Comparing it with
+an earlier copy is how SQLite itself decides, as a read transaction begins,
+whether the database changed, and what ``PRAGMA data_version`` reports. Read
+here, it costs a 96-byte copy instead of a read transaction with its two
+file-lock system calls.
+
+The header is found in SQLite's own mapping of the ``-shm`` file, listed in
+``/proc/self/maps``: no descriptor is opened on that file, since closing one
+would release SQLite's POSIX locks on it (every descriptor a process closes
+releases the process's locks on the file). The mapping stays in place for as
+long as any connection of this process has the database open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+__all__ = ["WalIndexHeader"]
+
+_COPY_SIZE = 48  # the header is kept twice, one copy after the other
+_VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
+_IS_INIT = 12  # the offset of isInit, 1 once the header was built
+
+
+class WalIndexHeader:
+    """A version of the whole database that every commit changes, for a cache to compare.
+
+    The owner must keep a connection to the database open for as long as it
+    calls :meth:`version`: that connection keeps SQLite's mapping (and its
+    shared lock on ``-shm``, which stops another process from replacing the
+    file) in place.
+    """
+
+    __slots__ = ("_copies",)
+
+    def __init__(self, copies: ctypes.Array[ctypes.c_char]) -> None:
+        if len(copies) != 2 * _COPY_SIZE:
+            raise ValueError(f"the header's two copies take {2 * _COPY_SIZE} bytes")
+        self._copies = copies
+
+    @classmethod
+    def find(cls, database_path: str) -> WalIndexHeader | None:
+        """The header of the database at ``database_path``, which must be in WAL mode and
+        already read by a connection of this process; ``None`` where it cannot be found
+        (no ``/proc``, another SQLite build's layout, the mapping listed twice).
+        """
+        shm_path = os.path.realpath(database_path) + "-shm"
+        starts = []
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    # start-end perms offset dev inode path; the path may hold spaces
+                    fields = line.rstrip("\n").split(maxsplit=5)
+                    if len(fields) == 6 and fields[5] == shm_path:
+                        addresses, perms, offset = fields[0], fields[1], fields[2]
+                        start, end = (int(address, 16) for address in addresses.split("-"))
+                        if perms[3] == "s" and int(offset, 16) == 0 and end - start >= 4096:
+                            starts.append(start)
+        except OSError:
+            return None
+        if len(starts) != 1:
+            return None
+        copies = (ctypes.c_char * (2 * _COPY_SIZE)).from_address(starts[0])
+        current = copies.raw
+        if current[:4] != _VERSION or current[_IS_INIT] != 1:
+            return None
+        return cls(copies)
+
+    def version(self) -> object:
+        """The header as it is now; while a commit is writing it, a version equal to none
+        before or after (two copies that differ mean a writer is halfway through).
+
+        SQLite writes the second copy first and the first last, so a commit that has
+        finished shows in both copies to every later read.
+        """
+        copies = self._copies.raw
+        if copies[:_COPY_SIZE] == copies[_COPY_SIZE:]:
+            return copies
+        return object()

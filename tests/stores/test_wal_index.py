@@ -1,0 +1,255 @@
+"""The WAL-index header SQLiteStore's cache is checked by, against real commits of other processes.
+
+The cache's own behaviour, under this check and under ``PRAGMA data_version``,
+is in test_sqlite.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from authsessions.stores import SQLiteStore
+from authsessions.stores._wal_index import WalIndexHeader
+from authsessions.stores.sqlite import TABLE
+from tests.stores.records import make_record, start_time
+
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux", reason="the header is found through /proc/self/maps (Linux)"
+)
+
+
+def copies_of(first: bytes, second: bytes) -> ctypes.Array[ctypes.c_char]:
+    """A buffer of our own laid out as the header's two 48-byte copies."""
+    buffer = (ctypes.c_char * 96)()
+    buffer.raw = first + second
+    return buffer
+
+
+# -- reading the two copies ----------------------------------------------------------------
+
+
+def test_equal_copies_are_the_version() -> None:
+    buffer = copies_of(b"a" * 48, b"a" * 48)
+    header = WalIndexHeader(buffer)
+
+    assert header.version() == header.version() == b"a" * 96
+
+    buffer.raw = b"b" * 96  # a commit rewrote both copies
+    assert header.version() == b"b" * 96
+
+
+def test_copies_that_differ_are_a_version_equal_to_none() -> None:
+    """A writer halfway through (second copy written, first not yet): no cache may trust
+    this moment, so the version matches neither what came before nor itself later."""
+    before = b"a" * 48
+    buffer = copies_of(before, before)
+    header = WalIndexHeader(buffer)
+    settled = header.version()
+
+    buffer.raw = before + b"b" * 48
+    halfway = header.version()
+
+    assert halfway != settled
+    assert halfway != header.version()
+    assert not isinstance(halfway, bytes)
+
+
+def test_a_buffer_of_another_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="96 bytes"):
+        WalIndexHeader((ctypes.c_char * 48)())
+
+
+# -- finding SQLite's own mapping ----------------------------------------------------------
+
+
+def wal_database(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    return db
+
+
+@linux_only
+def test_the_header_moves_with_every_commit_of_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / "wal.db"
+    reader, writer = wal_database(path), sqlite3.connect(path, isolation_level=None)
+    try:
+        header = WalIndexHeader.find(str(path))
+        assert header is not None
+        seen = [header.version()]
+        for value in range(3):
+            writer.execute("INSERT INTO t VALUES (?)", (value,))
+            seen.append(header.version())
+            reader.execute("SELECT COUNT(*) FROM t").fetchone()  # a read changes nothing
+            assert header.version() == seen[-1]
+        assert len(set(seen)) == len(seen)
+    finally:
+        reader.close()
+        writer.close()
+
+
+@linux_only
+def test_a_link_to_the_database_finds_the_same_header(tmp_path: Path) -> None:
+    path = tmp_path / "wal.db"
+    (tmp_path / "link.db").symlink_to(path)
+    db = wal_database(path)
+    try:
+        found, through_link = (
+            WalIndexHeader.find(str(path)),
+            WalIndexHeader.find(str(tmp_path / "link.db")),
+        )
+        assert found is not None
+        assert through_link is not None
+        assert found.version() == through_link.version()
+    finally:
+        db.close()
+
+
+def test_no_header_without_a_connection_of_this_process(tmp_path: Path) -> None:
+    """With the last connection closed SQLite unmaps the file: nothing may be read there."""
+    path = tmp_path / "wal.db"
+    wal_database(path).close()
+
+    assert WalIndexHeader.find(str(path)) is None
+
+
+def test_no_header_for_a_database_not_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "rollback.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("CREATE TABLE t (x)")
+        assert WalIndexHeader.find(str(path)) is None
+    finally:
+        db.close()
+
+
+# -- SQLiteStore against another process that commits -----------------------------------
+
+# Sets the session's data to {"i": i} for i = 1, 2, ... in one transaction each, through a
+# connection of its own, printing i once the commit returned. In step mode it waits for a
+# line on stdin after each one. Every `restart_every` commits it checkpoints and restarts
+# the WAL (new salts); between restarts the WAL index outgrows its first 32 KiB region.
+WRITER = """
+import sqlite3, sys
+path, table, session_id, count, restart_every, step = sys.argv[1:7]
+update = "UPDATE " + table + " SET data = ? WHERE id = ?"
+db = sqlite3.connect(path, isolation_level=None, timeout=10)
+db.execute("PRAGMA synchronous = NORMAL")
+for i in range(1, int(count) + 1):
+    db.execute(update, ('{"i": %d}' % i, session_id))
+    print(i, flush=True)
+    if i % int(restart_every) == 0:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    if step == "step" and not sys.stdin.readline():
+        break
+db.close()
+"""
+
+
+@pytest.fixture
+async def header_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    if sys.platform != "linux":
+        pytest.skip("the header is found through /proc/self/maps (Linux)")
+    async with SQLiteStore(tmp_path / "sessions.db") as store:
+        assert store._wal_index is not None
+        yield store
+
+
+def start_writer(
+    store: SQLiteStore, session_id: str, *, count: int, restart_every: int, step: bool
+) -> subprocess.Popen[str]:
+    mode = "step" if step else "run"
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRITER,
+            store.path,
+            TABLE,
+            session_id,
+            str(count),
+            str(restart_every),
+            mode,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_every_commit_of_another_process_is_seen_by_the_next_get(
+    header_store: SQLiteStore,
+) -> None:
+    """Commit, then get, in lock step: a get after a commit returned never answers from
+    before it. 6,000 commits make about as many WAL frames, more than the 4,096 the first
+    region of the WAL index holds, and the WAL restarts twice.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"i": 0})
+    await header_store.create(record, max_sessions=10, now=t0)
+    assert await header_store.get(record.token_digest, now=t0) == record
+
+    writer = start_writer(header_store, record.id, count=6000, restart_every=2500, step=True)
+    assert writer.stdin is not None
+    assert writer.stdout is not None
+    try:
+        for line in writer.stdout:
+            got = await header_store.get(record.token_digest, now=t0)
+            assert got is not None
+            assert got.data == {"i": int(line)}
+            writer.stdin.write("next\n")
+            writer.stdin.flush()
+    finally:
+        writer.stdin.close()
+        assert writer.wait(timeout=60) == 0
+    assert int(line) == 6000
+
+
+async def test_gets_while_another_process_commits_never_go_back(
+    header_store: SQLiteStore,
+) -> None:
+    """The writer runs free, so gets also meet its header halfway written. Each get must
+    show at least the last commit the writer had announced when the get began.
+    """
+    t0 = start_time()
+    record = make_record(now=t0, data={"i": 0})
+    await header_store.create(record, max_sessions=10, now=t0)
+    announced = 0
+
+    writer = start_writer(header_store, record.id, count=20_000, restart_every=3000, step=False)
+    assert writer.stdout is not None
+    stdout = writer.stdout
+
+    def follow() -> None:
+        nonlocal announced
+        for line in stdout:
+            announced = int(line)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    gets = 0
+    try:
+        while follower.is_alive():
+            before = announced
+            got = await header_store.get(record.token_digest, now=t0)
+            assert got is not None
+            assert got.data["i"] >= before
+            gets += 1
+            if gets % 100 == 0:
+                await asyncio.sleep(0)
+    finally:
+        follower.join(timeout=60)
+        assert writer.wait(timeout=60) == 0
+    assert announced == 20_000
+    got = await header_store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"i": 20_000}
