@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,9 +23,16 @@ from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import TABLE
 from tests.stores.records import make_record, start_time
 
+REGION_SIZE = 32768  # of the WAL index, mapped one region at a time
+
 linux_only = pytest.mark.skipif(
     sys.platform != "linux", reason="the header is found through /proc/self/maps (Linux)"
 )
+
+
+def shm_size(store: SQLiteStore) -> int:
+    """Bytes of the WAL index (a stat: no descriptor is opened on the file)."""
+    return os.stat(f"{store.path}-shm").st_size
 
 
 def copies_of(first: bytes, second: bytes) -> ctypes.Array[ctypes.c_char]:
@@ -136,14 +144,16 @@ def test_no_header_for_a_database_not_in_wal_mode(tmp_path: Path) -> None:
 
 # Sets the session's data to {"i": i} for i = 1, 2, ... in one transaction each, through a
 # connection of its own, printing i once the commit returned. In step mode it waits for a
-# line on stdin after each one. Every `restart_every` commits it checkpoints and restarts
-# the WAL (new salts); between restarts the WAL index outgrows its first 32 KiB region.
+# line on stdin after each one. Only every `restart_every` commits does it checkpoint and
+# restart the WAL (new salts): in between, the WAL index outgrows its first 32 KiB region
+# (4,062 frames), and SQLite maps more regions.
 WRITER = """
 import sqlite3, sys
 path, table, session_id, count, restart_every, step = sys.argv[1:7]
 update = "UPDATE " + table + " SET data = ? WHERE id = ?"
 db = sqlite3.connect(path, isolation_level=None, timeout=10)
 db.execute("PRAGMA synchronous = NORMAL")
+db.execute("PRAGMA wal_autocheckpoint = 0")
 for i in range(1, int(count) + 1):
     db.execute(update, ('{"i": %d}' % i, session_id))
     print(i, flush=True)
@@ -190,15 +200,14 @@ async def test_every_commit_of_another_process_is_seen_by_the_next_get(
     header_store: SQLiteStore,
 ) -> None:
     """Commit, then get, in lock step: a get after a commit returned never answers from
-    before it. 6,000 commits make about as many WAL frames, more than the 4,096 the first
-    region of the WAL index holds, and the WAL restarts twice.
+    before it, while the WAL index grows past its first region and after the WAL restarts.
     """
     t0 = start_time()
     record = make_record(now=t0, data={"i": 0})
     await header_store.create(record, max_sessions=10, now=t0)
     assert await header_store.get(record.token_digest, now=t0) == record
 
-    writer = start_writer(header_store, record.id, count=6000, restart_every=2500, step=True)
+    writer = start_writer(header_store, record.id, count=6000, restart_every=5000, step=True)
     assert writer.stdin is not None
     assert writer.stdout is not None
     try:
@@ -212,6 +221,7 @@ async def test_every_commit_of_another_process_is_seen_by_the_next_get(
         writer.stdin.close()
         assert writer.wait(timeout=60) == 0
     assert int(line) == 6000
+    assert shm_size(header_store) > REGION_SIZE
 
 
 async def test_gets_while_another_process_commits_never_go_back(
@@ -225,7 +235,7 @@ async def test_gets_while_another_process_commits_never_go_back(
     await header_store.create(record, max_sessions=10, now=t0)
     announced = 0
 
-    writer = start_writer(header_store, record.id, count=20_000, restart_every=3000, step=False)
+    writer = start_writer(header_store, record.id, count=20_000, restart_every=6000, step=False)
     assert writer.stdout is not None
     stdout = writer.stdout
 
@@ -253,3 +263,111 @@ async def test_gets_while_another_process_commits_never_go_back(
     got = await header_store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data == {"i": 20_000}
+    assert shm_size(header_store) > REGION_SIZE
+
+
+def run_python(code: str, *args: str) -> str:
+    """Run ``code`` in another process (whose descriptors on SQLite's files are its own)."""
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+    )
+    return completed.stdout
+
+
+async def test_the_header_is_the_one_in_the_shm_file(header_store: SQLiteStore) -> None:
+    """The mapping found is SQLite's map of this database's -shm, not some other one.
+    (Read by another process: a descriptor opened and closed here would drop SQLite's locks.)
+    """
+    t0 = start_time()
+    await header_store.create(make_record(now=t0), max_sessions=10, now=t0)
+    assert header_store._wal_index is not None
+
+    in_file = run_python(
+        "import sys; print(open(sys.argv[1] + '-shm', 'rb').read(96).hex())", header_store.path
+    )
+
+    assert header_store._wal_index.version() == bytes.fromhex(in_file)
+
+
+# Rewrites copy [1] of the header (one byte of iChange), as a writer killed between its two
+# copies would leave it.
+TEAR = """
+import mmap, os, sys
+fd = os.open(sys.argv[1] + "-shm", os.O_RDWR)
+shm = mmap.mmap(fd, 4096)
+shm[56] ^= 0x55
+shm.close()
+os.close(fd)
+"""
+
+
+async def test_a_torn_header_is_never_trusted_and_recovery_brings_the_cache_back(
+    header_store: SQLiteStore,
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await header_store.create(record, max_sessions=10, now=t0)
+    assert await header_store.get(record.token_digest, now=t0) == record
+    reader = header_store._reader
+    assert reader is not None
+    statements: list[str] = []
+    reader.set_trace_callback(statements.append)
+
+    run_python(TEAR, header_store.path)
+    # The reader's SELECT finds the copies differ and rebuilds the WAL index (recovery).
+    assert await header_store.get(record.token_digest, now=t0) == record
+    assert any(sql.startswith("SELECT") for sql in statements), statements
+    statements.clear()
+    # Rebuilt, the header is one nothing was cached under: read once more, then cached.
+    assert await header_store.get(record.token_digest, now=t0) == record
+    assert any(sql.startswith("SELECT") for sql in statements), statements
+    statements.clear()
+    assert await header_store.get(record.token_digest, now=t0) == record
+    assert statements == []
+
+
+async def test_a_store_closing_leaves_the_other_store_on_the_file_reading_fresh(
+    tmp_path: Path,
+) -> None:
+    """Both stores' connections share SQLite's one mapping, which stays while any is open."""
+    if sys.platform != "linux":
+        pytest.skip("the header is found through /proc/self/maps (Linux)")
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    path = tmp_path / "sessions.db"
+    async with SQLiteStore(path) as staying:
+        async with SQLiteStore(path) as leaving:
+            await leaving.create(record, max_sessions=10, now=t0)
+            assert await staying.get(record.token_digest, now=t0) == record
+        assert staying._wal_index is not None
+
+        run_python(
+            "import sqlite3, sys; sqlite3.connect(sys.argv[1], isolation_level=None)"
+            ".execute('UPDATE ' + sys.argv[2] + ' SET data = ?', ('{}',))",
+            str(path),
+            TABLE,
+        )
+
+        got = await staying.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {}
+
+
+async def test_another_process_cannot_take_the_file_out_of_wal_mode(
+    header_store: SQLiteStore,
+) -> None:
+    """The header is how every commit shows, for as long as the file stays in WAL mode:
+    leaving it needs every other connection closed, the store's included.
+    """
+    answer = run_python(
+        "import sqlite3, sys\n"
+        "try:\n"
+        "    print(sqlite3.connect(sys.argv[1], timeout=0.2)"
+        ".execute('PRAGMA journal_mode = DELETE').fetchone()[0])\n"
+        "except sqlite3.OperationalError as exc:\n"
+        "    print(exc)",
+        header_store.path,
+    )
+
+    assert answer.strip() == "database is locked"
+    assert header_store._wal_index is not None

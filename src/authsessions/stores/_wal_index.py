@@ -13,13 +13,22 @@ The header is found in SQLite's own mapping of the ``-shm`` file, listed in
 would release SQLite's POSIX locks on it (every descriptor a process closes
 releases the process's locks on the file). The mapping stays in place for as
 long as any connection of this process has the database open.
+
+What this check cannot see, SQLite's own readers cannot see either: a header
+rebuilt by recovery (after a writer died between its two copies) starts from
+zero, so two such recoveries around a commit, each with an empty WAL, can
+bring back bytes seen before. ``PRAGMA data_version`` and SQLite's page cache
+are fooled the same way.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 __all__ = ["WalIndexHeader"]
 
@@ -50,6 +59,10 @@ class WalIndexHeader:
         already read by a connection of this process; ``None`` where it cannot be found
         (no ``/proc``, another SQLite build's layout, the mapping listed twice).
         """
+        try:
+            import ctypes  # some Python builds lack it; data_version works there
+        except ImportError:
+            return None
         shm_path = os.path.realpath(database_path) + "-shm"
         starts = []
         try:
