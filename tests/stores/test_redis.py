@@ -24,6 +24,7 @@ import authsessions.stores.redis
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord, StoreStats
 from authsessions.stores import DataTooLarge, RedisStore, open_store
+from authsessions.stores._redis_scripts import DELETE_EXPIRED
 from tests.stores.records import make_record, make_update, new_digest, start_time
 from tests.tcp_proxy import TcpProxy, refusing_port
 
@@ -161,6 +162,46 @@ async def test_delete_expired_sweeps_indexes_of_sessions_redis_dropped(setup: Se
 
     assert await setup.raw.exists(setup.keys(gone)["index"], setup.keys(expired)["index"]) == 0
     assert sorted(await setup.all_keys()) == sorted(setup.keys(live).values())
+
+
+async def server_calls(raw: Redis | RedisCluster, command: str) -> int:
+    """How often a single server has run ``command`` (INFO commandstats)."""
+    stats = await raw.info("commandstats")
+    calls: int = stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+    return calls
+
+
+async def test_delete_expired_sweeps_many_indexes_per_script_and_goes_on_between_calls(
+    setup: Setup,
+) -> None:
+    """A backlog of one session per user costs a script call per batch of users, not per
+    user, and calls cut short by the limit go on with the same SCAN instead of starting
+    over. (Counted by the server: other clients running scripts meanwhile would blur it.)
+    """
+    if setup.store.is_cluster:
+        pytest.skip("in a cluster every user's index hashes to its own slot: one per script")
+    t0 = start_time()
+    for i in range(30):
+        record = make_record(now=t0, user_id=f"u{i}", ttl=10)
+        await setup.store.create(record, max_sessions=10, now=t0)
+    await setup.raw.script_load(DELETE_EXPIRED)  # a first EVALSHA would fail, then retry
+    pattern = f"{setup.prefix}{{{'?' * 32}}}:u"
+    one_pass, cursor = 0, None
+    while cursor != 0:
+        cursor, _ = await setup.raw.scan(cursor or 0, match=pattern, count=1000)
+        one_pass += 1
+    scripts, scans = (
+        await server_calls(setup.raw, "evalsha"),
+        await server_calls(setup.raw, "scan"),
+    )
+
+    counts = [await setup.store.delete_expired(now=t0 + 10, limit=7) for _ in range(6)]
+
+    assert counts == [7, 7, 7, 7, 2, 0]
+    # One script per call that found something; the sixth call's new pass finds nothing.
+    assert await server_calls(setup.raw, "evalsha") - scripts == 5
+    assert await server_calls(setup.raw, "scan") - scans <= 2 * one_pass
+    assert await setup.all_keys() == []
 
 
 async def test_a_refused_rotation_leaves_no_pointer_behind(setup: Setup) -> None:

@@ -189,23 +189,30 @@ if #h == 0 then return false end
 return record_json(cjson.null, h)
 """
 
-# KEYS: index. ARGV: session key prefix, now, limit. Returns the count removed, then
-# the deleted (id, digest) pairs.
+# KEYS: indexes (of one slot, in a cluster); each index's sessions are under its key with
+# the final "u" replaced by "s:". ARGV: now, limit. Sweeps the indexes in order until
+# `limit` sessions are removed. Returns the count removed, how many indexes were swept to
+# the end, then the deleted (id, digest) pairs.
 DELETE_EXPIRED = """
-local now, limit, removed, doomed = tonumber(ARGV[2]), tonumber(ARGV[3]), 0, {}
-for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if removed >= limit then break end
-  local f = redis.call('HMGET', ARGV[1] .. sid, 'ea', 'td')
-  if not f[1] then
-    redis.call('ZREM', KEYS[1], sid)
-    removed = removed + 1
-  elseif tonumber(f[1]) <= now then
-    doomed[#doomed + 1] = {sid, f[2]}
-    removed = removed + 1
+local now, limit, out = tonumber(ARGV[1]), tonumber(ARGV[2]), {0, 0}
+for _, index in ipairs(KEYS) do
+  local prefix = string.sub(index, 1, -2) .. 's:'
+  for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    if out[1] >= limit then return out end
+    local f = redis.call('HMGET', prefix .. sid, 'ea', 'td')
+    if not f[1] then
+      redis.call('ZREM', index, sid)
+      out[1] = out[1] + 1
+    elseif tonumber(f[1]) <= now then
+      redis.call('DEL', prefix .. sid)
+      redis.call('ZREM', index, sid)
+      out[#out + 1] = sid
+      out[#out + 1] = f[2]
+      out[1] = out[1] + 1
+    end
   end
+  out[2] = out[2] + 1
 end
-local out = forget(KEYS[1], ARGV[1], doomed)
-table.insert(out, 1, removed)
 return out
 """
 

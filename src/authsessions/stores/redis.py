@@ -37,6 +37,7 @@ already dropped as deleted too. The scripts are in ``_redis_scripts.py``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from contextlib import aclosing
@@ -73,6 +74,9 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
 _SCAN_BATCH = 1000
+# User indexes one cleanup script sweeps: enough to spread a round trip over many
+# sessions, few enough that Redis (one thread) serves live requests between calls.
+_SWEEP_BATCH = 100
 
 
 class RedisStore(Store):
@@ -154,6 +158,11 @@ class RedisStore(Store):
         # Where sessions live, learnt from pointers: never changes for a digest or an id.
         self._digest_locations: dict[str, tuple[str, str]] = {}
         self._id_tags: dict[str, str] = {}
+        # delete_expired's pass over the user indexes, kept between calls: each call goes
+        # on where the last one stopped, and a pass ends when its SCAN does.
+        self._sweep: AsyncGenerator[str] | None = None
+        self._sweep_pending: list[str] = []
+        self._sweep_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         where = _redact(self._url) if self._url is not None else "<app client>"
@@ -189,7 +198,7 @@ class RedisStore(Store):
         self._delete = register(lua.DELETE)
         self._delete_for_user = register(lua.LUA_HELPERS + lua.DELETE_FOR_USER)
         self._list = register(lua.RECORD_JSON + lua.LIST)
-        self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
+        self._delete_expired = register(lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
 
@@ -200,6 +209,8 @@ class RedisStore(Store):
         return client
 
     async def _close(self) -> None:
+        async with self._sweep_lock:  # a cleanup call in progress finishes its batch first
+            await self._end_sweep()
         client, self._client = self._client, None
         self._digest_locations.clear()
         self._id_tags.clear()
@@ -360,21 +371,55 @@ class RedisStore(Store):
         return live
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        client = self._require_client()
-        pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:u"
+        """Sweep the user indexes, many per script call, going on from where the previous
+        call stopped; see :meth:`Store.delete_expired`.
+        """
+        self._require_client()
         removed = 0
-        with translate_errors("Redis", *self._errors):
-            scan = cast("AsyncGenerator[str]", client.scan_iter(match=pattern, count=1000))
-            async with aclosing(scan) as indexes:
-                async for index in indexes:
-                    result = await self._delete_expired(
-                        keys=[index], args=[index[:-1] + "s:", now, limit - removed]
-                    )
-                    removed += int(result[0])
-                    await self._drop_pointers(result[1:])
-                    if removed >= limit:
-                        break
+        async with self._sweep_lock:  # one pass at a time: its SCAN is shared
+            try:
+                with translate_errors("Redis", *self._errors):
+                    first = True
+                    while removed < limit:
+                        indexes = await self._next_indexes(may_start_a_pass=first)
+                        first = False
+                        if not indexes:
+                            break  # the pass is over; the next call starts another
+                        result = await self._delete_expired(
+                            keys=indexes, args=[now, limit - removed]
+                        )
+                        removed += int(result[0])
+                        # Indexes the limit cut short come first in the next call.
+                        self._sweep_pending[:0] = indexes[int(result[1]) :]
+                        await self._drop_pointers(result[2:])
+            except BaseException:
+                await self._end_sweep()
+                raise
         return removed
+
+    async def _next_indexes(self, *, may_start_a_pass: bool) -> list[str]:
+        """The next user indexes of the pass, as many as one script may name: in a
+        cluster one (each index hashes to its own slot), else ``_SWEEP_BATCH``. None
+        when the pass is over, unless ``may_start_a_pass``.
+        """
+        wanted = 1 if self._cluster else _SWEEP_BATCH
+        indexes, self._sweep_pending = self._sweep_pending[:wanted], self._sweep_pending[wanted:]
+        if self._sweep is None and not indexes and may_start_a_pass:
+            pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:u"
+            scan = self._require_client().scan_iter(match=pattern, count=_SCAN_BATCH)
+            self._sweep = cast("AsyncGenerator[str]", scan)
+        while self._sweep is not None and len(indexes) < wanted:
+            try:
+                indexes.append(await anext(self._sweep))
+            except StopAsyncIteration:
+                self._sweep = None
+        return indexes
+
+    async def _end_sweep(self) -> None:
+        sweep, self._sweep = self._sweep, None
+        self._sweep_pending = []
+        if sweep is not None:
+            await sweep.aclose()
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts from reading every session: O(sessions) time and memory, for admin use only.
