@@ -74,9 +74,12 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
 _SCAN_BATCH = 1000
-# User indexes one cleanup script sweeps: enough to spread a round trip over many
-# sessions, few enough that Redis (one thread) serves live requests between calls.
-_SWEEP_BATCH = 100
+# User indexes one cleanup script sweeps: enough to spread a round trip over several
+# sessions, few enough that Redis (one thread) serves live requests between calls. Measured
+# on 200,000 expired sessions, one per user, with reads running: 10 gave 19,000 sessions/s
+# with reads at 230 µs (p50), 100 gave 37,000/s with reads at 1.2 ms (one index per call,
+# with the SCAN restarted on each call, had done 1,500/s).
+_SWEEP_BATCH = 10
 
 
 class RedisStore(Store):
