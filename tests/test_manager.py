@@ -147,6 +147,31 @@ async def test_cleanup_expired_reports_each_batch(store: Store) -> None:
     assert batches == [2, 2, 1]
 
 
+class NowRecordingStore(MemoryStore):
+    """A memory store that notes the ``now`` of each ``delete_expired`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nows: list[float] = []
+
+    async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        self.nows.append(now)
+        return await super().delete_expired(now=now, limit=limit)
+
+
+async def test_cleanup_expired_uses_one_now_for_the_whole_run() -> None:
+    """What expires during a run waits for the next one, and a store may go on with one
+    pass over its sessions (RedisStore does) instead of starting over for every batch."""
+    store = NowRecordingStore()
+    for i in range(5):
+        await plant_session(store, f"user{i}", created_ago=100, expires_in=-1)
+
+    assert await SessionManager(store).cleanup_expired(batch_size=2) == 5
+
+    assert len(store.nows) == 3
+    assert len(set(store.nows)) == 1
+
+
 async def test_cleanup_expired_rejects_a_batch_size_below_one() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         await SessionManager(MemoryStore()).cleanup_expired(batch_size=0)

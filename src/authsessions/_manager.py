@@ -74,7 +74,8 @@ class SessionManager:
     async def cleanup_expired(
         self, *, batch_size: int = 1000, on_batch: Callable[[int], None] | None = None
     ) -> int:
-        """Delete expired sessions in batches; returns how many were deleted.
+        """Delete the sessions that had expired when it started, in batches; returns how
+        many were deleted.
 
         Expired sessions are already rejected on every request; this only
         reclaims space. Each batch is its own short operation and the event
@@ -91,9 +92,12 @@ class SessionManager:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size!r}.")
         store = await self._store()
+        # One `now` for the whole run: what expired by the start goes (later expiries wait
+        # for the next run), and a store may go on with one pass over its sessions.
+        now = time.time()
         total = 0
         while True:
-            deleted = await store.delete_expired(now=time.time(), limit=batch_size)
+            deleted = await store.delete_expired(now=now, limit=batch_size)
             total += deleted
             if on_batch is not None:
                 on_batch(deleted)

@@ -908,6 +908,25 @@ async def test_delete_expired_respects_the_limit_and_drains_a_backlog(store: Sto
         assert await store.get(record.token_digest, now=t0 + 20) is not None
 
 
+async def test_delete_expired_at_a_later_now_reaches_every_session_again(store: Store) -> None:
+    """A call cut short by its limit, then a drain at a later time: everything expired by
+    then goes, also where the first call had already looked (it found nothing expired
+    there yet)."""
+    t0 = start_time()
+    for i in range(12):
+        for ttl in (10, 20):
+            record = make_record(now=t0, user_id=f"user{i}", ttl=ttl)
+            await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete_expired(now=t0 + 10, limit=5) == 5
+    drained = [await store.delete_expired(now=t0 + 20, limit=4) for _ in range(6)]
+    again = await store.delete_expired(now=t0 + 20, limit=4)
+
+    assert drained[:5] == [4, 4, 4, 4, 3]
+    assert sum(drained) == 19
+    assert again == 0
+
+
 # -- stats ----------------------------------------------------------------------------
 
 

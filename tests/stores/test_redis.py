@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 import authsessions.stores.redis
-from authsessions import StoreUnavailable
+from authsessions import SessionManager, StoreUnavailable
 from authsessions._records import SessionRecord, StoreStats
 from authsessions.stores import DataTooLarge, RedisStore, open_store
 from authsessions.stores._redis_scripts import DELETE_EXPIRED
@@ -196,6 +196,52 @@ async def test_delete_expired_sweeps_many_indexes_per_script_and_goes_on_between
         # One script per call that found something; the sixth call's new pass finds nothing.
         assert after["evalsha"] - before["evalsha"] == 5
         assert after["scan"] - before["scan"] <= 2 * one_pass
+
+
+async def test_a_damaged_session_in_a_sweep_deletes_nothing_of_its_batch(setup: Setup) -> None:
+    """The script reads before it deletes: an error part-way (a hash whose expiry is not a
+    number) must not leave the pointers of sessions it deleted without telling the store."""
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"u{i}", ttl=10) for i in range(5)]
+    for record in records:
+        await setup.store.create(record, max_sessions=10, now=t0)
+    await setup.raw.hset(setup.keys(records[2])["session"], "ea", "soon")
+    keys_before = sorted(await setup.all_keys())
+
+    with pytest.raises(StoreUnavailable):
+        await setup.store.delete_expired(now=t0 + 10)
+
+    if not setup.store.is_cluster:  # all five users in one script
+        assert sorted(await setup.all_keys()) == keys_before
+    for record in records:  # a session and its pointers go together or not at all
+        keys = setup.keys(record)
+        present = [await setup.raw.exists(keys[name]) for name in ("session", "digest", "id")]
+        assert present in ([0, 0, 0], [1, 1, 1])
+    assert await setup.raw.exists(setup.keys(records[2])["session"])
+
+
+async def test_closing_the_store_during_a_cleanup_ends_it_and_a_reopened_store_finishes(
+    setup: Setup,
+) -> None:
+    # Expired by the clock cleanup_expired reads, still kept by Redis for another 10 s.
+    then = start_time() - 100
+    for i in range(60):
+        record = make_record(now=then, user_id=f"u{i}", ttl=10)
+        await setup.store.create(record, max_sessions=10, now=then)
+    manager = SessionManager(setup.store)
+    cleanup = asyncio.create_task(manager.cleanup_expired(batch_size=5))
+    while setup.store._sweep is None:  # noqa: ASYNC110 - no event to wait for: the pass began
+        await asyncio.sleep(0)
+
+    await setup.store.close()
+
+    with pytest.raises((RuntimeError, StoreUnavailable)):
+        await cleanup
+    assert setup.store._client is None
+    async with setup.store:
+        left = await manager.cleanup_expired()
+    assert 0 < left <= 60  # cut short: what it had not reached is still there
+    assert await setup.all_keys() == []
 
 
 async def test_a_refused_rotation_leaves_no_pointer_behind(setup: Setup) -> None:

@@ -191,27 +191,37 @@ return record_json(cjson.null, h)
 
 # KEYS: indexes (of one slot, in a cluster); each index's sessions are under its key with
 # the final "u" replaced by "s:". ARGV: now, limit. Sweeps the indexes in order until
-# `limit` sessions are removed. Returns the count removed, how many indexes were swept to
-# the end, then the deleted (id, digest) pairs.
+# `limit` sessions are found, then deletes them: reading everything first means an error
+# (a damaged hash) deletes nothing, leaving no pointer of a deleted session to the caller.
+# Returns the count removed, how many indexes were swept to the end, then the deleted
+# (id, digest) pairs.
 DELETE_EXPIRED = """
-local now, limit, out = tonumber(ARGV[1]), tonumber(ARGV[2]), {0, 0}
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local found, swept, gone, doomed = 0, 0, {}, {}
 for _, index in ipairs(KEYS) do
   local prefix = string.sub(index, 1, -2) .. 's:'
+  local cut = false
   for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if out[1] >= limit then return out end
+    if found >= limit then cut = true; break end
     local f = redis.call('HMGET', prefix .. sid, 'ea', 'td')
     if not f[1] then
-      redis.call('ZREM', index, sid)
-      out[1] = out[1] + 1
+      gone[#gone + 1] = {index, sid}
+      found = found + 1
     elseif tonumber(f[1]) <= now then
-      redis.call('DEL', prefix .. sid)
-      redis.call('ZREM', index, sid)
-      out[#out + 1] = sid
-      out[#out + 1] = f[2]
-      out[1] = out[1] + 1
+      doomed[#doomed + 1] = {index, prefix .. sid, sid, f[2]}
+      found = found + 1
     end
   end
-  out[2] = out[2] + 1
+  if cut then break end
+  swept = swept + 1
+end
+local out = {found, swept}
+for _, g in ipairs(gone) do redis.call('ZREM', g[1], g[2]) end
+for _, d in ipairs(doomed) do
+  redis.call('DEL', d[2])
+  redis.call('ZREM', d[1], d[3])
+  out[#out + 1] = d[3]
+  out[#out + 1] = d[4]
 end
 return out
 """

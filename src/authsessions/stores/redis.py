@@ -161,10 +161,11 @@ class RedisStore(Store):
         # Where sessions live, learnt from pointers: never changes for a digest or an id.
         self._digest_locations: dict[str, tuple[str, str]] = {}
         self._id_tags: dict[str, str] = {}
-        # delete_expired's pass over the user indexes, kept between calls: each call goes
-        # on where the last one stopped, and a pass ends when its SCAN does.
+        # delete_expired's pass over the user indexes, kept between calls with the same
+        # `now`: each goes on where the last one stopped, and a pass ends with its SCAN.
         self._sweep: AsyncGenerator[str] | None = None
         self._sweep_pending: list[str] = []
+        self._sweep_now: float | None = None
         self._sweep_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -212,8 +213,7 @@ class RedisStore(Store):
         return client
 
     async def _close(self) -> None:
-        async with self._sweep_lock:  # a cleanup call in progress finishes its batch first
-            await self._end_sweep()
+        self._drop_sweep()  # a cleanup call in progress fails on the closed client
         client, self._client = self._client, None
         self._digest_locations.clear()
         self._id_tags.clear()
@@ -375,11 +375,15 @@ class RedisStore(Store):
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         """Sweep the user indexes, many per script call, going on from where the previous
-        call stopped; see :meth:`Store.delete_expired`.
+        call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
         self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared
+            if now != self._sweep_now:
+                # Indexes swept earlier may hold sessions expired by this `now`: start over.
+                await self._end_sweep()
+                self._sweep_now = now
             try:
                 with translate_errors("Redis", *self._errors):
                     first = True
@@ -419,10 +423,12 @@ class RedisStore(Store):
         return indexes
 
     async def _end_sweep(self) -> None:
-        sweep, self._sweep = self._sweep, None
-        self._sweep_pending = []
-        if sweep is not None:
+        if (sweep := self._drop_sweep()) is not None:
             await sweep.aclose()
+
+    def _drop_sweep(self) -> AsyncGenerator[str] | None:
+        sweep, self._sweep, self._sweep_pending = self._sweep, None, []
+        return sweep
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts from reading every session: O(sessions) time and memory, for admin use only.
