@@ -406,7 +406,7 @@ class RedisStore(Store):
 
     async def _next_indexes(self, *, may_start_a_pass: bool) -> list[str]:
         """The next user indexes of the pass, as many as one script may name: in a
-        cluster one (each index hashes to its own slot), else ``_SWEEP_BATCH``. None
+        cluster one (each index hashes to its own slot), else ``_SWEEP_BATCH``. Empty
         when the pass is over, unless ``may_start_a_pass``.
         """
         wanted = 1 if self._cluster else _SWEEP_BATCH
