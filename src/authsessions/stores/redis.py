@@ -377,21 +377,20 @@ class RedisStore(Store):
         """Sweep the user indexes, many per script call, going on from where the previous
         call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
-        self._require_client()
+        client = self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared
             if now != self._sweep_now:
                 # Indexes swept earlier may hold sessions expired by this `now`: start over.
                 await self._end_sweep()
                 self._sweep_now = now
+            if self._sweep is None and not self._sweep_pending:  # a new pass
+                pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:u"
+                scan = client.scan_iter(match=pattern, count=_SCAN_BATCH)
+                self._sweep = cast("AsyncGenerator[str]", scan)
             try:
                 with translate_errors("Redis", *self._errors):
-                    first = True
-                    while removed < limit:
-                        indexes = await self._next_indexes(may_start_a_pass=first)
-                        first = False
-                        if not indexes:
-                            break  # the pass is over; the next call starts another
+                    while removed < limit and (indexes := await self._next_indexes()):
                         result = await self._delete_expired(
                             keys=indexes, args=[now, limit - removed]
                         )
@@ -404,17 +403,12 @@ class RedisStore(Store):
                 raise
         return removed
 
-    async def _next_indexes(self, *, may_start_a_pass: bool) -> list[str]:
-        """The next user indexes of the pass, as many as one script may name: in a
-        cluster one (each index hashes to its own slot), else ``_SWEEP_BATCH``. Empty
-        when the pass is over, unless ``may_start_a_pass``.
+    async def _next_indexes(self) -> list[str]:
+        """The pass's next user indexes, as many as one script may name: in a cluster one
+        (each index hashes to its own slot), else ``_SWEEP_BATCH``; empty once it is over.
         """
         wanted = 1 if self._cluster else _SWEEP_BATCH
         indexes, self._sweep_pending = self._sweep_pending[:wanted], self._sweep_pending[wanted:]
-        if self._sweep is None and not indexes and may_start_a_pass:
-            pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:u"
-            scan = self._require_client().scan_iter(match=pattern, count=_SCAN_BATCH)
-            self._sweep = cast("AsyncGenerator[str]", scan)
         while self._sweep is not None and len(indexes) < wanted:
             try:
                 indexes.append(await anext(self._sweep))
