@@ -1,6 +1,6 @@
 """Run every benchmark part in one go and report numbers, ratios and targets.
 
-    .venv/bin/python -m benchmarks            # full run (about 16 minutes on 2 cores)
+    .venv/bin/python -m benchmarks            # full run (11 to 16 minutes on 2 cores)
     .venv/bin/python -m benchmarks --quick    # under a minute, smaller sizes
     .venv/bin/python -m benchmarks --parts inprocess,floors
 

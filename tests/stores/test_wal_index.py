@@ -25,9 +25,8 @@ from tests.stores.records import make_record, start_time
 
 REGION_SIZE = 32768  # of the WAL index, mapped one region at a time
 
-linux_only = pytest.mark.skipif(
-    sys.platform != "linux", reason="the header is found through /proc/self/maps (Linux)"
-)
+ON_LINUX_ONLY = "the header is found through /proc/self/maps (Linux)"
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason=ON_LINUX_ONLY)
 
 
 def shm_size(store: SQLiteStore) -> int:
@@ -168,7 +167,7 @@ db.close()
 @pytest.fixture
 async def header_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     if sys.platform != "linux":
-        pytest.skip("the header is found through /proc/self/maps (Linux)")
+        pytest.skip(ON_LINUX_ONLY)
     async with SQLiteStore(tmp_path / "sessions.db") as store:
         assert store._wal_index is not None
         yield store
@@ -326,12 +325,11 @@ async def test_a_torn_header_is_never_trusted_and_recovery_brings_the_cache_back
     assert statements == []
 
 
+@linux_only
 async def test_a_store_closing_leaves_the_other_store_on_the_file_reading_fresh(
     tmp_path: Path,
 ) -> None:
     """Both stores' connections share SQLite's one mapping, which stays while any is open."""
-    if sys.platform != "linux":
-        pytest.skip("the header is found through /proc/self/maps (Linux)")
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     path = tmp_path / "sessions.db"
