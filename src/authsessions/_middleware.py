@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,42 +92,15 @@ class SessionMiddleware:
                 await _send_error(send, exc)
                 return
         scope[SCOPE_KEY] = session
-        response_started = False
-        replaced_by_error = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal response_started, replaced_by_error
-            if replaced_by_error:
-                return  # the app's response was replaced by an error response
-            if message["type"] == "http.response.start":
-                response_started = True
-                if session.is_untouched_anonymous:
-                    await send(message)  # nothing to write, no header to add
-                    return
-                write = session.pending_write(save=message["status"] < 500)
-                if write is not None:
-                    try:
-                        await write
-                    except SessionError as exc:
-                        # Answer here instead of raising into the app: its own error
-                        # handlers would see a started response and send a bare 500.
-                        replaced_by_error = True
-                        message, body = _error_response(exc)
-                        self._add_headers(message, session)
-                        await send(message)
-                        await send(body)
-                        return
-                self._add_headers(message, session)
-            await send(message)
-
+        session_send = _SessionSend(self, session, send)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, session_send)
         except SessionError as exc:
-            if response_started:
+            if session_send.response_started:
                 raise
             start, body = _error_response(exc)
-            await send_wrapper(start)
-            await send_wrapper(body)
+            await session_send(start)
+            await session_send(body)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -240,6 +214,58 @@ class SessionMiddleware:
             await send(message)
 
         await self.app(scope, receive_wrapper, send_wrapper)
+
+
+class _SessionSend:
+    """The ``send`` the app gets: when the response starts, it writes what the session
+    owes and adds the session's headers.
+
+    A plain callable that hands back the server's own awaitable, not a coroutine
+    function: a message with nothing to add costs a call, not a coroutine.
+    """
+
+    __slots__ = ("_middleware", "_send", "_session", "replaced_by_error", "response_started")
+
+    def __init__(self, middleware: SessionMiddleware, session: Session, send: Send) -> None:
+        self._middleware = middleware
+        self._session = session
+        self._send = send
+        self.response_started = False
+        self.replaced_by_error = False
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if self.replaced_by_error:
+            return _nothing()  # the app's response was replaced by an error response
+        if message["type"] != "http.response.start":
+            return self._send(message)
+        self.response_started = True
+        session = self._session
+        if session.is_untouched_anonymous:
+            return self._send(message)  # nothing to write, no header to add
+        write = session.pending_write(save=message["status"] < 500)
+        if write is not None:
+            return self._start_after(write, message)
+        self._middleware._add_headers(message, session)
+        return self._send(message)
+
+    async def _start_after(self, write: Awaitable[None], message: Message) -> None:
+        try:
+            await write
+        except SessionError as exc:
+            # Answer here instead of raising into the app: its own error handlers
+            # would see a started response and send a bare 500.
+            self.replaced_by_error = True
+            message, body = _error_response(exc)
+            self._middleware._add_headers(message, self._session)
+            await self._send(message)
+            await self._send(body)
+            return
+        self._middleware._add_headers(message, self._session)
+        await self._send(message)
+
+
+async def _nothing() -> None:
+    pass
 
 
 def _error_response(exc: SessionError) -> tuple[Message, Message]:

@@ -488,14 +488,22 @@ class Session:
 
     def _pending_update(self, now: float, *, token_digest: str | None = None) -> SessionUpdate:
         assert self._record is not None
-        changes = self._changes or {}
+        changes = self._changes
+        if changes is None:
+            set_keys: dict[str, Any] = {}
+            removed_keys: frozenset[str] = frozenset()
+        elif _REMOVED in changes.values():
+            set_keys = {key: value for key, value in changes.items() if value is not _REMOVED}
+            removed_keys = frozenset(key for key, value in changes.items() if value is _REMOVED)
+        else:
+            set_keys, removed_keys = changes, frozenset()  # the usual case: keys were set
         return SessionUpdate(
-            last_active_at=now,
-            expires_at=self._expiry(created_at=self._record.created_at, now=now),
-            set_keys={key: value for key, value in changes.items() if value is not _REMOVED},
-            removed_keys=frozenset(key for key, value in changes.items() if value is _REMOVED),
-            token_digest=token_digest,
-            max_data_bytes=self._config.max_data_bytes,
+            now,
+            self._expiry(created_at=self._record.created_at, now=now),
+            set_keys,
+            removed_keys,
+            token_digest,
+            self._config.max_data_bytes,
         )
 
     def _forget(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Hashable
 from functools import lru_cache
 from typing import Any, TypeVar, cast
@@ -15,6 +16,8 @@ __all__ = ["plain_json_copy", "read_as"]
 T = TypeVar("T")
 
 _PLAIN_TYPES: frozenset[type] = frozenset({str, int, float, bool, list, dict, type(None)})
+# Exactly these classes, not subclasses: an IntEnum or a str subclass is checked the long way.
+_IMMUTABLE_JSON_TYPES: frozenset[type] = frozenset({str, int, bool, type(None)})
 
 
 def plain_json_copy(value: Any, what: str) -> Any:
@@ -27,6 +30,10 @@ def plain_json_copy(value: Any, what: str) -> Any:
     Raises:
         SessionDataError: naming ``what`` and the reason.
     """
+    if value.__class__ in _IMMUTABLE_JSON_TYPES or (
+        value.__class__ is float and math.isfinite(value)
+    ):
+        return value  # the usual value: nothing to copy, and JSON writes it exactly
     try:
         encoded = dump_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
