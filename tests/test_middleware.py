@@ -217,6 +217,39 @@ async def test_no_store_write_for_unchanged_session_within_touch_interval(
     assert after.expires_at == before.expires_at
 
 
+async def test_a_write_within_touch_interval_keeps_activity_and_expiry(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=60, expires_in=600)
+    before = await only_session(sqlite_store)
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.post("/set", json={"theme": "dark"}, headers=cookie_header(token))
+
+    assert response.status_code == 200
+    assert session_cookie(response) is None
+    after = await only_session(sqlite_store)
+    assert after.data == {"theme": "dark"}
+    assert (after.last_active_at, after.expires_at) == (before.last_active_at, before.expires_at)
+
+
+async def test_a_write_after_touch_interval_also_slides_expiry(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=301, expires_in=60)
+    client = client_factory(app_factory(sqlite_store))
+
+    response = await client.post("/set", json={"theme": "dark"}, headers=cookie_header(token))
+
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.value == token
+    after = await only_session(sqlite_store)
+    assert after.data == {"theme": "dark"}
+    assert after.last_active_at >= approx_now(-5)
+    assert after.expires_at >= approx_now(timedelta(days=30).total_seconds() - 5)
+
+
 async def test_touch_after_interval_resends_cookie_and_slides_expiry(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

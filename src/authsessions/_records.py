@@ -189,10 +189,16 @@ class SessionUpdate:
     ``max_data_bytes``, when not ``None``, caps the :func:`data_size` of the
     data as merged in the store (see :attr:`size_cap`). The other fields,
     when not ``None``, replace the stored column.
+
+    ``last_active_at`` and ``expires_at`` are both given (activity: the
+    expiry slides, and so does the store's own expiry of the session) or both
+    ``None``: a data write within the touch interval, which leaves the times
+    as stored, so that a store need not rewrite its expiry index for it. A
+    new ``token_digest`` always comes with times.
     """
 
-    last_active_at: float
-    expires_at: float
+    last_active_at: float | None
+    expires_at: float | None
     set_keys: Mapping[str, Any] = field(default_factory=dict)
     removed_keys: frozenset[str] = frozenset()
     token_digest: str | None = None

@@ -278,7 +278,7 @@ class Session:
         now = time.time()
         token = new_token()
         digest = token_digest(token)
-        changes = self._pending_update(now, token_digest=digest)
+        changes = self._pending_update(now, moves_expiry=True, token_digest=digest)
         if not await self._update(record, changes, now):
             self._end()
             raise Unauthorized("This session has ended; sign in again.")
@@ -388,7 +388,9 @@ class Session:
         return self._write(record, now, touch_due=touch_due)
 
     async def _write(self, record: SessionRecord, now: float, *, touch_due: bool) -> None:
-        changes = self._pending_update(now)
+        # Within the touch interval a write leaves the times alone, as a read does: the
+        # store then need not rewrite its expiry index.
+        changes = self._pending_update(now, moves_expiry=touch_due)
         self._changes = None
         if not await self._update(record, changes, now):
             # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
@@ -464,8 +466,8 @@ class Session:
             record.fingerprint,
             self._data,
             record.created_at,
-            changes.last_active_at,
-            changes.expires_at,
+            record.last_active_at if changes.last_active_at is None else changes.last_active_at,
+            record.expires_at if changes.expires_at is None else changes.expires_at,
         )
 
     def _require_session(self) -> SessionRecord:
@@ -486,8 +488,11 @@ class Session:
             expires_at = min(expires_at, created_at + self._config.absolute_ttl_seconds)
         return expires_at
 
-    def _pending_update(self, now: float, *, token_digest: str | None = None) -> SessionUpdate:
-        assert self._record is not None
+    def _pending_update(
+        self, now: float, *, moves_expiry: bool, token_digest: str | None = None
+    ) -> SessionUpdate:
+        record = self._record
+        assert record is not None
         changes = self._changes
         if changes is None:
             set_keys: dict[str, Any] = {}
@@ -497,13 +502,16 @@ class Session:
             removed_keys = frozenset(key for key, value in changes.items() if value is _REMOVED)
         else:
             set_keys, removed_keys = changes, frozenset()  # the usual case: keys were set
+        max_bytes = self._config.max_data_bytes
+        if not moves_expiry:
+            return SessionUpdate(None, None, set_keys, removed_keys, token_digest, max_bytes)
         return SessionUpdate(
             now,
-            self._expiry(created_at=self._record.created_at, now=now),
+            self._expiry(created_at=record.created_at, now=now),
             set_keys,
             removed_keys,
             token_digest,
-            self._config.max_data_bytes,
+            max_bytes,
         )
 
     def _forget(self) -> None:

@@ -69,11 +69,14 @@ def make_update(
     removed_keys: frozenset[str] = frozenset(),
     token_digest: str | None = None,
     max_data_bytes: int | None = None,
+    moves_expiry: bool = True,
 ) -> SessionUpdate:
-    """Activity at ``now``: the session's expiry slides to ``now + ttl``."""
+    """Activity at ``now``: the session's expiry slides to ``now + ttl``; without
+    ``moves_expiry``, a write that leaves the times as stored.
+    """
     return SessionUpdate(
-        last_active_at=now,
-        expires_at=now + ttl,
+        last_active_at=now if moves_expiry else None,
+        expires_at=now + ttl if moves_expiry else None,
         set_keys=dict(set_keys) if set_keys is not None else {},
         removed_keys=removed_keys,
         token_digest=token_digest,

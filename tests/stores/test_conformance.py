@@ -418,6 +418,38 @@ async def test_update_moves_activity_and_expiry_only(store: Store) -> None:
     assert await store.get(record.token_digest, now=t0 + 110) is None
 
 
+async def test_update_without_times_changes_the_data_and_keeps_the_times(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 50, set_keys={"b": 2}, moves_expiry=False)
+    assert await store.update(record.id, update, now=t0 + 50)
+
+    want = copy.deepcopy(record)
+    want.data = {"a": 1, "b": 2}
+    assert_same_record(await store.get(record.token_digest, now=t0 + 59), want)
+    (listed,) = await store.list_for_user(record.user_id, now=t0 + 59)
+    assert (listed.last_active_at, listed.expires_at) == (t0, t0 + 60)
+    # The expiry did not slide: the session ends when it would have.
+    assert await store.get(record.token_digest, now=t0 + 60) is None
+
+
+async def test_update_without_times_or_data_only_says_whether_the_session_is_live(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.update(record.id, make_update(now=t0 + 1, moves_expiry=False), now=t0 + 1)
+    assert_same_record(await store.get(record.token_digest, now=t0 + 1), record)
+
+    late = make_update(now=t0 + 60, set_keys={"b": 2}, moves_expiry=False)
+    assert not await store.update(record.id, late, now=t0 + 60)
+    assert_same_record(await store.get(record.token_digest, now=t0 + 59), record)
+
+
 async def test_update_can_shorten_the_expiry(store: Store) -> None:
     t0 = start_time()
     record = make_record(now=t0)

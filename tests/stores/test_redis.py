@@ -96,6 +96,38 @@ async def test_every_key_expires_with_its_session(setup: Setup) -> None:
     assert sorted(await setup.all_keys()) == sorted(keys.values())
 
 
+async def test_a_write_without_times_leaves_every_keys_ttl_alone(setup: Setup) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    keys = setup.keys(record)
+    assert await setup.store.update(record.id, make_update(now=t0, ttl=9), now=t0)
+
+    write = make_update(now=t0 + 1, set_keys={"k": "v"}, moves_expiry=False)
+    assert await setup.store.update(record.id, write, now=t0 + 1)
+
+    # Not slid back to a minute, as an update with times would have.
+    for name in ("session", "digest", "id"):
+        assert 0 < await setup.raw.pttl(keys[name]) <= 9_000, name
+    got = await setup.store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"k": "v"}
+    assert got.expires_at == t0 + 9
+
+
+async def test_a_new_digest_without_times_is_refused_and_changes_nothing(setup: Setup) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60, data={"a": 1})
+    await setup.store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0, token_digest=new_digest(), moves_expiry=False)
+    with pytest.raises(ValueError, match="must carry times"):
+        await setup.store.update(record.id, update, now=t0)
+
+    assert await setup.store.get(record.token_digest, now=t0) == record
+    assert sorted(await setup.all_keys()) == sorted(setup.keys(record).values())
+
+
 async def test_rotation_moves_the_digest_pointer(setup: Setup) -> None:
     t0 = start_time()
     record = make_record(now=t0, ttl=60)

@@ -74,10 +74,11 @@ for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
 return forget(KEYS[2], ARGV[4], doomed)
 """
 
-# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at, new digest or
-# '', key prefix on a single server or '' in a cluster, tag, size cap or '', n, n removed
-# fields, field/value pairs. Returns nil if not live, the size (an integer) if the merged
-# data would exceed the cap (nothing changed), else the digest it had.
+# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (these three
+# '' to keep the times and TTLs as they are), new digest or '', key prefix on a single
+# server or '' in a cluster, tag, size cap or '', n, n removed fields, field/value pairs.
+# Returns nil if not live, the size (an integer) if the merged data would exceed the cap
+# (nothing changed), else the digest it had.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
@@ -102,8 +103,9 @@ if ARGV[9] ~= '' then
 end
 hdel_range(KEYS[1], 11, 10 + n)
 hset_from(KEYS[1], 11 + n)
-redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
+if ARGV[2] == '' then return f[2] end
+redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 extend(KEYS[2], ARGV[2])

@@ -84,8 +84,9 @@ class MemoryStore(Store):
             del self._ids_by_digest[record.token_digest]
             record.token_digest = changes.token_digest
             self._ids_by_digest[record.token_digest] = session_id
-        record.last_active_at = changes.last_active_at
-        record.expires_at = changes.expires_at
+        if changes.last_active_at is not None and changes.expires_at is not None:
+            record.last_active_at = changes.last_active_at
+            record.expires_at = changes.expires_at
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:

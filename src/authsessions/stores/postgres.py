@@ -99,7 +99,10 @@ class _Sql:
 
     @classmethod
     def for_table(cls, t: str) -> _Sql:
-        update = "UPDATE {t} SET last_active_at = $2, expires_at = $3,"
+        # coalesce: an update without times keeps them, which lets PostgreSQL update the
+        # row in place (HOT) when no indexed column changes.
+        update = "UPDATE {t} SET last_active_at = coalesce($2, last_active_at),"
+        update += " expires_at = coalesce($3, expires_at),"
         update += " token_digest = coalesce($4, token_digest){data}"
         update += " WHERE id = $1 AND expires_at > $5"
         merged = "(data - $6::text[]) || $7::text::jsonb"
@@ -128,7 +131,8 @@ class _Sql:
             " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
             " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
             " FROM jsonb_each_text(target.data)) AS size FROM target),"
-            f" patched AS (UPDATE {t} AS s SET last_active_at = $2, expires_at = $3,"
+            f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
+            " expires_at = coalesce($3, s.expires_at),"
             " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
             " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
             " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)",

@@ -302,7 +302,12 @@ class RedisStore(Store):
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         client, new_digest = self._require_client(), changes.token_digest
-        ttl = _ttl_ms(changes.expires_at, now)
+        if changes.expires_at is None:
+            if new_digest is not None:
+                raise ValueError("a SessionUpdate with a new token_digest must carry times")
+            ttl: int | None = None
+        else:
+            ttl = _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
         in_cluster, cap = bool(self._cluster), changes.size_cap
         with translate_errors("Redis", *self._errors):
@@ -313,7 +318,8 @@ class RedisStore(Store):
                 await client.set(self._digest_key(new_digest), f"{tag}:{session_id}", px=ttl)
             old_digest: str | int | None = await self._update(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
-                args=[now, ttl, session_id, changes.last_active_at, changes.expires_at,
+                args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
+                      _or_empty(changes.expires_at),
                       new_digest or "", "" if in_cluster else self.prefix, tag,
                       "" if cap is None else cap, len(removed), *removed,
                       *_data_fields(changes.set_keys)],
@@ -325,7 +331,7 @@ class RedisStore(Store):
                     raise DataTooLarge(old_digest, cap)
                 self._id_tags.pop(session_id, None)
                 return False
-            if in_cluster:
+            if in_cluster and ttl is not None:
                 # The pointers follow the session's new expiry; a rotated-out digest goes.
                 async with client.pipeline(transaction=False) as pipe:
                     pipe.pexpire(self._id_key(session_id), ttl)
@@ -528,6 +534,10 @@ def _put(cache: dict[str, Any], key: str, value: Any) -> None:
 
 def _tag(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()[:_TAG_LENGTH]
+
+
+def _or_empty(value: float | None) -> float | str:
+    return "" if value is None else value
 
 
 def _ttl_ms(expires_at: float, now: float) -> int:

@@ -316,8 +316,13 @@ class SQLiteStore(Store):
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                assignments = ["last_active_at = ?", "expires_at = ?"]
-                params: list[Any] = [changes.last_active_at, changes.expires_at]
+                assignments: list[str] = []
+                params: list[Any] = []
+                if changes.expires_at is not None:
+                    # Left out otherwise: setting expires_at rewrites its index, a third
+                    # of a write's cost.
+                    assignments += ("last_active_at = ?", "expires_at = ?")
+                    params += (changes.last_active_at, changes.expires_at)
                 if changes.token_digest is not None:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
@@ -339,6 +344,8 @@ class SQLiteStore(Store):
                         raise DataTooLarge(len(data_json), cap)  # rolls the transaction back
                     assignments.append("data = ?")
                     params.append(data_json)
+                if not assignments:  # nothing to change: still report whether it is live
+                    assignments.append("last_active_at = last_active_at")
                 cursor = db.execute(
                     f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ? AND expires_at > ?",
                     (*params, session_id, now),
