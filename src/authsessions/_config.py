@@ -29,7 +29,8 @@ class SessionConfig:
     """Hard cap counted from ``created_at``; never extended by activity or ``rotate``."""
 
     touch_interval: timedelta = timedelta(minutes=5)
-    """At most one "last active" write per session per interval."""
+    """At most one "last active" write per session per interval: activity within it,
+    data writes included, leaves ``last_active_at`` and ``expires_at`` as they are."""
 
     max_sessions_per_user: int = 10
     """On login, the least recently active sessions beyond this many are destroyed."""
