@@ -84,22 +84,22 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         # Ours against the bare app behind a middleware making the same lookup (see
         # floors.py): the session layer's whole cost in a request, pool handling included.
         overhead = floor.get("request_overhead_lookup_cpu_us")
+        if overhead is None:
+            overhead = floor["request_overhead_cpu_us"]
+        # The budget is CPU work, so it scales with the machine: the same share of the
+        # bare route's time as 25 µs was of 22 µs.
+        bare_us = floor["cpu_us"]["bare request"]
+        budget = MAX_PYTHON_US * bare_us / REFERENCE_BARE_US
         rows.append(
             (
-                f"{kind}: <= {MAX_PYTHON_US:g} µs of our Python above the raw round trip",
-                (
-                    f"CPU: {fmt_us(overhead)} per request above a middleware making the same "
-                    f"lookup (wall {fmt_us(floor['request_overhead_lookup_us'])}); "
-                    if overhead is not None
-                    else ""
-                )
-                + "above bare + the cheapest raw lookup: "
+                f"{kind}: <= {MAX_PYTHON_US:g} µs of our Python above the raw round trip "
+                f"(where the bare route takes {fmt_us(REFERENCE_BARE_US)})",
+                f"CPU: {fmt_us(overhead)} per request above a middleware making the same "
+                f"lookup, against a budget of {fmt_us(budget)} here (the bare route takes "
+                f"{fmt_us(bare_us)}); above bare + the cheapest raw lookup: "
                 f"{fmt_us(floor['request_overhead_cpu_us'])} "
-                f"(store.get alone {fmt_us(floor['store_overhead_cpu_us'])}); "
-                f"the bare route takes {fmt_us(floor['cpu_us']['bare request'])} here, "
-                f"{fmt_us(REFERENCE_BARE_US)} where the target was set",
-                (overhead if overhead is not None else floor["request_overhead_cpu_us"])
-                <= MAX_PYTHON_US,
+                f"(store.get alone {fmt_us(floor['store_overhead_cpu_us'])})",
+                overhead <= budget,
             )
         )
     endtoend = results.get("endtoend")

@@ -148,8 +148,11 @@ class Store(abc.ABC):
         """Apply ``changes`` to a live session atomically.
 
         Data changes are key-level: keys the update does not name keep their
-        stored values. Returns ``False``, changing nothing, when the session
-        is gone or expired: an update never re-creates a session.
+        stored values. Without times (a data write within the touch
+        interval) the activity time, the expiry and any expiry the store
+        keeps itself (a key's TTL) stay as they are. Returns ``False``,
+        changing nothing, when the session is gone or expired: an update
+        never re-creates a session.
 
         With a :attr:`~SessionUpdate.size_cap` (``max_data_bytes`` on an
         update that sets keys), the store measures the data as merged, with
