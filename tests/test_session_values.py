@@ -8,6 +8,7 @@ leave both the in-memory session and the stored one as they were.
 from __future__ import annotations
 
 import copy
+import enum
 import inspect
 import time
 from collections.abc import Callable
@@ -108,6 +109,22 @@ def _deep(levels: int) -> list[Any]:
 
 
 DEEP = _deep(100_000)  # deeper than json can encode: a RecursionError must not escape
+CYCLIC_LIST: list[Any] = []
+CYCLIC_LIST.append(CYCLIC_LIST)
+CYCLIC_DICT: dict[str, Any] = {}
+CYCLIC_DICT["self"] = CYCLIC_DICT
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Name(str):
+    pass
+
+
+class Ratio(float):
+    pass
 
 
 # -- set ------------------------------------------------------------------------------------
@@ -132,6 +149,9 @@ DEEP = _deep(100_000)  # deeper than json can encode: a RecursionError must not 
         datetime(2024, 1, 1, tzinfo=UTC),
         1 + 2j,
         DEEP,
+        CYCLIC_LIST,
+        {"a": CYCLIC_DICT},
+        Ratio("nan"),
     ],
     ids=[
         "set",
@@ -150,6 +170,9 @@ DEEP = _deep(100_000)  # deeper than json can encode: a RecursionError must not 
         "datetime",
         "complex",
         "too-deep",
+        "list-holding-itself",
+        "dict-holding-itself",
+        "float-subclass-nan",
     ],
 )
 async def test_set_rejects_what_strict_json_cannot_hold_and_changes_nothing(
@@ -195,6 +218,24 @@ async def test_set_accepts_plain_json_and_stores_a_copy(run: Runner, sqlite_stor
     expected = {**value, "l": [1, "two", [3.0], {"four": 4}]}
     assert outcome.data_after == {"value": expected}
     assert await stored_data(sqlite_store) == {"value": expected}
+
+
+async def test_set_stores_subclasses_of_json_scalars_as_the_plain_values(
+    run: Runner, sqlite_store: Store
+) -> None:
+    def action(session: Session) -> None:
+        session.set("level", Level.HIGH)
+        session.set("name", Name("alice"))
+        session.set("ratio", Ratio(0.5))
+
+    outcome = await run(action)
+
+    assert outcome.error is None
+    stored = await stored_data(sqlite_store)
+    assert stored == {"level": 3, "name": "alice", "ratio": 0.5}
+    assert [type(value) for value in stored.values()] == [int, str, float]
+    assert outcome.data_after is not None
+    assert [type(value) for value in outcome.data_after.values()] == [int, str, float]
 
 
 async def test_max_data_bytes_is_enforced_with_a_message_naming_the_limit(
