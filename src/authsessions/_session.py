@@ -501,7 +501,9 @@ class Session:
             set_keys = {key: value for key, value in changes.items() if value is not _REMOVED}
             removed_keys = frozenset(key for key, value in changes.items() if value is _REMOVED)
         else:
-            set_keys, removed_keys = changes, frozenset()  # the usual case: keys were set
+            # The usual case, keys set and none removed. A copy: rotate() keeps its changes
+            # while the store works, and the app may set more meanwhile.
+            set_keys, removed_keys = dict(changes), frozenset()
         max_bytes = self._config.max_data_bytes
         if not moves_expiry:
             return SessionUpdate(None, None, set_keys, removed_keys, token_digest, max_bytes)

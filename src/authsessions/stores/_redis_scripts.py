@@ -74,9 +74,10 @@ for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
 return forget(KEYS[2], ARGV[4], doomed)
 """
 
-# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (these three
-# '' to keep the times and TTLs as they are), new digest or '', key prefix on a single
-# server or '' in a cluster, tag, size cap or '', n, n removed fields, field/value pairs.
+# KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both
+# times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
+# single server or '' in a cluster, tag, size cap or '', n, n removed fields, field/value
+# pairs.
 # Returns nil if not live, the size (an integer) if the merged data would exceed the cap
 # (nothing changed), else the digest it had.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
