@@ -128,6 +128,30 @@ async def test_reopening_is_idempotent_and_keeps_sessions(
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
 
 
+async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_sessions(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A table made by the first release gains the create function and nothing is lost."""
+    t0 = start_time()
+    kept = make_record(now=t0, data={"a": 1})
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(kept, max_sessions=10, now=t0)
+    await admin.execute(f'DROP FUNCTION "{postgres_schema}".authsessions_session_create')
+    await recorded_versions(admin, postgres_schema, set_to=1)
+
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        assert await store.get(kept.token_digest, now=t0) == kept
+        newer = [make_record(now=t0 + i) for i in range(1, 3)]
+        for record in newer:
+            await store.create(record, max_sessions=2, now=record.created_at)
+        assert [r.id for r in await store.list_for_user("alice", now=t0 + 3)] == [
+            newer[1].id,
+            newer[0].id,
+        ]
+
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+
+
 async def test_concurrent_first_opens_by_many_processes_migrate_once(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

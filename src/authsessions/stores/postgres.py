@@ -1,14 +1,15 @@
 """A store in PostgreSQL, shared by every app server, through an asyncpg pool.
 
-Every primitive is one statement, except ``create``, which inserts and
-evicts in one short transaction serialised per user by a transaction-scoped
-advisory lock, so concurrent logins never leave a user above the limit. The
-lock and the insert share a statement; the eviction needs one of its own,
-whose snapshot is taken once the lock is held, so that it sees every session
+Every primitive is one statement, so one round trip. ``create`` calls a
+function that the schema defines beside the table: it takes a
+transaction-scoped advisory lock per user, inserts, then evicts, so
+concurrent logins never leave a user above the limit. The eviction needs a
+snapshot taken once the lock is held, so that it sees every session
 committed by the creators before it (a single statement's snapshot predates
-its wait for the lock). The schema is created on open and versioned in a
-one-row table beside it; an advisory lock makes concurrent opens by many
-processes safe.
+its wait for the lock); a PL/pgSQL function gives each of its statements a
+snapshot of its own, in one round trip where a client-side transaction
+takes four. The schema is created on open and versioned in a one-row table
+beside it; an advisory lock makes concurrent opens by many processes safe.
 
 Times are ``double precision`` UNIX seconds rather than ``timestamptz``: the
 protocol speaks floats, callers choose ``now`` (tests run a clock of their
@@ -55,7 +56,8 @@ _COLUMNS = (
 )
 
 # Each entry upgrades the schema by one version. {table} is the quoted, schema-qualified
-# table; {name} its bare name, for index names (PostgreSQL keeps indexes in its schema).
+# table; {name} its bare name, for index names (PostgreSQL keeps indexes in its schema);
+# {create} the quoted, schema-qualified name of the function that creates a session.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE {table} (
@@ -76,6 +78,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         'CREATE INDEX "{name}_user_id" ON {table} (user_id, last_active_at)',
         'CREATE INDEX "{name}_expires_at" ON {table} (expires_at)',
     ),
+    (
+        """CREATE FUNCTION {create}(
+            p_id text, p_token_digest text, p_user_id text, p_ip_address text,
+            p_user_agent text, p_device_name text, p_device_type text, p_fingerprint text,
+            p_data text, p_created_at double precision, p_last_active_at double precision,
+            p_expires_at double precision, p_lock text, p_now double precision,
+            p_max_sessions integer
+        ) RETURNS void LANGUAGE plpgsql AS $body$
+        BEGIN
+            -- One creator per user at a time; each statement after the lock reads a
+            -- snapshot of its own, so the eviction sees every earlier creator's session.
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_lock, 0));
+            INSERT INTO {table} (id, token_digest, user_id, ip_address, user_agent,
+                device_name, device_type, fingerprint, data, created_at, last_active_at,
+                expires_at)
+            VALUES (p_id, p_token_digest, p_user_id, p_ip_address, p_user_agent,
+                p_device_name, p_device_type, p_fingerprint, p_data::jsonb, p_created_at,
+                p_last_active_at, p_expires_at);
+            DELETE FROM {table} WHERE user_id = p_user_id AND id NOT IN (
+                SELECT id FROM {table} WHERE user_id = p_user_id AND expires_at > p_now
+                ORDER BY last_active_at DESC, created_at DESC LIMIT p_max_sessions);
+        END
+        $body$""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -86,8 +112,7 @@ class _Sql:
 
     get: str
     list_for_user: str
-    insert: str
-    evict: str
+    create: str
     touch: str
     patch: str
     capped_patch: str
@@ -98,7 +123,7 @@ class _Sql:
     stats: str
 
     @classmethod
-    def for_table(cls, t: str) -> _Sql:
+    def for_table(cls, t: str, create: str) -> _Sql:
         # coalesce: an update without times keeps them, which lets PostgreSQL update the
         # row in place (HOT) when no indexed column changes.
         update = "UPDATE {t} SET last_active_at = coalesce($2, last_active_at),"
@@ -110,15 +135,7 @@ class _Sql:
             get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
             list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
             " ORDER BY last_active_at DESC, created_at DESC",
-            # The per-user lock ($13) is taken before the row is produced, so inserted under it.
-            insert=f"INSERT INTO {t} (id, token_digest, user_id, ip_address, user_agent,"
-            " device_name, device_type, fingerprint, data, created_at, last_active_at,"
-            " expires_at) SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::text,"
-            " $7::text, $8::text, $9::text::jsonb, $10::float8, $11::float8, $12::float8"
-            " FROM pg_advisory_xact_lock(hashtextextended($13, 0))",
-            evict=f"DELETE FROM {t} WHERE user_id = $1 AND id NOT IN (SELECT id FROM {t}"
-            " WHERE user_id = $1 AND expires_at > $2"
-            " ORDER BY last_active_at DESC, created_at DESC LIMIT $3)",
+            create=f"SELECT {create}({', '.join(f'${n}' for n in range(1, 16))})",
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
             patch=update.format(t=t, data=f", data = {merged}"),
@@ -229,7 +246,8 @@ class PostgresStore(Store):
         self.command_timeout = command_timeout
         self.acquire_timeout = acquire_timeout
         self._qualified = f'"{schema}"."{table}"'
-        self._sql = _Sql.for_table(self._qualified)
+        self._create_function = f'"{schema}"."{table}_create"'
+        self._sql = _Sql.for_table(self._qualified, self._create_function)
         self._errors: tuple[type[BaseException], ...] = (
             self._asyncpg.PostgresError,
             self._asyncpg.InterfaceError,
@@ -303,7 +321,9 @@ class PostgresStore(Store):
                 )
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    sql = statement.format(table=self._qualified, name=self.table)
+                    sql = statement.format(
+                        table=self._qualified, name=self.table, create=self._create_function
+                    )
                     await conn.execute(sql, timeout=timeout)
             if version < SCHEMA_VERSION:
                 await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
@@ -333,22 +353,16 @@ class PostgresStore(Store):
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
-                async with self._borrow() as conn, conn.transaction():
-                    # One creator per user at a time: the eviction below, a statement (and
-                    # so a snapshot) of its own, then sees every session committed before
-                    # it, so racing logins never exceed the limit.
+                async with self._borrow() as conn:
                     await conn.execute(
-                        sql.insert,
+                        sql.create,
                         record.id, record.token_digest, record.user_id, record.ip_address,
                         record.user_agent, record.device_name, record.device_type,
                         record.fingerprint, _encode_data(record.data), record.created_at,
                         record.last_active_at, record.expires_at,
-                        f"{self._qualified} {record.user_id}",
+                        f"{self._qualified} {record.user_id}", now, max_sessions,
                         timeout=timeout,
                     )  # fmt: skip
-                    await conn.execute(
-                        sql.evict, record.user_id, now, max_sessions, timeout=timeout
-                    )
             except self._asyncpg.UniqueViolationError as exc:  # only the insert can raise it
                 raise CreateError(record.id) from exc
 
