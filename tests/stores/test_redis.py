@@ -13,8 +13,9 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -510,6 +511,41 @@ async def test_an_authenticated_read_is_one_command_once_the_digest_is_known(
 
     one_script = {"evalsha": 1, "get": 0}
     assert spent == [one_script, {"evalsha": 1, "get": 1}, one_script]
+
+
+async def commands_sent(raw: Redis, mentioning: str, action: Awaitable[Any]) -> list[str]:
+    """The commands clients sent (not scripts) that mention ``mentioning``, while
+    ``action`` ran: MONITOR's view, so a pipeline counts each of its commands.
+    """
+    marker = f"end-{secrets.token_hex(4)}"
+    sent = []
+    async with raw.monitor() as monitor:
+        await action
+        await raw.echo(marker)
+        while marker not in (seen := await monitor.next_command())["command"]:
+            if seen["client_type"] != "lua" and mentioning in seen["command"]:
+                sent.append(seen["command"].split()[0].upper())
+    return sent
+
+
+async def test_a_login_on_a_single_server_is_one_command_evictions_included(
+    redis_url: str, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    first, second = make_record(now=t0), make_record(now=t0 + 1)
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        await store.create(first, max_sessions=1, now=t0)  # loads the script
+
+        evicting = store.create(second, max_sessions=1, now=t0 + 1)
+        assert await commands_sent(raw, redis_prefix, evicting) == ["EVALSHA"]
+
+        assert await store.get(first.token_digest, now=t0 + 1) is None
+        assert await store.get(second.token_digest, now=t0 + 1) == second
+        keys = {key async for key in raw.scan_iter(match=redis_prefix + "*")}
+    await raw.aclose()
+    assert {f"{redis_prefix}d:{second.token_digest}", f"{redis_prefix}i:{second.id}"} <= keys
+    assert not any(first.id in key or first.token_digest in key for key in keys)
 
 
 async def test_stats_scan_every_primary_and_never_send_keys(

@@ -47,11 +47,21 @@ end
 """
 
 # KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
-# last_active_at, field/value pairs. Returns nil if the id exists, else the evicted
-# (id, digest) pairs.
+# last_active_at, key prefix on a single server or '' in a cluster, digest, tag,
+# field/value pairs. Returns nil if the id (or, on a single server, either pointer)
+# exists, else the evicted (id, digest) pairs.
 CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-hset_from(KEYS[1], 7)
+local p = ARGV[7]
+if p ~= '' then
+  -- Single server: the pointers (elsewhere in a cluster) are claimed in the same step.
+  local digest_key, id_key = p .. 'd:' .. ARGV[8], p .. 'i:' .. ARGV[5]
+  if redis.call('EXISTS', KEYS[1], digest_key, id_key) > 0 then return false end
+  redis.call('SET', digest_key, ARGV[9] .. ':' .. ARGV[5], 'PX', ARGV[2])
+  redis.call('SET', id_key, ARGV[9], 'PX', ARGV[2])
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
+  return false
+end
+hset_from(KEYS[1], 10)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
 extend(KEYS[2], ARGV[2])
@@ -71,7 +81,11 @@ table.sort(live, function(a, b)
   return a[4] > b[4]
 end)
 for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
-return forget(KEYS[2], ARGV[4], doomed)
+local out = forget(KEYS[2], ARGV[4], doomed)
+if p ~= '' then
+  for i = 1, #out, 2 do redis.call('DEL', p .. 'i:' .. out[i], p .. 'd:' .. out[i + 1]) end
+end
+return out
 """
 
 # KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both

@@ -243,30 +243,46 @@ class RedisStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        client, tag = self._require_client(), _tag(record.user_id)
+        self._require_client()
+        tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
-        pointers = (self._digest_key(record.token_digest), self._id_key(record.id))
+        prefix = self._session_prefix(tag)
+        keys = [prefix + record.id, self._index(tag)]
+        args: list[Any] = [now, ttl, max_sessions, prefix, record.id, record.last_active_at]
         with translate_errors("Redis", *self._errors):
-            # Claiming both pointers first makes a colliding digest or id fail before
-            # anything of the user's changes.
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.set(pointers[0], f"{tag}:{record.id}", nx=True, px=ttl)
-                pipe.set(pointers[1], tag, nx=True, px=ttl)
-                claimed = await pipe.execute()
-            if not all(claimed):
-                await self._unlink(key for key, ok in zip(pointers, claimed, strict=True) if ok)
-                raise CreateError(record.id)
-            prefix = self._session_prefix(tag)
-            evicted = await self._create(
-                keys=[prefix + record.id, self._index(tag)],
-                args=[now, ttl, max_sessions, prefix, record.id, record.last_active_at,
-                      *_fields(record)],
-            )  # fmt: skip
-            if evicted is None:
-                await self._unlink(pointers)
-                raise CreateError(record.id)
-            await self._drop_pointers(evicted)
+            if not self._cluster:
+                # One script claims the pointers, creates, evicts and drops the evicted
+                # sessions' pointers: one round trip.
+                evicted = await self._create(
+                    keys=keys,
+                    args=[*args, self.prefix, record.token_digest, tag, *_fields(record)],
+                )
+                if evicted is None:
+                    raise CreateError(record.id)
+                self._forget_pointers(evicted)
+            else:
+                await self._create_in_cluster(record, tag, ttl, keys, args)
         self._remember(record.token_digest, tag, record.id)
+
+    async def _create_in_cluster(
+        self, record: SessionRecord, tag: str, ttl: int, keys: list[str], args: list[Any]
+    ) -> None:
+        client = self._require_client()
+        pointers = (self._digest_key(record.token_digest), self._id_key(record.id))
+        # Claiming both pointers first makes a colliding digest or id fail before
+        # anything of the user's changes.
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set(pointers[0], f"{tag}:{record.id}", nx=True, px=ttl)
+            pipe.set(pointers[1], tag, nx=True, px=ttl)
+            claimed = await pipe.execute()
+        if not all(claimed):
+            await self._unlink(key for key, ok in zip(pointers, claimed, strict=True) if ok)
+            raise CreateError(record.id)
+        evicted = await self._create(keys=keys, args=[*args, "", "", "", *_fields(record)])
+        if evicted is None:
+            await self._unlink(pointers)
+            raise CreateError(record.id)
+        await self._drop_pointers(evicted)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
@@ -496,11 +512,17 @@ class RedisStore(Store):
     async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
         """Remove the pointers of deleted sessions (a flat list of id, digest, id, ...)."""
         keys = []
-        for session_id, digest in zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True):
+        for session_id, digest in self._forget_pointers(id_digest_pairs):
             keys += [self._id_key(session_id), self._digest_key(digest)]
+        await self._unlink(keys)
+
+    def _forget_pointers(self, id_digest_pairs: list[str]) -> list[tuple[str, str]]:
+        """Forget where deleted sessions lived; their (id, digest) pairs."""
+        pairs = list(zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True))
+        for session_id, digest in pairs:
             self._id_tags.pop(session_id, None)
             self._digest_locations.pop(digest, None)
-        await self._unlink(keys)
+        return pairs
 
     async def _unlink(self, keys: Iterable[str]) -> None:
         if keys := list(keys):
