@@ -18,7 +18,8 @@ slots of their own, lead from a digest or an id to the user's slot. They
 are hints: each read checks the record's own digest, expiry and owner, so a
 stale pointer finds nothing. Pointers are written before the script that
 makes them true and removed after the one that makes them false (on a
-single server, ``update`` moves them inside its own script).
+single server, ``create`` and ``update`` move them inside their own scripts,
+so a login is one round trip).
 
 ``get`` is one round trip: on a single server, one script follows the
 pointer to the record; in a cluster the record may sit on another node, so
