@@ -548,6 +548,32 @@ async def test_a_login_on_a_single_server_is_one_command_evictions_included(
     assert not any(first.id in key or first.token_digest in key for key in keys)
 
 
+async def test_logouts_on_a_single_server_are_one_command_each(
+    redis_url: str, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    records = [make_record(now=t0 + i) for i in range(4)]
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=record.created_at)
+        # Load both scripts: after a flush, a script's first EVALSHA fails and is sent again.
+        await store.delete(records[0].id)
+        await store.delete_for_user("nobody")
+
+        one = store.delete(records[1].id)
+        assert await commands_sent(raw, redis_prefix, one) == ["EVALSHA"]
+        others = store.delete_for_user("alice", except_id=records[3].id)
+        assert await commands_sent(raw, redis_prefix, others) == ["EVALSHA"]
+
+        keys = {key async for key in raw.scan_iter(match=redis_prefix + "*")}
+    await raw.aclose()
+    assert {key for key in keys if ":d:" in key or ":i:" in key} == {
+        f"{redis_prefix}d:{records[3].token_digest}",
+        f"{redis_prefix}i:{records[3].id}",
+    }
+
+
 async def test_stats_scan_every_primary_and_never_send_keys(
     redis_cluster_url: str, raw_cluster: RedisCluster
 ) -> None:

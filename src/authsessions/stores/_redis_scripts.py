@@ -34,11 +34,14 @@ end
 local function extend(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end
-local function forget(index, prefix, doomed)
+-- Deletes the doomed (id, digest) sessions, and on a single server (a key prefix in
+-- pointers, '' in a cluster) their pointers; returns them as a flat list.
+local function forget(index, prefix, doomed, pointers)
   local out = {}
   for _, d in ipairs(doomed) do
     redis.call('DEL', prefix .. d[1])
     redis.call('ZREM', index, d[1])
+    if pointers ~= '' then redis.call('DEL', pointers .. 'i:' .. d[1], pointers .. 'd:' .. d[2]) end
     out[#out + 1] = d[1]
     out[#out + 1] = d[2]
   end
@@ -81,11 +84,7 @@ table.sort(live, function(a, b)
   return a[4] > b[4]
 end)
 for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
-local out = forget(KEYS[2], ARGV[4], doomed)
-if p ~= '' then
-  for i = 1, #out, 2 do redis.call('DEL', p .. 'i:' .. out[i], p .. 'd:' .. out[i + 1]) end
-end
-return out
+return forget(KEYS[2], ARGV[4], doomed, p)
 """
 
 # KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both
@@ -138,17 +137,20 @@ end
 return f[2]
 """
 
-# KEYS: session, index. ARGV: id, '1' to require the owner, owner. Returns the digest.
+# KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
+# single server (the pointers go too) or '' in a cluster. Returns the digest.
 DELETE = """
 local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[4] ~= '' then redis.call('DEL', ARGV[4] .. 'i:' .. ARGV[1], ARGV[4] .. 'd:' .. f[2]) end
 return f[2]
 """
 
-# KEYS: index. ARGV: session key prefix, id to keep. Returns the deleted (id, digest) pairs.
+# KEYS: index. ARGV: session key prefix, id to keep, key prefix on a single server (the
+# pointers go too) or '' in a cluster. Returns the deleted (id, digest) pairs.
 DELETE_FOR_USER = """
 local doomed = {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -157,7 +159,7 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if td then doomed[#doomed + 1] = {sid, td} else redis.call('ZREM', KEYS[1], sid) end
   end
 end
-return forget(KEYS[1], ARGV[1], doomed)
+return forget(KEYS[1], ARGV[1], doomed, ARGV[3])
 """
 
 # A session travels as one JSON text, decoded once by the caller: redis-py parses a reply
@@ -207,7 +209,8 @@ return record_json(cjson.null, h)
 """
 
 # KEYS: indexes (of one slot, in a cluster); each index's sessions are under its key with
-# the final "u" replaced by "s:". ARGV: now, limit. Sweeps the indexes in order until
+# the final "u" replaced by "s:". ARGV: now, limit, key prefix on a single server (the
+# deleted sessions' pointers go too) or '' in a cluster. Sweeps the indexes in order until
 # `limit` sessions are found, then deletes them: reading everything first means an error
 # (a damaged hash) deletes nothing, leaving no pointer of a deleted session to the caller.
 # Returns the count removed, how many indexes were swept to the end, then the deleted
@@ -237,6 +240,7 @@ for _, g in ipairs(gone) do redis.call('ZREM', g[1], g[2]) end
 for _, d in ipairs(doomed) do
   redis.call('DEL', d[2])
   redis.call('ZREM', d[1], d[3])
+  if ARGV[3] ~= '' then redis.call('DEL', ARGV[3] .. 'i:' .. d[3], ARGV[3] .. 'd:' .. d[4]) end
   out[#out + 1] = d[3]
   out[#out + 1] = d[4]
 end

@@ -260,7 +260,7 @@ class RedisStore(Store):
                 )
                 if evicted is None:
                     raise CreateError(record.id)
-                self._forget_pointers(evicted)
+                await self._drop_pointers(evicted)
             else:
                 await self._create_in_cluster(record, tag, ttl, keys, args)
         self._remember(record.token_digest, tag, record.id)
@@ -369,8 +369,9 @@ class RedisStore(Store):
                 return False
             digest = await self._delete(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
-                args=[session_id, "0" if user_id is None else "1", user_id or ""],
-            )
+                args=[session_id, "0" if user_id is None else "1", user_id or "",
+                      self._pointer_prefix],
+            )  # fmt: skip
             if digest is None:
                 return False
             await self._drop_pointers([session_id, digest])
@@ -381,7 +382,8 @@ class RedisStore(Store):
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
             deleted = await self._delete_for_user(
-                keys=[self._index(tag)], args=[self._session_prefix(tag), except_id or ""]
+                keys=[self._index(tag)],
+                args=[self._session_prefix(tag), except_id or "", self._pointer_prefix],
             )
             await self._drop_pointers(deleted)
         return len(deleted) // 2
@@ -415,7 +417,7 @@ class RedisStore(Store):
                 with translate_errors("Redis", *self._errors):
                     while removed < limit and (indexes := await self._next_indexes()):
                         result = await self._delete_expired(
-                            keys=indexes, args=[now, limit - removed]
+                            keys=indexes, args=[now, limit - removed, self._pointer_prefix]
                         )
                         removed += int(result[0])
                         # Indexes the limit cut short come first in the next call.
@@ -510,20 +512,24 @@ class RedisStore(Store):
         _put(self._digest_locations, digest, (tag, session_id))
         _put(self._id_tags, session_id, tag)
 
-    async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
-        """Remove the pointers of deleted sessions (a flat list of id, digest, id, ...)."""
-        keys = []
-        for session_id, digest in self._forget_pointers(id_digest_pairs):
-            keys += [self._id_key(session_id), self._digest_key(digest)]
-        await self._unlink(keys)
+    @property
+    def _pointer_prefix(self) -> str:
+        """For the scripts: the key prefix on a single server, where they change the
+        pointers themselves; ``""`` in a cluster, where the pointers live on other nodes.
+        """
+        return "" if self._cluster else self.prefix
 
-    def _forget_pointers(self, id_digest_pairs: list[str]) -> list[tuple[str, str]]:
-        """Forget where deleted sessions lived; their (id, digest) pairs."""
-        pairs = list(zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True))
-        for session_id, digest in pairs:
+    async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
+        """Forget the pointers of deleted sessions (a flat list of id, digest, id, ...),
+        and remove them in a cluster (a single server's scripts removed them already).
+        """
+        keys = []
+        for session_id, digest in zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True):
+            keys += [self._id_key(session_id), self._digest_key(digest)]
             self._id_tags.pop(session_id, None)
             self._digest_locations.pop(digest, None)
-        return pairs
+        if self._cluster:
+            await self._unlink(keys)
 
     async def _unlink(self, keys: Iterable[str]) -> None:
         if keys := list(keys):
