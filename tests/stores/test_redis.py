@@ -231,6 +231,29 @@ async def test_delete_expired_sweeps_many_indexes_per_script_and_goes_on_between
         assert after["scan"] - before["scan"] <= 2 * one_pass
 
 
+async def test_an_index_named_twice_in_a_sweep_counts_its_sessions_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """SCAN may return a key twice, so one script's batch can name an index twice."""
+    t0 = start_time()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    records = [make_record(now=t0 + i, ttl=10) for i in range(3)]
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=record.created_at)
+        index = f"{redis_prefix}{{{hashlib.sha256(b'alice').hexdigest()[:32]}}}:u"
+        assert await raw.zcard(index) == 3
+
+        found, swept, *pairs = await raw.eval(
+            DELETE_EXPIRED, 2, index, index, t0 + 20, 100, redis_prefix
+        )
+
+        assert (found, swept) == (3, 2)
+        assert sorted(pairs[::2]) == sorted(record.id for record in records)
+        assert [key async for key in raw.scan_iter(match=redis_prefix + "*")] == []
+    await raw.aclose()
+
+
 async def test_a_damaged_session_in_a_sweep_deletes_nothing_of_its_batch(setup: Setup) -> None:
     """The script reads before it deletes: an error part-way (a hash whose expiry is not a
     number) must not leave the pointers of sessions it deleted without telling the store."""

@@ -217,22 +217,26 @@ return record_json(cjson.null, h)
 # (id, digest) pairs.
 DELETE_EXPIRED = """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-local found, swept, gone, doomed = 0, 0, {}, {}
+local found, swept, gone, doomed, seen = 0, 0, {}, {}, {}
 for _, index in ipairs(KEYS) do
-  local prefix = string.sub(index, 1, -2) .. 's:'
-  local cut = false
-  for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if found >= limit then cut = true; break end
-    local f = redis.call('HMGET', prefix .. sid, 'ea', 'td')
-    if not f[1] then
-      gone[#gone + 1] = {index, sid}
-      found = found + 1
-    elseif tonumber(f[1]) <= now then
-      doomed[#doomed + 1] = {index, prefix .. sid, sid, f[2]}
-      found = found + 1
+  -- SCAN may hand out an index twice: read it once, or its sessions would count twice.
+  if not seen[index] then
+    seen[index] = true
+    local prefix = string.sub(index, 1, -2) .. 's:'
+    local cut = false
+    for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+      if found >= limit then cut = true; break end
+      local f = redis.call('HMGET', prefix .. sid, 'ea', 'td')
+      if not f[1] then
+        gone[#gone + 1] = {index, sid}
+        found = found + 1
+      elseif tonumber(f[1]) <= now then
+        doomed[#doomed + 1] = {index, prefix .. sid, sid, f[2]}
+        found = found + 1
+      end
     end
+    if cut then break end
   end
-  if cut then break end
   swept = swept + 1
 end
 local out = {found, swept}
