@@ -337,7 +337,7 @@ class RedisStore(Store):
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
                       _or_empty(changes.expires_at),
-                      new_digest or "", "" if in_cluster else self.prefix, tag,
+                      new_digest or "", self._pointer_prefix, tag,
                       "" if cap is None else cap, len(removed), *removed,
                       *_data_fields(changes.set_keys)],
             )  # fmt: skip
