@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from authsessions import StoreUnavailable
+from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, open_store
 from authsessions.stores.postgres import SCHEMA_VERSION
 from tests.stores.records import make_record, make_update, start_time, typed
@@ -113,17 +114,21 @@ async def test_open_creates_the_schema_and_records_its_version(
     assert "(expires_at)" in definitions
 
 
+async def session_stored_by_a_closed_store(postgres_url: str, schema: str) -> SessionRecord:
+    record = make_record(now=start_time(), data={"a": 1})
+    async with PostgresStore(postgres_url, schema=schema) as store:
+        await store.create(record, max_sessions=10, now=record.created_at)
+    return record
+
+
 async def test_reopening_is_idempotent_and_keeps_sessions(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
-    t0 = start_time()
-    record = make_record(now=t0, data={"a": 1})
-    async with PostgresStore(postgres_url, schema=postgres_schema) as first:
-        await first.create(record, max_sessions=10, now=t0)
+    record = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
 
     for _ in range(2):
         async with PostgresStore(postgres_url, schema=postgres_schema) as again:
-            assert await again.get(record.token_digest, now=t0) == record
+            assert await again.get(record.token_digest, now=record.created_at) == record
 
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
 
@@ -132,10 +137,8 @@ async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_session
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     """A table made by the first release gains the create function and nothing is lost."""
-    t0 = start_time()
-    kept = make_record(now=t0, data={"a": 1})
-    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
-        await store.create(kept, max_sessions=10, now=t0)
+    kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
+    t0 = kept.created_at
     await admin.execute(f'DROP FUNCTION "{postgres_schema}".authsessions_session_create')
     await recorded_versions(admin, postgres_schema, set_to=1)
 
