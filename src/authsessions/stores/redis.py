@@ -17,9 +17,9 @@ digest says nothing about its user, so the two pointer keys, hashed to
 slots of their own, lead from a digest or an id to the user's slot. They
 are hints: each read checks the record's own digest, expiry and owner, so a
 stale pointer finds nothing. Pointers are written before the script that
-makes them true and removed after the one that makes them false (on a
-single server, ``create`` and ``update`` move them inside their own scripts,
-so a login is one round trip).
+makes them true and removed after the one that makes them false. On a
+single server the scripts write and remove them themselves, so a login, an
+update and a logout are one round trip each.
 
 ``get`` is one round trip: on a single server, one script follows the
 pointer to the record; in a cluster the record may sit on another node, so
@@ -249,41 +249,32 @@ class RedisStore(Store):
         ttl = _ttl_ms(record.expires_at, now)
         prefix = self._session_prefix(tag)
         keys = [prefix + record.id, self._index(tag)]
-        args: list[Any] = [now, ttl, max_sessions, prefix, record.id, record.last_active_at]
+        args = [now, ttl, max_sessions, prefix, record.id, record.last_active_at,
+                self._pointer_prefix, record.token_digest, tag, *_fields(record)]  # fmt: skip
         with translate_errors("Redis", *self._errors):
-            if not self._cluster:
-                # One script claims the pointers, creates, evicts and drops the evicted
-                # sessions' pointers: one round trip.
-                evicted = await self._create(
-                    keys=keys,
-                    args=[*args, self.prefix, record.token_digest, tag, *_fields(record)],
-                )
-                if evicted is None:
-                    raise CreateError(record.id)
-                await self._drop_pointers(evicted)
-            else:
-                await self._create_in_cluster(record, tag, ttl, keys, args)
+            # On a single server the script claims the pointers itself: one round trip.
+            pointers = await self._claim_pointers(record, tag, ttl) if self._cluster else ()
+            evicted = await self._create(keys=keys, args=args)
+            if evicted is None:
+                await self._unlink(pointers)
+                raise CreateError(record.id)
+            await self._drop_pointers(evicted)
         self._remember(record.token_digest, tag, record.id)
 
-    async def _create_in_cluster(
-        self, record: SessionRecord, tag: str, ttl: int, keys: list[str], args: list[Any]
-    ) -> None:
-        client = self._require_client()
+    async def _claim_pointers(self, record: SessionRecord, tag: str, ttl: int) -> tuple[str, str]:
+        """In a cluster, where they live on other nodes: the new session's two pointers,
+        claimed before its script runs, so that a colliding digest or id fails before
+        anything of the user's changes.
+        """
         pointers = (self._digest_key(record.token_digest), self._id_key(record.id))
-        # Claiming both pointers first makes a colliding digest or id fail before
-        # anything of the user's changes.
-        async with client.pipeline(transaction=False) as pipe:
+        async with self._require_client().pipeline(transaction=False) as pipe:
             pipe.set(pointers[0], f"{tag}:{record.id}", nx=True, px=ttl)
             pipe.set(pointers[1], tag, nx=True, px=ttl)
             claimed = await pipe.execute()
         if not all(claimed):
             await self._unlink(key for key, ok in zip(pointers, claimed, strict=True) if ok)
             raise CreateError(record.id)
-        evicted = await self._create(keys=keys, args=[*args, "", "", "", *_fields(record)])
-        if evicted is None:
-            await self._unlink(pointers)
-            raise CreateError(record.id)
-        await self._drop_pointers(evicted)
+        return pointers
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
