@@ -504,16 +504,17 @@ class Session:
             # The usual case, keys set and none removed. A copy: rotate() keeps its changes
             # while the store works, and the app may set more meanwhile.
             set_keys, removed_keys = dict(changes), frozenset()
-        max_bytes = self._config.max_data_bytes
-        if not moves_expiry:
-            return SessionUpdate(None, None, set_keys, removed_keys, token_digest, max_bytes)
+        last_active_at: float | None = None
+        expires_at: float | None = None
+        if moves_expiry:
+            last_active_at, expires_at = now, self._expiry(created_at=record.created_at, now=now)
         return SessionUpdate(
-            now,
-            self._expiry(created_at=record.created_at, now=now),
+            last_active_at,
+            expires_at,
             set_keys,
             removed_keys,
             token_digest,
-            max_bytes,
+            self._config.max_data_bytes,
         )
 
     def _forget(self) -> None:
