@@ -14,6 +14,7 @@ from authsessions._client import device_of
 from authsessions._config import SessionConfig
 from authsessions._cookies import MALFORMED, SessionCookie
 from authsessions._errors import SessionError, StoreUnavailable
+from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
 from authsessions.stores._base import Store
@@ -82,15 +83,25 @@ class SessionMiddleware:
             return
         # Every request pays for this path: keep it flat and free of needless awaits.
         token = self._cookie.read(scope)
-        if token is None and self.store.is_open:
-            session = self._anonymous(scope)
-        else:
-            try:
+        store = self.store
+        try:
+            if token and store.is_open:
+                # The usual authenticated request, written out here: a coroutine of our own
+                # around the store's read would cost every such request.
+                now = time.time()
+                digest = token_digest(token)
+                record = await store.get(digest, now=now)
+                session = self._checked(scope, token, digest, record, now)
+                if session is None:
+                    session = await self._end_replayed(scope, record)
+            elif token is None and store.is_open:
+                session = self._anonymous(scope)
+            else:
                 session = await self._load(scope, token)
-            except StoreUnavailable as exc:
-                # Fail closed, and keep the cookie: the session may be fine once the store is back.
-                await _send_error(send, exc)
-                return
+        except StoreUnavailable as exc:
+            # Fail closed, and keep the cookie: the session may be fine once the store is back.
+            await _send_error(send, exc)
+            return
         scope[SCOPE_KEY] = session
         session_send = _SessionSend(self, session, send)
         try:
@@ -127,42 +138,62 @@ class SessionMiddleware:
             await store.open()
         if token is None:
             return self._anonymous(scope)
-        if token != MALFORMED:
-            config = self.config
-            digest = token_digest(token)
-            now = time.time()
-            record = await store.get(digest, now=now)
-            # The checks are written out here, not called: every authenticated request runs them.
-            if (
-                record is not None
-                # The store found the row by this digest; comparing again in constant time
-                # guards against a store that matches loosely (collation, prefix index).
-                and hmac.compare_digest(record.token_digest, digest)
-                # absolute_ttl may have been shortened since this session was created.
-                and (
-                    config.absolute_ttl_seconds is None
-                    or record.created_at + config.absolute_ttl_seconds > now
-                )
-            ):
-                if not config.validate_fingerprint or (
-                    device_of(scope).fingerprint == record.fingerprint
-                ):
-                    return Session(store, config, scope, record, token, "keep")
-                # A cookie replayed from another kind of client: end the session for good.
-                logger.warning("session %s used by a different client; ending it", record.id)
-                await store.delete(record.id)
-        return Session(store, self.config, scope, None, None, "clear")
+        if token == MALFORMED:
+            return self._cleared(scope)
+        now = time.time()
+        digest = token_digest(token)
+        record = await store.get(digest, now=now)
+        session = self._checked(scope, token, digest, record, now)
+        return session if session is not None else await self._end_replayed(scope, record)
+
+    def _checked(
+        self, scope: Scope, token: str, digest: str, record: SessionRecord | None, now: float
+    ) -> Session | None:
+        """The session of ``record`` (what the store found for ``digest``) when it is valid
+        for this request; a session that clears the cookie when it is not; ``None`` when
+        another kind of client replays the cookie (see :meth:`_end_replayed`).
+        """
+        config = self.config
+        # The checks are written out here, not called: every authenticated request runs them.
+        if (
+            record is None
+            # The store found the row by this digest; comparing again in constant time
+            # guards against a store that matches loosely (collation, prefix index).
+            or not hmac.compare_digest(record.token_digest, digest)
+            # absolute_ttl may have been shortened since this session was created.
+            or (
+                config.absolute_ttl_seconds is not None
+                and record.created_at + config.absolute_ttl_seconds <= now
+            )
+        ):
+            return self._cleared(scope)
+        if config.validate_fingerprint and device_of(scope).fingerprint != record.fingerprint:
+            return None
+        return Session(self.store, config, scope, record, token, "keep")
+
+    async def _end_replayed(self, scope: Scope, record: SessionRecord | None) -> Session:
+        """A cookie replayed from another kind of client: end its session for good."""
+        assert record is not None
+        logger.warning("session %s used by a different client; ending it", record.id)
+        await self.store.delete(record.id)
+        return self._cleared(scope)
 
     def _anonymous(self, scope: Scope) -> Session:
         return Session(self.store, self.config, scope, None, None, "keep")
 
+    def _cleared(self, scope: Scope) -> Session:
+        """Anonymous, and the response clears the cookie the request carried."""
+        return Session(self.store, self.config, scope, None, None, "clear")
+
     def _add_headers(self, message: Message, session: Session) -> None:
-        change = session.cookie_change
-        if change == "keep" and session.user_id is None:
+        # The session's state is read directly, not through properties: every response
+        # with a session comes here.
+        change = session._cookie_change
+        if change == "keep" and session._record is None:
             return
-        headers = message.setdefault("headers", [])
+        headers = message.get("headers")
         if not isinstance(headers, list):
-            headers = message["headers"] = list(headers)
+            headers = message["headers"] = list(headers or ())
         if change != "keep":
             cookie = session.cookie_token() if change == "set" else None
             headers.append(
@@ -240,7 +271,7 @@ class _SessionSend:
             return self._send(message)
         self.response_started = True
         session = self._session
-        if session.is_untouched_anonymous:
+        if session._record is None and session._cookie_change == "keep":
             return self._send(message)  # nothing to write, no header to add
         write = session.pending_write(save=message["status"] < 500)
         if write is not None:

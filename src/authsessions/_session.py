@@ -79,11 +79,8 @@ class Session:
         self._config = config
         # Not the scope itself: it holds this session, and that cycle would leave every
         # request's scope and session to the garbage collector instead of freeing them.
-        self._connection: Scope = {
-            "type": scope["type"],
-            "headers": scope["headers"],
-            "client": scope.get("client"),
-        }
+        # A tuple, not a dict: only a login reads it, and every request builds it.
+        self._connection = (scope["type"], scope["headers"], scope.get("client"))
         # The record may be shared with other requests (a store's cache), so it is never
         # changed here: changes replace it, and the data is copied before a key changes.
         self._record = record
@@ -231,9 +228,11 @@ class Session:
         self._cookie_change = "clear"
         now = time.time()
         config = self._config
-        device = device_of(self._connection)
-        ip_address = client_ip(self._connection, config.trusted_networks)
-        user_agent = user_agent_of(self._connection) or None
+        kind, headers, client = self._connection
+        connection: Scope = {"type": kind, "headers": headers, "client": client}
+        device = device_of(connection)
+        ip_address = client_ip(connection, config.trusted_networks)
+        user_agent = user_agent_of(connection) or None
         for _attempt in range(3):
             token = new_token()
             record = SessionRecord(
@@ -353,15 +352,6 @@ class Session:
 
     # -- for the middleware ----------------------------------------------------------
 
-    @property
-    def cookie_change(self) -> CookieChange:
-        return self._cookie_change
-
-    @property
-    def is_untouched_anonymous(self) -> bool:
-        """No session and no cookie to send: the response needs nothing from us."""
-        return self._record is None and self._cookie_change == "keep"
-
     def cookie_token(self) -> tuple[str, int] | None:
         """The token to send and its Max-Age, when the cookie must be set."""
         if self._cookie_change != "set" or self._record is None or self._token is None:
@@ -476,7 +466,7 @@ class Session:
         return self._record
 
     def _refuse_cookie_on_websocket(self, operation: str) -> None:
-        if self._connection["type"] == "websocket":
+        if self._connection[0] == "websocket":
             raise RuntimeError(
                 f"{operation}() sets a cookie, which a WebSocket cannot carry; do it in an "
                 "HTTP request."
