@@ -59,6 +59,9 @@ class Settings:
     """Whole seconds (wrk's unit) per variant and round."""
     e2e_warmup: float
     e2e_connections: int
+    instruction_warmup: int
+    instruction_requests: int
+    """Requests per counted batch (each variant and scenario), under callgrind."""
     scale_sizes: tuple[int, ...]
     scale_lookups: int
     user_session_counts: tuple[int, ...]
@@ -80,6 +83,8 @@ class Settings:
                 e2e_seconds=2.0,
                 e2e_warmup=0.0,
                 e2e_connections=16,
+                instruction_warmup=100,
+                instruction_requests=100,
                 scale_sizes=(1_000, 5_000),
                 scale_lookups=500,
                 user_session_counts=(1, 10, 100),
@@ -98,6 +103,8 @@ class Settings:
             e2e_seconds=2.0,
             e2e_warmup=1.0,
             e2e_connections=16,
+            instruction_warmup=300,
+            instruction_requests=500,
             scale_sizes=(1_000, 100_000, 1_000_000),
             scale_lookups=3_000,
             user_session_counts=(1, 10, 100, 1000),

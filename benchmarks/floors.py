@@ -312,6 +312,17 @@ async def _redis_raw(
     return operations
 
 
+async def same_command(
+    kind: str, stack: AsyncExitStack, handle: StoreHandle, digest: str
+) -> Callable[[], Awaitable[Any]]:
+    """The store's own command for the session of ``digest`` (see :data:`SAME_COMMAND`)."""
+    if kind == "postgres":
+        return (await _postgres_raw(stack, handle, digest))[SAME_COMMAND]
+    if kind == "redis":
+        return (await _redis_raw(stack, handle))[SAME_COMMAND]
+    raise ValueError(f"no same-command lookup for {kind!r}")
+
+
 async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
     handle = await make_store(kind, label=f"floor_{kind}")
     async with AsyncExitStack() as stack:

@@ -77,35 +77,48 @@ async def sign_in(app: ASGIApp) -> str:
     return cookie
 
 
-async def open_variants(kinds: list[str], *, peers: bool = True) -> list[Variant]:
-    """The bare app, the peers and authsessions over each store kind, signed in."""
-    variants = [Variant(apps.BARE, apps.bare_app())]
-    if peers:
-        variants.append(Variant(apps.NOOP_MIDDLEWARE, apps.noop_middleware_app()))
-        variants.append(Variant(apps.STARLETTE_COOKIE, apps.starlette_cookie_app()))
-        variants.append(
-            Variant(
-                apps.STARSESSIONS_MEMORY, apps.starsessions_app(apps.starsessions_memory_store())
-            )
-        )
-        if port_open(REDIS_URL):
-            store = apps.starsessions_redis_store(REDIS_URL, f"{REDIS_PREFIX}starsessions:")
-            variant = Variant(apps.STARSESSIONS_REDIS, apps.starsessions_app(store))
-            variant.closers.append(store._connection.aclose)
-            variants.append(variant)
-        else:
-            print(f"  note: skipping starsessions-redis: Redis not reachable at {REDIS_URL}")
-    for kind in kinds:
+def variant_names(kinds: list[str]) -> list[str]:
+    """The bare app, the no-op middleware, the peers (starsessions-redis only when Redis
+    answers) and authsessions over each store kind.
+    """
+    names = [apps.BARE, apps.NOOP_MIDDLEWARE, apps.STARLETTE_COOKIE, apps.STARSESSIONS_MEMORY]
+    if port_open(REDIS_URL):
+        names.append(apps.STARSESSIONS_REDIS)
+    else:
+        print(f"  note: skipping starsessions-redis: Redis not reachable at {REDIS_URL}")
+    return names + [apps.ours(kind) for kind in kinds]
+
+
+async def open_variant(name: str) -> Variant:
+    """The variant called ``name``, signed in (its read and write scenarios have a cookie)."""
+    if name == apps.BARE:
+        variant = Variant(name, apps.bare_app())
+    elif name == apps.NOOP_MIDDLEWARE:
+        variant = Variant(name, apps.noop_middleware_app())
+    elif name == apps.STARLETTE_COOKIE:
+        variant = Variant(name, apps.starlette_cookie_app())
+    elif name == apps.STARSESSIONS_MEMORY:
+        variant = Variant(name, apps.starsessions_app(apps.starsessions_memory_store()))
+    elif name == apps.STARSESSIONS_REDIS:
+        store = apps.starsessions_redis_store(REDIS_URL, f"{REDIS_PREFIX}starsessions:")
+        variant = Variant(name, apps.starsessions_app(store))
+        variant.closers.append(store._connection.aclose)
+    elif apps.is_ours(name):
+        kind = name.removeprefix(apps.OURS_PREFIX)
         handle = await make_store(kind, label=f"inprocess_{kind}")
-        variants.append(
-            Variant(apps.ours(kind), apps.authsessions_app(handle.store), handle=handle)
-        )
-    for variant in variants:
-        if variant.name in (apps.BARE, apps.NOOP_MIDDLEWARE):
-            variant.cookie = apps.ignored_cookie()
-        else:
-            variant.cookie = await sign_in(variant.app)
-    return variants
+        variant = Variant(name, apps.authsessions_app(handle.store), handle=handle)
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    if name in (apps.BARE, apps.NOOP_MIDDLEWARE):
+        variant.cookie = apps.ignored_cookie()
+    else:
+        variant.cookie = await sign_in(variant.app)
+    return variant
+
+
+async def open_variants(kinds: list[str]) -> list[Variant]:
+    """Every variant of :func:`variant_names`, signed in."""
+    return [await open_variant(name) for name in variant_names(kinds)]
 
 
 async def validate(variant: Variant) -> None:

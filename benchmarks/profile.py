@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks import apps
 from benchmarks.asgi import drive
 from benchmarks.common import cleanup_services
-from benchmarks.inprocess import SCENARIOS, open_variants, validate
+from benchmarks.inprocess import SCENARIOS, open_variant, validate
 
 
 async def profile(variant_name: str, scenario: str, requests: int, interval: float) -> str:
     from pyinstrument import Profiler
 
-    kinds = [variant_name.removeprefix(apps.OURS_PREFIX)] if apps.is_ours(variant_name) else []
-    variants = await open_variants(kinds, peers=not apps.is_ours(variant_name))
+    variant = await open_variant(variant_name)
     try:
-        (variant,) = [v for v in variants if v.name == variant_name]
         await validate(variant)
         scope = variant.scope(scenario)
         await drive(variant.app, scope, min(requests, 1000))
@@ -32,8 +29,7 @@ async def profile(variant_name: str, scenario: str, requests: int, interval: flo
         await drive(variant.app, scope, requests)
         profiler.stop()
     finally:
-        for v in variants:
-            await v.close()
+        await variant.close()
         await cleanup_services()
     text: str = profiler.output_text(unicode=True, color=False, show_all=False)
     return text

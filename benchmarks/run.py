@@ -1,6 +1,6 @@
 """Run every benchmark part in one go and report numbers, ratios and targets.
 
-    .venv/bin/python -m benchmarks            # full run (11 to 16 minutes on 2 cores)
+    .venv/bin/python -m benchmarks            # full run (15 to 20 minutes on 2 cores)
     .venv/bin/python -m benchmarks --quick    # under a minute, smaller sizes
     .venv/bin/python -m benchmarks --parts inprocess,floors
 
@@ -21,7 +21,7 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from benchmarks import endtoend, floors, inprocess, scale, targets
+from benchmarks import endtoend, floors, inprocess, instructions, scale, targets
 from benchmarks.common import (
     ARTIFACTS,
     ROOT,
@@ -31,7 +31,7 @@ from benchmarks.common import (
 )
 from benchmarks.plot import lookup_plot
 
-PARTS = ("inprocess", "floors", "endtoend", "scale")
+PARTS = ("inprocess", "instructions", "floors", "endtoend", "scale")
 
 
 def machine() -> dict[str, str]:
@@ -79,6 +79,7 @@ def run_part(name: str, settings: Settings, kinds: list[str], results: dict[str,
     """One part, timed; a failing part is reported and the others still run."""
     titles = {
         "inprocess": "in process: per-request cost",
+        "instructions": "in process: instructions per request (callgrind)",
         "floors": "the store's own floor",
         "endtoend": "end to end: uvicorn + wrk",
         "scale": "scale",
@@ -88,6 +89,8 @@ def run_part(name: str, settings: Settings, kinds: list[str], results: dict[str,
     try:
         if name == "endtoend":
             results[name] = endtoend.run(settings, kinds)
+        elif name == "instructions":
+            results[name] = instructions.run(settings, kinds)
         else:
             results[name] = asyncio.run(run_async_part(name, settings, kinds))
     except Exception as exc:
@@ -98,6 +101,8 @@ def run_part(name: str, settings: Settings, kinds: list[str], results: dict[str,
         print(inprocess.table(results[name]))
         print("CPU time of this process per request:")
         print(inprocess.table(results[name], cpu=True))
+    elif name == "instructions" and results[name]:
+        print(instructions.table(results[name]))
     elif name == "floors":
         print(floors.table(results[name]))
     elif name == "endtoend" and results[name]:
@@ -132,6 +137,17 @@ def report(results: dict[str, Any], settings: Settings) -> str:
             "server's work and waiting are left out), steadier on a shared machine:",
             "",
             inprocess.table(results["inprocess"], cpu=True),
+            "",
+        ]
+    if results.get("instructions"):
+        lines += [
+            "## Instructions per request (callgrind; ratio to the bare app)",
+            "",
+            f"One batch of {results['instructions']['requests']} requests per variant and "
+            "scenario after a warm-up, each variant in a process of its own; not moved by the "
+            "machine's load or speed.",
+            "",
+            instructions.table(results["instructions"]),
             "",
         ]
     if "floors" in results:
