@@ -8,7 +8,7 @@ For each store this part times, interleaved in chunks:
 - ``same command``: the driver call the store makes at its core, and no more:
   asyncpg ``fetchrow`` of the store's own statement, with its statement
   timeout, on one connection; redis-py ``EVALSHA`` of the store's own read
-  script, on a client built as the store builds its own;
+  script, sent on one connection of a client built as the store builds its own;
 - ``store.get``: authsessions' store lookup of the same session;
 - ``bare`` and ``ours``: a whole authenticated read request through the bare
   app and through ``SessionMiddleware`` over that store;
@@ -300,15 +300,23 @@ async def _redis_raw(
             break
     if session_hash is not None:
         operations["raw (HGETALL)"] = lambda: client.hgetall(session_hash)
-        # The store's cached-location read: its script, on a client built like its own.
+        # The store's cached-location read: its script, sent as the store sends it (on a
+        # connection kept from the pool of a client built like its own).
         from authsessions.stores import _redis_scripts as lua
 
         store: Any = handle.store
         like_store: Any = Redis.from_url(REDIS_URL, **store._client_options)
         stack.push_async_callback(like_store.aclose)
         sha = await like_store.script_load(lua.RECORD_JSON + lua.READ)
+        connection = await like_store.connection_pool.get_connection()
+        stack.push_async_callback(like_store.connection_pool.release, connection)
         hash_key = session_hash.decode()
-        operations[SAME_COMMAND] = lambda: like_store.execute_command("EVALSHA", sha, 1, hash_key)
+
+        async def same_command() -> Any:
+            await connection.send_command("EVALSHA", sha, 1, hash_key, check_health=False)
+            return await connection.read_response()
+
+        operations[SAME_COMMAND] = same_command
     return operations
 
 

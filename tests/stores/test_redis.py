@@ -736,6 +736,80 @@ async def test_a_silent_server_gives_store_unavailable_within_the_timeout(
         assert await store.get(record.token_digest, now=t0) == record
 
 
+async def test_reads_on_kept_connections_the_server_closed_go_on_without_an_error(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    """Reads keep their connections between calls; a restart or a server-side timeout
+    closes them while they sit idle, and the next read must not turn that into a 503."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    async with RedisStore(url, prefix=redis_prefix) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(3)))
+        await proxy.drop()  # every connection through the proxy is reset
+        await proxy.resume()
+
+        for _ in range(5):
+            assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    """A read cancelled after its command went out (its request's client went away)
+    leaves a reply on the way: the next read must get its own reply, not that one."""
+    t0 = start_time()
+    first, second = make_record(now=t0), make_record(now=t0, user_id="bob")
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    async with RedisStore(url, prefix=redis_prefix) as store:
+        for record in (first, second):
+            await store.create(record, max_sessions=10, now=t0)
+            assert await store.get(record.token_digest, now=t0) == record
+        proxy.stall()
+        cancelled = asyncio.ensure_future(store.get(first.token_digest, now=t0))
+        await asyncio.sleep(0.1)  # the command is sent; its reply is held back
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        proxy.unstall()
+
+        for _ in range(3):
+            assert await store.get(second.token_digest, now=t0) == second
+
+
+@pytest.mark.parametrize("max_connections", [1, 8, 32])
+async def test_reads_leave_an_apps_capped_client_connections_to_spare(
+    redis_url: str, redis_prefix: str, max_connections: int
+) -> None:
+    """Reads keep connections of the app's client only where its cap leaves room: the
+    app's own commands and the store's writes still find one, even with one allowed,
+    and closing the store hands every kept one back."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    client = Redis.from_url(redis_url, decode_responses=True, max_connections=max_connections)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            await store.create(record, max_sessions=10, now=t0)
+            for _ in range(3):
+                await asyncio.gather(
+                    *(store.get(record.token_digest, now=t0) for _ in range(max_connections))
+                )
+                assert await client.ping()
+                assert await store.update(record.id, make_update(now=t0), now=t0)
+            await client.script_flush()  # an error reply, on a kept connection
+            assert await store.get(record.token_digest, now=t0) == record
+        # Every connection is free again: as many blocking commands as the cap allows.
+        await asyncio.gather(
+            *(
+                client.blpop([redis_prefix + "nothing"], timeout=0.01)
+                for _ in range(max_connections)
+            )
+        )
+    finally:
+        await client.aclose()
+
+
 # -- without the driver ---------------------------------------------------------------------------
 
 

@@ -22,7 +22,8 @@ single server the scripts write and remove them themselves, so a login, an
 update and a logout are one round trip each.
 
 ``get`` is one round trip: on a single server, one script follows the
-pointer to the record; in a cluster the record may sit on another node, so
+pointer to the record, sent on one of a few connections the store keeps
+from the client's pool between reads (``_redis_connections.py``); in a cluster the record may sit on another node, so
 this process remembers where each digest's session lives (a bounded cache
 of immutable facts) and reads the hash directly, paying a second round trip
 only the first time it sees a digest.
@@ -61,6 +62,7 @@ from authsessions.stores._base import (
     store_unavailable,
     translate_errors,
 )
+from authsessions.stores._redis_connections import ReadConnections
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -159,6 +161,7 @@ class RedisStore(Store):
             del self._client_options["max_connections"]  # RedisCluster wants an int
         self._errors = (self._driver.RedisError, self._driver.RedisClusterException, OSError)
         self._client: Redis | RedisCluster | None = None
+        self._reads: ReadConnections | None = None  # a single server's per-request reads
         # Where sessions live, learnt from pointers: never changes for a digest or an id.
         self._digest_locations: dict[str, tuple[str, str]] = {}
         self._id_tags: dict[str, str] = {}
@@ -197,6 +200,12 @@ class RedisStore(Store):
                     await client.aclose()
                 raise
         self._client = client
+        if not self._cluster:
+            self._reads = ReadConnections(
+                cast("Redis", client).connection_pool,
+                reply_error=self._driver.ResponseError,
+                connection_errors=(self._driver.ConnectionError, OSError),
+            )
         register = client.register_script
         self._create = register(lua.LUA_HELPERS + lua.CREATE)
         self._update = register(lua.LUA_HELPERS + lua.UPDATE)
@@ -216,8 +225,12 @@ class RedisStore(Store):
     async def _close(self) -> None:
         self._drop_sweep()  # a cleanup call in progress fails on the closed client
         client, self._client = self._client, None
+        reads, self._reads = self._reads, None
         self._digest_locations.clear()
         self._id_tags.clear()
+        if reads is not None:
+            with translate_errors("Redis", *self._errors):
+                await reads.close()  # a client the app gave gets its connections back
         if client is not None and client is not self._given_client:
             with translate_errors("Redis", *self._errors):
                 await client.aclose()
@@ -293,7 +306,10 @@ class RedisStore(Store):
                 script, keys = self._read, (self._session_prefix(location[0]) + location[1],)
             try:
                 # EVALSHA itself: the Script object's call adds layers, and an import, to it.
-                text = await client.execute_command("EVALSHA", script.sha, 1, *keys)
+                if self._reads is not None:
+                    text = await self._reads.read("EVALSHA", script.sha, 1, *keys)
+                else:
+                    text = await client.execute_command("EVALSHA", script.sha, 1, *keys)
             except self._driver.NoScriptError:  # a restarted or flushed server
                 text = await script(keys=keys[:1], args=keys[1:])
         except self._errors as exc:
@@ -535,13 +551,19 @@ def _import_redis() -> Any:
         from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+        from redis.exceptions import (
+            ConnectionError,
+            NoScriptError,
+            RedisClusterException,
+            RedisError,
+            ResponseError,
+        )
     except ImportError as exc:
         raise ImportError("RedisStore needs redis-py: pip install 'authsessions[redis]'") from exc
     return SimpleNamespace(
         Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
         RedisError=RedisError, RedisClusterException=RedisClusterException,
-        NoScriptError=NoScriptError,
+        NoScriptError=NoScriptError, ResponseError=ResponseError, ConnectionError=ConnectionError,
     )  # fmt: skip
 
 
