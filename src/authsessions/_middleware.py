@@ -85,7 +85,7 @@ class SessionMiddleware:
         token = self._cookie.read(scope)
         store = self.store
         try:
-            if token and store.is_open:
+            if token and store.is_open:  # a token (MALFORMED is the empty string)
                 # The usual authenticated request, written out here: a coroutine of our own
                 # around the store's read would cost every such request.
                 now = time.time()

@@ -351,6 +351,7 @@ class Session:
             self._end()
 
     # -- for the middleware ----------------------------------------------------------
+    # (SessionMiddleware also reads _record and _cookie_change directly, on every response.)
 
     def cookie_token(self) -> tuple[str, int] | None:
         """The token to send and its Max-Age, when the cookie must be set."""

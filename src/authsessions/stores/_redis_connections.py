@@ -17,7 +17,7 @@ class ReadConnections:
 
     ``Redis.execute_command`` takes a connection from the pool and gives it back
     around every command, behind a lock, a retry wrapper and observability hooks:
-    a third of an authenticated read request's instructions. A read here sends its
+    a fifth of an authenticated read request's instructions. A read here sends its
     command on a kept connection and reads the reply there. A connection goes back
     on the shelf only after its whole reply was read (a server error is a whole
     reply too), so a command never meets an earlier command's reply; one that
@@ -59,8 +59,10 @@ class ReadConnections:
             connection = idle.pop()
             try:
                 return await self._call(connection, args)
-            except self._connection_errors:
-                pass  # closed while it sat idle, most likely: once more, on a fresh one
+            except self._connection_errors as error:
+                if isinstance(error, TimeoutError):
+                    raise  # a slow server: failing within one timeout matters more
+                # Closed while it sat idle, most likely: once more, on a fresh one.
         # get_connection() carries a deprecation decorator that hides its types.
         taken: AbstractConnection = await cast("Any", self._pool).get_connection()
         return await self._call(taken, args)

@@ -23,10 +23,11 @@ update and a logout are one round trip each.
 
 ``get`` is one round trip: on a single server, one script follows the
 pointer to the record, sent on one of a few connections the store keeps
-from the client's pool between reads (``_redis_connections.py``); in a cluster the record may sit on another node, so
-this process remembers where each digest's session lives (a bounded cache
-of immutable facts) and reads the hash directly, paying a second round trip
-only the first time it sees a digest.
+from the client's pool between reads (``_redis_connections.py``); in a
+cluster the record may sit on another node, so this process remembers where
+each digest's session lives (a bounded cache of immutable facts) and reads
+the hash directly, paying a second round trip only the first time it sees a
+digest.
 
 Every key expires when its session does (``PEXPIRE`` with the session's
 remaining life as the caller's clock counts it); the index lives as long as
