@@ -768,7 +768,7 @@ async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(
             assert await store.get(record.token_digest, now=t0) == record
         proxy.stall()
         cancelled = asyncio.ensure_future(store.get(first.token_digest, now=t0))
-        await asyncio.sleep(0.1)  # the command is sent; its reply is held back
+        await asyncio.sleep(0.1)  # the command is on its way; nothing comes back
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
