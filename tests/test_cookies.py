@@ -28,6 +28,8 @@ def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
         ((f"theme=dark;{NAME}={TOKEN}; lang=en",), TOKEN),
         ((f"theme=dark;\t{NAME}={TOKEN}",), TOKEN),
         ((f"{NAME}= {TOKEN} ; lang=en",), TOKEN),
+        ((f"{NAME}={TOKEN};lang=en",), TOKEN),
+        ((f"{NAME}={TOKEN}\t; lang=en",), TOKEN),
         (("theme=dark", f"{NAME}={TOKEN}"), TOKEN),
         ((f"{NAME}={TOKEN}; {NAME}={OTHER_TOKEN}",), TOKEN),
         ((f"x{NAME}={OTHER_TOKEN}; {NAME}={TOKEN}",), TOKEN),
@@ -45,6 +47,8 @@ def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
         ((f"{NAME}={TOKEN[:-1]}\u00e9",), MALFORMED),
         ((f"{NAME}=junk; {NAME}={TOKEN}",), MALFORMED),
         ((f"{NAME}={TOKEN} {TOKEN}",), MALFORMED),
+        ((f"{NAME}={TOKEN[:20]};{TOKEN[21:]}",), MALFORMED),
+        ((f"{NAME}={TOKEN[:20]} {TOKEN[21:]}; lang=en",), MALFORMED),
     ],
     ids=[
         "alone",
@@ -52,6 +56,8 @@ def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
         "between-others-no-space",
         "after-a-tab",
         "spaces-around-the-value",
+        "others-after-without-a-space",
+        "a-tab-after-the-value",
         "second-cookie-header",
         "first-of-two-wins",
         "lookalike-name-before",
@@ -69,6 +75,8 @@ def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
         "non-ascii",
         "first-is-malformed",
         "two-tokens-in-one-value",
+        "a-semicolon-inside-a-token-long-value",
+        "a-space-inside-a-token-long-value",
     ],
 )
 def test_the_token_is_read_from_the_first_pair_with_the_cookie_name(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.types import Scope
 
 from authsessions._config import SessionConfig
-from authsessions._tokens import is_well_formed_token_bytes
+from authsessions._tokens import TOKEN_LENGTH, is_well_formed_token_bytes
 
 __all__ = ["MALFORMED", "SessionCookie"]
 
@@ -18,11 +18,12 @@ MALFORMED = ""
 class SessionCookie:
     """Reads and writes one configured cookie; its attributes are joined once, here."""
 
-    __slots__ = ("_attributes", "_clearing", "_prefix", "name")
+    __slots__ = ("_attributes", "_clearing", "_prefix", "_token_end", "name")
 
     def __init__(self, config: SessionConfig) -> None:
         self.name = config.cookie_name
         self._prefix = f"{config.cookie_name}=".encode("ascii")
+        self._token_end = len(self._prefix) + TOKEN_LENGTH
         attributes = f"; Path={config.cookie_path}"
         if config.cookie_domain is not None:
             attributes += f"; Domain={config.cookie_domain}"
@@ -40,21 +41,22 @@ class SessionCookie:
         """The token the request carries: ``None`` without the cookie, :data:`MALFORMED`
         when the cookie is there but is not shaped like a token (no store is asked then).
         """
-        prefix = self._prefix
+        prefix, end = self._prefix, self._token_end
         for name, value in scope["headers"]:
             if name != b"cookie":
                 continue
-            if value.startswith(prefix):
-                start = len(prefix)  # the usual case: our cookie comes first
+            if value.startswith(prefix) and (len(value) == end or value[end : end + 1] == b";"):
+                # What a browser sends: our cookie first, the token, then nothing or ";".
+                # No search and nothing to strip (a token holds no ";" and no space).
+                token = value[len(prefix) : end]
             else:
-                start = value.find(prefix)
+                start = 0 if value.startswith(prefix) else value.find(prefix)
                 # The name must start a pair: "a__Host-session=" is another cookie.
                 while start > 0 and value[start - 1] not in _PAIR_BOUNDARY:
                     start = value.find(prefix, start + 1)
                 if start == -1:
                     continue
-                start += len(prefix)
-            token = value[start:].partition(b";")[0].strip()
+                token = value[start + len(prefix) :].partition(b";")[0].strip()
             return token.decode("ascii") if is_well_formed_token_bytes(token) else MALFORMED
         return None
 

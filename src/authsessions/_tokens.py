@@ -41,9 +41,16 @@ def new_session_id() -> str:
             return session_id
 
 
+# Copied for each digest, not built: building one looks SHA-256 up in OpenSSL each time,
+# which the copy skips. Never updated itself, so copies from any thread are alike.
+_EMPTY_SHA256 = hashlib.sha256()
+
+
 def token_digest(token: str) -> str:
     """The hex SHA-256 digest under which a token's session is stored."""
-    return hashlib.sha256(token.encode("ascii")).hexdigest()
+    digest = _EMPTY_SHA256.copy()
+    digest.update(token.encode("ascii"))
+    return digest.hexdigest()
 
 
 def is_well_formed_token(value: str) -> bool:
