@@ -1,7 +1,7 @@
 """Run every benchmark part in one go and report numbers, ratios and targets.
 
     .venv/bin/python -m benchmarks            # full run (15 to 20 minutes on 2 cores)
-    .venv/bin/python -m benchmarks --quick    # under a minute, smaller sizes
+    .venv/bin/python -m benchmarks --quick    # about 4 minutes, smaller sizes
     .venv/bin/python -m benchmarks --parts inprocess,floors
 
 The report (Markdown) and raw results (JSON) go to test-artifacts/benchmarks/;
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 4 minutes")
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),

@@ -7,6 +7,7 @@ from typing import Any
 from benchmarks import apps
 from benchmarks.common import fmt_us, markdown_table
 from benchmarks.inprocess import SCENARIO_TITLES, SCENARIOS
+from benchmarks.instructions import lookup
 
 MAX_READ_RATIO = 2.0
 AIM_READ_RATIO = 1.5
@@ -147,7 +148,7 @@ def _instruction_rows(counted: dict[str, Any] | None) -> list[tuple[str, str, bo
             ("instructions: no cookie within 5% of bare", measured, ratio <= MAX_ANON_RATIO)
         )
     for kind in ("postgres", "redis"):
-        ours, floor = variants.get(apps.ours(kind)), variants.get(f"lookup-{kind}")
+        ours, floor = variants.get(apps.ours(kind)), variants.get(lookup(kind))
         if not ours or not floor:
             continue
         # 25 µs was this share of the bare route where the target was set.
