@@ -25,7 +25,7 @@ import authsessions.stores.redis
 from authsessions import SessionManager, StoreUnavailable
 from authsessions._records import SessionRecord, StoreStats
 from authsessions.stores import DataTooLarge, RedisStore, open_store
-from authsessions.stores._redis_scripts import DELETE_EXPIRED
+from authsessions.stores._redis_scripts import DELETE_EXPIRED, LUA_HELPERS
 from tests.stores.records import make_record, make_update, new_digest, start_time
 from tests.tcp_proxy import TcpProxy, refusing_port
 
@@ -209,7 +209,7 @@ async def test_delete_expired_sweeps_many_indexes_per_script_and_goes_on_between
     for i in range(30):
         record = make_record(now=t0, user_id=f"u{i}", ttl=10)
         await setup.store.create(record, max_sessions=10, now=t0)
-    await setup.raw.script_load(DELETE_EXPIRED)  # a first EVALSHA would fail, then retry
+    await setup.raw.script_load(LUA_HELPERS + DELETE_EXPIRED)  # else a first EVALSHA fails
     one_pass, cursor = 0, None  # SCAN calls of one pass over the indexes
     if not setup.store.is_cluster:
         pattern = f"{setup.prefix}{{{'?' * 32}}}:u"
@@ -245,7 +245,7 @@ async def test_an_index_named_twice_in_a_sweep_counts_its_sessions_once(
         assert await raw.zcard(index) == 3
 
         found, swept, *pairs = await raw.eval(
-            DELETE_EXPIRED, 2, index, index, t0 + 20, 100, redis_prefix
+            LUA_HELPERS + DELETE_EXPIRED, 2, index, index, t0 + 20, 100, redis_prefix
         )
 
         assert (found, swept) == (3, 2)

@@ -34,14 +34,23 @@ end
 local function extend(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end
--- Deletes the doomed (id, digest) sessions, and on a single server (a key prefix in
--- pointers, '' in a cluster) their pointers; returns them as a flat list.
+-- A session's pointer keys, its id's and its digest's, under the key prefix p.
+local function pointer_keys(p, id, digest)
+  return p .. 'i:' .. id, p .. 'd:' .. digest
+end
+-- On a single server (p the key prefix) a deleted session's pointers go with it; in a
+-- cluster (p '') they live on other nodes, and the caller removes them.
+local function drop_pointers(p, id, digest)
+  if p ~= '' then redis.call('DEL', pointer_keys(p, id, digest)) end
+end
+-- Deletes the doomed (id, digest) sessions and, on a single server, their pointers;
+-- returns them as a flat list.
 local function forget(index, prefix, doomed, pointers)
   local out = {}
   for _, d in ipairs(doomed) do
     redis.call('DEL', prefix .. d[1])
     redis.call('ZREM', index, d[1])
-    if pointers ~= '' then redis.call('DEL', pointers .. 'i:' .. d[1], pointers .. 'd:' .. d[2]) end
+    drop_pointers(pointers, d[1], d[2])
     out[#out + 1] = d[1]
     out[#out + 1] = d[2]
   end
@@ -57,7 +66,7 @@ CREATE = """
 local p = ARGV[7]
 if p ~= '' then
   -- Single server: the pointers (elsewhere in a cluster) are claimed in the same step.
-  local digest_key, id_key = p .. 'd:' .. ARGV[8], p .. 'i:' .. ARGV[5]
+  local id_key, digest_key = pointer_keys(p, ARGV[5], ARGV[8])
   if redis.call('EXISTS', KEYS[1], digest_key, id_key) > 0 then return false end
   redis.call('SET', digest_key, ARGV[9] .. ':' .. ARGV[5], 'PX', ARGV[2])
   redis.call('SET', id_key, ARGV[9], 'PX', ARGV[2])
@@ -126,12 +135,14 @@ extend(KEYS[2], ARGV[2])
 local p = ARGV[7]
 if p ~= '' then
   -- Single server: the pointers (elsewhere in a cluster) change in the same step.
-  redis.call('PEXPIRE', p .. 'i:' .. ARGV[3], ARGV[2])
+  local id_key, digest_key = pointer_keys(p, ARGV[3], f[2])
+  redis.call('PEXPIRE', id_key, ARGV[2])
   if ARGV[6] == '' then
-    redis.call('PEXPIRE', p .. 'd:' .. f[2], ARGV[2])
+    redis.call('PEXPIRE', digest_key, ARGV[2])
   else
-    redis.call('DEL', p .. 'd:' .. f[2])
-    redis.call('SET', p .. 'd:' .. ARGV[6], ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
+    local _, new_digest_key = pointer_keys(p, ARGV[3], ARGV[6])
+    redis.call('DEL', digest_key)
+    redis.call('SET', new_digest_key, ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
   end
 end
 return f[2]
@@ -145,7 +156,7 @@ if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[4] ~= '' then redis.call('DEL', ARGV[4] .. 'i:' .. ARGV[1], ARGV[4] .. 'd:' .. f[2]) end
+drop_pointers(ARGV[4], ARGV[1], f[2])
 return f[2]
 """
 
@@ -244,7 +255,7 @@ for _, g in ipairs(gone) do redis.call('ZREM', g[1], g[2]) end
 for _, d in ipairs(doomed) do
   redis.call('DEL', d[2])
   redis.call('ZREM', d[1], d[3])
-  if ARGV[3] ~= '' then redis.call('DEL', ARGV[3] .. 'i:' .. d[3], ARGV[3] .. 'd:' .. d[4]) end
+  drop_pointers(ARGV[3], d[3], d[4])
   out[#out + 1] = d[3]
   out[#out + 1] = d[4]
 end

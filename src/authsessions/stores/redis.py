@@ -212,10 +212,10 @@ class RedisStore(Store):
         register = client.register_script
         self._create = register(lua.LUA_HELPERS + lua.CREATE)
         self._update = register(lua.LUA_HELPERS + lua.UPDATE)
-        self._delete = register(lua.DELETE)
+        self._delete = register(lua.LUA_HELPERS + lua.DELETE)
         self._delete_for_user = register(lua.LUA_HELPERS + lua.DELETE_FOR_USER)
         self._list = register(lua.RECORD_JSON + lua.LIST)
-        self._delete_expired = register(lua.DELETE_EXPIRED)
+        self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
 
