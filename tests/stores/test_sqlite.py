@@ -370,23 +370,27 @@ async def test_opening_while_another_connection_holds_the_write_lock_fails_clean
 # -- the read path ----------------------------------------------------------------------
 
 
-async def test_reader_never_waits_for_a_lock_on_the_event_loop(
+async def test_the_event_loops_connection_never_waits_and_never_checkpoints(
     impatient_store: SQLiteStore,
 ) -> None:
-    """Reads run on the event loop; a busy read must fail fast and be retried on the writer.
+    """Reads and the writes that need not wait run on the event loop, on one connection.
 
-    sqlite3.connect() defaults to a 5-second busy timeout: a read that met
-    a lock (WAL recovery after a crash, an EXCLUSIVE-mode connection) would
-    freeze every request of the process for that long.
+    Its busy timeout must be 0: sqlite3.connect() defaults to 5 seconds, and
+    a read or write that met a lock (WAL recovery after a crash, another
+    writer) would freeze every request of the process for that long; the
+    writer thread waits instead. No fsync in a commit (synchronous=NORMAL in
+    WAL), and no automatic checkpoint inside a commit (it fsyncs).
     """
-    reader = impatient_store._reader
-    assert reader is not None
+    db = impatient_store._loop_db
+    assert db is not None
 
-    assert reader.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
 
 
 class BusyReader:
-    """Stands in for the reader connection and finds the database busy every time."""
+    """Stands in for the event loop's connection and finds the database busy every time."""
 
     def __init__(self, code: int) -> None:
         self.code = code
@@ -400,6 +404,22 @@ class BusyReader:
 
     def close(self) -> None:
         pass
+
+
+class BusyForWrites:
+    """Wraps the event loop's connection: reads run, every write finds the database busy
+    (and so goes to the writer thread)."""
+
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        assert db is not None
+        self.db = db
+        self.refused = 0
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql.lstrip().startswith(("SELECT", "PRAGMA")):
+            return self.db.execute(sql, params)
+        self.refused += 1
+        return BusyReader(sqlite3.SQLITE_BUSY).execute(sql, params)
 
 
 @pytest.mark.parametrize(
@@ -419,13 +439,13 @@ async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, 
     t0 = start_time()
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    busy, real = BusyReader(code), impatient_store._reader
-    impatient_store._reader = cast(sqlite3.Connection, busy)
+    busy, real = BusyReader(code), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, busy)
     try:
         got = await impatient_store.get(record.token_digest, now=t0)
         listed = await impatient_store.list_for_user("alice", now=t0)
     finally:
-        impatient_store._reader = real
+        impatient_store._loop_db = real
 
     assert busy.calls == 2
     assert got == record
@@ -433,13 +453,13 @@ async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, 
 
 
 async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -> None:
-    busy, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._reader
-    impatient_store._reader = cast(sqlite3.Connection, busy)
+    busy, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, busy)
     try:
         with pytest.raises(StoreUnavailable):
             await impatient_store.get(new_digest(), now=start_time())
     finally:
-        impatient_store._reader = real
+        impatient_store._loop_db = real
 
     assert busy.calls == 1
 
@@ -449,8 +469,8 @@ async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -
 
 @contextmanager
 def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
-    """The SQL the store's reader connection runs meanwhile (it reads as before)."""
-    real = store._reader
+    """The SQL the store's event loop connection runs meanwhile (it runs as before)."""
+    real = store._loop_db
     assert real is not None
     reader: sqlite3.Connection = real
     statements: list[str] = []
@@ -460,11 +480,11 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
             statements.append(sql)
             return reader.execute(sql, params)
 
-    store._reader = cast(sqlite3.Connection, Recording())
+    store._loop_db = cast(sqlite3.Connection, Recording())
     try:
         yield statements
     finally:
-        store._reader = real
+        store._loop_db = real
 
 
 # The two ways the store learns that nothing was committed since a record was cached.
@@ -617,12 +637,12 @@ async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
 async def test_the_stores_own_writes_empty_the_cache_at_once(
     caching_store: SQLiteStore, path: str
 ) -> None:
-    """Its write connections are other connections than its reader: the version moves."""
+    """A write on the event loop empties the cache itself; the writer thread's moves the version."""
     t0 = start_time()
     store = caching_store
-    busy, inline = BusyReader(sqlite3.SQLITE_BUSY), store._inline
+    busy, loop_db = BusyForWrites(store._loop_db), store._loop_db
     if path == "writer thread":
-        store._inline = cast(sqlite3.Connection, busy)  # every write falls back to the thread
+        store._loop_db = cast(sqlite3.Connection, busy)  # every write falls back to the thread
     try:
         record = make_record(now=t0, data={"a": 1})
         await store.create(record, max_sessions=10, now=t0)
@@ -655,8 +675,8 @@ async def test_the_stores_own_writes_empty_the_cache_at_once(
         assert await store.delete_for_user("alice") == 1
         assert await store.get(other.token_digest, now=t0) is None
     finally:
-        store._inline = inline
-    assert (busy.calls > 0) == (path == "writer thread")
+        store._loop_db = loop_db
+    assert (busy.refused > 0) == (path == "writer thread")
 
 
 async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:
@@ -725,19 +745,6 @@ async def test_the_store_leaves_the_shm_file_to_sqlite(db_path: Path) -> None:
 # -- writes on the event loop -----------------------------------------------------------
 
 
-async def test_inline_writer_never_waits_and_never_checkpoints(
-    impatient_store: SQLiteStore,
-) -> None:
-    """Its busy timeout must be 0 (a lock is the writer thread's to wait for); no fsync in a
-    commit (synchronous=NORMAL in WAL); no automatic checkpoint inside a commit (it fsyncs)."""
-    inline = impatient_store._inline
-    assert inline is not None
-
-    assert inline.execute("PRAGMA busy_timeout").fetchone()[0] == 0
-    assert inline.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-    assert inline.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-
-
 @pytest.mark.parametrize("operation", ["create", "update", "delete"])
 async def test_a_locked_file_sends_the_write_to_the_writer_thread_and_the_loop_runs_on(
     db_path: Path, operation: str
@@ -794,12 +801,12 @@ async def test_busy_inline_write_is_retried_on_the_writer_thread(
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await impatient_store.create(record, max_sessions=10, now=t0)
-    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._inline
-    impatient_store._inline = cast(sqlite3.Connection, busy)
+    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, busy)
     try:
         await write(impatient_store, operation, record.id, t0)
     finally:
-        impatient_store._inline = real
+        impatient_store._loop_db = real
 
     assert busy.calls == 1
     listed = await impatient_store.list_for_user("alice", now=t0)
@@ -811,13 +818,13 @@ async def test_other_inline_write_errors_are_not_retried(impatient_store: SQLite
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await impatient_store.create(record, max_sessions=10, now=t0)
-    failing, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._inline
-    impatient_store._inline = cast(sqlite3.Connection, failing)
+    failing, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, failing)
     try:
         with pytest.raises(StoreUnavailable) as raised:
             await impatient_store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
     finally:
-        impatient_store._inline = real
+        impatient_store._loop_db = real
 
     assert failing.calls == 1
     assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
@@ -830,8 +837,8 @@ async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path:
     record = make_record(now=t0)
     async with SQLiteStore(db_path) as inline, SQLiteStore(db_path) as threaded:
         await inline.create(record, max_sessions=10, now=t0)
-        real = threaded._inline
-        threaded._inline = cast(sqlite3.Connection, BusyReader(sqlite3.SQLITE_BUSY))
+        real = threaded._loop_db
+        threaded._loop_db = cast(sqlite3.Connection, BusyForWrites(real))
         try:
             await asyncio.gather(
                 *(
@@ -842,7 +849,7 @@ async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path:
                 )
             )
         finally:
-            threaded._inline = real
+            threaded._loop_db = real
 
         got = await inline.get(record.token_digest, now=t0 + 1)
     assert got is not None

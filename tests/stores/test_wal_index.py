@@ -307,7 +307,7 @@ async def test_a_torn_header_is_never_trusted_and_recovery_brings_the_cache_back
     record = make_record(now=t0, data={"a": 1})
     await header_store.create(record, max_sessions=10, now=t0)
     assert await header_store.get(record.token_digest, now=t0) == record
-    reader = header_store._reader
+    reader = header_store._loop_db
     assert reader is not None
     statements: list[str] = []
     reader.set_trace_callback(statements.append)

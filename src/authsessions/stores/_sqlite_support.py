@@ -96,10 +96,11 @@ class RecordCache:
     """Records of the session table by token digest, trusted only while nothing was committed.
 
     Each lookup passes :meth:`get` a version of the whole database that every
-    commit by another connection changes (the store's own write connections,
-    another process): the WAL-index header, or ``PRAGMA data_version`` on the
-    reader connection. An unchanged version proves every cached record is
-    still what the table holds. A hit hands out
+    commit by another connection changes (the store's writer thread, another
+    process): the WAL-index header, or ``PRAGMA data_version`` on the event
+    loop's connection. Its own commits the store follows with :meth:`clear`
+    (``data_version`` does not count them). An unchanged version proves every
+    cached record is still what the table holds. A hit hands out
     the cached record itself, which callers treat as read-only (see
     ``Store.get``): no JSON decode, no copy.
 

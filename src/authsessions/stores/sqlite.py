@@ -10,8 +10,9 @@ in this process (see ``_wal_index``): the same bytes SQLite compares when a
 read begins, for a tenth of a microsecond. Elsewhere it asks
 ``PRAGMA data_version``, a read transaction with two file-lock system calls.
 
-A write is one short transaction. It runs on the event loop too, on a
-connection that never waits for a lock: in WAL mode with ``synchronous=NORMAL``
+A write is one short transaction. It runs on the event loop too, on the
+same connection as the reads (so its page cache outlives its own commits),
+which never waits for a lock: in WAL mode with ``synchronous=NORMAL``
 a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
@@ -139,9 +140,10 @@ class SQLiteStore(Store):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}.")
         self.timeout = timeout
-        # On the event loop's thread: reads, and writes that need not wait for a lock.
-        self._reader: sqlite3.Connection | None = None
-        self._inline: sqlite3.Connection | None = None
+        # On the event loop's thread: reads, and writes that need not wait for a lock. One
+        # connection for both: its page cache stays valid across its own commits, where a
+        # reader of its own would read the pages of every session written back from the file.
+        self._loop_db: sqlite3.Connection | None = None
         self._cache = RecordCache()
         self._wal_index: WalIndexHeader | None = None
         # On the writer thread: writes that wait for a lock, and checkpoints.
@@ -160,20 +162,18 @@ class SQLiteStore(Store):
         try:
             await self._on_writer_thread(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
-                # timeout=0 on both: whatever meets a lock is retried on the writer
-                # thread instead of blocking the event loop.
-                self._reader = _connect(self.path, timeout=0)
-                self._reader.execute("PRAGMA query_only = ON")
-                # A first read maps -shm into this process; the reader, open until
+                # timeout=0: whatever meets a lock is retried on the writer thread
+                # instead of blocking the event loop.
+                self._loop_db = db = _connect(self.path, timeout=0)
+                # What makes a commit cheap enough for the event loop: no fsync (see
+                # _connect_writer), and no checkpoint (it fsyncs) inside a commit; the
+                # writer thread checkpoints instead.
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.execute("PRAGMA wal_autocheckpoint = 0")
+                # A first read maps -shm into this process; the connection, open until
                 # close(), keeps that mapping in place while the header is read from it.
-                self._reader.execute("PRAGMA data_version").fetchone()
+                db.execute("PRAGMA data_version").fetchone()
                 self._wal_index = WalIndexHeader.find(self.path)
-                self._inline = _connect(self.path, timeout=0)
-                # Per connection, and what makes a commit cheap enough for the event loop:
-                # no fsync (see _connect_writer), and no checkpoint (it fsyncs) inside a
-                # commit; the writer thread checkpoints instead.
-                self._inline.execute("PRAGMA synchronous = NORMAL")
-                self._inline.execute("PRAGMA wal_autocheckpoint = 0")
         except BaseException:
             await self._close()
             raise
@@ -196,10 +196,9 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        for connection in (self._reader, self._inline):
-            if connection is not None:
-                connection.close()
-        self._reader = self._inline = None
+        if self._loop_db is not None:
+            self._loop_db.close()
+            self._loop_db = None
         pool, self._writer_thread = self._writer_thread, None
         if pool is not None:
             if self._writer is not None:
@@ -210,7 +209,7 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        reader = self._reader
+        reader = self._loop_db
         if reader is None:
             raise self._closed_error()
         cache = self._cache
@@ -249,7 +248,7 @@ class SQLiteStore(Store):
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
-        reader = self._connection(self._reader)
+        reader = self._connection(self._loop_db)
         try:
             # fetchall() finishes the statement, so no read transaction stays open.
             return reader.execute(sql, params).fetchall()
@@ -276,7 +275,7 @@ class SQLiteStore(Store):
         Raises:
             StoreUnavailable: the database could not be read.
         """
-        self._connection(self._reader)  # refuses a closed store
+        self._connection(self._loop_db)  # refuses a closed store
         with translate_errors("SQLite", sqlite3.Error):
             return await asyncio.to_thread(self._count, now)
 
@@ -392,11 +391,11 @@ class SQLiteStore(Store):
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (one transaction or statement) on the event loop if the file is free.
 
-        A "busy" on the inline connection comes before the work changed
+        A "busy" on the event loop's connection comes before the work changed
         anything, so the same work is then run on the writer thread, which
         waits for the lock up to ``timeout``.
         """
-        db = self._connection(self._inline)
+        db = self._connection(self._loop_db)
         # While a checkpoint is under way, every write queues behind it on the thread: the
         # first commit after it restarts the WAL and fsyncs its header, which must not
         # happen here.
@@ -408,6 +407,9 @@ class SQLiteStore(Store):
                     raise store_unavailable("SQLite", exc) from exc
             else:
                 self._writes_since_checkpoint += 1
+                # PRAGMA data_version, where the cache's version comes from that, does not
+                # change for a connection's own commits.
+                self._cache.clear()
                 return result
         return await self._write_on_thread(work)
 
