@@ -35,6 +35,10 @@ from authsessions.stores import MemoryStore, SQLiteStore, Store
 
 BARE = "bare"
 NOOP_MIDDLEWARE = "noop-middleware"
+FORWARDING_MIDDLEWARE = "forwarding-middleware"
+SEND_WRAPPER_MIDDLEWARE = "send-wrapper-middleware"
+SESSIONLESS = (BARE, NOOP_MIDDLEWARE, FORWARDING_MIDDLEWARE, SEND_WRAPPER_MIDDLEWARE)
+"""The bare app, alone or behind a middleware that keeps no session: reference points."""
 STARLETTE_COOKIE = "starlette-cookie"
 STARSESSIONS_MEMORY = "starsessions-memory"
 STARSESSIONS_REDIS = "starsessions-redis"
@@ -180,9 +184,45 @@ def lookup_middleware_app(lookup: Callable[[], Awaitable[Any]]) -> Starlette:
 
 
 def noop_middleware_app() -> Starlette:
+    return _bare_app_behind(NoopMiddleware)
+
+
+class ForwardingMiddleware:
+    """The least any ASGI middleware costs: one more layer, which awaits the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class SendWrapperMiddleware(ForwardingMiddleware):
+    """The least a middleware that may add a header to the response costs: one more layer
+    and the cheapest ``send`` wrapper there is, a plain function handing back the server's
+    own awaitable (no coroutine of its own, no object to build).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        def wrapped_send(message: Message) -> Awaitable[None]:
+            return send(message)
+
+        await self.app(scope, receive, wrapped_send)
+
+
+def middleware_floor_app(variant: str) -> Starlette:
+    """The bare app behind :class:`ForwardingMiddleware` or :class:`SendWrapperMiddleware`."""
+    if variant == FORWARDING_MIDDLEWARE:
+        return _bare_app_behind(ForwardingMiddleware)
+    if variant == SEND_WRAPPER_MIDDLEWARE:
+        return _bare_app_behind(SendWrapperMiddleware)
+    raise ValueError(f"not a middleware floor: {variant!r}")
+
+
+def _bare_app_behind(middleware: type[NoopMiddleware] | type[ForwardingMiddleware]) -> Starlette:
     return Starlette(
         routes=_routes(bare_read, bare_ok, lambda _user: bare_ok),
-        middleware=[Middleware(NoopMiddleware)],
+        middleware=[Middleware(middleware)],
     )
 
 

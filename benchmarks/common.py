@@ -110,7 +110,7 @@ class Settings:
             user_session_counts=(1, 10, 100, 1000),
             user_op_reps=15,
             cleanup_size=1_000_000,
-            cleanup_timeout=120.0,
+            cleanup_timeout=240.0,
             bulk_create_timeout=600.0,
         )
 

@@ -95,6 +95,8 @@ async def open_variant(name: str) -> Variant:
         variant = Variant(name, apps.bare_app())
     elif name == apps.NOOP_MIDDLEWARE:
         variant = Variant(name, apps.noop_middleware_app())
+    elif name in (apps.FORWARDING_MIDDLEWARE, apps.SEND_WRAPPER_MIDDLEWARE):
+        variant = Variant(name, apps.middleware_floor_app(name))
     elif name == apps.STARLETTE_COOKIE:
         variant = Variant(name, apps.starlette_cookie_app())
     elif name == apps.STARSESSIONS_MEMORY:
@@ -109,7 +111,7 @@ async def open_variant(name: str) -> Variant:
         variant = Variant(name, apps.authsessions_app(handle.store), handle=handle)
     else:
         raise ValueError(f"unknown variant {name!r}")
-    if name in (apps.BARE, apps.NOOP_MIDDLEWARE):
+    if name in apps.SESSIONLESS:
         variant.cookie = apps.ignored_cookie()
     else:
         variant.cookie = await sign_in(variant.app)
@@ -132,7 +134,7 @@ async def validate(variant: Variant) -> None:
             problem = f"read {response.body!r}, not b'v': the session was not loaded"
         elif (
             scenario == "login"
-            and variant.name not in (apps.BARE, apps.NOOP_MIDDLEWARE)
+            and variant.name not in apps.SESSIONLESS
             and response.cookie() is None
         ):
             problem = "no session cookie set"

@@ -10,6 +10,11 @@ in (``--toggle-collect``), dumping the batch's count as the call returns (``--du
 Nothing else calls ``operator.call``. Instructions are not time (a cache miss costs the same
 count as a hit), so this part stands beside the timed ones, not in their place.
 
+Two more reference points are counted here only: ``forwarding-middleware``, the
+least any middleware costs (one layer awaiting the app), and ``send-wrapper-middleware``,
+the least one that may add a header to the response costs (that layer and the cheapest
+``send`` wrapper there is).
+
 For PostgreSQL and Redis, ``lookup-<store>`` is the bare app behind a middleware that makes
 the store's own command before the app runs (as in ``floors.py``): ours minus it is the
 session layer's own work around the one round trip, in instructions.
@@ -56,6 +61,9 @@ def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
         print("  note: skipping instruction counts: valgrind is not installed")
         return {}
     names = variant_names(kinds)
+    # Counted here only: what any middleware costs, to the instruction (see apps.py).
+    position = names.index(apps.NOOP_MIDDLEWARE)
+    names[position:position] = [apps.FORWARDING_MIDDLEWARE, apps.SEND_WRAPPER_MIDDLEWARE]
     names += [lookup(kind) for kind in kinds if kind in ("postgres", "redis")]
     counts: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="callgrind-") as folder:
