@@ -134,7 +134,7 @@ class SQLiteStore(Store):
         self.path = os.fspath(path)
         if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
             raise ValueError(
-                "SQLiteStore needs a file so its reader and writer connections share it; "
+                "SQLiteStore needs a file so its event-loop and writer connections share it; "
                 "use MemoryStore for an in-memory store."
             )
         if timeout <= 0:
@@ -209,8 +209,8 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        reader = self._loop_db
-        if reader is None:
+        db = self._loop_db
+        if db is None:
             raise self._closed_error()
         cache = self._cache
         try:
@@ -219,11 +219,11 @@ class SQLiteStore(Store):
             version = (
                 wal_index.version()
                 if wal_index is not None
-                else reader.execute("PRAGMA data_version").fetchone()[0]
+                else db.execute("PRAGMA data_version").fetchone()[0]
             )
             record = cache.get(version, token_digest)
             if record is None:
-                rows = reader.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
+                rows = db.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
                 if not rows:
                     # Misses are not kept: any client can send unknown tokens, which
                     # would crowd out the sessions that do exist.
@@ -248,10 +248,10 @@ class SQLiteStore(Store):
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
-        reader = self._connection(self._loop_db)
+        db = self._connection(self._loop_db)
         try:
             # fetchall() finishes the statement, so no read transaction stays open.
-            return reader.execute(sql, params).fetchall()
+            return db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             if is_busy(exc):
                 return None
