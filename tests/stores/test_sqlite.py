@@ -392,6 +392,8 @@ async def test_the_event_loops_connection_never_waits_and_never_checkpoints(
 class BusyReader:
     """Stands in for the event loop's connection and finds the database busy every time."""
 
+    in_transaction = False
+
     def __init__(self, code: int) -> None:
         self.code = code
         self.calls = 0
@@ -414,6 +416,10 @@ class BusyForWrites:
         assert db is not None
         self.db = db
         self.refused = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         if sql.lstrip().startswith(("SELECT", "PRAGMA")):
@@ -831,6 +837,57 @@ async def test_other_inline_write_errors_are_not_retried(impatient_store: SQLite
     assert await impatient_store.get(record.token_digest, now=t0) == record
 
 
+class RollbackFails:
+    """The event loop's connection, except that ROLLBACK fails and leaves the transaction
+    open (as a disk error might)."""
+
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        assert db is not None
+        self.db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, params)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the_write(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """Reads share the connection: left open, the transaction would keep them on its old
+    snapshot (and hold the write lock), so the store starts over on a new connection.
+    """
+    t0 = start_time()
+    store = impatient_store
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    stuck = cast(sqlite3.Connection, RollbackFails(store._loop_db))
+    store._loop_db = stuck
+
+    # Inside the transaction the size cap refuses the merged data; the ROLLBACK fails.
+    too_big = make_update(now=t0 + 1, set_keys={"a": "x" * 200}, max_data_bytes=100)
+    with pytest.raises(StoreUnavailable):
+        await store.update(record.id, too_big, now=t0 + 1)
+
+    # Another program's commit is seen, and the store's own writes go through.
+    write_as_another_program(db_path, record.id)
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert got.data == {"dirty": True}
+    assert await store.update(record.id, make_update(now=t0 + 2, set_keys={"b": 3}), now=t0 + 2)
+    got = await store.get(record.token_digest, now=t0 + 2)
+    assert got is not None
+    assert got.data == {"dirty": True, "b": 3}
+    assert store._loop_db is not stuck
+
+
 async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path: Path) -> None:
     """Read-modify-write stays atomic between the two paths (BEGIN IMMEDIATE on both)."""
     t0 = start_time()
@@ -924,6 +981,31 @@ async def test_the_wal_stays_bounded_under_a_cleanup(
     # A batch of 100 adds about 50 pages here; the 30 batches without a checkpoint would
     # leave over 2000 pages in the WAL, and SQLite's default of 1000 over 1000.
     assert largest < (threshold + 3 * 100) * page_size
+
+
+async def test_the_wal_file_shrinks_back_after_a_cleanup(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint empties the WAL but keeps its file; the next restart cuts it back."""
+    t0 = start_time()
+    page_size = 4096
+    monkeypatch.setattr(sqlite_module, "BULK_CHECKPOINT_PAGES", 64)
+    monkeypatch.setattr(sqlite_module, "WAL_SIZE_LIMIT", 16 * page_size)
+    async with SQLiteStore(db_path) as store:
+        for i in range(1000):
+            record = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
+            await store.create(record, max_sessions=10, now=t0 - 2 * TTL)
+        while await store.delete_expired(now=t0, limit=100):
+            pass
+        after_cleanup = wal_size(db_path)
+        # The first write after the cleanup's last checkpoint restarts the WAL (a login
+        # adds 5 pages to it).
+        live = make_record(now=t0)
+        await store.create(live, max_sessions=10, now=t0)
+
+        assert after_cleanup > 32 * page_size
+        assert wal_size(db_path) <= 16 * page_size
+        assert await store.get(live.token_digest, now=t0) == live
 
 
 # -- damaged files ----------------------------------------------------------------------

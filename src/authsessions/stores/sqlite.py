@@ -17,14 +17,15 @@ a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
 that may touch many rows, and checkpoints the WAL (which fsyncs) every
-``CHECKPOINT_EVERY`` writes, or once its own writes have grown the WAL by
-``BULK_CHECKPOINT_PAGES``. The rare read that finds the database busy (WAL
+``CHECKPOINT_EVERY`` writes, and whenever one of its own commits finds the
+WAL past ``BULK_CHECKPOINT_PAGES``. The rare read that finds the database busy (WAL
 recovery after a crash) is retried there as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -100,6 +101,10 @@ CHECKPOINT_EVERY = 250
 # 13,000 sessions a second, its median batch taking a third as long.
 BULK_CHECKPOINT_PAGES = 10_000
 
+# What the WAL file is cut back to when it restarts after a checkpoint, in bytes: a cleanup
+# grows it to about BULK_CHECKPOINT_PAGES, and without a limit it would keep that size.
+WAL_SIZE_LIMIT = 8 << 20
+
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
 _SELECT_BY_USER = (
     f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
@@ -162,21 +167,44 @@ class SQLiteStore(Store):
         try:
             await self._on_writer_thread(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
-                # timeout=0: whatever meets a lock is retried on the writer thread
-                # instead of blocking the event loop.
-                self._loop_db = db = _connect(self.path, timeout=0)
-                # What makes a commit cheap enough for the event loop: no fsync (see
-                # _connect_writer), and no checkpoint (it fsyncs) inside a commit; the
-                # writer thread checkpoints instead.
-                db.execute("PRAGMA synchronous = NORMAL")
-                db.execute("PRAGMA wal_autocheckpoint = 0")
-                # A first read maps -shm into this process; the connection, open until
-                # close(), keeps that mapping in place while the header is read from it.
-                db.execute("PRAGMA data_version").fetchone()
-                self._wal_index = WalIndexHeader.find(self.path)
+                self._open_loop_db()
         except BaseException:
             await self._close()
             raise
+
+    def _open_loop_db(self) -> None:
+        # timeout=0: whatever meets a lock is retried on the writer thread instead of
+        # blocking the event loop.
+        db = _connect(self.path, timeout=0)
+        try:
+            # What makes a commit cheap enough for the event loop: no fsync (see
+            # _connect_writer), and no checkpoint (it fsyncs) inside a commit; the writer
+            # thread checkpoints instead.
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            # A first read maps -shm into this process; the connection, open until
+            # close(), keeps that mapping in place while the header is read from it.
+            db.execute("PRAGMA data_version").fetchone()
+            wal_index = WalIndexHeader.find(self.path)
+        except BaseException:
+            db.close()
+            raise
+        self._loop_db, self._wal_index = db, wal_index
+
+    def _reopen_loop_db(self) -> None:
+        """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
+        failed: reads on it would see that transaction's uncommitted writes.
+        """
+        stuck = self._loop_db
+        self._loop_db = self._wal_index = None
+        self._cache.clear()
+        try:
+            self._open_loop_db()  # before the old one closes, so -shm stays mapped
+        finally:
+            if stuck is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    stuck.close()  # rolls back what it still holds
 
     def _connect_writer(self) -> None:
         writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
@@ -186,6 +214,7 @@ class SQLiteStore(Store):
             # drop the last commits, which for sessions means signing in again.
             writer.execute("PRAGMA synchronous = NORMAL")
             writer.execute(f"PRAGMA wal_autocheckpoint = {BULK_CHECKPOINT_PAGES}")
+            writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             _migrate(writer)
         except BaseException:
             writer.close()
@@ -403,6 +432,9 @@ class SQLiteStore(Store):
             try:
                 result = work(db)
             except sqlite3.Error as exc:
+                if db.in_transaction:
+                    with translate_errors("SQLite", sqlite3.Error):
+                        self._reopen_loop_db()
                 if not is_busy(exc):
                     raise store_unavailable("SQLite", exc) from exc
             else:
