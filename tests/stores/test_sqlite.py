@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -673,7 +674,7 @@ async def test_the_stores_own_writes_empty_the_cache_at_once(
         assert await store.delete(record.id)
         assert await store.get(rotated, now=t0 + 2) is None
 
-        # delete_for_user (always on the writer thread)
+        # delete_for_user
         other = make_record(now=t0)
         await store.create(other, max_sessions=10, now=t0)
         assert await store.get(other.token_digest, now=t0) == other
@@ -886,6 +887,40 @@ async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the
     assert got is not None
     assert got.data == {"dirty": True, "b": 3}
     assert store._loop_db is not stuck
+
+
+@contextmanager
+def writer_thread_held(store: SQLiteStore) -> Iterator[None]:
+    """The store's writer thread busy until the block ends: what queues there waits."""
+    assert store._writer_thread is not None
+    release = threading.Event()
+    store._writer_thread.submit(release.wait, 10)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("inline_rows", [32, 2])
+async def test_logging_a_user_out_everywhere_runs_on_the_loop_unless_they_have_many_sessions(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, inline_rows: int
+) -> None:
+    """A few rows are one short write on the event loop; many wait for the writer thread."""
+    monkeypatch.setattr(sqlite_module, "INLINE_DELETE_ROWS", inline_rows)
+    t0 = start_time()
+    kept = make_record(now=t0)
+    for record in (kept, make_record(now=t0), make_record(now=t0)):
+        await impatient_store.create(record, max_sessions=10, now=t0)
+
+    with writer_thread_held(impatient_store):
+        deleting = asyncio.create_task(impatient_store.delete_for_user("alice", except_id=kept.id))
+        await asyncio.sleep(0.1)
+        done_while_held = deleting.done()
+    deleted = await deleting
+
+    assert done_while_held == (inline_rows >= 3)
+    assert deleted == 2
+    assert await impatient_store.list_for_user("alice", now=t0) == [kept]
 
 
 async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path: Path) -> None:

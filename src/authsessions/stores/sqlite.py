@@ -101,6 +101,10 @@ CHECKPOINT_EVERY = 250
 # 13,000 sessions a second, its median batch taking a third as long.
 BULK_CHECKPOINT_PAGES = 10_000
 
+# The most rows delete_for_user deletes on the event loop (one short write, as a logout is);
+# more go to the writer thread. Well above max_sessions_per_user's default of 10.
+INLINE_DELETE_ROWS = 32
+
 # What the WAL file is cut back to when it restarts after a checkpoint, in bytes: a cleanup
 # grows it to about BULK_CHECKPOINT_PAGES, and without a limit it would keep that size.
 WAL_SIZE_LIMIT = 8 << 20
@@ -115,6 +119,7 @@ _COUNT_USERS_AND_EXPIRED = (
     f"SELECT (SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?1),"
     f" (SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?1)"
 )
+_COUNT_FOR_USER = f"SELECT COUNT(*) FROM {TABLE} WHERE user_id = ?"
 _COUNT_BY_DEVICE_TYPE = (
     f"SELECT device_type, COUNT(*) FROM {TABLE} WHERE expires_at > ? GROUP BY device_type"
 )
@@ -401,14 +406,22 @@ class SQLiteStore(Store):
         # One statement in autocommit mode: a "busy" refuses it before it changes anything.
         return await self._write(lambda db: db.execute(sql, params).rowcount == 1)
 
-    # These two may delete many rows: they run on the writer thread, so that the event
-    # loop's share of a write stays short.
-
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
-        return await self._write_on_thread(
-            lambda db: db.execute(sql, (user_id, except_id)).rowcount
-        )
+
+        def delete(db: sqlite3.Connection) -> int:
+            return db.execute(sql, (user_id, except_id)).rowcount
+
+        # A user's sessions are few (max_sessions_per_user): one short write on the event
+        # loop, like a logout. Many (a raised cap, rows written by other means) go to the
+        # writer thread, so that the loop's share of a write stays short. The count only
+        # sizes the work: the DELETE removes whatever is there when it runs.
+        counted = self._read_now(_COUNT_FOR_USER, (user_id,))
+        if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
+            return await self._write(delete)
+        return await self._write_on_thread(delete)
+
+    # It may delete many rows: it runs on the writer thread.
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         sql = (
