@@ -59,10 +59,10 @@ class ReadConnections:
             connection = idle.pop()
             try:
                 return await self._call(connection, args)
-            except self._connection_errors as error:
-                if isinstance(error, TimeoutError):
-                    raise  # a slow server: failing within one timeout matters more
-                # Closed while it sat idle, most likely: once more, on a fresh one.
+            except TimeoutError:
+                raise  # a slow server: failing within one timeout matters more
+            except self._connection_errors:
+                pass  # closed while it sat idle, most likely: once more, on a fresh one
         # get_connection() carries a deprecation decorator that hides its types.
         taken: AbstractConnection = await cast("Any", self._pool).get_connection()
         return await self._call(taken, args)
