@@ -210,13 +210,16 @@ class SendWrapperMiddleware(ForwardingMiddleware):
         await self.app(scope, receive, wrapped_send)
 
 
+MIDDLEWARE_FLOORS: dict[str, type[ForwardingMiddleware]] = {
+    FORWARDING_MIDDLEWARE: ForwardingMiddleware,
+    SEND_WRAPPER_MIDDLEWARE: SendWrapperMiddleware,
+}
+"""Reference middlewares counted in the instructions part only, by variant name."""
+
+
 def middleware_floor_app(variant: str) -> Starlette:
-    """The bare app behind :class:`ForwardingMiddleware` or :class:`SendWrapperMiddleware`."""
-    if variant == FORWARDING_MIDDLEWARE:
-        return _bare_app_behind(ForwardingMiddleware)
-    if variant == SEND_WRAPPER_MIDDLEWARE:
-        return _bare_app_behind(SendWrapperMiddleware)
-    raise ValueError(f"not a middleware floor: {variant!r}")
+    """The bare app behind the :data:`MIDDLEWARE_FLOORS` middleware called ``variant``."""
+    return _bare_app_behind(MIDDLEWARE_FLOORS[variant])
 
 
 def _bare_app_behind(middleware: type[NoopMiddleware] | type[ForwardingMiddleware]) -> Starlette:

@@ -95,7 +95,7 @@ async def open_variant(name: str) -> Variant:
         variant = Variant(name, apps.bare_app())
     elif name == apps.NOOP_MIDDLEWARE:
         variant = Variant(name, apps.noop_middleware_app())
-    elif name in (apps.FORWARDING_MIDDLEWARE, apps.SEND_WRAPPER_MIDDLEWARE):
+    elif name in apps.MIDDLEWARE_FLOORS:
         variant = Variant(name, apps.middleware_floor_app(name))
     elif name == apps.STARLETTE_COOKIE:
         variant = Variant(name, apps.starlette_cookie_app())

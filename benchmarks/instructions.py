@@ -63,7 +63,7 @@ def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
     names = variant_names(kinds)
     # Counted here only: what any middleware costs, to the instruction (see apps.py).
     position = names.index(apps.NOOP_MIDDLEWARE)
-    names[position:position] = [apps.FORWARDING_MIDDLEWARE, apps.SEND_WRAPPER_MIDDLEWARE]
+    names[position:position] = list(apps.MIDDLEWARE_FLOORS)
     names += [lookup(kind) for kind in kinds if kind in ("postgres", "redis")]
     counts: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="callgrind-") as folder:
