@@ -409,18 +409,25 @@ class BusyReader:
         pass
 
 
-class BusyForWrites:
-    """Wraps the event loop's connection: reads run, every write finds the database busy
-    (and so goes to the writer thread)."""
+class WrappedConnection:
+    """The event loop's connection, of which a subclass changes ``execute``."""
 
     def __init__(self, db: sqlite3.Connection | None) -> None:
         assert db is not None
         self.db = db
-        self.refused = 0
 
     @property
     def in_transaction(self) -> bool:
         return self.db.in_transaction
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class BusyForWrites(WrappedConnection):
+    """Reads run, every write finds the database busy (and so goes to the writer thread)."""
+
+    refused = 0
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         if sql.lstrip().startswith(("SELECT", "PRAGMA")):
@@ -838,25 +845,13 @@ async def test_other_inline_write_errors_are_not_retried(impatient_store: SQLite
     assert await impatient_store.get(record.token_digest, now=t0) == record
 
 
-class RollbackFails:
-    """The event loop's connection, except that ROLLBACK fails and leaves the transaction
-    open (as a disk error might)."""
-
-    def __init__(self, db: sqlite3.Connection | None) -> None:
-        assert db is not None
-        self.db = db
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.db.in_transaction
+class RollbackFails(WrappedConnection):
+    """ROLLBACK fails and leaves the transaction open (as a disk error might)."""
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         if sql == "ROLLBACK":
             raise sqlite3.OperationalError("disk I/O error")
         return self.db.execute(sql, params)
-
-    def close(self) -> None:
-        self.db.close()
 
 
 async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the_write(
