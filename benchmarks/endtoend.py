@@ -6,6 +6,12 @@ Every variant runs in its own single-worker uvicorn process on a free port
 cookie (the apps without sessions get a cookie of the same shape, which they
 ignore), for a bounded time, only to 127.0.0.1. Rounds interleave the
 variants in shuffled order; requests/s and latency are medians over rounds.
+
+Beside requests/s, each round reads the server process's own CPU time (user and
+system, from ``/proc``) and divides it by the requests served. The server is the
+bottleneck, busy all the time, so this is requests/s turned into microseconds:
+what each variant adds to a request served for real, next to what it adds in
+process.
 """
 
 from __future__ import annotations
@@ -166,6 +172,17 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far; NaN where ``/proc`` is missing."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the command (which may hold spaces), from the third one on.
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(server: Server, seconds: float, connections: int) -> dict[str, float]:
     wrk = shutil.which("wrk")
     assert wrk is not None
@@ -176,10 +193,15 @@ def run_wrk(server: Server, seconds: float, connections: int) -> dict[str, float
     if server.cookie:
         command += ["-H", f"Cookie: {server.cookie}"]
     command.append(server.url)
+    cpu_before = cpu_seconds(server.process.pid)
     completed = subprocess.run(  # noqa: S603 - wrk, against 127.0.0.1 only
         command, capture_output=True, text=True, timeout=seconds + 30, check=True
     )
-    return parse_wrk(completed.stdout)
+    result = parse_wrk(completed.stdout)
+    served = re.search(r"(\d+) requests in", completed.stdout)
+    cpu = cpu_seconds(server.process.pid) - cpu_before
+    result["cpu_us"] = cpu / int(served.group(1)) * 1e6 if served else float("nan")
+    return result
 
 
 def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
@@ -228,6 +250,12 @@ def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
                 "p99_us": over_rounds(variant, "p99_us"),
                 # Each round's ratio to the bare app in that round, so slow drift cancels.
                 "ratio": median([r[variant]["rps"] / r[apps.BARE]["rps"] for r in rounds]),
+                "cpu_us": over_rounds(variant, "cpu_us"),
+                # The bare server's CPU per request over this one's: the share of bare
+                # requests/s this server would reach were CPU all that limits it.
+                "cpu_ratio": median(
+                    [r[apps.BARE]["cpu_us"] / r[variant]["cpu_us"] for r in rounds]
+                ),
             }
             for variant in variants
         },
@@ -252,7 +280,17 @@ def table(results: dict[str, Any]) -> str:
             f"{cell['ratio'] * 100:.0f}%",
             fmt_us(cell["p50_us"]),
             fmt_us(cell["p99_us"]),
+            _cpu_cell(cell),
         ]
         for variant, cell in results["variants"].items()
     ]
-    return markdown_table(["variant", "requests/s", "of bare", "p50", "p99"], rows)
+    header = ["variant", "requests/s", "of bare", "p50", "p99", "server CPU per request"]
+    return markdown_table(header, rows)
+
+
+def _cpu_cell(cell: dict[str, float]) -> str:
+    """``137 µs (87%)``: the server's CPU per request, and bare's as a share of it."""
+    cpu_us = cell.get("cpu_us", float("nan"))
+    if cpu_us != cpu_us:  # NaN: no /proc here
+        return "-"
+    return f"{fmt_us(cpu_us)} ({cell['cpu_ratio'] * 100:.0f}%)"
