@@ -23,10 +23,11 @@ from typing import Any, cast
 import pytest
 
 from authsessions import StoreUnavailable
-from authsessions._records import SessionRecord
+from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
-from authsessions.stores.sqlite import CHECKPOINT_EVERY, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
+from authsessions.stores._sqlite_support import checkpoint_then
+from authsessions.stores.sqlite import CHECKPOINT_PAGES, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
 
@@ -504,6 +505,10 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
 # The two ways the store learns that nothing was committed since a record was cached.
 WAL_INDEX, DATA_VERSION = "wal-index header", "PRAGMA data_version"
 
+linux_only = pytest.mark.skipif(
+    sys.platform != "linux", reason="the WAL-index header is found through /proc/self/maps (Linux)"
+)
+
 
 @pytest.fixture(params=[WAL_INDEX, DATA_VERSION])
 async def caching_store(
@@ -952,24 +957,99 @@ def has_wal(path: Path) -> bool:
 
 
 async def test_the_wal_stays_bounded_under_inline_writes(
-    impatient_store: SQLiteStore, db_path: Path
+    caching_store: SQLiteStore, db_path: Path
 ) -> None:
-    """The inline connection never checkpoints; the writer thread does, every so many writes."""
+    """The inline connection never checkpoints; the writer thread does, once the WAL holds
+    CHECKPOINT_PAGES pages (or, where its size cannot be read, every CHECKPOINT_EVERY writes).
+    """
     t0 = start_time()
     records = [make_record(now=t0) for _ in range(5)]
     for record in records:
-        await impatient_store.create(record, max_sessions=10, now=t0)
+        await caching_store.create(record, max_sessions=10, now=t0)
     page_size = pragma(db_path, "page_size")
 
     largest = 0
-    for i in range(8 * CHECKPOINT_EVERY):
+    for i in range(2 * CHECKPOINT_PAGES):
         now = t0 + i / 1000
         update = make_update(now=now, set_keys={"i": i})
-        assert await impatient_store.update(records[i % 5].id, update, now=now)
+        assert await caching_store.update(records[i % 5].id, update, now=now)
         largest = max(largest, wal_size(db_path))
 
-    # An update adds about 3 pages to the WAL: without checkpoints it would reach 6000.
-    assert largest < 6 * CHECKPOINT_EVERY * page_size
+    # An update that moves the expiry adds 2 pages: without checkpoints the WAL would reach
+    # 4 * CHECKPOINT_PAGES. A frame is a page and a 24-byte header.
+    assert largest < (CHECKPOINT_PAGES + 8) * (page_size + 24)
+
+
+@contextmanager
+def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the writer thread's checkpoints (one entry each), checkpointing as ever."""
+    taken: list[int] = []
+
+    def counted(db: sqlite3.Connection, work: Any) -> Any:
+        taken.append(1)
+        return checkpoint_then(db, work)
+
+    monkeypatch.setattr(sqlite_module, "checkpoint_then", counted)
+    yield taken
+
+
+def data_write(value: int) -> SessionUpdate:
+    """A write within the touch interval: it changes the data and leaves the times."""
+    return make_update(now=0, set_keys={"i": value}, moves_expiry=False)
+
+
+@linux_only
+async def test_a_checkpoint_waits_for_pages_not_writes(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data write adds one page to the WAL: counting writes had them checkpoint (and
+    fsync) every 250 pages, four times as often as a login's six pages did.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+
+    with counting_checkpoints(monkeypatch) as taken:
+        for i in range(CHECKPOINT_PAGES // 2):
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        assert taken == []
+
+        for i in range(CHECKPOINT_PAGES):
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        assert len(taken) == 1
+
+    # The checkpoint restarted the WAL: the pages counted since are the writes after it.
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    assert wal_index.frames() < CHECKPOINT_PAGES
+
+
+@linux_only
+async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader on an old snapshot keeps the WAL from restarting, so it stays past
+    CHECKPOINT_PAGES: the next attempt waits for that many pages more, as after one that
+    copied everything, instead of every write hopping to the writer thread to try again.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # holds its snapshot
+
+        with counting_checkpoints(monkeypatch) as taken:
+            for i in range(CHECKPOINT_PAGES * 5 // 2):
+                assert await impatient_store.update(record.id, data_write(i), now=t0)
+
+        wal_index = impatient_store._wal_index
+        assert wal_index is not None
+        assert wal_index.frames() > 2 * CHECKPOINT_PAGES  # the WAL never restarted
+        assert len(taken) == 2
+    finally:
+        reader.close()
 
 
 async def test_the_writer_thread_checkpoints_every_so_many_pages(

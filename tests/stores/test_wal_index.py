@@ -105,6 +105,27 @@ def test_the_header_moves_with_every_commit_of_another_connection(tmp_path: Path
 
 
 @linux_only
+def test_frames_are_the_pages_sqlite_counts_in_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "wal.db"
+    reader, writer = wal_database(path), sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        header = WalIndexHeader.find(str(path))
+        assert header is not None
+        for value in range(50):
+            writer.execute("INSERT INTO t VALUES (?)", (value,))
+        # The log column: frames in the WAL, which a PASSIVE checkpoint copies but keeps.
+        _, logged, copied = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert header.frames() == logged == copied >= 50
+
+        writer.execute("INSERT INTO t VALUES (50)")  # everything was copied: a restart
+        assert 0 < header.frames() < 5
+    finally:
+        reader.close()
+        writer.close()
+
+
+@linux_only
 def test_a_link_to_the_database_finds_the_same_header(tmp_path: Path) -> None:
     path = tmp_path / "wal.db"
     (tmp_path / "link.db").symlink_to(path)

@@ -6,7 +6,8 @@ frame, page count, checksums, salts and a change counter. Comparing it with
 an earlier copy is how SQLite itself decides, as a read transaction begins,
 whether the database changed, and what ``PRAGMA data_version`` reports. Read
 here, it costs a 96-byte copy instead of a read transaction with its two
-file-lock system calls.
+file-lock system calls. Its frame count is also how long the WAL is, which
+tells SQLiteStore when to checkpoint.
 
 The header is found in SQLite's own mapping of the ``-shm`` file, listed in
 ``/proc/self/maps``: no descriptor is opened on that file, since closing one
@@ -35,6 +36,7 @@ __all__ = ["WalIndexHeader"]
 _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
+_MX_FRAME = struct.Struct("=16xI")  # mxFrame: the WAL's last valid frame, 0 when it is empty
 
 
 class WalIndexHeader:
@@ -96,3 +98,12 @@ class WalIndexHeader:
         if copies[:_COPY_SIZE] == copies[_COPY_SIZE:]:
             return copies
         return object()
+
+    def frames(self) -> int:
+        """How many frames (page writes) the WAL holds since it last restarted.
+
+        Read from one copy without a check: while a commit is writing the header it
+        may be that commit's count or the one before.
+        """
+        frames: int = _MX_FRAME.unpack_from(self._copies)[0]
+        return frames
