@@ -1093,6 +1093,31 @@ async def test_the_wal_stays_bounded_under_a_cleanup(
     assert largest < (threshold + 3 * 100) * page_size
 
 
+@linux_only
+async def test_cleanup_batches_leave_checkpoints_to_the_writer_connection(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch adds hundreds of pages to the WAL: counted towards CHECKPOINT_PAGES, every
+    batch would take a checkpoint of its own, which BULK_CHECKPOINT_PAGES is there to spare.
+    """
+    t0 = start_time()
+    async with SQLiteStore(db_path) as store:
+        for i in range(6000):
+            record = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
+            await store.create(record, max_sessions=10, now=t0 - 2 * TTL)
+
+    largest = 0
+    async with SQLiteStore(db_path) as store:
+        wal_index = store._wal_index
+        assert wal_index is not None
+        with counting_checkpoints(monkeypatch) as taken:
+            while await store.delete_expired(now=t0, limit=1000):
+                largest = max(largest, wal_index.frames())
+
+    assert largest > CHECKPOINT_PAGES
+    assert taken == []
+
+
 async def test_the_wal_file_shrinks_back_after_a_cleanup(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

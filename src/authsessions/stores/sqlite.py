@@ -427,7 +427,7 @@ class SQLiteStore(Store):
         counted = self._read_now(_COUNT_FOR_USER, (user_id,))
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
             return await self._write(delete)
-        return await self._write_on_thread(delete)
+        return await self._write_many_rows(delete)
 
     # It may delete many rows: it runs on the writer thread.
 
@@ -436,7 +436,7 @@ class SQLiteStore(Store):
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
         )
-        return await self._write_on_thread(lambda db: db.execute(sql, (now, limit)).rowcount)
+        return await self._write_many_rows(lambda db: db.execute(sql, (now, limit)).rowcount)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (one transaction or statement) on the event loop if the file is free.
@@ -485,6 +485,19 @@ class SQLiteStore(Store):
                     self._checkpoint_at_pages = wal_index.frames() + CHECKPOINT_PAGES
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._writes_since_checkpoint += 1
+        return result
+
+    async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work``, which may change many rows, on the writer thread.
+
+        That thread's connection checkpoints by itself once the WAL passes
+        BULK_CHECKPOINT_PAGES, so the pages ``work`` adds are not counted towards
+        CHECKPOINT_PAGES: a cleanup's batches would each take a checkpoint of their own.
+        """
+        result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
+        wal_index = self._wal_index
+        if wal_index is not None:
+            self._checkpoint_at_pages = wal_index.frames() + CHECKPOINT_PAGES
         return result
 
     def _checkpoint_due(self) -> bool:
