@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple
 from pathlib import Path
@@ -28,6 +28,7 @@ from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._sqlite_support import checkpoint_then
 from authsessions.stores.sqlite import CHECKPOINT_PAGES, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
+from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
 
@@ -505,10 +506,6 @@ def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
 # The two ways the store learns that nothing was committed since a record was cached.
 WAL_INDEX, DATA_VERSION = "wal-index header", "PRAGMA data_version"
 
-linux_only = pytest.mark.skipif(
-    sys.platform != "linux", reason="the WAL-index header is found through /proc/self/maps (Linux)"
-)
-
 
 @pytest.fixture(params=[WAL_INDEX, DATA_VERSION])
 async def caching_store(
@@ -520,7 +517,7 @@ async def caching_store(
     async with SQLiteStore(db_path, timeout=0.2) as store:
         if request.param == WAL_INDEX:
             if sys.platform != "linux":
-                pytest.skip("the WAL-index header is found through /proc/self/maps (Linux)")
+                pytest.skip(ON_LINUX_ONLY)
             assert store._wal_index is not None, "the WAL-index header was not found"
         else:
             store._wal_index = None  # as where /proc/self/maps is missing
@@ -982,15 +979,16 @@ async def test_the_wal_stays_bounded_under_inline_writes(
 
 @contextmanager
 def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts the writer thread's checkpoints (one entry each), checkpointing as ever."""
+    """Counts the writer thread's checkpoints (one entry each) within the block."""
     taken: list[int] = []
 
     def counted(db: sqlite3.Connection, work: Any) -> Any:
         taken.append(1)
         return checkpoint_then(db, work)
 
-    monkeypatch.setattr(sqlite_module, "checkpoint_then", counted)
-    yield taken
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_module, "checkpoint_then", counted)
+        yield taken
 
 
 def data_write(value: int) -> SessionUpdate:
@@ -1093,12 +1091,79 @@ async def test_the_wal_stays_bounded_under_a_cleanup(
     assert largest < (threshold + 3 * 100) * page_size
 
 
+class RecordingWrites(WrappedConnection):
+    """Runs everything, and keeps the write statements the event loop's connection ran."""
+
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        super().__init__(db)
+        self.writes: list[str] = []
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if not sql.lstrip().startswith(("SELECT", "PRAGMA")):
+            self.writes.append(sql)
+        return self.db.execute(sql, params)
+
+
+async def checkpoint_by_another_connection(store: SQLiteStore, session_id: str) -> None:
+    db = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        _, logged, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        db.close()
+    assert logged == copied > 0
+
+
+async def checkpoint_due_spent_on_a_write_that_changes_nothing(
+    store: SQLiteStore, session_id: str
+) -> None:
+    for i in itertools.count():
+        if store._checkpoint_due():
+            break
+        assert await store.update(session_id, data_write(i), now=start_time())
+    assert not await store.delete("no-such-session")  # takes the checkpoint, writes no page
+
+
 @linux_only
-async def test_cleanup_batches_leave_checkpoints_to_the_writer_connection(
+@pytest.mark.parametrize(
+    "checkpoint",
+    [checkpoint_by_another_connection, checkpoint_due_spent_on_a_write_that_changes_nothing],
+)
+async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
+    impatient_store: SQLiteStore, checkpoint: Callable[[SQLiteStore, str], Awaitable[None]]
+) -> None:
+    """Once a checkpoint copied the whole WAL, whoever's it was, the next commit starts
+    the WAL over and fsyncs its header: never on the event loop.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    assert await impatient_store.update(record.id, data_write(0), now=t0)
+    await checkpoint(impatient_store, record.id)
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    assert wal_index.all_checkpointed()
+
+    recording = RecordingWrites(impatient_store._loop_db)
+    impatient_store._loop_db = cast(sqlite3.Connection, recording)
+    try:
+        assert await impatient_store.update(record.id, data_write(1), now=t0)
+        assert recording.writes == []
+        assert not wal_index.all_checkpointed()
+        assert 0 < wal_index.frames() < 5  # started over
+
+        assert await impatient_store.update(record.id, data_write(2), now=t0)
+        assert recording.writes[0] == "BEGIN IMMEDIATE"  # the WAL in use again: inline
+    finally:
+        impatient_store._loop_db = recording.db
+
+
+@linux_only
+async def test_a_cleanups_pages_do_not_count_towards_the_requests_checkpoint(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch adds hundreds of pages to the WAL: counted towards CHECKPOINT_PAGES, every
-    batch would take a checkpoint of its own, which BULK_CHECKPOINT_PAGES is there to spare.
+    batch would take a checkpoint of its own. The writer connection's own, at
+    BULK_CHECKPOINT_PAGES, is there for them.
     """
     t0 = start_time()
     async with SQLiteStore(db_path) as store:

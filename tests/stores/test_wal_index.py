@@ -21,12 +21,10 @@ import pytest
 from authsessions.stores import SQLiteStore
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import TABLE
+from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import make_record, start_time
 
 REGION_SIZE = 32768  # of the WAL index, mapped one region at a time
-
-ON_LINUX_ONLY = "the header is found through /proc/self/maps (Linux)"
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason=ON_LINUX_ONLY)
 
 
 def shm_size(store: SQLiteStore) -> int:
@@ -73,6 +71,17 @@ def test_copies_that_differ_are_a_version_equal_to_none() -> None:
 def test_a_buffer_of_another_size_is_refused() -> None:
     with pytest.raises(ValueError, match="96 bytes"):
         WalIndexHeader((ctypes.c_char * 48)())
+    with pytest.raises(ValueError, match="4 bytes"):
+        WalIndexHeader(copies_of(b"a" * 48, b"a" * 48), (ctypes.c_char * 8)())
+
+
+def test_without_the_checkpoint_info_the_wal_is_never_taken_for_checkpointed() -> None:
+    """Unknown counts as not checkpointed: taken as checkpointed, every write of the store
+    would go to its writer thread."""
+    header = WalIndexHeader(copies_of(bytes(48), bytes(48)))  # mxFrame 0: an empty WAL
+
+    assert header.frames() == 0
+    assert not header.all_checkpointed()
 
 
 # -- finding SQLite's own mapping ----------------------------------------------------------
@@ -105,7 +114,7 @@ def test_the_header_moves_with_every_commit_of_another_connection(tmp_path: Path
 
 
 @linux_only
-def test_frames_are_the_pages_sqlite_counts_in_the_wal(tmp_path: Path) -> None:
+def test_frames_and_checkpoint_progress_are_what_sqlite_counts(tmp_path: Path) -> None:
     path = tmp_path / "wal.db"
     reader, writer = wal_database(path), sqlite3.connect(path, isolation_level=None)
     try:
@@ -114,12 +123,15 @@ def test_frames_are_the_pages_sqlite_counts_in_the_wal(tmp_path: Path) -> None:
         assert header is not None
         for value in range(50):
             writer.execute("INSERT INTO t VALUES (?)", (value,))
+        assert not header.all_checkpointed()
         # The log column: frames in the WAL, which a PASSIVE checkpoint copies but keeps.
         _, logged, copied = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         assert header.frames() == logged == copied >= 50
+        assert header.all_checkpointed()
 
         writer.execute("INSERT INTO t VALUES (50)")  # everything was copied: a restart
         assert 0 < header.frames() < 5
+        assert not header.all_checkpointed()
     finally:
         reader.close()
         writer.close()

@@ -6,8 +6,9 @@ frame, page count, checksums, salts and a change counter. Comparing it with
 an earlier copy is how SQLite itself decides, as a read transaction begins,
 whether the database changed, and what ``PRAGMA data_version`` reports. Read
 here, it costs a 96-byte copy instead of a read transaction with its two
-file-lock system calls. Its frame count is also how long the WAL is, which
-tells SQLiteStore when to checkpoint.
+file-lock system calls. Its frame count, with the checkpoint's progress
+that follows the header in the same mapping, also tells SQLiteStore how long
+the WAL is and whether the next commit will start it over.
 
 The header is found in SQLite's own mapping of the ``-shm`` file, listed in
 ``/proc/self/maps``: no descriptor is opened on that file, since closing one
@@ -37,6 +38,8 @@ _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
 _MX_FRAME = struct.Struct("=16xI")  # mxFrame: the WAL's last valid frame, 0 when it is empty
+_CHECKPOINT_INFO_SIZE = 4  # nBackfill, first of the checkpoint info that follows the copies
+_BACKFILLED = struct.Struct("=I")  # nBackfill: the frames a checkpoint copied into the database
 
 
 class WalIndexHeader:
@@ -48,12 +51,19 @@ class WalIndexHeader:
     file) in place.
     """
 
-    __slots__ = ("_copies",)
+    __slots__ = ("_backfilled", "_copies")
 
-    def __init__(self, copies: ctypes.Array[ctypes.c_char]) -> None:
+    def __init__(
+        self,
+        copies: ctypes.Array[ctypes.c_char],
+        backfilled: ctypes.Array[ctypes.c_char] | None = None,
+    ) -> None:
         if len(copies) != 2 * _COPY_SIZE:
             raise ValueError(f"the header's two copies take {2 * _COPY_SIZE} bytes")
+        if backfilled is not None and len(backfilled) != _CHECKPOINT_INFO_SIZE:
+            raise ValueError(f"nBackfill takes {_CHECKPOINT_INFO_SIZE} bytes")
         self._copies = copies
+        self._backfilled = backfilled
 
     @classmethod
     def find(cls, database_path: str) -> WalIndexHeader | None:
@@ -85,7 +95,10 @@ class WalIndexHeader:
         current = copies.raw
         if current[:4] != _VERSION or current[_IS_INIT] != 1:
             return None
-        return cls(copies)
+        backfilled = (ctypes.c_char * _CHECKPOINT_INFO_SIZE).from_address(
+            starts[0] + 2 * _COPY_SIZE
+        )
+        return cls(copies, backfilled)
 
     def version(self) -> object:
         """The header as it is now; while a commit is writing it, a version equal to none
@@ -107,3 +120,13 @@ class WalIndexHeader:
         """
         frames: int = _MX_FRAME.unpack_from(self._copies)[0]
         return frames
+
+    def all_checkpointed(self) -> bool:
+        """Whether every frame of the WAL is in the database too (an empty WAL included):
+        the next commit, by whichever connection, then starts the WAL over, writing its
+        header and fsyncing it. ``False`` when this header was made without ``backfilled``.
+        """
+        if self._backfilled is None:
+            return False
+        # At or past: a restart resets mxFrame a moment before nBackfill.
+        return bool(_BACKFILLED.unpack_from(self._backfilled)[0] >= self.frames())

@@ -16,9 +16,11 @@ which never waits for a lock: in WAL mode with ``synchronous=NORMAL``
 a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
-that may touch many rows, and checkpoints the WAL (which fsyncs) once it holds
-``CHECKPOINT_PAGES`` pages, and whenever one of its own commits finds the
-WAL past ``BULK_CHECKPOINT_PAGES``. The rare read that finds the database busy (WAL
+that may touch many rows, and checkpoints the WAL (which fsyncs) once requests
+have added ``CHECKPOINT_PAGES`` pages to it, and whenever one of its own commits
+finds the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after any
+checkpoint that copied the whole WAL starts the WAL over and fsyncs its header,
+so that commit runs there too. The rare read that finds the database busy (WAL
 recovery after a crash) is retried there as well.
 """
 
@@ -89,11 +91,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# The WAL's size, in pages, at which the writer thread checkpoints it: SQLite's own default
-# (about 4 MB). Pages, not writes: a data write adds one page to the WAL, a touch two, a
-# login about six, and a checkpoint's cost (its fsyncs) grows with the pages. Counting 250
-# writes instead had data writes checkpoint every 250 pages, at 8.6 to 9.1 µs a write against
-# 4.5 µs now, and logins every 1,500, holding the writes behind them 5 to 6 ms (5 ms now).
+# The pages requests add to the WAL between two checkpoints by the writer thread: SQLite's own
+# default (about 4 MB). Pages rather than writes: a data write adds one page, a touch two, a
+# login six, and a checkpoint copies and flushes pages after a fixed cost in fsyncs. Counted in
+# writes (250), data writes paid that fixed cost four times as often as this, logins at 1,500.
 CHECKPOINT_PAGES = 1000
 
 # Where the WAL's size cannot be read (see _wal_index), writes between two checkpoints.
@@ -165,8 +166,9 @@ class SQLiteStore(Store):
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
-        self._writes_since_checkpoint = 0
-        self._checkpoint_at_pages = CHECKPOINT_PAGES
+        self._writes_since_checkpoint = 0  # where the WAL-index header cannot be read
+        # The WAL's frame count where pages counted towards CHECKPOINT_PAGES start.
+        self._checkpointed_at_frame = 0
         self._checkpointing = False
 
     def __repr__(self) -> str:
@@ -237,7 +239,7 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        self._checkpoint_at_pages = CHECKPOINT_PAGES
+        self._checkpointed_at_frame = 0
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -446,10 +448,7 @@ class SQLiteStore(Store):
         waits for the lock up to ``timeout``.
         """
         db = self._connection(self._loop_db)
-        # While a checkpoint is under way, every write queues behind it on the thread: the
-        # first commit after it restarts the WAL and fsyncs its header, which must not
-        # happen here.
-        if not (self._checkpointing or self._checkpoint_due()):
+        if not self._write_needs_thread():
             try:
                 result = work(db)
             except sqlite3.Error as exc:
@@ -466,6 +465,21 @@ class SQLiteStore(Store):
                 return result
         return await self._write_on_thread(work)
 
+    def _write_needs_thread(self) -> bool:
+        """Whether the next write must run on the writer thread, for the fsync it may do.
+
+        The first commit after a checkpoint copied the whole WAL (this store's, the
+        writer connection's own, another process's) starts the WAL over and fsyncs
+        its header; so does the commit after a due checkpoint, and while one is under
+        way every write queues behind it.
+        """
+        wal_index = self._wal_index
+        return (
+            self._checkpointing
+            or self._checkpoint_due()
+            or (wal_index is not None and wal_index.all_checkpointed())
+        )
+
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
         if self._checkpoint_due() and not self._checkpointing:
@@ -477,12 +491,12 @@ class SQLiteStore(Store):
             finally:
                 self._checkpointing = False
                 self._writes_since_checkpoint = 0
-                # Counted from what the WAL holds now: a checkpoint that could not copy
-                # every page (a reader still on an old snapshot) leaves the WAL as long,
-                # and the next attempt waits for as many new pages as a full one would.
+                # Pages are counted from what the WAL holds now: a checkpoint that could not
+                # copy every page (a reader on an old snapshot) leaves it as long, and the
+                # next attempt waits for as many new pages as after one that could.
                 wal_index = self._wal_index
                 if wal_index is not None:
-                    self._checkpoint_at_pages = wal_index.frames() + CHECKPOINT_PAGES
+                    self._checkpointed_at_frame = wal_index.frames()
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._writes_since_checkpoint += 1
         return result
@@ -492,19 +506,33 @@ class SQLiteStore(Store):
 
         That thread's connection checkpoints by itself once the WAL passes
         BULK_CHECKPOINT_PAGES, so the pages ``work`` adds are not counted towards
-        CHECKPOINT_PAGES: a cleanup's batches would each take a checkpoint of their own.
+        CHECKPOINT_PAGES: each batch of a cleanup would take a checkpoint of its own.
         """
-        result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         wal_index = self._wal_index
-        if wal_index is not None:
-            self._checkpoint_at_pages = wal_index.frames() + CHECKPOINT_PAGES
+        if wal_index is None:
+            return await self._on_writer_thread(lambda: work(self._connection(self._writer)))
+
+        def run(db: sqlite3.Connection) -> tuple[T, int, int]:
+            before = wal_index.frames()
+            return work(db), before, wal_index.frames()
+
+        result, before, after = await self._on_writer_thread(
+            lambda: run(self._connection(self._writer))
+        )
+        if after >= before:
+            self._checkpointed_at_frame += after - before
+        else:  # the work's commit started the WAL over: what it holds now is the work's
+            self._checkpointed_at_frame = after
         return result
 
     def _checkpoint_due(self) -> bool:
         wal_index = self._wal_index
-        if wal_index is not None:
-            return wal_index.frames() >= self._checkpoint_at_pages
-        return self._writes_since_checkpoint >= CHECKPOINT_EVERY
+        if wal_index is None:
+            return self._writes_since_checkpoint >= CHECKPOINT_EVERY
+        frames = wal_index.frames()
+        if frames < self._checkpointed_at_frame:  # the WAL started over since: count afresh
+            self._checkpointed_at_frame = 0
+        return frames - self._checkpointed_at_frame >= CHECKPOINT_PAGES
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:
