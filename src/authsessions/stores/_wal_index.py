@@ -37,9 +37,8 @@ __all__ = ["WalIndexHeader"]
 _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
-_MX_FRAME = struct.Struct("=16xI")  # mxFrame: the WAL's last valid frame, 0 when it is empty
+_MX_FRAME = 4  # the 32-bit word of mxFrame, the WAL's last valid frame (0: an empty WAL)
 _CHECKPOINT_INFO_SIZE = 4  # nBackfill, first of the checkpoint info that follows the copies
-_BACKFILLED = struct.Struct("=I")  # nBackfill: the frames a checkpoint copied into the database
 
 
 class WalIndexHeader:
@@ -51,7 +50,7 @@ class WalIndexHeader:
     file) in place.
     """
 
-    __slots__ = ("_backfilled", "_copies")
+    __slots__ = ("_backfilled", "_copies", "_words")
 
     def __init__(
         self,
@@ -63,7 +62,12 @@ class WalIndexHeader:
         if backfilled is not None and len(backfilled) != _CHECKPOINT_INFO_SIZE:
             raise ValueError(f"nBackfill takes {_CHECKPOINT_INFO_SIZE} bytes")
         self._copies = copies
-        self._backfilled = backfilled
+        # Native 32-bit words, as SQLite keeps them: indexing one reads it in place.
+        self._words = memoryview(copies).cast("B").cast("I")
+        # nBackfill: the frames a checkpoint copied into the database.
+        self._backfilled = (
+            None if backfilled is None else memoryview(backfilled).cast("B").cast("I")
+        )
 
     @classmethod
     def find(cls, database_path: str) -> WalIndexHeader | None:
@@ -118,7 +122,7 @@ class WalIndexHeader:
         Read from one copy without a check: while a commit is writing the header it
         may be that commit's count or the one before.
         """
-        frames: int = _MX_FRAME.unpack_from(self._copies)[0]
+        frames: int = self._words[_MX_FRAME]
         return frames
 
     def all_checkpointed(self) -> bool:
@@ -126,7 +130,6 @@ class WalIndexHeader:
         the next commit, by whichever connection, then starts the WAL over, writing its
         header and fsyncing it. ``False`` when this header was made without ``backfilled``.
         """
-        if self._backfilled is None:
-            return False
+        backfilled = self._backfilled
         # At or past: a restart resets mxFrame a moment before nBackfill.
-        return bool(_BACKFILLED.unpack_from(self._backfilled)[0] >= self.frames())
+        return backfilled is not None and backfilled[0] >= self._words[_MX_FRAME]
