@@ -1001,7 +1001,7 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A data write adds one page to the WAL: counting writes had them checkpoint (and
-    fsync) every 250 pages, four times as often as a login's six pages did.
+    fsync) every 250 pages, where logins, six pages each, did so every 1,500.
     """
     t0 = start_time()
     record = make_record(now=t0)
@@ -1097,6 +1097,7 @@ class RecordingWrites(WrappedConnection):
     def __init__(self, db: sqlite3.Connection | None) -> None:
         super().__init__(db)
         self.writes: list[str] = []
+        self.refuse_write = getattr(db, "refuse_write", None)
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         if not sql.lstrip().startswith(("SELECT", "PRAGMA")):
@@ -1132,7 +1133,8 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     impatient_store: SQLiteStore, checkpoint: Callable[[SQLiteStore, str], Awaitable[None]]
 ) -> None:
     """Once a checkpoint copied the whole WAL, whoever's it was, the next commit starts
-    the WAL over and fsyncs its header: never on the event loop.
+    the WAL over and fsyncs its header: never on the event loop. Its connection sees that
+    once its transaction has begun (no checkpoint can land in between), and hands over.
     """
     t0 = start_time()
     record = make_record(now=t0)
@@ -1147,12 +1149,17 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
         assert await impatient_store.update(record.id, data_write(1), now=t0)
-        assert recording.writes == []
+        assert recording.writes == ["BEGIN IMMEDIATE", "ROLLBACK"]  # then the thread's turn
         assert not wal_index.all_checkpointed()
         assert 0 < wal_index.frames() < 5  # started over
 
+        recording.writes.clear()
         assert await impatient_store.update(record.id, data_write(2), now=t0)
         assert recording.writes[0] == "BEGIN IMMEDIATE"  # the WAL in use again: inline
+        assert recording.writes[-1] == "COMMIT"
+        got = await impatient_store.get(record.token_digest, now=t0)
+        assert got is not None
+        assert got.data["i"] == 2
     finally:
         impatient_store._loop_db = recording.db
 
@@ -1161,26 +1168,59 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
 async def test_a_cleanups_pages_do_not_count_towards_the_requests_checkpoint(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch adds hundreds of pages to the WAL: counted towards CHECKPOINT_PAGES, every
-    batch would take a checkpoint of its own. The writer connection's own, at
-    BULK_CHECKPOINT_PAGES, is there for them.
+    """A batch adds hundreds of pages to the WAL: counted towards CHECKPOINT_PAGES, the
+    requests between batches would each take a checkpoint. The writer connection's own,
+    at BULK_CHECKPOINT_PAGES, is there for them.
     """
     t0 = start_time()
+    live = make_record(now=t0)
     async with SQLiteStore(db_path) as store:
         for i in range(6000):
             record = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
             await store.create(record, max_sessions=10, now=t0 - 2 * TTL)
+        await store.create(live, max_sessions=10, now=t0)
 
     largest = 0
     async with SQLiteStore(db_path) as store:
         wal_index = store._wal_index
         assert wal_index is not None
         with counting_checkpoints(monkeypatch) as taken:
-            while await store.delete_expired(now=t0, limit=1000):
+            for i in itertools.count():
+                if not await store.delete_expired(now=t0, limit=1000):
+                    break
                 largest = max(largest, wal_index.frames())
+                assert await store.update(live.id, data_write(i), now=t0)
 
     assert largest > CHECKPOINT_PAGES
     assert taken == []
+
+
+@linux_only
+async def test_pages_are_counted_afresh_once_the_wal_started_over(
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint held back by a reader counts on from the WAL's length then; once the
+    WAL started over (here after another connection's checkpoint), from its start.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # holds its snapshot
+        with counting_checkpoints(monkeypatch) as taken:
+            for i in range(CHECKPOINT_PAGES + 10):
+                assert await impatient_store.update(record.id, data_write(i), now=t0)
+            assert len(taken) == 1  # held back: the WAL keeps every page
+            reader.execute("COMMIT")
+            await checkpoint_by_another_connection(impatient_store, record.id)
+
+            for i in range(CHECKPOINT_PAGES + 10):
+                assert await impatient_store.update(record.id, data_write(i), now=t0)
+            assert len(taken) == 2
+    finally:
+        reader.close()
 
 
 async def test_the_wal_file_shrinks_back_after_a_cleanup(

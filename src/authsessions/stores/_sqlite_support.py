@@ -11,7 +11,9 @@ from typing import TypeVar
 from authsessions._records import SessionRecord
 
 __all__ = [
+    "GuardedConnection",
     "RecordCache",
+    "WriteRefused",
     "checkpoint_then",
     "enable_wal",
     "is_busy",
@@ -32,6 +34,19 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES
 
 
+class WriteRefused(Exception):
+    """A :class:`GuardedConnection` refused the transaction it had just begun; nothing
+    was changed, and the caller may run the same work on another connection."""
+
+
+class GuardedConnection(sqlite3.Connection):
+    """A connection whose :class:`transaction` asks ``refuse_write`` whether to go on, once
+    ``BEGIN IMMEDIATE`` holds the write lock and nothing else can change the WAL.
+    """
+
+    refuse_write: Callable[[], bool] | None = None
+
+
 class transaction:
     """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error, the COMMIT's own included.
 
@@ -44,8 +59,13 @@ class transaction:
         self.db = db
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        refuse_write = getattr(db, "refuse_write", None)
+        if refuse_write is not None and refuse_write():
+            db.execute("ROLLBACK")
+            raise WriteRefused
+        return db
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         if exc_type is not None:

@@ -37,17 +37,18 @@ __all__ = ["WalIndexHeader"]
 _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
-_MX_FRAME = 4  # the 32-bit word of mxFrame, the WAL's last valid frame (0: an empty WAL)
-_CHECKPOINT_INFO_SIZE = 4  # nBackfill, first of the checkpoint info that follows the copies
+_MX_FRAME_WORD = 4  # the 32-bit word of mxFrame, the WAL's last valid frame (0: an empty WAL)
+_N_BACKFILL_SIZE = 4  # nBackfill, first of the checkpoint info that follows the two copies
 
 
 class WalIndexHeader:
-    """A version of the whole database that every commit changes, for a cache to compare.
+    """A version of the whole database that every commit changes, for a cache to compare;
+    and how long the WAL is, and how much of it a checkpoint copied.
 
     The owner must keep a connection to the database open for as long as it
-    calls :meth:`version`: that connection keeps SQLite's mapping (and its
-    shared lock on ``-shm``, which stops another process from replacing the
-    file) in place.
+    calls any method, from any thread: that connection keeps SQLite's mapping
+    (and its shared lock on ``-shm``, which stops another process from
+    replacing the file) in place.
     """
 
     __slots__ = ("_backfilled", "_copies", "_words")
@@ -59,8 +60,8 @@ class WalIndexHeader:
     ) -> None:
         if len(copies) != 2 * _COPY_SIZE:
             raise ValueError(f"the header's two copies take {2 * _COPY_SIZE} bytes")
-        if backfilled is not None and len(backfilled) != _CHECKPOINT_INFO_SIZE:
-            raise ValueError(f"nBackfill takes {_CHECKPOINT_INFO_SIZE} bytes")
+        if backfilled is not None and len(backfilled) != _N_BACKFILL_SIZE:
+            raise ValueError(f"nBackfill takes {_N_BACKFILL_SIZE} bytes")
         self._copies = copies
         # Native 32-bit words, as SQLite keeps them: indexing one reads it in place.
         self._words = memoryview(copies).cast("B").cast("I")
@@ -99,9 +100,7 @@ class WalIndexHeader:
         current = copies.raw
         if current[:4] != _VERSION or current[_IS_INIT] != 1:
             return None
-        backfilled = (ctypes.c_char * _CHECKPOINT_INFO_SIZE).from_address(
-            starts[0] + 2 * _COPY_SIZE
-        )
+        backfilled = (ctypes.c_char * _N_BACKFILL_SIZE).from_address(starts[0] + 2 * _COPY_SIZE)
         return cls(copies, backfilled)
 
     def version(self) -> object:
@@ -122,14 +121,15 @@ class WalIndexHeader:
         Read from one copy without a check: while a commit is writing the header it
         may be that commit's count or the one before.
         """
-        frames: int = self._words[_MX_FRAME]
+        frames: int = self._words[_MX_FRAME_WORD]
         return frames
 
     def all_checkpointed(self) -> bool:
         """Whether every frame of the WAL is in the database too (an empty WAL included):
-        the next commit, by whichever connection, then starts the WAL over, writing its
-        header and fsyncing it. ``False`` when this header was made without ``backfilled``.
+        the next commit that writes a page, by whichever connection, may then start the
+        WAL over, writing its header and fsyncing it (it does unless a reader still holds
+        a snapshot in the WAL). ``False`` when this header was made without ``backfilled``.
         """
         backfilled = self._backfilled
         # At or past: a restart resets mxFrame a moment before nBackfill.
-        return backfilled is not None and backfilled[0] >= self._words[_MX_FRAME]
+        return backfilled is not None and backfilled[0] >= self._words[_MX_FRAME_WORD]

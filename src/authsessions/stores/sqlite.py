@@ -43,7 +43,9 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._sqlite_support import (
+    GuardedConnection,
     RecordCache,
+    WriteRefused,
     checkpoint_then,
     enable_wal,
     is_busy,
@@ -167,8 +169,9 @@ class SQLiteStore(Store):
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
         self._writes_since_checkpoint = 0  # where the WAL-index header cannot be read
-        # The WAL's frame count where pages counted towards CHECKPOINT_PAGES start.
-        self._checkpointed_at_frame = 0
+        # The WAL frame after which pages count towards CHECKPOINT_PAGES: the WAL's length
+        # at the last checkpoint attempt, moved on past the pages bulk writes added since.
+        self._count_from_frame = 0
         self._checkpointing = False
 
     def __repr__(self) -> str:
@@ -187,9 +190,7 @@ class SQLiteStore(Store):
             raise
 
     def _open_loop_db(self) -> None:
-        # timeout=0: whatever meets a lock is retried on the writer thread instead of
-        # blocking the event loop.
-        db = _connect(self.path, timeout=0)
+        db = _connect_loop_db(self.path)
         try:
             # What makes a commit cheap enough for the event loop: no fsync (see
             # _connect_writer), and no checkpoint (it fsyncs) inside a commit; the writer
@@ -204,6 +205,9 @@ class SQLiteStore(Store):
         except BaseException:
             db.close()
             raise
+        if wal_index is not None:
+            # A commit that would start the WAL over (and fsync) goes to the writer thread.
+            db.refuse_write = wal_index.all_checkpointed
         self._loop_db, self._wal_index = db, wal_index
 
     def _reopen_loop_db(self) -> None:
@@ -239,7 +243,7 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        self._checkpointed_at_frame = 0
+        self._count_from_frame = 0
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -413,14 +417,19 @@ class SQLiteStore(Store):
             sql, params = f"DELETE FROM {TABLE} WHERE id = ?", (session_id,)
         else:
             sql, params = f"DELETE FROM {TABLE} WHERE id = ? AND user_id = ?", (session_id, user_id)
-        # One statement in autocommit mode: a "busy" refuses it before it changes anything.
-        return await self._write(lambda db: db.execute(sql, params).rowcount == 1)
+
+        def delete(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                return db.execute(sql, params).rowcount == 1
+
+        return await self._write(delete)
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
 
         def delete(db: sqlite3.Connection) -> int:
-            return db.execute(sql, (user_id, except_id)).rowcount
+            with transaction(db):
+                return db.execute(sql, (user_id, except_id)).rowcount
 
         # A user's sessions are few (max_sessions_per_user): one short write on the event
         # loop, like a logout. Many (a raised cap, rows written by other means) go to the
@@ -451,6 +460,8 @@ class SQLiteStore(Store):
         if not self._write_needs_thread():
             try:
                 result = work(db)
+            except WriteRefused:
+                pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     with translate_errors("SQLite", sqlite3.Error):
@@ -466,19 +477,13 @@ class SQLiteStore(Store):
         return await self._write_on_thread(work)
 
     def _write_needs_thread(self) -> bool:
-        """Whether the next write must run on the writer thread, for the fsync it may do.
-
-        The first commit after a checkpoint copied the whole WAL (this store's, the
-        writer connection's own, another process's) starts the WAL over and fsyncs
-        its header; so does the commit after a due checkpoint, and while one is under
-        way every write queues behind it.
+        """Whether the next write must run on the writer thread: a checkpoint is due, or
+        under way (every write queues behind it, as the first commit after it may start
+        the WAL over and fsync). The event loop's connection itself refuses, once its
+        transaction has begun, a commit that would start the WAL over after anyone's
+        checkpoint (see ``_open_loop_db``).
         """
-        wal_index = self._wal_index
-        return (
-            self._checkpointing
-            or self._checkpoint_due()
-            or (wal_index is not None and wal_index.all_checkpointed())
-        )
+        return self._checkpointing or self._checkpoint_due()
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
@@ -496,7 +501,7 @@ class SQLiteStore(Store):
                 # next attempt waits for as many new pages as after one that could.
                 wal_index = self._wal_index
                 if wal_index is not None:
-                    self._checkpointed_at_frame = wal_index.frames()
+                    self._count_from_frame = wal_index.frames()
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._writes_since_checkpoint += 1
         return result
@@ -520,9 +525,9 @@ class SQLiteStore(Store):
             lambda: run(self._connection(self._writer))
         )
         if after >= before:
-            self._checkpointed_at_frame += after - before
+            self._count_from_frame += after - before
         else:  # the work's commit started the WAL over: what it holds now is the work's
-            self._checkpointed_at_frame = after
+            self._count_from_frame = after
         return result
 
     def _checkpoint_due(self) -> bool:
@@ -530,9 +535,9 @@ class SQLiteStore(Store):
         if wal_index is None:
             return self._writes_since_checkpoint >= CHECKPOINT_EVERY
         frames = wal_index.frames()
-        if frames < self._checkpointed_at_frame:  # the WAL started over since: count afresh
-            self._checkpointed_at_frame = 0
-        return frames - self._checkpointed_at_frame >= CHECKPOINT_PAGES
+        if frames < self._count_from_frame:  # the WAL started over since: count afresh
+            self._count_from_frame = 0
+        return frames - self._count_from_frame >= CHECKPOINT_PAGES
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:
@@ -546,9 +551,12 @@ class SQLiteStore(Store):
         return connection
 
 
-def _connect(path: str, *, timeout: float) -> sqlite3.Connection:
-    # check_same_thread=False: close() may run on another thread than the one that opened.
-    return sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+def _connect_loop_db(path: str) -> GuardedConnection:
+    # timeout=0: whatever meets a lock is retried on the writer thread instead of blocking
+    # the event loop. check_same_thread=False: close() may run on another thread.
+    return sqlite3.connect(
+        path, timeout=0, isolation_level=None, check_same_thread=False, factory=GuardedConnection
+    )
 
 
 def _migrate(db: sqlite3.Connection) -> None:
