@@ -991,6 +991,18 @@ def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]
         yield taken
 
 
+@contextmanager
+def reader_holding_a_snapshot(path: Path) -> Iterator[None]:
+    """Another connection inside a read transaction: the WAL cannot start over under it."""
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        yield
+    finally:
+        reader.close()
+
+
 def data_write(value: int) -> SessionUpdate:
     """A write within the touch interval: it changes the data and leaves the times."""
     return make_update(now=0, set_keys={"i": value}, moves_expiry=False)
@@ -1033,21 +1045,14 @@ async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
     t0 = start_time()
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    reader = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # holds its snapshot
-
-        with counting_checkpoints(monkeypatch) as taken:
-            for i in range(CHECKPOINT_PAGES * 5 // 2):
-                assert await impatient_store.update(record.id, data_write(i), now=t0)
+    with reader_holding_a_snapshot(db_path), counting_checkpoints(monkeypatch) as taken:
+        for i in range(CHECKPOINT_PAGES * 5 // 2):
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
 
         wal_index = impatient_store._wal_index
         assert wal_index is not None
         assert wal_index.frames() > 2 * CHECKPOINT_PAGES  # the WAL never restarted
         assert len(taken) == 2
-    finally:
-        reader.close()
 
 
 async def test_the_writer_thread_checkpoints_every_so_many_pages(
@@ -1205,22 +1210,16 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over(
     t0 = start_time()
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    reader = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # holds its snapshot
-        with counting_checkpoints(monkeypatch) as taken:
+    with counting_checkpoints(monkeypatch) as taken:
+        with reader_holding_a_snapshot(db_path):
             for i in range(CHECKPOINT_PAGES + 10):
                 assert await impatient_store.update(record.id, data_write(i), now=t0)
             assert len(taken) == 1  # held back: the WAL keeps every page
-            reader.execute("COMMIT")
-            await checkpoint_by_another_connection(impatient_store, record.id)
+        await checkpoint_by_another_connection(impatient_store, record.id)
 
-            for i in range(CHECKPOINT_PAGES + 10):
-                assert await impatient_store.update(record.id, data_write(i), now=t0)
-            assert len(taken) == 2
-    finally:
-        reader.close()
+        for i in range(CHECKPOINT_PAGES + 10):
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        assert len(taken) == 2
 
 
 async def test_the_wal_file_shrinks_back_after_a_cleanup(
