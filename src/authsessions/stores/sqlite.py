@@ -440,8 +440,6 @@ class SQLiteStore(Store):
             return await self._write(delete)
         return await self._write_many_rows(delete)
 
-    # It may delete many rows: it runs on the writer thread.
-
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         sql = (
             f"DELETE FROM {TABLE} WHERE id IN"
@@ -457,7 +455,10 @@ class SQLiteStore(Store):
         waits for the lock up to ``timeout``.
         """
         db = self._connection(self._loop_db)
-        if not self._write_needs_thread():
+        # While a checkpoint is due or under way, writes queue behind it on the thread: the
+        # first commit after it may start the WAL over and fsync. After anyone else's
+        # checkpoint, the connection itself refuses such a commit (see _open_loop_db).
+        if not (self._checkpointing or self._checkpoint_due()):
             try:
                 result = work(db)
             except WriteRefused:
@@ -475,15 +476,6 @@ class SQLiteStore(Store):
                 self._cache.clear()
                 return result
         return await self._write_on_thread(work)
-
-    def _write_needs_thread(self) -> bool:
-        """Whether the next write must run on the writer thread: a checkpoint is due, or
-        under way (every write queues behind it, as the first commit after it may start
-        the WAL over and fsync). The event loop's connection itself refuses, once its
-        transaction has begun, a commit that would start the WAL over after anyone's
-        checkpoint (see ``_open_loop_db``).
-        """
-        return self._checkpointing or self._checkpoint_due()
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
