@@ -271,13 +271,21 @@ def starsessions_redis_store(url: str, prefix: str) -> Any:
     return RedisStore(connection=Redis.from_url(url), prefix=prefix)
 
 
-def authsessions_app(store: Store, config: SessionConfig | None = None) -> Starlette:
+def authsessions_app(
+    store: Store,
+    config: SessionConfig | None = None,
+    *,
+    lookup_first: Callable[[], Awaitable[Any]] | None = None,
+) -> Starlette:
+    """Our app; with ``lookup_first``, behind a :class:`LookupMiddleware` making that lookup
+    (the session layer's code run after a network wait that is not its own).
+    """
     routes = _routes(our_read, our_write, our_login)
     routes += [Route("/list", our_list), Route("/logout-all", our_logout_all)]
-    return Starlette(
-        routes=routes,
-        middleware=[Middleware(SessionMiddleware, store=store, config=config or SessionConfig())],
-    )
+    middleware = [Middleware(SessionMiddleware, store=store, config=config or SessionConfig())]
+    if lookup_first is not None:
+        middleware.insert(0, Middleware(LookupMiddleware, lookup=lookup_first))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 # -- for uvicorn ------------------------------------------------------------------------

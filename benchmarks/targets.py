@@ -100,7 +100,8 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 f"lookup, against a budget of {fmt_us(budget)} here (the bare route takes "
                 f"{fmt_us(bare_us)}); above bare + the cheapest raw lookup: "
                 f"{fmt_us(floor['request_overhead_cpu_us'])} "
-                f"(store.get alone {fmt_us(floor['store_overhead_cpu_us'])})",
+                f"(store.get alone {fmt_us(floor['store_overhead_cpu_us'])})"
+                + _layer_and_store(floor),
                 overhead <= budget,
             )
         )
@@ -122,6 +123,17 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             )
         )
     return rows
+
+
+def _layer_and_store(floor: dict[str, Any]) -> str:
+    """Where the overhead above the lookup middleware goes (see floors.LAYER_AFTER_LOOKUP)."""
+    if "layer_after_lookup_cpu_us" not in floor:
+        return ""
+    return (
+        f"; of it, the session layer's code after the same wait (over SQLite): "
+        f"{fmt_us(floor['layer_after_lookup_cpu_us'])}, the store's: "
+        f"{fmt_us(floor['store_after_lookup_cpu_us'])}"
+    )
 
 
 def _instruction_rows(counted: dict[str, Any] | None) -> list[tuple[str, str, bool | None]]:
