@@ -1222,6 +1222,73 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over(
         assert len(taken) == 2
 
 
+@linux_only
+async def test_pages_are_counted_afresh_once_the_wal_started_over_and_outgrew_the_mark(
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection checkpoints, starts the WAL over and writes more pages than the
+    WAL held when this store last tried: all of them are new, though the WAL is longer.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    with counting_checkpoints(monkeypatch) as taken:
+        with reader_holding_a_snapshot(db_path):
+            for i in range(CHECKPOINT_PAGES + 10):
+                assert await impatient_store.update(record.id, data_write(i), now=t0)
+        assert len(taken) == 1  # held back: counting goes on from about CHECKPOINT_PAGES
+        mark = wal_index.frames()
+
+        other = sqlite3.connect(db_path, isolation_level=None)
+        one_page = f"UPDATE {TABLE} SET data = ? WHERE id = ?"  # noqa: S608 - our table
+        try:
+            other.execute("PRAGMA wal_autocheckpoint = 0")
+            other.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            for i in range(mark + CHECKPOINT_PAGES // 2):
+                other.execute(one_page, (f'{{"i":{i}}}', record.id))
+        finally:
+            other.close()
+        assert mark < wal_index.frames() < mark + CHECKPOINT_PAGES  # a count from the mark: not due
+
+        assert await impatient_store.update(record.id, data_write(0), now=t0)
+        assert len(taken) == 2
+
+
+@linux_only
+async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
+    impatient_store: SQLiteStore,
+) -> None:
+    """The pages of work that ran on the writer thread after the checkpoint, before the
+    event loop took its result, are the cleanup's own: counted out once, not twice.
+    """
+    t0 = start_time()
+    for i in range(2000):
+        expired = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
+        await impatient_store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    for i in itertools.count():
+        if impatient_store._checkpoint_due():
+            break
+        assert await impatient_store.update(record.id, data_write(i), now=t0)
+    writer_thread = impatient_store._writer_thread
+    wal_index = impatient_store._wal_index
+    assert writer_thread is not None
+    assert wal_index is not None
+
+    write = asyncio.create_task(impatient_store.update(record.id, data_write(-1), now=t0))
+    cleanup = asyncio.create_task(impatient_store.delete_expired(now=t0, limit=2000))
+    await asyncio.sleep(0)  # both handed to the writer thread, the checkpoint first
+    writer_thread.submit(lambda: None).result()  # both ran before the loop sees either
+    assert await write
+    assert await cleanup == 2000
+
+    assert 0 <= wal_index.frames() - impatient_store._count_from_frame < 10  # the write's
+    assert not impatient_store._checkpoint_due()
+
+
 async def test_the_wal_file_shrinks_back_after_a_cleanup(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

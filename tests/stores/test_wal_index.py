@@ -121,6 +121,8 @@ def test_frames_and_checkpoint_progress_are_what_sqlite_counts(tmp_path: Path) -
         writer.execute("PRAGMA wal_autocheckpoint = 0")
         header = WalIndexHeader.find(str(path))
         assert header is not None
+        writer.execute("INSERT INTO t VALUES (-1)")
+        generation = header.generation()
         for value in range(50):
             writer.execute("INSERT INTO t VALUES (?)", (value,))
         assert not header.all_checkpointed()
@@ -128,10 +130,12 @@ def test_frames_and_checkpoint_progress_are_what_sqlite_counts(tmp_path: Path) -
         _, logged, copied = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         assert header.frames() == logged == copied >= 50
         assert header.all_checkpointed()
+        assert header.generation() == generation  # the same WAL, all of it copied
 
         writer.execute("INSERT INTO t VALUES (50)")  # everything was copied: a restart
         assert 0 < header.frames() < 5
         assert not header.all_checkpointed()
+        assert header.generation() != generation
     finally:
         reader.close()
         writer.close()

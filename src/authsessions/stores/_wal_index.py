@@ -38,6 +38,7 @@ _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
 _MX_FRAME_WORD = 4  # the 32-bit word of mxFrame, the WAL's last valid frame (0: an empty WAL)
+_SALT_WORD = 8  # aSalt[0]: a restart of the WAL (mxFrame back to 0) adds one to it
 _N_BACKFILL_SIZE = 4  # nBackfill, first of the checkpoint info that follows the two copies
 
 
@@ -123,6 +124,14 @@ class WalIndexHeader:
         """
         frames: int = self._words[_MX_FRAME_WORD]
         return frames
+
+    def generation(self) -> int:
+        """A number that changes each time the WAL starts over (the first salt of its
+        header): frames counted under one generation are not in the WAL of another, however
+        long that one has grown since.
+        """
+        salt: int = self._words[_SALT_WORD]
+        return salt
 
     def all_checkpointed(self) -> bool:
         """Whether every frame of the WAL is in the database too (an empty WAL included):

@@ -170,8 +170,9 @@ class SQLiteStore(Store):
         self._writer_thread: ThreadPoolExecutor | None = None
         self._writes_since_checkpoint = 0  # where the WAL-index header cannot be read
         # The WAL frame after which pages count towards CHECKPOINT_PAGES: the WAL's length
-        # at the last checkpoint attempt, moved on past the pages bulk writes added since.
-        self._count_from_frame = 0
+        # at the last checkpoint attempt, moved on past the pages bulk writes added since;
+        # in the WAL of that generation (see WalIndexHeader.generation), else from its start.
+        self._count_generation = self._count_from_frame = 0
         self._checkpointing = False
 
     def __repr__(self) -> str:
@@ -243,7 +244,7 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._writes_since_checkpoint = 0
-        self._count_from_frame = 0
+        self._count_generation = self._count_from_frame = 0
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -481,19 +482,28 @@ class SQLiteStore(Store):
         """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
         if self._checkpoint_due() and not self._checkpointing:
             self._checkpointing = True
+            wal_index = self._wal_index
+            wal_after: list[tuple[int, int]] = []  # (generation, frames) once it ran
+
+            def checkpoint_then_work() -> T:
+                try:
+                    return checkpoint_then(self._connection(self._writer), work)
+                finally:
+                    # Read here, not once the loop resumes: work queued behind this on the
+                    # thread may have added pages by then.
+                    if wal_index is not None:
+                        wal_after.append((wal_index.generation(), wal_index.frames()))
+
             try:
-                return await self._on_writer_thread(
-                    lambda: checkpoint_then(self._connection(self._writer), work)
-                )
+                return await self._on_writer_thread(checkpoint_then_work)
             finally:
                 self._checkpointing = False
                 self._writes_since_checkpoint = 0
-                # Pages are counted from what the WAL holds now: a checkpoint that could not
+                # Pages are counted from what the WAL held then: a checkpoint that could not
                 # copy every page (a reader on an old snapshot) leaves it as long, and the
                 # next attempt waits for as many new pages as after one that could.
-                wal_index = self._wal_index
-                if wal_index is not None:
-                    self._count_from_frame = wal_index.frames()
+                if wal_after:
+                    self._count_generation, self._count_from_frame = wal_after[0]
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._writes_since_checkpoint += 1
         return result
@@ -509,27 +519,29 @@ class SQLiteStore(Store):
         if wal_index is None:
             return await self._on_writer_thread(lambda: work(self._connection(self._writer)))
 
-        def run(db: sqlite3.Connection) -> tuple[T, int, int]:
-            before = wal_index.frames()
-            return work(db), before, wal_index.frames()
+        def run(db: sqlite3.Connection) -> tuple[T, int, int, int]:
+            generation, before = wal_index.generation(), wal_index.frames()
+            result = work(db)
+            if wal_index.generation() != generation:  # the WAL started over: all it holds is
+                before = 0  # the work's
+            return result, before, wal_index.generation(), wal_index.frames()
 
-        result, before, after = await self._on_writer_thread(
+        result, before, generation, after = await self._on_writer_thread(
             lambda: run(self._connection(self._writer))
         )
-        if after >= before:
-            self._count_from_frame += after - before
-        else:  # the work's commit started the WAL over: what it holds now is the work's
-            self._count_from_frame = after
+        if generation != self._count_generation:  # pages counted since its start, not ours
+            self._count_generation, self._count_from_frame = generation, 0
+        self._count_from_frame += after - before
         return result
 
     def _checkpoint_due(self) -> bool:
         wal_index = self._wal_index
         if wal_index is None:
             return self._writes_since_checkpoint >= CHECKPOINT_EVERY
-        frames = wal_index.frames()
-        if frames < self._count_from_frame:  # the WAL started over since: count afresh
-            self._count_from_frame = 0
-        return frames - self._count_from_frame >= CHECKPOINT_PAGES
+        generation = wal_index.generation()
+        if generation != self._count_generation:  # the WAL started over since: count afresh
+            self._count_generation, self._count_from_frame = generation, 0
+        return wal_index.frames() - self._count_from_frame >= CHECKPOINT_PAGES
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:
