@@ -26,8 +26,9 @@ from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
+from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
 from authsessions.stores._sqlite_support import checkpoint_then
-from authsessions.stores.sqlite import CHECKPOINT_PAGES, COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
+from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
 
@@ -520,7 +521,8 @@ async def caching_store(
                 pytest.skip(ON_LINUX_ONLY)
             assert store._wal_index is not None, "the WAL-index header was not found"
         else:
-            store._wal_index = None  # as where /proc/self/maps is missing
+            # As where /proc/self/maps is missing.
+            store._wal_index, store._checkpoints = None, CheckpointSchedule(None)
         yield store
 
 
@@ -1123,7 +1125,7 @@ async def checkpoint_due_spent_on_a_write_that_changes_nothing(
     store: SQLiteStore, session_id: str
 ) -> None:
     for i in itertools.count():
-        if store._checkpoint_due():
+        if store._checkpoints.due():
             break
         assert await store.update(session_id, data_write(i), now=start_time())
     assert not await store.delete("no-such-session")  # takes the checkpoint, writes no page
@@ -1270,7 +1272,7 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
     for i in itertools.count():
-        if impatient_store._checkpoint_due():
+        if impatient_store._checkpoints.due():
             break
         assert await impatient_store.update(record.id, data_write(i), now=t0)
     writer_thread = impatient_store._writer_thread
@@ -1285,8 +1287,8 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
     assert await write
     assert await cleanup == 2000
 
-    assert 0 <= wal_index.frames() - impatient_store._count_from_frame < 10  # the write's
-    assert not impatient_store._checkpoint_due()
+    assert 0 <= impatient_store._checkpoints.counted() < 10  # the write's pages
+    assert not impatient_store._checkpoints.due()
 
 
 async def test_the_wal_file_shrinks_back_after_a_cleanup(

@@ -17,7 +17,7 @@ a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
 that may touch many rows, and checkpoints the WAL (which fsyncs) once requests
-have added ``CHECKPOINT_PAGES`` pages to it, and whenever one of its own commits
+have added so many pages to it (see ``_checkpoints``), and whenever one of its own commits
 finds the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after any
 checkpoint that copied the whole WAL starts the WAL over and fsyncs its header,
 so that commit runs there too. The rare read that finds the database busy (WAL
@@ -42,6 +42,7 @@ from authsessions.stores._base import (
     store_unavailable,
     translate_errors,
 )
+from authsessions.stores._checkpoints import CheckpointSchedule, WalPosition
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
     RecordCache,
@@ -92,15 +93,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-
-# The pages requests add to the WAL between two checkpoints by the writer thread: SQLite's own
-# default (about 4 MB). Pages rather than writes: a data write adds one page, a touch two, a
-# login six, and a checkpoint copies and flushes pages after a fixed cost in fsyncs. Counted in
-# writes (250), data writes paid that fixed cost four times as often as this, logins at 1,500.
-CHECKPOINT_PAGES = 1000
-
-# Where the WAL's size cannot be read (see _wal_index), writes between two checkpoints.
-CHECKPOINT_EVERY = 250
 
 # The writer thread's own automatic checkpoint, in WAL pages (about 40 MB). A cleanup batch
 # deletes rows scattered over every index and adds a few thousand pages to the WAL: at
@@ -168,11 +160,7 @@ class SQLiteStore(Store):
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
-        self._writes_since_checkpoint = 0  # where the WAL-index header cannot be read
-        # The WAL frame after which pages count towards CHECKPOINT_PAGES: the WAL's length
-        # at the last checkpoint attempt, moved on past the pages bulk writes added since;
-        # in the WAL of that generation (see WalIndexHeader.generation), else from its start.
-        self._count_generation = self._count_from_frame = 0
+        self._checkpoints = CheckpointSchedule(None)
         self._checkpointing = False
 
     def __repr__(self) -> str:
@@ -210,6 +198,7 @@ class SQLiteStore(Store):
             # A commit that would start the WAL over (and fsync) goes to the writer thread.
             db.refuse_write = wal_index.all_checkpointed
         self._loop_db, self._wal_index = db, wal_index
+        self._checkpoints = CheckpointSchedule(wal_index)
 
     def _reopen_loop_db(self) -> None:
         """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
@@ -243,8 +232,7 @@ class SQLiteStore(Store):
     async def _close(self) -> None:
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
-        self._writes_since_checkpoint = 0
-        self._count_generation = self._count_from_frame = 0
+        self._checkpoints = CheckpointSchedule(None)
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -459,7 +447,7 @@ class SQLiteStore(Store):
         # While a checkpoint is due or under way, writes queue behind it on the thread: the
         # first commit after it may start the WAL over and fsync. After anyone else's
         # checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not (self._checkpointing or self._checkpoint_due()):
+        if not (self._checkpointing or self._checkpoints.due()):
             try:
                 result = work(db)
             except WriteRefused:
@@ -471,7 +459,7 @@ class SQLiteStore(Store):
                 if not is_busy(exc):
                     raise store_unavailable("SQLite", exc) from exc
             else:
-                self._writes_since_checkpoint += 1
+                self._checkpoints.wrote()
                 # PRAGMA data_version, where the cache's version comes from that, does not
                 # change for a connection's own commits.
                 self._cache.clear()
@@ -480,32 +468,26 @@ class SQLiteStore(Store):
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
-        if self._checkpoint_due() and not self._checkpointing:
+        schedule = self._checkpoints
+        if schedule.due() and not self._checkpointing:
             self._checkpointing = True
-            wal_index = self._wal_index
-            wal_after: list[tuple[int, int]] = []  # (generation, frames) once it ran
+            ended_at: list[WalPosition | None] = []
 
             def checkpoint_then_work() -> T:
                 try:
                     return checkpoint_then(self._connection(self._writer), work)
                 finally:
-                    # Read here, not once the loop resumes: work queued behind this on the
+                    # Here, not once the loop resumes: work queued behind this on the
                     # thread may have added pages by then.
-                    if wal_index is not None:
-                        wal_after.append((wal_index.generation(), wal_index.frames()))
+                    ended_at.append(schedule.position())
 
             try:
                 return await self._on_writer_thread(checkpoint_then_work)
             finally:
                 self._checkpointing = False
-                self._writes_since_checkpoint = 0
-                # Pages are counted from what the WAL held then: a checkpoint that could not
-                # copy every page (a reader on an old snapshot) leaves it as long, and the
-                # next attempt waits for as many new pages as after one that could.
-                if wal_after:
-                    self._count_generation, self._count_from_frame = wal_after[0]
+                schedule.checkpointed(ended_at[0] if ended_at else None)
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
-        self._writes_since_checkpoint += 1
+        schedule.wrote()
         return result
 
     async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -513,35 +495,19 @@ class SQLiteStore(Store):
 
         That thread's connection checkpoints by itself once the WAL passes
         BULK_CHECKPOINT_PAGES, so the pages ``work`` adds are not counted towards
-        CHECKPOINT_PAGES: each batch of a cleanup would take a checkpoint of its own.
+        the requests' checkpoint: each batch of a cleanup would take one of its own.
         """
-        wal_index = self._wal_index
-        if wal_index is None:
-            return await self._on_writer_thread(lambda: work(self._connection(self._writer)))
+        schedule = self._checkpoints
 
-        def run(db: sqlite3.Connection) -> tuple[T, int, int, int]:
-            generation, before = wal_index.generation(), wal_index.frames()
-            result = work(db)
-            if wal_index.generation() != generation:  # the WAL started over: all it holds is
-                before = 0  # the work's
-            return result, before, wal_index.generation(), wal_index.frames()
+        def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
+            before = schedule.position()
+            return work(db), before, schedule.position()
 
-        result, before, generation, after = await self._on_writer_thread(
+        result, before, after = await self._on_writer_thread(
             lambda: run(self._connection(self._writer))
         )
-        if generation != self._count_generation:  # pages counted since its start, not ours
-            self._count_generation, self._count_from_frame = generation, 0
-        self._count_from_frame += after - before
+        schedule.skip(before, after)
         return result
-
-    def _checkpoint_due(self) -> bool:
-        wal_index = self._wal_index
-        if wal_index is None:
-            return self._writes_since_checkpoint >= CHECKPOINT_EVERY
-        generation = wal_index.generation()
-        if generation != self._count_generation:  # the WAL started over since: count afresh
-            self._count_generation, self._count_from_frame = generation, 0
-        return wal_index.frames() - self._count_from_frame >= CHECKPOINT_PAGES
 
     async def _on_writer_thread(self, work: Callable[[], T]) -> T:
         if self._writer_thread is None:

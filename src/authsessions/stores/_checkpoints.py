@@ -1,0 +1,92 @@
+"""When SQLiteStore's writer thread checkpoints the WAL: once requests added so many pages.
+
+A checkpoint copies the WAL's pages into the database and fsyncs, after a
+fixed cost in fsyncs however few pages it copies; the first commit after one
+that copied everything starts the WAL over. Requests pay for it (their
+writes queue behind it), so it comes after as many pages as SQLite's own
+automatic checkpoint would wait for, not after a number of writes: a data
+write adds one page, a touch two, a login about six.
+
+Pages are read from the WAL-index header (see ``_wal_index``). Work that
+changes many rows (a cleanup) runs on the writer thread, whose connection
+checkpoints by itself; its pages are not the requests' and are not counted.
+Where the header cannot be read, writes are counted instead.
+"""
+
+from __future__ import annotations
+
+from authsessions.stores._wal_index import WalIndexHeader
+
+__all__ = ["CHECKPOINT_EVERY", "CHECKPOINT_PAGES", "CheckpointSchedule", "WalPosition"]
+
+# The pages requests add to the WAL between two checkpoints: SQLite's own default (about
+# 4 MB). Counted in writes (250), data writes paid the fixed cost four times as often as
+# this, logins at 1,500 pages.
+CHECKPOINT_PAGES = 1000
+
+# Where the WAL's size cannot be read, writes between two checkpoints.
+CHECKPOINT_EVERY = 250
+
+WalPosition = tuple[int, int]
+"""Where the WAL ends: its generation (which a restart changes) and its frames."""
+
+
+class CheckpointSchedule:
+    """Counts what requests added to the WAL since the writer thread last checkpointed it.
+
+    Used on the event loop, but :meth:`position` (read on the writer thread,
+    where the work it measures ran).
+    """
+
+    __slots__ = ("_generation", "_mark", "_threshold", "_wal_index", "_writes")
+
+    def __init__(self, wal_index: WalIndexHeader | None) -> None:
+        self._wal_index = wal_index
+        self._threshold = CHECKPOINT_EVERY if wal_index is None else CHECKPOINT_PAGES
+        self._writes = 0
+        # The frame after which pages count, in the WAL of that generation: where the WAL
+        # ended after the last checkpoint, moved on past the pages bulk work added since.
+        self._generation = self._mark = 0
+
+    def counted(self) -> int:
+        """Pages requests added since the last checkpoint (writes, without the header)."""
+        wal_index = self._wal_index
+        if wal_index is None:
+            return self._writes
+        generation = wal_index.generation()
+        if generation != self._generation:  # the WAL started over since: count afresh
+            self._generation, self._mark = generation, 0
+        return wal_index.frames() - self._mark
+
+    def due(self) -> bool:
+        return self.counted() >= self._threshold
+
+    def wrote(self) -> None:
+        """A request's write committed."""
+        self._writes += 1
+
+    def position(self) -> WalPosition | None:
+        """Where the WAL ends now; ``None`` without the header."""
+        wal_index = self._wal_index
+        return None if wal_index is None else (wal_index.generation(), wal_index.frames())
+
+    def checkpointed(self, ended_at: WalPosition | None) -> None:
+        """A checkpoint was tried; the WAL ended at ``ended_at`` after it (and after the
+        write that followed it). Pages count from there: one that could not copy every
+        page (a reader on an old snapshot) left the WAL as long, and the next waits for as
+        many new pages as after one that could.
+        """
+        self._writes = 0
+        if ended_at is not None:
+            self._generation, self._mark = ended_at
+
+    def skip(self, before: WalPosition | None, after: WalPosition | None) -> None:
+        """The pages added between ``before`` and ``after`` (bulk work's) do not count."""
+        if before is None or after is None:
+            return
+        (generation, start), (generation_after, end) = before, after
+        if generation_after != generation:  # the work started the WAL over: all it holds
+            start = 0  # is the work's
+        if generation_after != self._generation:
+            self._generation, self._mark = generation_after, 0
+        self._mark += end - start
