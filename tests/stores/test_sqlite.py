@@ -959,7 +959,8 @@ async def test_the_wal_stays_bounded_under_inline_writes(
     caching_store: SQLiteStore, db_path: Path
 ) -> None:
     """The inline connection never checkpoints; the writer thread does, once the WAL holds
-    CHECKPOINT_PAGES pages (or, where its size cannot be read, every CHECKPOINT_EVERY writes).
+    CHECKPOINT_PAGES pages (or, where its size cannot be read, every CHECKPOINT_EVERY writes),
+    and writes wait for it once the WAL holds twice that.
     """
     t0 = start_time()
     records = [make_record(now=t0) for _ in range(5)]
@@ -976,7 +977,7 @@ async def test_the_wal_stays_bounded_under_inline_writes(
 
     # An update that moves the expiry adds 2 pages: without checkpoints the WAL would reach
     # 4 * CHECKPOINT_PAGES. A frame is a page and a 24-byte header.
-    assert largest < (CHECKPOINT_PAGES + 8) * (page_size + 24)
+    assert largest < (2 * CHECKPOINT_PAGES + 8) * (page_size + 24)
 
 
 @contextmanager
@@ -1010,6 +1011,21 @@ def data_write(value: int) -> SessionUpdate:
     return make_update(now=0, set_keys={"i": value}, moves_expiry=False)
 
 
+def copy_done(store: SQLiteStore) -> None:
+    """Wait for the checkpoint's copy, if one is under way: the next write finishes it."""
+    if store._copying is not None:
+        store._copying.result()
+
+
+async def write_data(store: SQLiteStore, session_id: str, count: int) -> None:
+    """``count`` data writes, one WAL page each; a checkpoint's copy, once begun, is done
+    before the next (in a running app, a few writes later).
+    """
+    for i in range(count):
+        assert await store.update(session_id, data_write(i), now=start_time())
+        copy_done(store)
+
+
 @linux_only
 async def test_a_checkpoint_waits_for_pages_not_writes(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
@@ -1022,18 +1038,59 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
     await impatient_store.create(record, max_sessions=10, now=t0)
 
     with counting_checkpoints(monkeypatch) as taken:
-        for i in range(CHECKPOINT_PAGES // 2):
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        await write_data(impatient_store, record.id, CHECKPOINT_PAGES // 2)
         assert taken == []
+        assert impatient_store._copying is None
 
-        for i in range(CHECKPOINT_PAGES):
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        await write_data(impatient_store, record.id, CHECKPOINT_PAGES)
         assert len(taken) == 1
 
     # The checkpoint restarted the WAL: the pages counted since are the writes after it.
     wal_index = impatient_store._wal_index
     assert wal_index is not None
     assert wal_index.frames() < CHECKPOINT_PAGES
+
+
+async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overdue(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's copy fsyncs everything the WAL took since the last one; requests
+    keep writing on the event loop meanwhile. Should the copy take as long as writing
+    CHECKPOINT_PAGES more pages, writes queue behind it, so the WAL stays bounded.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    recording = RecordingWrites(impatient_store._loop_db)
+    impatient_store._loop_db = cast(sqlite3.Connection, recording)
+    try:
+        with counting_checkpoints(monkeypatch) as taken:
+            with writer_thread_held(impatient_store):
+                async with asyncio.timeout(30):  # a write waiting for the thread would hang
+                    writes = 0
+                    while not impatient_store._checkpoints.overdue():
+                        update = data_write(writes)
+                        assert await impatient_store.update(record.id, update, now=t0)
+                        writes += 1
+                copying = impatient_store._copying
+                assert copying is not None
+                assert not copying.done()  # queued behind what holds the thread
+                assert recording.writes.count("COMMIT") == writes  # every write on the loop
+                assert writes > CHECKPOINT_PAGES  # well past where the copy began
+
+                waiting = asyncio.create_task(
+                    impatient_store.update(record.id, data_write(-1), now=t0)
+                )
+                await asyncio.sleep(0.05)
+                assert not waiting.done()  # overdue: behind the copy, on the thread
+            assert await waiting
+            assert recording.writes.count("COMMIT") == writes
+            assert len(taken) == 1  # it finished the checkpoint
+    finally:
+        impatient_store._loop_db = recording.db
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    assert wal_index.frames() < 5  # and started the WAL over
 
 
 @linux_only
@@ -1048,8 +1105,7 @@ async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
     with reader_holding_a_snapshot(db_path), counting_checkpoints(monkeypatch) as taken:
-        for i in range(CHECKPOINT_PAGES * 5 // 2):
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        await write_data(impatient_store, record.id, CHECKPOINT_PAGES * 5 // 2)
 
         wal_index = impatient_store._wal_index
         assert wal_index is not None
@@ -1121,27 +1177,33 @@ async def checkpoint_by_another_connection(store: SQLiteStore, session_id: str) 
     assert logged == copied > 0
 
 
-async def checkpoint_due_spent_on_a_write_that_changes_nothing(
-    store: SQLiteStore, session_id: str
-) -> None:
+async def checkpoint_copied_by_the_store_meanwhile(store: SQLiteStore, session_id: str) -> None:
+    """The store's own copy, with no write while it ran: it copied everything."""
     for i in itertools.count():
-        if store._checkpoints.due():
-            break
         assert await store.update(session_id, data_write(i), now=start_time())
-    assert not await store.delete("no-such-session")  # takes the checkpoint, writes no page
+        if store._copying is not None:
+            break
+    copy_done(store)
 
 
 @linux_only
 @pytest.mark.parametrize(
-    "checkpoint",
-    [checkpoint_by_another_connection, checkpoint_due_spent_on_a_write_that_changes_nothing],
+    ("checkpoint", "tried_on_the_loop"),
+    [
+        # The connection finds out once its transaction has begun, and hands over.
+        (checkpoint_by_another_connection, ["BEGIN IMMEDIATE", "ROLLBACK"]),
+        # The store knows: the write finishes the checkpoint on the thread.
+        (checkpoint_copied_by_the_store_meanwhile, []),
+    ],
 )
 async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
-    impatient_store: SQLiteStore, checkpoint: Callable[[SQLiteStore, str], Awaitable[None]]
+    impatient_store: SQLiteStore,
+    checkpoint: Callable[[SQLiteStore, str], Awaitable[None]],
+    tried_on_the_loop: list[str],
 ) -> None:
     """Once a checkpoint copied the whole WAL, whoever's it was, the next commit starts
-    the WAL over and fsyncs its header: never on the event loop. Its connection sees that
-    once its transaction has begun (no checkpoint can land in between), and hands over.
+    the WAL over and fsyncs its header: never on the event loop (no checkpoint can land
+    between the loop connection's look at the WAL and its commit).
     """
     t0 = start_time()
     record = make_record(now=t0)
@@ -1156,7 +1218,7 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
         assert await impatient_store.update(record.id, data_write(1), now=t0)
-        assert recording.writes == ["BEGIN IMMEDIATE", "ROLLBACK"]  # then the thread's turn
+        assert recording.writes == tried_on_the_loop  # then the thread's turn
         assert not wal_index.all_checkpointed()
         assert 0 < wal_index.frames() < 5  # started over
 
@@ -1214,13 +1276,11 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over(
     await impatient_store.create(record, max_sessions=10, now=t0)
     with counting_checkpoints(monkeypatch) as taken:
         with reader_holding_a_snapshot(db_path):
-            for i in range(CHECKPOINT_PAGES + 10):
-                assert await impatient_store.update(record.id, data_write(i), now=t0)
+            await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
             assert len(taken) == 1  # held back: the WAL keeps every page
         await checkpoint_by_another_connection(impatient_store, record.id)
 
-        for i in range(CHECKPOINT_PAGES + 10):
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
+        await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
         assert len(taken) == 2
 
 
@@ -1238,8 +1298,7 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over_and_outgrew_th
     assert wal_index is not None
     with counting_checkpoints(monkeypatch) as taken:
         with reader_holding_a_snapshot(db_path):
-            for i in range(CHECKPOINT_PAGES + 10):
-                assert await impatient_store.update(record.id, data_write(i), now=t0)
+            await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
         assert len(taken) == 1  # held back: counting goes on from about CHECKPOINT_PAGES
         mark = wal_index.frames()
 
@@ -1254,7 +1313,7 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over_and_outgrew_th
             other.close()
         assert mark < wal_index.frames() < mark + CHECKPOINT_PAGES  # a count from the mark: not due
 
-        assert await impatient_store.update(record.id, data_write(0), now=t0)
+        await write_data(impatient_store, record.id, 2)  # the copy, then the finish
         assert len(taken) == 2
 
 
@@ -1271,10 +1330,7 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
         await impatient_store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    for i in itertools.count():
-        if impatient_store._checkpoints.due():
-            break
-        assert await impatient_store.update(record.id, data_write(i), now=t0)
+    await checkpoint_copied_by_the_store_meanwhile(impatient_store, record.id)
     writer_thread = impatient_store._writer_thread
     wal_index = impatient_store._wal_index
     assert writer_thread is not None
@@ -1306,8 +1362,10 @@ async def test_the_wal_file_shrinks_back_after_a_cleanup(
         while await store.delete_expired(now=t0, limit=100):
             pass
         after_cleanup = wal_size(db_path)
-        # The first write after the cleanup's last checkpoint restarts the WAL (a login
-        # adds 5 pages to it).
+        # Whether the cleanup's own last checkpoint came after its last batch depends on
+        # where the WAL stood when it began: one more, so that it did.
+        await checkpoint_by_another_connection(store, "")
+        # The first write after it starts the WAL over (a login adds 5 pages to it).
         live = make_record(now=t0)
         await store.create(live, max_sessions=10, now=t0)
 

@@ -1,11 +1,15 @@
 """When SQLiteStore's writer thread checkpoints the WAL: once requests added so many pages.
 
-A checkpoint copies the WAL's pages into the database and fsyncs, after a
-fixed cost in fsyncs however few pages it copies; the first commit after one
-that copied everything starts the WAL over. Requests pay for it (their
-writes queue behind it), so it comes after as many pages as SQLite's own
-automatic checkpoint would wait for, not after a number of writes: a data
-write adds one page, a touch two, a login about six.
+Commits write pages to the WAL without an fsync; a checkpoint fsyncs the WAL
+(writing out every page added since the last one: its time grows with
+them), copies the pages into the database and fsyncs that. Only the first
+commit after a checkpoint that copied everything starts the WAL over, which
+keeps it short. So the writer thread checkpoints in two steps: a copy, while
+requests go on writing, then a finish that requests queue behind, which
+copies what they added meanwhile (a few fsyncs of little) and starts the WAL
+over. It begins after as many pages as SQLite's own automatic checkpoint
+would wait for, not after a number of writes: a data write adds one page,
+a touch two, a login about six.
 
 Pages are read from the WAL-index header (see ``_wal_index``). Work that
 changes many rows (a cleanup) runs on the writer thread, whose connection
@@ -59,7 +63,12 @@ class CheckpointSchedule:
         return wal_index.frames() - self._mark
 
     def due(self) -> bool:
+        """Whether a checkpoint should begin."""
         return self.counted() >= self._threshold
+
+    def overdue(self) -> bool:
+        """Whether writes should wait for a checkpoint still copying: twice as much counted."""
+        return self.counted() >= 2 * self._threshold
 
     def wrote(self) -> None:
         """A request's write committed."""

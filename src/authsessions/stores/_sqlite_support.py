@@ -14,6 +14,7 @@ __all__ = [
     "GuardedConnection",
     "RecordCache",
     "WriteRefused",
+    "checkpoint",
     "checkpoint_then",
     "enable_wal",
     "is_busy",
@@ -82,16 +83,25 @@ class transaction:
             raise
 
 
+def checkpoint(db: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file (PASSIVE: waits for nobody).
+
+    It fsyncs the WAL first, writing out every page commits added since the
+    last checkpoint (commits do not fsync), then the database file.
+    """
+    # A checkpoint that fails only lets the WAL grow until the next one.
+    with contextlib.suppress(sqlite3.Error):
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
 def checkpoint_then(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """Copy the WAL into the database file (PASSIVE: waits for nobody), then run ``work``.
+    """:func:`checkpoint`, then run ``work``.
 
     When the checkpoint copied everything, the next commit restarts the WAL
     from its beginning and fsyncs the WAL header once; running ``work`` right
     here makes that commit, and its fsync, happen on this thread.
     """
-    # A checkpoint that fails only lets the WAL grow until the next one; the work decides.
-    with contextlib.suppress(sqlite3.Error):
-        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    checkpoint(db)
     return work(db)
 
 

@@ -17,11 +17,12 @@ a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one. That thread also runs the writes
 that may touch many rows, and checkpoints the WAL (which fsyncs) once requests
-have added so many pages to it (see ``_checkpoints``), and whenever one of its own commits
-finds the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after any
-checkpoint that copied the whole WAL starts the WAL over and fsyncs its header,
-so that commit runs there too. The rare read that finds the database busy (WAL
-recovery after a crash) is retried there as well.
+have added so many pages to it, mostly while they go on writing (see
+``_checkpoints``), and whenever one of its own commits finds the WAL past
+``BULK_CHECKPOINT_PAGES``. The first commit after any checkpoint that copied
+the whole WAL starts the WAL over and fsyncs its header, so that commit runs
+there too. The rare read that finds the database busy (WAL recovery after a
+crash) is retried there as well.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
@@ -47,6 +48,7 @@ from authsessions.stores._sqlite_support import (
     GuardedConnection,
     RecordCache,
     WriteRefused,
+    checkpoint,
     checkpoint_then,
     enable_wal,
     is_busy,
@@ -161,7 +163,10 @@ class SQLiteStore(Store):
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
         self._checkpoints = CheckpointSchedule(None)
-        self._checkpointing = False
+        # The writer thread's checkpoint comes in two steps (see _checkpoints): a copy that
+        # requests do not wait for, then a finish that they queue behind.
+        self._copying: Future[None] | None = None
+        self._checkpointing = False  # the finish is under way
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -233,6 +238,7 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._checkpoints = CheckpointSchedule(None)
+        self._copying = None  # the writer's close, below, runs after it
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -444,10 +450,10 @@ class SQLiteStore(Store):
         waits for the lock up to ``timeout``.
         """
         db = self._connection(self._loop_db)
-        # While a checkpoint is due or under way, writes queue behind it on the thread: the
-        # first commit after it may start the WAL over and fsync. After anyone else's
-        # checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not (self._checkpointing or self._checkpoints.due()):
+        # While the checkpoint's finish is due or under way, writes queue behind it on the
+        # thread: the first commit after it may start the WAL over and fsync. After anyone
+        # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
+        if not (self._checkpointing or self._finish_due()):
             try:
                 result = work(db)
             except WriteRefused:
@@ -463,13 +469,15 @@ class SQLiteStore(Store):
                 # PRAGMA data_version, where the cache's version comes from that, does not
                 # change for a connection's own commits.
                 self._cache.clear()
+                self._copy_if_due()
                 return result
         return await self._write_on_thread(work)
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` on the writer thread, after a checkpoint of the WAL when one is due."""
+        """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
         schedule = self._checkpoints
-        if schedule.due() and not self._checkpointing:
+        self._copy_if_due()
+        if self._finish_due() and not self._checkpointing:
             self._checkpointing = True
             ended_at: list[WalPosition | None] = []
 
@@ -485,10 +493,24 @@ class SQLiteStore(Store):
                 return await self._on_writer_thread(checkpoint_then_work)
             finally:
                 self._checkpointing = False
+                self._copying = None  # done: the finish ran after it on the same thread
                 schedule.checkpointed(ended_at[0] if ended_at else None)
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         schedule.wrote()
         return result
+
+    def _copy_if_due(self) -> None:
+        """Start the checkpoint's copy once requests have added enough to the WAL."""
+        pool = self._writer_thread
+        if self._copying is None and pool is not None and self._checkpoints.due():
+            self._copying = pool.submit(checkpoint, self._connection(self._writer))
+
+    def _finish_due(self) -> bool:
+        """Whether the next write finishes the checkpoint: its copy is done, or the WAL has
+        grown twice as long as a checkpoint waits for (a disk slow to take the copy).
+        """
+        copying = self._copying
+        return copying is not None and (copying.done() or self._checkpoints.overdue())
 
     async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which may change many rows, on the writer thread.
