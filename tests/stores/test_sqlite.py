@@ -27,7 +27,8 @@ from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
-from authsessions.stores._sqlite_support import checkpoint_then
+from authsessions.stores._sqlite_support import GuardedConnection, checkpoint, checkpoint_then
+from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
@@ -523,6 +524,7 @@ async def caching_store(
         else:
             # As where /proc/self/maps is missing.
             store._wal_index, store._checkpoints = None, CheckpointSchedule(None)
+            cast(GuardedConnection, store._loop_db).refuse_write = None
         yield store
 
 
@@ -1051,6 +1053,7 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
     assert wal_index.frames() < CHECKPOINT_PAGES
 
 
+@linux_only
 async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overdue(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1066,7 +1069,7 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
     try:
         with counting_checkpoints(monkeypatch) as taken:
             with writer_thread_held(impatient_store):
-                async with asyncio.timeout(30):  # a write waiting for the thread would hang
+                async with asyncio.timeout(5):  # a write waiting for the thread would hang
                     writes = 0
                     while not impatient_store._checkpoints.overdue():
                         update = data_write(writes)
@@ -1091,6 +1094,109 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
     wal_index = impatient_store._wal_index
     assert wal_index is not None
     assert wal_index.frames() < 5  # and started the WAL over
+
+
+@linux_only
+async def test_a_request_cancelled_before_the_finish_ran_leaves_it_to_the_next_write(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store follows the writer thread's job, not the request that awaits it."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    await checkpoint_copied_by_the_store_meanwhile(impatient_store, record.id)
+    with counting_checkpoints(monkeypatch) as taken:
+        with writer_thread_held(impatient_store):
+            finishing = asyncio.create_task(
+                impatient_store.update(record.id, data_write(-1), now=t0)
+            )
+            await asyncio.sleep(0.05)  # queued on the held thread
+            finishing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await finishing
+        await asyncio.sleep(0.05)  # the thread's word on the job it never ran
+        assert taken == []
+
+        assert await impatient_store.update(record.id, data_write(0), now=t0)
+        assert len(taken) == 1
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    assert wal_index.frames() < 5  # the WAL started over
+
+
+@linux_only
+async def test_writes_that_find_the_file_busy_still_start_the_checkpoint(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the write lock sends every write to the thread."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    busy, loop_db = BusyForWrites(impatient_store._loop_db), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, busy)
+    try:
+        with counting_checkpoints(monkeypatch) as taken:
+            await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
+            assert len(taken) == 1
+    finally:
+        impatient_store._loop_db = loop_db
+    assert busy.refused > CHECKPOINT_PAGES
+
+
+def wal_salt(path: str) -> bytes:
+    """The salts in the WAL file's own header: new each time the WAL starts over."""
+    with open(f"{path}-wal", "rb") as wal:
+        return wal.read(24)[16:24]
+
+
+class CountingRestarts(WrappedConnection):
+    """Runs everything, and counts the commits that started the WAL over."""
+
+    def __init__(self, db: sqlite3.Connection | None, path: str) -> None:
+        super().__init__(db)
+        self.path = path
+        self.restarts = 0
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        before = wal_salt(self.path) if sql == "COMMIT" else b""
+        cursor = self.db.execute(sql, params)
+        if sql == "COMMIT" and wal_salt(self.path) != before:
+            self.restarts += 1
+        return cursor
+
+
+async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the header the loop's connection cannot see a checkpoint's progress, so
+    its checkpoints stay one step, writes queueing behind them. A copy in the
+    background would leave the commit that starts the WAL over (and fsyncs) to the
+    event loop whenever a write came after the copy took everything but before the
+    store heard of it (here the thread is slow to report back, as behind a busy loop).
+    """
+    monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
+
+    def slow_to_report(db: sqlite3.Connection) -> None:
+        checkpoint(db)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(sqlite_module, "checkpoint", slow_to_report)
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        counting = CountingRestarts(store._loop_db, store.path)
+        store._loop_db = cast(sqlite3.Connection, counting)
+        try:
+            for i in itertools.count():
+                assert await store.update(record.id, data_write(i), now=t0)
+                if store._checkpoints.due():
+                    break
+            await asyncio.sleep(0.05)  # a quiet moment, as between requests
+            assert await store.update(record.id, data_write(-1), now=t0)
+        finally:
+            store._loop_db = counting.db
+    assert counting.restarts == 0
 
 
 @linux_only

@@ -182,6 +182,9 @@ class SQLiteStore(Store):
         except BaseException:
             await self._close()
             raise
+        # Kept while the store is open, a reopened connection's included: the header it
+        # reads stays mapped for as long as the writer's connection is open.
+        self._checkpoints = CheckpointSchedule(self._wal_index)
 
     def _open_loop_db(self) -> None:
         db = _connect_loop_db(self.path)
@@ -203,7 +206,6 @@ class SQLiteStore(Store):
             # A commit that would start the WAL over (and fsync) goes to the writer thread.
             db.refuse_write = wal_index.all_checkpointed
         self._loop_db, self._wal_index = db, wal_index
-        self._checkpoints = CheckpointSchedule(wal_index)
 
     def _reopen_loop_db(self) -> None:
         """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
@@ -453,7 +455,7 @@ class SQLiteStore(Store):
         # While the checkpoint's finish is due or under way, writes queue behind it on the
         # thread: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not (self._checkpointing or self._finish_due()):
+        if not self._finish_due():
             try:
                 result = work(db)
             except WriteRefused:
@@ -475,42 +477,77 @@ class SQLiteStore(Store):
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
-        schedule = self._checkpoints
         self._copy_if_due()
         if self._finish_due() and not self._checkpointing:
-            self._checkpointing = True
-            ended_at: list[WalPosition | None] = []
-
-            def checkpoint_then_work() -> T:
-                try:
-                    return checkpoint_then(self._connection(self._writer), work)
-                finally:
-                    # Here, not once the loop resumes: work queued behind this on the
-                    # thread may have added pages by then.
-                    ended_at.append(schedule.position())
-
-            try:
-                return await self._on_writer_thread(checkpoint_then_work)
-            finally:
-                self._checkpointing = False
-                self._copying = None  # done: the finish ran after it on the same thread
-                schedule.checkpointed(ended_at[0] if ended_at else None)
+            return await self._finish_checkpoint_then(work)
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
-        schedule.wrote()
+        self._checkpoints.wrote()
         return result
 
-    def _copy_if_due(self) -> None:
-        """Start the checkpoint's copy once requests have added enough to the WAL."""
+    async def _finish_checkpoint_then(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """The checkpoint's finish, then ``work``, on the writer thread.
+
+        The store follows the thread's job, not the request awaiting it: if that request
+        is cancelled, the finish still counts once it has run, and the next write runs
+        it if it never began.
+        """
         pool = self._writer_thread
-        if self._copying is None and pool is not None and self._checkpoints.due():
+        if pool is None:
+            raise self._closed_error()
+        schedule, loop = self._checkpoints, asyncio.get_running_loop()
+        ended_at: list[WalPosition | None] = []  # once it ran
+
+        def checkpoint_then_work() -> T:
+            try:
+                return checkpoint_then(self._connection(self._writer), work)
+            finally:
+                # Here, not once the loop resumes: work queued behind this on the thread
+                # may have added pages by then.
+                ended_at.append(schedule.position())
+
+        def finished() -> None:
+            self._checkpointing = False
+            if ended_at:
+                self._copying = None  # done: the finish ran after it on the same thread
+                schedule.checkpointed(ended_at[0])
+
+        def on_thread_job_done(_: Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(finished)
+
+        job = pool.submit(checkpoint_then_work)
+        self._checkpointing = True
+        # Added before the awaiting below, so it runs before the request resumes.
+        job.add_done_callback(on_thread_job_done)
+        with translate_errors("SQLite", sqlite3.Error):
+            return await asyncio.wrap_future(job)
+
+    def _copy_if_due(self) -> None:
+        """Start the checkpoint's copy once requests have added enough to the WAL.
+
+        Only where the WAL-index header is read: without it the event loop's
+        connection cannot see that a copy took everything, and its next commit
+        would start the WAL over there. The checkpoint is then one step.
+        """
+        pool = self._writer_thread
+        if (
+            self._copying is None
+            and self._wal_index is not None
+            and pool is not None
+            and self._checkpoints.due()
+        ):
             self._copying = pool.submit(checkpoint, self._connection(self._writer))
 
     def _finish_due(self) -> bool:
-        """Whether the next write finishes the checkpoint: its copy is done, or the WAL has
-        grown twice as long as a checkpoint waits for (a disk slow to take the copy).
+        """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
+        its copy is done, or the WAL has grown twice as long as a checkpoint waits for (a
+        disk slow to take the copy); without the header, as soon as a checkpoint is due.
+        Until the finish has run.
         """
         copying = self._copying
-        return copying is not None and (copying.done() or self._checkpoints.overdue())
+        if copying is None:
+            return self._wal_index is None and self._checkpoints.due()
+        return copying.done() or self._checkpoints.overdue()
 
     async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which may change many rows, on the writer thread.
