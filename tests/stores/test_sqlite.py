@@ -14,8 +14,8 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +27,7 @@ from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
-from authsessions.stores._sqlite_support import GuardedConnection, checkpoint, checkpoint_then
+from authsessions.stores._sqlite_support import GuardedConnection, checkpoint
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
@@ -983,17 +983,28 @@ async def test_the_wal_stays_bounded_under_inline_writes(
 
 
 @contextmanager
-def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts the writer thread's checkpoints (one entry each) within the block."""
+def counting_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[list[int]]:
+    """Counts the calls of the SQLite store module's ``name`` (one entry each) in the block."""
     taken: list[int] = []
+    real = getattr(sqlite_module, name)
 
-    def counted(db: sqlite3.Connection, work: Any) -> Any:
+    def counted(*args: Any) -> Any:
         taken.append(1)
-        return checkpoint_then(db, work)
+        return real(*args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(sqlite_module, "checkpoint_then", counted)
+        patch.setattr(sqlite_module, name, counted)
         yield taken
+
+
+def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[list[int]]:
+    """Counts the checkpoints the writer thread begins: each with a copy."""
+    return counting_calls(monkeypatch, "_copy_wal")
+
+
+def counting_finishes(monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[list[int]]:
+    """Counts the finishes of checkpoints whose copy could not start the WAL over."""
+    return counting_calls(monkeypatch, "checkpoint_then")
 
 
 @contextmanager
@@ -1067,7 +1078,7 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
     recording = RecordingWrites(impatient_store._loop_db)
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
-        with counting_checkpoints(monkeypatch) as taken:
+        with counting_finishes(monkeypatch) as taken:
             with writer_thread_held(impatient_store):
                 async with asyncio.timeout(5):  # a write waiting for the thread would hang
                     writes = 0
@@ -1104,8 +1115,8 @@ async def test_a_request_cancelled_before_the_finish_ran_leaves_it_to_the_next_w
     t0 = start_time()
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    await checkpoint_copied_by_the_store_meanwhile(impatient_store, record.id)
-    with counting_checkpoints(monkeypatch) as taken:
+    await copy_held_back_by_a_reader(impatient_store, record.id)
+    with counting_finishes(monkeypatch) as taken:
         with writer_thread_held(impatient_store):
             finishing = asyncio.create_task(
                 impatient_store.update(record.id, data_write(-1), now=t0)
@@ -1200,6 +1211,45 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
 
 
 @linux_only
+async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between requests (a server that is not saturated) the copy takes every frame, and
+    the writer thread starts the WAL over right after: no request waits for any of it.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    await impatient_store.create(record, max_sessions=10, now=t0)
+    wal_index = impatient_store._wal_index
+    assert wal_index is not None
+    with counting_finishes(monkeypatch) as finishes:
+        for i in itertools.count():
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+            if impatient_store._copying is not None:
+                break
+        generation = wal_index.generation()
+        copy_done(impatient_store)
+        assert wal_index.generation() != generation  # started over
+        assert wal_index.frames() < 5
+        await asyncio.sleep(0.05)  # the thread's word reaches the loop
+        assert impatient_store._copying is None
+
+        recording = RecordingWrites(impatient_store._loop_db)
+        impatient_store._loop_db = cast(sqlite3.Connection, recording)
+        try:
+            assert await impatient_store.update(record.id, data_write(-1), now=t0)
+        finally:
+            impatient_store._loop_db = recording.db
+        assert recording.writes[0] == "BEGIN IMMEDIATE"  # on the loop, nothing to wait for
+        assert recording.writes[-1] == "COMMIT"
+    assert finishes == []
+    assert impatient_store._checkpoints.counted() < 5
+    got = await impatient_store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data["i"] == -1
+
+
+@linux_only
 async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
     impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1283,39 +1333,32 @@ async def checkpoint_by_another_connection(store: SQLiteStore, session_id: str) 
     assert logged == copied > 0
 
 
-async def checkpoint_copied_by_the_store_meanwhile(store: SQLiteStore, session_id: str) -> None:
-    """The store's own copy, with no write while it ran: it copied everything."""
-    for i in itertools.count():
-        assert await store.update(session_id, data_write(i), now=start_time())
-        if store._copying is not None:
-            break
-    copy_done(store)
+async def copy_held_back_by_a_reader(store: SQLiteStore, session_id: str) -> None:
+    """The store's copy done, but unable to take every frame (another connection read
+    them meanwhile): the next write finishes the checkpoint.
+    """
+    with reader_holding_a_snapshot(Path(store.path)):
+        for i in itertools.count():
+            assert await store.update(session_id, data_write(i), now=start_time())
+            if store._copying is not None:
+                break
+        copy_done(store)
+    assert store._finish_due()
 
 
 @linux_only
-@pytest.mark.parametrize(
-    ("checkpoint", "tried_on_the_loop"),
-    [
-        # The connection finds out once its transaction has begun, and hands over.
-        (checkpoint_by_another_connection, ["BEGIN IMMEDIATE", "ROLLBACK"]),
-        # The store knows: the write finishes the checkpoint on the thread.
-        (checkpoint_copied_by_the_store_meanwhile, []),
-    ],
-)
 async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     impatient_store: SQLiteStore,
-    checkpoint: Callable[[SQLiteStore, str], Awaitable[None]],
-    tried_on_the_loop: list[str],
 ) -> None:
-    """Once a checkpoint copied the whole WAL, whoever's it was, the next commit starts
-    the WAL over and fsyncs its header: never on the event loop (no checkpoint can land
-    between the loop connection's look at the WAL and its commit).
+    """Once another connection's checkpoint copied the whole WAL, the next commit starts
+    the WAL over and fsyncs its header: never on the event loop. Its connection finds out
+    once its transaction has begun (no checkpoint can land in between), and hands over.
     """
     t0 = start_time()
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
     assert await impatient_store.update(record.id, data_write(0), now=t0)
-    await checkpoint(impatient_store, record.id)
+    await checkpoint_by_another_connection(impatient_store, record.id)
     wal_index = impatient_store._wal_index
     assert wal_index is not None
     assert wal_index.all_checkpointed()
@@ -1324,7 +1367,7 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
         assert await impatient_store.update(record.id, data_write(1), now=t0)
-        assert recording.writes == tried_on_the_loop  # then the thread's turn
+        assert recording.writes == ["BEGIN IMMEDIATE", "ROLLBACK"]  # then the thread's turn
         assert not wal_index.all_checkpointed()
         assert 0 < wal_index.frames() < 5  # started over
 
@@ -1436,7 +1479,7 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
         await impatient_store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
-    await checkpoint_copied_by_the_store_meanwhile(impatient_store, record.id)
+    await copy_held_back_by_a_reader(impatient_store, record.id)
     writer_thread = impatient_store._writer_thread
     wal_index = impatient_store._wal_index
     assert writer_thread is not None

@@ -4,12 +4,13 @@ Commits write pages to the WAL without an fsync; a checkpoint fsyncs the WAL
 (writing out every page added since the last one: its time grows with
 them), copies the pages into the database and fsyncs that. Only the first
 commit after a checkpoint that copied everything starts the WAL over, which
-keeps it short. So the writer thread checkpoints in two steps: a copy, while
-requests go on writing, then a finish that requests queue behind, which
-copies what they added meanwhile (a few fsyncs of little) and starts the WAL
-over. It begins after as many pages as SQLite's own automatic checkpoint
-would wait for, not after a number of writes: a data write adds one page,
-a touch two, a login about six.
+keeps it short. So the writer thread checkpoints while requests go on
+writing (the copy), and starts the WAL over itself if a round of it went
+by with no write. Otherwise a finish follows that requests queue behind: it
+copies what they added meanwhile (a few fsyncs of little) and its commit
+starts the WAL over. A checkpoint begins after as many pages as SQLite's own
+automatic one would wait for, not after a number of writes: a data write
+adds one page, a touch two, a login about six.
 
 Pages are read from the WAL-index header (see ``_wal_index``). Work that
 changes many rows (a cleanup) runs on the writer thread, whose connection

@@ -18,6 +18,7 @@ __all__ = [
     "checkpoint_then",
     "enable_wal",
     "is_busy",
+    "start_wal_over",
     "transaction",
 ]
 
@@ -92,6 +93,16 @@ def checkpoint(db: sqlite3.Connection) -> None:
     # A checkpoint that fails only lets the WAL grow until the next one.
     with contextlib.suppress(sqlite3.Error):
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def start_wal_over(db: sqlite3.Connection) -> None:
+    """Commit one page, the database header as it was: after a checkpoint that copied every
+    frame, that commit starts the WAL over (and fsyncs its header) here, instead of in
+    whichever commit comes next. No reader sees a change.
+    """
+    with contextlib.suppress(sqlite3.Error), transaction(db):
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        db.execute(f"PRAGMA user_version = {int(version)}")
 
 
 def checkpoint_then(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
