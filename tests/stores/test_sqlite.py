@@ -268,9 +268,7 @@ DIRTY_INSERT = (
 async def test_reads_answer_while_another_connection_holds_the_write_lock(
     impatient_store: SQLiteStore, db_path: Path
 ) -> None:
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
     uncommitted = make_record(now=t0)
 
     with write_lock(db_path) as other:
@@ -347,9 +345,7 @@ async def test_write_waits_for_the_lock_and_succeeds_when_it_is_released(db_path
 async def test_refused_create_releases_the_write_lock(
     impatient_store: SQLiteStore, db_path: Path
 ) -> None:
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
 
     with pytest.raises(CreateError):
         await impatient_store.create(record, max_sessions=10, now=t0)
@@ -454,9 +450,7 @@ async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, 
 
     Each of them means "busy", and the read must be retried, not failed.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
     busy, real = BusyReader(code), impatient_store._loop_db
     impatient_store._loop_db = cast(sqlite3.Connection, busy)
     try:
@@ -949,6 +943,20 @@ async def test_inline_and_writer_thread_updates_together_keep_every_key(db_path:
     assert got.data == {f"k{i}": i for i in range(40)}
 
 
+async def one_session(store: SQLiteStore) -> tuple[float, SessionRecord]:
+    """A session created in ``store`` now, and that now."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    return t0, record
+
+
+def wal_of(store: SQLiteStore) -> WalIndexHeader:
+    """The WAL-index header ``store`` reads (Linux only)."""
+    assert store._wal_index is not None, "the WAL-index header was not found"
+    return store._wal_index
+
+
 def wal_size(path: Path) -> int:
     return os.path.getsize(f"{path}-wal")
 
@@ -1046,9 +1054,7 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
     """A data write adds one page to the WAL: counting writes had them checkpoint (and
     fsync) every 250 pages, where logins, six pages each, did so every 1,500.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    _t0, record = await one_session(impatient_store)
 
     with counting_checkpoints(monkeypatch) as taken:
         await write_data(impatient_store, record.id, CHECKPOINT_PAGES // 2)
@@ -1059,8 +1065,7 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
         assert len(taken) == 1
 
     # The checkpoint restarted the WAL: the pages counted since are the writes after it.
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    wal_index = wal_of(impatient_store)
     assert wal_index.frames() < CHECKPOINT_PAGES
 
 
@@ -1072,9 +1077,7 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
     keep writing on the event loop meanwhile. Should the copy take as long as writing
     CHECKPOINT_PAGES more pages, writes queue behind it, so the WAL stays bounded.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
     recording = RecordingWrites(impatient_store._loop_db)
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
@@ -1102,8 +1105,7 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
             assert len(taken) == 1  # it finished the checkpoint
     finally:
         impatient_store._loop_db = recording.db
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    wal_index = wal_of(impatient_store)
     assert wal_index.frames() < 5  # and started the WAL over
 
 
@@ -1112,9 +1114,7 @@ async def test_a_request_cancelled_before_the_finish_ran_leaves_it_to_the_next_w
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store follows the writer thread's job, not the request that awaits it."""
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
     await copy_held_back_by_a_reader(impatient_store, record.id)
     with counting_finishes(monkeypatch) as taken:
         with writer_thread_held(impatient_store):
@@ -1130,8 +1130,7 @@ async def test_a_request_cancelled_before_the_finish_ran_leaves_it_to_the_next_w
 
         assert await impatient_store.update(record.id, data_write(0), now=t0)
         assert len(taken) == 1
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    wal_index = wal_of(impatient_store)
     assert wal_index.frames() < 5  # the WAL started over
 
 
@@ -1140,9 +1139,7 @@ async def test_writes_that_find_the_file_busy_still_start_the_checkpoint(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process holding the write lock sends every write to the thread."""
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    _t0, record = await one_session(impatient_store)
     busy, loop_db = BusyForWrites(impatient_store._loop_db), impatient_store._loop_db
     impatient_store._loop_db = cast(sqlite3.Connection, busy)
     try:
@@ -1217,11 +1214,8 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
     """Between requests (a server that is not saturated) the copy takes every frame, and
     the writer thread starts the WAL over right after: no request waits for any of it.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
     with counting_finishes(monkeypatch) as finishes:
         for i in itertools.count():
             assert await impatient_store.update(record.id, data_write(i), now=t0)
@@ -1257,14 +1251,11 @@ async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
     CHECKPOINT_PAGES: the next attempt waits for that many pages more, as after one that
     copied everything, instead of every write hopping to the writer thread to try again.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    _t0, record = await one_session(impatient_store)
     with reader_holding_a_snapshot(db_path), counting_checkpoints(monkeypatch) as taken:
         await write_data(impatient_store, record.id, CHECKPOINT_PAGES * 5 // 2)
 
-        wal_index = impatient_store._wal_index
-        assert wal_index is not None
+        wal_index = wal_of(impatient_store)
         assert wal_index.frames() > 2 * CHECKPOINT_PAGES  # the WAL never restarted
         assert len(taken) == 2
 
@@ -1354,13 +1345,10 @@ async def test_the_commit_that_starts_the_wal_over_runs_on_the_writer_thread(
     the WAL over and fsyncs its header: never on the event loop. Its connection finds out
     once its transaction has begun (no checkpoint can land in between), and hands over.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    t0, record = await one_session(impatient_store)
     assert await impatient_store.update(record.id, data_write(0), now=t0)
     await checkpoint_by_another_connection(impatient_store, record.id)
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    wal_index = wal_of(impatient_store)
     assert wal_index.all_checkpointed()
 
     recording = RecordingWrites(impatient_store._loop_db)
@@ -1400,8 +1388,7 @@ async def test_a_cleanups_pages_do_not_count_towards_the_requests_checkpoint(
 
     largest = 0
     async with SQLiteStore(db_path) as store:
-        wal_index = store._wal_index
-        assert wal_index is not None
+        wal_index = wal_of(store)
         with counting_checkpoints(monkeypatch) as taken:
             for i in itertools.count():
                 if not await store.delete_expired(now=t0, limit=1000):
@@ -1420,9 +1407,7 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over(
     """A checkpoint held back by a reader counts on from the WAL's length then; once the
     WAL started over (here after another connection's checkpoint), from its start.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
+    _t0, record = await one_session(impatient_store)
     with counting_checkpoints(monkeypatch) as taken:
         with reader_holding_a_snapshot(db_path):
             await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
@@ -1440,11 +1425,8 @@ async def test_pages_are_counted_afresh_once_the_wal_started_over_and_outgrew_th
     """Another connection checkpoints, starts the WAL over and writes more pages than the
     WAL held when this store last tried: all of them are new, though the WAL is longer.
     """
-    t0 = start_time()
-    record = make_record(now=t0)
-    await impatient_store.create(record, max_sessions=10, now=t0)
-    wal_index = impatient_store._wal_index
-    assert wal_index is not None
+    _t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
     with counting_checkpoints(monkeypatch) as taken:
         with reader_holding_a_snapshot(db_path):
             await write_data(impatient_store, record.id, CHECKPOINT_PAGES + 10)
