@@ -27,7 +27,7 @@ from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
-from authsessions.stores._sqlite_support import GuardedConnection, checkpoint
+from authsessions.stores._sqlite_support import GuardedConnection, checkpoint, start_wal_over
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
@@ -1209,7 +1209,7 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
 
 @linux_only
 async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
-    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between requests (a server that is not saturated) the copy takes every frame, and
     the writer thread starts the WAL over right after: no request waits for any of it.
@@ -1225,8 +1225,6 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
         copy_done(impatient_store)
         assert wal_index.generation() != generation  # started over
         assert wal_index.frames() < 5
-        await asyncio.sleep(0.05)  # the thread's word reaches the loop
-        assert impatient_store._copying is None
 
         recording = RecordingWrites(impatient_store._loop_db)
         impatient_store._loop_db = cast(sqlite3.Connection, recording)
@@ -1237,10 +1235,175 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
         assert recording.writes[0] == "BEGIN IMMEDIATE"  # on the loop, nothing to wait for
         assert recording.writes[-1] == "COMMIT"
     assert finishes == []
+    assert impatient_store._copying is None
     assert impatient_store._checkpoints.counted() < 5
     got = await impatient_store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data["i"] == -1
+    # The page it committed to start the WAL over is the header as it was.
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+
+
+@linux_only
+async def test_a_copy_goes_again_over_what_came_while_it_ran(
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write lands during the copy's first round; the second finds a quiet moment."""
+    t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
+    rounds: list[int] = []
+
+    def written_to_during_the_first(db: sqlite3.Connection) -> None:
+        checkpoint(db)
+        rounds.append(1)
+        if len(rounds) == 1:  # another process's write, as the round ends
+            other = sqlite3.connect(db_path, isolation_level=None)
+            try:
+                other.execute("PRAGMA wal_autocheckpoint = 0")
+                other.execute(f"UPDATE {TABLE} SET device_name = device_name || '.'")  # noqa: S608
+            finally:
+                other.close()
+
+    monkeypatch.setattr(sqlite_module, "checkpoint", written_to_during_the_first)
+    with counting_finishes(monkeypatch) as finishes:
+        for i in itertools.count():
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+            if impatient_store._copying is not None:
+                break
+        generation = wal_index.generation()
+        copy_done(impatient_store)
+        assert rounds == [1, 1]
+        assert wal_index.generation() != generation  # the second round started it over
+        assert await impatient_store.update(record.id, data_write(-1), now=t0)
+    assert finishes == []
+
+
+@linux_only
+async def test_a_copy_whose_restart_another_commit_forestalled_leaves_a_finish(
+    impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection, inside its write transaction as the copy took every frame,
+    commits first: on the snapshot it began with, its commit cannot start the WAL over,
+    and the copy's own commit then only adds a page. The WAL goes on, and a request has
+    to finish the checkpoint: the store must not count it as done.
+    """
+    t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
+    # Another process's, as far as SQLite is concerned; committed from the writer thread.
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+
+    def forestalled(db: sqlite3.Connection, *, wait_ms: int) -> None:
+        other.execute("COMMIT")
+        start_wal_over(db, wait_ms=wait_ms)
+
+    monkeypatch.setattr(sqlite_module, "start_wal_over", forestalled)
+    monkeypatch.setattr(sqlite_module, "COPY_ROUNDS", 1)
+    try:
+        other.execute("PRAGMA wal_autocheckpoint = 0")
+        with writer_thread_held(impatient_store):
+            for i in itertools.count():
+                assert await impatient_store.update(record.id, data_write(i), now=t0)
+                if impatient_store._copying is not None:
+                    break
+            other.execute("BEGIN IMMEDIATE")
+            other.execute(f"UPDATE {TABLE} SET device_name = device_name || '.'")  # noqa: S608
+        generation = wal_index.generation()
+        copy_done(impatient_store)
+    finally:
+        other.close()
+    assert wal_index.generation() == generation  # not started over
+    assert impatient_store._finish_due()
+
+    assert await impatient_store.update(record.id, data_write(-1), now=t0)  # the finish
+    assert wal_index.generation() != generation
+    assert wal_index.frames() < 5
+
+
+@linux_only
+async def test_a_finish_leaves_a_copy_begun_since_in_place(impatient_store: SQLiteStore) -> None:
+    """A finish queued behind a copy that then started the WAL over itself runs late; a new
+    copy may begin meanwhile, and the finish must not make the store forget it.
+    """
+    t0, record = await one_session(impatient_store)
+    pool = impatient_store._writer_thread
+    assert pool is not None
+    first_hold, second_hold = threading.Event(), threading.Event()
+    try:
+        pool.submit(first_hold.wait, 10)
+        i = 0
+        while not impatient_store._checkpoints.overdue():
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+            i += 1
+        first_copy = impatient_store._copying
+        assert first_copy is not None
+        pool.submit(second_hold.wait, 10)  # e.g. a cleanup batch, queued meanwhile
+        finishing = asyncio.create_task(impatient_store.update(record.id, data_write(-1), now=t0))
+        await asyncio.sleep(0.05)
+        assert impatient_store._checkpointing  # behind the copy and the batch
+        first_hold.set()
+        assert first_copy.result() is not None  # nothing written meanwhile: it started over
+
+        while impatient_store._copying in (None, first_copy):
+            assert await impatient_store.update(record.id, data_write(i), now=t0)
+            i += 1
+        second_copy = impatient_store._copying
+    finally:
+        first_hold.set()
+        second_hold.set()
+    assert await finishing
+    assert impatient_store._copying is second_copy
+
+
+@linux_only
+async def test_a_copy_that_started_the_wal_over_is_taken_in_without_the_loop_turning(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Writes on the loop do not suspend: a run of them in one coroutine must still see the
+    copy end, and begin the next checkpoint when due.
+    """
+    t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
+    for i in itertools.count():
+        assert await impatient_store.update(record.id, data_write(i), now=t0)
+        if impatient_store._copying is not None:
+            break
+    copy_done(impatient_store)
+    copying = impatient_store._copying
+    assert copying is not None
+    assert copying.result() is not None  # started the WAL over, not yet taken in
+
+    largest = 0
+    for i in range(4 * CHECKPOINT_PAGES):
+        assert await impatient_store.update(record.id, data_write(i), now=t0)
+        largest = max(largest, wal_index.frames())
+    assert largest < 2 * CHECKPOINT_PAGES + 8
+
+
+@linux_only
+async def test_a_copy_does_not_wait_long_for_a_write_lock_held_elsewhere(
+    db_path: Path,
+) -> None:
+    """Another process holds the write lock as the copy would start the WAL over: it gives
+    up within RESTART_WAIT_MS (a finish will do it), where waiting the store's whole
+    timeout would hold up everything queued on the writer thread.
+    """
+    async with SQLiteStore(db_path, timeout=5.0) as store:
+        t0, record = await one_session(store)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            with writer_thread_held(store):
+                for i in itertools.count():
+                    assert await store.update(record.id, data_write(i), now=t0)
+                    if store._copying is not None:
+                        break
+                other.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            copy_done(store)
+            waited = time.monotonic() - started
+        finally:
+            other.close()
+        assert waited < 2.0
+        assert store._finish_due()
 
 
 @linux_only

@@ -95,14 +95,23 @@ def checkpoint(db: sqlite3.Connection) -> None:
         db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def start_wal_over(db: sqlite3.Connection) -> None:
+def start_wal_over(db: sqlite3.Connection, *, wait_ms: int) -> None:
     """Commit one page, the database header as it was: after a checkpoint that copied every
     frame, that commit starts the WAL over (and fsyncs its header) here, instead of in
     whichever commit comes next. No reader sees a change.
+
+    It waits at most ``wait_ms`` for the write lock, and gives up quietly: another
+    connection's commit may come first (then this one only adds a page), or a reader
+    may hold the WAL; the caller checks whether the WAL started over.
     """
-    with contextlib.suppress(sqlite3.Error), transaction(db):
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        db.execute(f"PRAGMA user_version = {int(version)}")
+    (waits,) = db.execute("PRAGMA busy_timeout").fetchone()
+    db.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+    try:
+        with contextlib.suppress(sqlite3.Error), transaction(db):
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            db.execute(f"PRAGMA user_version = {int(version)}")
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(waits)}")
 
 
 def checkpoint_then(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:

@@ -111,6 +111,11 @@ BULK_CHECKPOINT_PAGES = 10_000
 # round, 5 of 15 after three; at saturation no worse (8,500-8,900 -> 8,900-9,100 a second).
 COPY_ROUNDS = 3
 
+# How long the copy waits for the write lock to start the WAL over, in milliseconds: the
+# event loop's writes hold it for microseconds; another process's may hold it far longer,
+# and then a finish does it, rather than everything queued on the writer thread waiting.
+RESTART_WAIT_MS = 20
+
 # The most rows delete_for_user deletes on the event loop (one short write, as a logout is);
 # more go to the writer thread. Well above max_sessions_per_user's default of 10.
 INLINE_DELETE_ROWS = 32
@@ -484,8 +489,9 @@ class SQLiteStore(Store):
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
+        finish_due = self._finish_due()
         self._copy_if_due()
-        if self._finish_due() and not self._checkpointing:
+        if finish_due and not self._checkpointing:
             return await self._finish_checkpoint_then(work)
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._checkpoints.wrote()
@@ -502,6 +508,7 @@ class SQLiteStore(Store):
         if pool is None:
             raise self._closed_error()
         schedule, loop = self._checkpoints, asyncio.get_running_loop()
+        copying = self._copying  # the copy this finishes, if any
         ended_at: list[WalPosition | None] = []  # once it ran
 
         def checkpoint_then_work() -> T:
@@ -515,7 +522,8 @@ class SQLiteStore(Store):
         def finished() -> None:
             self._checkpointing = False
             if ended_at:
-                self._copying = None  # done: the finish ran after it on the same thread
+                if self._copying is copying:  # not one begun since
+                    self._copying = None  # done: the finish ran after it on the same thread
                 schedule.checkpointed(ended_at[0])
 
         def on_thread_job_done(_: Future[T]) -> None:
@@ -543,20 +551,7 @@ class SQLiteStore(Store):
             and pool is not None
             and self._checkpoints.due()
         ):
-            copying = pool.submit(_copy_wal, self._connection(self._writer), wal_index)
-            self._copying, loop = copying, asyncio.get_running_loop()
-
-            def on_thread_job_done(_: Future[WalPosition | None]) -> None:
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(self._copied, copying)
-
-            copying.add_done_callback(on_thread_job_done)
-
-    def _copied(self, copying: Future[WalPosition | None]) -> None:
-        """The copy's end, on the loop: if it started the WAL over, nothing is left to do."""
-        if copying is self._copying and _started_wal_over(copying):
-            self._copying = None
-            self._checkpoints.checkpointed(copying.result())
+            self._copying = pool.submit(_copy_wal, self._connection(self._writer), wal_index)
 
     def _finish_due(self) -> bool:
         """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
@@ -564,13 +559,20 @@ class SQLiteStore(Store):
         ran), or the WAL has grown twice as long as a checkpoint waits for (a disk slow to
         take the copy); without the header, as soon as a checkpoint is due. Until the
         finish has run.
+
+        A copy that ended having started the WAL over is taken in here, before every
+        write: the event loop may not turn between writes (they do not suspend).
         """
         copying = self._copying
         if copying is None:
             return self._wal_index is None and self._checkpoints.due()
-        if copying.done():
-            return not _started_wal_over(copying)
-        return self._checkpoints.overdue()
+        if not copying.done():
+            return self._checkpoints.overdue()
+        if _started_wal_over(copying):
+            self._copying = None
+            self._checkpoints.checkpointed(copying.result())
+            return False
+        return True
 
     async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which may change many rows, on the writer thread.
@@ -619,8 +621,10 @@ def _copy_wal(db: sqlite3.Connection, wal_index: WalIndexHeader) -> WalPosition 
     for _ in range(COPY_ROUNDS):
         checkpoint(db)
         if wal_index.all_checkpointed():
-            start_wal_over(db)
-            return wal_index.generation(), wal_index.frames()
+            generation = wal_index.generation()
+            start_wal_over(db, wait_ms=RESTART_WAIT_MS)
+            if wal_index.generation() != generation:
+                return wal_index.generation(), wal_index.frames()
     return None
 
 
