@@ -27,7 +27,12 @@ from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
-from authsessions.stores._sqlite_support import GuardedConnection, checkpoint, start_wal_over
+from authsessions.stores._sqlite_support import (
+    GuardedConnection,
+    checkpoint,
+    checkpoint_then,
+    start_wal_over,
+)
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
@@ -1339,7 +1344,9 @@ async def test_a_finish_leaves_a_copy_begun_since_in_place(impatient_store: SQLi
         pool.submit(second_hold.wait, 10)  # e.g. a cleanup batch, queued meanwhile
         finishing = asyncio.create_task(impatient_store.update(record.id, data_write(-1), now=t0))
         await asyncio.sleep(0.05)
-        assert impatient_store._checkpointing  # behind the copy and the batch
+        finish = impatient_store._finishing
+        assert finish is not None
+        assert not finish.done()  # behind the copy and the batch
         first_hold.set()
         assert first_copy.result() is not None  # nothing written meanwhile: it started over
 
@@ -1639,6 +1646,75 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
 
     assert 0 <= impatient_store._checkpoints.counted() < 10  # the write's pages
     assert not impatient_store._checkpoints.due()
+
+
+@linux_only
+async def test_a_cleanup_queued_before_a_finish_moves_the_count_on_once(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """The other order: the finish's word reaches the loop before the cleanup's, its mark
+    already past the cleanup's pages (a reader keeps the WAL from starting over).
+    """
+    t0 = start_time()
+    for i in range(2000):
+        expired = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
+        await impatient_store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
+    _t0, record = await one_session(impatient_store)
+    writer_thread = impatient_store._writer_thread
+    assert writer_thread is not None
+    with reader_holding_a_snapshot(db_path):
+        await copy_held_back_by_a_reader(impatient_store, record.id)
+        cleanup = asyncio.create_task(impatient_store.delete_expired(now=t0, limit=2000))
+        write = asyncio.create_task(impatient_store.update(record.id, data_write(-1), now=t0))
+        await asyncio.sleep(0)  # both handed to the writer thread, the cleanup first
+        writer_thread.submit(lambda: None).result()
+        assert await write
+        assert await cleanup == 2000
+
+        assert 0 <= impatient_store._checkpoints.counted() < 10
+
+
+def test_checkpoints_go_on_after_a_reopen_once_a_finish_outlived_its_loop(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finish still running when its event loop ended cannot tell that loop; the store,
+    closed and opened again on another loop, must still finish its checkpoints.
+    """
+    if sys.platform != "linux":
+        pytest.skip(ON_LINUX_ONLY)
+    store = SQLiteStore(db_path, timeout=0.2)
+    gate = threading.Event()
+
+    def held_finish(db: sqlite3.Connection, work: Any) -> Any:
+        gate.wait(10)
+        return checkpoint_then(db, work)
+
+    async def first_loop() -> None:
+        await store.open()
+        t0, record = await one_session(store)
+        await copy_held_back_by_a_reader(store, record.id)
+        with monkeypatch.context() as patch:
+            patch.setattr(sqlite_module, "checkpoint_then", held_finish)
+            finishing = asyncio.create_task(store.update(record.id, data_write(1), now=t0))
+            await asyncio.sleep(0.05)
+        assert store._finishing is not None
+        assert not finishing.done()  # left behind when this loop ends
+
+    asyncio.run(first_loop())
+    gate.set()
+    assert store._writer_thread is not None
+    store._writer_thread.submit(lambda: None).result()  # the finish ran; its loop is gone
+
+    async def second_loop() -> None:
+        await store.close()
+        async with store:
+            t0, record = await one_session(store)
+            await copy_held_back_by_a_reader(store, record.id)
+            held_back = store._copying
+            assert await store.update(record.id, data_write(2), now=t0)  # finishes it
+            assert store._copying is not held_back
+
+    asyncio.run(second_loop())
 
 
 async def test_the_wal_file_shrinks_back_after_a_cleanup(

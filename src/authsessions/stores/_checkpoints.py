@@ -99,4 +99,6 @@ class CheckpointSchedule:
             start = 0  # is the work's
         if generation_after != self._generation:
             self._generation, self._mark = generation_after, 0
-        self._mark += end - start
+        # Only what lies past the mark: a checkpoint taken in since (the work ran before
+        # it on the writer thread) may have moved the mark past some or all of it.
+        self._mark += max(0, end - max(start, self._mark))

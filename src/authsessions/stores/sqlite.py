@@ -178,7 +178,7 @@ class SQLiteStore(Store):
         # The writer thread's checkpoint comes in two steps (see _checkpoints): a copy that
         # requests do not wait for, then a finish that they queue behind.
         self._copying: Future[WalPosition | None] | None = None
-        self._checkpointing = False  # the finish is under way
+        self._finishing: Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -252,7 +252,7 @@ class SQLiteStore(Store):
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         self._checkpoints = CheckpointSchedule(None)
-        self._copying = None  # the writer's close, below, runs after it
+        self._copying = self._finishing = None  # the writer's close, below, runs after them
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
@@ -491,7 +491,8 @@ class SQLiteStore(Store):
         """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
         finish_due = self._finish_due()
         self._copy_if_due()
-        if finish_due and not self._checkpointing:
+        finishing = self._finishing
+        if finish_due and (finishing is None or finishing.done()):
             return await self._finish_checkpoint_then(work)
         result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
         self._checkpoints.wrote()
@@ -520,7 +521,8 @@ class SQLiteStore(Store):
                 ended_at.append(schedule.position())
 
         def finished() -> None:
-            self._checkpointing = False
+            if self._finishing is job:
+                self._finishing = None
             if ended_at:
                 if self._copying is copying:  # not one begun since
                     self._copying = None  # done: the finish ran after it on the same thread
@@ -530,8 +532,8 @@ class SQLiteStore(Store):
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(finished)
 
-        job = pool.submit(checkpoint_then_work)
-        self._checkpointing = True
+        # Under way while not done (whether or not this loop still runs to hear of it).
+        self._finishing = job = pool.submit(checkpoint_then_work)
         # Added before the awaiting below, so it runs before the request resumes.
         job.add_done_callback(on_thread_job_done)
         with translate_errors("SQLite", sqlite3.Error):
