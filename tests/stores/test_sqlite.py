@@ -1043,6 +1043,14 @@ def copy_done(store: SQLiteStore) -> None:
         store._copying.result()
 
 
+async def write_until_a_copy_begins(store: SQLiteStore, session_id: str) -> None:
+    """Data writes until the store hands the writer thread a checkpoint's copy."""
+    for i in itertools.count():
+        assert await store.update(session_id, data_write(i), now=start_time())
+        if store._copying is not None:
+            return
+
+
 async def write_data(store: SQLiteStore, session_id: str, count: int) -> None:
     """``count`` data writes, one WAL page each; a checkpoint's copy, once begun, is done
     before the next (in a running app, a few writes later).
@@ -1222,10 +1230,7 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
     t0, record = await one_session(impatient_store)
     wal_index = wal_of(impatient_store)
     with counting_finishes(monkeypatch) as finishes:
-        for i in itertools.count():
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
-            if impatient_store._copying is not None:
-                break
+        await write_until_a_copy_begins(impatient_store, record.id)
         generation = wal_index.generation()
         copy_done(impatient_store)
         assert wal_index.generation() != generation  # started over
@@ -1271,10 +1276,7 @@ async def test_a_copy_goes_again_over_what_came_while_it_ran(
 
     monkeypatch.setattr(sqlite_module, "checkpoint", written_to_during_the_first)
     with counting_finishes(monkeypatch) as finishes:
-        for i in itertools.count():
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
-            if impatient_store._copying is not None:
-                break
+        await write_until_a_copy_begins(impatient_store, record.id)
         generation = wal_index.generation()
         copy_done(impatient_store)
         assert rounds == [1, 1]
@@ -1306,10 +1308,7 @@ async def test_a_copy_whose_restart_another_commit_forestalled_leaves_a_finish(
     try:
         other.execute("PRAGMA wal_autocheckpoint = 0")
         with writer_thread_held(impatient_store):
-            for i in itertools.count():
-                assert await impatient_store.update(record.id, data_write(i), now=t0)
-                if impatient_store._copying is not None:
-                    break
+            await write_until_a_copy_begins(impatient_store, record.id)
             other.execute("BEGIN IMMEDIATE")
             other.execute(f"UPDATE {TABLE} SET device_name = device_name || '.'")  # noqa: S608
         generation = wal_index.generation()
@@ -1370,10 +1369,7 @@ async def test_a_copy_that_started_the_wal_over_is_taken_in_without_the_loop_tur
     """
     t0, record = await one_session(impatient_store)
     wal_index = wal_of(impatient_store)
-    for i in itertools.count():
-        assert await impatient_store.update(record.id, data_write(i), now=t0)
-        if impatient_store._copying is not None:
-            break
+    await write_until_a_copy_begins(impatient_store, record.id)
     copy_done(impatient_store)
     copying = impatient_store._copying
     assert copying is not None
@@ -1395,14 +1391,11 @@ async def test_a_copy_does_not_wait_long_for_a_write_lock_held_elsewhere(
     timeout would hold up everything queued on the writer thread.
     """
     async with SQLiteStore(db_path, timeout=5.0) as store:
-        t0, record = await one_session(store)
+        _t0, record = await one_session(store)
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
             with writer_thread_held(store):
-                for i in itertools.count():
-                    assert await store.update(record.id, data_write(i), now=t0)
-                    if store._copying is not None:
-                        break
+                await write_until_a_copy_begins(store, record.id)
                 other.execute("BEGIN IMMEDIATE")
             started = time.monotonic()
             copy_done(store)
@@ -1499,10 +1492,7 @@ async def copy_held_back_by_a_reader(store: SQLiteStore, session_id: str) -> Non
     them meanwhile): the next write finishes the checkpoint.
     """
     with reader_holding_a_snapshot(Path(store.path)):
-        for i in itertools.count():
-            assert await store.update(session_id, data_write(i), now=start_time())
-            if store._copying is not None:
-                break
+        await write_until_a_copy_begins(store, session_id)
         copy_done(store)
     assert store._finish_due()
 

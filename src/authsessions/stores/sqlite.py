@@ -176,7 +176,8 @@ class SQLiteStore(Store):
         self._writer_thread: ThreadPoolExecutor | None = None
         self._checkpoints = CheckpointSchedule(None)
         # The writer thread's checkpoint comes in two steps (see _checkpoints): a copy that
-        # requests do not wait for, then a finish that they queue behind.
+        # requests do not wait for, then, unless the copy started the WAL over itself, a
+        # finish that they queue behind. Each is the thread's job while it is in hand.
         self._copying: Future[WalPosition | None] | None = None
         self._finishing: Future[Any] | None = None
 
