@@ -25,6 +25,7 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate
 from authsessions.stores import CreateError, SQLiteStore
+from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
 from authsessions.stores._sqlite_support import (
@@ -1012,7 +1013,7 @@ def counting_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[list[
 
 def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[list[int]]:
     """Counts the checkpoints the writer thread begins: each with a copy."""
-    return counting_calls(monkeypatch, "_copy_wal")
+    return counting_calls(monkeypatch, "copy_wal")
 
 
 def counting_finishes(monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[list[int]]:
@@ -1201,7 +1202,7 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
         checkpoint(db)
         time.sleep(0.2)
 
-    monkeypatch.setattr(sqlite_module, "checkpoint", slow_to_report)
+    monkeypatch.setattr(checkpoints_module, "checkpoint", slow_to_report)
     t0 = start_time()
     record = make_record(now=t0)
     async with SQLiteStore(db_path) as store:
@@ -1274,7 +1275,7 @@ async def test_a_copy_goes_again_over_what_came_while_it_ran(
             finally:
                 other.close()
 
-    monkeypatch.setattr(sqlite_module, "checkpoint", written_to_during_the_first)
+    monkeypatch.setattr(checkpoints_module, "checkpoint", written_to_during_the_first)
     with counting_finishes(monkeypatch) as finishes:
         await write_until_a_copy_begins(impatient_store, record.id)
         generation = wal_index.generation()
@@ -1303,8 +1304,8 @@ async def test_a_copy_whose_restart_another_commit_forestalled_leaves_a_finish(
         other.execute("COMMIT")
         start_wal_over(db, wait_ms=wait_ms)
 
-    monkeypatch.setattr(sqlite_module, "start_wal_over", forestalled)
-    monkeypatch.setattr(sqlite_module, "COPY_ROUNDS", 1)
+    monkeypatch.setattr(checkpoints_module, "start_wal_over", forestalled)
+    monkeypatch.setattr(checkpoints_module, "COPY_ROUNDS", 1)
     try:
         other.execute("PRAGMA wal_autocheckpoint = 0")
         with writer_thread_held(impatient_store):

@@ -43,16 +43,19 @@ from authsessions.stores._base import (
     store_unavailable,
     translate_errors,
 )
-from authsessions.stores._checkpoints import CheckpointSchedule, WalPosition
+from authsessions.stores._checkpoints import (
+    CheckpointSchedule,
+    WalPosition,
+    copy_wal,
+    started_wal_over,
+)
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
     RecordCache,
     WriteRefused,
-    checkpoint,
     checkpoint_then,
     enable_wal,
     is_busy,
-    start_wal_over,
     transaction,
 )
 from authsessions.stores._wal_index import WalIndexHeader
@@ -104,17 +107,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # however many batches changed it: under read load a cleanup went from about 8,000 to
 # 13,000 sessions a second, its median batch taking a third as long.
 BULK_CHECKPOINT_PAGES = 10_000
-
-# How often the checkpoint's copy goes again over what requests wrote while it ran, each
-# time a shorter fsync, for a moment with no write in it to start the WAL over. Logins one
-# every 0.5 ms: 15 of 15 checkpoints left a finish for a request to wait for after one
-# round, 5 of 15 after three; at saturation no worse (8,500-8,900 -> 8,900-9,100 a second).
-COPY_ROUNDS = 3
-
-# How long the copy waits for the write lock to start the WAL over, in milliseconds: the
-# event loop's writes hold it for microseconds; another process's may hold it far longer,
-# and then a finish does it, rather than everything queued on the writer thread waiting.
-RESTART_WAIT_MS = 20
 
 # The most rows delete_for_user deletes on the event loop (one short write, as a logout is);
 # more go to the writer thread. Well above max_sessions_per_user's default of 10.
@@ -554,7 +546,7 @@ class SQLiteStore(Store):
             and pool is not None
             and self._checkpoints.due()
         ):
-            self._copying = pool.submit(_copy_wal, self._connection(self._writer), wal_index)
+            self._copying = pool.submit(copy_wal, self._connection(self._writer), wal_index)
 
     def _finish_due(self) -> bool:
         """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
@@ -571,7 +563,7 @@ class SQLiteStore(Store):
             return self._wal_index is None and self._checkpoints.due()
         if not copying.done():
             return self._checkpoints.overdue()
-        if _started_wal_over(copying):
+        if started_wal_over(copying):
             self._copying = None
             self._checkpoints.checkpointed(copying.result())
             return False
@@ -614,26 +606,6 @@ def _connect_loop_db(path: str) -> GuardedConnection:
     return sqlite3.connect(
         path, timeout=0, isolation_level=None, check_same_thread=False, factory=GuardedConnection
     )
-
-
-def _copy_wal(db: sqlite3.Connection, wal_index: WalIndexHeader) -> WalPosition | None:
-    """The checkpoint's copy, on the writer thread. If no request wrote while it ran, it
-    took every frame: it then starts the WAL over too, and the WAL's position after that
-    is returned; ``None`` when a finish is still needed.
-    """
-    for _ in range(COPY_ROUNDS):
-        checkpoint(db)
-        if wal_index.all_checkpointed():
-            generation = wal_index.generation()
-            start_wal_over(db, wait_ms=RESTART_WAIT_MS)
-            if wal_index.generation() != generation:
-                return wal_index.generation(), wal_index.frames()
-    return None
-
-
-def _started_wal_over(copying: Future[WalPosition | None]) -> bool:
-    """Whether a copy that is done started the WAL over itself."""
-    return not copying.cancelled() and copying.exception() is None and copying.result() is not None
 
 
 def _migrate(db: sqlite3.Connection) -> None:
