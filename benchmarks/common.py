@@ -54,6 +54,10 @@ class Settings:
     inprocess_batch: int
     inprocess_warmup: int
     floor_lookups: int
+    concurrency_streams: int
+    concurrency_requests: int
+    """Requests per stream in one timed batch."""
+    concurrency_reps: int
     e2e_rounds: int
     e2e_seconds: float
     """Whole seconds (wrk's unit) per variant and round."""
@@ -79,6 +83,9 @@ class Settings:
                 inprocess_batch=150,
                 inprocess_warmup=100,
                 floor_lookups=1_000,
+                concurrency_streams=16,
+                concurrency_requests=20,
+                concurrency_reps=2,
                 e2e_rounds=1,
                 e2e_seconds=2.0,
                 e2e_warmup=0.0,
@@ -99,6 +106,9 @@ class Settings:
             inprocess_batch=500,
             inprocess_warmup=500,
             floor_lookups=20_000,
+            concurrency_streams=16,
+            concurrency_requests=150,
+            concurrency_reps=7,
             e2e_rounds=9,
             e2e_seconds=2.0,
             e2e_warmup=1.0,

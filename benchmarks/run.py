@@ -21,7 +21,7 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from benchmarks import endtoend, floors, inprocess, instructions, scale, targets
+from benchmarks import concurrency, endtoend, floors, inprocess, instructions, scale, targets
 from benchmarks.common import (
     ARTIFACTS,
     ROOT,
@@ -31,7 +31,7 @@ from benchmarks.common import (
 )
 from benchmarks.plot import lookup_plot
 
-PARTS = ("inprocess", "instructions", "floors", "endtoend", "scale")
+PARTS = ("inprocess", "instructions", "floors", "concurrency", "endtoend", "scale")
 
 
 def machine() -> dict[str, str]:
@@ -72,6 +72,8 @@ async def run_async_part(name: str, settings: Settings, kinds: list[str]) -> Any
         return await inprocess.run(settings, kinds)
     if name == "floors":
         return await floors.run(settings, kinds)
+    if name == "concurrency":
+        return await concurrency.run(settings, kinds)
     return await scale.run(settings, kinds)
 
 
@@ -81,6 +83,7 @@ def run_part(name: str, settings: Settings, kinds: list[str], results: dict[str,
         "inprocess": "in process: per-request cost",
         "instructions": "in process: instructions per request (callgrind)",
         "floors": "the store's own floor",
+        "concurrency": "in process: many request streams at once",
         "endtoend": "end to end: uvicorn + wrk",
         "scale": "scale",
     }
@@ -105,6 +108,8 @@ def run_part(name: str, settings: Settings, kinds: list[str], results: dict[str,
         print(instructions.table(results[name]))
     elif name == "floors":
         print(floors.table(results[name]))
+    elif name == "concurrency":
+        print(concurrency.table(results[name]))
     elif name == "endtoend" and results[name]:
         print(endtoend.table(results[name]))
     elif name == "scale":
@@ -152,6 +157,17 @@ def report(results: dict[str, Any], settings: Settings) -> str:
         ]
     if "floors" in results:
         lines += ["## The store's own floor", "", floors.table(results["floors"]), ""]
+    if "concurrency" in results:
+        many = results["concurrency"]
+        lines += [
+            "## Many request streams at once (in process; requests/s, share of bare)",
+            "",
+            f"{many['streams']} streams of {many['requests']} sequential requests each, on "
+            "one event loop; the median over repetitions.",
+            "",
+            concurrency.table(many),
+            "",
+        ]
     if results.get("endtoend"):
         e2e = results["endtoend"]
         lines += [
