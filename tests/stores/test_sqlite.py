@@ -1325,40 +1325,37 @@ async def test_a_copy_whose_restart_another_commit_forestalled_leaves_a_finish(
 
 
 @linux_only
-async def test_a_finish_leaves_a_copy_begun_since_in_place(impatient_store: SQLiteStore) -> None:
-    """A finish queued behind a copy that then started the WAL over itself runs late; a new
-    copy may begin meanwhile, and the finish must not make the store forget it.
+async def test_writes_during_a_finish_wait_for_it_and_then_run_on_the_loop(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Queued on the writer thread instead, each would wait for the GIL both ways from a
+    loop that the other requests keep busy.
     """
     t0, record = await one_session(impatient_store)
-    pool = impatient_store._writer_thread
-    assert pool is not None
-    first_hold, second_hold = threading.Event(), threading.Event()
+    await copy_held_back_by_a_reader(impatient_store, record.id)
+    recording = RecordingWrites(impatient_store._loop_db)
+    impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
-        pool.submit(first_hold.wait, 10)
-        i = 0
-        while not impatient_store._checkpoints.overdue():
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
-            i += 1
-        first_copy = impatient_store._copying
-        assert first_copy is not None
-        pool.submit(second_hold.wait, 10)  # e.g. a cleanup batch, queued meanwhile
-        finishing = asyncio.create_task(impatient_store.update(record.id, data_write(-1), now=t0))
-        await asyncio.sleep(0.05)
-        finish = impatient_store._finishing
-        assert finish is not None
-        assert not finish.done()  # behind the copy and the batch
-        first_hold.set()
-        assert first_copy.result() is not None  # nothing written meanwhile: it started over
-
-        while impatient_store._copying in (None, first_copy):
-            assert await impatient_store.update(record.id, data_write(i), now=t0)
-            i += 1
-        second_copy = impatient_store._copying
+        with writer_thread_held(impatient_store):
+            finishing = asyncio.create_task(
+                impatient_store.update(record.id, data_write(-1), now=t0)
+            )
+            await asyncio.sleep(0.05)  # the finish, with its write, queued on the thread
+            waiting = [
+                asyncio.create_task(impatient_store.update(record.id, data_write(i), now=t0))
+                for i in range(5)
+            ]
+            await asyncio.sleep(0.05)
+            assert not any(task.done() for task in waiting)
+            assert recording.writes == []
+        assert await finishing
+        assert all(await asyncio.gather(*waiting))
     finally:
-        first_hold.set()
-        second_hold.set()
-    assert await finishing
-    assert impatient_store._copying is second_copy
+        impatient_store._loop_db = recording.db
+    assert recording.writes.count("COMMIT") == 5  # each on the loop, after the finish
+    got = await impatient_store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data["i"] == 4
 
 
 @linux_only
