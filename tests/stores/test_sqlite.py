@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate
-from authsessions.stores import CreateError, SQLiteStore
+from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
@@ -1356,6 +1357,35 @@ async def test_writes_during_a_finish_wait_for_it_and_then_run_on_the_loop(
     got = await impatient_store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data["i"] == 4
+
+
+@linux_only
+async def test_a_finish_whose_write_fails_lets_the_writes_behind_it_run_and_logs_nothing(
+    impatient_store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failure is the request's own to hear (here its data is over the cap); the writes
+    that waited run, and no unheard failure is left for asyncio to log.
+    """
+    t0, record = await one_session(impatient_store)
+    await copy_held_back_by_a_reader(impatient_store, record.id)
+    too_large = make_update(
+        now=0, set_keys={"big": "x" * 100}, moves_expiry=False, max_data_bytes=10
+    )
+    with writer_thread_held(impatient_store):
+        finishing = asyncio.create_task(impatient_store.update(record.id, too_large, now=t0))
+        await asyncio.sleep(0.05)
+        waiting = [
+            asyncio.create_task(impatient_store.update(record.id, data_write(i), now=t0))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.05)
+    with pytest.raises(DataTooLarge):
+        await finishing
+    assert all(await asyncio.gather(*waiting))
+    del finishing, waiting
+    gc.collect()
+    await asyncio.sleep(0)
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
 
 
 @linux_only

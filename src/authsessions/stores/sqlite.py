@@ -461,7 +461,7 @@ class SQLiteStore(Store):
             # Queue behind the checkpoint's finish here, to run on the loop once it is done:
             # handed to the thread, each write would wait for the GIL both ways, from a
             # loop kept busy by the others (under 16 request streams, 18% of logins did).
-            await asyncio.wait([asyncio.wrap_future(finishing)])
+            await _done(finishing)
             finishing = self._finishing
         db = self._connection(self._loop_db)
         # While the checkpoint's finish is due, writes go to the thread, the first to run
@@ -613,6 +613,25 @@ def _connect_loop_db(path: str) -> GuardedConnection:
     return sqlite3.connect(
         path, timeout=0, isolation_level=None, check_same_thread=False, factory=GuardedConnection
     )
+
+
+async def _done(job: Future[Any]) -> None:
+    """Wait until the thread's ``job`` is done, whatever it returned or raised: that is for
+    the request that awaits it to hear.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():  # a waiter cancelled meanwhile
+            done.set_result(None)
+
+    def on_job_done(_: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(wake)
+
+    job.add_done_callback(on_job_done)
+    await done
 
 
 def _migrate(db: sqlite3.Connection) -> None:
