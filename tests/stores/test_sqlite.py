@@ -1385,7 +1385,8 @@ async def test_a_finish_whose_write_fails_lets_the_writes_behind_it_run_and_logs
     del finishing, waiting
     gc.collect()
     await asyncio.sleep(0)
-    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    unheard = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert [message for message in unheard if "DataTooLarge" in message] == []
 
 
 @linux_only
@@ -1432,6 +1433,40 @@ async def test_a_copy_does_not_wait_long_for_a_write_lock_held_elsewhere(
             other.close()
         assert waited < 2.0
         assert store._finish_due()
+
+
+async def test_without_the_header_a_finish_whose_write_changed_nothing_still_starts_the_wal_over(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its write failed (data over the cap) or changed no page: its commit cannot start the
+    WAL over, and the writes that waited for it run on the loop, where without the header
+    nothing would refuse the restarting commit (and its fsync).
+    """
+    monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
+    too_large = make_update(
+        now=0, set_keys={"big": "x" * 100}, moves_expiry=False, max_data_bytes=10
+    )
+    async with SQLiteStore(db_path, timeout=0.2) as store:
+        t0, record = await one_session(store)
+        while not store._checkpoints.due():
+            assert await store.update(record.id, data_write(0), now=t0)
+        counting = CountingRestarts(store._loop_db, store.path)
+        store._loop_db = cast(sqlite3.Connection, counting)
+        try:
+            with writer_thread_held(store):
+                finishing = asyncio.create_task(store.update(record.id, too_large, now=t0))
+                await asyncio.sleep(0.05)
+                waiting = [
+                    asyncio.create_task(store.update(record.id, data_write(i), now=t0))
+                    for i in range(3)
+                ]
+                await asyncio.sleep(0.05)
+            with pytest.raises(DataTooLarge):
+                await finishing
+            assert all(await asyncio.gather(*waiting))
+        finally:
+            store._loop_db = counting.db
+    assert counting.restarts == 0
 
 
 @linux_only

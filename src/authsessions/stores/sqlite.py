@@ -44,6 +44,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._checkpoints import (
+    RESTART_WAIT_MS,
     CheckpointSchedule,
     WalPosition,
     copy_wal,
@@ -56,6 +57,7 @@ from authsessions.stores._sqlite_support import (
     checkpoint_then,
     enable_wal,
     is_busy,
+    start_wal_over,
     transaction,
 )
 from authsessions.stores._wal_index import WalIndexHeader
@@ -513,9 +515,14 @@ class SQLiteStore(Store):
         ended_at: list[WalPosition | None] = []  # once it ran
 
         def checkpoint_then_work() -> T:
+            writer = self._connection(self._writer)
             try:
-                return checkpoint_then(self._connection(self._writer), work)
+                return checkpoint_then(writer, work)
             finally:
+                # Whatever the write did (it may have failed, or changed nothing), the WAL
+                # starts over here: left to the next commit, that could be the event loop's
+                # (where the WAL-index header is not read, nothing would refuse it there).
+                start_wal_over(writer, wait_ms=RESTART_WAIT_MS)
                 # Here, not once the loop resumes: work queued behind this on the thread
                 # may have added pages by then.
                 ended_at.append(schedule.position())
