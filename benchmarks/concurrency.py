@@ -21,8 +21,8 @@ from typing import Any
 
 from benchmarks import apps
 from benchmarks.asgi import drive
-from benchmarks.common import Settings, markdown_table, median
-from benchmarks.inprocess import SCENARIO_TITLES, Variant, open_variant, validate, variant_names
+from benchmarks.common import Settings, median
+from benchmarks.inprocess import Variant, open_variant, scenario_table, validate, variant_names
 
 SCENARIOS = ("read", "write", "login")
 
@@ -76,12 +76,6 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """Requests per second (share of the bare app's)."""
-    header = ["variant"] + [SCENARIO_TITLES[s] for s in SCENARIOS]
-    rows = []
-    for name in results["variants"]:
-        row = [name]
-        for scenario in SCENARIOS:
-            cell = results["scenarios"][scenario][name]
-            row.append(f"{cell['per_second']:,.0f}/s ({cell['share'] * 100:.0f}%)")
-        rows.append(row)
-    return markdown_table(header, rows)
+    return scenario_table(
+        results, SCENARIOS, lambda cell: f"{cell['per_second']:,.0f}/s ({cell['share'] * 100:.0f}%)"
+    )

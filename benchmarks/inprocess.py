@@ -192,12 +192,18 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
 def table(results: dict[str, Any], *, cpu: bool = False) -> str:
     """Median per request (ratio to bare); ``cpu``: this process's CPU time instead."""
     value, ratio = ("cpu_us", "cpu_ratio") if cpu else ("median_us", "ratio")
-    header = ["variant"] + [SCENARIO_TITLES[s] for s in SCENARIOS]
-    rows = []
-    for name in results["variants"]:
-        row = [name]
-        for scenario in SCENARIOS:
-            cell = results["scenarios"][scenario][name]
-            row.append(f"{fmt_us(cell[value])} ({cell[ratio]:.2f}x)")
-        rows.append(row)
+    return scenario_table(
+        results, SCENARIOS, lambda cell: f"{fmt_us(cell[value])} ({cell[ratio]:.2f}x)"
+    )
+
+
+def scenario_table(
+    results: dict[str, Any], scenarios: tuple[str, ...], text: Callable[[dict[str, Any]], str]
+) -> str:
+    """A row per variant, a column per scenario, each cell ``text`` of its results."""
+    header = ["variant"] + [SCENARIO_TITLES[s] for s in scenarios]
+    rows = [
+        [name] + [text(results["scenarios"][scenario][name]) for scenario in scenarios]
+        for name in results["variants"]
+    ]
     return markdown_table(header, rows)

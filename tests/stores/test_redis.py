@@ -68,14 +68,17 @@ async def setup(redis_target: str) -> AsyncIterator[Setup]:
         raw = RedisCluster.from_url(redis_target.replace("+cluster", ""), decode_responses=True)
     else:
         raw = Redis.from_url(redis_target, decode_responses=True)
-    async with (
-        RedisStore(redis_target, prefix=prefix) as store,
-        RedisStore(redis_target, prefix=prefix) as other,
-    ):
-        setup = Setup(store, other, raw, prefix)
-        yield setup
-    if keys := await setup.all_keys():
-        await raw.delete(*keys)
+    try:
+        async with (
+            RedisStore(redis_target, prefix=prefix) as store,
+            RedisStore(redis_target, prefix=prefix) as other,
+        ):
+            setup = Setup(store, other, raw, prefix)
+            yield setup
+        if keys := await setup.all_keys():
+            await raw.delete(*keys)
+    finally:
+        await raw.aclose()
 
 
 # -- keys and their TTLs ----------------------------------------------------------------------

@@ -1053,6 +1053,27 @@ async def write_until_a_copy_begins(store: SQLiteStore, session_id: str) -> None
             return
 
 
+async def a_failing_finish_with_writes_behind_it(
+    store: SQLiteStore, session_id: str, t0: float
+) -> None:
+    """A checkpoint's finish whose own write is over the data cap, with three writes queued
+    behind it (the writer thread held until they are): that one fails, they succeed.
+    """
+    too_large = make_update(
+        now=0, set_keys={"big": "x" * 100}, moves_expiry=False, max_data_bytes=10
+    )
+    with writer_thread_held(store):
+        finishing = asyncio.create_task(store.update(session_id, too_large, now=t0))
+        await asyncio.sleep(0.05)
+        waiting = [
+            asyncio.create_task(store.update(session_id, data_write(i), now=t0)) for i in range(3)
+        ]
+        await asyncio.sleep(0.05)
+    with pytest.raises(DataTooLarge):
+        await finishing
+    assert all(await asyncio.gather(*waiting))
+
+
 async def write_data(store: SQLiteStore, session_id: str, count: int) -> None:
     """``count`` data writes, one WAL page each; a checkpoint's copy, once begun, is done
     before the next (in a running app, a few writes later).
@@ -1188,6 +1209,17 @@ class CountingRestarts(WrappedConnection):
         return cursor
 
 
+@contextmanager
+def counting_restarts_on_the_loop(store: SQLiteStore) -> Iterator[CountingRestarts]:
+    """The store's event-loop connection, counting its commits that start the WAL over."""
+    counting = CountingRestarts(store._loop_db, store.path)
+    store._loop_db = cast(sqlite3.Connection, counting)
+    try:
+        yield counting
+    finally:
+        store._loop_db = counting.db
+
+
 async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1208,17 +1240,13 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
     record = make_record(now=t0)
     async with SQLiteStore(db_path) as store:
         await store.create(record, max_sessions=10, now=t0)
-        counting = CountingRestarts(store._loop_db, store.path)
-        store._loop_db = cast(sqlite3.Connection, counting)
-        try:
+        with counting_restarts_on_the_loop(store) as counting:
             for i in itertools.count():
                 assert await store.update(record.id, data_write(i), now=t0)
                 if store._checkpoints.due():
                     break
             await asyncio.sleep(0.05)  # a quiet moment, as between requests
             assert await store.update(record.id, data_write(-1), now=t0)
-        finally:
-            store._loop_db = counting.db
     assert counting.restarts == 0
 
 
@@ -1368,21 +1396,7 @@ async def test_a_finish_whose_write_fails_lets_the_writes_behind_it_run_and_logs
     """
     t0, record = await one_session(impatient_store)
     await copy_held_back_by_a_reader(impatient_store, record.id)
-    too_large = make_update(
-        now=0, set_keys={"big": "x" * 100}, moves_expiry=False, max_data_bytes=10
-    )
-    with writer_thread_held(impatient_store):
-        finishing = asyncio.create_task(impatient_store.update(record.id, too_large, now=t0))
-        await asyncio.sleep(0.05)
-        waiting = [
-            asyncio.create_task(impatient_store.update(record.id, data_write(i), now=t0))
-            for i in range(3)
-        ]
-        await asyncio.sleep(0.05)
-    with pytest.raises(DataTooLarge):
-        await finishing
-    assert all(await asyncio.gather(*waiting))
-    del finishing, waiting
+    await a_failing_finish_with_writes_behind_it(impatient_store, record.id, t0)
     gc.collect()
     await asyncio.sleep(0)
     unheard = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
@@ -1443,29 +1457,12 @@ async def test_without_the_header_a_finish_whose_write_changed_nothing_still_sta
     nothing would refuse the restarting commit (and its fsync).
     """
     monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
-    too_large = make_update(
-        now=0, set_keys={"big": "x" * 100}, moves_expiry=False, max_data_bytes=10
-    )
     async with SQLiteStore(db_path, timeout=0.2) as store:
         t0, record = await one_session(store)
         while not store._checkpoints.due():
             assert await store.update(record.id, data_write(0), now=t0)
-        counting = CountingRestarts(store._loop_db, store.path)
-        store._loop_db = cast(sqlite3.Connection, counting)
-        try:
-            with writer_thread_held(store):
-                finishing = asyncio.create_task(store.update(record.id, too_large, now=t0))
-                await asyncio.sleep(0.05)
-                waiting = [
-                    asyncio.create_task(store.update(record.id, data_write(i), now=t0))
-                    for i in range(3)
-                ]
-                await asyncio.sleep(0.05)
-            with pytest.raises(DataTooLarge):
-                await finishing
-            assert all(await asyncio.gather(*waiting))
-        finally:
-            store._loop_db = counting.db
+        with counting_restarts_on_the_loop(store) as counting:
+            await a_failing_finish_with_writes_behind_it(store, record.id, t0)
     assert counting.restarts == 0
 
 
