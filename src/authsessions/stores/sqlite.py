@@ -535,14 +535,10 @@ class SQLiteStore(Store):
                     self._copying = None  # done: the finish ran after it on the same thread
                 schedule.checkpointed(ended_at[0])
 
-        def on_thread_job_done(_: Future[T]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(finished)
-
         # Under way while not done (whether or not this loop still runs to hear of it).
         self._finishing = job = pool.submit(checkpoint_then_work)
-        # Added before the awaiting below, so it runs before the request resumes.
-        job.add_done_callback(on_thread_job_done)
+        # Asked for before the awaiting below, so it runs before the request resumes.
+        _on_loop_when_done(job, loop, finished)
         with translate_errors("SQLite", sqlite3.Error):
             return await asyncio.wrap_future(job)
 
@@ -633,12 +629,22 @@ async def _done(job: Future[Any]) -> None:
         if not done.done():  # a waiter cancelled meanwhile
             done.set_result(None)
 
+    _on_loop_when_done(job, loop, wake)
+    await done
+
+
+def _on_loop_when_done(
+    job: Future[Any], loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
+) -> None:
+    """Run ``callback`` on ``loop`` once the thread's ``job`` is done (at once if it is);
+    not at all if the loop has closed by then.
+    """
+
     def on_job_done(_: Future[Any]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(wake)
+            loop.call_soon_threadsafe(callback)
 
     job.add_done_callback(on_job_done)
-    await done
 
 
 def _migrate(db: sqlite3.Connection) -> None:
