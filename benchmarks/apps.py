@@ -6,6 +6,7 @@ Routes (the handler bodies differ only in how they reach the session):
 - ``GET /write``: set key ``k`` to a new value
 - ``GET /login``: start a new session for ``login-user`` holding ``{"k": "v"}``
 - ``GET /setup``: the same for ``reader``, whose cookie the read and write scenarios send
+- ``GET /login/{user}``: the same for the user the path names (a user per request stream)
 - ``GET /list``, ``GET /logout-all``: authsessions only, for the scale part
 
 ``uvicorn --factory benchmarks.apps:app_from_env`` builds the variant that the
@@ -132,7 +133,16 @@ def _routes(read: Handler, write: Handler, login: Callable[[str], Handler]) -> l
         Route("/write", write),
         Route("/login", login("login-user")),
         Route("/setup", login("reader")),
+        Route("/login/{user}", _login_as_named_user(login)),
     ]
+
+
+def _login_as_named_user(login: Callable[[str], Handler]) -> Handler:
+    async def login_as(request: Request) -> PlainTextResponse:
+        response: PlainTextResponse = await login(request.path_params["user"])(request)
+        return response
+
+    return login_as
 
 
 def bare_app() -> Starlette:

@@ -68,12 +68,12 @@ class Variant:
             await self.handle.cleanup()
 
 
-async def sign_in(app: ASGIApp) -> str:
-    """Log ``reader`` in through the app itself; the cookie the app set."""
-    response = await call(app, make_scope("/setup"))
+async def sign_in(app: ASGIApp, path: str = "/setup") -> str:
+    """Log in through the app itself (``reader``, or whom ``path`` names); the cookie set."""
+    response = await call(app, make_scope(path))
     cookie = response.cookie()
     if response.status != 200 or cookie is None:
-        raise RuntimeError(f"/setup gave {response.status} and no cookie: {response.headers}")
+        raise RuntimeError(f"{path} gave {response.status} and no cookie: {response.headers}")
     return cookie
 
 
@@ -198,10 +198,15 @@ def table(results: dict[str, Any], *, cpu: bool = False) -> str:
 
 
 def scenario_table(
-    results: dict[str, Any], scenarios: tuple[str, ...], text: Callable[[dict[str, Any]], str]
+    results: dict[str, Any],
+    scenarios: tuple[str, ...],
+    text: Callable[[dict[str, Any]], str],
+    titles: dict[str, str] = SCENARIO_TITLES,
 ) -> str:
-    """A row per variant, a column per scenario, each cell ``text`` of its results."""
-    header = ["variant"] + [SCENARIO_TITLES[s] for s in scenarios]
+    """A row per variant, a column per scenario (headed by its title), each cell ``text``
+    of its results.
+    """
+    header = ["variant"] + [titles[s] for s in scenarios]
     rows = [
         [name] + [text(results["scenarios"][scenario][name]) for scenario in scenarios]
         for name in results["variants"]
