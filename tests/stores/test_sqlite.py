@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple
 from pathlib import Path
@@ -401,6 +401,7 @@ class BusyReader:
     """Stands in for the event loop's connection and finds the database busy every time."""
 
     in_transaction = False
+    total_changes = 0
 
     def __init__(self, code: int) -> None:
         self.code = code
@@ -426,6 +427,10 @@ class WrappedConnection:
     @property
     def in_transaction(self) -> bool:
         return self.db.in_transaction
+
+    @property
+    def total_changes(self) -> int:
+        return self.db.total_changes
 
     def close(self) -> None:
         self.db.close()
@@ -655,10 +660,12 @@ async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
 
 
 @pytest.mark.parametrize("path", ["inline", "writer thread"])
-async def test_the_stores_own_writes_empty_the_cache_at_once(
+async def test_the_stores_own_writes_are_seen_at_once(
     caching_store: SQLiteStore, path: str
 ) -> None:
-    """A write on the event loop empties the cache itself; the writer thread's moves the version."""
+    """A write on the event loop forgets the sessions it changed; the writer thread's moves
+    the version.
+    """
     t0 = start_time()
     store = caching_store
     busy, loop_db = BusyForWrites(store._loop_db), store._loop_db
@@ -698,6 +705,193 @@ async def test_the_stores_own_writes_empty_the_cache_at_once(
     finally:
         store._loop_db = loop_db
     assert (busy.refused > 0) == (path == "writer thread")
+
+
+async def cache_two_sessions(store: SQLiteStore, t0: float) -> tuple[SessionRecord, SessionRecord]:
+    """Two sessions of two users, created and read: both in the cache."""
+    written = make_record(now=t0, user_id="writer", data={"a": 1})
+    other = make_record(now=t0, user_id="bystander", data={"b": 1})
+    for record in (written, other):
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
+    assert await cached(store, other.token_digest, t0) == other
+    return written, other
+
+
+async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> SessionRecord:
+    """The record the store's own write left in its cache, which must be the row as stored."""
+    kept = await cached(store, digest, now)
+    reader = sqlite3.connect(store.path)
+    try:
+        row = reader.execute(sqlite_module._SELECT_BY_DIGEST, (digest, now)).fetchone()
+    finally:
+        reader.close()
+    stored = sqlite_module._record(row)
+    assert kept is not None
+    assert kept == stored
+    return kept
+
+
+async def test_the_stores_own_writes_keep_the_other_sessions_cached(
+    caching_store: SQLiteStore,
+) -> None:
+    """Each write on the event loop changes only its own session in the cache, which then
+    holds the row as written: in a mix of reads and writes, every session stays cached."""
+    t0 = start_time()
+    store = caching_store
+    written, other = await cache_two_sessions(store, t0)
+
+    # a data write within the touch interval, a touch, both, a key removed, a rotation
+    updates = [
+        make_update(now=t0, set_keys={"a": 2}, moves_expiry=False),
+        make_update(now=t0 + 1),
+        make_update(now=t0 + 2, set_keys={"b": [1, "é"]}),
+        make_update(now=t0 + 2, removed_keys=frozenset({"a"}), moves_expiry=False),
+    ]
+    for update in updates:
+        assert await store.update(written.id, update, now=t0)
+        assert await cached(store, other.token_digest, t0) == other
+        await written_as_stored(store, written.token_digest, t0)
+    rotated = new_digest()
+    assert await store.update(written.id, make_update(now=t0 + 3, token_digest=rotated), now=t0)
+    assert await cached(store, other.token_digest, t0) == other
+    assert await store.get(written.token_digest, now=t0) is None
+    got = await written_as_stored(store, rotated, t0)
+    assert (got.data, got.last_active_at, got.expires_at) == ({"b": [1, "é"]}, t0 + 3, t0 + 3 + TTL)
+
+    # a delete, a login that evicts nobody
+    assert await store.delete(written.id)
+    assert await cached(store, other.token_digest, t0 + 1) == other
+    assert await store.get(rotated, now=t0 + 1) is None
+    await store.create(make_record(now=t0, user_id="writer"), max_sessions=10, now=t0)
+    assert await cached(store, other.token_digest, t0 + 1) == other
+
+
+async def test_writes_that_may_change_many_sessions_empty_the_cache(
+    caching_store: SQLiteStore,
+) -> None:
+    """A login that evicts a user's oldest session, and logging a user out everywhere,
+    delete rows the store does not know by id.
+    """
+    t0 = start_time()
+    store = caching_store
+    written, other = await cache_two_sessions(store, t0)
+    await store.create(make_record(now=t0 + 1, user_id="writer"), max_sessions=1, now=t0 + 1)
+    assert await store.get(written.token_digest, now=t0 + 1) is None
+    assert await store.get(other.token_digest, now=t0 + 1) == other
+    assert await cached(store, other.token_digest, t0 + 1) == other
+
+    assert await store.delete_for_user("bystander") == 1
+    assert await store.get(other.token_digest, now=t0 + 1) is None
+
+
+async def test_an_update_that_changes_nothing_writes_nothing(caching_store: SQLiteStore) -> None:
+    """The same values again: no page is written (a commit that rewrites a row as it was
+    writes none, so the store must not count on one), and the cache stays.
+    """
+    t0 = start_time()
+    store = caching_store
+    written, other = await cache_two_sessions(store, t0)
+    assert await store.update(written.id, make_update(now=t0, set_keys={"a": 1}), now=t0)
+    same_times = SessionUpdate(
+        last_active_at=written.last_active_at, expires_at=written.expires_at, set_keys={"a": 1}
+    )
+    with wal_frames_added(store) as added:
+        assert await store.update(written.id, same_times, now=t0)
+        assert await store.update(
+            written.id, make_update(now=t0, token_digest=written.token_digest), now=t0
+        )
+        assert await store.update(written.id, SessionUpdate(None, None), now=t0)
+    assert added() == 0
+    assert await cached(store, other.token_digest, t0) == other
+    assert await store.get(written.token_digest, now=t0) == written
+    assert not await store.update(written.id, SessionUpdate(None, None), now=t0 + TTL)  # expired
+
+
+@contextmanager
+def wal_frames_added(store: SQLiteStore) -> Iterator[Callable[[], int]]:
+    """The frames commits add to the WAL while the block runs (none may restart it)."""
+    if sys.platform != "linux":
+        pytest.skip(ON_LINUX_ONLY)
+    header = WalIndexHeader.find(store.path)
+    assert header is not None, "the WAL-index header was not found"
+    generation, frames = header.generation(), header.frames()
+
+    def added() -> int:
+        assert header.generation() == generation, "the WAL started over"
+        return header.frames() - frames
+
+    yield added
+
+
+def revoke_as_another_program(db_path: Path, session_id: str) -> None:
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        revoke = f"DELETE FROM {TABLE} WHERE id = ?"  # noqa: S608
+        assert other.execute(revoke, (session_id,)).rowcount == 1
+    finally:
+        other.close()
+
+
+async def test_a_commit_elsewhere_before_the_stores_write_empties_the_cache(
+    caching_store: SQLiteStore, db_path: Path
+) -> None:
+    """A session revoked by another program is never served from the cache, whatever the
+    store writes afterwards."""
+    t0 = start_time()
+    store = caching_store
+    written, other = await cache_two_sessions(store, t0)
+    revoke_as_another_program(db_path, other.id)
+    assert await store.update(written.id, make_update(now=t0, set_keys={"a": 2}), now=t0)
+    assert await store.get(other.token_digest, now=t0) is None
+
+
+class HeaderReadAfterACommitElsewhere:
+    """The store's WAL-index header, which lets another program commit just before the
+    header is read after the store's own commit (the first read after it takes the lock).
+    """
+
+    def __init__(self, header: WalIndexHeader, commit_elsewhere: Callable[[], None]) -> None:
+        self.header = header
+        self.commit_elsewhere = commit_elsewhere
+        self.reads_in_the_write = 0
+
+    def version(self) -> object:
+        self.reads_in_the_write += 1
+        if self.reads_in_the_write == 2:
+            self.commit_elsewhere()
+        return self.header.version()
+
+    def all_checkpointed(self) -> bool:
+        return self.header.all_checkpointed()
+
+
+@linux_only
+@pytest.mark.parametrize("write", ["changes the row", "rewrites the row as it was"])
+async def test_a_commit_elsewhere_right_after_the_stores_write_empties_the_cache(
+    db_path: Path, write: str
+) -> None:
+    """Between the store's commit and its read of the header, another program's commit:
+    one commit more than the store's own, whether or not the store's wrote a page.
+    """
+    t0 = start_time()
+    async with SQLiteStore(db_path) as store:
+        written, other = await cache_two_sessions(store, t0)
+        header = store._wal_index
+        assert header is not None
+        racing = HeaderReadAfterACommitElsewhere(
+            header, lambda: revoke_as_another_program(db_path, other.id)
+        )
+        store._wal_index = cast(WalIndexHeader, racing)
+        value = 2 if write == "changes the row" else 1
+        try:
+            assert await store.update(
+                written.id, make_update(now=t0, set_keys={"a": value}, moves_expiry=False), now=t0
+            )
+        finally:
+            store._wal_index = header
+        assert racing.reads_in_the_write == 2
+        assert await store.get(other.token_digest, now=t0) is None
 
 
 async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from authsessions._records import SessionRecord
 
 __all__ = [
+    "CacheChange",
     "GuardedConnection",
     "RecordCache",
     "WriteRefused",
@@ -23,6 +24,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+CacheChange = str | tuple[SessionRecord, int]
+"""What a write did to one session, for :meth:`RecordCache.advance`."""
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
@@ -143,34 +147,42 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
 
 
 class RecordCache:
-    """Records of the session table by token digest, trusted only while nothing was committed.
+    """Records of the session table by token digest, trusted only while nothing was committed
+    but the store's own writes, whose rows it forgets.
 
     Each lookup passes :meth:`get` a version of the whole database that every
     commit by another connection changes (the store's writer thread, another
     process): the WAL-index header, or ``PRAGMA data_version`` on the event
-    loop's connection. Its own commits the store follows with :meth:`clear`
-    (``data_version`` does not count them). An unchanged version proves every
-    cached record is still what the table holds. A hit hands out
-    the cached record itself, which callers treat as read-only (see
+    loop's connection. An unchanged version proves every cached record is still
+    what the table holds. After a commit of its own on the event loop, the
+    store either moves the cache to the version that commit made, forgetting
+    the sessions it changed (:meth:`advance`), or, when it cannot tell that
+    nobody else committed, empties it (:meth:`clear`). A hit hands out the
+    cached record itself, which callers treat as read-only (see
     ``Store.get``): no JSON decode, no copy.
 
     Bounded in rows and in characters of data (sessions may hold up to
-    ``max_data_bytes`` each). When full it is simply emptied: any commit
-    anywhere empties it anyway, so it rarely fills, and a hit pays no
-    recency bookkeeping.
+    ``max_data_bytes`` each). When full it is simply emptied: a commit
+    elsewhere empties it anyway, and a hit pays no recency bookkeeping.
     """
 
-    __slots__ = ("_chars", "_rows", "_version", "max_chars", "max_rows")
+    __slots__ = ("_chars", "_digests", "_rows", "_version", "max_chars", "max_rows")
 
     def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
         self.max_rows = max_rows
         self.max_chars = max_chars
         self._rows: dict[str, SessionRecord] = {}
-        self._chars = 0
+        self._digests: dict[str, str] = {}  # session id -> token digest, to forget by id
+        self._chars = 0  # at least the data of the kept rows (forgotten ones still count)
         self._version: object = None
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def version(self) -> object:
+        """The version the kept records were read under (``None`` when there are none)."""
+        return self._version
 
     def get(self, version: object, token_digest: str) -> SessionRecord | None:
         """The record kept for ``token_digest``; none at all unless ``version`` is the
@@ -193,12 +205,36 @@ class RecordCache:
             return
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
             self._rows.clear()
+            self._digests.clear()
             self._chars = 0
         self._rows[token_digest] = record
+        self._digests[record.id] = token_digest
         self._chars += data_chars
+
+    def kept(self, session_id: str) -> SessionRecord | None:
+        """The record kept for the session ``session_id``, if any."""
+        digest = self._digests.get(session_id)
+        return None if digest is None else self._rows.get(digest)
+
+    def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
+        """The one commit since the kept version was the store's own, which made ``version``
+        and changed only the sessions ``changes`` names: a session id, to forget, or a
+        session's record as the commit left it with its data's length, to keep instead.
+        """
+        rows, digests = self._rows, self._digests
+        for change in changes:
+            session_id = change if isinstance(change, str) else change[0].id
+            digest = digests.pop(session_id, None)
+            if digest is not None:
+                del rows[digest]
+        self._version = version
+        for change in changes:
+            if not isinstance(change, str):
+                self.put(change[0].token_digest, *change)
 
     def clear(self) -> None:
         """Forget every row and the version they were read under."""
         self._rows.clear()
+        self._digests.clear()
         self._chars = 0
         self._version = None

@@ -36,6 +36,8 @@ __all__ = ["WalIndexHeader"]
 
 _COPY_SIZE = 48  # the header is kept twice, one copy after the other
 _VERSION = struct.pack("=I", 3007000)  # iVersion, native byte order, since SQLite 3.7.0
+_I_CHANGE = 8  # the offset of iChange, which each commit adds one to
+_read_word = struct.Struct("=I").unpack_from
 _IS_INIT = 12  # the offset of isInit, 1 once the header was built
 _MX_FRAME_WORD = 4  # the 32-bit word of mxFrame, the WAL's last valid frame (0: an empty WAL)
 _SALT_WORD = 8  # aSalt[0]: a restart of the WAL (mxFrame back to 0) adds one to it
@@ -115,6 +117,20 @@ class WalIndexHeader:
         if copies[:_COPY_SIZE] == copies[_COPY_SIZE:]:
             return copies
         return object()
+
+    @staticmethod
+    def commits_between(earlier: object, later: object) -> int | None:
+        """How many commits came between two versions (by the header's ``iChange``);
+        ``None`` if either was read while a commit was writing it.
+
+        Every commit that writes a page adds exactly one, whichever connection makes it
+        (``walFrames`` in SQLite's ``wal.c``); a transaction that changed no page writes
+        nothing and counts nothing. Restarting the WAL and checkpoints leave it as it is.
+        """
+        if type(earlier) is not bytes or type(later) is not bytes:
+            return None
+        count: int = _read_word(later, _I_CHANGE)[0] - _read_word(earlier, _I_CHANGE)[0]
+        return count % (1 << 32)
 
     def frames(self) -> int:
         """How many frames (page writes) the WAL holds since it last restarted.

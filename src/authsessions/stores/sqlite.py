@@ -51,6 +51,7 @@ from authsessions.stores._checkpoints import (
     started_wal_over,
 )
 from authsessions.stores._sqlite_support import (
+    CacheChange,
     GuardedConnection,
     RecordCache,
     WriteRefused,
@@ -119,6 +120,10 @@ INLINE_DELETE_ROWS = 32
 WAL_SIZE_LIMIT = 8 << 20
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
+_SELECT_FOR_UPDATE = (
+    f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
+    " WHERE id = ? AND expires_at > ?"
+)
 _SELECT_BY_USER = (
     f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
     " ORDER BY last_active_at DESC, created_at DESC"
@@ -165,6 +170,8 @@ class SQLiteStore(Store):
         self._loop_db: sqlite3.Connection | None = None
         self._cache = RecordCache()
         self._wal_index: WalIndexHeader | None = None
+        # The WAL-index header as the event loop's latest write took the write lock.
+        self._version_at_write: object = None
         # On the writer thread: writes that wait for a lock, and checkpoints.
         self._writer: sqlite3.Connection | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
@@ -210,9 +217,18 @@ class SQLiteStore(Store):
             db.close()
             raise
         if wal_index is not None:
-            # A commit that would start the WAL over (and fsync) goes to the writer thread.
-            db.refuse_write = wal_index.all_checkpointed
+            db.refuse_write = self._write_locked
         self._loop_db, self._wal_index = db, wal_index
+
+    def _write_locked(self) -> bool:
+        """Whether to refuse the write the event loop's connection began: one whose commit
+        would start the WAL over (and fsync) goes to the writer thread. Called once the
+        write lock is held, when no other commit can change the WAL-index header.
+        """
+        wal_index = self._wal_index
+        assert wal_index is not None
+        self._version_at_write = wal_index.version()
+        return wal_index.all_checkpointed()
 
     def _reopen_loop_db(self) -> None:
         """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
@@ -357,7 +373,7 @@ class SQLiteStore(Store):
             record.created_at, record.last_active_at, record.expires_at,
         )  # fmt: skip
 
-        def create(db: sqlite3.Connection) -> None:
+        def create(db: sqlite3.Connection) -> int:
             with transaction(db):
                 try:
                     db.execute(
@@ -365,36 +381,43 @@ class SQLiteStore(Store):
                     )
                 except sqlite3.IntegrityError as exc:
                     raise CreateError(record.id) from exc
-                db.execute(
+                return db.execute(
                     f"""DELETE FROM {TABLE} WHERE user_id = ?1 AND id NOT IN (
                         SELECT id FROM {TABLE} WHERE user_id = ?1 AND expires_at > ?2
                         ORDER BY last_active_at DESC, created_at DESC LIMIT ?3)""",
                     (record.user_id, now, max_sessions),
-                )
+                ).rowcount
 
-        await self._write(create)
+        # A new row is in no cache; the evicted ones are not known by id (rare: forget all).
+        await self._write(create, lambda evicted: None if evicted else ())
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        renewed: list[tuple[SessionRecord, int]] = []
+
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
+                row = db.execute(_SELECT_FOR_UPDATE, (session_id, now)).fetchone()
+                if row is None:
+                    return False
+                stored_data, last_active_at, expires_at, stored_digest = row
+                # Only columns whose value changes are set: a commit that rewrites a row as
+                # it was writes no page, and the cache must know whether this one did (see
+                # _after_own_commit).
                 assignments: list[str] = []
                 params: list[Any] = []
-                if changes.expires_at is not None:
+                if changes.expires_at is not None and (
+                    changes.last_active_at != last_active_at or changes.expires_at != expires_at
+                ):
                     # Left out otherwise: setting expires_at rewrites its index, a third
                     # of a write's cost.
                     assignments += ("last_active_at = ?", "expires_at = ?")
                     params += (changes.last_active_at, changes.expires_at)
-                if changes.token_digest is not None:
+                if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
+                data: dict[str, Any] | None = None
                 if changes.changes_data:
-                    row = db.execute(
-                        f"SELECT data FROM {TABLE} WHERE id = ? AND expires_at > ?",
-                        (session_id, now),
-                    ).fetchone()
-                    if row is None:
-                        return False
-                    data: dict[str, Any] = load_json(row[0])
+                    data = load_json(stored_data)
                     for key in changes.removed_keys:
                         data.pop(key, None)
                     data.update(changes.set_keys)
@@ -403,17 +426,31 @@ class SQLiteStore(Store):
                     # len(dump_json(data)) is data_size(data), without encoding twice.
                     if cap is not None and len(data_json) > cap:
                         raise DataTooLarge(len(data_json), cap)  # rolls the transaction back
-                    assignments.append("data = ?")
-                    params.append(data_json)
-                if not assignments:  # nothing to change: still report whether it is live
-                    assignments.append("last_active_at = last_active_at")
-                cursor = db.execute(
-                    f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ? AND expires_at > ?",
-                    (*params, session_id, now),
-                )
-                return cursor.rowcount == 1
+                    if data_json != stored_data:
+                        assignments.append("data = ?")
+                        params.append(data_json)
+                        stored_data = data_json
+                if assignments:
+                    db.execute(
+                        f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
+                        (*params, session_id),
+                    )
+                    kept = self._cache.kept(session_id)
+                    if kept is not None:
+                        # The row as it now is, for the cache to keep if this commit was the
+                        # only one since (the next request of this session reads it).
+                        if changes.expires_at is not None:
+                            last_active_at, expires_at = changes.last_active_at, changes.expires_at
+                        record = SessionRecord(
+                            session_id, changes.token_digest or stored_digest, kept.user_id,
+                            kept.ip_address, kept.user_agent, kept.device_name, kept.device_type,
+                            kept.fingerprint, kept.data if data is None else data,
+                            kept.created_at, last_active_at, expires_at,
+                        )  # fmt: skip
+                        renewed.append((record, len(stored_data)))
+                return True
 
-        return await self._write(update)
+        return await self._write(update, lambda _live: renewed or (session_id,))
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
         params: tuple[str, ...]
@@ -426,7 +463,7 @@ class SQLiteStore(Store):
             with transaction(db):
                 return db.execute(sql, params).rowcount == 1
 
-        return await self._write(delete)
+        return await self._write(delete, lambda _deleted: (session_id,))
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
@@ -441,7 +478,7 @@ class SQLiteStore(Store):
         # sizes the work: the DELETE removes whatever is there when it runs.
         counted = self._read_now(_COUNT_FOR_USER, (user_id,))
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
-            return await self._write(delete)
+            return await self._write(delete, lambda deleted: None if deleted else ())
         return await self._write_many_rows(delete)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
@@ -451,12 +488,18 @@ class SQLiteStore(Store):
         )
         return await self._write_many_rows(lambda db: db.execute(sql, (now, limit)).rowcount)
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` (one transaction or statement) on the event loop if the file is free.
+    async def _write(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        changed: Callable[[T], Sequence[CacheChange] | None],
+    ) -> T:
+        """Run ``work`` (one transaction) on the event loop if the file is free.
 
         A "busy" on the event loop's connection comes before the work changed
         anything, so the same work is then run on the writer thread, which
-        waits for the lock up to ``timeout``.
+        waits for the lock up to ``timeout``. ``changed`` tells from the work's
+        result which sessions it may have changed (see :meth:`RecordCache.advance`),
+        ``None`` for any: the cache keeps the others.
         """
         finishing = self._finishing
         while finishing is not None and not finishing.done():
@@ -470,6 +513,8 @@ class SQLiteStore(Store):
         # it: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
         if not self._finish_due():
+            self._version_at_write = None
+            changes_before = db.total_changes
             try:
                 result = work(db)
             except WriteRefused:
@@ -482,12 +527,36 @@ class SQLiteStore(Store):
                     raise store_unavailable("SQLite", exc) from exc
             else:
                 self._checkpoints.wrote()
-                # PRAGMA data_version, where the cache's version comes from that, does not
-                # change for a connection's own commits.
-                self._cache.clear()
+                self._after_own_commit(db.total_changes != changes_before, changed(result))
                 self._copy_if_due()
                 return result
+        # The thread's commit changes the version the next get reads, which empties the cache.
         return await self._write_on_thread(work)
+
+    def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange] | None) -> None:
+        """Keep the cached records of the sessions the event loop's commit left as they were,
+        when nobody else committed since they were read; else empty the cache.
+
+        ``wrote``: the commit changed rows, and so wrote pages (the store's writes never
+        rewrite a row as it was, which SQLite would not write). Then it added one to the
+        WAL-index header's commit count, else nothing: any other count after it means
+        another commit came between the write lock's release and the header's read here.
+        """
+        cache, wal_index = self._cache, self._wal_index
+        if changed is None:
+            cache.clear()
+        elif wal_index is None:
+            # PRAGMA data_version does not count a connection's own commits; anyone else's
+            # since the cached records were read, the next get sees as a new version.
+            cache.advance(cache.version, changed)
+        elif self._version_at_write != cache.version:
+            cache.clear()  # someone committed before this write took the lock
+        else:
+            now = wal_index.version()
+            if WalIndexHeader.commits_between(self._version_at_write, now) == wrote:
+                cache.advance(now, changed)
+            else:
+                cache.clear()
 
     async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
