@@ -163,7 +163,8 @@ def report(results: dict[str, Any], settings: Settings) -> str:
             "## Many request streams at once (in process; requests/s, share of bare)",
             "",
             f"{many['streams']} streams of {many['requests']} sequential requests each, on "
-            "one event loop; the median over repetitions.",
+            "one event loop, sharing one session (or user), then each with its own; the "
+            "median over repetitions.",
             "",
             concurrency.table(many),
             "",

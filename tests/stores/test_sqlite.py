@@ -38,7 +38,7 @@ from authsessions.stores._sqlite_support import (
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
-from tests.stores.records import TTL, make_record, make_update, new_digest, start_time
+from tests.stores.records import TTL, make_record, make_update, new_digest, start_time, typed
 
 
 @pytest.fixture
@@ -729,6 +729,8 @@ async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> Sess
     stored = sqlite_module._record(row)
     assert kept is not None
     assert kept == stored
+    assert typed(kept.data) == typed(stored.data)
+    assert type(kept.last_active_at) is type(kept.expires_at) is float
     return kept
 
 
@@ -765,6 +767,26 @@ async def test_the_stores_own_writes_keep_the_other_sessions_cached(
     assert await store.get(rotated, now=t0 + 1) is None
     await store.create(make_record(now=t0, user_id="writer"), max_sessions=10, now=t0)
     assert await cached(store, other.token_digest, t0 + 1) == other
+
+
+async def test_what_the_cache_keeps_of_a_write_is_what_a_read_gives(
+    caching_store: SQLiteStore,
+) -> None:
+    """A caller of Store.update may change its values after the write, or pass values JSON
+    turns into others (tuples, integer keys, integer times): the cache keeps what was
+    stored.
+    """
+    t0 = start_time()
+    store = caching_store
+    written, _ = await cache_two_sessions(store, t0)
+    roles = ["user"]
+    update = SessionUpdate(
+        int(t0) + 1, int(t0) + 1 + TTL, set_keys={"roles": roles, "pair": (1, 2), "n": {5: 1}}
+    )
+    assert await store.update(written.id, update, now=t0)
+    roles.append("admin")
+    kept = await written_as_stored(store, written.token_digest, t0)
+    assert kept.data == {"a": 1, "roles": ["user"], "pair": [1, 2], "n": {"5": 1}}
 
 
 async def test_writes_that_may_change_many_sessions_empty_the_cache(
@@ -849,30 +871,55 @@ async def test_a_commit_elsewhere_before_the_stores_write_empties_the_cache(
 class HeaderReadAfterACommitElsewhere:
     """The store's WAL-index header, which lets another program commit just before the
     header is read after the store's own commit (the first read after it takes the lock).
+
+    ``recovered``: that header, and every one after it, then counts as many commits as
+    the one read in the lock, as one rebuilt by WAL recovery (which counts from 0) can.
     """
 
-    def __init__(self, header: WalIndexHeader, commit_elsewhere: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        header: WalIndexHeader,
+        commit_elsewhere: Callable[[], None],
+        *,
+        recovered: bool = False,
+    ) -> None:
         self.header = header
         self.commit_elsewhere = commit_elsewhere
-        self.reads_in_the_write = 0
+        self.recovered = recovered
+        self.reads: list[object] = []
 
     def version(self) -> object:
-        self.reads_in_the_write += 1
-        if self.reads_in_the_write == 2:
+        if len(self.reads) == 1:
             self.commit_elsewhere()
-        return self.header.version()
+        version = self.header.version()
+        if self.recovered and self.reads:
+            assert isinstance(version, bytes)
+            in_the_lock = cast(bytes, self.reads[0])
+            count = in_the_lock[8:12]  # iChange, in each of the header's two copies
+            version = version[:8] + count + version[12:56] + count + version[60:]
+        self.reads.append(version)
+        return version
 
     def all_checkpointed(self) -> bool:
         return self.header.all_checkpointed()
 
 
 @linux_only
-@pytest.mark.parametrize("write", ["changes the row", "rewrites the row as it was"])
+@pytest.mark.parametrize(
+    ("write", "recovered"),
+    [
+        ("changes the row", False),
+        ("rewrites the row as it was", False),
+        ("rewrites the row as it was", True),
+    ],
+    ids=["a commit", "no commit", "no commit, a recovered header"],
+)
 async def test_a_commit_elsewhere_right_after_the_stores_write_empties_the_cache(
-    db_path: Path, write: str
+    db_path: Path, write: str, recovered: bool
 ) -> None:
     """Between the store's commit and its read of the header, another program's commit:
-    one commit more than the store's own, whether or not the store's wrote a page.
+    one commit more than the store's own, whether or not the store's wrote a page; or a
+    header that counts none more but is not the one the store's write began with.
     """
     t0 = start_time()
     async with SQLiteStore(db_path) as store:
@@ -880,7 +927,7 @@ async def test_a_commit_elsewhere_right_after_the_stores_write_empties_the_cache
         header = store._wal_index
         assert header is not None
         racing = HeaderReadAfterACommitElsewhere(
-            header, lambda: revoke_as_another_program(db_path, other.id)
+            header, lambda: revoke_as_another_program(db_path, other.id), recovered=recovered
         )
         store._wal_index = cast(WalIndexHeader, racing)
         value = 2 if write == "changes the row" else 1
@@ -888,10 +935,10 @@ async def test_a_commit_elsewhere_right_after_the_stores_write_empties_the_cache
             assert await store.update(
                 written.id, make_update(now=t0, set_keys={"a": value}, moves_expiry=False), now=t0
             )
+            assert len(racing.reads) == 2
+            assert await store.get(other.token_digest, now=t0) is None
         finally:
             store._wal_index = header
-        assert racing.reads_in_the_write == 2
-        assert await store.get(other.token_digest, now=t0) is None
 
 
 async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:

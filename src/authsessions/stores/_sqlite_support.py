@@ -166,14 +166,15 @@ class RecordCache:
     elsewhere empties it anyway, and a hit pays no recency bookkeeping.
     """
 
-    __slots__ = ("_chars", "_digests", "_rows", "_version", "max_chars", "max_rows")
+    __slots__ = ("_chars", "_entries", "_rows", "_version", "max_chars", "max_rows")
 
     def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
         self.max_rows = max_rows
         self.max_chars = max_chars
         self._rows: dict[str, SessionRecord] = {}
-        self._digests: dict[str, str] = {}  # session id -> token digest, to forget by id
-        self._chars = 0  # at least the data of the kept rows (forgotten ones still count)
+        # session id -> its token digest and data length, to forget a session by id
+        self._entries: dict[str, tuple[str, int]] = {}
+        self._chars = 0
         self._version: object = None
 
     def __len__(self) -> int:
@@ -205,36 +206,40 @@ class RecordCache:
             return
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
             self._rows.clear()
-            self._digests.clear()
+            self._entries.clear()
             self._chars = 0
         self._rows[token_digest] = record
-        self._digests[record.id] = token_digest
+        self._entries[record.id] = (token_digest, data_chars)
         self._chars += data_chars
 
     def kept(self, session_id: str) -> SessionRecord | None:
         """The record kept for the session ``session_id``, if any."""
-        digest = self._digests.get(session_id)
-        return None if digest is None else self._rows.get(digest)
+        entry = self._entries.get(session_id)
+        return None if entry is None else self._rows.get(entry[0])
 
     def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
         """The one commit since the kept version was the store's own, which made ``version``
         and changed only the sessions ``changes`` names: a session id, to forget, or a
         session's record as the commit left it with its data's length, to keep instead.
         """
-        rows, digests = self._rows, self._digests
         for change in changes:
-            session_id = change if isinstance(change, str) else change[0].id
-            digest = digests.pop(session_id, None)
-            if digest is not None:
-                del rows[digest]
+            if isinstance(change, str):
+                self._forget(change)
+            else:
+                record, data_chars = change
+                self._forget(record.id)
+                self.put(record.token_digest, record, data_chars)
         self._version = version
-        for change in changes:
-            if not isinstance(change, str):
-                self.put(change[0].token_digest, *change)
+
+    def _forget(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self._rows.pop(entry[0], None)
+            self._chars -= entry[1]
 
     def clear(self) -> None:
         """Forget every row and the version they were read under."""
         self._rows.clear()
-        self._digests.clear()
+        self._entries.clear()
         self._chars = 0
         self._version = None

@@ -4,11 +4,14 @@ Reads run on the event loop's thread through the standard ``sqlite3`` module:
 in WAL mode a reader never waits for a writer, and an indexed lookup costs a
 few microseconds, far less than handing it to a thread (about 100 µs, as
 aiosqlite does). ``get`` also keeps the sessions it read, for as long as
-no connection (this store's writers, another process) has committed since.
-On Linux it learns that from the WAL-index header, read where SQLite maps it
-in this process (see ``_wal_index``): the same bytes SQLite compares when a
-read begins, for a tenth of a microsecond. Elsewhere it asks
+no other connection (the writer thread's, another process's) has committed
+since. On Linux it learns that from the WAL-index header, read where SQLite
+maps it in this process (see ``_wal_index``): the same bytes SQLite compares
+when a read begins, for a tenth of a microsecond. Elsewhere it asks
 ``PRAGMA data_version``, a read transaction with two file-lock system calls.
+A write on the event loop changes only its own session in what is kept,
+when the header shows that its commit was the only one since (see
+``_after_own_commit``); otherwise it empties it.
 
 A write is one short transaction. It runs on the event loop too, on the
 same connection as the reads (so its page cache outlives its own commits),
@@ -120,6 +123,9 @@ INLINE_DELETE_ROWS = 32
 WAL_SIZE_LIMIT = 8 << 20
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
+_WrittenRow = tuple[str | None, int, float, float, str]
+"""What an update left in a row: its new data (``None`` when unchanged) and its length, the
+times and the token digest."""
 _SELECT_FOR_UPDATE = (
     f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
     " WHERE id = ? AND expires_at > ?"
@@ -392,7 +398,7 @@ class SQLiteStore(Store):
         await self._write(create, lambda evicted: None if evicted else ())
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        renewed: list[tuple[SessionRecord, int]] = []
+        written: list[_WrittenRow] = []
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
@@ -415,9 +421,9 @@ class SQLiteStore(Store):
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
-                data: dict[str, Any] | None = None
+                new_data_json: str | None = None
                 if changes.changes_data:
-                    data = load_json(stored_data)
+                    data: dict[str, Any] = load_json(stored_data)
                     for key in changes.removed_keys:
                         data.pop(key, None)
                     data.update(changes.set_keys)
@@ -429,28 +435,42 @@ class SQLiteStore(Store):
                     if data_json != stored_data:
                         assignments.append("data = ?")
                         params.append(data_json)
-                        stored_data = data_json
+                        new_data_json = data_json
                 if assignments:
                     db.execute(
                         f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
                         (*params, session_id),
                     )
-                    kept = self._cache.kept(session_id)
-                    if kept is not None:
-                        # The row as it now is, for the cache to keep if this commit was the
-                        # only one since (the next request of this session reads it).
-                        if changes.expires_at is not None:
-                            last_active_at, expires_at = changes.last_active_at, changes.expires_at
-                        record = SessionRecord(
-                            session_id, changes.token_digest or stored_digest, kept.user_id,
-                            kept.ip_address, kept.user_agent, kept.device_name, kept.device_type,
-                            kept.fingerprint, kept.data if data is None else data,
-                            kept.created_at, last_active_at, expires_at,
-                        )  # fmt: skip
-                        renewed.append((record, len(stored_data)))
+                    # Read back as a SELECT would: REAL columns give floats.
+                    if changes.last_active_at is not None and changes.expires_at is not None:
+                        last_active_at = float(changes.last_active_at)
+                        expires_at = float(changes.expires_at)
+                    if changes.token_digest is not None:
+                        stored_digest = changes.token_digest
+                    written.append(
+                        (new_data_json, len(stored_data), last_active_at, expires_at, stored_digest)
+                    )
                 return True
 
-        return await self._write(update, lambda _live: renewed or (session_id,))
+        return await self._write(update, lambda _live: self._as_written(session_id, written))
+
+    def _as_written(self, session_id: str, written: list[_WrittenRow]) -> Sequence[CacheChange]:
+        """What ``update`` did to the session ``session_id`` (``written``: the columns it
+        set, when it set any), for the cache: its record as the row now is when the cache
+        holds it (the session's next request reads it), else its id, to forget.
+        """
+        kept = self._cache.kept(session_id)
+        if kept is None or not written:
+            return (session_id,)
+        data_json, data_chars, last_active_at, expires_at, token_digest = written[0]
+        # From the JSON, as get would: the caller's values may be changed after the write.
+        data = kept.data if data_json is None else load_json(data_json)
+        record = SessionRecord(
+            session_id, token_digest, kept.user_id, kept.ip_address, kept.user_agent,
+            kept.device_name, kept.device_type, kept.fingerprint, data, kept.created_at,
+            last_active_at, expires_at,
+        )  # fmt: skip
+        return ((record, data_chars),)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
         params: tuple[str, ...]
@@ -538,9 +558,13 @@ class SQLiteStore(Store):
         when nobody else committed since they were read; else empty the cache.
 
         ``wrote``: the commit changed rows, and so wrote pages (the store's writes never
-        rewrite a row as it was, which SQLite would not write). Then it added one to the
-        WAL-index header's commit count, else nothing: any other count after it means
-        another commit came between the write lock's release and the header's read here.
+        rewrite a row as it was, which SQLite would not write). Then the WAL-index header
+        counts exactly one commit more than when the write took the lock; else it is the
+        same header, byte for byte. Anything else means another commit came between the
+        lock's release and the header's read here (a header WAL recovery rebuilt counts
+        from 0, so a count of 0 is never trusted). A recovery in that moment followed by
+        just as many other commits could still fool this (only near the count of a new
+        ``-shm`` file), as recoveries can fool SQLite's own readers (see ``_wal_index``).
         """
         cache, wal_index = self._cache, self._wal_index
         if changed is None:
@@ -552,8 +576,12 @@ class SQLiteStore(Store):
         elif self._version_at_write != cache.version:
             cache.clear()  # someone committed before this write took the lock
         else:
-            now = wal_index.version()
-            if WalIndexHeader.commits_between(self._version_at_write, now) == wrote:
+            locked_at, now = self._version_at_write, wal_index.version()
+            if (
+                WalIndexHeader.commits_between(locked_at, now) == 1 and WalIndexHeader.commits(now)
+                if wrote
+                else now == locked_at
+            ):
                 cache.advance(now, changed)
             else:
                 cache.clear()
