@@ -185,6 +185,9 @@ def report(results: dict[str, Any], settings: Settings) -> str:
     for part, error in results.get("errors", {}).items():
         lines += [f"**The {part} part failed:** `{error}`", ""]
     lines += ["## Targets", "", targets.table(targets.evaluate(results)), ""]
+    drift = targets.time_drift(results)
+    if drift is not None:
+        lines += [f"Not judged: {drift}.", ""]
     return "\n".join(lines)
 
 
@@ -236,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"plot: {path}")
     print("== targets")
     print(targets.table(targets.evaluate(results)))
+    drift = targets.time_drift(results)
+    if drift is not None:
+        print(f"not judged: {drift}")
     print(f"\nreport: {ARTIFACTS / f'report-{mode}.md'}")
     print(f"total: {time.perf_counter() - started:.0f} s")
 

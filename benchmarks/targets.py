@@ -17,11 +17,45 @@ MIN_E2E_SHARE = 0.85
 # The bare route's time on the machine the issue's targets were set on: absolute
 # microseconds (the PostgreSQL/Redis target) only compare on machines of that speed.
 REFERENCE_BARE_US = 22.0
+# The no-op middleware is the in-process part's control: what it costs is known to the
+# instruction (instructions.py), about this share of the bare route. A run where its time
+# ratio strays further from that than DRIFT_TOLERANCE moved more with the machine than the
+# differences it measures, and its time ratios are not judged.
+NOOP_INSTRUCTION_RATIO = 1.08
+DRIFT_TOLERANCE = 0.10
+
+Row = tuple[str, str, bool | None]
+"""(target, what was measured, met); ``None``: not judged (see :func:`time_drift`)."""
 
 
-def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    """(target, what was measured, met) rows; ``None`` when the part did not run."""
-    rows: list[tuple[str, str, bool | None]] = []
+def time_drift(results: dict[str, Any]) -> str | None:
+    """Why the in-process part's time ratios cannot be judged, or ``None`` when they can:
+    the control (the no-op middleware) strayed from its known cost in some scenario.
+    """
+    inprocess = results.get("inprocess")
+    if not inprocess or apps.NOOP_MIDDLEWARE not in inprocess["variants"]:
+        return None
+    counted = (results.get("instructions") or {}).get("variants", {})
+    ratios, expected = [], []
+    for scenario in SCENARIOS:
+        ratios.append(inprocess["scenarios"][scenario][apps.NOOP_MIDDLEWARE]["ratio"])
+        if apps.NOOP_MIDDLEWARE in counted and apps.BARE in counted:
+            expected.append(counted[apps.NOOP_MIDDLEWARE][scenario] / counted[apps.BARE][scenario])
+        else:
+            expected.append(NOOP_INSTRUCTION_RATIO)
+    if all(abs(r - e) <= DRIFT_TOLERANCE for r, e in zip(ratios, expected, strict=True)):
+        return None
+    return (
+        f"the no-op middleware took {min(ratios):.2f}x to {max(ratios):.2f}x of the bare "
+        f"route's time across the scenarios, against {min(expected):.2f}x to "
+        f"{max(expected):.2f}x in instructions: the machine drifted more than the differences "
+        "measured, so this run's in-process time ratios are not judged"
+    )
+
+
+def evaluate(results: dict[str, Any]) -> list[Row]:
+    """The targets, each with what this run measured and whether it met it."""
+    rows: list[Row] = []
     inprocess = results.get("inprocess")
     sqlite = apps.ours("sqlite")
     if inprocess:
@@ -71,6 +105,8 @@ def evaluate(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                         cell["ratio"] <= MAX_ANON_RATIO,
                     )
                 )
+    if time_drift(results) is not None:
+        rows = [(target, measured, None) for target, measured, _ in rows]
     rows += _instruction_rows(results.get("instructions"))
     for kind, floor in (results.get("floors") or {}).items():
         if kind not in ("postgres", "redis"):
@@ -136,7 +172,7 @@ def _layer_and_store(floor: dict[str, Any]) -> str:
     )
 
 
-def _instruction_rows(counted: dict[str, Any] | None) -> list[tuple[str, str, bool | None]]:
+def _instruction_rows(counted: dict[str, Any] | None) -> list[Row]:
     """The ratio targets again, in instructions (see instructions.py): the same verdict on
     any machine, where time ratios move with the machine's load and speed.
     """
@@ -144,7 +180,7 @@ def _instruction_rows(counted: dict[str, Any] | None) -> list[tuple[str, str, bo
         return []
     variants = counted["variants"]
     bare = variants[apps.BARE]
-    rows: list[tuple[str, str, bool | None]] = []
+    rows: list[Row] = []
     sqlite = variants.get(apps.ours("sqlite"))
     if sqlite:
         ratio = sqlite["read"] / bare["read"]
@@ -187,8 +223,8 @@ def _instruction_rows(counted: dict[str, Any] | None) -> list[tuple[str, str, bo
     return rows
 
 
-def table(rows: list[tuple[str, str, bool | None]]) -> str:
-    verdicts = {True: "met", False: "**missed**", None: "-"}
+def table(rows: list[Row]) -> str:
+    verdicts = {True: "met", False: "**missed**", None: "not judged (drift)"}
     return markdown_table(
         ["target", "measured", "verdict"], [[t, m, verdicts[ok]] for t, m, ok in rows]
     )
