@@ -729,6 +729,7 @@ async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> Sess
     stored = sqlite_module._record(row)
     assert kept is not None
     assert kept == stored
+    assert store._cache._entries[kept.id] == (digest, len(row[sqlite_module._DATA]))
     assert typed(kept.data) == typed(stored.data)
     assert type(kept.last_active_at) is type(kept.expires_at) is float
     return kept

@@ -435,7 +435,7 @@ class SQLiteStore(Store):
                     if data_json != stored_data:
                         assignments.append("data = ?")
                         params.append(data_json)
-                        new_data_json = data_json
+                        new_data_json = stored_data = data_json
                 if assignments:
                     db.execute(
                         f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
