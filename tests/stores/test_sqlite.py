@@ -663,8 +663,8 @@ async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
 async def test_the_stores_own_writes_are_seen_at_once(
     caching_store: SQLiteStore, path: str
 ) -> None:
-    """A write on the event loop forgets the sessions it changed; the writer thread's moves
-    the version.
+    """A write on the event loop replaces or forgets the cached record of the session it
+    changed; the writer thread's moves the version.
     """
     t0 = start_time()
     store = caching_store
