@@ -55,6 +55,8 @@ async def stream_scopes(variant: Variant, streams: int) -> dict[str, Scopes]:
     anonymous (and cheap).
     """
     scopes = {scenario: [variant.scope(scenario)] * streams for scenario in SHARED}
+    # The route the spread logins take, so that both logins cost the app the same.
+    scopes["login"] = [make_scope("/login/login-user")] * streams
     if variant.name in apps.SESSIONLESS:
         cookies = [apps.ignored_cookie() for _ in range(streams)]
     else:
