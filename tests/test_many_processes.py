@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,10 +124,13 @@ class Browser:
         return self.client.request(method, url, headers=headers)
 
 
+# One browser: a session's cookie sent with another User-Agent is a replay, and ends it.
+BROWSER_HEADERS = {"user-agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"}
+
+
 @pytest.fixture
 def as_browser() -> Iterator[Browser]:
-    headers = {"user-agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"}
-    with httpx.Client(headers=headers, timeout=10) as client:
+    with httpx.Client(headers=BROWSER_HEADERS, timeout=10) as client:
         yield Browser(client)
 
 
@@ -151,3 +155,37 @@ def test_logout_everywhere_reaches_every_process(servers: list[str], as_browser:
     assert rejected.json()["user_id"] is None
     assert f"{COOKIE}=" in rejected.headers["set-cookie"]
     assert as_browser("GET", f"{second}/me", token).status_code == 401
+
+
+def test_a_logout_elsewhere_is_seen_by_a_process_that_writes_meanwhile(
+    servers: list[str], as_browser: Browser
+) -> None:
+    """The first process keeps the sessions it read (SQLite's cache) across its own
+    writes. The second ends one of them while the first is inside a request whose write
+    comes after: that session must not be kept.
+    """
+    first, second = servers
+    tokens = []
+    for user in (f"writer-{secrets.token_hex(4)}", f"reader-{secrets.token_hex(4)}"):
+        login = as_browser("POST", f"{first}/login?user={user}")
+        assert login.status_code == 200
+        tokens.append(login.cookies[COOKIE])
+    writer, reader = tokens
+    for text in ("before", "again"):
+        assert as_browser("GET", f"{first}/me", reader).status_code == 200
+        assert as_browser("POST", f"{first}/note?text={text}", writer).status_code == 200
+    assert as_browser("GET", f"{first}/me", reader).status_code == 200
+
+    def slow_note() -> int:
+        with httpx.Client(headers=BROWSER_HEADERS, timeout=10) as client:
+            url = f"{first}/note?text=during&seconds=1"
+            return client.post(url, headers={"cookie": f"{COOKIE}={writer}"}).status_code
+
+    with ThreadPoolExecutor(1) as pool:
+        noting = pool.submit(slow_note)
+        time.sleep(0.3)  # the request has read its session and waits to write
+        assert as_browser("POST", f"{second}/logout", reader).status_code == 200
+        assert noting.result() == 200
+
+    assert as_browser("GET", f"{first}/me", reader).status_code == 401
+    assert as_browser("GET", f"{first}/me", writer).status_code == 200

@@ -7,6 +7,7 @@ non-Secure ``session`` cookie.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from starlette.applications import Starlette
@@ -40,6 +41,24 @@ async def me(request: Request) -> Response:
     return JSONResponse({"user_id": session.user_id, "pid": os.getpid()})
 
 
+async def note(request: Request) -> Response:
+    """``POST /note?text=<text>[&seconds=<s>]``: keeps the text in the session (a write,
+    made as the response starts, after waiting ``seconds``).
+    """
+    session = Session.from_request(request)
+    if not session.is_authenticated:
+        return JSONResponse({"pid": os.getpid()}, status_code=401)
+    session.set("note", request.query_params["text"])
+    await asyncio.sleep(float(request.query_params.get("seconds", "0")))
+    return JSONResponse({"pid": os.getpid()})
+
+
+async def logout(request: Request) -> Response:
+    """Ends this session, on every process."""
+    await Session.from_request(request).logout()
+    return JSONResponse({"pid": os.getpid()})
+
+
 async def logout_all(request: Request) -> Response:
     """Ends every session of the signed-in user, on every process."""
     await Session.from_request(request).logout_all()
@@ -51,6 +70,8 @@ app = Starlette(
         Route("/health", health),
         Route("/login", login, methods=["POST"]),
         Route("/me", me),
+        Route("/note", note, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/logout-all", logout_all, methods=["POST"]),
     ],
     # No store argument: the middleware reads AUTHSESSIONS_STORE.
