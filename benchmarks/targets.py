@@ -20,7 +20,7 @@ REFERENCE_BARE_US = 22.0
 # The no-op middleware is the in-process part's control: what it costs is known to the
 # instruction (instructions.py), about this share of the bare route. A run where its time
 # ratio strays further from that than DRIFT_TOLERANCE moved more with the machine than the
-# differences it measures, and its time ratios are not judged.
+# differences it measures, and none of its targets in time is judged.
 NOOP_INSTRUCTION_RATIO = 1.08
 DRIFT_TOLERANCE = 0.05  # no wider than the no-cookie target's margin
 
@@ -29,8 +29,9 @@ Row = tuple[str, str, bool | None]
 
 
 def time_drift(results: dict[str, Any]) -> str | None:
-    """Why the in-process part's time ratios cannot be judged, or ``None`` when they can:
-    the control (the no-op middleware) strayed from its known cost in some scenario.
+    """Why this run's targets in time cannot be judged, or ``None`` when they can: the
+    in-process part's control (the no-op middleware) strayed from its known cost in some
+    scenario.
     """
     inprocess = results.get("inprocess")
     if not inprocess or apps.NOOP_MIDDLEWARE not in inprocess["variants"]:
