@@ -718,6 +718,20 @@ async def cache_two_sessions(store: SQLiteStore, t0: float) -> tuple[SessionReco
     return written, other
 
 
+def assert_cache_consistent(store: SQLiteStore) -> None:
+    """The cache's indexes (by session id, by user, the data's length) name what it keeps."""
+    cache = store._cache
+    rows = cache._rows
+    assert {record.id: digest for digest, record in rows.items()} == {
+        session_id: digest for session_id, (digest, _) in cache._entries.items()
+    }
+    users: dict[str, set[str]] = {}
+    for record in rows.values():
+        users.setdefault(record.user_id, set()).add(record.id)
+    assert cache._users == users
+    assert cache._chars == sum(chars for _, chars in cache._entries.values())
+
+
 async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> SessionRecord:
     """The record the store's own write left in its cache, which must be the row as stored."""
     kept = await cached(store, digest, now)
@@ -768,6 +782,7 @@ async def test_the_stores_own_writes_keep_the_other_sessions_cached(
     assert await store.get(rotated, now=t0 + 1) is None
     await store.create(make_record(now=t0, user_id="writer"), max_sessions=10, now=t0)
     assert await cached(store, other.token_digest, t0 + 1) == other
+    assert_cache_consistent(store)
 
 
 async def test_what_the_cache_keeps_of_a_write_is_what_a_read_gives(
@@ -790,21 +805,32 @@ async def test_what_the_cache_keeps_of_a_write_is_what_a_read_gives(
     assert kept.data == {"a": 1, "roles": ["user"], "pair": [1, 2], "n": {"5": 1}}
 
 
-async def test_writes_that_may_change_many_sessions_empty_the_cache(
+async def test_writes_of_many_sessions_of_a_user_forget_that_users_cached_sessions(
     caching_store: SQLiteStore,
 ) -> None:
     """A login that evicts a user's oldest session, and logging a user out everywhere,
-    delete rows the store does not know by id.
+    delete rows the store does not know by id: every cached session of that user goes,
+    the other users' stay.
     """
     t0 = start_time()
     store = caching_store
     written, other = await cache_two_sessions(store, t0)
-    await store.create(make_record(now=t0 + 1, user_id="writer"), max_sessions=1, now=t0 + 1)
-    assert await store.get(written.token_digest, now=t0 + 1) is None
-    assert await store.get(other.token_digest, now=t0 + 1) == other
-    assert await cached(store, other.token_digest, t0 + 1) == other
+    writers_second = make_record(now=t0, user_id="writer")
+    await store.create(writers_second, max_sessions=10, now=t0)
+    assert await store.get(writers_second.token_digest, now=t0) == writers_second
 
+    await store.create(make_record(now=t0 + 1, user_id="writer"), max_sessions=1, now=t0 + 1)
+    assert await cached(store, other.token_digest, t0 + 1) == other
+    assert await store.get(written.token_digest, now=t0 + 1) is None
+    assert await store.get(writers_second.token_digest, now=t0 + 1) is None
+
+    third = make_record(now=t0, user_id="third")
+    await store.create(third, max_sessions=10, now=t0)
+    assert await store.get(third.token_digest, now=t0) == third
     assert await store.delete_for_user("bystander") == 1
+    assert await cached(store, third.token_digest, t0) == third
+    assert_cache_consistent(store)
+    assert "bystander" not in store._cache._users
     assert await store.get(other.token_digest, now=t0 + 1) is None
 
 

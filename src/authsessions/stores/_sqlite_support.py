@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from authsessions._records import SessionRecord
@@ -14,6 +15,7 @@ __all__ = [
     "CacheChange",
     "GuardedConnection",
     "RecordCache",
+    "UsersSessions",
     "WriteRefused",
     "checkpoint",
     "checkpoint_then",
@@ -25,8 +27,17 @@ __all__ = [
 
 T = TypeVar("T")
 
-CacheChange = str | tuple[SessionRecord, int]
-"""What a write did to one session, for :meth:`RecordCache.advance`."""
+
+@dataclass(frozen=True, slots=True)
+class UsersSessions:
+    """Every session of one user, for :meth:`RecordCache.advance` to forget (a write that
+    deleted some of them, not known by id)."""
+
+    user_id: str
+
+
+CacheChange = str | tuple[SessionRecord, int] | UsersSessions
+"""What a write did to the cache's sessions, for :meth:`RecordCache.advance`."""
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
@@ -166,7 +177,7 @@ class RecordCache:
     elsewhere empties it anyway, and a hit pays no recency bookkeeping.
     """
 
-    __slots__ = ("_chars", "_entries", "_rows", "_version", "max_chars", "max_rows")
+    __slots__ = ("_chars", "_entries", "_rows", "_users", "_version", "max_chars", "max_rows")
 
     def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
         self.max_rows = max_rows
@@ -174,6 +185,7 @@ class RecordCache:
         self._rows: dict[str, SessionRecord] = {}
         # session id -> its token digest and data length, to forget a session by id
         self._entries: dict[str, tuple[str, int]] = {}
+        self._users: dict[str, set[str]] = {}  # user id -> the ids of the user's kept sessions
         self._chars = 0
         self._version: object = None
 
@@ -207,9 +219,11 @@ class RecordCache:
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
             self._rows.clear()
             self._entries.clear()
+            self._users.clear()
             self._chars = 0
         self._rows[token_digest] = record
         self._entries[record.id] = (token_digest, data_chars)
+        self._users.setdefault(record.user_id, set()).add(record.id)
         self._chars += data_chars
 
     def kept(self, session_id: str) -> SessionRecord | None:
@@ -219,12 +233,16 @@ class RecordCache:
 
     def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
         """The one commit since the kept version was the store's own, which made ``version``
-        and changed only the sessions ``changes`` names: a session id, to forget, or a
-        session's record as the commit left it with its data's length, to keep instead.
+        and changed only the sessions ``changes`` names: a session id, to forget; a
+        session's record as the commit left it with its data's length, to keep instead;
+        or a user, whose sessions to forget.
         """
         for change in changes:
             if isinstance(change, str):
                 self._forget(change)
+            elif isinstance(change, UsersSessions):
+                for session_id in tuple(self._users.get(change.user_id, ())):
+                    self._forget(session_id)
             else:
                 record, data_chars = change
                 self._forget(record.id)
@@ -233,13 +251,21 @@ class RecordCache:
 
     def _forget(self, session_id: str) -> None:
         entry = self._entries.pop(session_id, None)
-        if entry is not None:
-            self._rows.pop(entry[0], None)
-            self._chars -= entry[1]
+        if entry is None:
+            return
+        record = self._rows.pop(entry[0], None)
+        self._chars -= entry[1]
+        if record is not None:
+            user_sessions = self._users.get(record.user_id)
+            if user_sessions is not None:
+                user_sessions.discard(session_id)
+                if not user_sessions:
+                    del self._users[record.user_id]
 
     def clear(self) -> None:
         """Forget every row and the version they were read under."""
         self._rows.clear()
         self._entries.clear()
+        self._users.clear()
         self._chars = 0
         self._version = None

@@ -9,8 +9,9 @@ since. On Linux it learns that from the WAL-index header, read where SQLite
 maps it in this process (see ``_wal_index``): the same bytes SQLite compares
 when a read begins, for a tenth of a microsecond. Elsewhere it asks
 ``PRAGMA data_version``, a read transaction with two file-lock system calls.
-A write on the event loop changes only its own session in what is kept,
-when the header shows that its commit was the only one since (see
+A write on the event loop changes only its own session in what is kept (a
+login that evicts, or a logout everywhere, all of the user's), when the
+header shows that its commit was the only one since (see
 ``_after_own_commit``); otherwise it empties it.
 
 A write is one short transaction. It runs on the event loop too, on the
@@ -57,6 +58,7 @@ from authsessions.stores._sqlite_support import (
     CacheChange,
     GuardedConnection,
     RecordCache,
+    UsersSessions,
     WriteRefused,
     checkpoint_then,
     enable_wal,
@@ -394,8 +396,9 @@ class SQLiteStore(Store):
                     (record.user_id, now, max_sessions),
                 ).rowcount
 
-        # A new row is in no cache; the evicted ones are not known by id (rare: forget all).
-        await self._write(create, lambda evicted: None if evicted else ())
+        # A new row is in no cache; the evicted ones are the user's, not known by id.
+        users_sessions = (UsersSessions(record.user_id),)
+        await self._write(create, lambda evicted: users_sessions if evicted else ())
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         written: list[_WrittenRow] = []
@@ -498,7 +501,8 @@ class SQLiteStore(Store):
         # sizes the work: the DELETE removes whatever is there when it runs.
         counted = self._read_now(_COUNT_FOR_USER, (user_id,))
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
-            return await self._write(delete, lambda deleted: None if deleted else ())
+            users_sessions = (UsersSessions(user_id),)
+            return await self._write(delete, lambda deleted: users_sessions if deleted else ())
         return await self._write_many_rows(delete)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
