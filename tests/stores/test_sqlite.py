@@ -17,20 +17,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from authsessions import StoreUnavailable
-from authsessions._records import SessionRecord, SessionUpdate
+from authsessions._records import SessionRecord, SessionUpdate, dump_json
 from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
+    RecordCache,
     checkpoint,
     checkpoint_then,
     start_wal_over,
@@ -722,6 +723,7 @@ def assert_cache_consistent(store: SQLiteStore) -> None:
     """The cache's indexes (by session id, by user, the data's length) name what it keeps."""
     cache = store._cache
     rows = cache._rows
+    assert len(rows) == len(cache._entries)
     assert {record.id: digest for digest, record in rows.items()} == {
         session_id: digest for session_id, (digest, _) in cache._entries.items()
     }
@@ -1000,11 +1002,104 @@ async def test_the_cache_is_bounded_in_rows_and_in_data(caching_store: SQLiteSto
     for record in records:
         assert await store.get(record.token_digest, now=t0) == record
         assert 1 <= len(store._cache) <= 3
+        assert_cache_consistent(store)
     assert await store.get(large.token_digest, now=t0) == large
     with reader_statements(store) as statements:
         assert await store.get(large.token_digest, now=t0) == large
     # read again: larger than the whole cache may hold
     assert statements[-1].startswith("SELECT")
+    assert_cache_consistent(store)
+
+    # a write whose record fills the cache's data bound by itself: kept alone
+    last = records[-1]
+    assert await store.get(last.token_digest, now=t0) == last
+    assert len(store._cache) > 1
+    filler = "y" * (1000 - len(dump_json({**last.data, "x": ""})))
+    update = make_update(now=t0, set_keys={"x": filler}, moves_expiry=False)
+    assert await store.update(last.id, update, now=t0)
+    assert await cached(store, last.token_digest, t0) is not None
+    assert len(store._cache) == 1
+    assert_cache_consistent(store)
+
+
+async def test_a_session_kept_under_an_old_digest_is_replaced() -> None:
+    """A commit between a lookup's version read and its SELECT (a rotation elsewhere) can
+    hand the cache a session it keeps under another digest: it keeps one of them."""
+    cache = RecordCache()
+    t0 = start_time()
+    record = make_record(now=t0)
+    rotated = replace(record, token_digest=new_digest())
+    assert cache.get("version", record.token_digest) is None
+    cache.put(record.token_digest, record, 10)
+    cache.put(rotated.token_digest, rotated, 12)
+    assert cache.get("version", record.token_digest) is None
+    assert cache.get("version", rotated.token_digest) is rotated
+    assert len(cache) == 1
+    assert (cache._chars, cache._entries) == (12, {record.id: (rotated.token_digest, 12)})
+
+
+class CommitThenFail(WrappedConnection):
+    """The event loop's connection, whose COMMIT takes effect and then reports an error."""
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        cursor = self.db.execute(sql, params)
+        if sql == "COMMIT":
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = sqlite3.SQLITE_IOERR
+            raise exc
+        return cursor
+
+    @property
+    def refuse_write(self) -> Any:
+        return getattr(self.db, "refuse_write", None)
+
+
+async def test_a_write_that_failed_after_its_commit_empties_the_cache(
+    caching_store: SQLiteStore,
+) -> None:
+    """PRAGMA data_version does not count the connection's own commits: a write that took
+    effect but failed must not leave its session's old record cached."""
+    t0 = start_time()
+    store = caching_store
+    written, _ = await cache_two_sessions(store, t0)
+    assert await store.get(written.token_digest, now=t0) == written
+    loop_db = store._loop_db
+    store._loop_db = cast(sqlite3.Connection, CommitThenFail(loop_db))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.update(written.id, make_update(now=t0, set_keys={"a": 2}), now=t0)
+    finally:
+        store._loop_db = loop_db
+    got = await store.get(written.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"a": 2}
+
+
+@pytest.mark.parametrize("write", ["inline", "cleanup"])
+async def test_a_commit_of_the_writer_thread_before_a_write_empties_the_cache(
+    caching_store: SQLiteStore, write: str
+) -> None:
+    """The writer thread's commit, then the event loop's write with no lookup between: the
+    cache must not move on from before the thread's commit."""
+    t0 = start_time()
+    store = caching_store
+    written, _ = await cache_two_sessions(store, t0)
+    ending = make_record(now=t0, user_id="ending", ttl=10)
+    await store.create(ending, max_sessions=10, now=t0)
+    assert await store.get(ending.token_digest, now=t0) == ending
+    if write == "inline":
+        busy, loop_db = BusyForWrites(store._loop_db), store._loop_db
+        store._loop_db = cast(sqlite3.Connection, busy)
+        try:
+            assert await store.delete(ending.id)
+        finally:
+            store._loop_db = loop_db
+        assert busy.refused > 0
+    else:
+        # The cleanup's DELETE goes to the writer thread whatever the file's state.
+        assert await store.delete_expired(now=t0 + 10) == 1
+    assert await store.update(written.id, make_update(now=t0, set_keys={"a": 2}), now=t0)
+    assert await store.get(ending.token_digest, now=t0) is None
 
 
 def open_descriptors_on(path: str) -> int:

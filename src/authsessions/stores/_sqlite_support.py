@@ -214,6 +214,9 @@ class RecordCache:
         A commit between that ``get`` and the read only makes the record
         newer than its version says, and the next ``get`` drops it.
         """
+        if record.id in self._entries:
+            # Kept under another digest: a commit came between that get and the read.
+            self._forget(record.id)
         if data_chars > self.max_chars:
             return
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
@@ -244,9 +247,7 @@ class RecordCache:
                 for session_id in tuple(self._users.get(change.user_id, ())):
                     self._forget(session_id)
             else:
-                record, data_chars = change
-                self._forget(record.id)
-                self.put(record.token_digest, record, data_chars)
+                self.put(change[0].token_digest, *change)
         self._version = version
 
     def _forget(self, session_id: str) -> None:

@@ -119,24 +119,14 @@ class WalIndexHeader:
         return object()
 
     @staticmethod
-    def commits(version: object) -> int | None:
-        """The commit count of the header ``version`` (its ``iChange``); ``None`` for a
-        version read while a commit was writing it.
+    def commits_between(earlier: object, later: object) -> int | None:
+        """How many commits came between two versions (by the header's ``iChange``, modulo
+        2**32); ``None`` if either was read while a commit was writing it.
 
         Every commit that writes a page adds exactly one, whichever connection makes it
         (``walFrames`` in SQLite's ``wal.c``); a transaction that changed no page writes
         nothing and counts nothing. Restarting the WAL and checkpoints leave it as it is;
         WAL recovery rebuilds the header from 0, as a new ``-shm`` file starts.
-        """
-        if type(version) is not bytes:
-            return None
-        count: int = _read_word(version, _I_CHANGE)[0]
-        return count
-
-    @staticmethod
-    def commits_between(earlier: object, later: object) -> int | None:
-        """How many commits came between two versions, modulo 2**32 (see :meth:`commits`);
-        ``None`` if either was read while a commit was writing it.
         """
         if type(earlier) is not bytes or type(later) is not bytes:
             return None

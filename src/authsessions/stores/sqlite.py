@@ -515,15 +515,15 @@ class SQLiteStore(Store):
     async def _write(
         self,
         work: Callable[[sqlite3.Connection], T],
-        changed: Callable[[T], Sequence[CacheChange] | None],
+        changed: Callable[[T], Sequence[CacheChange]],
     ) -> T:
         """Run ``work`` (one transaction) on the event loop if the file is free.
 
         A "busy" on the event loop's connection comes before the work changed
         anything, so the same work is then run on the writer thread, which
         waits for the lock up to ``timeout``. ``changed`` tells from the work's
-        result which sessions it may have changed (see :meth:`RecordCache.advance`),
-        ``None`` for any: the cache keeps the others.
+        result which sessions it may have changed (see :meth:`RecordCache.advance`):
+        the cache keeps the others.
         """
         finishing = self._finishing
         while finishing is not None and not finishing.done():
@@ -548,16 +548,23 @@ class SQLiteStore(Store):
                     with translate_errors("SQLite", sqlite3.Error):
                         self._reopen_loop_db()
                 if not is_busy(exc):
+                    # It may have taken effect (a COMMIT that failed after its write), which
+                    # PRAGMA data_version, counting other connections' commits only, misses.
+                    self._cache.clear()
                     raise store_unavailable("SQLite", exc) from exc
             else:
                 self._checkpoints.wrote()
-                self._after_own_commit(db.total_changes != changes_before, changed(result))
+                try:
+                    self._after_own_commit(db.total_changes != changes_before, changed(result))
+                except BaseException:
+                    self._cache.clear()
+                    raise
                 self._copy_if_due()
                 return result
         # The thread's commit changes the version the next get reads, which empties the cache.
         return await self._write_on_thread(work)
 
-    def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange] | None) -> None:
+    def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange]) -> None:
         """Keep the cached records of the sessions the event loop's commit left as they were,
         when nobody else committed since they were read; else empty the cache.
 
@@ -565,15 +572,13 @@ class SQLiteStore(Store):
         rewrite a row as it was, which SQLite would not write). Then the WAL-index header
         counts exactly one commit more than when the write took the lock; else it is the
         same header, byte for byte. Anything else means another commit came between the
-        lock's release and the header's read here (a header WAL recovery rebuilt counts
-        from 0, so a count of 0 is never trusted). A recovery in that moment followed by
-        just as many other commits could still fool this (only near the count of a new
-        ``-shm`` file), as recoveries can fool SQLite's own readers (see ``_wal_index``).
+        lock's release and the header's read here. A header WAL recovery rebuilt in that
+        moment counts from 0 and could pass, if just as many other commits followed (near
+        the count of a new ``-shm`` file), as recoveries can fool SQLite's own readers (see
+        ``_wal_index``).
         """
         cache, wal_index = self._cache, self._wal_index
-        if changed is None:
-            cache.clear()
-        elif wal_index is None:
+        if wal_index is None:
             # PRAGMA data_version does not count a connection's own commits; anyone else's
             # since the cached records were read, the next get sees as a new version.
             cache.advance(cache.version, changed)
@@ -581,11 +586,7 @@ class SQLiteStore(Store):
             cache.clear()  # someone committed before this write took the lock
         else:
             locked_at, now = self._version_at_write, wal_index.version()
-            if (
-                WalIndexHeader.commits_between(locked_at, now) == 1 and WalIndexHeader.commits(now)
-                if wrote
-                else now == locked_at
-            ):
+            if WalIndexHeader.commits_between(locked_at, now) == 1 if wrote else now == locked_at:
                 cache.advance(now, changed)
             else:
                 cache.clear()
