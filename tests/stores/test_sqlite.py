@@ -29,9 +29,9 @@ from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
+from authsessions.stores._record_cache import RecordCache
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
-    RecordCache,
     checkpoint,
     checkpoint_then,
     start_wal_over,

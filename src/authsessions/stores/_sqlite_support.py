@@ -1,21 +1,15 @@
-"""The parts of SQLiteStore that work on a bare connection: transactions, locks, the row cache."""
+"""The parts of SQLiteStore that work on a bare connection: transactions, locks, checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TypeVar
 
-from authsessions._records import SessionRecord
-
 __all__ = [
-    "CacheChange",
     "GuardedConnection",
-    "RecordCache",
-    "UsersSessions",
     "WriteRefused",
     "checkpoint",
     "checkpoint_then",
@@ -27,17 +21,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class UsersSessions:
-    """Every session of one user, for :meth:`RecordCache.advance` to forget (a write that
-    deleted some of them, not known by id)."""
-
-    user_id: str
-
-
-CacheChange = str | tuple[SessionRecord, int] | UsersSessions
-"""What a write did to the cache's sessions, for :meth:`RecordCache.advance`."""
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
@@ -155,118 +138,3 @@ def enable_wal(db: sqlite3.Connection, *, timeout: float) -> None:
             if not is_busy(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)  # on the writer thread, never the event loop
-
-
-class RecordCache:
-    """Records of the session table by token digest, trusted only while nothing was committed
-    but the store's own writes, whose rows it forgets.
-
-    Each lookup passes :meth:`get` a version of the whole database that every
-    commit by another connection changes (the store's writer thread, another
-    process): the WAL-index header, or ``PRAGMA data_version`` on the event
-    loop's connection. An unchanged version proves every cached record is still
-    what the table holds. After a commit of its own on the event loop, the
-    store either moves the cache to the version that commit made, forgetting
-    the sessions it changed (:meth:`advance`), or, when it cannot tell that
-    nobody else committed, empties it (:meth:`clear`). A hit hands out the
-    cached record itself, which callers treat as read-only (see
-    ``Store.get``): no JSON decode, no copy.
-
-    Bounded in rows and in characters of data (sessions may hold up to
-    ``max_data_bytes`` each). When full it is simply emptied: a commit
-    elsewhere empties it anyway, and a hit pays no recency bookkeeping.
-    """
-
-    __slots__ = ("_chars", "_entries", "_rows", "_users", "_version", "max_chars", "max_rows")
-
-    def __init__(self, *, max_rows: int = 10_000, max_chars: int = 16 << 20) -> None:
-        self.max_rows = max_rows
-        self.max_chars = max_chars
-        self._rows: dict[str, SessionRecord] = {}
-        # session id -> its token digest and data length, to forget a session by id
-        self._entries: dict[str, tuple[str, int]] = {}
-        self._users: dict[str, set[str]] = {}  # user id -> the ids of the user's kept sessions
-        self._chars = 0
-        self._version: object = None
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    @property
-    def version(self) -> object:
-        """The version the kept records were read under (``None`` when there are none)."""
-        return self._version
-
-    def get(self, version: object, token_digest: str) -> SessionRecord | None:
-        """The record kept for ``token_digest``; none at all unless ``version`` is the
-        one the kept records were read under (otherwise they are dropped, and this version
-        becomes theirs).
-        """
-        if version != self._version:
-            self.clear()
-            self._version = version
-            return None
-        return self._rows.get(token_digest)
-
-    def put(self, token_digest: str, record: SessionRecord, data_chars: int) -> None:
-        """Keep ``record``, read after the latest :meth:`get`.
-
-        A commit between that ``get`` and the read only makes the record
-        newer than its version says, and the next ``get`` drops it.
-        """
-        if record.id in self._entries:
-            # Kept under another digest: a commit came between that get and the read.
-            self._forget(record.id)
-        if data_chars > self.max_chars:
-            return
-        if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
-            self._rows.clear()
-            self._entries.clear()
-            self._users.clear()
-            self._chars = 0
-        self._rows[token_digest] = record
-        self._entries[record.id] = (token_digest, data_chars)
-        self._users.setdefault(record.user_id, set()).add(record.id)
-        self._chars += data_chars
-
-    def kept(self, session_id: str) -> SessionRecord | None:
-        """The record kept for the session ``session_id``, if any."""
-        entry = self._entries.get(session_id)
-        return None if entry is None else self._rows.get(entry[0])
-
-    def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
-        """The one commit since the kept version was the store's own, which made ``version``
-        and changed only the sessions ``changes`` names: a session id, to forget; a
-        session's record as the commit left it with its data's length, to keep instead;
-        or a user, whose sessions to forget.
-        """
-        for change in changes:
-            if isinstance(change, str):
-                self._forget(change)
-            elif isinstance(change, UsersSessions):
-                for session_id in tuple(self._users.get(change.user_id, ())):
-                    self._forget(session_id)
-            else:
-                self.put(change[0].token_digest, *change)
-        self._version = version
-
-    def _forget(self, session_id: str) -> None:
-        entry = self._entries.pop(session_id, None)
-        if entry is None:
-            return
-        record = self._rows.pop(entry[0], None)
-        self._chars -= entry[1]
-        if record is not None:
-            user_sessions = self._users.get(record.user_id)
-            if user_sessions is not None:
-                user_sessions.discard(session_id)
-                if not user_sessions:
-                    del self._users[record.user_id]
-
-    def clear(self) -> None:
-        """Forget every row and the version they were read under."""
-        self._rows.clear()
-        self._entries.clear()
-        self._users.clear()
-        self._chars = 0
-        self._version = None

@@ -54,11 +54,9 @@ from authsessions.stores._checkpoints import (
     copy_wal,
     started_wal_over,
 )
+from authsessions.stores._record_cache import CacheChange, RecordCache, UsersSessions
 from authsessions.stores._sqlite_support import (
-    CacheChange,
     GuardedConnection,
-    RecordCache,
-    UsersSessions,
     WriteRefused,
     checkpoint_then,
     enable_wal,
