@@ -254,6 +254,47 @@ async def test_refused_create_evicts_nothing(store: Store) -> None:
 # -- create: eviction ---------------------------------------------------------------
 
 
+COUNTS_NO_STORE_CAN_HONOUR = [
+    pytest.param(0, ValueError, id="0"),
+    pytest.param(-1, ValueError, id="-1"),
+    pytest.param(None, TypeError, id="None"),
+    pytest.param("3", TypeError, id="str"),
+    pytest.param(True, TypeError, id="bool"),
+    pytest.param(2.0, TypeError, id="float"),
+]
+
+
+@pytest.mark.parametrize(("count", "error"), COUNTS_NO_STORE_CAN_HONOUR)
+async def test_create_refuses_a_max_sessions_no_store_can_honour(
+    store: Store, count: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+    record = make_record(now=t0)
+
+    with pytest.raises(error, match="max_sessions"):
+        await store.create(record, max_sessions=count, now=t0)
+
+    assert await store.get(record.token_digest, now=t0) is None
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+
+
+@pytest.mark.parametrize(("count", "error"), COUNTS_NO_STORE_CAN_HONOUR)
+async def test_delete_expired_refuses_a_limit_no_store_can_honour(
+    store: Store, count: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    expired = make_record(now=t0, ttl=1)
+    await store.create(expired, max_sessions=10, now=t0)
+    before = await store.stats(now=t0 + 2)
+
+    with pytest.raises(error, match="limit"):
+        await store.delete_expired(now=t0 + 2, limit=count)
+
+    assert await store.stats(now=t0 + 2) == before
+
+
 async def test_create_evicts_the_least_recently_active_beyond_the_limit(store: Store) -> None:
     t0 = start_time()
     old = [make_record(now=t0 + i) for i in range(4)]

@@ -44,6 +44,21 @@ class DataTooLarge(Exception):
         self.limit = limit
 
 
+def require_count(name: str, value: object) -> None:
+    """Refuse a count a store cannot honour (``max_sessions``, ``limit``) before any store
+    access: an int of at least 1. Without it a store would fail as if it were down
+    (``None``), or keep nothing (0).
+
+    Raises:
+        TypeError: ``value`` is not an int (a bool is not one here).
+        ValueError: ``value`` is below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}.")
+
+
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
     """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``.
 
@@ -132,7 +147,9 @@ class Store(abc.ABC):
         limit are deleted (the new record is the most recent). Concurrent
         creates for one user never leave more than the limit.
 
-        Raises :class:`CreateError` when the id or token digest exists already.
+        Raises :class:`CreateError` when the id or token digest exists already, and
+        (see :func:`require_count`) ``TypeError`` or ``ValueError`` when ``max_sessions``
+        is not an int of at least 1, before anything is stored.
         """
 
     @abc.abstractmethod
@@ -184,7 +201,8 @@ class Store(abc.ABC):
         """Delete at most ``limit`` expired sessions; returns how many were deleted.
 
         Callers repeat it until it returns less than ``limit``, so a large
-        backlog never holds a lock or a transaction for long.
+        backlog never holds a lock or a transaction for long. ``limit`` must be an int
+        of at least 1 (see :func:`require_count`).
         """
 
     @abc.abstractmethod

@@ -39,6 +39,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    require_count,
     store_unavailable,
     translate_errors,
 )
@@ -350,6 +351,7 @@ class PostgresStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        require_count("max_sessions", max_sessions)
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
@@ -421,6 +423,7 @@ class PostgresStore(Store):
         return [_record(row) for row in rows]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        require_count("limit", limit)
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
         return await self._execute(self._sql.delete_expired, now, limit)
 

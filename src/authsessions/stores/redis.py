@@ -60,6 +60,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    require_count,
     store_unavailable,
     translate_errors,
 )
@@ -260,6 +261,7 @@ class RedisStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        require_count("max_sessions", max_sessions)
         self._require_client()
         tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
@@ -412,6 +414,7 @@ class RedisStore(Store):
         """Sweep the user indexes, many per script call, going on from where the previous
         call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
+        require_count("limit", limit)
         client = self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared

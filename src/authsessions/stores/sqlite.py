@@ -44,6 +44,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    require_count,
     store_unavailable,
     translate_errors,
 )
@@ -373,6 +374,7 @@ class SQLiteStore(Store):
     # -- writes: on the event loop when the file is free, else on the writer thread --
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        require_count("max_sessions", max_sessions)
         values = (
             record.id, record.token_digest, record.user_id, record.ip_address, record.user_agent,
             record.device_name, record.device_type, record.fingerprint, dump_json(record.data),
@@ -504,6 +506,7 @@ class SQLiteStore(Store):
         return await self._write_many_rows(delete)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        require_count("limit", limit)
         sql = (
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
