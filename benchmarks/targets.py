@@ -59,17 +59,18 @@ def evaluate(results: dict[str, Any]) -> list[Row]:
     """The targets, each with what this run measured and whether it met it; those measured
     in time are not judged when :func:`time_drift` finds the run drifted.
     """
-    timed = _time_rows(results)
-    if time_drift(results) is not None:
-        timed = [(target, measured, None) for target, measured, _ in timed]
-    counted = _instruction_rows(results.get("instructions"))
-    # In the order of the parts: in process, instructions, then the floors and end to end.
-    in_process = [row for row in timed if not row[0].startswith(_LATER_PARTS)]
-    later = [row for row in timed if row[0].startswith(_LATER_PARTS)]
-    return in_process + counted + _round_trip_rows(results) + later
+    drifted = time_drift(results) is not None
 
+    def timed(rows: list[Row]) -> list[Row]:
+        return [(target, measured, None) for target, measured, _ in rows] if drifted else rows
 
-_LATER_PARTS = ("postgres:", "redis:", "end to end")
+    return (
+        timed(_inprocess_rows(results))
+        + _instruction_rows(results.get("instructions"))
+        + _round_trip_rows(results)
+        + timed(_budget_rows(results))
+        + timed(_endtoend_rows(results))
+    )
 
 
 def _round_trip_rows(results: dict[str, Any]) -> list[Row]:
@@ -88,10 +89,8 @@ def _round_trip_rows(results: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def _time_rows(results: dict[str, Any]) -> list[Row]:
-    """The targets measured in time: the in-process ratios, the PostgreSQL and Redis
-    budgets in CPU time, end to end.
-    """
+def _inprocess_rows(results: dict[str, Any]) -> list[Row]:
+    """The in-process ratios, in time."""
     rows: list[Row] = []
     inprocess = results.get("inprocess")
     sqlite = apps.ours("sqlite")
@@ -142,6 +141,12 @@ def _time_rows(results: dict[str, Any]) -> list[Row]:
                         cell["ratio"] <= MAX_ANON_RATIO,
                     )
                 )
+    return rows
+
+
+def _budget_rows(results: dict[str, Any]) -> list[Row]:
+    """The PostgreSQL and Redis budgets, in CPU time."""
+    rows: list[Row] = []
     for kind, floor in (results.get("floors") or {}).items():
         if kind not in ("postgres", "redis"):
             continue
@@ -167,9 +172,15 @@ def _time_rows(results: dict[str, Any]) -> list[Row]:
                 overhead <= budget,
             )
         )
+    return rows
+
+
+def _endtoend_rows(results: dict[str, Any]) -> list[Row]:
+    """Requests per second through uvicorn, against the bare app's."""
+    rows: list[Row] = []
     endtoend = results.get("endtoend")
     if endtoend:
-        cell = endtoend["variants"][sqlite]
+        cell = endtoend["variants"][apps.ours("sqlite")]
         share, cpu_us = cell["ratio"], cell.get("cpu_us", float("nan"))
         measured = f"{share * 100:.0f}%"
         if cpu_us == cpu_us:  # not NaN: /proc was there
