@@ -260,6 +260,13 @@ def _instruction_rows(counted: dict[str, Any] | None) -> list[Row]:
     return rows
 
 
+def section(results: dict[str, Any]) -> str:
+    """The targets table of a run, and why its targets in time are not judged, if so."""
+    text = table(evaluate(results))
+    drift = time_drift(results)
+    return text if drift is None else f"{text}\n\nNot judged: {drift}."
+
+
 def table(rows: list[Row]) -> str:
     verdicts = {True: "met", False: "**missed**", None: "not judged (drift)"}
     return markdown_table(
