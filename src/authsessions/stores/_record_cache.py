@@ -85,10 +85,7 @@ class RecordCache:
         if data_chars > self.max_chars:
             return
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
-            self._rows.clear()
-            self._entries.clear()
-            self._users.clear()
-            self._chars = 0
+            self._empty()
         self._rows[token_digest] = record
         self._entries[record.id] = (token_digest, data_chars)
         self._users.setdefault(record.user_id, set()).add(record.id)
@@ -130,8 +127,11 @@ class RecordCache:
 
     def clear(self) -> None:
         """Forget every row and the version they were read under."""
+        self._empty()
+        self._version = None
+
+    def _empty(self) -> None:
         self._rows.clear()
         self._entries.clear()
         self._users.clear()
         self._chars = 0
-        self._version = None
