@@ -266,6 +266,7 @@ async def test_concurrent_updates_from_two_stores_keep_every_key(db_path: Path) 
 
 
 DIRTY_UPDATE = f"UPDATE {TABLE} SET data = '{{\"dirty\":true}}' WHERE id = ?"  # noqa: S608
+REVOKE = f"DELETE FROM {TABLE} WHERE id = ?"  # noqa: S608
 DIRTY_INSERT = (
     f"INSERT INTO {TABLE} (id, token_digest, user_id, device_name, device_type,"  # noqa: S608
     " fingerprint, data, created_at, last_active_at, expires_at)"
@@ -635,13 +636,19 @@ async def test_a_commit_by_another_store_on_the_file_empties_the_cache(
         assert await one.get(rotated, now=t0 + 2) is None
 
 
-def write_as_another_program(db_path: Path, session_id: str) -> None:
-    """Set the session's data to ``{"dirty": true}`` through a connection of its own."""
+def as_another_program(db_path: Path, sql: str, session_id: str) -> int:
+    """Run ``sql`` on the session through a connection of its own; the rows it changed."""
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
-        other.execute(DIRTY_UPDATE, (session_id,))
+        changed: int = other.execute(sql, (session_id,)).rowcount
+        return changed
     finally:
         other.close()
+
+
+def write_as_another_program(db_path: Path, session_id: str) -> None:
+    """Set the session's data to ``{"dirty": true}``."""
+    as_another_program(db_path, DIRTY_UPDATE, session_id)
 
 
 async def test_a_commit_by_any_program_on_the_file_empties_the_cache(
@@ -876,12 +883,7 @@ def wal_frames_added(store: SQLiteStore) -> Iterator[Callable[[], int]]:
 
 
 def revoke_as_another_program(db_path: Path, session_id: str) -> None:
-    other = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        revoke = f"DELETE FROM {TABLE} WHERE id = ?"  # noqa: S608
-        assert other.execute(revoke, (session_id,)).rowcount == 1
-    finally:
-        other.close()
+    assert as_another_program(db_path, REVOKE, session_id) == 1
 
 
 async def test_a_commit_elsewhere_before_the_stores_write_empties_the_cache(
