@@ -266,6 +266,7 @@ async def test_concurrent_updates_from_two_stores_keep_every_key(db_path: Path) 
 
 
 DIRTY_UPDATE = f"UPDATE {TABLE} SET data = '{{\"dirty\":true}}' WHERE id = ?"  # noqa: S608
+SELECT_DATA = f"SELECT data FROM {TABLE} WHERE id = ?"  # noqa: S608
 REVOKE = f"DELETE FROM {TABLE} WHERE id = ?"  # noqa: S608
 DIRTY_INSERT = (
     f"INSERT INTO {TABLE} (id, token_digest, user_id, device_name, device_type,"  # noqa: S608
@@ -727,7 +728,8 @@ async def cache_two_sessions(store: SQLiteStore, t0: float) -> tuple[SessionReco
 
 
 def assert_cache_consistent(store: SQLiteStore) -> None:
-    """The cache's indexes (by session id, by user, the data's length) name what it keeps."""
+    """The cache's indexes (by session id, by user, the data's length) name what it keeps,
+    and the JSON it keeps for each is its record's data."""
     cache = store._cache
     rows = cache._rows
     assert len(rows) == len(cache._entries)
@@ -738,7 +740,9 @@ def assert_cache_consistent(store: SQLiteStore) -> None:
     for record in rows.values():
         users.setdefault(record.user_id, set()).add(record.id)
     assert cache._users == users
-    assert cache._chars == sum(chars for _, chars in cache._entries.values())
+    assert cache._chars == sum(len(data_json) for _, data_json in cache._entries.values())
+    for digest, data_json in cache._entries.values():
+        assert typed(json.loads(data_json)) == typed(rows[digest].data)
 
 
 async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> SessionRecord:
@@ -752,7 +756,7 @@ async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> Sess
     stored = sqlite_module._record(row)
     assert kept is not None
     assert kept == stored
-    assert store._cache._entries[kept.id] == (digest, len(row[sqlite_module._DATA]))
+    assert store._cache._entries[kept.id] == (digest, row[sqlite_module._DATA])
     assert typed(kept.data) == typed(stored.data)
     assert type(kept.last_active_at) is type(kept.expires_at) is float
     return kept
@@ -1032,12 +1036,36 @@ async def test_a_session_kept_under_an_old_digest_is_replaced() -> None:
     record = make_record(now=t0)
     rotated = replace(record, token_digest=new_digest())
     assert cache.get("version", record.token_digest) is None
-    cache.put(record.token_digest, record, 10)
-    cache.put(rotated.token_digest, rotated, 12)
+    cache.put(record.token_digest, record, '{"a":1}')
+    cache.put(rotated.token_digest, rotated, '{"a":12}')
     assert cache.get("version", record.token_digest) is None
     assert cache.get("version", rotated.token_digest) is rotated
     assert len(cache) == 1
-    assert (cache._chars, cache._entries) == (12, {record.id: (rotated.token_digest, 12)})
+    assert (cache._chars, cache._entries) == (8, {record.id: (rotated.token_digest, '{"a":12}')})
+
+
+def test_a_kept_session_is_replaced_by_its_newer_record() -> None:
+    """In place when the store's own write replaced it; else forgotten and kept as new, so
+    the indexes by user and the bound hold."""
+    cache = RecordCache(max_chars=20)
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    digest = record.token_digest
+    assert cache.get("version", digest) is None
+    cache.put(digest, record, '{"a":1}')
+    newer = replace(record, data={"a": 22})
+    cache.put(digest, newer, '{"a":22}')
+    assert cache.get("version", digest) is newer
+    assert (cache._chars, cache._users) == (8, {record.user_id: {record.id}})
+    # The same id and digest under another user: a row deleted and written again.
+    moved = replace(record, user_id="bob")
+    cache.put(digest, moved, '{"a":1}')
+    assert cache.get("version", digest) is moved
+    assert (cache._chars, cache._users) == (7, {"bob": {record.id}})
+    too_large = '{"a":"' + "x" * 20 + '"}'
+    cache.put(digest, replace(moved, data=json.loads(too_large)), too_large)
+    assert cache.get("version", digest) is None
+    assert (len(cache), cache._chars, cache._entries, cache._users) == (0, 0, {}, {})
 
 
 class CommitThenFail(WrappedConnection):
@@ -1102,6 +1130,108 @@ async def test_a_commit_of_the_writer_thread_before_a_write_empties_the_cache(
         assert await store.delete_expired(now=t0 + 10) == 1
     assert await store.update(written.id, make_update(now=t0, set_keys={"a": 2}), now=t0)
     assert await store.get(ending.token_digest, now=t0) is None
+
+
+def stored_data(db_path: Path, session_id: str) -> Any:
+    """The session's data as its row holds it, read by a connection of its own."""
+    reader = sqlite3.connect(db_path)
+    try:
+        (data,) = reader.execute(SELECT_DATA, (session_id,)).fetchone()
+    finally:
+        reader.close()
+    return json.loads(data)
+
+
+@contextmanager
+def statements_on_the_loop(store: SQLiteStore) -> Iterator[list[str]]:
+    """The SQL the event loop's connection runs meanwhile, as SQLite traces it."""
+    db = store._loop_db
+    assert db is not None
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    try:
+        yield statements
+    finally:
+        db.set_trace_callback(None)
+
+
+def reads_a_row_to_update(statements: list[str]) -> bool:
+    return any(sql.startswith(sqlite_module._SELECT_FOR_UPDATE[:30]) for sql in statements)
+
+
+async def test_a_write_to_a_kept_session_merges_into_the_kept_row_without_reading_it(
+    caching_store: SQLiteStore, db_path: Path
+) -> None:
+    """Under the write lock, a header that is the cache's version proves the kept row is
+    the stored one: the update merges into it. ``PRAGMA data_version`` proves nothing
+    inside a transaction, so there the row is read."""
+    t0 = start_time()
+    store = caching_store
+    written, other = await cache_two_sessions(store, t0)
+    with statements_on_the_loop(store) as statements:
+        update = make_update(now=t0 + 1, set_keys={"b": [2]}, removed_keys=frozenset({"a"}))
+        assert await store.update(written.id, update, now=t0 + 1)
+        assert await store.update(written.id, make_update(now=t0 + 2, set_keys={"c": 3}), now=t0)
+    assert any(sql.startswith("UPDATE") for sql in statements)
+    assert reads_a_row_to_update(statements) == (store._wal_index is None)
+    assert stored_data(db_path, written.id) == {"b": [2], "c": 3}
+    kept = await written_as_stored(store, written.token_digest, t0 + 2)
+    assert (kept.data, kept.last_active_at) == ({"b": [2], "c": 3}, t0 + 2)
+    assert await cached(store, other.token_digest, t0) == other
+    assert_cache_consistent(store)
+
+
+async def test_a_write_after_a_commit_elsewhere_merges_into_the_row_as_committed(
+    caching_store: SQLiteStore, db_path: Path
+) -> None:
+    """The kept row is older than the stored one: merging into it would lose the other
+    program's change."""
+    t0 = start_time()
+    store = caching_store
+    written, _ = await cache_two_sessions(store, t0)
+    write_as_another_program(db_path, written.id)
+    with statements_on_the_loop(store) as statements:
+        assert await store.update(written.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+    assert reads_a_row_to_update(statements)
+    assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
+    got = await store.get(written.token_digest, now=t0)
+    assert got is not None
+    assert got.data == {"dirty": True, "b": 2}
+
+
+@linux_only
+async def test_a_write_refused_on_the_loop_reads_the_row_on_the_writer_thread(
+    db_path: Path,
+) -> None:
+    """The event loop's connection refused the write (its commit would start the WAL over)
+    after it saw the cache's version under the lock; another program commits before the
+    writer thread takes the lock: the thread reads the row, never the kept record."""
+    async with SQLiteStore(db_path, timeout=0.2) as store:
+        t0 = start_time()
+        written, _ = await cache_two_sessions(store, t0)
+        loop_db = cast(GuardedConnection, store._loop_db)
+        refused: list[bool] = []
+
+        def refuse_after_reading_the_version() -> bool:
+            store._write_locked()
+            refused.append(True)
+            return True
+
+        on_thread = store._write_on_thread
+
+        async def after_a_commit_elsewhere(work: Callable[[sqlite3.Connection], Any]) -> Any:
+            write_as_another_program(db_path, written.id)
+            return await on_thread(work)
+
+        loop_db.refuse_write = refuse_after_reading_the_version
+        store._write_on_thread = after_a_commit_elsewhere  # type: ignore[method-assign]
+        try:
+            assert await store.update(written.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+        finally:
+            loop_db.refuse_write = store._write_locked
+            del store._write_on_thread
+        assert refused == [True]
+        assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
 
 
 def open_descriptors_on(path: str) -> int:

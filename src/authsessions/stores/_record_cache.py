@@ -18,7 +18,7 @@ class UsersSessions:
     user_id: str
 
 
-CacheChange = str | tuple[SessionRecord, int] | UsersSessions
+CacheChange = str | tuple[SessionRecord, str] | UsersSessions
 """What a write did to the cache's sessions, for :meth:`RecordCache.advance`."""
 
 
@@ -37,7 +37,10 @@ class RecordCache:
     cached record itself, which callers treat as read-only (see
     ``Store.get``): no JSON decode, no copy.
 
-    Bounded in rows and in characters of data (sessions may hold up to
+    Each record's data is kept twice: decoded in the record, for lookups, and as
+    the JSON the row holds, for the store's next write to that session to merge
+    into without reading the row again (see ``SQLiteStore.update``). Bounded in
+    rows and in characters of that JSON (sessions may hold up to
     ``max_data_bytes`` each). When full it is simply emptied: a commit
     elsewhere empties it anyway, and a hit pays no recency bookkeeping.
     """
@@ -48,8 +51,8 @@ class RecordCache:
         self.max_rows = max_rows
         self.max_chars = max_chars
         self._rows: dict[str, SessionRecord] = {}
-        # session id -> its token digest and data length, to forget a session by id
-        self._entries: dict[str, tuple[str, int]] = {}
+        # session id -> its token digest and data as JSON, to find or forget a session by id
+        self._entries: dict[str, tuple[str, str]] = {}
         self._users: dict[str, set[str]] = {}  # user id -> the ids of the user's kept sessions
         self._chars = 0
         self._version: object = None
@@ -73,28 +76,45 @@ class RecordCache:
             return None
         return self._rows.get(token_digest)
 
-    def put(self, token_digest: str, record: SessionRecord, data_chars: int) -> None:
-        """Keep ``record``, read after the latest :meth:`get`.
+    def put(self, token_digest: str, record: SessionRecord, data_json: str) -> None:
+        """Keep ``record``, read after the latest :meth:`get`, whose row holds ``data_json``.
 
         A commit between that ``get`` and the read only makes the record
         newer than its version says, and the next ``get`` drops it.
         """
-        if record.id in self._entries:
-            # Kept under another digest: a commit came between that get and the read.
+        data_chars = len(data_json)
+        kept = self._entries.get(record.id)
+        if kept is not None:
+            chars = self._chars + data_chars - len(kept[1])
+            if (
+                kept[0] == token_digest
+                and self._rows[token_digest].user_id == record.user_id
+                and chars <= self.max_chars
+            ):
+                # The usual replacement, by the store's own write: the same row and user.
+                self._rows[token_digest] = record
+                self._entries[record.id] = (token_digest, data_json)
+                self._chars = chars
+                return
+            # Kept under another digest (a commit came between that get and the read), or
+            # anything else: forgotten, then kept as if new.
             self._forget(record.id)
         if data_chars > self.max_chars:
             return
         if len(self._rows) >= self.max_rows or self._chars + data_chars > self.max_chars:
             self._empty()
         self._rows[token_digest] = record
-        self._entries[record.id] = (token_digest, data_chars)
+        self._entries[record.id] = (token_digest, data_json)
         self._users.setdefault(record.user_id, set()).add(record.id)
         self._chars += data_chars
 
-    def kept(self, session_id: str) -> SessionRecord | None:
-        """The record kept for the session ``session_id``, if any."""
+    def kept(self, session_id: str) -> tuple[SessionRecord, str] | None:
+        """The record kept for the session ``session_id`` and its data as JSON, if any."""
         entry = self._entries.get(session_id)
-        return None if entry is None else self._rows.get(entry[0])
+        if entry is None:
+            return None
+        record = self._rows.get(entry[0])
+        return None if record is None else (record, entry[1])
 
     def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
         """The one commit since the kept version was the store's own, which made ``version``
@@ -117,7 +137,7 @@ class RecordCache:
         if entry is None:
             return
         record = self._rows.pop(entry[0], None)
-        self._chars -= entry[1]
+        self._chars -= len(entry[1])
         if record is not None:
             user_sessions = self._users.get(record.user_id)
             if user_sessions is not None:

@@ -12,7 +12,10 @@ when a read begins, for a tenth of a microsecond. Elsewhere it asks
 A write on the event loop changes only its own session in what is kept (a
 login that evicts, or a logout everywhere, all of the user's), when the
 header shows that its commit was the only one since (see
-``_after_own_commit``); otherwise it empties it.
+``_after_own_commit``); otherwise it empties it. An update whose session is
+kept merges into that record instead of reading the row again, when the
+header it reads under the write lock is still the one the kept records were
+read under (see ``_kept_at_lock``).
 
 A write is one short transaction. It runs on the event loop too, on the
 same connection as the reads (so its page cache outlives its own commits),
@@ -124,9 +127,9 @@ INLINE_DELETE_ROWS = 32
 WAL_SIZE_LIMIT = 8 << 20
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
-_WrittenRow = tuple[str | None, int, float, float, str]
-"""What an update left in a row: its new data (``None`` when unchanged) and its length, the
-times and the token digest."""
+_WrittenRow = tuple[str, bool, float, float, str]
+"""What an update left in a row: its data as JSON and whether that changed, the times and
+the token digest."""
 _SELECT_FOR_UPDATE = (
     f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
     " WHERE id = ? AND expires_at > ?"
@@ -304,7 +307,7 @@ class SQLiteStore(Store):
                     # would crowd out the sessions that do exist.
                     return None
                 record = _record(rows[0])
-                cache.put(token_digest, record, len(rows[0][_DATA]))
+                cache.put(token_digest, record, rows[0][_DATA])
             elif record.expires_at <= now:
                 return None  # as the SELECT's "expires_at > ?" would
         except sqlite3.Error as exc:
@@ -405,10 +408,16 @@ class SQLiteStore(Store):
 
         def update(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                row = db.execute(_SELECT_FOR_UPDATE, (session_id, now)).fetchone()
-                if row is None:
-                    return False
-                stored_data, last_active_at, expires_at, stored_digest = row
+                kept = self._kept_at_lock(db, session_id, now)
+                if kept is not None:
+                    record, stored_data = kept
+                    last_active_at, expires_at = record.last_active_at, record.expires_at
+                    stored_digest = record.token_digest
+                else:
+                    row = db.execute(_SELECT_FOR_UPDATE, (session_id, now)).fetchone()
+                    if row is None:
+                        return False
+                    stored_data, last_active_at, expires_at, stored_digest = row
                 # Only columns whose value changes are set: a commit that rewrites a row as
                 # it was writes no page, and the cache must know whether this one did (see
                 # _after_own_commit).
@@ -424,9 +433,12 @@ class SQLiteStore(Store):
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
-                new_data_json: str | None = None
+                data_changed = False
                 if changes.changes_data:
-                    data: dict[str, Any] = load_json(stored_data)
+                    # One level deep is a copy enough: keys are only removed or set.
+                    data: dict[str, Any] = (
+                        dict(kept[0].data) if kept is not None else load_json(stored_data)
+                    )
                     for key in changes.removed_keys:
                         data.pop(key, None)
                     data.update(changes.set_keys)
@@ -438,7 +450,7 @@ class SQLiteStore(Store):
                     if data_json != stored_data:
                         assignments.append("data = ?")
                         params.append(data_json)
-                        new_data_json = stored_data = data_json
+                        stored_data, data_changed = data_json, True
                 if assignments:
                     db.execute(
                         f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
@@ -451,11 +463,29 @@ class SQLiteStore(Store):
                     if changes.token_digest is not None:
                         stored_digest = changes.token_digest
                     written.append(
-                        (new_data_json, len(stored_data), last_active_at, expires_at, stored_digest)
+                        (stored_data, data_changed, last_active_at, expires_at, stored_digest)
                     )
                 return True
 
         return await self._write(update, lambda _live: self._as_written(session_id, written))
+
+    def _kept_at_lock(
+        self, db: sqlite3.Connection, session_id: str, now: float
+    ) -> tuple[SessionRecord, str] | None:
+        """The cached record of the live session ``session_id`` and its data as JSON, when
+        they are what its row holds: ``db`` is the event loop's connection, its transaction
+        holds the write lock, and the WAL-index header it read then is the cache's version
+        (nobody committed since the records were read, and nobody can before this commit).
+        Saves the write reading the row again. Never on the writer thread: the header is
+        only read on the loop's connection.
+        """
+        version = self._version_at_write
+        if db is not self._loop_db or version is None or version != self._cache.version:
+            return None
+        kept = self._cache.kept(session_id)
+        if kept is None or kept[0].expires_at <= now:
+            return None  # the SELECT decides, as for a session not kept
+        return kept
 
     def _as_written(self, session_id: str, written: list[_WrittenRow]) -> Sequence[CacheChange]:
         """What ``update`` did to the session ``session_id`` (``written``: the columns it
@@ -465,15 +495,16 @@ class SQLiteStore(Store):
         kept = self._cache.kept(session_id)
         if kept is None or not written:
             return (session_id,)
-        data_json, data_chars, last_active_at, expires_at, token_digest = written[0]
-        # From the JSON, as get would: the caller's values may be changed after the write.
-        data = kept.data if data_json is None else load_json(data_json)
+        data_json, data_changed, last_active_at, expires_at, token_digest = written[0]
+        record = kept[0]
         record = SessionRecord(
-            session_id, token_digest, kept.user_id, kept.ip_address, kept.user_agent,
-            kept.device_name, kept.device_type, kept.fingerprint, data, kept.created_at,
-            last_active_at, expires_at,
+            session_id, token_digest, record.user_id, record.ip_address, record.user_agent,
+            record.device_name, record.device_type, record.fingerprint,
+            # From the JSON, as get would: the caller's values may be changed after the write.
+            load_json(data_json) if data_changed else record.data,
+            record.created_at, last_active_at, expires_at,
         )  # fmt: skip
-        return ((record, data_chars),)
+        return ((record, data_json),)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
         params: tuple[str, ...]
