@@ -27,8 +27,9 @@ from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate, dump_json
 from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
+from authsessions.stores import _sqlite_writer as writer_module
 from authsessions.stores import sqlite as sqlite_module
-from authsessions.stores._checkpoints import CHECKPOINT_PAGES, CheckpointSchedule
+from authsessions.stores._checkpoints import CHECKPOINT_PAGES
 from authsessions.stores._record_cache import RecordCache
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
@@ -532,7 +533,8 @@ async def caching_store(
             assert store._wal_index is not None, "the WAL-index header was not found"
         else:
             # As where /proc/self/maps is missing.
-            store._wal_index, store._checkpoints = None, CheckpointSchedule(None)
+            store._wal_index = None
+            store._writer.count_pages(None)
             cast(GuardedConnection, store._loop_db).refuse_write = None
         yield store
 
@@ -1217,19 +1219,19 @@ async def test_a_write_refused_on_the_loop_reads_the_row_on_the_writer_thread(
             refused.append(True)
             return True
 
-        on_thread = store._write_on_thread
+        on_thread = store._writer.write
 
         async def after_a_commit_elsewhere(work: Callable[[sqlite3.Connection], Any]) -> Any:
             write_as_another_program(db_path, written.id)
             return await on_thread(work)
 
         loop_db.refuse_write = refuse_after_reading_the_version
-        store._write_on_thread = after_a_commit_elsewhere  # type: ignore[method-assign]
+        store._writer.write = after_a_commit_elsewhere  # type: ignore[method-assign]
         try:
             assert await store.update(written.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
         finally:
             loop_db.refuse_write = store._write_locked
-            del store._write_on_thread
+            del store._writer.write
         assert refused == [True]
         assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
 
@@ -1389,9 +1391,9 @@ async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the
 @contextmanager
 def writer_thread_held(store: SQLiteStore) -> Iterator[None]:
     """The store's writer thread busy until the block ends: what queues there waits."""
-    assert store._writer_thread is not None
+    assert store._writer._pool is not None
     release = threading.Event()
-    store._writer_thread.submit(release.wait, 10)
+    store._writer._pool.submit(release.wait, 10)
     try:
         yield
     finally:
@@ -1494,16 +1496,16 @@ async def test_the_wal_stays_bounded_under_inline_writes(
 
 @contextmanager
 def counting_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[list[int]]:
-    """Counts the calls of the SQLite store module's ``name`` (one entry each) in the block."""
+    """Counts the calls of the writer thread module's ``name`` (one entry each) in the block."""
     taken: list[int] = []
-    real = getattr(sqlite_module, name)
+    real = getattr(writer_module, name)
 
     def counted(*args: Any) -> Any:
         taken.append(1)
         return real(*args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(sqlite_module, name, counted)
+        patch.setattr(writer_module, name, counted)
         yield taken
 
 
@@ -1536,15 +1538,15 @@ def data_write(value: int) -> SessionUpdate:
 
 def copy_done(store: SQLiteStore) -> None:
     """Wait for the checkpoint's copy, if one is under way: the next write finishes it."""
-    if store._copying is not None:
-        store._copying.result()
+    if store._writer._copying is not None:
+        store._writer._copying.result()
 
 
 async def write_until_a_copy_begins(store: SQLiteStore, session_id: str) -> None:
     """Data writes until the store hands the writer thread a checkpoint's copy."""
     for i in itertools.count():
         assert await store.update(session_id, data_write(i), now=start_time())
-        if store._copying is not None:
+        if store._writer._copying is not None:
             return
 
 
@@ -1590,7 +1592,7 @@ async def test_a_checkpoint_waits_for_pages_not_writes(
     with counting_checkpoints(monkeypatch) as taken:
         await write_data(impatient_store, record.id, CHECKPOINT_PAGES // 2)
         assert taken == []
-        assert impatient_store._copying is None
+        assert impatient_store._writer._copying is None
 
         await write_data(impatient_store, record.id, CHECKPOINT_PAGES)
         assert len(taken) == 1
@@ -1616,11 +1618,11 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
             with writer_thread_held(impatient_store):
                 async with asyncio.timeout(5):  # a write waiting for the thread would hang
                     writes = 0
-                    while not impatient_store._checkpoints.overdue():
+                    while not impatient_store._writer.checkpoints.overdue():
                         update = data_write(writes)
                         assert await impatient_store.update(record.id, update, now=t0)
                         writes += 1
-                copying = impatient_store._copying
+                copying = impatient_store._writer._copying
                 assert copying is not None
                 assert not copying.done()  # queued behind what holds the thread
                 assert recording.writes.count("COMMIT") == writes  # every write on the loop
@@ -1738,7 +1740,7 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
         with counting_restarts_on_the_loop(store) as counting:
             for i in itertools.count():
                 assert await store.update(record.id, data_write(i), now=t0)
-                if store._checkpoints.due():
+                if store._writer.checkpoints.due():
                     break
             await asyncio.sleep(0.05)  # a quiet moment, as between requests
             assert await store.update(record.id, data_write(-1), now=t0)
@@ -1770,8 +1772,8 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
         assert recording.writes[0] == "BEGIN IMMEDIATE"  # on the loop, nothing to wait for
         assert recording.writes[-1] == "COMMIT"
     assert finishes == []
-    assert impatient_store._copying is None
-    assert impatient_store._checkpoints.counted() < 5
+    assert impatient_store._writer._copying is None
+    assert impatient_store._writer.checkpoints.counted() < 5
     got = await impatient_store.get(record.token_digest, now=t0)
     assert got is not None
     assert got.data["i"] == -1
@@ -1841,7 +1843,7 @@ async def test_a_copy_whose_restart_another_commit_forestalled_leaves_a_finish(
     finally:
         other.close()
     assert wal_index.generation() == generation  # not started over
-    assert impatient_store._finish_due()
+    assert impatient_store._writer.finish_due()
 
     assert await impatient_store.update(record.id, data_write(-1), now=t0)  # the finish
     assert wal_index.generation() != generation
@@ -1909,7 +1911,7 @@ async def test_a_copy_that_started_the_wal_over_is_taken_in_without_the_loop_tur
     wal_index = wal_of(impatient_store)
     await write_until_a_copy_begins(impatient_store, record.id)
     copy_done(impatient_store)
-    copying = impatient_store._copying
+    copying = impatient_store._writer._copying
     assert copying is not None
     assert copying.result() is not None  # started the WAL over, not yet taken in
 
@@ -1941,7 +1943,7 @@ async def test_a_copy_does_not_wait_long_for_a_write_lock_held_elsewhere(
         finally:
             other.close()
         assert waited < 2.0
-        assert store._finish_due()
+        assert store._writer.finish_due()
 
 
 async def test_without_the_header_a_finish_whose_write_changed_nothing_still_starts_the_wal_over(
@@ -1954,7 +1956,7 @@ async def test_without_the_header_a_finish_whose_write_changed_nothing_still_sta
     monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
     async with SQLiteStore(db_path, timeout=0.2) as store:
         t0, record = await one_session(store)
-        while not store._checkpoints.due():
+        while not store._writer.checkpoints.due():
             assert await store.update(record.id, data_write(0), now=t0)
         with counting_restarts_on_the_loop(store) as counting:
             await a_failing_finish_with_writes_behind_it(store, record.id, t0)
@@ -1982,11 +1984,8 @@ async def test_the_writer_thread_checkpoints_every_so_many_pages(
     impatient_store: SQLiteStore,
 ) -> None:
     """Not at SQLite's default of 1000: every cleanup batch would copy and fsync its pages."""
-    writer = impatient_store._writer
-    assert writer is not None
-
-    pages = await impatient_store._on_writer_thread(
-        lambda: writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    pages = await impatient_store._writer.run(
+        lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
     )
 
     assert pages == sqlite_module.BULK_CHECKPOINT_PAGES > 1000
@@ -2049,7 +2048,7 @@ async def copy_held_back_by_a_reader(store: SQLiteStore, session_id: str) -> Non
     with reader_holding_a_snapshot(Path(store.path)):
         await write_until_a_copy_begins(store, session_id)
         copy_done(store)
-    assert store._finish_due()
+    assert store._writer.finish_due()
 
 
 @linux_only
@@ -2177,7 +2176,7 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
     record = make_record(now=t0)
     await impatient_store.create(record, max_sessions=10, now=t0)
     await copy_held_back_by_a_reader(impatient_store, record.id)
-    writer_thread = impatient_store._writer_thread
+    writer_thread = impatient_store._writer._pool
     wal_index = impatient_store._wal_index
     assert writer_thread is not None
     assert wal_index is not None
@@ -2189,8 +2188,8 @@ async def test_a_cleanup_queued_behind_a_checkpoint_moves_the_count_on_once(
     assert await write
     assert await cleanup == 2000
 
-    assert 0 <= impatient_store._checkpoints.counted() < 10  # the write's pages
-    assert not impatient_store._checkpoints.due()
+    assert 0 <= impatient_store._writer.checkpoints.counted() < 10  # the write's pages
+    assert not impatient_store._writer.checkpoints.due()
 
 
 @linux_only
@@ -2205,7 +2204,7 @@ async def test_a_cleanup_queued_before_a_finish_moves_the_count_on_once(
         expired = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
         await impatient_store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
     _t0, record = await one_session(impatient_store)
-    writer_thread = impatient_store._writer_thread
+    writer_thread = impatient_store._writer._pool
     assert writer_thread is not None
     with reader_holding_a_snapshot(db_path):
         await copy_held_back_by_a_reader(impatient_store, record.id)
@@ -2216,7 +2215,7 @@ async def test_a_cleanup_queued_before_a_finish_moves_the_count_on_once(
         assert await write
         assert await cleanup == 2000
 
-        assert 0 <= impatient_store._checkpoints.counted() < 10
+        assert 0 <= impatient_store._writer.checkpoints.counted() < 10
 
 
 def test_checkpoints_go_on_after_a_reopen_once_a_finish_outlived_its_loop(
@@ -2239,25 +2238,25 @@ def test_checkpoints_go_on_after_a_reopen_once_a_finish_outlived_its_loop(
         t0, record = await one_session(store)
         await copy_held_back_by_a_reader(store, record.id)
         with monkeypatch.context() as patch:
-            patch.setattr(sqlite_module, "checkpoint_then", held_finish)
+            patch.setattr(writer_module, "checkpoint_then", held_finish)
             finishing = asyncio.create_task(store.update(record.id, data_write(1), now=t0))
             await asyncio.sleep(0.05)
-        assert store._finishing is not None
+        assert store._writer._finishing is not None
         assert not finishing.done()  # left behind when this loop ends
 
     asyncio.run(first_loop())
     gate.set()
-    assert store._writer_thread is not None
-    store._writer_thread.submit(lambda: None).result()  # the finish ran; its loop is gone
+    assert store._writer._pool is not None
+    store._writer._pool.submit(lambda: None).result()  # the finish ran; its loop is gone
 
     async def second_loop() -> None:
         await store.close()
         async with store:
             t0, record = await one_session(store)
             await copy_held_back_by_a_reader(store, record.id)
-            held_back = store._copying
+            held_back = store._writer._copying
             assert await store.update(record.id, data_write(2), now=t0)  # finishes it
-            assert store._copying is not held_back
+            assert store._writer._copying is not held_back
 
     asyncio.run(second_loop())
 

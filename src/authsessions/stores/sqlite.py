@@ -22,11 +22,11 @@ same connection as the reads (so its page cache outlives its own commits),
 which never waits for a lock: in WAL mode with ``synchronous=NORMAL``
 a commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
-lock, so the event loop never blocks on one. That thread also runs the writes
-that may touch many rows, and checkpoints the WAL (which fsyncs) once requests
-have added so many pages to it, mostly while they go on writing (see
-``_checkpoints``), and whenever one of its own commits finds the WAL past
-``BULK_CHECKPOINT_PAGES``. The first commit after any checkpoint that copied
+lock, so the event loop never blocks on one (see ``_sqlite_writer``). That
+thread also runs the writes that may touch many rows, and checkpoints the WAL
+(which fsyncs) once requests have added so many pages to it, mostly while they
+go on writing (see ``_checkpoints``), and whenever one of its own commits finds
+the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after any checkpoint that copied
 the whole WAL starts the WAL over and fsyncs its header, so that commit runs
 there too. The rare read that finds the database busy (WAL recovery after a
 crash) is retried there as well.
@@ -39,7 +39,6 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
@@ -51,23 +50,15 @@ from authsessions.stores._base import (
     store_unavailable,
     translate_errors,
 )
-from authsessions.stores._checkpoints import (
-    RESTART_WAIT_MS,
-    CheckpointSchedule,
-    WalPosition,
-    copy_wal,
-    started_wal_over,
-)
 from authsessions.stores._record_cache import CacheChange, RecordCache, UsersSessions
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
     WriteRefused,
-    checkpoint_then,
     enable_wal,
     is_busy,
-    start_wal_over,
     transaction,
 )
+from authsessions.stores._sqlite_writer import WriterThread
 from authsessions.stores._wal_index import WalIndexHeader
 
 __all__ = ["SQLiteStore"]
@@ -182,15 +173,8 @@ class SQLiteStore(Store):
         self._wal_index: WalIndexHeader | None = None
         # The WAL-index header as the event loop's latest write took the write lock.
         self._version_at_write: object = None
-        # On the writer thread: writes that wait for a lock, and checkpoints.
-        self._writer: sqlite3.Connection | None = None
-        self._writer_thread: ThreadPoolExecutor | None = None
-        self._checkpoints = CheckpointSchedule(None)
-        # The writer thread's checkpoint comes in two steps (see _checkpoints): a copy that
-        # requests do not wait for, then, unless the copy started the WAL over itself, a
-        # finish that they queue behind. Each is the thread's job while it is in hand.
-        self._copying: Future[WalPosition | None] | None = None
-        self._finishing: Future[Any] | None = None
+        # Writes that wait for a lock or change many rows, and checkpoints.
+        self._writer = WriterThread(self._closed_error)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -198,17 +182,14 @@ class SQLiteStore(Store):
     # -- opening -------------------------------------------------------------
 
     async def _open(self) -> None:
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="authsessions-sqlite")
         try:
-            await self._on_writer_thread(self._connect_writer)
+            await self._writer.open(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
                 self._open_loop_db()
         except BaseException:
             await self._close()
             raise
-        # Kept while the store is open, a reopened connection's included: the header it
-        # reads stays mapped for as long as the writer's connection is open.
-        self._checkpoints = CheckpointSchedule(self._wal_index)
+        self._writer.count_pages(self._wal_index)
 
     def _open_loop_db(self) -> None:
         db = _connect_loop_db(self.path)
@@ -254,7 +235,7 @@ class SQLiteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     stuck.close()  # rolls back what it still holds
 
-    def _connect_writer(self) -> None:
+    def _connect_writer(self) -> sqlite3.Connection:
         writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
             enable_wal(writer, timeout=self.timeout)
@@ -267,22 +248,15 @@ class SQLiteStore(Store):
         except BaseException:
             writer.close()
             raise
-        self._writer = writer
+        return writer
 
     async def _close(self) -> None:
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
-        self._checkpoints = CheckpointSchedule(None)
-        self._copying = self._finishing = None  # the writer's close, below, runs after them
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
-        pool, self._writer_thread = self._writer_thread, None
-        if pool is not None:
-            if self._writer is not None:
-                await asyncio.get_running_loop().run_in_executor(pool, self._writer.close)
-                self._writer = None
-            pool.shutdown(wait=False)
+        await self._writer.close()
 
     # -- reads, on the event loop -------------------------------------------
 
@@ -337,9 +311,7 @@ class SQLiteStore(Store):
 
     async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a SELECT on the writer thread, whose connection waits out locks."""
-        return await self._on_writer_thread(
-            lambda: self._connection(self._writer).execute(sql, params).fetchall()
-        )
+        return await self._writer.run(lambda db: db.execute(sql, params).fetchall())
 
     # -- counting, on a thread and connection of its own ------------------------
 
@@ -534,7 +506,7 @@ class SQLiteStore(Store):
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
             users_sessions = (UsersSessions(user_id),)
             return await self._write(delete, lambda deleted: users_sessions if deleted else ())
-        return await self._write_many_rows(delete)
+        return await self._writer.write_many_rows(delete)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         require_count("limit", limit)
@@ -542,7 +514,7 @@ class SQLiteStore(Store):
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
         )
-        return await self._write_many_rows(lambda db: db.execute(sql, (now, limit)).rowcount)
+        return await self._writer.write_many_rows(lambda db: db.execute(sql, (now, limit)).rowcount)
 
     async def _write(
         self,
@@ -557,18 +529,17 @@ class SQLiteStore(Store):
         result which sessions it may have changed (see :meth:`RecordCache.advance`):
         the cache keeps the others.
         """
-        finishing = self._finishing
-        while finishing is not None and not finishing.done():
+        writer = self._writer
+        if writer.finishing:
             # Queue behind the checkpoint's finish here, to run on the loop once it is done:
-            # handed to the thread, each write would wait for the GIL both ways, from a
-            # loop kept busy by the others (under 16 request streams, 18% of logins did).
-            await _done(finishing)
-            finishing = self._finishing
+            # handed to the thread, each write would wait for the GIL both ways, from a loop
+            # kept busy by the others (under 16 request streams, 18% of logins did).
+            await writer.wait_for_finish()
         db = self._connection(self._loop_db)
         # While the checkpoint's finish is due, writes go to the thread, the first to run
         # it: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not self._finish_due():
+        if not writer.finish_due():
             self._version_at_write = None
             changes_before = db.total_changes
             try:
@@ -585,16 +556,16 @@ class SQLiteStore(Store):
                     self._cache.clear()
                     raise store_unavailable("SQLite", exc) from exc
             else:
-                self._checkpoints.wrote()
+                writer.checkpoints.wrote()
                 try:
                     self._after_own_commit(db.total_changes != changes_before, changed(result))
                 except BaseException:
                     self._cache.clear()
                     raise
-                self._copy_if_due()
+                writer.copy_if_due()
                 return result
         # The thread's commit changes the version the next get reads, which empties the cache.
-        return await self._write_on_thread(work)
+        return await writer.write(work)
 
     def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange]) -> None:
         """Keep the cached records of the sessions the event loop's commit left as they were,
@@ -623,121 +594,6 @@ class SQLiteStore(Store):
             else:
                 cache.clear()
 
-    async def _write_on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` on the writer thread, after the checkpoint's finish when it is due."""
-        finish_due = self._finish_due()
-        self._copy_if_due()
-        finishing = self._finishing
-        if finish_due and (finishing is None or finishing.done()):
-            return await self._finish_checkpoint_then(work)
-        result = await self._on_writer_thread(lambda: work(self._connection(self._writer)))
-        self._checkpoints.wrote()
-        return result
-
-    async def _finish_checkpoint_then(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """The checkpoint's finish, then ``work``, on the writer thread.
-
-        The store follows the thread's job, not the request awaiting it: if that request
-        is cancelled, the finish still counts once it has run, and the next write runs
-        it if it never began.
-        """
-        pool = self._writer_thread
-        if pool is None:
-            raise self._closed_error()
-        schedule, loop = self._checkpoints, asyncio.get_running_loop()
-        copying = self._copying  # the copy this finishes, if any
-        ended_at: list[WalPosition | None] = []  # once it ran
-
-        def checkpoint_then_work() -> T:
-            writer = self._connection(self._writer)
-            try:
-                return checkpoint_then(writer, work)
-            finally:
-                # Whatever the write did (it may have failed, or changed nothing), the WAL
-                # starts over here: left to the next commit, that could be the event loop's
-                # (where the WAL-index header is not read, nothing would refuse it there).
-                start_wal_over(writer, wait_ms=RESTART_WAIT_MS)
-                # Here, not once the loop resumes: work queued behind this on the thread
-                # may have added pages by then.
-                ended_at.append(schedule.position())
-
-        def finished() -> None:
-            if self._finishing is job:
-                self._finishing = None
-            if ended_at:
-                if self._copying is copying:  # not one begun since
-                    self._copying = None  # done: the finish ran after it on the same thread
-                schedule.checkpointed(ended_at[0])
-
-        # Under way while not done (whether or not this loop still runs to hear of it).
-        self._finishing = job = pool.submit(checkpoint_then_work)
-        # Asked for before the awaiting below, so it runs before the request resumes.
-        _on_loop_when_done(job, loop, finished)
-        with translate_errors("SQLite", sqlite3.Error):
-            return await asyncio.wrap_future(job)
-
-    def _copy_if_due(self) -> None:
-        """Start the checkpoint's copy once requests have added enough to the WAL.
-
-        Only where the WAL-index header is read: without it the event loop's
-        connection cannot see that a copy took everything, and its next commit
-        would start the WAL over there. The checkpoint is then one step.
-        """
-        pool, wal_index = self._writer_thread, self._wal_index
-        if (
-            self._copying is None
-            and wal_index is not None
-            and pool is not None
-            and self._checkpoints.due()
-        ):
-            self._copying = pool.submit(copy_wal, self._connection(self._writer), wal_index)
-
-    def _finish_due(self) -> bool:
-        """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
-        its copy is done and could not start the WAL over itself (requests wrote while it
-        ran), or the WAL has grown twice as long as a checkpoint waits for (a disk slow to
-        take the copy); without the header, as soon as a checkpoint is due. Until the
-        finish has run.
-
-        A copy that ended having started the WAL over is taken in here, before every
-        write: the event loop may not turn between writes (they do not suspend).
-        """
-        copying = self._copying
-        if copying is None:
-            return self._wal_index is None and self._checkpoints.due()
-        if not copying.done():
-            return self._checkpoints.overdue()
-        if started_wal_over(copying):
-            self._copying = None
-            self._checkpoints.checkpointed(copying.result())
-            return False
-        return True
-
-    async def _write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which may change many rows, on the writer thread.
-
-        That thread's connection checkpoints by itself once the WAL passes
-        BULK_CHECKPOINT_PAGES, so the pages ``work`` adds are not counted towards
-        the requests' checkpoint: each batch of a cleanup would take one of its own.
-        """
-        schedule = self._checkpoints
-
-        def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
-            before = schedule.position()
-            return work(db), before, schedule.position()
-
-        result, before, after = await self._on_writer_thread(
-            lambda: run(self._connection(self._writer))
-        )
-        schedule.skip(before, after)
-        return result
-
-    async def _on_writer_thread(self, work: Callable[[], T]) -> T:
-        if self._writer_thread is None:
-            raise self._closed_error()
-        with translate_errors("SQLite", sqlite3.Error):
-            return await asyncio.get_running_loop().run_in_executor(self._writer_thread, work)
-
     def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
         if connection is None:
             raise self._closed_error()
@@ -750,35 +606,6 @@ def _connect_loop_db(path: str) -> GuardedConnection:
     return sqlite3.connect(
         path, timeout=0, isolation_level=None, check_same_thread=False, factory=GuardedConnection
     )
-
-
-async def _done(job: Future[Any]) -> None:
-    """Wait until the thread's ``job`` is done, whatever it returned or raised: that is for
-    the request that awaits it to hear.
-    """
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def wake() -> None:
-        if not done.done():  # a waiter cancelled meanwhile
-            done.set_result(None)
-
-    _on_loop_when_done(job, loop, wake)
-    await done
-
-
-def _on_loop_when_done(
-    job: Future[Any], loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
-) -> None:
-    """Run ``callback`` on ``loop`` once the thread's ``job`` is done (at once if it is);
-    not at all if the loop has closed by then.
-    """
-
-    def on_job_done(_: Future[Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(callback)
-
-    job.add_done_callback(on_job_done)
 
 
 def _migrate(db: sqlite3.Connection) -> None:

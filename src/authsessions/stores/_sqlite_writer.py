@@ -1,0 +1,237 @@
+"""SQLiteStore's writer thread: the writes the event loop must not wait for, and when the WAL
+is checkpointed and what requests wait for then (see ``_checkpoints``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from authsessions.stores._base import translate_errors
+from authsessions.stores._checkpoints import (
+    RESTART_WAIT_MS,
+    CheckpointSchedule,
+    WalPosition,
+    copy_wal,
+    started_wal_over,
+)
+from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over
+from authsessions.stores._wal_index import WalIndexHeader
+
+__all__ = ["WriterThread"]
+
+T = TypeVar("T")
+
+
+class WriterThread:
+    """One thread with a connection of its own, which waits out other connections' locks.
+
+    It runs the writes the event loop's connection found locked, those that may
+    change many rows, and the checkpoints: a copy that requests do not wait for,
+    then, unless the copy started the WAL over itself, a finish that they queue
+    behind (see ``_checkpoints``). Each is the thread's job while it is in hand.
+    Everything but the thread's own work is called on the event loop.
+
+    Args:
+        closed_error: what to raise when asked to work while closed.
+    """
+
+    def __init__(self, closed_error: Callable[[], Exception]) -> None:
+        self._closed_error = closed_error
+        self._pool: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._wal_index: WalIndexHeader | None = None
+        self.checkpoints = CheckpointSchedule(None)
+        self._copying: Future[WalPosition | None] | None = None
+        self._finishing: Future[Any] | None = None
+
+    async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        """Start the thread and open its connection there with ``connect``."""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="authsessions-sqlite")
+        self._db = await self._on_thread(connect)
+
+    def count_pages(self, wal_index: WalIndexHeader | None) -> None:
+        """Schedule checkpoints by the pages ``wal_index`` shows requests adding; by writes
+        without it. Kept while the store is open: the header stays mapped for as long as
+        this thread's connection is open.
+        """
+        self._wal_index = wal_index
+        self.checkpoints = CheckpointSchedule(wal_index)
+
+    async def close(self) -> None:
+        self.count_pages(None)
+        self._copying = self._finishing = None  # the connection's close, below, runs after them
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            db, self._db = self._db, None
+            if db is not None:
+                await asyncio.get_running_loop().run_in_executor(pool, db.close)
+            pool.shutdown(wait=False)
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on the thread's connection; its errors as ``StoreUnavailable``."""
+        return await self._on_thread(lambda: work(self._connection()))
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
+        it is due."""
+        finish_due = self.finish_due()
+        self.copy_if_due()
+        finishing = self._finishing
+        if finish_due and (finishing is None or finishing.done()):
+            return await self._finish_checkpoint_then(work)
+        result = await self.run(work)
+        self.checkpoints.wrote()
+        return result
+
+    async def write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work``, which may change many rows, on the thread.
+
+        Its connection checkpoints by itself once the WAL passes the store's
+        bulk threshold, so the pages ``work`` adds are not counted towards the
+        requests' checkpoint: each batch of a cleanup would take one of its own.
+        """
+        schedule = self.checkpoints
+
+        def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
+            before = schedule.position()
+            return work(db), before, schedule.position()
+
+        result, before, after = await self.run(run)
+        schedule.skip(before, after)
+        return result
+
+    @property
+    def finishing(self) -> bool:
+        """Whether a checkpoint's finish is under way on the thread."""
+        return self._finishing is not None and not self._finishing.done()
+
+    async def wait_for_finish(self) -> None:
+        """Return once no checkpoint's finish is under way on the thread."""
+        finishing = self._finishing
+        while finishing is not None and not finishing.done():
+            await _done(finishing)
+            finishing = self._finishing
+
+    def finish_due(self) -> bool:
+        """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
+        its copy is done and could not start the WAL over itself (requests wrote while it
+        ran), or the WAL has grown twice as long as a checkpoint waits for (a disk slow to
+        take the copy); without the header, as soon as a checkpoint is due. Until the
+        finish has run.
+
+        A copy that ended having started the WAL over is taken in here, before every
+        write: the event loop may not turn between writes (they do not suspend).
+        """
+        copying = self._copying
+        if copying is None:
+            return self._wal_index is None and self.checkpoints.due()
+        if not copying.done():
+            return self.checkpoints.overdue()
+        if started_wal_over(copying):
+            self._copying = None
+            self.checkpoints.checkpointed(copying.result())
+            return False
+        return True
+
+    def copy_if_due(self) -> None:
+        """Start the checkpoint's copy once requests have added enough to the WAL.
+
+        Only where the WAL-index header is read: without it the event loop's
+        connection cannot see that a copy took everything, and its next commit
+        would start the WAL over there. The checkpoint is then one step.
+        """
+        pool, wal_index = self._pool, self._wal_index
+        if (
+            self._copying is None
+            and wal_index is not None
+            and pool is not None
+            and self.checkpoints.due()
+        ):
+            self._copying = pool.submit(copy_wal, self._connection(), wal_index)
+
+    async def _finish_checkpoint_then(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """The checkpoint's finish, then ``work``, on the thread.
+
+        The schedule follows the thread's job, not the request awaiting it: if that
+        request is cancelled, the finish still counts once it has run, and the next
+        write runs it if it never began.
+        """
+        pool = self._pool
+        if pool is None:
+            raise self._closed_error()
+        schedule, loop = self.checkpoints, asyncio.get_running_loop()
+        copying = self._copying  # the copy this finishes, if any
+        ended_at: list[WalPosition | None] = []  # once it ran
+
+        def checkpoint_then_work() -> T:
+            db = self._connection()
+            try:
+                return checkpoint_then(db, work)
+            finally:
+                # Whatever the write did (it may have failed, or changed nothing), the WAL
+                # starts over here: left to the next commit, that could be the event loop's
+                # (where the WAL-index header is not read, nothing would refuse it there).
+                start_wal_over(db, wait_ms=RESTART_WAIT_MS)
+                # Here, not once the loop resumes: work queued behind this on the thread
+                # may have added pages by then.
+                ended_at.append(schedule.position())
+
+        def finished() -> None:
+            if self._finishing is job:
+                self._finishing = None
+            if ended_at:
+                if self._copying is copying:  # not one begun since
+                    self._copying = None  # done: the finish ran after it on the same thread
+                schedule.checkpointed(ended_at[0])
+
+        # Under way while not done (whether or not this loop still runs to hear of it).
+        self._finishing = job = pool.submit(checkpoint_then_work)
+        # Asked for before the awaiting below, so it runs before the request resumes.
+        _on_loop_when_done(job, loop, finished)
+        with translate_errors("SQLite", sqlite3.Error):
+            return await asyncio.wrap_future(job)
+
+    async def _on_thread(self, work: Callable[[], T]) -> T:
+        if self._pool is None:
+            raise self._closed_error()
+        with translate_errors("SQLite", sqlite3.Error):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise self._closed_error()
+        return self._db
+
+
+async def _done(job: Future[Any]) -> None:
+    """Wait until the thread's ``job`` is done, whatever it returned or raised: that is for
+    the request that awaits it to hear.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():  # a waiter cancelled meanwhile
+            done.set_result(None)
+
+    _on_loop_when_done(job, loop, wake)
+    await done
+
+
+def _on_loop_when_done(
+    job: Future[Any], loop: asyncio.AbstractEventLoop, callback: Callable[[], None]
+) -> None:
+    """Run ``callback`` on ``loop`` once the thread's ``job`` is done (at once if it is);
+    not at all if the loop has closed by then.
+    """
+
+    def on_job_done(_: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(callback)
+
+    job.add_done_callback(on_job_done)
