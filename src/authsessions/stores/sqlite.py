@@ -19,17 +19,17 @@ read under (see ``_kept_at_lock``).
 
 A write is one short transaction. It runs on the event loop too, on the
 same connection as the reads (so its page cache outlives its own commits),
-which never waits for a lock: in WAL mode with ``synchronous=NORMAL``
-a commit writes to the WAL without an fsync. When the file is locked, the same
+which never waits for a lock: in WAL mode with ``synchronous=NORMAL`` a
+commit writes to the WAL without an fsync. When the file is locked, the same
 work is retried on one dedicated writer thread whose connection waits for the
 lock, so the event loop never blocks on one (see ``_sqlite_writer``). That
 thread also runs the writes that may touch many rows, and checkpoints the WAL
-(which fsyncs) once requests have added so many pages to it, mostly while they
-go on writing (see ``_checkpoints``), and whenever one of its own commits finds
-the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after any checkpoint that copied
-the whole WAL starts the WAL over and fsyncs its header, so that commit runs
-there too. The rare read that finds the database busy (WAL recovery after a
-crash) is retried there as well.
+(which fsyncs) once requests have added so many pages to it, mostly while
+they go on writing (see ``_checkpoints``), and whenever one of its own
+commits finds the WAL past ``BULK_CHECKPOINT_PAGES``. The first commit after
+any checkpoint that copied the whole WAL starts the WAL over and fsyncs its
+header, so that commit runs there too. The rare read that finds the database
+busy (WAL recovery after a crash) is retried there as well.
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ class SQLiteStore(Store):
                     params.append(changes.token_digest)
                 data_changed = False
                 if changes.changes_data:
-                    # One level deep is a copy enough: keys are only removed or set.
+                    # A copy one level deep is enough: keys are only removed or set whole.
                     data: dict[str, Any] = (
                         dict(kept[0].data) if kept is not None else load_json(stored_data)
                     )
