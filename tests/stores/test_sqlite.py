@@ -1236,6 +1236,153 @@ async def test_a_write_refused_on_the_loop_reads_the_row_on_the_writer_thread(
         assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
 
 
+async def test_a_commit_elsewhere_just_before_the_write_takes_its_lock_is_merged_into(
+    caching_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program commits after everything the store read before its write, and just
+    before its BEGIN IMMEDIATE: only a header read once the lock is held shows it."""
+    t0 = start_time()
+    store = caching_store
+    written, _ = await cache_two_sessions(store, t0)
+    loop_db = store._loop_db
+    assert loop_db is not None
+    begin = loop_db.execute
+
+    def commit_elsewhere_then(sql: str, params: Any = ()) -> Any:
+        if sql == "BEGIN IMMEDIATE":
+            monkeypatch.undo()
+            write_as_another_program(db_path, written.id)
+        return begin(sql, params)
+
+    monkeypatch.setattr(loop_db, "execute", commit_elsewhere_then)
+    assert await store.update(written.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+    assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
+
+
+async def test_a_commit_elsewhere_right_after_a_lookups_select_is_merged_into(
+    caching_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record a lookup keeps may be older than the version it is kept under only if
+    that version was read after the SELECT: it is read before, so the write reads the row."""
+    t0 = start_time()
+    store = caching_store
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    loop_db = store._loop_db
+    assert loop_db is not None
+    select = loop_db.execute
+
+    class CommitElsewhereAfterFetching:
+        def __init__(self, cursor: sqlite3.Cursor) -> None:
+            self.cursor = cursor
+
+        def fetchall(self) -> list[Any]:
+            rows = self.cursor.fetchall()
+            write_as_another_program(db_path, record.id)
+            return rows
+
+    def select_then_commit_elsewhere(sql: str, params: Any = ()) -> Any:
+        if sql == sqlite_module._SELECT_BY_DIGEST:
+            monkeypatch.undo()
+            return CommitElsewhereAfterFetching(select(sql, params))
+        return select(sql, params)
+
+    monkeypatch.setattr(loop_db, "execute", select_then_commit_elsewhere)
+    assert await store.get(record.token_digest, now=t0) == record  # as it was read
+    assert await store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
+    assert stored_data(db_path, record.id) == {"dirty": True, "b": 2}
+
+
+# Another process adding 1 to the session's key "p", each time in one statement, with a pause
+# after each so that the store's writes find the file free as often as not.
+INCREMENTING_PROGRAM = f"""
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+for _ in range(int(sys.argv[3])):
+    db.execute(
+        "UPDATE {TABLE} SET data = json_set(data, '$.p', json_extract(data, '$.p') + 1)"
+        " WHERE id = ?",
+        (sys.argv[2],),
+    )
+    time.sleep(0.0001)
+"""  # noqa: S608
+
+
+async def test_another_processs_changes_survive_the_stores_writes_to_other_keys(
+    db_path: Path,
+) -> None:
+    """While another process keeps changing one key, the store reads the session and writes
+    another key, over and over: a write that merged into a record older than the row would
+    take the other process's key back. The tests above pin each ordering that could; this
+    one lets two real processes interleave as they will.
+    """
+    increments = 1000
+    t0 = start_time()
+    record = make_record(now=t0, data={"p": 0})
+    async with SQLiteStore(db_path, timeout=10) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        other = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", INCREMENTING_PROGRAM, str(db_path), record.id, str(increments)
+        )
+        writes = 0
+        try:
+            while other.returncode is None and writes < 200_000:
+                assert await store.get(record.token_digest, now=t0) is not None
+                writes += 1
+                update = make_update(now=t0, set_keys={"l": writes}, moves_expiry=False)
+                assert await store.update(record.id, update, now=t0)
+                # A pause, as between requests: the other process's busy handler backs off
+                # in milliseconds, and writes without one would starve it. Blocking, as the
+                # event loop's timers are coarser; then a turn of the loop, which hears of
+                # the other process's exit.
+                time.sleep(0.0001)  # noqa: ASYNC251
+                await asyncio.sleep(0)
+        finally:
+            assert await asyncio.wait_for(other.wait(), timeout=60) == 0
+        assert writes > 50, "the two processes hardly overlapped"
+    assert stored_data(db_path, record.id) == {"p": increments, "l": writes}
+
+
+@pytest.mark.parametrize("operation", ["update", "delete_expired"])
+async def test_work_queued_on_the_writer_thread_runs_before_close_ends_its_connection(
+    db_path: Path, operation: str
+) -> None:
+    """A close queues behind what the writer thread has in hand: that work still runs."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1}, ttl=10)
+    store = SQLiteStore(db_path, timeout=5)
+    await store.open()
+    try:
+        await store.create(record, max_sessions=10, now=t0)
+        with write_lock(db_path) as other, writer_thread_held(store):
+            # The file is locked, so the update goes to the thread too.
+            working: asyncio.Task[bool | int]
+            if operation == "update":
+                update = make_update(now=t0, set_keys={"b": 2})
+                working = asyncio.create_task(store.update(record.id, update, now=t0))
+            else:
+                working = asyncio.create_task(store.delete_expired(now=t0 + 10))
+            await asyncio.sleep(0)  # submitted to the thread, behind what holds it
+            other.execute("ROLLBACK")
+            closing = asyncio.create_task(store.close())
+            for _ in range(100):
+                if store._writer._pool is None:  # the writer's close has begun
+                    break
+                await asyncio.sleep(0)
+            else:
+                pytest.fail("close() did not reach the writer thread")
+            assert not working.done()
+        assert await asyncio.wait_for(working, timeout=10) == (True if operation == "update" else 1)
+        await asyncio.wait_for(closing, timeout=10)
+    finally:
+        await store.close()
+    if operation == "update":
+        assert stored_data(db_path, record.id) == {"a": 1, "b": 2}
+    else:
+        async with SQLiteStore(db_path) as reopened:
+            assert await reopened.get(record.token_digest, now=t0) is None
+
+
 def open_descriptors_on(path: str) -> int:
     """How many of this process's file descriptors are open on ``path`` (Linux)."""
     if not os.path.isdir("/proc/self/fd"):

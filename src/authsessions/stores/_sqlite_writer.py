@@ -67,9 +67,10 @@ class WriterThread:
         self._copying = self._finishing = None  # the connection's close, below, runs after them
         pool, self._pool = self._pool, None
         if pool is not None:
-            db, self._db = self._db, None
-            if db is not None:
-                await asyncio.get_running_loop().run_in_executor(pool, db.close)
+            if self._db is not None:
+                # Queued behind the thread's work in hand, which still needs the connection.
+                await asyncio.get_running_loop().run_in_executor(pool, self._db.close)
+                self._db = None
             pool.shutdown(wait=False)
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
