@@ -2420,9 +2420,11 @@ async def test_the_wal_file_shrinks_back_after_a_cleanup(
         for i in range(1000):
             record = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
             await store.create(record, max_sessions=10, now=t0 - 2 * TTL)
+        # The WAL file's largest size during the cleanup: the writer's own checkpoints may
+        # start it over (and cut it back) between batches, the last one included.
+        during_cleanup = 0
         while await store.delete_expired(now=t0, limit=100):
-            pass
-        after_cleanup = wal_size(db_path)
+            during_cleanup = max(during_cleanup, wal_size(db_path))
         # Whether the cleanup's own last checkpoint came after its last batch depends on
         # where the WAL stood when it began: one more, so that it did.
         await checkpoint_by_another_connection(store, "")
@@ -2430,7 +2432,7 @@ async def test_the_wal_file_shrinks_back_after_a_cleanup(
         live = make_record(now=t0)
         await store.create(live, max_sessions=10, now=t0)
 
-        assert after_cleanup > 32 * page_size
+        assert during_cleanup > 32 * page_size
         assert wal_size(db_path) <= 16 * page_size
         assert await store.get(live.token_digest, now=t0) == live
 
