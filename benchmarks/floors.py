@@ -135,7 +135,7 @@ def per_call_async(work: Callable[[], Awaitable[Any]]) -> Timed:
 
 def per_request(app: Any, scope: dict[str, Any]) -> Timed:
     async def timed(count: int) -> tuple[float, float]:
-        wall, cpu = await drive_timed(app, scope, count)
+        wall, cpu, _ = await drive_timed(app, scope, count)
         return wall / count / 1000, cpu / count / 1000
 
     return timed

@@ -159,15 +159,18 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
             await drive(variant.app, scopes[variant.name, scenario], settings.inprocess_warmup)
         samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
         cpu_samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        system_samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
         order = random.Random(4)  # noqa: S311 - only an ordering
         batch = settings.inprocess_batch
         for _rep in range(settings.inprocess_reps):
             order.shuffle(pairs)
             for variant, scenario in pairs:
                 gc.collect()
-                wall, cpu = await drive_timed(variant.app, scopes[variant.name, scenario], batch)
-                samples[variant.name, scenario].append(wall / batch / 1000)
-                cpu_samples[variant.name, scenario].append(cpu / batch / 1000)
+                key = variant.name, scenario
+                wall, cpu, system = await drive_timed(variant.app, scopes[key], batch)
+                samples[key].append(wall / batch / 1000)
+                cpu_samples[key].append(cpu / batch / 1000)
+                system_samples[key].append(system / batch / 1000)
     finally:
         for variant in variants:
             await variant.close()
@@ -183,6 +186,7 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
                 "ratio": median(samples[v.name, scenario]) / bare,
                 "cpu_us": median(cpu_samples[v.name, scenario]),
                 "cpu_ratio": median(cpu_samples[v.name, scenario]) / bare_cpu,
+                "system_us": median(system_samples[v.name, scenario]),
             }
             for v in variants
         }
