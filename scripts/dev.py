@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-EXTRAS = {"demo": "cli", "test": "test", "check": "test"}
+# check type-checks the benchmarks too, which import the peers they compare with.
+EXTRAS = {"demo": "cli", "test": "test", "check": "test,bench"}
 
 
 def ensure_environment(extra: str) -> None:
