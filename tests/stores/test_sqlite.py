@@ -436,6 +436,9 @@ class WrappedConnection:
     def total_changes(self) -> int:
         return self.db.total_changes
 
+    def set_trace_callback(self, callback: Callable[[str], object] | None) -> None:
+        self.db.set_trace_callback(callback)
+
     def close(self) -> None:
         self.db.close()
 
@@ -496,23 +499,16 @@ async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -
 
 
 @contextmanager
-def reader_statements(store: SQLiteStore) -> Iterator[list[str]]:
-    """The SQL the store's event loop connection runs meanwhile (it runs as before)."""
-    real = store._loop_db
-    assert real is not None
-    reader: sqlite3.Connection = real
+def statements_on_the_loop(store: SQLiteStore) -> Iterator[list[str]]:
+    """The SQL the event loop's connection runs meanwhile, as SQLite traces it."""
+    db = store._loop_db
+    assert db is not None
     statements: list[str] = []
-
-    class Recording:
-        def execute(self, sql: str, params: Any = ()) -> Any:
-            statements.append(sql)
-            return reader.execute(sql, params)
-
-    store._loop_db = cast(sqlite3.Connection, Recording())
+    db.set_trace_callback(statements.append)
     try:
         yield statements
     finally:
-        store._loop_db = real
+        db.set_trace_callback(None)
 
 
 # The two ways the store learns that nothing was committed since a record was cached.
@@ -546,7 +542,7 @@ def cache_hit(store: SQLiteStore) -> list[str]:
 
 async def cached(store: SQLiteStore, digest: str, now: float) -> SessionRecord | None:
     """``store.get``, asserting that it came from the cache."""
-    with reader_statements(store) as statements:
+    with statements_on_the_loop(store) as statements:
         got = await store.get(digest, now=now)
     assert statements == cache_hit(store)
     return got
@@ -557,7 +553,7 @@ async def test_a_repeated_get_is_served_from_the_cache(caching_store: SQLiteStor
     record = make_record(now=t0, data={"a": 1})
     await caching_store.create(record, max_sessions=10, now=t0)
 
-    with reader_statements(caching_store) as statements:
+    with statements_on_the_loop(caching_store) as statements:
         assert await caching_store.get(record.token_digest, now=t0) == record
     assert statements[:-1] == cache_hit(caching_store)
     assert statements[-1].startswith("SELECT")
@@ -1012,7 +1008,7 @@ async def test_the_cache_is_bounded_in_rows_and_in_data(caching_store: SQLiteSto
         assert 1 <= len(store._cache) <= 3
         assert_cache_consistent(store)
     assert await store.get(large.token_digest, now=t0) == large
-    with reader_statements(store) as statements:
+    with statements_on_the_loop(store) as statements:
         assert await store.get(large.token_digest, now=t0) == large
     # read again: larger than the whole cache may hold
     assert statements[-1].startswith("SELECT")
@@ -1142,19 +1138,6 @@ def stored_data(db_path: Path, session_id: str) -> Any:
     finally:
         reader.close()
     return json.loads(data)
-
-
-@contextmanager
-def statements_on_the_loop(store: SQLiteStore) -> Iterator[list[str]]:
-    """The SQL the event loop's connection runs meanwhile, as SQLite traces it."""
-    db = store._loop_db
-    assert db is not None
-    statements: list[str] = []
-    db.set_trace_callback(statements.append)
-    try:
-        yield statements
-    finally:
-        db.set_trace_callback(None)
 
 
 def reads_a_row_to_update(statements: list[str]) -> bool:
