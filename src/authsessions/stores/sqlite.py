@@ -468,13 +468,13 @@ class SQLiteStore(Store):
         if kept is None or not written:
             return (session_id,)
         data_json, data_changed, last_active_at, expires_at, token_digest = written[0]
-        record = kept[0]
+        before = kept[0]
         record = SessionRecord(
-            session_id, token_digest, record.user_id, record.ip_address, record.user_agent,
-            record.device_name, record.device_type, record.fingerprint,
+            session_id, token_digest, before.user_id, before.ip_address, before.user_agent,
+            before.device_name, before.device_type, before.fingerprint,
             # From the JSON, as get would: the caller's values may be changed after the write.
-            load_json(data_json) if data_changed else record.data,
-            record.created_at, last_active_at, expires_at,
+            load_json(data_json) if data_changed else before.data,
+            before.created_at, last_active_at, expires_at,
         )  # fmt: skip
         return ((record, data_json),)
 
