@@ -2014,6 +2014,30 @@ async def test_writes_during_a_finish_wait_for_it_and_then_run_on_the_loop(
     assert got.data["i"] == 4
 
 
+async def test_a_write_between_a_finish_and_its_bookkeeping_does_not_finish_again(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread is done with the finish, and the loop has not yet heard (its word waits
+    in the loop's queue): a write that comes then runs as after the finish, not as the
+    first of another.
+    """
+    t0, record = await one_session(impatient_store)
+    await copy_held_back_by_a_reader(impatient_store, record.id)
+    with counting_finishes(monkeypatch) as finishes:
+        finishing = asyncio.create_task(impatient_store.update(record.id, data_write(1), now=t0))
+        await asyncio.sleep(0)  # the finish handed to the thread
+        job = impatient_store._writer._finishing
+        assert job is not None
+        job.result(timeout=5)  # done there; the loop, blocked here, has not run its word
+        assert await impatient_store.update(record.id, data_write(2), now=t0)
+        assert await finishing
+
+    assert finishes == [1]
+    got = await impatient_store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data["i"] == 2
+
+
 @linux_only
 async def test_a_finish_whose_write_fails_lets_the_writes_behind_it_run_and_logs_nothing(
     impatient_store: SQLiteStore, caplog: pytest.LogCaptureFixture

@@ -82,8 +82,7 @@ class WriterThread:
         it is due."""
         finish_due = self.finish_due()
         self.copy_if_due()
-        finishing = self._finishing
-        if finish_due and (finishing is None or finishing.done()):
+        if finish_due:
             return await self._finish_checkpoint_then(work)
         result = await self.run(work)
         self.checkpoints.wrote()
@@ -122,12 +121,15 @@ class WriterThread:
         """Whether writes go to the thread for the checkpoint's finish (or queue behind it):
         its copy is done and could not start the WAL over itself (requests wrote while it
         ran), or the WAL has grown twice as long as a checkpoint waits for (a disk slow to
-        take the copy); without the header, as soon as a checkpoint is due. Until the
-        finish has run.
+        take the copy); without the header, as soon as a checkpoint is due. Not once a
+        finish is in hand, under way or done and not yet taken in on the loop (a write
+        in between would run a second one).
 
         A copy that ended having started the WAL over is taken in here, before every
         write: the event loop may not turn between writes (they do not suspend).
         """
+        if self._finishing is not None:
+            return False
         copying = self._copying
         if copying is None:
             return self._wal_index is None and self.checkpoints.due()
