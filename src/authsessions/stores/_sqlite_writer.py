@@ -19,7 +19,7 @@ from authsessions.stores._checkpoints import (
     copy_wal,
     started_wal_over,
 )
-from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over
+from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over, transaction
 from authsessions.stores._wal_index import WalIndexHeader
 
 __all__ = ["WriterThread"]
@@ -89,7 +89,7 @@ class WriterThread:
         return result
 
     async def write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which may change many rows, on the thread.
+        """Run ``work``, which may change many rows, in a transaction on the thread.
 
         Its connection checkpoints by itself once the WAL passes the store's
         bulk threshold, so the pages ``work`` adds are not counted towards the
@@ -98,8 +98,11 @@ class WriterThread:
         schedule = self.checkpoints
 
         def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
-            before = schedule.position()
-            return work(db), before, schedule.position()
+            with transaction(db):
+                # Once the lock is held: what others commit while it is awaited is theirs.
+                before = schedule.position()
+                result = work(db)
+            return result, before, schedule.position()
 
         result, before, after = await self.run(run)
         schedule.skip(before, after)

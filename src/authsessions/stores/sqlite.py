@@ -494,9 +494,12 @@ class SQLiteStore(Store):
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
 
+        def delete_rows(db: sqlite3.Connection) -> int:
+            return db.execute(sql, (user_id, except_id)).rowcount
+
         def delete(db: sqlite3.Connection) -> int:
             with transaction(db):
-                return db.execute(sql, (user_id, except_id)).rowcount
+                return delete_rows(db)
 
         # A user's sessions are few (max_sessions_per_user): one short write on the event
         # loop, like a logout. Many (a raised cap, rows written by other means) go to the
@@ -506,7 +509,7 @@ class SQLiteStore(Store):
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
             users_sessions = (UsersSessions(user_id),)
             return await self._write(delete, lambda deleted: users_sessions if deleted else ())
-        return await self._writer.write_many_rows(delete)
+        return await self._writer.write_many_rows(delete_rows)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         require_count("limit", limit)
