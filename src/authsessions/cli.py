@@ -27,12 +27,11 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from authsessions import SessionData, SessionError, SessionManager, __version__
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores import Store, StoreStats, open_store
-from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV
+from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, redact_url
 
 if TYPE_CHECKING:
     import click
@@ -108,7 +107,7 @@ def make_cli() -> click.Group:
     def migrate(store_url: str) -> None:
         """Create or upgrade the store's schema; safe to run again."""
         _run(_with_store(store_url, _nothing))
-        _stdout().print(f"The session store at {display_url(store_url)} is ready.")
+        _stdout().print(f"The session store at {redact_url(store_url)} is ready.")
 
     @cli.command(name="list", context_settings=_IDS_MAY_START_WITH_DASH)
     @store_option
@@ -165,7 +164,7 @@ def make_cli() -> click.Group:
         if as_json:
             click.echo(json.dumps(stats_json(result), indent=2))
         else:
-            _print_stats(_stdout(), display_url(store_url), result)
+            _print_stats(_stdout(), redact_url(store_url), result)
 
     return cli
 
@@ -269,23 +268,13 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         asyncio.run(_with_store(store_url, _nothing))
     out = _stdout()
     out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
-    out.print(f"  sessions: {display_url(store_url)}   accounts: {users_path_for(store_url)}")
+    out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         out.print("  warning: plain HTTP; do not expose the demo beyond this machine.")
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 # -- printing ---------------------------------------------------------------------------
-
-
-def display_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def session_json(session: SessionData) -> dict[str, Any]:

@@ -552,7 +552,8 @@ async def test_connections_broken_while_idle_are_replaced(
 async def test_the_password_never_shows_in_reprs_or_errors() -> None:
     with refusing_port() as port:
         store = PostgresStore(
-            f"postgresql://app:s3cret-pw@127.0.0.1:{port}/test?password=s3cret-pw",
+            f"postgresql://app:s3cret-pw@127.0.0.1:{port}/test?password=s3cret-pw"
+            "&sslpassword=s3cret-pw",
             connect_timeout=1,
         )
         with pytest.raises(StoreUnavailable) as raised:

@@ -668,9 +668,10 @@ def test_a_prefix_with_braces_is_refused(prefix: str) -> None:
 
 
 def test_the_password_never_shows_in_the_repr() -> None:
-    store = RedisStore("redis://app:s3cret-pw@127.0.0.1:6379/0")
+    store = RedisStore("redis://app:s3cret-pw@127.0.0.1:6379/0?password=s3cret-pw")
     assert "s3cret-pw" not in repr(store)
     assert "app:***@127.0.0.1" in repr(store)
+    assert "password=***" in repr(store)
 
 
 # -- failures -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from authsessions.stores import DEFAULT_STORE_URL, MemoryStore, SQLiteStore, Store, open_store
+from authsessions.stores._url import redact_url
 
 PASSWORD = "hunter2-s3cret"
 
@@ -160,3 +161,26 @@ async def opened_and_closed(store: Store) -> None:
     async with store:
         assert store.is_open
     assert not store.is_open
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:pw@db:5432/app", "postgresql://app:***@db:5432/app"),
+        ("postgresql://db/app?password=pw", "postgresql://db/app?password=***"),
+        (
+            "postgresql://db/app?sslmode=require&sslpassword=pw&application_name=x",
+            "postgresql://db/app?sslmode=require&sslpassword=***&application_name=x",
+        ),
+        ("postgresql://db/app?PASSWORD=pw", "postgresql://db/app?PASSWORD=***"),
+        ("postgresql://db/app?pass%77ord=pw", "postgresql://db/app?pass%77ord=***"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://cache:6379/0?password=pw&db=1", "redis://cache:6379/0?password=***&db=1"),
+        ("rediss+cluster://u:pw@node:7000", "rediss+cluster://u:***@node:7000"),
+        ("sqlite:///sessions.db", "sqlite:///sessions.db"),
+        ("postgresql://db/app?sslmode=require", "postgresql://db/app?sslmode=require"),
+        ("postgresql://[::1/app?password=pw", "<unparseable URL>"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from authsessions.stores._base import Store
 
-__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store", "resolve_store"]
+__all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store", "redact_url", "resolve_store"]
 
 DEFAULT_STORE_URL = "sqlite:///sessions.db"
 STORE_URL_ENV = "AUTHSESSIONS_STORE"
@@ -81,3 +82,27 @@ def resolve_store(store: Store | str | None) -> tuple[Store, bool]:
     if isinstance(store, Store):
         return store, False
     raise TypeError(f"store must be a Store or a store URL, got {type(store).__name__}.")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every password in it replaced by ``***``, for reprs, logs and messages:
+    the one in ``user:password@`` and the value of any query option whose name holds
+    "password" (libpq's ``password`` and ``sslpassword``, redis-py's ``password``).
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.partition(':')[0]}:***@{host}"
+    except ValueError:
+        return "<unparseable URL>"
+    query = "&".join(_redacted_option(option) for option in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # as given: urlunsplit would drop the "//" of "sqlite:///x.db"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _redacted_option(option: str) -> str:
+    name, equals, _value = option.partition("=")
+    return f"{name}=***" if equals and "password" in unquote_plus(name).lower() else option

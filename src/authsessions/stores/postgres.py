@@ -32,7 +32,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
 from authsessions.stores._base import (
@@ -44,6 +43,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
+from authsessions.stores._url import redact_url
 
 if TYPE_CHECKING:
     import asyncpg
@@ -259,7 +259,7 @@ class PostgresStore(Store):
         self._connections: PooledConnections | None = None
 
     def __repr__(self) -> str:
-        where = _redact_dsn(self._dsn) if self._dsn is not None else "<app pool>"
+        where = redact_url(self._dsn) if self._dsn is not None else "<app pool>"
         return f"PostgresStore({where!r}, table='{self.schema}.{self.table}')"
 
     # -- opening -------------------------------------------------------------------
@@ -470,22 +470,6 @@ def _import_asyncpg() -> Any:
             "PostgresStore needs asyncpg: pip install 'authsessions[postgres]'"
         ) from exc
     return asyncpg
-
-
-def _redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***``, for reprs and logs."""
-    try:
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}:***@{host}"
-        query = urlencode(
-            [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*"
-        )
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "<unparseable dsn>"
 
 
 def _encode_data(data: Any) -> str:

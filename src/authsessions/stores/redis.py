@@ -45,7 +45,6 @@ import hashlib
 import math
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from authsessions._records import (
     DeviceType,
@@ -65,6 +64,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._redis_connections import ReadConnections
+from authsessions.stores._url import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -177,7 +177,7 @@ class RedisStore(Store):
         self._sweep_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        where = _redact(self._url) if self._url is not None else "<app client>"
+        where = redact_url(self._url) if self._url is not None else "<app client>"
         return f"RedisStore({where!r}, prefix={self.prefix!r})"
 
     @property
@@ -601,14 +601,6 @@ def _location(pointer: str) -> tuple[str, str]:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def _data_fields(data: Mapping[str, Any]) -> list[str]:
