@@ -36,6 +36,8 @@ class TcpProxy:
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.port = 0
+        self.accepted = 0
+        """Client connections accepted so far."""
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
@@ -88,6 +90,7 @@ class TcpProxy:
     async def _accept(
         self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
     ) -> None:
+        self.accepted += 1
         try:
             server_reader, server = await asyncio.open_connection(*self.target)
         except OSError:

@@ -7,11 +7,14 @@ network partition would.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import pytest
 
+from authsessions import StoreUnavailable
+from authsessions._tokens import new_token
 from authsessions.stores import PostgresStore, RedisStore, Store
 from tests.apps.session_app import cookie_header, session_cookie
 from tests.conftest import AppFactory, ClientFactory
@@ -89,3 +92,80 @@ async def test_a_cut_store_gives_503_keeps_the_cookie_and_the_session_survives(
     assert login_during.status_code == 503
     assert after.status_code == 200
     assert after.json()["user_id"] == "alice"
+
+
+async def test_callers_that_come_while_the_store_opens_share_its_one_attempt(
+    proxied: Proxied,
+) -> None:
+    """With the server not answering, each request queued behind the last one's attempt
+    would wait out a timeout of its own: the fifth a fifth longer than the first.
+    """
+    proxy, through = proxied
+    proxy.stall()
+    alone = through(proxy.port)
+    with pytest.raises(StoreUnavailable):
+        await alone.open()
+    one_attempt = proxy.accepted
+    assert one_attempt >= 1
+
+    store = through(proxy.port)
+    results = await asyncio.gather(*(store.open() for _ in range(5)), return_exceptions=True)
+
+    assert all(isinstance(result, StoreUnavailable) for result in results), results
+    assert proxy.accepted == 2 * one_attempt
+    assert not store.is_open
+    proxy.unstall()
+    await store.open()  # a later call tries again
+    assert store.is_open
+    await store.close()
+
+
+async def test_a_store_down_from_startup_still_serves_requests_without_a_cookie(
+    proxied: Proxied,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+) -> None:
+    """They need no store: public pages and health checks behind the middleware stay up.
+    A login, or a cookie to look up, does need it, and gets 503.
+    """
+    proxy, through = proxied
+    store = through(proxy.port)
+    client = client_factory(app_factory(store))
+    await proxy.drop()
+
+    anonymous = await client.get("/me")
+    login = await client.post("/login", json={"user_id": "alice"})
+    with_cookie = await client.get("/me", headers=cookie_header(new_token()))
+    await proxy.resume()
+    login_after = await client.post("/login", json={"user_id": "alice"})
+    await store.close()
+
+    assert anonymous.status_code == 200
+    assert anonymous.json()["user_id"] is None
+    assert login.status_code == 503
+    assert with_cookie.status_code == 503
+    assert login_after.status_code == 200
+    assert session_cookie(login_after) is not None
+
+
+async def test_a_caller_cancelled_while_the_store_opens_leaves_the_attempt_to_the_others(
+    proxied: Proxied,
+) -> None:
+    proxy, through = proxied
+    proxy.stall()
+    store = through(proxy.port)
+    first = asyncio.ensure_future(store.open())
+    second = asyncio.ensure_future(store.open())
+    while not proxy.accepted:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    connected = proxy.accepted
+    first.cancel()
+    proxy.unstall()
+
+    await second
+
+    assert first.cancelled()
+    assert store.is_open
+    assert proxy.accepted == connected  # the same attempt went on, no second one began
+    await store.close()

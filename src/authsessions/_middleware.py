@@ -94,7 +94,7 @@ class SessionMiddleware:
                 session = self._checked(scope, token, digest, record, now)
                 if session is None:
                     session = await self._end_replayed(scope, record)
-            elif token is None and store.is_open:
+            elif token is None:
                 session = self._anonymous(scope)
             else:
                 session = await self._load(scope, token)
@@ -131,15 +131,16 @@ class SessionMiddleware:
 
     async def _load(self, scope: Scope, token: str | None) -> Session:
         """The session ``token`` (read from the cookie) names; anonymous, marked to clear the
-        cookie, when it is not valid. Opens the store on first use.
+        cookie, when it is not valid. Opens the store on first use, and only for a token:
+        a request without one needs no store (unless it logs in).
         """
-        store = self.store
-        if not store.is_open:
-            await store.open()
         if token is None:
             return self._anonymous(scope)
         if token == MALFORMED:
             return self._cleared(scope)
+        store = self.store
+        if not store.is_open:
+            await store.open()
         now = time.time()
         digest = token_digest(token)
         record = await store.get(digest, now=now)

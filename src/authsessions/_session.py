@@ -226,6 +226,8 @@ class Session:
             await self._store.delete(self._record.id)
             self._forget()
         self._cookie_change = "clear"
+        if not self._store.is_open:
+            await self._store.open()  # a request without a cookie left it unopened
         now = time.time()
         config = self._config
         kind, headers, client = self._connection

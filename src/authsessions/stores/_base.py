@@ -93,7 +93,7 @@ class Store(abc.ABC):
     """
 
     _is_open: bool = False
-    _open_lock: asyncio.Lock | None = None
+    _opening: asyncio.Future[None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -104,15 +104,28 @@ class Store(abc.ABC):
         return RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
 
     async def open(self) -> None:
-        """Connect and create the schema if missing. Calling it again does nothing."""
+        """Connect and create the schema if missing. Calling it again does nothing.
+
+        Callers that come while an attempt is under way share it, and its failure: with
+        the server down, each would otherwise wait out a timeout of its own, in turn.
+        A caller cancelled meanwhile leaves the attempt running for the others.
+        """
         if self._is_open:
             return
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
-        async with self._open_lock:
-            if not self._is_open:
-                await self._open()
-                self._is_open = True
+        attempt = self._opening
+        if (
+            attempt is None
+            or attempt.done()
+            or attempt.get_loop() is not asyncio.get_running_loop()
+        ):
+            attempt = self._opening = asyncio.ensure_future(self._open_and_mark_open())
+            # Retrieved here, so a failure nobody is left to await is not logged as lost.
+            attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(attempt)
+
+    async def _open_and_mark_open(self) -> None:
+        await self._open()
+        self._is_open = True
 
     async def close(self) -> None:
         """Release connections. The store can be opened again afterwards."""
