@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,10 +12,11 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from litestar import Litestar, get, post
+from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from starlette.types import ASGIApp
 
-from authsessions import SessionManager
+from authsessions import SessionManager, SessionMiddleware
 from authsessions.litestar import CurrentSession, SessionPlugin
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores.sqlite import TABLE
@@ -146,3 +148,62 @@ async def test_a_store_object_is_left_open_for_its_owner(sqlite_store: Store) ->
 
     assert sqlite_store.is_open
     assert await SessionManager(sqlite_store).list_for_user("nobody") == []
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_store_down_at_startup_is_logged_and_retried_by_requests(
+    tmp_path: Path, client_for: ClientFor
+) -> None:
+    """As in Starlette: the app starts, answers 503 where it needs the store, and recovers
+    once the store can open; refusing to start would turn a store's blip into a crash loop.
+    """
+    folder = tmp_path / "not-yet"
+    app, plugin = build(f"sqlite:///{folder / 'sessions.db'}")
+
+    handler = RecordingHandler()
+    logger = logging.getLogger("authsessions")  # Litestar's logging config stops propagation
+    logger.addHandler(handler)
+    try:
+        async with LifespanManager(app):
+            client = client_for(app)
+            anonymous = await client.get("/me")
+            login_down = await client.post("/login", json={"user_id": "alice"})
+            folder.mkdir()
+            login_back = await client.post("/login", json={"user_id": "alice"})
+    finally:
+        logger.removeHandler(handler)
+
+    assert any(
+        "could not open the session store at startup" in r.getMessage() for r in handler.records
+    )
+    assert anonymous.status_code == 200
+    assert anonymous.json()["user"] is None
+    assert login_down.status_code == 503
+    assert login_back.status_code == 200
+    assert session_cookie(login_back) is not None
+    assert not plugin.store.is_open  # closed at shutdown
+
+
+@pytest.mark.parametrize("store", ["memory://", None])
+def test_the_middleware_added_directly_to_a_litestar_app_points_to_the_plugin(
+    store: str | None,
+) -> None:
+    """Litestar builds middleware per route: each would open a store of its own (with
+    ``memory://``, a login on one route is unknown on the next).
+    """
+
+    @get("/plain")
+    async def plain() -> str:
+        return "no session asked for"
+
+    middleware: Any = SessionMiddleware  # Starlette's ASGI types, structurally Litestar's
+    with pytest.raises(TypeError, match="SessionPlugin"):
+        Litestar([plain], middleware=[DefineMiddleware(middleware, store=store)])

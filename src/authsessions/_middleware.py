@@ -20,7 +20,7 @@ from authsessions._tokens import token_digest
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
-__all__ = ["SessionMiddleware"]
+__all__ = ["SessionMiddleware", "open_at_startup"]
 
 logger = logging.getLogger("authsessions")
 
@@ -67,6 +67,12 @@ class SessionMiddleware:
     ) -> None:
         if config is not None and not isinstance(config, SessionConfig):
             raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
+        if not isinstance(store, Store) and type(app).__module__.startswith("litestar."):
+            raise TypeError(
+                "SessionMiddleware inside a Litestar app would open a store of its own for "
+                "every route (Litestar builds middleware per route): use "
+                "authsessions.litestar.SessionPlugin(store=...) instead."
+            )
         self.app = app
         self.config = config if config is not None else SessionConfig()
         self.store, self._owns_store = resolve_store(store)
@@ -230,14 +236,7 @@ class SessionMiddleware:
         async def receive_wrapper() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                try:
-                    await self.store.open()
-                except SessionError as exc:
-                    logger.error(
-                        "could not open the session store at startup (%s); "
-                        "requests will retry and get 503 until it opens",
-                        exc,
-                    )
+                await open_at_startup(self.store)
             return message
 
         async def send_wrapper(message: Message) -> None:
@@ -294,6 +293,20 @@ class _SessionSend:
             return
         self._middleware._add_headers(message, self._session)
         await self._send(message)
+
+
+async def open_at_startup(store: Store) -> None:
+    """Open ``store`` as the app starts; if it is down, say so and start all the same:
+    requests retry the store and get 503 until it opens (a crash loop would serve none).
+    """
+    try:
+        await store.open()
+    except SessionError as exc:
+        logger.error(
+            "could not open the session store at startup (%s); "
+            "requests will retry and get 503 until it opens",
+            exc,
+        )
 
 
 async def _nothing() -> None:

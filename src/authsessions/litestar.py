@@ -26,7 +26,7 @@ from litestar.types import Scope
 
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionError
-from authsessions._middleware import SessionMiddleware
+from authsessions._middleware import SessionMiddleware, open_at_startup
 from authsessions._session import Session
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
@@ -57,8 +57,10 @@ class SessionPlugin(InitPlugin):
     Adds :class:`SessionMiddleware`, a ``session`` dependency (declare a
     ``session: CurrentSession`` parameter), and renders uncaught
     :class:`SessionError`\\ s as JSON with their status code (Litestar would
-    otherwise answer 500). The store opens at startup; one built from a URL
-    (or the default) is closed at shutdown.
+    otherwise answer 500). The store opens at startup (if it is down, the app
+    starts all the same and requests get 503 until it opens); one built from
+    a URL (or the default) is closed at shutdown. Add this plugin, not
+    ``SessionMiddleware`` itself: Litestar builds middleware once per route.
 
     Args:
         store: a :class:`~authsessions.stores.Store`, a store URL, or ``None``
@@ -84,7 +86,10 @@ class SessionPlugin(InitPlugin):
             "session", Provide(provide_session, sync_to_thread=False)
         )
         app_config.exception_handlers.setdefault(SessionError, session_error_response)
-        app_config.on_startup.append(self.store.open)
+        app_config.on_startup.append(self._open_store)
         if self._owns_store:
             app_config.on_shutdown.append(self.store.close)
         return app_config
+
+    async def _open_store(self) -> None:
+        await open_at_startup(self.store)
