@@ -108,6 +108,38 @@ async def test_revoke_all_except_one(store: Store) -> None:
     assert [s.id for s in await manager.list_for_user("alice")] == [keep.id]
 
 
+@pytest.mark.parametrize("user_id", [42, "", "a\nb", None])
+async def test_a_user_id_no_session_can_have_is_refused_and_nothing_changes(
+    store: Store, user_id: object
+) -> None:
+    """An int above all: each store read it its own way (SQLite matched "42", the memory
+    store nothing, PostgreSQL and Redis failed), and a revoke after a password reset that
+    silently ends nothing is the worst of them.
+    """
+    _, session = await plant_session(store, "42")
+    manager = SessionManager(store)
+
+    with pytest.raises(ValueError, match=r"str\(user.id\)"):
+        await manager.revoke_all(user_id)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"str\(user.id\)"):
+        await manager.list_for_user(user_id)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"str\(user.id\)"):
+        await manager.revoke(user_id, session.id)  # type: ignore[arg-type]
+
+    assert [s.id for s in await manager.list_for_user("42")] == [session.id]
+
+
+async def test_revoke_all_refuses_an_except_id_that_is_not_a_string(store: Store) -> None:
+    """SQLite's ``id IS NOT 7`` excludes nothing: the session meant to stay would end too."""
+    _, keep = await plant_session(store, "alice")
+    manager = SessionManager(store)
+
+    with pytest.raises(TypeError, match="except_id"):
+        await manager.revoke_all("alice", except_id=7)  # type: ignore[arg-type]
+
+    assert [s.id for s in await manager.list_for_user("alice")] == [keep.id]
+
+
 async def test_cleanup_expired_deletes_only_expired_sessions(store: Store) -> None:
     # Live first: a store may sweep a user's expired sessions when it creates one.
     _, live = await plant_session(store, "alice", expires_in=60)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
-from authsessions._records import SessionData
+from authsessions._records import SessionData, check_user_id
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores._base import Store
 
@@ -42,8 +42,11 @@ class SessionManager:
         """The user's live sessions, most recently active first.
 
         Raises:
+            ValueError: ``user_id`` is not a string a session could have (an int: pass
+                ``str(user.id)``).
             StoreUnavailable: the store failed.
         """
+        check_user_id(user_id)
         store = await self._store()
         records = await store.list_for_user(user_id, now=time.time())
         # Fresh from the store and dropped here: each record's data can be handed over.
@@ -53,9 +56,11 @@ class SessionManager:
         """End one session of ``user_id``.
 
         Raises:
+            ValueError: ``user_id`` is not a string a session could have.
             SessionNotFound: no such session, or it belongs to another user.
             StoreUnavailable: the store failed.
         """
+        check_user_id(user_id)
         store = await self._store()
         if not is_well_formed_session_id(session_id) or not await store.delete(
             session_id, user_id=user_id
@@ -66,8 +71,16 @@ class SessionManager:
         """End every session of ``user_id`` (but ``except_id``); returns how many ended.
 
         Raises:
+            ValueError: ``user_id`` is not a string a session could have (an int: pass
+                ``str(user.id)``; stores would each read it their own way).
+            TypeError: ``except_id`` is neither a session id string nor ``None``.
             StoreUnavailable: the store failed.
         """
+        check_user_id(user_id)
+        if except_id is not None and not isinstance(except_id, str):
+            raise TypeError(
+                f"except_id must be a session id (str), got {type(except_id).__name__}."
+            )
         store = await self._store()
         return await store.delete_for_user(user_id, except_id=except_id)
 

@@ -14,6 +14,7 @@ __all__ = [
     "SessionRecord",
     "SessionUpdate",
     "StoreStats",
+    "check_user_id",
     "copy_json",
     "data_size",
     "dump_json",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
+MAX_USER_ID_LENGTH = 255
 
 
 # Built once: json.dumps with any option builds a new encoder per call, and even a kept
@@ -231,3 +233,24 @@ class StoreStats:
     """Live sessions per device type ("desktop", "mobile", ...); types without any are absent."""
     expired_sessions: int
     """Expired sessions still stored: what cleanup would remove (0 when the store cannot know)."""
+
+
+def check_user_id(user_id: object) -> None:
+    """Refuse a user id no session can have, before any store access.
+
+    Raises:
+        ValueError: not a non-empty printable string of at most
+            ``MAX_USER_ID_LENGTH`` characters (an int among them: stores
+            compare ids as strings, each in its own way).
+    """
+    # Printable only: every store can keep it, and it is safe in logs and admin tables.
+    if (
+        not isinstance(user_id, str)
+        or not user_id
+        or len(user_id) > MAX_USER_ID_LENGTH
+        or not user_id.isprintable()
+    ):
+        raise ValueError(
+            f"user_id must be a non-empty printable string of at most {MAX_USER_ID_LENGTH} "
+            f"characters, got {user_id!r:.80}; pass str(user.id) for numeric ids."
+        )

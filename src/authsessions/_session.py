@@ -12,7 +12,14 @@ from starlette.types import Scope
 from authsessions._client import client_ip, device_of, user_agent_of
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
-from authsessions._records import SessionData, SessionRecord, SessionUpdate, copy_json, data_size
+from authsessions._records import (
+    SessionData,
+    SessionRecord,
+    SessionUpdate,
+    check_user_id,
+    copy_json,
+    data_size,
+)
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
 from authsessions._values import plain_json_copy, read_as
 from authsessions.stores._base import CreateError, DataTooLarge, Store
@@ -23,7 +30,6 @@ logger = logging.getLogger("authsessions")
 
 T = TypeVar("T")
 SCOPE_KEY = "authsessions.session"
-MAX_USER_ID_LENGTH = 255
 
 _NO_DATA: dict[str, Any] = {}  # never changed: a session without a record takes no writes
 _REMOVED = object()  # a key's pending change: removed
@@ -216,7 +222,7 @@ class Session:
             SessionDataError: ``data`` is not a mapping of plain JSON, or too large.
             StoreUnavailable: the store failed; the request's cookie is cleared.
         """
-        _check_user_id(user_id)
+        check_user_id(user_id)
         if not isinstance(data, Mapping):
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
@@ -519,17 +525,3 @@ class Session:
     def _end(self) -> None:
         self._forget()
         self._cookie_change = "clear"
-
-
-def _check_user_id(user_id: object) -> None:
-    # Printable only: every store can keep it, and it is safe in logs and admin tables.
-    if (
-        not isinstance(user_id, str)
-        or not user_id
-        or len(user_id) > MAX_USER_ID_LENGTH
-        or not user_id.isprintable()
-    ):
-        raise ValueError(
-            f"user_id must be a non-empty printable string of at most {MAX_USER_ID_LENGTH} "
-            f"characters, got {user_id!r:.80}; pass str(user.id) for numeric ids."
-        )
