@@ -77,6 +77,10 @@ class SessionConfig:
             )
         _require_int("max_sessions_per_user", self.max_sessions_per_user, minimum=1)
         _require_int("max_data_bytes", self.max_data_bytes, minimum=2)
+        for flag in ("validate_fingerprint", "cookie_secure", "cookie_http_only"):
+            # "false" from an environment variable is truthy: it would read as True.
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         self._check_cookie()
         derived = {
             "trusted_networks": _parse_networks(self.trusted_proxies),
@@ -106,6 +110,12 @@ class SessionConfig:
             )
         if not isinstance(self.cookie_path, str) or not self.cookie_path.startswith("/"):
             raise ValueError(f'cookie_path must start with "/", got {self.cookie_path!r}.')
+        if self.cookie_domain is not None and (
+            not isinstance(self.cookie_domain, str) or not self.cookie_domain
+        ):
+            raise ValueError(
+                f"cookie_domain must be a non-empty domain or None, got {self.cookie_domain!r}."
+            )
         for attribute in (self.cookie_path, self.cookie_domain or ""):
             if any(ch in attribute for ch in ";\r\n"):
                 raise ValueError(
