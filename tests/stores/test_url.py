@@ -184,3 +184,17 @@ async def opened_and_closed(store: Store) -> None:
 )
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_sqlite_url_with_options_is_refused_not_silently_ignored() -> None:
+    with pytest.raises(ValueError, match=r"takes no options, got '\?mode=ro'"):
+        open_store("sqlite:///sessions.db?mode=ro")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+def test_a_redis_url_option_redis_py_does_not_take_is_refused_when_the_store_is_built() -> None:
+    """Not on the first connect, as the driver's own TypeError."""
+    with pytest.raises(ValueError, match=r"does not take.*'foo'") as raised:
+        open_store(f"redis://:{PASSWORD}@127.0.0.1:6379/0?foo=bar")
+    assert PASSWORD not in str(raised.value)
+    assert open_store("redis://127.0.0.1:6379/0?health_check_interval=5&socket_keepalive=true")

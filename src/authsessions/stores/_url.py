@@ -43,10 +43,15 @@ def open_store(url: str) -> Store:
     if scheme == "sqlite":
         from authsessions.stores.sqlite import SQLiteStore
 
-        path = rest.removeprefix("/").partition("?")[0]
+        path, _, options = rest.removeprefix("/").partition("?")
         if not path:
             raise ValueError(
                 "a sqlite URL needs a file: sqlite:///relative.db or sqlite:////absolute/path.db."
+            )
+        if options:
+            raise ValueError(
+                f"a sqlite URL takes no options, got '?{options:.40}': "
+                "use SQLiteStore(path, timeout=...) for settings."
             )
         return SQLiteStore(path)
     if scheme in ("postgresql", "postgres"):

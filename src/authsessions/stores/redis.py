@@ -119,7 +119,8 @@ class RedisStore(Store):
     Raises:
         ImportError: redis-py is not installed.
         ValueError: neither ``url`` nor ``client``, a client that returns bytes,
-            a prefix with braces, or a timeout that is not positive.
+            a prefix with braces, a timeout that is not positive, or an option in
+            the URL that redis-py does not take.
     """
 
     def __init__(
@@ -144,6 +145,8 @@ class RedisStore(Store):
             scheme, separator, rest = url.partition("://")
             if scheme.lower() in _CLUSTER_SCHEMES:
                 url, cluster = f"{_CLUSTER_SCHEMES[scheme.lower()]}{separator}{rest}", True
+            if not cluster:  # a cluster's URL may carry options of RedisCluster's own
+                self._check_url_options(url)
         elif client is not None:
             if not client.get_encoder().decode_responses:
                 raise ValueError("RedisStore needs a client built with decode_responses=True.")
@@ -175,6 +178,16 @@ class RedisStore(Store):
         self._sweep_pending: list[str] = []
         self._sweep_now: float | None = None
         self._sweep_lock = asyncio.Lock()
+
+    def _check_url_options(self, url: str) -> None:
+        """Refuse, here, an option in ``url`` that redis-py would only reject as it first
+        connects (with a ``TypeError`` of its own), by building a connection unconnected.
+        """
+        pool = self._driver.Redis.from_url(url).connection_pool
+        try:
+            pool.connection_class(**pool.connection_kwargs)
+        except TypeError as exc:
+            raise ValueError(f"the Redis URL has an option redis-py does not take: {exc}") from None
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url is not None else "<app client>"
