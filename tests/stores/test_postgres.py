@@ -625,3 +625,24 @@ async def test_reads_reach_the_connection_behind_the_pools_proxy(
         assert isinstance(connections, HeldConnections)
         proxy, _ = connections._idle[-1]
         assert isinstance(_unwrapped(proxy), asyncpg.Connection)
+
+
+async def test_the_log_says_why_the_server_refused_but_never_a_statements_values(
+    postgres_url: str, postgres_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator needs the reason (here, no such database); a value a statement was
+    given (a user id, a digest, session data) must not reach the log.
+    """
+    parts = urlsplit(postgres_url)
+    missing = PostgresStore(
+        urlunsplit(parts._replace(path="/authsessions_no_such_db")), connect_timeout=5
+    )
+    with caplog.at_level("WARNING", logger="authsessions"), pytest.raises(StoreUnavailable):
+        await missing.open()
+    assert 'InvalidCatalogNameError (3D000): database "authsessions_no_such_db"' in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="authsessions"), pytest.raises(StoreUnavailable):
+        await postgres_store.list_for_user(4242424242, now=start_time())  # type: ignore[arg-type]
+    assert "DataError (22000)" in caplog.text
+    assert "4242424242" not in caplog.text

@@ -831,3 +831,14 @@ def test_stores_import_without_redis_and_the_store_names_the_extra() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert "pip install 'authsessions[redis]'" in result.stdout
+
+
+async def test_the_log_says_why_the_server_could_not_be_reached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with refusing_port() as port:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+        with caplog.at_level("WARNING", logger="authsessions"), pytest.raises(StoreUnavailable):
+            await store.open()
+
+    assert f"ConnectionError: Error 111 connecting to 127.0.0.1:{port}" in caplog.text

@@ -2527,7 +2527,9 @@ async def test_damaged_pages_give_store_unavailable(db_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["directory", "missing_parent"])
-async def test_unopenable_path_gives_store_unavailable(tmp_path: Path, where: str) -> None:
+async def test_unopenable_path_gives_store_unavailable(
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
     if where == "directory":
         path = tmp_path / "sessions.db"
         path.mkdir()
@@ -2535,8 +2537,13 @@ async def test_unopenable_path_gives_store_unavailable(tmp_path: Path, where: st
         path = tmp_path / "missing" / "sessions.db"
     store = SQLiteStore(path)
 
-    with pytest.raises(StoreUnavailable) as raised:
+    with (
+        caplog.at_level("WARNING", logger="authsessions"),
+        pytest.raises(StoreUnavailable) as raised,
+    ):
         await store.open()
 
     assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
     assert not store.is_open
+    # The operator learns why, not only the error's type.
+    assert "OperationalError: unable to open database file" in caplog.text

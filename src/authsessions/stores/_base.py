@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -62,12 +63,40 @@ def require_count(name: str, value: object) -> None:
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
     """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``.
 
-    The failure is logged here with the store and the driver's error type; the
-    error itself carries only the generic message, since it may reach a client
-    as a 503 body and the driver's details (hosts, table names) must not.
+    The failure is logged here with the store and what an operator needs of it
+    (see :func:`failure_detail`); the error itself carries only the generic
+    message, since it may reach a client as a 503 body and the driver's details
+    (hosts, table names) must not.
     """
-    logger.warning("the %s session store failed: %s", store_name, type(exc).__name__)
+    logger.warning("the %s session store failed: %s", store_name, failure_detail(exc))
     return StoreUnavailable()
+
+
+# SQLSTATE classes whose messages name the server, the role or the database, never a
+# statement's values: connection exception, invalid authorization, invalid catalog name,
+# insufficient resources, operator intervention.
+_TELLING_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57"})
+# redis-py's errors of reaching the server, whose messages name the address and the cause.
+_TELLING_REDIS_ERRORS = frozenset({"ConnectionError", "TimeoutError", "AuthenticationError"})
+
+
+def failure_detail(exc: BaseException) -> str:
+    """A driver failure for the log: its type, and its message where that cannot carry
+    a request's values (a bound parameter, session data, a digest): reaching the server
+    or the file, signing in, finding the database. Other messages stay out (PostgreSQL's
+    SQLSTATE stands in for them), so the log never holds what a statement was given.
+    """
+    name = type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        if sqlstate[:2] in _TELLING_SQLSTATE_CLASSES:
+            return f"{name} ({sqlstate}): {exc}"
+        return f"{name} ({sqlstate})"
+    telling = isinstance(exc, OSError | TimeoutError | sqlite3.Error) or any(
+        cls.__module__ == "redis.exceptions" and cls.__name__ in _TELLING_REDIS_ERRORS
+        for cls in type(exc).__mro__
+    )
+    return f"{name}: {exc}" if telling and str(exc) else name
 
 
 @contextmanager
