@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import types
@@ -12,6 +13,10 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+
+from authsessions import SessionManager
+from authsessions.stores import SQLiteStore
+from tests.apps.session_app import plant_session
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CHROME = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) Chrome/120.0.0.0 Safari/537.36"
@@ -83,3 +88,30 @@ async def test_litestar_quickstart_signs_in(client_for: Any) -> None:
 
     assert before.json() == {"user": None}
     assert after.json() == {"user": "42"}
+
+
+def test_the_manager_example_revokes_a_users_sessions_and_sweeps_expired_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The block under "Outside a request": a whole script, run as written."""
+    match = re.search(r"Outside a request.*?```python\n(.*?)```", README.read_text(), re.S)
+    assert match is not None, "no SessionManager example in README.md"
+    monkeypatch.chdir(tmp_path)
+
+    async def plant() -> None:
+        async with SQLiteStore("sessions.db") as store:
+            await plant_session(store, "42")
+            await plant_session(store, "42")
+            await plant_session(store, "7")
+            await plant_session(store, "8", expires_in=-60)
+
+    asyncio.run(plant())
+    exec(compile(match.group(1), "README:SessionManager", "exec"), {"__name__": "readme"})  # noqa: S102
+
+    async def users_left() -> list[str]:
+        async with SQLiteStore("sessions.db") as store:
+            manager = SessionManager(store)
+            return [s.user_id for user in ("42", "7", "8") for s in await manager.list_for_user(user)]
+
+    assert asyncio.run(users_left()) == ["7"]
+    assert capsys.readouterr().out == "1 expired sessions removed\n"

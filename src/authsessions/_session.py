@@ -365,7 +365,9 @@ class Session:
         """The token to send and its Max-Age, when the cookie must be set."""
         if self._cookie_change != "set" or self._record is None or self._token is None:
             return None
-        return self._token, max(0, int(self._record.expires_at - time.time()))
+        # Rounded: counted a moment after the expiry was set, a 30-day session would
+        # otherwise say 2591999.
+        return self._token, max(0, round(self._record.expires_at - time.time()))
 
     def pending_write(self, *, save: bool) -> Awaitable[None] | None:
         """The store write this request owes (changed keys, a due touch), or ``None``.
