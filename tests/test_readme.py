@@ -111,7 +111,8 @@ def test_the_manager_example_revokes_a_users_sessions_and_sweeps_expired_ones(
     async def users_left() -> list[str]:
         async with SQLiteStore("sessions.db") as store:
             manager = SessionManager(store)
-            return [s.user_id for user in ("42", "7", "8") for s in await manager.list_for_user(user)]
+            listed = [await manager.list_for_user(user) for user in ("42", "7", "8")]
+            return [session.user_id for sessions in listed for session in sessions]
 
     assert asyncio.run(users_left()) == ["7"]
     assert capsys.readouterr().out == "1 expired sessions removed\n"
