@@ -646,3 +646,31 @@ async def test_the_log_says_why_the_server_refused_but_never_a_statements_values
         await postgres_store.list_for_user(4242424242, now=start_time())  # type: ignore[arg-type]
     assert "DataError (22000)" in caplog.text
     assert "4242424242" not in caplog.text
+
+
+async def test_a_close_during_an_open_its_caller_gave_up_on_leaves_the_store_closed(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The open waits for another server's schema upgrade (its advisory lock); a request
+    timeout gives up on it and shutdown closes the store. The open, which other callers
+    share and so goes on, must not leave a pool behind a store its owner closed.
+    """
+    store = PostgresStore(postgres_url, schema=postgres_schema, connect_timeout=5)
+    upgrading = await asyncpg.connect(postgres_url)
+    try:
+        await upgrading.execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+            f"authsessions migrate {postgres_schema}.authsessions_session",
+        )
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.open(), 0.3)
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0.1)
+        assert not closing.done()  # it waits for the open under way
+        await upgrading.execute("SELECT pg_advisory_unlock_all()")
+        await closing
+    finally:
+        await upgrading.close()
+
+    assert not store.is_open
+    assert store._pool is None

@@ -157,7 +157,18 @@ class Store(abc.ABC):
         self._is_open = True
 
     async def close(self) -> None:
-        """Release connections. The store can be opened again afterwards."""
+        """Release connections. The store can be opened again afterwards.
+
+        An open under way (its callers may have given up on it) ends first, within
+        the store's own timeouts, so that what it opens is closed too.
+        """
+        attempt = self._opening
+        if (
+            attempt is not None
+            and not attempt.done()
+            and attempt.get_loop() is asyncio.get_running_loop()
+        ):
+            await asyncio.wait([attempt])
         if self._is_open:
             self._is_open = False
             await self._close()
