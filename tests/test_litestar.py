@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from litestar import Litestar, get, post
+from litestar import Litestar, Request, get, post
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from starlette.types import ASGIApp
 
-from authsessions import SessionManager, SessionMiddleware
+from authsessions import Session, SessionManager, SessionMiddleware
 from authsessions.litestar import CurrentSession, SessionPlugin
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores.sqlite import TABLE
@@ -192,18 +192,63 @@ async def test_a_store_down_at_startup_is_logged_and_retried_by_requests(
     assert not plugin.store.is_open  # closed at shutdown
 
 
+class PassThrough:
+    """A middleware of the app's own, after ours in the list."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 @pytest.mark.parametrize("store", ["memory://", None])
-def test_the_middleware_added_directly_to_a_litestar_app_points_to_the_plugin(
+@pytest.mark.parametrize("after_ours", [[], [PassThrough]])
+async def test_the_middleware_in_a_litestar_apps_list_points_to_the_plugin(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client_for: ClientFor,
     store: str | None,
+    after_ours: list[Any],
 ) -> None:
-    """Litestar builds middleware per route: each would open a store of its own (with
+    """Litestar builds it per route: each would keep sessions of its own (with
     ``memory://``, a login on one route is unknown on the next).
     """
+    monkeypatch.chdir(tmp_path)
+    middleware: Any = SessionMiddleware  # Starlette's ASGI types, structurally Litestar's
 
     @get("/plain")
     async def plain() -> str:
         return "no session asked for"
 
-    middleware: Any = SessionMiddleware  # Starlette's ASGI types, structurally Litestar's
-    with pytest.raises(TypeError, match="SessionPlugin"):
-        Litestar([plain], middleware=[DefineMiddleware(middleware, store=store)])
+    app: Any = Litestar(
+        [plain], middleware=[DefineMiddleware(middleware, store=store), *after_ours], debug=True
+    )
+    response = await client_for(app).get("/plain")
+
+    assert response.status_code == 500
+    assert "SessionPlugin" in response.text
+
+
+async def test_the_middleware_around_a_whole_litestar_app_is_one_and_works(
+    client_for: ClientFor,
+) -> None:
+    """Wrapping the app once (as when mounting it under Starlette) is a single middleware."""
+
+    @post("/in", status_code=200)
+    async def sign_in(request: Request[Any, Any, Any]) -> None:
+        await Session.from_request(request).authenticate("alice")
+
+    @get("/who")
+    async def who(request: Request[Any, Any, Any]) -> dict[str, str | None]:
+        return {"user": Session.from_request(request).user_id}
+
+    litestar_app: Any = Litestar([sign_in, who])
+    app: Any = SessionMiddleware(litestar_app, store="memory://")
+    client = client_for(app)
+    cookie = session_cookie(await client.post("/in"))
+    assert cookie is not None
+
+    response = await client.get("/who", headers=cookie_header(cookie.value))
+
+    assert response.json() == {"user": "alice"}

@@ -67,18 +67,16 @@ class SessionMiddleware:
     ) -> None:
         if config is not None and not isinstance(config, SessionConfig):
             raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
-        if not isinstance(store, Store) and type(app).__module__.startswith("litestar."):
-            raise TypeError(
-                "SessionMiddleware inside a Litestar app would open a store of its own for "
-                "every route (Litestar builds middleware per route): use "
-                "authsessions.litestar.SessionPlugin(store=...) instead."
-            )
         self.app = app
         self.config = config if config is not None else SessionConfig()
         self.store, self._owns_store = resolve_store(store)
         self._cookie = SessionCookie(self.config)
+        # Only a store of its own can be the wrong one (see _check_placement).
+        self._placement_checked = not self._owns_store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._placement_checked:
+            self._check_placement(scope)
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._websocket(scope, receive, send)
@@ -118,6 +116,23 @@ class SessionMiddleware:
             start, body = _error_response(exc)
             await session_send(start)
             await session_send(body)
+
+    def _check_placement(self, scope: Scope) -> None:
+        """Refuse to run as a Litestar route's middleware with a store of its own.
+
+        Litestar builds route middleware once per route, inside its router (whose
+        scope names the route's handler): every instance would open a store of its
+        own, and a login on one route would be unknown on the next.
+        """
+        if scope["type"] == "lifespan":
+            return  # a lifespan never reaches route middleware
+        if "route_handler" in scope:
+            raise TypeError(
+                "SessionMiddleware was added to a Litestar app's middleware, which Litestar "
+                "builds once per route: each would open a store of its own. Use "
+                "authsessions.litestar.SessionPlugin(store=...) instead."
+            )
+        self._placement_checked = True
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
