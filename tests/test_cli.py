@@ -351,20 +351,17 @@ def test_missing_store_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     )
 
 
-@pytest.mark.parametrize(
-    ("module", "base_url", "option"),
-    [("postgres", POSTGRES_URL, "sslpassword="), ("redis", REDIS_URL, "password=")],
-)
-def test_url_passwords_are_not_printed(module: str, base_url: str, option: str) -> None:
-    store_url = networked_store(module, base_url)
-    # The servers here need none: the option is taken and the store opens all the same.
-    url = f"{store_url}{'&' if '?' in store_url else '?'}{option}s3cret-pw"
+def test_url_passwords_are_not_printed() -> None:
+    store_url = networked_store("postgres", POSTGRES_URL)
+    # The server trusts local connections: both options are taken, and the store opens.
+    separator = "&" if "?" in store_url else "?"
+    url = f"{store_url}{separator}password=s3cret-pw&sslpassword=s3cret-pw"
 
     result = run("migrate", "--store", url)
 
     assert result.exit_code == 0, result.output
     assert "s3cret-pw" not in result.output
-    assert f"{option}***" in result.stdout
+    assert "password=***&sslpassword=***" in result.stdout
 
 
 def test_demo_with_a_bad_store_fails_in_one_line() -> None:

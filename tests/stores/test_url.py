@@ -179,7 +179,12 @@ async def opened_and_closed(store: Store) -> None:
         ("rediss+cluster://u:pw@node:7000", "rediss+cluster://u:***@node:7000"),
         ("sqlite:///sessions.db", "sqlite:///sessions.db"),
         ("postgresql://db/app?sslmode=require", "postgresql://db/app?sslmode=require"),
-        ("postgresql://[::1/app?password=pw", "<unparseable URL>"),
+        ("postgresql://[::1/app?password=pw", "postgresql://[::1/app?password=***"),
+        ("postgresql://app:pa#ss@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:pa?ss/x@db/app", "postgresql://app:***@db/app"),
+        ("postgresql:///app?host=/tmp&password=pw", "postgresql:///app?host=/tmp&password=***"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        ("redis://cache/0?password=pw#frag", "redis://cache/0?password=***#frag"),
     ],
 )
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:

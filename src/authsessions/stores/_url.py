@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 if TYPE_CHECKING:
     from authsessions.stores._base import Store
@@ -93,19 +93,25 @@ def redact_url(url: str) -> str:
     """``url`` with every password in it replaced by ``***``, for reprs, logs and messages:
     the one in ``user:password@`` and the value of any query option whose name holds
     "password" (libpq's ``password`` and ``sslpassword``, redis-py's ``password``).
+
+    Spliced as text, not parsed: a password may hold an unescaped "/", "?" or "#", which
+    a URL parser takes for the end of the host, showing the password as host or path.
+    Everything before the last "@" is taken for the user part (more is hidden, never less).
     """
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.partition(':')[0]}:***@{host}"
-    except ValueError:
-        return "<unparseable URL>"
-    query = "&".join(_redacted_option(option) for option in parts.query.split("&"))
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # as given: urlunsplit would drop the "//" of "sqlite:///x.db"
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _password = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    location, question_mark, query = rest.partition("?")
+    if question_mark:
+        query, hash_mark, fragment = query.partition("#")
+        query = "&".join(_redacted_option(option) for option in query.split("&"))
+        rest = f"{location}?{query}{hash_mark}{fragment}"
+    return f"{scheme}{separator}{rest}"
 
 
 def _redacted_option(option: str) -> str:
