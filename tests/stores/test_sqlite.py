@@ -2408,11 +2408,13 @@ async def test_a_cleanup_queued_before_a_finish_moves_the_count_on_once(
         assert 0 <= impatient_store._writer.checkpoints.counted() < 10
 
 
-def test_checkpoints_go_on_after_a_reopen_once_a_finish_outlived_its_loop(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("reopened", [True, False])
+def test_checkpoints_go_on_on_another_loop_once_a_finish_outlived_its_own(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, reopened: bool
 ) -> None:
     """A finish still running when its event loop ended cannot tell that loop; the store,
-    closed and opened again on another loop, must still finish its checkpoints.
+    used on another loop (closed and opened again there, or not), must still finish its
+    checkpoints.
     """
     if sys.platform != "linux":
         pytest.skip(ON_LINUX_ONLY)
@@ -2440,7 +2442,8 @@ def test_checkpoints_go_on_after_a_reopen_once_a_finish_outlived_its_loop(
     store._writer._pool.submit(lambda: None).result()  # the finish ran; its loop is gone
 
     async def second_loop() -> None:
-        await store.close()
+        if reopened:
+            await store.close()
         async with store:
             t0, record = await one_session(store)
             await copy_held_back_by_a_reader(store, record.id)

@@ -48,6 +48,7 @@ class WriterThread:
         self.checkpoints = CheckpointSchedule(None)
         self._copying: Future[WalPosition | None] | None = None
         self._finishing: Future[Any] | None = None
+        self._finishing_told: asyncio.AbstractEventLoop | None = None  # hears of its end
 
     async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
         """Start the thread and open its connection there with ``connect``."""
@@ -65,6 +66,7 @@ class WriterThread:
     async def close(self) -> None:
         self.count_pages(None)
         self._copying = self._finishing = None  # the connection's close, below, runs after them
+        self._finishing_told = None
         pool, self._pool = self._pool, None
         if pool is not None:
             if self._db is not None:
@@ -126,13 +128,17 @@ class WriterThread:
         ran), or the WAL has grown twice as long as a checkpoint waits for (a disk slow to
         take the copy); without the header, as soon as a checkpoint is due. Not once a
         finish is in hand, under way or done and not yet taken in on the loop (a write
-        in between would run a second one).
+        in between would run a second one), unless that loop closed before it could.
 
         A copy that ended having started the WAL over is taken in here, before every
         write: the event loop may not turn between writes (they do not suspend).
         """
-        if self._finishing is not None:
-            return False
+        finishing = self._finishing
+        if finishing is not None:
+            told = self._finishing_told
+            if not (finishing.done() and told is not None and told.is_closed()):
+                return False
+            self._finishing = None  # done, but its loop closed before hearing of it
         copying = self._copying
         if copying is None:
             return self._wal_index is None and self.checkpoints.due()
@@ -197,6 +203,7 @@ class WriterThread:
 
         # Under way while not done (whether or not this loop still runs to hear of it).
         self._finishing = job = pool.submit(checkpoint_then_work)
+        self._finishing_told = loop
         # Asked for before the awaiting below, so it runs before the request resumes.
         _on_loop_when_done(job, loop, finished)
         with translate_errors("SQLite", sqlite3.Error):
