@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 
 from authsessions import SessionMiddleware
-from authsessions.fastapi import CurrentSession, RequiredSession
+from authsessions.fastapi import CurrentSession, RequiredSession, get_session, require_session
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 from tests.apps.session_app import COOKIE, cookie_header, session_cookie
 from tests.conftest import ClientFactory
@@ -151,3 +152,12 @@ def test_current_session_works_on_websockets() -> None:
             message = ws.receive_json()
 
     assert message == {"user_id": "alice"}
+
+
+def test_the_session_dependencies_run_on_the_event_loop() -> None:
+    """FastAPI hands a plain ``def`` dependency to its thread pool: a thread hop on every
+    request (it doubled a request's cost) and a token of the pool the app's own sync code
+    needs. A coroutine function it awaits in place.
+    """
+    assert inspect.iscoroutinefunction(get_session)
+    assert inspect.iscoroutinefunction(require_session)

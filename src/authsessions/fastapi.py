@@ -24,7 +24,11 @@ from authsessions._session import Session
 __all__ = ["CurrentSession", "RequiredSession", "get_session", "require_session"]
 
 
-def get_session(connection: HTTPConnection) -> Session:
+# Both are coroutine functions though they never await: FastAPI runs a plain ``def``
+# dependency in its thread pool, a hop that cost more than the request's own work.
+
+
+async def get_session(connection: HTTPConnection) -> Session:
     """The request's :class:`Session` (HTTP or WebSocket).
 
     Raises:
@@ -33,7 +37,7 @@ def get_session(connection: HTTPConnection) -> Session:
     return Session.from_scope(connection.scope)
 
 
-def require_session(connection: HTTPConnection) -> Session:
+async def require_session(connection: HTTPConnection) -> Session:
     """The request's session, or 401 when nobody is signed in.
 
     Raises:
