@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from authsessions import SessionMiddleware
 from authsessions.fastapi import CurrentSession, RequiredSession, get_session, require_session
@@ -54,6 +55,20 @@ def build_fastapi_app(store: Store | None) -> FastAPI:
         await websocket.accept()
         await websocket.send_json({"user_id": session.user_id})
         await websocket.close()
+
+    @app.websocket("/ws/required")
+    async def ws_required(websocket: WebSocket, session: RequiredSession) -> None:
+        await websocket.accept()
+        await websocket.send_json({"user_id": session.user_id})
+        await websocket.close()
+
+    @app.websocket("/ws/keep")
+    async def ws_keep(websocket: WebSocket, session: CurrentSession) -> None:
+        """Sets what it is sent, until the client leaves (the usual end of a socket)."""
+        await websocket.accept()
+        while True:
+            session.set("via", await websocket.receive_text())
+            await websocket.send_text("kept")
 
     return app
 
@@ -161,3 +176,38 @@ def test_the_session_dependencies_run_on_the_event_loop() -> None:
     """
     assert inspect.iscoroutinefunction(get_session)
     assert inspect.iscoroutinefunction(require_session)
+
+
+def test_a_session_error_on_a_websocket_closes_it_with_policy_violation() -> None:
+    """Not a failed ASGI call with a traceback in the server's log: the socket's answer
+    to what an HTTP request would get as 401.
+    """
+    app = build_fastapi_app(MemoryStore())
+    with (
+        TestClient(app, base_url="https://testserver") as client,
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect("/ws/required"),
+    ):
+        pass
+
+    assert closed.value.code == 1008
+    assert closed.value.reason == "Not authenticated: sign in first."
+
+
+def test_what_a_websocket_set_is_kept_when_the_client_leaves() -> None:
+    store = MemoryStore()
+    with TestClient(build_fastapi_app(store), base_url="https://testserver") as client:
+        token = client.post("/login", params={"user_id": "alice"}).cookies[COOKIE]
+
+        def send_then_leave() -> None:
+            with client.websocket_connect("/ws/keep", headers=cookie_header(token)) as ws:
+                ws.send_text("socket")
+                assert ws.receive_text() == "kept"
+
+        # The handler's next receive raises WebSocketDisconnect, which goes on up (the test
+        # client re-raises it here) once the session's changes are written.
+        with pytest.raises(WebSocketDisconnect):
+            send_then_leave()
+        me = client.get("/me", headers=cookie_header(token))
+
+    assert me.json()["via"] == "socket"

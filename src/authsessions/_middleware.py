@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -9,6 +10,7 @@ import time
 from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
 
 from authsessions._client import device_of
 from authsessions._config import SessionConfig
@@ -29,8 +31,10 @@ _VARY_COOKIE = (b"vary", b"Cookie")
 _NO_STORE_VARY_COOKIE = (_NO_STORE, _VARY_COOKIE)
 _CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
 
-# WebSocket close code 1013: "try again later", for a store that cannot be read.
+# WebSocket close codes: 1013 "try again later" (a store that cannot be read), 1008
+# "policy violation" (a session error such as Unauthorized).
 _WS_TRY_AGAIN_LATER = 1013
+_WS_POLICY_VIOLATION = 1008
 
 
 class SessionMiddleware:
@@ -141,14 +145,22 @@ class SessionMiddleware:
             await send({"type": "websocket.close", "code": _WS_TRY_AGAIN_LATER})
             return
         scope[SCOPE_KEY] = session
-        await self.app(scope, receive, send)
-        write = session.pending_write(save=True)
-        if write is not None:
-            try:
-                await write
-            except SessionError as exc:
-                # The socket is closed: nobody is left to answer, so say it in the log.
-                logger.warning("session changes of a WebSocket were not saved: %s", exc.message)
+        try:
+            await self.app(scope, receive, send)
+        except WebSocketDisconnect:
+            # The client left, the usual end of a socket: what the handler set stays.
+            await _save_websocket_changes(session, save=True)
+            raise
+        except SessionError as exc:
+            # Where an HTTP request gets a response with the error's status, the socket
+            # is closed (before the handshake, refused), instead of failing the server's
+            # ASGI call with a traceback.
+            await _save_websocket_changes(session, save=exc.status_code < 500)
+            code = _WS_TRY_AGAIN_LATER if exc.status_code >= 500 else _WS_POLICY_VIOLATION
+            with contextlib.suppress(RuntimeError, OSError):  # the socket closed already
+                await send({"type": "websocket.close", "code": code, "reason": exc.message})
+            return
+        await _save_websocket_changes(session, save=True)
 
     async def _load(self, scope: Scope, token: str | None) -> Session:
         """The session ``token`` (read from the cookie) names; anonymous, marked to clear the
@@ -322,6 +334,16 @@ async def open_at_startup(store: Store) -> None:
             "requests will retry and get 503 until it opens",
             exc,
         )
+
+
+async def _save_websocket_changes(session: Session, *, save: bool) -> None:
+    write = session.pending_write(save=save)
+    if write is not None:
+        try:
+            await write
+        except SessionError as exc:
+            # The socket is closed: nobody is left to answer, so say it in the log.
+            logger.warning("session changes of a WebSocket were not saved: %s", exc.message)
 
 
 async def _nothing() -> None:
