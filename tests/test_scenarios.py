@@ -310,14 +310,41 @@ async def test_list_my_sessions_orders_by_recent_activity_with_one_current(
 
     assert response.status_code == 200
     listed = response.json()
-    assert [s["id"] for s in listed] == [newest.id, middle.id, oldest.id]
-    assert [s["is_current"] for s in listed] == [False, False, True]
+    # The current one is active now, so it leads, though the store last heard of it an
+    # hour ago; the others follow by the activity the store recorded.
+    assert [s["id"] for s in listed] == [oldest.id, newest.id, middle.id]
+    assert [s["is_current"] for s in listed] == [True, False, False]
     assert {s["user_id"] for s in listed} == {"alice"}
-    assert listed[0]["device_name"] == "Firefox on Windows"
+    assert listed[1]["device_name"] == "Firefox on Windows"
     assert oldest_token not in response.text
-    # That request was activity, and the hour-old session was due a touch: it now leads.
     again = await client.get("/sessions", headers=cookie_header(oldest_token))
     assert [s["id"] for s in again.json()] == [oldest.id, newest.id, middle.id]
+
+
+async def test_list_my_sessions_leaves_out_this_session_once_it_ended_elsewhere(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A logout on another device during this request: the store no longer lists it, and
+    neither does the answer (this request's own copy of it is no longer a session).
+    """
+
+    async def ended_then_listed(request: Request) -> Response:
+        session = Session.from_request(request)
+        current = session.current()
+        assert current is not None
+        await store.delete(current.id)  # as a "log out everywhere" elsewhere would
+        return JSONResponse([s.id for s in await session.list_my_sessions()])
+
+    token, this = await plant_session(store, "alice")
+    _, other = await plant_session(store, "alice", idle_for=60)
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/ended-then-listed", ended_then_listed)])
+    )
+
+    response = await client.get("/ended-then-listed", headers=cookie_header(token))
+
+    assert response.json() == [other.id]
+    assert this.id not in response.text
 
 
 async def test_revoke_another_device_ends_it_and_keeps_this_one(

@@ -326,7 +326,9 @@ class Session:
         await self._store.delete_for_user(record.user_id, except_id=record.id)
 
     async def list_my_sessions(self) -> list[SessionData]:
-        """The user's live sessions, most recently active first; this one has ``is_current``.
+        """The user's live sessions, most recently active first; this one has ``is_current``
+        and comes first, being active now (its ``last_active_at`` is what the store last
+        heard, which moves once per ``touch_interval``).
 
         Raises:
             Unauthorized: there is no session.
@@ -336,10 +338,10 @@ class Session:
         records = await self._store.list_for_user(record.user_id, now=time.time())
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
-        return [
-            self._current_data() if stored.id == record.id else stored.to_data(copy_data=False)
-            for stored in records
-        ]
+        others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
+        if len(others) == len(records):
+            return others  # ended meanwhile (a logout elsewhere): no longer among them
+        return [self._current_data(), *others]
 
     async def revoke(self, session_id: str) -> None:
         """Destroy one session of the current user (this one too, which clears the cookie).
