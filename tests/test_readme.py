@@ -116,3 +116,21 @@ def test_the_manager_example_revokes_a_users_sessions_and_sweeps_expired_ones(
 
     assert asyncio.run(users_left()) == ["7"]
     assert capsys.readouterr().out == "1 expired sessions removed\n"
+
+
+def test_the_testing_example_signs_in_through_the_starlette_quickstart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block under "Testing an app", run against the Starlette quickstart's app."""
+    match = re.search(
+        r"^## Testing an app\n.*?```python\n(.*?)```", README.read_text(), re.S | re.M
+    )
+    assert match is not None, "no testing example in README.md"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUTHSESSIONS_STORE", raising=False)
+    module = types.ModuleType("readme_testing")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(quickstart("Starlette"), "README:Starlette", "exec"), vars(module))  # noqa: S102
+
+    # Its own assertion is the test: a signed-in /me.
+    exec(compile(match.group(1), "README:testing", "exec"), {"app": module.app})  # noqa: S102

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats
@@ -123,10 +123,17 @@ class Store(abc.ABC):
 
     _is_open: bool = False
     _opening: asyncio.Future[None] | None = None
+    _bound_to_loop: ClassVar[bool] = False
+    """Whether the store's connections belong to the event loop that opened it."""
+    _opened_on: asyncio.AbstractEventLoop | None = None
 
     @property
     def is_open(self) -> bool:
-        return self._is_open
+        """Open, and usable here: not on connections of an event loop that has closed
+        (a test client runs each request or block on a loop of its own, for instance).
+        """
+        opened_on = self._opened_on
+        return self._is_open and (opened_on is None or not opened_on.is_closed())
 
     def _closed_error(self) -> RuntimeError:
         """What a primitive raises when called on a store that is not open."""
@@ -139,8 +146,11 @@ class Store(abc.ABC):
         the server down, each would otherwise wait out a timeout of its own, in turn.
         A caller cancelled meanwhile leaves the attempt running for the others.
         """
-        if self._is_open:
+        if self.is_open:
             return
+        if self._is_open:  # opened on a loop that has closed, taking the connections with it
+            self._is_open = False
+            self._forget_connections()
         attempt = self._opening
         if (
             attempt is None
@@ -154,6 +164,8 @@ class Store(abc.ABC):
 
     async def _open_and_mark_open(self) -> None:
         await self._open()
+        if self._bound_to_loop:
+            self._opened_on = asyncio.get_running_loop()
         self._is_open = True
 
     async def close(self) -> None:
@@ -169,9 +181,12 @@ class Store(abc.ABC):
             and attempt.get_loop() is asyncio.get_running_loop()
         ):
             await asyncio.wait([attempt])
-        if self._is_open:
+        if self.is_open:
             self._is_open = False
             await self._close()
+        elif self._is_open:  # its loop has closed: nothing of it can be awaited now
+            self._is_open = False
+            self._forget_connections()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -190,6 +205,11 @@ class Store(abc.ABC):
 
     async def _close(self) -> None:  # noqa: B027
         """Release what ``_open`` acquired."""
+
+    def _forget_connections(self) -> None:  # noqa: B027 - stores not bound to a loop keep theirs
+        """Drop what ``_open`` acquired on an event loop that has closed since, without
+        awaiting anything: its connections cannot be closed properly any more.
+        """
 
     @abc.abstractmethod
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:

@@ -29,6 +29,7 @@ a comma. The texts are ASCII, so ``octet_length`` counts characters.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,8 @@ class PostgresStore(Store):
         ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout.
     """
 
+    _bound_to_loop = True  # asyncpg's pool belong to the loop that opened them
+
     def __init__(
         self,
         dsn: str | None = None,
@@ -333,6 +336,14 @@ class PostgresStore(Store):
                     SCHEMA_VERSION,
                     timeout=timeout,
                 )
+
+    def _forget_connections(self) -> None:
+        pool, self._pool = self._pool, None
+        self._connections = None
+        if pool is not None and pool is not self._given_pool:
+            # Their sockets, at least; what else they hold went with the loop.
+            with contextlib.suppress(Exception):
+                pool.terminate()
 
     async def _close(self) -> None:
         pool, self._pool = self._pool, None

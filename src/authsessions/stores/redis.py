@@ -123,6 +123,8 @@ class RedisStore(Store):
             the URL that redis-py does not take.
     """
 
+    _bound_to_loop = True  # redis-py's connections belong to the loop that opened them
+
     def __init__(
         self,
         url: str | None = None,
@@ -238,6 +240,12 @@ class RedisStore(Store):
         factory = self._driver.RedisCluster if cluster else self._driver.Redis
         client: Redis | RedisCluster = factory.from_url(self._url, **self._client_options)
         return client
+
+    def _forget_connections(self) -> None:
+        self._drop_sweep()
+        self._client = self._reads = None
+        self._digest_locations.clear()
+        self._id_tags.clear()
 
     async def _close(self) -> None:
         self._drop_sweep()  # a cleanup call in progress fails on the closed client

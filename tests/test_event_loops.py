@@ -1,0 +1,63 @@
+"""One store over several event loops: a test client runs each request (without ``with``)
+or each ``with`` block on an event loop of its own, which is closed afterwards.
+
+PostgreSQL's and Redis's connections belong to the loop that opened them; the store
+opens again on the next loop instead of failing with "Event loop is closed".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from starlette.testclient import TestClient
+
+from authsessions.stores import PostgresStore, RedisStore, SQLiteStore, Store
+from tests.apps.session_app import CHROME_MAC, build_app
+
+StoreMaker = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def make_store(request: pytest.FixtureRequest) -> StoreMaker:
+    if request.param == "postgres":
+        url, schema = (request.getfixturevalue(n) for n in ("postgres_url", "postgres_schema"))
+        return lambda: PostgresStore(url, schema=schema)
+    if request.param == "redis":
+        url, prefix = (request.getfixturevalue(n) for n in ("redis_url", "redis_prefix"))
+        return lambda: RedisStore(url, prefix=prefix)
+    path = request.getfixturevalue("tmp_path") / "sessions.db"
+    return lambda: SQLiteStore(path)
+
+
+def client_for(store: Store) -> TestClient:
+    return TestClient(
+        build_app(store), base_url="https://testserver", headers={"user-agent": CHROME_MAC}
+    )
+
+
+def test_each_request_on_a_loop_of_its_own(make_store: StoreMaker) -> None:
+    """``TestClient(app)`` without ``with``: the first pattern FastAPI's testing guide shows."""
+    store = make_store()
+    client = client_for(store)
+
+    login = client.post("/login", json={"user_id": "alice"})
+    me = client.get("/me")
+    again = client.get("/me")
+
+    assert login.status_code == 200
+    assert me.json()["user_id"] == "alice"
+    assert again.json()["user_id"] == "alice"
+
+
+def test_one_store_object_across_test_clients(make_store: StoreMaker) -> None:
+    """A module-level app and store, a client per test: each ``with`` block a new loop."""
+    store = make_store()
+    with client_for(store) as first:
+        first.post("/login", json={"user_id": "alice"})
+        cookies = dict(first.cookies)
+    with client_for(store) as second:
+        second.cookies.update(cookies)
+        me = second.get("/me")
+
+    assert me.json()["user_id"] == "alice"
