@@ -228,8 +228,10 @@ async def test_theme_persists_in_session_data(
     assert 'class="theme-dark"' in (await desktop.get("/profile")).text
     # The theme lives in one session's data: the other device keeps its own.
     assert 'class="theme-light"' in (await phone.get("/profile")).text
-    # Not a theme: ignored.
-    await post_form(desktop, "/profile", "/profile", theme="<script>")
+    # Not a theme: refused, and said so.
+    refused = await post_form(desktop, "/profile", "/profile", theme="<script>")
+    assert refused.headers["location"] == "/profile?notice=theme-unknown"
+    assert "There is no such theme" in (await desktop.get(refused.headers["location"])).text
     assert 'class="theme-dark"' in (await desktop.get("/profile")).text
 
 

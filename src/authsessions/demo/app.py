@@ -42,6 +42,7 @@ NOTICES = {
     "signed-out": "You are signed out.",
     "signed-out-everywhere": "You are signed out on every device.",
     "theme-saved": "Theme saved in your session.",
+    "theme-unknown": "There is no such theme; yours is as it was.",
     "revoked": "That device is signed out.",
     "already-ended": "That session had already ended.",
     "others-signed-out": "Every other device is signed out.",
@@ -282,8 +283,9 @@ class _Demo:
             return checked
         session, form = checked
         theme = _field(form, "theme")
-        if theme in THEMES:
-            session.set("theme", theme)
+        if theme not in THEMES:
+            return _redirect("/profile", "theme-unknown")
+        session.set("theme", theme)
         return _redirect("/profile", "theme-saved")
 
     async def devices_page(self, request: Request) -> Response:
