@@ -133,7 +133,12 @@ class Store(abc.ABC):
         (a test client runs each request or block on a loop of its own, for instance).
         """
         opened_on = self._opened_on
-        return self._is_open and (opened_on is None or not opened_on.is_closed())
+        # The running loop's identity first: a C call, where is_closed() is a Python one.
+        return self._is_open and (
+            opened_on is None
+            or opened_on is asyncio._get_running_loop()
+            or not opened_on.is_closed()
+        )
 
     def _closed_error(self) -> RuntimeError:
         """What a primitive raises when called on a store that is not open."""
