@@ -205,7 +205,7 @@ class PostgresStore(Store):
         ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout.
     """
 
-    _bound_to_loop = True  # asyncpg's pool belong to the loop that opened them
+    _bound_to_loop = True  # asyncpg's connections belong to the loop that opened them
 
     def __init__(
         self,

@@ -242,17 +242,14 @@ class RedisStore(Store):
         return client
 
     def _forget_connections(self) -> None:
-        self._drop_sweep()
+        self._drop_sweep()  # a cleanup call in progress fails on the closed client
         self._client = self._reads = None
         self._digest_locations.clear()
         self._id_tags.clear()
 
     async def _close(self) -> None:
-        self._drop_sweep()  # a cleanup call in progress fails on the closed client
-        client, self._client = self._client, None
-        reads, self._reads = self._reads, None
-        self._digest_locations.clear()
-        self._id_tags.clear()
+        client, reads = self._client, self._reads
+        self._forget_connections()
         if reads is not None:
             with translate_errors("Redis", *self._errors):
                 await reads.close()  # a client the app gave gets its connections back
