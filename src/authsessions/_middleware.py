@@ -157,8 +157,10 @@ class SessionMiddleware:
             # ASGI call with a traceback.
             await _save_websocket_changes(session, save=exc.status_code < 500)
             code = _WS_TRY_AGAIN_LATER if exc.status_code >= 500 else _WS_POLICY_VIOLATION
+            # A close frame's reason holds at most 123 bytes of UTF-8.
+            reason = exc.message.encode()[:123].decode(errors="ignore")
             with contextlib.suppress(RuntimeError, OSError):  # the socket closed already
-                await send({"type": "websocket.close", "code": code, "reason": exc.message})
+                await send({"type": "websocket.close", "code": code, "reason": reason})
             return
         await _save_websocket_changes(session, save=True)
 
