@@ -7,8 +7,11 @@ opens again on the next loop instead of failing with "Event loop is closed".
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import Callable
 
+import asyncpg
 import pytest
 from starlette.testclient import TestClient
 
@@ -61,3 +64,35 @@ def test_one_store_object_across_test_clients(make_store: StoreMaker) -> None:
         me = second.get("/me")
 
     assert me.json()["user_id"] == "alice"
+
+
+def test_a_store_closes_with_the_loop_that_opened_it(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """Dropped with a closed loop, a pool's connections would stay open on the server until
+    garbage collection: a module-level store, one test client per test, and PostgreSQL
+    soon refuses connections (it did within 15 clients of a pool of 10).
+    """
+
+    async def server_connections() -> int:
+        counting = await asyncpg.connect(postgres_url)
+        try:
+            count: int = await counting.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            return count - 1  # not this one
+        finally:
+            await counting.close()
+
+    store = PostgresStore(postgres_url, schema=postgres_schema, min_size=5, max_size=5)
+    before = asyncio.run(server_connections())
+    gc.disable()  # the leak hid behind a collection now and then
+    try:
+        for _ in range(4):
+            with client_for(store) as client:
+                assert client.post("/login", json={"user_id": "alice"}).status_code == 200
+            assert not store.is_open  # closed as its loop shut down
+    finally:
+        gc.enable()
+
+    assert asyncio.run(server_connections()) <= before

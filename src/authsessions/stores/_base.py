@@ -13,7 +13,7 @@ import abc
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import ClassVar, Self
@@ -126,6 +126,8 @@ class Store(abc.ABC):
     _bound_to_loop: ClassVar[bool] = False
     """Whether the store's connections belong to the event loop that opened it."""
     _opened_on: asyncio.AbstractEventLoop | None = None
+    _closing_with_loop: AsyncGenerator[None] | None = None
+    _opening_token: object | None = None
 
     @property
     def is_open(self) -> bool:
@@ -153,7 +155,8 @@ class Store(abc.ABC):
         """
         if self.is_open:
             return
-        if self._is_open:  # opened on a loop that has closed, taking the connections with it
+        if self._is_open:  # opened on a loop that closed without closing it (see below)
+            self._forget_loop_guard()
             self._is_open = False
             self._forget_connections()
         attempt = self._opening
@@ -169,9 +172,29 @@ class Store(abc.ABC):
 
     async def _open_and_mark_open(self) -> None:
         await self._open()
+        self._is_open = True
         if self._bound_to_loop:
             self._opened_on = asyncio.get_running_loop()
-        self._is_open = True
+            # Started here, so the loop tracks it and closes it as the loop shuts down
+            # (asyncio.run and test clients' portals do): the connections then close
+            # while their loop still runs, instead of being dropped with it.
+            self._closing_with_loop = guard = self._close_with_loop(opening := object())
+            self._opening_token = opening
+            await anext(guard)
+
+    async def _close_with_loop(self, opening: object) -> AsyncGenerator[None]:
+        try:
+            yield
+        finally:
+            # Only the opening it was started for: after a close (and maybe a reopen)
+            # this generator was dropped, and the loop closes it whenever it gets to it.
+            if self._opening_token is opening and self._is_open:
+                self._forget_loop_guard()
+                self._is_open = False
+                await self._close()
+
+    def _forget_loop_guard(self) -> None:
+        self._opening_token = self._closing_with_loop = None
 
     async def close(self) -> None:
         """Release connections. The store can be opened again afterwards.
@@ -186,6 +209,7 @@ class Store(abc.ABC):
             and attempt.get_loop() is asyncio.get_running_loop()
         ):
             await asyncio.wait([attempt])
+        self._forget_loop_guard()
         if self.is_open:
             self._is_open = False
             await self._close()
