@@ -62,6 +62,11 @@ def build_fastapi_app(store: Store | None) -> FastAPI:
         await websocket.send_json({"user_id": session.user_id})
         await websocket.close()
 
+    @app.websocket("/ws/bad-value")
+    async def ws_bad_value(websocket: WebSocket, session: CurrentSession) -> None:
+        await websocket.accept()
+        session.set("tags", {"a", "b"})  # a set: not JSON
+
     @app.websocket("/ws/keep")
     async def ws_keep(websocket: WebSocket, session: CurrentSession) -> None:
         """Sets what it is sent, until the client leaves (the usual end of a socket)."""
@@ -211,3 +216,23 @@ def test_what_a_websocket_set_is_kept_when_the_client_leaves() -> None:
         me = client.get("/me", headers=cookie_header(token))
 
     assert me.json()["via"] == "socket"
+
+
+def test_a_bug_in_a_websocket_handler_closes_it_as_an_internal_error_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1011, not 1013 "try again later" (clients that retry would reconnect in a loop),
+    and the server's log tells the developer what went wrong.
+    """
+    store = MemoryStore()
+    with TestClient(build_fastapi_app(store), base_url="https://testserver") as client:
+        token = client.post("/login", params={"user_id": "alice"}).cookies[COOKIE]
+        with (
+            caplog.at_level("ERROR", logger="authsessions"),
+            client.websocket_connect("/ws/bad-value", headers=cookie_header(token)) as ws,
+            pytest.raises(WebSocketDisconnect) as closed,
+        ):
+            ws.receive_text()
+
+    assert closed.value.code == 1011
+    assert "a WebSocket handler failed: the value for session key 'tags'" in caplog.text

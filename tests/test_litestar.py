@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -11,9 +12,10 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, Request, WebSocket, get, post, websocket
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
+from litestar.testing import TestClient as LitestarTestClient
 from starlette.types import ASGIApp
 
 from authsessions import Session, SessionManager, SessionMiddleware
@@ -252,3 +254,34 @@ async def test_the_middleware_around_a_whole_litestar_app_is_one_and_works(
     response = await client.get("/who", headers=cookie_header(cookie.value))
 
     assert response.json() == {"user": "alice"}
+
+
+@websocket("/ws/keep")
+async def ws_keep(socket: WebSocket[Any, Any, Any], session: CurrentSession) -> None:
+    """Sets what it is sent until the client leaves (the usual end of a socket)."""
+    await socket.accept()
+    while True:
+        session.set("theme", await socket.receive_text())
+        await socket.send_text("kept")
+
+
+def test_what_a_websocket_set_is_kept_when_the_client_leaves(sqlite_store: Store) -> None:
+    """Litestar says so with its own WebSocketDisconnect, not Starlette's."""
+    plugin = SessionPlugin(store=sqlite_store)
+    app = Litestar([login, me, ws_keep], plugins=[plugin])
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        client.headers["user-agent"] = CHROME_MAC
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+
+        def send_then_leave() -> None:
+            # The cookie by hand: the client sends its Secure cookies over https only.
+            with client.websocket_connect("/ws/keep", headers=cookie_header(token.value)) as ws:
+                ws.send_text("solarized")
+                assert ws.receive_text() == "kept"
+
+        with contextlib.suppress(Exception):  # the handler's disconnect, re-raised or not
+            send_then_leave()
+        me_after = client.get("/me", headers=cookie_header(token.value))
+
+    assert me_after.json() == {"user": "alice", "theme": "solarized"}

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -937,3 +938,42 @@ async def test_a_request_leaves_no_reference_cycle_behind(
         gc.enable()
 
     assert unreachable == 0, garbage
+
+
+class ClientLeft(Exception):
+    """How some framework might tell its handler that the client went away."""
+
+
+def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_client_left() -> None:
+    """Starlette raises its WebSocketDisconnect, Litestar its own, others theirs: what
+    tells the client left is the ASGI disconnect message the app received.
+    """
+    store = MemoryStore()
+
+    async def bare_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+        session = Session.from_scope(scope)
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        session.set("theme", (await receive())["text"])
+        assert (await receive())["type"] == "websocket.disconnect"
+        raise ClientLeft
+
+    async def plant() -> str:
+        token, _ = await plant_session(store, "alice")
+        return token
+
+    token = asyncio.run(plant())
+    client = TestClient(
+        SessionMiddleware(bare_socket_app, store=store), base_url="https://testserver"
+    )
+    headers = {**cookie_header(token), "user-agent": CHROME_MAC}
+
+    def send_then_leave() -> None:
+        with client.websocket_connect("/", headers=headers) as ws:
+            ws.send_text("solarized")
+
+    with pytest.raises(ClientLeft):  # not swallowed: only its changes were written first
+        send_then_leave()
+
+    [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
+    assert session.data == {"theme": "solarized"}

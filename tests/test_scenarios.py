@@ -310,10 +310,13 @@ async def test_list_my_sessions_orders_by_recent_activity_with_one_current(
 
     assert response.status_code == 200
     listed = response.json()
-    # The current one is active now, so it leads, though the store last heard of it an
-    # hour ago; the others follow by the activity the store recorded.
+    # The current one is active now, so it leads with this request's time, though the
+    # store last heard of it an hour ago; the others follow by what the store recorded.
     assert [s["id"] for s in listed] == [oldest.id, newest.id, middle.id]
     assert [s["is_current"] for s in listed] == [True, False, False]
+    active = [datetime.fromisoformat(s["last_active_at"]) for s in listed]
+    assert active == sorted(active, reverse=True)
+    assert active[0] >= datetime.now(UTC) - timedelta(seconds=5)
     assert {s["user_id"] for s in listed} == {"alice"}
     assert listed[1]["device_name"] == "Firefox on Windows"
     assert oldest_token not in response.text

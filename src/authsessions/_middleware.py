@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocketDisconnect
 
 from authsessions._client import device_of
 from authsessions._config import SessionConfig
@@ -32,9 +31,10 @@ _NO_STORE_VARY_COOKIE = (_NO_STORE, _VARY_COOKIE)
 _CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
 
 # WebSocket close codes: 1013 "try again later" (a store that cannot be read), 1008
-# "policy violation" (a session error such as Unauthorized).
+# "policy violation" (a session error such as Unauthorized), 1011 "internal error".
 _WS_TRY_AGAIN_LATER = 1013
 _WS_POLICY_VIOLATION = 1008
+_WS_INTERNAL_ERROR = 1011
 
 
 class SessionMiddleware:
@@ -145,23 +145,40 @@ class SessionMiddleware:
             await send({"type": "websocket.close", "code": _WS_TRY_AGAIN_LATER})
             return
         scope[SCOPE_KEY] = session
+        client_left = False
+
+        async def receive_noting_departure() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                client_left = True
+            return message
+
         try:
-            await self.app(scope, receive, send)
-        except WebSocketDisconnect:
-            # The client left, the usual end of a socket: what the handler set stays.
-            await _save_websocket_changes(session, save=True)
-            raise
+            await self.app(scope, receive_noting_departure, send)
         except SessionError as exc:
             # Where an HTTP request gets a response with the error's status, the socket
             # is closed (before the handshake, refused), instead of failing the server's
             # ASGI call with a traceback.
             await _save_websocket_changes(session, save=exc.status_code < 500)
-            code = _WS_TRY_AGAIN_LATER if exc.status_code >= 500 else _WS_POLICY_VIOLATION
+            if isinstance(exc, StoreUnavailable):
+                code = _WS_TRY_AGAIN_LATER
+            elif exc.status_code >= 500:  # the app's mistake (data that cannot be stored)
+                code = _WS_INTERNAL_ERROR
+                logger.error("a WebSocket handler failed: %s", exc.message)
+            else:
+                code = _WS_POLICY_VIOLATION
             # A close frame's reason holds at most 123 bytes of UTF-8.
             reason = exc.message.encode()[:123].decode(errors="ignore")
             with contextlib.suppress(RuntimeError, OSError):  # the socket closed already
                 await send({"type": "websocket.close", "code": code, "reason": reason})
             return
+        except Exception:
+            if client_left:
+                # The usual end of a socket, which each framework raises as an exception
+                # of its own (Starlette's, Litestar's): what the handler set stays.
+                await _save_websocket_changes(session, save=True)
+            raise
         await _save_websocket_changes(session, save=True)
 
     async def _load(self, scope: Scope, token: str | None) -> Session:

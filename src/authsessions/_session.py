@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Mapping
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, overload
 
 from starlette.types import Scope
@@ -19,6 +20,7 @@ from authsessions._records import (
     check_user_id,
     copy_json,
     data_size,
+    to_datetime,
 )
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
 from authsessions._values import plain_json_copy, read_as
@@ -326,22 +328,24 @@ class Session:
         await self._store.delete_for_user(record.user_id, except_id=record.id)
 
     async def list_my_sessions(self) -> list[SessionData]:
-        """The user's live sessions, most recently active first; this one has ``is_current``
-        and comes first, being active now (its ``last_active_at`` is what the store last
-        heard, which moves once per ``touch_interval``).
+        """The user's live sessions, most recently active first: this one, active now
+        (its ``last_active_at`` is this request's time, where the store's moves once per
+        ``touch_interval``), with ``is_current``, then the others. Not this one once it
+        ended elsewhere during the request.
 
         Raises:
             Unauthorized: there is no session.
             StoreUnavailable: the store failed.
         """
         record = self._require_session()
-        records = await self._store.list_for_user(record.user_id, now=time.time())
+        now = time.time()
+        records = await self._store.list_for_user(record.user_id, now=now)
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
         others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
         if len(others) == len(records):
             return others  # ended meanwhile (a logout elsewhere): no longer among them
-        return [self._current_data(), *others]
+        return [replace(self._current_data(), last_active_at=to_datetime(now)), *others]
 
     async def revoke(self, session_id: str) -> None:
         """Destroy one session of the current user (this one too, which clears the cookie).
