@@ -8,6 +8,7 @@ URL, so uvicorn's lifespan opens and closes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sqlite3
 from collections.abc import AsyncIterator
@@ -16,17 +17,21 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
 
-from authsessions import SessionConfig
-from tests.apps.session_app import build_app, session_cookie
+from authsessions import Session, SessionConfig, SessionManager
+from authsessions.stores import SQLiteStore
+from tests.apps.session_app import CHROME_MAC, build_app, session_cookie
 
 CONFIG = SessionConfig(cookie_secure=False, cookie_name="session")
 
 
-@pytest.fixture
-async def server_url(tmp_path: Path) -> AsyncIterator[str]:
-    """A uvicorn server running the test app, on a port the OS picked."""
-    app = build_app(f"sqlite:///{tmp_path / 'sessions.db'}", CONFIG)
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """``app`` under uvicorn on a port the OS picked; its ``host:port``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     host, port = sock.getsockname()
@@ -38,11 +43,18 @@ async def server_url(tmp_path: Path) -> AsyncIterator[str]:
                 if task.done():
                     task.result()  # surfaces the reason the server did not start
                 await asyncio.sleep(0.01)
-        yield f"http://{host}:{port}"
+        yield f"{host}:{port}"
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
         sock.close()
+
+
+@pytest.fixture
+async def server_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A uvicorn server running the test app."""
+    async with serving(build_app(f"sqlite:///{tmp_path / 'sessions.db'}", CONFIG)) as address:
+        yield f"http://{address}"
 
 
 async def test_login_read_and_logout_through_a_real_server(server_url: str, tmp_path: Path) -> None:
@@ -77,3 +89,41 @@ async def test_login_read_and_logout_through_a_real_server(server_url: str, tmp_
     with sqlite3.connect(tmp_path / "sessions.db") as db:
         assert db.execute("SELECT count(*) FROM authsessions_session").fetchone() == (0,)
     db.close()
+
+
+async def push_only(websocket: WebSocket) -> None:
+    """Sets a key, then only sends: it learns the client left from a failing send."""
+    session = Session.from_scope(websocket.scope)
+    await websocket.accept()
+    session.set("theme", "pushed")
+    while True:
+        await websocket.send_text("tick")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_websocket_that_only_sends_keeps_what_it_set_when_the_client_leaves(
+    tmp_path: Path,
+) -> None:
+    """No disconnect message reaches such a handler; the server's send fails instead."""
+    store = SQLiteStore(tmp_path / "sessions.db")
+    app = build_app(store, CONFIG, extra_routes=[WebSocketRoute("/push", push_only)])
+    agent = {"user-agent": CHROME_MAC}
+    async with serving(app) as address:
+        async with httpx.AsyncClient(base_url=f"http://{address}", headers=agent) as client:
+            login = await client.post("/login", json={"user_id": "alice"})
+        cookie = session_cookie(login, "session")
+        assert cookie is not None
+        async with connect(
+            f"ws://{address}/push",
+            additional_headers={"cookie": f"session={cookie.value}"},
+            user_agent_header=CHROME_MAC,
+        ) as ws:
+            assert await ws.recv() == "tick"
+        for _ in range(500):  # until the handler's next send has failed (10 s at most)
+            [session] = await SessionManager(store).list_for_user("alice")
+            if session.data:
+                break
+            await asyncio.sleep(0.02)
+    await store.close()
+
+    assert session.data == {"theme": "pushed"}

@@ -154,8 +154,17 @@ class SessionMiddleware:
                 client_left = True
             return message
 
+        async def send_noting_departure(message: Message) -> None:
+            # A handler that only sends learns of it here: the server's send fails.
+            nonlocal client_left
+            try:
+                await send(message)
+            except OSError:
+                client_left = True
+                raise
+
         try:
-            await self.app(scope, receive_noting_departure, send)
+            await self.app(scope, receive_noting_departure, send_noting_departure)
         except SessionError as exc:
             # Where an HTTP request gets a response with the error's status, the socket
             # is closed (before the handshake, refused), instead of failing the server's
@@ -176,7 +185,8 @@ class SessionMiddleware:
         except Exception:
             if client_left:
                 # The usual end of a socket, which each framework raises as an exception
-                # of its own (Starlette's, Litestar's): what the handler set stays.
+                # of its own (Starlette's, Litestar's). Whatever ends the handler after it,
+                # nobody is left to answer: what the handler set stays.
                 await _save_websocket_changes(session, save=True)
             raise
         await _save_websocket_changes(session, save=True)

@@ -178,6 +178,8 @@ class Store(abc.ABC):
             # Started here, so the loop tracks it and closes it as the loop shuts down
             # (asyncio.run and test clients' portals do): the connections then close
             # while their loop still runs, instead of being dropped with it.
+            if getattr(self._opened_on, "_asyncgens_shutdown_called", False):
+                return  # too late for it: the loop closes no more generators
             self._closing_with_loop = guard = self._close_with_loop(opening := object())
             self._opening_token = opening
             await anext(guard)
@@ -189,9 +191,18 @@ class Store(abc.ABC):
             # Only the opening it was started for: after a close (and maybe a reopen)
             # this generator was dropped, and the loop closes it whenever it gets to it.
             if self._opening_token is opening and self._is_open:
-                self._forget_loop_guard()
-                self._is_open = False
-                await self._close()
+                await self._close_as_loop_ends()
+
+    async def _close_as_loop_ends(self) -> None:
+        self._forget_loop_guard()
+        self._is_open = False
+        try:
+            await self._close()
+        except Exception as exc:  # the loop is ending: say so, and drop what is left
+            logger.warning(
+                "the session store did not close cleanly as its event loop ended: %s", exc
+            )
+            self._forget_connections()
 
     def _forget_loop_guard(self) -> None:
         self._opening_token = self._closing_with_loop = None
