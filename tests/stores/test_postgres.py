@@ -11,6 +11,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -673,4 +674,39 @@ async def test_a_close_during_an_open_its_caller_gave_up_on_leaves_the_store_clo
         await upgrading.close()
 
     assert not store.is_open
+    assert store._pool is None
+
+
+def test_a_store_that_cannot_close_as_its_loop_ends_says_so_in_one_line(
+    postgres_url: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stopped answering: the close the loop's end runs fails within the
+    timeouts, and the log gets one line of ours, not asyncio's traceback of a failed
+    generator; what is left is dropped.
+    """
+    proxy_loop = asyncio.new_event_loop()
+    proxy_thread = threading.Thread(target=proxy_loop.run_forever, daemon=True)
+    proxy_thread.start()
+    parts = urlsplit(postgres_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    asyncio.run_coroutine_threadsafe(proxy.resume(), proxy_loop).result(5)
+
+    async def open_then_lose_the_server() -> PostgresStore:
+        store = impatient_store_through(proxy, postgres_url, postgres_schema)
+        await store.open()
+        proxy_loop.call_soon_threadsafe(proxy.stall)
+        return store  # not closed: the loop's end closes it
+
+    try:
+        with caplog.at_level("WARNING"):
+            store = asyncio.run(open_then_lose_the_server())
+    finally:
+        proxy_loop.call_soon_threadsafe(proxy.unstall)
+        asyncio.run_coroutine_threadsafe(proxy.drop(), proxy_loop).result(5)
+        proxy_loop.call_soon_threadsafe(proxy_loop.stop)
+        proxy_thread.join(5)
+        proxy_loop.close()
+
+    assert "did not close cleanly as its event loop ended" in caplog.text
+    assert "closing of asynchronous generator" not in caplog.text
     assert store._pool is None
