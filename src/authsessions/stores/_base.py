@@ -156,15 +156,10 @@ class Store(abc.ABC):
         if self.is_open:
             return
         if self._is_open:  # opened on a loop that closed without closing it (see below)
-            self._forget_loop_guard()
-            self._is_open = False
+            self._mark_closed()
             self._forget_connections()
-        attempt = self._opening
-        if (
-            attempt is None
-            or attempt.done()
-            or attempt.get_loop() is not asyncio.get_running_loop()
-        ):
+        attempt = self._attempt_under_way()
+        if attempt is None:
             attempt = self._opening = asyncio.ensure_future(self._open_and_mark_open())
             # Retrieved here, so a failure nobody is left to await is not logged as lost.
             attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -194,8 +189,7 @@ class Store(abc.ABC):
                 await self._close_as_loop_ends()
 
     async def _close_as_loop_ends(self) -> None:
-        self._forget_loop_guard()
-        self._is_open = False
+        self._mark_closed()
         try:
             await self._close()
         except Exception as exc:  # the loop is ending: say so, and drop what is left
@@ -204,8 +198,21 @@ class Store(abc.ABC):
             )
             self._forget_connections()
 
-    def _forget_loop_guard(self) -> None:
+    def _mark_closed(self) -> None:
+        """Not open, and no generator left to close this opening with its loop."""
+        self._is_open = False
         self._opening_token = self._closing_with_loop = None
+
+    def _attempt_under_way(self) -> asyncio.Future[None] | None:
+        """The attempt to open that is under way on the running loop, if any."""
+        attempt = self._opening
+        if (
+            attempt is None
+            or attempt.done()
+            or attempt.get_loop() is not asyncio.get_running_loop()
+        ):
+            return None
+        return attempt
 
     async def close(self) -> None:
         """Release connections. The store can be opened again afterwards.
@@ -213,19 +220,14 @@ class Store(abc.ABC):
         An open under way (its callers may have given up on it) ends first, within
         the store's own timeouts, so that what it opens is closed too.
         """
-        attempt = self._opening
-        if (
-            attempt is not None
-            and not attempt.done()
-            and attempt.get_loop() is asyncio.get_running_loop()
-        ):
+        attempt = self._attempt_under_way()
+        if attempt is not None:
             await asyncio.wait([attempt])
-        self._forget_loop_guard()
         if self.is_open:
-            self._is_open = False
+            self._mark_closed()
             await self._close()
         elif self._is_open:  # its loop has closed: nothing of it can be awaited now
-            self._is_open = False
+            self._mark_closed()
             self._forget_connections()
 
     async def __aenter__(self) -> Self:
