@@ -111,15 +111,12 @@ class RecordCache:
     def kept(self, session_id: str) -> tuple[SessionRecord, str] | None:
         """The record kept for the session ``session_id`` and its data as JSON, if any."""
         entry = self._entries.get(session_id)
-        if entry is None:
-            return None
-        record = self._rows.get(entry[0])
-        return None if record is None else (record, entry[1])
+        return None if entry is None else (self._rows[entry[0]], entry[1])
 
     def advance(self, version: object, changes: Sequence[CacheChange]) -> None:
         """The one commit since the kept version was the store's own, which made ``version``
         and changed only the sessions ``changes`` names: a session id, to forget; a
-        session's record as the commit left it with its data's length, to keep instead;
+        session's record as the commit left it with its data as JSON, to keep instead;
         or a user, whose sessions to forget.
         """
         for change in changes:
@@ -136,14 +133,13 @@ class RecordCache:
         entry = self._entries.pop(session_id, None)
         if entry is None:
             return
-        record = self._rows.pop(entry[0], None)
+        # _rows, _entries and _users always hold the same sessions.
+        user_id = self._rows.pop(entry[0]).user_id
         self._chars -= len(entry[1])
-        if record is not None:
-            user_sessions = self._users.get(record.user_id)
-            if user_sessions is not None:
-                user_sessions.discard(session_id)
-                if not user_sessions:
-                    del self._users[record.user_id]
+        user_sessions = self._users[user_id]
+        user_sessions.discard(session_id)
+        if not user_sessions:
+            del self._users[user_id]
 
     def clear(self) -> None:
         """Forget every row and the version they were read under."""
