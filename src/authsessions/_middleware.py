@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import logging
@@ -18,6 +17,7 @@ from authsessions._errors import SessionError, StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
+from authsessions._websocket import serve_websocket
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
@@ -29,12 +29,6 @@ _NO_STORE = (b"cache-control", b"no-store")
 _VARY_COOKIE = (b"vary", b"Cookie")
 _NO_STORE_VARY_COOKIE = (_NO_STORE, _VARY_COOKIE)
 _CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
-
-# WebSocket close codes: 1013 "try again later" (a store that cannot be read), 1008
-# "policy violation" (a session error such as Unauthorized), 1011 "internal error".
-_WS_TRY_AGAIN_LATER = 1013
-_WS_POLICY_VIOLATION = 1008
-_WS_INTERNAL_ERROR = 1011
 
 
 class SessionMiddleware:
@@ -83,7 +77,9 @@ class SessionMiddleware:
             self._check_placement(scope)
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await self._websocket(scope, receive, send)
+                await serve_websocket(
+                    self.app, self._load(scope, self._cookie.read(scope)), scope, receive, send
+                )
             elif scope["type"] == "lifespan":
                 await self._lifespan(scope, receive, send)
             else:
@@ -137,59 +133,6 @@ class SessionMiddleware:
                 "authsessions.litestar.SessionPlugin(store=...) instead."
             )
         self._placement_checked = True
-
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            session = await self._load(scope, self._cookie.read(scope))
-        except StoreUnavailable:
-            await send({"type": "websocket.close", "code": _WS_TRY_AGAIN_LATER})
-            return
-        scope[SCOPE_KEY] = session
-        client_left = False
-
-        async def receive_noting_departure() -> Message:
-            nonlocal client_left
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                client_left = True
-            return message
-
-        async def send_noting_departure(message: Message) -> None:
-            # A handler that only sends learns of it here: the server's send fails.
-            nonlocal client_left
-            try:
-                await send(message)
-            except OSError:
-                client_left = True
-                raise
-
-        try:
-            await self.app(scope, receive_noting_departure, send_noting_departure)
-        except SessionError as exc:
-            # Where an HTTP request gets a response with the error's status, the socket
-            # is closed (before the handshake, refused), instead of failing the server's
-            # ASGI call with a traceback.
-            await _save_websocket_changes(session, save=exc.status_code < 500)
-            if isinstance(exc, StoreUnavailable):
-                code = _WS_TRY_AGAIN_LATER
-            elif exc.status_code >= 500:  # the app's mistake (data that cannot be stored)
-                code = _WS_INTERNAL_ERROR
-                logger.error("a WebSocket handler failed: %s", exc.message)
-            else:
-                code = _WS_POLICY_VIOLATION
-            # A close frame's reason holds at most 123 bytes of UTF-8.
-            reason = exc.message.encode()[:123].decode(errors="ignore")
-            with contextlib.suppress(RuntimeError, OSError):  # the socket closed already
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-            return
-        except Exception:
-            if client_left:
-                # The usual end of a socket, which each framework raises as an exception
-                # of its own (Starlette's, Litestar's). Whatever ends the handler after it,
-                # nobody is left to answer: what the handler set stays.
-                await _save_websocket_changes(session, save=True)
-            raise
-        await _save_websocket_changes(session, save=True)
 
     async def _load(self, scope: Scope, token: str | None) -> Session:
         """The session ``token`` (read from the cookie) names; anonymous, marked to clear the
@@ -363,16 +306,6 @@ async def open_at_startup(store: Store) -> None:
             "requests will retry and get 503 until it opens",
             exc,
         )
-
-
-async def _save_websocket_changes(session: Session, *, save: bool) -> None:
-    write = session.pending_write(save=save)
-    if write is not None:
-        try:
-            await write
-        except SessionError as exc:
-            # The socket is closed: nobody is left to answer, so say it in the log.
-            logger.warning("session changes of a WebSocket were not saved: %s", exc.message)
 
 
 async def _nothing() -> None:
