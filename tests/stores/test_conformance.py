@@ -333,6 +333,28 @@ async def test_limit_of_one_keeps_only_the_new_session(store: Store) -> None:
         assert await store.get(record.token_digest, now=t0) is None
 
 
+async def test_the_new_session_is_never_evicted(store: Store) -> None:
+    """Another server's clock a few seconds ahead (or a clock stepped back) can leave the
+    user's other sessions more recently active than the one being created: a login must
+    still keep the session it made, and evict among the others.
+    """
+    t0 = start_time()
+    ahead = [make_record(now=t0 + 10 + i) for i in range(3)]
+    for record in ahead:
+        await store.create(record, max_sessions=10, now=record.created_at)
+    new = make_record(now=t0)
+
+    await store.create(new, max_sessions=2, now=t0)
+
+    assert await listed_ids(store, "alice", now=t0) == [ahead[2].id, new.id]
+    assert await store.get(new.token_digest, now=t0) is not None
+
+    newest = make_record(now=t0 + 1)
+    await store.create(newest, max_sessions=1, now=t0 + 1)
+
+    assert await listed_ids(store, "alice", now=t0 + 1) == [newest.id]
+
+
 async def test_eviction_leaves_other_users_sessions_alone(store: Store) -> None:
     t0 = start_time()
     bobs = [make_record(now=t0 + i, user_id="bob", ttl=TTL if i else 100) for i in range(3)]

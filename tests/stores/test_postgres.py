@@ -22,7 +22,7 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, open_store
-from authsessions.stores.postgres import SCHEMA_VERSION
+from authsessions.stores.postgres import MIGRATIONS, SCHEMA_VERSION
 from tests.stores.records import make_record, make_update, start_time, typed
 from tests.tcp_proxy import TcpProxy, refusing_port
 
@@ -152,6 +152,34 @@ async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_session
             newer[1].id,
             newer[0].id,
         ]
+
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+
+
+async def test_a_second_version_schema_gets_the_create_function_that_keeps_the_new_session(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Version 2's function ranked the new session with the others, so a login could evict
+    the session it made when another was active later (a server's clock ahead).
+    """
+    kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
+    (second_version_function,) = MIGRATIONS[1]
+    await admin.execute(
+        f'DROP FUNCTION "{postgres_schema}".authsessions_session_create;'
+        + second_version_function.format(
+            table=f'"{postgres_schema}".authsessions_session',
+            name="authsessions_session",
+            create=f'"{postgres_schema}".authsessions_session_create',
+        )
+    )
+    await recorded_versions(admin, postgres_schema, set_to=2)
+    behind = make_record(now=kept.created_at - 10)
+
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(behind, max_sessions=1, now=behind.created_at)
+
+        assert await store.get(behind.token_digest, now=behind.created_at) == behind
+        assert await store.get(kept.token_digest, now=behind.created_at) is None
 
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
 

@@ -258,8 +258,9 @@ class Store(abc.ABC):
         """Insert ``record`` and evict, as one atomic step.
 
         Afterwards the user has at most ``max_sessions`` live sessions: the
-        user's expired sessions and the least recently active ones beyond the
-        limit are deleted (the new record is the most recent). Concurrent
+        new record always stays; the user's expired sessions are deleted, and of
+        the others the least recently active beyond ``max_sessions - 1`` (however
+        recent their activity: another server's clock may be ahead). Concurrent
         creates for one user never leave more than the limit.
 
         Raises :class:`CreateError` when the id or token digest exists already, and

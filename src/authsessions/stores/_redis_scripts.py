@@ -75,8 +75,8 @@ elseif redis.call('EXISTS', KEYS[1]) == 1 then
 end
 hset_from(KEYS[1], 10)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-extend(KEYS[2], ARGV[2])
+-- The user's other sessions, read before the new one joins the index: it stays, and
+-- at most max sessions - 1 of them, however recent their activity (a clock ahead).
 local now, live, doomed = tonumber(ARGV[1]), {}, {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca')
@@ -92,7 +92,9 @@ table.sort(live, function(a, b)
   if a[3] ~= b[3] then return a[3] > b[3] end
   return a[4] > b[4]
 end)
-for i = tonumber(ARGV[3]) + 1, #live do doomed[#doomed + 1] = live[i] end
+for i = tonumber(ARGV[3]), #live do doomed[#doomed + 1] = live[i] end
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+extend(KEYS[2], ARGV[2])
 return forget(KEYS[2], ARGV[4], doomed, p)
 """
 

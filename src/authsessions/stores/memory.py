@@ -47,13 +47,12 @@ class MemoryStore(Store):
         self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
         self._ids_by_digest[record.token_digest] = record.id
         self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
-        rows = self._rows_of(record.user_id)
-        for row in rows:
+        others = [row for row in self._rows_of(record.user_id) if row.record.id != record.id]
+        for row in others:
             if row.record.expires_at <= now:
                 self._remove(row.record.id)
-        for row in _most_recent_first(row for row in rows if row.record.expires_at > now)[
-            max_sessions:
-        ]:
+        live = (row for row in others if row.record.expires_at > now)
+        for row in _most_recent_first(live)[max_sessions - 1 :]:
             self._remove(row.record.id)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:

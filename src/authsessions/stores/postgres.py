@@ -57,6 +57,26 @@ _COLUMNS = (
     " fingerprint, data::text, created_at, last_active_at, expires_at"
 )
 
+# The session-creating function's versions share their signature and first steps.
+_CREATE_SIGNATURE = """FUNCTION {create}(
+            p_id text, p_token_digest text, p_user_id text, p_ip_address text,
+            p_user_agent text, p_device_name text, p_device_type text, p_fingerprint text,
+            p_data text, p_created_at double precision, p_last_active_at double precision,
+            p_expires_at double precision, p_lock text, p_now double precision,
+            p_max_sessions integer
+        ) RETURNS void LANGUAGE plpgsql AS $body$"""
+_LOCK_AND_INSERT = """
+        BEGIN
+            -- One creator per user at a time; each statement after the lock reads a
+            -- snapshot of its own, so the eviction sees every earlier creator's session.
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_lock, 0));
+            INSERT INTO {table} (id, token_digest, user_id, ip_address, user_agent,
+                device_name, device_type, fingerprint, data, created_at, last_active_at,
+                expires_at)
+            VALUES (p_id, p_token_digest, p_user_id, p_ip_address, p_user_agent,
+                p_device_name, p_device_type, p_fingerprint, p_data::jsonb, p_created_at,
+                p_last_active_at, p_expires_at);"""
+
 # Each entry upgrades the schema by one version. {table} is the quoted, schema-qualified
 # table; {name} its bare name, for index names (PostgreSQL keeps indexes in its schema);
 # {create} the quoted, schema-qualified name of the function that creates a session.
@@ -81,30 +101,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         'CREATE INDEX "{name}_expires_at" ON {table} (expires_at)',
     ),
     (
-        """CREATE FUNCTION {create}(
-            p_id text, p_token_digest text, p_user_id text, p_ip_address text,
-            p_user_agent text, p_device_name text, p_device_type text, p_fingerprint text,
-            p_data text, p_created_at double precision, p_last_active_at double precision,
-            p_expires_at double precision, p_lock text, p_now double precision,
-            p_max_sessions integer
-        ) RETURNS void LANGUAGE plpgsql AS $body$
-        BEGIN
-            -- One creator per user at a time; each statement after the lock reads a
-            -- snapshot of its own, so the eviction sees every earlier creator's session.
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_lock, 0));
-            INSERT INTO {table} (id, token_digest, user_id, ip_address, user_agent,
-                device_name, device_type, fingerprint, data, created_at, last_active_at,
-                expires_at)
-            VALUES (p_id, p_token_digest, p_user_id, p_ip_address, p_user_agent,
-                p_device_name, p_device_type, p_fingerprint, p_data::jsonb, p_created_at,
-                p_last_active_at, p_expires_at);
+        "CREATE "
+        + _CREATE_SIGNATURE
+        + _LOCK_AND_INSERT
+        + """
             DELETE FROM {table} WHERE user_id = p_user_id AND id NOT IN (
                 SELECT id FROM {table} WHERE user_id = p_user_id AND expires_at > p_now
                 ORDER BY last_active_at DESC, created_at DESC LIMIT p_max_sessions);
         END
         $body$""",
     ),
+    (
+        # The new session stays, and the eviction ranks the user's others only: with
+        # another server's clock ahead, they could rank above it (the same signature, so
+        # servers of the previous release call it unchanged).
+        "CREATE OR REPLACE "
+        + _CREATE_SIGNATURE
+        + _LOCK_AND_INSERT
+        + """
+            DELETE FROM {table} WHERE user_id = p_user_id AND id <> p_id AND id NOT IN (
+                SELECT id FROM {table}
+                WHERE user_id = p_user_id AND id <> p_id AND expires_at > p_now
+                ORDER BY last_active_at DESC, created_at DESC LIMIT p_max_sessions - 1);
+        END
+        $body$""",
+    ),
 )
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

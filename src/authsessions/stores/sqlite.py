@@ -365,10 +365,11 @@ class SQLiteStore(Store):
                 except sqlite3.IntegrityError as exc:
                     raise CreateError(record.id) from exc
                 return db.execute(
-                    f"""DELETE FROM {TABLE} WHERE user_id = ?1 AND id NOT IN (
-                        SELECT id FROM {TABLE} WHERE user_id = ?1 AND expires_at > ?2
+                    f"""DELETE FROM {TABLE} WHERE user_id = ?1 AND id != ?4 AND id NOT IN (
+                        SELECT id FROM {TABLE} WHERE user_id = ?1 AND id != ?4
+                        AND expires_at > ?2
                         ORDER BY last_active_at DESC, created_at DESC LIMIT ?3)""",
-                    (record.user_id, now, max_sessions),
+                    (record.user_id, now, max_sessions - 1, record.id),
                 ).rowcount
 
         # A new row is in no cache; the evicted ones are the user's, not known by id.
