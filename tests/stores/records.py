@@ -91,3 +91,16 @@ def typed(value: Any) -> str:
     Keys are sorted: JSON objects are unordered and some databases reorder them.
     """
     return json.dumps(value, sort_keys=True, allow_nan=False)
+
+
+def check_kept_after_racing_creates(
+    kept_ids: list[str], created: list[SessionRecord], limit: int
+) -> None:
+    """The user's sessions after ``created`` raced to be stored with ``max_sessions=limit``.
+
+    Which ones stay depends on the order the creates ran in: each keeps its own session
+    and the ``limit - 1`` most recently active others, so the most recent one always stays.
+    """
+    assert len(kept_ids) == limit
+    assert set(kept_ids) <= {record.id for record in created}
+    assert created[-1].id in kept_ids
