@@ -9,8 +9,6 @@ from authsessions._tokens import TOKEN_LENGTH, is_well_formed_token_bytes
 
 __all__ = ["MALFORMED", "SessionCookie"]
 
-_PAIR_BOUNDARY = b"; \t"
-
 MALFORMED = ""
 """What :meth:`SessionCookie.read` returns for a cookie that is present but not a token."""
 
@@ -51,8 +49,7 @@ class SessionCookie:
                 token = value[len(prefix) : end]
             else:
                 start = 0 if value.startswith(prefix) else value.find(prefix)
-                # The name must start a pair: "a__Host-session=" is another cookie.
-                while start > 0 and value[start - 1] not in _PAIR_BOUNDARY:
+                while start > 0 and not _starts_a_pair(value, start):
                     start = value.find(prefix, start + 1)
                 if start == -1:
                     continue
@@ -65,3 +62,13 @@ class SessionCookie:
         if token is None:
             return self._clearing
         return f"{self.name}={token}; Max-Age={max_age}{self._attributes}".encode("latin-1")
+
+
+def _starts_a_pair(value: bytes, start: int) -> bool:
+    """Whether the cookie name found at ``start`` begins a pair, after ``;`` and spaces.
+
+    "a__Host-session=" is another cookie, and so is "a=x __Host-session=": browsers keep
+    spaces inside a value, so a cookie any subdomain may set could carry a token there.
+    """
+    before = value[:start].rstrip(b" \t")
+    return not before or before.endswith(b";")
