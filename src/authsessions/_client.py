@@ -159,6 +159,8 @@ def _is_trusted(host: str, trusted: Sequence[IPNetwork]) -> bool:
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(text)
+        # Without an IPv6 scope: ipaddress takes any text after "%" as one, which would
+        # let a forwarded header store whatever it likes as the session's address.
+        return ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None
