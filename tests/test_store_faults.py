@@ -90,6 +90,7 @@ async def test_a_cut_store_gives_503_keeps_the_cookie_and_the_session_survives(
     assert session_cookie(during) is None
     assert cookie.value not in during.text
     assert login_during.status_code == 503
+    assert session_cookie(login_during) is None  # alice's session could not be ended
     assert after.status_code == 200
     assert after.json()["user_id"] == "alice"
 
@@ -143,6 +144,7 @@ async def test_a_store_down_from_startup_still_serves_requests_without_a_cookie(
     assert anonymous.status_code == 200
     assert anonymous.json()["user_id"] is None
     assert login.status_code == 503
+    assert session_cookie(login) is None  # none was sent, none to clear
     assert with_cookie.status_code == 503
     assert login_after.status_code == 200
     assert session_cookie(login_after) is not None

@@ -222,7 +222,8 @@ class Session:
 
         Raises:
             SessionDataError: ``data`` is not a mapping of plain JSON, or too large.
-            StoreUnavailable: the store failed; the request's cookie is cleared.
+            StoreUnavailable: the store failed; the request's cookie is cleared if
+                its session had already ended here, and kept otherwise.
         """
         check_user_id(user_id)
         if not isinstance(data, Mapping):
@@ -232,8 +233,7 @@ class Session:
         self._refuse_cookie_on_websocket("authenticate")
         if self._record is not None:
             await self._store.delete(self._record.id)
-            self._forget()
-        self._cookie_change = "clear"
+            self._end()  # if the new session cannot be made, the ended one's cookie goes
         if not self._store.is_open:
             await self._store.open()  # a request without a cookie left it unopened
         now = time.time()
