@@ -324,6 +324,24 @@ async def test_list_my_sessions_orders_by_recent_activity_with_one_current(
     assert [s["id"] for s in again.json()] == [oldest.id, newest.id, middle.id]
 
 
+async def test_list_my_sessions_leaves_out_sessions_past_a_shortened_absolute_ttl(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Their cookies no longer sign anyone in (the middleware checks absolute_ttl on each
+    request), so listing them as devices would show sessions that cannot be used.
+    """
+    token, this = await plant_session(store, "alice", created_ago=60)
+    _, young = await plant_session(store, "alice", created_ago=1800, idle_for=30)
+    old_token, _ = await plant_session(store, "alice", created_ago=7200, idle_for=10)
+    client = client_factory(app_factory(store, SessionConfig(absolute_ttl=timedelta(hours=1))))
+
+    response = await client.get("/sessions", headers=cookie_header(token))
+    old = await client.get("/me", headers=cookie_header(old_token))
+
+    assert [s["id"] for s in response.json()] == [this.id, young.id]
+    assert old.json()["user_id"] is None
+
+
 async def test_list_my_sessions_leaves_out_this_session_once_it_ended_elsewhere(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

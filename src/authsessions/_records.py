@@ -235,6 +235,19 @@ class StoreStats:
     """Expired sessions still stored: what cleanup would remove (0 when the store cannot know)."""
 
 
+def within_absolute_ttl(
+    records: list[SessionRecord], absolute_ttl_seconds: float | None, now: float
+) -> list[SessionRecord]:
+    """``records`` without those older than ``absolute_ttl``, which the middleware refuses.
+
+    Stores know only each session's own expiry, set when ``absolute_ttl`` may have been
+    longer or unset.
+    """
+    if absolute_ttl_seconds is None:
+        return records
+    return [record for record in records if record.created_at + absolute_ttl_seconds > now]
+
+
 def check_user_id(user_id: object) -> None:
     """Refuse a user id no session can have, before any store access.
 

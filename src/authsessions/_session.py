@@ -21,6 +21,7 @@ from authsessions._records import (
     copy_json,
     data_size,
     to_datetime,
+    within_absolute_ttl,
 )
 from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
 from authsessions._values import plain_json_copy, read_as
@@ -339,7 +340,11 @@ class Session:
         """
         record = self._require_session()
         now = time.time()
-        records = await self._store.list_for_user(record.user_id, now=now)
+        records = within_absolute_ttl(
+            await self._store.list_for_user(record.user_id, now=now),
+            self._config.absolute_ttl_seconds,
+            now,
+        )
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
         others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
