@@ -87,6 +87,7 @@ async def test_a_cut_store_gives_503_keeps_the_cookie_and_the_session_survives(
 
     assert during.status_code == 503
     assert during.json() == {"detail": "The session store is unavailable; try again shortly."}
+    assert during.headers["cache-control"] == "no-store"  # a cache must not serve it later
     assert session_cookie(during) is None
     assert cookie.value not in during.text
     assert login_during.status_code == 503

@@ -313,7 +313,9 @@ async def _nothing() -> None:
 
 
 def _error_response(exc: SessionError) -> tuple[Message, Message]:
-    """The start and body messages of ``{"detail": message}`` with the error's status."""
+    """The start and body messages of ``{"detail": message}`` with the error's status,
+    never kept by a cache (an outage's 503 or a signed-out 401 would outlive its cause).
+    """
     body = json.dumps({"detail": exc.message}).encode()
     start = {
         "type": "http.response.start",
@@ -321,6 +323,7 @@ def _error_response(exc: SessionError) -> tuple[Message, Message]:
         "headers": [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
+            _NO_STORE,
         ],
     }
     return start, {"type": "http.response.body", "body": body}
