@@ -364,6 +364,26 @@ def test_url_passwords_are_not_printed() -> None:
     assert "password=***&sslpassword=***" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:s3cret/PW@127.0.0.1:5432/test",
+        "postgresql://postgres:s3cret?PW@127.0.0.1:5432/test",
+        "postgresql://postgres:s3cret#PW@127.0.0.1:5432/test",
+        "redis://u:s3cret/PW@127.0.0.1:6379/0",
+        "redis://:s3cret#PW@127.0.0.1:6379/0",
+        "redis+cluster://u:s3cret?PW@127.0.0.1:6379/0",
+    ],
+)
+def test_a_password_the_drivers_misread_is_not_printed(url: str) -> None:
+    result = run("stats", "--store", url)
+
+    assert_one_line_error(result, "is malformed")
+    assert "s3cret" not in result.output
+    assert "PW" not in result.output
+    assert ":***@127.0.0.1:" in result.stderr
+
+
 def test_demo_with_a_bad_store_fails_in_one_line() -> None:
     assert_one_line_error(run("demo", "--store", "nosuch://x"), "unknown store URL scheme")
 

@@ -600,6 +600,26 @@ async def test_the_password_never_shows_in_reprs_or_errors() -> None:
     assert "s3cret-pw" not in repr(raised.value.__cause__)
 
 
+@pytest.mark.parametrize("min_size", [1, 0])
+@pytest.mark.parametrize("password", ["s3cret/PW", "s3cret?PW", "s3cret#PW"])
+async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
+    password: str, min_size: int
+) -> None:
+    """An unescaped "/", "?" or "#" ends the host part: asyncpg reads the password's tail
+    as a port or an option, and its message quotes it. (min_size=0 connects later.)"""
+    store = PostgresStore(f"postgresql://app:{password}@127.0.0.1:5432/test", min_size=min_size)
+
+    with pytest.raises(ValueError, match="is malformed") as raised:
+        await store.open()
+
+    assert "app:***@127.0.0.1:5432/test" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+    assert "PW" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+    assert not store.is_open
+
+
 # -- concurrency across processes -------------------------------------------------------------
 
 

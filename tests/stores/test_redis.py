@@ -680,6 +680,23 @@ def test_the_password_never_shows_in_the_repr() -> None:
     assert "password=***" in repr(store)
 
 
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+@pytest.mark.parametrize("password", ["s3cret/PW", "s3cret?PW", "s3cret#PW"])
+def test_a_password_redis_py_misreads_is_refused_without_showing_it(
+    scheme: str, password: str
+) -> None:
+    """An unescaped "/", "?" or "#" ends the host part: redis-py reads the password's tail
+    as a port, and its message quotes it."""
+    with pytest.raises(ValueError, match="is malformed") as raised:
+        RedisStore(f"{scheme}://u:{password}@127.0.0.1:6379/0")
+
+    assert f"{scheme}://u:***@127.0.0.1:6379/0" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+    assert "PW" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -225,7 +226,8 @@ class PostgresStore(Store):
 
     Raises:
         ImportError: asyncpg is not installed.
-        ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout.
+        ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout;
+            on open, a DSN asyncpg cannot parse.
     """
 
     _bound_to_loop = True  # asyncpg's connections belong to the loop that opened them
@@ -295,17 +297,20 @@ class PostgresStore(Store):
             if self._given_pool is not None:
                 pool = self._given_pool
             else:
-                pool = await self._asyncpg.create_pool(
-                    self._dsn,
-                    min_size=self.min_size,
-                    max_size=self.max_size,
-                    timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout,
-                    reset=_keep_connection_state,
-                )
+                with self._refusing_a_malformed_dsn():
+                    pool = await self._asyncpg.create_pool(
+                        self._dsn,
+                        min_size=self.min_size,
+                        max_size=self.max_size,
+                        timeout=self.connect_timeout,
+                        command_timeout=self.command_timeout,
+                        reset=_keep_connection_state,
+                    )
             try:
-                async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
-                    await self._migrate(conn)
+                # With min_size=0 the pool connects, so parses the DSN, only here.
+                with self._refusing_a_malformed_dsn():
+                    async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
+                        await self._migrate(conn)
             except BaseException:
                 if pool is not self._given_pool:
                     pool.terminate()
@@ -316,6 +321,24 @@ class PostgresStore(Store):
             self._connections = PooledConnections(pool, self.acquire_timeout)
         else:
             self._connections = HeldConnections(pool, self.acquire_timeout, max_idle=self.max_size)
+
+    @contextlib.contextmanager
+    def _refusing_a_malformed_dsn(self) -> Iterator[None]:
+        """Turn asyncpg's complaint about the DSN into a ValueError of our own words: its
+        message may quote a piece of the password (an unescaped "/", "?" or "#" in it ends
+        the host part, leaving the rest to be read as a port or an option). asyncpg parses
+        the DSN only as it connects, and has no public way to parse it beforehand.
+        """
+        try:
+            yield
+        except ValueError:  # asyncpg's ClientConfigurationError is one too
+            if self._dsn is None:
+                raise
+            raise ValueError(
+                f"the PostgreSQL URL {redact_url(self._dsn)} is malformed: expected "
+                "postgresql://[user:password@]host[:port]/database[?option=value] "
+                "(percent-encode a '/', '?', '#' or '@' in the password, e.g. %2F for '/')."
+            ) from None
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         version_table = f'"{self.schema}"."{self.table}_schema_version"'

@@ -118,9 +118,9 @@ class RedisStore(Store):
 
     Raises:
         ImportError: redis-py is not installed.
-        ValueError: neither ``url`` nor ``client``, a client that returns bytes,
-            a prefix with braces, a timeout that is not positive, or an option in
-            the URL that redis-py does not take.
+        ValueError: neither ``url`` nor ``client``, a malformed URL, a client that
+            returns bytes, a prefix with braces, a timeout that is not positive, or an
+            option in the URL that redis-py does not take.
     """
 
     _bound_to_loop = True  # redis-py's connections belong to the loop that opened them
@@ -147,6 +147,7 @@ class RedisStore(Store):
             scheme, separator, rest = url.partition("://")
             if scheme.lower() in _CLUSTER_SCHEMES:
                 url, cluster = f"{_CLUSTER_SCHEMES[scheme.lower()]}{separator}{rest}", True
+            self._check_url(url, shown_as=redact_url(f"{scheme}{separator}{rest}"))
             if not cluster:  # a cluster's URL may carry options of RedisCluster's own
                 self._check_url_options(url)
         elif client is not None:
@@ -180,6 +181,20 @@ class RedisStore(Store):
         self._sweep_pending: list[str] = []
         self._sweep_now: float | None = None
         self._sweep_lock = asyncio.Lock()
+
+    def _check_url(self, url: str, *, shown_as: str) -> None:
+        """Refuse a URL redis-py cannot parse, in words of our own: its message may quote
+        a piece of the password (an unescaped "/", "?" or "#" in it ends the host part,
+        leaving the rest of the password to be read as a port).
+        """
+        try:
+            self._driver.parse_url(url)
+        except ValueError:
+            raise ValueError(
+                f"the Redis URL {shown_as} is malformed: expected redis://[user:password@]"
+                "host:port/db (percent-encode a '/', '?', '#' or '@' in the password, "
+                "e.g. %2F for '/')."
+            ) from None
 
     def _check_url_options(self, url: str) -> None:
         """Refuse, here, an option in ``url`` that redis-py would only reject as it first
@@ -573,6 +588,7 @@ def _import_redis() -> Any:
 
         from redis.asyncio import Redis
         from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.connection import parse_url
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import (
@@ -588,6 +604,7 @@ def _import_redis() -> Any:
         Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
         RedisError=RedisError, RedisClusterException=RedisClusterException,
         NoScriptError=NoScriptError, ResponseError=ResponseError, ConnectionError=ConnectionError,
+        parse_url=parse_url,
     )  # fmt: skip
 
 
