@@ -19,12 +19,11 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner, Result
 
-import authsessions.cli
 from authsessions._client import describe_device
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.cli import INSTALL_HINT, main, make_cli
-from authsessions.stores import PostgresStore, RedisStore, Store, open_store
+from authsessions.stores import open_store
 from authsessions.stores._url import redact_url
 from tests.services import POSTGRES_URL, REDIS_URL, require_port
 
@@ -59,32 +58,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def own_store_url(
-    store_url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> str:
+def own_store_url(store_url: str, request: pytest.FixtureRequest) -> str:
     """``store_url``, each networked store in a schema or key prefix of this test's own.
 
     The servers are shared with other tests (and other runs), so a command
     that counts or sweeps the whole store needs a namespace nobody else
-    writes to. A URL cannot name one, so the stores that the command and
-    :func:`seed` build from the URL are given it here.
+    writes to: the URL names it, as a user of the command would.
     """
+    separator = "&" if "?" in store_url else "?"
     if store_url.startswith("postgresql"):
         schema: str = request.getfixturevalue("postgres_schema")
-
-        def build(url: str) -> Store:
-            return PostgresStore(url, schema=schema)
-
-    elif store_url.startswith("redis"):
+        return f"{store_url}{separator}schema={schema}"
+    if store_url.startswith("redis"):
         prefix: str = request.getfixturevalue("redis_prefix")
-
-        def build(url: str) -> Store:
-            return RedisStore(url, prefix=prefix)
-
-    else:
-        return store_url
-    monkeypatch.setattr(authsessions.cli, "open_store", build)
-    monkeypatch.setitem(globals(), "open_store", build)  # for seed()
+        return f"{store_url}{separator}prefix={prefix}"
     return store_url
 
 

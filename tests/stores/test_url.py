@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,60 @@ def test_a_redis_url_option_redis_py_does_not_take_is_refused_when_the_store_is_
         open_store(f"redis://:{PASSWORD}@127.0.0.1:6379/0?foo=bar")
     assert PASSWORD not in str(raised.value)
     assert open_store("redis://127.0.0.1:6379/0?health_check_interval=5&socket_keepalive=true")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("asyncpg") is None, reason="asyncpg not installed")
+def test_a_postgresql_url_names_the_schema_and_table_out_of_the_drivers_sight() -> None:
+    store = open_store(
+        f"postgresql://app:{PASSWORD}@db/app?sslmode=disable&schema=auth&table=web_sessions"
+    )
+
+    assert (store.schema, store.table) == ("auth", "web_sessions")  # type: ignore[attr-defined]
+    assert repr(store) == (
+        "PostgresStore('postgresql://app:***@db/app?sslmode=disable', table='auth.web_sessions')"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+@pytest.mark.parametrize(
+    ("url", "prefix", "shown"),
+    [
+        ("redis://cache:6379/0?prefix=app1:", "app1:", "redis://cache:6379/0"),
+        (
+            "redis://cache/0?db=1&prefix=a%26b%3A&health_check_interval=5#f",
+            "a&b:",
+            "redis://cache/0?db=1&health_check_interval=5#f",
+        ),
+        ("rediss://node:7000?prefix=", "", "rediss://node:7000"),
+        (f"redis://:{PASSWORD}%3F@cache/0?prefix=p:", "p:", "redis://:***@cache/0"),
+    ],
+)
+def test_a_redis_url_names_the_key_prefix_out_of_the_drivers_sight(
+    url: str, prefix: str, shown: str
+) -> None:
+    store = open_store(url)
+
+    assert store.prefix == prefix  # type: ignore[attr-defined]
+    assert repr(store) == f"RedisStore({shown!r}, prefix={prefix!r})"
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        ("postgresql://db/app?schema=bad-name", "schema must be a plain identifier"),
+        ("postgresql://db/app?table=", "table must be a plain identifier"),
+        ("postgresql://db/app?schema=a&schema=b", "gives ?schema= twice"),
+        ("redis://cache/0?prefix=app{1}:", "must not contain braces"),
+        ("redis://cache/0?prefix=a&prefix=b", "gives ?prefix= twice"),
+    ],
+)
+def test_a_stores_url_option_is_checked_as_its_constructor_checks_it(url: str, text: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(text)):
+        open_store(url)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+def test_a_store_option_of_another_store_is_left_to_the_driver() -> None:
+    """?schema= means nothing to Redis: redis-py refuses it, as any option it does not take."""
+    with pytest.raises(ValueError, match="does not take"):
+        open_store("redis://cache/0?schema=auth")

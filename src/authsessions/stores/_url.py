@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
-from urllib.parse import unquote_plus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, unquote_plus
 
 if TYPE_CHECKING:
     from authsessions.stores._base import Store
@@ -23,9 +23,14 @@ def open_store(url: str) -> Store:
     ``postgres://``), ``redis://host:6379/0`` (or ``rediss://``), and
     ``redis+cluster://host:6379`` (or ``rediss+cluster://``) for a Redis Cluster.
 
+    Options of the store's own come in the query, and are taken out of the URL
+    before the driver sees it: ``?schema=`` and ``?table=`` on a PostgreSQL URL,
+    ``?prefix=`` on a Redis one (percent-encoded; ``:`` may stay as it is), as in
+    ``postgresql://app@db/app?schema=auth`` or ``redis://cache:6379/0?prefix=app1:``.
+
     Raises:
-        ValueError: the URL's scheme is unknown or the URL is malformed. The
-            message names the scheme only, never a password.
+        ValueError: the URL's scheme is unknown, the URL is malformed, or an option
+            is given twice or refused by the store. The message never holds a password.
     """
     if not isinstance(url, str):
         raise ValueError(f"a store URL must be a string, got {type(url).__name__}.")
@@ -57,11 +62,13 @@ def open_store(url: str) -> Store:
     if scheme in ("postgresql", "postgres"):
         from authsessions.stores.postgres import PostgresStore
 
-        return PostgresStore(url)
+        url, named = _take_options(url, ("schema", "table"))
+        return PostgresStore(url, **named)
     if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
         from authsessions.stores.redis import RedisStore
 
-        return RedisStore(url)
+        url, named = _take_options(url, ("prefix",))
+        return RedisStore(url, **named)
     raise ValueError(
         f"unknown store URL scheme {scheme!r}: use memory://, sqlite:///path.db, "
         "postgresql://…, redis://… or redis+cluster://…."
@@ -87,6 +94,37 @@ def resolve_store(store: Store | str | None) -> tuple[Store, bool]:
     if isinstance(store, Store):
         return store, False
     raise TypeError(f"store must be a Store or a store URL, got {type(store).__name__}.")
+
+
+def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """``url`` without its query options named in ``names``, and their decoded values.
+
+    Spliced as text, as :func:`redact_url` does, so that everything else reaches the
+    driver as written. The query starts at the first "?" after the last "@", else (an
+    "@" in an option's value) at the first "?".
+    """
+    scheme, separator, rest = url.partition("://")
+    start = rest.find("?", rest.rfind("@") + 1)
+    if start < 0:
+        start = rest.find("?")
+    if start < 0:
+        return url, {}
+    query, hash_mark, fragment = rest[start + 1 :].partition("#")
+    taken: dict[str, Any] = {}
+    kept = []
+    for option in query.split("&"):
+        name, _, value = option.partition("=")
+        if name not in names:
+            kept.append(option)
+        elif name in taken:
+            raise ValueError(f"the store URL gives ?{name}= twice.")
+        else:
+            taken[name] = unquote(value)
+    if not taken:
+        return url, {}
+    query = "&".join(kept)
+    rest = f"{rest[:start]}{'?' if query else ''}{query}{hash_mark}{fragment}"
+    return f"{scheme}{separator}{rest}", taken
 
 
 def redact_url(url: str) -> str:
