@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -49,12 +51,18 @@ def networked_store(module: str, url: str) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each store in turn, by URL. The servers are shared, so tests use fresh user ids."""
+    """Each store in turn, by URL. The servers are shared, so tests use fresh user ids.
+
+    The SQLite file is created beforehand: the commands but ``migrate`` refuse a
+    file that holds no store.
+    """
     if request.param == "postgres":
         return networked_store("postgres", POSTGRES_URL)
     if request.param == "redis":
         return networked_store("redis", REDIS_URL)
-    return f"sqlite:///{tmp_path / 'sessions.db'}"
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    seed(url)
+    return url
 
 
 @pytest.fixture
@@ -316,7 +324,7 @@ def test_store_comes_from_the_environment_then_the_default(
         ("nosuch://x", "unknown store URL scheme"),
         ("sessions.db", "needs a scheme"),
         ("sqlite://", "needs a file"),
-        ("sqlite:////nonexistent-dir/sessions.db", "unable to open database file"),
+        ("sqlite:////nonexistent-dir/sessions.db", ""),
         ("postgresql://127.0.0.1:1/x", ""),
         ("redis://127.0.0.1:1/0", ""),
     ],
@@ -326,6 +334,68 @@ def test_bad_or_unreachable_store_fails_in_one_line(
     url: str, text: str, command: list[str]
 ) -> None:
     assert_one_line_error(run(*command, "--store", url), text)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["list", "42"], ["revoke", "AAAAAAAAAAAAAAAAAAAAAA"], ["revoke-user", "42"], ["cleanup"],
+     ["stats"], ["stats", "--json"]],
+)  # fmt: skip
+def test_a_missing_sqlite_store_is_refused_not_created(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped path would be a new, empty store: "Ended 0 sessions", a false success."""
+    monkeypatch.chdir(tmp_path)
+
+    default = run(*command, env={"AUTHSESSIONS_STORE": None})
+    mistyped = run(*command, "--store", "sqlite:///sesions.db")
+    no_dir = run(*command, "--store", "sqlite:///nodir/sessions.db")
+
+    assert_one_line_error(
+        default,
+        "no session store at sessions.db "
+        "(create it with: authsessions migrate --store sqlite:///sessions.db).",
+    )
+    assert_one_line_error(mistyped, "no session store at sesions.db")
+    assert_one_line_error(no_dir, "no session store at nodir/sessions.db")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["list", "42"], ["revoke-user", "42"], ["stats"]])
+def test_a_sqlite_file_without_a_store_is_left_alone(command: list[str], tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+        db.commit()
+    before = path.read_bytes()
+
+    result = run(*command, "--store", f"sqlite:///{path}")
+
+    assert_one_line_error(result, f"no session store in {path}: the file holds no authsessions")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_a_file_that_is_not_a_database_is_refused_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database\n")
+
+    result = run("stats", "--store", f"sqlite:///{path}")
+
+    assert_one_line_error(result, f"cannot read {path} as a session store: file is not a database")
+    assert path.read_text() == "not a database\n"
+
+
+def test_commands_read_a_store_another_process_holds_open(sqlite_url: str, user: str) -> None:
+    """Its WAL and shared-memory files exist meanwhile: the read-only check reads through them."""
+    record = make_record(user)
+
+    async def list_while_open() -> list[str]:
+        async with open_store(sqlite_url) as store:
+            await store.create(record, max_sessions=10, now=record.created_at)
+            return await asyncio.to_thread(listed_ids, sqlite_url, user)
+
+    assert asyncio.run(list_while_open()) == [record.id]
 
 
 def test_missing_store_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

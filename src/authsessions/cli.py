@@ -10,7 +10,9 @@
     authsessions stats --json              # live sessions, users, device types
 
 Every subcommand takes ``--store URL``, else ``$AUTHSESSIONS_STORE``, else
-``sqlite:///sessions.db``. Errors print one line on stderr and exit with 1.
+``sqlite:///sessions.db``. Only ``migrate`` and ``demo`` create a SQLite store;
+the others refuse a file that holds none. Errors print one line on stderr and
+exit with 1.
 
 click and rich come with the ``cli`` extra. The commands are built by
 :func:`make_cli`, which imports them, so that without the extra :func:`main`
@@ -22,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authsessions import SessionData, SessionError, SessionManager, __version__
@@ -106,7 +111,7 @@ def make_cli() -> click.Group:
     @store_option
     def migrate(store_url: str) -> None:
         """Create or upgrade the store's schema; safe to run again."""
-        _run(_with_store(store_url, _nothing))
+        _run(_with_store(store_url, _nothing, create=True))
         _stdout().print(f"The session store at {redact_url(store_url)} is ready.")
 
     @cli.command(name="list", context_settings=_IDS_MAY_START_WITH_DASH)
@@ -172,10 +177,48 @@ def make_cli() -> click.Group:
 # -- running store work with one-line errors --------------------------------------------
 
 
-async def _with_store(url: str, work: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
-    """Open the store at ``url`` (creating its schema), run ``work``, close it."""
-    async with open_store(url) as store:
+async def _with_store(
+    url: str, work: Callable[[Store], Coroutine[Any, Any, T]], *, create: bool = False
+) -> T:
+    """Open the store at ``url`` (creating its schema, or upgrading it), run ``work``, close it.
+
+    Without ``create``, a SQLite file that holds no store is refused rather than
+    created: a mistyped path would be a new, empty store, and the command's
+    "0 sessions" a false success (and an unrelated database would gain our tables).
+    """
+    store = open_store(url)
+    if not create:
+        _require_sqlite_store(store, url)
+    async with store:
         return await work(store)
+
+
+def _require_sqlite_store(store: Store, url: str) -> None:
+    """Refuse a SQLite store whose file is missing or holds no session table, reading it
+    through a read-only connection, so that nothing is written to it.
+    """
+    import click
+
+    from authsessions.stores.sqlite import TABLE, SQLiteStore
+
+    if not isinstance(store, SQLiteStore):
+        return
+    path = store.path
+    create = f"create it with: authsessions migrate --store {redact_url(url)}"
+    if not os.path.isfile(path):
+        raise click.ClickException(f"no session store at {path} ({create}).")
+    try:
+        with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+            ).fetchone()
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot read {path} as a session store: {exc}.") from None
+    if found is None:
+        raise click.ClickException(
+            f"no session store in {path}: the file holds no authsessions tables "
+            f"(check the path, or {create})."
+        )
 
 
 async def _nothing(store: Store) -> None:
@@ -265,7 +308,7 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         app = create_app(store_url)
         # Open once before serving: a bad URL or an unreachable store fails here, in one
         # line, rather than as a 503 on every page; it also creates the schema.
-        asyncio.run(_with_store(store_url, _nothing))
+        asyncio.run(_with_store(store_url, _nothing, create=True))
     out = _stdout()
     out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
     out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
