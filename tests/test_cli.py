@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -241,6 +242,50 @@ def test_revoke_user_ends_every_session_of_that_user_only(store_url: str, user: 
     assert len(listed_ids(store_url, other)) == 1
     again = run("revoke-user", user, "--store", store_url)
     assert again.stdout == f"Ended 0 sessions of user {user!r}.\n"
+
+
+@pytest.mark.parametrize(
+    "command", [["list"], ["revoke"], ["revoke-user"], ["revoke-user", "--store", "sqlite:///x"]]
+)
+def test_a_mistyped_option_is_a_usage_error_not_an_id(command: list[str]) -> None:
+    result = run(*command, "--force")
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert "Usage: " in result.stderr
+    assert "No such option '--force'" in result.stderr
+
+
+def test_an_id_that_starts_with_a_dash_goes_after_a_double_dash(store_url: str, user: str) -> None:
+    dashed = f"-{user}"
+    seed(store_url, make_record(dashed), make_record(dashed))
+
+    refused = run("revoke-user", "--store", store_url, dashed)
+    listed = run("list", "--json", "--store", store_url, "--", dashed)
+    ended = run("revoke-user", "--store", store_url, "--", dashed)
+
+    assert refused.exit_code == 2, refused.output
+    assert "An id that starts with '-' goes after '--': " in refused.stderr
+    assert f"revoke-user [OPTIONS] -- {dashed}\n" in refused.stderr
+    assert len(json.loads(listed.stdout)) == 2
+    assert ended.stdout == f"Ended 2 sessions of user {dashed!r}.\n"
+
+
+def test_a_session_id_that_starts_with_a_dash_needs_no_double_dash(
+    store_url: str, user: str
+) -> None:
+    """One session id in 64 starts with "-"; `list` shows it, and `revoke` takes it as shown."""
+    first, second = make_record(user), make_record(user)
+    first = dataclasses.replace(first, id="-" + first.id[1:])
+    second = dataclasses.replace(second, id="-" + second.id[1:])
+    seed(store_url, first, second)
+
+    anywhere = run("revoke", first.id, "--store", store_url)
+    after_dashes = run("revoke", "--store", store_url, "--", second.id)
+
+    assert anywhere.stdout == f"Ended session {first.id}.\n"
+    assert after_dashes.stdout == f"Ended session {second.id}.\n"
+    assert listed_ids(store_url, user) == []
 
 
 # -- cleanup and stats ----------------------------------------------------------------------

@@ -52,11 +52,6 @@ INSTALL_HINT = "The authsessions command needs its extra: pip install 'authsessi
 DRIVER_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
 
 
-# Session ids (and user ids) may start with "-": read such an argument as the id it is,
-# not as an unknown option.
-_IDS_MAY_START_WITH_DASH = {"ignore_unknown_options": True}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the ``authsessions`` console script."""
     try:
@@ -90,6 +85,33 @@ def make_cli() -> click.Group:
     )
     json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 
+    class TakesAnId(click.Command):
+        """A command whose argument is an id, which may start with "-" (one session id in
+        64 does): after "--" any argument is an id, and so is anything shaped like a
+        session id, wherever it stands. Another unknown option stays a usage error (a
+        mistyped --json must not end the sessions of user "--jsn").
+        """
+
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            if "--" not in args:
+                ids = [arg for arg in args if arg[:1] == "-" and is_well_formed_session_id(arg)]
+                if ids:
+                    args = [arg for arg in args if arg not in ids] + ["--", *ids]
+            given_args = list(args)  # click's parser consumes the list it is given
+            try:
+                return super().parse_args(ctx, args)
+            except click.NoSuchOption as exc:
+                if exc.possibilities:  # "Did you mean --json?": a mistyped option
+                    raise
+                # "-5" or "-AbC" (which click reads as "-A" and more): the whole argument.
+                name = exc.option_name
+                given = next((arg for arg in given_args if arg.startswith(name)), name)
+                raise click.UsageError(
+                    f"{exc.format_message()} An id that starts with '-' goes after '--': "
+                    f"{ctx.command_path} [OPTIONS] -- {given}",
+                    ctx,
+                ) from None
+
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="authsessions")
     def cli() -> None:
@@ -114,7 +136,7 @@ def make_cli() -> click.Group:
         _run(_with_store(store_url, _nothing, create=True))
         _stdout().print(f"The session store at {redact_url(store_url)} is ready.")
 
-    @cli.command(name="list", context_settings=_IDS_MAY_START_WITH_DASH)
+    @cli.command(name="list", cls=TakesAnId)
     @store_option
     @json_option
     @click.argument("user_id")
@@ -126,7 +148,7 @@ def make_cli() -> click.Group:
         else:
             _print_sessions(_stdout(), user_id, sessions)
 
-    @cli.command(context_settings=_IDS_MAY_START_WITH_DASH)
+    @cli.command(cls=TakesAnId)
     @store_option
     @click.argument("session_id")
     def revoke(store_url: str, session_id: str) -> None:
@@ -139,7 +161,7 @@ def make_cli() -> click.Group:
             raise click.ClickException(f"no session with id {session_id!r}.")
         _stdout().print(f"Ended session {session_id}.")
 
-    @cli.command(name="revoke-user", context_settings=_IDS_MAY_START_WITH_DASH)
+    @cli.command(name="revoke-user", cls=TakesAnId)
     @store_option
     @click.argument("user_id")
     def revoke_user(store_url: str, user_id: str) -> None:
