@@ -443,6 +443,18 @@ def test_commands_read_a_store_another_process_holds_open(sqlite_url: str, user:
     assert asyncio.run(list_while_open()) == [record.id]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["migrate"], ["list", "42"], ["revoke", "AAAAAAAAAAAAAAAAAAAAAA"], ["revoke-user", "42"],
+     ["cleanup"], ["stats"]],
+)  # fmt: skip
+def test_a_memory_store_is_refused_as_out_of_reach(command: list[str]) -> None:
+    """A new memory store is empty: every command would report on nothing, and succeed."""
+    result = run(*command, "--store", "memory://")
+
+    assert_one_line_error(result, "memory:// names a store inside one process")
+
+
 def test_missing_store_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("authsessions.stores.postgres") is None:
         pytest.skip("authsessions/stores/postgres.py is not written yet")

@@ -11,8 +11,8 @@
 
 Every subcommand takes ``--store URL``, else ``$AUTHSESSIONS_STORE``, else
 ``sqlite:///sessions.db``. Only ``migrate`` and ``demo`` create a SQLite store;
-the others refuse a file that holds none. Errors print one line on stderr and
-exit with 1.
+the others refuse a file that holds none, and ``memory://`` (a store inside
+one process; the demo takes it). Errors print one line on stderr and exit with 1.
 
 click and rich come with the ``cli`` extra. The commands are built by
 :func:`make_cli`, which imports them, so that without the extra :func:`main`
@@ -200,15 +200,30 @@ def make_cli() -> click.Group:
 
 
 async def _with_store(
-    url: str, work: Callable[[Store], Coroutine[Any, Any, T]], *, create: bool = False
+    url: str,
+    work: Callable[[Store], Coroutine[Any, Any, T]],
+    *,
+    create: bool = False,
+    memory_ok: bool = False,
 ) -> T:
     """Open the store at ``url`` (creating its schema, or upgrading it), run ``work``, close it.
 
     Without ``create``, a SQLite file that holds no store is refused rather than
     created: a mistyped path would be a new, empty store, and the command's
     "0 sessions" a false success (and an unrelated database would gain our tables).
+    Without ``memory_ok``, ``memory://`` is refused: a new memory store is empty,
+    and the command would report on it as if it were the app's.
     """
+    import click
+
+    from authsessions.stores.memory import MemoryStore
+
     store = open_store(url)
+    if isinstance(store, MemoryStore) and not memory_ok:
+        raise click.ClickException(
+            "memory:// names a store inside one process, not one this command can reach: "
+            "give the app's store (sqlite:///…, postgresql://… or redis://…)."
+        )
     if not create:
         _require_sqlite_store(store, url)
     async with store:
@@ -330,7 +345,7 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         app = create_app(store_url)
         # Open once before serving: a bad URL or an unreachable store fails here, in one
         # line, rather than as a 503 on every page; it also creates the schema.
-        asyncio.run(_with_store(store_url, _nothing, create=True))
+        asyncio.run(_with_store(store_url, _nothing, create=True, memory_ok=True))
     out = _stdout()
     out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
     out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
