@@ -697,6 +697,23 @@ def test_a_password_redis_py_misreads_is_refused_without_showing_it(
     assert raised.value.__suppress_context__
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:6379/abc", "redis://127.0.0.1/sessions", "redis+cluster://node:7000/x"],
+)
+def test_a_database_that_is_not_a_number_is_refused_when_the_store_is_built(url: str) -> None:
+    """redis-py would take database 0 for it, shared with whatever else lives there."""
+    with pytest.raises(ValueError, match="names a database that is not a number"):
+        RedisStore(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/"]
+)
+def test_a_database_number_or_none_is_taken(url: str) -> None:
+    assert RedisStore(url)
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 

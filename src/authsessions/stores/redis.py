@@ -45,6 +45,7 @@ import hashlib
 import math
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote, urlsplit
 
 from authsessions._records import (
     DeviceType,
@@ -188,13 +189,25 @@ class RedisStore(Store):
         leaving the rest of the password to be read as a port).
         """
         try:
-            self._driver.parse_url(url)
+            options = self._driver.parse_url(url)
         except ValueError:
             raise ValueError(
                 f"the Redis URL {shown_as} is malformed: expected redis://[user:password@]"
                 "host:port/db (percent-encode a '/', '?', '#' or '@' in the password, "
                 "e.g. %2F for '/')."
             ) from None
+        # redis-py reads the path as the database number, and takes database 0 for a path
+        # that is none: redis://cache/sessions would share database 0 with anything.
+        parts = urlsplit(url)
+        database = unquote(parts.path).replace("/", "")
+        if parts.scheme in ("redis", "rediss") and "db" not in options and database:
+            try:
+                int(database)
+            except ValueError:
+                raise ValueError(
+                    f"the Redis URL {shown_as} names a database that is not a number: "
+                    "expected redis://host:port/0 (or no path, for database 0)."
+                ) from None
 
     def _check_url_options(self, url: str) -> None:
         """Refuse, here, an option in ``url`` that redis-py would only reject as it first
