@@ -464,6 +464,29 @@ def test_a_memory_store_is_refused_as_out_of_reach(command: list[str]) -> None:
     assert_one_line_error(result, "memory:// names a store inside one process")
 
 
+def test_a_store_that_cannot_be_used_is_reported_without_retry_advice(tmp_path: Path) -> None:
+    """ "Try again shortly" suits an app's 503; a command's cause is mostly its own URL."""
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("not a database\n")
+    no_database = urlsplit(networked_store("postgres", POSTGRES_URL))._replace(
+        path="/authsessions_no_such_database"
+    )
+
+    results = {
+        "file is not a database": run("migrate", "--store", f"sqlite:///{not_a_database}"),
+        "unable to open database file": run(
+            "migrate", "--store", f"sqlite:///{tmp_path / 'nodir' / 'sessions.db'}"
+        ),
+        'database "authsessions_no_such_database" does not exist': run(
+            "stats", "--store", no_database.geturl()
+        ),
+    }
+
+    for cause, result in results.items():
+        assert_one_line_error(result, f"Error: cannot use the session store: {cause}.")
+        assert "try again" not in result.stderr
+
+
 def test_missing_store_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("authsessions.stores.postgres") is None:
         pytest.skip("authsessions/stores/postgres.py is not written yet")

@@ -33,7 +33,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from authsessions import SessionData, SessionError, SessionManager, __version__
+from authsessions import SessionData, SessionError, SessionManager, StoreUnavailable, __version__
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores import Store, StoreStats, open_store
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, redact_url
@@ -280,6 +280,14 @@ def one_line_errors() -> Iterator[None]:
         yield
     except click.ClickException:
         raise
+    except StoreUnavailable as exc:
+        # Its message is made for an app's 503s ("try again shortly"); here the cause is
+        # most often the command's own store URL: a path, a role, a database name.
+        cause = exc.__cause__
+        if cause is None:
+            raise click.ClickException(_first_line(exc.message)) from None
+        said = _first_line(str(cause)).rstrip(".") if str(cause) else type(cause).__name__
+        raise click.ClickException(f"cannot use the session store: {said}.") from None
     except SessionError as exc:
         message = _first_line(exc.message)
         if exc.__cause__ is not None and str(exc.__cause__):
