@@ -288,6 +288,20 @@ def test_a_session_id_that_starts_with_a_dash_needs_no_double_dash(
     assert listed_ids(store_url, user) == []
 
 
+@pytest.mark.parametrize("command", ["list", "revoke-user"])
+@pytest.mark.parametrize("user_id", ["", "a\tb", "x" * 256])
+def test_a_user_id_no_session_can_have_is_a_usage_error_in_the_terms_of_the_cli(
+    sqlite_url: str, command: str, user_id: str
+) -> None:
+    seed(sqlite_url)
+
+    result = run(command, "--store", sqlite_url, user_id)
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for 'USER_ID': a user id is non-empty printable text" in result.stderr
+    assert "str(user.id)" not in result.stderr
+
+
 # -- cleanup and stats ----------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from authsessions import SessionManager, SessionNotFound
+from authsessions import SessionConfig, SessionManager, SessionNotFound
 from authsessions._tokens import new_session_id
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 from tests.apps.session_app import FIREFOX_WINDOWS, plant_session
@@ -204,9 +204,22 @@ async def test_cleanup_expired_uses_one_now_for_the_whole_run() -> None:
     assert len(set(store.nows)) == 1
 
 
-async def test_cleanup_expired_rejects_a_batch_size_below_one() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
-        await SessionManager(MemoryStore()).cleanup_expired(batch_size=0)
+@pytest.mark.parametrize(
+    ("batch_size", "error"),
+    [(0, ValueError), (-1, ValueError), ("10", TypeError), (1.5, TypeError), (True, TypeError),
+     (None, TypeError)],
+)  # fmt: skip
+async def test_cleanup_expired_rejects_a_batch_size_that_is_no_count(
+    batch_size: object, error: type[Exception]
+) -> None:
+    """Named as the caller named it: not the store's own "limit", nor a raw comparison."""
+    store = MemoryStore()
+    await plant_session(store, "alice", created_ago=100, expires_in=-1)
+
+    with pytest.raises(error, match=r"^batch_size must be"):
+        await SessionManager(store).cleanup_expired(batch_size=batch_size)  # type: ignore[arg-type]
+
+    assert (await store.stats(now=time.time())).expired_sessions == 1
 
 
 async def test_manager_opens_its_store_on_first_use(tmp_path: Path) -> None:
@@ -222,3 +235,24 @@ async def test_manager_opens_its_store_on_first_use(tmp_path: Path) -> None:
 def test_manager_needs_a_store_object() -> None:
     with pytest.raises(TypeError, match="Store"):
         SessionManager("sqlite:///sessions.db")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("config", [{"ttl": 1}, "ttl=1", SessionConfig])
+def test_manager_needs_a_session_config_object(config: object) -> None:
+    """As the middleware does: a dict would be kept unchecked, to fail wherever it is read."""
+    with pytest.raises(TypeError, match=r"^config must be a SessionConfig, got "):
+        SessionManager(MemoryStore(), config=config)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("session_id", [None, 5, b"AAAAAAAAAAAAAAAAAAAAAA"])
+async def test_revoke_refuses_a_session_id_that_is_not_a_string(
+    store: Store, session_id: object
+) -> None:
+    """A TypeError, as revoke_all's except_id gives: not a SessionNotFound for a caller's bug."""
+    _, kept = await plant_session(store, "alice")
+    manager = SessionManager(store)
+
+    with pytest.raises(TypeError, match=r"^session_id must be a session id"):
+        await manager.revoke("alice", session_id)  # type: ignore[arg-type]
+
+    assert [s.id for s in await manager.list_for_user("alice")] == [kept.id]

@@ -10,7 +10,7 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
 from authsessions._records import SessionData, check_user_id
 from authsessions._tokens import is_well_formed_session_id
-from authsessions.stores._base import Store
+from authsessions.stores._base import Store, require_count
 
 __all__ = ["SessionManager"]
 
@@ -30,6 +30,8 @@ class SessionManager:
     def __init__(self, store: Store, config: SessionConfig | None = None) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a Store, got {type(store).__name__}.")
+        if config is not None and not isinstance(config, SessionConfig):
+            raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
         self.store = store
         self.config = config if config is not None else SessionConfig()
 
@@ -57,10 +59,15 @@ class SessionManager:
 
         Raises:
             ValueError: ``user_id`` is not a string a session could have.
+            TypeError: ``session_id`` is not a string.
             SessionNotFound: no such session, or it belongs to another user.
             StoreUnavailable: the store failed.
         """
         check_user_id(user_id)
+        if not isinstance(session_id, str):
+            raise TypeError(
+                f"session_id must be a session id (str), got {type(session_id).__name__}."
+            )
         store = await self._store()
         if not is_well_formed_session_id(session_id) or not await store.delete(
             session_id, user_id=user_id
@@ -99,11 +106,11 @@ class SessionManager:
             await manager.cleanup_expired(on_batch=lambda n: bar.advance(task, n))
 
         Raises:
+            TypeError: ``batch_size`` is not an int.
             ValueError: ``batch_size`` is below 1.
             StoreUnavailable: the store failed (batches done so far stay done).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size!r}.")
+        require_count("batch_size", batch_size)
         store = await self._store()
         # One `now` for the whole run: what expired by the start goes (later expiries wait
         # for the next run), and a store may go on with one pass over its sessions.

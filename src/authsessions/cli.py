@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authsessions import SessionData, SessionError, SessionManager, StoreUnavailable, __version__
+from authsessions._records import MAX_USER_ID_LENGTH, check_user_id
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores import Store, StoreStats, open_store
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, redact_url
@@ -84,6 +85,17 @@ def make_cli() -> click.Group:
         help="The session store: sqlite:///file.db, postgresql://…, redis://…",
     )
     json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+
+    def user_id_argument(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        # check_user_id's own message is advice for Python callers ("pass str(user.id)").
+        try:
+            check_user_id(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"a user id is non-empty printable text of at most {MAX_USER_ID_LENGTH} "
+                f"characters, got {value!r:.80}."
+            ) from None
+        return value
 
     class TakesAnId(click.Command):
         """A command whose argument is an id, which may start with "-" (one session id in
@@ -139,7 +151,7 @@ def make_cli() -> click.Group:
     @cli.command(name="list", cls=TakesAnId)
     @store_option
     @json_option
-    @click.argument("user_id")
+    @click.argument("user_id", callback=user_id_argument)
     def list_(store_url: str, as_json: bool, user_id: str) -> None:
         """List USER_ID's live sessions, most recently active first."""
         sessions = _run(_with_store(store_url, lambda s: SessionManager(s).list_for_user(user_id)))
@@ -163,7 +175,7 @@ def make_cli() -> click.Group:
 
     @cli.command(name="revoke-user", cls=TakesAnId)
     @store_option
-    @click.argument("user_id")
+    @click.argument("user_id", callback=user_id_argument)
     def revoke_user(store_url: str, user_id: str) -> None:
         """End every session of USER_ID, e.g. after a password reset."""
         ended = _run(_with_store(store_url, lambda s: SessionManager(s).revoke_all(user_id)))
