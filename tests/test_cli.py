@@ -317,6 +317,15 @@ def test_cleanup_deletes_expired_sessions_in_batches(own_store_url: str, user: s
     assert listed_ids(own_store_url, user) == [live.id]
 
 
+def test_cleanup_refuses_a_batch_size_no_store_can_honour(sqlite_url: str) -> None:
+    seed(sqlite_url)
+
+    result = run("cleanup", "--batch-size", str(2**31), "--store", sqlite_url)
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--batch-size'" in result.stderr
+
+
 def test_cleanup_shows_progress_on_a_terminal(own_store_url: str, user: str) -> None:
     seed(own_store_url, *[make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(5)])
     # TTY_COMPATIBLE makes rich treat the captured stderr as a terminal.

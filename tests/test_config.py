@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from authsessions import SessionConfig
+from tests.stores.records import make_record, start_time
 
 # API.md, "SessionConfig": field -> default.
 API_DEFAULTS: dict[str, Any] = {
@@ -116,6 +117,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("max-sessions-float", {"max_sessions_per_user": 2.5},
      "max_sessions_per_user must be an integer >= 1"),
     ("max-data-zero", {"max_data_bytes": 0}, "max_data_bytes must be an integer >= 2"),
+    ("max-sessions-int4", {"max_sessions_per_user": 2**31},
+     "max_sessions_per_user must be an integer >= 1 and <= 2147483647, got 2147483648"),
+    ("max-data-int4", {"max_data_bytes": 2**31},
+     "max_data_bytes must be an integer >= 2 and <= 2147483647, got 2147483648"),
+    ("max-data-int8", {"max_data_bytes": 2**63}, "max_data_bytes must be an integer >= 2 and <="),
+    ("ttl-max", {"ttl": timedelta.max}, "ttl must be at most 36525 days (100 years)"),
+    ("ttl-over-100-years", {"ttl": timedelta(days=36526)}, "ttl must be at most 36525 days"),
+    ("absolute-max", {"absolute_ttl": timedelta.max},
+     "absolute_ttl must be at most 36525 days (100 years)"),
     ("host-prefix-insecure", {"cookie_secure": False}, "needs cookie_secure=True"),
     ("host-prefix-any-case-insecure", {"cookie_name": "__host-s", "cookie_secure": False},
      "needs cookie_secure=True"),
@@ -169,3 +179,17 @@ def test_value_errors_suggest_a_remedy() -> None:
         SessionConfig(cookie_secure=False)
     with pytest.raises(ValueError, match="choose another name"):
         SessionConfig(cookie_domain="example.com")
+
+
+def test_the_largest_counts_and_durations_are_taken() -> None:
+    config = SessionConfig(
+        ttl=timedelta(days=36525),
+        absolute_ttl=timedelta(days=36525),
+        max_sessions_per_user=2**31 - 1,
+        max_data_bytes=2**31 - 1,
+    )
+
+    assert config.ttl_seconds == 36525 * 86400
+    # What timedelta.max failed at: a listing turns the expiry into a datetime.
+    record = make_record(now=start_time(), ttl=config.ttl_seconds)
+    assert record.to_data().expires_at.year >= 2125

@@ -7,9 +7,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-__all__ = ["SessionConfig"]
+from authsessions._records import MAX_COUNT
+
+__all__ = ["MAX_DURATION", "SessionConfig"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_DURATION = timedelta(days=36525)
+"""The longest ``ttl`` or ``absolute_ttl``, 100 years: an expiry beyond year 9999 is no
+``datetime`` (listing such a session failed), and no session needs to last longer."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -23,17 +29,20 @@ class SessionConfig:
     """
 
     ttl: timedelta = timedelta(days=30)
-    """Idle (sliding) lifetime: activity moves ``expires_at`` to now + ttl."""
+    """Idle (sliding) lifetime: activity moves ``expires_at`` to now + ttl; at most
+    :data:`MAX_DURATION` (100 years)."""
 
     absolute_ttl: timedelta | None = None
-    """Hard cap counted from ``created_at``; never extended by activity or ``rotate``."""
+    """Hard cap counted from ``created_at``; never extended by activity or ``rotate``; at
+    most :data:`MAX_DURATION`."""
 
     touch_interval: timedelta = timedelta(minutes=5)
     """At most one "last active" write per session per interval: activity within it,
     data writes included, leaves ``last_active_at`` and ``expires_at`` as they are."""
 
     max_sessions_per_user: int = 10
-    """On login, the least recently active sessions beyond this many are destroyed."""
+    """On login, the least recently active sessions beyond this many are destroyed (at most
+    2**31 - 1, as ``max_data_bytes``)."""
 
     validate_fingerprint: bool = True
     """End a session when a request's client fingerprint differs from the stored one."""
@@ -51,7 +60,7 @@ class SessionConfig:
     """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed."""
 
     max_data_bytes: int = 65536
-    """Cap on the serialised JSON data of one session."""
+    """Cap on the serialised JSON data of one session (at most 2**31 - 1)."""
 
     # Derived once for the per-request path.
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
@@ -64,12 +73,14 @@ class SessionConfig:
         _require_timedelta("touch_interval", self.touch_interval)
         if self.ttl <= timedelta(0):
             raise ValueError(f"ttl must be positive, got {self.ttl!r}.")
+        _require_at_most_max_duration("ttl", self.ttl)
         if self.absolute_ttl is not None:
             _require_timedelta("absolute_ttl", self.absolute_ttl)
             if self.absolute_ttl <= timedelta(0):
                 raise ValueError(
                     f"absolute_ttl must be positive or None, got {self.absolute_ttl!r}."
                 )
+            _require_at_most_max_duration("absolute_ttl", self.absolute_ttl)
         if not timedelta(0) <= self.touch_interval < self.ttl:
             raise ValueError(
                 f"touch_interval must be at least 0 and shorter than ttl ({self.ttl!r}), "
@@ -142,9 +153,19 @@ def _require_timedelta(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a datetime.timedelta, got {value!r}.")
 
 
+def _require_at_most_max_duration(name: str, value: timedelta) -> None:
+    if value > MAX_DURATION:
+        raise ValueError(
+            f"{name} must be at most {MAX_DURATION.days} days (100 years), got {value!r}."
+        )
+
+
 def _require_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    # At most MAX_COUNT: stores bind these as integers (PostgreSQL's int4).
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
+        raise ValueError(
+            f"{name} must be an integer >= {minimum} and <= {MAX_COUNT}, got {value!r}."
+        )
 
 
 def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:

@@ -23,6 +23,9 @@ __all__ = [
 
 DeviceType = Literal["desktop", "mobile", "tablet", "bot", "other"]
 MAX_USER_ID_LENGTH = 255
+# The most sessions per user, data bytes per session or sessions per cleanup batch: what
+# PostgreSQL binds as an integer (int4). Beyond it a store failed as if it were down.
+MAX_COUNT = 2**31 - 1
 
 
 # Built once: json.dumps with any option builds a new encoder per call, and even a kept

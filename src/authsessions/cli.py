@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from authsessions import SessionData, SessionError, SessionManager, StoreUnavailable, __version__
-from authsessions._records import MAX_USER_ID_LENGTH, check_user_id
+from authsessions._records import MAX_COUNT, MAX_USER_ID_LENGTH, check_user_id
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores import Store, StoreStats, open_store
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, redact_url
@@ -183,8 +183,8 @@ def make_cli() -> click.Group:
 
     @cli.command()
     @store_option
-    @click.option("--batch-size", default=1000, type=click.IntRange(min=1), show_default=True,
-                  help="Sessions deleted per store call.")  # fmt: skip
+    @click.option("--batch-size", default=1000, type=click.IntRange(1, MAX_COUNT),
+                  show_default=True, help="Sessions deleted per store call.")  # fmt: skip
     def cleanup(store_url: str, batch_size: int) -> None:
         """Delete expired sessions in batches, to reclaim space."""
         started = time.monotonic()

@@ -269,6 +269,9 @@ COUNTS_NO_STORE_CAN_HONOUR = [
     pytest.param("3", TypeError, id="str"),
     pytest.param(True, TypeError, id="bool"),
     pytest.param(2.0, TypeError, id="float"),
+    # PostgreSQL binds counts as int4, SQLite's integers end at 2**63 - 1.
+    pytest.param(2**31, ValueError, id="2**31"),
+    pytest.param(2**63, ValueError, id="2**63"),
 ]
 
 
@@ -301,6 +304,18 @@ async def test_delete_expired_refuses_a_limit_no_store_can_honour(
         await store.delete_expired(now=t0 + 2, limit=count)
 
     assert await store.stats(now=t0 + 2) == before
+
+
+async def test_the_largest_counts_are_honoured(store: Store) -> None:
+    t0 = start_time()
+    live, expired = make_record(now=t0), make_record(now=t0, user_id="bob", ttl=1)
+    for record in (live, expired):
+        await store.create(record, max_sessions=2**31 - 1, now=t0)
+
+    assert await store.delete_expired(now=t0 + 2, limit=2**31 - 1) == 1
+
+    assert await listed_ids(store, "alice", now=t0 + 2) == [live.id]
+    assert await listed_ids(store, "bob", now=t0 + 2) == []
 
 
 async def test_create_evicts_the_least_recently_active_beyond_the_limit(store: Store) -> None:

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats
+from authsessions._records import MAX_COUNT, SessionRecord, SessionUpdate, StoreStats
 
 __all__ = ["CreateError", "DataTooLarge", "Store", "store_unavailable", "translate_errors"]
 
@@ -47,17 +47,20 @@ class DataTooLarge(Exception):
 
 def require_count(name: str, value: object) -> None:
     """Refuse a count a store cannot honour (``max_sessions``, ``limit``) before any store
-    access: an int of at least 1. Without it a store would fail as if it were down
-    (``None``), or keep nothing (0).
+    access: an int from 1 to :data:`~authsessions._records.MAX_COUNT`. Without it a store
+    would fail as if it were down (``None``, or a count PostgreSQL cannot bind), or keep
+    nothing (0).
 
     Raises:
         TypeError: ``value`` is not an int (a bool is not one here).
-        ValueError: ``value`` is below 1.
+        ValueError: ``value`` is below 1 or above ``MAX_COUNT``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value}.")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
@@ -265,7 +268,7 @@ class Store(abc.ABC):
 
         Raises :class:`CreateError` when the id or token digest exists already, and
         (see :func:`require_count`) ``TypeError`` or ``ValueError`` when ``max_sessions``
-        is not an int of at least 1, before anything is stored.
+        is not an int from 1 to ``MAX_COUNT``, before anything is stored.
         """
 
     @abc.abstractmethod
@@ -318,7 +321,7 @@ class Store(abc.ABC):
 
         Callers repeat it until it returns less than ``limit``, so a large
         backlog never holds a lock or a transaction for long. ``limit`` must be an int
-        of at least 1 (see :func:`require_count`).
+        from 1 to ``MAX_COUNT`` (see :func:`require_count`).
         """
 
     @abc.abstractmethod
