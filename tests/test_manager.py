@@ -43,6 +43,21 @@ async def test_list_for_user_is_most_recent_first_and_only_live_sessions(store: 
             assert moment.timestamp() == pytest.approx(expected, abs=1)
 
 
+async def test_list_for_user_leaves_out_sessions_past_the_configs_absolute_ttl(
+    store: Store,
+) -> None:
+    """As the middleware refuses their cookies, and list_my_sessions leaves them out."""
+    _, young = await plant_session(store, "alice", created_ago=1800, idle_for=30)
+    await plant_session(store, "alice", created_ago=7200, idle_for=10)
+
+    hour = SessionConfig(absolute_ttl=timedelta(hours=1))
+    listed = await SessionManager(store, hour).list_for_user("alice")
+    without_cap = await SessionManager(store).list_for_user("alice")
+
+    assert [s.id for s in listed] == [young.id]
+    assert len(without_cap) == 2
+
+
 async def test_list_for_unknown_user_is_empty(store: Store) -> None:
     assert await SessionManager(store).list_for_user("nobody") == []
 
