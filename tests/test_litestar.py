@@ -13,6 +13,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from litestar import Litestar, Request, WebSocket, get, post, websocket
+from litestar.exceptions import WebSocketDisconnect
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
@@ -285,3 +286,106 @@ def test_what_a_websocket_set_is_kept_when_the_client_leaves(sqlite_store: Store
         me_after = client.get("/me", headers=cookie_header(token.value))
 
     assert me_after.json() == {"user": "alice", "theme": "solarized"}
+
+
+@websocket("/ws/required")
+async def ws_required(socket: WebSocket[Any, Any, Any], session: CurrentSession) -> None:
+    """Lists the user's sessions before accepting: Unauthorized when signed out."""
+    await session.list_my_sessions()
+    await socket.accept()
+
+
+@websocket("/ws/fail")
+async def ws_fail(socket: WebSocket[Any, Any, Any], session: CurrentSession) -> None:
+    """Sets a key, then fails the way it is sent."""
+    await socket.accept()
+    session.set("theme", "set before the error")
+    how = await socket.receive_text()
+    if how == "unknown session":
+        await session.revoke("AAAAAAAAAAAAAAAAAAAAAA")  # SessionNotFound, 404
+    elif how == "bad value":
+        session.set("tags", {"a set"})  # SessionDataError, 500
+    else:
+        await session.list_my_sessions()  # StoreUnavailable once the table is gone
+
+
+def test_a_session_error_before_accept_refuses_the_websocket_with_policy_violation(
+    sqlite_store: Store,
+) -> None:
+    """As under Starlette; Litestar alone closes every exception with 4500. The app's own
+    exception hooks still see the error.
+    """
+    seen: list[Exception] = []
+    app = Litestar(
+        [ws_required],
+        plugins=[SessionPlugin(store=sqlite_store)],
+        after_exception=[lambda exc, scope: seen.append(exc)],
+    )
+    with (
+        LitestarTestClient(app, base_url="https://testserver.local") as client,
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect("/ws/required"),
+    ):
+        pytest.fail("the WebSocket was accepted")
+
+    assert (closed.value.code, closed.value.detail) == (1008, "Not authenticated: sign in first.")
+    assert [type(exc).__name__ for exc in seen] == ["Unauthorized"]
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "reason", "saved"),
+    [
+        ("unknown session", 1008, "No such session.", True),
+        ("bad value", 1011, "the value for session key 'tags'", False),
+    ],
+)
+def test_a_session_error_in_a_websocket_closes_it_with_its_code_and_saves_as_http_would(
+    sqlite_store: Store, how: str, code: int, reason: str, saved: bool
+) -> None:
+    """A 4xx error keeps what the handler set before it, as an HTTP 4xx response does;
+    a 5xx one (the app's mistake) drops it and is logged.
+    """
+    app = Litestar([login, me, ws_fail], plugins=[SessionPlugin(store=sqlite_store)])
+    handler = RecordingHandler()
+    logger = logging.getLogger("authsessions")  # Litestar's logging config stops propagation
+    logger.addHandler(handler)
+    try:
+        with LitestarTestClient(app, base_url="https://testserver.local") as client:
+            client.headers["user-agent"] = CHROME_MAC
+            token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+            assert token is not None
+            with client.websocket_connect("/ws/fail", headers=cookie_header(token.value)) as ws:
+                ws.send_text(how)
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_text()
+            me_after = client.get("/me")
+    finally:
+        logger.removeHandler(handler)
+
+    assert closed.value.code == code
+    assert reason in closed.value.detail
+    assert me_after.json()["theme"] == ("set before the error" if saved else "dark")
+    logged = [r.getMessage() for r in handler.records]
+    assert any("a WebSocket handler failed" in m for m in logged) == (code == 1011)
+
+
+def test_a_store_down_in_a_websocket_closes_it_with_try_again_later(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    app = Litestar([login, me, ws_fail], plugins=[SessionPlugin(store=f"sqlite:///{path}")])
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        client.headers["user-agent"] = CHROME_MAC
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+        with client.websocket_connect("/ws/fail", headers=cookie_header(token.value)) as ws:
+            with sqlite3.connect(path) as db:
+                db.execute(f"ALTER TABLE {TABLE} RENAME TO moved_away")
+            ws.send_text("read the store")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        with sqlite3.connect(path) as db:
+            db.execute(f"ALTER TABLE moved_away RENAME TO {TABLE}")
+        me_after = client.get("/me")
+
+    assert closed.value.code == 1013
+    assert "unavailable" in closed.value.detail
+    assert me_after.json() == {"user": "alice", "theme": "dark"}

@@ -20,6 +20,7 @@ from typing import Any, cast
 from litestar import Request, Response
 from litestar.config.app import AppConfig
 from litestar.di import NamedDependency, Provide
+from litestar.enums import ScopeType
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import Scope
@@ -51,16 +52,30 @@ def session_error_response(request: Request[Any, Any, Any], exc: SessionError) -
     return Response({"detail": exc.message}, status_code=exc.status_code)
 
 
+def pass_session_errors_on_websockets(exc: Exception, scope: Scope) -> None:
+    """Let a WebSocket handler's :class:`SessionError` go on to ``SessionMiddleware``.
+
+    Litestar's exception handlers are for HTTP only: it would close the socket
+    with 4500 and have the middleware save changes a 5xx error must drop. Raised
+    from this hook (Litestar runs it before closing), the error reaches the
+    middleware, which closes with 1008, 1013 or 1011 as under Starlette.
+    """
+    if scope["type"] == ScopeType.WEBSOCKET and isinstance(exc, SessionError):
+        raise exc
+
+
 class SessionPlugin(InitPlugin):
     """Sessions for a Litestar app.
 
     Adds :class:`SessionMiddleware`, a ``session`` dependency (declare a
     ``session: CurrentSession`` parameter), and renders uncaught
     :class:`SessionError`\\ s as JSON with their status code (Litestar would
-    otherwise answer 500). The store opens at startup (if it is down, the app
-    starts all the same and requests get 503 until it opens); one built from
-    a URL (or the default) is closed at shutdown. Add this plugin, not
-    ``SessionMiddleware`` itself: Litestar builds middleware once per route.
+    otherwise answer 500); on a WebSocket they close it with the codes they
+    give under Starlette (Litestar would close with 4500). The store opens at
+    startup (if it is down, the app starts all the same and requests get 503
+    until it opens); one built from a URL (or the default) is closed at
+    shutdown. Add this plugin, not ``SessionMiddleware`` itself: Litestar
+    builds middleware once per route.
 
     Args:
         store: a :class:`~authsessions.stores.Store`, a store URL, or ``None``
@@ -86,6 +101,8 @@ class SessionPlugin(InitPlugin):
             "session", Provide(provide_session, sync_to_thread=False)
         )
         app_config.exception_handlers.setdefault(SessionError, session_error_response)
+        # Last, so that the app's own hooks still see the error.
+        app_config.after_exception.append(pass_session_errors_on_websockets)
         app_config.on_startup.append(self._open_store)
         if self._owns_store:
             app_config.on_shutdown.append(self.store.close)
