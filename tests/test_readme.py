@@ -13,8 +13,15 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from litestar import WebSocket as LitestarWebSocket
+from litestar import websocket
+from litestar.testing import TestClient as LitestarTestClient
+from starlette.routing import WebSocketRoute
+from starlette.testclient import TestClient as StarletteTestClient
+from starlette.websockets import WebSocket as StarletteWebSocket
 
-from authsessions import SessionManager
+from authsessions import Session, SessionManager
+from authsessions.litestar import provide_session
 from authsessions.stores import SQLiteStore
 from tests.apps.session_app import plant_session
 
@@ -118,19 +125,69 @@ def test_the_manager_example_revokes_a_users_sessions_and_sweeps_expired_ones(
     assert capsys.readouterr().out == "1 expired sessions removed\n"
 
 
-def test_the_testing_example_signs_in_through_the_starlette_quickstart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The block under "Testing an app", run against the Starlette quickstart's app."""
-    match = re.search(
-        r"^## Testing an app\n.*?```python\n(.*?)```", README.read_text(), re.S | re.M
-    )
-    assert match is not None, "no testing example in README.md"
+def examples_for_testing() -> list[str]:
+    """The Python blocks under "Testing an app": Starlette's, Litestar's, the WebSocket's."""
+    match = re.search(r"^## Testing an app\n(.*?)^## ", README.read_text(), re.S | re.M)
+    assert match is not None, "no testing section in README.md"
+    blocks = re.findall(r"```python\n(.*?)```", match.group(1), re.S)
+    assert len(blocks) == 3, blocks
+    return blocks
+
+
+def quickstart_app(framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The app of a quickstart, run in an empty working directory."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AUTHSESSIONS_STORE", raising=False)
-    module = types.ModuleType("readme_testing")
+    module = types.ModuleType(f"readme_testing_{framework.lower()}")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(quickstart("Starlette"), "README:Starlette", "exec"), vars(module))  # noqa: S102
+    exec(compile(quickstart(framework), f"README:{framework}", "exec"), vars(module))  # noqa: S102
+    return module.app
+
+
+@pytest.mark.parametrize(("framework", "block"), [("Starlette", 0), ("Litestar", 1)])
+def test_the_testing_examples_sign_in_through_their_quickstarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, framework: str, block: int
+) -> None:
+    """Each block under "Testing an app", run against its framework's quickstart app."""
+    app = quickstart_app(framework, tmp_path, monkeypatch)
 
     # Its own assertion is the test: a signed-in /me.
-    exec(compile(match.group(1), "README:testing", "exec"), {"app": module.app})  # noqa: S102
+    exec(compile(examples_for_testing()[block], "README:testing", "exec"), {"app": app})  # noqa: S102
+
+
+@pytest.mark.parametrize("framework", ["Starlette", "Litestar"])
+def test_the_websocket_example_passes_the_cookie_the_test_client_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, framework: str
+) -> None:
+    """Signed out on a plain ``websocket_connect`` (what the README says the test clients
+    do), signed in with the README's cookie header.
+    """
+    app = quickstart_app(framework, tmp_path, monkeypatch)
+    seen: list[str | None] = []
+
+    async def starlette_socket(socket: StarletteWebSocket) -> None:
+        seen.append(Session.from_scope(socket.scope).user_id)
+        await socket.accept()
+        await socket.close()
+
+    async def litestar_socket(socket: LitestarWebSocket[Any, Any, Any]) -> None:
+        seen.append(provide_session(socket.scope).user_id)
+        await socket.accept()
+        await socket.close()
+
+    client: Any
+    if framework == "Starlette":
+        app.router.routes.append(WebSocketRoute("/ws", starlette_socket))
+        client = StarletteTestClient(app, base_url="https://testserver")
+        login = {"data": {"email": "ada@example.com", "password": "pw"}}
+    else:
+        app.register(websocket("/ws")(litestar_socket))
+        client = LitestarTestClient(app, base_url="https://testserver.local")
+        login = {}
+    with client:
+        client.post("/login", **login)
+        with client.websocket_connect("/ws"):
+            pass
+        exec(compile(examples_for_testing()[2], "README:websocket", "exec"), {"client": client})  # noqa: S102
+
+    assert seen == [None, "42"]
