@@ -55,11 +55,13 @@ async def app(tmp_path: Path) -> AsyncIterator[Starlette]:
         yield app
 
 
-def browser(app: Starlette, user_agent: str = DESKTOP_UA) -> httpx.AsyncClient:
+def browser(
+    app: Starlette, user_agent: str = DESKTOP_UA, base_url: str = "http://demo.test"
+) -> httpx.AsyncClient:
     """A client keeping cookies, like one browser (one device)."""
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 50000)),
-        base_url="http://demo.test",
+        base_url=base_url,
         headers={"user-agent": user_agent},
     )
 
@@ -187,7 +189,7 @@ async def test_login_csrf_missing_or_forged_token_is_refused(desktop: httpx.Asyn
 async def test_login_csrf_planted_cookie_without_the_secret_is_refused(
     app: Starlette, tmp_path: Path
 ) -> None:
-    """Planting the nonce cookie (a sibling subdomain can) is useless without the HMAC key."""
+    """A planted nonce needs the token this demo signs for it: another key's is refused."""
     async with browser(app) as victim:
         token = await csrf_token(victim, "/signin")
         nonce = "A" * 43  # the attacker's planted nonce, with a token signed by another key
@@ -199,6 +201,79 @@ async def test_login_csrf_planted_cookie_without_the_secret_is_refused(
         for submitted in (forged, token):
             response = await victim.post("/signin", data={"csrf_token": submitted})
             assert response.status_code == 403
+
+
+# What a browser sends with a form posted from another site's page: not every browser sends
+# Sec-Fetch-Site, and "null" is the Origin of a sandboxed frame.
+CROSS_SITE_POSTS = [
+    {"origin": "https://evil.test", "sec-fetch-site": "cross-site"},
+    {"origin": "https://evil.test"},
+    {"origin": "null"},
+    {"sec-fetch-site": "cross-site"},
+    {"origin": "http://sub.demo.test", "sec-fetch-site": "same-site"},  # a sibling subdomain
+]
+OWN_PAGE_POST = {"origin": "http://demo.test", "sec-fetch-site": "same-origin"}
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE_POSTS)
+async def test_login_csrf_with_a_pair_from_the_demo_itself_is_refused(
+    app: Starlette, headers: dict[str, str]
+) -> None:
+    """The token is tied to nothing about the victim: the attacker fetches a nonce and its
+    token from the demo, plants the nonce cookie in the victim's browser (a sibling
+    subdomain can) and has it post his sign-in from his page. What gives him away is
+    where the browser says the post comes from.
+    """
+    async with browser(app) as attacker:
+        await sign_up(attacker, "mallory")
+        attacker.cookies.clear()
+        token = await csrf_token(attacker, "/signin")
+        nonce = attacker.cookies["authsessions_demo_csrf"]
+    async with browser(app) as victim:
+        victim.cookies.set("authsessions_demo_csrf", nonce)
+        fields = {"csrf_token": token, "username": "mallory", "password": PASSWORD}
+
+        forged = await victim.post("/signin", data=fields, headers=headers)
+        after_forged = await victim.get("/profile")
+        own_page = await victim.post("/signin", data=fields, headers=OWN_PAGE_POST)
+
+    assert forged.status_code == 403
+    assert COOKIE not in forged.cookies
+    assert after_forged.headers["location"] == "/signin"
+    assert own_page.status_code == 303  # the same pair, posted from the demo's own page
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE_POSTS[:2])
+async def test_signed_in_forms_posted_from_another_site_are_refused(
+    desktop: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    await sign_up(desktop)
+    token = await csrf_token(desktop, "/profile")
+
+    forged = await desktop.post(
+        "/profile", data={"csrf_token": token, "theme": "dark"}, headers=headers
+    )
+
+    assert forged.status_code == 403
+    assert "theme-light" in (await desktop.get("/profile")).text
+
+
+async def test_over_https_the_nonce_cookie_is_host_prefixed(tmp_path: Path) -> None:
+    """``__Host-``: a cookie only this host can set, over HTTPS, so none can be planted."""
+    app = create_app(
+        f"sqlite:///{tmp_path / 'sessions.db'}", secure_cookies=True, password_hasher=FAST_HASHER
+    )
+    async with lifespan(app), browser(app, base_url="https://demo.test") as client:
+        page = await client.get("/signup")
+        signed_up = await sign_up(client)
+        profile = await client.get("/profile")
+
+    nonce_cookie = page.headers["set-cookie"]
+    assert nonce_cookie.startswith("__Host-authsessions_demo_csrf=")
+    assert {"secure", "path=/"} <= {a.strip().lower() for a in nonce_cookie.split(";")}
+    assert "domain" not in nonce_cookie.lower()
+    assert signed_up.status_code == 303
+    assert "Hello, alice" in profile.text
 
 
 async def test_signed_in_forms_need_the_session_token(

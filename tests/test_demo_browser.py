@@ -41,6 +41,7 @@ PHONE_UA = (
     "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
 )
 PASSWORD = "correct horse battery"
+NONCE_COOKIE = "authsessions_demo_csrf"
 
 
 def require_chromium() -> None:
@@ -152,3 +153,55 @@ async def test_a_device_revokes_another_in_the_browser(browser: Browser, demo_ur
     await laptop.goto("/devices")
     await expect(laptop.locator("body")).to_have_class("theme-dark")
     await laptop.screenshot(path=ARTIFACTS / "devices-dark.png", full_page=True)
+
+
+async def test_a_sign_in_posted_from_another_site_is_refused(
+    browser: Browser, demo_url: str
+) -> None:
+    """Login CSRF as an attacker would try it: a nonce and its token fetched from the demo,
+    the nonce cookie planted in the victim's browser (as a sibling subdomain could), and
+    the attacker's sign-in posted from his own page. The browser says where it comes from.
+    """
+    attacker = await device(browser, demo_url, LAPTOP_UA, width=1000)
+    await attacker.goto("/signup")
+    await attacker.get_by_label("Username").fill("mallory")
+    await attacker.get_by_label("Password", exact=True).fill(PASSWORD)
+    await attacker.get_by_label("Password again").fill(PASSWORD)
+    await attacker.get_by_role("button", name="Sign up").click()
+    await attacker.context.clear_cookies()
+    await attacker.goto("/signin")
+    token = await attacker.locator('input[name="csrf_token"]').get_attribute("value")
+    [nonce] = [c["value"] for c in await attacker.context.cookies() if c["name"] == NONCE_COOKIE]
+
+    victim = await device(browser, demo_url, LAPTOP_UA, width=1000)
+    # Planted with the attributes that get it sent on any post, cross-site ones included.
+    await victim.context.add_cookies(
+        [
+            {
+                "name": NONCE_COOKIE,
+                "value": nonce,
+                "domain": "127.0.0.1",
+                "path": "/",
+                "sameSite": "None",
+                "secure": True,
+            }
+        ]
+    )
+    evil = "http://evil.test/"
+    await victim.route(
+        evil,
+        lambda route: route.fulfill(
+            content_type="text/html",
+            body=f"""<form method="post" action="{demo_url}/signin">
+              <input type="hidden" name="csrf_token" value="{token}">
+              <input type="hidden" name="username" value="mallory">
+              <input type="hidden" name="password" value="{PASSWORD}">
+              <button>Claim your prize</button></form>""",
+        ),
+    )
+    await victim.goto(evil)
+    await victim.get_by_role("button", name="Claim your prize").click()
+
+    await expect(victim.get_by_role("heading", name="That form was refused")).to_be_visible()
+    await victim.goto("/profile")
+    await expect(victim.get_by_role("heading", name="Sign in")).to_be_visible()

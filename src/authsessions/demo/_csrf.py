@@ -10,11 +10,20 @@ Two kinds of form, two kinds of token, one check (``hmac.compare_digest``):
   these forms need one too: a forged sign-in could log the victim into the
   attacker's account ("login CSRF"). They use a *signed double-submit cookie*:
   the browser gets a random nonce in an HttpOnly cookie, and the form carries
-  HMAC(server secret, nonce). A plain double-submit cookie (the same value in
-  cookie and form) falls to anyone who can plant a cookie, e.g. from a sibling
-  subdomain or over plain HTTP; planting one is useless here, since the
-  matching form value needs the server's secret. The secret lives in process
-  memory, so restarting the demo only invalidates sign-in forms left open.
+  HMAC(server secret, nonce). The pair is tied to nothing about the victim,
+  though: an attacker can fetch one from the demo himself, and whoever can
+  plant a cookie in the victim's browser (a sibling subdomain, a man in the
+  middle of plain HTTP) can have it submit his sign-in. Over HTTPS the nonce
+  cookie is named ``__Host-...``, which browsers accept from this very host
+  over HTTPS only; over plain HTTP nothing stops the planting.
+
+So every post passes a check first (:meth:`CsrfGuard.same_origin`): what the
+browser says of where the request comes from. A post whose ``Sec-Fetch-Site``
+is not ``same-origin`` (or ``none``: the user's own doing), or whose
+``Origin`` is not this site's, is refused. Pages cannot set these headers,
+and every current browser sends ``Origin`` with a post; a client that sends
+neither is no victim's browser. The secret lives in process memory, so
+restarting the demo only invalidates sign-in forms left open.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ FORM_FIELD = "csrf_token"
 SESSION_KEY = "csrf"
 COOKIE_NAME = "authsessions_demo_csrf"
 _NONCE = re.compile(r"[A-Za-z0-9_-]{43}")
+# Sec-Fetch-Site of a post from one of the demo's own pages, or of the user's own doing.
+_OWN_SITE = frozenset({"same-origin", "none"})
 
 
 class CsrfGuard:
@@ -42,7 +53,8 @@ class CsrfGuard:
 
     Args:
         secret: the HMAC key for signed-out forms; at least 32 random bytes.
-        secure_cookie: mark the nonce cookie ``Secure`` (HTTPS deployments).
+        secure_cookie: mark the nonce cookie ``Secure`` and name it ``__Host-...``
+            (HTTPS deployments).
     """
 
     def __init__(self, secret: bytes, *, secure_cookie: bool) -> None:
@@ -50,6 +62,23 @@ class CsrfGuard:
             raise ValueError("the CSRF secret needs at least 32 bytes.")
         self._secret = secret
         self._secure_cookie = secure_cookie
+        self._cookie_name = f"__Host-{COOKIE_NAME}" if secure_cookie else COOKIE_NAME
+
+    # -- every post --------------------------------------------------------------------
+
+    @staticmethod
+    def same_origin(request: Request) -> bool:
+        """Whether nothing the browser says puts the request's origin elsewhere.
+
+        This site's origin is the URL the server saw: behind a proxy that ends
+        TLS, the server must be told the scheme (uvicorn's ``--proxy-headers``).
+        """
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site not in _OWN_SITE:
+            return False
+        origin = request.headers.get("origin")
+        # "null" too is refused: a sandboxed frame's, or a cross-site redirect's.
+        return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
 
     # -- signed in -------------------------------------------------------------------
 
@@ -81,7 +110,7 @@ class CsrfGuard:
         The browser's nonce is reused while it is well formed, so two open
         tabs with sign-in forms both stay valid.
         """
-        nonce = request.cookies.get(COOKIE_NAME, "")
+        nonce = request.cookies.get(self._cookie_name, "")
         if _NONCE.fullmatch(nonce):
             return self._sign(nonce), None
         nonce = secrets.token_urlsafe(32)
@@ -91,7 +120,7 @@ class CsrfGuard:
         """Send the nonce from :meth:`anonymous_token`, when it is new."""
         if nonce is not None:
             response.set_cookie(
-                COOKIE_NAME,
+                self._cookie_name,
                 nonce,
                 httponly=True,
                 samesite="strict",
@@ -101,7 +130,7 @@ class CsrfGuard:
 
     def check_anonymous(self, request: Request, submitted: str) -> bool:
         """Whether ``submitted`` is the signature of the nonce in the browser's cookie."""
-        nonce = request.cookies.get(COOKIE_NAME, "")
+        nonce = request.cookies.get(self._cookie_name, "")
         if not _NONCE.fullmatch(nonce):
             return False
         return hmac.compare_digest(self._sign(nonce).encode(), submitted.encode())
