@@ -2269,42 +2269,6 @@ async def test_a_cleanups_pages_do_not_count_towards_the_requests_checkpoint(
 
 
 @linux_only
-async def test_pages_committed_while_a_cleanup_waits_for_the_lock_count_as_the_requests(
-    db_path: Path,
-) -> None:
-    """The cleanup's own pages start where it took the write lock, not where it began to
-    wait for it: what others committed meanwhile still counts towards the checkpoint.
-    """
-    t0 = start_time()
-    async with SQLiteStore(db_path, timeout=5.0) as store:
-        for i in range(50):
-            expired = make_record(now=t0 - 2 * TTL, user_id=f"user{i}")
-            await store.create(expired, max_sessions=10, now=t0 - 2 * TTL)
-        _t0, record = await one_session(store)
-        schedule, wal_index = store._writer.checkpoints, wal_of(store)
-        counted_before, frames_before = schedule.counted(), wal_index.frames()
-
-        other = sqlite3.connect(db_path, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            cleanup = asyncio.create_task(store.delete_expired(now=t0, limit=1000))
-            await asyncio.sleep(0.05)  # the cleanup waiting for the lock on the thread
-            for i in range(20):
-                other.execute(
-                    f"UPDATE {TABLE} SET data = ? WHERE id = ?",  # noqa: S608 - our table
-                    (json.dumps({"i": i, "pad": "x" * 3000}), record.id),
-                )
-            other.execute("COMMIT")
-            others_pages = wal_index.frames() - frames_before
-            assert await cleanup == 50
-        finally:
-            other.close()
-
-        assert others_pages > 0
-        assert schedule.counted() - counted_before >= others_pages
-
-
-@linux_only
 async def test_pages_are_counted_afresh_once_the_wal_started_over(
     impatient_store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

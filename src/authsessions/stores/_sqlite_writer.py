@@ -19,7 +19,7 @@ from authsessions.stores._checkpoints import (
     copy_wal,
     started_wal_over,
 )
-from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over, transaction
+from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over
 from authsessions.stores._wal_index import WalIndexHeader
 
 __all__ = ["WriterThread"]
@@ -91,20 +91,25 @@ class WriterThread:
         return result
 
     async def write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which may change many rows, in a transaction on the thread.
+        """Run ``work``, one statement that may change many rows, on the thread.
 
         Its connection checkpoints by itself once the WAL passes the store's
         bulk threshold, so the pages ``work`` adds are not counted towards the
         requests' checkpoint: each batch of a cleanup would take one of its own.
+
+        Its pages are those between where the WAL ended before and after it, so
+        pages another connection commits while the statement waits for the write
+        lock count as its own too, and the requests' checkpoint comes that much
+        later. Reading where they start under the lock would need ``BEGIN`` and
+        ``COMMIT`` of their own: two more waits for the GIL on a thread whose event
+        loop is busy, which made a cleanup under read load take 1.3 to 3.2 times as
+        long (thirteenth round in ``benchmarks/HISTORY.md``).
         """
         schedule = self.checkpoints
 
         def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
-            with transaction(db):
-                # Once the lock is held: what others commit while it is awaited is theirs.
-                before = schedule.position()
-                result = work(db)
-            return result, before, schedule.position()
+            before = schedule.position()
+            return work(db), before, schedule.position()
 
         result, before, after = await self.run(run)
         schedule.skip(before, after)
