@@ -102,16 +102,20 @@ async def device(browser: Browser, base_url: str, user_agent: str, *, width: int
     return await context.new_page()
 
 
+async def sign_up(page: Page, username: str) -> None:
+    await page.goto("/signup")
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Password", exact=True).fill(PASSWORD)
+    await page.get_by_label("Password again").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign up").click()
+
+
 async def test_a_device_revokes_another_in_the_browser(browser: Browser, demo_url: str) -> None:
     laptop = await device(browser, demo_url, LAPTOP_UA, width=1000)
     phone = await device(browser, demo_url, PHONE_UA, width=390)
 
     # The laptop signs up; the phone signs in to the same account.
-    await laptop.goto("/signup")
-    await laptop.get_by_label("Username").fill("alice")
-    await laptop.get_by_label("Password", exact=True).fill(PASSWORD)
-    await laptop.get_by_label("Password again").fill(PASSWORD)
-    await laptop.get_by_role("button", name="Sign up").click()
+    await sign_up(laptop, "alice")
     await expect(laptop.get_by_role("heading", name="Hello, alice")).to_be_visible()
 
     await phone.goto("/signin")
@@ -163,11 +167,7 @@ async def test_a_sign_in_posted_from_another_site_is_refused(
     the attacker's sign-in posted from his own page. The browser says where it comes from.
     """
     attacker = await device(browser, demo_url, LAPTOP_UA, width=1000)
-    await attacker.goto("/signup")
-    await attacker.get_by_label("Username").fill("mallory")
-    await attacker.get_by_label("Password", exact=True).fill(PASSWORD)
-    await attacker.get_by_label("Password again").fill(PASSWORD)
-    await attacker.get_by_role("button", name="Sign up").click()
+    await sign_up(attacker, "mallory")
     await attacker.context.clear_cookies()
     await attacker.goto("/signin")
     token = await attacker.locator('input[name="csrf_token"]').get_attribute("value")
