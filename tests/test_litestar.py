@@ -190,6 +190,7 @@ async def test_a_store_down_at_startup_is_logged_and_retried_by_requests(
     assert anonymous.status_code == 200
     assert anonymous.json()["user"] is None
     assert login_down.status_code == 503
+    assert login_down.headers["cache-control"] == "no-store"  # as Starlette's error responses
     assert login_back.status_code == 200
     assert session_cookie(login_back) is not None
     assert not plugin.store.is_open  # closed at shutdown

@@ -48,8 +48,14 @@ def provide_session(scope: Scope) -> Session:
 
 
 def session_error_response(request: Request[Any, Any, Any], exc: SessionError) -> Response[Any]:
-    """``{"detail": message}`` with the error's status code, as in Starlette and FastAPI."""
-    return Response({"detail": exc.message}, status_code=exc.status_code)
+    """``{"detail": message}`` with the error's status code, never kept by a cache, as in
+    Starlette and FastAPI.
+    """
+    return Response(
+        {"detail": exc.message},
+        status_code=exc.status_code,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def pass_session_errors_on_websockets(exc: Exception, scope: Scope) -> None:
@@ -71,7 +77,8 @@ class SessionPlugin(InitPlugin):
     ``session: CurrentSession`` parameter), and renders uncaught
     :class:`SessionError`\\ s as JSON with their status code (Litestar would
     otherwise answer 500); on a WebSocket they close it with the codes they
-    give under Starlette (Litestar would close with 4500). The store opens at
+    give under Starlette (Litestar would close with 4500; list this plugin after
+    any whose ``after_exception`` hooks must see those). The store opens at
     startup (if it is down, the app starts all the same and requests get 503
     until it opens); one built from a URL (or the default) is closed at
     shutdown. Add this plugin, not ``SessionMiddleware`` itself: Litestar
@@ -101,7 +108,8 @@ class SessionPlugin(InitPlugin):
             "session", Provide(provide_session, sync_to_thread=False)
         )
         app_config.exception_handlers.setdefault(SessionError, session_error_response)
-        # Last, so that the app's own hooks still see the error.
+        # Last so far, so that the app's own hooks still see the error; a plugin listed
+        # after this one adds its hooks after it, and they miss a WebSocket's.
         app_config.after_exception.append(pass_session_errors_on_websockets)
         app_config.on_startup.append(self._open_store)
         if self._owns_store:
