@@ -9,6 +9,9 @@ from authsessions._tokens import TOKEN_LENGTH, is_well_formed_token_bytes
 
 __all__ = ["MALFORMED", "SessionCookie"]
 
+_SPACE_OR_TAB = frozenset(b" \t")
+_SEMICOLON = ord(";")
+
 MALFORMED = ""
 """What :meth:`SessionCookie.read` returns for a cookie that is present but not a token."""
 
@@ -70,5 +73,8 @@ def _starts_a_pair(value: bytes, start: int) -> bool:
     "a__Host-session=" is another cookie, and so is "a=x __Host-session=": browsers keep
     spaces inside a value, so a cookie any subdomain may set could carry a token there.
     """
-    before = value[:start].rstrip(b" \t")
-    return not before or before.endswith(b";")
+    # Walked back, not sliced: a header of many near-miss names must not cost its square.
+    index = start - 1
+    while index >= 0 and value[index] in _SPACE_OR_TAB:
+        index -= 1
+    return index < 0 or value[index] == _SEMICOLON
