@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -70,15 +71,28 @@ class CsrfGuard:
     def same_origin(request: Request) -> bool:
         """Whether nothing the browser says puts the request's origin elsewhere.
 
-        This site's origin is the URL the server saw: behind a proxy that ends
-        TLS, the server must be told the scheme (uvicorn's ``--proxy-headers``).
+        ``Sec-Fetch-Site``, when sent, settles it: the browser knows where the
+        page came from, whatever a proxy did to the host and scheme the server
+        sees. Without it, ``Origin`` must name the URL the server saw (scheme
+        and host in any case, a default port spelt out or not), so behind a
+        proxy a browser that sends only ``Origin`` needs the server told the
+        host and scheme (uvicorn's ``--proxy-headers``).
         """
         site = request.headers.get("sec-fetch-site")
-        if site is not None and site not in _OWN_SITE:
-            return False
+        if site is not None:
+            return site in _OWN_SITE
         origin = request.headers.get("origin")
-        # "null" too is refused: a sandboxed frame's, or a cross-site redirect's.
-        return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+        if origin is None:
+            return True
+        # "null" is refused: a sandboxed frame's, or a cross-site redirect's.
+        parts = urlsplit(origin)
+        url = request.url
+        try:
+            return _origin(parts.scheme, parts.hostname, parts.port) == _origin(
+                url.scheme, url.hostname, url.port
+            )
+        except ValueError:  # a port that is no number
+            return False
 
     # -- signed in -------------------------------------------------------------------
 
@@ -94,11 +108,12 @@ class CsrfGuard:
         """The session's token; issued now if the session has none yet."""
         return session.get(SESSION_KEY, type=str) or cls.issue_session_token(session)
 
-    @staticmethod
-    def check_session(session: Session, submitted: str) -> bool:
-        """Whether ``submitted`` is this session's token."""
+    def check_session(self, request: Request, session: Session, submitted: str) -> bool:
+        """Whether a post comes from the site (:meth:`same_origin`) with ``submitted``,
+        this session's token.
+        """
         expected = session.get(SESSION_KEY, type=str)
-        if not expected:
+        if not expected or not self.same_origin(request):
             return False
         return hmac.compare_digest(expected.encode(), submitted.encode())
 
@@ -129,9 +144,11 @@ class CsrfGuard:
             )
 
     def check_anonymous(self, request: Request, submitted: str) -> bool:
-        """Whether ``submitted`` is the signature of the nonce in the browser's cookie."""
+        """Whether a post comes from the site (:meth:`same_origin`) with ``submitted``, the
+        signature of the nonce in the browser's cookie.
+        """
         nonce = request.cookies.get(self._cookie_name, "")
-        if not _NONCE.fullmatch(nonce):
+        if not _NONCE.fullmatch(nonce) or not self.same_origin(request):
             return False
         return hmac.compare_digest(self._sign(nonce).encode(), submitted.encode())
 
@@ -139,3 +156,11 @@ class CsrfGuard:
         # Domain-separated, so this MAC can never be mistaken for another use of the key.
         message = b"authsessions-demo signed-out form\x00" + nonce.encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, int | None]:
+    scheme = scheme.lower()
+    return scheme, (host or "").lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)

@@ -206,10 +206,7 @@ class _Demo:
 
     async def signin(self, request: Request) -> Response:
         form = await self._form(request)
-        if not (
-            self.csrf.same_origin(request)
-            and self.csrf.check_anonymous(request, _field(form, FORM_FIELD))
-        ):
+        if not self.csrf.check_anonymous(request, _field(form, FORM_FIELD)):
             return self._forbidden(request)
         username = _field(form, "username")
         user = await self.users.authenticate(username, _field(form, "password"))
@@ -227,10 +224,7 @@ class _Demo:
 
     async def signup(self, request: Request) -> Response:
         form = await self._form(request)
-        if not (
-            self.csrf.same_origin(request)
-            and self.csrf.check_anonymous(request, _field(form, FORM_FIELD))
-        ):
+        if not self.csrf.check_anonymous(request, _field(form, FORM_FIELD)):
             return self._forbidden(request)
         username = _field(form, "username")
         password = _field(form, "password")
@@ -266,10 +260,7 @@ class _Demo:
         if not session.is_authenticated:
             return _redirect("/signin")
         form = await self._form(request)
-        if not (
-            self.csrf.same_origin(request)
-            and self.csrf.check_session(session, _field(form, FORM_FIELD))
-        ):
+        if not self.csrf.check_session(request, session, _field(form, FORM_FIELD)):
             return self._forbidden(request)
         return session, form
 
