@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_sqlite_url_without_a_file_is_refused(url: str) -> None:
 def test_sqlite_memory_url_is_refused() -> None:
     with pytest.raises(ValueError, match="MemoryStore"):
         open_store("sqlite:///:memory:")
+
+
+async def test_a_sqlite_uri_as_the_path_is_refused_and_a_file_so_named_can_be_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite built to take URIs would open uri.db for "file:uri.db", which no check of
+    the path "file:uri.db" sees.
+    """
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="not a SQLite URI"):
+        open_store("sqlite:///file:uri.db")
+
+    async with open_store("sqlite:///./file:named.db"):
+        pass
+    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".db")) == [
+        "file:named.db"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -257,6 +275,19 @@ def test_a_stores_url_option_is_checked_as_its_constructor_checks_it(url: str, t
 
 
 @pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+def test_an_option_lookalike_inside_an_unescaped_password_is_not_taken() -> None:
+    """Without a "?" after the last "@", a "?" belongs to the password: taking an option
+    from there would cut the URL and show the password's tail in the option's error.
+    """
+    store = open_store("postgresql://app:pw?schema=sec-ret@db/app")
+
+    assert (store.schema, store.table) == ("public", "authsessions_session")  # type: ignore[attr-defined]
+    assert "sec-ret" not in repr(store)
+    with pytest.raises(ValueError, match="malformed") as raised:
+        open_store("redis://:pw?prefix={sec-ret@cache/0")
+    assert "sec-ret" not in str(raised.value)
+
+
 def test_a_store_option_of_another_store_is_left_to_the_driver() -> None:
     """?schema= means nothing to Redis: redis-py refuses it, as any option it does not take."""
     with pytest.raises(ValueError, match="does not take"):

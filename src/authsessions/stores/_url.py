@@ -100,13 +100,12 @@ def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]
     """``url`` without its query options named in ``names``, and their decoded values.
 
     Spliced as text, as :func:`redact_url` does, so that everything else reaches the
-    driver as written. The query starts at the first "?" after the last "@", else (an
-    "@" in an option's value) at the first "?".
+    driver as written. The query starts at the first "?" after the last "@": one before
+    it may be inside an unescaped password, whose tail an option's error would show
+    (the driver refuses such a URL without showing it).
     """
     scheme, separator, rest = url.partition("://")
     start = rest.find("?", rest.rfind("@") + 1)
-    if start < 0:
-        start = rest.find("?")
     if start < 0:
         return url, {}
     query, hash_mark, fragment = rest[start + 1 :].partition("#")

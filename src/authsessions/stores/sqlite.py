@@ -162,6 +162,13 @@ class SQLiteStore(Store):
                 "SQLiteStore needs a file so its event-loop and writer connections share it; "
                 "use MemoryStore for an in-memory store."
             )
+        if self.path.startswith("file:"):
+            # Where SQLite is built to take URIs it would open another file than this one,
+            # and the command line's checks would look at this one.
+            raise ValueError(
+                f"SQLiteStore takes a file path, not a SQLite URI: got {self.path!r} (a file "
+                f"whose name starts with 'file:' is './{self.path}')."
+            )
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}.")
         self.timeout = timeout
