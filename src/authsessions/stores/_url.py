@@ -126,6 +126,17 @@ def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]
     return f"{scheme}{separator}{rest}", taken
 
 
+def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
+    """The error for a URL the driver cannot parse, which never quotes the driver: its
+    message may hold a piece of the password (an unescaped "/", "?" or "#" in it ends
+    the host part, and the rest is read as a port or an option).
+    """
+    return ValueError(
+        f"the {kind} URL {shown} is malformed: expected {expected} (percent-encode a '/', "
+        "'?', '#' or '@' in the password, e.g. %2F for '/')."
+    )
+
+
 def redact_url(url: str) -> str:
     """``url`` with every password in it replaced by ``***``, for reprs, logs and messages:
     the one in ``user:password@`` and the value of any query option whose name holds

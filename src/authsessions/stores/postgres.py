@@ -45,7 +45,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
-from authsessions.stores._url import redact_url
+from authsessions.stores._url import malformed_url, redact_url
 
 if TYPE_CHECKING:
     import asyncpg
@@ -324,20 +324,19 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _refusing_a_malformed_dsn(self) -> Iterator[None]:
-        """Turn asyncpg's complaint about the DSN into a ValueError of our own words: its
-        message may quote a piece of the password (an unescaped "/", "?" or "#" in it ends
-        the host part, leaving the rest to be read as a port or an option). asyncpg parses
-        the DSN only as it connects, and has no public way to parse it beforehand.
+        """Turn asyncpg's complaint about the DSN into :func:`malformed_url` (its own may
+        quote the password). asyncpg parses the DSN only as it connects, and has no public
+        way to parse it beforehand.
         """
         try:
             yield
         except ValueError:  # asyncpg's ClientConfigurationError is one too
             if self._dsn is None:
                 raise
-            raise ValueError(
-                f"the PostgreSQL URL {redact_url(self._dsn)} is malformed: expected "
-                "postgresql://[user:password@]host[:port]/database[?option=value] "
-                "(percent-encode a '/', '?', '#' or '@' in the password, e.g. %2F for '/')."
+            raise malformed_url(
+                "PostgreSQL",
+                redact_url(self._dsn),
+                "postgresql://[user:password@]host[:port]/database[?option=value]",
             ) from None
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:

@@ -65,7 +65,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._redis_connections import ReadConnections
-from authsessions.stores._url import redact_url
+from authsessions.stores._url import malformed_url, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -184,18 +184,13 @@ class RedisStore(Store):
         self._sweep_lock = asyncio.Lock()
 
     def _check_url(self, url: str, *, shown_as: str) -> None:
-        """Refuse a URL redis-py cannot parse, in words of our own: its message may quote
-        a piece of the password (an unescaped "/", "?" or "#" in it ends the host part,
-        leaving the rest of the password to be read as a port).
+        """Refuse a URL redis-py cannot parse as :func:`malformed_url` (redis-py's own
+        message may quote the password), and one whose database is no number.
         """
         try:
             options = self._driver.parse_url(url)
         except ValueError:
-            raise ValueError(
-                f"the Redis URL {shown_as} is malformed: expected redis://[user:password@]"
-                "host:port/db (percent-encode a '/', '?', '#' or '@' in the password, "
-                "e.g. %2F for '/')."
-            ) from None
+            raise malformed_url("Redis", shown_as, "redis://[user:password@]host:port/db") from None
         # redis-py reads the path as the database number, and takes database 0 for a path
         # that is none: redis://cache/sessions would share database 0 with anything.
         parts = urlsplit(url)
