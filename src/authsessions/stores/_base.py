@@ -159,8 +159,7 @@ class Store(abc.ABC):
         if self.is_open:
             return
         if self._is_open:  # opened on a loop that closed without closing it (see below)
-            self._mark_closed()
-            self._forget_connections()
+            self._drop_opening_of_closed_loop()
         attempt = self._attempt_under_way()
         if attempt is None:
             attempt = self._opening = asyncio.ensure_future(self._open_and_mark_open())
@@ -206,6 +205,13 @@ class Store(abc.ABC):
         self._is_open = False
         self._opening_token = self._closing_with_loop = None
 
+    def _drop_opening_of_closed_loop(self) -> None:
+        """Closed, for an opening whose event loop has closed: nothing of it can be awaited
+        now, so its connections are dropped, not closed.
+        """
+        self._mark_closed()
+        self._forget_connections()
+
     def _attempt_under_way(self) -> asyncio.Future[None] | None:
         """The attempt to open that is under way on the running loop, if any."""
         attempt = self._opening
@@ -229,9 +235,8 @@ class Store(abc.ABC):
         if self.is_open:
             self._mark_closed()
             await self._close()
-        elif self._is_open:  # its loop has closed: nothing of it can be awaited now
-            self._mark_closed()
-            self._forget_connections()
+        elif self._is_open:
+            self._drop_opening_of_closed_loop()
 
     async def __aenter__(self) -> Self:
         await self.open()
