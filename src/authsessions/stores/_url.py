@@ -99,16 +99,13 @@ def resolve_store(store: Store | str | None) -> tuple[Store, bool]:
 def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     """``url`` without its query options named in ``names``, and their decoded values.
 
-    Spliced as text, as :func:`redact_url` does, so that everything else reaches the
-    driver as written. The query starts at the first "?" after the last "@": one before
-    it may be inside an unescaped password, whose tail an option's error would show
-    (the driver refuses such a URL without showing it).
+    Spliced as text (see :func:`_split_query`), so that everything else reaches the
+    driver as written.
     """
     scheme, separator, rest = url.partition("://")
-    start = rest.find("?", rest.rfind("@") + 1)
-    if start < 0:
+    location, query, fragment = _split_query(rest)
+    if query is None:
         return url, {}
-    query, hash_mark, fragment = rest[start + 1 :].partition("#")
     taken: dict[str, Any] = {}
     kept = []
     for option in query.split("&"):
@@ -122,8 +119,21 @@ def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]
     if not taken:
         return url, {}
     query = "&".join(kept)
-    rest = f"{rest[:start]}{'?' if query else ''}{query}{hash_mark}{fragment}"
-    return f"{scheme}{separator}{rest}", taken
+    return f"{scheme}{separator}{location}{'?' if query else ''}{query}{fragment}", taken
+
+
+def _split_query(rest: str) -> tuple[str, str | None, str]:
+    """``rest`` (a URL after its "://") as the part before the query, the query (``None``
+    without one) and the fragment with its "#".
+
+    The query starts at the first "?" after the last "@": one before it may be inside
+    an unescaped password, which must neither be shown nor taken for options.
+    """
+    start = rest.find("?", rest.rfind("@") + 1)
+    if start < 0:
+        return rest, None, ""
+    query, hash_mark, fragment = rest[start + 1 :].partition("#")
+    return rest[:start], query, f"{hash_mark}{fragment}"
 
 
 def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
@@ -154,11 +164,10 @@ def redact_url(url: str) -> str:
         user, colon, _password = rest[:at].partition(":")
         if colon:
             rest = f"{user}:***{rest[at:]}"
-    location, question_mark, query = rest.partition("?")
-    if question_mark:
-        query, hash_mark, fragment = query.partition("#")
+    location, query, fragment = _split_query(rest)
+    if query is not None:
         query = "&".join(_redacted_option(option) for option in query.split("&"))
-        rest = f"{location}?{query}{hash_mark}{fragment}"
+        rest = f"{location}?{query}{fragment}"
     return f"{scheme}{separator}{rest}"
 
 
