@@ -8,14 +8,18 @@ network partition would.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+import redis.exceptions as redis_errors
 
 from authsessions import StoreUnavailable
 from authsessions._tokens import new_token
 from authsessions.stores import PostgresStore, RedisStore, Store
+from authsessions.stores._base import failure_detail
 from tests.apps.session_app import cookie_header, session_cookie
 from tests.conftest import AppFactory, ClientFactory
 from tests.tcp_proxy import TcpProxy
@@ -171,3 +175,38 @@ async def test_a_caller_cancelled_while_the_store_opens_leaves_the_attempt_to_th
     assert store.is_open
     assert proxy.accepted == connected  # the same attempt went on, no second one began
     await store.close()
+
+
+# -- what the log says about a driver's failure -------------------------------------
+
+SECRET = "digest=0f3a… data={'card': '4111'}"
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        # Reaching the server, signing in: the message names the address or the cause.
+        (OSError("connection refused"), "OSError: connection refused"),
+        (sqlite3.OperationalError("database is locked"), "OperationalError: database is locked"),
+        (
+            asyncpg.InvalidPasswordError("password authentication failed for user app"),
+            "InvalidPasswordError (28P01): password authentication failed for user app",
+        ),
+        (
+            redis_errors.ConnectionError("Error 111 connecting"),
+            "ConnectionError: Error 111 connecting",
+        ),
+        (redis_errors.ConnectionError(""), "ConnectionError"),
+        # Anything else may quote what a statement was given: the type (and SQLSTATE) only.
+        (asyncpg.UniqueViolationError(SECRET), "UniqueViolationError (23505)"),
+        (asyncpg.InterfaceError(SECRET), "InterfaceError"),
+        (asyncpg.InternalClientError(SECRET), "InternalClientError"),
+        (redis_errors.ResponseError(SECRET), "ResponseError"),
+        (ValueError(SECRET), "ValueError"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,
+)
+def test_a_failure_is_logged_without_what_a_statement_was_given(
+    error: BaseException, logged: str
+) -> None:
+    assert failure_detail(error) == logged

@@ -421,6 +421,37 @@ async def test_expired_sessions_do_not_count_toward_the_limit(store: Store) -> N
     assert await listed_ids(store, "alice", now=t0 + 30) == [new.id, lasting.id]
 
 
+async def test_create_counts_a_session_expiring_exactly_now_as_expired(store: Store) -> None:
+    t0 = start_time()
+    lasting = make_record(now=t0)
+    edge = make_record(now=t0 + 1, ttl=9)  # expires at t0 + 10
+    for record in (lasting, edge):
+        await store.create(record, max_sessions=10, now=record.created_at)
+    new = make_record(now=t0 + 10)
+
+    await store.create(new, max_sessions=2, now=t0 + 10)
+
+    # Ranked as live, the edge session would have evicted the lasting one.
+    assert await listed_ids(store, "alice", now=t0 + 10) == [new.id, lasting.id]
+    assert await store.get(edge.token_digest, now=t0) is None
+
+
+async def test_equal_activity_ranks_the_more_recently_created_first(store: Store) -> None:
+    t0 = start_time()
+    # Five, so that a store iterating an unordered set cannot pass by chance.
+    records = [make_record(now=t0 + i, last_active_at=t0 + 10) for i in range(5)]
+    for record in records:
+        await store.create(record, max_sessions=10, now=t0 + 10)
+
+    newest_created_first = [record.id for record in reversed(records)]
+    assert await listed_ids(store, "alice", now=t0 + 10) == newest_created_first
+
+    new = make_record(now=t0 + 11)
+    await store.create(new, max_sessions=3, now=t0 + 11)
+
+    assert await listed_ids(store, "alice", now=t0 + 11) == [new.id, *newest_created_first[:2]]
+
+
 # -- update -------------------------------------------------------------------------
 
 

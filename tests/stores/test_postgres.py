@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -22,11 +24,13 @@ import pytest
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, open_store
+from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
 from authsessions.stores.postgres import MIGRATIONS, SCHEMA_VERSION
 from tests.stores.records import (
     check_kept_after_racing_creates,
     make_record,
     make_update,
+    new_digest,
     start_time,
     typed,
 )
@@ -237,6 +241,17 @@ def test_unsafe_table_and_schema_names_are_refused(name: str) -> None:
         PostgresStore("postgresql://localhost/db", table=name)
     with pytest.raises(ValueError, match="identifier"):
         PostgresStore("postgresql://localhost/db", schema=name)
+
+
+@pytest.mark.parametrize(
+    ("min_size", "max_size", "refused"),
+    [(0, 0, "max_size >= 1"), (3, 2, "min_size <= max_size"), (-1, 2, "0 <= min_size")],
+)
+def test_pool_sizes_no_pool_can_have_are_refused_when_the_store_is_built(
+    min_size: int, max_size: int, refused: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        PostgresStore("postgresql://localhost/db", min_size=min_size, max_size=max_size)
 
 
 async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
@@ -669,8 +684,6 @@ async def test_reads_reach_the_connection_behind_the_pools_proxy(
     """The per-request read skips the proxy's wrapper through asyncpg's own ``_con``;
     an asyncpg release that renamed it would still work, only slower: this says so.
     """
-    from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
-
     t0 = start_time()
     record = make_record(now=t0)
     async with PostgresStore(postgres_url, schema=postgres_schema) as store:
@@ -680,6 +693,69 @@ async def test_reads_reach_the_connection_behind_the_pools_proxy(
         assert isinstance(connections, HeldConnections)
         proxy, _ = connections._idle[-1]
         assert isinstance(_unwrapped(proxy), asyncpg.Connection)
+
+
+async def idle_connections(store: PostgresStore, count: int) -> HeldConnections:
+    """The store's free list, holding ``count`` connections (taken at once, then kept)."""
+    connections = store._connections
+    assert isinstance(connections, HeldConnections)
+    taken = [await connections.take() for _ in range(count)]
+    for connection in taken:
+        await connections.keep(connection)
+    assert len(connections._idle) == count
+    return connections
+
+
+async def test_a_lost_connection_takes_the_idle_ones_with_it(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """A socket that failed most likely failed with its siblings (a network cut): the next
+    calls must get new connections, not fail one by one on the old ones.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema, min_size=0) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        connections = await idle_connections(store, 3)
+        siblings = [_unwrapped(proxy) for proxy, _ in connections._idle]
+        failed = await connections.take()
+
+        await connections.drop(failed, ConnectionResetError("reset by peer"))
+
+        assert not connections._idle
+        assert all(connection is None or connection.is_closed() for connection in siblings)
+        assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_a_refused_statement_leaves_the_idle_connections_alone(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema, min_size=0) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        connections = await idle_connections(store, 3)
+        failed = await connections.take()
+
+        await connections.drop(failed, asyncpg.UniqueViolationError("duplicate key"))
+
+        assert len(connections._idle) == 2
+        kept = [_unwrapped(proxy) for proxy, _ in connections._idle]
+        assert all(connection is not None and not connection.is_closed() for connection in kept)
+
+
+async def test_a_connection_out_of_step_with_its_server_gives_store_unavailable(
+    postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's own protocol errors (no SQLSTATE, no OSError) fail closed like the rest."""
+
+    async def out_of_step(*args: Any, **kwargs: Any) -> None:
+        raise asyncpg.InternalClientError("unexpected message")
+
+    monkeypatch.setattr(HeldConnections, "fetchrow", out_of_step)
+
+    with pytest.raises(StoreUnavailable):
+        await postgres_store.get(new_digest(), now=start_time())
 
 
 async def test_the_log_says_why_the_server_refused_but_never_a_statements_values(

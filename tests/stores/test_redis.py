@@ -106,6 +106,23 @@ async def test_every_key_expires_with_its_session(setup: Setup) -> None:
     assert sorted(await setup.all_keys()) == sorted(keys.values())
 
 
+async def test_the_users_index_lives_as_long_as_the_longest_session(setup: Setup) -> None:
+    """A shorter session must not shorten the index: once it expired, the longer sessions
+    would drop out of listings, "log out everywhere" and the per-user limit.
+    """
+    t0 = start_time()
+    lasting = make_record(now=t0, ttl=3600)
+    short = make_record(now=t0 + 1, ttl=9)
+    for record in (lasting, short):
+        await setup.store.create(record, max_sessions=10, now=record.created_at)
+    index = setup.keys(lasting)["index"]
+    assert await setup.raw.pttl(index) > 3_000_000
+
+    assert await setup.store.update(short.id, make_update(now=t0 + 2, ttl=5), now=t0 + 2)
+
+    assert await setup.raw.pttl(index) > 3_000_000
+
+
 async def test_a_write_without_times_leaves_every_keys_ttl_alone(setup: Setup) -> None:
     t0 = start_time()
     record = make_record(now=t0, ttl=60)

@@ -36,6 +36,7 @@ from authsessions.stores._sqlite_support import (
     checkpoint,
     checkpoint_then,
     start_wal_over,
+    transaction,
 )
 from authsessions.stores._wal_index import WalIndexHeader
 from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
@@ -293,6 +294,30 @@ async def test_reads_answer_while_another_connection_holds_the_write_lock(
         assert await impatient_store.get(record.token_digest, now=t0) == record
         assert await impatient_store.get(uncommitted.token_digest, now=t0) is None
         assert await impatient_store.list_for_user("alice", now=t0) == [record]
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """SQLite keeps the transaction open when its COMMIT fails (a deferred foreign key
+    here, a lock elsewhere): left so, it would hold the write lock, and the next
+    ``BEGIN IMMEDIATE`` on the connection would fail.
+    """
+    db = sqlite3.connect(tmp_path / "commit.db", isolation_level=None)
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE child (parent_id INTEGER"
+        " REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+
+    with pytest.raises(sqlite3.IntegrityError), transaction(db):
+        db.execute("INSERT INTO child VALUES (1)")  # no such parent: refused at COMMIT
+
+    assert not db.in_transaction
+    assert db.execute("SELECT count(*) FROM child").fetchone()[0] == 0
+    with transaction(db):
+        db.execute("INSERT INTO parent VALUES (1)")
+    assert db.execute("SELECT count(*) FROM parent").fetchone()[0] == 1
+    db.close()
 
 
 WRITES = ["create", "update", "delete", "delete_for_user", "delete_expired"]

@@ -201,6 +201,7 @@ async def opened_and_closed(store: Store) -> None:
         ("postgresql://[::1/app?password=pw", "postgresql://[::1/app?password=***"),
         ("postgresql://app:pa#ss@db/app", "postgresql://app:***@db/app"),
         ("postgresql://app:pa?ss/x@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:p@ss@db/app", "postgresql://app:***@db/app"),
         ("postgresql:///app?host=/tmp&password=pw", "postgresql:///app?host=/tmp&password=***"),
         ("postgresql://app@db/app", "postgresql://app@db/app"),
         ("redis://cache/0?password=pw#frag", "redis://cache/0?password=***#frag"),
