@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -26,7 +27,7 @@ from authsessions._client import describe_device
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.cli import INSTALL_HINT, main, make_cli
-from authsessions.stores import open_store
+from authsessions.stores import SQLiteStore, open_store
 from authsessions.stores._url import redact_url
 from tests.services import POSTGRES_URL, REDIS_URL, require_port
 
@@ -152,6 +153,7 @@ def assert_one_line_error(result: Result, text: str = "") -> None:
     assert result.stderr.startswith("Error: ")
     assert result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
+    assert not result.stderr.endswith("..\n")  # a cause's own full stop, and ours
     assert text in result.stderr
 
 
@@ -207,6 +209,20 @@ def test_list_json_is_for_scripts(store_url: str, user: str) -> None:
     assert older.token_digest not in result.stdout
 
 
+def test_printed_values_are_never_read_as_markup(sqlite_url: str) -> None:
+    """User ids and device names (from User-Agent headers, which anyone writes) may hold
+    brackets; read as rich markup they would vanish, or end the command.
+    """
+    seed(sqlite_url, make_record("[/red]", user_agent="[bold]Evil[/bold] [/]"))
+
+    empty = run("list", "[bold]x", "--store", sqlite_url)
+    table = run("list", "[/red]", "--store", sqlite_url)
+
+    assert empty.stdout == "No live sessions for user '[bold]x'.\n"
+    assert table.exit_code == 0, table.output
+    assert "Sessions of user '[/red]'" in table.stdout
+
+
 def test_list_of_a_user_without_sessions(store_url: str, user: str) -> None:
     result = run("list", user, "--store", store_url)
     assert result.exit_code == 0, result.output
@@ -232,6 +248,14 @@ def test_revoke_of_an_unknown_id_fails_in_one_line(store_url: str, session_id: s
     assert_one_line_error(run("revoke", session_id, "--store", store_url), repr(session_id))
 
 
+@pytest.mark.parametrize("url", ["postgresql://127.0.0.1:1/x", "sqlite:///no-such-store.db"])
+def test_revoke_of_an_id_no_session_can_have_never_reaches_the_store(url: str) -> None:
+    result = run("revoke", "not-an-id", "--store", url)
+
+    assert_one_line_error(result)
+    assert result.stderr == "Error: no session with id 'not-an-id'.\n"
+
+
 def test_revoke_user_ends_every_session_of_that_user_only(store_url: str, user: str) -> None:
     other = f"{user}-other"
     seed(store_url, make_record(user), make_record(user), make_record(other))
@@ -254,6 +278,18 @@ def test_a_mistyped_option_is_a_usage_error_not_an_id(command: list[str]) -> Non
     assert result.stdout == ""
     assert "Usage: " in result.stderr
     assert "No such option '--force'" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["list", "42"], ["revoke", "AAAAAAAAAAAAAAAAAAAAAA"]])
+def test_an_option_mistyped_close_to_a_real_one_gets_click_s_suggestion(
+    command: list[str],
+) -> None:
+    result = run(*command, "--stor", "sqlite:///x")
+
+    assert result.exit_code == 2, result.output
+    assert "Did you mean" in result.stderr
+    assert "'--store'" in result.stderr
+    assert "goes after '--'" not in result.stderr
 
 
 def test_an_id_that_starts_with_a_dash_goes_after_a_double_dash(store_url: str, user: str) -> None:
@@ -325,6 +361,41 @@ def test_cleanup_refuses_a_batch_size_no_store_can_honour(sqlite_url: str) -> No
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--batch-size'" in result.stderr
 
+    zero = run("cleanup", "--batch-size", "0", "--store", sqlite_url)
+
+    assert zero.exit_code == 2, zero.output
+    assert "Invalid value for '--batch-size'" in zero.stderr
+
+
+def test_cleanup_deletes_as_many_per_store_call_as_asked(
+    sqlite_url: str, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(sqlite_url, *[make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(3)])
+    limits: list[int] = []
+    delete_expired = SQLiteStore.delete_expired
+
+    async def counted(self: SQLiteStore, *, now: float, limit: int = 1000) -> int:
+        limits.append(limit)
+        return await delete_expired(self, now=now, limit=limit)
+
+    monkeypatch.setattr(SQLiteStore, "delete_expired", counted)
+
+    result = run("cleanup", "--batch-size", "2", "--store", sqlite_url)
+
+    assert result.stdout.startswith("Deleted 3 expired sessions in "), result.output
+    assert limits == [2, 2]
+
+
+def test_cleanup_off_a_terminal_writes_its_result_alone(own_store_url: str, user: str) -> None:
+    """Run from cron or a pipe: no progress bar, nothing on stderr."""
+    seed(own_store_url, *[make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(3)])
+
+    result = run("cleanup", "--batch-size", "2", "--store", own_store_url)
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert re.fullmatch(r"Deleted 3 expired sessions in \d+\.\d s\.\n", result.stdout)
+
 
 def test_cleanup_shows_progress_on_a_terminal(own_store_url: str, user: str) -> None:
     seed(own_store_url, *[make_record(f"{user}-{n}", idle=7200, ttl=3600) for n in range(5)])
@@ -334,6 +405,9 @@ def test_cleanup_shows_progress_on_a_terminal(own_store_url: str, user: str) -> 
     )
     assert result.exit_code == 0, result.output
     assert "Deleted 5 expired sessions in " in result.stdout
+    # The bar goes to stderr, and nothing of it to the result a script reads.
+    assert "Deleting expired sessions" in result.stderr
+    assert re.fullmatch(r"Deleted 5 expired sessions in \d+\.\d s\.\n", result.stdout)
 
 
 def test_stats_counts_sessions_users_and_device_types(own_store_url: str, user: str) -> None:
@@ -398,9 +472,9 @@ def test_store_comes_from_the_environment_then_the_default(
 @pytest.mark.parametrize(
     ("url", "text"),
     [
-        ("nosuch://x", "unknown store URL scheme"),
-        ("sessions.db", "needs a scheme"),
-        ("sqlite://", "needs a file"),
+        ("nosuch://x", "Error: unknown store URL scheme 'nosuch'"),
+        ("sessions.db", "Error: a store URL needs a scheme"),
+        ("sqlite://", "Error: a sqlite URL needs a file"),
         ("sqlite:////nonexistent-dir/sessions.db", ""),
         ("postgresql://127.0.0.1:1/x", ""),
         ("redis://127.0.0.1:1/0", ""),
@@ -410,7 +484,40 @@ def test_store_comes_from_the_environment_then_the_default(
 def test_bad_or_unreachable_store_fails_in_one_line(
     url: str, text: str, command: list[str]
 ) -> None:
-    assert_one_line_error(run(*command, "--store", url), text)
+    result = run(*command, "--store", url)
+
+    assert_one_line_error(result)
+    assert result.stderr.startswith(text or "Error: ")
+
+
+def test_a_directory_is_no_session_store(tmp_path: Path) -> None:
+    result = run("stats", "--store", f"sqlite:///{tmp_path}")
+
+    assert_one_line_error(result, f"no session store at {tmp_path} (create it with: ")
+
+
+def test_an_unrelated_database_left_mid_write_is_read_without_a_change(tmp_path: Path) -> None:
+    """Its WAL holds commits not yet in the main file (its program crashed): a read-write
+    open would checkpoint them into the file and remove the WAL, changing another
+    program's database.
+    """
+    path = tmp_path / "app.db"
+    crash = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA journal_mode=WAL')\n"
+        "db.execute('CREATE TABLE notes (body TEXT)')\n"
+        "db.execute(\"INSERT INTO notes VALUES ('kept')\")\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(path)], check=True, timeout=30)
+    wal = Path(f"{path}-wal")
+    before = (path.read_bytes(), wal.read_bytes())
+
+    result = run("list", "42", "--store", f"sqlite:///{path}")
+
+    assert_one_line_error(result, "the file holds no authsessions tables")
+    assert (path.read_bytes(), wal.read_bytes()) == before
 
 
 @pytest.mark.parametrize(
@@ -532,6 +639,12 @@ def test_url_passwords_are_not_printed() -> None:
     assert "s3cret-pw" not in result.output
     assert "password=***&sslpassword=***" in result.stdout
 
+    stats = run("stats", "--store", url)
+
+    assert stats.exit_code == 0, stats.output
+    assert "s3cret-pw" not in stats.output
+    assert "password=***&sslpassword=***" in stats.stdout
+
 
 @pytest.mark.parametrize(
     "url",
@@ -611,18 +724,21 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
-def demo_server(tmp_path: Path) -> Iterator[str]:
-    """``authsessions demo`` as a real process on a free port; its base URL."""
+@contextlib.contextmanager
+def serving_demo(cwd: Path, *options: str) -> Iterator[tuple[str, list[str]]]:
+    """``authsessions demo`` as a real process on a free port: its base URL, and a list
+    that holds the lines it printed once it has stopped.
+    """
     port = free_port()
     process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), "demo", "--port", str(port), "--store", "sqlite:///sessions.db"],
-        cwd=tmp_path,
+        [str(CONSOLE_SCRIPT), "demo", "--port", str(port), *options],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     base_url = f"http://127.0.0.1:{port}"
+    printed: list[str] = []
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -633,12 +749,17 @@ def demo_server(tmp_path: Path) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the demo did not start:\n{process.communicate()[0]}")
                 time.sleep(0.1)
-        yield base_url
+        yield base_url, printed
     finally:
         process.terminate()
-        process.wait(timeout=10)
-        assert process.stdout is not None
-        process.stdout.close()
+        output, _ = process.communicate(timeout=10)
+        printed += output.splitlines()
+
+
+@pytest.fixture
+def demo_server(tmp_path: Path) -> Iterator[str]:
+    with serving_demo(tmp_path, "--store", "sqlite:///sessions.db") as (base_url, _):
+        yield base_url
 
 
 def test_demo_command_serves_the_demo(demo_server: str, tmp_path: Path) -> None:
@@ -648,3 +769,38 @@ def test_demo_command_serves_the_demo(demo_server: str, tmp_path: Path) -> None:
     assert "<h1>Sign in</h1>" in body
     assert any(cookie.startswith("authsessions_demo_csrf=") for cookie in cookies)
     assert (tmp_path / "sessions.db").exists()
+
+
+def test_demo_serves_a_memory_store_and_warns_when_reachable_from_elsewhere(
+    tmp_path: Path,
+) -> None:
+    everywhere = "0.0.0.0"  # noqa: S104 - the warning's case; the test reaches it on loopback
+    with serving_demo(tmp_path, "--store", "memory://", "--host", everywhere) as (url, printed):
+        signin = urllib.request.urlopen(f"{url}/signin", timeout=5)  # noqa: S310
+        signin.close()
+        assert signin.status == 200
+
+    assert "  warning: plain HTTP; do not expose the demo beyond this machine." in printed
+
+
+def test_demo_banner_hides_the_store_password(tmp_path: Path, postgres_schema: str) -> None:
+    store_url = networked_store("postgres", POSTGRES_URL)
+    separator = "&" if "?" in store_url else "?"
+    url = f"{store_url}{separator}schema={postgres_schema}&password=s3cret-pw"
+
+    with serving_demo(tmp_path, "--store", url) as (_, printed):
+        pass
+
+    banner = "\n".join(printed)
+    assert "s3cret-pw" not in banner
+    assert f"sessions: {redact_url(url)}" in banner
+    assert "password=***" in banner
+    assert "warning" not in banner  # on 127.0.0.1 by default
+
+
+def test_demo_refuses_a_port_it_cannot_be_reached_on() -> None:
+    # A store that fails at once: were the port taken, the command would stop there, not serve.
+    result = run("demo", "--port", "0", "--store", "nosuch://x")
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--port'" in result.stderr
