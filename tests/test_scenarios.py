@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from authsessions import Session, SessionConfig, SessionData, SessionManager
+from authsessions import Session, SessionConfig, SessionData, SessionDataError, SessionManager
 from authsessions._tokens import new_session_id, new_token
 from authsessions.stores import SessionUpdate, Store
 from tests.apps.session_app import (
@@ -145,6 +145,42 @@ async def test_values_set_after_rotate_in_the_same_request_are_kept(
 
 
 # -- rotate -------------------------------------------------------------------------------
+
+
+async def rotate_while_another_task_sets(request: Request) -> Response:
+    """Sets ``before``, then rotates while a task of the same request sets ``during``."""
+    session = Session.from_request(request)
+    session.set("before", 1)
+
+    async def set_during_the_rotation() -> None:
+        await asyncio.sleep(0)
+        session.set("during", 2)
+
+    task = asyncio.create_task(set_during_the_rotation())
+    await session.rotate()
+    await task
+    session.set("after", 3)
+    current = session.current()
+    assert current is not None
+    return JSONResponse({"data": current.data})
+
+
+async def test_values_set_while_rotate_waits_for_the_store_are_kept(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A store that suspends (a network round trip) lets other tasks of the request run
+    while rotate() waits: what they set must be written like any other change.
+    """
+    route = Route("/rotate-while-setting", rotate_while_another_task_sets, methods=["POST"])
+    client = client_factory(app_factory(store, extra_routes=[route]))
+    await login(client, data={"plan": "pro"})
+
+    response = await client.post("/rotate-while-setting")
+
+    everything = {"plan": "pro", "before": 1, "during": 2, "after": 3}
+    assert response.json()["data"] == everything
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == everything
 
 
 async def test_rotate_keeps_id_and_data_and_refreshes_expiry(
@@ -703,6 +739,40 @@ async def test_rotate_refused_for_size_changes_nothing(
     assert client.cookies[COOKIE] == token
     [stored] = await live_sessions(store, "alice")
     assert stored.data == {"b": "y" * 60}
+
+
+async def test_a_refused_rotate_leaves_the_requests_changes_to_write(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """An app that catches the refusal and drops the key that did not fit still has its
+    other changes written as the response starts.
+    """
+
+    async def rotate_or_settle_for_less(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("small", 1)
+        session.set("big", "x" * 60)
+        current = session.current()
+        assert current is not None
+        now = time.time()
+        concurrent = SessionUpdate(now, current.expires_at.timestamp(), {"b": "y" * 60})
+        assert await store.update(current.id, concurrent, now=now)
+        try:
+            await session.rotate()
+        except SessionDataError:
+            session.remove_key("big")
+        return JSONResponse({"ok": True})
+
+    config = SessionConfig(max_data_bytes=100)
+    route = Route("/rotate-or-less", rotate_or_settle_for_less)
+    client = client_factory(app_factory(store, config, extra_routes=[route]))
+    await login(client)
+
+    response = await client.get("/rotate-or-less")
+
+    assert response.status_code == 200
+    [stored] = await live_sessions(store, "alice")
+    assert stored.data == {"b": "y" * 60, "small": 1}
 
 
 async def test_twenty_concurrent_logins_leave_exactly_max_sessions(

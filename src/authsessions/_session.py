@@ -289,10 +289,18 @@ class Session:
         token = new_token()
         digest = token_digest(token)
         changes = self._pending_update(now, moves_expiry=True, token_digest=digest)
-        if not await self._update(record, changes, now):
+        # Keys set while the store works (by another task of this request) are changes
+        # still to write; those written now are not, unless the write fails.
+        written, self._changes = self._changes, None
+        try:
+            updated = await self._update(record, changes, now)
+        except BaseException:
+            if written is not None:
+                self._changes = {**written, **(self._changes or {})}
+            raise
+        if not updated:
             self._end()
             raise Unauthorized("This session has ended; sign in again.")
-        self._changes = None
         self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
         self._cookie_change = "set"
@@ -513,9 +521,9 @@ class Session:
             set_keys = {key: value for key, value in changes.items() if value is not _REMOVED}
             removed_keys = frozenset(key for key, value in changes.items() if value is _REMOVED)
         else:
-            # The usual case, keys set and none removed. A copy: rotate() keeps its changes
-            # while the store works, and the app may set more meanwhile.
-            set_keys, removed_keys = dict(changes), frozenset()
+            # The usual case, keys set and none removed. No copy: the callers hand the dict
+            # over (set() starts a new one), so keys set while the store works are not in it.
+            set_keys, removed_keys = changes, frozenset()
         last_active_at: float | None = None
         expires_at: float | None = None
         if moves_expiry:
