@@ -7,6 +7,7 @@ so every store added there joins the conformance suite and the HTTP scenarios.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -90,3 +91,14 @@ def app(store: Store, app_factory: AppFactory) -> Starlette:
 def client(app: Starlette, client_factory: ClientFactory) -> httpx.AsyncClient:
     """One browser talking to ``app``."""
     return client_factory(app)
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """``time.time()`` held at a whole second near the real clock, for exact instants.
+
+    Only the wall clock stops: event loops and timeouts run on ``time.monotonic``.
+    """
+    now = float(int(time.time()))
+    monkeypatch.setattr(time, "time", lambda: now)
+    return now

@@ -68,6 +68,16 @@ def test_device_name_and_type_from_real_user_agents(ua: str, name: str, device_t
     assert device.type == device_type
 
 
+def test_an_android_tablet_is_told_by_the_missing_mobile_token() -> None:
+    """ua-parser names this tablet's maker without "Tablet"; Android phones say "Mobile"."""
+    pixel_c = (
+        "Mozilla/5.0 (Linux; Android 12; Pixel C) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+    )
+
+    assert describe_device(pixel_c).type == "tablet"
+
+
 def test_fingerprint_ignores_browser_and_os_versions() -> None:
     chrome_119_older_macos = CHROME_MAC.replace("10_15_7", "10_14_6").replace(
         "Chrome/120.0.0.0", "Chrome/119.0.6045.199"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 
 from authsessions import SessionConfig
@@ -11,6 +13,8 @@ from authsessions._tokens import new_token
 TOKEN = new_token()
 OTHER_TOKEN = new_token()
 NAME = SessionConfig().cookie_name
+# What secrets.token_urlsafe draws from (RFC 4648's URL-safe alphabet), written out here.
+URL_SAFE = (string.ascii_letters + string.digits + "-_").encode()
 
 
 def read(*cookie_headers: str | bytes, name: str = NAME) -> str | None:
@@ -104,3 +108,21 @@ def test_a_custom_cookie_name_is_read_and_the_default_one_ignored() -> None:
 def test_raw_non_ascii_bytes_in_the_header_are_malformed_not_an_error() -> None:
     assert read(f"{NAME}=".encode() + TOKEN[:-1].encode() + b"\xff") == MALFORMED
     assert read(b"theme=\xff\xfe; " + f"{NAME}={TOKEN}".encode()) == TOKEN
+
+
+@pytest.mark.parametrize("byte", [b for b in range(256) if b not in URL_SAFE])
+def test_every_byte_outside_the_token_alphabet_makes_the_cookie_malformed(byte: int) -> None:
+    """Checked before any store access: a near-token (a "." or "+" for "_" or "-") must not
+    reach the store, whose failure would then answer 503 instead of clearing the cookie.
+    """
+    assert read(f"{NAME}=".encode() + TOKEN[:-1].encode() + bytes([byte])) == MALFORMED
+    assert read(f"{NAME}=".encode() + bytes([byte]) + TOKEN[1:].encode()) == MALFORMED
+
+
+def test_the_token_is_read_from_cookie_headers_only() -> None:
+    cookie = SessionCookie(SessionConfig())
+    pair = f"{NAME}={TOKEN}".encode()
+    other_pair = f"{NAME}={OTHER_TOKEN}".encode()
+
+    assert cookie.read({"headers": [(b"x-forwarded-cookie", pair)]}) is None
+    assert cookie.read({"headers": [(b"referer", other_pair), (b"cookie", pair)]}) == TOKEN

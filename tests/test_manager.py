@@ -58,6 +58,16 @@ async def test_list_for_user_leaves_out_sessions_past_the_configs_absolute_ttl(
     assert len(without_cap) == 2
 
 
+async def test_list_for_user_leaves_out_a_session_whose_absolute_ttl_ends_now(
+    store: Store, frozen_clock: float
+) -> None:
+    await plant_session(store, "alice", created_ago=3600, idle_for=10)
+
+    hour = SessionConfig(absolute_ttl=timedelta(hours=1))
+
+    assert await SessionManager(store, hour).list_for_user("alice") == []
+
+
 async def test_list_for_unknown_user_is_empty(store: Store) -> None:
     assert await SessionManager(store).list_for_user("nobody") == []
 

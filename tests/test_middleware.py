@@ -260,6 +260,22 @@ async def test_touch_after_interval_resends_cookie_and_slides_expiry(
     assert after.expires_at >= approx_now(timedelta(days=30).total_seconds() - 5)
 
 
+async def test_the_touch_is_due_the_instant_the_interval_has_passed(
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    frozen_clock: float,
+) -> None:
+    """Also what makes a zero interval touch on every request under a coarse clock."""
+    token, _ = await plant_session(sqlite_store, "alice", idle_for=300, expires_in=60)
+    client = client_factory(app_factory(sqlite_store))  # touch_interval: 5 minutes
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert session_cookie(response) is not None
+    assert (await only_session(sqlite_store)).last_active_at.timestamp() == frozen_clock
+
+
 async def test_zero_touch_interval_touches_on_every_request(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:
@@ -322,6 +338,24 @@ async def test_absolute_ttl_ends_session_however_active(
     config = SessionConfig(absolute_ttl=timedelta(hours=1))
     token, _ = await plant_session(
         sqlite_store, "alice", created_ago=3601, idle_for=10, expires_in=86400
+    )
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.get("/me", headers=cookie_header(token))
+
+    assert response.json()["authenticated"] is False
+    assert_clears_cookie(response)
+
+
+async def test_absolute_ttl_ends_a_session_at_that_very_instant(
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    frozen_clock: float,
+) -> None:
+    config = SessionConfig(absolute_ttl=timedelta(hours=1))
+    token, _ = await plant_session(
+        sqlite_store, "alice", created_ago=3600, idle_for=10, expires_in=86400
     )
     client = client_factory(app_factory(sqlite_store, config))
 

@@ -306,6 +306,18 @@ async def test_authenticate_rejects_user_ids_no_store_can_keep(
     assert (await sqlite_store.stats(now=time.time())).live_sessions == 0
 
 
+async def test_authenticate_takes_the_longest_user_id_every_store_keeps(
+    run: Runner, sqlite_store: Store
+) -> None:
+    longest = "x" * 255
+
+    outcome = await run(lambda s: s.authenticate(longest), signed_in=False)
+
+    assert outcome.error is None
+    assert session_cookie(outcome.response) is not None
+    assert len(await SessionManager(sqlite_store).list_for_user(longest)) == 1
+
+
 async def test_set_without_session_is_a_no_op(run: Runner, sqlite_store: Store) -> None:
     outcome = await run(lambda s: s.set("theme", "dark"), signed_in=False)
 
