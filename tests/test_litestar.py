@@ -12,14 +12,14 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from litestar import Litestar, Request, WebSocket, get, post, websocket
+from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
 from starlette.types import ASGIApp
 
-from authsessions import Session, SessionManager, SessionMiddleware
+from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
 from authsessions.litestar import CurrentSession, SessionPlugin
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores.sqlite import TABLE
@@ -108,6 +108,27 @@ async def test_session_errors_render_as_json_with_their_status(
         {"detail": "Not authenticated: sign in first."},
     )
     assert (unknown.status_code, unknown.json()) == (404, {"detail": "No such session."})
+
+
+async def test_the_apps_own_handler_of_a_session_error_answers_http_requests(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """The plugin only fills in where the app has no handler of its own, and passes
+    session errors on to the middleware on WebSockets alone.
+    """
+
+    def styled(request: Request[Any, Any, Any], exc: Unauthorized) -> Response[dict[str, str]]:
+        return Response({"error": "please sign in"}, status_code=401)
+
+    app: Any = Litestar(
+        [rotate],
+        plugins=[SessionPlugin(store=sqlite_store)],
+        exception_handlers={Unauthorized: styled},
+    )
+
+    response = await client_for(app).post("/rotate")
+
+    assert (response.status_code, response.json()) == (401, {"error": "please sign in"})
 
 
 async def test_an_unreadable_store_gives_503_and_keeps_the_cookie(

@@ -8,9 +8,11 @@ the scenarios every store must pass live in ``test_scenarios.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -37,9 +39,10 @@ from authsessions import (
     SessionMiddleware,
     SessionNotFound,
     StoreUnavailable,
+    Unauthorized,
 )
 from authsessions._records import SessionRecord
-from authsessions._tokens import new_token
+from authsessions._tokens import new_token, token_digest
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 from tests.apps.session_app import (
     CHROME_MAC,
@@ -755,6 +758,61 @@ async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
         assert response.status_code == 503
 
 
+async def test_a_failed_flush_after_rotate_still_hands_over_the_new_token(
+    tmp_path: Path, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The rotation reached the store, so the old token is dead: the error response must
+    carry the new one (and say it varies by cookie), or the user is signed out.
+    """
+    path = tmp_path / "sessions.db"
+    lock = contextlib.ExitStack()
+
+    async def rotate_then_set(request: Request) -> Response:
+        session = Session.from_request(request)
+        await session.rotate()
+        session.set("k", 1)
+        lock.enter_context(write_lock_held(path))  # the flush as the response starts fails
+        return JSONResponse({})
+
+    route = Route("/rotate-then-set", rotate_then_set, methods=["POST"])
+    async with SQLiteStore(path, timeout=0.2) as store:
+        token, _ = await plant_session(store, "alice")
+        client = client_factory(app_factory(store, extra_routes=[route]))
+
+        with lock:
+            response = await client.post("/rotate-then-set", headers=cookie_header(token))
+
+        assert response.status_code == 503
+        cookie = session_cookie(response)
+        assert cookie is not None
+        assert cookie.value not in ("", token)
+        assert response.headers["vary"] == "Cookie"
+        me = await client.get("/me", headers=cookie_header(cookie.value))
+        assert me.json()["user_id"] == "alice"
+
+
+async def test_a_session_error_after_the_response_started_is_raised_not_answered() -> None:
+    """A second response start would break the ASGI protocol; the server reports the error."""
+
+    async def starts_then_refuses(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise Unauthorized()
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    with pytest.raises(Unauthorized):
+        await SessionMiddleware(starts_then_refuses, store=MemoryStore())(scope, receive, send)
+
+    assert [message["type"] for message in sent] == ["http.response.start"]
+
+
 # -- WebSocket ----------------------------------------------------------------------------------
 
 
@@ -1011,3 +1069,96 @@ def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_clien
 
     [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
     assert session.data == {"theme": "solarized"}
+
+
+def behind_the_middleware(
+    app: Any, store: MemoryStore
+) -> tuple[SessionMiddleware, dict[str, str], str]:
+    """``app`` behind the middleware, and the headers and token of a signed-in browser
+    (a session planted in ``store``, holding ``{"theme": "dark"}``).
+    """
+
+    async def plant() -> str:
+        token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+        return token
+
+    token = asyncio.run(plant())
+    headers = {**cookie_header(token), "user-agent": CHROME_MAC}
+    return SessionMiddleware(app, store=store), headers, token
+
+
+def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:
+    """A new token would reach the store but never the browser: it would be signed out."""
+    store = MemoryStore()
+    refusals: list[str] = []
+
+    async def rotating_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+        session = Session.from_scope(scope)
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        try:
+            await session.rotate()
+        except RuntimeError as exc:
+            refusals.append(str(exc))
+        await send({"type": "websocket.close", "code": 1000})
+
+    app, headers, token = behind_the_middleware(rotating_socket_app, store)
+    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    with client.websocket_connect("/", headers=headers):
+        pass
+    [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
+
+    assert len(refusals) == 1
+    assert "WebSocket" in refusals[0]
+    assert asyncio.run(store.get(token_digest(token), now=time.time())) is not None  # unrotated
+    assert session.data == {"theme": "dark"}
+
+
+def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing() -> None:
+    """A server error is not the socket's usual end: what the handler set is dropped,
+    as an HTTP request's 500 drops it.
+    """
+    store = MemoryStore()
+
+    async def failing_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+        session = Session.from_scope(scope)
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        session.set("theme", "half-done")
+        raise ValueError("a bug in the handler")
+
+    app, headers, _ = behind_the_middleware(failing_socket_app, store)
+    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    with (
+        pytest.raises(ValueError, match="a bug in the handler"),
+        client.websocket_connect("/", headers=headers),
+    ):
+        pass
+
+    [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
+    assert session.data == {"theme": "dark"}
+
+
+def test_a_websocket_closed_for_a_session_error_gets_a_reason_a_close_frame_can_hold() -> None:
+    """A close frame's reason holds at most 123 bytes of UTF-8: a longer one (here cut
+    inside a three-byte character) must be shortened to whole characters.
+    """
+    store = MemoryStore()
+    message = "Sign in again — " * 20
+
+    async def refusing_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        raise Unauthorized(message)
+
+    app, headers, _ = behind_the_middleware(refusing_socket_app, store)
+    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect("/", headers=headers),
+    ):
+        pass
+
+    reason = closed.value.reason
+    assert closed.value.code == 1008
+    assert 0 < len(reason.encode()) <= 123
+    assert message.startswith(reason)

@@ -230,6 +230,29 @@ async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
 # -- logout ----------------------------------------------------------------------------------
 
 
+async def test_a_login_whose_new_id_is_taken_retries_and_leaves_the_owner_alone(
+    app: Starlette,
+    client: httpx.AsyncClient,
+    client_factory: ClientFactory,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2**-128 odds, but a session id must never be shared or overwritten."""
+    await login(client_factory(app), "bob", data={"mine": True})  # bob's own browser
+    [bobs] = await live_sessions(store, "bob")
+    ids = iter([bobs.id])
+    monkeypatch.setattr(
+        "authsessions._session.new_session_id", lambda: next(ids, None) or new_session_id()
+    )
+
+    await login(client, "alice")
+
+    [alices] = await live_sessions(store, "alice")
+    assert alices.id != bobs.id
+    [bobs_after] = await live_sessions(store, "bob")
+    assert (bobs_after.id, bobs_after.data) == (bobs.id, {"mine": True})
+
+
 async def test_logout_destroys_session_and_clears_cookie(
     client: httpx.AsyncClient, store: Store
 ) -> None:
