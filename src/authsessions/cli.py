@@ -49,8 +49,6 @@ T = TypeVar("T")
 
 CLI_EXTRA_MODULES = frozenset({"click", "rich", "uvicorn", "jinja2", "argon2", "multipart"})
 INSTALL_HINT = "The authsessions command needs its extra: pip install 'authsessions[cli]'"
-# Store drivers, by the module name an ImportError reports, and the extra that brings each.
-DRIVER_EXTRAS = {"asyncpg": "postgres", "redis": "redis"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -306,10 +304,8 @@ def one_line_errors() -> Iterator[None]:
             # An operator can act on the driver's words ("unable to open database file").
             message += f" Cause: {_first_line(str(exc.__cause__))}"
         raise click.ClickException(message) from None
-    except ImportError as exc:
-        extra = DRIVER_EXTRAS.get((exc.name or "").partition(".")[0])
-        hint = f"; pip install 'authsessions[{extra}]'" if extra else ""
-        raise click.ClickException(f"cannot load this store ({exc}){hint}.") from None
+    except ImportError as exc:  # a driver the store's extra brings; its message names it
+        raise click.ClickException(f"cannot load this store ({exc}).") from None
     except ValueError as exc:  # open_store: an unknown scheme or a malformed URL
         raise click.ClickException(_first_line(str(exc))) from None
     except Exception as exc:
