@@ -14,6 +14,7 @@ from argon2 import PasswordHasher
 from starlette.applications import Starlette
 from starlette.types import Message
 
+from authsessions.demo._csrf import CsrfGuard
 from authsessions.demo.app import create_app
 
 DESKTOP_UA = (
@@ -26,6 +27,7 @@ PHONE_UA = (
 )
 PASSWORD = "correct horse battery"
 COOKIE = "authsessions_demo"
+NONCE_COOKIE = "authsessions_demo_csrf"
 # argon2's defaults take about half a second here; the tests only need a real argon2 hash.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -111,6 +113,22 @@ async def sign_in(
     return await post_form(client, "/signin", "/signin", username=username, password=password)
 
 
+def account_fields(action: str, username: str) -> dict[str, str]:
+    """The fields that open ``username``'s account through ``action``: sign in or sign up."""
+    fields = {"username": username, "password": PASSWORD}
+    return {**fields, "password_again": PASSWORD} if action == "/signup" else fields
+
+
+def cookie_attributes(response: httpx.Response, name: str) -> set[str]:
+    """The attributes of the cookie ``name`` that ``response`` sets, lower-cased."""
+    (set_cookie,) = (
+        header
+        for header in response.headers.get_list("set-cookie")
+        if header.startswith(f"{name}=")
+    )
+    return {attribute.strip().lower() for attribute in set_cookie.split(";")[1:]}
+
+
 async def test_sign_up_signs_in_and_shows_the_profile(desktop: httpx.AsyncClient) -> None:
     response = await sign_up(desktop, "Alice")
     assert response.status_code == 303
@@ -172,34 +190,43 @@ async def test_sign_up_refuses_taken_names_and_mismatched_passwords(
     assert "Choose a password" in short.text
 
 
-async def test_login_csrf_missing_or_forged_token_is_refused(desktop: httpx.AsyncClient) -> None:
-    """A forged sign-in form would log the victim into the attacker's account."""
+# Sign-up signs in too: a forged sign-up form would log the victim into an account the attacker
+# named and knows the password of, as surely as a forged sign-in form.
+SIGNED_OUT_FORMS = ["/signin", "/signup"]
+
+
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
+async def test_login_csrf_missing_or_forged_token_is_refused(
+    desktop: httpx.AsyncClient, action: str
+) -> None:
+    """A forged sign-in or sign-up form would log the victim into the attacker's account."""
     await sign_up(desktop)
     await post_form(desktop, "/profile", "/signout")
-    await desktop.get("/signin")  # the browser now holds a nonce cookie
+    await desktop.get(action)  # the browser now holds a nonce cookie
+    # The account the post would open: alice's own, or a new one (alice is taken).
+    account = account_fields(action, "alice" if action == "/signin" else "bob")
     for fields in ({}, {"csrf_token": "forged"}):
-        response = await desktop.post(
-            "/signin", data={"username": "alice", "password": PASSWORD, **fields}
-        )
+        response = await desktop.post(action, data={**account, **fields})
         assert response.status_code == 403
         assert "That form was refused" in response.text
         assert COOKIE not in response.cookies
 
 
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
 async def test_login_csrf_planted_cookie_without_the_secret_is_refused(
-    app: Starlette, tmp_path: Path
+    app: Starlette, tmp_path: Path, action: str
 ) -> None:
     """A planted nonce needs the token this demo signs for it: another key's is refused."""
     async with browser(app) as victim:
-        token = await csrf_token(victim, "/signin")
+        token = await csrf_token(victim, action)
         nonce = "A" * 43  # the attacker's planted nonce, with a token signed by another key
         other = create_app(f"sqlite:///{tmp_path / 'other.db'}", password_hasher=FAST_HASHER)
         async with lifespan(other), browser(other) as attacker:
-            attacker.cookies.set("authsessions_demo_csrf", nonce)
-            forged = await csrf_token(attacker, "/signin")
-        victim.cookies.set("authsessions_demo_csrf", nonce)
+            attacker.cookies.set(NONCE_COOKIE, nonce)
+            forged = await csrf_token(attacker, action)
+        victim.cookies.set(NONCE_COOKIE, nonce)
         for submitted in (forged, token):
-            response = await victim.post("/signin", data={"csrf_token": submitted})
+            response = await victim.post(action, data={"csrf_token": submitted})
             assert response.status_code == 403
 
 
@@ -211,13 +238,18 @@ CROSS_SITE_POSTS = [
     {"origin": "null"},
     {"sec-fetch-site": "cross-site"},
     {"origin": "http://sub.demo.test", "sec-fetch-site": "same-site"},  # a sibling subdomain
+    # Another port is another origin: whatever else listens on this host.
+    {"origin": "http://demo.test:8080"},
+    # A port that is no number names no origin, so not this one.
+    {"origin": "http://demo.test:abc"},
 ]
 OWN_PAGE_POST = {"origin": "http://demo.test", "sec-fetch-site": "same-origin"}
 
 
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
 @pytest.mark.parametrize("headers", CROSS_SITE_POSTS)
 async def test_login_csrf_with_a_pair_from_the_demo_itself_is_refused(
-    app: Starlette, headers: dict[str, str]
+    app: Starlette, headers: dict[str, str], action: str
 ) -> None:
     """The token is tied to nothing about the victim: the attacker fetches a nonce and its
     token from the demo, plants the nonce cookie in the victim's browser (a sibling
@@ -227,15 +259,17 @@ async def test_login_csrf_with_a_pair_from_the_demo_itself_is_refused(
     async with browser(app) as attacker:
         await sign_up(attacker, "mallory")
         attacker.cookies.clear()
-        token = await csrf_token(attacker, "/signin")
-        nonce = attacker.cookies["authsessions_demo_csrf"]
+        token = await csrf_token(attacker, action)
+        nonce = attacker.cookies[NONCE_COOKIE]
     async with browser(app) as victim:
-        victim.cookies.set("authsessions_demo_csrf", nonce)
-        fields = {"csrf_token": token, "username": "mallory", "password": PASSWORD}
+        victim.cookies.set(NONCE_COOKIE, nonce)
+        # His account, or through sign-up a new one he names (mallory is taken).
+        username = "mallory" if action == "/signin" else "mallory2"
+        fields = {"csrf_token": token, **account_fields(action, username)}
 
-        forged = await victim.post("/signin", data=fields, headers=headers)
+        forged = await victim.post(action, data=fields, headers=headers)
         after_forged = await victim.get("/profile")
-        own_page = await victim.post("/signin", data=fields, headers=OWN_PAGE_POST)
+        own_page = await victim.post(action, data=fields, headers=OWN_PAGE_POST)
 
     assert forged.status_code == 403
     assert COOKIE not in forged.cookies
@@ -252,12 +286,14 @@ OWN_PAGE_POSTS_BEHIND_A_PROXY = [
     # A browser without Sec-Fetch-Site: the origin as written, its default port spelt out.
     {"origin": "HTTP://Demo.Test:80"},
 ]
+# A post the user started himself, not any page (no page can make a browser send this).
+USERS_OWN_POST = {"sec-fetch-site": "none"}
 
 
 @pytest.mark.parametrize(
     ("headers", "accepted"),
     [(headers, False) for headers in CROSS_SITE_POSTS[:2]]
-    + [(headers, True) for headers in OWN_PAGE_POSTS_BEHIND_A_PROXY],
+    + [(headers, True) for headers in [*OWN_PAGE_POSTS_BEHIND_A_PROXY, USERS_OWN_POST]],
 )
 async def test_a_signed_in_form_is_taken_from_the_demos_own_page_only(
     desktop: httpx.AsyncClient, headers: dict[str, str], accepted: bool
@@ -290,6 +326,34 @@ async def test_over_https_the_nonce_cookie_is_host_prefixed(tmp_path: Path) -> N
     assert "domain" not in nonce_cookie.lower()
     assert signed_up.status_code == 303
     assert "Hello, alice" in profile.text
+
+
+async def test_the_nonce_cookie_is_hidden_from_scripts_and_other_sites(
+    desktop: httpx.AsyncClient,
+) -> None:
+    """HttpOnly: no script in the page reads the nonce. SameSite=Strict: no post from another
+    site carries it, a second line behind the origin check. Path=/: every form sees it.
+    """
+    page = await desktop.get("/signin")
+    assert {"httponly", "samesite=strict", "path=/"} <= cookie_attributes(page, NONCE_COOKIE)
+
+
+async def test_a_malformed_nonce_cookie_is_replaced(desktop: httpx.AsyncClient) -> None:
+    """A nonce the demo never issued (a mangled or planted cookie) can never pass the check:
+    signed and kept, it would leave that browser unable to sign up or in at all.
+    """
+    # Kept where the demo's own nonce is, so the nonce the reply sets replaces it.
+    desktop.cookies.set(NONCE_COOKIE, "x", domain="demo.test")
+    page = await desktop.get("/signup")
+    assert page.cookies.get(NONCE_COOKIE) not in (None, "x")
+    assert (await sign_up(desktop)).status_code == 303
+
+
+def test_the_csrf_secret_needs_32_bytes() -> None:
+    # The HMAC-SHA256 key of the signed-out forms: a shorter key is weaker than the MAC.
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        CsrfGuard(b"k" * 31, secure_cookie=False)
+    CsrfGuard(b"k" * 32, secure_cookie=False)
 
 
 async def test_signed_in_forms_need_the_session_token(
