@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -15,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 from authsessions.demo._csrf import CsrfGuard
-from authsessions.demo.app import create_app
+from authsessions.demo.app import create_app, users_path_for
 
 DESKTOP_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -129,6 +132,15 @@ def cookie_attributes(response: httpx.Response, name: str) -> set[str]:
     return {attribute.strip().lower() for attribute in set_cookie.split(";")[1:]}
 
 
+def stored_hash(users: Path, username: str) -> str:
+    """The password hash the demo's accounts file holds for ``username``."""
+    with closing(sqlite3.connect(users)) as db:
+        row = db.execute(
+            "SELECT password_hash FROM demo_user WHERE username = ?", (username,)
+        ).fetchone()
+    return str(row[0])
+
+
 async def test_sign_up_signs_in_and_shows_the_profile(desktop: httpx.AsyncClient) -> None:
     response = await sign_up(desktop, "Alice")
     assert response.status_code == 303
@@ -188,6 +200,43 @@ async def test_sign_up_refuses_taken_names_and_mismatched_passwords(
         phone, "/signup", "/signup", username="bob", password="short", password_again="short"
     )
     assert "Choose a password" in short.text
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "error"),
+    [
+        ("ab", PASSWORD, "Choose a username of 3 to 32 characters"),
+        ("a" * 33, PASSWORD, "Choose a username of 3 to 32 characters"),
+        ("alice", "p" * 7, "Choose a password of 8 to 256 characters."),
+        # argon2 hashes any length; the cap keeps a huge "password" from costing more.
+        ("alice", "p" * 257, "Choose a password of 8 to 256 characters."),
+    ],
+    ids=["name of 2", "name of 33", "password of 7", "password of 257"],
+)
+async def test_sign_up_refuses_names_and_passwords_past_the_limits(
+    desktop: httpx.AsyncClient, username: str, password: str, error: str
+) -> None:
+    response = await post_form(
+        desktop, "/signup", "/signup", username=username, password=password, password_again=password
+    )
+    assert response.status_code == 400
+    assert error in response.text
+    assert COOKIE not in response.cookies
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [("abc", PASSWORD), ("a" * 32, PASSWORD), ("alice", "p" * 8), ("alice", "p" * 256)],
+    ids=["name of 3", "name of 32", "password of 8", "password of 256"],
+)
+async def test_sign_up_accepts_names_and_passwords_at_the_limits(
+    desktop: httpx.AsyncClient, username: str, password: str
+) -> None:
+    response = await post_form(
+        desktop, "/signup", "/signup", username=username, password=password, password_again=password
+    )
+    assert response.status_code == 303
+    assert COOKIE in response.cookies
 
 
 # Sign-up signs in too: a forged sign-up form would log the victim into an account the attacker
@@ -405,6 +454,18 @@ async def test_devices_page_lists_both_clients(
     assert page.count(">Revoke</button>") == 1  # on the other device only
 
 
+async def test_revoking_this_devices_own_session_signs_it_out(
+    desktop: httpx.AsyncClient,
+) -> None:
+    # The page has no button for it, but the id is on the page and a post may name it.
+    await sign_up(desktop)
+    page = (await desktop.get("/devices")).text
+    (own_id,) = re.findall(r'<li class="device current" data-session-id="([^"]+)"', page)
+    response = await post_form(desktop, "/devices", "/devices/revoke", session_id=own_id)
+    assert response.headers["location"] == "/signin?notice=signed-out"
+    assert (await desktop.get("/profile")).headers["location"] == "/signin"
+
+
 async def test_revoke_signs_the_other_device_out(
     desktop: httpx.AsyncClient, phone: httpx.AsyncClient
 ) -> None:
@@ -461,6 +522,35 @@ async def test_signed_out_visitors_are_sent_to_sign_in(desktop: httpx.AsyncClien
     assert (await desktop.post("/devices/all")).headers["location"] == "/signin"
 
 
+async def test_signed_in_visitors_are_sent_from_the_signed_out_forms_to_the_profile(
+    desktop: httpx.AsyncClient,
+) -> None:
+    await sign_up(desktop)
+    for path in SIGNED_OUT_FORMS:
+        response = await desktop.get(path)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/profile"
+
+
+@pytest.mark.parametrize("extra", ["a file", "eleven fields"])
+async def test_sign_in_refuses_uploads_and_long_field_lists(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient, extra: str
+) -> None:
+    """The forms have a handful of short fields: more, or any file, is refused outright."""
+    await sign_up(desktop)
+    token = await csrf_token(phone, "/signin")
+    fields = {"csrf_token": token, "username": "alice", "password": PASSWORD}
+    if extra == "a file":
+        refused = await phone.post("/signin", data=fields, files={"avatar": ("a.png", b"PNG")})
+    else:
+        padding = {f"extra{n}": "x" for n in range(8)}  # 11 fields in all
+        refused = await phone.post("/signin", data={**fields, **padding})
+    assert refused.status_code == 400
+    assert COOKIE not in refused.cookies
+    # The same credentials alone sign in.
+    assert (await phone.post("/signin", data=fields)).status_code == 303
+
+
 async def test_pages_carry_security_headers_and_the_stylesheet(
     desktop: httpx.AsyncClient,
 ) -> None:
@@ -471,3 +561,65 @@ async def test_pages_carry_security_headers_and_the_stylesheet(
     css = await desktop.get("/static/demo.css")
     assert css.status_code == 200
     assert css.headers["content-type"].startswith("text/css")
+
+
+# The store reads a URL's scheme in any case: the accounts file must follow it.
+@pytest.mark.parametrize("store_url", ["sqlite:///var/sessions.db", "SQLite:///var/sessions.db"])
+def test_accounts_are_kept_beside_a_sqlite_sessions_file(store_url: str) -> None:
+    assert users_path_for(store_url) == os.path.join("var", "demo-users.db")
+
+
+def test_accounts_of_other_stores_are_kept_in_the_working_directory() -> None:
+    assert users_path_for("redis://localhost:6379/0") == "demo-users.db"
+
+
+class CountingHasher(PasswordHasher):
+    """The tests' fast argon2 settings, counting the verifications made."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.verifications = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        self.verifications += 1
+        return super().verify(hash, password)
+
+
+async def test_an_unknown_name_costs_a_verification_like_a_wrong_password(
+    tmp_path: Path,
+) -> None:
+    """Else the time a failed sign-in takes would tell which usernames have accounts."""
+    hasher = CountingHasher()
+    app = create_app(f"sqlite:///{tmp_path / 'sessions.db'}", password_hasher=hasher)
+    # A wrong password, an unknown name, and a password longer than any account's (checked
+    # against the dummy hash, not alice's).
+    attempts = [("alice", "not the password"), ("mallory", PASSWORD), ("alice", "p" * 257)]
+    verifications = []
+    async with lifespan(app), browser(app) as desktop, browser(app) as phone:
+        await sign_up(desktop)
+        for username, password in attempts:
+            before = hasher.verifications
+            assert (await sign_in(phone, username, password)).status_code == 400
+            verifications.append(hasher.verifications - before)
+    assert verifications == [1, 1, 1]
+
+
+async def test_signing_in_upgrades_a_hash_made_with_weaker_settings(tmp_path: Path) -> None:
+    """Raised argon2 settings reach each account at its next sign-in, the only moment the
+    password is at hand.
+    """
+    sessions = f"sqlite:///{tmp_path / 'sessions.db'}"
+    users = tmp_path / "users.db"
+    stronger = PasswordHasher(time_cost=2, memory_cost=2048, parallelism=1)
+    before = create_app(sessions, users_path=users, password_hasher=FAST_HASHER)
+    async with lifespan(before), browser(before) as client:
+        await sign_up(client)
+    assert stronger.check_needs_rehash(stored_hash(users, "alice"))
+
+    after = create_app(sessions, users_path=users, password_hasher=stronger)
+    async with lifespan(after), browser(after) as client:
+        assert (await sign_in(client)).status_code == 303
+
+    upgraded = stored_hash(users, "alice")
+    assert not stronger.check_needs_rehash(upgraded)
+    assert stronger.verify(upgraded, PASSWORD)
