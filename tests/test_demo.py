@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -14,7 +17,8 @@ from argon2 import PasswordHasher
 from starlette.applications import Starlette
 from starlette.types import Message
 
-from authsessions.demo.app import create_app
+from authsessions.demo._csrf import CsrfGuard
+from authsessions.demo.app import create_app, users_path_for
 
 DESKTOP_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -26,6 +30,7 @@ PHONE_UA = (
 )
 PASSWORD = "correct horse battery"
 COOKIE = "authsessions_demo"
+NONCE_COOKIE = "authsessions_demo_csrf"
 # argon2's defaults take about half a second here; the tests only need a real argon2 hash.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -111,6 +116,31 @@ async def sign_in(
     return await post_form(client, "/signin", "/signin", username=username, password=password)
 
 
+def account_fields(action: str, username: str) -> dict[str, str]:
+    """The fields that open ``username``'s account through ``action``: sign in or sign up."""
+    fields = {"username": username, "password": PASSWORD}
+    return {**fields, "password_again": PASSWORD} if action == "/signup" else fields
+
+
+def cookie_attributes(response: httpx.Response, name: str) -> set[str]:
+    """The attributes of the cookie ``name`` that ``response`` sets, lower-cased."""
+    (set_cookie,) = (
+        header
+        for header in response.headers.get_list("set-cookie")
+        if header.startswith(f"{name}=")
+    )
+    return {attribute.strip().lower() for attribute in set_cookie.split(";")[1:]}
+
+
+def stored_hash(users: Path, username: str) -> str:
+    """The password hash the demo's accounts file holds for ``username``."""
+    with closing(sqlite3.connect(users)) as db:
+        row = db.execute(
+            "SELECT password_hash FROM demo_user WHERE username = ?", (username,)
+        ).fetchone()
+    return str(row[0])
+
+
 async def test_sign_up_signs_in_and_shows_the_profile(desktop: httpx.AsyncClient) -> None:
     response = await sign_up(desktop, "Alice")
     assert response.status_code == 303
@@ -172,34 +202,80 @@ async def test_sign_up_refuses_taken_names_and_mismatched_passwords(
     assert "Choose a password" in short.text
 
 
-async def test_login_csrf_missing_or_forged_token_is_refused(desktop: httpx.AsyncClient) -> None:
-    """A forged sign-in form would log the victim into the attacker's account."""
+@pytest.mark.parametrize(
+    ("username", "password", "error"),
+    [
+        ("ab", PASSWORD, "Choose a username of 3 to 32 characters"),
+        ("a" * 33, PASSWORD, "Choose a username of 3 to 32 characters"),
+        ("alice", "p" * 7, "Choose a password of 8 to 256 characters."),
+        # argon2 hashes any length; the cap keeps a huge "password" from costing more.
+        ("alice", "p" * 257, "Choose a password of 8 to 256 characters."),
+    ],
+    ids=["name of 2", "name of 33", "password of 7", "password of 257"],
+)
+async def test_sign_up_refuses_names_and_passwords_past_the_limits(
+    desktop: httpx.AsyncClient, username: str, password: str, error: str
+) -> None:
+    response = await post_form(
+        desktop, "/signup", "/signup", username=username, password=password, password_again=password
+    )
+    assert response.status_code == 400
+    assert error in response.text
+    assert COOKIE not in response.cookies
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [("abc", PASSWORD), ("a" * 32, PASSWORD), ("alice", "p" * 8), ("alice", "p" * 256)],
+    ids=["name of 3", "name of 32", "password of 8", "password of 256"],
+)
+async def test_sign_up_accepts_names_and_passwords_at_the_limits(
+    desktop: httpx.AsyncClient, username: str, password: str
+) -> None:
+    response = await post_form(
+        desktop, "/signup", "/signup", username=username, password=password, password_again=password
+    )
+    assert response.status_code == 303
+    assert COOKIE in response.cookies
+
+
+# Sign-up signs in too: a forged sign-up form would log the victim into an account the attacker
+# named and knows the password of, as surely as a forged sign-in form.
+SIGNED_OUT_FORMS = ["/signin", "/signup"]
+
+
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
+async def test_login_csrf_missing_or_forged_token_is_refused(
+    desktop: httpx.AsyncClient, action: str
+) -> None:
+    """A forged sign-in or sign-up form would log the victim into the attacker's account."""
     await sign_up(desktop)
     await post_form(desktop, "/profile", "/signout")
-    await desktop.get("/signin")  # the browser now holds a nonce cookie
+    await desktop.get(action)  # the browser now holds a nonce cookie
+    # The account the post would open: alice's own, or a new one (alice is taken).
+    account = account_fields(action, "alice" if action == "/signin" else "bob")
     for fields in ({}, {"csrf_token": "forged"}):
-        response = await desktop.post(
-            "/signin", data={"username": "alice", "password": PASSWORD, **fields}
-        )
+        response = await desktop.post(action, data={**account, **fields})
         assert response.status_code == 403
         assert "That form was refused" in response.text
         assert COOKIE not in response.cookies
 
 
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
 async def test_login_csrf_planted_cookie_without_the_secret_is_refused(
-    app: Starlette, tmp_path: Path
+    app: Starlette, tmp_path: Path, action: str
 ) -> None:
     """A planted nonce needs the token this demo signs for it: another key's is refused."""
     async with browser(app) as victim:
-        token = await csrf_token(victim, "/signin")
+        token = await csrf_token(victim, action)
         nonce = "A" * 43  # the attacker's planted nonce, with a token signed by another key
         other = create_app(f"sqlite:///{tmp_path / 'other.db'}", password_hasher=FAST_HASHER)
         async with lifespan(other), browser(other) as attacker:
-            attacker.cookies.set("authsessions_demo_csrf", nonce)
-            forged = await csrf_token(attacker, "/signin")
-        victim.cookies.set("authsessions_demo_csrf", nonce)
+            attacker.cookies.set(NONCE_COOKIE, nonce)
+            forged = await csrf_token(attacker, action)
+        victim.cookies.set(NONCE_COOKIE, nonce)
         for submitted in (forged, token):
-            response = await victim.post("/signin", data={"csrf_token": submitted})
+            response = await victim.post(action, data={"csrf_token": submitted})
             assert response.status_code == 403
 
 
@@ -211,13 +287,18 @@ CROSS_SITE_POSTS = [
     {"origin": "null"},
     {"sec-fetch-site": "cross-site"},
     {"origin": "http://sub.demo.test", "sec-fetch-site": "same-site"},  # a sibling subdomain
+    # Another port is another origin: whatever else listens on this host.
+    {"origin": "http://demo.test:8080"},
+    # A port that is no number names no origin, so not this one.
+    {"origin": "http://demo.test:abc"},
 ]
 OWN_PAGE_POST = {"origin": "http://demo.test", "sec-fetch-site": "same-origin"}
 
 
+@pytest.mark.parametrize("action", SIGNED_OUT_FORMS)
 @pytest.mark.parametrize("headers", CROSS_SITE_POSTS)
 async def test_login_csrf_with_a_pair_from_the_demo_itself_is_refused(
-    app: Starlette, headers: dict[str, str]
+    app: Starlette, headers: dict[str, str], action: str
 ) -> None:
     """The token is tied to nothing about the victim: the attacker fetches a nonce and its
     token from the demo, plants the nonce cookie in the victim's browser (a sibling
@@ -227,15 +308,17 @@ async def test_login_csrf_with_a_pair_from_the_demo_itself_is_refused(
     async with browser(app) as attacker:
         await sign_up(attacker, "mallory")
         attacker.cookies.clear()
-        token = await csrf_token(attacker, "/signin")
-        nonce = attacker.cookies["authsessions_demo_csrf"]
+        token = await csrf_token(attacker, action)
+        nonce = attacker.cookies[NONCE_COOKIE]
     async with browser(app) as victim:
-        victim.cookies.set("authsessions_demo_csrf", nonce)
-        fields = {"csrf_token": token, "username": "mallory", "password": PASSWORD}
+        victim.cookies.set(NONCE_COOKIE, nonce)
+        # His account, or through sign-up a new one he names (mallory is taken).
+        username = "mallory" if action == "/signin" else "mallory2"
+        fields = {"csrf_token": token, **account_fields(action, username)}
 
-        forged = await victim.post("/signin", data=fields, headers=headers)
+        forged = await victim.post(action, data=fields, headers=headers)
         after_forged = await victim.get("/profile")
-        own_page = await victim.post("/signin", data=fields, headers=OWN_PAGE_POST)
+        own_page = await victim.post(action, data=fields, headers=OWN_PAGE_POST)
 
     assert forged.status_code == 403
     assert COOKIE not in forged.cookies
@@ -252,12 +335,14 @@ OWN_PAGE_POSTS_BEHIND_A_PROXY = [
     # A browser without Sec-Fetch-Site: the origin as written, its default port spelt out.
     {"origin": "HTTP://Demo.Test:80"},
 ]
+# A post the user started himself, not any page (no page can make a browser send this).
+USERS_OWN_POST = {"sec-fetch-site": "none"}
 
 
 @pytest.mark.parametrize(
     ("headers", "accepted"),
     [(headers, False) for headers in CROSS_SITE_POSTS[:2]]
-    + [(headers, True) for headers in OWN_PAGE_POSTS_BEHIND_A_PROXY],
+    + [(headers, True) for headers in [*OWN_PAGE_POSTS_BEHIND_A_PROXY, USERS_OWN_POST]],
 )
 async def test_a_signed_in_form_is_taken_from_the_demos_own_page_only(
     desktop: httpx.AsyncClient, headers: dict[str, str], accepted: bool
@@ -290,6 +375,34 @@ async def test_over_https_the_nonce_cookie_is_host_prefixed(tmp_path: Path) -> N
     assert "domain" not in nonce_cookie.lower()
     assert signed_up.status_code == 303
     assert "Hello, alice" in profile.text
+
+
+async def test_the_nonce_cookie_is_hidden_from_scripts_and_other_sites(
+    desktop: httpx.AsyncClient,
+) -> None:
+    """HttpOnly: no script in the page reads the nonce. SameSite=Strict: no post from another
+    site carries it, a second line behind the origin check. Path=/: every form sees it.
+    """
+    page = await desktop.get("/signin")
+    assert {"httponly", "samesite=strict", "path=/"} <= cookie_attributes(page, NONCE_COOKIE)
+
+
+async def test_a_malformed_nonce_cookie_is_replaced(desktop: httpx.AsyncClient) -> None:
+    """A nonce the demo never issued (a mangled or planted cookie) can never pass the check:
+    signed and kept, it would leave that browser unable to sign up or in at all.
+    """
+    # Kept where the demo's own nonce is, so the nonce the reply sets replaces it.
+    desktop.cookies.set(NONCE_COOKIE, "x", domain="demo.test")
+    page = await desktop.get("/signup")
+    assert page.cookies.get(NONCE_COOKIE) not in (None, "x")
+    assert (await sign_up(desktop)).status_code == 303
+
+
+def test_the_csrf_secret_needs_32_bytes() -> None:
+    # The HMAC-SHA256 key of the signed-out forms: a shorter key is weaker than the MAC.
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        CsrfGuard(b"k" * 31, secure_cookie=False)
+    CsrfGuard(b"k" * 32, secure_cookie=False)
 
 
 async def test_signed_in_forms_need_the_session_token(
@@ -339,6 +452,18 @@ async def test_devices_page_lists_both_clients(
     assert "last active just now" in page
     assert "active now" in page
     assert page.count(">Revoke</button>") == 1  # on the other device only
+
+
+async def test_revoking_this_devices_own_session_signs_it_out(
+    desktop: httpx.AsyncClient,
+) -> None:
+    # The page has no button for it, but the id is on the page and a post may name it.
+    await sign_up(desktop)
+    page = (await desktop.get("/devices")).text
+    (own_id,) = re.findall(r'<li class="device current" data-session-id="([^"]+)"', page)
+    response = await post_form(desktop, "/devices", "/devices/revoke", session_id=own_id)
+    assert response.headers["location"] == "/signin?notice=signed-out"
+    assert (await desktop.get("/profile")).headers["location"] == "/signin"
 
 
 async def test_revoke_signs_the_other_device_out(
@@ -397,6 +522,35 @@ async def test_signed_out_visitors_are_sent_to_sign_in(desktop: httpx.AsyncClien
     assert (await desktop.post("/devices/all")).headers["location"] == "/signin"
 
 
+async def test_signed_in_visitors_are_sent_from_the_signed_out_forms_to_the_profile(
+    desktop: httpx.AsyncClient,
+) -> None:
+    await sign_up(desktop)
+    for path in SIGNED_OUT_FORMS:
+        response = await desktop.get(path)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/profile"
+
+
+@pytest.mark.parametrize("extra", ["a file", "eleven fields"])
+async def test_sign_in_refuses_uploads_and_long_field_lists(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient, extra: str
+) -> None:
+    """The forms have a handful of short fields: more, or any file, is refused outright."""
+    await sign_up(desktop)
+    token = await csrf_token(phone, "/signin")
+    fields = {"csrf_token": token, "username": "alice", "password": PASSWORD}
+    if extra == "a file":
+        refused = await phone.post("/signin", data=fields, files={"avatar": ("a.png", b"PNG")})
+    else:
+        padding = {f"extra{n}": "x" for n in range(8)}  # 11 fields in all
+        refused = await phone.post("/signin", data={**fields, **padding})
+    assert refused.status_code == 400
+    assert COOKIE not in refused.cookies
+    # The same credentials alone sign in.
+    assert (await phone.post("/signin", data=fields)).status_code == 303
+
+
 async def test_pages_carry_security_headers_and_the_stylesheet(
     desktop: httpx.AsyncClient,
 ) -> None:
@@ -407,3 +561,65 @@ async def test_pages_carry_security_headers_and_the_stylesheet(
     css = await desktop.get("/static/demo.css")
     assert css.status_code == 200
     assert css.headers["content-type"].startswith("text/css")
+
+
+# The store reads a URL's scheme in any case: the accounts file must follow it.
+@pytest.mark.parametrize("store_url", ["sqlite:///var/sessions.db", "SQLite:///var/sessions.db"])
+def test_accounts_are_kept_beside_a_sqlite_sessions_file(store_url: str) -> None:
+    assert users_path_for(store_url) == os.path.join("var", "demo-users.db")
+
+
+def test_accounts_of_other_stores_are_kept_in_the_working_directory() -> None:
+    assert users_path_for("redis://localhost:6379/0") == "demo-users.db"
+
+
+class CountingHasher(PasswordHasher):
+    """The tests' fast argon2 settings, counting the verifications made."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.verifications = 0
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        self.verifications += 1
+        return super().verify(hash, password)
+
+
+async def test_an_unknown_name_costs_a_verification_like_a_wrong_password(
+    tmp_path: Path,
+) -> None:
+    """Else the time a failed sign-in takes would tell which usernames have accounts."""
+    hasher = CountingHasher()
+    app = create_app(f"sqlite:///{tmp_path / 'sessions.db'}", password_hasher=hasher)
+    # A wrong password, an unknown name, and a password longer than any account's (checked
+    # against the dummy hash, not alice's).
+    attempts = [("alice", "not the password"), ("mallory", PASSWORD), ("alice", "p" * 257)]
+    verifications = []
+    async with lifespan(app), browser(app) as desktop, browser(app) as phone:
+        await sign_up(desktop)
+        for username, password in attempts:
+            before = hasher.verifications
+            assert (await sign_in(phone, username, password)).status_code == 400
+            verifications.append(hasher.verifications - before)
+    assert verifications == [1, 1, 1]
+
+
+async def test_signing_in_upgrades_a_hash_made_with_weaker_settings(tmp_path: Path) -> None:
+    """Raised argon2 settings reach each account at its next sign-in, the only moment the
+    password is at hand.
+    """
+    sessions = f"sqlite:///{tmp_path / 'sessions.db'}"
+    users = tmp_path / "users.db"
+    stronger = PasswordHasher(time_cost=2, memory_cost=2048, parallelism=1)
+    before = create_app(sessions, users_path=users, password_hasher=FAST_HASHER)
+    async with lifespan(before), browser(before) as client:
+        await sign_up(client)
+    assert stronger.check_needs_rehash(stored_hash(users, "alice"))
+
+    after = create_app(sessions, users_path=users, password_hasher=stronger)
+    async with lifespan(after), browser(after) as client:
+        assert (await sign_in(client)).status_code == 303
+
+    upgraded = stored_hash(users, "alice")
+    assert not stronger.check_needs_rehash(upgraded)
+    assert stronger.verify(upgraded, PASSWORD)
