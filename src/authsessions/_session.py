@@ -275,7 +275,8 @@ class Session:
         """Issue a new token and refresh the expiry, keeping the session id and data.
 
         Use it after privilege changes. The old token stops working at once.
-        Values set earlier in the request are written in the same step.
+        Values set earlier in the request are written in the same step; any that
+        another task of the request sets while it waits, as the response starts.
 
         Raises:
             Unauthorized: there is no session (or it ended meanwhile).
