@@ -1543,6 +1543,40 @@ async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the
     assert store._loop_db is not stuck
 
 
+async def test_a_connection_that_could_not_be_replaced_is_opened_again_by_the_next_call(
+    impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replacement of a connection left in a transaction can fail too (out of file
+    descriptors): each call must then fail as a store failure does, and the store recover
+    once a connection opens, instead of taking itself for closed.
+    """
+    t0 = start_time()
+    store = impatient_store
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    store._loop_db = cast(sqlite3.Connection, RollbackFails(store._loop_db))
+    connect = sqlite_module._connect_loop_db
+    refusals = iter([True, True])
+
+    def connect_unless_refused(path: str) -> Any:
+        if next(refusals, False):
+            raise sqlite3.OperationalError("unable to open database file")
+        return connect(path)
+
+    monkeypatch.setattr(sqlite_module, "_connect_loop_db", connect_unless_refused)
+    too_big = make_update(now=t0 + 1, set_keys={"a": "x" * 200}, max_data_bytes=100)
+    with pytest.raises(StoreUnavailable):
+        await store.update(record.id, too_big, now=t0 + 1)  # the ROLLBACK and reopen fail
+
+    with pytest.raises(StoreUnavailable):
+        await store.get(record.token_digest, now=t0 + 1)  # the second refusal
+
+    assert store.is_open
+    assert await store.get(record.token_digest, now=t0 + 1) == record
+    assert await store.update(record.id, make_update(now=t0 + 2, set_keys={"b": 2}), now=t0 + 2)
+    assert await store.list_for_user("alice", now=t0 + 2) != []
+
+
 @contextmanager
 def writer_thread_held(store: SQLiteStore) -> Iterator[None]:
     """The store's writer thread busy until the block ends: what queues there waits."""

@@ -270,7 +270,7 @@ class SQLiteStore(Store):
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         db = self._loop_db
         if db is None:
-            raise self._closed_error()
+            db = self._connection(db)
         cache = self._cache
         try:
             # Read before the row: see RecordCache.put.
@@ -606,9 +606,18 @@ class SQLiteStore(Store):
                 cache.clear()
 
     def _connection(self, connection: sqlite3.Connection | None) -> sqlite3.Connection:
-        if connection is None:
+        """``connection`` (the event loop's); when there is none, opened again if the store
+        is open: replacing one left in a transaction failed (see :meth:`_reopen_loop_db`),
+        and each call tries until the file opens.
+        """
+        if connection is not None:
+            return connection
+        if not self._is_open:
             raise self._closed_error()
-        return connection
+        with translate_errors("SQLite", sqlite3.Error):
+            self._open_loop_db()
+        assert self._loop_db is not None
+        return self._loop_db
 
 
 def _connect_loop_db(path: str) -> GuardedConnection:
