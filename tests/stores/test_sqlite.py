@@ -6,6 +6,7 @@ The store contract itself is proven in test_conformance.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import itertools
@@ -29,7 +30,7 @@ from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import _sqlite_writer as writer_module
 from authsessions.stores import sqlite as sqlite_module
-from authsessions.stores._checkpoints import CHECKPOINT_PAGES
+from authsessions.stores._checkpoints import CHECKPOINT_EVERY, CHECKPOINT_PAGES
 from authsessions.stores._record_cache import RecordCache
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
@@ -113,6 +114,46 @@ async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Pat
     finally:
         await first.close()
         await second.close()
+
+
+def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) -> None:
+    """Two processes opening a new file together: the one that read version 0 second must
+    not create the table again ("table authsessions_session already exists"), so a
+    migration holds the write lock from its read of the version to its commit.
+    """
+    first = sqlite3.connect(db_path, isolation_level=None)
+    second = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    errors: list[BaseException] = []
+
+    def migrate_second() -> None:
+        try:
+            sqlite_module._migrate(second)
+        except BaseException as exc:  # the thread's failure, for the test to see
+            errors.append(exc)
+
+    other_process = threading.Thread(target=migrate_second)
+
+    class MigratedOverAfterReadingTheVersion(WrappedConnection):
+        def execute(self, sql: str, params: Any = ()) -> Any:
+            cursor = self.db.execute(sql, params)
+            if sql == "PRAGMA user_version" and other_process.ident is None:
+                other_process.start()
+                other_process.join(0.5)  # long enough to migrate, unless it waits for us
+            return cursor
+
+    try:
+        first.execute("PRAGMA journal_mode = WAL")
+
+        sqlite_module._migrate(cast(sqlite3.Connection, MigratedOverAfterReadingTheVersion(first)))
+        other_process.join(10)
+
+        assert other_process.ident is not None
+        assert not other_process.is_alive()
+        assert errors == []
+    finally:
+        first.close()
+        second.close()
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION
 
 
 async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_path: Path) -> None:
@@ -402,6 +443,32 @@ async def test_opening_while_another_connection_holds_the_write_lock_fails_clean
     assert not second.is_open
     await second.open()
     await second.close()
+
+
+async def test_opening_a_file_another_connection_reads_in_rollback_mode_gives_up_in_time(
+    db_path: Path,
+) -> None:
+    """Switching a file to WAL needs it to itself. A switch that meets another switching
+    connection is retried, but only until the store's timeout has passed: a reader that
+    keeps the file busy (another program, still in rollback-journal mode) must not keep
+    open() waiting for good.
+    """
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("CREATE TABLE other_program (x)")
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM other_program").fetchall()  # a read lock until COMMIT
+    store = SQLiteStore(db_path, timeout=0.2)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.open(), timeout=5)
+        assert not store.is_open
+        assert pragma(db_path, "journal_mode") == "delete"
+    finally:
+        reader.close()
+        await store.close()
+
+    async with store:  # the file to itself now
+        assert pragma(db_path, "journal_mode") == "wal"
 
 
 # -- the read path ----------------------------------------------------------------------
@@ -999,14 +1066,23 @@ async def test_a_commit_elsewhere_right_after_the_stores_write_empties_the_cache
             store._wal_index = header
 
 
-async def test_the_cache_is_emptied_on_close(db_path: Path) -> None:
+@pytest.mark.parametrize("check", [WAL_INDEX, DATA_VERSION])
+async def test_the_cache_is_emptied_on_close(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, check: str
+) -> None:
     """data_version numbers belong to one connection: a reopened store's new reader may
     count from the same number as the old one did, while the file changed in between.
     The WAL-index header is no such number, but the cache is emptied all the same."""
+    if check == DATA_VERSION:
+        # As where /proc/self/maps is missing, for both opens of the store.
+        monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
+    elif sys.platform != "linux":
+        pytest.skip(ON_LINUX_ONLY)
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     store = SQLiteStore(db_path)
     async with store:
+        assert (store._wal_index is None) == (check == DATA_VERSION)
         await store.create(record, max_sessions=10, now=t0)
         assert await store.get(record.token_digest, now=t0) == record
     async with SQLiteStore(db_path) as other:
@@ -1589,7 +1665,10 @@ def writer_thread_held(store: SQLiteStore) -> Iterator[None]:
         release.set()
 
 
-@pytest.mark.parametrize("inline_rows", [32, 2])
+# The limit against the user's 3 sessions, all counted (the kept one too).
+@pytest.mark.parametrize(
+    "inline_rows", [32, 3, 2], ids=["more than they have", "as many as they have", "fewer"]
+)
 async def test_logging_a_user_out_everywhere_runs_on_the_loop_unless_they_have_many_sessions(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, inline_rows: int
 ) -> None:
@@ -1797,29 +1876,35 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
 ) -> None:
     """The checkpoint's copy fsyncs everything the WAL took since the last one; requests
     keep writing on the event loop meanwhile. Should the copy take as long as writing
-    CHECKPOINT_PAGES more pages, writes queue behind it, so the WAL stays bounded.
+    CHECKPOINT_PAGES more pages, writes queue behind it, so the WAL stays bounded: at
+    twice CHECKPOINT_PAGES.
     """
     t0, record = await one_session(impatient_store)
+    wal_index = wal_of(impatient_store)
     recording = RecordingWrites(impatient_store._loop_db)
     impatient_store._loop_db = cast(sqlite3.Connection, recording)
     try:
         with counting_finishes(monkeypatch) as taken:
             with writer_thread_held(impatient_store):
-                async with asyncio.timeout(5):  # a write waiting for the thread would hang
-                    writes = 0
-                    while not impatient_store._writer.checkpoints.overdue():
-                        update = data_write(writes)
-                        assert await impatient_store.update(record.id, update, now=t0)
-                        writes += 1
+                # Each write a task, as a request's: one on the loop is done once the loop
+                # has turned, and the first that is not waits for the thread.
+                writes = 0
+                while writes < 5 * CHECKPOINT_PAGES:
+                    waiting = asyncio.create_task(
+                        impatient_store.update(record.id, data_write(writes), now=t0)
+                    )
+                    await asyncio.sleep(0)
+                    if not waiting.done():
+                        break
+                    assert waiting.result()
+                    writes += 1
                 copying = impatient_store._writer._copying
                 assert copying is not None
                 assert not copying.done()  # queued behind what holds the thread
                 assert recording.writes.count("COMMIT") == writes  # every write on the loop
                 assert writes > CHECKPOINT_PAGES  # well past where the copy began
+                assert wal_index.frames() <= 2 * CHECKPOINT_PAGES + 10  # where waiting began
 
-                waiting = asyncio.create_task(
-                    impatient_store.update(record.id, data_write(-1), now=t0)
-                )
                 await asyncio.sleep(0.05)
                 assert not waiting.done()  # overdue: behind the copy, on the thread
             assert await waiting
@@ -1827,7 +1912,6 @@ async def test_writes_go_on_while_the_checkpoint_copies_and_wait_only_when_overd
             assert len(taken) == 1  # it finished the checkpoint
     finally:
         impatient_store._loop_db = recording.db
-    wal_index = wal_of(impatient_store)
     assert wal_index.frames() < 5  # and started the WAL over
 
 
@@ -1934,6 +2018,22 @@ async def test_without_the_wal_index_header_the_loop_never_starts_the_wal_over(
             await asyncio.sleep(0.05)  # a quiet moment, as between requests
             assert await store.update(record.id, data_write(-1), now=t0)
     assert counting.restarts == 0
+
+
+async def test_without_the_header_a_checkpoint_comes_once_every_so_many_writes(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the WAL's length cannot be read, a checkpoint comes every CHECKPOINT_EVERY
+    writes, counted afresh after each: counted on, every write after the first
+    CHECKPOINT_EVERY would take a checkpoint of its own, and its fsync, on the writer thread.
+    """
+    monkeypatch.setattr(WalIndexHeader, "find", classmethod(lambda cls, path: None))
+    async with SQLiteStore(db_path, timeout=0.2) as store:
+        t0, record = await one_session(store)
+        with counting_finishes(monkeypatch) as taken:
+            for i in range(3 * CHECKPOINT_EVERY + 10):
+                assert await store.update(record.id, data_write(i), now=t0)
+    assert len(taken) == 3  # 3 * CHECKPOINT_EVERY + 10 writes after the login
 
 
 @linux_only
@@ -2159,6 +2259,34 @@ async def test_a_copy_does_not_wait_long_for_a_write_lock_held_elsewhere(
         assert store._writer.finish_due()
 
 
+@linux_only
+async def test_after_the_copy_started_the_wal_over_writes_wait_the_stores_timeout_for_a_lock(
+    db_path: Path,
+) -> None:
+    """The copy waits only RESTART_WAIT_MS for the write lock on the writer thread's
+    connection; afterwards that connection must wait the store's timeout again, or a write
+    meeting another process's lock there would fail after 20 ms.
+    """
+    async with SQLiteStore(db_path, timeout=5.0) as store:
+        t0, record = await one_session(store)
+        wal_index = wal_of(store)
+        with writer_thread_held(store):  # the copy waits until the generation is read
+            await write_until_a_copy_begins(store, record.id)
+            generation = wal_index.generation()
+        copy_done(store)
+        assert wal_index.generation() != generation  # the copy started the WAL over
+
+        with write_lock(db_path) as other:
+            writing = asyncio.create_task(store.update(record.id, data_write(-1), now=t0))
+            await asyncio.sleep(0.3)
+            assert not writing.done()  # still waiting for the lock on the writer thread
+            other.execute("ROLLBACK")
+            assert await asyncio.wait_for(writing, timeout=10)
+        got = await store.get(record.token_digest, now=t0)
+        assert got is not None
+        assert got.data["i"] == -1
+
+
 async def test_without_the_header_a_finish_whose_write_changed_nothing_still_starts_the_wal_over(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2191,6 +2319,49 @@ async def test_a_checkpoint_held_back_by_a_reader_is_not_retried_on_every_write(
         wal_index = wal_of(impatient_store)
         assert wal_index.frames() > 2 * CHECKPOINT_PAGES  # the WAL never restarted
         assert len(taken) == 2
+
+
+class CheckpointsFail(WrappedConnection):
+    """The writer thread's connection, whose checkpoints fail (as on a disk I/O error)."""
+
+    failures = 0
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            self.failures += 1
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = sqlite3.SQLITE_IOERR
+            raise exc
+        return self.db.execute(sql, params)
+
+
+async def test_checkpoints_that_fail_let_the_wal_grow_and_fail_no_write(
+    caching_store: SQLiteStore, db_path: Path
+) -> None:
+    """A checkpoint only keeps the WAL short: one that fails leaves it to grow until the
+    next, and the request whose write it ran before (its finish) still succeeds.
+    """
+    store = caching_store
+    t0, record = await one_session(store)
+    # Enough for two checkpoints, by pages or, without the header, by writes.
+    threshold = CHECKPOINT_PAGES if store._wal_index is not None else CHECKPOINT_EVERY
+    writes = 2 * threshold + 10
+    failing = CheckpointsFail(store._writer._db)
+    store._writer._db = cast(sqlite3.Connection, failing)
+    try:
+        for i in range(writes):
+            assert await store.update(record.id, data_write(i), now=t0)
+            copying = store._writer._copying
+            if copying is not None:  # done before the next write, which may finish it
+                concurrent.futures.wait([copying])
+    finally:
+        store._writer._db = failing.db
+
+    assert failing.failures >= 2
+    assert wal_size(db_path) > writes * pragma(db_path, "page_size")  # a page for each write
+    got = await store.get(record.token_digest, now=t0)
+    assert got is not None
+    assert got.data["i"] == writes - 1
 
 
 async def test_the_writer_thread_checkpoints_every_so_many_pages(
@@ -2550,6 +2721,8 @@ async def test_damaged_pages_give_store_unavailable(db_path: Path) -> None:
             await store.list_for_user("user1", now=t0)
         with pytest.raises(StoreUnavailable):
             await store.create(make_record(now=t0), max_sessions=10, now=t0)
+        with pytest.raises(StoreUnavailable):  # on a thread and connection of its own
+            await store.stats(now=t0)
 
 
 @pytest.mark.parametrize("where", ["directory", "missing_parent"])
@@ -2573,3 +2746,29 @@ async def test_unopenable_path_gives_store_unavailable(
     assert not store.is_open
     # The operator learns why, not only the error's type.
     assert "OperationalError: unable to open database file" in caplog.text
+
+
+async def test_an_event_loop_connection_that_cannot_open_gives_store_unavailable(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread's connection opened and the event loop's did not (out of file
+    descriptors, say): open() fails as any store failure does, and leaves the store
+    closed, its writer thread's connection closed again.
+    """
+
+    def unable_to_open(path: str) -> Any:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite_module, "_connect_loop_db", unable_to_open)
+    store = SQLiteStore(db_path)
+
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.open()
+
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    assert not store.is_open
+    assert store._writer._db is None
+    monkeypatch.undo()
+    async with store:  # opens once the connection does
+        t0, record = await one_session(store)
+        assert await store.get(record.token_digest, now=t0) == record
