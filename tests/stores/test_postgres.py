@@ -23,7 +23,7 @@ import pytest
 
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
-from authsessions.stores import PostgresStore, Store, open_store
+from authsessions.stores import PostgresStore, Store, _postgres_pool, open_store
 from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
 from authsessions.stores.postgres import MIGRATIONS, SCHEMA_VERSION
 from tests.stores.records import (
@@ -306,7 +306,8 @@ async def test_an_exhausted_pool_gives_store_unavailable_within_the_timeout(
     async with pool.acquire():
         started = time.monotonic()
         with pytest.raises(StoreUnavailable) as raised:
-            await store.get(make_record(now=t0).token_digest, now=t0)
+            # Bounded: a store that waited for the pool for ever would hang the test.
+            await asyncio.wait_for(store.get(make_record(now=t0).token_digest, now=t0), 10)
         assert time.monotonic() - started < 5
     assert isinstance(raised.value.__cause__, TimeoutError)
 
@@ -332,6 +333,32 @@ async def test_an_apps_pool_gets_its_connection_back_after_every_call(
             assert await connection.fetchval("SELECT 1") == 1
         # The app may even close its pool first, without waiting for the store.
         await asyncio.wait_for(pool.close(), timeout=5)
+
+
+async def test_an_apps_pool_without_a_command_timeout_gets_the_stores(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """An app's pool made without ``command_timeout`` must not make the store's calls wait
+    for ever: the store's own timeout applies to its reads and its writes alike."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=2)
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        store = PostgresStore(pool=pool, schema=postgres_schema, command_timeout=0.5)
+        async with store:
+            await store.create(record, max_sessions=10, now=t0)
+            async with table_locked(admin, postgres_schema):
+                for call in (
+                    lambda: store.get(record.token_digest, now=t0),
+                    lambda: store.delete_for_user("alice"),
+                ):
+                    # Without the store's timeout the call waits for the lock: wait_for's
+                    # TimeoutError, not StoreUnavailable.
+                    with pytest.raises(StoreUnavailable):
+                        await asyncio.wait_for(call(), 10)
+            assert await store.get(record.token_digest, now=t0) == record
+    finally:
+        pool.terminate()
 
 
 async def test_an_exhausted_own_pool_gives_store_unavailable_within_the_timeout(
@@ -376,6 +403,52 @@ async def test_a_call_waiting_for_the_pool_gets_the_connection_a_finished_call_f
         started = time.monotonic()
         assert list(await asyncio.gather(first, second)) == [record, record]
         assert time.monotonic() - started < 1
+
+
+async def test_connections_idle_for_long_go_back_to_the_pool(
+    postgres_url: str, postgres_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once traffic drops, the free list shrinks: its oldest connection goes back to the
+    pool (which closes it in time) instead of being held for ever."""
+    # Half a minute in the store; a fifth of a second here, or the test would wait for it.
+    monkeypatch.setattr(_postgres_pool, "IDLE_SECONDS", 0.2)
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema, min_size=0, max_size=3) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        connections = await idle_connections(store, 3)
+        await asyncio.sleep(0.3)  # longer than IDLE_SECONDS: every one of them idle for long
+
+        assert await store.get(record.token_digest, now=t0) == record
+
+        # The read took the newest and put it back; the oldest went to the pool.
+        assert len(connections._idle) == 2
+
+
+async def test_one_call_in_return_every_gives_its_connection_to_the_pool(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Every RETURN_EVERY calls a connection goes back to the pool, so that the pool's own
+    housekeeping still reaches connections the store would otherwise keep for ever: here,
+    a connection the pool was told to expire is closed once it comes back."""
+    dsn, name = named_dsn(postgres_url)
+    t0 = start_time()
+    record = make_record(now=t0)
+    backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
+    async with PostgresStore(dsn, schema=postgres_schema, min_size=1, max_size=1) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        (pid,) = await admin.fetchval(backends, name)
+        assert store._pool is not None
+        await store._pool.expire_connections()  # the pool closes it when it gets it back
+
+        for _ in range(_postgres_pool.RETURN_EVERY):
+            assert await store.get(record.token_digest, now=t0) == record
+
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+        async with asyncio.timeout(10):  # the server notices the close shortly
+            while await admin.fetchval(alive, pid):  # noqa: ASYNC110 - no event to wait for
+                await asyncio.sleep(0.05)
+        assert await store.get(record.token_digest, now=t0) == record
 
 
 async def test_a_read_that_times_out_or_is_cancelled_hands_back_its_idle_connection(
@@ -496,23 +569,41 @@ async def test_an_unreachable_server_gives_store_unavailable_at_open() -> None:
     assert not store.is_open
 
 
+@pytest.mark.parametrize("pool", ["own", "apps"])
 async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
-    postgres_url: str, postgres_schema: str, proxy: TcpProxy
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy, pool: str
 ) -> None:
-    """A server that stops answering (a network partition) must not hang requests."""
+    """A server that stops answering (a network partition) must not hang requests, on an
+    app's pool (made without timeouts of its own) too: releasing the connection after the
+    failed call is bounded by the store's timeout as well."""
     t0 = start_time()
     record = make_record(now=t0)
-    async with impatient_store_through(proxy, postgres_url, postgres_schema) as store:
-        await store.create(record, max_sessions=10, now=t0)
-        proxy.stall()
+    apps_pool = None
+    if pool == "own":
+        store = impatient_store_through(proxy, postgres_url, postgres_schema)
+    else:
+        user = urlsplit(postgres_url).username or "postgres"
+        dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+        apps_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        store = PostgresStore(
+            pool=apps_pool, schema=postgres_schema, command_timeout=0.5, acquire_timeout=1.0
+        )
+    try:
+        async with store:
+            await store.create(record, max_sessions=10, now=t0)
+            proxy.stall()
 
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await store.get(record.token_digest, now=t0)
-        assert time.monotonic() - started < 5
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(store.get(record.token_digest, now=t0), 10)
+            assert time.monotonic() - started < 5
 
+            proxy.unstall()
+            assert await store.get(record.token_digest, now=t0) == record
+    finally:
         proxy.unstall()
-        assert await store.get(record.token_digest, now=t0) == record
+        if apps_pool is not None:
+            apps_pool.terminate()
 
 
 async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(
@@ -659,6 +750,26 @@ async def test_creates_from_several_pools_respect_the_limit(
     await asyncio.gather(*(store.close() for store in stores))
 
 
+async def test_a_cleanup_skips_the_sessions_another_cleanup_holds(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Processes clean up at the same time: one must delete what the others do not hold
+    rather than wait for their rows (or time out on them), and leave those for later."""
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user{i}", ttl=10) for i in range(4)]
+    async with PostgresStore(postgres_url, schema=postgres_schema, command_timeout=5) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+        table = f'"{postgres_schema}".authsessions_session'
+        hold = f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE"  # noqa: S608
+        async with admin.transaction():  # another cleanup, holding one of the rows
+            await admin.execute(hold, records[0].id)
+
+            assert await asyncio.wait_for(store.delete_expired(now=t0 + 20), 10) == 3
+
+        assert await store.delete_expired(now=t0 + 20) == 1
+
+
 # -- without the driver -----------------------------------------------------------------------
 
 
@@ -706,11 +817,21 @@ async def idle_connections(store: PostgresStore, count: int) -> HeldConnections:
     return connections
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError("reset by peer"),
+        # SQLSTATE 57P01: the server ending the session (a restart), not refusing a statement.
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    ],
+    ids=["connection-reset", "server-shutdown"],
+)
 async def test_a_lost_connection_takes_the_idle_ones_with_it(
-    postgres_url: str, postgres_schema: str
+    postgres_url: str, postgres_schema: str, error: BaseException
 ) -> None:
-    """A socket that failed most likely failed with its siblings (a network cut): the next
-    calls must get new connections, not fail one by one on the old ones.
+    """A socket that failed, or a session the server ended, most likely went with its
+    siblings (a network cut, a restart): the next calls must get new connections, not fail
+    one by one on the old ones.
     """
     t0 = start_time()
     record = make_record(now=t0)
@@ -720,11 +841,37 @@ async def test_a_lost_connection_takes_the_idle_ones_with_it(
         siblings = [_unwrapped(proxy) for proxy, _ in connections._idle]
         failed = await connections.take()
 
-        await connections.drop(failed, ConnectionResetError("reset by peer"))
+        await connections.drop(failed, error)
 
         assert not connections._idle
         assert all(connection is None or connection.is_closed() for connection in siblings)
         assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_a_lost_connection_expires_the_pools_idle_ones_too(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Not only the store's free list: the connections idle in the pool itself failed with
+    the lost one just as likely, and the pool must replace them before handing them out."""
+    dsn, name = named_dsn(postgres_url)
+    t0 = start_time()
+    async with PostgresStore(dsn, schema=postgres_schema, min_size=3, max_size=3) as store:
+        connections = store._connections
+        assert isinstance(connections, HeldConnections)
+        backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
+        pids = await admin.fetchval(backends, name)
+        assert len(pids) == 3
+        assert not connections._idle  # all three sit in the pool itself
+        failed = await connections.take()
+
+        await connections.drop(failed, ConnectionResetError("reset by peer"))
+        await asyncio.gather(*(store.get(new_digest(), now=t0) for _ in range(3)))
+
+        # The pool closes each expired one as it hands it out; the server notices shortly.
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1)"
+        async with asyncio.timeout(10):
+            while await admin.fetchval(alive, pids):  # noqa: ASYNC110 - no event to wait for
+                await asyncio.sleep(0.05)
 
 
 async def test_a_refused_statement_leaves_the_idle_connections_alone(

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 import authsessions.stores.redis
 from authsessions import SessionManager, StoreUnavailable
 from authsessions._records import SessionRecord, StoreStats
-from authsessions.stores import DataTooLarge, RedisStore, open_store
+from authsessions.stores import CreateError, DataTooLarge, RedisStore, open_store
 from authsessions.stores._redis_scripts import DELETE_EXPIRED, LUA_HELPERS
 from tests.stores.records import (
     check_kept_after_racing_creates,
@@ -104,6 +104,14 @@ async def test_every_key_expires_with_its_session(setup: Setup) -> None:
     for name in ("session", "digest", "id"):
         assert 0 < await setup.raw.pttl(keys[name]) <= 9_000, name
     assert sorted(await setup.all_keys()) == sorted(keys.values())
+
+
+def test_a_keys_ttl_never_ends_before_its_session() -> None:
+    """Key TTLs are whole milliseconds, rounded up: a key rounded down would vanish (and
+    its session with it) up to a millisecond before the session's expiry."""
+    now = 1_700_000_000.0
+    assert authsessions.stores.redis._ttl_ms(now + 1.5015, now) == 1502
+    assert authsessions.stores.redis._ttl_ms(now + 0.0015, now) == 2
 
 
 async def test_the_users_index_lives_as_long_as_the_longest_session(setup: Setup) -> None:
@@ -205,6 +213,34 @@ async def test_the_index_never_lists_a_session_redis_dropped(setup: Setup) -> No
     assert await setup.raw.zrange(dropped["index"], 0, -1) == [records[1].id, records[2].id]
     assert await setup.store.get(records[0].token_digest, now=t0) is None
     assert await setup.store.update(records[0].id, make_update(now=t0 + 3), now=t0 + 3) is False
+
+
+@pytest.mark.parametrize("operation", ["delete", "delete_for_user", "create"])
+async def test_scripts_that_meet_a_session_redis_dropped_drop_its_index_entry(
+    setup: Setup, operation: str
+) -> None:
+    """Each script that reads a user's sessions tidies the index of those already gone,
+    instead of leaving the entry for a cleanup that may not run for a long time."""
+    t0 = start_time()
+    gone, kept = make_record(now=t0), make_record(now=t0)
+    for record in (gone, kept):
+        await setup.store.create(record, max_sessions=10, now=t0)
+    index = setup.keys(kept)["index"]
+    # As if Redis had expired it: the hash and its pointers share one TTL.
+    for name in ("session", "digest", "id"):
+        await setup.raw.delete(setup.keys(gone)[name])
+
+    left = [kept.id]
+    if operation == "delete":
+        assert await setup.store.delete(gone.id, user_id="alice") is False
+    elif operation == "delete_for_user":
+        assert await setup.store.delete_for_user("alice", except_id=kept.id) == 0
+    else:
+        new = make_record(now=t0)
+        await setup.store.create(new, max_sessions=10, now=t0)
+        left.append(new.id)
+
+    assert sorted(await setup.raw.zrange(index, 0, -1)) == sorted(left)
 
 
 async def test_delete_expired_sweeps_indexes_of_sessions_redis_dropped(setup: Setup) -> None:
@@ -344,6 +380,31 @@ async def test_a_refused_rotation_leaves_no_pointer_behind(setup: Setup) -> None
     assert await setup.other.get(record.token_digest, now=t0 + 1) == record
 
 
+@pytest.mark.parametrize("id_pointer_lost", [False, True], ids=["id-taken", "id-pointer-lost"])
+async def test_a_refused_create_leaves_no_pointer_behind(
+    setup: Setup, id_pointer_lost: bool
+) -> None:
+    """In a cluster a new session's pointers are claimed before its script; a create refused
+    for a taken id removes those it claimed, whether the claim itself failed or (the id's
+    pointer gone before its session) the script refused."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    keys = setup.keys(record)
+    if id_pointer_lost:
+        await setup.raw.delete(keys["id"])
+    clash = make_record(now=t0)
+    clash.id = record.id
+
+    with pytest.raises(CreateError):
+        await setup.store.create(clash, max_sessions=10, now=t0)
+
+    left = {name: key for name, key in keys.items() if not (id_pointer_lost and name == "id")}
+    assert sorted(await setup.all_keys()) == sorted(left.values())
+    assert await setup.other.get(clash.token_digest, now=t0) is None
+    assert await setup.other.get(record.token_digest, now=t0) == record
+
+
 # -- stats ----------------------------------------------------------------------------------------
 
 
@@ -367,6 +428,31 @@ async def test_stats_scan_only_this_prefix_in_batches(
     stats = await setup.other.stats(now=t0)
 
     assert stats == StoreStats(11, 10, {"desktop": 5, "mobile": 6}, 0)
+
+
+async def test_stats_count_a_key_scan_returns_twice_once(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCAN may return a key twice (the keyspace rehashed meanwhile). A real rehash cannot be
+    brought about on cue, so the client's scan_iter is made to repeat every key."""
+    t0 = start_time()
+    for record in (make_record(now=t0), make_record(now=t0, user_id="bob")):
+        await setup.store.create(record, max_sessions=10, now=t0)
+    client = setup.store._client
+    assert client is not None
+    scan_iter = client.scan_iter
+
+    def every_key_twice(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async def keys() -> AsyncIterator[Any]:
+            async for key in scan_iter(*args, **kwargs):
+                yield key
+                yield key
+
+        return keys()
+
+    monkeypatch.setattr(client, "scan_iter", every_key_twice)
+
+    assert await setup.store.stats(now=t0) == StoreStats(2, 2, {"desktop": 2}, 0)
 
 
 async def test_stats_report_no_expired_sessions(setup: Setup) -> None:
@@ -837,6 +923,46 @@ async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(
 
         for _ in range(3):
             assert await store.get(second.token_digest, now=t0) == second
+
+
+async def test_a_read_finishing_after_close_gives_its_connection_back(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    """A read still waiting on a kept connection when the store closes must hand it to the
+    pool when it ends, not keep it on a shelf nobody empties: the app's client would be a
+    connection short for good."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    # A cap of 8 keeps exactly one connection for reads.
+    client = Redis.from_url(
+        f"redis://127.0.0.1:{proxy.port}/0", decode_responses=True, max_connections=8
+    )
+    try:
+        store = RedisStore(client=client, prefix=redis_prefix)
+        await store.open()
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record  # kept afterwards
+        reads = store._reads
+        assert reads is not None
+        assert len(reads._idle) == 1
+        proxy.stall()
+        reading = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+        while reads._idle:  # noqa: ASYNC110 - no event to wait for: the read takes it
+            await asyncio.sleep(0)
+
+        await store.close()
+        proxy.unstall()
+        assert await asyncio.wait_for(reading, 10) == record
+
+        # Every connection is free again: as many blocking commands as the cap allows.
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(client.blpop([redis_prefix + "nothing"], timeout=0.01) for _ in range(8))
+            ),
+            10,
+        )
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("max_connections", [1, 8, 32])
