@@ -8,7 +8,9 @@ proves every store for real.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -29,3 +31,19 @@ def require_port(name: str, host: str, port: int) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason}, and AUTHSESSIONS_REQUIRE_SERVICES is set")
     pytest.skip(reason)
+
+
+def with_netloc(url: str, netloc: str, query: str = "") -> str:
+    return urlunsplit(urlsplit(url)._replace(netloc=netloc, query=query))
+
+
+def named_dsn(postgres_url: str) -> tuple[str, str]:
+    """``postgres_url`` with an ``application_name`` of its own, and that name: what the
+    server lists of one store's connections, on a server other tests share."""
+    name = f"authsessions_{secrets.token_hex(4)}"
+    return with_netloc(
+        postgres_url, urlsplit(postgres_url).netloc, f"application_name={name}"
+    ), name
+
+
+CONNECTIONS_NAMED = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from authsessions.stores import PostgresStore, RedisStore, SQLiteStore, Store
 from tests.apps.session_app import CHROME_MAC, build_app
-from tests.stores.test_postgres import CONNECTIONS_NAMED, named_dsn
+from tests.services import CONNECTIONS_NAMED, named_dsn
 
 StoreMaker = Callable[[], Store]
 

@@ -26,6 +26,7 @@ from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, _postgres_pool, open_store
 from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
 from authsessions.stores.postgres import MIGRATIONS, SCHEMA_VERSION
+from tests.services import CONNECTIONS_NAMED, named_dsn, with_netloc
 from tests.stores.records import (
     check_kept_after_racing_creates,
     make_record,
@@ -35,10 +36,6 @@ from tests.stores.records import (
     typed,
 )
 from tests.tcp_proxy import TcpProxy, refusing_port
-
-
-def with_netloc(url: str, netloc: str, query: str = "") -> str:
-    return urlunsplit(urlsplit(url)._replace(netloc=netloc, query=query))
 
 
 @pytest.fixture
@@ -72,15 +69,16 @@ def impatient_store_through(
     )
 
 
-def named_dsn(postgres_url: str) -> tuple[str, str]:
-    """``postgres_url`` with an ``application_name`` of its own, and that name."""
-    name = f"authsessions_{secrets.token_hex(4)}"
-    return with_netloc(
-        postgres_url, urlsplit(postgres_url).netloc, f"application_name={name}"
-    ), name
+BACKENDS_NAMED = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
 
 
-CONNECTIONS_NAMED = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+async def until_gone(admin: asyncpg.Connection[asyncpg.Record], pids: list[int]) -> None:
+    """Until the server has let go of the connections of ``pids`` (it notices a close
+    shortly; at most 10 s)."""
+    alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1)"
+    async with asyncio.timeout(10):
+        while await admin.fetchval(alive, pids):  # noqa: ASYNC110 - no event to wait for
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -434,20 +432,16 @@ async def test_one_call_in_return_every_gives_its_connection_to_the_pool(
     dsn, name = named_dsn(postgres_url)
     t0 = start_time()
     record = make_record(now=t0)
-    backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
     async with PostgresStore(dsn, schema=postgres_schema, min_size=1, max_size=1) as store:
         await store.create(record, max_sessions=10, now=t0)
-        (pid,) = await admin.fetchval(backends, name)
+        (pid,) = await admin.fetchval(BACKENDS_NAMED, name)
         assert store._pool is not None
         await store._pool.expire_connections()  # the pool closes it when it gets it back
 
         for _ in range(_postgres_pool.RETURN_EVERY):
             assert await store.get(record.token_digest, now=t0) == record
 
-        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
-        async with asyncio.timeout(10):  # the server notices the close shortly
-            while await admin.fetchval(alive, pid):  # noqa: ASYNC110 - no event to wait for
-                await asyncio.sleep(0.05)
+        await until_gone(admin, [pid])
         assert await store.get(record.token_digest, now=t0) == record
 
 
@@ -659,8 +653,7 @@ async def test_connections_broken_while_idle_are_replaced(
         # Calls at once leave three connections idle (in the store, or in its pool).
         found = await asyncio.gather(*(store.get(record.token_digest, now=t0) for _ in range(3)))
         assert found == [record] * 3
-        backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
-        pids = await admin.fetchval(backends, name)
+        pids = await admin.fetchval(BACKENDS_NAMED, name)
         assert len(pids) == 3
 
         if cause == "network":
@@ -858,8 +851,7 @@ async def test_a_lost_connection_expires_the_pools_idle_ones_too(
     async with PostgresStore(dsn, schema=postgres_schema, min_size=3, max_size=3) as store:
         connections = store._connections
         assert isinstance(connections, HeldConnections)
-        backends = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
-        pids = await admin.fetchval(backends, name)
+        pids = await admin.fetchval(BACKENDS_NAMED, name)
         assert len(pids) == 3
         assert not connections._idle  # all three sit in the pool itself
         failed = await connections.take()
@@ -867,11 +859,7 @@ async def test_a_lost_connection_expires_the_pools_idle_ones_too(
         await connections.drop(failed, ConnectionResetError("reset by peer"))
         await asyncio.gather(*(store.get(new_digest(), now=t0) for _ in range(3)))
 
-        # The pool closes each expired one as it hands it out; the server notices shortly.
-        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1)"
-        async with asyncio.timeout(10):
-            while await admin.fetchval(alive, pids):  # noqa: ASYNC110 - no event to wait for
-                await asyncio.sleep(0.05)
+        await until_gone(admin, pids)  # the pool closes each expired one as it hands it out
 
 
 async def test_a_refused_statement_leaves_the_idle_connections_alone(
