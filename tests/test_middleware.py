@@ -1023,6 +1023,22 @@ class ClientLeft(Exception):
     """How some framework might tell its handler that the client went away."""
 
 
+def behind_the_middleware(app: Any, store: MemoryStore) -> tuple[TestClient, dict[str, str], str]:
+    """A test client of the bare socket ``app`` behind the middleware (no lifespan: the app
+    serves sockets alone), and the headers and token of a signed-in browser (a session
+    planted in ``store``, holding ``{"theme": "dark"}``).
+    """
+
+    async def plant() -> str:
+        token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+        return token
+
+    token = asyncio.run(plant())
+    headers = {**cookie_header(token), "user-agent": CHROME_MAC}
+    client = TestClient(SessionMiddleware(app, store=store), base_url="https://testserver")
+    return client, headers, token
+
+
 def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_client_left() -> None:
     """Starlette raises its WebSocketDisconnect, Litestar its own, others theirs: what
     tells the client left is the ASGI disconnect message the app received.
@@ -1037,15 +1053,7 @@ def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_clien
         assert (await receive())["type"] == "websocket.disconnect"
         raise ClientLeft
 
-    async def plant() -> str:
-        token, _ = await plant_session(store, "alice")
-        return token
-
-    token = asyncio.run(plant())
-    client = TestClient(
-        SessionMiddleware(bare_socket_app, store=store), base_url="https://testserver"
-    )
-    headers = {**cookie_header(token), "user-agent": CHROME_MAC}
+    client, headers, _ = behind_the_middleware(bare_socket_app, store)
 
     def send_then_leave() -> None:
         with client.websocket_connect("/", headers=headers) as ws:
@@ -1056,22 +1064,6 @@ def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_clien
 
     [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
     assert session.data == {"theme": "solarized"}
-
-
-def behind_the_middleware(
-    app: Any, store: MemoryStore
-) -> tuple[SessionMiddleware, dict[str, str], str]:
-    """``app`` behind the middleware, and the headers and token of a signed-in browser
-    (a session planted in ``store``, holding ``{"theme": "dark"}``).
-    """
-
-    async def plant() -> str:
-        token, _ = await plant_session(store, "alice", data={"theme": "dark"})
-        return token
-
-    token = asyncio.run(plant())
-    headers = {**cookie_header(token), "user-agent": CHROME_MAC}
-    return SessionMiddleware(app, store=store), headers, token
 
 
 def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:
@@ -1089,8 +1081,7 @@ def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:
             refusals.append(str(exc))
         await send({"type": "websocket.close", "code": 1000})
 
-    app, headers, token = behind_the_middleware(rotating_socket_app, store)
-    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    client, headers, token = behind_the_middleware(rotating_socket_app, store)
     with client.websocket_connect("/", headers=headers):
         pass
     [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
@@ -1114,8 +1105,7 @@ def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing() ->
         session.set("theme", "half-done")
         raise ValueError("a bug in the handler")
 
-    app, headers, _ = behind_the_middleware(failing_socket_app, store)
-    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    client, headers, _ = behind_the_middleware(failing_socket_app, store)
     with (
         pytest.raises(ValueError, match="a bug in the handler"),
         client.websocket_connect("/", headers=headers),
@@ -1137,8 +1127,7 @@ def test_a_websocket_closed_for_a_session_error_gets_a_reason_a_close_frame_can_
         await receive()  # websocket.connect
         raise Unauthorized(message)
 
-    app, headers, _ = behind_the_middleware(refusing_socket_app, store)
-    client = TestClient(app, base_url="https://testserver")  # no lifespan: a bare socket app
+    client, headers, _ = behind_the_middleware(refusing_socket_app, store)
     with (
         pytest.raises(WebSocketDisconnect) as closed,
         client.websocket_connect("/", headers=headers),
