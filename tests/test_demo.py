@@ -454,14 +454,25 @@ async def test_devices_page_lists_both_clients(
     assert page.count(">Revoke</button>") == 1  # on the other device only
 
 
+async def listed_device_id(client: httpx.AsyncClient, *, current: bool) -> str:
+    """The session id /devices shows for this device, or for the one other device."""
+    page = (await client.get("/devices")).text
+    kind = "device current" if current else "device"
+    (session_id,) = re.findall(rf'<li class="{kind}" data-session-id="([^"]+)"', page)
+    return str(session_id)
+
+
+async def revoke(client: httpx.AsyncClient, session_id: str) -> httpx.Response:
+    return await post_form(client, "/devices", "/devices/revoke", session_id=session_id)
+
+
 async def test_revoking_this_devices_own_session_signs_it_out(
     desktop: httpx.AsyncClient,
 ) -> None:
     # The page has no button for it, but the id is on the page and a post may name it.
     await sign_up(desktop)
-    page = (await desktop.get("/devices")).text
-    (own_id,) = re.findall(r'<li class="device current" data-session-id="([^"]+)"', page)
-    response = await post_form(desktop, "/devices", "/devices/revoke", session_id=own_id)
+    own_id = await listed_device_id(desktop, current=True)
+    response = await revoke(desktop, own_id)
     assert response.headers["location"] == "/signin?notice=signed-out"
     assert (await desktop.get("/profile")).headers["location"] == "/signin"
 
@@ -471,13 +482,12 @@ async def test_revoke_signs_the_other_device_out(
 ) -> None:
     await sign_up(desktop)
     await sign_in(phone)
-    page = (await desktop.get("/devices")).text
-    (phone_id,) = re.findall(r'<li class="device" data-session-id="([^"]+)"', page)
-    response = await post_form(desktop, "/devices", "/devices/revoke", session_id=phone_id)
+    phone_id = await listed_device_id(desktop, current=False)
+    response = await revoke(desktop, phone_id)
     assert response.headers["location"] == "/devices?notice=revoked"
     assert (await phone.get("/profile")).headers["location"] == "/signin"
     assert (await desktop.get("/profile")).status_code == 200
-    again = await post_form(desktop, "/devices", "/devices/revoke", session_id=phone_id)
+    again = await revoke(desktop, phone_id)
     assert again.headers["location"] == "/devices?notice=already-ended"
 
 
