@@ -602,6 +602,33 @@ async def test_session_data_error_renders_as_500_json_and_saves_nothing(
     assert (await only_session(sqlite_store)).data == {}
 
 
+@pytest.mark.parametrize("session_id", [None, 5, b"AAAAAAAAAAAAAAAAAAAAAA"])
+async def test_revoke_refuses_a_session_id_that_is_not_a_string(
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    session_id: object,
+) -> None:
+    """A TypeError, as SessionManager.revoke gives: a caller's bug, not a 404 for the user."""
+    refused: list[str] = []
+
+    async def revoke_with(request: Request) -> Response:
+        try:
+            await Session.from_request(request).revoke(session_id)  # type: ignore[arg-type]
+        except TypeError as exc:
+            refused.append(str(exc))
+        return JSONResponse({})
+
+    token, kept = await plant_session(sqlite_store, "alice")
+    app = app_factory(sqlite_store, extra_routes=[Route("/revoke", revoke_with, methods=["POST"])])
+    client = client_factory(app)
+
+    assert (await client.post("/revoke", headers=cookie_header(token))).status_code == 200
+
+    assert refused == [f"session_id must be a session id (str), got {type(session_id).__name__}."]
+    assert [s.id for s in await SessionManager(sqlite_store).list_for_user("alice")] == [kept.id]
+
+
 async def test_from_request_without_middleware_names_session_middleware(
     client_factory: ClientFactory,
 ) -> None:

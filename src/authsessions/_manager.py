@@ -9,7 +9,7 @@ from collections.abc import Callable
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
 from authsessions._records import SessionData, check_user_id, within_absolute_ttl
-from authsessions._tokens import is_well_formed_session_id
+from authsessions._tokens import is_well_formed_session_id, require_session_id_type
 from authsessions.stores._base import Store, require_count
 
 __all__ = ["SessionManager"]
@@ -68,10 +68,7 @@ class SessionManager:
             StoreUnavailable: the store failed.
         """
         check_user_id(user_id)
-        if not isinstance(session_id, str):
-            raise TypeError(
-                f"session_id must be a session id (str), got {type(session_id).__name__}."
-            )
+        require_session_id_type("session_id", session_id)
         store = await self._store()
         if not is_well_formed_session_id(session_id) or not await store.delete(
             session_id, user_id=user_id
@@ -88,10 +85,8 @@ class SessionManager:
             StoreUnavailable: the store failed.
         """
         check_user_id(user_id)
-        if except_id is not None and not isinstance(except_id, str):
-            raise TypeError(
-                f"except_id must be a session id (str), got {type(except_id).__name__}."
-            )
+        if except_id is not None:
+            require_session_id_type("except_id", except_id)
         store = await self._store()
         return await store.delete_for_user(user_id, except_id=except_id)
 

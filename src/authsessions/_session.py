@@ -23,7 +23,13 @@ from authsessions._records import (
     to_datetime,
     within_absolute_ttl,
 )
-from authsessions._tokens import is_well_formed_session_id, new_session_id, new_token, token_digest
+from authsessions._tokens import (
+    is_well_formed_session_id,
+    new_session_id,
+    new_token,
+    require_session_id_type,
+    token_digest,
+)
 from authsessions._values import plain_json_copy, read_as
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 
@@ -365,11 +371,14 @@ class Session:
         """Destroy one session of the current user (this one too, which clears the cookie).
 
         Raises:
+            TypeError: ``session_id`` is not a string (as :meth:`SessionManager.revoke
+                <authsessions.SessionManager.revoke>` says).
             Unauthorized: there is no session.
             SessionNotFound: no session has this id, or it is another user's
                 (indistinguishable on purpose).
             StoreUnavailable: the store failed.
         """
+        require_session_id_type("session_id", session_id)
         record = self._require_session()
         if not is_well_formed_session_id(session_id) or not await self._store.delete(
             session_id, user_id=record.user_id
