@@ -227,6 +227,33 @@ async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
     assert len(await live_sessions(store, "alice")) == 1
 
 
+async def test_a_rotate_whose_new_token_is_taken_retries_and_leaves_the_holder_alone(
+    app: Starlette,
+    client: httpx.AsyncClient,
+    client_factory: ClientFactory,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """2**-128 odds, but a token must never be shared, nor its session stranded."""
+    bobs_browser = client_factory(app)
+    bobs_token = await login(bobs_browser, "bob", data={"mine": True})
+    await login(client, "alice", data={"cart": [1]})
+    tokens = iter([bobs_token])
+    monkeypatch.setattr(
+        "authsessions._session.new_token", lambda: next(tokens, None) or new_token()
+    )
+
+    rotated = await client.post("/rotate")
+
+    new = session_cookie(rotated)
+    assert new is not None
+    assert new.value not in ("", bobs_token)
+    alice = (await client.get("/me", headers=cookie_header(new.value))).json()
+    assert (alice["user_id"], alice["session"]["data"]) == ("alice", {"cart": [1]})
+    bob = (await bobs_browser.get("/me", headers=cookie_header(bobs_token))).json()
+    assert (bob["user_id"], bob["session"]["data"]) == ("bob", {"mine": True})
+
+
 # -- logout ----------------------------------------------------------------------------------
 
 

@@ -293,18 +293,24 @@ class Session:
         record = self._require_session()
         self._refuse_cookie_on_websocket("rotate")
         now = time.time()
-        token = new_token()
-        digest = token_digest(token)
-        changes = self._pending_update(now, moves_expiry=True, token_digest=digest)
-        # Keys set while the store works (by another task of this request) are changes
-        # still to write; those written now are not, unless the write fails.
-        written, self._changes = self._changes, None
-        try:
-            updated = await self._update(record, changes, now)
-        except BaseException:
-            if written is not None:
-                self._changes = {**written, **(self._changes or {})}
-            raise
+        for _attempt in range(3):
+            token = new_token()
+            digest = token_digest(token)
+            changes = self._pending_update(now, moves_expiry=True, token_digest=digest)
+            # Keys set while the store works (by another task of this request) are changes
+            # still to write; those written now are not, unless the write fails.
+            written, self._changes = self._changes, None
+            try:
+                updated = await self._update(record, changes, now)
+            except BaseException as exc:
+                if written is not None:
+                    self._changes = {**written, **(self._changes or {})}
+                if isinstance(exc, CreateError):
+                    continue  # 2**-128 odds, but never take another session's token
+                raise
+            break
+        else:
+            raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
             self._end()
             raise Unauthorized("This session has ended; sign in again.")

@@ -602,6 +602,40 @@ async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> No
     assert listed.token_digest == rotated
 
 
+@pytest.mark.parametrize("with_data", [False, True], ids=["times-only", "with-data"])
+async def test_rotating_onto_another_sessions_digest_is_refused_and_changes_nothing(
+    store: Store, with_data: bool
+) -> None:
+    """Never reachable with random tokens, but a store must not hand one session's token
+    to another, nor strand the holder: every store refuses, so the caller draws again.
+    """
+    t0 = start_time()
+    holder = make_record(now=t0, user_id="alice", data={"a": 1})
+    rotating = make_record(now=t0, user_id="bob", data={"keep": "v", "drop": 1})
+    for record in (holder, rotating):
+        await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(
+        now=t0 + 5,
+        token_digest=holder.token_digest,
+        set_keys={"new": 2} if with_data else None,
+        removed_keys=frozenset({"drop"}) if with_data else frozenset(),
+    )
+    with pytest.raises(CreateError):
+        await store.update(rotating.id, update, now=t0 + 5)
+
+    assert_same_record(await stored_at(store, holder, now=t0 + 5), holder)
+    assert_same_record(await stored_at(store, rotating, now=t0 + 5), rotating)
+    (listed,) = await store.list_for_user("bob", now=t0 + 5)
+    assert_same_record(listed, rotating)
+    rotated = new_digest()
+    assert await store.update(
+        rotating.id, make_update(now=t0 + 6, token_digest=rotated), now=t0 + 6
+    )
+    assert await store.get(rotated, now=t0 + 6) is not None
+    assert_same_record(await stored_at(store, holder, now=t0 + 6), holder)
+
+
 async def test_update_of_missing_session_returns_false_and_creates_nothing(store: Store) -> None:
     """``update`` is not an upsert: an unknown id must not become a session."""
     t0 = start_time()

@@ -28,7 +28,9 @@ logger = logging.getLogger("authsessions")
 
 
 class CreateError(Exception):
-    """Internal signal: ``Store.create`` met an existing id or token digest."""
+    """Internal signal: ``Store.create`` met an existing id or token digest, or
+    ``Store.update`` a new token digest another session holds.
+    """
 
 
 class DataTooLarge(Exception):
@@ -303,6 +305,8 @@ class Store(abc.ABC):
         Raises:
             DataTooLarge: the merged data would exceed the cap; nothing changed
                 (neither the data nor the times nor the digest).
+            CreateError: the new :attr:`~SessionUpdate.token_digest` is another
+                stored session's; nothing changed (the caller draws a new token).
         """
 
     @abc.abstractmethod

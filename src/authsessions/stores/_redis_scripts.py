@@ -102,13 +102,19 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 # times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
 # single server or '' in a cluster, tag, size cap or '', n, n removed fields, field/value
 # pairs.
-# Returns nil if not live, the size (an integer) if the merged data would exceed the cap
-# (nothing changed), else the digest it had.
+# Returns nil if not live, -1 if the new digest is another session's (single server; a
+# cluster claims it before), the size (an integer) if the merged data would exceed the cap
+# (nothing changed in either case), else the digest it had.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
 local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
 if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
+if ARGV[6] ~= '' and ARGV[7] ~= '' then
+  local _, new_digest_key = pointer_keys(ARGV[7], ARGV[3], ARGV[6])
+  local holder = redis.call('GET', new_digest_key)
+  if holder and holder ~= ARGV[8] .. ':' .. ARGV[3] then return -1 end
+end
 local n = tonumber(ARGV[10])
 if ARGV[9] ~= '' then
   local size, count, named = 0, 0, {}

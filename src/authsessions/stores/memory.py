@@ -68,6 +68,9 @@ class MemoryStore(Store):
         row = self._rows.get(session_id)
         if row is None or row.record.expires_at <= now:
             return False
+        digest = changes.token_digest
+        if digest is not None and self._ids_by_digest.get(digest, session_id) != session_id:
+            raise CreateError(session_id)
         if changes.changes_data:
             data: dict[str, Any] = load_json(row.data_json)
             for key in changes.removed_keys:

@@ -447,14 +447,17 @@ class PostgresStore(Store):
             removed = [dump_json(key) for key in changes.removed_keys]
             args += (removed, _encode_data(changes.set_keys))
         with translate_errors("PostgreSQL", *self._errors):
-            async with self._borrow() as conn:
-                if cap is None:
-                    statement = sql.patch if changes.changes_data else sql.touch
-                    status = await conn.execute(statement, *args, timeout=self.command_timeout)
-                    return _count(status) == 1
-                row = await conn.fetchrow(
-                    sql.capped_patch, *args, cap, timeout=self.command_timeout
-                )
+            try:
+                async with self._borrow() as conn:
+                    if cap is None:
+                        statement = sql.patch if changes.changes_data else sql.touch
+                        status = await conn.execute(statement, *args, timeout=self.command_timeout)
+                        return _count(status) == 1
+                    row = await conn.fetchrow(
+                        sql.capped_patch, *args, cap, timeout=self.command_timeout
+                    )
+            except self._asyncpg.UniqueViolationError as exc:  # only a new digest can collide
+                raise CreateError(session_id) from exc
         assert row is not None  # a SELECT of two subqueries gives one row
         patched, size = row
         # Raised outside the borrowing: a refusal is no reason to give the connection up.

@@ -432,10 +432,13 @@ class SQLiteStore(Store):
                         params.append(data_json)
                         stored_data, data_changed = data_json, True
                 if assignments:
-                    db.execute(
-                        f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
-                        (*params, session_id),
-                    )
+                    try:
+                        db.execute(
+                            f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
+                            (*params, session_id),
+                        )
+                    except sqlite3.IntegrityError as exc:  # only a new digest can collide
+                        raise CreateError(session_id) from exc  # rolls the transaction back
                     # Read back as a SELECT would: REAL columns give floats.
                     if changes.last_active_at is not None and changes.expires_at is not None:
                         last_active_at = float(changes.last_active_at)
