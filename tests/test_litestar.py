@@ -20,7 +20,7 @@ from litestar.testing import TestClient as LitestarTestClient
 from starlette.types import ASGIApp
 
 from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
-from authsessions.litestar import CurrentSession, SessionPlugin
+from authsessions.litestar import CurrentSession, SessionPlugin, require_session
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores.sqlite import TABLE
 from tests.apps.session_app import CHROME_MAC, cookie_header, session_cookie
@@ -108,6 +108,70 @@ async def test_session_errors_render_as_json_with_their_status(
         {"detail": "Not authenticated: sign in first."},
     )
     assert (unknown.status_code, unknown.json()) == (404, {"detail": "No such session."})
+
+
+async def test_the_require_session_guard_answers_401_until_the_user_signs_in(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """The handler never runs for a signed-out request, nor for a cookie whose session
+    ended: that one's cookie is cleared as well.
+    """
+    ran: list[str | None] = []
+
+    @get("/devices", guards=[require_session])
+    async def devices(session: CurrentSession) -> list[str]:
+        ran.append(session.user_id)
+        return [s.device_name for s in await session.list_my_sessions()]
+
+    app: Any = Litestar([login, devices], plugins=[SessionPlugin(store=sqlite_store)])
+    client = client_for(app)
+
+    signed_out = await client.get("/devices")
+    await client.post("/login", json={"user_id": "alice"})
+    signed_in = await client.get("/devices")
+    await SessionManager(sqlite_store).revoke_all("alice")
+    revoked = await client.get("/devices")
+
+    assert (signed_out.status_code, signed_out.json()) == (
+        401,
+        {"detail": "Not authenticated: sign in first."},
+    )
+    assert (signed_in.status_code, signed_in.json()) == (200, ["Chrome on macOS"])
+    assert revoked.status_code == 401
+    cleared = session_cookie(revoked)
+    assert cleared is not None
+    assert cleared.is_clearing
+    assert ran == ["alice"]
+
+
+def test_the_require_session_guard_refuses_a_websocket_with_policy_violation(
+    sqlite_store: Store,
+) -> None:
+    accepted: list[bool] = []
+
+    @websocket("/ws/guarded", guards=[require_session])
+    async def ws_guarded(socket: WebSocket[Any, Any, Any]) -> None:
+        accepted.append(True)
+        await socket.accept()
+        await socket.send_text("signed in")
+        await socket.close()
+
+    app = Litestar([login, ws_guarded], plugins=[SessionPlugin(store=sqlite_store)])
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        with (
+            pytest.raises(WebSocketDisconnect) as closed,
+            client.websocket_connect("/ws/guarded"),
+        ):
+            pytest.fail("the WebSocket was accepted")
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+        # The cookie by hand: the client sends its Secure cookies over https only.
+        with client.websocket_connect("/ws/guarded", headers=cookie_header(token.value)) as ws:
+            greeting = ws.receive_text()
+
+    assert (closed.value.code, closed.value.detail) == (1008, "Not authenticated: sign in first.")
+    assert greeting == "signed in"
+    assert accepted == [True]
 
 
 async def test_the_apps_own_handler_of_a_session_error_answers_http_requests(

@@ -37,6 +37,20 @@ def quickstart(framework: str) -> str:
     return match.group(1)
 
 
+def with_state_per_request(app: Any) -> Any:
+    """Each request gets a shallow copy of the lifespan state, as ASGI servers give it:
+    asgi-lifespan hands every request the one dict, where Litestar keeps per-request flags
+    (whether the response started, so an error after one 401 would look like a crash).
+    """
+
+    async def copying_state(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and "state" in scope:
+            scope = {**scope, "state": dict(scope["state"])}
+        await app(scope, receive, send)
+
+    return copying_state
+
+
 @pytest.fixture
 async def client_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
     """Runs a quickstart in an empty working directory (its sessions.db lands there)."""
@@ -49,7 +63,7 @@ async def client_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
         module = types.ModuleType(f"readme_{framework.lower()}")
         monkeypatch.setitem(sys.modules, module.__name__, module)
         exec(compile(quickstart(framework), f"README:{framework}", "exec"), vars(module))  # noqa: S102
-        manager = LifespanManager(module.app)
+        manager = LifespanManager(with_state_per_request(module.app))
         managers.append(manager)
         await manager.__aenter__()
         return httpx.AsyncClient(
@@ -87,14 +101,21 @@ async def test_fastapi_quickstart_lists_and_revokes_devices(client_for: Any) -> 
     assert unknown.status_code == 404
 
 
-async def test_litestar_quickstart_signs_in(client_for: Any) -> None:
+async def test_litestar_quickstart_signs_in_and_guards_the_devices(client_for: Any) -> None:
     async with await client_for("Litestar") as client:
         before = await client.get("/me")
+        signed_out = await client.get("/devices")
         await client.post("/login")
         after = await client.get("/me")
+        devices = await client.get("/devices")
 
     assert before.json() == {"user": None}
+    assert (signed_out.status_code, signed_out.json()) == (
+        401,
+        {"detail": "Not authenticated: sign in first."},
+    )
     assert after.json() == {"user": "42"}
+    assert devices.json() == ["Chrome on macOS"]
 
 
 def test_the_manager_example_revokes_a_users_sessions_and_sweeps_expired_ones(

@@ -3,11 +3,15 @@
 ::
 
     from litestar import Litestar, get
-    from authsessions.litestar import CurrentSession, SessionPlugin
+    from authsessions.litestar import CurrentSession, SessionPlugin, require_session
 
     @get("/me")
     async def me(session: CurrentSession) -> dict[str, str | None]:
         return {"user": session.user_id}
+
+    @get("/devices", guards=[require_session])  # 401 when signed out
+    async def devices(session: CurrentSession) -> list[str]:
+        return [s.device_name for s in await session.list_my_sessions()]
 
     app = Litestar([me], plugins=[SessionPlugin(store="sqlite:///sessions.db")])
 """
@@ -19,20 +23,22 @@ from typing import Any, cast
 
 from litestar import Request, Response
 from litestar.config.app import AppConfig
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
+from litestar.handlers import BaseRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import Scope
 
 from authsessions._config import SessionConfig
-from authsessions._errors import SessionError
+from authsessions._errors import SessionError, Unauthorized
 from authsessions._middleware import SessionMiddleware, open_at_startup
 from authsessions._session import Session
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
-__all__ = ["CurrentSession", "SessionPlugin", "provide_session"]
+__all__ = ["CurrentSession", "SessionPlugin", "provide_session", "require_session"]
 
 CurrentSession = NamedDependency[Session]
 """Annotation for the ``session`` parameter SessionPlugin provides, signed in or not."""
@@ -45,6 +51,23 @@ def provide_session(scope: Scope) -> Session:
         RuntimeError: ``SessionMiddleware`` is not installed.
     """
     return Session.from_scope(cast("MutableMapping[str, Any]", scope))
+
+
+async def require_session(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """A guard: the route answers 401 when nobody is signed in (a WebSocket is refused
+    with 1008), as ``RequiredSession`` does in FastAPI. Give it to a route, a router or
+    the app: ``guards=[require_session]``.
+
+    Raises:
+        Unauthorized: there is no valid session.
+        RuntimeError: ``SessionMiddleware`` is not installed.
+    """
+    # A coroutine function though it never awaits: Litestar runs a plain ``def`` guard
+    # in its thread pool.
+    if not provide_session(connection.scope).is_authenticated:
+        raise Unauthorized()
 
 
 def session_error_response(request: Request[Any, Any, Any], exc: SessionError) -> Response[Any]:
