@@ -234,7 +234,7 @@ async def test_a_rotate_whose_new_token_is_taken_retries_and_leaves_the_holder_a
     store: Store,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """2**-128 odds, but a token must never be shared, nor its session stranded."""
+    """2**-256 odds, but a token must never be shared, nor its session stranded."""
     bobs_browser = client_factory(app)
     bobs_token = await login(bobs_browser, "bob", data={"mine": True})
     await login(client, "alice", data={"cart": [1]})

@@ -306,7 +306,7 @@ class Session:
                 if written is not None:
                     self._changes = {**written, **(self._changes or {})}
                 if isinstance(exc, CreateError):
-                    continue  # 2**-128 odds, but never take another session's token
+                    continue  # 2**-256 odds, but never take another session's token
                 raise
             break
         else:
