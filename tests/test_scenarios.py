@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -227,21 +228,23 @@ async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
     assert len(await live_sessions(store, "alice")) == 1
 
 
+def drawing_first(taken: str, draw: Callable[[], str]) -> Callable[[], str]:
+    """A stand-in for ``draw`` (a new token or id) that hands out ``taken`` once, then draws."""
+    first = iter([taken])
+    return lambda: next(first, None) or draw()
+
+
 async def test_a_rotate_whose_new_token_is_taken_retries_and_leaves_the_holder_alone(
     app: Starlette,
     client: httpx.AsyncClient,
     client_factory: ClientFactory,
-    store: Store,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """2**-256 odds, but a token must never be shared, nor its session stranded."""
     bobs_browser = client_factory(app)
     bobs_token = await login(bobs_browser, "bob", data={"mine": True})
     await login(client, "alice", data={"cart": [1]})
-    tokens = iter([bobs_token])
-    monkeypatch.setattr(
-        "authsessions._session.new_token", lambda: next(tokens, None) or new_token()
-    )
+    monkeypatch.setattr("authsessions._session.new_token", drawing_first(bobs_token, new_token))
 
     rotated = await client.post("/rotate")
 
@@ -267,9 +270,8 @@ async def test_a_login_whose_new_id_is_taken_retries_and_leaves_the_owner_alone(
     """2**-128 odds, but a session id must never be shared or overwritten."""
     await login(client_factory(app), "bob", data={"mine": True})  # bob's own browser
     [bobs] = await live_sessions(store, "bob")
-    ids = iter([bobs.id])
     monkeypatch.setattr(
-        "authsessions._session.new_session_id", lambda: next(ids, None) or new_session_id()
+        "authsessions._session.new_session_id", drawing_first(bobs.id, new_session_id)
     )
 
     await login(client, "alice")
