@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -66,6 +67,34 @@ def test_copies_that_differ_are_a_version_equal_to_none() -> None:
     assert halfway != settled
     assert halfway != header.version()
     assert not isinstance(halfway, bytes)
+
+
+def header_version(commits: int) -> bytes:
+    """A settled version whose iChange (the word at byte 8) is ``commits``."""
+    copy = bytes(8) + struct.pack("=I", commits) + bytes(36)
+    return WalIndexHeader(copies_of(copy, copy)).version()  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "between"),
+    [(7, 8, 1), (7, 7, 0), (7, 10, 3), (2**32 - 1, 0, 1), (2**32 - 2, 1, 3)],
+    ids=["one", "none", "three", "wrapped-one", "wrapped-three"],
+)
+def test_commits_between_counts_on_across_the_counters_wrap(
+    earlier: int, later: int, between: int
+) -> None:
+    """iChange is a 32-bit counter: after 2**32 commits it starts again from 0, and the
+    commit that wraps it is one commit like any other."""
+    assert WalIndexHeader.commits_between(header_version(earlier), header_version(later)) == (
+        between
+    )
+
+
+def test_commits_between_a_torn_version_is_unknown() -> None:
+    torn = WalIndexHeader(copies_of(b"a" * 48, b"b" * 48)).version()
+
+    assert WalIndexHeader.commits_between(torn, header_version(1)) is None
+    assert WalIndexHeader.commits_between(header_version(1), torn) is None
 
 
 def test_a_buffer_of_another_size_is_refused() -> None:
