@@ -25,7 +25,7 @@ from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, _postgres_pool, open_store
 from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
-from authsessions.stores.postgres import MIGRATIONS, SCHEMA_VERSION
+from authsessions.stores.postgres import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION
 from tests.services import CONNECTIONS_NAMED, named_dsn, with_netloc
 from tests.stores.records import (
     check_kept_after_racing_creates,
@@ -101,6 +101,32 @@ async def recorded_versions(
     return [row["version"] for row in await admin.fetch(f"SELECT version FROM {table}")]  # noqa: S608
 
 
+async def recorded_marks(
+    admin: asyncpg.Connection[asyncpg.Record], schema: str
+) -> list[tuple[int, int | None]]:
+    """The version table's rows as (version, compatible_from)."""
+    table = f'"{schema}".authsessions_session_schema_version'
+    rows = await admin.fetch(f"SELECT version, compatible_from FROM {table}")  # noqa: S608
+    return [(row["version"], row["compatible_from"]) for row in rows]
+
+
+async def as_if_a_newer_release_migrated(
+    admin: asyncpg.Connection[asyncpg.Record], schema: str, compatible_from: int | None
+) -> None:
+    """The version table as a release one schema ahead leaves it; ``None``: as one before
+    the compatibility mark would (its table has no such column)."""
+    table = f'"{schema}".authsessions_session_schema_version'
+    if compatible_from is None:
+        await admin.execute(f"ALTER TABLE {table} DROP COLUMN compatible_from")
+        await admin.execute(f"UPDATE {table} SET version = $1", SCHEMA_VERSION + 1)  # noqa: S608
+    else:
+        await admin.execute(
+            f"UPDATE {table} SET version = $1, compatible_from = $2",  # noqa: S608
+            SCHEMA_VERSION + 1,
+            compatible_from,
+        )
+
+
 # -- schema ---------------------------------------------------------------------------------
 
 
@@ -149,6 +175,10 @@ async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_session
     kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
     t0 = kept.created_at
     await admin.execute(f'DROP FUNCTION "{postgres_schema}".authsessions_session_create')
+    await admin.execute(  # the first release's version table had no compatibility mark
+        f'ALTER TABLE "{postgres_schema}".authsessions_session_schema_version '
+        "DROP COLUMN compatible_from"
+    )
     await recorded_versions(admin, postgres_schema, set_to=1)
 
     async with PostgresStore(postgres_url, schema=postgres_schema) as store:
@@ -161,7 +191,7 @@ async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_session
             newer[0].id,
         ]
 
-    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+    assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
 async def test_a_second_version_schema_gets_the_create_function_that_keeps_the_new_session(
@@ -204,17 +234,65 @@ async def test_concurrent_first_opens_by_many_processes_migrate_once(
     await asyncio.gather(*(store.close() for store in stores))
 
 
-async def test_a_newer_schema_is_refused_with_a_remedy(
+async def test_open_marks_the_schema_usable_from_the_oldest_version_that_can(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     async with PostgresStore(postgres_url, schema=postgres_schema):
         pass
-    await recorded_versions(admin, postgres_schema, set_to=SCHEMA_VERSION + 1)
+
+    assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+    assert COMPATIBLE_FROM <= SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("compatible_from", "usable"),
+    [(None, ""), (SCHEMA_VERSION + 1, f" and usable from version {SCHEMA_VERSION + 1}")],
+    ids=["unmarked", "marked-for-newer-only"],
+)
+async def test_a_newer_schema_is_refused_with_a_remedy(
+    postgres_url: str,
+    postgres_schema: str,
+    admin: asyncpg.Connection[asyncpg.Record],
+    compatible_from: int | None,
+    usable: str,
+) -> None:
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+    await as_if_a_newer_release_migrated(admin, postgres_schema, compatible_from)
 
     store = PostgresStore(postgres_url, schema=postgres_schema)
-    with pytest.raises(RuntimeError, match="upgrade authsessions"):
+    with pytest.raises(RuntimeError) as refused:
         await store.open()
+
+    assert str(refused.value) == (
+        f"The session table {postgres_schema}.authsessions_session has schema version "
+        f"{SCHEMA_VERSION + 1}{usable}, newer than this authsessions release knows "
+        f"({SCHEMA_VERSION}); upgrade authsessions."
+    )
     assert not store.is_open
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION + 1]
+
+
+async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
+    postgres_url: str,
+    postgres_schema: str,
+    admin: asyncpg.Connection[asyncpg.Record],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rolling deploy: a server of this release restarts after a newer one migrated."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(record, max_sessions=10, now=t0)
+    await as_if_a_newer_release_migrated(admin, postgres_schema, SCHEMA_VERSION)
+
+    with caplog.at_level("INFO", logger="authsessions"):
+        async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+            assert await store.get(record.token_digest, now=t0) == record
+            assert await store.update(record.id, make_update(now=t0 + 1), now=t0 + 1)
+
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION + 1]
+    assert f"newer than this release knows ({SCHEMA_VERSION}) but marked usable" in caplog.text
 
 
 async def test_tables_with_other_names_are_separate_stores(

@@ -40,7 +40,14 @@ from authsessions.stores._sqlite_support import (
     transaction,
 )
 from authsessions.stores._wal_index import WalIndexHeader
-from authsessions.stores.sqlite import COLUMNS, MIGRATIONS, SCHEMA_VERSION, TABLE
+from authsessions.stores.sqlite import (
+    COLUMNS,
+    COMPATIBLE_FROM,
+    MIGRATIONS,
+    SCHEMA_TABLE,
+    SCHEMA_VERSION,
+    TABLE,
+)
 from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time, typed
 
@@ -85,9 +92,19 @@ async def test_database_is_in_wal_mode(impatient_store: SQLiteStore, db_path: Pa
     assert pragma(db_path, "journal_mode") == "wal"
 
 
+def compatibility_marks(path: Path) -> list[int]:
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}")]  # noqa: S608
+    finally:
+        db.close()
+
+
 async def test_schema_version_is_recorded(impatient_store: SQLiteStore, db_path: Path) -> None:
     assert SCHEMA_VERSION >= 1
     assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
+    assert COMPATIBLE_FROM <= SCHEMA_VERSION
 
 
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
@@ -174,6 +191,7 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
         assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
 
     assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
     db = sqlite3.connect(db_path)
     indexes = {
         name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
@@ -183,18 +201,63 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
     assert f"{TABLE}_user_id" not in indexes
 
 
-async def test_database_with_a_newer_schema_is_refused(db_path: Path) -> None:
+def as_if_a_newer_release_migrated(path: Path, compatible_from: int | None) -> None:
+    """The file as a release one schema ahead leaves it; ``None``: unmarked, as by a
+    release before the compatibility mark."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.execute(f"DROP TABLE IF EXISTS {SCHEMA_TABLE}")
+        if compatible_from is not None:
+            db.execute(f"CREATE TABLE {SCHEMA_TABLE} (compatible_from INTEGER NOT NULL)")
+            db.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (?)", (compatible_from,))  # noqa: S608
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("compatible_from", "usable"),
+    [(None, ""), (SCHEMA_VERSION + 1, f" and usable from version {SCHEMA_VERSION + 1}")],
+    ids=["unmarked", "marked-for-newer-only"],
+)
+async def test_database_with_a_newer_schema_is_refused(
+    db_path: Path, compatible_from: int | None, usable: str
+) -> None:
     """A newer release may have changed the table; writing to it could corrupt sessions."""
-    db = sqlite3.connect(db_path)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    db.close()
+    async with SQLiteStore(db_path):
+        pass
+    as_if_a_newer_release_migrated(db_path, compatible_from)
     store = SQLiteStore(db_path)
 
-    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade"):
+    with pytest.raises(RuntimeError) as refused:
         await store.open()
 
+    assert str(refused.value) == (
+        f"The session database has schema version {SCHEMA_VERSION + 1}{usable}, newer than "
+        f"this authsessions release knows ({SCHEMA_VERSION}); upgrade authsessions."
+    )
     assert not store.is_open
     assert pragma(db_path, "user_version") == SCHEMA_VERSION + 1
+
+
+async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling deploy: a server of this release restarts after a newer one migrated."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path) as store:
+        await store.create(record, max_sessions=10, now=t0)
+    as_if_a_newer_release_migrated(db_path, SCHEMA_VERSION)
+
+    with caplog.at_level("INFO", logger="authsessions"):
+        async with SQLiteStore(db_path) as store:
+            assert await store.get(record.token_digest, now=t0) == record
+            assert await store.update(record.id, make_update(now=t0 + 1), now=t0 + 1)
+
+    assert pragma(db_path, "user_version") == SCHEMA_VERSION + 1
+    assert compatibility_marks(db_path) == [SCHEMA_VERSION]
+    assert f"newer than this release knows ({SCHEMA_VERSION}) but marked usable" in caplog.text
 
 
 @pytest.mark.parametrize("path", [":memory:", "file::memory:", "file::memory:?cache=shared"])

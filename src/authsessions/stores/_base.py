@@ -21,7 +21,14 @@ from typing import ClassVar, Self
 from authsessions._errors import StoreUnavailable
 from authsessions._records import MAX_COUNT, SessionRecord, SessionUpdate, StoreStats
 
-__all__ = ["CreateError", "DataTooLarge", "Store", "store_unavailable", "translate_errors"]
+__all__ = [
+    "CreateError",
+    "DataTooLarge",
+    "Store",
+    "accept_newer_schema",
+    "store_unavailable",
+    "translate_errors",
+]
 
 
 logger = logging.getLogger("authsessions")
@@ -63,6 +70,33 @@ def require_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}.")
     if value > MAX_COUNT:
         raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
+
+
+def accept_newer_schema(what: str, version: int, compatible_from: int | None, known: int) -> None:
+    """Open ``what`` (a database or table) at schema ``version``, newer than the ``known``
+    one, only if the release that wrote it marked it usable from ``known`` or earlier: its
+    migration kept what older releases read and write (an index, say). In a rolling
+    deploy, servers of the older release then keep starting.
+
+    Raises:
+        RuntimeError: not marked usable by this release (or not marked at all); nothing
+            is changed, since writing to a table a newer release reshaped could corrupt
+            sessions.
+    """
+    if compatible_from is None or compatible_from > known:
+        usable = "" if compatible_from is None else f" and usable from version {compatible_from}"
+        raise RuntimeError(
+            f"{what} has schema version {version}{usable}, newer than this authsessions "
+            f"release knows ({known}); upgrade authsessions."
+        )
+    logger.info(
+        "%s has schema version %d, newer than this release knows (%d) but marked usable "
+        "from version %d: opening it as it is",
+        what,
+        version,
+        known,
+        compatible_from,
+    )
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:

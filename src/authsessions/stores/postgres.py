@@ -40,6 +40,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    accept_newer_schema,
     require_count,
     store_unavailable,
     translate_errors,
@@ -130,6 +131,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest schema version whose code can use this one as it stands, recorded in the
+# version table for releases that know only an older one (see accept_newer_schema). The
+# third migration replaced the create function keeping its signature: code written for
+# version 2 runs on it unchanged. A migration that changes what older code reads or writes
+# sets it to its own version.
+COMPATIBLE_FROM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,16 +365,18 @@ class PostgresStore(Store):
                 f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)",
                 timeout=timeout,
             )
-            version = await conn.fetchval(
-                f"SELECT max(version) FROM {version_table}", timeout=timeout
-            )
-            version = version or 0
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"The session table {self.schema}.{self.table} has schema version {version}, "
-                    f"newer than this authsessions release knows ({SCHEMA_VERSION}); "
-                    "upgrade authsessions."
+            # Every column: compatible_from is missing from tables no release marked yet.
+            rows = await conn.fetch(f"SELECT * FROM {version_table}", timeout=timeout)
+            newest = max(rows, key=lambda row: row["version"], default=None)
+            version = 0 if newest is None else newest["version"]
+            if newest is not None and version > SCHEMA_VERSION:
+                accept_newer_schema(
+                    f"The session table {self.schema}.{self.table}",
+                    version,
+                    newest.get("compatible_from"),
+                    SCHEMA_VERSION,
                 )
+                return
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     sql = statement.format(
@@ -375,10 +384,15 @@ class PostgresStore(Store):
                     )
                     await conn.execute(sql, timeout=timeout)
             if version < SCHEMA_VERSION:
+                await conn.execute(
+                    f"ALTER TABLE {version_table} ADD COLUMN IF NOT EXISTS compatible_from integer",
+                    timeout=timeout,
+                )
                 await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
                 await conn.execute(
-                    f"INSERT INTO {version_table} (version) VALUES ($1)",
+                    f"INSERT INTO {version_table} (version, compatible_from) VALUES ($1, $2)",
                     SCHEMA_VERSION,
+                    COMPATIBLE_FROM,
                     timeout=timeout,
                 )
 

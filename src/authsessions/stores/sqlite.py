@@ -46,6 +46,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    accept_newer_schema,
     require_count,
     store_unavailable,
     translate_errors,
@@ -100,6 +101,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest schema version whose code can use this one as it stands, recorded beside
+# PRAGMA user_version for releases that know only an older one (see accept_newer_schema).
+# The second migration only replaced an index: code written for version 1 runs on it
+# unchanged. A migration that changes what older code reads or writes sets it to its own
+# version.
+COMPATIBLE_FROM = 1
+SCHEMA_TABLE = f"{TABLE}_schema"
 
 # The writer thread's own automatic checkpoint, in WAL pages (about 40 MB). A cleanup batch
 # deletes rows scattered over every index and adds a few thousand pages to the WAL: at
@@ -635,14 +643,33 @@ def _migrate(db: sqlite3.Connection) -> None:
     with transaction(db):
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"The session database has schema version {version}, newer than this "
-                f"authsessions release knows ({SCHEMA_VERSION}); upgrade authsessions."
+            accept_newer_schema(
+                "The session database", version, _compatible_from(db), SCHEMA_VERSION
             )
+            return
         for statements in MIGRATIONS[version:]:
             for statement in statements:
                 db.execute(statement)
+        if version < SCHEMA_VERSION:
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (compatible_from INTEGER NOT NULL)"
+            )
+            db.execute(f"DELETE FROM {SCHEMA_TABLE}")
+            db.execute(
+                f"INSERT INTO {SCHEMA_TABLE} (compatible_from) VALUES (?)",
+                (COMPATIBLE_FROM,),
+            )
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _compatible_from(db: sqlite3.Connection) -> int | None:
+    """The oldest schema version the file's release marked usable, ``None`` if unmarked."""
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (SCHEMA_TABLE,)
+    ).fetchone():
+        return None
+    row = db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}").fetchone()
+    return None if row is None else int(row[0])
 
 
 def _record(row: Sequence[Any]) -> SessionRecord:
