@@ -43,7 +43,7 @@ from authsessions import (
 )
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_token, token_digest
-from authsessions.stores import MemoryStore, SQLiteStore, Store
+from authsessions.stores import CreateError, MemoryStore, SessionUpdate, SQLiteStore, Store
 from tests.apps.session_app import (
     CHROME_MAC,
     COOKIE,
@@ -600,6 +600,52 @@ async def test_session_data_error_renders_as_500_json_and_saves_nothing(
     assert set(response.json()) == {"detail"}
     assert session_cookie(response) is None
     assert (await only_session(sqlite_store)).data == {}
+
+
+class RefusingTheFirstRotation(MemoryStore):
+    """Answers the first rotation as if its new token were another session's, once
+    ``go_on`` is set: what a retry meets after another task's logout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go_on = asyncio.Event()
+        self.refused = False
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        if changes.token_digest is not None and not self.refused:
+            self.refused = True
+            await self.go_on.wait()
+            raise CreateError(session_id)
+        return await super().update(session_id, changes, now=now)
+
+
+async def test_a_rotate_retried_after_another_task_logged_out_answers_401(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The retry finds no session to rotate: Unauthorized, as a rotate after a logout."""
+    store = RefusingTheFirstRotation()
+
+    async def rotate_beside_logout(request: Request) -> Response:
+        session = Session.from_request(request)
+
+        async def logout_then_let_the_rotation_go_on() -> None:
+            await session.logout()
+            store.go_on.set()
+
+        await asyncio.gather(session.rotate(), logout_then_let_the_rotation_go_on())
+        return JSONResponse({})
+
+    token, _ = await plant_session(store, "alice")
+    app = app_factory(store, extra_routes=[Route("/race", rotate_beside_logout, methods=["POST"])])
+
+    response = await client_factory(app).post("/race", headers=cookie_header(token))
+
+    assert (response.status_code, response.json()) == (
+        401,
+        {"detail": "Not authenticated: sign in first."},
+    )
+    assert store.refused
+    assert await SessionManager(store).list_for_user("alice") == []
 
 
 @pytest.mark.parametrize("session_id", [None, 5, b"AAAAAAAAAAAAAAAAAAAAAA"])

@@ -289,11 +289,15 @@ class Session:
             SessionDataError: with what concurrent requests stored meanwhile, the
                 values set earlier would exceed ``max_data_bytes``; nothing changed.
             StoreUnavailable: the store failed.
+            RuntimeError: three new tokens in a row were other sessions' (never seen
+                with random tokens; a broken random source, say).
         """
-        record = self._require_session()
+        self._require_session()
         self._refuse_cookie_on_websocket("rotate")
         now = time.time()
         for _attempt in range(3):
+            # Again on each attempt: another task may have ended the session meanwhile.
+            record = self._require_session()
             token = new_token()
             digest = token_digest(token)
             changes = self._pending_update(now, moves_expiry=True, token_digest=digest)

@@ -13,7 +13,7 @@
     async def devices(session: CurrentSession) -> list[str]:
         return [s.device_name for s in await session.list_my_sessions()]
 
-    app = Litestar([me], plugins=[SessionPlugin(store="sqlite:///sessions.db")])
+    app = Litestar([me, devices], plugins=[SessionPlugin(store="sqlite:///sessions.db")])
 """
 
 from __future__ import annotations
