@@ -234,6 +234,45 @@ async def test_concurrent_first_opens_by_many_processes_migrate_once(
     await asyncio.gather(*(store.close() for store in stores))
 
 
+@contextlib.asynccontextmanager
+async def role_that_may_only_read_and_write(
+    admin: asyncpg.Connection[asyncpg.Record], schema: str
+) -> AsyncIterator[str]:
+    """A login role with rights on the store's rows and its function, and on nothing else
+    (no CREATE, owning nothing): an app's role where an admin runs the migrations."""
+    role = f"authsessions_app_{secrets.token_hex(4)}"
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        await admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        await admin.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
+        )
+        await admin.execute(f'GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA "{schema}" TO "{role}"')
+        yield role
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE "{role}"')
+
+
+async def test_an_app_role_without_the_right_to_create_tables_opens_a_migrated_store(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """`authsessions migrate` ran as an admin; opening needs no DDL at this schema."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+
+    async with role_that_may_only_read_and_write(admin, postgres_schema) as role:
+        server = urlsplit(postgres_url).netloc.rpartition("@")[2]
+        app_url = with_netloc(postgres_url, f"{role}@{server}")
+        async with PostgresStore(app_url, schema=postgres_schema) as store:
+            await store.create(record, max_sessions=10, now=t0)
+            assert await store.get(record.token_digest, now=t0) == record
+
+    assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+
+
 async def test_open_marks_the_schema_usable_from_the_oldest_version_that_can(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

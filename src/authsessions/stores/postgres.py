@@ -350,6 +350,11 @@ class PostgresStore(Store):
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
         timeout = self.command_timeout
         async with conn.transaction():
+            # A store at this release's schema (or a newer one it may use) needs no DDL,
+            # nor the lock: the app's role need not be allowed to create tables when an
+            # admin ran `authsessions migrate`.
+            if self._needs_no_migration(await self._recorded_schema(conn, version_table)):
+                return
             # Serialises concurrent opens (many workers starting at once): DDL races on
             # the catalogs otherwise, even with IF NOT EXISTS.
             await conn.execute(
@@ -365,36 +370,60 @@ class PostgresStore(Store):
                 f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)",
                 timeout=timeout,
             )
-            # Every column: compatible_from is missing from tables no release marked yet.
-            rows = await conn.fetch(f"SELECT * FROM {version_table}", timeout=timeout)
-            newest = max(rows, key=lambda row: row["version"], default=None)
-            version = 0 if newest is None else newest["version"]
-            if newest is not None and version > SCHEMA_VERSION:
-                accept_newer_schema(
-                    f"The session table {self.schema}.{self.table}",
-                    version,
-                    newest.get("compatible_from"),
-                    SCHEMA_VERSION,
-                )
+            # Again under the lock: another server may have migrated since.
+            recorded = await self._recorded_schema(conn, version_table)
+            if self._needs_no_migration(recorded):
                 return
+            version = 0 if recorded is None else recorded[0]
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     sql = statement.format(
                         table=self._qualified, name=self.table, create=self._create_function
                     )
                     await conn.execute(sql, timeout=timeout)
-            if version < SCHEMA_VERSION:
-                await conn.execute(
-                    f"ALTER TABLE {version_table} ADD COLUMN IF NOT EXISTS compatible_from integer",
-                    timeout=timeout,
-                )
-                await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
-                await conn.execute(
-                    f"INSERT INTO {version_table} (version, compatible_from) VALUES ($1, $2)",
-                    SCHEMA_VERSION,
-                    COMPATIBLE_FROM,
-                    timeout=timeout,
-                )
+            await conn.execute(
+                f"ALTER TABLE {version_table} ADD COLUMN IF NOT EXISTS compatible_from integer",
+                timeout=timeout,
+            )
+            await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
+            await conn.execute(
+                f"INSERT INTO {version_table} (version, compatible_from) VALUES ($1, $2)",
+                SCHEMA_VERSION,
+                COMPATIBLE_FROM,
+                timeout=timeout,
+            )
+
+    async def _recorded_schema(
+        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version_table: str
+    ) -> tuple[int, int | None] | None:
+        """The schema version recorded and the oldest one marked able to use it; ``None``
+        when there is no version table yet, (0, None) when it is empty.
+        """
+        timeout = self.command_timeout
+        if await conn.fetchval("SELECT to_regclass($1)", version_table, timeout=timeout) is None:
+            return None
+        # Every column: compatible_from is missing from tables no release marked yet.
+        rows = await conn.fetch(f"SELECT * FROM {version_table}", timeout=timeout)
+        newest = max(rows, key=lambda row: row["version"], default=None)
+        return (0, None) if newest is None else (newest["version"], newest.get("compatible_from"))
+
+    def _needs_no_migration(self, recorded: tuple[int, int | None] | None) -> bool:
+        """Whether the schema ``recorded`` is this release's, or a newer one it may use.
+
+        Raises:
+            RuntimeError: a newer schema not marked usable by this release.
+        """
+        if recorded is None or recorded[0] < SCHEMA_VERSION:
+            return False
+        version, compatible_from = recorded
+        if version > SCHEMA_VERSION:
+            accept_newer_schema(
+                f"The session table {self.schema}.{self.table}",
+                version,
+                compatible_from,
+                SCHEMA_VERSION,
+            )
+        return True
 
     def _forget_connections(self) -> None:
         pool, self._pool = self._pool, None
