@@ -235,11 +235,12 @@ async def test_concurrent_first_opens_by_many_processes_migrate_once(
 
 
 @contextlib.asynccontextmanager
-async def role_that_may_only_read_and_write(
-    admin: asyncpg.Connection[asyncpg.Record], schema: str
+async def as_a_role_that_may_only_read_and_write(
+    admin: asyncpg.Connection[asyncpg.Record], postgres_url: str, schema: str
 ) -> AsyncIterator[str]:
-    """A login role with rights on the store's rows and its function, and on nothing else
-    (no CREATE, owning nothing): an app's role where an admin runs the migrations."""
+    """``postgres_url`` signing in as a role with rights on the store's rows and its
+    function, and on nothing else (no CREATE, owning nothing): an app's role where an
+    admin runs the migrations."""
     role = f"authsessions_app_{secrets.token_hex(4)}"
     await admin.execute(f'CREATE ROLE "{role}" LOGIN')
     try:
@@ -248,7 +249,8 @@ async def role_that_may_only_read_and_write(
             f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'
         )
         await admin.execute(f'GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA "{schema}" TO "{role}"')
-        yield role
+        server = urlsplit(postgres_url).netloc.rpartition("@")[2]
+        yield with_netloc(postgres_url, f"{role}@{server}")
     finally:
         await admin.execute(f'DROP OWNED BY "{role}"')
         await admin.execute(f'DROP ROLE "{role}"')
@@ -263,14 +265,39 @@ async def test_an_app_role_without_the_right_to_create_tables_opens_a_migrated_s
     async with PostgresStore(postgres_url, schema=postgres_schema):
         pass
 
-    async with role_that_may_only_read_and_write(admin, postgres_schema) as role:
-        server = urlsplit(postgres_url).netloc.rpartition("@")[2]
-        app_url = with_netloc(postgres_url, f"{role}@{server}")
-        async with PostgresStore(app_url, schema=postgres_schema) as store:
-            await store.create(record, max_sessions=10, now=t0)
-            assert await store.get(record.token_digest, now=t0) == record
+    async with (
+        as_a_role_that_may_only_read_and_write(admin, postgres_url, postgres_schema) as app_url,
+        PostgresStore(app_url, schema=postgres_schema) as store,
+    ):
+        await store.create(record, max_sessions=10, now=t0)
+        assert await store.get(record.token_digest, now=t0) == record
 
     assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+
+
+async def test_an_app_role_that_may_not_upgrade_an_older_schema_is_told_how_to(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A permanent misconfiguration, not a store that is down for a while."""
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+    await recorded_versions(admin, postgres_schema, set_to=SCHEMA_VERSION - 1)
+
+    async with as_a_role_that_may_only_read_and_write(
+        admin, postgres_url, postgres_schema
+    ) as app_url:
+        store = PostgresStore(app_url, schema=postgres_schema)
+        with pytest.raises(RuntimeError) as refused:
+            await store.open()
+
+    assert str(refused.value).startswith(
+        f"The session table {postgres_schema}.authsessions_session has schema version "
+        f"{SCHEMA_VERSION - 1} and this release needs {SCHEMA_VERSION}, which this database "
+        "role may not create (permission denied for schema"
+    )
+    assert "Run `authsessions migrate` as a role that may" in str(refused.value)
+    assert not store.is_open
+    assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION - 1]
 
 
 async def test_open_marks_the_schema_usable_from_the_oldest_version_that_can(

@@ -348,50 +348,67 @@ class PostgresStore(Store):
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
-        timeout = self.command_timeout
         async with conn.transaction():
             # A store at this release's schema (or a newer one it may use) needs no DDL,
             # nor the lock: the app's role need not be allowed to create tables when an
             # admin ran `authsessions migrate`.
-            if self._needs_no_migration(await self._recorded_schema(conn, version_table)):
-                return
-            # Serialises concurrent opens (many workers starting at once): DDL races on
-            # the catalogs otherwise, even with IF NOT EXISTS.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"authsessions migrate {self.schema}.{self.table}",
-                timeout=timeout,
-            )
-            if not await conn.fetchval(
-                "SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema, timeout=timeout
-            ):
-                await conn.execute(f'CREATE SCHEMA "{self.schema}"', timeout=timeout)
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)",
-                timeout=timeout,
-            )
-            # Again under the lock: another server may have migrated since.
             recorded = await self._recorded_schema(conn, version_table)
             if self._needs_no_migration(recorded):
                 return
-            version = 0 if recorded is None else recorded[0]
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    sql = statement.format(
-                        table=self._qualified, name=self.table, create=self._create_function
-                    )
-                    await conn.execute(sql, timeout=timeout)
-            await conn.execute(
-                f"ALTER TABLE {version_table} ADD COLUMN IF NOT EXISTS compatible_from integer",
-                timeout=timeout,
-            )
-            await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
-            await conn.execute(
-                f"INSERT INTO {version_table} (version, compatible_from) VALUES ($1, $2)",
-                SCHEMA_VERSION,
-                COMPATIBLE_FROM,
-                timeout=timeout,
-            )
+            try:
+                await self._upgrade(conn, version_table)
+            except self._asyncpg.InsufficientPrivilegeError as exc:
+                # Not "unavailable, retry": it fails the same way until someone else acts.
+                found = "no schema" if recorded is None else f"schema version {recorded[0]}"
+                raise RuntimeError(
+                    f"The session table {self.schema}.{self.table} has {found} and this "
+                    f"release needs {SCHEMA_VERSION}, which this database role may not "
+                    f"create ({exc}). Run `authsessions migrate` as a role that may, or "
+                    "grant this one CREATE on the schema."
+                ) from exc
+
+    async def _upgrade(
+        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version_table: str
+    ) -> None:
+        """Bring the schema up to this release's, inside the caller's transaction."""
+        timeout = self.command_timeout
+        # Serialises concurrent opens (many workers starting at once): DDL races on
+        # the catalogs otherwise, even with IF NOT EXISTS.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"authsessions migrate {self.schema}.{self.table}",
+            timeout=timeout,
+        )
+        if not await conn.fetchval(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema, timeout=timeout
+        ):
+            await conn.execute(f'CREATE SCHEMA "{self.schema}"', timeout=timeout)
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)",
+            timeout=timeout,
+        )
+        # Again under the lock: another server may have migrated since.
+        recorded = await self._recorded_schema(conn, version_table)
+        if self._needs_no_migration(recorded):
+            return
+        version = 0 if recorded is None else recorded[0]
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                sql = statement.format(
+                    table=self._qualified, name=self.table, create=self._create_function
+                )
+                await conn.execute(sql, timeout=timeout)
+        await conn.execute(
+            f"ALTER TABLE {version_table} ADD COLUMN IF NOT EXISTS compatible_from integer",
+            timeout=timeout,
+        )
+        await conn.execute(f"DELETE FROM {version_table}", timeout=timeout)
+        await conn.execute(
+            f"INSERT INTO {version_table} (version, compatible_from) VALUES ($1, $2)",
+            SCHEMA_VERSION,
+            COMPATIBLE_FROM,
+            timeout=timeout,
+        )
 
     async def _recorded_schema(
         self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version_table: str
