@@ -73,10 +73,11 @@ def require_count(name: str, value: object) -> None:
 
 
 def accept_newer_schema(what: str, version: int, compatible_from: int | None, known: int) -> None:
-    """Open ``what`` (a database or table) at schema ``version``, newer than the ``known``
-    one, only if the release that wrote it marked it usable from ``known`` or earlier: its
-    migration kept what older releases read and write (an index, say). In a rolling
-    deploy, servers of the older release then keep starting.
+    """Let this release use ``what`` (a database or table) at schema ``version``, newer
+    than the ``known`` one, only if the release that upgraded it marked it usable from
+    ``known`` or earlier (its migration kept what older code reads and writes: an index,
+    say), and log that it does. In a rolling deploy, servers of the older release then
+    keep starting.
 
     Raises:
         RuntimeError: not marked usable by this release (or not marked at all); nothing
