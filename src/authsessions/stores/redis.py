@@ -402,9 +402,9 @@ class RedisStore(Store):
                       "" if cap is None else cap, len(removed), *removed,
                       *_data_fields(changes.set_keys)],
             )  # fmt: skip
-            if old_digest == _DIGEST_TAKEN:
-                raise CreateError(session_id)
-            if not isinstance(old_digest, str):  # not live (None), or refused (its size)
+            if not isinstance(old_digest, str):  # not live (None), taken, or refused (its size)
+                if old_digest == _DIGEST_TAKEN:  # only on a single server: nothing to unlink
+                    raise CreateError(session_id)
                 if new_digest is not None and in_cluster:
                     await self._unlink([self._digest_key(new_digest)])
                 if old_digest is not None and cap is not None:
