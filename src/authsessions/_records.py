@@ -234,8 +234,10 @@ class StoreStats:
     """Distinct users with at least one live session."""
     by_device_type: Mapping[str, int]
     """Live sessions per device type ("desktop", "mobile", ...); types without any are absent."""
-    expired_sessions: int
-    """Expired sessions still stored: what cleanup would remove (0 when the store cannot know)."""
+    expired_sessions: int | None
+    """Expired sessions still stored: what cleanup would remove; ``None`` from a store
+    that cannot count them (see :attr:`Store.counts_expired_sessions
+    <authsessions.stores.Store.counts_expired_sessions>`)."""
 
 
 def within_absolute_ttl(

@@ -197,11 +197,11 @@ def make_cli() -> click.Group:
     @json_option
     def stats(store_url: str, as_json: bool) -> None:
         """Count live sessions, users, device types and expired sessions."""
-        result, counted = _run(_with_store(store_url, _stats))
+        result = _run(_with_store(store_url, lambda store: store.stats(now=time.time())))
         if as_json:
-            click.echo(json.dumps(stats_json(result, expired_counted=counted), indent=2))
+            click.echo(json.dumps(stats_json(result), indent=2))
         else:
-            _print_stats(_stdout(), redact_url(store_url), result, expired_counted=counted)
+            _print_stats(_stdout(), redact_url(store_url), result)
 
     return cli
 
@@ -319,27 +319,13 @@ def _first_line(text: str) -> str:
 # -- what the commands compute ----------------------------------------------------------
 
 
-async def _stats(store: Store) -> tuple[StoreStats, bool]:
-    """The store's counts, and whether its count of expired sessions means anything."""
-    return await store.stats(now=time.time()), _counts_expired(store)
-
-
-def _counts_expired(store: Store) -> bool:
-    """Whether ``store.stats`` counts expired sessions. Redis cannot (it drops expired
-    sessions itself, and would scan every session to say 0): it reports 0 for them.
-    """
-    from authsessions.stores.redis import RedisStore  # needs no driver to import
-
-    return not isinstance(store, RedisStore)
-
-
 async def _cleanup_with_progress(store: Store, batch_size: int) -> int:
     """``SessionManager.cleanup_expired``, reporting each batch to a progress bar.
 
     On a terminal the bar shows the batches as they go, against the store's
-    count of expired sessions. Redis cannot count them (it drops expired
-    sessions itself, and would scan every session to say 0), so there the
-    bar just pulses. Off a terminal there is no bar, and no count.
+    count of expired sessions. A store that cannot count them (Redis, which
+    drops them itself) is not asked, and there the bar just pulses. Off a
+    terminal there is no bar, and no count.
     """
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -355,7 +341,7 @@ async def _cleanup_with_progress(store: Store, batch_size: int) -> int:
         disable=not stderr.is_terminal,
     )
     total = None
-    if stderr.is_terminal and _counts_expired(store):
+    if stderr.is_terminal and store.counts_expired_sessions:
         total = (await store.stats(now=time.time())).expired_sessions or None
     with progress:
         task = progress.add_task("cleanup", total=total)
@@ -400,13 +386,11 @@ def session_json(session: SessionData) -> dict[str, Any]:
     }
 
 
-def stats_json(stats: StoreStats, *, expired_counted: bool = True) -> dict[str, Any]:
+def stats_json(stats: StoreStats) -> dict[str, Any]:
     """What ``stats --json`` prints: every count, device types most common first, and
     ``null`` for expired sessions a store does not count.
     """
     fields = {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)}
-    if not expired_counted:
-        fields["expired_sessions"] = None
     return {**fields, "by_device_type": dict(_by_count(stats.by_device_type))}
 
 
@@ -453,15 +437,13 @@ def _print_sessions(console: Console, user_id: str, sessions: list[SessionData])
     console.print(table)
 
 
-def _print_stats(
-    console: Console, where: str, stats: StoreStats, *, expired_counted: bool = True
-) -> None:
+def _print_stats(console: Console, where: str, stats: StoreStats) -> None:
     from rich.table import Table
 
     console.print(f"Session store: {where}")
     expired = (
         f"{_count(stats.expired_sessions, 'expired session')} awaiting cleanup"
-        if expired_counted
+        if stats.expired_sessions is not None
         else "expired sessions not counted (the store drops them itself)"
     )
     console.print(

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 from typing import Any
 
 import pytest
 
 from authsessions._records import SessionRecord, StoreStats, data_size
 from authsessions._tokens import new_session_id
-from authsessions.stores import CreateError, DataTooLarge, RedisStore, Store
+from authsessions.stores import CreateError, DataTooLarge, Store
 from tests.stores.records import (
     TTL,
     check_kept_after_racing_creates,
@@ -304,6 +305,47 @@ async def test_delete_expired_refuses_a_limit_no_store_can_honour(
         await store.delete_expired(now=t0 + 2, limit=count)
 
     assert await store.stats(now=t0 + 2) == before
+
+
+TIMES_NO_STORE_CAN_DELETE_BY = [
+    # PostgreSQL orders NaN above every expiry: all the sessions it reached would go.
+    pytest.param(math.nan, ValueError, id="nan"),
+    pytest.param(math.inf, ValueError, id="inf"),
+    pytest.param(-math.inf, ValueError, id="-inf"),
+    pytest.param(None, TypeError, id="None"),
+    pytest.param("1700000000", TypeError, id="str"),
+    pytest.param(True, TypeError, id="bool"),
+]
+
+
+@pytest.mark.parametrize(("now", "error"), TIMES_NO_STORE_CAN_DELETE_BY)
+async def test_create_refuses_a_now_that_is_not_a_finite_time(
+    store: Store, now: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+    record = make_record(now=t0)
+
+    with pytest.raises(error, match="now"):
+        await store.create(record, max_sessions=10, now=now)
+
+    assert await store.get(record.token_digest, now=t0) is None
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+
+
+@pytest.mark.parametrize(("now", "error"), TIMES_NO_STORE_CAN_DELETE_BY)
+async def test_delete_expired_refuses_a_now_that_is_not_a_finite_time(
+    store: Store, now: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    live = make_record(now=t0)
+    await store.create(live, max_sessions=10, now=t0)
+
+    with pytest.raises(error, match="now"):
+        await store.delete_expired(now=now)
+
+    assert await listed_ids(store, "alice", now=t0) == [live.id]
 
 
 async def test_the_largest_counts_are_honoured(store: Store) -> None:
@@ -1148,8 +1190,13 @@ async def test_delete_expired_at_a_later_now_reaches_every_session_again(store: 
 # -- stats ----------------------------------------------------------------------------
 
 
+def none_expired(store: Store) -> int | None:
+    """What ``expired_sessions`` says of a store without expired sessions."""
+    return 0 if store.counts_expired_sessions else None
+
+
 async def test_stats_of_an_empty_store_are_zero(store: Store) -> None:
-    assert await store.stats(now=start_time()) == StoreStats(0, 0, {}, 0)
+    assert await store.stats(now=start_time()) == StoreStats(0, 0, {}, none_expired(store))
 
 
 async def test_stats_count_live_sessions_users_and_device_types(store: Store) -> None:
@@ -1176,13 +1223,15 @@ async def test_stats_count_live_sessions_users_and_device_types(store: Store) ->
 
 
 async def test_stats_count_expired_sessions_until_cleanup(store: Store) -> None:
-    if isinstance(store, RedisStore):
-        pytest.skip("Redis drops expired sessions itself; RedisStore documents reporting 0")
     t0 = start_time()
     expired = [make_record(now=t0, user_id=f"user{i}", ttl=10 + i) for i in range(3)]
     live = make_record(now=t0, ttl=30)
     for record in (*expired, live):
         await store.create(record, max_sessions=10, now=t0)
+    if not store.counts_expired_sessions:
+        # It drops expired sessions by itself, so what cleanup would remove is unknown.
+        assert await store.stats(now=t0 + 12) == StoreStats(1, 1, {"desktop": 1}, None)
+        return
 
     # The last one expires exactly at t0 + 12: it counts.
     assert (await store.stats(now=t0 + 12)).expired_sessions == 3
@@ -1207,7 +1256,7 @@ async def test_stats_follow_rotations_updates_and_deletes(store: Store) -> None:
     assert (stats.live_sessions, stats.users) == (2, 1)
     assert dict(stats.by_device_type) == {"desktop": 1, "mobile": 1}
     await store.delete_for_user("alice")
-    assert await store.stats(now=t0 + 1) == StoreStats(0, 0, {}, 0)
+    assert await store.stats(now=t0 + 1) == StoreStats(0, 0, {}, none_expired(store))
 
 
 # -- returned records: shared read-only from get, owned from list_for_user ----------------

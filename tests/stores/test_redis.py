@@ -427,7 +427,7 @@ async def test_stats_scan_only_this_prefix_in_batches(
 
     stats = await setup.other.stats(now=t0)
 
-    assert stats == StoreStats(11, 10, {"desktop": 5, "mobile": 6}, 0)
+    assert stats == StoreStats(11, 10, {"desktop": 5, "mobile": 6}, None)
 
 
 async def test_stats_count_a_key_scan_returns_twice_once(
@@ -452,18 +452,7 @@ async def test_stats_count_a_key_scan_returns_twice_once(
 
     monkeypatch.setattr(client, "scan_iter", every_key_twice)
 
-    assert await setup.store.stats(now=t0) == StoreStats(2, 2, {"desktop": 2}, 0)
-
-
-async def test_stats_report_no_expired_sessions(setup: Setup) -> None:
-    """Redis forgets expired sessions by itself, so the store does not claim to count them."""
-    t0 = start_time()
-    live, expired = make_record(now=t0), make_record(now=t0, user_id="bob", ttl=10)
-    for record in (live, expired):
-        await setup.store.create(record, max_sessions=10, now=t0)
-
-    # Expired by the caller's clock, though Redis still holds it.
-    assert await setup.store.stats(now=t0 + 20) == StoreStats(1, 1, {"desktop": 1}, 0)
+    assert await setup.store.stats(now=t0) == StoreStats(2, 2, {"desktop": 2}, None)
 
 
 # -- several processes --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import sqlite3
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
@@ -70,6 +71,22 @@ def require_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}.")
     if value > MAX_COUNT:
         raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
+
+
+def require_time(name: str, value: object) -> None:
+    """Refuse a ``now`` that is not a finite number of seconds before a store deletes by
+    it (``create`` evicts, ``delete_expired`` cleans up). A NaN compares false with every
+    expiry in Python and SQLite, but above every one in PostgreSQL, where it would delete
+    every session it reached; an infinity would do that in every store.
+
+    Raises:
+        TypeError: ``value`` is not an int or a float (a bool is not one here).
+        ValueError: ``value`` is NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a UNIX timestamp, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite UNIX timestamp, got {value}.")
 
 
 def accept_newer_schema(what: str, version: int, compatible_from: int | None, known: int) -> None:
@@ -161,6 +178,9 @@ class Store(abc.ABC):
     backend fails, never the driver's own exception.
     """
 
+    counts_expired_sessions: ClassVar[bool] = True
+    """Whether :meth:`stats` counts expired sessions (``expired_sessions`` is ``None``
+    when not): a store that drops them itself cannot say what cleanup would remove."""
     _is_open: bool = False
     _opening: asyncio.Future[None] | None = None
     _bound_to_loop: ClassVar[bool] = False
@@ -309,8 +329,9 @@ class Store(abc.ABC):
         creates for one user never leave more than the limit.
 
         Raises :class:`CreateError` when the id or token digest exists already, and
-        (see :func:`require_count`) ``TypeError`` or ``ValueError`` when ``max_sessions``
-        is not an int from 1 to ``MAX_COUNT``, before anything is stored.
+        ``TypeError`` or ``ValueError`` when ``max_sessions`` is not an int from 1 to
+        ``MAX_COUNT`` (see :func:`require_count`) or ``now`` is not a finite UNIX
+        timestamp (see :func:`require_time`), before anything is stored.
         """
 
     @abc.abstractmethod
@@ -365,7 +386,8 @@ class Store(abc.ABC):
 
         Callers repeat it until it returns less than ``limit``, so a large
         backlog never holds a lock or a transaction for long. ``limit`` must be an int
-        from 1 to ``MAX_COUNT`` (see :func:`require_count`).
+        from 1 to ``MAX_COUNT`` (see :func:`require_count`), and ``now`` a finite UNIX
+        timestamp (see :func:`require_time`), or nothing is deleted.
         """
 
     @abc.abstractmethod
@@ -374,7 +396,8 @@ class Store(abc.ABC):
 
         Live sessions are those with ``expires_at > now``; ``expired_sessions``
         counts the stored ones that are not, i.e. what :meth:`delete_expired`
-        would remove (0 from a store that cannot know). It may read every
+        would remove (``None`` from a store that cannot count them: see
+        :attr:`counts_expired_sessions`). It may read every
         session, so it belongs in admin screens and jobs, never on the
         request path.
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
-from authsessions.stores._base import CreateError, DataTooLarge, Store, require_count
+from authsessions.stores._base import CreateError, DataTooLarge, Store, require_count, require_time
 
 __all__ = ["MemoryStore"]
 
@@ -42,6 +42,7 @@ class MemoryStore(Store):
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         require_count("max_sessions", max_sessions)
+        require_time("now", now)
         if record.id in self._rows or record.token_digest in self._ids_by_digest:
             raise CreateError(record.id)
         self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
@@ -111,6 +112,7 @@ class MemoryStore(Store):
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         require_count("limit", limit)
+        require_time("now", now)
         # The scan stops at ``limit``: a batch costs what it deletes, not the whole dict.
         expired = (sid for sid, row in self._rows.items() if row.record.expires_at <= now)
         doomed = list(itertools.islice(expired, limit))

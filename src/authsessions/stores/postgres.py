@@ -42,6 +42,7 @@ from authsessions.stores._base import (
     Store,
     accept_newer_schema,
     require_count,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -468,6 +469,7 @@ class PostgresStore(Store):
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         require_count("max_sessions", max_sessions)
+        require_time("now", now)
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
@@ -543,6 +545,7 @@ class PostgresStore(Store):
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         require_count("limit", limit)
+        require_time("now", now)
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
         return await self._execute(self._sql.delete_expired, now, limit)
 

@@ -61,6 +61,7 @@ from authsessions.stores._base import (
     DataTooLarge,
     Store,
     require_count,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -126,6 +127,7 @@ class RedisStore(Store):
             option in the URL that redis-py does not take.
     """
 
+    counts_expired_sessions = False  # Redis drops expired sessions by itself
     _bound_to_loop = True  # redis-py's connections belong to the loop that opened them
 
     def __init__(
@@ -305,6 +307,7 @@ class RedisStore(Store):
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         require_count("max_sessions", max_sessions)
+        require_time("now", now)
         self._require_client()
         tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
@@ -466,6 +469,7 @@ class RedisStore(Store):
         call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
         require_count("limit", limit)
+        require_time("now", now)
         client = self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared
@@ -521,7 +525,7 @@ class RedisStore(Store):
         type and expiry in one pipelined round trip. Keys and users seen are
         remembered (SCAN may return a key twice). Not a snapshot: sessions
         created or ended meanwhile may or may not count. ``expired_sessions`` is
-        always 0: Redis drops expired sessions itself, so what cleanup would
+        ``None``: Redis drops expired sessions itself, so what cleanup would
         remove is unknown.
 
         Raises:
@@ -544,7 +548,7 @@ class RedisStore(Store):
                         await self._tally(batch, now, users, by_type)
                         batch = []
                 await self._tally(batch, now, users, by_type)
-        return StoreStats(sum(by_type.values()), len(users), by_type, expired_sessions=0)
+        return StoreStats(sum(by_type.values()), len(users), by_type, expired_sessions=None)
 
     async def _tally(
         self, keys: list[str], now: float, users: set[str], by_type: dict[str, int]

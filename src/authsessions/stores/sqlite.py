@@ -48,6 +48,7 @@ from authsessions.stores._base import (
     Store,
     accept_newer_schema,
     require_count,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -365,6 +366,7 @@ class SQLiteStore(Store):
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
         require_count("max_sessions", max_sessions)
+        require_time("now", now)
         values = (
             record.id, record.token_digest, record.user_id, record.ip_address, record.user_agent,
             record.device_name, record.device_type, record.fingerprint, dump_json(record.data),
@@ -532,6 +534,7 @@ class SQLiteStore(Store):
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         require_count("limit", limit)
+        require_time("now", now)
         sql = (
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
