@@ -11,7 +11,14 @@ import ipaddress
 
 import pytest
 
-from authsessions._client import client_ip, describe_device, user_agent_of
+from authsessions._client import (
+    MAX_USER_AGENT_LENGTH,
+    _device_of_header,
+    client_ip,
+    describe_device,
+    device_of,
+    user_agent_of,
+)
 from authsessions._config import IPNetwork
 from tests.apps.session_app import CHROME_MAC, FIREFOX_WINDOWS
 
@@ -167,6 +174,17 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
         ("10.0.0.1", [(b"x-real-ip", b"fe80::1%" + b"x" * 8000)], PROXIES, "fe80::1"),
         ("10.0.0.1", [], PROXIES, "10.0.0.1"),
         ("testclient", [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, "testclient"),
+        # What a server listening on "::" reports for IPv4 peers.
+        ("::ffff:10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, "203.0.113.9"),
+        ("::ffff:192.0.2.1", [], (), "192.0.2.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"::ffff:203.0.113.9")], PROXIES, "203.0.113.9"),
+        (
+            "10.0.0.1",
+            [(b"x-forwarded-for", b"203.0.113.9, ::ffff:10.1.1.1")],
+            PROXIES,
+            "203.0.113.9",
+        ),
+        ("2001:DB8::0:7", [], (), "2001:db8::7"),
         (None, [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, None),
     ],
     ids=[
@@ -189,6 +207,11 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
         "ipv6-scope-text-dropped-from-x-real-ip",
         "trusted-peer-without-headers",
         "non-ip-peer",
+        "ipv4-mapped-trusted-peer",
+        "ipv4-mapped-peer",
+        "ipv4-mapped-hop",
+        "ipv4-mapped-trusted-hop",
+        "ipv6-peer-in-its-short-form",
         "no-peer",
     ],
 )
@@ -199,6 +222,20 @@ def test_client_ip(
     expected: str | None,
 ) -> None:
     assert client_ip(scope(peer, headers), trusted) == expected
+
+
+def test_devices_are_cached_by_the_part_of_the_user_agent_that_is_parsed() -> None:
+    """Keyed on the whole header, the cache would keep every long variant a client sends."""
+    prefix = CHROME_MAC.encode().ljust(MAX_USER_AGENT_LENGTH, b" ")
+    _device_of_header.cache_clear()
+
+    devices = {
+        device_of(scope(headers=[(b"user-agent", prefix + tail * 10_000)]))
+        for tail in (b"a", b"b", b"c")
+    }
+
+    assert len(devices) == 1
+    assert _device_of_header.cache_info().currsize == 1
 
 
 def test_user_agent_is_read_leniently_and_capped() -> None:

@@ -66,17 +66,21 @@ def user_agent_of(scope: Scope) -> str:
 
 
 def device_of(scope: Scope) -> Device:
-    """The :class:`Device` a request's User-Agent describes (cached by the raw header)."""
+    """The :class:`Device` a request's User-Agent describes (cached by the header's first
+    ``MAX_USER_AGENT_LENGTH`` bytes, all that is parsed).
+    """
     value: bytes
     for name, value in scope["headers"]:
         if name == b"user-agent":
-            return _device_of_header(value)
+            # Capped before the cache: keyed on the whole header, a client could fill the
+            # cache with long headers that differ only past what is parsed.
+            return _device_of_header(value[:MAX_USER_AGENT_LENGTH])
     return _device_of_header(b"")
 
 
 @lru_cache(maxsize=4096)
 def _device_of_header(value: bytes) -> Device:
-    return describe_device(value[:MAX_USER_AGENT_LENGTH].decode("latin-1"))
+    return describe_device(value.decode("latin-1"))
 
 
 def describe_device(user_agent: str) -> Device:
@@ -122,12 +126,18 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     The peer address is the answer unless it lies in ``trusted``; only then
     are X-Forwarded-For (its right-most hop that is not itself trusted) and
     X-Real-IP believed. A hop that is not an IP address stops the walk at the
-    last address known good.
+    last address known good. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
+    what a server listening on ``::`` reports for IPv4 clients) are given as IPv4.
     """
     client = scope.get("client")
-    peer: str | None = client[0] if client else None
-    if not trusted or peer is None or not _is_trusted(peer, trusted):
-        return peer
+    if not client:
+        return None
+    host: str = client[0]
+    peer = _parse_ip(host)
+    if peer is None:
+        return host  # not an IP address (a socket path, a test client's name)
+    if not any(peer in network for network in trusted):
+        return str(peer)
     forwarded: list[str] = []
     real_ip: str | None = None
     value: bytes
@@ -137,7 +147,7 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
         elif name == b"x-real-ip":
             real_ip = value.decode("latin-1").strip()
     if forwarded:
-        nearest = peer
+        nearest = str(peer)
         for hop in reversed(forwarded):
             address = _parse_ip(hop.strip())
             if address is None:
@@ -148,19 +158,19 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
         return nearest
     if real_ip is not None:
         address = _parse_ip(real_ip)
-        return str(address) if address is not None else peer
-    return peer
-
-
-def _is_trusted(host: str, trusted: Sequence[IPNetwork]) -> bool:
-    address = _parse_ip(host)
-    return address is not None and any(address in network for network in trusted)
+        return str(address if address is not None else peer)
+    return str(peer)
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         # Without an IPv6 scope: ipaddress takes any text after "%" as one, which would
         # let a forwarded header store whatever it likes as the session's address.
-        return ipaddress.ip_address(text.partition("%")[0])
+        address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None
+    # A server listening on "::" sees IPv4 clients as ::ffff:a.b.c.d, which no IPv4
+    # network of trusted_proxies contains.
+    if isinstance(address, ipaddress.IPv6Address):
+        return address.ipv4_mapped or address
+    return address
