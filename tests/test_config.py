@@ -88,14 +88,36 @@ def test_a_list_of_trusted_proxies_is_stored_as_a_tuple() -> None:
     assert config.trusted_proxies == ("10.0.0.0/8",)
 
 
+def test_the_shortest_durations_and_plainest_cookie_attributes_are_taken() -> None:
+    config = SessionConfig(
+        ttl=timedelta(seconds=1),
+        absolute_ttl=timedelta(seconds=1),
+        touch_interval=timedelta(0),
+        cookie_name="s",
+        cookie_path="/a b/~x",
+        cookie_domain=".xn--bcher-kva.example-1.com",
+        trusted_proxies=("0.0.0.0/0",),  # every peer: a deliberate choice, not a typo
+    )
+
+    assert (config.ttl_seconds, config.absolute_ttl_seconds) == (1.0, 1.0)
+    assert config.trusted_networks == (ipaddress.ip_network("0.0.0.0/0"),)
+    assert SessionConfig(cookie_name="s", cookie_domain="localhost").cookie_domain == "localhost"
+
+
 def test_secure_prefixes_are_fine_with_secure_cookies() -> None:
     assert SessionConfig(cookie_name="__Secure-session", cookie_domain="example.com")
     assert SessionConfig(cookie_name="__Secure-session", cookie_path="/app")
 
 
+PATH_RULE = 'cookie_path must start with "/" and hold only printable ASCII but ";"'
+DOMAIN_RULE = "cookie_domain must be a host name such as 'example.com'"
+
 INVALID: list[tuple[str, dict[str, Any], str]] = [
-    ("ttl-zero", {"ttl": timedelta(0)}, "ttl must be positive"),
-    ("ttl-negative", {"ttl": timedelta(seconds=-1)}, "ttl must be positive"),
+    ("ttl-zero", {"ttl": timedelta(0)}, "ttl must be at least 1 second"),
+    ("ttl-negative", {"ttl": timedelta(seconds=-1)}, "ttl must be at least 1 second"),
+    # Max-Age counts whole seconds: the cookie would be sent as Max-Age=0, deleted at once.
+    ("ttl-under-a-second", {"ttl": timedelta(milliseconds=999)},
+     "ttl must be at least 1 second (a cookie's Max-Age counts whole seconds)"),
     ("ttl-not-timedelta", {"ttl": 3600}, "ttl must be a datetime.timedelta"),
     ("touch-equals-ttl", {"ttl": timedelta(hours=1), "touch_interval": timedelta(hours=1)},
      "touch_interval must be at least 0 and shorter than ttl"),
@@ -104,9 +126,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("touch-negative", {"touch_interval": timedelta(seconds=-1)},
      "touch_interval must be at least 0"),
     ("touch-not-timedelta", {"touch_interval": 300}, "touch_interval must be a datetime.timedelta"),
-    ("absolute-zero", {"absolute_ttl": timedelta(0)}, "absolute_ttl must be positive or None"),
+    ("absolute-zero", {"absolute_ttl": timedelta(0)},
+     "absolute_ttl must be at least 1 second or None"),
     ("absolute-negative", {"absolute_ttl": timedelta(days=-1)},
-     "absolute_ttl must be positive or None"),
+     "absolute_ttl must be at least 1 second or None"),
+    ("absolute-under-a-second", {"absolute_ttl": timedelta(milliseconds=400)},
+     "absolute_ttl must be at least 1 second or None"),
     ("absolute-not-timedelta", {"absolute_ttl": 60}, "absolute_ttl must be a datetime.timedelta"),
     ("max-sessions-zero", {"max_sessions_per_user": 0},
      "max_sessions_per_user must be an integer >= 1"),
@@ -139,20 +164,26 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      'cookie_same_site must be "lax" or "strict"'),
     ("path-relative", {"cookie_name": "s", "cookie_path": "app"},
      'cookie_path must start with "/"'),
-    ("path-injection", {"cookie_name": "s", "cookie_path": "/; Domain=evil.example"},
-     "may not contain ';'"),
+    ("path-injection", {"cookie_name": "s", "cookie_path": "/; Domain=evil.example"}, PATH_RULE),
+    ("path-bare-cr", {"cookie_name": "s", "cookie_path": "/\rX: 1"}, PATH_RULE),
+    ("path-bare-lf", {"cookie_name": "s", "cookie_path": "/\nX: 1"}, PATH_RULE),
+    # A server refuses a header value holding a control character: every sign-in would fail.
+    ("path-nul", {"cookie_name": "s", "cookie_path": "/\x00x"}, PATH_RULE),
+    ("path-del", {"cookie_name": "s", "cookie_path": "/\x7f"}, PATH_RULE),
+    ("path-non-ascii", {"cookie_name": "s", "cookie_path": "/€"}, PATH_RULE),
     ("domain-injection", {"cookie_name": "s", "cookie_domain": "example.com\r\nX-Evil: 1"},
-     "may not contain ';' or newlines"),
+     DOMAIN_RULE),
     ("domain-bare-lf", {"cookie_name": "s", "cookie_domain": "example.com\nX-Evil: 1"},
-     "may not contain ';' or newlines"),
-    ("path-bare-cr", {"cookie_name": "s", "cookie_path": "/\rX: 1"},
-     "may not contain ';' or newlines"),
-    ("path-bare-lf", {"cookie_name": "s", "cookie_path": "/\nX: 1"},
-     "may not contain ';' or newlines"),
-    ("domain-empty", {"cookie_name": "s", "cookie_domain": ""},
-     "cookie_domain must be a non-empty domain or None"),
-    ("domain-not-str", {"cookie_name": "s", "cookie_domain": 5},
-     "cookie_domain must be a non-empty domain or None"),
+     DOMAIN_RULE),
+    ("domain-attribute", {"cookie_name": "s", "cookie_domain": "example.com; Secure"},
+     DOMAIN_RULE),
+    ("domain-space", {"cookie_name": "s", "cookie_domain": "exa mple.com"}, DOMAIN_RULE),
+    ("domain-del", {"cookie_name": "s", "cookie_domain": "example.com\x7f"}, DOMAIN_RULE),
+    ("domain-port", {"cookie_name": "s", "cookie_domain": "example.com:8000"}, DOMAIN_RULE),
+    ("domain-unicode", {"cookie_name": "s", "cookie_domain": "bücher.example"}, DOMAIN_RULE),
+    ("domain-empty-label", {"cookie_name": "s", "cookie_domain": "example..com"}, DOMAIN_RULE),
+    ("domain-empty", {"cookie_name": "s", "cookie_domain": ""}, DOMAIN_RULE),
+    ("domain-not-str", {"cookie_name": "s", "cookie_domain": 5}, DOMAIN_RULE),
     ("secure-from-env", {"cookie_name": "s", "cookie_secure": "false"},
      "cookie_secure must be True or False, got 'false'"),
     ("http-only-from-env", {"cookie_http_only": "no"}, "cookie_http_only must be True or False"),
@@ -167,6 +198,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      "trusted_proxies has an invalid CIDR 'proxy.internal'"),
     ("cidr-bare-string", {"trusted_proxies": "10.0.0.0/8"},
      "trusted_proxies must be a tuple of CIDR strings"),
+    # A typo that strict=False would widen into every address there is.
+    ("cidr-host-bits", {"trusted_proxies": ("10.1.2.3/0",)},
+     "trusted_proxies has an invalid CIDR '10.1.2.3/0': 10.1.2.3/0 has host bits set"),
+    ("cidr-int", {"trusted_proxies": (0,)}, "trusted_proxies must hold CIDR strings, got 0"),
+    ("cidr-network", {"trusted_proxies": (ipaddress.ip_network("10.0.0.0/8"),)},
+     "trusted_proxies must hold CIDR strings, got IPv4Network('10.0.0.0/8')"),
 ]  # fmt: skip
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
 from authsessions._records import MAX_COUNT
 
-__all__ = ["MAX_DURATION", "SessionConfig"]
+__all__ = ["MAX_DURATION", "MIN_DURATION", "SessionConfig"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DOMAIN = re.compile(r"\.?[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+MIN_DURATION = timedelta(seconds=1)
+"""The shortest ``ttl`` or ``absolute_ttl``: a cookie's Max-Age counts whole seconds, so a
+shorter session would be sent with ``Max-Age=0``, which deletes it at once."""
 
 MAX_DURATION = timedelta(days=36525)
 """The longest ``ttl`` or ``absolute_ttl``, 100 years: an expiry beyond year 9999 is no
@@ -29,12 +36,12 @@ class SessionConfig:
     """
 
     ttl: timedelta = timedelta(days=30)
-    """Idle (sliding) lifetime: activity moves ``expires_at`` to now + ttl; at most
-    :data:`MAX_DURATION` (100 years)."""
+    """Idle (sliding) lifetime: activity moves ``expires_at`` to now + ttl; from
+    :data:`MIN_DURATION` (1 second) to :data:`MAX_DURATION` (100 years)."""
 
     absolute_ttl: timedelta | None = None
-    """Hard cap counted from ``created_at``; never extended by activity or ``rotate``; at
-    most :data:`MAX_DURATION`."""
+    """Hard cap counted from ``created_at``; never extended by activity or ``rotate``; from
+    :data:`MIN_DURATION` to :data:`MAX_DURATION`."""
 
     touch_interval: timedelta = timedelta(minutes=5)
     """At most one "last active" write per session per interval: activity within it,
@@ -57,7 +64,8 @@ class SessionConfig:
     cookie_domain: str | None = None
 
     trusted_proxies: tuple[str, ...] = ()
-    """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed."""
+    """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed.
+    A network with host bits set ("10.1.2.3/8") is refused: a typo must not widen it."""
 
     max_data_bytes: int = 65536
     """Cap on the serialised JSON data of one session (at most 2**31 - 1)."""
@@ -71,16 +79,10 @@ class SessionConfig:
     def __post_init__(self) -> None:
         _require_timedelta("ttl", self.ttl)
         _require_timedelta("touch_interval", self.touch_interval)
-        if self.ttl <= timedelta(0):
-            raise ValueError(f"ttl must be positive, got {self.ttl!r}.")
-        _require_at_most_max_duration("ttl", self.ttl)
+        _require_duration("ttl", self.ttl)
         if self.absolute_ttl is not None:
             _require_timedelta("absolute_ttl", self.absolute_ttl)
-            if self.absolute_ttl <= timedelta(0):
-                raise ValueError(
-                    f"absolute_ttl must be positive or None, got {self.absolute_ttl!r}."
-                )
-            _require_at_most_max_duration("absolute_ttl", self.absolute_ttl)
+            _require_duration("absolute_ttl", self.absolute_ttl, or_none=True)
         if not timedelta(0) <= self.touch_interval < self.ttl:
             raise ValueError(
                 f"touch_interval must be at least 0 and shorter than ttl ({self.ttl!r}), "
@@ -119,19 +121,25 @@ class SessionConfig:
             raise ValueError(
                 f'cookie_same_site must be "lax" or "strict", got {self.cookie_same_site!r}.'
             )
-        if not isinstance(self.cookie_path, str) or not self.cookie_path.startswith("/"):
-            raise ValueError(f'cookie_path must start with "/", got {self.cookie_path!r}.')
-        if self.cookie_domain is not None and (
-            not isinstance(self.cookie_domain, str) or not self.cookie_domain
+        path = self.cookie_path
+        # A header value takes printable ASCII; ";" would start another attribute.
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or not path.isascii()
+            or not path.isprintable()
+            or ";" in path
         ):
             raise ValueError(
-                f"cookie_domain must be a non-empty domain or None, got {self.cookie_domain!r}."
+                'cookie_path must start with "/" and hold only printable ASCII but ";", '
+                f"got {path!r}."
             )
-        for attribute in (self.cookie_path, self.cookie_domain or ""):
-            if any(ch in attribute for ch in ";\r\n"):
-                raise ValueError(
-                    f"cookie attributes may not contain ';' or newlines: {attribute!r}."
-                )
+        domain = self.cookie_domain
+        if domain is not None and (not isinstance(domain, str) or not _DOMAIN.fullmatch(domain)):
+            raise ValueError(
+                "cookie_domain must be a host name such as 'example.com' (letters, digits, "
+                f"'-' and '.'; an international name in its xn-- form) or None, got {domain!r}."
+            )
         lowered = name.lower()
         if not self.cookie_secure and lowered.startswith(("__host-", "__secure-")):
             raise ValueError(
@@ -153,7 +161,12 @@ def _require_timedelta(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a datetime.timedelta, got {value!r}.")
 
 
-def _require_at_most_max_duration(name: str, value: timedelta) -> None:
+def _require_duration(name: str, value: timedelta, *, or_none: bool = False) -> None:
+    if value < MIN_DURATION:
+        raise ValueError(
+            f"{name} must be at least 1 second{' or None' if or_none else ''} (a cookie's "
+            f"Max-Age counts whole seconds), got {value!r}."
+        )
     if value > MAX_DURATION:
         raise ValueError(
             f"{name} must be at most {MAX_DURATION.days} days (100 years), got {value!r}."
@@ -176,8 +189,12 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
         )
     networks = []
     for cidr in cidrs:
+        # An int would be read as one address; a string with host bits set is a typo
+        # that strict=False would widen ("10.1.2.3/0" into every address there is).
+        if not isinstance(cidr, str):
+            raise ValueError(f"trusted_proxies must hold CIDR strings, got {cidr!r}.")
         try:
-            networks.append(ipaddress.ip_network(cidr, strict=False))
-        except (TypeError, ValueError) as exc:
+            networks.append(ipaddress.ip_network(cidr))
+        except ValueError as exc:
             raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}") from None
     return tuple(networks)
