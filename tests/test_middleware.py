@@ -938,6 +938,25 @@ def test_websocket_is_refused_with_try_again_later_while_the_store_is_down(
     assert hello["user_id"] == "alice"
 
 
+def test_a_websocket_with_a_malformed_cookie_never_reaches_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteStore(path)
+    with TestClient(build_app(store), base_url="https://testserver") as client:
+        client.post("/login", json={"user_id": "alice"})
+
+        # Down, the store would refuse the socket (1013): it is never asked.
+        with (
+            table_renamed_away(path),
+            client.websocket_connect("/ws", headers={"cookie": f"{COOKIE}=junk"}) as ws,
+        ):
+            hello = ws.receive_json()
+            ws.receive_json()
+            ws.send_json(1)
+        client.portal.call(store.close)  # type: ignore[union-attr]
+
+    assert hello == {"user_id": None, "theme": None, "authenticated": False}
+
+
 # -- lifespan and the default store ----------------------------------------------------------------
 
 

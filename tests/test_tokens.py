@@ -23,6 +23,7 @@ from authsessions._tokens import (
 from authsessions.stores import SQLiteStore
 from tests.apps.session_app import COOKIE, cookie_header, session_cookie
 from tests.conftest import AppFactory, ClientFactory
+from tests.stores.records import make_record, make_update, start_time
 
 URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -98,6 +99,16 @@ def test_session_data_never_carries_the_token_or_its_digest() -> None:
     names = {f.name for f in dataclasses.fields(SessionData)}
 
     assert not any("token" in name or "digest" in name for name in names)
+
+
+def test_what_a_store_is_handed_shows_no_digest_in_its_repr() -> None:
+    """Records and updates reach custom stores, which may log them."""
+    record = make_record(now=start_time())
+    update = make_update(now=start_time(), token_digest=token_digest(new_token()))
+
+    assert record.token_digest not in repr(record)
+    assert update.token_digest is not None
+    assert update.token_digest not in repr(update)
 
 
 def all_bytes_in(directory: Path) -> bytes:

@@ -206,7 +206,7 @@ class SessionUpdate:
     expires_at: float | None
     set_keys: Mapping[str, Any] = field(default_factory=dict)
     removed_keys: frozenset[str] = frozenset()
-    token_digest: str | None = None
+    token_digest: str | None = field(default=None, repr=False)  # kept out of logs
     max_data_bytes: int | None = None
 
     @property
