@@ -25,7 +25,7 @@ from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Scope
@@ -158,6 +158,60 @@ async def test_authenticated_response_vary_gains_cookie_exactly_once(
 
     assert response.json() == {"user": "alice"}
     assert response.headers.get_list("vary") == [expected]
+
+
+async def test_a_response_object_shared_by_handlers_never_carries_a_cookie_to_another_caller(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Starlette sends a Response's own header list each time it is returned."""
+    shared = PlainTextResponse("ok", headers={"x-app": "1"})
+
+    async def sign_in(request: Request) -> Response:
+        await Session.from_request(request).authenticate("alice")
+        return shared
+
+    async def health(request: Request) -> Response:
+        return shared
+
+    app = app_factory(
+        sqlite_store,
+        extra_routes=[Route("/sign-in", sign_in, methods=["POST"]), Route("/health", health)],
+    )
+    alice, stranger = client_factory(app), client_factory(app)
+    signed_in = await alice.post("/sign-in")
+    bad_cookie = await stranger.get("/health", headers=cookie_header("A" * 43))
+    anonymous = await client_factory(app).get("/health")
+
+    assert session_cookie(signed_in) is not None
+    assert_clears_cookie(bad_cookie)
+    assert sorted(anonymous.headers.multi_items()) == [
+        ("content-length", "2"),
+        ("content-type", "text/plain; charset=utf-8"),
+        ("x-app", "1"),
+    ]
+    assert shared.raw_headers == PlainTextResponse("ok", headers={"x-app": "1"}).raw_headers
+
+
+async def test_a_start_message_an_app_sends_every_time_is_never_changed() -> None:
+    headers = [(b"x-app", b"1")]
+    start: Message = {"type": "http.response.start", "status": 200, "headers": headers}
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await Session.from_scope(scope).authenticate("alice")
+            await send(start)
+            await send({"type": "http.response.body", "body": b""})
+
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=SessionMiddleware(app, store=MemoryStore())),
+        base_url="https://testserver",
+    )
+    async with client:
+        responses = [await client.get("/") for _ in range(2)]
+
+    assert [len(response.headers.get_list("set-cookie")) for response in responses] == [1, 1]
+    assert start == {"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]}
+    assert start["headers"] is headers
 
 
 async def test_cookie_clearing_response_is_no_store_and_varies_on_cookie(

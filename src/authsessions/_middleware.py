@@ -191,15 +191,20 @@ class SessionMiddleware:
         """Anonymous, and the response clears the cookie the request carried."""
         return Session(self.store, self.config, scope, None, None, "clear")
 
-    def _add_headers(self, message: Message, session: Session) -> None:
+    def _with_headers(self, message: Message, session: Session) -> Message:
+        """``message`` (a response start) with the session's headers added.
+
+        A copy, never the app's own message or header list: a Response object returned
+        by several handlers sends one list every time, an ASGI app may send one message
+        dict every time, and a cookie added to either would go to every later caller.
+        """
         # The session's state is read directly, not through properties: every response
         # with a session comes here.
         change = session._cookie_change
         if change == "keep" and session._record is None:
-            return
-        headers = message.get("headers")
-        if not isinstance(headers, list):
-            headers = message["headers"] = list(headers or ())
+            return message
+        headers = list(message.get("headers") or ())
+        message = {**message, "headers": headers}
         if change != "keep":
             cookie = session.cookie_token() if change == "set" else None
             headers.append(
@@ -215,7 +220,7 @@ class SessionMiddleware:
                 break
         else:
             headers += _NO_STORE_VARY_COOKIE  # the usual case: the app set neither
-            return
+            return message
         cache_control = vary = -1
         for index, (name, _) in enumerate(headers):
             if name == b"cache-control":
@@ -230,6 +235,7 @@ class SessionMiddleware:
             headers.append(_VARY_COOKIE)
         elif not _varies_on_cookie(headers[vary][1]):
             headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
+        return message
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_wrapper() -> Message:
@@ -275,8 +281,7 @@ class _SessionSend:
         write = session.pending_write(save=message["status"] < 500)
         if write is not None:
             return self._start_after(write, message)
-        self._middleware._add_headers(message, session)
-        return self._send(message)
+        return self._send(self._middleware._with_headers(message, session))
 
     async def _start_after(self, write: Awaitable[None], message: Message) -> None:
         try:
@@ -285,13 +290,11 @@ class _SessionSend:
             # Answer here instead of raising into the app: its own error handlers
             # would see a started response and send a bare 500.
             self.replaced_by_error = True
-            message, body = _error_response(exc)
-            self._middleware._add_headers(message, self._session)
-            await self._send(message)
+            start, body = _error_response(exc)
+            await self._send(self._middleware._with_headers(start, self._session))
             await self._send(body)
             return
-        self._middleware._add_headers(message, self._session)
-        await self._send(message)
+        await self._send(self._middleware._with_headers(message, self._session))
 
 
 async def open_at_startup(store: Store) -> None:
