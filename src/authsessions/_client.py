@@ -133,6 +133,8 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     if not client:
         return None
     host: str = client[0]
+    if not trusted and not host.startswith("::ffff:"):
+        return host  # the usual case, without ipaddress's parse on every login
     peer = _parse_ip(host)
     if peer is None:
         return host  # not an IP address (a socket path, a test client's name)
