@@ -13,7 +13,7 @@ import gc
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -925,6 +926,77 @@ async def test_a_session_error_after_the_response_started_is_raised_not_answered
         await SessionMiddleware(starts_then_refuses, store=MemoryStore())(scope, receive, send)
 
     assert [message["type"] for message in sent] == ["http.response.start"]
+
+
+# -- after the response started ---------------------------------------------------------------
+
+AFTER_THE_RESPONSE: dict[str, Callable[[Session], Awaitable[None] | None]] = {
+    "rotate": lambda session: session.rotate(),
+    "authenticate": lambda session: session.authenticate("mallory"),
+    "set": lambda session: session.set("late", 1),
+    "remove_key": lambda session: session.remove_key("theme"),
+}
+
+
+def late_route(operation: str) -> Route:
+    """``/late``: answers at once, then runs ``operation`` in a background task."""
+
+    async def late(request: Request) -> Response:
+        session = Session.from_request(request)
+
+        async def act() -> None:
+            outcome = AFTER_THE_RESPONSE[operation](session)
+            if outcome is not None:
+                await outcome
+
+        return PlainTextResponse("ok", background=BackgroundTask(act))
+
+    return Route("/late", late)
+
+
+@pytest.mark.parametrize("operation", list(AFTER_THE_RESPONSE))
+async def test_what_needs_the_response_is_refused_after_it_started_and_changes_nothing(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """A rotate there ended the browser's session and never sent the new cookie; a key
+    set there was dropped without a word."""
+    token, _ = await plant_session(sqlite_store, "alice", data={"theme": "dark"})
+    client = client_factory(app_factory(sqlite_store, extra_routes=[late_route(operation)]))
+
+    with pytest.raises(RuntimeError, match=rf"{operation}\(\) after the response started"):
+        await client.get("/late", headers=cookie_header(token))
+
+    me = await client.get("/me", headers=cookie_header(token))
+    assert me.json()["user_id"] == "alice"
+    assert me.json()["session"]["data"] == {"theme": "dark"}
+    assert [s.user_id for s in await SessionManager(sqlite_store).list_for_user("mallory")] == []
+
+
+async def test_a_logout_after_the_response_started_still_ends_the_session(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    async def late(request: Request) -> Response:
+        return PlainTextResponse(
+            "ok", background=BackgroundTask(Session.from_request(request).logout)
+        )
+
+    token, _ = await plant_session(sqlite_store, "alice")
+    client = client_factory(app_factory(sqlite_store, extra_routes=[Route("/late", late)]))
+
+    assert (await client.get("/late", headers=cookie_header(token))).status_code == 200
+
+    assert (await client.get("/me", headers=cookie_header(token))).json()["user_id"] is None
+
+
+async def test_a_login_after_an_anonymous_response_started_is_refused(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    client = client_factory(app_factory(sqlite_store, extra_routes=[late_route("authenticate")]))
+
+    with pytest.raises(RuntimeError, match=r"authenticate\(\) after the response started"):
+        await client.get("/late")
+
+    assert await SessionManager(sqlite_store).list_for_user("mallory") == []
 
 
 # -- WebSocket ----------------------------------------------------------------------------------

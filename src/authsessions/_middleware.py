@@ -277,6 +277,7 @@ class _SessionSend:
         self.response_started = True
         session = self._session
         if session._record is None and session._cookie_change == "keep":
+            session._flushed = True  # a login from now on could not send its cookie
             return self._send(message)  # nothing to write, no header to add
         write = session.pending_write(save=message["status"] < 500)
         if write is not None:

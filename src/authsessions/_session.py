@@ -104,6 +104,7 @@ class Session:
         self._cookie_change = cookie_change
         # Keys set (to their value) or removed (to _REMOVED) in this request, to write.
         self._changes: dict[str, Any] | None = None
+        # The response has started (the socket has ended): nothing more can be written.
         self._flushed = False
 
     def __repr__(self) -> str:
@@ -196,9 +197,13 @@ class Session:
         Raises:
             SessionDataError: ``value`` is not plain JSON, or the session's data
                 would exceed ``max_data_bytes``. The session is left unchanged.
+            RuntimeError: the response has started (in a background task or a
+                streaming body), so the change could no longer be written.
         """
         if self._record is None:
             return
+        if self._flushed:
+            raise self._too_late("set")
         if not isinstance(key, str):
             raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
         value = plain_json_copy(value, f"the value for session key {key!r}")
@@ -207,9 +212,15 @@ class Session:
         self._change(key, value)
 
     def remove_key(self, key: str) -> None:
-        """Remove ``key``; written when the response starts. No-op without a session or key."""
+        """Remove ``key``; written when the response starts. No-op without a session or key.
+
+        Raises:
+            RuntimeError: the response has started (see :meth:`set`).
+        """
         if self._record is None or key not in self._data:
             return
+        if self._flushed:
+            raise self._too_late("remove_key")
         del self._own_data()[key]
         self._change(key, _REMOVED)
 
@@ -237,7 +248,7 @@ class Session:
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
         self._check_fits(initial, "the initial session data")
-        self._refuse_cookie_on_websocket("authenticate")
+        self._refuse_cookie_change("authenticate")
         if self._record is not None:
             await self._store.delete(self._record.id)
             self._end()  # if the new session cannot be made, the ended one's cookie goes
@@ -293,7 +304,7 @@ class Session:
                 with random tokens; a broken random source, say).
         """
         self._require_session()
-        self._refuse_cookie_on_websocket("rotate")
+        self._refuse_cookie_change("rotate")
         now = time.time()
         for _attempt in range(3):
             # Again on each attempt: another task may have ended the session meanwhile.
@@ -417,10 +428,12 @@ class Session:
         write raises :class:`SessionDataError` when the changed keys, merged
         with what concurrent requests stored, would exceed ``max_data_bytes``.
         """
-        record = self._record
-        if self._flushed or record is None or not save:
+        if self._flushed:
             return None
         self._flushed = True
+        record = self._record
+        if record is None or not save:
+            return None
         now = time.time()
         touch_due = now - record.last_active_at >= self._config.touch_interval_seconds
         if not (touch_due or self._changes):
@@ -515,12 +528,24 @@ class Session:
             raise Unauthorized()
         return self._record
 
-    def _refuse_cookie_on_websocket(self, operation: str) -> None:
+    def _refuse_cookie_change(self, operation: str) -> None:
+        """Refuse, before any store access, what would need a cookie no response can carry."""
         if self._connection[0] == "websocket":
             raise RuntimeError(
                 f"{operation}() sets a cookie, which a WebSocket cannot carry; do it in an "
                 "HTTP request."
             )
+        if self._flushed:
+            raise self._too_late(operation)
+
+    def _too_late(self, operation: str) -> RuntimeError:
+        # A rotate or login here would end the session the browser holds and never send
+        # the new cookie; a key set here would be dropped without a word.
+        return RuntimeError(
+            f"{operation}() after the response started (in a background task or a "
+            "streaming body) could not reach the store or the cookie; call it in the "
+            "handler, before it returns the response."
+        )
 
     def _expiry(self, *, created_at: float, now: float) -> float:
         expires_at = now + self._config.ttl_seconds
