@@ -152,6 +152,7 @@ class Ratio(float):
         CYCLIC_LIST,
         {"a": CYCLIC_DICT},
         Ratio("nan"),
+        10**5000,  # Python will not write an int past 4300 digits
     ],
     ids=[
         "set",
@@ -173,6 +174,7 @@ class Ratio(float):
         "list-holding-itself",
         "dict-holding-itself",
         "float-subclass-nan",
+        "int-past-4300-digits",
     ],
 )
 async def test_set_rejects_what_strict_json_cannot_hold_and_changes_nothing(
@@ -218,6 +220,18 @@ async def test_set_accepts_plain_json_and_stores_a_copy(run: Runner, sqlite_stor
     expected = {**value, "l": [1, "two", [3.0], {"four": 4}]}
     assert outcome.data_after == {"value": expected}
     assert await stored_data(sqlite_store) == {"value": expected}
+
+
+@pytest.mark.parametrize(
+    "value", [2**63, -(2**63) - 1, 10**4299], ids=["2**63", "-2**63-1", "4300-digits"]
+)
+async def test_set_takes_ints_of_any_size_json_writes(
+    run: Runner, sqlite_store: Store, value: int
+) -> None:
+    outcome = await run(lambda s: s.set("n", value))
+
+    assert outcome.error is None
+    assert await stored_data(sqlite_store) == {"n": value}
 
 
 async def test_set_stores_subclasses_of_json_scalars_as_the_plain_values(
@@ -379,6 +393,7 @@ STORED = {
     "none": None,
     "cart": {"items": [1, 2], "total": 3.5},
     "bad_cart": {"items": ["1"], "total": 3.5},
+    "huge_int": 10**400,
 }
 
 
@@ -431,6 +446,7 @@ async def test_get_accepts_an_int_as_float(run: Runner) -> None:
         ("none", int),
         ("mixed_list", list[int]),
         ("str_int", list[int]),
+        ("huge_int", float),  # no float holds it
     ],
     ids=lambda p: getattr(p, "__name__", str(p)),
 )

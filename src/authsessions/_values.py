@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 _PLAIN_TYPES: frozenset[type] = frozenset({str, int, float, bool, list, dict, type(None)})
 # Exactly these classes, not subclasses: an IntEnum or a str subclass is checked the long way.
-_IMMUTABLE_JSON_TYPES: frozenset[type] = frozenset({str, int, bool, type(None)})
+_IMMUTABLE_JSON_TYPES: frozenset[type] = frozenset({str, bool, type(None)})
 
 
 def plain_json_copy(value: Any, what: str) -> Any:
@@ -30,10 +30,14 @@ def plain_json_copy(value: Any, what: str) -> Any:
     Raises:
         SessionDataError: naming ``what`` and the reason.
     """
-    if value.__class__ in _IMMUTABLE_JSON_TYPES or (
-        value.__class__ is float and math.isfinite(value)
+    if (
+        value.__class__ in _IMMUTABLE_JSON_TYPES
+        or (value.__class__ is int and value.bit_length() < 64)
+        or (value.__class__ is float and math.isfinite(value))
     ):
-        return value  # the usual value: nothing to copy, and JSON writes it exactly
+        # The usual value: nothing to copy, and JSON writes it exactly. A larger int goes
+        # the long way: past 4300 digits Python will not write it out.
+        return value
     try:
         encoded = dump_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -63,7 +67,12 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
     """
     if type_ in _PLAIN_TYPES:
         if type_ is float and type(value) is int:
-            return float(value)  # type: ignore[return-value]
+            try:
+                return float(value)  # type: ignore[return-value]
+            except OverflowError:
+                raise SessionDataError(
+                    f"session key {key!r} holds an int too large for a float."
+                ) from None
         if isinstance(value, type_) and not (type_ is int and isinstance(value, bool)):
             return value
         raise SessionDataError(
