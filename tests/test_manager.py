@@ -182,6 +182,17 @@ async def test_cleanup_expired_deletes_only_expired_sessions(store: Store) -> No
     assert await store.delete_expired(now=time.time() + 10**10) == 1  # only `live` was left
 
 
+async def test_cleanup_expired_refuses_an_on_batch_it_cannot_call_before_deleting(
+    store: Store,
+) -> None:
+    _, expired = await plant_session(store, "alice", created_ago=7200, expires_in=-1)
+
+    with pytest.raises(TypeError, match="on_batch must be callable"):
+        await SessionManager(store).cleanup_expired(on_batch=5)  # type: ignore[arg-type]
+
+    assert await store.get(expired.token_digest, now=expired.expires_at - 10) is not None
+
+
 async def test_cleanup_expired_works_through_many_batches(store: Store) -> None:
     await plant_session(store, "alice")
     for i in range(7):  # each older than the last, so planting one never sweeps another

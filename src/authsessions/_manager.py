@@ -105,11 +105,14 @@ class SessionManager:
             await manager.cleanup_expired(on_batch=lambda n: bar.advance(task, n))
 
         Raises:
-            TypeError: ``batch_size`` is not an int.
+            TypeError: ``batch_size`` is not an int, or ``on_batch`` is not callable.
             ValueError: ``batch_size`` is below 1.
             StoreUnavailable: the store failed (batches done so far stay done).
         """
         require_count("batch_size", batch_size)
+        if on_batch is not None and not callable(on_batch):
+            # Checked first: it would fail only after the first batch was deleted.
+            raise TypeError(f"on_batch must be callable, got {type(on_batch).__name__}.")
         store = await self._store()
         # One `now` for the whole run: what expired by the start goes (later expiries wait
         # for the next run), and a store may go on with one pass over its sessions.
