@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import math
+import traceback
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from authsessions._records import SessionRecord, StoreStats, data_size
 from authsessions._tokens import new_session_id
-from authsessions.stores import CreateError, DataTooLarge, Store
+from authsessions.stores import CreateError, DataTooLarge, SessionUpdate, Store
 from tests.stores.records import (
     TTL,
     check_kept_after_racing_creates,
@@ -315,6 +318,7 @@ TIMES_NO_STORE_CAN_DELETE_BY = [
     pytest.param(None, TypeError, id="None"),
     pytest.param("1700000000", TypeError, id="str"),
     pytest.param(True, TypeError, id="bool"),
+    pytest.param(10**400, ValueError, id="10**400"),  # no float holds it
 ]
 
 
@@ -346,6 +350,139 @@ async def test_delete_expired_refuses_a_now_that_is_not_a_finite_time(
         await store.delete_expired(now=now)
 
     assert await listed_ids(store, "alice", now=t0) == [live.id]
+
+
+async def test_an_int_now_counts_as_seconds_even_past_what_sqlite_binds(store: Store) -> None:
+    t0 = start_time()
+    live = make_record(now=t0)
+    await store.create(live, max_sessions=10, now=int(t0))
+
+    # Everything has expired by 2**63 seconds; SQLite binds no int that large.
+    assert await store.delete_expired(now=2**63) == 1
+
+    assert await listed_ids(store, "alice", now=t0) == []
+
+
+RECORDS_NO_STORE_KEEPS_ALIKE = [
+    pytest.param("id", 123, TypeError, id="int-id"),
+    pytest.param("token_digest", b"digest", TypeError, id="bytes-digest"),
+    pytest.param("user_id", 42, ValueError, id="int-user-id"),
+    pytest.param("ip_address", 1, TypeError, id="int-ip"),
+    pytest.param("device_name", None, TypeError, id="no-device-name"),
+    pytest.param("data", {1: "x"}, TypeError, id="int-data-key"),
+    pytest.param("data", [("a", 1)], TypeError, id="data-not-a-mapping"),
+    pytest.param("created_at", math.nan, ValueError, id="nan-created-at"),
+    pytest.param("last_active_at", "1700000000", TypeError, id="str-last-active-at"),
+    pytest.param("expires_at", math.inf, ValueError, id="never-expiring"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "error"), RECORDS_NO_STORE_KEEPS_ALIKE)
+async def test_create_refuses_a_record_stores_would_keep_differently_or_in_part(
+    store: Store, field: str, value: Any, error: type[Exception]
+) -> None:
+    """Each store used to do its own thing: keep it, keep half, or fail as if down."""
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+    record = dataclasses.replace(make_record(now=t0), **{field: value})
+
+    with pytest.raises(error, match=field):
+        await store.create(record, max_sessions=10, now=t0)
+
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+    if isinstance(record.token_digest, str):
+        assert await store.get(record.token_digest, now=t0) is None
+
+
+def update_with(now: float, **fields: Any) -> SessionUpdate:
+    return dataclasses.replace(make_update(now=now), **fields)
+
+
+UPDATES_NO_STORE_APPLIES_ALIKE = [
+    pytest.param({"last_active_at": None}, ValueError, "given together", id="expiry-alone"),
+    pytest.param({"expires_at": None}, ValueError, "given together", id="activity-alone"),
+    pytest.param({"expires_at": math.nan}, ValueError, "expires_at", id="nan-expiry"),
+    pytest.param(
+        {"last_active_at": None, "expires_at": None, "token_digest": new_digest()},
+        ValueError,
+        "token_digest",
+        id="digest-without-times",
+    ),
+    pytest.param({"set_keys": {1: "x"}}, TypeError, "set_keys", id="int-key"),
+    pytest.param({"removed_keys": {"a"}}, TypeError, "removed_keys", id="keys-not-frozen"),
+    pytest.param({"removed_keys": frozenset({1})}, TypeError, "removed_keys", id="int-removed"),
+    pytest.param({"token_digest": b"digest"}, TypeError, "token_digest", id="bytes-digest"),
+    pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
+    pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
+]
+
+
+@pytest.mark.parametrize(("fields", "error", "message"), UPDATES_NO_STORE_APPLIES_ALIKE)
+async def test_update_refuses_changes_stores_would_apply_differently_or_in_part(
+    store: Store, fields: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    with pytest.raises(error, match=message):
+        await store.update(record.id, update_with(t0 + 1, **fields), now=t0 + 1)
+
+    assert await store.get(record.token_digest, now=t0 + 1) == record
+
+
+@pytest.mark.parametrize(
+    ("session_id", "now", "error"),
+    [(123, 0.0, TypeError), (None, math.nan, ValueError)],
+    ids=["int-id", "nan-now"],
+)
+async def test_update_refuses_an_id_or_now_that_is_not_one(
+    store: Store, session_id: Any, now: float, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=10)
+    await store.create(record, max_sessions=10, now=t0)
+
+    # A NaN now found the session live in Python and Redis, long after it expired.
+    with pytest.raises(error):
+        await store.update(session_id or record.id, make_update(now=t0 + 20), now=now or t0 + 20)
+
+    assert await store.get(record.token_digest, now=t0) == record
+
+
+async def test_deletes_and_listings_refuse_ids_that_are_not_strings(store: Store) -> None:
+    """A bytes except_id matched nothing in two stores, which then deleted the session
+    it was meant to keep."""
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+    calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("session_id", lambda: store.delete(kept.id.encode())),  # type: ignore[arg-type]
+        ("user_id", lambda: store.delete(kept.id, user_id=5)),  # type: ignore[arg-type]
+        ("except_id", lambda: store.delete_for_user("alice", except_id=kept.id.encode())),  # type: ignore[arg-type]
+        ("user_id", lambda: store.delete_for_user(5)),  # type: ignore[arg-type]
+        ("user_id", lambda: store.list_for_user(5, now=t0)),  # type: ignore[arg-type]
+    ]
+
+    for name, call in calls:
+        with pytest.raises(TypeError, match=f"{name} must be a str"):
+            await call()
+
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+
+
+async def test_a_taken_digest_is_refused_without_showing_it(store: Store) -> None:
+    """An app that logs the traceback of a CreateError must not print the digest."""
+    t0 = start_time()
+    first = make_record(now=t0)
+    await store.create(first, max_sessions=10, now=t0)
+    second = dataclasses.replace(make_record(now=t0), token_digest=first.token_digest)
+
+    with pytest.raises(CreateError) as refused:
+        await store.create(second, max_sessions=10, now=t0)
+
+    assert first.token_digest not in "".join(traceback.format_exception(refused.value))
 
 
 async def test_the_largest_counts_are_honoured(store: Store) -> None:

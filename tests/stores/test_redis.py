@@ -150,19 +150,6 @@ async def test_a_write_without_times_leaves_every_keys_ttl_alone(setup: Setup) -
     assert got.expires_at == t0 + 9
 
 
-async def test_a_new_digest_without_times_is_refused_and_changes_nothing(setup: Setup) -> None:
-    t0 = start_time()
-    record = make_record(now=t0, ttl=60, data={"a": 1})
-    await setup.store.create(record, max_sessions=10, now=t0)
-
-    update = make_update(now=t0, token_digest=new_digest(), moves_expiry=False)
-    with pytest.raises(ValueError, match="must carry times"):
-        await setup.store.update(record.id, update, now=t0)
-
-    assert await setup.store.get(record.token_digest, now=t0) == record
-    assert sorted(await setup.all_keys()) == sorted(setup.keys(record).values())
-
-
 async def test_rotation_moves_the_digest_pointer(setup: Setup) -> None:
     t0 = start_time()
     record = make_record(now=t0, ttl=60)

@@ -14,13 +14,19 @@ import asyncio
 import logging
 import math
 import sqlite3
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
-from authsessions._records import MAX_COUNT, SessionRecord, SessionUpdate, StoreStats
+from authsessions._records import (
+    MAX_COUNT,
+    SessionRecord,
+    SessionUpdate,
+    StoreStats,
+    check_user_id,
+)
 
 __all__ = [
     "CreateError",
@@ -73,20 +79,128 @@ def require_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
 
 
-def require_time(name: str, value: object) -> None:
-    """Refuse a ``now`` that is not a finite number of seconds before a store deletes by
-    it (``create`` evicts, ``delete_expired`` cleans up). A NaN compares false with every
-    expiry in Python and SQLite, but above every one in PostgreSQL, where it would delete
-    every session it reached; an infinity would do that in every store.
+def require_time(name: str, value: object) -> float:
+    """``value`` as the float a store binds, refusing what is not a finite number of
+    seconds before a store writes or deletes by it. A NaN ``now`` compares false with
+    every expiry in Python and SQLite, but above every one in PostgreSQL, where it would
+    delete every session it reached; an infinity would do that in every store, and an
+    int past 2**63 SQLite cannot bind.
 
     Raises:
         TypeError: ``value`` is not an int or a float (a bool is not one here).
-        ValueError: ``value`` is NaN or infinite.
+        ValueError: ``value`` is NaN, infinite or beyond a float.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a UNIX timestamp, got {type(value).__name__}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite UNIX timestamp, got {value}.")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int no float holds
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite UNIX timestamp, got {value!r:.40}.")
+    return float(value)
+
+
+def require_str(name: str, value: object) -> None:
+    """Refuse an id argument that is not a string before any store access: stores compare
+    ids each in its own way, and a ``bytes`` id matched nothing in one store (so
+    ``except_id`` kept nothing) and failed as if the store were down in another.
+
+    Raises:
+        TypeError: ``value`` is not a ``str``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}.")
+
+
+def check_record(record: SessionRecord) -> None:
+    """Refuse a record that a store would keep differently from another, or only in part,
+    before any store access (``create``). The session layer never builds one.
+
+    Raises:
+        TypeError, ValueError: naming the field.
+    """
+    if not isinstance(record, SessionRecord):
+        raise TypeError(f"record must be a SessionRecord, got {type(record).__name__}.")
+    for name in ("id", "token_digest", "device_name", "device_type", "fingerprint"):
+        require_str(f"record.{name}", getattr(record, name))
+    check_user_id(record.user_id)
+    for name in ("ip_address", "user_agent"):
+        if getattr(record, name) is not None:
+            require_str(f"record.{name}", getattr(record, name))
+    _require_string_keys("record.data", record.data)
+    for name in ("created_at", "last_active_at", "expires_at"):
+        require_time(f"record.{name}", getattr(record, name))
+
+
+def check_update(changes: SessionUpdate) -> None:
+    """Refuse an update a store would apply only in part, or differently from another,
+    before any store access (``update``). The session layer never builds one.
+
+    Raises:
+        TypeError, ValueError: naming the field.
+    """
+    if not isinstance(changes, SessionUpdate):
+        raise TypeError(f"changes must be a SessionUpdate, got {type(changes).__name__}.")
+    if (changes.last_active_at is None) != (changes.expires_at is None):
+        raise ValueError("last_active_at and expires_at must be given together, or neither.")
+    if changes.last_active_at is not None:
+        require_time("changes.last_active_at", changes.last_active_at)
+        require_time("changes.expires_at", changes.expires_at)
+    elif changes.token_digest is not None:
+        raise ValueError("a new token_digest comes with last_active_at and expires_at.")
+    _require_string_keys("changes.set_keys", changes.set_keys)
+    if not isinstance(changes.removed_keys, frozenset):
+        raise TypeError("changes.removed_keys must be a frozenset of str.")
+    for key in changes.removed_keys:
+        require_str("a key in changes.removed_keys", key)
+    if changes.token_digest is not None:
+        require_str("changes.token_digest", changes.token_digest)
+    if changes.max_data_bytes is not None:
+        require_count("changes.max_data_bytes", changes.max_data_bytes)
+
+
+def check_create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
+    """What ``Store.create`` checks before any store access; returns ``now`` as a float."""
+    check_record(record)
+    require_count("max_sessions", max_sessions)
+    return require_time("now", now)
+
+
+def check_update_args(session_id: object, changes: SessionUpdate, now: object) -> float:
+    """What ``Store.update`` checks before any store access; returns ``now`` as a float."""
+    require_str("session_id", session_id)
+    check_update(changes)
+    return require_time("now", now)
+
+
+def check_delete_args(session_id: object, user_id: object) -> None:
+    """What ``Store.delete`` checks before any store access."""
+    require_str("session_id", session_id)
+    if user_id is not None:
+        require_str("user_id", user_id)
+
+
+def check_delete_for_user_args(user_id: object, except_id: object) -> None:
+    """What ``Store.delete_for_user`` checks before any store access."""
+    require_str("user_id", user_id)
+    if except_id is not None:
+        require_str("except_id", except_id)
+
+
+def check_delete_expired_args(now: object, limit: object) -> float:
+    """What ``Store.delete_expired`` checks before any store access; returns ``now``."""
+    require_count("limit", limit)
+    return require_time("now", now)
+
+
+def _require_string_keys(name: str, data: object) -> None:
+    # PostgreSQL and Redis keep each top-level key apart (a jsonb key, a hash field): a
+    # key of another type made a session no store could read back.
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{name} must be a mapping, got {type(data).__name__}.")
+    for key in data:
+        require_str(f"a key in {name}", key)
 
 
 def accept_newer_schema(what: str, version: int, compatible_from: int | None, known: int) -> None:
@@ -118,15 +232,20 @@ def accept_newer_schema(what: str, version: int, compatible_from: int | None, kn
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
-    """The :class:`StoreUnavailable` for a driver failure; raise it ``from exc``.
+    """The :class:`StoreUnavailable` for a driver failure; raise it as it is (not ``from``).
 
     The failure is logged here with the store and what an operator needs of it
     (see :func:`failure_detail`); the error itself carries only the generic
     message, since it may reach a client as a 503 body and the driver's details
-    (hosts, table names) must not.
+    (hosts, table names) must not. It is chained to ``exc`` only where that tells
+    no statement's values: a traceback an app logs would print a constraint
+    failure's row, token digest included.
     """
     logger.warning("the %s session store failed: %s", store_name, failure_detail(exc))
-    return StoreUnavailable()
+    error = StoreUnavailable()
+    error.__cause__ = exc if _tells_no_values(exc) else None
+    error.__suppress_context__ = True
+    return error
 
 
 # SQLSTATE classes whose messages name the server, the role or the database, never a
@@ -146,23 +265,31 @@ def failure_detail(exc: BaseException) -> str:
     name = type(exc).__name__
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str):
-        if sqlstate[:2] in _TELLING_SQLSTATE_CLASSES:
+        if _tells_no_values(exc):
             return f"{name} ({sqlstate}): {exc}"
         return f"{name} ({sqlstate})"
-    telling = isinstance(exc, OSError | TimeoutError | sqlite3.Error) or any(
+    return f"{name}: {exc}" if _tells_no_values(exc) and str(exc) else name
+
+
+def _tells_no_values(exc: BaseException) -> bool:
+    """Whether ``exc``'s message is safe to show: it cannot hold a statement's values."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _TELLING_SQLSTATE_CLASSES
+    return isinstance(exc, OSError | TimeoutError | sqlite3.Error) or any(
         cls.__module__ == "redis.exceptions" and cls.__name__ in _TELLING_REDIS_ERRORS
         for cls in type(exc).__mro__
     )
-    return f"{name}: {exc}" if telling and str(exc) else name
 
 
 @contextmanager
 def translate_errors(store_name: str, *driver_errors: type[BaseException]) -> Iterator[None]:
-    """Re-raise the driver's own failures as :class:`StoreUnavailable`, chained to the original."""
+    """Re-raise the driver's own failures as :class:`StoreUnavailable` (see
+    :func:`store_unavailable`)."""
     try:
         yield
     except driver_errors as exc:
-        raise store_unavailable(store_name, exc) from exc
+        raise store_unavailable(store_name, exc)  # noqa: B904 (it chains itself)
 
 
 class Store(abc.ABC):

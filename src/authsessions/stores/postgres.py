@@ -41,8 +41,12 @@ from authsessions.stores._base import (
     DataTooLarge,
     Store,
     accept_newer_schema,
-    require_count,
-    require_time,
+    check_create_args,
+    check_delete_args,
+    check_delete_expired_args,
+    check_delete_for_user_args,
+    check_update_args,
+    require_str,
     store_unavailable,
     translate_errors,
 )
@@ -468,8 +472,7 @@ class PostgresStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        require_count("max_sessions", max_sessions)
-        require_time("now", now)
+        now = check_create_args(record, max_sessions, now)
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
@@ -483,8 +486,9 @@ class PostgresStore(Store):
                         f"{self._qualified} {record.user_id}", now, max_sessions,
                         timeout=timeout,
                     )  # fmt: skip
-            except self._asyncpg.UniqueViolationError as exc:  # only the insert can raise it
-                raise CreateError(record.id) from exc
+            except self._asyncpg.UniqueViolationError:  # only the insert can raise it
+                # Not chained: the violation's detail shows the taken digest.
+                raise CreateError(record.id) from None
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
@@ -496,10 +500,11 @@ class PostgresStore(Store):
                 self._sql.get, token_digest, now, seconds=self.command_timeout
             )
         except self._errors as exc:
-            raise store_unavailable("PostgreSQL", exc) from exc
+            raise store_unavailable("PostgreSQL", exc)  # noqa: B904 (it chains itself)
         return _record(row) if row is not None else None
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        now = check_update_args(session_id, changes, now)
         sql = self._sql
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
@@ -518,8 +523,8 @@ class PostgresStore(Store):
                     row = await conn.fetchrow(
                         sql.capped_patch, *args, cap, timeout=self.command_timeout
                     )
-            except self._asyncpg.UniqueViolationError as exc:  # only a new digest can collide
-                raise CreateError(session_id) from exc
+            except self._asyncpg.UniqueViolationError:  # only a new digest can collide
+                raise CreateError(session_id) from None  # its detail shows the digest
         assert row is not None  # a SELECT of two subqueries gives one row
         patched, size = row
         # Raised outside the borrowing: a refusal is no reason to give the connection up.
@@ -528,14 +533,17 @@ class PostgresStore(Store):
         return bool(patched)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        check_delete_args(session_id, user_id)
         if user_id is None:
             return await self._execute(self._sql.delete, session_id) == 1
         return await self._execute(self._sql.delete_owned, session_id, user_id) == 1
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        check_delete_for_user_args(user_id, except_id)
         return await self._execute(self._sql.delete_for_user, user_id, except_id)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        require_str("user_id", user_id)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 rows = await conn.fetch(
@@ -544,8 +552,7 @@ class PostgresStore(Store):
         return [_record(row) for row in rows]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        require_count("limit", limit)
-        require_time("now", now)
+        now = check_delete_expired_args(now, limit)
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
         return await self._execute(self._sql.delete_expired, now, limit)
 

@@ -60,8 +60,12 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
-    require_count,
-    require_time,
+    check_create_args,
+    check_delete_args,
+    check_delete_expired_args,
+    check_delete_for_user_args,
+    check_update_args,
+    require_str,
     store_unavailable,
     translate_errors,
 )
@@ -306,8 +310,7 @@ class RedisStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        require_count("max_sessions", max_sessions)
-        require_time("now", now)
+        now = check_create_args(record, max_sessions, now)
         self._require_client()
         tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
@@ -364,7 +367,7 @@ class RedisStore(Store):
             except self._driver.NoScriptError:  # a restarted or flushed server
                 text = await script(keys=keys[:1], args=keys[1:])
         except self._errors as exc:
-            raise store_unavailable("Redis", exc) from exc
+            raise store_unavailable("Redis", exc)  # noqa: B904 (it chains itself)
         row = load_json(text) if text is not None else None
         if row is None or row[2] != token_digest or float(row[11]) <= now:
             self._digest_locations.pop(token_digest, None)
@@ -376,13 +379,10 @@ class RedisStore(Store):
         return _record(row)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        now = check_update_args(session_id, changes, now)
         client, new_digest = self._require_client(), changes.token_digest
-        if changes.expires_at is None:
-            if new_digest is not None:
-                raise ValueError("a SessionUpdate with a new token_digest must carry times")
-            ttl: int | None = None
-        else:
-            ttl = _ttl_ms(changes.expires_at, now)
+        # check_update_args saw that a new digest comes with times.
+        ttl = None if changes.expires_at is None else _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
         in_cluster, cap = bool(self._cluster), changes.size_cap
         with translate_errors("Redis", *self._errors):
@@ -428,6 +428,7 @@ class RedisStore(Store):
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        check_delete_args(session_id, user_id)
         self._require_client()
         with translate_errors("Redis", *self._errors):
             tag = _tag(user_id) if user_id is not None else await self._tag_of(session_id)
@@ -444,6 +445,7 @@ class RedisStore(Store):
         return True
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        check_delete_for_user_args(user_id, except_id)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
@@ -455,6 +457,7 @@ class RedisStore(Store):
         return len(deleted) // 2
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        require_str("user_id", user_id)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
@@ -468,8 +471,7 @@ class RedisStore(Store):
         """Sweep the user indexes, many per script call, going on from where the previous
         call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
-        require_count("limit", limit)
-        require_time("now", now)
+        now = check_delete_expired_args(now, limit)
         client = self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared

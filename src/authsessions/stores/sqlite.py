@@ -47,8 +47,12 @@ from authsessions.stores._base import (
     DataTooLarge,
     Store,
     accept_newer_schema,
-    require_count,
-    require_time,
+    check_create_args,
+    check_delete_args,
+    check_delete_expired_args,
+    check_delete_for_user_args,
+    check_update_args,
+    require_str,
     store_unavailable,
     translate_errors,
 )
@@ -73,6 +77,9 @@ COLUMNS = (
     " fingerprint, data, created_at, last_active_at, expires_at"
 )
 _DATA = 8  # the position of data in COLUMNS
+# The constraint failures that mean an id or digest is taken (CreateError); any other
+# (a record the checks let through) fails as any other driver error does.
+_TAKEN = frozenset({sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE})
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how far a file got.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -302,12 +309,13 @@ class SQLiteStore(Store):
                 return None  # as the SELECT's "expires_at > ?" would
         except sqlite3.Error as exc:
             if not is_busy(exc):
-                raise store_unavailable("SQLite", exc) from exc
+                raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
             rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
             return _record(rows[0]) if rows else None
         return record
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        require_str("user_id", user_id)
         params = (user_id, now)
         rows = self._read_now(_SELECT_BY_USER, params)
         if rows is None:
@@ -323,7 +331,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             if is_busy(exc):
                 return None
-            raise store_unavailable("SQLite", exc) from exc
+            raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
 
     async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a SELECT on the writer thread, whose connection waits out locks."""
@@ -365,8 +373,7 @@ class SQLiteStore(Store):
     # -- writes: on the event loop when the file is free, else on the writer thread --
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        require_count("max_sessions", max_sessions)
-        require_time("now", now)
+        now = check_create_args(record, max_sessions, now)
         values = (
             record.id, record.token_digest, record.user_id, record.ip_address, record.user_agent,
             record.device_name, record.device_type, record.fingerprint, dump_json(record.data),
@@ -380,7 +387,9 @@ class SQLiteStore(Store):
                         f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})", values
                     )
                 except sqlite3.IntegrityError as exc:
-                    raise CreateError(record.id) from exc
+                    if exc.sqlite_errorcode not in _TAKEN:
+                        raise
+                    raise CreateError(record.id) from None
                 return db.execute(
                     f"""DELETE FROM {TABLE} WHERE user_id = ?1 AND id != ?4 AND id NOT IN (
                         SELECT id FROM {TABLE} WHERE user_id = ?1 AND id != ?4
@@ -394,6 +403,7 @@ class SQLiteStore(Store):
         await self._write(create, lambda evicted: users_sessions if evicted else ())
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        now = check_update_args(session_id, changes, now)
         written: list[_WrittenRow] = []
 
         def update(db: sqlite3.Connection) -> bool:
@@ -447,8 +457,10 @@ class SQLiteStore(Store):
                             f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
                             (*params, session_id),
                         )
-                    except sqlite3.IntegrityError as exc:  # only a new digest can collide
-                        raise CreateError(session_id) from exc  # rolls the transaction back
+                    except sqlite3.IntegrityError as exc:
+                        if exc.sqlite_errorcode not in _TAKEN:
+                            raise
+                        raise CreateError(session_id) from None  # rolls the transaction back
                     # Read back as a SELECT would: REAL columns give floats.
                     if changes.last_active_at is not None and changes.expires_at is not None:
                         last_active_at = float(changes.last_active_at)
@@ -500,6 +512,7 @@ class SQLiteStore(Store):
         return ((record, data_json),)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        check_delete_args(session_id, user_id)
         params: tuple[str, ...]
         if user_id is None:
             sql, params = f"DELETE FROM {TABLE} WHERE id = ?", (session_id,)
@@ -513,6 +526,7 @@ class SQLiteStore(Store):
         return await self._write(delete, lambda _deleted: (session_id,))
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        check_delete_for_user_args(user_id, except_id)
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
 
         def delete_rows(db: sqlite3.Connection) -> int:
@@ -533,8 +547,7 @@ class SQLiteStore(Store):
         return await self._writer.write_many_rows(delete_rows)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        require_count("limit", limit)
-        require_time("now", now)
+        now = check_delete_expired_args(now, limit)
         sql = (
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
@@ -579,7 +592,7 @@ class SQLiteStore(Store):
                     # It may have taken effect (a COMMIT that failed after its write), which
                     # PRAGMA data_version, counting other connections' commits only, misses.
                     self._cache.clear()
-                    raise store_unavailable("SQLite", exc) from exc
+                    raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
             else:
                 writer.checkpoints.wrote()
                 try:
