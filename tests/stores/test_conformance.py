@@ -472,6 +472,17 @@ async def test_deletes_and_listings_refuse_ids_that_are_not_strings(store: Store
     assert await listed_ids(store, "alice", now=t0) == [kept.id]
 
 
+@pytest.mark.parametrize("now", [math.nan, None], ids=["nan", "None"])
+async def test_listings_and_stats_refuse_a_now_that_is_not_a_time(store: Store, now: Any) -> None:
+    """Some stores answered a NaN or None with every session, others with none."""
+    await store.create(make_record(now=start_time()), max_sessions=10, now=start_time())
+
+    with pytest.raises((TypeError, ValueError), match="now must be"):
+        await store.list_for_user("alice", now=now)
+    with pytest.raises((TypeError, ValueError), match="now must be"):
+        await store.stats(now=now)
+
+
 async def test_a_taken_digest_is_refused_without_showing_it(store: Store) -> None:
     """An app that logs the traceback of a CreateError must not print the digest."""
     t0 = start_time()

@@ -302,7 +302,10 @@ class Store(abc.ABC):
             record = await store.get(digest, now=time.time())
 
     Every primitive raises :class:`~authsessions.StoreUnavailable` when the
-    backend fails, never the driver's own exception.
+    backend fails, never the driver's own exception. Every primitive but
+    :meth:`get`, which is on every request's path, first checks its arguments
+    (``check_*_args``, :func:`require_str`, :func:`require_time`) and raises
+    ``TypeError`` or ``ValueError`` before any store access.
     """
 
     counts_expired_sessions: ClassVar[bool] = True

@@ -24,6 +24,7 @@ from authsessions.stores._base import (
     check_delete_for_user_args,
     check_update_args,
     require_str,
+    require_time,
 )
 
 __all__ = ["MemoryStore"]
@@ -120,6 +121,7 @@ class MemoryStore(Store):
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         require_str("user_id", user_id)
+        now = require_time("now", now)
         live = (row for row in self._rows_of(user_id) if row.record.expires_at > now)
         return [_materialise(row) for row in _most_recent_first(live)]
 
@@ -134,6 +136,7 @@ class MemoryStore(Store):
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts over every session in the dict: O(sessions), for admin tools."""
+        now = require_time("now", now)
         live = [row.record for row in self._rows.values() if row.record.expires_at > now]
         return StoreStats(
             live_sessions=len(live),

@@ -47,6 +47,7 @@ from authsessions.stores._base import (
     check_delete_for_user_args,
     check_update_args,
     require_str,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -544,6 +545,7 @@ class PostgresStore(Store):
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         require_str("user_id", user_id)
+        now = require_time("now", now)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 rows = await conn.fetch(
@@ -565,6 +567,7 @@ class PostgresStore(Store):
         Raises:
             StoreUnavailable: the server failed or could not be reached.
         """
+        now = require_time("now", now)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 row = await conn.fetchrow(self._sql.stats, now, timeout=self.command_timeout)

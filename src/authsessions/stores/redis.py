@@ -66,6 +66,7 @@ from authsessions.stores._base import (
     check_delete_for_user_args,
     check_update_args,
     require_str,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -458,6 +459,7 @@ class RedisStore(Store):
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         require_str("user_id", user_id)
+        now = require_time("now", now)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
@@ -533,6 +535,7 @@ class RedisStore(Store):
         Raises:
             StoreUnavailable: a command failed or timed out.
         """
+        now = require_time("now", now)
         client = self._require_client()
         pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:s:*"
         seen: set[str] = set()

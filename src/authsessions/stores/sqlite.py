@@ -53,6 +53,7 @@ from authsessions.stores._base import (
     check_delete_for_user_args,
     check_update_args,
     require_str,
+    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -316,6 +317,7 @@ class SQLiteStore(Store):
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         require_str("user_id", user_id)
+        now = require_time("now", now)
         params = (user_id, now)
         rows = self._read_now(_SELECT_BY_USER, params)
         if rows is None:
@@ -349,6 +351,7 @@ class SQLiteStore(Store):
         Raises:
             StoreUnavailable: the database could not be read.
         """
+        now = require_time("now", now)
         self._connection(self._loop_db)  # refuses a closed store
         with translate_errors("SQLite", sqlite3.Error):
             return await asyncio.to_thread(self._count, now)
