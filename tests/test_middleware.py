@@ -215,6 +215,36 @@ async def test_a_start_message_an_app_sends_every_time_is_never_changed() -> Non
     assert start["headers"] is headers
 
 
+@pytest.mark.parametrize("kind", [list, tuple, iter], ids=["list", "tuple", "iterator"])
+@pytest.mark.parametrize("signed_in", [False, True], ids=["signing-in", "signed-in"])
+async def test_headers_of_any_iterable_kind_are_kept_with_the_sessions(
+    kind: Callable[[list[tuple[bytes, bytes]]], Any], signed_in: bool
+) -> None:
+    """ASGI lets an app send its headers as any iterable; one pass must not use them up."""
+    store = MemoryStore()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not Session.from_scope(scope).is_authenticated:
+            await Session.from_scope(scope).authenticate("alice")
+        headers = kind([(b"x-app", b"1")])
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=SessionMiddleware(app, store=store)),
+        base_url="https://testserver",
+    )
+    async with client:
+        response = await client.get("/")
+        if signed_in:
+            response = await client.get("/")
+
+    assert response.headers["x-app"] == "1"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["vary"] == "Cookie"
+    assert ("set-cookie" in response.headers) is not signed_in
+
+
 async def test_cookie_clearing_response_is_no_store_and_varies_on_cookie(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

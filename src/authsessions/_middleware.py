@@ -203,24 +203,24 @@ class SessionMiddleware:
         change = session._cookie_change
         if change == "keep" and session._record is None:
             return message
-        headers = list(message.get("headers") or ())
-        message = {**message, "headers": headers}
-        if change != "keep":
+        sent = message.get("headers") or ()
+        if not isinstance(sent, (list, tuple)):
+            sent = list(sent)  # any iterable, which one pass would use up
+        if change == "keep":
+            for name, _ in sent:
+                if name in _CACHING_HEADERS:
+                    break
+            else:
+                # The usual case, a signed-in user's response without either header: the
+                # copy is built in one step.
+                return {**message, "headers": [*sent, *_NO_STORE_VARY_COOKIE]}
+            headers = list(sent)
+        else:
             cookie = session.cookie_token() if change == "set" else None
-            headers.append(
-                (
-                    b"set-cookie",
-                    self._cookie.header(*cookie) if cookie else self._cookie.header(None),
-                )
-            )
+            set_cookie = self._cookie.header(*cookie) if cookie else self._cookie.header(None)
+            headers = [*sent, (b"set-cookie", set_cookie)]
         # A shared cache must never keep a response that sets a cookie or shows a user's data.
         # Header names in ASGI messages are lower-case.
-        for name, _ in headers:
-            if name in _CACHING_HEADERS:
-                break
-        else:
-            headers += _NO_STORE_VARY_COOKIE  # the usual case: the app set neither
-            return message
         cache_control = vary = -1
         for index, (name, _) in enumerate(headers):
             if name == b"cache-control":
@@ -235,7 +235,7 @@ class SessionMiddleware:
             headers.append(_VARY_COOKIE)
         elif not _varies_on_cookie(headers[vary][1]):
             headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
-        return message
+        return {**message, "headers": headers}
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_wrapper() -> Message:
