@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 __all__ = [
+    "CheckedRecord",
+    "CheckedUpdate",
     "DeviceType",
     "SessionData",
     "SessionRecord",
@@ -222,6 +224,20 @@ class SessionUpdate:
         already over the cap (the limit was lowered) can always shrink.
         """
         return self.max_data_bytes if self.set_keys else None
+
+
+class CheckedRecord(SessionRecord):
+    """A :class:`SessionRecord` the session layer built at a login, valid by construction
+    (its user id and data were checked as they came in): stores skip checking it again."""
+
+    __slots__ = ()
+
+
+class CheckedUpdate(SessionUpdate):
+    """A :class:`SessionUpdate` the session layer built, valid by construction (keys and
+    values were checked as they were set): stores skip checking it again on every write."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from authsessions._client import client_ip, device_of, user_agent_of
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
 from authsessions._records import (
+    CheckedRecord,
+    CheckedUpdate,
     SessionData,
     SessionRecord,
     SessionUpdate,
@@ -263,7 +265,7 @@ class Session:
         user_agent = user_agent_of(connection) or None
         for _attempt in range(3):
             token = new_token()
-            record = SessionRecord(
+            record = CheckedRecord(
                 id=new_session_id(),
                 token_digest=token_digest(token),
                 user_id=user_id,
@@ -573,7 +575,7 @@ class Session:
         expires_at: float | None = None
         if moves_expiry:
             last_active_at, expires_at = now, self._expiry(created_at=record.created_at, now=now)
-        return SessionUpdate(
+        return CheckedUpdate(
             last_active_at,
             expires_at,
             set_keys,

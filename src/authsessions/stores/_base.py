@@ -17,11 +17,13 @@ import sqlite3
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, Self, cast
 
 from authsessions._errors import StoreUnavailable
 from authsessions._records import (
     MAX_COUNT,
+    CheckedRecord,
+    CheckedUpdate,
     SessionRecord,
     SessionUpdate,
     StoreStats,
@@ -90,7 +92,7 @@ def require_time(name: str, value: object) -> float:
         TypeError: ``value`` is not an int or a float (a bool is not one here).
         ValueError: ``value`` is NaN, infinite or beyond a float.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
         raise TypeError(f"{name} must be a UNIX timestamp, got {type(value).__name__}.")
     try:
         finite = math.isfinite(value)
@@ -99,6 +101,9 @@ def require_time(name: str, value: object) -> float:
     if not finite:
         raise ValueError(f"{name} must be a finite UNIX timestamp, got {value!r:.40}.")
     return float(value)
+
+
+_NUMBERS = (int, float)
 
 
 def require_str(name: str, value: object) -> None:
@@ -115,7 +120,7 @@ def require_str(name: str, value: object) -> None:
 
 def check_record(record: SessionRecord) -> None:
     """Refuse a record that a store would keep differently from another, or only in part,
-    before any store access (``create``). The session layer never builds one.
+    before any store access (``create``; see :func:`check_create_args`).
 
     Raises:
         TypeError, ValueError: naming the field.
@@ -133,20 +138,42 @@ def check_record(record: SessionRecord) -> None:
         require_time(f"record.{name}", getattr(record, name))
 
 
-def check_update(changes: SessionUpdate) -> None:
-    """Refuse an update a store would apply only in part, or differently from another,
-    before any store access (``update``). The session layer never builds one.
+def check_create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
+    """What ``Store.create`` checks before any store access; returns ``now`` as a float.
+
+    The session layer's logins pass unchecked: it built the record (a
+    :class:`CheckedRecord`), took ``max_sessions`` from a checked config and ``now``
+    from the clock.
+    """
+    if record.__class__ is CheckedRecord:
+        return cast(float, now)
+    check_record(record)
+    require_count("max_sessions", max_sessions)
+    return require_time("now", now)
+
+
+def check_update_args(session_id: object, changes: SessionUpdate, now: object) -> float:
+    """What ``Store.update`` checks before any store access; returns ``now`` as a float.
+
+    It refuses an update a store would apply only in part, or differently from another
+    (Redis stored a lone expiry, and then no read of the session worked).
 
     Raises:
-        TypeError, ValueError: naming the field.
+        TypeError, ValueError: naming the argument or field.
     """
+    if changes.__class__ is CheckedUpdate:
+        # The session layer's, on every write and touch: it built the update (checked as
+        # keys were set), took the id from a stored record and now from the clock.
+        return cast(float, now)
+    require_str("session_id", session_id)
     if not isinstance(changes, SessionUpdate):
         raise TypeError(f"changes must be a SessionUpdate, got {type(changes).__name__}.")
-    if (changes.last_active_at is None) != (changes.expires_at is None):
+    last_active_at, expires_at = changes.last_active_at, changes.expires_at
+    if (last_active_at is None) != (expires_at is None):
         raise ValueError("last_active_at and expires_at must be given together, or neither.")
-    if changes.last_active_at is not None:
-        require_time("changes.last_active_at", changes.last_active_at)
-        require_time("changes.expires_at", changes.expires_at)
+    if last_active_at is not None:
+        require_time("changes.last_active_at", last_active_at)
+        require_time("changes.expires_at", expires_at)
     elif changes.token_digest is not None:
         raise ValueError("a new token_digest comes with last_active_at and expires_at.")
     _require_string_keys("changes.set_keys", changes.set_keys)
@@ -158,19 +185,6 @@ def check_update(changes: SessionUpdate) -> None:
         require_str("changes.token_digest", changes.token_digest)
     if changes.max_data_bytes is not None:
         require_count("changes.max_data_bytes", changes.max_data_bytes)
-
-
-def check_create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
-    """What ``Store.create`` checks before any store access; returns ``now`` as a float."""
-    check_record(record)
-    require_count("max_sessions", max_sessions)
-    return require_time("now", now)
-
-
-def check_update_args(session_id: object, changes: SessionUpdate, now: object) -> float:
-    """What ``Store.update`` checks before any store access; returns ``now`` as a float."""
-    require_str("session_id", session_id)
-    check_update(changes)
     return require_time("now", now)
 
 
