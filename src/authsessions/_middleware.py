@@ -27,7 +27,7 @@ logger = logging.getLogger("authsessions")
 
 _NO_STORE = (b"cache-control", b"no-store")
 _VARY_COOKIE = (b"vary", b"Cookie")
-_NO_STORE_VARY_COOKIE = (_NO_STORE, _VARY_COOKIE)
+_NO_STORE_VARY_COOKIE = [_NO_STORE, _VARY_COOKIE]  # added by concatenation, never changed
 _CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
 
 
@@ -203,18 +203,19 @@ class SessionMiddleware:
         change = session._cookie_change
         if change == "keep" and session._record is None:
             return message
-        sent = message.get("headers") or ()
-        if not isinstance(sent, (list, tuple)):
-            sent = list(sent)  # any iterable, which one pass would use up
+        sent = message.get("headers") or []
+        if sent.__class__ is not list:
+            sent = list(sent)  # a tuple, or any iterable, which one pass would use up
+        message = {**message}
         if change == "keep":
             for name, _ in sent:
                 if name in _CACHING_HEADERS:
                     break
             else:
-                # The usual case, a signed-in user's response without either header: the
-                # copy is built in one step.
-                return {**message, "headers": [*sent, *_NO_STORE_VARY_COOKIE]}
-            headers = list(sent)
+                # The usual case, a signed-in user's response without either header.
+                message["headers"] = sent + _NO_STORE_VARY_COOKIE
+                return message
+            headers = sent.copy()
         else:
             cookie = session.cookie_token() if change == "set" else None
             set_cookie = self._cookie.header(*cookie) if cookie else self._cookie.header(None)
@@ -235,7 +236,8 @@ class SessionMiddleware:
             headers.append(_VARY_COOKIE)
         elif not _varies_on_cookie(headers[vary][1]):
             headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
-        return {**message, "headers": headers}
+        message["headers"] = headers
+        return message
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def receive_wrapper() -> Message:
