@@ -11,6 +11,7 @@ import ipaddress
 
 import pytest
 
+from authsessions import SessionConfig
 from authsessions._client import (
     MAX_USER_AGENT_LENGTH,
     _device_of_header,
@@ -184,6 +185,12 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
             PROXIES,
             "203.0.113.9",
         ),
+        (
+            "::ffff:10.0.0.5",
+            [(b"x-forwarded-for", b"203.0.113.9")],
+            SessionConfig(trusted_proxies=("::ffff:10.0.0.0/104",)).trusted_networks,
+            "203.0.113.9",
+        ),
         (None, [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, None),
     ],
     ids=[
@@ -210,6 +217,7 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
         "ipv4-mapped-peer",
         "ipv4-mapped-hop",
         "ipv4-mapped-trusted-hop",
+        "ipv4-mapped-peer-in-an-ipv4-mapped-network",
         "no-peer",
     ],
 )

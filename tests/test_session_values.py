@@ -351,6 +351,24 @@ async def test_remove_key_removes_and_is_written(run: Runner, sqlite_store: Stor
     assert await stored_data(sqlite_store) == {"keep": 2}
 
 
+async def test_remove_key_refuses_a_key_that_is_not_a_string(
+    run: Runner, sqlite_store: Store
+) -> None:
+    """Not merely "not there": an object equal to a stored key would remove it."""
+
+    class LooksLikeDrop:
+        def __eq__(self, other: object) -> bool:
+            return other == "drop"
+
+        def __hash__(self) -> int:
+            return hash("drop")
+
+    outcome = await run(lambda s: s.remove_key(LooksLikeDrop()), data={"drop": 1})  # type: ignore[arg-type]
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert await stored_data(sqlite_store) == {"drop": 1}
+
+
 async def test_remove_key_of_missing_key_is_a_no_op(run: Runner, sqlite_store: Store) -> None:
     outcome = await run(lambda s: s.remove_key("never-there"), data={"keep": 2})
 

@@ -194,7 +194,18 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
         if not isinstance(cidr, str):
             raise ValueError(f"trusted_proxies must hold CIDR strings, got {cidr!r}.")
         try:
-            networks.append(ipaddress.ip_network(cidr))
+            network = ipaddress.ip_network(cidr)
         except ValueError as exc:
             raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}") from None
+        networks.append(_as_ipv4_if_mapped(network))
     return tuple(networks)
+
+
+def _as_ipv4_if_mapped(network: IPNetwork) -> IPNetwork:
+    """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: client_ip reads IPv4-mapped peers and
+    hops as IPv4, which no IPv6 network contains."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network

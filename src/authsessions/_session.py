@@ -217,9 +217,14 @@ class Session:
         """Remove ``key``; written when the response starts. No-op without a session or key.
 
         Raises:
+            SessionDataError: ``key`` is not a string.
             RuntimeError: the response has started (see :meth:`set`).
         """
-        if self._record is None or key not in self._data:
+        if self._record is None:
+            return
+        if not isinstance(key, str):
+            raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
+        if key not in self._data:
             return
         if self._flushed:
             raise self._too_late("remove_key")
@@ -244,6 +249,8 @@ class Session:
             SessionDataError: ``data`` is not a mapping of plain JSON, or too large.
             StoreUnavailable: the store failed; the request's cookie is cleared if
                 its session had already ended here, and kept otherwise.
+            RuntimeError: on a WebSocket, or after the response started (see
+                :meth:`set`): no cookie could carry the new token. Nothing changed.
         """
         check_user_id(user_id)
         if not isinstance(data, Mapping):
@@ -302,8 +309,9 @@ class Session:
             SessionDataError: with what concurrent requests stored meanwhile, the
                 values set earlier would exceed ``max_data_bytes``; nothing changed.
             StoreUnavailable: the store failed.
-            RuntimeError: three new tokens in a row were other sessions' (never seen
-                with random tokens; a broken random source, say).
+            RuntimeError: on a WebSocket, or after the response started (see
+                :meth:`set`), nothing changed; or three new tokens in a row were other
+                sessions' (never seen with random tokens; a broken random source, say).
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
@@ -545,8 +553,8 @@ class Session:
         # the new cookie; a key set here would be dropped without a word.
         return RuntimeError(
             f"{operation}() after the response started (in a background task or a "
-            "streaming body) could not reach the store or the cookie; call it in the "
-            "handler, before it returns the response."
+            "streaming body; or after a WebSocket ended) could not reach the store or the "
+            "cookie; call it in the handler, before it returns the response."
         )
 
     def _expiry(self, *, created_at: float, now: float) -> float:

@@ -16,6 +16,7 @@ import math
 import sqlite3
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import ClassVar, Self, cast
 
@@ -104,6 +105,15 @@ def require_time(name: str, value: object) -> float:
 
 
 _NUMBERS = (int, float)
+# The times a datetime holds, years 1 to 9999: listing a session turns each into one.
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
+def _require_stored_time(name: str, value: object) -> None:
+    """Refuse a time to store that is not a finite number a ``datetime`` can hold."""
+    if not _EARLIEST <= require_time(name, value) <= _LATEST:
+        raise ValueError(f"{name} must be a time in the years 1 to 9999, got {value!r:.40}.")
 
 
 def require_str(name: str, value: object) -> None:
@@ -135,7 +145,7 @@ def check_record(record: SessionRecord) -> None:
             require_str(f"record.{name}", getattr(record, name))
     _require_string_keys("record.data", record.data)
     for name in ("created_at", "last_active_at", "expires_at"):
-        require_time(f"record.{name}", getattr(record, name))
+        _require_stored_time(f"record.{name}", getattr(record, name))
 
 
 def check_create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
@@ -172,8 +182,8 @@ def check_update_args(session_id: object, changes: SessionUpdate, now: object) -
     if (last_active_at is None) != (expires_at is None):
         raise ValueError("last_active_at and expires_at must be given together, or neither.")
     if last_active_at is not None:
-        require_time("changes.last_active_at", last_active_at)
-        require_time("changes.expires_at", expires_at)
+        _require_stored_time("changes.last_active_at", last_active_at)
+        _require_stored_time("changes.expires_at", expires_at)
     elif changes.token_digest is not None:
         raise ValueError("a new token_digest comes with last_active_at and expires_at.")
     _require_string_keys("changes.set_keys", changes.set_keys)
@@ -200,6 +210,12 @@ def check_delete_for_user_args(user_id: object, except_id: object) -> None:
     require_str("user_id", user_id)
     if except_id is not None:
         require_str("except_id", except_id)
+
+
+def check_list_for_user_args(user_id: object, now: object) -> float:
+    """What ``Store.list_for_user`` checks before any store access; returns ``now``."""
+    require_str("user_id", user_id)
+    return require_time("now", now)
 
 
 def check_delete_expired_args(now: object, limit: object) -> float:
@@ -318,8 +334,12 @@ class Store(abc.ABC):
     Every primitive raises :class:`~authsessions.StoreUnavailable` when the
     backend fails, never the driver's own exception. Every primitive but
     :meth:`get`, which is on every request's path, first checks its arguments
-    (``check_*_args``, :func:`require_str`, :func:`require_time`) and raises
-    ``TypeError`` or ``ValueError`` before any store access.
+    (the ``check_*_args`` functions) and raises ``TypeError`` or ``ValueError``
+    before any store access: the types of ids, keys and counts, finite times
+    (those it stores, in the years a ``datetime`` holds), not the JSON values of
+    session data (the session layer checks those as they are set). The session
+    layer's own records and updates (``CheckedRecord``, ``CheckedUpdate``) pass
+    without a second check.
     """
 
     counts_expired_sessions: ClassVar[bool] = True

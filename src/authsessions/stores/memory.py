@@ -22,8 +22,8 @@ from authsessions.stores._base import (
     check_delete_args,
     check_delete_expired_args,
     check_delete_for_user_args,
+    check_list_for_user_args,
     check_update_args,
-    require_str,
     require_time,
 )
 
@@ -120,8 +120,7 @@ class MemoryStore(Store):
         return len(doomed)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        require_str("user_id", user_id)
-        now = require_time("now", now)
+        now = check_list_for_user_args(user_id, now)
         live = (row for row in self._rows_of(user_id) if row.record.expires_at > now)
         return [_materialise(row) for row in _most_recent_first(live)]
 

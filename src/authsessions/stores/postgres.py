@@ -45,8 +45,8 @@ from authsessions.stores._base import (
     check_delete_args,
     check_delete_expired_args,
     check_delete_for_user_args,
+    check_list_for_user_args,
     check_update_args,
-    require_str,
     require_time,
     store_unavailable,
     translate_errors,
@@ -544,8 +544,7 @@ class PostgresStore(Store):
         return await self._execute(self._sql.delete_for_user, user_id, except_id)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        require_str("user_id", user_id)
-        now = require_time("now", now)
+        now = check_list_for_user_args(user_id, now)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 rows = await conn.fetch(

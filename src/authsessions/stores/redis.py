@@ -64,8 +64,8 @@ from authsessions.stores._base import (
     check_delete_args,
     check_delete_expired_args,
     check_delete_for_user_args,
+    check_list_for_user_args,
     check_update_args,
-    require_str,
     require_time,
     store_unavailable,
     translate_errors,
@@ -458,8 +458,7 @@ class RedisStore(Store):
         return len(deleted) // 2
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        require_str("user_id", user_id)
-        now = require_time("now", now)
+        now = check_list_for_user_args(user_id, now)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):

@@ -51,8 +51,8 @@ from authsessions.stores._base import (
     check_delete_args,
     check_delete_expired_args,
     check_delete_for_user_args,
+    check_list_for_user_args,
     check_update_args,
-    require_str,
     require_time,
     store_unavailable,
     translate_errors,
@@ -316,8 +316,7 @@ class SQLiteStore(Store):
         return record
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        require_str("user_id", user_id)
-        now = require_time("now", now)
+        now = check_list_for_user_args(user_id, now)
         params = (user_id, now)
         rows = self._read_now(_SELECT_BY_USER, params)
         if rows is None:
