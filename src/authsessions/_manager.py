@@ -10,7 +10,8 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
 from authsessions._records import SessionData, check_user_id, within_absolute_ttl
 from authsessions._tokens import is_well_formed_session_id, require_session_id_type
-from authsessions.stores._base import Store, require_count
+from authsessions.stores._base import Store
+from authsessions.stores._checks import require_count
 
 __all__ = ["SessionManager"]
 

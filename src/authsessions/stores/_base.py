@@ -12,23 +12,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-import math
 import sqlite3
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import ClassVar, Self, cast
+from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
 from authsessions._records import (
-    MAX_COUNT,
-    CheckedRecord,
-    CheckedUpdate,
     SessionRecord,
     SessionUpdate,
     StoreStats,
-    check_user_id,
 )
 
 __all__ = [
@@ -62,175 +56,6 @@ class DataTooLarge(Exception):
         super().__init__(f"the merged session data would be {size} bytes, over {limit}")
         self.size = size
         self.limit = limit
-
-
-def require_count(name: str, value: object) -> None:
-    """Refuse a count a store cannot honour (``max_sessions``, ``limit``) before any store
-    access: an int from 1 to :data:`~authsessions._records.MAX_COUNT`. Without it a store
-    would fail as if it were down (``None``, or a count PostgreSQL cannot bind), or keep
-    nothing (0).
-
-    Raises:
-        TypeError: ``value`` is not an int (a bool is not one here).
-        ValueError: ``value`` is below 1 or above ``MAX_COUNT``.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}.")
-    if value > MAX_COUNT:
-        raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
-
-
-def require_time(name: str, value: object) -> float:
-    """``value`` as the float a store binds, refusing what is not a finite number of
-    seconds before a store writes or deletes by it. A NaN ``now`` compares false with
-    every expiry in Python and SQLite, but above every one in PostgreSQL, where it would
-    delete every session it reached; an infinity would do that in every store, and an
-    int past 2**63 SQLite cannot bind.
-
-    Raises:
-        TypeError: ``value`` is not an int or a float (a bool is not one here).
-        ValueError: ``value`` is NaN, infinite or beyond a float.
-    """
-    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
-        raise TypeError(f"{name} must be a UNIX timestamp, got {type(value).__name__}.")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int no float holds
-        finite = False
-    if not finite:
-        raise ValueError(f"{name} must be a finite UNIX timestamp, got {value!r:.40}.")
-    return float(value)
-
-
-_NUMBERS = (int, float)
-# The times a datetime holds, years 1 to 9999: listing a session turns each into one.
-_EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
-_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
-
-
-def _require_stored_time(name: str, value: object) -> None:
-    """Refuse a time to store that is not a finite number a ``datetime`` can hold."""
-    if not _EARLIEST <= require_time(name, value) <= _LATEST:
-        raise ValueError(f"{name} must be a time in the years 1 to 9999, got {value!r:.40}.")
-
-
-def require_str(name: str, value: object) -> None:
-    """Refuse an id argument that is not a string before any store access: stores compare
-    ids each in its own way, and a ``bytes`` id matched nothing in one store (so
-    ``except_id`` kept nothing) and failed as if the store were down in another.
-
-    Raises:
-        TypeError: ``value`` is not a ``str``.
-    """
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}.")
-
-
-def check_record(record: SessionRecord) -> None:
-    """Refuse a record that a store would keep differently from another, or only in part,
-    before any store access (``create``; see :func:`check_create_args`).
-
-    Raises:
-        TypeError, ValueError: naming the field.
-    """
-    if not isinstance(record, SessionRecord):
-        raise TypeError(f"record must be a SessionRecord, got {type(record).__name__}.")
-    for name in ("id", "token_digest", "device_name", "device_type", "fingerprint"):
-        require_str(f"record.{name}", getattr(record, name))
-    check_user_id(record.user_id)
-    for name in ("ip_address", "user_agent"):
-        if getattr(record, name) is not None:
-            require_str(f"record.{name}", getattr(record, name))
-    _require_string_keys("record.data", record.data)
-    for name in ("created_at", "last_active_at", "expires_at"):
-        _require_stored_time(f"record.{name}", getattr(record, name))
-
-
-def check_create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
-    """What ``Store.create`` checks before any store access; returns ``now`` as a float.
-
-    The session layer's logins pass unchecked: it built the record (a
-    :class:`CheckedRecord`), took ``max_sessions`` from a checked config and ``now``
-    from the clock.
-    """
-    if record.__class__ is CheckedRecord:
-        return cast(float, now)
-    check_record(record)
-    require_count("max_sessions", max_sessions)
-    return require_time("now", now)
-
-
-def check_update_args(session_id: object, changes: SessionUpdate, now: object) -> float:
-    """What ``Store.update`` checks before any store access; returns ``now`` as a float.
-
-    It refuses an update a store would apply only in part, or differently from another
-    (Redis stored a lone expiry, and then no read of the session worked).
-
-    Raises:
-        TypeError, ValueError: naming the argument or field.
-    """
-    if changes.__class__ is CheckedUpdate:
-        # The session layer's, on every write and touch: it built the update (checked as
-        # keys were set), took the id from a stored record and now from the clock.
-        return cast(float, now)
-    require_str("session_id", session_id)
-    if not isinstance(changes, SessionUpdate):
-        raise TypeError(f"changes must be a SessionUpdate, got {type(changes).__name__}.")
-    last_active_at, expires_at = changes.last_active_at, changes.expires_at
-    if (last_active_at is None) != (expires_at is None):
-        raise ValueError("last_active_at and expires_at must be given together, or neither.")
-    if last_active_at is not None:
-        _require_stored_time("changes.last_active_at", last_active_at)
-        _require_stored_time("changes.expires_at", expires_at)
-    elif changes.token_digest is not None:
-        raise ValueError("a new token_digest comes with last_active_at and expires_at.")
-    _require_string_keys("changes.set_keys", changes.set_keys)
-    if not isinstance(changes.removed_keys, frozenset):
-        raise TypeError("changes.removed_keys must be a frozenset of str.")
-    for key in changes.removed_keys:
-        require_str("a key in changes.removed_keys", key)
-    if changes.token_digest is not None:
-        require_str("changes.token_digest", changes.token_digest)
-    if changes.max_data_bytes is not None:
-        require_count("changes.max_data_bytes", changes.max_data_bytes)
-    return require_time("now", now)
-
-
-def check_delete_args(session_id: object, user_id: object) -> None:
-    """What ``Store.delete`` checks before any store access."""
-    require_str("session_id", session_id)
-    if user_id is not None:
-        require_str("user_id", user_id)
-
-
-def check_delete_for_user_args(user_id: object, except_id: object) -> None:
-    """What ``Store.delete_for_user`` checks before any store access."""
-    require_str("user_id", user_id)
-    if except_id is not None:
-        require_str("except_id", except_id)
-
-
-def check_list_for_user_args(user_id: object, now: object) -> float:
-    """What ``Store.list_for_user`` checks before any store access; returns ``now``."""
-    require_str("user_id", user_id)
-    return require_time("now", now)
-
-
-def check_delete_expired_args(now: object, limit: object) -> float:
-    """What ``Store.delete_expired`` checks before any store access; returns ``now``."""
-    require_count("limit", limit)
-    return require_time("now", now)
-
-
-def _require_string_keys(name: str, data: object) -> None:
-    # PostgreSQL and Redis keep each top-level key apart (a jsonb key, a hash field): a
-    # key of another type made a session no store could read back.
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{name} must be a mapping, got {type(data).__name__}.")
-    for key in data:
-        require_str(f"a key in {name}", key)
 
 
 def accept_newer_schema(what: str, version: int, compatible_from: int | None, known: int) -> None:
@@ -334,7 +159,7 @@ class Store(abc.ABC):
     Every primitive raises :class:`~authsessions.StoreUnavailable` when the
     backend fails, never the driver's own exception. Every primitive but
     :meth:`get`, which is on every request's path, first checks its arguments
-    (the ``check_*_args`` functions) and raises ``TypeError`` or ``ValueError``
+    (see :mod:`authsessions.stores._checks`) and raises ``TypeError`` or ``ValueError``
     before any store access: the types of ids, keys and counts, finite times
     (those it stores, in the years a ``datetime`` holds), not the JSON values of
     session data (the session layer checks those as they are set). The session
@@ -494,8 +319,9 @@ class Store(abc.ABC):
 
         Raises :class:`CreateError` when the id or token digest exists already, and
         ``TypeError`` or ``ValueError`` when ``max_sessions`` is not an int from 1 to
-        ``MAX_COUNT`` (see :func:`require_count`) or ``now`` is not a finite UNIX
-        timestamp (see :func:`require_time`), before anything is stored.
+        ``MAX_COUNT``, ``now`` is not a finite UNIX timestamp or the record holds what
+        no store keeps alike (see :mod:`authsessions.stores._checks`), before anything
+        is stored.
         """
 
     @abc.abstractmethod
@@ -550,8 +376,8 @@ class Store(abc.ABC):
 
         Callers repeat it until it returns less than ``limit``, so a large
         backlog never holds a lock or a transaction for long. ``limit`` must be an int
-        from 1 to ``MAX_COUNT`` (see :func:`require_count`), and ``now`` a finite UNIX
-        timestamp (see :func:`require_time`), or nothing is deleted.
+        from 1 to ``MAX_COUNT``, and ``now`` a finite UNIX timestamp, or nothing is
+        deleted (see :mod:`authsessions.stores._checks`).
         """
 
     @abc.abstractmethod

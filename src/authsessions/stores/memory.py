@@ -14,17 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions.stores import _checks
 from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
-    check_create_args,
-    check_delete_args,
-    check_delete_expired_args,
-    check_delete_for_user_args,
-    check_list_for_user_args,
-    check_update_args,
-    require_time,
 )
 
 __all__ = ["MemoryStore"]
@@ -52,7 +46,7 @@ class MemoryStore(Store):
         return f"MemoryStore(<{len(self._rows)} sessions>)"
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = check_create_args(record, max_sessions, now)
+        now = _checks.create_args(record, max_sessions, now)
         if record.id in self._rows or record.token_digest in self._ids_by_digest:
             raise CreateError(record.id)
         self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
@@ -76,7 +70,7 @@ class MemoryStore(Store):
         return _materialise(row)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        now = check_update_args(session_id, changes, now)
+        now = _checks.update_args(session_id, changes, now)
         row = self._rows.get(session_id)
         if row is None or row.record.expires_at <= now:
             return False
@@ -105,7 +99,7 @@ class MemoryStore(Store):
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        check_delete_args(session_id, user_id)
+        _checks.delete_args(session_id, user_id)
         row = self._rows.get(session_id)
         if row is None or (user_id is not None and row.record.user_id != user_id):
             return False
@@ -113,19 +107,19 @@ class MemoryStore(Store):
         return True
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        check_delete_for_user_args(user_id, except_id)
+        _checks.delete_for_user_args(user_id, except_id)
         doomed = [sid for sid in self._ids_by_user.get(user_id, ()) if sid != except_id]
         for session_id in doomed:
             self._remove(session_id)
         return len(doomed)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        now = check_list_for_user_args(user_id, now)
+        now = _checks.list_for_user_args(user_id, now)
         live = (row for row in self._rows_of(user_id) if row.record.expires_at > now)
         return [_materialise(row) for row in _most_recent_first(live)]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        now = check_delete_expired_args(now, limit)
+        now = _checks.delete_expired_args(now, limit)
         # The scan stops at ``limit``: a batch costs what it deletes, not the whole dict.
         expired = (sid for sid, row in self._rows.items() if row.record.expires_at <= now)
         doomed = list(itertools.islice(expired, limit))
@@ -135,7 +129,7 @@ class MemoryStore(Store):
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts over every session in the dict: O(sessions), for admin tools."""
-        now = require_time("now", now)
+        now = _checks.require_time("now", now)
         live = [row.record for row in self._rows.values() if row.record.expires_at > now]
         return StoreStats(
             live_sessions=len(live),

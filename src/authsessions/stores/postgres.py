@@ -36,18 +36,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions.stores import _checks
 from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
     accept_newer_schema,
-    check_create_args,
-    check_delete_args,
-    check_delete_expired_args,
-    check_delete_for_user_args,
-    check_list_for_user_args,
-    check_update_args,
-    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -473,7 +467,7 @@ class PostgresStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = check_create_args(record, max_sessions, now)
+        now = _checks.create_args(record, max_sessions, now)
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
@@ -505,7 +499,7 @@ class PostgresStore(Store):
         return _record(row) if row is not None else None
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        now = check_update_args(session_id, changes, now)
+        now = _checks.update_args(session_id, changes, now)
         sql = self._sql
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
@@ -534,17 +528,17 @@ class PostgresStore(Store):
         return bool(patched)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        check_delete_args(session_id, user_id)
+        _checks.delete_args(session_id, user_id)
         if user_id is None:
             return await self._execute(self._sql.delete, session_id) == 1
         return await self._execute(self._sql.delete_owned, session_id, user_id) == 1
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        check_delete_for_user_args(user_id, except_id)
+        _checks.delete_for_user_args(user_id, except_id)
         return await self._execute(self._sql.delete_for_user, user_id, except_id)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        now = check_list_for_user_args(user_id, now)
+        now = _checks.list_for_user_args(user_id, now)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 rows = await conn.fetch(
@@ -553,7 +547,7 @@ class PostgresStore(Store):
         return [_record(row) for row in rows]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        now = check_delete_expired_args(now, limit)
+        now = _checks.delete_expired_args(now, limit)
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
         return await self._execute(self._sql.delete_expired, now, limit)
 
@@ -566,7 +560,7 @@ class PostgresStore(Store):
         Raises:
             StoreUnavailable: the server failed or could not be reached.
         """
-        now = require_time("now", now)
+        now = _checks.require_time("now", now)
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
                 row = await conn.fetchrow(self._sql.stats, now, timeout=self.command_timeout)

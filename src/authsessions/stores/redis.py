@@ -55,18 +55,12 @@ from authsessions._records import (
     dump_json,
     load_json,
 )
+from authsessions.stores import _checks
 from authsessions.stores import _redis_scripts as lua
 from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
-    check_create_args,
-    check_delete_args,
-    check_delete_expired_args,
-    check_delete_for_user_args,
-    check_list_for_user_args,
-    check_update_args,
-    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -311,7 +305,7 @@ class RedisStore(Store):
     # -- primitives ------------------------------------------------------------------
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = check_create_args(record, max_sessions, now)
+        now = _checks.create_args(record, max_sessions, now)
         self._require_client()
         tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
@@ -380,9 +374,9 @@ class RedisStore(Store):
         return _record(row)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        now = check_update_args(session_id, changes, now)
+        now = _checks.update_args(session_id, changes, now)
         client, new_digest = self._require_client(), changes.token_digest
-        # check_update_args saw that a new digest comes with times.
+        # _checks.update_args saw that a new digest comes with times.
         ttl = None if changes.expires_at is None else _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
         in_cluster, cap = bool(self._cluster), changes.size_cap
@@ -429,7 +423,7 @@ class RedisStore(Store):
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        check_delete_args(session_id, user_id)
+        _checks.delete_args(session_id, user_id)
         self._require_client()
         with translate_errors("Redis", *self._errors):
             tag = _tag(user_id) if user_id is not None else await self._tag_of(session_id)
@@ -446,7 +440,7 @@ class RedisStore(Store):
         return True
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        check_delete_for_user_args(user_id, except_id)
+        _checks.delete_for_user_args(user_id, except_id)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
@@ -458,7 +452,7 @@ class RedisStore(Store):
         return len(deleted) // 2
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        now = check_list_for_user_args(user_id, now)
+        now = _checks.list_for_user_args(user_id, now)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
@@ -472,7 +466,7 @@ class RedisStore(Store):
         """Sweep the user indexes, many per script call, going on from where the previous
         call with the same ``now`` stopped; see :meth:`Store.delete_expired`.
         """
-        now = check_delete_expired_args(now, limit)
+        now = _checks.delete_expired_args(now, limit)
         client = self._require_client()
         removed = 0
         async with self._sweep_lock:  # one pass at a time: its SCAN is shared
@@ -534,7 +528,7 @@ class RedisStore(Store):
         Raises:
             StoreUnavailable: a command failed or timed out.
         """
-        now = require_time("now", now)
+        now = _checks.require_time("now", now)
         client = self._require_client()
         pattern = f"{_glob_escape(self.prefix)}{{{'?' * _TAG_LENGTH}}}:s:*"
         seen: set[str] = set()

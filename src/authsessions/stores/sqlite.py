@@ -42,18 +42,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions.stores import _checks
 from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
     accept_newer_schema,
-    check_create_args,
-    check_delete_args,
-    check_delete_expired_args,
-    check_delete_for_user_args,
-    check_list_for_user_args,
-    check_update_args,
-    require_time,
     store_unavailable,
     translate_errors,
 )
@@ -316,7 +310,7 @@ class SQLiteStore(Store):
         return record
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
-        now = check_list_for_user_args(user_id, now)
+        now = _checks.list_for_user_args(user_id, now)
         params = (user_id, now)
         rows = self._read_now(_SELECT_BY_USER, params)
         if rows is None:
@@ -350,7 +344,7 @@ class SQLiteStore(Store):
         Raises:
             StoreUnavailable: the database could not be read.
         """
-        now = require_time("now", now)
+        now = _checks.require_time("now", now)
         self._connection(self._loop_db)  # refuses a closed store
         with translate_errors("SQLite", sqlite3.Error):
             return await asyncio.to_thread(self._count, now)
@@ -375,7 +369,7 @@ class SQLiteStore(Store):
     # -- writes: on the event loop when the file is free, else on the writer thread --
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = check_create_args(record, max_sessions, now)
+        now = _checks.create_args(record, max_sessions, now)
         values = (
             record.id, record.token_digest, record.user_id, record.ip_address, record.user_agent,
             record.device_name, record.device_type, record.fingerprint, dump_json(record.data),
@@ -405,7 +399,7 @@ class SQLiteStore(Store):
         await self._write(create, lambda evicted: users_sessions if evicted else ())
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
-        now = check_update_args(session_id, changes, now)
+        now = _checks.update_args(session_id, changes, now)
         written: list[_WrittenRow] = []
 
         def update(db: sqlite3.Connection) -> bool:
@@ -514,7 +508,7 @@ class SQLiteStore(Store):
         return ((record, data_json),)
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        check_delete_args(session_id, user_id)
+        _checks.delete_args(session_id, user_id)
         params: tuple[str, ...]
         if user_id is None:
             sql, params = f"DELETE FROM {TABLE} WHERE id = ?", (session_id,)
@@ -528,7 +522,7 @@ class SQLiteStore(Store):
         return await self._write(delete, lambda _deleted: (session_id,))
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        check_delete_for_user_args(user_id, except_id)
+        _checks.delete_for_user_args(user_id, except_id)
         sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
 
         def delete_rows(db: sqlite3.Connection) -> int:
@@ -549,7 +543,7 @@ class SQLiteStore(Store):
         return await self._writer.write_many_rows(delete_rows)
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
-        now = check_delete_expired_args(now, limit)
+        now = _checks.delete_expired_args(now, limit)
         sql = (
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
