@@ -18,14 +18,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import astuple, replace
+from dataclasses import asdict, astuple, replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from authsessions import StoreUnavailable
-from authsessions._records import SessionRecord, SessionUpdate, dump_json
+from authsessions._records import CheckedRecord, SessionRecord, SessionUpdate, dump_json
 from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import _sqlite_writer as writer_module
@@ -493,6 +493,21 @@ async def test_refused_create_releases_the_write_lock(
     # write_lock() has timeout=0: it fails at once if the store kept its transaction open.
     with write_lock(db_path):
         pass
+
+
+async def test_only_a_taken_id_or_digest_is_a_create_error(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """The session layer answers CreateError by drawing a new token: any other
+    constraint failure must not look like one (here a record past the checks, as only
+    the session layer's own are)."""
+    t0 = time.time()
+    broken = CheckedRecord(**{**asdict(make_record(now=t0)), "device_name": None})
+
+    with pytest.raises(StoreUnavailable):
+        await impatient_store.create(broken, max_sessions=10, now=t0)
+
+    assert await impatient_store.list_for_user("alice", now=t0) == []
 
 
 async def test_opening_while_another_connection_holds_the_write_lock_fails_cleanly(

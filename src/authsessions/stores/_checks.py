@@ -102,7 +102,7 @@ def require_str(name: str, value: object) -> None:
 
 def check_record(record: SessionRecord) -> None:
     """Refuse a record that a store would keep differently from another, or only in part,
-    before any store access (``create``; see :func:`check_create_args`).
+    before any store access (``create``; see :func:`create_args`).
 
     Raises:
         TypeError, ValueError: naming the field.
