@@ -19,11 +19,7 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
-from authsessions._records import (
-    SessionRecord,
-    SessionUpdate,
-    StoreStats,
-)
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats
 
 __all__ = [
     "CreateError",
@@ -117,13 +113,12 @@ def failure_detail(exc: BaseException) -> str:
     or the file, signing in, finding the database. Other messages stay out (PostgreSQL's
     SQLSTATE stands in for them), so the log never holds what a statement was given.
     """
-    name = type(exc).__name__
     sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str):
-        if _tells_no_values(exc):
-            return f"{name} ({sqlstate}): {exc}"
-        return f"{name} ({sqlstate})"
-    return f"{name}: {exc}" if _tells_no_values(exc) and str(exc) else name
+    label = (
+        f"{type(exc).__name__} ({sqlstate})" if isinstance(sqlstate, str) else type(exc).__name__
+    )
+    message = str(exc) if _tells_no_values(exc) else ""
+    return f"{label}: {message}" if message else label
 
 
 def _tells_no_values(exc: BaseException) -> bool:
