@@ -1029,6 +1029,58 @@ async def test_a_login_after_an_anonymous_response_started_is_refused(
     assert await SessionManager(sqlite_store).list_for_user("mallory") == []
 
 
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """An unhandled error after a login or rotation: Starlette's 500, built outside this
+    middleware, carries no cookie. A session kept for that token would push out one of
+    the user's devices at each such failure, until it expired."""
+
+    async def fails_after(request: Request) -> Response:
+        session = Session.from_request(request)
+        await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
+        raise RuntimeError("the app failed")
+
+    _, first = await plant_session(sqlite_store, "alice")
+    token, second = await plant_session(sqlite_store, "alice")
+    client = client_factory(app_factory(sqlite_store, extra_routes=[Route("/fails", fails_after)]))
+    headers = cookie_header(token) if operation == "rotate" else {}
+
+    with pytest.raises(RuntimeError, match="the app failed"):
+        await client.get("/fails", headers=headers)
+
+    # A login's new session is gone and the devices stay; a rotated one, which no
+    # browser can name any more, has ended.
+    left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
+    assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
+class DownForDeletes(MemoryStore):
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        raise StoreUnavailable()
+
+
+async def test_the_apps_error_is_raised_when_an_unsent_tokens_session_cannot_be_ended(
+    client_factory: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fails_after_login(request: Request) -> Response:
+        await Session.from_request(request).authenticate("alice")
+        raise RuntimeError("the app failed")
+
+    store = DownForDeletes()
+    client = client_factory(build_app(store, extra_routes=[Route("/fails", fails_after_login)]))
+
+    with (
+        caplog.at_level("WARNING", logger="authsessions"),
+        pytest.raises(RuntimeError, match="the app failed"),
+    ):
+        await client.get("/fails")
+
+    assert "whose new token was never sent, is left to expire" in caplog.text
+    assert len(await SessionManager(store).list_for_user("alice")) == 1
+
+
 # -- WebSocket ----------------------------------------------------------------------------------
 
 

@@ -116,6 +116,11 @@ class SessionMiddleware:
             start, body = _error_response(exc)
             await session_send(start)
             await session_send(body)
+        except Exception:
+            if not session_send.response_started:
+                # An error page built outside this middleware will carry no cookie.
+                await session.end_unsent_token()
+            raise
 
     def _check_placement(self, scope: Scope) -> None:
         """Refuse to run as a Litestar route's middleware with a store of its own.

@@ -12,7 +12,7 @@ from starlette.types import Scope
 
 from authsessions._client import client_ip, device_of, user_agent_of
 from authsessions._config import SessionConfig
-from authsessions._errors import SessionDataError, SessionNotFound, Unauthorized
+from authsessions._errors import SessionDataError, SessionNotFound, StoreUnavailable, Unauthorized
 from authsessions._records import (
     CheckedRecord,
     CheckedUpdate,
@@ -470,6 +470,25 @@ class Session:
             and await self._store.get(record.token_digest, now=now) is not None
         ):
             self._cookie_change = "set"
+
+    async def end_unsent_token(self) -> None:
+        """End the session a login or rotation of this request gave a new token, when no
+        response will carry it (the app failed before its response started).
+
+        Kept, that session would hold a place among its user's sessions until it expired,
+        where each failed login pushes out a device the user still has. A store failure
+        here is logged, not raised: the app's own failure is the one to report.
+        """
+        record = self._record
+        if self._cookie_change != "set" or record is None:
+            return
+        try:
+            await self._store.delete(record.id)
+        except StoreUnavailable:
+            logger.warning(
+                "session %s, whose new token was never sent, is left to expire", record.id
+            )
+        self._end()
 
     # -- internals -------------------------------------------------------------
 
