@@ -1056,6 +1056,55 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 
 
+class HoldingNewTokens(MemoryStore):
+    """Holds a login's create and a rotation's update until ``go_on`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go_on = asyncio.Event()
+
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        await self.go_on.wait()
+        await super().create(record, max_sessions=max_sessions, now=now)
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        if changes.token_digest is not None:
+            await self.go_on.wait()
+        return await super().update(session_id, changes, now=now)
+
+
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_a_new_token_the_response_overtook_ends_its_session(
+    client_factory: ClientFactory, operation: str
+) -> None:
+    """A task of the request signs in or rotates; the response starts while the store
+    works, so no cookie will carry the new token, and the session no browser can name
+    ends."""
+    store = HoldingNewTokens()
+    store.go_on.set()
+    token, _ = await plant_session(store, "alice")
+    store.go_on.clear()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def act_in_a_task(request: Request) -> Response:
+        session = Session.from_request(request)
+        act = session.rotate() if operation == "rotate" else session.authenticate("alice")
+        tasks.append(asyncio.create_task(act))
+        await asyncio.sleep(0)  # the task is now waiting for the store
+        return PlainTextResponse("ok")
+
+    client = client_factory(build_app(store, extra_routes=[Route("/race", act_in_a_task)]))
+    headers = cookie_header(token) if operation == "rotate" else {}
+    response = await client.get("/race", headers=headers)
+    store.go_on.set()
+
+    with pytest.raises(RuntimeError, match=rf"{operation}\(\) after the response started"):
+        await tasks[0]
+    assert session_cookie(response) is None
+    left = await SessionManager(store).list_for_user("alice")
+    assert len(left) == (0 if operation == "rotate" else 1)  # the planted one stays
+
+
 class DownForDeletes(MemoryStore):
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
         raise StoreUnavailable()

@@ -250,7 +250,9 @@ class Session:
             StoreUnavailable: the store failed; the request's cookie is cleared if
                 its session had already ended here, and kept otherwise.
             RuntimeError: on a WebSocket, or after the response started (see
-                :meth:`set`): no cookie could carry the new token. Nothing changed.
+                :meth:`set`): no cookie could carry the new token. Nothing changed,
+                unless the response started while the store worked: then the new
+                session has ended.
         """
         check_user_id(user_id)
         if not isinstance(data, Mapping):
@@ -294,6 +296,7 @@ class Session:
             self._data = initial
             self._token = token
             self._cookie_change = "set"
+            await self._refuse_if_unsent("authenticate")
             return
         raise RuntimeError("could not create a session with a fresh id three times in a row")
 
@@ -310,8 +313,10 @@ class Session:
                 values set earlier would exceed ``max_data_bytes``; nothing changed.
             StoreUnavailable: the store failed.
             RuntimeError: on a WebSocket, or after the response started (see
-                :meth:`set`), nothing changed; or three new tokens in a row were other
-                sessions' (never seen with random tokens; a broken random source, say).
+                :meth:`set`), nothing changed (if the response started while the store
+                worked, the session has ended); or three new tokens in a row were
+                other sessions' (never seen with random tokens; a broken random
+                source, say).
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
@@ -342,6 +347,7 @@ class Session:
         self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
         self._cookie_change = "set"
+        await self._refuse_if_unsent("rotate")
 
     async def logout(self) -> None:
         """Destroy the current session and clear its cookie; succeeds silently without one.
@@ -565,6 +571,14 @@ class Session:
                 "HTTP request."
             )
         if self._flushed:
+            raise self._too_late(operation)
+
+    async def _refuse_if_unsent(self, operation: str) -> None:
+        """After the store took a new token: if the response started meanwhile (a task
+        of the request's own raced it), no cookie will carry the token, so its session
+        ends, as for a token an error page left unsent."""
+        if self._flushed:
+            await self.end_unsent_token()
             raise self._too_late(operation)
 
     def _too_late(self, operation: str) -> RuntimeError:
