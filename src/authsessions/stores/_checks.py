@@ -65,7 +65,7 @@ def require_time(name: str, value: object) -> float:
         TypeError: ``value`` is not an int or a float (a bool is not one here).
         ValueError: ``value`` is NaN, infinite or beyond a float.
     """
-    if isinstance(value, bool) or not isinstance(value, _NUMBERS):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a UNIX timestamp, got {type(value).__name__}.")
     try:
         finite = math.isfinite(value)
@@ -76,7 +76,6 @@ def require_time(name: str, value: object) -> float:
     return float(value)
 
 
-_NUMBERS = (int, float)
 # The times a datetime holds, years 1 to 9999: listing a session turns each into one.
 _EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
 _LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()

@@ -15,11 +15,7 @@ from typing import Any
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
 from authsessions.stores import _checks
-from authsessions.stores._base import (
-    CreateError,
-    DataTooLarge,
-    Store,
-)
+from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["MemoryStore"]
 
