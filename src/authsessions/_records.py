@@ -235,7 +235,8 @@ class CheckedRecord(SessionRecord):
 
 class CheckedUpdate(SessionUpdate):
     """A :class:`SessionUpdate` the session layer built, valid by construction (keys and
-    values were checked as they were set): stores skip checking it again on every write."""
+    values were checked as they were set): stores skip checking it again on every write.
+    Its values are private copies nobody changes afterwards, so a store may keep them."""
 
     __slots__ = ()
 

@@ -99,7 +99,8 @@ class Session:
         # A tuple, not a dict: only a login reads it, and every request builds it.
         self._connection = (scope["type"], scope["headers"], scope.get("client"))
         # The record may be shared with other requests (a store's cache), so it is never
-        # changed here: changes replace it, and the data is copied before a key changes.
+        # changed here: new times or a new token replace it, and the data is copied before
+        # a key changes. From here on the data is read from _data, never the record's.
         self._record = record
         self._data: dict[str, Any] = record.data if record is not None else _NO_DATA
         self._token = token
@@ -466,7 +467,8 @@ class Session:
             logger.info("session %s ended during the request; its changes were dropped", record.id)
             self._end()
             return
-        self._record = record = self._renewed(record, changes)
+        if touch_due:  # else the record's times and token are still the stored ones
+            self._record = record = self._renewed(record, changes)
         # Re-send the cookie so the browser's expiry follows the store's, unless a
         # concurrent rotate() replaced this token: the browser's new cookie must not
         # be overwritten by a dead one. One extra read, once per touch_interval.
@@ -542,7 +544,7 @@ class Session:
     def _renewed(
         self, record: SessionRecord, changes: SessionUpdate, *, token_digest: str | None = None
     ) -> SessionRecord:
-        """``record`` as ``changes`` left it in the store, holding this request's data."""
+        """``record`` with the times and token ``changes`` left in the store."""
         return SessionRecord(
             record.id,
             token_digest or record.token_digest,

@@ -25,7 +25,13 @@ from typing import Any, cast
 import pytest
 
 from authsessions import StoreUnavailable
-from authsessions._records import CheckedRecord, SessionRecord, SessionUpdate, dump_json
+from authsessions._records import (
+    CheckedRecord,
+    CheckedUpdate,
+    SessionRecord,
+    SessionUpdate,
+    dump_json,
+)
 from authsessions.stores import CreateError, DataTooLarge, SQLiteStore
 from authsessions.stores import _checkpoints as checkpoints_module
 from authsessions.stores import _sqlite_writer as writer_module
@@ -930,11 +936,14 @@ async def written_as_stored(store: SQLiteStore, digest: str, now: float) -> Sess
     return kept
 
 
+@pytest.mark.parametrize("update_class", [SessionUpdate, CheckedUpdate])
 async def test_the_stores_own_writes_keep_the_other_sessions_cached(
-    caching_store: SQLiteStore,
+    caching_store: SQLiteStore, update_class: type[SessionUpdate]
 ) -> None:
     """Each write on the event loop changes only its own session in the cache, which then
-    holds the row as written: in a mix of reads and writes, every session stays cached."""
+    holds the row as written: in a mix of reads and writes, every session stays cached.
+    The session layer's own updates (``CheckedUpdate``) are kept without decoding the
+    JSON written, any other from it."""
     t0 = start_time()
     store = caching_store
     written, other = await cache_two_sessions(store, t0)
@@ -947,6 +956,7 @@ async def test_the_stores_own_writes_keep_the_other_sessions_cached(
         make_update(now=t0 + 2, removed_keys=frozenset({"a"}), moves_expiry=False),
     ]
     for update in updates:
+        update = update_class(*astuple(update))
         assert await store.update(written.id, update, now=t0)
         assert await cached(store, other.token_digest, t0) == other
         await written_as_stored(store, written.token_digest, t0)

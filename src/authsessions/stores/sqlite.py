@@ -41,7 +41,14 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions._records import (
+    CheckedUpdate,
+    SessionRecord,
+    SessionUpdate,
+    StoreStats,
+    dump_json,
+    load_json,
+)
 from authsessions.stores import _checks
 from authsessions.stores._base import (
     CreateError,
@@ -129,9 +136,9 @@ INLINE_DELETE_ROWS = 32
 WAL_SIZE_LIMIT = 8 << 20
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
-_WrittenRow = tuple[str, bool, float, float, str]
-"""What an update left in a row: its data as JSON and whether that changed, the times and
-the token digest."""
+_WrittenRow = tuple[str, dict[str, Any] | None, float, float, str]
+"""What an update left in a row: its data as JSON and, when that changed, as the record a
+get would read holds it; the times and the token digest."""
 _SELECT_FOR_UPDATE = (
     f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
     " WHERE id = ? AND expires_at > ?"
@@ -429,7 +436,7 @@ class SQLiteStore(Store):
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
-                data_changed = False
+                new_data: dict[str, Any] | None = None
                 if changes.changes_data:
                     # A copy one level deep is enough: keys are only removed or set whole.
                     data: dict[str, Any] = (
@@ -446,7 +453,13 @@ class SQLiteStore(Store):
                     if data_json != stored_data:
                         assignments.append("data = ?")
                         params.append(data_json)
-                        stored_data, data_changed = data_json, True
+                        stored_data = data_json
+                        # For the cache, as get would read it: from the JSON, since a caller
+                        # may change its values after the write, which the session layer's
+                        # own updates never do.
+                        new_data = (
+                            data if changes.__class__ is CheckedUpdate else load_json(data_json)
+                        )
                 if assignments:
                     try:
                         db.execute(
@@ -464,7 +477,7 @@ class SQLiteStore(Store):
                     if changes.token_digest is not None:
                         stored_digest = changes.token_digest
                     written.append(
-                        (stored_data, data_changed, last_active_at, expires_at, stored_digest)
+                        (stored_data, new_data, last_active_at, expires_at, stored_digest)
                     )
                 return True
 
@@ -496,13 +509,12 @@ class SQLiteStore(Store):
         kept = self._cache.kept(session_id)
         if kept is None or not written:
             return (session_id,)
-        data_json, data_changed, last_active_at, expires_at, token_digest = written[0]
+        data_json, new_data, last_active_at, expires_at, token_digest = written[0]
         before = kept[0]
         record = SessionRecord(
             session_id, token_digest, before.user_id, before.ip_address, before.user_agent,
             before.device_name, before.device_type, before.fingerprint,
-            # From the JSON, as get would: the caller's values may be changed after the write.
-            load_json(data_json) if data_changed else before.data,
+            before.data if new_data is None else new_data,
             before.created_at, last_active_at, expires_at,
         )  # fmt: skip
         return ((record, data_json),)
