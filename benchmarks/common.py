@@ -52,6 +52,9 @@ class Settings:
     quick: bool
     inprocess_reps: int
     inprocess_batch: int
+    """Requests per variant and scenario in one repetition, and as many of the bare app's."""
+    inprocess_chunk: int
+    """Requests in a row of one side before the other's turn, within a paired batch."""
     inprocess_warmup: int
     floor_lookups: int
     concurrency_streams: int
@@ -81,6 +84,7 @@ class Settings:
                 quick=True,
                 inprocess_reps=4,
                 inprocess_batch=150,
+                inprocess_chunk=25,
                 inprocess_warmup=100,
                 floor_lookups=1_000,
                 concurrency_streams=16,
@@ -104,6 +108,7 @@ class Settings:
             quick=False,
             inprocess_reps=21,
             inprocess_batch=500,
+            inprocess_chunk=25,
             inprocess_warmup=500,
             floor_lookups=20_000,
             concurrency_streams=16,

@@ -1,9 +1,18 @@
-"""Per-request cost in process: every variant driven directly, batches interleaved.
+"""Per-request cost in process: every variant driven directly, each paired with the bare app.
 
 For each repetition, every (variant, scenario) pair runs one batch of
-sequential requests, in a freshly shuffled order, so drift on a shared
-machine hits all variants alike. The result is the median over repetitions
-of the mean per-request time of a batch, and its ratio to the bare app.
+sequential requests, in a freshly shuffled order, and so does the bare app
+beside it: the two take turns every few dozen requests (``drive_paired``),
+so that a guest whose speed changes from one moment to the next runs both
+at the same speeds. A variant's ratio is the median over repetitions of its
+batch's time over the bare app's beside it; its time, the median over
+repetitions of the mean per-request time of its batches (the bare app's,
+over every batch it ran beside a variant).
+
+Batches of each variant alone, shuffled, left its ratio to the drift: on one
+guest, within one run, the no-op middleware (1.08x of the bare route in
+instructions) came out anywhere from 0.995x to 1.31x, where paired batches
+gave 1.069x to 1.087x.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from benchmarks import apps
-from benchmarks.asgi import call, drive, drive_timed, make_scope
+from benchmarks.asgi import Timing, call, drive, drive_paired, make_scope
 from benchmarks.common import (
     REDIS_PREFIX,
     REDIS_URL,
@@ -154,45 +163,55 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
     try:
         for variant in variants:
             await validate(variant)
-        pairs = [(variant, scenario) for variant in variants for scenario in SCENARIOS]
-        scopes = {(v.name, s): v.scope(s) for v, s in pairs}
-        for variant, scenario in pairs:
-            await drive(variant.app, scopes[variant.name, scenario], settings.inprocess_warmup)
-        samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
-        cpu_samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
-        system_samples: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        bare = next(variant for variant in variants if variant.name == apps.BARE)
+        scopes = {(v.name, s): v.scope(s) for v in variants for s in SCENARIOS}
+        for variant in variants:
+            for scenario in SCENARIOS:
+                await drive(variant.app, scopes[variant.name, scenario], settings.inprocess_warmup)
+        samples: dict[tuple[str, str], list[Timing]] = {key: [] for key in scopes}
+        ratios: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        cpu_ratios: dict[tuple[str, str], list[float]] = {key: [] for key in scopes}
+        pairs = [(v, s) for v in variants if v is not bare for s in SCENARIOS]
         order = random.Random(4)  # noqa: S311 - only an ordering
-        batch = settings.inprocess_batch
         for _rep in range(settings.inprocess_reps):
             order.shuffle(pairs)
             for variant, scenario in pairs:
                 gc.collect()
-                key = variant.name, scenario
-                wall, cpu, system = await drive_timed(variant.app, scopes[key], batch)
-                samples[key].append(wall / batch / 1000)
-                cpu_samples[key].append(cpu / batch / 1000)
-                system_samples[key].append(system / batch / 1000)
+                key, bare_key = (variant.name, scenario), (apps.BARE, scenario)
+                ours, theirs = await drive_paired(
+                    variant.app,
+                    scopes[key],
+                    bare.app,
+                    scopes[bare_key],
+                    settings.inprocess_batch,
+                    settings.inprocess_chunk,
+                )
+                samples[key].append(ours)
+                samples[bare_key].append(theirs)
+                ratios[key].append(ours.wall / theirs.wall)
+                cpu_ratios[key].append(ours.cpu / theirs.cpu)
     finally:
         for variant in variants:
             await variant.close()
+    per_request = settings.inprocess_batch * 1000  # ns per batch -> µs per request
     results: dict[str, Any] = {"variants": [v.name for v in variants], "scenarios": {}}
     for scenario in SCENARIOS:
-        bare = median(samples[apps.BARE, scenario])
-        bare_cpu = median(cpu_samples[apps.BARE, scenario])
-        results["scenarios"][scenario] = {
-            v.name: {
-                "median_us": median(samples[v.name, scenario]),
-                "min_us": min(samples[v.name, scenario]),
-                "max_us": max(samples[v.name, scenario]),
-                "ratio": median(samples[v.name, scenario]) / bare,
-                "cpu_us": median(cpu_samples[v.name, scenario]),
-                "cpu_ratio": median(cpu_samples[v.name, scenario]) / bare_cpu,
+        cells: dict[str, Any] = {}
+        for variant in variants:
+            key = variant.name, scenario
+            wall = [timing.wall / per_request for timing in samples[key]]
+            cells[variant.name] = {
+                "median_us": median(wall),
+                "min_us": min(wall),
+                "max_us": max(wall),
+                "ratio": median(ratios[key]) if variant is not bare else 1.0,
+                "cpu_us": median([timing.cpu / per_request for timing in samples[key]]),
+                "cpu_ratio": median(cpu_ratios[key]) if variant is not bare else 1.0,
                 # A mean, not a median: the kernel counts this time in clock ticks (4 ms
                 # here, 8 µs over a batch of 500), which only the total resolves.
-                "system_us": mean(system_samples[v.name, scenario]),
+                "system_us": mean(timing.system / per_request for timing in samples[key]),
             }
-            for v in variants
-        }
+        results["scenarios"][scenario] = cells
     return results
 
 

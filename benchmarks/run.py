@@ -134,7 +134,9 @@ def report(results: dict[str, Any], settings: Settings) -> str:
             "## Per-request cost in process (median per request, ratio to the bare app)",
             "",
             f"{settings.inprocess_reps} repetitions x {settings.inprocess_batch} requests, "
-            "interleaved in shuffled order.",
+            "in shuffled order, each batch beside as many of the bare app's, taking turns "
+            f"every {settings.inprocess_chunk} requests; the ratio is the median of each "
+            "batch's over the bare app's beside it.",
             "",
             inprocess.table(results["inprocess"]),
             "",
