@@ -9,10 +9,10 @@ batch's time over the bare app's beside it; its time, the median over
 repetitions of the mean per-request time of its batches (the bare app's,
 over every batch it ran beside a variant).
 
-Batches of each variant alone, shuffled, left its ratio to the drift: on one
-guest, within one run, the no-op middleware (1.08x of the bare route in
-instructions) came out anywhere from 0.995x to 1.31x, where paired batches
-gave 1.069x to 1.087x.
+Batches of each variant alone, shuffled, left its ratio to the drift: in four
+runs on one guest, the no-op middleware (1.08x of the bare route in
+instructions) came out anywhere from 0.995x to 1.31x, where paired batches in
+the same minutes gave 1.069x to 1.087x.
 """
 
 from __future__ import annotations
