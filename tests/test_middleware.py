@@ -733,6 +733,59 @@ async def test_a_rotate_retried_after_another_task_logged_out_answers_401(
     assert await SessionManager(store).list_for_user("alice") == []
 
 
+class HoldingTheTouch(MemoryStore):
+    """Applies a touch, then answers it only once ``go_on`` is set: a slow network store's
+    reply, overtaken by a logout from a task of the same request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.touching = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        updated = await super().update(session_id, changes, now=now)
+        if changes.expires_at is not None:
+            self.touching.set()
+            await self.go_on.wait()
+        return updated
+
+
+async def test_a_logout_while_the_touch_is_written_leaves_the_session_ended(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The touch's late reply must not bring back the session the task ended."""
+    store = HoldingTheTouch()
+    seen_after: list[bool] = []
+
+    async def read_then_log_out_in_a_task(request: Request) -> Response:
+        session = Session.from_request(request)
+
+        async def log_out_during_the_touch() -> None:
+            await store.touching.wait()
+            await session.logout()
+            store.go_on.set()
+
+        task = asyncio.create_task(log_out_during_the_touch())
+        return JSONResponse({}, background=BackgroundTask(_after, task, session, seen_after))
+
+    token, _ = await plant_session(store, "alice", idle_for=600)
+    app = app_factory(store, extra_routes=[Route("/race", read_then_log_out_in_a_task)])
+
+    response = await client_factory(app).get("/race", headers=cookie_header(token))
+
+    assert response.status_code == 200
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.is_clearing
+    assert seen_after == [False]
+    assert await SessionManager(store).list_for_user("alice") == []
+
+
+async def _after(task: asyncio.Task[None], session: Session, seen: list[bool]) -> None:
+    await task
+    seen.append(session.is_authenticated)
+
+
 @pytest.mark.parametrize("session_id", [None, 5, b"AAAAAAAAAAAAAAAAAAAAAA"])
 async def test_revoke_refuses_a_session_id_that_is_not_a_string(
     sqlite_store: Store,

@@ -26,7 +26,7 @@ from typing_extensions import TypedDict
 
 from authsessions import Session, SessionConfig, SessionDataError, SessionManager
 from authsessions._tokens import token_digest
-from authsessions.stores import Store
+from authsessions.stores import SQLiteStore, Store
 from tests.apps.session_app import cookie_header, plant_session, session_cookie
 from tests.conftest import AppFactory, ClientFactory
 
@@ -250,6 +250,37 @@ async def test_set_stores_subclasses_of_json_scalars_as_the_plain_values(
     assert [type(value) for value in stored.values()] == [int, str, float]
     assert outcome.data_after is not None
     assert [type(value) for value in outcome.data_after.values()] == [int, str, float]
+
+
+class Key(enum.StrEnum):
+    THEME = "theme-key"
+
+
+async def test_set_stores_str_subclass_keys_as_plain_strings(
+    run: Runner, sqlite_store: Store
+) -> None:
+    """A ``StrEnum`` member as a key reads back as the plain string in this request, in
+    the store, and from the SQLite store's cache, which keeps the session layer's writes.
+    """
+
+    def action(session: Session) -> None:
+        session.set(Key.THEME, "dark")
+        session.set(Name("name-key"), "alice")
+
+    outcome = await run(action, data={"a": 1})
+
+    assert outcome.error is None
+    assert outcome.data_after is not None
+    assert [(type(key), key) for key in outcome.data_after] == [
+        (str, "a"),
+        (str, "theme-key"),
+        (str, "name-key"),
+    ]
+    [stored] = await SessionManager(sqlite_store).list_for_user("alice")
+    assert isinstance(sqlite_store, SQLiteStore)
+    kept = sqlite_store._cache.kept(stored.id)
+    assert kept is not None  # the request read the session, and its write kept it
+    assert [type(key) for key in kept[0].data] == [type(key) for key in stored.data] == [str] * 3
 
 
 async def test_max_data_bytes_is_enforced_with_a_message_naming_the_limit(

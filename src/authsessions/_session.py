@@ -207,8 +207,8 @@ class Session:
             return
         if self._flushed:
             raise self._too_late("set")
-        if not isinstance(key, str):
-            raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
+        if key.__class__ is not str:
+            key = _plain_key(key)
         value = plain_json_copy(value, f"the value for session key {key!r}")
         self._check_fits({**self._data, key: value}, f"setting session key {key!r}")
         self._own_data()[key] = value
@@ -223,8 +223,8 @@ class Session:
         """
         if self._record is None:
             return
-        if not isinstance(key, str):
-            raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
+        if key.__class__ is not str:
+            key = _plain_key(key)
         if key not in self._data:
             return
         if self._flushed:
@@ -467,6 +467,8 @@ class Session:
             logger.info("session %s ended during the request; its changes were dropped", record.id)
             self._end()
             return
+        if self._record is not record:
+            return  # a task of this request logged out meanwhile: that stands
         if touch_due:  # else the record's times and token are still the stored ones
             self._record = record = self._renewed(record, changes)
         # Re-send the cookie so the browser's expiry follows the store's, unless a
@@ -636,3 +638,16 @@ class Session:
     def _end(self) -> None:
         self._forget()
         self._cookie_change = "clear"
+
+
+def _plain_key(key: object) -> str:
+    """A key that is not exactly a ``str`` as the plain string JSON stores: a ``str``
+    subclass (a ``StrEnum`` member) would otherwise live on in this request's data and in a
+    store's cache, where a read from the store gives ``str``.
+
+    Raises:
+        SessionDataError: ``key`` is not a string.
+    """
+    if not isinstance(key, str):
+        raise SessionDataError(f"session keys are strings, got {type(key).__name__}.")
+    return str.__str__(key)
