@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,25 +128,40 @@ async def drive_paired(
     reference_scope: dict[str, Any],
     count: int,
     chunk: int,
+    *,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Timing, Timing]:
-    """``count`` requests to ``app`` and as many to ``reference``, taking turns every
-    ``chunk`` requests: the times of each side, summed.
+    """``count`` requests to ``app`` and as many to ``reference``, in runs of ``chunk``
+    requests, in the order reference, app, app, reference, reference, app, …: the times
+    of each side, summed.
 
     On a guest whose speed changes from one moment to the next (seen here: the bare route
     at 11 µs in one batch of 500 and 25 µs in another, minutes apart), both sides then run
     at the same speeds, and the ratio of their sums holds where a ratio of separate
-    batches' times does not. Which side goes first alternates, so neither always runs
-    just after the other.
+    batches' times does not. Each side goes first in half the pairs of runs.
+
+    ``settle``, awaited after each of ``app``'s runs, waits for work those requests left
+    on another thread, so that it does not slow ``reference``'s run: its CPU time counts
+    as ``app``'s, its wall time as nobody's (it overlaps later requests when serving).
     """
     ours, theirs = Timing(), Timing()
+
+    async def our_run(size: int) -> None:
+        ours.add(await drive_timed(app, scope, size))
+        if settle is not None:
+            cpu, system = time.process_time_ns(), _system_ns()
+            await settle()
+            ours.cpu += time.process_time_ns() - cpu
+            ours.system += _system_ns() - system
+
     for turn in range(-(-count // chunk)):
         size = min(chunk, count - turn * chunk)
         if turn % 2:
-            ours.add(await drive_timed(app, scope, size))
+            await our_run(size)
             theirs.add(await drive_timed(reference, reference_scope, size))
         else:
             theirs.add(await drive_timed(reference, reference_scope, size))
-            ours.add(await drive_timed(app, scope, size))
+            await our_run(size)
     return ours, theirs
 
 

@@ -54,7 +54,7 @@ class Settings:
     inprocess_batch: int
     """Requests per variant and scenario in one repetition, and as many of the bare app's."""
     inprocess_chunk: int
-    """Requests in a row of one side before the other's turn, within a paired batch."""
+    """Requests in one run of either side, within a paired batch (see ``drive_paired``)."""
     inprocess_warmup: int
     floor_lookups: int
     concurrency_streams: int

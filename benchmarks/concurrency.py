@@ -114,6 +114,7 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
                     gc.collect()
                     side_scopes = scopes[side.name][scenario]
                     rates[side.name] = await _requests_per_second(side, side_scopes, count)
+                    await side.settle()  # its checkpoint's copy must not slow the other side
                 samples[variant.name, scenario].append(rates[variant.name])
                 samples[apps.BARE, scenario].append(rates[apps.BARE])
                 shares[variant.name, scenario].append(rates[variant.name] / rates[apps.BARE])
