@@ -66,9 +66,8 @@ class Variant:
 
         A SQLite store's writer thread copies the WAL into the database once writes
         have added enough to it (a checkpoint's copy), beside the requests. Left
-        running, it would slow whatever ran next: the bare app's turn beside it, whose
-        write requests took 15% longer beside ours than beside the no-op middleware
-        (our write then 6.65x of the bare route, against 7.26x in turns of 500).
+        running, it would compete with whatever ran next, the bare app's run beside
+        this variant's, for the CPU; its CPU is this variant's (see ``drive_paired``).
         """
         if self.handle is None or not isinstance(self.handle.store, SQLiteStore):
             return
