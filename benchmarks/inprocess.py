@@ -17,7 +17,6 @@ the same minutes gave 1.069x to 1.087x.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import random
@@ -29,6 +28,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from authsessions.stores import SQLiteStore
+from authsessions.stores._sqlite_writer import _done as wait_until_done
 from benchmarks import apps
 from benchmarks.asgi import Timing, call, drive, drive_paired, make_scope
 from benchmarks.common import (
@@ -74,10 +74,10 @@ class Variant:
         writer = self.handle.store._writer
         # Only what is under way: a hop to the thread for nothing would cost the variant
         # a thread's wake-up, in CPU, after every run.
-        for job in (writer._copying, writer._finishing):
-            if job is not None and not job.done():
-                with contextlib.suppress(Exception):
-                    await asyncio.wrap_future(job)
+        copying = writer._copying
+        if copying is not None and not copying.done():
+            await wait_until_done(copying)
+        await writer.wait_for_finish()
 
     def scope(self, scenario: str) -> dict[str, Any]:
         if scenario == "read":
