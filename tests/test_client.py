@@ -191,6 +191,12 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
             SessionConfig(trusted_proxies=("::ffff:10.0.0.0/104",)).trusted_networks,
             "203.0.113.9",
         ),
+        (
+            "::ffff:10.0.0.5",
+            [(b"x-forwarded-for", b"203.0.113.9")],
+            SessionConfig(trusted_proxies=("::/0",)).trusted_networks,
+            "203.0.113.9",
+        ),
         (None, [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, None),
     ],
     ids=[
@@ -218,6 +224,7 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
         "ipv4-mapped-hop",
         "ipv4-mapped-trusted-hop",
         "ipv4-mapped-peer-in-an-ipv4-mapped-network",
+        "ipv4-mapped-peer-in-every-ipv6-network",
         "no-peer",
     ],
 )

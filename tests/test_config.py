@@ -82,6 +82,30 @@ def test_valid_non_default_values_are_kept() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("cidr", "networks"),
+    [
+        ("::ffff:10.0.0.0/104", ("10.0.0.0/8",)),
+        ("::ffff:0:0/96", ("0.0.0.0/0",)),
+        ("::/0", ("::/0", "0.0.0.0/0")),
+        ("::/64", ("::/64", "0.0.0.0/0")),
+        ("::/97", ("::/97",)),
+        ("2001:db8::/32", ("2001:db8::/32",)),
+    ],
+    ids=["mapped-subnet", "all-mapped", "every-ipv6", "zero-prefix", "beside-mapped", "plain"],
+)
+def test_trusted_ipv6_networks_are_read_as_client_ip_reads_mapped_ipv4(
+    cidr: str, networks: tuple[str, ...]
+) -> None:
+    """client_ip gives ``::ffff:a.b.c.d`` peers and hops as IPv4: the mapped part of a
+    trusted IPv6 network must be there as IPv4 too, or ``::/0`` would trust no IPv4 peer
+    of a server listening on ``::``."""
+    config = SessionConfig(trusted_proxies=(cidr,))
+
+    assert config.trusted_networks == tuple(map(ipaddress.ip_network, networks))
+    assert config.trusted_proxies == (cidr,)
+
+
 def test_a_list_of_trusted_proxies_is_stored_as_a_tuple() -> None:
     config = SessionConfig(trusted_proxies=["10.0.0.0/8"])  # type: ignore[arg-type]
 

@@ -65,7 +65,9 @@ class SessionConfig:
 
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed.
-    A network with host bits set ("10.1.2.3/8") is refused: a typo must not widen it."""
+    A network with host bits set ("10.1.2.3/8") is refused: a typo must not widen it.
+    IPv4 peers seen as IPv4-mapped IPv6 (``::ffff:a.b.c.d``) match the IPv4 networks and
+    any IPv6 network holding that address ("::/0")."""
 
     max_data_bytes: int = 65536
     """Cap on the serialised JSON data of one session (at most 2**31 - 1)."""
@@ -187,7 +189,7 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
             "trusted_proxies must be a tuple of CIDR strings such as ('10.0.0.0/8',), "
             f"got {cidrs!r}."
         )
-    networks = []
+    networks: list[IPNetwork] = []
     for cidr in cidrs:
         # An int would be read as one address; a string with host bits set is a typo
         # that strict=False would widen ("10.1.2.3/0" into every address there is).
@@ -197,15 +199,25 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
             network = ipaddress.ip_network(cidr)
         except ValueError as exc:
             raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}") from None
-        networks.append(_as_ipv4_if_mapped(network))
+        networks.extend(_as_read_by_client_ip(network))
     return tuple(networks)
 
 
-def _as_ipv4_if_mapped(network: IPNetwork) -> IPNetwork:
-    """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: client_ip reads IPv4-mapped peers and
-    hops as IPv4, which no IPv6 network contains."""
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _as_read_by_client_ip(network: IPNetwork) -> tuple[IPNetwork, ...]:
+    """``network`` as client_ip compares addresses: it reads IPv4-mapped peers and hops
+    as IPv4, which no IPv6 network contains. ``::ffff:10.0.0.0/104`` becomes
+    ``10.0.0.0/8``; a wider network that holds every mapped address (``::/0``) also
+    stands for every IPv4 address.
+    """
+    if not isinstance(network, ipaddress.IPv6Network):
+        return (network,)
+    if network.subnet_of(_IPV4_MAPPED):
         mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
+        assert mapped is not None
+        return (ipaddress.IPv4Network((mapped, network.prefixlen - 96)),)
+    if network.supernet_of(_IPV4_MAPPED):
+        return (network, ipaddress.IPv4Network("0.0.0.0/0"))
+    return (network,)
