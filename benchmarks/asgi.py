@@ -129,6 +129,7 @@ async def drive_paired(
     count: int,
     chunk: int,
     *,
+    lead_in: int = 0,
     settle: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Timing, Timing]:
     """``count`` requests to ``app`` and as many to ``reference``, in runs of ``chunk``
@@ -140,6 +141,13 @@ async def drive_paired(
     at the same speeds, and the ratio of their sums holds where a ratio of separate
     batches' times does not. Each side goes first in half the pairs of runs.
 
+    ``lead_in`` requests, untimed, start every run of either side: a run then finds the
+    CPU's caches as its own requests leave them, not as the other side's left them. In
+    runs of 25 without them, one guest charged a SQLite write's footprint to the bare
+    app's next run (the write came out at 6.34x, 6.66x in runs of 500), and another
+    charged the bare run's to our read's first requests (1.75x, where five led-in
+    requests gave 1.69x and runs of 500 1.64x).
+
     ``settle``, awaited after each of ``app``'s runs, waits for work those requests left
     on another thread, so that it does not slow ``reference``'s run: its CPU time counts
     as ``app``'s, its wall time as nobody's (it overlaps later requests when serving).
@@ -147,6 +155,7 @@ async def drive_paired(
     ours, theirs = Timing(), Timing()
 
     async def our_run(size: int) -> None:
+        await drive(app, scope, lead_in)
         ours.add(await drive_timed(app, scope, size))
         if settle is not None:
             cpu, system = time.process_time_ns(), _system_ns()
@@ -154,13 +163,17 @@ async def drive_paired(
             ours.cpu += time.process_time_ns() - cpu
             ours.system += _system_ns() - system
 
+    async def their_run(size: int) -> None:
+        await drive(reference, reference_scope, lead_in)
+        theirs.add(await drive_timed(reference, reference_scope, size))
+
     for turn in range(-(-count // chunk)):
         size = min(chunk, count - turn * chunk)
         if turn % 2:
             await our_run(size)
-            theirs.add(await drive_timed(reference, reference_scope, size))
+            await their_run(size)
         else:
-            theirs.add(await drive_timed(reference, reference_scope, size))
+            await their_run(size)
             await our_run(size)
     return ours, theirs
 

@@ -55,6 +55,8 @@ class Settings:
     """Requests per variant and scenario in one repetition, and as many of the bare app's."""
     inprocess_chunk: int
     """Requests in one run of either side, within a paired batch (see ``drive_paired``)."""
+    inprocess_lead_in: int
+    """Untimed requests that start each run, so that it starts warm (see ``drive_paired``)."""
     inprocess_warmup: int
     floor_lookups: int
     concurrency_streams: int
@@ -85,6 +87,7 @@ class Settings:
                 inprocess_reps=4,
                 inprocess_batch=150,
                 inprocess_chunk=25,
+                inprocess_lead_in=5,
                 inprocess_warmup=100,
                 floor_lookups=1_000,
                 concurrency_streams=16,
@@ -109,6 +112,7 @@ class Settings:
             inprocess_reps=21,
             inprocess_batch=500,
             inprocess_chunk=25,
+            inprocess_lead_in=5,
             inprocess_warmup=500,
             floor_lookups=20_000,
             concurrency_streams=16,

@@ -4,7 +4,8 @@ For each repetition, every (variant, scenario) pair runs one batch of
 sequential requests, in a freshly shuffled order, and so does the bare app
 beside it: the two take turns every few dozen requests (``drive_paired``),
 so that a guest whose speed changes from one moment to the next runs both
-at the same speeds. A variant's ratio is the median over repetitions of its
+at the same speeds; a few untimed requests start each run, so that it starts
+with the CPU's caches its own. A variant's ratio is the median over repetitions of its
 batch's time over the bare app's beside it; its time, the median over
 repetitions of the mean per-request time of its batches (the bare app's,
 over every batch it ran beside a variant).
@@ -205,6 +206,7 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
                     scopes[bare_key],
                     settings.inprocess_batch,
                     settings.inprocess_chunk,
+                    lead_in=settings.inprocess_lead_in,
                     settle=variant.settle,
                 )
                 samples[key].append(ours)

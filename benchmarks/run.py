@@ -135,7 +135,8 @@ def report(results: dict[str, Any], settings: Settings) -> str:
             "",
             f"{settings.inprocess_reps} repetitions x {settings.inprocess_batch} requests, "
             "in shuffled order, each batch beside as many of the bare app's, taking turns "
-            f"every {settings.inprocess_chunk} requests; the ratio is the median of each "
+            f"every {settings.inprocess_chunk} requests (each run led in by "
+            f"{settings.inprocess_lead_in} untimed requests); the ratio is the median of each "
             "batch's over the bare app's beside it.",
             "",
             inprocess.table(results["inprocess"]),
