@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from starlette.types import Message, Scope
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from authsessions import (
@@ -1105,6 +1105,45 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
 
     # A login's new session is gone and the devices stay; a rotated one, which no
     # browser can name any more, has ended.
+    left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
+    assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_a_new_token_of_a_cancelled_request_leaves_no_session_behind(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """A request cancelled after a login or rotation (a timeout around the app, a server
+    that cancels on disconnect) sends no cookie, as an app that failed sends none: its
+    session must end as it does then."""
+
+    async def slow_after(request: Request) -> Response:
+        session = Session.from_request(request)
+        await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
+        await asyncio.sleep(30)  # cancelled here
+        return Response("never sent")
+
+    app = app_factory(sqlite_store, extra_routes=[Route("/slow-after", slow_after)])
+
+    async def with_a_timeout(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(app(scope, receive, send), timeout=0.5)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    _, first = await plant_session(sqlite_store, "alice")
+    token, second = await plant_session(sqlite_store, "alice")
+    client = client_factory(with_a_timeout)
+    headers = cookie_header(token) if operation == "rotate" else {}
+
+    response = await client.get("/slow-after", headers=headers)
+
+    assert response.status_code == 504
+    assert session_cookie(response) is None
     left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -116,10 +117,12 @@ class SessionMiddleware:
             start, body = _error_response(exc)
             await session_send(start)
             await session_send(body)
-        except Exception:
-            if not session_send.response_started:
-                # An error page built outside this middleware will carry no cookie.
-                await session.end_unsent_token()
+        except (Exception, asyncio.CancelledError):
+            if not session_send.response_started and session._cookie_change == "set":
+                # An error page built outside this middleware will carry no cookie, and a
+                # cancelled request (a timeout, a client gone) sends none at all. Shielded:
+                # a cancellation may be delivered again while the store works.
+                await asyncio.shield(session.end_unsent_token())
             raise
 
     def _check_placement(self, scope: Scope) -> None:
