@@ -223,6 +223,22 @@ def test_printed_values_are_never_read_as_markup(sqlite_url: str) -> None:
     assert "Sessions of user '[/red]'" in table.stdout
 
 
+def test_printed_values_are_never_read_as_emoji_codes(sqlite_url: str) -> None:
+    """Nor as rich's ":name:" emoji codes, which would print another user id or device."""
+    agent = "MyApp:fire:/1.0 CFNetwork/1.0 Darwin/20.0"  # parsed as "MyApp:fire: on iOS"
+    seed(sqlite_url, make_record("ops:fire:team", user_agent=agent))
+
+    table = run("list", "ops:fire:team", "--store", sqlite_url)
+    empty = run("list", "x:fire:", "--store", sqlite_url)
+    ended = run("revoke-user", "ops:fire:team", "--store", sqlite_url)
+
+    assert table.exit_code == 0, table.output
+    assert "Sessions of user 'ops:fire:team'" in table.stdout
+    assert "MyApp:fire: on iOS (mobile)" in table.stdout
+    assert empty.stdout == "No live sessions for user 'x:fire:'.\n"
+    assert ended.stdout == "Ended 1 session of user 'ops:fire:team'.\n"
+
+
 def test_list_of_a_user_without_sessions(store_url: str, user: str) -> None:
     result = run("list", user, "--store", store_url)
     assert result.exit_code == 0, result.output

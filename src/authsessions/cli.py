@@ -405,9 +405,9 @@ def _count(n: int, noun: str) -> str:
 def _stdout(*, stderr: bool = False) -> Console:
     from rich.console import Console
 
-    # No markup: printed values may hold brackets, and device names come from
-    # User-Agent headers, which anyone can write.
-    console = Console(stderr=stderr, highlight=False, markup=False)
+    # No markup and no emoji codes: printed values may hold brackets or ":name:", and
+    # device names come from User-Agent headers, which anyone can write.
+    console = Console(stderr=stderr, highlight=False, markup=False, emoji=False)
     if not console.is_terminal:
         # Piped into grep or a file: never wrap a session id across lines.
         console.width = 200
