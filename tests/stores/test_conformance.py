@@ -376,6 +376,14 @@ RECORDS_NO_STORE_KEEPS_ALIKE = [
     pytest.param("expires_at", math.inf, ValueError, id="never-expiring"),
     # Past what SQLite binds and what a datetime holds: listing it failed in the others.
     pytest.param("expires_at", 2**63, ValueError, id="past-the-year-9999"),
+    # PostgreSQL's text holds no NUL (it failed as if down) where the others kept it; a
+    # lone surrogate has no UTF-8 form (a raw UnicodeEncodeError in SQLite and Redis).
+    pytest.param("id", "a\x00b", ValueError, id="nul-in-id"),
+    pytest.param("user_agent", "a\x00b", ValueError, id="nul-in-user-agent"),
+    pytest.param("device_name", "a\x00b", ValueError, id="nul-in-device-name"),
+    pytest.param("id", "a\ud800b", ValueError, id="surrogate-in-id"),
+    pytest.param("user_agent", "a\ud800b", ValueError, id="surrogate-in-user-agent"),
+    pytest.param("device_name", "a\ud800b", ValueError, id="surrogate-in-device-name"),
 ]
 
 
@@ -395,6 +403,11 @@ async def test_create_refuses_a_record_stores_would_keep_differently_or_in_part(
     assert await listed_ids(store, "alice", now=t0) == [kept.id]
     if isinstance(record.token_digest, str):
         assert await store.get(record.token_digest, now=t0) is None
+    # Nothing of it was claimed on the way (a cluster's pointers): the record, mended,
+    # can be stored under the same id and digest.
+    mended = dataclasses.replace(record, **{field: getattr(make_record(now=t0), field)})
+    await store.create(mended, max_sessions=10, now=t0)
+    assert sorted(await listed_ids(store, "alice", now=t0)) == sorted([kept.id, mended.id])
 
 
 def update_with(now: float, **fields: Any) -> SessionUpdate:
@@ -473,6 +486,32 @@ async def test_deletes_and_listings_refuse_ids_that_are_not_strings(store: Store
             await call()
 
     assert await listed_ids(store, "alice", now=t0) == [kept.id]
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "a\ud800b"], ids=["nul", "lone-surrogate"])
+async def test_lookups_by_an_id_no_store_can_keep_are_refused_alike(
+    store: Store, text: str
+) -> None:
+    """PostgreSQL answered a NUL id as if it were down, the others with "no such
+    session"; a lone surrogate was a raw UnicodeEncodeError in some."""
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+    calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("session_id", lambda: store.delete(text)),
+        ("user_id", lambda: store.delete(kept.id, user_id=text)),
+        ("user_id", lambda: store.delete_for_user(text)),
+        ("except_id", lambda: store.delete_for_user("alice", except_id=text)),
+        ("user_id", lambda: store.list_for_user(text, now=t0)),
+        ("session_id", lambda: store.update(text, make_update(now=t0), now=t0)),
+    ]
+
+    for name, call in calls:
+        with pytest.raises(ValueError, match=name):
+            await call()
+
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+    assert await stored_at(store, kept, now=t0) == kept
 
 
 @pytest.mark.parametrize("now", [math.nan, None], ids=["nan", "None"])

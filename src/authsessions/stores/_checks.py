@@ -31,6 +31,7 @@ __all__ = [
     "list_for_user_args",
     "require_count",
     "require_str",
+    "require_text",
     "require_time",
     "update_args",
 ]
@@ -99,6 +100,29 @@ def require_str(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str, got {type(value).__name__}.")
 
 
+def require_text(name: str, value: object) -> None:
+    """:func:`require_str`, and refuse a string not every store keeps or looks up alike: one
+    holding a NUL character, which PostgreSQL's ``text`` cannot hold (it failed as if the
+    store were down, where the others kept it), or a lone surrogate, which has no UTF-8
+    form (a raw ``UnicodeEncodeError`` in SQLite and Redis, after a cluster had claimed
+    the session's pointers). Session data needs no such check: its keys and values are
+    kept as JSON text, which escapes both.
+
+    Raises:
+        TypeError: ``value`` is not a ``str``.
+        ValueError: ``value`` holds a NUL character or a lone surrogate.
+    """
+    require_str(name, value)
+    text = cast(str, value)
+    if "\x00" in text:
+        raise ValueError(f"{name} must not contain a NUL character.")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} must not contain a lone surrogate.") from None
+
+
 def check_record(record: SessionRecord) -> None:
     """Refuse a record that a store would keep differently from another, or only in part,
     before any store access (``create``; see :func:`create_args`).
@@ -109,11 +133,11 @@ def check_record(record: SessionRecord) -> None:
     if not isinstance(record, SessionRecord):
         raise TypeError(f"record must be a SessionRecord, got {type(record).__name__}.")
     for name in ("id", "token_digest", "device_name", "device_type", "fingerprint"):
-        require_str(f"record.{name}", getattr(record, name))
+        require_text(f"record.{name}", getattr(record, name))
     check_user_id(record.user_id)
     for name in ("ip_address", "user_agent"):
         if getattr(record, name) is not None:
-            require_str(f"record.{name}", getattr(record, name))
+            require_text(f"record.{name}", getattr(record, name))
     _require_string_keys("record.data", record.data)
     for name in ("created_at", "last_active_at", "expires_at"):
         _require_stored_time(f"record.{name}", getattr(record, name))
@@ -146,7 +170,7 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
         # The session layer's, on every write and touch: it built the update (checked as
         # keys were set), took the id from a stored record and now from the clock.
         return cast(float, now)
-    require_str("session_id", session_id)
+    require_text("session_id", session_id)
     if not isinstance(changes, SessionUpdate):
         raise TypeError(f"changes must be a SessionUpdate, got {type(changes).__name__}.")
     last_active_at, expires_at = changes.last_active_at, changes.expires_at
@@ -163,7 +187,7 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
     for key in changes.removed_keys:
         require_str("a key in changes.removed_keys", key)
     if changes.token_digest is not None:
-        require_str("changes.token_digest", changes.token_digest)
+        require_text("changes.token_digest", changes.token_digest)
     if changes.max_data_bytes is not None:
         require_count("changes.max_data_bytes", changes.max_data_bytes)
     return require_time("now", now)
@@ -171,21 +195,21 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
 
 def delete_args(session_id: object, user_id: object) -> None:
     """What ``Store.delete`` checks before any store access."""
-    require_str("session_id", session_id)
+    require_text("session_id", session_id)
     if user_id is not None:
-        require_str("user_id", user_id)
+        require_text("user_id", user_id)
 
 
 def delete_for_user_args(user_id: object, except_id: object) -> None:
     """What ``Store.delete_for_user`` checks before any store access."""
-    require_str("user_id", user_id)
+    require_text("user_id", user_id)
     if except_id is not None:
-        require_str("except_id", except_id)
+        require_text("except_id", except_id)
 
 
 def list_for_user_args(user_id: object, now: object) -> float:
     """What ``Store.list_for_user`` checks before any store access; returns ``now``."""
-    require_str("user_id", user_id)
+    require_text("user_id", user_id)
     return require_time("now", now)
 
 
