@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,25 @@ def test_a_keys_ttl_never_ends_before_its_session() -> None:
     now = 1_700_000_000.0
     assert authsessions.stores.redis._ttl_ms(now + 1.5015, now) == 1502
     assert authsessions.stores.redis._ttl_ms(now + 0.0015, now) == 2
+
+
+async def test_a_now_far_before_the_sessions_times_gives_keys_the_longest_ttl(
+    setup: Setup,
+) -> None:
+    """A finite ``now`` far enough back made a TTL longer than Redis takes: the update
+    script's PEXPIRE failed after its writes, so the caller saw StoreUnavailable while the
+    data and times had changed (and the TTL and index had not); a create failed too."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await setup.store.create(make_record(now=t0), max_sessions=10, now=-1e16)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    update = make_update(now=t0 + 5, ttl=95, set_keys={"a": 2})
+
+    assert await setup.store.update(record.id, update, now=-1e16) is True
+
+    found = await setup.store.get(record.token_digest, now=t0)
+    assert found is not None
+    assert (found.data, found.last_active_at, found.expires_at) == ({"a": 2}, t0 + 5, t0 + 100)
 
 
 async def test_the_users_index_lives_as_long_as_the_longest_session(setup: Setup) -> None:
@@ -508,6 +528,38 @@ async def raw_cluster(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
     raw = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""), decode_responses=True)
     yield raw
     await raw.aclose()
+
+
+async def test_a_cluster_timing_out_a_login_logs_no_token_digest(
+    redis_cluster_url: str, raw_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py writes a failed pipelined command, keys and values included, into its
+    error's message; the store logged that message (a TimeoutError's, deemed safe) and
+    chained the error, so the new token's digest reached the log and any traceback."""
+    # As short as the default "authsessions:": redis-py cuts the command it quotes at 100
+    # characters, and a longer prefix cut the digest off.
+    prefix = f"as-{secrets.token_hex(5)}:"
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        async with RedisStore(redis_cluster_url, prefix=prefix, socket_timeout=0.3) as store:
+            # Nodes that stop answering writes for a moment: the pointer claim times out.
+            await raw_cluster.execute_command(
+                "CLIENT PAUSE", "1500", "WRITE", target_nodes=RedisCluster.ALL_NODES
+            )
+            with (
+                caplog.at_level("WARNING", logger="authsessions"),
+                pytest.raises(StoreUnavailable) as failed,
+            ):
+                await store.create(record, max_sessions=10, now=t0)
+    finally:
+        await raw_cluster.execute_command("CLIENT UNPAUSE", target_nodes=RedisCluster.ALL_NODES)
+        if keys := [key async for key in raw_cluster.scan_iter(match=prefix + "*")]:
+            await raw_cluster.delete(*keys)
+
+    assert "TimeoutError" in caplog.text
+    assert record.token_digest not in caplog.text
+    assert record.token_digest not in "".join(traceback.format_exception(failed.value))
 
 
 async def twelve_users(store: RedisStore, t0: float) -> list[SessionRecord]:

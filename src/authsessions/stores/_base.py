@@ -105,6 +105,10 @@ def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
 _TELLING_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57"})
 # redis-py's errors of reaching the server, whose messages name the address and the cause.
 _TELLING_REDIS_ERRORS = frozenset({"ConnectionError", "TimeoutError", "AuthenticationError"})
+# What redis-py writes into the message of an error a pipelined command met, after the
+# command itself, keys and values included ("Command # 1 (SET <prefix>d:<digest> ...) of
+# pipeline caused error: ..."): such a message tells a statement's values after all.
+_PIPELINE_ANNOTATION = "of pipeline caused error"
 
 
 def failure_detail(exc: BaseException) -> str:
@@ -126,10 +130,12 @@ def _tells_no_values(exc: BaseException) -> bool:
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str):
         return sqlstate[:2] in _TELLING_SQLSTATE_CLASSES
-    return isinstance(exc, OSError | TimeoutError | sqlite3.Error) or any(
+    if isinstance(exc, OSError | TimeoutError | sqlite3.Error):
+        return True
+    return any(
         cls.__module__ == "redis.exceptions" and cls.__name__ in _TELLING_REDIS_ERRORS
         for cls in type(exc).__mro__
-    )
+    ) and _PIPELINE_ANNOTATION not in str(exc)
 
 
 @contextmanager

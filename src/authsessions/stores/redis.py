@@ -643,10 +643,15 @@ def _or_empty(value: float | None) -> float | str:
     return "" if value is None else value
 
 
+# The longest TTL given to a key (about 285,000 years): Redis refuses an expiry past a
+# 64-bit count of milliseconds, and did so half-way through a script, after its writes.
+_MAX_TTL_MS = 2**53
+
+
 def _ttl_ms(expires_at: float, now: float) -> int:
     # Counted from the caller's clock, so a clock that differs from Redis's (or a test's
     # own clock) still gives the key exactly the session's remaining life.
-    return max(1, math.ceil((expires_at - now) * 1000))
+    return min(max(1, math.ceil((expires_at - now) * 1000)), _MAX_TTL_MS)
 
 
 def _location(pointer: str) -> tuple[str, str]:
