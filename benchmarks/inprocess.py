@@ -4,11 +4,11 @@ For each repetition, every (variant, scenario) pair runs one batch of
 sequential requests, in a freshly shuffled order, and so does the bare app
 beside it: the two take turns every few dozen requests (``drive_paired``),
 so that a guest whose speed changes from one moment to the next runs both
-at the same speeds; a few untimed requests start each run, so that it starts
-with the CPU's caches its own. A variant's ratio is the median over repetitions of its
-batch's time over the bare app's beside it; its time, the median over
-repetitions of the mean per-request time of its batches (the bare app's,
-over every batch it ran beside a variant).
+at the same speeds; a few untimed requests start each run, so that it finds
+the CPU's caches as its own requests leave them. A variant's ratio is the
+median over repetitions of its batch's time over the bare app's beside it;
+its time, the median over repetitions of the mean per-request time of its
+batches (the bare app's, over every batch it ran beside a variant).
 
 Batches of each variant alone, shuffled, left its ratio to the drift: in four
 runs on one guest, the no-op middleware (1.08x of the bare route in

@@ -115,7 +115,7 @@ def test_a_keys_ttl_never_ends_before_its_session() -> None:
     assert authsessions.stores.redis._ttl_ms(now + 0.0015, now) == 2
 
 
-async def test_a_now_far_before_the_sessions_times_gives_keys_the_longest_ttl(
+async def test_a_now_far_before_the_sessions_times_is_applied_whole(
     setup: Setup,
 ) -> None:
     """A finite ``now`` far enough back made a TTL longer than Redis takes: the update
