@@ -398,6 +398,14 @@ async def test_a_malformed_nonce_cookie_is_replaced(desktop: httpx.AsyncClient) 
     assert (await sign_up(desktop)).status_code == 303
 
 
+@pytest.mark.parametrize("store_url", ["nosuch://x", "no scheme", "sqlite:///s.db?timeout=3"])
+def test_a_bad_store_url_is_refused_when_the_app_is_built(store_url: str) -> None:
+    """Starlette builds middleware, and so the store, on the app's first call: unchecked,
+    a bad URL gave an app whose every page answered 500."""
+    with pytest.raises(ValueError, match="URL"):
+        create_app(store_url, password_hasher=FAST_HASHER)
+
+
 def test_the_csrf_secret_needs_32_bytes() -> None:
     # The HMAC-SHA256 key of the signed-out forms: a shorter key is weaker than the MAC.
     with pytest.raises(ValueError, match="at least 32 bytes"):

@@ -27,7 +27,7 @@ from authsessions import Session, SessionConfig, SessionMiddleware, SessionNotFo
 from authsessions._humanize import format_utc, time_ago
 from authsessions.demo._csrf import FORM_FIELD, CsrfGuard
 from authsessions.demo._users import USERNAME_RULE, SignupError, User, UserStore
-from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV
+from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, open_store
 
 __all__ = ["create_app", "users_path_for"]
 
@@ -93,6 +93,10 @@ def create_app(
         ValueError: ``store_url`` is not a store URL.
     """
     url = store_url or os.environ.get(STORE_URL_ENV) or DEFAULT_STORE_URL
+    # Starlette builds its middleware (and so the store) on the app's first call: check the
+    # URL here, so that a bad one is this ValueError, not a 500 on every page. The store
+    # built for the check connects to nothing and is dropped.
+    open_store(url)
     # The demo serves plain HTTP on localhost, where browsers drop Secure cookies and
     # __Host- names; production must keep SessionConfig's defaults (Secure, __Host-session).
     config = (
