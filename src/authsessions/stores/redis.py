@@ -105,10 +105,11 @@ class RedisStore(Store):
             reprs or errors.
         prefix: prepended to every key, so the store can share a database.
             Braces are refused: they would pin every key to one cluster slot.
-        client: a ``redis.asyncio`` ``Redis`` or ``RedisCluster`` to use instead
-            of building one; the store never closes it. While open, the store
-            keeps up to four of its pool's connections for reads (fewer from a
-            pool capped below 32, none below 8) and gives them back on close.
+        client: a ``redis.asyncio`` ``Redis`` or ``RedisCluster`` built with
+            ``decode_responses=True``, to use instead of building one; the store
+            never closes it. While open, the store keeps up to four of its pool's
+            connections for reads (fewer from a pool capped below 32, none below 8)
+            and gives them back on close.
         cluster: ``True`` for a cluster, ``False`` for a single server, ``None``
             to ask the server on open.
         socket_timeout: seconds a command may wait for its reply.
