@@ -1555,6 +1555,37 @@ async def test_work_queued_on_the_writer_thread_runs_before_close_ends_its_conne
             assert await reopened.get(record.token_digest, now=t0) is None
 
 
+async def test_a_store_opened_again_while_its_close_waits_for_the_writer_thread_works(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request reopening the store (the middleware opens a closed store on use) while
+    a close waits for the writer thread's work in hand: the close's end dropped the new
+    writer connection, leaving a store "open" whose every writer-thread job raised."""
+    t0 = start_time()
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        for _ in range(3):
+            await store.create(make_record(now=t0, user_id="bob"), max_sessions=10, now=t0)
+        with writer_thread_held(store):
+            closing = asyncio.create_task(store.close())
+            for _ in range(100):
+                if store._writer._pool is None:  # the writer's close has begun
+                    break
+                await asyncio.sleep(0)
+            else:
+                pytest.fail("close() did not reach the writer thread")
+            await store.open()
+        await asyncio.wait_for(closing, timeout=10)
+
+        assert store.is_open
+        assert await store.delete_expired(now=t0) == 0  # on the writer thread
+        monkeypatch.setattr(sqlite_module, "INLINE_DELETE_ROWS", 1)  # there too
+        assert await store.delete_for_user("bob") == 3
+    finally:
+        await store.close()
+
+
 def open_descriptors_on(path: str) -> int:
     """How many of this process's file descriptors are open on ``path`` (Linux)."""
     if not os.path.isdir("/proc/self/fd"):

@@ -67,17 +67,27 @@ class WriterThread:
         self.count_pages(None)
         self._copying = self._finishing = None  # the connection's close, below, runs after them
         self._finishing_told = None
+        # Both let go of at once: an open while this close waits (a request reopening the
+        # store) sets new ones, which the end of this close must leave alone.
         pool, self._pool = self._pool, None
+        db, self._db = self._db, None
         if pool is not None:
-            if self._db is not None:
-                # Queued behind the thread's work in hand, which still needs the connection.
-                await asyncio.get_running_loop().run_in_executor(pool, self._db.close)
-                self._db = None
-            pool.shutdown(wait=False)
+            try:
+                if db is not None:
+                    # Queued behind the thread's work in hand, which took the connection
+                    # as it was submitted (see run).
+                    await asyncio.get_running_loop().run_in_executor(pool, db.close)
+            finally:
+                pool.shutdown(wait=False)
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` on the thread's connection; its errors as ``StoreUnavailable``."""
-        return await self._on_thread(lambda: work(self._connection()))
+        """Run ``work`` on the thread's connection; its errors as ``StoreUnavailable``.
+
+        The connection is taken now, not when the thread gets to the work: a close
+        queued behind it lets go of it at once.
+        """
+        db = self._connection()
+        return await self._on_thread(lambda: work(db))
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
@@ -184,9 +194,9 @@ class WriterThread:
         schedule, loop = self.checkpoints, asyncio.get_running_loop()
         copying = self._copying  # the copy this finishes, if any
         ended_at: list[WalPosition | None] = []  # once it ran
+        db = self._connection()  # taken now, as run() does
 
         def checkpoint_then_work() -> T:
-            db = self._connection()
             try:
                 return checkpoint_then(db, work)
             finally:
