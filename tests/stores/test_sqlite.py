@@ -1515,6 +1515,16 @@ async def test_another_processs_changes_survive_the_stores_writes_to_other_keys(
     assert stored_data(db_path, record.id) == {"p": increments, "l": writes}
 
 
+async def close_reaching_the_writer_thread(store: SQLiteStore) -> asyncio.Task[None]:
+    """``store.close()`` in a task, once it has begun the writer thread's close."""
+    closing = asyncio.create_task(store.close())
+    for _ in range(100):
+        if store._writer._pool is None:
+            return closing
+        await asyncio.sleep(0)
+    pytest.fail("close() did not reach the writer thread")
+
+
 @pytest.mark.parametrize("operation", ["update", "delete_expired"])
 async def test_work_queued_on_the_writer_thread_runs_before_close_ends_its_connection(
     db_path: Path, operation: str
@@ -1536,13 +1546,7 @@ async def test_work_queued_on_the_writer_thread_runs_before_close_ends_its_conne
                 working = asyncio.create_task(store.delete_expired(now=t0 + 10))
             await asyncio.sleep(0)  # submitted to the thread, behind what holds it
             other.execute("ROLLBACK")
-            closing = asyncio.create_task(store.close())
-            for _ in range(100):
-                if store._writer._pool is None:  # the writer's close has begun
-                    break
-                await asyncio.sleep(0)
-            else:
-                pytest.fail("close() did not reach the writer thread")
+            closing = await close_reaching_the_writer_thread(store)
             assert not working.done()
         assert await asyncio.wait_for(working, timeout=10) == (True if operation == "update" else 1)
         await asyncio.wait_for(closing, timeout=10)
@@ -1568,13 +1572,7 @@ async def test_a_store_opened_again_while_its_close_waits_for_the_writer_thread_
         for _ in range(3):
             await store.create(make_record(now=t0, user_id="bob"), max_sessions=10, now=t0)
         with writer_thread_held(store):
-            closing = asyncio.create_task(store.close())
-            for _ in range(100):
-                if store._writer._pool is None:  # the writer's close has begun
-                    break
-                await asyncio.sleep(0)
-            else:
-                pytest.fail("close() did not reach the writer thread")
+            closing = await close_reaching_the_writer_thread(store)
             await store.open()
         await asyncio.wait_for(closing, timeout=10)
 
