@@ -118,11 +118,10 @@ class SessionMiddleware:
             await session_send(start)
             await session_send(body)
         except (Exception, asyncio.CancelledError):
-            if not session_send.response_started and session._cookie_change == "set":
+            if not session_send.response_started:
                 # An error page built outside this middleware will carry no cookie, and a
-                # cancelled request (a timeout, a client gone) sends none at all. Shielded:
-                # a cancellation may be delivered again while the store works.
-                await asyncio.shield(session.end_unsent_token())
+                # cancelled request (a timeout, a client gone) sends none at all.
+                await session.end_unsent_token()
             raise
 
     def _check_placement(self, scope: Scope) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -483,7 +484,8 @@ class Session:
 
     async def end_unsent_token(self) -> None:
         """End the session a login or rotation of this request gave a new token, when no
-        response will carry it (the app failed before its response started).
+        response will carry it (the app failed, or was cancelled, before its response
+        started).
 
         Kept, that session would hold a place among its user's sessions until it expired,
         where each failed login pushes out a device the user still has. A store failure
@@ -492,13 +494,14 @@ class Session:
         record = self._record
         if self._cookie_change != "set" or record is None:
             return
+        self._end()
         try:
-            await self._store.delete(record.id)
+            # Shielded: a cancelled request's cancellation may be delivered again here.
+            await asyncio.shield(self._store.delete(record.id))
         except StoreUnavailable:
             logger.warning(
                 "session %s, whose new token was never sent, is left to expire", record.id
             )
-        self._end()
 
     # -- internals -------------------------------------------------------------
 
