@@ -95,9 +95,9 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
             variants.append(await open_variant(name))
             await validate(variants[-1])
             scopes[name] = await stream_scopes(variants[-1], streams)
+        warm_up = max(1, count // 10)
         for variant in variants:  # warm-up: pools filled, statements prepared
             for scenario in SCENARIOS:
-                warm_up = max(1, count // 10)
                 await _requests_per_second(variant, scopes[variant.name][scenario], warm_up)
         bare = next(variant for variant in variants if variant.name == apps.BARE)
         samples: dict[tuple[str, str], list[float]] = {
