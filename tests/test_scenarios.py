@@ -688,6 +688,21 @@ async def test_login_beyond_the_limit_evicts_the_least_recently_active(
     assert len(remaining) == 2
 
 
+async def test_login_with_a_nul_in_the_user_agent_is_kept_alike_by_every_store(
+    app: Starlette, client_factory: ClientFactory
+) -> None:
+    """HTTP parsers refuse a NUL in a header, but an ASGI server need not: it reached the
+    store, where PostgreSQL's ``text`` cannot hold it (a 503, as if the store were down).
+    """
+    client = client_factory(app, user_agent=f"{FIREFOX_WINDOWS}\x00")
+
+    await login(client)
+    listed = (await client.get("/sessions")).json()
+
+    assert [s["user_agent"] for s in listed] == [f"{FIREFOX_WINDOWS}\N{REPLACEMENT CHARACTER}"]
+    assert listed[0]["device_name"] == "Firefox on Windows"
+
+
 # -- concurrency -------------------------------------------------------------------------------
 
 

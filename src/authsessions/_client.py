@@ -61,7 +61,7 @@ def user_agent_of(scope: Scope) -> str:
     value: bytes
     for name, value in scope["headers"]:
         if name == b"user-agent":
-            return value[:MAX_USER_AGENT_LENGTH].decode("latin-1")
+            return _decoded_user_agent(value[:MAX_USER_AGENT_LENGTH])
     return ""
 
 
@@ -80,7 +80,13 @@ def device_of(scope: Scope) -> Device:
 
 @lru_cache(maxsize=4096)
 def _device_of_header(value: bytes) -> Device:
-    return describe_device(value.decode("latin-1"))
+    return describe_device(_decoded_user_agent(value))
+
+
+def _decoded_user_agent(value: bytes) -> str:
+    # HTTP parsers refuse a NUL in a header, but an ASGI server need not pass on only what
+    # they accept; PostgreSQL's text cannot hold one, and the parser copies it into names.
+    return value.decode("latin-1").replace("\x00", "\N{REPLACEMENT CHARACTER}")
 
 
 def describe_device(user_agent: str) -> Device:
