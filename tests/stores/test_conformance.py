@@ -834,6 +834,22 @@ async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> No
     assert listed.token_digest == rotated
 
 
+async def test_an_update_naming_the_digest_the_session_holds_is_no_rotation(store: Store) -> None:
+    """``CreateError`` is for a digest another session holds; a session's own is no clash."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 1, token_digest=record.token_digest, set_keys={"b": 2})
+    assert await store.update(record.id, update, now=t0 + 1)
+
+    got = await store.get(record.token_digest, now=t0 + 1)
+    assert got is not None
+    assert (got.id, got.data, got.last_active_at) == (record.id, {"a": 1, "b": 2}, t0 + 1)
+    (listed,) = await store.list_for_user(record.user_id, now=t0 + 1)
+    assert listed.token_digest == record.token_digest
+
+
 @pytest.mark.parametrize("with_data", [False, True], ids=["times-only", "with-data"])
 async def test_rotating_onto_another_sessions_digest_is_refused_and_changes_nothing(
     store: Store, with_data: bool

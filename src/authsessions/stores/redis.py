@@ -385,14 +385,12 @@ class RedisStore(Store):
             tag = await self._tag_of(session_id)
             if tag is None:
                 return False
-            if (
-                new_digest is not None
-                and in_cluster
-                and not await client.set(
-                    self._digest_key(new_digest), f"{tag}:{session_id}", nx=True, px=ttl
-                )
-            ):
-                raise CreateError(session_id)
+            if new_digest is not None and in_cluster:
+                pointer, digest_key = f"{tag}:{session_id}", self._digest_key(new_digest)
+                if not await client.set(digest_key, pointer, nx=True, px=ttl):
+                    if await client.get(digest_key) != pointer:
+                        raise CreateError(session_id)
+                    new_digest = None  # the digest it holds: no rotation, and no clash
             old_digest: str | int | None = await self._update(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
