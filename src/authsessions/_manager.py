@@ -9,9 +9,9 @@ from collections.abc import Callable
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
 from authsessions._records import SessionData, check_user_id, within_absolute_ttl
-from authsessions._tokens import is_well_formed_session_id, require_session_id_type
+from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores._base import Store
-from authsessions.stores._checks import require_count
+from authsessions.stores._checks import require_count, require_str
 
 __all__ = ["SessionManager"]
 
@@ -69,7 +69,7 @@ class SessionManager:
             StoreUnavailable: the store failed.
         """
         check_user_id(user_id)
-        require_session_id_type("session_id", session_id)
+        require_str("session_id", session_id)
         store = await self._store()
         if not is_well_formed_session_id(session_id) or not await store.delete(
             session_id, user_id=user_id
@@ -87,7 +87,7 @@ class SessionManager:
         """
         check_user_id(user_id)
         if except_id is not None:
-            require_session_id_type("except_id", except_id)
+            require_str("except_id", except_id)
         store = await self._store()
         return await store.delete_for_user(user_id, except_id=except_id)
 

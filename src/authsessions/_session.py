@@ -30,11 +30,11 @@ from authsessions._tokens import (
     is_well_formed_session_id,
     new_session_id,
     new_token,
-    require_session_id_type,
     token_digest,
 )
 from authsessions._values import plain_json_copy, read_as
 from authsessions.stores._base import CreateError, DataTooLarge, Store
+from authsessions.stores._checks import require_str
 
 __all__ = ["SCOPE_KEY", "CookieChange", "Session"]
 
@@ -417,7 +417,7 @@ class Session:
                 (indistinguishable on purpose).
             StoreUnavailable: the store failed.
         """
-        require_session_id_type("session_id", session_id)
+        require_str("session_id", session_id)
         record = self._require_session()
         if not is_well_formed_session_id(session_id) or not await self._store.delete(
             session_id, user_id=record.user_id

@@ -67,14 +67,3 @@ def is_well_formed_token_bytes(value: bytes) -> bool:
 def is_well_formed_session_id(value: object) -> bool:
     """Whether ``value`` has the exact shape of a session id."""
     return isinstance(value, str) and _SESSION_ID_PATTERN.fullmatch(value) is not None
-
-
-def require_session_id_type(name: str, value: object) -> None:
-    """Refuse a session id argument that is not a string: a caller's bug, reported as
-    one rather than as a session that was not found.
-
-    Raises:
-        TypeError: ``value`` is not a ``str``.
-    """
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a session id (str), got {type(value).__name__}.")
