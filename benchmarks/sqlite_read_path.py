@@ -28,7 +28,7 @@ import aiosqlite
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.stores import SQLiteStore
-from authsessions.stores.sqlite import COLUMNS, TABLE
+from authsessions.stores._sqlite_schema import COLUMNS, TABLE
 
 SQL = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"  # noqa: S608
 REPEATS = 7

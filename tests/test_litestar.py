@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
 from authsessions.litestar import CurrentSession, SessionPlugin, require_session
 from authsessions.stores import SQLiteStore, Store
-from authsessions.stores.sqlite import TABLE
+from authsessions.stores._sqlite_schema import TABLE
 from tests.apps.session_app import CHROME_MAC, cookie_header, session_cookie
 
 

@@ -246,7 +246,8 @@ def _require_sqlite_store(store: Store, url: str) -> None:
     """
     import click
 
-    from authsessions.stores.sqlite import TABLE, SQLiteStore
+    from authsessions.stores._sqlite_schema import TABLE
+    from authsessions.stores.sqlite import SQLiteStore
 
     if not isinstance(store, SQLiteStore):
         return

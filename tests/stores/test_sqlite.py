@@ -38,6 +38,15 @@ from authsessions.stores import _sqlite_writer as writer_module
 from authsessions.stores import sqlite as sqlite_module
 from authsessions.stores._checkpoints import CHECKPOINT_EVERY, CHECKPOINT_PAGES
 from authsessions.stores._record_cache import RecordCache
+from authsessions.stores._sqlite_schema import (
+    COLUMNS,
+    COMPATIBLE_FROM,
+    MIGRATIONS,
+    SCHEMA_TABLE,
+    SCHEMA_VERSION,
+    TABLE,
+    migrate,
+)
 from authsessions.stores._sqlite_support import (
     GuardedConnection,
     checkpoint,
@@ -46,14 +55,6 @@ from authsessions.stores._sqlite_support import (
     transaction,
 )
 from authsessions.stores._wal_index import WalIndexHeader
-from authsessions.stores.sqlite import (
-    COLUMNS,
-    COMPATIBLE_FROM,
-    MIGRATIONS,
-    SCHEMA_TABLE,
-    SCHEMA_VERSION,
-    TABLE,
-)
 from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import TTL, make_record, make_update, new_digest, start_time, typed
 
@@ -150,7 +151,7 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
 
     def migrate_second() -> None:
         try:
-            sqlite_module._migrate(second)
+            migrate(second)
         except BaseException as exc:  # the thread's failure, for the test to see
             errors.append(exc)
 
@@ -167,7 +168,7 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
     try:
         first.execute("PRAGMA journal_mode = WAL")
 
-        sqlite_module._migrate(cast(sqlite3.Connection, MigratedOverAfterReadingTheVersion(first)))
+        migrate(cast(sqlite3.Connection, MigratedOverAfterReadingTheVersion(first)))
         other_process.join(10)
 
         assert other_process.ident is not None

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from authsessions.stores import SQLiteStore
+from authsessions.stores._sqlite_schema import TABLE
 from authsessions.stores._wal_index import WalIndexHeader
-from authsessions.stores.sqlite import TABLE
 from tests.stores import ON_LINUX_ONLY, linux_only
 from tests.stores.records import make_record, start_time
 
