@@ -25,7 +25,7 @@ from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
 from authsessions.stores import PostgresStore, Store, _postgres_pool, open_store
 from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
-from authsessions.stores.postgres import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION
+from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION
 from tests.services import CONNECTIONS_NAMED, named_dsn, with_netloc
 from tests.stores.records import (
     check_kept_after_racing_creates,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
@@ -46,6 +45,7 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
+from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION, Sql
 from authsessions.stores._url import malformed_url, redact_url
 
 if TYPE_CHECKING:
@@ -54,151 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStore"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
-_COLUMNS = (
-    "id, token_digest, user_id, ip_address, user_agent, device_name, device_type,"
-    " fingerprint, data::text, created_at, last_active_at, expires_at"
-)
-
-# The session-creating function's versions share their signature and first steps.
-_CREATE_SIGNATURE = """FUNCTION {create}(
-            p_id text, p_token_digest text, p_user_id text, p_ip_address text,
-            p_user_agent text, p_device_name text, p_device_type text, p_fingerprint text,
-            p_data text, p_created_at double precision, p_last_active_at double precision,
-            p_expires_at double precision, p_lock text, p_now double precision,
-            p_max_sessions integer
-        ) RETURNS void LANGUAGE plpgsql AS $body$"""
-_LOCK_AND_INSERT = """
-        BEGIN
-            -- One creator per user at a time; each statement after the lock reads a
-            -- snapshot of its own, so the eviction sees every earlier creator's session.
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_lock, 0));
-            INSERT INTO {table} (id, token_digest, user_id, ip_address, user_agent,
-                device_name, device_type, fingerprint, data, created_at, last_active_at,
-                expires_at)
-            VALUES (p_id, p_token_digest, p_user_id, p_ip_address, p_user_agent,
-                p_device_name, p_device_type, p_fingerprint, p_data::jsonb, p_created_at,
-                p_last_active_at, p_expires_at);"""
-
-# Each entry upgrades the schema by one version. {table} is the quoted, schema-qualified
-# table; {name} its bare name, for index names (PostgreSQL keeps indexes in its schema);
-# {create} the quoted, schema-qualified name of the function that creates a session.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE {table} (
-            id text PRIMARY KEY,
-            token_digest text NOT NULL,
-            user_id text NOT NULL,
-            ip_address text,
-            user_agent text,
-            device_name text NOT NULL,
-            device_type text NOT NULL,
-            fingerprint text NOT NULL,
-            data jsonb NOT NULL,
-            created_at double precision NOT NULL,
-            last_active_at double precision NOT NULL,
-            expires_at double precision NOT NULL
-        )""",
-        'CREATE UNIQUE INDEX "{name}_token_digest" ON {table} (token_digest)',
-        'CREATE INDEX "{name}_user_id" ON {table} (user_id, last_active_at)',
-        'CREATE INDEX "{name}_expires_at" ON {table} (expires_at)',
-    ),
-    (
-        "CREATE "
-        + _CREATE_SIGNATURE
-        + _LOCK_AND_INSERT
-        + """
-            DELETE FROM {table} WHERE user_id = p_user_id AND id NOT IN (
-                SELECT id FROM {table} WHERE user_id = p_user_id AND expires_at > p_now
-                ORDER BY last_active_at DESC, created_at DESC LIMIT p_max_sessions);
-        END
-        $body$""",
-    ),
-    (
-        # The new session stays, and the eviction ranks the user's others only: with
-        # another server's clock ahead, they could rank above it (the same signature, so
-        # servers of the previous release call it unchanged).
-        "CREATE OR REPLACE "
-        + _CREATE_SIGNATURE
-        + _LOCK_AND_INSERT
-        + """
-            DELETE FROM {table} WHERE user_id = p_user_id AND id <> p_id AND id NOT IN (
-                SELECT id FROM {table}
-                WHERE user_id = p_user_id AND id <> p_id AND expires_at > p_now
-                ORDER BY last_active_at DESC, created_at DESC LIMIT p_max_sessions - 1);
-        END
-        $body$""",
-    ),
-)
-
-SCHEMA_VERSION = len(MIGRATIONS)
-# The oldest schema version whose code can use this one as it stands, recorded in the
-# version table for releases that know only an older one (see accept_newer_schema). The
-# third migration replaced the create function keeping its signature: code written for
-# version 2 runs on it unchanged. A migration that changes what older code reads or writes
-# sets it to its own version.
-COMPATIBLE_FROM = 2
-
-
-@dataclass(frozen=True, slots=True)
-class _Sql:
-    """The statements for one table, built once."""
-
-    get: str
-    list_for_user: str
-    create: str
-    touch: str
-    patch: str
-    capped_patch: str
-    delete: str
-    delete_owned: str
-    delete_for_user: str
-    delete_expired: str
-    stats: str
-
-    @classmethod
-    def for_table(cls, t: str, create: str) -> _Sql:
-        # coalesce: an update without times keeps them, which lets PostgreSQL update the
-        # row in place (HOT) when no indexed column changes.
-        update = "UPDATE {t} SET last_active_at = coalesce($2, last_active_at),"
-        update += " expires_at = coalesce($3, expires_at),"
-        update += " token_digest = coalesce($4, token_digest){data}"
-        update += " WHERE id = $1 AND expires_at > $5"
-        merged = "(data - $6::text[]) || $7::text::jsonb"
-        return cls(
-            get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
-            list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
-            " ORDER BY last_active_at DESC, created_at DESC",
-            create=f"SELECT {create}({', '.join(f'${n}' for n in range(1, 16))})",
-            # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
-            touch=update.format(t=t, data=""),
-            patch=update.format(t=t, data=f", data = {merged}"),
-            # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
-            # the row before the size is taken, and reads its newest version: a concurrent
-            # patch is waited for and measured, never merged past. Returns whether the row
-            # changed and the size (NULL when the session is not live).
-            capped_patch=f"WITH target AS (SELECT id, {merged} AS data FROM {t}"
-            " WHERE id = $1 AND expires_at > $5 FOR UPDATE),"
-            " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
-            " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
-            " FROM jsonb_each_text(target.data)) AS size FROM target),"
-            f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
-            " expires_at = coalesce($3, s.expires_at),"
-            " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
-            " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
-            " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)",
-            delete=f"DELETE FROM {t} WHERE id = $1",
-            delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $2",
-            delete_for_user=f"DELETE FROM {t} WHERE user_id = $1 AND id IS DISTINCT FROM $2",
-            delete_expired=f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
-            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            # One statement, so one snapshot; the expired count is an expires_at index range.
-            stats=f"SELECT e.n, u.n, d.types, d.counts"
-            f" FROM (SELECT count(*) AS n FROM {t} WHERE expires_at <= $1) AS e,"
-            f" (SELECT count(DISTINCT user_id) AS n FROM {t} WHERE expires_at > $1) AS u,"
-            " (SELECT array_agg(device_type) AS types, array_agg(n) AS counts FROM"
-            f" (SELECT device_type, count(*) AS n FROM {t} WHERE expires_at > $1"
-            " GROUP BY device_type) AS g) AS d",
-        )
 
 
 class PostgresStore(Store):
@@ -283,7 +138,7 @@ class PostgresStore(Store):
         self.acquire_timeout = acquire_timeout
         self._qualified = f'"{schema}"."{table}"'
         self._create_function = f'"{schema}"."{table}_create"'
-        self._sql = _Sql.for_table(self._qualified, self._create_function)
+        self._sql = Sql.for_table(self._qualified, self._create_function)
         self._errors: tuple[type[BaseException], ...] = (
             self._asyncpg.PostgresError,
             self._asyncpg.InterfaceError,
@@ -607,7 +462,7 @@ def _count(status: str) -> int:
 
 
 def _record(row: asyncpg.Record) -> SessionRecord:
-    # Positional, in _COLUMNS order: this runs on every authenticated request.
+    # Positional, in the order _postgres_sql selects: this runs on every authenticated request.
     return SessionRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
         _decode_data(row[8]), row[9], row[10], row[11],
