@@ -662,6 +662,25 @@ def test_url_passwords_are_not_printed() -> None:
     assert "password=***&sslpassword=***" in stats.stdout
 
 
+def test_url_passwords_are_not_printed_when_the_query_holds_an_at_sign() -> None:
+    """An "@" may stand in a query option's value (an application name, an Azure user
+    "admin@server"): the password option is hidden all the same."""
+    store_url = networked_store("postgres", POSTGRES_URL)
+    parts = urlsplit(store_url)
+    # No user part and no port: nothing before the query that would hide it by chance.
+    url = (
+        f"postgresql://{parts.hostname}{parts.path}?user={parts.username or 'postgres'}"
+        "&password=s3cret-pw&application_name=ops@laptop"
+    )
+
+    for command in ("migrate", "stats"):
+        result = run(command, "--store", url)
+
+        assert result.exit_code == 0, result.output
+        assert "s3cret-pw" not in result.output
+        assert "password=***&application_name=ops@laptop" in result.stdout
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -863,6 +863,20 @@ async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
     assert not store.is_open
 
 
+async def test_a_key_value_dsn_never_shows_its_password() -> None:
+    """libpq's "host=… password=…" form, which asyncpg does not take: the store's repr and
+    the "malformed" error quote the DSN, without its password."""
+    store = PostgresStore("host=127.0.0.1 dbname=test user=postgres password=s3cret-pw")
+
+    assert "s3cret-pw" not in repr(store)
+    with pytest.raises(ValueError, match="is malformed") as raised:
+        await store.open()
+
+    assert "s3cret-pw" not in str(raised.value)
+    assert "password=***" in str(raised.value)
+    assert not store.is_open
+
+
 # -- concurrency across processes -------------------------------------------------------------
 
 

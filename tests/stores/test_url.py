@@ -211,6 +211,49 @@ def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://pg.example.com/app?user=admin@server&password=pw",
+            "postgresql://pg.example.com/app?user=admin@server&password=***",
+        ),
+        (
+            "postgresql://db/app?password=pw&application_name=ops@laptop",
+            "postgresql://db/app?password=***&application_name=ops@laptop",
+        ),
+        (
+            "redis://cache/0?password=pw&client_name=web@host1",
+            "redis://cache/0?password=***&client_name=web@host1",
+        ),
+    ],
+    ids=["user-with-at", "option-after", "redis"],
+)
+def test_redact_url_hides_a_query_password_when_the_query_holds_an_at_sign(
+    url: str, shown: str
+) -> None:
+    """An "@" may stand unescaped in a query (an Azure user "admin@server", an
+    application name): the password option beside it is hidden all the same."""
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        (
+            f"host=db user=app password={PASSWORD} dbname=app",
+            "host=db user=app password=*** dbname=app",
+        ),
+        (f"host=db password = '{PASSWORD} x' port=5432", "host=db password = *** port=5432"),
+    ],
+    ids=["word", "quoted"],
+)
+def test_redact_url_hides_the_password_of_a_libpq_key_value_string(dsn: str, shown: str) -> None:
+    """libpq's other connection string form; PostgresStore's repr and its "malformed"
+    error both show the DSN through redact_url."""
+    assert redact_url(dsn) == shown
+
+
 def test_a_sqlite_url_with_options_is_refused_not_silently_ignored() -> None:
     with pytest.raises(ValueError, match=r"takes no options, got '\?mode=ro'"):
         open_store("sqlite:///sessions.db?mode=ro")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, unquote_plus
 
@@ -154,23 +155,33 @@ def redact_url(url: str) -> str:
 
     Spliced as text, not parsed: a password may hold an unescaped "/", "?" or "#", which
     a URL parser takes for the end of the host, showing the password as host or path.
-    Everything before the last "@" is taken for the user part (more is hidden, never less).
+    Everything before the last "@" is taken for the user part (more is hidden, never less),
+    and every ``name=value`` after a "?" or "&" for a query option, even one before that
+    "@" (an "@" may stand unescaped in the query). A string without "://" is read as
+    libpq's ``key=value`` form: its ``password=`` value is hidden.
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
-        return url
+        # Not a URL: perhaps libpq's other form, "host=db user=app password=secret".
+        return _CONNINFO_PASSWORD.sub(r"\g<name>***", url)
     at = rest.rfind("@")
     if at >= 0:
         user, colon, _password = rest[:at].partition(":")
         if colon:
             rest = f"{user}:***{rest[at:]}"
-    location, query, fragment = _split_query(rest)
-    if query is not None:
-        query = "&".join(_redacted_option(option) for option in query.split("&"))
-        rest = f"{location}?{query}{fragment}"
-    return f"{scheme}{separator}{rest}"
+    # Every option that follows a "?" or "&", wherever it stands: the last "@" may be in
+    # the query ("?user=admin@server&password=…"), and then no "?" comes after it.
+    return f"{scheme}{separator}{_QUERY_OPTION.sub(_redacted_option, rest)}"
 
 
-def _redacted_option(option: str) -> str:
-    name, equals, _value = option.partition("=")
-    return f"{name}=***" if equals and "password" in unquote_plus(name).lower() else option
+# An option after a "?" or "&": its name, and its value up to the next "&" or "#".
+_QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
+# A libpq key=value connection string's password: a word, or a quoted string.
+_CONNINFO_PASSWORD = re.compile(
+    r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
+)
+
+
+def _redacted_option(match: re.Match[str]) -> str:
+    name = match["name"]
+    return f"{name}=***" if "password" in unquote_plus(name).lower() else match[0]
