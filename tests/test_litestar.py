@@ -13,7 +13,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
-from litestar.exceptions import WebSocketDisconnect
+from litestar.exceptions import WebSocketDisconnect, WebSocketException
 from litestar.middleware import DefineMiddleware
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
@@ -475,3 +475,39 @@ def test_a_store_down_in_a_websocket_closes_it_with_try_again_later(tmp_path: Pa
     assert closed.value.code == 1013
     assert "unavailable" in closed.value.detail
     assert me_after.json() == {"user": "alice", "theme": "dark"}
+
+
+@websocket("/ws/ends")
+async def ws_ends(socket: WebSocket[Any, Any, Any], session: CurrentSession) -> None:
+    """Sets a key, then ends as it is sent: with a bug of its own, or a chosen close."""
+    await socket.accept()
+    session.set("theme", "set before the end")
+    if await socket.receive_text() == "bug":
+        raise ValueError("a bug in the handler")
+    raise WebSocketException(detail="bye", code=4001)
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "theme"), [("bug", 4500, "dark"), ("close", 4001, "set before the end")]
+)
+def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing(
+    sqlite_store: Store, how: str, code: int, theme: str
+) -> None:
+    """As under Starlette, and as an HTTP 500 does. Litestar answers a handler's bug
+    itself (it closes with 4500) and returns: that is no socket that ended well. A
+    WebSocketException is a close the app chose, which keeps what was set, as under
+    Starlette.
+    """
+    app = Litestar([login, me, ws_ends], plugins=[SessionPlugin(store=sqlite_store)])
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        client.headers["user-agent"] = CHROME_MAC
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+        with client.websocket_connect("/ws/ends", headers=cookie_header(token.value)) as ws:
+            ws.send_text(how)
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        me_after = client.get("/me")
+
+    assert closed.value.code == code
+    assert me_after.json() == {"user": "alice", "theme": theme}

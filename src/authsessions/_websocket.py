@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from authsessions._errors import SessionError, StoreUnavailable
 from authsessions._session import SCOPE_KEY, Session
 
-__all__ = ["serve_websocket"]
+__all__ = ["HANDLER_FAILED", "serve_websocket"]
 
 logger = logging.getLogger("authsessions")
 
@@ -20,6 +20,10 @@ logger = logging.getLogger("authsessions")
 _TRY_AGAIN_LATER = 1013
 _POLICY_VIOLATION = 1008
 _INTERNAL_ERROR = 1011
+
+# Set in the scope by a framework that answers a handler's failure itself (Litestar closes
+# the socket with 4500 and returns): the handler failed, though the app call ended well.
+HANDLER_FAILED = "authsessions.websocket_handler_failed"
 
 
 async def serve_websocket(
@@ -78,7 +82,8 @@ async def serve_websocket(
             # nobody is left to answer: what the handler set stays.
             await _save_changes(session, save=True)
         raise
-    await _save_changes(session, save=True)
+    # A failure the framework answered itself saves nothing, as one raised here would not.
+    await _save_changes(session, save=client_left or not scope.get(HANDLER_FAILED))
 
 
 async def _save_changes(session: Session, *, save: bool) -> None:

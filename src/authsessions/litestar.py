@@ -26,6 +26,7 @@ from litestar.config.app import AppConfig
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException, WebSocketException
 from litestar.handlers import BaseRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPlugin
@@ -35,6 +36,7 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionError, Unauthorized
 from authsessions._middleware import SessionMiddleware, open_at_startup
 from authsessions._session import Session
+from authsessions._websocket import HANDLER_FAILED
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
@@ -82,15 +84,27 @@ def session_error_response(request: Request[Any, Any, Any], exc: SessionError) -
 
 
 def pass_session_errors_on_websockets(exc: Exception, scope: Scope) -> None:
-    """Let a WebSocket handler's :class:`SessionError` go on to ``SessionMiddleware``.
+    """Let a WebSocket handler's :class:`SessionError` go on to ``SessionMiddleware``, and
+    tell it of any other failure Litestar answers itself.
 
     Litestar's exception handlers are for HTTP only: it would close the socket
     with 4500 and have the middleware save changes a 5xx error must drop. Raised
     from this hook (Litestar runs it before closing), the error reaches the
     middleware, which closes with 1008, 1013 or 1011 as under Starlette.
     """
-    if scope["type"] == ScopeType.WEBSOCKET and isinstance(exc, SessionError):
+    if scope["type"] != ScopeType.WEBSOCKET:
+        return
+    if isinstance(exc, SessionError):
         raise exc
+    # Any other error Litestar answers itself, closing the socket, and the handler's call
+    # ends without it: say that it failed, so that (as under Starlette, and as an HTTP 500)
+    # what the handler set is not saved. A WebSocketException (a WebSocketDisconnect too)
+    # is a close the app chose, and an HTTP 4xx error keeps what was set, as over HTTP.
+    if isinstance(exc, WebSocketException) or (
+        isinstance(exc, HTTPException) and exc.status_code < 500
+    ):
+        return
+    cast("MutableMapping[str, Any]", scope)[HANDLER_FAILED] = True
 
 
 class SessionPlugin(InitPlugin):
