@@ -131,6 +131,8 @@ def test_the_shortest_durations_and_plainest_cookie_attributes_are_taken() -> No
 def test_secure_prefixes_are_fine_with_secure_cookies() -> None:
     assert SessionConfig(cookie_name="__Secure-session", cookie_domain="example.com")
     assert SessionConfig(cookie_name="__Secure-session", cookie_path="/app")
+    assert SessionConfig(cookie_name="__Host-Http-session")
+    assert SessionConfig(cookie_name="__Http-session", cookie_domain="example.com")
 
 
 PATH_RULE = 'cookie_path must start with "/" and hold only printable ASCII but ";"'
@@ -179,6 +181,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("host-prefix-any-case-insecure", {"cookie_name": "__host-s", "cookie_secure": False},
      "needs cookie_secure=True"),
     ("secure-prefix-insecure", {"cookie_name": "__Secure-s", "cookie_secure": False},
+     "needs cookie_secure=True"),
+    # RFC 6265bis's HttpOnly prefixes (Chrome, Firefox): the cookie is dropped without
+    # HttpOnly (and Secure), so every login would silently fail to stick.
+    ("host-http-prefix-not-http-only",
+     {"cookie_name": "__Host-Http-session", "cookie_http_only": False},
+     "needs cookie_http_only=True"),
+    ("http-prefix-any-case-not-http-only", {"cookie_name": "__http-s", "cookie_http_only": False},
+     "needs cookie_http_only=True"),
+    ("http-prefix-insecure", {"cookie_name": "__Http-s", "cookie_secure": False},
      "needs cookie_secure=True"),
     ("host-prefix-domain", {"cookie_domain": "example.com"},
      "requires cookie_path='/' and no cookie_domain"),

@@ -7,7 +7,7 @@ import string
 import pytest
 
 from authsessions import SessionConfig
-from authsessions._cookies import MALFORMED, SessionCookie
+from authsessions._cookies import MALFORMED, MAX_LATER_TOKENS, SessionCookie
 from authsessions._tokens import new_token
 
 TOKEN = new_token()
@@ -126,3 +126,19 @@ def test_the_token_is_read_from_cookie_headers_only() -> None:
 
     assert cookie.read({"headers": [(b"x-forwarded-cookie", pair)]}) is None
     assert cookie.read({"headers": [(b"referer", other_pair), (b"cookie", pair)]}) == TOKEN
+
+
+def later(*cookie_headers: str) -> list[str]:
+    headers = [(b"cookie", value.encode("latin-1")) for value in cookie_headers]
+    return SessionCookie(SessionConfig()).later_tokens({"headers": headers})
+
+
+def test_later_duplicates_are_the_well_formed_tokens_after_the_one_read_takes() -> None:
+    """What the middleware tries when the first cookie of the name names no session."""
+    assert later(f"{NAME}={TOKEN}") == []
+    assert later(f"{NAME}=junk; {NAME}={TOKEN}") == [TOKEN]
+    assert later(f"{NAME}={OTHER_TOKEN}; a=1", f"{NAME}= {TOKEN} ") == [TOKEN]
+    # Not the pair read() took, not another cookie's name or value, not a malformed one.
+    assert later(f"a=x {NAME}={OTHER_TOKEN}; {NAME}=junk; x{NAME}={TOKEN}; {NAME}=x") == []
+    many = "; ".join(f"{NAME}={new_token()}" for _ in range(MAX_LATER_TOKENS + 5))
+    assert len(later(many)) == MAX_LATER_TOKENS

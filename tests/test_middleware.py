@@ -286,6 +286,42 @@ async def test_cookie_attributes_follow_the_config_when_set_and_cleared(
         assert "httponly" not in cookie.attributes
 
 
+@pytest.mark.parametrize("stale", ["unknown", "malformed"])
+async def test_an_old_cookie_of_the_same_name_sent_first_does_not_undo_the_login(
+    stale: str, sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A browser sends every cookie of the name whose Domain and Path match, longest Path
+    first, then oldest (RFC 6265, 5.4): after cookie_domain or cookie_path changed, the old
+    cookie comes first. Taken alone, it cleared the new one (the clearing cookie carries the
+    new Domain and Path), so every login was undone by the next request.
+    """
+    config = SessionConfig(cookie_name="sid", cookie_domain="example.com")
+    client = client_factory(app_factory(sqlite_store, config))
+    token, _ = await plant_session(sqlite_store, "alice")
+    old = new_token() if stale == "unknown" else "junk"
+
+    response = await client.get("/me", headers={"cookie": f"sid={old}; theme=dark; sid={token}"})
+
+    assert response.json()["authenticated"] is True
+    assert session_cookie(response, "sid") is None  # the valid cookie is not cleared
+
+
+async def test_duplicate_cookies_that_name_no_session_are_still_cleared(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    config = SessionConfig(cookie_name="sid", cookie_domain="example.com")
+    client = client_factory(app_factory(sqlite_store, config))
+
+    response = await client.get(
+        "/me", headers={"cookie": f"sid=junk; sid={new_token()}; sid={new_token()}"}
+    )
+
+    assert response.json()["authenticated"] is False
+    cleared = session_cookie(response, "sid")
+    assert cleared is not None
+    assert cleared.is_clearing
+
+
 # -- writing only what changed, and touching ------------------------------------------------
 
 

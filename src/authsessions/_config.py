@@ -143,11 +143,17 @@ class SessionConfig:
                 f"'-' and '.'; an international name in its xn-- form) or None, got {domain!r}."
             )
         lowered = name.lower()
-        if not self.cookie_secure and lowered.startswith(("__host-", "__secure-")):
+        if not self.cookie_secure and lowered.startswith(("__host-", "__secure-", "__http-")):
             raise ValueError(
-                f"cookie_name {name!r} needs cookie_secure=True: browsers drop __Host- and "
-                "__Secure- cookies without Secure. For plain-HTTP development pick another "
-                'name, e.g. cookie_name="session".'
+                f"cookie_name {name!r} needs cookie_secure=True: browsers drop __Host-, "
+                "__Secure- and __Http- cookies without Secure. For plain-HTTP development pick "
+                'another name, e.g. cookie_name="session".'
+            )
+        if not self.cookie_http_only and lowered.startswith(("__http-", "__host-http-")):
+            raise ValueError(
+                f"cookie_name {name!r} needs cookie_http_only=True: browsers drop __Http- and "
+                "__Host-Http- cookies without HttpOnly; choose another name to let scripts "
+                "read the cookie."
             )
         if lowered.startswith("__host-") and (
             self.cookie_domain is not None or self.cookie_path != "/"

@@ -12,6 +12,9 @@ __all__ = ["MALFORMED", "SessionCookie"]
 _SPACE_OR_TAB = frozenset(b" \t")
 _SEMICOLON = ord(";")
 
+MAX_LATER_TOKENS = 3
+"""At most this many more store reads for one request's duplicate session cookies."""
+
 MALFORMED = ""
 """What :meth:`SessionCookie.read` returns for a cookie that is present but not a token."""
 
@@ -59,6 +62,35 @@ class SessionCookie:
                 token = value[start + len(prefix) :].partition(b";")[0].strip()
             return token.decode("ascii") if is_well_formed_token_bytes(token) else MALFORMED
         return None
+
+    def later_tokens(self, scope: Scope) -> list[str]:
+        """The well-formed tokens of the pairs with our name after the one :meth:`read` took
+        (at most :data:`MAX_LATER_TOKENS`), for when that one names no session.
+
+        A browser sends every cookie of the name whose Domain and Path match, longest Path
+        first, then oldest (RFC 6265, 5.4): once ``cookie_domain`` or ``cookie_path`` has
+        changed, the old cookie comes before the one the last login set. Only called after
+        a miss, so the usual request never gets here.
+        """
+        name = self.name.encode("ascii")
+        tokens: list[str] = []
+        first = True
+        for header_name, value in scope["headers"]:
+            if header_name != b"cookie":
+                continue
+            for pair in value.split(b";"):
+                pair_name, equals, pair_value = pair.partition(b"=")
+                if not equals or pair_name.lstrip(b" \t") != name:
+                    continue
+                if first:  # the pair read() took
+                    first = False
+                    continue
+                token = pair_value.strip()
+                if is_well_formed_token_bytes(token):
+                    tokens.append(token.decode("ascii"))
+                    if len(tokens) == MAX_LATER_TOKENS:
+                        return tokens
+        return tokens
 
     def header(self, token: str | None, max_age: int = 0) -> bytes:
         """A ``Set-Cookie`` value carrying ``token``, or clearing the cookie when it is ``None``."""

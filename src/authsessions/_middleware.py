@@ -96,6 +96,8 @@ class SessionMiddleware:
                 now = time.time()
                 digest = token_digest(token)
                 record = await store.get(digest, now=now)
+                if record is None and (later := await self._later(scope, now)) is not None:
+                    token, digest, record = later
                 session = self._checked(scope, token, digest, record, now)
                 if session is None:
                     session = await self._end_replayed(scope, record)
@@ -148,16 +150,40 @@ class SessionMiddleware:
         """
         if token is None:
             return self._anonymous(scope)
-        if token == MALFORMED:
-            return self._cleared(scope)
+        now = time.time()
+        record = None
+        if token != MALFORMED:
+            store = self.store
+            if not store.is_open:
+                await store.open()
+            digest = token_digest(token)
+            record = await store.get(digest, now=now)
+        if record is None:
+            later = await self._later(scope, now)
+            if later is None:
+                return self._cleared(scope)
+            token, digest, record = later
+        session = self._checked(scope, token, digest, record, now)
+        return session if session is not None else await self._end_replayed(scope, record)
+
+    async def _later(self, scope: Scope, now: float) -> tuple[str, str, SessionRecord] | None:
+        """The first later duplicate of the session cookie that names a session, when the
+        first one did not (see :meth:`SessionCookie.later_tokens`): taking only the first,
+        an old cookie left by a former ``cookie_domain`` or ``cookie_path`` would clear the
+        valid one on every request.
+        """
+        tokens = self._cookie.later_tokens(scope)
+        if not tokens:
+            return None
         store = self.store
         if not store.is_open:
             await store.open()
-        now = time.time()
-        digest = token_digest(token)
-        record = await store.get(digest, now=now)
-        session = self._checked(scope, token, digest, record, now)
-        return session if session is not None else await self._end_replayed(scope, record)
+        for token in tokens:
+            digest = token_digest(token)
+            record = await store.get(digest, now=now)
+            if record is not None:
+                return token, digest, record
+        return None
 
     def _checked(
         self, scope: Scope, token: str, digest: str, record: SessionRecord | None, now: float
