@@ -418,6 +418,33 @@ def test_a_session_error_before_accept_refuses_the_websocket_with_policy_violati
     assert [type(exc).__name__ for exc in seen] == ["Unauthorized"]
 
 
+def socket_closed_after(
+    app: Litestar,
+    path: str,
+    text: str,
+    *,
+    before_sending: Callable[[], None] | None = None,
+    before_reading_back: Callable[[], None] | None = None,
+) -> tuple[WebSocketDisconnect, Any]:
+    """Sign in, open the socket at ``path`` with the session's cookie, send ``text`` and
+    expect the server to close it; returns how it closed and what ``/me`` reads afterwards.
+    """
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        client.headers["user-agent"] = CHROME_MAC
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+        with client.websocket_connect(path, headers=cookie_header(token.value)) as ws:
+            if before_sending is not None:
+                before_sending()
+            ws.send_text(text)
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        if before_reading_back is not None:
+            before_reading_back()
+        me_after = client.get("/me")
+    return closed.value, me_after.json()
+
+
 @pytest.mark.parametrize(
     ("how", "code", "reason", "saved"),
     [
@@ -436,21 +463,13 @@ def test_a_session_error_in_a_websocket_closes_it_with_its_code_and_saves_as_htt
     logger = logging.getLogger("authsessions")  # Litestar's logging config stops propagation
     logger.addHandler(handler)
     try:
-        with LitestarTestClient(app, base_url="https://testserver.local") as client:
-            client.headers["user-agent"] = CHROME_MAC
-            token = session_cookie(client.post("/login", json={"user_id": "alice"}))
-            assert token is not None
-            with client.websocket_connect("/ws/fail", headers=cookie_header(token.value)) as ws:
-                ws.send_text(how)
-                with pytest.raises(WebSocketDisconnect) as closed:
-                    ws.receive_text()
-            me_after = client.get("/me")
+        closed, me_after = socket_closed_after(app, "/ws/fail", how)
     finally:
         logger.removeHandler(handler)
 
-    assert closed.value.code == code
-    assert reason in closed.value.detail
-    assert me_after.json()["theme"] == ("set before the error" if saved else "dark")
+    assert closed.code == code
+    assert reason in closed.detail
+    assert me_after["theme"] == ("set before the error" if saved else "dark")
     logged = [r.getMessage() for r in handler.records]
     assert any("a WebSocket handler failed" in m for m in logged) == (code == 1011)
 
@@ -458,23 +477,22 @@ def test_a_session_error_in_a_websocket_closes_it_with_its_code_and_saves_as_htt
 def test_a_store_down_in_a_websocket_closes_it_with_try_again_later(tmp_path: Path) -> None:
     path = tmp_path / "sessions.db"
     app = Litestar([login, me, ws_fail], plugins=[SessionPlugin(store=f"sqlite:///{path}")])
-    with LitestarTestClient(app, base_url="https://testserver.local") as client:
-        client.headers["user-agent"] = CHROME_MAC
-        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
-        assert token is not None
-        with client.websocket_connect("/ws/fail", headers=cookie_header(token.value)) as ws:
-            with sqlite3.connect(path) as db:
-                db.execute(f"ALTER TABLE {TABLE} RENAME TO moved_away")
-            ws.send_text("read the store")
-            with pytest.raises(WebSocketDisconnect) as closed:
-                ws.receive_text()
-        with sqlite3.connect(path) as db:
-            db.execute(f"ALTER TABLE moved_away RENAME TO {TABLE}")
-        me_after = client.get("/me")
 
-    assert closed.value.code == 1013
-    assert "unavailable" in closed.value.detail
-    assert me_after.json() == {"user": "alice", "theme": "dark"}
+    def rename_table(old: str, new: str) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    closed, me_after = socket_closed_after(
+        app,
+        "/ws/fail",
+        "read the store",
+        before_sending=lambda: rename_table(TABLE, "moved_away"),
+        before_reading_back=lambda: rename_table("moved_away", TABLE),
+    )
+
+    assert closed.code == 1013
+    assert "unavailable" in closed.detail
+    assert me_after == {"user": "alice", "theme": "dark"}
 
 
 @websocket("/ws/ends")
@@ -499,15 +517,8 @@ def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing(
     Starlette.
     """
     app = Litestar([login, me, ws_ends], plugins=[SessionPlugin(store=sqlite_store)])
-    with LitestarTestClient(app, base_url="https://testserver.local") as client:
-        client.headers["user-agent"] = CHROME_MAC
-        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
-        assert token is not None
-        with client.websocket_connect("/ws/ends", headers=cookie_header(token.value)) as ws:
-            ws.send_text(how)
-            with pytest.raises(WebSocketDisconnect) as closed:
-                ws.receive_text()
-        me_after = client.get("/me")
 
-    assert closed.value.code == code
-    assert me_after.json() == {"user": "alice", "theme": theme}
+    closed, me_after = socket_closed_after(app, "/ws/ends", how)
+
+    assert closed.code == code
+    assert me_after == {"user": "alice", "theme": theme}
