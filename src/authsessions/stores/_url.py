@@ -148,6 +148,14 @@ def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
     )
 
 
+# An option after a "?" or "&": its name, and its value up to the next "&" or "#".
+_QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
+# A libpq key=value connection string's password: a word, or a quoted string.
+_CONNINFO_PASSWORD = re.compile(
+    r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
+)
+
+
 def redact_url(url: str) -> str:
     """``url`` with every password in it replaced by ``***``, for reprs, logs and messages:
     the one in ``user:password@`` and the value of any query option whose name holds
@@ -172,14 +180,6 @@ def redact_url(url: str) -> str:
     # Every option that follows a "?" or "&", wherever it stands: the last "@" may be in
     # the query ("?user=admin@server&password=…"), and then no "?" comes after it.
     return f"{scheme}{separator}{_QUERY_OPTION.sub(_redacted_option, rest)}"
-
-
-# An option after a "?" or "&": its name, and its value up to the next "&" or "#".
-_QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
-# A libpq key=value connection string's password: a word, or a quoted string.
-_CONNINFO_PASSWORD = re.compile(
-    r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
-)
 
 
 def _redacted_option(match: re.Match[str]) -> str:
