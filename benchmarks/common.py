@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import math
 import os
 import secrets
 import socket
@@ -405,7 +406,9 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))
+    # ceil(fraction * n), the nearest rank (round() rounds x.5 to even: one rank too high
+    # whenever fraction * n is an odd whole number, e.g. the p99 of 500 samples).
+    rank = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered) - 1e-9) - 1))
     return ordered[rank]
 
 

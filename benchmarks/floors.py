@@ -302,7 +302,17 @@ async def _redis_raw(
     stack.push_async_callback(client.aclose)
     key = f"{REDIS_PREFIX}floor"
     await client.set(key, json.dumps({**PAYLOAD_COLUMNS, "expires_at": time.time() + 86400}))
-    operations: dict[str, Callable[[], Awaitable[Any]]] = {"raw (GET)": lambda: client.get(key)}
+    # On a connection kept from the pool, as the store sends its reads: through the client,
+    # each command also takes a connection from the pool and gives it back, which cost
+    # more than the store's whole get and made "store.get - raw" negative.
+    raw = await client.connection_pool.get_connection()
+    stack.push_async_callback(client.connection_pool.release, raw)
+
+    async def kept(*command: Any) -> Any:
+        await raw.send_command(*command, check_health=False)
+        return await raw.read_response()
+
+    operations: dict[str, Callable[[], Awaitable[Any]]] = {"raw (GET)": lambda: kept("GET", key)}
     prefix = handle.options.get("prefix", REDIS_PREFIX)
     session_hash: bytes | None = None
     async for found in client.scan_iter(match=f"{prefix}*", count=1000):
@@ -310,7 +320,7 @@ async def _redis_raw(
             session_hash = found
             break
     if session_hash is not None:
-        operations["raw (HGETALL)"] = lambda: client.hgetall(session_hash)
+        operations["raw (HGETALL)"] = lambda: kept("HGETALL", session_hash)
         # The store's cached-location read: its script, sent as the store sends it (on a
         # connection kept from the pool of a client built like its own).
         from authsessions.stores import _redis_scripts as lua
