@@ -130,7 +130,10 @@ def test_the_token_is_read_from_cookie_headers_only() -> None:
 
 def later(*cookie_headers: str) -> list[str]:
     headers = [(b"cookie", value.encode("latin-1")) for value in cookie_headers]
-    return SessionCookie(SessionConfig()).later_tokens({"headers": headers})
+    cookie = SessionCookie(SessionConfig())
+    tried = cookie.read({"headers": headers})
+    assert tried is not None
+    return cookie.later_tokens({"headers": headers}, tried)
 
 
 def test_later_duplicates_are_the_well_formed_tokens_after_the_one_read_takes() -> None:

@@ -63,30 +63,30 @@ class SessionCookie:
             return token.decode("ascii") if is_well_formed_token_bytes(token) else MALFORMED
         return None
 
-    def later_tokens(self, scope: Scope) -> list[str]:
-        """The well-formed tokens of the pairs with our name after the one :meth:`read` took
-        (at most :data:`MAX_LATER_TOKENS`), for when that one names no session.
+    def later_tokens(self, scope: Scope, tried: str) -> list[str]:
+        """The well-formed tokens of the pairs with our name but ``tried`` (the one
+        :meth:`read` took), at most :data:`MAX_LATER_TOKENS`, for when that one names no
+        session.
 
         A browser sends every cookie of the name whose Domain and Path match, longest Path
         first, then oldest (RFC 6265, 5.4): once ``cookie_domain`` or ``cookie_path`` has
         changed, the old cookie comes before the one the last login set. Only called after
         a miss, so the usual request never gets here.
         """
-        name = self.name.encode("ascii")
+        name, skipped = self.name.encode("ascii"), tried.encode("ascii")
         tokens: list[str] = []
-        first = True
         for header_name, value in scope["headers"]:
             if header_name != b"cookie":
                 continue
             for pair in value.split(b";"):
                 pair_name, equals, pair_value = pair.partition(b"=")
-                if not equals or pair_name.lstrip(b" \t") != name:
-                    continue
-                if first:  # the pair read() took
-                    first = False
-                    continue
                 token = pair_value.strip()
-                if is_well_formed_token_bytes(token):
+                if (
+                    equals
+                    and pair_name.lstrip(b" \t") == name
+                    and is_well_formed_token_bytes(token)
+                    and token != skipped
+                ):
                     tokens.append(token.decode("ascii"))
                     if len(tokens) == MAX_LATER_TOKENS:
                         return tokens

@@ -96,7 +96,7 @@ class SessionMiddleware:
                 now = time.time()
                 digest = token_digest(token)
                 record = await store.get(digest, now=now)
-                if record is None and (later := await self._later(scope, now)) is not None:
+                if record is None and (later := await self._later(scope, token, now)) is not None:
                     token, digest, record = later
                 session = self._checked(scope, token, digest, record, now)
                 if session is None:
@@ -159,20 +159,22 @@ class SessionMiddleware:
             digest = token_digest(token)
             record = await store.get(digest, now=now)
         if record is None:
-            later = await self._later(scope, now)
+            later = await self._later(scope, token, now)
             if later is None:
                 return self._cleared(scope)
             token, digest, record = later
         session = self._checked(scope, token, digest, record, now)
         return session if session is not None else await self._end_replayed(scope, record)
 
-    async def _later(self, scope: Scope, now: float) -> tuple[str, str, SessionRecord] | None:
-        """The first later duplicate of the session cookie that names a session, when the
-        first one did not (see :meth:`SessionCookie.later_tokens`): taking only the first,
+    async def _later(
+        self, scope: Scope, tried: str, now: float
+    ) -> tuple[str, str, SessionRecord] | None:
+        """The first other session cookie of the request that names a session, when
+        ``tried`` did not (see :meth:`SessionCookie.later_tokens`): taking only the first,
         an old cookie left by a former ``cookie_domain`` or ``cookie_path`` would clear the
         valid one on every request.
         """
-        tokens = self._cookie.later_tokens(scope)
+        tokens = self._cookie.later_tokens(scope, tried)
         if not tokens:
             return None
         store = self.store
