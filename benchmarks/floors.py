@@ -305,13 +305,7 @@ async def _redis_raw(
     # On a connection kept from the pool, as the store sends its reads: through the client,
     # each command also takes a connection from the pool and gives it back, which cost
     # more than the store's whole get and made "store.get - raw" negative.
-    raw = await client.connection_pool.get_connection()
-    stack.push_async_callback(client.connection_pool.release, raw)
-
-    async def kept(*command: Any) -> Any:
-        await raw.send_command(*command, check_health=False)
-        return await raw.read_response()
-
+    kept = await _on_kept_connection(stack, client)
     operations: dict[str, Callable[[], Awaitable[Any]]] = {"raw (GET)": lambda: kept("GET", key)}
     prefix = handle.options.get("prefix", REDIS_PREFIX)
     session_hash: bytes | None = None
@@ -329,16 +323,23 @@ async def _redis_raw(
         like_store: Any = Redis.from_url(REDIS_URL, **store._client_options)
         stack.push_async_callback(like_store.aclose)
         sha = await like_store.script_load(lua.RECORD_JSON + lua.READ)
-        connection = await like_store.connection_pool.get_connection()
-        stack.push_async_callback(like_store.connection_pool.release, connection)
+        send = await _on_kept_connection(stack, like_store)
         hash_key = session_hash.decode()
-
-        async def same_command() -> Any:
-            await connection.send_command("EVALSHA", sha, 1, hash_key, check_health=False)
-            return await connection.read_response()
-
-        operations[SAME_COMMAND] = same_command
+        operations[SAME_COMMAND] = lambda: send("EVALSHA", sha, 1, hash_key)
     return operations
+
+
+async def _on_kept_connection(stack: AsyncExitStack, client: Any) -> Callable[..., Awaitable[Any]]:
+    """A function that sends one command on a connection kept from ``client``'s pool (given
+    back when ``stack`` closes), as the store sends its reads."""
+    connection = await client.connection_pool.get_connection()
+    stack.push_async_callback(client.connection_pool.release, connection)
+
+    async def send(*command: Any) -> Any:
+        await connection.send_command(*command, check_health=False)
+        return await connection.read_response()
+
+    return send
 
 
 async def same_command(
