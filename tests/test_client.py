@@ -198,6 +198,21 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
             "203.0.113.9",
         ),
         (None, [(b"x-forwarded-for", b"203.0.113.9")], PROXIES, None),
+        # Some proxies (Azure Application Gateway, IIS ARR) write the client's port too.
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9:51234")], PROXIES, "203.0.113.9"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[2001:db8::1]:443")], PROXIES, "2001:db8::1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[2001:db8::1]")], PROXIES, "2001:db8::1"),
+        ("10.0.0.1", [(b"x-real-ip", b"203.0.113.9:51234")], PROXIES, "203.0.113.9"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9:https")], PROXIES, "10.0.0.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[2001:db8::1]:")], PROXIES, "10.0.0.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[2001:db8::1]x")], PROXIES, "10.0.0.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[203.0.113.9]:80")], PROXIES, "10.0.0.1"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"[::ffff:203.0.113.9]:80")], PROXIES, "203.0.113.9"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9:65536")], PROXIES, "10.0.0.1"),
+        # A server that trusts forwarded headers itself (uvicorn's default for 127.0.0.1)
+        # hands on as the peer whatever text the header held, at any length.
+        ("<not an ip> " + "A" * 3000, [], (), None),
+        ("<not an ip> " + "A" * 3000, [], PROXIES, None),
     ],
     ids=[
         "peer",
@@ -226,6 +241,18 @@ PROXIES = nets("10.0.0.0/8", "fd00::/8")
         "ipv4-mapped-peer-in-an-ipv4-mapped-network",
         "ipv4-mapped-peer-in-every-ipv6-network",
         "no-peer",
+        "xff-hop-with-port",
+        "xff-bracketed-ipv6-with-port",
+        "xff-bracketed-ipv6",
+        "x-real-ip-with-port",
+        "xff-hop-with-a-port-that-is-no-number",
+        "xff-bracketed-ipv6-with-an-empty-port",
+        "xff-bracketed-ipv6-followed-by-text",
+        "xff-bracketed-ipv4",
+        "xff-bracketed-ipv4-mapped-with-port",
+        "xff-hop-with-a-port-out-of-range",
+        "peer-too-long-for-an-address",
+        "peer-too-long-for-an-address-with-proxies",
     ],
 )
 def test_client_ip(

@@ -18,6 +18,10 @@ __all__ = ["Device", "client_ip", "describe_device", "device_of", "user_agent_of
 
 MAX_USER_AGENT_LENGTH = 512
 
+# The longest peer a server may name: a Unix socket's path (sun_path holds 108 bytes);
+# an IP address is at most 45 characters.
+MAX_PEER_LENGTH = 108
+
 _OS_NAMES = {"Mac OS X": "macOS", "Mac OS": "macOS", "Chrome OS": "ChromeOS"}
 _BROWSER_NAMES = {
     "Mobile Safari": "Safari",
@@ -131,14 +135,19 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
 
     The peer address is the answer unless it lies in ``trusted``; only then
     are X-Forwarded-For (its right-most hop that is not itself trusted) and
-    X-Real-IP believed. A hop that is not an IP address stops the walk at the
-    last address known good. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
+    X-Real-IP believed. A hop that is not an IP address (one with a port, or in
+    brackets, as some proxies write them, is) stops the walk at the last
+    address known good. A peer longer than any address or socket path gives ``None``. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
     what a server listening on ``::`` reports for IPv4 clients) are given as IPv4.
     """
     client = scope.get("client")
     if not client:
         return None
     host: str = client[0]
+    if len(host) > MAX_PEER_LENGTH:
+        # A server that believes forwarded headers itself (uvicorn does, from 127.0.0.1,
+        # unless started with --no-proxy-headers) hands on the header's text as the peer.
+        return None
     if not trusted and not host.startswith("::ffff:"):
         return host  # the usual case, without ipaddress's parse on every login
     peer = _parse_ip(host)
@@ -157,7 +166,7 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     if forwarded:
         nearest = str(peer)
         for hop in reversed(forwarded):
-            address = _parse_ip(hop.strip())
+            address = _parse_forwarded_ip(hop.strip())
             if address is None:
                 return nearest
             if not any(address in network for network in trusted):
@@ -165,9 +174,28 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
             nearest = str(address)
         return nearest
     if real_ip is not None:
-        address = _parse_ip(real_ip)
+        address = _parse_forwarded_ip(real_ip)
         return str(address if address is not None else peer)
     return str(peer)
+
+
+def _parse_forwarded_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A forwarded address, also as some proxies write it (Azure Application Gateway, IIS
+    ARR): with the client's port, ``a.b.c.d:port`` or ``[v6]:port``, or in brackets.
+    """
+    if text.startswith("["):
+        inside, bracket, after = text[1:].partition("]")
+        if not bracket or (after and not (after.startswith(":") and _is_port(after[1:]))):
+            return None
+        return _parse_ip(inside) if ":" in inside else None  # brackets hold IPv6 only
+    host, colon, port = text.partition(":")
+    if colon and ":" not in port:  # one colon: IPv4 and a port; more: IPv6
+        return _parse_ip(host) if _is_port(port) else None
+    return _parse_ip(text)
+
+
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit() and int(text) <= 65535
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
