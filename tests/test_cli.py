@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 
@@ -839,3 +840,22 @@ def test_demo_refuses_a_port_it_cannot_be_reached_on() -> None:
 
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--port'" in result.stderr
+
+
+async def test_the_demo_keeps_the_peer_address_whatever_a_forwarded_header_says(
+    tmp_path: Path,
+) -> None:
+    # uvicorn's default would believe X-Forwarded-For from 127.0.0.1 and hand its text on
+    # as the peer; the demo trusts no proxy, so the header must change nothing.
+    from tests.test_demo import sign_up
+
+    spoofed = "<not an ip> " + "A" * 3000
+    with serving_demo(tmp_path, "--store", "sqlite:///sessions.db") as (base_url, _):
+        async with httpx.AsyncClient(
+            base_url=base_url, headers={"x-forwarded-for": spoofed}
+        ) as client:
+            assert (await sign_up(client)).status_code == 303
+            page = (await client.get("/devices")).text
+
+    assert "AAAA" not in page
+    assert "127.0.0.1 ·" in page

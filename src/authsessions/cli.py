@@ -366,7 +366,9 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
     out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         out.print("  warning: plain HTTP; do not expose the demo beyond this machine.")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # The app reads the client's address itself (trusted_proxies): uvicorn's own reading
+    # of X-Forwarded-For, on by default for 127.0.0.1, would replace the peer with it.
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
 
 # -- printing ---------------------------------------------------------------------------
