@@ -126,6 +126,8 @@ def test_the_shortest_durations_and_plainest_cookie_attributes_are_taken() -> No
     assert (config.ttl_seconds, config.absolute_ttl_seconds) == (1.0, 1.0)
     assert config.trusted_networks == (ipaddress.ip_network("0.0.0.0/0"),)
     assert SessionConfig(cookie_name="s", cookie_domain="localhost").cookie_domain == "localhost"
+    longest = "." + ("a" * 63 + ".") * 3 + "b" * 61  # 253 characters after the dot
+    assert SessionConfig(cookie_name="s", cookie_domain=longest).cookie_domain == longest
 
 
 def test_secure_prefixes_are_fine_with_secure_cookies() -> None:
@@ -219,6 +221,14 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("domain-empty-label", {"cookie_name": "s", "cookie_domain": "example..com"}, DOMAIN_RULE),
     ("domain-empty", {"cookie_name": "s", "cookie_domain": ""}, DOMAIN_RULE),
     ("domain-not-str", {"cookie_name": "s", "cookie_domain": 5}, DOMAIN_RULE),
+    # A browser drops a cookie whose Domain is no host name: every sign-in would be lost.
+    ("domain-hyphen", {"cookie_name": "s", "cookie_domain": "-"}, DOMAIN_RULE),
+    ("domain-label-edge-hyphens", {"cookie_name": "s", "cookie_domain": "-example-.com"},
+     DOMAIN_RULE),
+    ("domain-label-over-63", {"cookie_name": "s", "cookie_domain": "a" * 64 + ".com"},
+     DOMAIN_RULE),
+    ("domain-over-253", {"cookie_name": "s", "cookie_domain": ("a" * 63 + ".") * 3 + "b" * 62},
+     DOMAIN_RULE),
     ("secure-from-env", {"cookie_name": "s", "cookie_secure": "false"},
      "cookie_secure must be True or False, got 'false'"),
     ("http-only-from-env", {"cookie_http_only": "no"}, "cookie_http_only must be True or False"),

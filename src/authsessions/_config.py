@@ -14,7 +14,10 @@ __all__ = ["MAX_DURATION", "MIN_DURATION", "SessionConfig"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DOMAIN = re.compile(r"\.?[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# Host name labels: 1 to 63 letters, digits and inner hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"\.?{_LABEL}(?:\.{_LABEL})*")
+_MAX_DOMAIN_LENGTH = 253
 
 MIN_DURATION = timedelta(seconds=1)
 """The shortest ``ttl`` or ``absolute_ttl``: a cookie's Max-Age counts whole seconds, so a
@@ -137,10 +140,15 @@ class SessionConfig:
                 f"got {path!r}."
             )
         domain = self.cookie_domain
-        if domain is not None and (not isinstance(domain, str) or not _DOMAIN.fullmatch(domain)):
+        if domain is not None and not (
+            isinstance(domain, str)
+            and _DOMAIN.fullmatch(domain)
+            and len(domain.removeprefix(".")) <= _MAX_DOMAIN_LENGTH
+        ):
             raise ValueError(
-                "cookie_domain must be a host name such as 'example.com' (letters, digits, "
-                f"'-' and '.'; an international name in its xn-- form) or None, got {domain!r}."
+                "cookie_domain must be a host name such as 'example.com' (labels of letters, "
+                "digits and inner '-', at most 63 characters each and 253 in all, joined by "
+                f"'.'; an international name in its xn-- form) or None, got {domain!r}."
             )
         lowered = name.lower()
         if not self.cookie_secure and lowered.startswith(("__host-", "__secure-", "__http-")):
