@@ -137,8 +137,9 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     are X-Forwarded-For (its right-most hop that is not itself trusted) and
     X-Real-IP believed. A hop that is not an IP address (one with a port, or in
     brackets, as some proxies write them, is) stops the walk at the last
-    address known good. A peer longer than any address or socket path gives ``None``. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
-    what a server listening on ``::`` reports for IPv4 clients) are given as IPv4.
+    address known good. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
+    what a server listening on ``::`` reports for IPv4 clients) are given as
+    IPv4. A peer longer than any address or socket path gives ``None``.
     """
     client = scope.get("client")
     if not client:
