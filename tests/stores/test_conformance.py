@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import traceback
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -384,6 +385,17 @@ RECORDS_NO_STORE_KEEPS_ALIKE = [
     pytest.param("id", "a\ud800b", ValueError, id="surrogate-in-id"),
     pytest.param("user_agent", "a\ud800b", ValueError, id="surrogate-in-user-agent"),
     pytest.param("device_name", "a\ud800b", ValueError, id="surrogate-in-device-name"),
+    # Redis took "" for "none" (a rotation to it kept the old token; its pointer pattern
+    # found no such session); PostgreSQL's index holds no key past about 2.7 kB.
+    pytest.param("id", "", ValueError, id="empty-id"),
+    pytest.param("token_digest", "", ValueError, id="empty-digest"),
+    pytest.param("id", "i" * 4000, ValueError, id="id-too-long-to-index"),
+    pytest.param("token_digest", "d" * 4000, ValueError, id="digest-too-long-to-index"),
+    # Redis's stats skipped a session whose type was "".
+    pytest.param("device_type", "", ValueError, id="empty-device-type"),
+    pytest.param("device_type", "phone", ValueError, id="unknown-device-type"),
+    # JSON-encoded by two stores (which refused it), stored by the others.
+    pytest.param("data", types.MappingProxyType({"a": 1}), TypeError, id="data-not-a-dict"),
 ]
 
 
@@ -429,6 +441,8 @@ UPDATES_NO_STORE_APPLIES_ALIKE = [
     pytest.param({"removed_keys": {"a"}}, TypeError, "removed_keys", id="keys-not-frozen"),
     pytest.param({"removed_keys": frozenset({1})}, TypeError, "removed_keys", id="int-removed"),
     pytest.param({"token_digest": b"digest"}, TypeError, "token_digest", id="bytes-digest"),
+    pytest.param({"token_digest": ""}, ValueError, "token_digest", id="empty-digest"),
+    pytest.param({"token_digest": "d" * 4000}, ValueError, "token_digest", id="long-digest"),
     pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
     pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
 ]
@@ -912,6 +926,22 @@ async def test_update_of_expired_session_returns_false_and_changes_nothing(store
     assert await store.get(rotated, now=t0 + 60) is None
     # Seen from before the expiry, the record is exactly as it was.
     assert_same_record(await store.get(record.token_digest, now=t0), record)
+
+
+async def test_update_of_expired_session_onto_a_taken_digest_returns_false(store: Store) -> None:
+    """An expired session is not rotated onto anything: the answer is that it is gone, as
+    for any other update (a cluster claimed the digest first, and raised CreateError)."""
+    t0 = start_time()
+    expired = make_record(now=t0, ttl=10)
+    holder = make_record(now=t0)
+    for record in (expired, holder):
+        await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(now=t0 + 20, token_digest=holder.token_digest)
+    assert await store.update(expired.id, update, now=t0 + 20) is False
+
+    assert_same_record(await stored_at(store, holder, now=t0 + 20), holder)
+    assert_same_record(await store.get(expired.token_digest, now=t0), expired)
 
 
 async def test_update_after_logout_cannot_resurrect_the_session(store: Store) -> None:
@@ -1693,6 +1723,32 @@ async def test_async_with_opens_and_closes_the_store(store: Store) -> None:
         assert await store.get(record.token_digest, now=t0) is not None
 
     assert not store.is_open
+
+
+async def test_a_closed_store_refuses_every_primitive_until_reopened(store: Store) -> None:
+    """The memory store served while closed: code that forgot ``open()`` passed its tests
+    there and failed on the first real store."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    await store.close()
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.create(make_record(now=t0), max_sessions=10, now=t0),
+        lambda: store.get(record.token_digest, now=t0),
+        lambda: store.update(record.id, make_update(now=t0 + 1, set_keys={"a": 1}), now=t0 + 1),
+        lambda: store.delete(record.id),
+        lambda: store.delete_for_user("alice"),
+        lambda: store.list_for_user("alice", now=t0),
+        lambda: store.delete_expired(now=t0 + 10 * TTL),
+        lambda: store.stats(now=t0),
+    ]
+
+    for call in calls:
+        with pytest.raises(RuntimeError, match="open it first"):
+            await call()
+
+    await store.open()
+    assert_same_record(await store.get(record.token_digest, now=t0), record)
 
 
 async def test_reopened_store_works_and_keeps_its_sessions(store: Store) -> None:

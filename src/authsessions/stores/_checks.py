@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import cast
+from typing import cast, get_args
 
 from authsessions._records import (
     MAX_COUNT,
     CheckedRecord,
     CheckedUpdate,
+    DeviceType,
     SessionRecord,
     SessionUpdate,
     check_user_id,
@@ -123,6 +124,24 @@ def require_text(name: str, value: object) -> None:
             raise ValueError(f"{name} must not contain a lone surrogate.") from None
 
 
+# The longest session id or token digest a store keeps (the library's own are 22 and 64
+# characters): PostgreSQL's index holds no key past about 2.7 kB.
+MAX_KEY_LENGTH = 255
+
+_DEVICE_TYPES = frozenset(get_args(DeviceType))
+
+
+def _require_key(name: str, value: object) -> None:
+    """:func:`require_text`, and refuse a session id or token digest that is empty (Redis
+    reads "" as none) or longer than ``MAX_KEY_LENGTH``.
+    """
+    require_text(name, value)
+    if not 0 < len(cast(str, value)) <= MAX_KEY_LENGTH:
+        raise ValueError(
+            f"{name} must hold 1 to {MAX_KEY_LENGTH} characters, got {len(cast(str, value))}."
+        )
+
+
 def check_record(record: SessionRecord) -> None:
     """Refuse a record that a store would keep differently from another, or only in part,
     before any store access (``create``; see :func:`create_args`).
@@ -132,12 +151,21 @@ def check_record(record: SessionRecord) -> None:
     """
     if not isinstance(record, SessionRecord):
         raise TypeError(f"record must be a SessionRecord, got {type(record).__name__}.")
-    for name in ("id", "token_digest", "device_name", "device_type", "fingerprint"):
+    for name in ("id", "token_digest"):
+        _require_key(f"record.{name}", getattr(record, name))
+    for name in ("device_name", "device_type", "fingerprint"):
         require_text(f"record.{name}", getattr(record, name))
+    if record.device_type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"record.device_type must be one of {sorted(_DEVICE_TYPES)}, "
+            f"got {record.device_type!r:.40}."
+        )
     check_user_id(record.user_id)
     for name in ("ip_address", "user_agent"):
         if getattr(record, name) is not None:
             require_text(f"record.{name}", getattr(record, name))
+    if not isinstance(record.data, dict):  # JSON-encoded as it is by some stores
+        raise TypeError(f"record.data must be a dict, got {type(record.data).__name__}.")
     _require_string_keys("record.data", record.data)
     for name in ("created_at", "last_active_at", "expires_at"):
         _require_stored_time(f"record.{name}", getattr(record, name))
@@ -187,7 +215,7 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
     for key in changes.removed_keys:
         require_str("a key in changes.removed_keys", key)
     if changes.token_digest is not None:
-        require_text("changes.token_digest", changes.token_digest)
+        _require_key("changes.token_digest", changes.token_digest)
     if changes.max_data_bytes is not None:
         require_count("changes.max_data_bytes", changes.max_data_bytes)
     return require_time("now", now)

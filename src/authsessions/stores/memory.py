@@ -42,6 +42,7 @@ class MemoryStore(Store):
         return f"MemoryStore(<{len(self._rows)} sessions>)"
 
     async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        self._require_open()
         now = _checks.create_args(record, max_sessions, now)
         if record.id in self._rows or record.token_digest in self._ids_by_digest:
             raise CreateError(record.id)
@@ -57,6 +58,7 @@ class MemoryStore(Store):
             self._remove(row.record.id)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        self._require_open()
         session_id = self._ids_by_digest.get(token_digest)
         if session_id is None:
             return None
@@ -66,6 +68,7 @@ class MemoryStore(Store):
         return _materialise(row)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        self._require_open()
         now = _checks.update_args(session_id, changes, now)
         row = self._rows.get(session_id)
         if row is None or row.record.expires_at <= now:
@@ -95,6 +98,7 @@ class MemoryStore(Store):
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        self._require_open()
         _checks.delete_args(session_id, user_id)
         row = self._rows.get(session_id)
         if row is None or (user_id is not None and row.record.user_id != user_id):
@@ -103,6 +107,7 @@ class MemoryStore(Store):
         return True
 
     async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+        self._require_open()
         _checks.delete_for_user_args(user_id, except_id)
         doomed = [sid for sid in self._ids_by_user.get(user_id, ()) if sid != except_id]
         for session_id in doomed:
@@ -110,11 +115,13 @@ class MemoryStore(Store):
         return len(doomed)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        self._require_open()
         now = _checks.list_for_user_args(user_id, now)
         live = (row for row in self._rows_of(user_id) if row.record.expires_at > now)
         return [_materialise(row) for row in _most_recent_first(live)]
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
+        self._require_open()
         now = _checks.delete_expired_args(now, limit)
         # The scan stops at ``limit``: a batch costs what it deletes, not the whole dict.
         expired = (sid for sid, row in self._rows.items() if row.record.expires_at <= now)
@@ -125,6 +132,7 @@ class MemoryStore(Store):
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts over every session in the dict: O(sessions), for admin tools."""
+        self._require_open()
         now = _checks.require_time("now", now)
         live = [row.record for row in self._rows.values() if row.record.expires_at > now]
         return StoreStats(
@@ -133,6 +141,12 @@ class MemoryStore(Store):
             by_device_type=dict(collections.Counter(record.device_type for record in live)),
             expired_sessions=len(self._rows) - len(live),
         )
+
+    def _require_open(self) -> None:
+        # As every other store does: code that forgot open() would pass its tests here
+        # and fail on the first real store.
+        if not self._is_open:
+            raise self._closed_error()
 
     def _rows_of(self, user_id: str) -> list[_Row]:
         return [self._rows[session_id] for session_id in self._ids_by_user.get(user_id, ())]

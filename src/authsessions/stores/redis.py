@@ -389,6 +389,10 @@ class RedisStore(Store):
                 pointer, digest_key = f"{tag}:{session_id}", self._digest_key(new_digest)
                 if not await client.set(digest_key, pointer, nx=True, px=ttl):
                     if await client.get(digest_key) != pointer:
+                        # Taken; but an expired session is just gone, as the script says.
+                        expires_at = await client.hget(self._session_prefix(tag) + session_id, "ea")
+                        if expires_at is None or float(expires_at) <= now:
+                            return False
                         raise CreateError(session_id)
                     new_digest = None  # the digest it holds: no rotation, and no clash
             old_digest: str | int | None = await self._update(
