@@ -430,30 +430,40 @@ async def test_list_my_sessions_leaves_out_sessions_past_a_shortened_absolute_tt
     assert old.json()["user_id"] is None
 
 
-async def test_list_my_sessions_leaves_out_this_session_once_it_ended_elsewhere(
-    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+@pytest.mark.parametrize("operation", ["list_my_sessions", "logout_other", "logout_all", "revoke"])
+async def test_a_session_ended_elsewhere_during_its_request_can_no_longer_act(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
 ) -> None:
-    """A logout on another device during this request: the store no longer lists it, and
-    neither does the answer (this request's own copy of it is no longer a session).
+    """The user revokes a strange device while a request of it is still running (a slow
+    upload keeps it open as long as its sender likes): that request must not end the
+    user's other sessions, nor list their devices.
     """
 
-    async def ended_then_listed(request: Request) -> Response:
+    async def ended_then_acting(request: Request) -> Response:
         session = Session.from_request(request)
         current = session.current()
         assert current is not None
-        await store.delete(current.id)  # as a "log out everywhere" elsewhere would
-        return JSONResponse([s.id for s in await session.list_my_sessions()])
+        await store.delete(current.id)  # revoked from another device meanwhile
+        if operation == "list_my_sessions":
+            return JSONResponse([s.id for s in await session.list_my_sessions()])
+        if operation == "revoke":
+            await session.revoke(other.id)
+        else:
+            await getattr(session, operation)()
+        return JSONResponse({"done": operation})
 
-    token, this = await plant_session(store, "alice")
+    token, _ = await plant_session(store, "alice")
     _, other = await plant_session(store, "alice", idle_for=60)
     client = client_factory(
-        app_factory(store, extra_routes=[Route("/ended-then-listed", ended_then_listed)])
+        app_factory(store, extra_routes=[Route("/ended-then-acting", ended_then_acting)])
     )
 
-    response = await client.get("/ended-then-listed", headers=cookie_header(token))
+    response = await client.get("/ended-then-acting", headers=cookie_header(token))
 
-    assert response.json() == [other.id]
-    assert this.id not in response.text
+    assert response.status_code == 401
+    assert other.id not in response.text
+    assert_clears_cookie(response)
+    assert [s.id for s in await live_sessions(store, "alice")] == [other.id]
 
 
 async def test_revoke_another_device_ends_it_and_keeps_this_one(

@@ -365,10 +365,10 @@ class Session:
         """Destroy every session of the current user, this one included, and clear the cookie.
 
         Raises:
-            Unauthorized: there is no session.
+            Unauthorized: there is no session (or it ended meanwhile).
             StoreUnavailable: the store failed.
         """
-        record = self._require_session()
+        record = await self._require_live_session()
         await self._store.delete_for_user(record.user_id)
         self._end()
 
@@ -376,20 +376,20 @@ class Session:
         """Destroy every session of the current user except this one.
 
         Raises:
-            Unauthorized: there is no session.
+            Unauthorized: there is no session (or it ended meanwhile).
             StoreUnavailable: the store failed.
         """
-        record = self._require_session()
+        record = await self._require_live_session()
         await self._store.delete_for_user(record.user_id, except_id=record.id)
 
     async def list_my_sessions(self) -> list[SessionData]:
         """The user's live sessions, most recently active first: this one, active now
         (its ``last_active_at`` is this request's time, where the store's moves once per
-        ``touch_interval``), with ``is_current``, then the others. Not this one once it
-        ended elsewhere during the request.
+        ``touch_interval``), with ``is_current``, then the others.
 
         Raises:
-            Unauthorized: there is no session.
+            Unauthorized: there is no session (or it ended meanwhile: the user's devices
+                are not shown to a session they revoked during its request).
             StoreUnavailable: the store failed.
         """
         record = self._require_session()
@@ -402,8 +402,9 @@ class Session:
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
         others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
-        if len(others) == len(records):
-            return others  # ended meanwhile (a logout elsewhere): no longer among them
+        if len(others) == len(records):  # ended meanwhile: no longer among them
+            self._end()
+            raise Unauthorized()
         return [replace(self._current_data(), last_active_at=to_datetime(now)), *others]
 
     async def revoke(self, session_id: str) -> None:
@@ -412,13 +413,13 @@ class Session:
         Raises:
             TypeError: ``session_id`` is not a string (as :meth:`SessionManager.revoke
                 <authsessions.SessionManager.revoke>` says).
-            Unauthorized: there is no session.
+            Unauthorized: there is no session (or it ended meanwhile).
             SessionNotFound: no session has this id, or it is another user's
                 (indistinguishable on purpose).
             StoreUnavailable: the store failed.
         """
         require_str("session_id", session_id)
-        record = self._require_session()
+        record = await self._require_live_session()
         if not is_well_formed_session_id(session_id) or not await self._store.delete(
             session_id, user_id=record.user_id
         ):
@@ -569,6 +570,18 @@ class Session:
         if self._record is None:
             raise Unauthorized()
         return self._record
+
+    async def _require_live_session(self) -> SessionRecord:
+        """The session, found again in the store before it acts on its user's other
+        sessions: one revoked while its request ran (a slow upload keeps a request open
+        as long as its sender likes) must not end the user's devices.
+        """
+        record = self._require_session()
+        if await self._store.get(record.token_digest, now=time.time()) is None:
+            if self._record is record:
+                self._end()
+            raise Unauthorized()
+        return record
 
     def _refuse_cookie_change(self, operation: str) -> None:
         """Refuse, before any store access, what would need a cookie no response can carry."""
