@@ -1184,6 +1184,57 @@ async def test_a_new_token_of_a_cancelled_request_leaves_no_session_behind(
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 
 
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_a_request_cancelled_while_the_response_start_writes_leaves_no_new_token(
+    sqlite_store: SQLiteStore,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    operation: str,
+) -> None:
+    """Cancelled while the values set after a login or rotation are written, as the
+    response starts: nothing reached the server, so the new token was never sent."""
+    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+
+    async def then_set(request: Request) -> Response:
+        session = Session.from_request(request)
+        await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
+        session.set("theme", "dark")
+        other_process.execute("BEGIN IMMEDIATE")  # its write lock: the write below waits
+        return Response("never sent")
+
+    app = app_factory(sqlite_store, extra_routes=[Route("/then-set", then_set)])
+
+    async def with_a_timeout(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(app(scope, receive, send), timeout=0.3)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    async def release_the_lock_later() -> None:
+        await asyncio.sleep(0.6)
+        other_process.execute("ROLLBACK")
+
+    _, first = await plant_session(sqlite_store, "alice")
+    token, second = await plant_session(sqlite_store, "alice")
+    client = client_factory(with_a_timeout)
+    headers = cookie_header(token) if operation == "rotate" else {}
+    release = asyncio.create_task(release_the_lock_later())
+    try:
+        response = await client.get("/then-set", headers=headers)
+    finally:
+        await release
+        other_process.close()
+
+    assert response.status_code == 504
+    assert session_cookie(response) is None
+    left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
+    assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
 class HoldingNewTokens(MemoryStore):
     """Holds a login's create and a rotation's update until ``go_on`` is set."""
 

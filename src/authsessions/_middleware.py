@@ -332,6 +332,11 @@ class _SessionSend:
             await self._send(self._middleware._with_headers(start, self._session))
             await self._send(body)
             return
+        except BaseException:
+            # Cancelled (a timeout, a client gone) while the store worked: nothing reached
+            # the server, so a new token was never sent either (see end_unsent_token).
+            self.response_started = False
+            raise
         await self._send(self._middleware._with_headers(message, self._session))
 
 
