@@ -430,6 +430,28 @@ async def test_list_my_sessions_leaves_out_sessions_past_a_shortened_absolute_tt
     assert old.json()["user_id"] is None
 
 
+async def test_a_shortened_ttl_ends_sessions_idle_longer_than_it_at_once(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Stores keep the expiry set under the old ttl (30 days, say): a stricter idle limit
+    must hold from the next request, for sign-ins and device lists alike."""
+    day = 86400
+    idle_token, _ = await plant_session(
+        store, "alice", created_ago=3 * day, idle_for=2 * day, expires_in=28 * day
+    )
+    token, this = await plant_session(store, "alice", created_ago=60, expires_in=28 * day)
+    config = SessionConfig(ttl=timedelta(hours=1))
+    client = client_factory(app_factory(store, config))
+
+    refused = await client.get("/me", headers=cookie_header(idle_token))
+    listed = await client.get("/sessions", headers=cookie_header(token))
+
+    assert refused.json()["user_id"] is None
+    assert_clears_cookie(refused)
+    assert [s["id"] for s in listed.json()] == [this.id]
+    assert [s.id for s in await SessionManager(store, config).list_for_user("alice")] == [this.id]
+
+
 @pytest.mark.parametrize("operation", ["list_my_sessions", "logout_other", "logout_all", "revoke"])
 async def test_a_session_ended_elsewhere_during_its_request_can_no_longer_act(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
-from authsessions._records import SessionData, check_user_id, within_absolute_ttl
+from authsessions._records import SessionData, check_user_id, within_lifetimes
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores._base import Store
 from authsessions.stores._checks import require_count, require_str
@@ -42,8 +42,9 @@ class SessionManager:
         return self.store
 
     async def list_for_user(self, user_id: str) -> list[SessionData]:
-        """The user's live sessions, most recently active first (none older than the
-        config's ``absolute_ttl``, whose cookies the middleware refuses).
+        """The user's live sessions, most recently active first (none idle longer than the
+        config's ``ttl`` or older than its ``absolute_ttl``, whose cookies the middleware
+        refuses).
 
         Raises:
             ValueError: ``user_id`` is not a string a session could have (an int: pass
@@ -53,8 +54,12 @@ class SessionManager:
         check_user_id(user_id)
         store = await self._store()
         now = time.time()
-        records = within_absolute_ttl(
-            await store.list_for_user(user_id, now=now), self.config.absolute_ttl_seconds, now
+        config = self.config
+        records = within_lifetimes(
+            await store.list_for_user(user_id, now=now),
+            config.ttl_seconds,
+            config.absolute_ttl_seconds,
+            now,
         )
         # Fresh from the store and dropped here: each record's data can be handed over.
         return [record.to_data(copy_data=False) for record in records]

@@ -201,7 +201,8 @@ class SessionMiddleware:
             # The store found the row by this digest; comparing again in constant time
             # guards against a store that matches loosely (collation, prefix index).
             or not hmac.compare_digest(record.token_digest, digest)
-            # absolute_ttl may have been shortened since this session was created.
+            # ttl and absolute_ttl may have been shortened since the store's expiry was set.
+            or record.last_active_at + config.ttl_seconds <= now
             or (
                 config.absolute_ttl_seconds is not None
                 and record.created_at + config.absolute_ttl_seconds <= now

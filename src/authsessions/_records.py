@@ -257,17 +257,21 @@ class StoreStats:
     <authsessions.stores.Store.counts_expired_sessions>`)."""
 
 
-def within_absolute_ttl(
-    records: list[SessionRecord], absolute_ttl_seconds: float | None, now: float
+def within_lifetimes(
+    records: list[SessionRecord], ttl_seconds: float, absolute_ttl_seconds: float | None, now: float
 ) -> list[SessionRecord]:
-    """``records`` without those older than ``absolute_ttl``, which the middleware refuses.
+    """``records`` without those idle longer than ``ttl`` or older than ``absolute_ttl``,
+    which the middleware refuses.
 
-    Stores know only each session's own expiry, set when ``absolute_ttl`` may have been
-    longer or unset.
+    Stores know only each session's own expiry, set when either may have been longer (or
+    ``absolute_ttl`` unset).
     """
-    if absolute_ttl_seconds is None:
-        return records
-    return [record for record in records if record.created_at + absolute_ttl_seconds > now]
+    return [
+        record
+        for record in records
+        if record.last_active_at + ttl_seconds > now
+        and (absolute_ttl_seconds is None or record.created_at + absolute_ttl_seconds > now)
+    ]
 
 
 def check_user_id(user_id: object) -> None:

@@ -24,7 +24,7 @@ from authsessions._records import (
     copy_json,
     data_size,
     to_datetime,
-    within_absolute_ttl,
+    within_lifetimes,
 )
 from authsessions._tokens import (
     is_well_formed_session_id,
@@ -394,9 +394,11 @@ class Session:
         """
         record = self._require_session()
         now = time.time()
-        records = within_absolute_ttl(
+        config = self._config
+        records = within_lifetimes(
             await self._store.list_for_user(record.user_id, now=now),
-            self._config.absolute_ttl_seconds,
+            config.ttl_seconds,
+            config.absolute_ttl_seconds,
             now,
         )
         # The others are fresh from the store and dropped here, so their data is handed
