@@ -929,6 +929,74 @@ async def test_reads_on_kept_connections_the_server_closed_go_on_without_an_erro
             assert await store.get(record.token_digest, now=t0) == record
 
 
+async def test_connections_the_server_closed_while_idle_do_not_fail_the_next_calls(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A server-side ``timeout`` or a restart closes the pool's connections while they sit
+    idle, cleanly (unlike a reset, nothing tells the client until it reads): the next
+    reads and writes must reconnect, not answer 503."""
+    name = f"authsessions-test-{secrets.token_hex(4)}"
+    separator = "&" if "?" in redis_url else "?"
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user-{i}") for i in range(5)]
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with RedisStore(
+            f"{redis_url}{separator}client_name={name}", prefix=redis_prefix
+        ) as store:
+            for record in records:
+                await store.create(record, max_sessions=10, now=t0)
+            await asyncio.gather(  # several connections, in the pool and kept for reads
+                *(store.get(record.token_digest, now=t0) for record in records),
+                *(store.update(record.id, make_update(now=t0), now=t0) for record in records),
+            )
+            clients = [c for c in await admin.client_list() if c["name"] == name]
+            assert len(clients) > 1
+            for client in clients:
+                await admin.client_kill_filter(_id=client["id"])
+
+            results = await asyncio.gather(
+                *(store.get(record.token_digest, now=t0) for record in records),
+                *(
+                    store.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1)
+                    for record in records
+                ),
+                return_exceptions=True,
+            )
+    finally:
+        await admin.aclose()
+
+    assert [r for r in results if isinstance(r, BaseException)] == []
+
+
+async def test_cluster_reads_on_connections_the_nodes_closed_while_idle_go_on(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """A cluster node's pool hands out its connections unchecked: the first read on one
+    the node closed while it sat idle must go again on another, not answer 503."""
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user-{i}") for i in range(5)]
+    admin = RedisCluster.from_url(redis_cluster_url.replace("redis+cluster", "redis"))
+    try:
+        async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+            for record in records:
+                await store.create(record, max_sessions=10, now=t0)
+            await asyncio.gather(*(store.get(r.token_digest, now=t0) for r in records))
+            store._digest_locations.clear()  # the pointer's read too, then the session's
+            await admin.client_kill_filter(
+                _type="normal", skipme=True, target_nodes=RedisCluster.ALL_NODES
+            )
+
+            results = await asyncio.gather(
+                *(store.get(record.token_digest, now=t0) for record in records),
+                return_exceptions=True,
+            )
+    finally:
+        await admin.aclose()
+
+    assert results == records
+
+
 async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(
     proxy: TcpProxy, redis_prefix: str
 ) -> None:

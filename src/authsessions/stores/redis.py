@@ -172,6 +172,14 @@ class RedisStore(Store):
             # refuse its own session); failing fast gives the caller its 503 promptly.
             "retry": self._driver.Retry(self._driver.NoBackoff(), 0),
         }
+        if self._driver.MaintNotificationsConfig is not None:
+            # With maintenance notifications on (redis-py's default since 7), the pool
+            # hands out a connection the server closed while it sat idle (its timeout, a
+            # restart) without the check that would reconnect it: with no retry, the
+            # command fails. Off, the pool checks each connection as it takes it.
+            self._client_options["maint_notifications_config"] = (
+                self._driver.MaintNotificationsConfig(enabled=False)
+            )
         if max_connections is None:
             del self._client_options["max_connections"]  # RedisCluster wants an int
         self._errors = (self._driver.RedisError, self._driver.RedisClusterException, OSError)
@@ -342,28 +350,37 @@ class RedisStore(Store):
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
         client = self._require_client()
-        location = known = self._digest_locations.get(token_digest)
+        known = self._digest_locations.get(token_digest)
         keys: tuple[str, ...]
-        try:
-            if location is None and not self._cluster:
-                script, keys = self._follow, (self._digest_key(token_digest), self.prefix)
-            else:
-                if location is None:
-                    pointer = cast("str | None", await client.get(self._digest_key(token_digest)))
-                    if pointer is None:
-                        return None
-                    location = _location(pointer)
-                script, keys = self._read, (self._session_prefix(location[0]) + location[1],)
+        for attempt in (1, 2):
+            location = known
             try:
-                # EVALSHA itself: the Script object's call adds layers, and an import, to it.
-                if self._reads is not None:
-                    text = await self._reads.read("EVALSHA", script.sha, 1, *keys)
+                if location is None and not self._cluster:
+                    script, keys = self._follow, (self._digest_key(token_digest), self.prefix)
                 else:
-                    text = await client.execute_command("EVALSHA", script.sha, 1, *keys)
-            except self._driver.NoScriptError:  # a restarted or flushed server
-                text = await script(keys=keys[:1], args=keys[1:])
-        except self._errors as exc:
-            raise store_unavailable("Redis", exc)  # noqa: B904 (it chains itself)
+                    if location is None:
+                        digest_key = self._digest_key(token_digest)
+                        pointer = cast("str | None", await client.get(digest_key))
+                        if pointer is None:
+                            return None
+                        location = _location(pointer)
+                    script, keys = self._read, (self._session_prefix(location[0]) + location[1],)
+                try:
+                    # EVALSHA itself: the Script object's call adds layers, and an import.
+                    if self._reads is not None:
+                        text = await self._reads.read("EVALSHA", script.sha, 1, *keys)
+                    else:
+                        text = await client.execute_command("EVALSHA", script.sha, 1, *keys)
+                except self._driver.NoScriptError:  # a restarted or flushed server
+                    text = await script(keys=keys[:1], args=keys[1:])
+                break
+            except self._errors as exc:
+                # A cluster node's pool hands out, unchecked, connections the node closed
+                # while they sat idle (its timeout, a restart); the client drops one that
+                # fails. Reads change nothing: once more, on another.
+                if attempt == 1 and self._cluster and isinstance(exc, self._driver.ConnectionError):
+                    continue
+                raise store_unavailable("Redis", exc)  # noqa: B904 (it chains itself)
         row = load_json(text) if text is not None else None
         if row is None or row[2] != token_digest or float(row[11]) <= now:
             self._digest_locations.pop(token_digest, None)
@@ -623,11 +640,18 @@ def _import_redis() -> Any:
         )
     except ImportError as exc:
         raise ImportError("RedisStore needs redis-py: pip install 'authsessions[redis]'") from exc
+    maint_notifications_config: Any
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        maint_notifications_config = MaintNotificationsConfig
+    except ImportError:  # redis-py before 7: no such notifications
+        maint_notifications_config = None
     return SimpleNamespace(
         Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
         RedisError=RedisError, RedisClusterException=RedisClusterException,
         NoScriptError=NoScriptError, ResponseError=ResponseError, ConnectionError=ConnectionError,
-        parse_url=parse_url,
+        parse_url=parse_url, MaintNotificationsConfig=maint_notifications_config,
     )  # fmt: skip
 
 
