@@ -114,6 +114,26 @@ async def test_schema_version_is_recorded(impatient_store: SQLiteStore, db_path:
     assert COMPATIBLE_FROM <= SCHEMA_VERSION
 
 
+async def test_a_relative_path_keeps_naming_the_file_it_named_when_the_store_was_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default, ``sessions.db``, is relative: a later connection (stats, a reopened
+    one) opened it again in whatever directory the process had moved to."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    t0 = start_time()
+    async with SQLiteStore("sessions.db") as store:
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
+        monkeypatch.chdir(second)
+
+        assert (await store.stats(now=t0)).live_sessions == 1
+        assert repr(store) == "SQLiteStore('sessions.db')"
+
+    assert os.listdir(second) == []
+
+
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})

@@ -148,6 +148,9 @@ class SQLiteStore(Store):
             )
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}.")
+        # Every connection, however late it is made (stats, a reopened one), opens this
+        # file, not whatever a relative path names after the process changed directory.
+        self._file = os.path.abspath(self.path)
         self.timeout = timeout
         # On the event loop's thread: reads, and writes that need not wait for a lock. One
         # connection for both: its page cache stays valid across its own commits, where a
@@ -176,7 +179,7 @@ class SQLiteStore(Store):
         self._writer.count_pages(self._wal_index)
 
     def _open_loop_db(self) -> None:
-        db = _connect_loop_db(self.path)
+        db = _connect_loop_db(self._file)
         try:
             # What makes a commit cheap enough for the event loop: no fsync (see
             # _connect_writer), and no checkpoint (it fsyncs) inside a commit; the writer
@@ -187,7 +190,7 @@ class SQLiteStore(Store):
             # A first read maps -shm into this process; the connection, open until
             # close(), keeps that mapping in place while the header is read from it.
             db.execute("PRAGMA data_version").fetchone()
-            wal_index = WalIndexHeader.find(self.path)
+            wal_index = WalIndexHeader.find(self._file)
         except BaseException:
             db.close()
             raise
@@ -220,7 +223,7 @@ class SQLiteStore(Store):
                     stuck.close()  # rolls back what it still holds
 
     def _connect_writer(self) -> sqlite3.Connection:
-        writer = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        writer = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
         try:
             enable_wal(writer, timeout=self.timeout)
             # WAL with synchronous=NORMAL survives an app crash; only a power loss can
@@ -316,7 +319,7 @@ class SQLiteStore(Store):
             return await asyncio.to_thread(self._count, now)
 
     def _count(self, now: float) -> StoreStats:
-        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        db = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
         try:
             db.execute("PRAGMA query_only = ON")
             db.execute("BEGIN")
