@@ -234,6 +234,23 @@ async def test_concurrent_first_opens_by_many_processes_migrate_once(
     await asyncio.gather(*(store.close() for store in stores))
 
 
+async def test_concurrent_first_opens_of_two_tables_in_one_new_schema_both_succeed(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """Two apps (or two stores of one) with tables of their own in one schema: both
+    created the schema, and one open failed on the other's."""
+    stores = [
+        PostgresStore(postgres_url, schema=postgres_schema, table=table, min_size=1)
+        for table in ("sessions_a", "sessions_b")
+    ]
+
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+        assert all(store.is_open for store in stores)
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+
 @contextlib.asynccontextmanager
 async def as_a_role_that_may_only_read_and_write(
     admin: asyncpg.Connection[asyncpg.Record], postgres_url: str, schema: str

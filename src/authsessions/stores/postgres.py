@@ -228,9 +228,13 @@ class PostgresStore(Store):
         """Bring the schema up to this release's, inside the caller's transaction."""
         timeout = self.command_timeout
         # Serialises concurrent opens (many workers starting at once): DDL races on
-        # the catalogs otherwise, even with IF NOT EXISTS.
+        # the catalogs otherwise, even with IF NOT EXISTS. Keyed on the schema, which
+        # stores of other tables may be creating too, then on the table, as releases
+        # before this one did.
         await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0)),"
+            " pg_advisory_xact_lock(hashtextextended($2, 0))",
+            f"authsessions migrate {self.schema}",
             f"authsessions migrate {self.schema}.{self.table}",
             timeout=timeout,
         )
