@@ -251,6 +251,36 @@ async def test_concurrent_first_opens_of_two_tables_in_one_new_schema_both_succe
         await asyncio.gather(*(store.close() for store in stores))
 
 
+@pytest.mark.parametrize("isolation", ["repeatable%20read", "serializable"])
+async def test_concurrent_logins_keep_the_limit_whatever_the_default_isolation(
+    postgres_url: str, postgres_schema: str, isolation: str
+) -> None:
+    """Some databases or roles default to a stricter isolation: each login's eviction then
+    read a snapshot from before the lock and missed the others' sessions (or failed to
+    serialise, as a 503)."""
+    separator = "&" if "?" in postgres_url else "?"
+    dsn = f"{postgres_url}{separator}default_transaction_isolation={isolation}"
+    stores = [PostgresStore(dsn, schema=postgres_schema, max_size=2) for _ in range(4)]
+    t0 = start_time()
+    records = [make_record(now=t0 + i, user_id="alice") for i in range(8)]
+    try:
+        for store in stores:
+            await store.open()
+        results = await asyncio.gather(
+            *(
+                stores[i % 4].create(record, max_sessions=2, now=record.created_at)
+                for i, record in enumerate(records)
+            ),
+            return_exceptions=True,
+        )
+        live = await stores[0].list_for_user("alice", now=t0 + 10)
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+    assert results == [None] * len(records)
+    assert len(live) == 2
+
+
 @contextlib.asynccontextmanager
 async def as_a_role_that_may_only_read_and_write(
     admin: asyncpg.Connection[asyncpg.Record], postgres_url: str, schema: str

@@ -138,6 +138,7 @@ class PostgresStore(Store):
         self.acquire_timeout = acquire_timeout
         self._qualified = f'"{schema}"."{table}"'
         self._create_function = f'"{schema}"."{table}_create"'
+        self._create_needs_read_committed = False  # learnt as the store opens
         self._sql = Sql.for_table(self._qualified, self._create_function)
         self._errors: tuple[type[BaseException], ...] = (
             self._asyncpg.PostgresError,
@@ -173,6 +174,14 @@ class PostgresStore(Store):
                 with self._refusing_a_malformed_dsn():
                     async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
                         await self._migrate(conn)
+                        # The create function counts on each statement reading a snapshot
+                        # of its own, as only READ COMMITTED does: under another default
+                        # (a database's, a role's, the DSN's) concurrent logins went past
+                        # max_sessions, or failed to serialise.
+                        self._create_needs_read_committed = (
+                            await conn.fetchval("SHOW default_transaction_isolation")
+                            != "read committed"
+                        )
             except BaseException:
                 if pool is not self._given_pool:
                     pool.terminate()
@@ -330,7 +339,7 @@ class PostgresStore(Store):
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
-                async with self._borrow() as conn:
+                async with self._borrow() as conn, self._read_committed(conn):
                     await conn.execute(
                         sql.create,
                         record.id, record.token_digest, record.user_id, record.ip_address,
@@ -343,6 +352,14 @@ class PostgresStore(Store):
             except self._asyncpg.UniqueViolationError:  # only the insert can raise it
                 # Not chained: the violation's detail shows the taken digest.
                 raise CreateError(record.id) from None
+
+    def _read_committed(
+        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+    ) -> contextlib.AbstractAsyncContextManager[object]:
+        """A READ COMMITTED transaction where connections default to another level."""
+        if self._create_needs_read_committed:
+            return conn.transaction(isolation="read_committed")
+        return contextlib.nullcontext()
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
