@@ -134,6 +134,33 @@ async def test_a_relative_path_keeps_naming_the_file_it_named_when_the_store_was
     assert os.listdir(second) == []
 
 
+async def test_writes_that_meet_a_held_lock_each_fail_within_the_timeout(db_path: Path) -> None:
+    """They queue on the one writer thread: each waited its whole timeout only once those
+    ahead of it had waited theirs, the eighth after four seconds with timeout=0.5, and a
+    close at shutdown waited for all of them."""
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user-{i}") for i in range(8)]
+    store = SQLiteStore(db_path, timeout=0.5)
+    await store.open()
+    for record in records:
+        await store.create(record, max_sessions=10, now=t0)
+
+    with write_lock(db_path):
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                store.update(record.id, make_update(now=t0 + 1, set_keys={"k": 1}), now=t0 + 1)
+                for record in records
+            ),
+            return_exceptions=True,
+        )
+        waited = time.monotonic() - started
+    await store.close()
+
+    assert all(isinstance(result, StoreUnavailable) for result in results), results
+    assert waited < 2.0  # one timeout and some slack, where eight in turn took 4 s
+
+
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})

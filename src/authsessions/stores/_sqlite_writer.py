@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -38,10 +39,13 @@ class WriterThread:
 
     Args:
         closed_error: what to raise when asked to work while closed.
+        timeout: the longest a request's write waits for another connection's lock,
+            in seconds, from the moment it is handed to the thread.
     """
 
-    def __init__(self, closed_error: Callable[[], Exception]) -> None:
+    def __init__(self, closed_error: Callable[[], Exception], timeout: float) -> None:
         self._closed_error = closed_error
+        self._timeout = timeout
         self._pool: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._wal_index: WalIndexHeader | None = None
@@ -92,6 +96,7 @@ class WriterThread:
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
         it is due."""
+        work = self._within_timeout(work)
         finish_due = self.finish_due()
         self.copy_if_due()
         if finish_due:
@@ -115,15 +120,38 @@ class WriterThread:
         loop is busy, which made a cleanup under read load take 1.3 to 3.2 times as
         long (thirteenth round in ``benchmarks/HISTORY.md``).
         """
-        schedule = self.checkpoints
+        schedule, bounded = self.checkpoints, self._within_timeout(work)
 
         def run(db: sqlite3.Connection) -> tuple[T, WalPosition | None, WalPosition | None]:
             before = schedule.position()
-            return work(db), before, schedule.position()
+            return bounded(db), before, schedule.position()
 
         result, before, after = await self.run(run)
         schedule.skip(before, after)
         return result
+
+    def _within_timeout(
+        self, work: Callable[[sqlite3.Connection], T]
+    ) -> Callable[[sqlite3.Connection], T]:
+        """``work``, waiting for a lock only what is left of the timeout from now when the
+        thread gets to it: queued behind others that each waited theirs, the last of many
+        writes meeting a held lock failed after all of their timeouts (and a close at
+        shutdown waited as long).
+        """
+        timeout_ms = round(self._timeout * 1000)
+        deadline = time.monotonic() + self._timeout
+
+        def within_timeout(db: sqlite3.Connection) -> T:
+            left_ms = round((deadline - time.monotonic()) * 1000)
+            if left_ms >= timeout_ms:
+                return work(db)  # nothing was ahead of it
+            db.execute(f"PRAGMA busy_timeout = {max(left_ms, 0)}")
+            try:
+                return work(db)
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+
+        return within_timeout
 
     @property
     def finishing(self) -> bool:

@@ -161,7 +161,7 @@ class SQLiteStore(Store):
         # The WAL-index header as the event loop's latest write took the write lock.
         self._version_at_write: object = None
         # Writes that wait for a lock or change many rows, and checkpoints.
-        self._writer = WriterThread(self._closed_error)
+        self._writer = WriterThread(self._closed_error, timeout)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
