@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -159,6 +160,56 @@ async def test_writes_that_meet_a_held_lock_each_fail_within_the_timeout(db_path
 
     assert all(isinstance(result, StoreUnavailable) for result in results), results
     assert waited < 2.0  # one timeout and some slack, where eight in turn took 4 s
+
+
+_FORKED_AFTER_USE = """
+import asyncio, os, sys
+from authsessions import SessionManager
+from authsessions.stores import SQLiteStore
+from tests.stores.records import make_record, start_time
+
+store = SQLiteStore(sys.argv[1], timeout=1)
+# A job at import in the server's master process (gunicorn --preload), leaving it open.
+asyncio.run(SessionManager(store).cleanup_expired())
+pid = os.fork()
+if pid == 0:
+    async def worker() -> None:
+        t0 = start_time()
+        await asyncio.wait_for(SessionManager(store).cleanup_expired(), 10)  # the thread
+        for i in range(300):  # past a checkpoint, which the thread runs too
+            record = make_record(now=t0, user_id="child", data={"pad": "x" * 2000})
+            await asyncio.wait_for(store.create(record, max_sessions=1, now=t0), 10)
+        await store.close()
+    try:
+        asyncio.run(worker())
+    except BaseException as exc:
+        print("child:", repr(exc), flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+async def read_in_the_parent() -> int:
+    sessions = await SessionManager(store).list_for_user("child")
+    await store.close()
+    return len(sessions)
+assert asyncio.run(read_in_the_parent()) == 1
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_store_opened_before_a_fork_opens_afresh_in_the_child(db_path: Path) -> None:
+    """SQLite forbids using a connection across a fork, and the writer thread does not
+    exist in the child: work handed to it (a cleanup, a checkpoint) never ended there."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_AFTER_USE, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
@@ -593,7 +644,6 @@ async def test_opening_a_file_another_connection_reads_in_rollback_mode_gives_up
     try:
         with pytest.raises(StoreUnavailable):
             await asyncio.wait_for(store.open(), timeout=5)
-        assert not store.is_open
         assert pragma(db_path, "journal_mode") == "delete"
     finally:
         reader.close()

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -117,6 +118,22 @@ _COUNT_BY_DEVICE_TYPE = (
 )
 
 
+# The open stores, which a forked child must not go on using as they are (see
+# SQLiteStore._left_in_the_parent); what they held is kept in the child, never closed.
+_OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_LEFT_IN_THE_PARENT: list[object] = []
+
+
+def _after_fork_in_the_child() -> None:
+    for store in list(_OPEN_STORES):
+        store._left_in_the_parent()
+    _OPEN_STORES.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_the_child)
+
+
 class SQLiteStore(Store):
     """Sessions in a SQLite database file (WAL mode), created with its schema on open.
 
@@ -177,6 +194,22 @@ class SQLiteStore(Store):
             await self._close()
             raise
         self._writer.count_pages(self._wal_index)
+        _OPEN_STORES.add(self)
+
+    def _left_in_the_parent(self) -> None:
+        """In a process forked while this store was open: closed here, to open afresh.
+
+        The connections are the parent's (SQLite forbids using one across a fork) and the
+        writer thread does not exist here, so work handed to it never ended. They are kept
+        and never closed: closing the last connection to a file checkpoints it, under
+        locks that SQLite would believe this process holds.
+        """
+        _LEFT_IN_THE_PARENT.append((self._loop_db, self._writer, self._wal_index))
+        self._loop_db = self._wal_index = None
+        self._cache.clear()
+        self._writer = WriterThread(self._closed_error, self.timeout)
+        self._mark_closed()
+        self._opening = None
 
     def _open_loop_db(self) -> None:
         db = _connect_loop_db(self._file)
@@ -238,6 +271,7 @@ class SQLiteStore(Store):
         return writer
 
     async def _close(self) -> None:
+        _OPEN_STORES.discard(self)
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
         if self._loop_db is not None:
