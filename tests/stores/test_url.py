@@ -268,6 +268,15 @@ def test_a_redis_url_option_redis_py_does_not_take_is_refused_when_the_store_is_
     assert open_store("redis://127.0.0.1:6379/0?health_check_interval=5&socket_keepalive=true")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+def test_a_redis_cluster_url_option_redis_py_does_not_take_is_refused_when_built() -> None:
+    """RedisCluster takes options of its own; any other was its TypeError at open."""
+    with pytest.raises(ValueError, match=r"does not take.*'foo'") as raised:
+        open_store(f"redis+cluster://:{PASSWORD}@127.0.0.1:7000/0?foo=bar")
+    assert PASSWORD not in str(raised.value)
+    assert open_store("redis+cluster://127.0.0.1:7000/0?socket_keepalive=true")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("asyncpg") is None, reason="asyncpg not installed")
 def test_a_postgresql_url_names_the_schema_and_table_out_of_the_drivers_sight() -> None:
     store = open_store(

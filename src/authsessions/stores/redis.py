@@ -182,6 +182,15 @@ class RedisStore(Store):
             )
         if max_connections is None:
             del self._client_options["max_connections"]  # RedisCluster wants an int
+        if url is not None and cluster:
+            # RedisCluster takes options of its own, and refuses any other only as it is
+            # built: built here unconnected, not first at open as its own TypeError.
+            try:
+                self._build(cluster=True)
+            except TypeError as exc:
+                raise ValueError(
+                    f"the Redis URL has an option redis-py does not take: {exc}"
+                ) from None
         self._errors = (self._driver.RedisError, self._driver.RedisClusterException, OSError)
         self._client: Redis | RedisCluster | None = None
         self._reads: ReadConnections | None = None  # a single server's per-request reads
