@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from authsessions import Session, SessionConfig, SessionData, SessionDataError, SessionManager
-from authsessions._tokens import new_session_id, new_token
+from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.stores import SessionUpdate, Store
 from tests.apps.session_app import (
     COOKIE,
@@ -486,6 +486,49 @@ async def test_a_session_ended_elsewhere_during_its_request_can_no_longer_act(
     assert other.id not in response.text
     assert_clears_cookie(response)
     assert [s.id for s in await live_sessions(store, "alice")] == [other.id]
+
+
+@pytest.mark.parametrize(
+    "operation",
+    ["rotate", "logout", "list_my_sessions", "logout_other", "logout_all", "revoke"],
+)
+async def test_a_request_whose_token_was_rotated_away_meanwhile_can_no_longer_act(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """The user rotated (a privilege change, a suspected theft) while a request of a
+    stolen copy of the old cookie was still running: that request must not take the
+    session over with a token of its own, end it, or list the user's devices."""
+    rotated = token_digest(new_token())
+
+    async def rotated_then_acting(request: Request) -> Response:
+        session = Session.from_request(request)
+        current = session.current()
+        assert current is not None
+        now = time.time()
+        update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 3600)
+        assert await store.update(current.id, update, now=now)  # the user's rotate
+        if operation == "list_my_sessions":
+            return JSONResponse([s.id for s in await session.list_my_sessions()])
+        if operation == "revoke":
+            await session.revoke(other.id)
+        else:
+            await getattr(session, operation)()
+        return JSONResponse({"done": operation})
+
+    token, this = await plant_session(store, "alice")
+    _, other = await plant_session(store, "alice", idle_for=60)
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/rotated-then-acting", rotated_then_acting)])
+    )
+
+    response = await client.get("/rotated-then-acting", headers=cookie_header(token))
+
+    # A logout succeeds without a session; the others need one.
+    assert response.status_code == (200 if operation == "logout" else 401)
+    assert other.id not in response.text
+    assert_clears_cookie(response)
+    assert await store.get(rotated, now=time.time()) is not None  # the user's session
+    assert sorted(s.id for s in await live_sessions(store, "alice")) == sorted([this.id, other.id])
 
 
 async def test_revoke_another_device_ends_it_and_keeps_this_one(

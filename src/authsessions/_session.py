@@ -322,6 +322,9 @@ class Session:
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
+        # A request whose token was rotated away meanwhile (a stolen copy's, held open)
+        # must not take the session over with a token of its own.
+        await self._require_live_session()
         now = time.time()
         for _attempt in range(3):
             # Again on each attempt: another task may have ended the session meanwhile.
@@ -357,9 +360,14 @@ class Session:
         Raises:
             StoreUnavailable: the store failed; the session still exists.
         """
-        if self._record is not None:
-            await self._store.delete(self._record.id)
-            self._end()
+        record = self._record
+        if record is not None:
+            # Not a session this request's token no longer names (rotated away, by the
+            # user who now holds it): only this request's cookie goes.
+            if await self._store.get(record.token_digest, now=time.time()) is not None:
+                await self._store.delete(record.id)
+            if self._record is record:
+                self._end()
 
     async def logout_all(self) -> None:
         """Destroy every session of the current user, this one included, and clear the cookie.
@@ -404,7 +412,10 @@ class Session:
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
         others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
-        if len(others) == len(records):  # ended meanwhile: no longer among them
+        if not any(
+            stored.id == record.id and stored.token_digest == record.token_digest
+            for stored in records
+        ):  # ended meanwhile, or its token rotated away: no longer this request's
             self._end()
             raise Unauthorized()
         return [replace(self._current_data(), last_active_at=to_datetime(now)), *others]
@@ -575,8 +586,9 @@ class Session:
 
     async def _require_live_session(self) -> SessionRecord:
         """The session, found again in the store before it acts on its user's other
-        sessions: one revoked while its request ran (a slow upload keeps a request open
-        as long as its sender likes) must not end the user's devices.
+        sessions: one revoked, or whose token was rotated away, while its request ran (a
+        slow upload keeps a request open as long as its sender likes) must not end the
+        user's devices.
         """
         record = self._require_session()
         if await self._store.get(record.token_digest, now=time.time()) is None:
