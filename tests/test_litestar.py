@@ -14,13 +14,18 @@ import pytest
 from asgi_lifespan import LifespanManager
 from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
 from litestar.exceptions import WebSocketDisconnect, WebSocketException
-from litestar.middleware import DefineMiddleware
+from litestar.connection import ASGIConnection
+from litestar.middleware import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+    DefineMiddleware,
+)
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
 from starlette.types import ASGIApp
 
 from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
-from authsessions.litestar import CurrentSession, SessionPlugin, require_session
+from authsessions.litestar import CurrentSession, SessionPlugin, provide_session, require_session
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores._sqlite_schema import TABLE
 from tests.apps.session_app import CHROME_MAC, cookie_header, session_cookie
@@ -90,6 +95,43 @@ async def test_login_sets_the_secure_cookie_and_the_next_request_is_signed_in(
     assert me_response.json() == {"user": "alice", "theme": "dark"}
     assert me_response.headers["cache-control"] == "no-store"
     assert "Cookie" in me_response.headers["vary"]
+
+
+class SessionAuthentication(AbstractAuthenticationMiddleware):
+    """The app's own middleware, building ``request.user`` from the session."""
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        return AuthenticationResult(user=provide_session(connection.scope).user_id, auth=None)
+
+
+async def test_the_apps_own_middleware_sees_the_session(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """The plugin's middleware ran inside the app's, which found no session on any
+    request, where adding SessionMiddleware by hand is refused."""
+
+    @post("/login", status_code=200, exclude_from_auth=True)
+    async def login(session: CurrentSession) -> None:
+        await session.authenticate("alice")
+
+    @get("/whoami")
+    async def whoami(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return {"user": request.user}
+
+    app = Litestar(
+        [login, whoami],
+        middleware=[DefineMiddleware(SessionAuthentication)],
+        plugins=[SessionPlugin(store=sqlite_store)],
+    )
+    client = client_for(app)
+
+    assert (await client.post("/login")).status_code == 200
+    response = await client.get("/whoami")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"user": "alice"}
 
 
 async def test_session_errors_render_as_json_with_their_status(

@@ -138,8 +138,10 @@ class SessionPlugin(InitPlugin):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         # SessionMiddleware speaks Starlette's (structurally equal) ASGI types.
         middleware: Any = SessionMiddleware
-        app_config.middleware.append(
-            DefineMiddleware(middleware, store=self.store, config=self.config)
+        # First, so outermost: the app's own middleware (one that authenticates from the
+        # session, say) runs inside it and finds the session loaded.
+        app_config.middleware.insert(
+            0, DefineMiddleware(middleware, store=self.store, config=self.config)
         )
         app_config.dependencies.setdefault(
             "session", Provide(provide_session, sync_to_thread=False)
