@@ -13,8 +13,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
-from litestar.exceptions import WebSocketDisconnect, WebSocketException
 from litestar.connection import ASGIConnection
+from litestar.exceptions import WebSocketDisconnect, WebSocketException
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
     AuthenticationResult,
