@@ -120,7 +120,7 @@ async def test_the_apps_own_middleware_sees_the_session(
     async def whoami(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return {"user": request.user}
 
-    app = Litestar(
+    app: Any = Litestar(
         [login, whoami],
         middleware=[DefineMiddleware(SessionAuthentication)],
         plugins=[SessionPlugin(store=sqlite_store)],
