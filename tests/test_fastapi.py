@@ -164,6 +164,35 @@ async def test_missing_middleware_names_session_middleware(client_factory: Clien
         await client.get("/anyone")
 
 
+class SignedInStandIn:
+    """What a test puts in place of the session dependency."""
+
+    user_id = "stand-in"
+    is_authenticated = True
+
+    def get(self, key: str, default: object = None, **options: object) -> object:
+        return "the stand-in's"
+
+
+async def test_one_override_of_get_session_serves_both_session_dependencies(
+    client_factory: ClientFactory,
+) -> None:
+    """FastAPI's ``dependency_overrides[get_session]`` reached CurrentSession routes, while
+    RequiredSession ones read the request themselves and answered 401."""
+    app = build_fastapi_app(MemoryStore())
+    app.dependency_overrides[get_session] = SignedInStandIn
+    client = client_factory(app)
+
+    optional = await client.get("/anyone")
+    required = await client.get("/me")
+
+    assert optional.json() == {"authenticated": True, "via": "the stand-in's"}
+    assert (required.status_code, required.json()) == (
+        200,
+        {"user_id": "stand-in", "via": "the stand-in's"},
+    )
+
+
 def test_current_session_works_on_websockets() -> None:
     with TestClient(build_fastapi_app(MemoryStore()), base_url="https://testserver") as client:
         token = client.post("/login", params={"user_id": "alice"}).cookies[COOKIE]

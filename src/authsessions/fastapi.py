@@ -37,13 +37,15 @@ async def get_session(connection: HTTPConnection) -> Session:
     return Session.from_scope(connection.scope)
 
 
-async def require_session(connection: HTTPConnection) -> Session:
+async def require_session(session: Annotated[Session, Depends(get_session)]) -> Session:
     """The request's session, or 401 when nobody is signed in.
+
+    Built on :func:`get_session`, so a test's ``app.dependency_overrides[get_session]``
+    serves both.
 
     Raises:
         Unauthorized: there is no valid session.
     """
-    session = Session.from_scope(connection.scope)
     if not session.is_authenticated:
         raise Unauthorized()
     return session
