@@ -7,12 +7,12 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
+from litestar import Litestar, Request, Response, WebSocket, asgi, get, post, websocket
 from litestar.connection import ASGIConnection
 from litestar.exceptions import WebSocketDisconnect, WebSocketException
 from litestar.middleware import (
@@ -22,6 +22,7 @@ from litestar.middleware import (
 )
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
+from starlette.responses import JSONResponse as StarletteJSON
 from starlette.types import ASGIApp
 
 from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
@@ -381,6 +382,35 @@ async def test_the_middleware_around_a_whole_litestar_app_is_one_and_works(
     assert cookie is not None
 
     response = await client.get("/who", headers=cookie_header(cookie.value))
+
+    assert response.json() == {"user": "alice"}
+
+
+async def test_an_asgi_app_with_its_own_middleware_mounted_under_litestar_works(
+    tmp_path: Path, client_for: ClientFor
+) -> None:
+    """Litestar names a mount's handler in the scope too: the check took the mounted
+    app's own middleware for one added to Litestar's list, and refused every request."""
+
+    async def signs_in_on_post(scope: Any, receive: Any, send: Any) -> None:
+        session = Session.from_scope(scope)
+        if scope["method"] == "POST":
+            await session.authenticate("alice")
+        await StarletteJSON({"user": session.user_id})(scope, receive, send)
+
+    with_sessions = SessionMiddleware(
+        signs_in_on_post, store=f"sqlite:///{tmp_path / 'sessions.db'}"
+    )
+
+    @asgi("/api", is_mount=True, copy_scope=False)
+    async def mounted(scope: Any, receive: Any, send: Any) -> None:
+        await with_sessions(scope, receive, send)
+
+    client = client_for(cast(Any, Litestar([mounted])))
+    cookie = session_cookie(await client.post("/api"))
+    assert cookie is not None
+
+    response = await client.get("/api", headers=cookie_header(cookie.value))
 
     assert response.json() == {"user": "alice"}
 

@@ -135,7 +135,10 @@ class SessionMiddleware:
         """
         if scope["type"] == "lifespan":
             return  # a lifespan never reaches route middleware
-        if "route_handler" in scope:
+        handler = scope.get("route_handler")
+        # A route that hands requests to an ASGI app of its own (Litestar's asgi(), a
+        # mounted Starlette or FastAPI app) names it too: that app's own middleware is fine.
+        if handler is not None and not hasattr(handler, "is_mount"):
             raise TypeError(
                 "SessionMiddleware was added to a Litestar app's middleware, which Litestar "
                 "builds once per route: each would open a store of its own. Use "
