@@ -164,6 +164,37 @@ async def test_missing_middleware_names_session_middleware(client_factory: Clien
         await client.get("/anyone")
 
 
+async def test_session_errors_in_a_mounted_sub_app_answer_with_their_status(
+    client_factory: ClientFactory,
+) -> None:
+    """The sub-app's own error middleware answered them first, with a 500, and raised
+    them on to the server."""
+    app = build_fastapi_app(MemoryStore())
+    sub = FastAPI()
+
+    @sub.get("/me")
+    async def me(session: RequiredSession) -> dict[str, Any]:
+        return {"user_id": session.user_id}
+
+    @sub.post("/revoke/{session_id}")
+    async def revoke(session: RequiredSession, session_id: str) -> dict[str, Any]:
+        await session.revoke(session_id)
+        return {}
+
+    app.mount("/v1", sub)
+    client = client_factory(app)
+
+    signed_out = await client.get("/v1/me")
+    token = session_cookie(await client.post("/login", params={"user_id": "alice"}))
+    assert token is not None
+    unknown = await client.post("/v1/revoke/no-such-session", headers=cookie_header(token.value))
+
+    assert (signed_out.status_code, signed_out.headers["cache-control"]) == (401, "no-store")
+    assert "detail" in signed_out.json()
+    assert unknown.status_code == 404
+    assert "detail" in unknown.json()
+
+
 class SignedInStandIn:
     """What a test puts in place of the session dependency."""
 

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable
 
@@ -115,6 +116,8 @@ class SessionMiddleware:
             await self.app(scope, receive, session_send)
         except SessionError as exc:
             if session_send.response_started:
+                if session_send.answered is exc:
+                    return  # answered with its status already, in a mounted app's place
                 raise
             start, body = _error_response(exc)
             await session_send(start)
@@ -301,7 +304,14 @@ class _SessionSend:
     function: a message with nothing to add costs a call, not a coroutine.
     """
 
-    __slots__ = ("_middleware", "_send", "_session", "replaced_by_error", "response_started")
+    __slots__ = (
+        "_middleware",
+        "_send",
+        "_session",
+        "answered",
+        "replaced_by_error",
+        "response_started",
+    )
 
     def __init__(self, middleware: SessionMiddleware, session: Session, send: Send) -> None:
         self._middleware = middleware
@@ -309,12 +319,22 @@ class _SessionSend:
         self._send = send
         self.response_started = False
         self.replaced_by_error = False
+        self.answered: SessionError | None = None
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if self.replaced_by_error:
             return _nothing()  # the app's response was replaced by an error response
         if message["type"] != "http.response.start":
             return self._send(message)
+        if (
+            message["status"] == 500
+            and isinstance(error := sys.exc_info()[1], SessionError)
+            and error.status_code != 500
+        ):
+            # A mounted app's own error middleware (a Starlette or FastAPI app's), answering
+            # one of ours with its 500 page from inside its except block: the error's own
+            # status instead, as where no such middleware stands between.
+            return self._answer(error)
         self.response_started = True
         session = self._session
         if session._record is None and session._cookie_change == "keep":
@@ -324,6 +344,14 @@ class _SessionSend:
         if write is not None:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))
+
+    async def _answer(self, error: SessionError) -> None:
+        start, body = _error_response(error)
+        await self(start)  # the session's write and headers, as for an error raised to us
+        if not self.replaced_by_error:  # else that write failed, and was answered
+            await self._send(body)
+        self.replaced_by_error = True  # the mounted app's page goes nowhere
+        self.answered = error
 
     async def _start_after(self, write: Awaitable[None], message: Message) -> None:
         try:
