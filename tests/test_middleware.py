@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from authsessions import (
@@ -1145,6 +1145,22 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 
 
+def answering_504_after(app: ASGIApp, *, seconds: float) -> ASGIApp:
+    """``app`` behind a timeout that cancels its request and answers 504 instead."""
+
+    async def timed(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await asyncio.wait_for(app(scope, receive, send), timeout=seconds)
+        except TimeoutError:
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    return timed
+
+
 @pytest.mark.parametrize("operation", ["authenticate", "rotate"])
 async def test_a_new_token_of_a_cancelled_request_leaves_no_session_behind(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
@@ -1161,19 +1177,9 @@ async def test_a_new_token_of_a_cancelled_request_leaves_no_session_behind(
 
     app = app_factory(sqlite_store, extra_routes=[Route("/slow-after", slow_after)])
 
-    async def with_a_timeout(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        try:
-            await asyncio.wait_for(app(scope, receive, send), timeout=0.5)
-        except TimeoutError:
-            await send({"type": "http.response.start", "status": 504, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
     _, first = await plant_session(sqlite_store, "alice")
     token, second = await plant_session(sqlite_store, "alice")
-    client = client_factory(with_a_timeout)
+    client = client_factory(answering_504_after(app, seconds=0.5))
     headers = cookie_header(token) if operation == "rotate" else {}
 
     response = await client.get("/slow-after", headers=headers)
@@ -1204,23 +1210,13 @@ async def test_a_request_cancelled_while_the_response_start_writes_leaves_no_new
 
     app = app_factory(sqlite_store, extra_routes=[Route("/then-set", then_set)])
 
-    async def with_a_timeout(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        try:
-            await asyncio.wait_for(app(scope, receive, send), timeout=0.3)
-        except TimeoutError:
-            await send({"type": "http.response.start", "status": 504, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-
     async def release_the_lock_later() -> None:
         await asyncio.sleep(0.6)
         other_process.execute("ROLLBACK")
 
     _, first = await plant_session(sqlite_store, "alice")
     token, second = await plant_session(sqlite_store, "alice")
-    client = client_factory(with_a_timeout)
+    client = client_factory(answering_504_after(app, seconds=0.3))
     headers = cookie_header(token) if operation == "rotate" else {}
     release = asyncio.create_task(release_the_lock_later())
     try:
