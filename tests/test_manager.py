@@ -58,6 +58,29 @@ async def test_list_for_user_leaves_out_sessions_past_the_configs_absolute_ttl(
     assert len(without_cap) == 2
 
 
+async def test_list_for_user_leaves_out_sessions_idle_past_a_given_configs_ttl_only(
+    store: Store,
+) -> None:
+    """A config given is the app's: its ttl says which sessions the middleware still takes.
+    Without one, the default's 30 days may not be the app's (the command line builds its
+    manager so), and a session the app still serves must be listed."""
+    day = 86400
+    _, recent = await plant_session(store, "alice", idle_for=60, expires_in=89 * day)
+    _, idle = await plant_session(store, "alice", idle_for=40 * day, expires_in=50 * day)
+
+    ninety_days = SessionConfig(ttl=timedelta(days=90))
+    thirty_days = SessionConfig(ttl=timedelta(days=30))
+
+    assert [s.id for s in await SessionManager(store).list_for_user("alice")] == [
+        recent.id,
+        idle.id,
+    ]
+    assert len(await SessionManager(store, ninety_days).list_for_user("alice")) == 2
+    assert [s.id for s in await SessionManager(store, thirty_days).list_for_user("alice")] == [
+        recent.id
+    ]
+
+
 async def test_list_for_user_leaves_out_a_session_whose_absolute_ttl_ends_now(
     store: Store, frozen_clock: float
 ) -> None:

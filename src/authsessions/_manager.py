@@ -35,6 +35,9 @@ class SessionManager:
             raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
         self.store = store
         self.config = config if config is not None else SessionConfig()
+        # The default ttl need not be the app's (a longer one keeps sessions the default
+        # would call idle): only a config given says which sessions the app still takes.
+        self._ttl_known = config is not None
 
     async def _store(self) -> Store:
         if not self.store.is_open:
@@ -43,8 +46,8 @@ class SessionManager:
 
     async def list_for_user(self, user_id: str) -> list[SessionData]:
         """The user's live sessions, most recently active first (none idle longer than the
-        config's ``ttl`` or older than its ``absolute_ttl``, whose cookies the middleware
-        refuses).
+        ``ttl`` of a config given, or older than the config's ``absolute_ttl``, whose
+        cookies the middleware refuses).
 
         Raises:
             ValueError: ``user_id`` is not a string a session could have (an int: pass
@@ -57,7 +60,7 @@ class SessionManager:
         config = self.config
         records = within_lifetimes(
             await store.list_for_user(user_id, now=now),
-            config.ttl_seconds,
+            config.ttl_seconds if self._ttl_known else None,
             config.absolute_ttl_seconds,
             now,
         )

@@ -258,10 +258,13 @@ class StoreStats:
 
 
 def within_lifetimes(
-    records: list[SessionRecord], ttl_seconds: float, absolute_ttl_seconds: float | None, now: float
+    records: list[SessionRecord],
+    ttl_seconds: float | None,
+    absolute_ttl_seconds: float | None,
+    now: float,
 ) -> list[SessionRecord]:
-    """``records`` without those idle longer than ``ttl`` or older than ``absolute_ttl``,
-    which the middleware refuses.
+    """``records`` without those idle longer than ``ttl`` or older than ``absolute_ttl``
+    (either ``None``: not known here), which the middleware refuses.
 
     Stores know only each session's own expiry, set when either may have been longer (or
     ``absolute_ttl`` unset).
@@ -269,7 +272,7 @@ def within_lifetimes(
     return [
         record
         for record in records
-        if record.last_active_at + ttl_seconds > now
+        if (ttl_seconds is None or record.last_active_at + ttl_seconds > now)
         and (absolute_ttl_seconds is None or record.created_at + absolute_ttl_seconds > now)
     ]
 
