@@ -26,6 +26,7 @@ from typing_extensions import TypedDict
 
 from authsessions import Session, SessionConfig, SessionDataError, SessionManager
 from authsessions._tokens import token_digest
+from authsessions._values import MAX_NESTING
 from authsessions.stores import SQLiteStore, Store
 from tests.apps.session_app import cookie_header, plant_session, session_cookie
 from tests.conftest import AppFactory, ClientFactory
@@ -149,6 +150,8 @@ class Ratio(float):
         datetime(2024, 1, 1, tzinfo=UTC),
         1 + 2j,
         DEEP,
+        _deep(MAX_NESTING),
+        {"a": _deep(600)},  # taken, and then read back as a RecursionError, every request
         CYCLIC_LIST,
         {"a": CYCLIC_DICT},
         Ratio("nan"),
@@ -171,6 +174,8 @@ class Ratio(float):
         "datetime",
         "complex",
         "too-deep",
+        "nested-past-the-limit",
+        "nested-600-deep-in-a-dict",
         "list-holding-itself",
         "dict-holding-itself",
         "float-subclass-nan",
@@ -188,6 +193,18 @@ async def test_set_rejects_what_strict_json_cannot_hold_and_changes_nothing(
     assert outcome.data_after == {"theme": "light"}
     assert await stored_data(sqlite_store) == {"theme": "light"}
     assert session_cookie(outcome.response) is None
+
+
+async def test_set_takes_values_nested_as_deep_as_the_limit(
+    run: Runner, sqlite_store: Store
+) -> None:
+    value = _deep(MAX_NESTING - 1)  # a list in a list..., MAX_NESTING of them
+
+    outcome = await run(lambda s: s.set("tree", value))
+
+    assert outcome.error is None
+    assert outcome.data_after == {"tree": value}
+    assert await stored_data(sqlite_store) == {"tree": value}
 
 
 @pytest.mark.parametrize("key", [1, None, ("a",), b"key"], ids=["int", "none", "tuple", "bytes"])

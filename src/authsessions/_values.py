@@ -11,13 +11,18 @@ from typing import Any, TypeVar, cast
 from authsessions._errors import SessionDataError
 from authsessions._records import dump_json, load_json
 
-__all__ = ["plain_json_copy", "read_as"]
+__all__ = ["MAX_NESTING", "plain_json_copy", "read_as"]
 
 T = TypeVar("T")
 
 _PLAIN_TYPES: frozenset[type] = frozenset({str, int, float, bool, list, dict, type(None)})
 # Exactly these classes, not subclasses: an IntEnum or a str subclass is checked the long way.
 _IMMUTABLE_JSON_TYPES: frozenset[type] = frozenset({str, bool, type(None)})
+
+MAX_NESTING = 100
+"""The deepest a value's lists and dicts may nest. Deeper ones that ``json`` still wrote
+(to about 900 levels) failed later, as a ``RecursionError``: copying one out of the
+session (at about 500), or writing it from deeper in a store's stack."""
 
 
 def plain_json_copy(value: Any, what: str) -> Any:
@@ -46,12 +51,37 @@ def plain_json_copy(value: Any, what: str) -> Any:
             "numbers, booleans and None (e.g. a dataclass as dataclasses.asdict(obj))."
         ) from None
     copy = load_json(encoded)
+    # Each list or dict opens with a bracket: few of them, and it cannot nest deeply.
+    if encoded.count("[") + encoded.count("{") > MAX_NESTING and _nesting(copy) > MAX_NESTING:
+        raise SessionDataError(
+            f"{what} nests lists and dicts more than {MAX_NESTING} deep; store a flatter value."
+        )
     if copy != value:  # json turned a tuple into a list or an int key into a string
         raise SessionDataError(
             f"{what} would not read back as written (a tuple, or a dict with non-string "
             "keys?); store lists and string-keyed dicts instead."
         )
     return copy
+
+
+def _nesting(value: Any) -> int:
+    """How deep the lists and dicts of plain JSON ``value`` nest, counted without
+    recursion, up to one level past :data:`MAX_NESTING`.
+    """
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if item.__class__ is list:
+            children: Any = item
+        elif item.__class__ is dict:
+            children = item.values()
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            break
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def read_as(value: Any, type_: type[T], key: str) -> T:
