@@ -11,6 +11,7 @@ these by being added there.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import time
 from collections.abc import Callable
@@ -505,6 +506,41 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
     assert sorted(s.id for s in await live_sessions(store, "alice")) == sorted(kept)
     if meanwhile == "rotated away":
         assert await store.get(rotated, now=time.time()) is not None  # the user's token
+
+
+class UserId(enum.StrEnum):
+    ALICE = "alice"
+
+
+async def test_a_str_subclass_user_id_is_kept_as_a_plain_string(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """As keys are: the memory store kept the member itself, the others a plain string,
+    so the id's type depended on the store and on the request."""
+
+    async def sign_in_as_member(request: Request) -> Response:
+        session = Session.from_request(request)
+        await session.authenticate(UserId.ALICE)
+        return JSONResponse(type(session.user_id).__name__)
+
+    async def user_id_type(request: Request) -> Response:
+        return JSONResponse(type(Session.from_request(request).user_id).__name__)
+
+    client = client_factory(
+        app_factory(
+            store,
+            extra_routes=[
+                Route("/sign-in-as-member", sign_in_as_member, methods=["POST"]),
+                Route("/user-id-type", user_id_type),
+            ],
+        )
+    )
+
+    signing_in = await client.post("/sign-in-as-member")
+    later = await client.get("/user-id-type")
+
+    assert (signing_in.json(), later.json()) == ("str", "str")
+    assert [type(s.user_id) for s in await store.list_for_user("alice", now=time.time())] == [str]
 
 
 async def test_revoke_another_device_ends_it_and_keeps_this_one(

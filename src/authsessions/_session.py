@@ -257,6 +257,9 @@ class Session:
                 session has ended.
         """
         check_user_id(user_id)
+        # The plain string, as keys are kept: a subclass (a StrEnum member) lived on in
+        # this request and in the memory store, where the others read back a str.
+        user_id = str.__str__(user_id)
         if not isinstance(data, Mapping):
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
