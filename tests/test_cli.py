@@ -562,6 +562,39 @@ def test_a_missing_sqlite_store_is_refused_not_created(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["list", "42"], ["revoke", "AAAAAAAAAAAAAAAAAAAAAA"], ["revoke-user", "42"], ["cleanup"],
+     ["stats"]],
+)  # fmt: skip
+def test_a_missing_postgresql_store_is_refused_not_created(
+    command: list[str], postgres_schema: str
+) -> None:
+    """A mistyped ?schema= or ?table= made a new, empty store in the app's database, and
+    the command's "Ended 0 sessions" was a false success."""
+    url = networked_store("postgres", POSTGRES_URL)
+    separator = "&" if "?" in url else "?"
+    mistyped = f"{url}{separator}schema={postgres_schema}"
+
+    result = run(*command, "--store", mistyped)
+
+    assert_one_line_error(
+        result, f"no session store in schema {postgres_schema!r} (create it with: "
+    )
+    assert not asyncio.run(_schema_exists(postgres_schema))
+
+
+async def _schema_exists(schema: str) -> bool:
+    import asyncpg
+
+    connection = await asyncpg.connect(POSTGRES_URL)
+    try:
+        found = await connection.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema)
+    finally:
+        await connection.close()
+    return found is not None
+
+
 @pytest.mark.parametrize("command", [["list", "42"], ["revoke-user", "42"], ["stats"]])
 def test_a_sqlite_file_without_a_store_is_left_alone(command: list[str], tmp_path: Path) -> None:
     path = tmp_path / "app.db"

@@ -236,6 +236,7 @@ async def _with_store(
         )
     if not create:
         _require_sqlite_store(store, url)
+        await _require_postgres_store(store, url)
     async with store:
         return await work(store)
 
@@ -266,6 +267,20 @@ def _require_sqlite_store(store: Store, url: str) -> None:
         raise click.ClickException(
             f"no session store in {path}: the file holds no authsessions tables "
             f"(check the path, or {create})."
+        )
+
+
+async def _require_postgres_store(store: Store, url: str) -> None:
+    """Refuse a PostgreSQL store whose table does not exist, asking without creating it."""
+    import click
+
+    from authsessions.stores.postgres import PostgresStore
+
+    if isinstance(store, PostgresStore) and not await store._is_created():
+        raise click.ClickException(
+            f"no session store in schema {store.schema!r} (create it with: authsessions "
+            f"migrate --store {redact_url(url)}; or check ?schema= and ?table=, which "
+            f"named the table {store.table!r})."
         )
 
 

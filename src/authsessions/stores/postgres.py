@@ -193,6 +193,26 @@ class PostgresStore(Store):
         else:
             self._connections = HeldConnections(pool, self.acquire_timeout, max_idle=self.max_size)
 
+    async def _is_created(self) -> bool:
+        """Whether the session table exists, asked on a connection of its own without
+        creating anything: for the command line, where a mistyped ``?schema=`` or
+        ``?table=`` would otherwise make a new, empty store. ``True`` with a pool of the
+        app's, which only the app's own code is given.
+        """
+        if self._dsn is None:
+            return True
+        with translate_errors("PostgreSQL", *self._errors), self._refusing_a_malformed_dsn():
+            conn = await self._asyncpg.connect(self._dsn, timeout=self.connect_timeout)
+            try:
+                found = await conn.fetchval(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    self._qualified,
+                    timeout=self.command_timeout,
+                )
+            finally:
+                await conn.close()
+        return bool(found)
+
     @contextlib.contextmanager
     def _refusing_a_malformed_dsn(self) -> Iterator[None]:
         """Turn asyncpg's complaint about the DSN into :func:`malformed_url` (its own may
