@@ -79,7 +79,9 @@ def own_store_url(store_url: str, request: pytest.FixtureRequest) -> str:
     separator = "&" if "?" in store_url else "?"
     if store_url.startswith("postgresql"):
         schema: str = request.getfixturevalue("postgres_schema")
-        return f"{store_url}{separator}schema={schema}"
+        url = f"{store_url}{separator}schema={schema}"
+        seed(url)  # the commands but migrate refuse a store that does not exist
+        return url
     if store_url.startswith("redis"):
         prefix: str = request.getfixturevalue("redis_prefix")
         return f"{store_url}{separator}prefix={prefix}"
