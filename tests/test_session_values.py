@@ -152,6 +152,8 @@ class Ratio(float):
         DEEP,
         _deep(MAX_NESTING),
         {"a": _deep(600)},  # taken, and then read back as a RecursionError, every request
+        "smile \ud83d",  # JavaScript's "😀".slice(0, 1), as request.json() hands it on
+        {"tags": ["ok", "x\udc00"]},
         CYCLIC_LIST,
         {"a": CYCLIC_DICT},
         Ratio("nan"),
@@ -176,6 +178,8 @@ class Ratio(float):
         "too-deep",
         "nested-past-the-limit",
         "nested-600-deep-in-a-dict",
+        "lone-surrogate",
+        "lone-surrogate-in-a-list",
         "list-holding-itself",
         "dict-holding-itself",
         "float-subclass-nan",
@@ -193,6 +197,25 @@ async def test_set_rejects_what_strict_json_cannot_hold_and_changes_nothing(
     assert outcome.data_after == {"theme": "light"}
     assert await stored_data(sqlite_store) == {"theme": "light"}
     assert session_cookie(outcome.response) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["café", "\U0001f600 and \u00e9", {"tags": ["\U0001f600", "\u2603"]}],
+    ids=["accent", "emoji", "emoji-in-a-list"],
+)
+async def test_set_takes_any_whole_characters_and_reads_them_back_typed(
+    run: Runner, sqlite_store: Store, value: object
+) -> None:
+    def action(session: Session) -> None:
+        session.set("text", value)
+        session.get("text", type=type(value))
+
+    outcome = await run(action)
+
+    assert outcome.error is None
+    assert outcome.data_after == {"text": value}
+    assert await stored_data(sqlite_store) == {"text": value}
 
 
 async def test_set_takes_values_nested_as_deep_as_the_limit(

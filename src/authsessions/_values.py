@@ -35,6 +35,8 @@ def plain_json_copy(value: Any, what: str) -> Any:
     Raises:
         SessionDataError: naming ``what`` and the reason.
     """
+    if value.__class__ is str and not (value.isascii() or _is_text(value)):
+        raise _lone_surrogate(what)
     if (
         value.__class__ in _IMMUTABLE_JSON_TYPES
         or (value.__class__ is int and value.bit_length() < 64)
@@ -51,6 +53,10 @@ def plain_json_copy(value: Any, what: str) -> Any:
             "numbers, booleans and None (e.g. a dataclass as dataclasses.asdict(obj))."
         ) from None
     copy = load_json(encoded)
+    # dump_json writes characters past U+FFFF as an escaped surrogate pair: only then
+    # can a lone surrogate be in there.
+    if "\\ud" in encoded and not _is_text(copy):
+        raise _lone_surrogate(what)
     # Each list or dict opens with a bracket: few of them, and it cannot nest deeply.
     if encoded.count("[") + encoded.count("{") > MAX_NESTING and _nesting(copy) > MAX_NESTING:
         raise SessionDataError(
@@ -62,6 +68,23 @@ def plain_json_copy(value: Any, what: str) -> Any:
             "keys?); store lists and string-keyed dicts instead."
         )
     return copy
+
+
+def _is_text(value: Any) -> bool:
+    """Whether the strings of plain JSON ``value`` hold only whole characters."""
+    try:
+        (value if value.__class__ is str else json.dumps(value, ensure_ascii=False)).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(what: str) -> SessionDataError:
+    # Stored, it read back; but the typed get's strict JSON parser refused it.
+    return SessionDataError(
+        f"{what} holds a lone surrogate (half of a UTF-16 pair, as JavaScript's slice of "
+        "an emoji leaves), which is not text; store whole characters."
+    )
 
 
 def _nesting(value: Any) -> int:
