@@ -128,6 +128,34 @@ async def test_existing_vary_is_extended_and_cookie_responses_are_never_cached(
     assert response.headers["cache-control"] == "no-store"
 
 
+async def test_a_cookie_response_with_several_cache_headers_of_the_apps_carries_no_store_alone(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Only the last Cache-Control was replaced: "public" went out beside the cookie, to
+    a cache that reads the first header of a name. Vary already naming Cookie in an
+    earlier header is enough."""
+
+    async def cacheable_login(request: Request) -> Response:
+        await Session.from_request(request).authenticate("alice")
+        response = JSONResponse({})
+        for name, value in [
+            (b"cache-control", b"public"),
+            (b"cache-control", b"max-age=3600"),
+            (b"vary", b"Cookie"),
+            (b"vary", b"Accept-Encoding"),
+        ]:
+            response.raw_headers.append((name, value))
+        return response
+
+    app = app_factory(sqlite_store, extra_routes=[Route("/cacheable-login", cacheable_login)])
+
+    response = await client_factory(app).get("/cacheable-login")
+
+    assert session_cookie(response) is not None
+    assert response.headers.get_list("cache-control") == ["no-store"]
+    assert response.headers.get_list("vary") == ["Cookie", "Accept-Encoding"]
+
+
 @pytest.mark.parametrize(
     ("existing", "expected"),
     [
@@ -1143,6 +1171,32 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
     # browser can name any more, has ended.
     left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
+async def test_a_login_of_an_app_that_sends_no_response_leaves_no_session_behind(
+    sqlite_store: Store,
+) -> None:
+    """The server answers 500 itself, without the cookie: the new session would hold one
+    of the user's places until it expired, as after an app that fails."""
+
+    async def answers_nothing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await Session.from_scope(scope).authenticate("alice")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Message] = []
+    scope: Scope = {
+        "type": "http", "method": "GET", "scheme": "https", "path": "/", "query_string": b"",
+        "headers": [(b"user-agent", CHROME_MAC.encode())], "client": ("127.0.0.1", 123),
+    }  # fmt: skip
+    _, kept = await plant_session(sqlite_store, "alice")
+
+    await SessionMiddleware(answers_nothing, store=sqlite_store)(scope, receive, sent.append)  # type: ignore[arg-type]
+
+    assert sent == []
+    assert [s.id for s in await SessionManager(sqlite_store).list_for_user("alice")] == [kept.id]
 
 
 def answering_504_after(app: ASGIApp, *, seconds: float) -> ASGIApp:

@@ -128,6 +128,10 @@ class SessionMiddleware:
                 # cancelled request (a timeout, a client gone) sends none at all.
                 await session.end_unsent_token()
             raise
+        else:
+            if not session_send.response_started:
+                # An app that answered nothing: the server's own 500 carries no cookie.
+                await session.end_unsent_token()
 
     def _check_placement(self, scope: Scope) -> None:
         """Refuse to run as a Litestar route's middleware with a store of its own.
@@ -264,19 +268,19 @@ class SessionMiddleware:
             headers = [*sent, (b"set-cookie", set_cookie)]
         # A shared cache must never keep a response that sets a cookie or shows a user's data.
         # Header names in ASGI messages are lower-case.
-        cache_control = vary = -1
-        for index, (name, _) in enumerate(headers):
-            if name == b"cache-control":
-                cache_control = index
-            elif name == b"vary":
-                vary = index
-        if cache_control < 0:
+        if change != "keep":
+            # Instead of every one of the app's own: a cache may read only the first.
+            headers = [header for header in headers if header[0] != b"cache-control"]
             headers.append(_NO_STORE)
-        elif change != "keep":
-            headers[cache_control] = _NO_STORE
+        elif all(name != b"cache-control" for name, _ in headers):
+            headers.append(_NO_STORE)
+        vary, varies = -1, False
+        for index, (name, value) in enumerate(headers):
+            if name == b"vary":
+                vary, varies = index, varies or _varies_on_cookie(value)
         if vary < 0:
             headers.append(_VARY_COOKIE)
-        elif not _varies_on_cookie(headers[vary][1]):
+        elif not varies:
             headers[vary] = (b"vary", headers[vary][1] + b", Cookie")
         message["headers"] = headers
         return message
