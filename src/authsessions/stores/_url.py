@@ -17,7 +17,9 @@ STORE_URL_ENV = "AUTHSESSIONS_STORE"
 
 
 def open_store(url: str) -> Store:
-    """Build the store a URL names; it connects on first use (or ``await store.open()``).
+    """Build the store a URL names, not yet open: ``SessionMiddleware`` and
+    ``SessionManager`` open it on first use; called directly, its primitives need
+    ``await store.open()`` (or ``async with store:``) first.
 
     Accepted forms: ``memory://``, ``sqlite:///relative.db``,
     ``sqlite:////absolute.db``, ``postgresql://user@host:5432/db`` (or
