@@ -271,13 +271,14 @@ class SessionMiddleware:
         if change != "keep":
             # Instead of every one of the app's own: a cache may read only the first.
             headers = [header for header in headers if header[0] != b"cache-control"]
-            headers.append(_NO_STORE)
-        elif all(name != b"cache-control" for name, _ in headers):
-            headers.append(_NO_STORE)
-        vary, varies = -1, False
+        cache_control, vary, varies = False, -1, False
         for index, (name, value) in enumerate(headers):
-            if name == b"vary":
+            if name == b"cache-control":
+                cache_control = True
+            elif name == b"vary":
                 vary, varies = index, varies or _varies_on_cookie(value)
+        if not cache_control:
+            headers.append(_NO_STORE)
         if vary < 0:
             headers.append(_VARY_COOKIE)
         elif not varies:

@@ -367,7 +367,7 @@ class Session:
         if record is not None:
             # Not a session this request's token no longer names (rotated away, by the
             # user who now holds it): only this request's cookie goes.
-            if await self._store.get(record.token_digest, now=time.time()) is not None:
+            if await self._still_named(record):
                 await self._store.delete(record.id)
             if self._record is record:
                 self._end()
@@ -594,11 +594,15 @@ class Session:
         user's devices.
         """
         record = self._require_session()
-        if await self._store.get(record.token_digest, now=time.time()) is None:
+        if not await self._still_named(record):
             if self._record is record:
                 self._end()
             raise Unauthorized()
         return record
+
+    async def _still_named(self, record: SessionRecord) -> bool:
+        """Whether ``record``'s token still names a live session in the store."""
+        return await self._store.get(record.token_digest, now=time.time()) is not None
 
     def _refuse_cookie_change(self, operation: str) -> None:
         """Refuse, before any store access, what would need a cookie no response can carry."""

@@ -136,10 +136,9 @@ def _require_key(name: str, value: object) -> None:
     reads "" as none) or longer than ``MAX_KEY_LENGTH``.
     """
     require_text(name, value)
-    if not 0 < len(cast(str, value)) <= MAX_KEY_LENGTH:
-        raise ValueError(
-            f"{name} must hold 1 to {MAX_KEY_LENGTH} characters, got {len(cast(str, value))}."
-        )
+    length = len(cast(str, value))
+    if not 0 < length <= MAX_KEY_LENGTH:
+        raise ValueError(f"{name} must hold 1 to {MAX_KEY_LENGTH} characters, got {length}.")
 
 
 def check_record(record: SessionRecord) -> None:

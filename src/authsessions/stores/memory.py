@@ -58,7 +58,8 @@ class MemoryStore(Store):
             self._remove(row.record.id)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        self._require_open()
+        if not self._is_open:  # written out: every request runs this
+            raise self._closed_error()
         session_id = self._ids_by_digest.get(token_digest)
         if session_id is None:
             return None
