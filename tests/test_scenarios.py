@@ -185,6 +185,36 @@ async def test_values_set_while_rotate_waits_for_the_store_are_kept(
     assert stored.data == everything
 
 
+async def rotate_in_two_tasks_at_once(request: Request) -> Response:
+    session = Session.from_request(request)
+    session.set("before", 1)
+    await asyncio.gather(session.rotate(), session.rotate())
+    return JSONResponse({"authenticated": session.is_authenticated})
+
+
+async def test_two_tasks_of_one_request_rotating_at_once_both_rotate(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Rotations are conditional on the token they rotate away from: on a store that
+    suspends, the second task's finds it gone, rotated by the first. That is this
+    request's own doing, so it rotates again from there, and does not end the session.
+    """
+    route = Route("/rotate-twice", rotate_in_two_tasks_at_once, methods=["POST"])
+    client = client_factory(app_factory(store, extra_routes=[route]))
+    token = await login(client, data={"plan": "pro"})
+
+    response = await client.post("/rotate-twice")
+
+    assert response.json() == {"authenticated": True}
+    new = session_cookie(response)
+    assert new is not None
+    assert new.value not in ("", token)
+    assert (await client.get("/me", headers=cookie_header(token))).json()["authenticated"] is False
+    me = await client.get("/me", headers=cookie_header(new.value))
+    assert me.json()["session"]["data"] == {"plan": "pro", "before": 1}
+    assert len(await live_sessions(store, "alice")) == 1
+
+
 async def test_rotate_keeps_id_and_data_and_refreshes_expiry(
     client: httpx.AsyncClient, store: Store
 ) -> None:

@@ -202,6 +202,12 @@ class SessionUpdate:
     ``None``: a data write within the touch interval, which leaves the times
     as stored, so that a store need not rewrite its expiry index for it. A
     new ``token_digest`` always comes with times.
+
+    ``expected_token_digest``, when not ``None``, makes the update conditional: it
+    applies only while the session is stored under that digest, and otherwise changes
+    nothing and reports the session gone. A rotation names the digest it rotates away
+    from, so a request whose token was rotated away meanwhile (a stolen copy's, held
+    open) cannot take the session over, however the two interleave.
     """
 
     last_active_at: float | None
@@ -210,6 +216,7 @@ class SessionUpdate:
     removed_keys: frozenset[str] = frozenset()
     token_digest: str | None = field(default=None, repr=False)  # kept out of logs
     max_data_bytes: int | None = None
+    expected_token_digest: str | None = field(default=None, repr=False)
 
     @property
     def changes_data(self) -> bool:

@@ -325,28 +325,32 @@ class Session:
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
-        # A request whose token was rotated away meanwhile (a stolen copy's, held open)
-        # must not take the session over with a token of its own.
-        await self._require_live_session()
         now = time.time()
         for _attempt in range(3):
             # Again on each attempt: another task may have ended the session meanwhile.
             record = self._require_session()
             token = new_token()
             digest = token_digest(token)
-            changes = self._pending_update(now, moves_expiry=True, token_digest=digest)
+            # Conditional on the token this request holds: one rotated away meanwhile (a
+            # stolen copy's, held open) must not take the session over with one of its own.
+            changes = self._pending_update(
+                now, moves_expiry=True, token_digest=digest, expected=record.token_digest
+            )
             # Keys set while the store works (by another task of this request) are changes
             # still to write; those written now are not, unless the write fails.
             written, self._changes = self._changes, None
             try:
                 updated = await self._update(record, changes, now)
             except BaseException as exc:
-                if written is not None:
-                    self._changes = {**written, **(self._changes or {})}
+                self._still_to_write(written)
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
                 raise
-            break
+            if updated or self._record is record:
+                break
+            # Another task of this request rotated it (or ended it) meanwhile: again, from
+            # where that left it.
+            self._still_to_write(written)
         else:
             raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
@@ -535,6 +539,11 @@ class Session:
                 "exceeded the limit; store less per session or raise the limit."
             ) from None
 
+    def _still_to_write(self, changes: dict[str, Any] | None) -> None:
+        """Keep ``changes``, taken for a write that did not happen, under any set since."""
+        if changes is not None:
+            self._changes = {**changes, **(self._changes or {})}
+
     def _check_fits(self, data: dict[str, Any], what: str) -> None:
         size = data_size(data)
         if size > self._config.max_data_bytes:
@@ -638,7 +647,12 @@ class Session:
         return expires_at
 
     def _pending_update(
-        self, now: float, *, moves_expiry: bool, token_digest: str | None = None
+        self,
+        now: float,
+        *,
+        moves_expiry: bool,
+        token_digest: str | None = None,
+        expected: str | None = None,
     ) -> SessionUpdate:
         record = self._record
         assert record is not None
@@ -664,6 +678,7 @@ class Session:
             removed_keys,
             token_digest,
             self._config.max_data_bytes,
+            expected,
         )
 
     def _forget(self) -> None:

@@ -70,6 +70,7 @@ def make_update(
     token_digest: str | None = None,
     max_data_bytes: int | None = None,
     moves_expiry: bool = True,
+    expected_token_digest: str | None = None,
 ) -> SessionUpdate:
     """Activity at ``now``: the session's expiry slides to ``now + ttl``; without
     ``moves_expiry``, a write that leaves the times as stored.
@@ -81,6 +82,7 @@ def make_update(
         removed_keys=removed_keys,
         token_digest=token_digest,
         max_data_bytes=max_data_bytes,
+        expected_token_digest=expected_token_digest,
     )
 
 

@@ -443,6 +443,15 @@ UPDATES_NO_STORE_APPLIES_ALIKE = [
     pytest.param({"token_digest": b"digest"}, TypeError, "token_digest", id="bytes-digest"),
     pytest.param({"token_digest": ""}, ValueError, "token_digest", id="empty-digest"),
     pytest.param({"token_digest": "d" * 4000}, ValueError, "token_digest", id="long-digest"),
+    pytest.param(
+        {"expected_token_digest": b"digest"},
+        TypeError,
+        "expected_token_digest",
+        id="bytes-expected",
+    ),
+    pytest.param(
+        {"expected_token_digest": ""}, ValueError, "expected_token_digest", id="empty-expected"
+    ),
     pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
     pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
 ]
@@ -976,6 +985,106 @@ async def test_update_touches_only_the_named_session(store: Store) -> None:
     assert await store.update(target.id, update, now=t0 + 5)
 
     assert_same_record(await store.get(sibling.token_digest, now=t0 + 5), sibling)
+
+
+# -- update: conditional on the token digest --------------------------------------------
+
+CONDITIONAL_UPDATES = {
+    "touch": {},
+    "data": {"set_keys": {"b": 2}, "removed_keys": frozenset({"a"})},
+    "capped-data": {"set_keys": {"b": 2}, "max_data_bytes": 1000},
+    "rotation": {"token_digest": "new"},
+    "rotation-with-capped-data": {
+        "token_digest": "new",
+        "set_keys": {"b": 2},
+        "removed_keys": frozenset({"a"}),
+        "max_data_bytes": 1000,
+    },
+}
+
+
+def conditional_update(now: float, expected: str, fields: dict[str, Any]) -> SessionUpdate:
+    """``fields`` at ``now``, applied only under ``expected``; a new digest for "new"."""
+    if fields.get("token_digest") == "new":
+        fields = {**fields, "token_digest": new_digest()}
+    return update_with(now, expected_token_digest=expected, **fields)
+
+
+@pytest.mark.parametrize("fields", CONDITIONAL_UPDATES.values(), ids=CONDITIONAL_UPDATES.keys())
+async def test_an_update_conditional_on_the_held_digest_applies(
+    store: Store, fields: dict[str, Any]
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    update = conditional_update(t0 + 5, record.token_digest, fields)
+
+    assert await store.update(record.id, update, now=t0 + 5)
+
+    got = await store.get(update.token_digest or record.token_digest, now=t0 + 5)
+    assert got is not None
+    assert (got.id, got.last_active_at) == (record.id, t0 + 5)
+    assert got.data == ({"b": 2} if "removed_keys" in fields else {"a": 1, **update.set_keys})
+
+
+@pytest.mark.parametrize("fields", CONDITIONAL_UPDATES.values(), ids=CONDITIONAL_UPDATES.keys())
+async def test_an_update_conditional_on_another_digest_changes_nothing(
+    store: Store, fields: dict[str, Any]
+) -> None:
+    """The request of a token rotated away (a stolen copy's, held open) rotates or
+    writes conditionally on it: the session is gone, for it, in the same atomic step."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    update = conditional_update(t0 + 5, new_digest(), fields)
+
+    assert await store.update(record.id, update, now=t0 + 5) is False
+
+    assert_same_record(await stored_at(store, record, now=t0 + 5), record)
+    if update.token_digest is not None:
+        assert await store.get(update.token_digest, now=t0 + 5) is None
+        # Nothing of it was claimed on the way (a cluster's pointer): it can be used.
+        rotated = make_update(now=t0 + 6, token_digest=update.token_digest)
+        assert await store.update(record.id, rotated, now=t0 + 6)
+        assert await store.get(update.token_digest, now=t0 + 6) is not None
+
+
+async def test_a_rotation_conditional_on_a_rotated_out_digest_fails(store: Store) -> None:
+    """Two rotations from one token: the first wins, the second finds it gone."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    first, second = new_digest(), new_digest()
+
+    won = make_update(now=t0 + 1, token_digest=first, expected_token_digest=record.token_digest)
+    lost = make_update(now=t0 + 2, token_digest=second, expected_token_digest=record.token_digest)
+    assert await store.update(record.id, won, now=t0 + 1)
+    assert await store.update(record.id, lost, now=t0 + 2) is False
+
+    assert await store.get(second, now=t0 + 2) is None
+    got = await store.get(first, now=t0 + 2)
+    assert got is not None
+    assert got.last_active_at == t0 + 1
+
+
+async def test_a_conditional_rotation_onto_a_taken_digest_under_another_is_just_gone(
+    store: Store,
+) -> None:
+    """Not under the digest it must hold, the session is gone for the caller, whatever else
+    the update asks: every store answers ``False``, where one (a cluster, which claims the
+    new digest first) raised :class:`CreateError`."""
+    t0 = start_time()
+    rotating, holder = make_record(now=t0), make_record(now=t0)
+    for record in (rotating, holder):
+        await store.create(record, max_sessions=10, now=t0)
+
+    update = make_update(
+        now=t0 + 1, token_digest=holder.token_digest, expected_token_digest=new_digest()
+    )
+    assert await store.update(rotating.id, update, now=t0 + 1) is False
+
+    assert_same_record(await stored_at(store, rotating, now=t0 + 1), rotating)
+    assert_same_record(await stored_at(store, holder, now=t0 + 1), holder)
 
 
 # -- update: the size cap -------------------------------------------------------------

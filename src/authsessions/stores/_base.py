@@ -342,7 +342,9 @@ class Store(abc.ABC):
         interval) the activity time, the expiry and any expiry the store
         keeps itself (a key's TTL) stay as they are. Returns ``False``,
         changing nothing, when the session is gone or expired: an update
-        never re-creates a session.
+        never re-creates a session. It returns ``False`` as well, in the same
+        atomic step, when :attr:`~SessionUpdate.expected_token_digest` is given
+        and the session is stored under another digest.
 
         With a :attr:`~SessionUpdate.size_cap` (``max_data_bytes`` on an
         update that sets keys), the store measures the data as merged, with

@@ -215,6 +215,8 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
         require_str("a key in changes.removed_keys", key)
     if changes.token_digest is not None:
         _require_key("changes.token_digest", changes.token_digest)
+    if changes.expected_token_digest is not None:
+        _require_key("changes.expected_token_digest", changes.expected_token_digest)
     if changes.max_data_bytes is not None:
         require_count("changes.max_data_bytes", changes.max_data_bytes)
     return require_time("now", now)

@@ -103,6 +103,7 @@ class Sql:
     touch: str
     patch: str
     capped_patch: str
+    guarded_patch: str
     delete: str
     delete_owned: str
     delete_for_user: str
@@ -118,6 +119,25 @@ class Sql:
         update += " token_digest = coalesce($4, token_digest){data}"
         update += " WHERE id = $1 AND expires_at > $5"
         merged = "(data - $6::text[]) || $7::text::jsonb"
+
+        def capped_patch(guard: str) -> str:
+            # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
+            # the row before the size is taken, and reads its newest version: a concurrent
+            # patch is waited for and measured, never merged past. Returns whether the row
+            # changed and the size (NULL when the session is not live).
+            return (
+                f"WITH target AS (SELECT id, {merged} AS data FROM {t}"
+                f" WHERE id = $1 AND expires_at > $5{guard} FOR UPDATE),"
+                " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
+                " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
+                " FROM jsonb_each_text(target.data)) AS size FROM target),"
+                f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
+                " expires_at = coalesce($3, s.expires_at),"
+                " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
+                " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
+                " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)"
+            )
+
         return cls(
             get=f"SELECT {_COLUMNS} FROM {t} WHERE token_digest = $1 AND expires_at > $2",
             list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
@@ -126,20 +146,10 @@ class Sql:
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
             patch=update.format(t=t, data=f", data = {merged}"),
-            # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
-            # the row before the size is taken, and reads its newest version: a concurrent
-            # patch is waited for and measured, never merged past. Returns whether the row
-            # changed and the size (NULL when the session is not live).
-            capped_patch=f"WITH target AS (SELECT id, {merged} AS data FROM {t}"
-            " WHERE id = $1 AND expires_at > $5 FOR UPDATE),"
-            " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
-            " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
-            " FROM jsonb_each_text(target.data)) AS size FROM target),"
-            f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
-            " expires_at = coalesce($3, s.expires_at),"
-            " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
-            " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
-            " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)",
+            capped_patch=capped_patch(""),
+            # Applied only while the session holds the digest $9 (a conditional rotation),
+            # with any cap: rare, so it need not spare the data a rewrite.
+            guarded_patch=capped_patch(" AND token_digest = $9"),
             delete=f"DELETE FROM {t} WHERE id = $1",
             delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $2",
             delete_for_user=f"DELETE FROM {t} WHERE user_id = $1 AND id IS DISTINCT FROM $2",

@@ -100,26 +100,28 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 
 # KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both
 # times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
-# single server or '' in a cluster, tag, size cap or '', n, n removed fields, field/value
-# pairs.
-# Returns nil if not live, -1 if the new digest is another session's (single server; a
-# cluster claims it before), the size (an integer) if the merged data would exceed the cap
-# (nothing changed in either case), else the digest it had.
+# single server or '' in a cluster, tag, size cap or '', the digest the session must hold
+# or '' (any), n, n removed fields, field/value pairs.
+# Returns nil if not live (or not under the digest it must hold), -1 if the new digest is
+# another session's (single server; a cluster claims it before), the size (an integer) if
+# the merged data would exceed the cap (nothing changed in either case), else the digest
+# it had.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
 local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
 if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
+if ARGV[10] ~= '' and f[2] ~= ARGV[10] then return false end
 if ARGV[6] ~= '' and ARGV[7] ~= '' then
   local _, new_digest_key = pointer_keys(ARGV[7], ARGV[3], ARGV[6])
   local holder = redis.call('GET', new_digest_key)
   if holder and holder ~= ARGV[8] .. ':' .. ARGV[3] then return -1 end
 end
-local n = tonumber(ARGV[10])
+local n = tonumber(ARGV[11])
 if ARGV[9] ~= '' then
   local size, count, named = 0, 0, {}
-  for i = 11, 10 + n do named[ARGV[i]] = true end
-  for i = 11 + n, #ARGV, 2 do
+  for i = 12, 11 + n do named[ARGV[i]] = true end
+  for i = 12 + n, #ARGV, 2 do
     named[ARGV[i]] = true
     size, count = size + #ARGV[i] - 1 + #ARGV[i + 1], count + 1
   end
@@ -132,8 +134,8 @@ if ARGV[9] ~= '' then
   size = size + math.max(count + 1, 2)
   if size > tonumber(ARGV[9]) then return size end
 end
-hdel_range(KEYS[1], 11, 10 + n)
-hset_from(KEYS[1], 11 + n)
+hdel_range(KEYS[1], 12, 11 + n)
+hset_from(KEYS[1], 12 + n)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
 if ARGV[2] == '' then return f[2] end
 redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])

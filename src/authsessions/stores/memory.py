@@ -74,6 +74,9 @@ class MemoryStore(Store):
         row = self._rows.get(session_id)
         if row is None or row.record.expires_at <= now:
             return False
+        expected = changes.expected_token_digest
+        if expected is not None and row.record.token_digest != expected:
+            return False
         digest = changes.token_digest
         if digest is not None and self._ids_by_digest.get(digest, session_id) != session_id:
             raise CreateError(session_id)

@@ -34,7 +34,14 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from authsessions._records import SessionRecord, SessionUpdate, StoreStats, dump_json, load_json
+from authsessions._records import (
+    MAX_COUNT,
+    SessionRecord,
+    SessionUpdate,
+    StoreStats,
+    dump_json,
+    load_json,
+)
 from authsessions.stores import _checks
 from authsessions.stores._base import (
     CreateError,
@@ -400,26 +407,33 @@ class PostgresStore(Store):
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
         )  # fmt: skip
-        cap = changes.size_cap
-        if changes.changes_data:
+        cap, expected = changes.size_cap, changes.expected_token_digest
+        if changes.changes_data or expected is not None:
             removed = [dump_json(key) for key in changes.removed_keys]
             args += (removed, _encode_data(changes.set_keys))
+        if expected is not None:
+            # With the largest cap there is when none is asked for: nothing to refuse.
+            statement, args = (
+                sql.guarded_patch,
+                (*args, MAX_COUNT if cap is None else cap, expected),
+            )
+        elif cap is not None:
+            statement, args = sql.capped_patch, (*args, cap)
+        else:
+            statement = sql.patch if changes.changes_data else sql.touch
         with translate_errors("PostgreSQL", *self._errors):
             try:
                 async with self._borrow() as conn:
-                    if cap is None:
-                        statement = sql.patch if changes.changes_data else sql.touch
+                    if statement is sql.patch or statement is sql.touch:
                         status = await conn.execute(statement, *args, timeout=self.command_timeout)
                         return _count(status) == 1
-                    row = await conn.fetchrow(
-                        sql.capped_patch, *args, cap, timeout=self.command_timeout
-                    )
+                    row = await conn.fetchrow(statement, *args, timeout=self.command_timeout)
             except self._asyncpg.UniqueViolationError:  # only a new digest can collide
                 raise CreateError(session_id) from None  # its detail shows the digest
         assert row is not None  # a SELECT of two subqueries gives one row
         patched, size = row
         # Raised outside the borrowing: a refusal is no reason to give the connection up.
-        if not patched and size is not None:
+        if not patched and size is not None and cap is not None:
             raise DataTooLarge(size, cap)
         return bool(patched)
 

@@ -407,6 +407,7 @@ class RedisStore(Store):
         ttl = None if changes.expires_at is None else _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
         in_cluster, cap = bool(self._cluster), changes.size_cap
+        expected = changes.expected_token_digest
         with translate_errors("Redis", *self._errors):
             tag = await self._tag_of(session_id)
             if tag is None:
@@ -415,9 +416,16 @@ class RedisStore(Store):
                 pointer, digest_key = f"{tag}:{session_id}", self._digest_key(new_digest)
                 if not await client.set(digest_key, pointer, nx=True, px=ttl):
                     if await client.get(digest_key) != pointer:
-                        # Taken; but an expired session is just gone, as the script says.
-                        expires_at = await client.hget(self._session_prefix(tag) + session_id, "ea")
-                        if expires_at is None or float(expires_at) <= now:
+                        # Taken; but a session expired, or not under the digest it must
+                        # hold, is just gone, as the script says.
+                        expires_at, stored_digest = await client.hmget(
+                            self._session_prefix(tag) + session_id, ["ea", "td"]
+                        )
+                        if (
+                            expires_at is None
+                            or float(expires_at) <= now
+                            or expected not in (None, stored_digest)
+                        ):
                             return False
                         raise CreateError(session_id)
                     new_digest = None  # the digest it holds: no rotation, and no clash
@@ -426,7 +434,7 @@ class RedisStore(Store):
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
                       _or_empty(changes.expires_at),
                       new_digest or "", self._pointer_prefix, tag,
-                      "" if cap is None else cap, len(removed), *removed,
+                      "" if cap is None else cap, expected or "", len(removed), *removed,
                       *_data_fields(changes.set_keys)],
             )  # fmt: skip
             if not isinstance(old_digest, str):  # not live (None), taken, or refused (its size)

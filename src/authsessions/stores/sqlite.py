@@ -417,6 +417,9 @@ class SQLiteStore(Store):
                     if row is None:
                         return False
                     stored_data, last_active_at, expires_at, stored_digest = row
+                expected = changes.expected_token_digest
+                if expected is not None and stored_digest != expected:
+                    return False
                 # Only columns whose value changes are set: a commit that rewrites a row as
                 # it was writes no page, and the cache must know whether this one did (see
                 # _after_own_commit).
