@@ -910,6 +910,44 @@ async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
     assert not store.is_open
 
 
+@pytest.mark.parametrize("min_size", [1, 0])
+@pytest.mark.parametrize(
+    ("option", "refusal"),
+    [
+        ("sslmod=disable", "'sslmod' is no setting PostgreSQL knows"),
+        ("statement_timeout=soon", "'statement_timeout' is given a value it refuses"),
+    ],
+    ids=["mistyped-name", "bad-value"],
+)
+async def test_an_option_the_server_refuses_is_named_not_reported_as_unavailable(
+    postgres_url: str, option: str, refusal: str, min_size: int
+) -> None:
+    """asyncpg hands the options it does not know to the server as settings: a mistyped
+    one failed every open as "unavailable; try again shortly", which no retry mends."""
+    separator = "&" if "?" in postgres_url else "?"
+    url = f"{postgres_url}{separator}{option}&password=s3cret-pw"
+    store = PostgresStore(url, min_size=min_size)
+
+    with pytest.raises(ValueError, match=refusal) as raised:
+        await store.open()
+
+    assert "password=***" in str(raised.value)
+    assert "s3cret-pw" not in str(raised.value)
+    assert raised.value.__cause__ is None
+    assert not store.is_open
+
+
+async def test_a_server_setting_given_as_a_url_option_is_still_taken(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    separator = "&" if "?" in postgres_url else "?"
+    url = f"{postgres_url}{separator}application_name=sessions-test"
+    async with PostgresStore(url, schema=postgres_schema) as store:
+        record = make_record(now=start_time())
+        await store.create(record, max_sessions=1, now=record.created_at)
+        assert await store.get(record.token_digest, now=record.created_at) is not None
+
+
 async def test_a_key_value_dsn_never_shows_its_password() -> None:
     """libpq's "host=… password=…" form, which asyncpg does not take: the store's repr and
     the "malformed" error quote the DSN, without its password."""

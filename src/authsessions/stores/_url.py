@@ -151,7 +151,7 @@ def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
 
 
 # An option after a "?" or "&": its name, and its value up to the next "&" or "#".
-_QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
+QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
 # A libpq key=value connection string's password: a word, or a quoted string.
 _CONNINFO_PASSWORD = re.compile(
     r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
@@ -181,7 +181,7 @@ def redact_url(url: str) -> str:
             rest = f"{user}:***{rest[at:]}"
     # Every option that follows a "?" or "&", wherever it stands: the last "@" may be in
     # the query ("?user=admin@server&password=…"), and then no "?" comes after it.
-    return f"{scheme}{separator}{_QUERY_OPTION.sub(_redacted_option, rest)}"
+    return f"{scheme}{separator}{QUERY_OPTION.sub(_redacted_option, rest)}"
 
 
 def _redacted_option(match: re.Match[str]) -> str:

@@ -53,6 +53,7 @@ from authsessions.stores._base import (
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
 from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION, Sql
+from authsessions.stores._url import QUERY_OPTION as _QUERY_OPTION
 from authsessions.stores._url import malformed_url, redact_url
 
 if TYPE_CHECKING:
@@ -236,6 +237,30 @@ class PostgresStore(Store):
                 redact_url(self._dsn),
                 "postgresql://[user:password@]host[:port]/database[?option=value]",
             ) from None
+        except self._asyncpg.PostgresError as exc:
+            refused = self._refused_url_option(exc)
+            if refused is None:
+                raise
+            raise refused from None
+
+    def _refused_url_option(self, exc: Exception) -> ValueError | None:
+        """The error for an option of the URL the server refused as the connection started,
+        ``None`` for any other failure. asyncpg sends the options it does not know itself
+        as server settings, so a mistyped ``?sslmod=`` reached the server, and failing
+        the same way on every try, it read as "unavailable, try again shortly".
+        """
+        what = _REFUSED_SETTING.get(str(getattr(exc, "sqlstate", "")))
+        if self._dsn is None or what is None:
+            return None
+        named = re.search(r'"([^"]*)"', str(exc))
+        options = {match["name"] for match in _QUERY_OPTION.finditer(self._dsn)}
+        if named is None or named[1] not in options:
+            return None
+        return ValueError(
+            f"the PostgreSQL URL {redact_url(self._dsn)} has an option the server refuses: "
+            f"{named[1]!r} is {what}. Options asyncpg does not know itself reach the server "
+            "as settings; see asyncpg.connect for the ones it knows (sslmode, say)."
+        )
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
@@ -505,6 +530,11 @@ def _import_asyncpg() -> Any:
             "PostgresStore needs asyncpg: pip install 'authsessions[postgres]'"
         ) from exc
     return asyncpg
+
+
+# What the server answers, as a connection starts, to a setting asyncpg passed on from the
+# URL's options: no such setting, or not a value it takes.
+_REFUSED_SETTING = {"42704": "no setting PostgreSQL knows", "22023": "given a value it refuses"}
 
 
 def _encode_data(data: Any) -> str:
