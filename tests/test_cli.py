@@ -877,6 +877,23 @@ def test_demo_refuses_a_port_it_cannot_be_reached_on() -> None:
     assert "Invalid value for '--port'" in result.stderr
 
 
+def test_demo_on_a_taken_port_says_so_before_any_banner(tmp_path: Path) -> None:
+    """uvicorn found the port taken only after the banner and the app's startup, and
+    exited with code 3 under a log line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = console_script("demo", "--port", str(port), "--store", "memory://", cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"Error: cannot serve the demo on 127.0.0.1:{port}: Address already in use. "
+        "Pass --port (and --host) to serve it elsewhere.\n"
+    )
+
+
 async def test_the_demo_keeps_the_peer_address_whatever_a_forwarded_header_says(
     tmp_path: Path,
 ) -> None:

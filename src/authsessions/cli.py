@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -376,6 +377,7 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         # Open once before serving: a bad URL or an unreachable store fails here, in one
         # line, rather than as a 503 on every page; it also creates the schema.
         asyncio.run(_with_store(store_url, _nothing, create=True, memory_ok=True))
+        listening = _listening_socket(host, port)
     out = _stdout()
     out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
     out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
@@ -383,7 +385,26 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         out.print("  warning: plain HTTP; do not expose the demo beyond this machine.")
     # The app reads the client's address itself (trusted_proxies): uvicorn's own reading
     # of X-Forwarded-For, on by default for 127.0.0.1, would replace the peer with it.
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port``, before the banner says where the demo is: on
+    a taken port uvicorn failed only after the banner and the app's startup, with exit
+    code 3.
+    """
+    import click
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise click.ClickException(
+            f"cannot serve the demo on {host}:{port}: {reason}. Pass --port (and --host) to "
+            "serve it elsewhere."
+        ) from None
 
 
 # -- printing ---------------------------------------------------------------------------
