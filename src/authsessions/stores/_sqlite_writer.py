@@ -143,8 +143,12 @@ class WriterThread:
 
         def within_timeout(db: sqlite3.Connection) -> T:
             left_ms = round((deadline - time.monotonic()) * 1000)
-            if left_ms >= timeout_ms:
-                return work(db)  # nothing was ahead of it
+            if left_ms >= timeout_ms - timeout_ms // 10:
+                # Little was ahead of it: the whole timeout, a tenth over at most. Setting
+                # one and back is two statements more, each a wait for the GIL when the
+                # event loop is busy: a cleanup of a million under read load took 213 s
+                # instead of 114 s.
+                return work(db)
             db.execute(f"PRAGMA busy_timeout = {max(left_ms, 0)}")
             try:
                 return work(db)

@@ -53,8 +53,7 @@ from authsessions.stores._base import (
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
 from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION, Sql
-from authsessions.stores._url import QUERY_OPTION as _QUERY_OPTION
-from authsessions.stores._url import malformed_url, redact_url
+from authsessions.stores._url import QUERY_OPTION, malformed_url, redact_url
 
 if TYPE_CHECKING:
     import asyncpg
@@ -253,7 +252,7 @@ class PostgresStore(Store):
         if self._dsn is None or what is None:
             return None
         named = re.search(r'"([^"]*)"', str(exc))
-        options = {match["name"] for match in _QUERY_OPTION.finditer(self._dsn)}
+        options = {match["name"] for match in QUERY_OPTION.finditer(self._dsn)}
         if named is None or named[1] not in options:
             return None
         return ValueError(
