@@ -797,6 +797,82 @@ async def test_a_rotate_retried_after_another_task_logged_out_answers_401(
     assert await SessionManager(store).list_for_user("alice") == []
 
 
+class YieldingAroundWrites(MemoryStore):
+    """Lets other tasks run before an update is applied, after an update that applied,
+    and after a delete, as a networked store's round trips do (a Redis Cluster's pipeline
+    after its script, which an update that changed nothing skips)."""
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        updated = await super().update(session_id, changes, now=now)
+        for _ in range(3 if updated else 0):
+            await asyncio.sleep(0)
+        return updated
+
+    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+        deleted = await super().delete(session_id, user_id=user_id)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return deleted
+
+
+async def test_two_rotations_at_once_in_one_request_both_happen_in_turn(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The second used to find the token rotated away by the first, whose store write had
+    finished but whose task had not yet taken the new record: it ended the session, and
+    with it the values the request had set."""
+    store = YieldingAroundWrites()
+
+    async def rotate_twice(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("before", 1)
+        results = await asyncio.gather(session.rotate(), session.rotate(), return_exceptions=True)
+        return JSONResponse([repr(result) for result in results])
+
+    token, _ = await plant_session(store, "alice", data={"plan": "pro"})
+    app = app_factory(store, extra_routes=[Route("/rotate-twice", rotate_twice, methods=["POST"])])
+    client = client_factory(app)
+
+    response = await client.post("/rotate-twice", headers=cookie_header(token))
+
+    assert response.json() == ["None", "None"]
+    new = session_cookie(response)
+    assert new is not None
+    assert new.value not in ("", token)
+    [stored] = await SessionManager(store).list_for_user("alice")
+    assert stored.data == {"plan": "pro", "before": 1}
+    me = await client.get("/me", headers=cookie_header(new.value))
+    assert me.json()["session"]["data"] == {"plan": "pro", "before": 1}
+
+
+async def test_a_rotation_beside_a_logout_leaves_nothing_for_the_next_login(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The values the rotation took to write were kept as still to write after the logout
+    ended the session, and a login later in the request wrote them into the new user's."""
+    store = YieldingAroundWrites()
+
+    async def logout_beside_rotate_then_login(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("alice_secret", "s3cr3t")
+        await asyncio.gather(session.logout(), session.rotate(), return_exceptions=True)
+        await session.authenticate("mallory")
+        return JSONResponse({})
+
+    token, _ = await plant_session(store, "alice")
+    route = Route("/switch", logout_beside_rotate_then_login, methods=["POST"])
+    response = await client_factory(app_factory(store, extra_routes=[route])).post(
+        "/switch", headers=cookie_header(token)
+    )
+
+    assert response.status_code == 200
+    assert await SessionManager(store).list_for_user("alice") == []
+    [mallorys] = await SessionManager(store).list_for_user("mallory")
+    assert mallorys.data == {}
+
+
 class HoldingTheTouch(MemoryStore):
     """Applies a touch, then answers it only once ``go_on`` is set: a slow network store's
     reply, overtaken by a logout from a task of the same request."""

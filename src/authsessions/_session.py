@@ -79,6 +79,7 @@ class Session:
         "_data",
         "_flushed",
         "_record",
+        "_rotating",
         "_store",
         "_token",
     )
@@ -110,6 +111,7 @@ class Session:
         self._changes: dict[str, Any] | None = None
         # The response has started (the socket has ended): nothing more can be written.
         self._flushed = False
+        self._rotating: asyncio.Lock | None = None  # made by the request's first rotate()
 
     def __repr__(self) -> str:
         if self._record is None:
@@ -299,6 +301,7 @@ class Session:
                 continue
             self._record = record
             self._data = initial
+            self._changes = None  # nothing of an earlier session's goes into this one
             self._token = token
             self._cookie_change = "set"
             await self._refuse_if_unsent("authenticate")
@@ -325,6 +328,17 @@ class Session:
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
+        # One rotation at a time in a request: each is conditional on the token the last
+        # one left, so two at once (tasks of one handler) would see each other's as a
+        # rotation from elsewhere, and end the session.
+        rotating = self._rotating
+        if rotating is None:
+            rotating = self._rotating = asyncio.Lock()
+        async with rotating:
+            await self._rotate()
+
+    async def _rotate(self) -> None:
+        self._refuse_cookie_change("rotate")  # again: the response may have started
         now = time.time()
         for _attempt in range(3):
             # Again on each attempt: another task may have ended the session meanwhile.
@@ -342,19 +356,17 @@ class Session:
             try:
                 updated = await self._update(record, changes, now)
             except BaseException as exc:
-                self._still_to_write(written)
+                if written is not None:
+                    self._changes = {**written, **(self._changes or {})}
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
                 raise
-            if updated or self._record is record:
-                break
-            # Another task of this request rotated it (or ended it) meanwhile: again, from
-            # where that left it.
-            self._still_to_write(written)
+            break
         else:
             raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
-            self._end()
+            if self._record is record:  # not a new login of another task's
+                self._end()
             raise Unauthorized("This session has ended; sign in again.")
         self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
@@ -538,11 +550,6 @@ class Session:
                 f"bytes, over max_data_bytes={self._config.max_data_bytes}. Together they "
                 "exceeded the limit; store less per session or raise the limit."
             ) from None
-
-    def _still_to_write(self, changes: dict[str, Any] | None) -> None:
-        """Keep ``changes``, taken for a write that did not happen, under any set since."""
-        if changes is not None:
-            self._changes = {**changes, **(self._changes or {})}
 
     def _check_fits(self, data: dict[str, Any], what: str) -> None:
         size = data_size(data)
