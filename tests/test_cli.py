@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -892,6 +893,50 @@ def test_demo_on_a_taken_port_says_so_before_any_banner(tmp_path: Path) -> None:
         f"Error: cannot serve the demo on 127.0.0.1:{port}: Address already in use. "
         "Pass --port (and --host) to serve it elsewhere.\n"
     )
+
+
+def test_demo_on_a_host_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    result = console_script(
+        "demo", "--host", "nosuchhost.invalid", "--port", str(free_port()), "--store", "memory://",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot serve the demo on nosuchhost.invalid:")
+    assert "Unknown error" not in result.stderr
+    assert "while attempting" not in result.stderr
+
+
+def test_demo_stopped_with_ctrl_c_exits_cleanly_and_shows_an_ipv6_address_as_a_url(
+    tmp_path: Path,
+) -> None:
+    """Ctrl+C is how the demo stops: it exited 1 with click's "Aborted!"."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "demo", "--host", "::1", "--port", str(port), "--store", "memory://"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://[::1]:{port}/signin", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the demo did not start:\n{process.communicate()[0]}")
+                time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0, output
+    assert "Aborted" not in output
+    assert f"authsessions demo on http://[::1]:{port}/" in output
 
 
 async def test_the_demo_keeps_the_peer_address_whatever_a_forwarded_header_says(

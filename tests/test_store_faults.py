@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
@@ -210,3 +212,28 @@ def test_a_failure_is_logged_without_what_a_statement_was_given(
     error: BaseException, logged: str
 ) -> None:
     assert failure_detail(error) == logged
+
+
+def test_an_app_that_configures_no_logging_still_sees_why_the_store_failed() -> None:
+    """uvicorn configures only its own loggers: with a do-nothing handler of the library's,
+    each 503 went out with its cause (a mistyped host, a refused connection) printed
+    nowhere."""
+    script = """
+import asyncio
+from authsessions import StoreUnavailable
+from authsessions.stores import PostgresStore
+
+async def main():
+    try:
+        await PostgresStore("postgresql://postgres@127.0.0.1:1/test", connect_timeout=2).open()
+    except StoreUnavailable:
+        print("503")
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert done.stdout == "503\n"
+    assert "the PostgreSQL session store failed: ConnectionRefusedError" in done.stderr

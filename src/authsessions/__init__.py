@@ -10,8 +10,6 @@
         await Session.from_request(request).authenticate(user_id)
 """
 
-import logging
-
 from authsessions._config import SessionConfig
 from authsessions._errors import (
     SessionDataError,
@@ -39,10 +37,6 @@ __all__ = [
     "StoreUnavailable",
     "Unauthorized",
 ]
-
-# A library logs, the application decides where to: without this, Python's last-resort
-# handler would print our warnings to stderr in apps that configure no logging.
-logging.getLogger("authsessions").addHandler(logging.NullHandler())
 
 for _name in __all__:
     globals()[_name].__module__ = "authsessions"

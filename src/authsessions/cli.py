@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import socket
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -303,6 +304,10 @@ def one_line_errors() -> Iterator[None]:
     """
     import click
 
+    # The failure the library logs is the one this reports: where the app has configured
+    # no logging, Python would print it to stderr too, a second account of one error.
+    library_log, told_nowhere = logging.getLogger("authsessions"), logging.NullHandler()
+    library_log.addHandler(told_nowhere)
     try:
         yield
     except click.ClickException:
@@ -327,6 +332,8 @@ def one_line_errors() -> Iterator[None]:
         raise click.ClickException(_first_line(str(exc))) from None
     except Exception as exc:
         raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
+    finally:
+        library_log.removeHandler(told_nowhere)
 
 
 def _first_line(text: str) -> str:
@@ -379,14 +386,16 @@ def _serve_demo(store_url: str, host: str, port: int) -> None:
         asyncio.run(_with_store(store_url, _nothing, create=True, memory_ok=True))
         listening = _listening_socket(host, port)
     out = _stdout()
-    out.print(f"authsessions demo on http://{host}:{port}/ (Ctrl+C stops it)")
+    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL has it
+    out.print(f"authsessions demo on http://{shown_host}:{port}/ (Ctrl+C stops it)")
     out.print(f"  sessions: {redact_url(store_url)}   accounts: {users_path_for(store_url)}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         out.print("  warning: plain HTTP; do not expose the demo beyond this machine.")
     # The app reads the client's address itself (trusted_proxies): uvicorn's own reading
     # of X-Forwarded-For, on by default for 127.0.0.1, would replace the peer with it.
     config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=False)
-    uvicorn.Server(config).run(sockets=[listening])
+    with suppress(KeyboardInterrupt):  # Ctrl+C is how the demo stops
+        uvicorn.Server(config).run(sockets=[listening])
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -396,11 +405,17 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     """
     import click
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ipv6 = ":" in host
     try:
-        return socket.create_server((host, port), family=family)
+        return socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+            # "::" serves IPv4 too, as uvicorn's own socket did.
+            dualstack_ipv6=ipv6 and host == "::" and socket.has_dualstack_ipv6(),
+        )
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        # Without what create_server adds to it: the address, which the message has.
+        reason = (exc.strerror or str(exc)).partition(" (while attempting to bind")[0]
         raise click.ClickException(
             f"cannot serve the demo on {host}:{port}: {reason}. Pass --port (and --host) to "
             "serve it elsewhere."
