@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging.handlers
 import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -127,3 +129,43 @@ async def test_a_websocket_that_only_sends_keeps_what_it_set_when_the_client_lea
     await store.close()
 
     assert session.data == {"theme": "pushed"}
+
+
+@pytest.mark.parametrize("lifespan", ["auto", "on"])
+async def test_a_store_the_app_cannot_use_stops_the_server_saying_why(
+    lifespan: Literal["auto", "on"],
+) -> None:
+    """A misconfigured store, which no retry mends, raised out of the lifespan: uvicorn's
+    "auto" took the app for one without lifespan support, skipped its own startup, and
+    served a 500 for every request with a cookie."""
+    started_by_the_app: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        started_by_the_app.append(True)
+        yield
+
+    malformed = "postgresql://app:s3cret/PW@127.0.0.1:5432/test"  # an unescaped "/"
+    app = build_app(malformed, CONFIG)
+    app.router.lifespan_context = app_lifespan
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan=lifespan, log_level="warning"))
+    said = logging.handlers.BufferingHandler(capacity=100)
+    logging.getLogger("uvicorn.error").addHandler(said)
+
+    try:
+        # In this task: SystemExit out of another would stop the event loop itself.
+        with pytest.raises(SystemExit) as exited:
+            async with asyncio.timeout(10):
+                await server.serve(sockets=[sock])
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(said)
+        sock.close()
+    told = "\n".join(record.getMessage() for record in said.buffer)
+
+    assert exited.value.code == 3  # uvicorn's "startup failed"
+    assert not server.started
+    assert started_by_the_app == []
+    assert "the session store could not be opened: the PostgreSQL URL" in told
+    assert "s3cret" not in told

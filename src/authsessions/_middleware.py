@@ -290,7 +290,16 @@ class SessionMiddleware:
         async def receive_wrapper() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await open_at_startup(self.store)
+                try:
+                    await open_at_startup(self.store)
+                except Exception as exc:
+                    # A store no retry mends (a malformed URL, an option the server
+                    # refuses, a newer schema): the server stops, saying why. Raised alone,
+                    # it took the app for one without lifespan support (uvicorn's "auto"),
+                    # skipped the app's own startup and served 500s.
+                    failed = f"the session store could not be opened: {exc}"
+                    await send({"type": "lifespan.startup.failed", "message": failed})
+                    raise
             return message
 
         async def send_wrapper(message: Message) -> None:
