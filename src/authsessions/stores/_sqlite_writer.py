@@ -143,8 +143,8 @@ class WriterThread:
 
         def within_timeout(db: sqlite3.Connection) -> T:
             left_ms = round((deadline - time.monotonic()) * 1000)
-            if left_ms >= timeout_ms - timeout_ms // 10:
-                # Little was ahead of it: the whole timeout, a tenth over at most. Setting
+            if left_ms >= timeout_ms - min(timeout_ms // 10, 50):
+                # Little was ahead of it: the whole timeout, 50 ms over at most. Setting
                 # one and back is two statements more, each a wait for the GIL when the
                 # event loop is busy: a cleanup of a million under read load took 213 s
                 # instead of 114 s.

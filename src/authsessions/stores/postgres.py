@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -252,13 +253,19 @@ class PostgresStore(Store):
         if self._dsn is None or what is None:
             return None
         named = re.search(r'"([^"]*)"', str(exc))
-        options = {match["name"] for match in QUERY_OPTION.finditer(self._dsn)}
-        if named is None or named[1] not in options:
+        # Setting names are case-insensitive ("timezone" comes back as "TimeZone").
+        options = {
+            urllib.parse.unquote(match["name"]).lower(): match["name"]
+            for match in QUERY_OPTION.finditer(self._dsn)
+        }
+        option = options.get(named[1].lower()) if named is not None else None
+        if option is None:
             return None
+        # The option by its name alone: its value may be a password under a mistyped name.
         return ValueError(
-            f"the PostgreSQL URL {redact_url(self._dsn)} has an option the server refuses: "
-            f"{named[1]!r} is {what}. Options asyncpg does not know itself reach the server "
-            "as settings; see asyncpg.connect for the ones it knows (sslmode, say)."
+            f"the PostgreSQL URL's option {option!r} is {what}. Options asyncpg does not "
+            "know itself reach the server as settings; see asyncpg.connect for the ones it "
+            "knows (sslmode, say)."
         )
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
@@ -533,7 +540,12 @@ def _import_asyncpg() -> Any:
 
 # What the server answers, as a connection starts, to a setting asyncpg passed on from the
 # URL's options: no such setting, or not a value it takes.
-_REFUSED_SETTING = {"42704": "no setting PostgreSQL knows", "22023": "given a value it refuses"}
+_REFUSED_SETTING = {
+    "42704": "no setting PostgreSQL knows",
+    "22023": "given a value the server refuses",
+    "55P02": "a setting that cannot be changed per connection",
+    "42501": "a setting this role may not change",
+}
 
 
 def _encode_data(data: Any) -> str:
