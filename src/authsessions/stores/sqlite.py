@@ -144,7 +144,8 @@ class SQLiteStore(Store):
     Args:
         path: the database file; created if missing.
         timeout: seconds a write waits for another connection's lock before
-            failing with ``StoreUnavailable``.
+            failing with ``StoreUnavailable``, counted from when it was asked for
+            (up to 50 ms more, for one that waited that little for writes ahead).
     """
 
     def __init__(
