@@ -752,47 +752,41 @@ async def test_session_data_error_renders_as_500_json_and_saves_nothing(
 
 
 class RefusingTheFirstRotation(MemoryStore):
-    """Answers the first rotation as if its new token were another session's, once
-    ``go_on`` is set: what a retry meets after another task's logout."""
+    """Answers the first rotation as if its new token were another session's, after
+    another request logged the session out: what a retry then meets."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.go_on = asyncio.Event()
         self.refused = False
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         if changes.token_digest is not None and not self.refused:
             self.refused = True
-            await self.go_on.wait()
+            await self.delete(session_id)  # another request's logout, meanwhile
             raise CreateError(session_id)
         return await super().update(session_id, changes, now=now)
 
 
-async def test_a_rotate_retried_after_another_task_logged_out_answers_401(
+async def test_a_rotate_retried_after_a_logout_elsewhere_answers_401(
     app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:
     """The retry finds no session to rotate: Unauthorized, as a rotate after a logout."""
     store = RefusingTheFirstRotation()
 
-    async def rotate_beside_logout(request: Request) -> Response:
-        session = Session.from_request(request)
-
-        async def logout_then_let_the_rotation_go_on() -> None:
-            await session.logout()
-            store.go_on.set()
-
-        await asyncio.gather(session.rotate(), logout_then_let_the_rotation_go_on())
+    async def rotate(request: Request) -> Response:
+        await Session.from_request(request).rotate()
         return JSONResponse({})
 
     token, _ = await plant_session(store, "alice")
-    app = app_factory(store, extra_routes=[Route("/race", rotate_beside_logout, methods=["POST"])])
+    app = app_factory(store, extra_routes=[Route("/race", rotate, methods=["POST"])])
 
     response = await client_factory(app).post("/race", headers=cookie_header(token))
 
     assert (response.status_code, response.json()) == (
         401,
-        {"detail": "Not authenticated: sign in first."},
+        {"detail": "This session has ended; sign in again."},
     )
+    assert_clears_cookie(response)
     assert store.refused
     assert await SessionManager(store).list_for_user("alice") == []
 
@@ -871,6 +865,44 @@ async def test_a_rotation_beside_a_logout_leaves_nothing_for_the_next_login(
     assert await SessionManager(store).list_for_user("alice") == []
     [mallorys] = await SessionManager(store).list_for_user("mallory")
     assert mallorys.data == {}
+
+
+@pytest.mark.parametrize("beside", ["authenticate", "logout"])
+async def test_a_login_or_logout_beside_a_rotation_takes_its_turn(
+    app_factory: AppFactory, client_factory: ClientFactory, beside: str
+) -> None:
+    """Started while the rotation waited for the store, a login was overwritten by the
+    rotated session as the rotation ended (its session orphaned, a dead cookie sent),
+    and a logout looked up the token being rotated away and ended nothing."""
+    store = YieldingAroundWrites()
+
+    async def rotate_beside(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("alice_secret", "s3cr3t")
+        other = session.authenticate("mallory") if beside == "authenticate" else session.logout()
+        await asyncio.gather(session.rotate(), other)
+        return JSONResponse({"user_id": session.user_id})
+
+    token, _ = await plant_session(store, "alice")
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/both", rotate_beside, methods=["POST"])])
+    )
+
+    response = await client.post("/both", headers=cookie_header(token))
+
+    manager = SessionManager(store)
+    assert await manager.list_for_user("alice") == []
+    if beside == "logout":
+        assert response.json() == {"user_id": None}
+        assert_clears_cookie(response)
+        return
+    assert response.json() == {"user_id": "mallory"}
+    [mallorys] = await manager.list_for_user("mallory")
+    assert mallorys.data == {}
+    new = session_cookie(response)
+    assert new is not None
+    me = await client.get("/me", headers=cookie_header(new.value))
+    assert me.json()["user_id"] == "mallory"
 
 
 class HoldingTheTouch(MemoryStore):

@@ -79,9 +79,9 @@ class Session:
         "_data",
         "_flushed",
         "_record",
-        "_rotating",
         "_store",
         "_token",
+        "_turns",
     )
 
     def __init__(
@@ -111,7 +111,7 @@ class Session:
         self._changes: dict[str, Any] | None = None
         # The response has started (the socket has ended): nothing more can be written.
         self._flushed = False
-        self._rotating: asyncio.Lock | None = None  # made by the request's first rotate()
+        self._turns: asyncio.Lock | None = None  # see _turn(); made when first needed
 
     def __repr__(self) -> str:
         if self._record is None:
@@ -266,47 +266,50 @@ class Session:
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
         initial = plain_json_copy(dict(data), "the initial session data")
         self._check_fits(initial, "the initial session data")
-        self._refuse_cookie_change("authenticate")
-        if self._record is not None:
-            await self._store.delete(self._record.id)
-            self._end()  # if the new session cannot be made, the ended one's cookie goes
-        if not self._store.is_open:
-            await self._store.open()  # a request without a cookie left it unopened
-        now = time.time()
-        config = self._config
-        kind, headers, client = self._connection
-        connection: Scope = {"type": kind, "headers": headers, "client": client}
-        device = device_of(connection)
-        ip_address = client_ip(connection, config.trusted_networks)
-        user_agent = user_agent_of(connection) or None
-        for _attempt in range(3):
-            token = new_token()
-            record = CheckedRecord(
-                id=new_session_id(),
-                token_digest=token_digest(token),
-                user_id=user_id,
-                ip_address=ip_address,
-                user_agent=user_agent,
-                device_name=device.name,
-                device_type=device.type,
-                fingerprint=device.fingerprint,
-                data=initial,
-                created_at=now,
-                last_active_at=now,
-                expires_at=self._expiry(created_at=now, now=now),
-            )
-            try:
-                await self._store.create(record, max_sessions=config.max_sessions_per_user, now=now)
-            except CreateError:  # 2**-128 odds, but never overwrite someone's session
-                continue
-            self._record = record
-            self._data = initial
-            self._changes = None  # nothing of an earlier session's goes into this one
-            self._token = token
-            self._cookie_change = "set"
-            await self._refuse_if_unsent("authenticate")
-            return
-        raise RuntimeError("could not create a session with a fresh id three times in a row")
+        async with self._turn():
+            self._refuse_cookie_change("authenticate")
+            if self._record is not None:
+                await self._store.delete(self._record.id)
+                self._end()  # if the new session cannot be made, the ended one's cookie goes
+            if not self._store.is_open:
+                await self._store.open()  # a request without a cookie left it unopened
+            now = time.time()
+            config = self._config
+            kind, headers, client = self._connection
+            connection: Scope = {"type": kind, "headers": headers, "client": client}
+            device = device_of(connection)
+            ip_address = client_ip(connection, config.trusted_networks)
+            user_agent = user_agent_of(connection) or None
+            for _attempt in range(3):
+                token = new_token()
+                record = CheckedRecord(
+                    id=new_session_id(),
+                    token_digest=token_digest(token),
+                    user_id=user_id,
+                    ip_address=ip_address,
+                    user_agent=user_agent,
+                    device_name=device.name,
+                    device_type=device.type,
+                    fingerprint=device.fingerprint,
+                    data=initial,
+                    created_at=now,
+                    last_active_at=now,
+                    expires_at=self._expiry(created_at=now, now=now),
+                )
+                try:
+                    await self._store.create(
+                        record, max_sessions=config.max_sessions_per_user, now=now
+                    )
+                except CreateError:  # 2**-128 odds, but never overwrite someone's session
+                    continue
+                self._record = record
+                self._data = initial
+                self._changes = None  # nothing of an earlier session's goes into this one
+                self._token = token
+                self._cookie_change = "set"
+                await self._refuse_if_unsent("authenticate")
+                return
+            raise RuntimeError("could not create a session with a fresh id three times in a row")
 
     async def rotate(self) -> None:
         """Issue a new token and refresh the expiry, keeping the session id and data.
@@ -328,13 +331,7 @@ class Session:
         """
         self._require_session()
         self._refuse_cookie_change("rotate")
-        # One rotation at a time in a request: each is conditional on the token the last
-        # one left, so two at once (tasks of one handler) would see each other's as a
-        # rotation from elsewhere, and end the session.
-        rotating = self._rotating
-        if rotating is None:
-            rotating = self._rotating = asyncio.Lock()
-        async with rotating:
+        async with self._turn():
             await self._rotate()
 
     async def _rotate(self) -> None:
@@ -356,7 +353,7 @@ class Session:
             try:
                 updated = await self._update(record, changes, now)
             except BaseException as exc:
-                if written is not None:
+                if written is not None and self._record is record:
                     self._changes = {**written, **(self._changes or {})}
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
@@ -379,14 +376,15 @@ class Session:
         Raises:
             StoreUnavailable: the store failed; the session still exists.
         """
-        record = self._record
-        if record is not None:
-            # Not a session this request's token no longer names (rotated away, by the
-            # user who now holds it): only this request's cookie goes.
-            if await self._still_named(record):
-                await self._store.delete(record.id)
-            if self._record is record:
-                self._end()
+        async with self._turn():
+            record = self._record
+            if record is not None:
+                # Not a session this request's token no longer names (rotated away, by the
+                # user who now holds it): only this request's cookie goes.
+                if await self._still_named(record):
+                    await self._store.delete(record.id)
+                if self._record is record:
+                    self._end()
 
     async def logout_all(self) -> None:
         """Destroy every session of the current user, this one included, and clear the cookie.
@@ -395,9 +393,10 @@ class Session:
             Unauthorized: there is no session (or it ended meanwhile).
             StoreUnavailable: the store failed.
         """
-        record = await self._require_live_session()
-        await self._store.delete_for_user(record.user_id)
-        self._end()
+        async with self._turn():
+            record = await self._require_live_session()
+            await self._store.delete_for_user(record.user_id)
+            self._end()
 
     async def logout_other(self) -> None:
         """Destroy every session of the current user except this one.
@@ -451,13 +450,14 @@ class Session:
             StoreUnavailable: the store failed.
         """
         require_str("session_id", session_id)
-        record = await self._require_live_session()
-        if not is_well_formed_session_id(session_id) or not await self._store.delete(
-            session_id, user_id=record.user_id
-        ):
-            raise SessionNotFound()
-        if session_id == record.id:
-            self._end()
+        async with self._turn():
+            record = await self._require_live_session()
+            if not is_well_formed_session_id(session_id) or not await self._store.delete(
+                session_id, user_id=record.user_id
+            ):
+                raise SessionNotFound()
+            if session_id == record.id:
+                self._end()
 
     # -- for the middleware ----------------------------------------------------------
     # (SessionMiddleware also reads _record and _cookie_change directly, on every response.)
@@ -597,6 +597,18 @@ class Session:
             record.last_active_at if changes.last_active_at is None else changes.last_active_at,
             record.expires_at if changes.expires_at is None else changes.expires_at,
         )
+
+    def _turn(self) -> asyncio.Lock:
+        """Turns for the request's tasks at changing the session it holds (a login, a
+        rotation, a logout, a revocation): each reads that session, waits for the store,
+        then sets what it left, so two at once would act on a session the other had
+        replaced (a rotation conditional on a token the other rotated away; a login
+        overwritten by a rotation of the session it replaced).
+        """
+        turns = self._turns
+        if turns is None:
+            turns = self._turns = asyncio.Lock()
+        return turns
 
     def _require_session(self) -> SessionRecord:
         if self._record is None:
