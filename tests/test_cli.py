@@ -738,6 +738,22 @@ def test_a_password_the_drivers_misread_is_not_printed(url: str) -> None:
     assert ":***@127.0.0.1:" in result.stderr
 
 
+def test_a_store_failure_with_no_cause_to_show_says_what_the_log_said(
+    postgres_schema: str,
+) -> None:
+    """A driver error whose message may hold a statement's values is not chained; the
+    line said only "unavailable; try again shortly", and the log line that named the
+    failure was kept out of the output."""
+    url = networked_store("postgres", POSTGRES_URL)
+    separator = "&" if "?" in url else "?"
+    url = f"{url}{separator}schema={postgres_schema}"
+    assert run("migrate", "--store", url).exit_code == 0
+
+    result = run("revoke-user", "alice", "--store", f"{url}&default_transaction_read_only=on")
+
+    assert_one_line_error(result, "ReadOnlySQLTransactionError (25006)")
+
+
 def test_demo_with_a_bad_store_fails_in_one_line() -> None:
     assert_one_line_error(run("demo", "--store", "nosuch://x"), "unknown store URL scheme")
 

@@ -304,10 +304,10 @@ def one_line_errors() -> Iterator[None]:
     """
     import click
 
-    # The failure the library logs is the one this reports: where the app has configured
-    # no logging, Python would print it to stderr too, a second account of one error.
-    library_log, told_nowhere = logging.getLogger("authsessions"), logging.NullHandler()
-    library_log.addHandler(told_nowhere)
+    # The failure the library logs is the one this reports: kept here, not printed as
+    # well (where nothing configured logging, Python would print it to stderr).
+    library_log, logged = logging.getLogger("authsessions"), _LastWarning()
+    library_log.addHandler(logged)
     try:
         yield
     except click.ClickException:
@@ -317,7 +317,10 @@ def one_line_errors() -> Iterator[None]:
         # most often the command's own store URL: a path, a role, a database name.
         cause = exc.__cause__
         if cause is None:
-            raise click.ClickException(_first_line(exc.message)) from None
+            # Not chained where the driver's message could hold a statement's values; the
+            # log line says what failed without them ("ReadOnlySQLTransactionError").
+            said = logged.message or exc.message
+            raise click.ClickException(_first_line(said)) from None
         said = _first_line(str(cause)).rstrip(".") if str(cause) else type(cause).__name__
         raise click.ClickException(f"cannot use the session store: {said}.") from None
     except SessionError as exc:
@@ -333,7 +336,18 @@ def one_line_errors() -> Iterator[None]:
     except Exception as exc:
         raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
     finally:
-        library_log.removeHandler(told_nowhere)
+        library_log.removeHandler(logged)
+
+
+class _LastWarning(logging.Handler):
+    """Keeps the message of the last warning (or worse) logged, instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
 
 
 def _first_line(text: str) -> str:
