@@ -919,8 +919,16 @@ async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
         ("timezone=Mars/Olympus", "'timezone' is given a value the server refuses"),
         ("server_version=1", "'server_version' is a setting that cannot be changed per"),
         ("pasword=hunter2", "'pasword' is no setting PostgreSQL knows"),
+        ("role=nosuchrole", "'role' is given a value the server refuses"),
     ],
-    ids=["mistyped-name", "bad-value", "named-otherwise-by-the-server", "fixed", "secret"],
+    ids=[
+        "mistyped-name",
+        "bad-value",
+        "named-otherwise-by-the-server",
+        "fixed",
+        "secret",
+        "value-quoted",
+    ],
 )
 async def test_an_option_the_server_refuses_is_named_not_reported_as_unavailable(
     postgres_url: str, option: str, refusal: str, min_size: int

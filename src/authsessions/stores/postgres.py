@@ -253,17 +253,20 @@ class PostgresStore(Store):
         if self._dsn is None or what is None:
             return None
         named = re.search(r'"([^"]*)"', str(exc))
-        # Setting names are case-insensitive ("timezone" comes back as "TimeZone").
-        options = {
-            urllib.parse.unquote(match["name"]).lower(): match["name"]
-            for match in QUERY_OPTION.finditer(self._dsn)
-        }
-        option = options.get(named[1].lower()) if named is not None else None
-        if option is None:
+        if named is None:
+            return None
+        # The server quotes the setting's name (case-insensitive: "timezone" comes back as
+        # "TimeZone"), or for some the value it refuses (`role "x" does not exist`).
+        quoted = named[1].lower()
+        for match in QUERY_OPTION.finditer(self._dsn):
+            name, _, value = match[0].partition("=")
+            if quoted in (urllib.parse.unquote(name).lower(), urllib.parse.unquote(value).lower()):
+                break
+        else:
             return None
         # The option by its name alone: its value may be a password under a mistyped name.
         return ValueError(
-            f"the PostgreSQL URL's option {option!r} is {what}. Options asyncpg does not "
+            f"the PostgreSQL URL's option {match['name']!r} is {what}. Options asyncpg does not "
             "know itself reach the server as settings; see asyncpg.connect for the ones it "
             "knows (sslmode, say)."
         )
