@@ -445,6 +445,9 @@ class PostgresStore(Store):
         if changes.changes_data or expected is not None:
             removed = [dump_json(key) for key in changes.removed_keys]
             args += (removed, _encode_data(changes.set_keys))
+        # The capped and guarded patches answer with whether they changed the row and the
+        # data's size; the others with a row count.
+        measured = True
         if expected is not None:
             # With the largest cap there is when none is asked for: nothing to refuse.
             statement, args = (
@@ -454,11 +457,11 @@ class PostgresStore(Store):
         elif cap is not None:
             statement, args = sql.capped_patch, (*args, cap)
         else:
-            statement = sql.patch if changes.changes_data else sql.touch
+            statement, measured = (sql.patch if changes.changes_data else sql.touch), False
         with translate_errors("PostgreSQL", *self._errors):
             try:
                 async with self._borrow() as conn:
-                    if statement is sql.patch or statement is sql.touch:
+                    if not measured:
                         status = await conn.execute(statement, *args, timeout=self.command_timeout)
                         return _count(status) == 1
                     row = await conn.fetchrow(statement, *args, timeout=self.command_timeout)
