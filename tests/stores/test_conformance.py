@@ -1532,6 +1532,76 @@ async def test_delete_expired_at_a_later_now_reaches_every_session_again(store: 
     assert again == 0
 
 
+async def test_delete_expired_goes_by_the_expiry_an_update_moved(store: Store) -> None:
+    t0 = start_time()
+    extended = make_record(now=t0, ttl=10)
+    shortened = make_record(now=t0, user_id="bob", ttl=7200)
+    for record in (extended, shortened):
+        await store.create(record, max_sessions=10, now=t0)
+    assert await store.update(extended.id, make_update(now=t0 + 5, ttl=3600), now=t0 + 5)
+    assert await store.update(shortened.id, make_update(now=t0 + 5, ttl=15), now=t0 + 5)
+
+    assert await store.delete_expired(now=t0 + 600) == 1
+    assert await store.get(shortened.token_digest, now=t0 + 5) is None
+    assert await store.get(extended.token_digest, now=t0 + 600) is not None
+    assert await store.delete_expired(now=t0 + 3605) == 1
+    assert await store.get(extended.token_digest, now=t0 + 5) is None
+
+
+async def test_delete_expired_counts_only_sessions_still_stored(store: Store) -> None:
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user{i % 2}", ttl=10) for i in range(6)]
+    for record in records:
+        await store.create(record, max_sessions=10, now=t0)
+    assert await store.delete(records[0].id)
+    assert await store.delete_for_user("user1") == 3
+
+    assert await store.delete_expired(now=t0 + 20) == 2
+    assert await store.delete_expired(now=t0 + 20) == 0
+
+
+async def test_delete_expired_reaches_expiries_minutes_apart_across_batches(store: Store) -> None:
+    t0 = start_time()
+    ttls = [90 * i + 10 for i in range(10)]  # fifteen minutes, created latest expiry first
+    records = [make_record(now=t0, user_id=f"user{i}", ttl=ttl) for i, ttl in enumerate(ttls)]
+    for record in reversed(records):
+        await store.create(record, max_sessions=10, now=t0)
+    cut = 90 * 6 + 10  # the seventh expires exactly then: it counts
+
+    counts = [await store.delete_expired(now=t0 + cut, limit=3) for _ in range(4)]
+
+    assert counts == [3, 3, 1, 0]
+    for record, ttl in zip(records, ttls, strict=True):
+        stored = await store.get(record.token_digest, now=t0)
+        assert (stored is None) == (ttl <= cut), ttl
+
+
+async def test_delete_expired_lets_other_tasks_run_during_a_large_batch(store: Store) -> None:
+    """Live traffic goes on while a cleanup runs: a batch of hundreds does not hold the
+    event loop from its start to its end."""
+    t0 = start_time()
+    for i in range(300):
+        await store.create(make_record(now=t0, user_id=f"user{i}", ttl=10), max_sessions=10, now=t0)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    try:
+        before = turns
+        assert await store.delete_expired(now=t0 + 20, limit=300) == 300
+        turns_during = turns - before
+    finally:
+        counter.cancel()
+
+    assert turns_during > 0
+
+
 # -- stats ----------------------------------------------------------------------------
 
 

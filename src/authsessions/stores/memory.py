@@ -1,14 +1,17 @@
 """A store in this process's memory, for tests and single-process development.
 
-Every primitive runs without awaiting, so each is atomic on the event loop.
+Every primitive but ``delete_expired`` runs without awaiting, so each is atomic
+on the event loop; a cleanup lets requests run after every hundred sessions.
 Data is kept as JSON text, as a database would keep it, so no caller can
 change a stored session by mutating an object it was handed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
+import heapq
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +21,9 @@ from authsessions.stores import _checks
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 
 __all__ = ["MemoryStore"]
+
+_CLEANUP_STEP = 100
+"""Sessions a cleanup removes between two turns of the event loop (0.1 to 0.2 ms of work)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -37,6 +43,11 @@ class MemoryStore(Store):
         self._rows: dict[str, _Row] = {}
         self._ids_by_digest: dict[str, str] = {}
         self._ids_by_user: dict[str, set[str]] = {}
+        # Sessions filed by the minute they expire in, and a heap of those minutes: a
+        # cleanup reads only expired sessions (and the current minute's), where a scan of
+        # the dict would pass every live session again in each batch.
+        self._ids_by_expiry_minute: dict[int, dict[str, None]] = {}
+        self._expiry_minutes: list[int] = []
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._rows)} sessions>)"
@@ -49,6 +60,7 @@ class MemoryStore(Store):
         self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
         self._ids_by_digest[record.token_digest] = record.id
         self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
+        self._file_expiry(record.id, record.expires_at)
         others = [row for row in self._rows_of(record.user_id) if row.record.id != record.id]
         for row in others:
             if row.record.expires_at <= now:
@@ -97,8 +109,10 @@ class MemoryStore(Store):
             record.token_digest = changes.token_digest
             self._ids_by_digest[record.token_digest] = session_id
         if changes.last_active_at is not None and changes.expires_at is not None:
+            del self._ids_by_expiry_minute[_minute(record.expires_at)][session_id]
             record.last_active_at = changes.last_active_at
             record.expires_at = changes.expires_at
+            self._file_expiry(session_id, record.expires_at)
         return True
 
     async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
@@ -127,12 +141,16 @@ class MemoryStore(Store):
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         self._require_open()
         now = _checks.delete_expired_args(now, limit)
-        # The scan stops at ``limit``: a batch costs what it deletes, not the whole dict.
-        expired = (sid for sid, row in self._rows.items() if row.record.expires_at <= now)
-        doomed = list(itertools.islice(expired, limit))
-        for session_id in doomed:
-            self._remove(session_id)
-        return len(doomed)
+        deleted = 0
+        while deleted < limit:
+            step = min(_CLEANUP_STEP, limit - deleted)
+            removed = self._remove_expired(now, step)
+            deleted += removed
+            if removed < step:
+                break
+            # Requests go on between steps: a batch in one go held them up for its whole length.
+            await asyncio.sleep(0)
+        return deleted
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts over every session in the dict: O(sessions), for admin tools."""
@@ -155,13 +173,58 @@ class MemoryStore(Store):
     def _rows_of(self, user_id: str) -> list[_Row]:
         return [self._rows[session_id] for session_id in self._ids_by_user.get(user_id, ())]
 
+    def _file_expiry(self, session_id: str, expires_at: float) -> None:
+        minute = _minute(expires_at)
+        ids = self._ids_by_expiry_minute.get(minute)
+        if ids is None:
+            ids = self._ids_by_expiry_minute[minute] = {}
+            heapq.heappush(self._expiry_minutes, minute)
+        ids[session_id] = None
+
+    def _remove_expired(self, now: float, count: int) -> int:
+        """Remove at most ``count`` sessions expired by ``now``, earliest minute first."""
+        removed = 0
+        current = _minute(now)
+        minutes = self._expiry_minutes
+        while minutes and minutes[0] <= current and removed < count:
+            minute = minutes[0]
+            ids = self._ids_by_expiry_minute[minute]
+            if minute < current:
+                # popitem() takes the last one filed, with no scan: iterating would pass
+                # every slot emptied by the steps before again.
+                doomed = [ids.popitem()[0] for _ in range(min(count - removed, len(ids)))]
+            else:  # only part of the current minute has expired
+                expired = (sid for sid in ids if self._rows[sid].record.expires_at <= now)
+                doomed = list(itertools.islice(expired, count - removed))
+                for session_id in doomed:
+                    del ids[session_id]
+            for session_id in doomed:
+                self._forget(session_id)
+            removed += len(doomed)
+            if not ids:
+                heapq.heappop(minutes)
+                del self._ids_by_expiry_minute[minute]
+            elif minute == current:
+                break
+        return removed
+
     def _remove(self, session_id: str) -> None:
+        expires_at = self._rows[session_id].record.expires_at
+        del self._ids_by_expiry_minute[_minute(expires_at)][session_id]
+        self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        """Remove a session from every index but the expiry minutes'."""
         row = self._rows.pop(session_id)
         del self._ids_by_digest[row.record.token_digest]
         user_ids = self._ids_by_user[row.record.user_id]
         user_ids.discard(session_id)
         if not user_ids:
             del self._ids_by_user[row.record.user_id]
+
+
+def _minute(timestamp: float) -> int:
+    return int(timestamp // 60)
 
 
 def _most_recent_first(rows: Iterable[_Row]) -> list[_Row]:
