@@ -141,15 +141,30 @@ class MemoryStore(Store):
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         self._require_open()
         now = _checks.delete_expired_args(now, limit)
+        current = _minute(now)
         deleted = 0
         while deleted < limit:
             step = min(_CLEANUP_STEP, limit - deleted)
-            removed = self._remove_expired(now, step)
+            removed = self._remove_from_past_minutes(current, step)
             deleted += removed
             if removed < step:
                 break
             # Requests go on between steps: a batch in one go held them up for its whole length.
             await asyncio.sleep(0)
+        if deleted < limit:
+            # The current minute has expired in part: one pass finds its expired sessions,
+            # where a pass per step would go over its live ones again each time.
+            in_current = self._ids_by_expiry_minute.get(current, {})
+            expired = (sid for sid in in_current if self._rows[sid].record.expires_at <= now)
+            doomed = list(itertools.islice(expired, limit - deleted))
+            for start in range(0, len(doomed), _CLEANUP_STEP):
+                if start:
+                    await asyncio.sleep(0)
+                for session_id in doomed[start : start + _CLEANUP_STEP]:
+                    row = self._rows.get(session_id)  # a request may have ended it meanwhile
+                    if row is not None and row.record.expires_at <= now:
+                        self._remove(session_id)
+                        deleted += 1
         return deleted
 
     async def stats(self, *, now: float) -> StoreStats:
@@ -181,31 +196,20 @@ class MemoryStore(Store):
             heapq.heappush(self._expiry_minutes, minute)
         ids[session_id] = None
 
-    def _remove_expired(self, now: float, count: int) -> int:
-        """Remove at most ``count`` sessions expired by ``now``, earliest minute first."""
+    def _remove_from_past_minutes(self, current: int, count: int) -> int:
+        """Remove at most ``count`` sessions filed under minutes before ``current``, all
+        of them expired, earliest minute first."""
         removed = 0
-        current = _minute(now)
         minutes = self._expiry_minutes
-        while minutes and minutes[0] <= current and removed < count:
-            minute = minutes[0]
-            ids = self._ids_by_expiry_minute[minute]
-            if minute < current:
-                # popitem() takes the last one filed, with no scan: iterating would pass
-                # every slot emptied by the steps before again.
-                doomed = [ids.popitem()[0] for _ in range(min(count - removed, len(ids)))]
-            else:  # only part of the current minute has expired
-                expired = (sid for sid in ids if self._rows[sid].record.expires_at <= now)
-                doomed = list(itertools.islice(expired, count - removed))
-                for session_id in doomed:
-                    del ids[session_id]
-            for session_id in doomed:
-                self._forget(session_id)
-            removed += len(doomed)
+        while minutes and minutes[0] < current and removed < count:
+            ids = self._ids_by_expiry_minute[minutes[0]]
+            # popitem() takes the last one filed, with no scan: iterating would pass every
+            # slot emptied by the steps before again.
+            for _ in range(min(count - removed, len(ids))):
+                self._forget(ids.popitem()[0])
+                removed += 1
             if not ids:
-                heapq.heappop(minutes)
-                del self._ids_by_expiry_minute[minute]
-            elif minute == current:
-                break
+                del self._ids_by_expiry_minute[heapq.heappop(minutes)]
         return removed
 
     def _remove(self, session_id: str) -> None:
