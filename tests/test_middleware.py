@@ -1581,6 +1581,36 @@ async def test_store_built_from_url_opens_at_startup_and_closes_at_shutdown(
     assert count_rows(path) == 1
 
 
+async def test_a_store_that_cannot_open_fails_the_startup_once_whatever_the_app_sends() -> None:
+    """An app whose lifespan answers any failure with its own ``startup.failed`` must
+    not send the server a second one (a state error to the server).
+    """
+    malformed = "postgresql://app:s3cret/PW@127.0.0.1:5432/test"  # an unescaped "/"
+    middleware = SessionMiddleware(Starlette(), store=malformed)
+
+    async def app_failing_in_its_own_words(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await receive()
+        except Exception:
+            await send({"type": "lifespan.startup.failed", "message": "the app's own words"})
+            raise
+
+    middleware.app = app_failing_in_its_own_words
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(ValueError, match="PostgreSQL URL"):
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
+    assert sent[0]["message"].startswith("the session store could not be opened: ")
+
+
 async def test_unopened_store_object_is_opened_on_first_request(
     tmp_path: Path, client_factory: ClientFactory
 ) -> None:
@@ -1750,6 +1780,48 @@ def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_clien
 
     [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
     assert session.data == {"theme": "solarized"}
+
+
+async def test_a_websocket_the_server_cancels_keeps_what_it_set() -> None:
+    """A server whose shutdown grace period runs out cancels the socket's task: that is
+    not the handler's failure, and the client may have been told of the change already.
+    """
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+    changed = asyncio.Event()
+
+    async def long_lived_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        Session.from_scope(scope).set("theme", "solarized")
+        await send({"type": "websocket.send", "text": "saved"})
+        changed.set()
+        await asyncio.Event().wait()  # serving the client until the server gives up
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {
+        "type": "websocket",
+        "path": "/",
+        "headers": [
+            (b"cookie", f"{COOKIE}={token}".encode()),
+            (b"user-agent", CHROME_MAC.encode()),
+        ],
+        "client": ("127.0.0.1", 123),
+    }
+    serving = asyncio.create_task(
+        SessionMiddleware(long_lived_socket_app, store=store)(scope, receive, send)
+    )
+    await changed.wait()
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+
+    assert (await only_session(store)).data == {"theme": "solarized"}
 
 
 def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:

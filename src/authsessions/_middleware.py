@@ -287,7 +287,10 @@ class SessionMiddleware:
         return message
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        failure_sent = False
+
         async def receive_wrapper() -> Message:
+            nonlocal failure_sent
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
@@ -299,10 +302,15 @@ class SessionMiddleware:
                     # skipped the app's own startup and served 500s.
                     failed = f"the session store could not be opened: {exc}"
                     await send({"type": "lifespan.startup.failed", "message": failed})
+                    failure_sent = True
                     raise
             return message
 
         async def send_wrapper(message: Message) -> None:
+            if failure_sent and message["type"] == "lifespan.startup.failed":
+                # The app answering our failure with its own: the server has ours, and
+                # takes a second for a protocol error.
+                return
             if message["type"].startswith("lifespan.shutdown") and self._owns_store:
                 await self.store.close()
             await send(message)

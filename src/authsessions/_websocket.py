@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
@@ -75,6 +76,12 @@ async def serve_websocket(
         with contextlib.suppress(RuntimeError, OSError):  # the socket closed already
             await send({"type": "websocket.close", "code": code, "reason": reason})
         return
+    except asyncio.CancelledError:
+        # The server gave up on the task (its shutdown's grace period ran out, a timeout):
+        # not the handler's failure, and the client may have been told of what it set.
+        # Shielded: the cancellation may be delivered again while the store works.
+        await asyncio.shield(_save_changes(session, save=True))
+        raise
     except Exception:
         if client_left:
             # The usual end of a socket, which each framework raises as an exception
