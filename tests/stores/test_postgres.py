@@ -920,6 +920,16 @@ async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
         ("server_version=1", "'server_version' is a setting that cannot be changed per"),
         ("pasword=hunter2", "'pasword' is no setting PostgreSQL knows"),
         ("role=nosuchrole", "'role' is given a value the server refuses"),
+        (
+            "options=-c%20statement_timeout%3Dsoon",
+            "'options' \\(its setting 'statement_timeout'\\) is given a value the server",
+        ),
+        ("options=--sslmod%3Ddisable", "'options' \\(its setting 'sslmod'\\) is no setting"),
+        ("options=-c+role%3Dnosuchrole", "'options' \\(its setting 'role'\\) is given a value"),
+        (
+            "options=-c%20work_mem%3D64MB%20-cpasword%3Dhunter2",
+            "'options' \\(its setting 'pasword'\\) is no setting PostgreSQL knows",
+        ),
     ],
     ids=[
         "mistyped-name",
@@ -928,6 +938,10 @@ async def test_a_password_asyncpg_misreads_never_shows_in_the_error(
         "fixed",
         "secret",
         "value-quoted",
+        "in-options",
+        "in-options-long-form",
+        "in-options-value-quoted",
+        "in-options-second-secret",
     ],
 )
 async def test_an_option_the_server_refuses_is_named_not_reported_as_unavailable(

@@ -259,14 +259,25 @@ class PostgresStore(Store):
         # "TimeZone"), or for some the value it refuses (`role "x" does not exist`).
         quoted = named[1].lower()
         for match in QUERY_OPTION.finditer(self._dsn):
-            name, _, value = match[0].partition("=")
-            if quoted in (urllib.parse.unquote(name).lower(), urllib.parse.unquote(value).lower()):
+            # Decoded as asyncpg decodes them, "+" as a space.
+            name, _, value = (urllib.parse.unquote_plus(part) for part in match[0].partition("="))
+            if quoted in (name.lower(), value.lower()):
+                option = repr(name)
+                break
+            if name.lower() == "options":
+                # libpq's server command line, which the server reads as settings of its own.
+                for setting, setting_value in _COMMAND_LINE_SETTING.findall(value):
+                    if quoted in (setting.lower(), setting_value.lower()):
+                        option = f"'options' (its setting {setting!r})"
+                        break
+                else:
+                    continue
                 break
         else:
             return None
         # The option by its name alone: its value may be a password under a mistyped name.
         return ValueError(
-            f"the PostgreSQL URL's option {match['name']!r} is {what}. Options asyncpg does not "
+            f"the PostgreSQL URL's option {option} is {what}. Options asyncpg does not "
             "know itself reach the server as settings; see asyncpg.connect for the ones it "
             "knows (sslmode, say)."
         )
@@ -546,6 +557,9 @@ def _import_asyncpg() -> Any:
 
 # What the server answers, as a connection starts, to a setting asyncpg passed on from the
 # URL's options: no such setting, or not a value it takes.
+# A setting in the "options" connection parameter: "-c name=value" or "--name=value".
+_COMMAND_LINE_SETTING = re.compile(r"(?:(?<!\S)-c\s*|(?<!\S)--)([\w.-]+)=(\S*)")
+
 _REFUSED_SETTING = {
     "42704": "no setting PostgreSQL knows",
     "22023": "given a value the server refuses",
