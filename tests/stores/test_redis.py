@@ -779,6 +779,77 @@ def test_open_store_accepts_cluster_urls() -> None:
 # -- options ---------------------------------------------------------------------------------------
 
 
+async def test_a_store_without_a_key_prefix_finds_and_ends_sessions_from_another_process(
+    redis_url: str,
+) -> None:
+    """An empty prefix (``?prefix=``) on a single server: the scripts once took it for a
+    cluster's and wrote no pointers, so only the process holding the session's location
+    in memory found it, no other could revoke it, and a rotated token found nothing.
+    """
+    now = start_time()
+    record = make_record(now=now, user_id=f"no-prefix-{secrets.token_hex(6)}")
+    rotated = new_digest()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+
+    async def keys_left() -> list[str]:
+        # No prefix sets this test's keys apart: they are found by its session's id,
+        # digests and user (whose keys share a slot tag, named by no other test).
+        found = [key async for key in raw.scan_iter(match=f"*{record.id}*", count=1000)]
+        found += [
+            key for key in (f"d:{record.token_digest}", f"d:{rotated}") if await raw.exists(key)
+        ]
+        return found
+
+    try:
+        async with (
+            open_store(f"{redis_url}?prefix=") as store,
+            RedisStore(redis_url, prefix="") as other,
+        ):
+            assert isinstance(store, RedisStore)
+            assert store.prefix == ""
+            await store.create(record, max_sessions=5, now=now)
+            assert await other.get(record.token_digest, now=now) == record
+
+            update = make_update(now=now + 1, token_digest=rotated)
+            assert await store.update(record.id, update, now=now + 1)
+            assert await other.get(record.token_digest, now=now + 1) is None
+            assert (await other.get(rotated, now=now + 1)) is not None
+
+            assert await other.delete(record.id)
+            assert await store.get(rotated, now=now + 1) is None
+            assert await keys_left() == []
+    finally:
+        if leftover := await keys_left():
+            await raw.delete(*leftover)
+        await raw.aclose()
+
+
+def test_concurrent_cleanups_go_on_after_the_store_opens_again_on_a_new_event_loop(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The store opens again on a new event loop once its first has closed; the lock its
+    cleanups take turns at must not stay bound to the first.
+    """
+    store = RedisStore(redis_url, prefix=redis_prefix)
+
+    async def two_cleanups_at_once(user: str, *, then_close: bool) -> list[int]:
+        await store.open()  # again on the second loop, the first one's connections gone
+        now = start_time()
+        for index in range(6):
+            record = make_record(now=now, user_id=f"{user}-{index}", ttl=5)
+            await store.create(record, max_sessions=5, now=now)
+        counts = await asyncio.gather(
+            store.delete_expired(now=now + 10, limit=3),
+            store.delete_expired(now=now + 10, limit=3),
+        )
+        if then_close:
+            await store.close()
+        return list(counts)
+
+    assert sum(asyncio.run(two_cleanups_at_once("first-loop", then_close=False))) == 6
+    assert sum(asyncio.run(two_cleanups_at_once("second-loop", then_close=True))) == 6
+
+
 async def test_an_apps_client_is_used_and_left_open(redis_url: str, redis_prefix: str) -> None:
     t0 = start_time()
     record = make_record(now=t0)

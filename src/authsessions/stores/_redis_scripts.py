@@ -39,9 +39,10 @@ local function pointer_keys(p, id, digest)
   return p .. 'i:' .. id, p .. 'd:' .. digest
 end
 -- On a single server (p the key prefix) a deleted session's pointers go with it; in a
--- cluster (p '') they live on other nodes, and the caller removes them.
+-- cluster (p '{', which no key prefix holds) they live on other nodes, and the caller
+-- removes them.
 local function drop_pointers(p, id, digest)
-  if p ~= '' then redis.call('DEL', pointer_keys(p, id, digest)) end
+  if p ~= '{' then redis.call('DEL', pointer_keys(p, id, digest)) end
 end
 -- Deletes the doomed (id, digest) sessions and, on a single server, their pointers;
 -- returns them as a flat list.
@@ -59,12 +60,12 @@ end
 """
 
 # KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
-# last_active_at, key prefix on a single server or '' in a cluster, digest, tag,
+# last_active_at, key prefix on a single server or '{' in a cluster, digest, tag,
 # field/value pairs. Returns nil if the id (or, on a single server, either pointer)
 # exists, else the evicted (id, digest) pairs.
 CREATE = """
 local p = ARGV[7]
-if p ~= '' then
+if p ~= '{' then
   -- Single server: the pointers (elsewhere in a cluster) are claimed in the same step.
   local id_key, digest_key = pointer_keys(p, ARGV[5], ARGV[8])
   if redis.call('EXISTS', KEYS[1], digest_key, id_key) > 0 then return false end
@@ -100,7 +101,7 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 
 # KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both
 # times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
-# single server or '' in a cluster, tag, size cap or '', the digest the session must hold
+# single server or '{' in a cluster, tag, size cap or '', the digest the session must hold
 # or '' (any), n, n removed fields, field/value pairs.
 # Returns nil if not live (or not under the digest it must hold), -1 if the new digest is
 # another session's (single server; a cluster claims it before), the size (an integer) if
@@ -112,7 +113,7 @@ UPDATE = """
 local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
 if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
 if ARGV[10] ~= '' and f[2] ~= ARGV[10] then return false end
-if ARGV[6] ~= '' and ARGV[7] ~= '' then
+if ARGV[6] ~= '' and ARGV[7] ~= '{' then
   local _, new_digest_key = pointer_keys(ARGV[7], ARGV[3], ARGV[6])
   local holder = redis.call('GET', new_digest_key)
   if holder and holder ~= ARGV[8] .. ':' .. ARGV[3] then return -1 end
@@ -143,7 +144,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 extend(KEYS[2], ARGV[2])
 local p = ARGV[7]
-if p ~= '' then
+if p ~= '{' then
   -- Single server: the pointers (elsewhere in a cluster) change in the same step.
   local id_key, digest_key = pointer_keys(p, ARGV[3], f[2])
   redis.call('PEXPIRE', id_key, ARGV[2])
@@ -159,7 +160,7 @@ return f[2]
 """
 
 # KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
-# single server (the pointers go too) or '' in a cluster. Returns the digest.
+# single server (the pointers go too) or '{' in a cluster. Returns the digest.
 DELETE = """
 local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
@@ -171,7 +172,7 @@ return f[2]
 """
 
 # KEYS: index. ARGV: session key prefix, id to keep, key prefix on a single server (the
-# pointers go too) or '' in a cluster. Returns the deleted (id, digest) pairs.
+# pointers go too) or '{' in a cluster. Returns the deleted (id, digest) pairs.
 DELETE_FOR_USER = """
 local doomed = {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -231,7 +232,7 @@ return record_json(cjson.null, h)
 
 # KEYS: indexes (of one slot, in a cluster); each index's sessions are under its key with
 # the final "u" replaced by "s:". ARGV: now, limit, key prefix on a single server (the
-# deleted sessions' pointers go too) or '' in a cluster. Sweeps the indexes in order until
+# deleted sessions' pointers go too) or '{' in a cluster. Sweeps the indexes in order until
 # `limit` sessions are found, then deletes them: reading everything first means an error
 # (a damaged hash) deletes nothing, leaving no pointer of a deleted session to the caller.
 # Returns the count removed, how many indexes were swept to the end, then the deleted

@@ -88,6 +88,8 @@ _SCAN_BATCH = 1000
 _SWEEP_BATCH = 10
 # What the update script answers when the new token digest is another session's.
 _DIGEST_TAKEN = -1
+# What the scripts get for the key prefix in a cluster, where they leave the pointers alone.
+_CLUSTER_POINTERS = "{"
 
 
 class RedisStore(Store):
@@ -202,7 +204,7 @@ class RedisStore(Store):
         self._sweep: AsyncGenerator[str] | None = None
         self._sweep_pending: list[str] = []
         self._sweep_now: float | None = None
-        self._sweep_lock = asyncio.Lock()
+        self._sweep_lock = asyncio.Lock()  # made again at each opening: it binds to a loop
 
     def _check_url(self, url: str, *, shown_as: str) -> None:
         """Refuse a URL redis-py cannot parse as :func:`malformed_url` (redis-py's own
@@ -263,6 +265,7 @@ class RedisStore(Store):
                     await client.aclose()
                 raise
         self._client = client
+        self._sweep_lock = asyncio.Lock()
         if not self._cluster:
             self._reads = ReadConnections(
                 cast("Redis", client).connection_pool,
@@ -618,9 +621,10 @@ class RedisStore(Store):
     @property
     def _pointer_prefix(self) -> str:
         """For the scripts: the key prefix on a single server, where they change the
-        pointers themselves; ``""`` in a cluster, where the pointers live on other nodes.
+        pointers themselves; ``"{"`` in a cluster, where the pointers live on other nodes
+        (no key prefix holds a brace, and ``""`` is a prefix).
         """
-        return "" if self._cluster else self.prefix
+        return _CLUSTER_POINTERS if self._cluster else self.prefix
 
     async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
         """Forget the pointers of deleted sessions (a flat list of id, digest, id, ...),
