@@ -538,6 +538,41 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
         assert await store.get(rotated, now=time.time()) is not None  # the user's token
 
 
+async def test_a_login_on_a_request_whose_token_was_rotated_away_meanwhile_ends_nothing(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A stolen copy of the cookie, its request held open while the user rotated: a login
+    on that request (anyone may sign in as themselves) must not end the session the
+    user now holds, as a logout there does not.
+    """
+    rotated = token_digest(new_token())
+
+    async def rotated_then_signing_in(request: Request) -> Response:
+        session = Session.from_request(request)
+        current = session.current()
+        assert current is not None
+        now = time.time()
+        update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
+        assert await store.update(current.id, update, now=now)
+        await session.authenticate("mallory")
+        return JSONResponse({"user_id": session.user_id})
+
+    token, this = await plant_session(store, "alice")
+    client = client_factory(
+        app_factory(
+            store, extra_routes=[Route("/rotated-then-signing-in", rotated_then_signing_in)]
+        )
+    )
+
+    response = await client.get("/rotated-then-signing-in", headers=cookie_header(token))
+
+    assert response.json() == {"user_id": "mallory"}
+    assert session_cookie(response) is not None  # mallory's own new session
+    assert [s.id for s in await live_sessions(store, "alice")] == [this.id]
+    assert await store.get(rotated, now=time.time()) is not None  # the user's token
+    assert len(await live_sessions(store, "mallory")) == 1
+
+
 class UserId(enum.StrEnum):
     ALICE = "alice"
 

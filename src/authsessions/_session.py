@@ -268,8 +268,11 @@ class Session:
         self._check_fits(initial, "the initial session data")
         async with self._turn():
             self._refuse_cookie_change("authenticate")
-            if self._record is not None:
-                await self._store.delete(self._record.id)
+            if (record := self._record) is not None:
+                # As for logout: not a session this request's token no longer names
+                # (rotated away, by the user who now holds it).
+                if await self._still_named(record):
+                    await self._store.delete(record.id)
                 self._end()  # if the new session cannot be made, the ended one's cookie goes
             if not self._store.is_open:
                 await self._store.open()  # a request without a cookie left it unopened
