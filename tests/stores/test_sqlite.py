@@ -210,6 +210,9 @@ def test_a_store_opened_before_a_fork_opens_afresh_in_the_child(db_path: Path) -
     )
 
     assert done.returncode == 0, done.stdout + done.stderr
+    # Sound only while the parent keeps its connections open, which it may not.
+    assert done.stderr.count("was open when this process forked") == 1, done.stderr
+    assert "Close the store before forking." in done.stderr
 
 
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
@@ -381,10 +384,29 @@ def test_empty_path_is_refused() -> None:
         SQLiteStore("")
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0])
-def test_non_positive_timeout_is_refused(db_path: Path, timeout: float) -> None:
-    with pytest.raises(ValueError, match="timeout"):
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 3e6])
+def test_a_timeout_sqlite_cannot_wait_is_refused(db_path: Path, timeout: float) -> None:
+    """SQLite waits a number of milliseconds held in a C int: 3e6 s overflowed to no wait
+    at all, and inf or nan failed every write with an OverflowError or ValueError."""
+    with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
         SQLiteStore(db_path, timeout=timeout)
+
+
+async def test_the_longest_timeout_is_taken_and_waits(db_path: Path) -> None:
+    now = start_time()
+    record = make_record(now=now)
+    async with SQLiteStore(db_path, timeout=sqlite_module.MAX_TIMEOUT) as store:
+        await store.create(record, max_sessions=1, now=now)
+        holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        released = threading.Timer(0.3, holder.execute, ("ROLLBACK",))
+        released.start()
+        try:
+            update = make_update(now=now + 1, set_keys={"k": 1})
+            assert await store.update(record.id, update, now=now + 1)
+        finally:
+            released.join()
+            holder.close()
 
 
 def test_default_path_and_repr() -> None:

@@ -55,6 +55,7 @@ from authsessions.stores._base import (
     CreateError,
     DataTooLarge,
     Store,
+    logger,
     store_unavailable,
     translate_errors,
 )
@@ -118,6 +119,9 @@ _COUNT_BY_DEVICE_TYPE = (
 )
 
 
+MAX_TIMEOUT = (2**31 - 1) // 1000
+"""The longest ``timeout`` in seconds (24 days): SQLite counts it in milliseconds, in a C int."""
+
 # The open stores, which a forked child must not go on using as they are (see
 # SQLiteStore._left_in_the_parent); what they held is kept in the child, never closed.
 _OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
@@ -164,8 +168,13 @@ class SQLiteStore(Store):
                 f"SQLiteStore takes a file path, not a SQLite URI: got {self.path!r} (a file "
                 f"whose name starts with 'file:' is './{self.path}')."
             )
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}.")
+        if not 0 < timeout <= MAX_TIMEOUT:
+            # SQLite waits for a lock a number of milliseconds held in a 32-bit integer: a
+            # longer wait overflowed to none at all, and inf or nan failed every write.
+            raise ValueError(
+                f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT:,}, "
+                f"got {timeout!r}."
+            )
         # Every connection, however late it is made (stats, a reopened one), opens this
         # file, not whatever a relative path names after the process changed directory.
         self._file = os.path.abspath(self.path)
@@ -180,6 +189,7 @@ class SQLiteStore(Store):
         self._version_at_write: object = None
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
+        self._forked_while_open = False  # in a child: said once, as it opens again
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -196,6 +206,15 @@ class SQLiteStore(Store):
             raise
         self._writer.count_pages(self._wal_index)
         _OPEN_STORES.add(self)
+        if self._forked_while_open:
+            self._forked_while_open = False
+            logger.warning(
+                "%r was open when this process forked: it opened afresh here, but SQLite "
+                "keeps the parent's locks on the file in a table this process inherited, so "
+                "once the parent closes its connections this process may read a write-ahead "
+                "log the parent removed. Close the store before forking.",
+                self,
+            )
 
     def _left_in_the_parent(self) -> None:
         """In a process forked while this store was open: closed here, to open afresh.
@@ -211,6 +230,7 @@ class SQLiteStore(Store):
         self._writer = WriterThread(self._closed_error, self.timeout)
         self._mark_closed()
         self._opening = None
+        self._forked_while_open = True
 
     def _open_loop_db(self) -> None:
         db = _connect_loop_db(self._file)
