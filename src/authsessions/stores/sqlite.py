@@ -122,10 +122,20 @@ _COUNT_BY_DEVICE_TYPE = (
 MAX_TIMEOUT = (2**31 - 1) // 1000
 """The longest ``timeout`` in seconds (24 days): SQLite counts it in milliseconds, in a C int."""
 
-# The open stores, which a forked child must not go on using as they are (see
-# SQLiteStore._left_in_the_parent); what they held is kept in the child, never closed.
+# The open stores, whose connections are closed while the process forks (see
+# SQLiteStore._close_for_fork); what one could not close is kept in the child, never closed.
 _OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 _LEFT_IN_THE_PARENT: list[object] = []
+
+
+def _before_fork() -> None:
+    for store in list(_OPEN_STORES):
+        store._close_for_fork()
+
+
+def _after_fork_in_the_parent() -> None:
+    for store in list(_OPEN_STORES):
+        store._reopen_after_fork()
 
 
 def _after_fork_in_the_child() -> None:
@@ -135,7 +145,11 @@ def _after_fork_in_the_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_the_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_the_parent,
+        after_in_child=_after_fork_in_the_child,
+    )
 
 
 class SQLiteStore(Store):
@@ -189,7 +203,7 @@ class SQLiteStore(Store):
         self._version_at_write: object = None
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
-        self._forked_while_open = False  # in a child: said once, as it opens again
+        self._closed_for_fork = False  # by _close_for_fork, until the fork is over
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -206,31 +220,65 @@ class SQLiteStore(Store):
             raise
         self._writer.count_pages(self._wal_index)
         _OPEN_STORES.add(self)
-        if self._forked_while_open:
-            self._forked_while_open = False
+
+    def _close_for_fork(self) -> None:
+        """Close the connections, once the writer thread's work in hand is done, as the
+        process forks: none may be open then.
+
+        SQLite keeps each file's locks in a table of the process, which a child inherits
+        with the parent's locks marked as held, though none is held there: the child's
+        own connections would then take no lock at all, and once the parent closed its
+        last one, it would checkpoint and remove the WAL under the child.
+        """
+        self._wal_index = None  # before the connections that keep its mapping close
+        self._cache.clear()
+        try:
+            self._writer.close_connection_for_fork()
+            if self._loop_db is not None:
+                self._loop_db.close()
+                self._loop_db = None
+        except Exception as exc:  # the child opens afresh all the same, and says so
             logger.warning(
-                "%r was open when this process forked: it opened afresh here, but SQLite "
-                "keeps the parent's locks on the file in a table this process inherited, so "
-                "once the parent closes its connections this process may read a write-ahead "
-                "log the parent removed. Close the store before forking.",
-                self,
+                "%r could not close its connections as the process forked: %s", self, exc
             )
+        else:
+            self._closed_for_fork = True
+
+    def _reopen_after_fork(self) -> None:
+        """In the process that forked: the connections :meth:`_close_for_fork` closed,
+        opened again (the event loop's opens on first use if it cannot now).
+        """
+        if not self._closed_for_fork:
+            return
+        self._closed_for_fork = False
+        try:
+            self._writer.reconnect_after_fork(self._connect_writer)
+        except Exception as exc:
+            # Closed, to be opened afresh: by the middleware on the next request.
+            logger.warning("%r could not open again after the process forked: %s", self, exc)
+            self._left_in_the_parent()
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._open_loop_db()
+            self._writer.count_pages(self._wal_index)
 
     def _left_in_the_parent(self) -> None:
         """In a process forked while this store was open: closed here, to open afresh.
 
-        The connections are the parent's (SQLite forbids using one across a fork) and the
-        writer thread does not exist here, so work handed to it never ended. They are kept
-        and never closed: closing the last connection to a file checkpoints it, under
-        locks that SQLite would believe this process holds.
+        The writer thread does not exist here, so work handed to it never ended. Where
+        the connections could not be closed before the fork, they are the parent's
+        (SQLite forbids using one across a fork): kept and never closed, as closing the
+        last connection to a file checkpoints it, under locks that SQLite would believe
+        this process holds.
         """
-        _LEFT_IN_THE_PARENT.append((self._loop_db, self._writer, self._wal_index))
+        if not self._closed_for_fork:
+            _LEFT_IN_THE_PARENT.append((self._loop_db, self._writer, self._wal_index))
+        self._closed_for_fork = False
         self._loop_db = self._wal_index = None
         self._cache.clear()
         self._writer = WriterThread(self._closed_error, self.timeout)
         self._mark_closed()
         self._opening = None
-        self._forked_while_open = True
 
     def _open_loop_db(self) -> None:
         db = _connect_loop_db(self._file)
