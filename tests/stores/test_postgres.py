@@ -281,6 +281,157 @@ async def test_concurrent_logins_keep_the_limit_whatever_the_default_isolation(
     assert len(live) == 2
 
 
+async def wait_until(watcher: asyncpg.Connection[asyncpg.Record], query: str, *args: Any) -> None:
+    """Until ``query`` counts something: the server has no event to await instead."""
+    async with asyncio.timeout(10):
+        while not await watcher.fetchval(query, *args):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def wait_until_blocked(watcher: asyncpg.Connection[asyncpg.Record], kind: str) -> None:
+    """Until a statement starting with ``kind`` waits for a lock, on the test database."""
+    await wait_until(
+        watcher,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE $1 AND datname = current_database()",
+        f"{kind}%",
+    )
+
+
+@pytest.mark.parametrize("isolation", ["repeatable%20read", "serializable"])
+@pytest.mark.parametrize("operation", ["write a key", "logout"])
+async def test_a_write_that_waited_for_another_servers_commit_goes_through_whatever_the_isolation(
+    postgres_url: str, postgres_schema: str, isolation: str, operation: str
+) -> None:
+    """Under a stricter default, a statement that waited for a row another server changed
+    failed to serialise: the key written (or the logout) was lost, as a 503."""
+    separator = "&" if "?" in postgres_url else "?"
+    dsn = f"{postgres_url}{separator}default_transaction_isolation={isolation}"
+    now = start_time()
+    record = make_record(now=now, data={"a": 0, "b": 0})
+    other_server = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    try:
+        async with PostgresStore(dsn, schema=postgres_schema, max_size=2) as store:
+            await store.create(record, max_sessions=5, now=now)
+            async with other_server.transaction():
+                # Another server writes key "b" of the same session, not committed yet.
+                await other_server.execute(
+                    f'UPDATE "{postgres_schema}".authsessions_session'  # noqa: S608
+                    """ SET data = data || '{"\\"b\\"": "1"}'::jsonb WHERE id = $1""",
+                    record.id,
+                )
+                if operation == "logout":
+                    waiting = asyncio.ensure_future(store.delete(record.id))
+                else:
+                    update = make_update(now=now + 1, set_keys={"a": 1}, moves_expiry=False)
+                    waiting = asyncio.ensure_future(store.update(record.id, update, now=now + 1))
+                await wait_until_blocked(watcher, "DELETE" if operation == "logout" else "UPDATE")
+            assert await waiting is True
+            found = await store.get(record.token_digest, now=now + 1)
+    finally:
+        await other_server.close()
+        await watcher.close()
+
+    if operation == "logout":
+        assert found is None
+    else:
+        assert found is not None
+        assert found.data == {"a": 1, "b": 1}
+
+
+@pytest.mark.parametrize("schema_exists", [False, True])
+async def test_an_open_that_waited_for_another_servers_migration_opens_under_repeatable_read(
+    postgres_url: str, postgres_schema: str, schema_exists: bool
+) -> None:
+    """Its checks under the migration lock read a snapshot from before the other server
+    committed: it created the schema or the table again and failed (a 503)."""
+    separator = "&" if "?" in postgres_url else "?"
+    dsn = f"{postgres_url}{separator}default_transaction_isolation=repeatable%20read"
+    migrating = await asyncpg.connect(postgres_url)
+    watcher = await asyncpg.connect(postgres_url)
+    waiting = PostgresStore(dsn, schema=postgres_schema)
+    try:
+        if schema_exists:
+            await migrating.execute(f'CREATE SCHEMA "{postgres_schema}"')
+        async with migrating.transaction():
+            # Another server migrates, under the lock, as a store's open does.
+            other_server = PostgresStore(postgres_url, schema=postgres_schema)
+            version_table = f'"{postgres_schema}"."authsessions_session_schema_version"'
+            await migrating.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"authsessions migrate {postgres_schema}",
+            )
+            opening = asyncio.ensure_future(waiting.open())
+            await wait_until(
+                watcher, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            await other_server._upgrade(migrating, version_table)  # type: ignore[arg-type]
+        await opening
+        assert waiting.is_open
+    finally:
+        await waiting.close()
+        await migrating.close()
+        await watcher.close()
+
+
+@pytest.mark.parametrize(
+    "grants",
+    [
+        (),
+        (
+            'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
+            'GRANT SELECT, INSERT, UPDATE, DELETE ON "{schema}".authsessions_session TO "{role}"',
+            'GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA "{schema}" TO "{role}"',
+        ),
+    ],
+    ids=["no-usage-on-the-schema", "no-select-on-the-version-table"],
+)
+async def test_a_role_that_may_not_read_the_schema_version_is_told_so_not_unavailable(
+    postgres_url: str, postgres_schema: str, grants: tuple[str, ...]
+) -> None:
+    """No retry mends it: every request answered 503 with only "42501" in the log."""
+    async with PostgresStore(postgres_url, schema=postgres_schema):  # an admin migrated
+        pass
+    admin = await asyncpg.connect(postgres_url)
+    role = f"authsessions_app_{secrets.token_hex(4)}"
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        for grant in grants:
+            await admin.execute(grant.format(schema=postgres_schema, role=role))
+        server = urlsplit(postgres_url).netloc.rpartition("@")[2]
+        store = PostgresStore(with_netloc(postgres_url, f"{role}@{server}"), schema=postgres_schema)
+        with pytest.raises(RuntimeError, match="may not read the session table's schema version"):
+            await store.open()
+        assert not store.is_open
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("schema", "table"),
+    [
+        ("public", "sessions_schema_version"),
+        ("public", "sessions_pkey"),
+        ("public", "sessions_token_digest"),
+        ("public", "sessions_user_id"),
+        ("public", "sessions_expires_at"),
+        ("pg_sessions", "sessions"),
+        ("PG_sessions", "sessions"),
+    ],
+)
+def test_a_name_that_would_meet_another_stores_or_postgresqls_own_is_refused(
+    schema: str, table: str
+) -> None:
+    """A table "sessions_user_id" is the index of a store whose table is "sessions", and
+    its version table "sessions_schema_version" held another store's sessions (a raw
+    KeyError); a schema pg_… is PostgreSQL's to create (a 503)."""
+    with pytest.raises(ValueError, match=r"pg_|must not end with"):
+        PostgresStore("postgresql://127.0.0.1/test", schema=schema, table=table)
+
+
 @contextlib.asynccontextmanager
 async def as_a_role_that_may_only_read_and_write(
     admin: asyncpg.Connection[asyncpg.Record], postgres_url: str, schema: str

@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStore"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+# What the relations the store makes beside its table are named after it: "{table}{suffix}".
+_NAMED_AFTER_THE_TABLE = ("_schema_version", "_pkey", "_token_digest", "_user_id", "_expires_at")
 
 
 class PostgresStore(Store):
@@ -124,6 +126,16 @@ class PostgresStore(Store):
                     f"{what} must be a plain identifier of at most 40 characters "
                     f"(letters, digits, _), got {name!r}."
                 )
+        if schema.lower().startswith("pg_"):
+            raise ValueError(
+                f"schema names starting with pg_ are PostgreSQL's own, got {schema!r}."
+            )
+        if table.endswith(_NAMED_AFTER_THE_TABLE):
+            # Another store's table "sessions" would name its index or version table so.
+            raise ValueError(
+                f"table must not end with {', '.join(_NAMED_AFTER_THE_TABLE)}: the store "
+                f"names its indexes and version table so, got {table!r}."
+            )
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError(
                 f"need 0 <= min_size <= max_size and max_size >= 1, got {min_size}, {max_size}."
@@ -146,7 +158,7 @@ class PostgresStore(Store):
         self.acquire_timeout = acquire_timeout
         self._qualified = f'"{schema}"."{table}"'
         self._create_function = f'"{schema}"."{table}_create"'
-        self._create_needs_read_committed = False  # learnt as the store opens
+        self._needs_read_committed = False  # learnt as the store opens
         self._sql = Sql.for_table(self._qualified, self._create_function)
         self._errors: tuple[type[BaseException], ...] = (
             self._asyncpg.PostgresError,
@@ -182,11 +194,12 @@ class PostgresStore(Store):
                 with self._refusing_a_malformed_dsn():
                     async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
                         await self._migrate(conn)
-                        # The create function counts on each statement reading a snapshot
-                        # of its own, as only READ COMMITTED does: under another default
-                        # (a database's, a role's, the DSN's) concurrent logins went past
-                        # max_sessions, or failed to serialise.
-                        self._create_needs_read_committed = (
+                        # Every write counts on each statement reading a snapshot of its
+                        # own, as only READ COMMITTED does: under another default (a
+                        # database's, a role's, the DSN's) concurrent logins went past
+                        # max_sessions, and a write or logout that waited for a row another
+                        # server changed failed to serialise (a 503, the change lost).
+                        self._needs_read_committed = (
                             await conn.fetchval("SHOW default_transaction_isolation")
                             != "read committed"
                         )
@@ -284,11 +297,21 @@ class PostgresStore(Store):
 
     async def _migrate(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
-        async with conn.transaction():
+        # READ COMMITTED whatever the default: what the checks under the lock read must be
+        # what the server that held it committed, not a snapshot from before it.
+        async with conn.transaction(isolation="read_committed"):
             # A store at this release's schema (or a newer one it may use) needs no DDL,
             # nor the lock: the app's role need not be allowed to create tables when an
             # admin ran `authsessions migrate`.
-            recorded = await self._recorded_schema(conn, version_table)
+            try:
+                recorded = await self._recorded_schema(conn, version_table)
+            except self._asyncpg.InsufficientPrivilegeError as exc:
+                # Not "unavailable, retry": it fails the same way until someone else acts.
+                raise RuntimeError(
+                    f"This database role may not read the session table's schema version "
+                    f"{self.schema}.{self.table}_schema_version ({exc}). Grant it USAGE on "
+                    f"the schema {self.schema} and SELECT on that table."
+                ) from exc
             if self._needs_no_migration(recorded):
                 return
             try:
@@ -429,7 +452,7 @@ class PostgresStore(Store):
         self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
     ) -> contextlib.AbstractAsyncContextManager[object]:
         """A READ COMMITTED transaction where connections default to another level."""
-        if self._create_needs_read_committed:
+        if self._needs_read_committed:
             return conn.transaction(isolation="read_committed")
         return contextlib.nullcontext()
 
@@ -471,7 +494,7 @@ class PostgresStore(Store):
             statement, measured = (sql.patch if changes.changes_data else sql.touch), False
         with translate_errors("PostgreSQL", *self._errors):
             try:
-                async with self._borrow() as conn:
+                async with self._borrow() as conn, self._read_committed(conn):
                     if not measured:
                         status = await conn.execute(statement, *args, timeout=self.command_timeout)
                         return _count(status) == 1
@@ -533,7 +556,7 @@ class PostgresStore(Store):
 
     async def _execute(self, sql: str, *args: Any) -> int:
         with translate_errors("PostgreSQL", *self._errors):
-            async with self._borrow() as conn:
+            async with self._borrow() as conn, self._read_committed(conn):
                 return _count(await conn.execute(sql, *args, timeout=self.command_timeout))
 
 
