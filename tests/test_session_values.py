@@ -239,6 +239,21 @@ async def test_set_rejects_non_string_keys(run: Runner, sqlite_store: Store, key
     assert await stored_data(sqlite_store) == {}
 
 
+async def test_set_refuses_a_key_holding_a_lone_surrogate(run: Runner, sqlite_store: Store) -> None:
+    """As a value's (and a login's initial data's keys): no UTF-8 JSON could show it."""
+
+    def action(session: Session) -> None:
+        session.set("theme", "dark")
+        session.set("half an emoji \ud83d", 1)
+
+    outcome = await run(action)
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert "lone surrogate" in str(outcome.error)
+    assert outcome.data_after == {"theme": "dark"}
+    assert await stored_data(sqlite_store) == {"theme": "dark"}  # the rest of the request's
+
+
 async def test_set_accepts_plain_json_and_stores_a_copy(run: Runner, sqlite_store: Store) -> None:
     value: dict[str, Any] = {
         "s": "ünïcode",

@@ -32,7 +32,7 @@ from authsessions._tokens import (
     new_token,
     token_digest,
 )
-from authsessions._values import plain_json_copy, read_as
+from authsessions._values import plain_json_copy, read_as, require_text
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 from authsessions.stores._checks import require_str
 
@@ -212,6 +212,8 @@ class Session:
             raise self._too_late("set")
         if key.__class__ is not str:
             key = _plain_key(key)
+        if not key.isascii():
+            require_text(key, f"session key {key!r}")
         value = plain_json_copy(value, f"the value for session key {key!r}")
         self._check_fits({**self._data, key: value}, f"setting session key {key!r}")
         self._own_data()[key] = value

@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 from authsessions._errors import SessionDataError
 from authsessions._records import dump_json, load_json
 
-__all__ = ["MAX_NESTING", "plain_json_copy", "read_as"]
+__all__ = ["MAX_NESTING", "plain_json_copy", "read_as", "require_text"]
 
 T = TypeVar("T")
 
@@ -35,8 +35,8 @@ def plain_json_copy(value: Any, what: str) -> Any:
     Raises:
         SessionDataError: naming ``what`` and the reason.
     """
-    if value.__class__ is str and not (value.isascii() or _is_text(value)):
-        raise _lone_surrogate(what)
+    if value.__class__ is str:
+        require_text(value, what)
     if (
         value.__class__ in _IMMUTABLE_JSON_TYPES
         or (value.__class__ is int and value.bit_length() < 64)
@@ -68,6 +68,16 @@ def plain_json_copy(value: Any, what: str) -> Any:
             "keys?); store lists and string-keyed dicts instead."
         )
     return copy
+
+
+def require_text(text: str, what: str) -> None:
+    """Refuse a string that holds a lone surrogate, as :func:`plain_json_copy` does.
+
+    Raises:
+        SessionDataError: naming ``what``.
+    """
+    if not (text.isascii() or _is_text(text)):
+        raise _lone_surrogate(what)
 
 
 def _is_text(value: Any) -> bool:
