@@ -312,6 +312,39 @@ def test_an_option_mistyped_close_to_a_real_one_gets_click_s_suggestion(
     assert "goes after '--'" not in result.stderr
 
 
+@pytest.mark.parametrize("columns", [80, 200])
+def test_list_on_a_narrow_terminal_shows_ids_and_addresses_whole(
+    store_url: str, user: str, columns: int
+) -> None:
+    """An address has no space to wrap at: rich cut it to "2001:db8:…" at 80 columns."""
+    ipv6 = "2001:db8:1234:5678:9abc:def0:1234:5678"
+    first, second = make_record(user, ip_address=ipv6), make_record(user, ip_address="203.0.113.9")
+    seed(store_url, first, second)
+
+    shown = run(
+        "list", user, "--store", store_url, env={"TTY_COMPATIBLE": "1", "COLUMNS": str(columns)}
+    )
+
+    assert shown.exit_code == 0, shown.output
+    for whole in (first.id, second.id, ipv6, "203.0.113.9"):
+        assert whole in shown.stdout
+    assert "…" not in shown.stdout
+    assert ("┃" in shown.stdout) == (columns == 200)  # a table where it fits, else blocks
+
+
+@pytest.mark.parametrize(
+    "arguments", [["--jsn", "42"], ["42", "-x"], ["--store", "sqlite:///x", "42", "-x"]]
+)
+def test_a_mistyped_option_is_never_advised_as_an_id(arguments: list[str]) -> None:
+    """Advised as an id after "--", "--jsn" would end the sessions of user "--jsn", and the
+    id given (42) would be dropped."""
+    result = run("revoke-user", *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert "No such option" in result.stderr
+    assert "goes after '--'" not in result.stderr
+
+
 def test_an_id_that_starts_with_a_dash_goes_after_a_double_dash(store_url: str, user: str) -> None:
     dashed = f"-{user}"
     seed(store_url, make_record(dashed), make_record(dashed))

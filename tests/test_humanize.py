@@ -24,6 +24,10 @@ NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
         # The count is rounded to the nearest, not cut down: 29 days 23 hours reads 30 days.
         (timedelta(days=29, hours=23), "in 30 days"),
         (timedelta(days=-400), "1 year ago"),
+        # Rounded up to a whole unit above, it reads as that unit: never "60 minutes ago".
+        (timedelta(minutes=-59, seconds=-40), "1 hour ago"),
+        (timedelta(hours=23, minutes=45), "in 1 day"),
+        (timedelta(days=-362), "1 year ago"),
     ],
 )
 def test_time_ago_says_the_largest_unit_that_fits(offset: timedelta, phrase: str) -> None:

@@ -113,7 +113,13 @@ def make_cli() -> click.Group:
             try:
                 return super().parse_args(ctx, args)
             except click.NoSuchOption as exc:
-                if exc.possibilities:  # "Did you mean --json?": a mistyped option
+                # A mistyped option: "Did you mean --json?", any long one, or one beside
+                # the id already given. Advised as an id, it would end user "--jsn".
+                if (
+                    exc.possibilities
+                    or exc.option_name.startswith("--")
+                    or _gives_an_argument(self, given_args)
+                ):
                     raise
                 # "-5" or "-AbC" (which click reads as "-A" and more): the whole argument.
                 name = exc.option_name
@@ -482,7 +488,33 @@ def _stdout(*, stderr: bool = False) -> Console:
     return console
 
 
+def _gives_an_argument(command: click.Command, args: list[str]) -> bool:
+    """Whether ``args`` hold an argument of ``command`` besides its options and their
+    values (before any "--", after which everything is one).
+    """
+    import click
+
+    taking_values = {
+        name
+        for param in command.params
+        if isinstance(param, click.Option) and not param.is_flag and not param.count
+        for name in param.opts
+    }
+    values_next = False
+    for arg in args:
+        if values_next:
+            values_next = False
+        elif arg == "--":
+            return False
+        elif arg.startswith("-"):
+            values_next = arg in taking_values
+        else:
+            return True
+    return False
+
+
 def _print_sessions(console: Console, user_id: str, sessions: list[SessionData]) -> None:
+    from rich.measure import Measurement
     from rich.table import Table
 
     from authsessions._humanize import format_utc, time_ago
@@ -490,19 +522,43 @@ def _print_sessions(console: Console, user_id: str, sessions: list[SessionData])
     if not sessions:
         console.print(f"No live sessions for user {user_id!r}.")
         return
-    table = Table(title=f"Sessions of user {user_id!r}", title_justify="left")
-    table.add_column("ID", no_wrap=True)
-    for column in ("Device", "IP", "Last active", "Expires"):
-        table.add_column(column)
-    for session in sessions:
-        table.add_row(
+    rows = [
+        (
             session.id,
             f"{session.device_name} ({session.device_type})",
             session.ip_address or "-",
             time_ago(session.last_active_at),
             format_utc(session.expires_at),
         )
-    console.print(table)
+        for session in sessions
+    ]
+    title = f"Sessions of user {user_id!r}"
+    table = Table(title=title, title_justify="left")
+    # The id and the address are what an admin copies or decides by: never cut short,
+    # where the columns with spaces in them wrap.
+    table.add_column("ID", no_wrap=True)
+    table.add_column("Device")
+    table.add_column("IP", no_wrap=True)
+    table.add_column("Last active")
+    table.add_column("Expires")
+    for row in rows:
+        table.add_row(*row)
+    # Measured without the console's width, which the measure would be clamped to.
+    unbounded = console.options.update_width(sys.maxsize)
+    if Measurement.get(console, unbounded, table).minimum <= console.width:
+        console.print(table)
+        return
+    # Too narrow a terminal for the table whole (an IPv6 address at 80 columns): a block
+    # per session, each value on a line of its own.
+    console.print(title, style="italic", markup=False)
+    for session_id, device, ip_address, last_active, expires in rows:
+        console.print(
+            f"\n{session_id}\n  Device: {device}\n  IP: {ip_address}\n"
+            f"  Last active: {last_active}\n  Expires: {expires}",
+            markup=False,
+            highlight=False,
+            overflow="fold",
+        )
 
 
 def _print_stats(console: Console, where: str, stats: StoreStats) -> None:
