@@ -333,7 +333,14 @@ def test_list_on_a_narrow_terminal_shows_ids_and_addresses_whole(
 
 
 @pytest.mark.parametrize(
-    "arguments", [["--jsn", "42"], ["42", "-x"], ["--store", "sqlite:///x", "42", "-x"]]
+    "arguments",
+    [
+        ["--jsn", "42"],
+        ["42", "-x"],
+        ["--store", "sqlite:///x", "42", "-x"],
+        ["-x", "--", "42"],
+        ["-x", "--", "-42"],
+    ],
 )
 def test_a_mistyped_option_is_never_advised_as_an_id(arguments: list[str]) -> None:
     """Advised as an id after "--", "--jsn" would end the sessions of user "--jsn", and the

@@ -80,7 +80,10 @@ async def serve_websocket(
         # The server gave up on the task (its shutdown's grace period ran out, a timeout):
         # not the handler's failure, and the client may have been told of what it set.
         # Shielded: the cancellation may be delivered again while the store works.
-        await asyncio.shield(_save_changes(session, save=True))
+        try:
+            await asyncio.shield(_save_changes(session, save=True))
+        except Exception as exc:  # the cancellation is the one to pass on
+            logger.warning("session changes of a cancelled WebSocket were not saved: %r", exc)
         raise
     except Exception:
         if client_left:

@@ -490,7 +490,7 @@ def _stdout(*, stderr: bool = False) -> Console:
 
 def _gives_an_argument(command: click.Command, args: list[str]) -> bool:
     """Whether ``args`` hold an argument of ``command`` besides its options and their
-    values (before any "--", after which everything is one).
+    values (after a "--", everything is one).
     """
     import click
 
@@ -505,7 +505,7 @@ def _gives_an_argument(command: click.Command, args: list[str]) -> bool:
         if values_next:
             values_next = False
         elif arg == "--":
-            return False
+            return arg is not args[-1]  # whatever follows is an argument
         elif arg.startswith("-"):
             values_next = arg in taking_values
         else:

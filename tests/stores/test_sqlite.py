@@ -286,6 +286,123 @@ def test_a_child_is_sound_after_the_parent_closes_the_store_it_forked_with(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+_FORKED_FROM_ANOTHER_THREAD = """
+import asyncio, os, sys, threading
+from authsessions.stores import SQLiteStore
+from tests.stores.records import make_record, make_update, start_time
+
+store = SQLiteStore(sys.argv[1], timeout=2)
+forked = threading.Event()
+
+def fork_again_and_again() -> None:  # as multiprocessing.Pool's handler thread does
+    for _ in range(30):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    forked.set()
+
+async def serve() -> int:
+    await store.open()
+    now = start_time()
+    records = [make_record(now=now, user_id=f"user-{i}") for i in range(10)]
+    for record in records:
+        await store.create(record, max_sessions=5, now=now)
+    forking = threading.Thread(target=fork_again_and_again)
+    forking.start()
+    served = 0
+    while not forked.is_set():
+        record = records[served % 10]
+        assert await store.get(record.token_digest, now=now) is not None
+        update = make_update(now=now + 1, set_keys={"n": served})
+        assert await store.update(record.id, update, now=now + 1)
+        served += 1
+        await asyncio.sleep(0)
+    forking.join()
+    await store.close()
+    return served
+
+print("served", asyncio.run(serve()), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_fork_from_another_thread_leaves_the_event_loops_connections_alone(
+    db_path: Path,
+) -> None:
+    """Closed under the event loop's feet (a statement under way on another thread), its
+    connection crashed the process: another thread's fork leaves them open, and says so."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_FROM_ANOTHER_THREAD, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "served" in done.stdout
+    assert "kept its connections open as the process forked" in done.stderr
+
+
+_FORKED_WHILE_ANOTHER_PROCESS_WRITES = """
+import asyncio, os, subprocess, sys, time
+from authsessions.stores import SQLiteStore
+from tests.stores.records import make_record, start_time
+
+HOLD_THE_WRITE_LOCK = (
+    "import sqlite3, sys, time\\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\\n"
+    "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\\n"
+    "time.sleep(2); db.execute('COMMIT')\\n"
+)
+store = SQLiteStore(sys.argv[1], timeout=5)
+asyncio.run(store.open())
+holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_THE_WRITE_LOCK, sys.argv[1]], stdout=subprocess.PIPE, text=True
+)
+assert holder.stdout.readline().strip() == "locked"
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+took = time.monotonic() - started
+os.waitpid(pid, 0)
+holder.wait()
+assert store.is_open
+
+async def still_serving() -> None:
+    now = start_time()
+    record = make_record(now=now)
+    await store.create(record, max_sessions=5, now=now)
+    assert await store.get(record.token_digest, now=now) is not None
+    await store.close()
+
+asyncio.run(still_serving())
+print(f"fork took {took:.3f} s", flush=True)
+sys.exit(0 if took < 1 else 3)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_fork_while_another_process_holds_the_write_lock_neither_waits_nor_closes(
+    db_path: Path,
+) -> None:
+    """The parent's connections, opened again after the fork, migrated the schema again:
+    the fork waited out the store's timeout, then left the store closed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_WHILE_ANOTHER_PROCESS_WRITES, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> None:
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})

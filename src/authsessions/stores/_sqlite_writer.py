@@ -86,20 +86,25 @@ class WriterThread:
 
     def close_connection_for_fork(self) -> None:
         """Close the thread's connection once the work in hand is done, blocking: a process
-        about to fork must hold no connection to the file (see ``SQLiteStore``).
-
-        The WAL-index header is let go of first: its mapping goes with the connections.
+        about to fork must hold no connection to the file (see ``SQLiteStore``). The
+        caller lets go of the WAL-index header after this, before its own connection.
         """
-        self.count_pages(None)
         pool, db = self._pool, self._db
-        self._db = None
         if pool is not None and db is not None:
             pool.submit(db.close).result()
+            self._db = None
 
     def reconnect_after_fork(self, connect: Callable[[], sqlite3.Connection]) -> None:
         """In the process that forked: open the thread's connection again, blocking."""
         if self._pool is not None:
             self._db = self._pool.submit(connect).result()
+
+    def abandon(self) -> None:
+        """Let the thread go without awaiting it, its connection closed already."""
+        self.count_pages(None)
+        pool, self._pool, self._db = self._pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the thread's connection; its errors as ``StoreUnavailable``.

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -204,6 +205,9 @@ class SQLiteStore(Store):
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
+        self._loop_thread: int | None = None  # the thread that opened the loop's connection
+        self._counting = 0  # stats() connections open on worker threads
+        self._counting_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -229,34 +233,53 @@ class SQLiteStore(Store):
         with the parent's locks marked as held, though none is held there: the child's
         own connections would then take no lock at all, and once the parent closed its
         last one, it would checkpoint and remove the WAL under the child.
+
+        Only where the event loop's thread forks, which is then inside ``fork()``, not
+        inside a statement: closing the connection under a loop running on another thread
+        crashed the process. Left open otherwise, or while ``stats()`` holds a
+        connection of its own, with a warning.
         """
-        self._wal_index = None  # before the connections that keep its mapping close
-        self._cache.clear()
+        if self._loop_thread != threading.get_ident() or self._counting:
+            logger.warning(
+                "%r kept its connections open as the process forked (another thread "
+                "forked, or stats() was counting): a child that uses the file is sound "
+                "only while this process keeps them open.",
+                self,
+            )
+            return
         try:
             self._writer.close_connection_for_fork()
-            if self._loop_db is not None:
-                self._loop_db.close()
-                self._loop_db = None
-        except Exception as exc:  # the child opens afresh all the same, and says so
+        except Exception as exc:
             logger.warning(
                 "%r could not close its connections as the process forked: %s", self, exc
             )
-        else:
-            self._closed_for_fork = True
+            return
+        # The header lives in a mapping the last connection takes with it.
+        self._writer.count_pages(None)
+        self._wal_index = None
+        self._cache.clear()
+        if self._loop_db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._loop_db.close()
+            self._loop_db = None
+        self._closed_for_fork = True
 
     def _reopen_after_fork(self) -> None:
         """In the process that forked: the connections :meth:`_close_for_fork` closed,
-        opened again (the event loop's opens on first use if it cannot now).
+        opened again without waiting for any lock (the event loop's opens on first use
+        if it cannot now). If the writer's cannot, the store is closed, to open afresh.
         """
         if not self._closed_for_fork:
             return
         self._closed_for_fork = False
         try:
-            self._writer.reconnect_after_fork(self._connect_writer)
+            self._writer.reconnect_after_fork(self._connect_writer_again)
         except Exception as exc:
-            # Closed, to be opened afresh: by the middleware on the next request.
             logger.warning("%r could not open again after the process forked: %s", self, exc)
-            self._left_in_the_parent()
+            _OPEN_STORES.discard(self)
+            self._writer.abandon()
+            self._writer = WriterThread(self._closed_error, self.timeout)
+            self._mark_closed()
             return
         with contextlib.suppress(sqlite3.Error):
             self._open_loop_db()
@@ -266,10 +289,10 @@ class SQLiteStore(Store):
         """In a process forked while this store was open: closed here, to open afresh.
 
         The writer thread does not exist here, so work handed to it never ended. Where
-        the connections could not be closed before the fork, they are the parent's
-        (SQLite forbids using one across a fork): kept and never closed, as closing the
-        last connection to a file checkpoints it, under locks that SQLite would believe
-        this process holds.
+        the connections were left open for the fork, they are the parent's (SQLite
+        forbids using one across a fork): kept and never closed, as closing the last
+        connection to a file checkpoints it, under locks that SQLite would believe this
+        process holds.
         """
         if not self._closed_for_fork:
             _LEFT_IN_THE_PARENT.append((self._loop_db, self._writer, self._wal_index))
@@ -277,6 +300,7 @@ class SQLiteStore(Store):
         self._loop_db = self._wal_index = None
         self._cache.clear()
         self._writer = WriterThread(self._closed_error, self.timeout)
+        self._counting, self._counting_lock = 0, threading.Lock()  # another thread's, if held
         self._mark_closed()
         self._opening = None
 
@@ -298,6 +322,7 @@ class SQLiteStore(Store):
             raise
         if wal_index is not None:
             db.refuse_write = self._write_locked
+        self._loop_thread = threading.get_ident()
         self._loop_db, self._wal_index = db, wal_index
 
     def _write_locked(self) -> bool:
@@ -324,20 +349,25 @@ class SQLiteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     stuck.close()  # rolls back what it still holds
 
-    def _connect_writer(self) -> sqlite3.Connection:
+    def _connect_writer(self, *, again: bool = False) -> sqlite3.Connection:
         writer = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
         try:
-            enable_wal(writer, timeout=self.timeout)
+            if not again:  # both take the write lock, which a reopen must not wait for
+                enable_wal(writer, timeout=self.timeout)
+                migrate(writer)
             # WAL with synchronous=NORMAL survives an app crash; only a power loss can
             # drop the last commits, which for sessions means signing in again.
             writer.execute("PRAGMA synchronous = NORMAL")
             writer.execute(f"PRAGMA wal_autocheckpoint = {BULK_CHECKPOINT_PAGES}")
             writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-            migrate(writer)
         except BaseException:
             writer.close()
             raise
         return writer
+
+    def _connect_writer_again(self) -> sqlite3.Connection:
+        """The writer's connection after a fork: the file is in WAL mode and migrated."""
+        return self._connect_writer(again=True)
 
     async def _close(self) -> None:
         _OPEN_STORES.discard(self)
@@ -422,15 +452,23 @@ class SQLiteStore(Store):
             return await asyncio.to_thread(self._count, now)
 
     def _count(self, now: float) -> StoreStats:
-        db = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
+        with self._counting_lock:  # a fork meanwhile leaves the connections open
+            self._counting += 1
         try:
-            db.execute("PRAGMA query_only = ON")
-            db.execute("BEGIN")
-            users, expired = db.execute(_COUNT_USERS_AND_EXPIRED, (now,)).fetchone()
-            by_type: list[tuple[str, int]] = db.execute(_COUNT_BY_DEVICE_TYPE, (now,)).fetchall()
-            db.execute("COMMIT")
+            db = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
+            try:
+                db.execute("PRAGMA query_only = ON")
+                db.execute("BEGIN")
+                users, expired = db.execute(_COUNT_USERS_AND_EXPIRED, (now,)).fetchone()
+                by_type: list[tuple[str, int]] = db.execute(
+                    _COUNT_BY_DEVICE_TYPE, (now,)
+                ).fetchall()
+                db.execute("COMMIT")
+            finally:
+                db.close()
         finally:
-            db.close()
+            with self._counting_lock:
+                self._counting -= 1
         return StoreStats(
             live_sessions=sum(count for _, count in by_type),
             users=users,
@@ -719,6 +757,9 @@ class SQLiteStore(Store):
             raise self._closed_error()
         with translate_errors("SQLite", sqlite3.Error):
             self._open_loop_db()
+        # The writer's schedule may hold no header, or one whose mapping went with every
+        # connection (a fork, see _reopen_after_fork).
+        self._writer.count_pages(self._wal_index)
         assert self._loop_db is not None
         return self._loop_db
 
