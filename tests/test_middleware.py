@@ -285,15 +285,24 @@ async def test_cookie_clearing_response_is_no_store_and_varies_on_cookie(
     assert response.headers["vary"] == "Cookie"
 
 
+@pytest.mark.parametrize(
+    ("path", "secure", "http_only"), [("/app", True, False), ("/", False, True)]
+)
 async def test_cookie_attributes_follow_the_config_when_set_and_cleared(
-    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+    sqlite_store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    path: str,
+    secure: bool,
+    http_only: bool,
 ) -> None:
     config = SessionConfig(
         cookie_name="sid",
         cookie_domain="example.com",
-        cookie_path="/",
+        cookie_path=path,
         cookie_same_site="strict",
-        cookie_http_only=False,
+        cookie_secure=secure,
+        cookie_http_only=http_only,
     )
     client = client_factory(app_factory(sqlite_store, config))
 
@@ -308,10 +317,10 @@ async def test_cookie_attributes_follow_the_config_when_set_and_cleared(
     assert cleared.is_clearing
     for cookie in (issued, cleared):
         assert cookie.attributes["domain"] == "example.com"
-        assert cookie.attributes["path"] == "/"
+        assert cookie.attributes["path"] == path
         assert cookie.attributes["samesite"] == "Strict"
-        assert "secure" in cookie.attributes
-        assert "httponly" not in cookie.attributes
+        assert ("secure" in cookie.attributes) is secure
+        assert ("httponly" in cookie.attributes) is http_only
 
 
 @pytest.mark.parametrize("stale", ["unknown", "malformed"])

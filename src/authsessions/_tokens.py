@@ -14,9 +14,8 @@ import secrets
 TOKEN_BYTES = 32
 SESSION_ID_BYTES = 16
 
-# token_urlsafe(n) yields ceil(n * 4 / 3) characters of the URL-safe alphabet, unpadded.
-_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 _TOKEN_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+# token_urlsafe(n) yields ceil(n * 4 / 3) characters of the URL-safe alphabet, unpadded.
 TOKEN_LENGTH = 43
 # Maps every byte of the alphabet to 0 and every other byte to 1: a token translates to zeros.
 _OUTSIDE_ALPHABET = bytes(0 if byte in _TOKEN_ALPHABET else 1 for byte in range(256))
@@ -53,13 +52,9 @@ def token_digest(token: str) -> str:
     return digest.hexdigest()
 
 
-def is_well_formed_token(value: str) -> bool:
-    """Whether ``value`` has the exact shape of a token (checked before any store access)."""
-    return _TOKEN_PATTERN.fullmatch(value) is not None
-
-
 def is_well_formed_token_bytes(value: bytes) -> bool:
-    """:func:`is_well_formed_token` for a raw header value, before any decoding."""
+    """Whether a raw header value has the exact shape of a token, before any decoding
+    (checked before any store access)."""
     # A plain table lookup per byte: cheaper than deleting the alphabet, which builds a table.
     return len(value) == TOKEN_LENGTH and value.translate(_OUTSIDE_ALPHABET) == _ALL_INSIDE
 

@@ -369,6 +369,20 @@ async def test_closing_the_store_during_a_cleanup_ends_it_and_a_reopened_store_f
     assert await setup.all_keys() == []
 
 
+async def test_a_delete_for_an_owner_refuses_a_session_whose_hash_names_another(
+    setup: Setup,
+) -> None:
+    """Keys are filed under a hash of the user id, so another user's id looks elsewhere;
+    the script's own check of the owner is what stands when the tags meet."""
+    record = make_record(now=start_time(), user_id="bob")
+    await setup.store.create(record, max_sessions=5, now=record.created_at)
+    session_key = setup.keys(record)["session"]
+    await setup.raw.hset(session_key, "uid", "mallory")
+
+    assert not await setup.store.delete(record.id, user_id="bob")
+    assert await setup.raw.exists(session_key) == 1
+
+
 async def test_a_refused_rotation_leaves_no_pointer_behind(setup: Setup) -> None:
     """In a cluster the new digest's pointer is written before the script; a refusal removes it."""
     t0 = start_time()
