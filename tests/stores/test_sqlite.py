@@ -346,6 +346,76 @@ def test_a_fork_from_another_thread_leaves_the_event_loops_connections_alone(
     assert "kept its connections open as the process forked" in done.stderr
 
 
+_USED_FROM_ANOTHER_THREAD = """
+import asyncio, os, sys, threading, time
+from authsessions.stores import SQLiteStore
+from tests.stores.records import make_record, make_update, start_time
+
+store = SQLiteStore(sys.argv[1], timeout=2)
+now = start_time()
+records = [make_record(now=now, user_id=f"user-{i}") for i in range(10)]
+
+async def sign_in() -> None:
+    await store.open()
+    for record in records:
+        await store.create(record, max_sessions=5, now=now)
+
+asyncio.run(sign_in())  # opened on this thread, then served from another (a server's)
+stop = threading.Event()
+
+def serve() -> None:
+    async def serving() -> None:
+        served = 0
+        while not stop.is_set():
+            record = records[served % 10]
+            assert await store.get(record.token_digest, now=now) is not None
+            update = make_update(now=now + 1, set_keys={"n": served})
+            assert await store.update(record.id, update, now=now + 1)
+            served += 1
+            await asyncio.sleep(0)
+    asyncio.run(serving())
+
+serving = threading.Thread(target=serve)
+serving.start()
+time.sleep(0.2)
+for _ in range(30):
+    pid = os.fork()
+    if pid == 0:
+        async def open_in_the_child() -> None:
+            await SQLiteStore(sys.argv[1]).open()
+        try:
+            asyncio.run(open_in_the_child())
+        except RuntimeError as exc:
+            os._exit(0 if "cannot open in this process" in str(exc) else 4)
+        os._exit(5)  # it opened, on a lock table whose locks it does not hold
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+stop.set()
+serving.join()
+print("served", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_fork_from_the_thread_that_opened_the_store_leaves_another_threads_loop_alone(
+    db_path: Path,
+) -> None:
+    """The store opened on one thread and served from another's event loop: a fork from
+    the first closed the connection under the second's statement (a crash). The child
+    then refuses the file, whose lock table it inherited, instead of hanging on it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _USED_FROM_ANOTHER_THREAD, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "served" in done.stdout
+
+
 _FORKED_WHILE_ANOTHER_PROCESS_WRITES = """
 import asyncio, os, subprocess, sys, time
 from authsessions.stores import SQLiteStore

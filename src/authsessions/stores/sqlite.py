@@ -127,6 +127,10 @@ MAX_TIMEOUT = (2**31 - 1) // 1000
 # SQLiteStore._close_for_fork); what one could not close is kept in the child, never closed.
 _OPEN_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 _LEFT_IN_THE_PARENT: list[object] = []
+# In a child: the files a store of the parent held open across the fork, which no
+# connection here can use soundly (see SQLiteStore._close_for_fork).
+_FILES_LEFT_OPEN_AT_FORK: set[str] = set()
+_get_ident = threading.get_ident
 
 
 def _before_fork() -> None:
@@ -205,7 +209,7 @@ class SQLiteStore(Store):
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
-        self._loop_thread: int | None = None  # the thread that opened the loop's connection
+        self._loop_thread: int | None = None  # the thread that last used the loop's connection
         self._counting = 0  # stats() connections open on worker threads
         self._counting_lock = threading.Lock()
 
@@ -215,6 +219,14 @@ class SQLiteStore(Store):
     # -- opening -------------------------------------------------------------
 
     async def _open(self) -> None:
+        if self._file in _FILES_LEFT_OPEN_AT_FORK:
+            raise RuntimeError(
+                f"{self!r} cannot open in this process: it was forked while the parent had "
+                "the file open, from a thread other than the store's event loop's, or while "
+                "stats() counted (SQLite's lock table came along, with the parent's locks "
+                "marked as held). Fork before opening the store, or from its event loop's "
+                "thread, or use multiprocessing's 'spawn' or 'forkserver' start method."
+            )
         try:
             await self._writer.open(self._connect_writer)
             with translate_errors("SQLite", sqlite3.Error):
@@ -234,16 +246,16 @@ class SQLiteStore(Store):
         own connections would then take no lock at all, and once the parent closed its
         last one, it would checkpoint and remove the WAL under the child.
 
-        Only where the event loop's thread forks, which is then inside ``fork()``, not
-        inside a statement: closing the connection under a loop running on another thread
-        crashed the process. Left open otherwise, or while ``stats()`` holds a
-        connection of its own, with a warning.
+        Only where the thread that last used the event loop's connection forks, which is
+        then inside ``fork()``, not inside a statement: closing it under a loop running
+        on another thread crashed the process. Left open otherwise, or while ``stats()``
+        holds a connection of its own, with a warning; the child then refuses to open
+        the file (see _open).
         """
-        if self._loop_thread != threading.get_ident() or self._counting:
+        if self._loop_thread != _get_ident() or self._counting:
             logger.warning(
                 "%r kept its connections open as the process forked (another thread "
-                "forked, or stats() was counting): a child that uses the file is sound "
-                "only while this process keeps them open.",
+                "forked, or stats() was counting): the child cannot use the file.",
                 self,
             )
             return
@@ -296,6 +308,7 @@ class SQLiteStore(Store):
         """
         if not self._closed_for_fork:
             _LEFT_IN_THE_PARENT.append((self._loop_db, self._writer, self._wal_index))
+            _FILES_LEFT_OPEN_AT_FORK.add(self._file)
         self._closed_for_fork = False
         self._loop_db = self._wal_index = None
         self._cache.clear()
@@ -322,8 +335,8 @@ class SQLiteStore(Store):
             raise
         if wal_index is not None:
             db.refuse_write = self._write_locked
-        self._loop_thread = threading.get_ident()
         self._loop_db, self._wal_index = db, wal_index
+        self._loop_thread = _get_ident()  # see _close_for_fork
 
     def _write_locked(self) -> bool:
         """Whether to refuse the write the event loop's connection began: one whose commit
@@ -381,6 +394,7 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        self._loop_thread = _get_ident()  # before the connection is taken: _close_for_fork
         db = self._loop_db
         if db is None:
             db = self._connection(db)
@@ -448,12 +462,25 @@ class SQLiteStore(Store):
         """
         now = _checks.require_time("now", now)
         self._connection(self._loop_db)  # refuses a closed store
-        with translate_errors("SQLite", sqlite3.Error):
-            return await asyncio.to_thread(self._count, now)
-
-    def _count(self, now: float) -> StoreStats:
-        with self._counting_lock:  # a fork meanwhile leaves the connections open
+        # Counted before the thread has it: a fork meanwhile leaves the connections open.
+        # Counted out by the thread, or here if it never began (cancelled before).
+        began: list[bool] = []
+        with self._counting_lock:
             self._counting += 1
+        try:
+            with translate_errors("SQLite", sqlite3.Error):
+                return await asyncio.to_thread(self._count, now, began)
+        finally:
+            with self._counting_lock:
+                if not began:
+                    began.append(False)  # too late for the thread to begin
+                    self._counting -= 1
+
+    def _count(self, now: float, began: list[bool]) -> StoreStats:
+        with self._counting_lock:
+            if began:  # its caller gave up before it began
+                raise asyncio.CancelledError
+            began.append(True)
         try:
             db = sqlite3.connect(self._file, timeout=self.timeout, isolation_level=None)
             try:
@@ -751,6 +778,7 @@ class SQLiteStore(Store):
         is open: replacing one left in a transaction failed (see :meth:`_reopen_loop_db`),
         and each call tries until the file opens.
         """
+        self._loop_thread = _get_ident()  # see _close_for_fork
         if connection is not None:
             return connection
         if not self._is_open:
