@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from authsessions._records import DeviceType, SessionRecord, SessionUpdate
 from authsessions._tokens import new_session_id, new_token, token_digest
+from authsessions.stores import Store
 
 __all__ = ["TTL", "make_record", "make_update", "new_digest", "start_time", "typed"]
 
@@ -106,3 +109,20 @@ def check_kept_after_racing_creates(
     assert len(kept_ids) == limit
     assert set(kept_ids) <= {record.id for record in created}
     assert created[-1].id in kept_ids
+
+
+async def read_and_write_until(
+    done: threading.Event, store: Store, records: list[SessionRecord], now: float
+) -> int:
+    """Look up and write ``records``' sessions in turn, as requests would, until ``done``
+    is set (by another thread); returns how many turns ran. Each must find its session.
+    """
+    served = 0
+    while not done.is_set():
+        record = records[served % len(records)]
+        assert await store.get(record.token_digest, now=now) is not None
+        update = make_update(now=now + 1, set_keys={"n": served})
+        assert await store.update(record.id, update, now=now + 1)
+        served += 1
+        await asyncio.sleep(0)
+    return served

@@ -162,6 +162,18 @@ async def test_writes_that_meet_a_held_lock_each_fail_within_the_timeout(db_path
     assert waited < 2.0  # one timeout and some slack, where eight in turn took 4 s
 
 
+def run_in_a_process_of_its_own(script: str, db_path: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a Python of its own (forks, at-fork hooks), given ``db_path``."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+
+
 _FORKED_AFTER_USE = """
 import asyncio, os, sys
 from authsessions import SessionManager
@@ -200,14 +212,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def test_a_store_opened_before_a_fork_opens_afresh_in_the_child(db_path: Path) -> None:
     """SQLite forbids using a connection across a fork, and the writer thread does not
     exist in the child: work handed to it (a cleanup, a checkpoint) never ended there."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED_AFTER_USE, str(db_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[2],
-        check=False,
-    )
+    done = run_in_a_process_of_its_own(_FORKED_AFTER_USE, db_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "forked" not in done.stderr  # its connections closed for the fork, as they should
@@ -274,14 +279,7 @@ def test_a_child_is_sound_after_the_parent_closes_the_store_it_forked_with(
     """SQLite keeps a file's locks in a table of the process, which a child inherits with
     the parent's locks marked as held: the child's own connections took no lock, so the
     parent's close removed the WAL under it, and it served a session revoked since."""
-    done = subprocess.run(
-        [sys.executable, "-c", _PARENT_CLOSES_WHILE_THE_CHILD_RUNS, str(db_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[2],
-        check=False,
-    )
+    done = run_in_a_process_of_its_own(_PARENT_CLOSES_WHILE_THE_CHILD_RUNS, db_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -289,7 +287,7 @@ def test_a_child_is_sound_after_the_parent_closes_the_store_it_forked_with(
 _FORKED_FROM_ANOTHER_THREAD = """
 import asyncio, os, sys, threading
 from authsessions.stores import SQLiteStore
-from tests.stores.records import make_record, make_update, start_time
+from tests.stores.records import make_record, read_and_write_until, start_time
 
 store = SQLiteStore(sys.argv[1], timeout=2)
 forked = threading.Event()
@@ -310,14 +308,7 @@ async def serve() -> int:
         await store.create(record, max_sessions=5, now=now)
     forking = threading.Thread(target=fork_again_and_again)
     forking.start()
-    served = 0
-    while not forked.is_set():
-        record = records[served % 10]
-        assert await store.get(record.token_digest, now=now) is not None
-        update = make_update(now=now + 1, set_keys={"n": served})
-        assert await store.update(record.id, update, now=now + 1)
-        served += 1
-        await asyncio.sleep(0)
+    served = await read_and_write_until(forked, store, records, now)
     forking.join()
     await store.close()
     return served
@@ -332,14 +323,7 @@ def test_a_fork_from_another_thread_leaves_the_event_loops_connections_alone(
 ) -> None:
     """Closed under the event loop's feet (a statement under way on another thread), its
     connection crashed the process: another thread's fork leaves them open, and says so."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED_FROM_ANOTHER_THREAD, str(db_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[2],
-        check=False,
-    )
+    done = run_in_a_process_of_its_own(_FORKED_FROM_ANOTHER_THREAD, db_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "served" in done.stdout
@@ -349,7 +333,7 @@ def test_a_fork_from_another_thread_leaves_the_event_loops_connections_alone(
 _USED_FROM_ANOTHER_THREAD = """
 import asyncio, os, sys, threading, time
 from authsessions.stores import SQLiteStore
-from tests.stores.records import make_record, make_update, start_time
+from tests.stores.records import make_record, read_and_write_until, start_time
 
 store = SQLiteStore(sys.argv[1], timeout=2)
 now = start_time()
@@ -364,16 +348,7 @@ asyncio.run(sign_in())  # opened on this thread, then served from another (a ser
 stop = threading.Event()
 
 def serve() -> None:
-    async def serving() -> None:
-        served = 0
-        while not stop.is_set():
-            record = records[served % 10]
-            assert await store.get(record.token_digest, now=now) is not None
-            update = make_update(now=now + 1, set_keys={"n": served})
-            assert await store.update(record.id, update, now=now + 1)
-            served += 1
-            await asyncio.sleep(0)
-    asyncio.run(serving())
+    asyncio.run(read_and_write_until(stop, store, records, now))
 
 serving = threading.Thread(target=serve)
 serving.start()
@@ -403,14 +378,7 @@ def test_a_fork_from_the_thread_that_opened_the_store_leaves_another_threads_loo
     """The store opened on one thread and served from another's event loop: a fork from
     the first closed the connection under the second's statement (a crash). The child
     then refuses the file, whose lock table it inherited, instead of hanging on it."""
-    done = subprocess.run(
-        [sys.executable, "-c", _USED_FROM_ANOTHER_THREAD, str(db_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[2],
-        check=False,
-    )
+    done = run_in_a_process_of_its_own(_USED_FROM_ANOTHER_THREAD, db_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "served" in done.stdout
@@ -461,14 +429,7 @@ def test_a_fork_while_another_process_holds_the_write_lock_neither_waits_nor_clo
 ) -> None:
     """The parent's connections, opened again after the fork, migrated the schema again:
     the fork waited out the store's timeout, then left the store closed."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKED_WHILE_ANOTHER_PROCESS_WRITES, str(db_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).parents[2],
-        check=False,
-    )
+    done = run_in_a_process_of_its_own(_FORKED_WHILE_ANOTHER_PROCESS_WRITES, db_path)
 
     assert done.returncode == 0, done.stdout + done.stderr
 
