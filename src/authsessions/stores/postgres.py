@@ -578,11 +578,11 @@ def _import_asyncpg() -> Any:
     return asyncpg
 
 
-# What the server answers, as a connection starts, to a setting asyncpg passed on from the
-# URL's options: no such setting, or not a value it takes.
 # A setting in the "options" connection parameter: "-c name=value" or "--name=value".
 _COMMAND_LINE_SETTING = re.compile(r"(?:(?<!\S)-c\s*|(?<!\S)--)([\w.-]+)=(\S*)")
 
+# What the server answers, as a connection starts, to a setting asyncpg passed on from the
+# URL's options: no such setting, or not a value it takes.
 _REFUSED_SETTING = {
     "42704": "no setting PostgreSQL knows",
     "22023": "given a value the server refuses",

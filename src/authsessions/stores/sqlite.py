@@ -222,10 +222,10 @@ class SQLiteStore(Store):
         if self._file in _FILES_LEFT_OPEN_AT_FORK:
             raise RuntimeError(
                 f"{self!r} cannot open in this process: it was forked while the parent had "
-                "the file open, from a thread other than the store's event loop's, or while "
-                "stats() counted (SQLite's lock table came along, with the parent's locks "
-                "marked as held). Fork before opening the store, or from its event loop's "
-                "thread, or use multiprocessing's 'spawn' or 'forkserver' start method."
+                "the file open, from a thread other than the one using the parent's store, "
+                "or while stats() counted (SQLite's lock table came along, with the "
+                "parent's locks marked as held). Fork before opening the store, or from the "
+                "thread that uses it, or use multiprocessing's 'spawn' start method."
             )
         try:
             await self._writer.open(self._connect_writer)
