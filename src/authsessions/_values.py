@@ -35,7 +35,7 @@ def plain_json_copy(value: Any, what: str) -> Any:
     Raises:
         SessionDataError: naming ``what`` and the reason.
     """
-    if value.__class__ is str:
+    if value.__class__ is str and not value.isascii():  # the usual string needs no call
         require_text(value, what)
     if (
         value.__class__ in _IMMUTABLE_JSON_TYPES

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -285,7 +286,8 @@ class SQLiteStore(Store):
             return
         self._closed_for_fork = False
         try:
-            self._writer.reconnect_after_fork(self._connect_writer_again)
+            # The file is in WAL mode and migrated since the store opened.
+            self._writer.reconnect_after_fork(functools.partial(self._connect_writer, again=True))
         except Exception as exc:
             logger.warning("%r could not open again after the process forked: %s", self, exc)
             _OPEN_STORES.discard(self)
@@ -377,10 +379,6 @@ class SQLiteStore(Store):
             writer.close()
             raise
         return writer
-
-    def _connect_writer_again(self) -> sqlite3.Connection:
-        """The writer's connection after a fork: the file is in WAL mode and migrated."""
-        return self._connect_writer(again=True)
 
     async def _close(self) -> None:
         _OPEN_STORES.discard(self)
