@@ -132,6 +132,30 @@ async def test_revoke_raises_session_not_found_and_changes_nothing(
     assert [s.id for s in await SessionManager(store).list_for_user("bob")] == [bobs.id]
 
 
+async def test_an_expired_session_cleanup_has_not_reached_is_neither_revoked_nor_counted(
+    store: Store,
+) -> None:
+    """Every store answers alike, whether it keeps expired sessions until cleanup (SQL,
+    memory) or drops them by itself (Redis): an app's "no such device" and "logged out
+    of N devices" do not depend on the store.
+    """
+    # Live first: a store may sweep a user's expired sessions when it creates one.
+    _, live = await plant_session(store, "alice", expires_in=60)
+    _, expired = await plant_session(store, "alice", created_ago=7200, idle_for=60, expires_in=-1)
+    _, also_expired = await plant_session(
+        store, "alice", created_ago=7200, idle_for=60, expires_in=-1
+    )
+    manager = SessionManager(store)
+
+    with pytest.raises(SessionNotFound):
+        await manager.revoke("alice", expired.id)
+    assert await manager.revoke_all("alice") == 1
+
+    assert await manager.list_for_user("alice") == []
+    for record in (live, expired, also_expired):  # gone, not merely hidden
+        assert await store.get(record.token_digest, now=record.created_at) is None
+
+
 async def test_revoke_all_ends_every_session_of_the_user(store: Store) -> None:
     for _ in range(3):
         await plant_session(store, "alice")

@@ -771,7 +771,7 @@ class RefusingTheFirstRotation(MemoryStore):
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         if changes.token_digest is not None and not self.refused:
             self.refused = True
-            await self.delete(session_id)  # another request's logout, meanwhile
+            await self.delete(session_id, now=now)  # another request's logout, meanwhile
             raise CreateError(session_id)
         return await super().update(session_id, changes, now=now)
 
@@ -813,8 +813,8 @@ class YieldingAroundWrites(MemoryStore):
             await asyncio.sleep(0)
         return updated
 
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        deleted = await super().delete(session_id, user_id=user_id)
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+        deleted = await super().delete(session_id, now=now, user_id=user_id)
         for _ in range(3):
             await asyncio.sleep(0)
         return deleted
@@ -1452,7 +1452,7 @@ async def test_a_new_token_the_response_overtook_ends_its_session(
 
 
 class DownForDeletes(MemoryStore):
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
         raise StoreUnavailable()
 
 

@@ -507,7 +507,7 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
         current = session.current()
         assert current is not None
         if meanwhile == "revoked":
-            await store.delete(current.id)
+            await store.delete(current.id, now=time.time())
         else:
             now = time.time()
             update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)

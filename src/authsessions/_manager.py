@@ -80,7 +80,7 @@ class SessionManager:
         require_str("session_id", session_id)
         store = await self._store()
         if not is_well_formed_session_id(session_id) or not await store.delete(
-            session_id, user_id=user_id
+            session_id, now=time.time(), user_id=user_id
         ):
             raise SessionNotFound()
 
@@ -97,7 +97,7 @@ class SessionManager:
         if except_id is not None:
             require_str("except_id", except_id)
         store = await self._store()
-        return await store.delete_for_user(user_id, except_id=except_id)
+        return await store.delete_for_user(user_id, now=time.time(), except_id=except_id)
 
     async def cleanup_expired(
         self, *, batch_size: int = 1000, on_batch: Callable[[int], None] | None = None

@@ -227,7 +227,7 @@ class SessionMiddleware:
         """A cookie replayed from another kind of client: end its session for good."""
         assert record is not None
         logger.warning("session %s used by a different client; ending it", record.id)
-        await self.store.delete(record.id)
+        await self.store.delete(record.id, now=time.time())
         return self._cleared(scope)
 
     def _anonymous(self, scope: Scope) -> Session:

@@ -274,7 +274,7 @@ class Session:
                 # As for logout: not a session this request's token no longer names
                 # (rotated away, by the user who now holds it).
                 if await self._still_named(record):
-                    await self._store.delete(record.id)
+                    await self._store.delete(record.id, now=time.time())
                 self._end()  # if the new session cannot be made, the ended one's cookie goes
             if not self._store.is_open:
                 await self._store.open()  # a request without a cookie left it unopened
@@ -387,7 +387,7 @@ class Session:
                 # Not a session this request's token no longer names (rotated away, by the
                 # user who now holds it): only this request's cookie goes.
                 if await self._still_named(record):
-                    await self._store.delete(record.id)
+                    await self._store.delete(record.id, now=time.time())
                 if self._record is record:
                     self._end()
 
@@ -400,7 +400,7 @@ class Session:
         """
         async with self._turn():
             record = await self._require_live_session()
-            await self._store.delete_for_user(record.user_id)
+            await self._store.delete_for_user(record.user_id, now=time.time())
             self._end()
 
     async def logout_other(self) -> None:
@@ -411,7 +411,7 @@ class Session:
             StoreUnavailable: the store failed.
         """
         record = await self._require_live_session()
-        await self._store.delete_for_user(record.user_id, except_id=record.id)
+        await self._store.delete_for_user(record.user_id, now=time.time(), except_id=record.id)
 
     async def list_my_sessions(self) -> list[SessionData]:
         """The user's live sessions, most recently active first: this one, active now
@@ -458,7 +458,7 @@ class Session:
         async with self._turn():
             record = await self._require_live_session()
             if not is_well_formed_session_id(session_id) or not await self._store.delete(
-                session_id, user_id=record.user_id
+                session_id, now=time.time(), user_id=record.user_id
             ):
                 raise SessionNotFound()
             if session_id == record.id:
@@ -535,7 +535,7 @@ class Session:
         self._end()
         try:
             # Shielded: a cancelled request's cancellation may be delivered again here.
-            await asyncio.shield(self._store.delete(record.id))
+            await asyncio.shield(self._store.delete(record.id, now=time.time()))
         except StoreUnavailable:
             logger.warning(
                 "session %s, whose new token was never sent, is left to expire", record.id

@@ -173,7 +173,7 @@ def make_cli() -> click.Group:
         """End one session, by the id that `list` shows."""
         # The id's shape is checked first: a malformed one cannot exist, so skip the store.
         ended = is_well_formed_session_id(session_id) and _run(
-            _with_store(store_url, lambda store: store.delete(session_id))
+            _with_store(store_url, lambda store: store.delete(session_id, now=time.time()))
         )
         if not ended:
             raise click.ClickException(f"no session with id {session_id!r}.")

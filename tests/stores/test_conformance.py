@@ -353,6 +353,26 @@ async def test_delete_expired_refuses_a_now_that_is_not_a_finite_time(
     assert await listed_ids(store, "alice", now=t0) == [live.id]
 
 
+@pytest.mark.parametrize(("now", "error"), TIMES_NO_STORE_CAN_DELETE_BY)
+async def test_deletes_refuse_a_now_that_is_not_a_finite_time(
+    store: Store, now: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+
+    deletes: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.delete(kept.id, now=now),
+        lambda: store.delete(kept.id, now=now, user_id="alice"),
+        lambda: store.delete_for_user("alice", now=now),
+    ]
+    for delete in deletes:
+        with pytest.raises(error, match="now"):
+            await delete()
+
+    assert await listed_ids(store, "alice", now=t0) == [kept.id]
+
+
 async def test_an_int_now_counts_as_seconds_even_past_what_sqlite_binds(store: Store) -> None:
     t0 = start_time()
     live = make_record(now=t0)
@@ -497,10 +517,10 @@ async def test_deletes_and_listings_refuse_ids_that_are_not_strings(store: Store
     kept = make_record(now=t0)
     await store.create(kept, max_sessions=10, now=t0)
     calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("session_id", lambda: store.delete(kept.id.encode())),  # type: ignore[arg-type]
-        ("user_id", lambda: store.delete(kept.id, user_id=5)),  # type: ignore[arg-type]
-        ("except_id", lambda: store.delete_for_user("alice", except_id=kept.id.encode())),  # type: ignore[arg-type]
-        ("user_id", lambda: store.delete_for_user(5)),  # type: ignore[arg-type]
+        ("session_id", lambda: store.delete(kept.id.encode(), now=t0)),  # type: ignore[arg-type]
+        ("user_id", lambda: store.delete(kept.id, now=t0, user_id=5)),  # type: ignore[arg-type]
+        ("except_id", lambda: store.delete_for_user("alice", now=t0, except_id=kept.id.encode())),  # type: ignore[arg-type]
+        ("user_id", lambda: store.delete_for_user(5, now=t0)),  # type: ignore[arg-type]
         ("user_id", lambda: store.list_for_user(5, now=t0)),  # type: ignore[arg-type]
     ]
 
@@ -521,10 +541,10 @@ async def test_lookups_by_an_id_no_store_can_keep_are_refused_alike(
     kept = make_record(now=t0)
     await store.create(kept, max_sessions=10, now=t0)
     calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("session_id", lambda: store.delete(text)),
-        ("user_id", lambda: store.delete(kept.id, user_id=text)),
-        ("user_id", lambda: store.delete_for_user(text)),
-        ("except_id", lambda: store.delete_for_user("alice", except_id=text)),
+        ("session_id", lambda: store.delete(text, now=t0)),
+        ("user_id", lambda: store.delete(kept.id, now=t0, user_id=text)),
+        ("user_id", lambda: store.delete_for_user(text, now=t0)),
+        ("except_id", lambda: store.delete_for_user("alice", now=t0, except_id=text)),
         ("user_id", lambda: store.list_for_user(text, now=t0)),
         ("session_id", lambda: store.update(text, make_update(now=t0), now=t0)),
     ]
@@ -659,7 +679,7 @@ async def test_create_removes_the_users_expired_sessions(store: Store) -> None:
 
     # Looked up at a time when it was still live: it is gone, not merely expired.
     assert await store.get(expired.token_digest, now=t0) is None
-    assert await store.delete(expired.id) is False
+    assert await store.delete(expired.id, now=t0) is False
     assert await listed_ids(store, "alice", now=t0 + 20) == [new.id]
 
 
@@ -962,7 +982,7 @@ async def test_update_after_logout_cannot_resurrect_the_session(store: Store) ->
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await store.create(record, max_sessions=10, now=t0)
-    assert await store.delete(record.id) is True
+    assert await store.delete(record.id, now=t0) is True
     rotated = new_digest()
 
     update = make_update(now=t0 + 1, token_digest=rotated, set_keys={"a": 2})
@@ -972,7 +992,7 @@ async def test_update_after_logout_cannot_resurrect_the_session(store: Store) ->
     assert await store.get(record.token_digest, now=t0 + 1) is None
     assert await store.get(rotated, now=t0 + 1) is None
     assert await store.list_for_user(record.user_id, now=t0 + 1) == []
-    assert await store.delete(record.id) is False
+    assert await store.delete(record.id, now=t0 + 1) is False
 
 
 async def test_update_touches_only_the_named_session(store: Store) -> None:
@@ -1285,11 +1305,11 @@ async def test_delete_removes_the_session(store: Store) -> None:
     for each in (record, other):
         await store.create(each, max_sessions=10, now=t0)
 
-    assert await store.delete(record.id) is True
+    assert await store.delete(record.id, now=t0) is True
 
     assert await store.get(record.token_digest, now=t0) is None
     assert await listed_ids(store, "alice", now=t0) == [other.id]
-    assert await store.delete(record.id) is False
+    assert await store.delete(record.id, now=t0) is False
 
 
 async def test_delete_of_unknown_id_returns_false(store: Store) -> None:
@@ -1297,8 +1317,8 @@ async def test_delete_of_unknown_id_returns_false(store: Store) -> None:
     record = make_record(now=t0)
     await store.create(record, max_sessions=10, now=t0)
 
-    assert await store.delete(new_session_id()) is False
-    assert await store.delete(new_session_id(), user_id="alice") is False
+    assert await store.delete(new_session_id(), now=t0) is False
+    assert await store.delete(new_session_id(), now=t0, user_id="alice") is False
     assert await store.get(record.token_digest, now=t0) is not None
 
 
@@ -1307,8 +1327,47 @@ async def test_delete_by_the_owner_removes_the_session(store: Store) -> None:
     record = make_record(now=t0)
     await store.create(record, max_sessions=10, now=t0)
 
-    assert await store.delete(record.id, user_id="alice") is True
+    assert await store.delete(record.id, now=t0, user_id="alice") is True
     assert await store.get(record.token_digest, now=t0) is None
+
+
+async def test_delete_of_an_expired_session_not_yet_cleaned_up_counts_as_not_found(
+    store: Store,
+) -> None:
+    """Ending a session that has expired, still stored until cleanup reaches it, reports
+    what every store can say alike: not found. One that drops expired sessions itself
+    (Redis, by TTL) cannot tell them apart from ones never made; and an app's "no such
+    device" must not depend on the store. The row goes all the same.
+    """
+    t0 = start_time()
+    ended = make_record(now=t0, ttl=10)
+    owned = make_record(now=t0, ttl=10)
+    for record in (ended, owned):
+        await store.create(record, max_sessions=10, now=t0)
+
+    assert await store.delete(ended.id, now=t0 + 10) is False
+    assert await store.delete(owned.id, now=t0 + 11, user_id="alice") is False
+
+    for record in (ended, owned):
+        assert await store.get(record.token_digest, now=t0 + 1) is None
+    assert await listed_ids(store, "alice", now=t0 + 1) == []
+    assert await store.delete_expired(now=t0 + 11) == 0
+
+
+async def test_delete_for_user_counts_only_live_sessions_and_deletes_the_expired_too(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    expired = [make_record(now=t0 + i, ttl=10 - i) for i in range(2)]
+    live = [make_record(now=t0 + i, ttl=100) for i in range(3)]
+    for record in (*expired, *live):
+        await store.create(record, max_sessions=10, now=t0 + 3)
+
+    assert await store.delete_for_user("alice", now=t0 + 10, except_id=live[0].id) == 2
+
+    assert await listed_ids(store, "alice", now=t0 + 1) == [live[0].id]
+    assert await store.delete_expired(now=t0 + 10) == 0
+    assert await store.delete_for_user("alice", now=t0 + 10) == 1
 
 
 async def test_revoking_another_users_session_by_id_is_refused(store: Store) -> None:
@@ -1321,8 +1380,8 @@ async def test_revoking_another_users_session_by_id_is_refused(store: Store) -> 
     victim = make_record(now=t0, user_id="victim")
     await store.create(victim, max_sessions=10, now=t0)
 
-    assert await store.delete(victim.id, user_id="mallory") is False
-    assert await store.delete(victim.id, user_id="Victim") is False
+    assert await store.delete(victim.id, now=t0, user_id="mallory") is False
+    assert await store.delete(victim.id, now=t0, user_id="Victim") is False
 
     assert_same_record(await store.get(victim.token_digest, now=t0), victim)
 
@@ -1334,13 +1393,13 @@ async def test_delete_for_user_deletes_every_session_and_counts(store: Store) ->
     for record in (*alices, bob):
         await store.create(record, max_sessions=10, now=t0 + 3)
 
-    assert await store.delete_for_user("alice") == 3
+    assert await store.delete_for_user("alice", now=t0 + 3) == 3
 
     assert await store.list_for_user("alice", now=t0 + 3) == []
     for record in alices:
         assert await store.get(record.token_digest, now=t0 + 3) is None
     assert_same_record(await store.get(bob.token_digest, now=t0 + 3), bob)
-    assert await store.delete_for_user("alice") == 0
+    assert await store.delete_for_user("alice", now=t0 + 3) == 0
 
 
 async def test_delete_for_user_keeps_the_excepted_session(store: Store) -> None:
@@ -1349,7 +1408,7 @@ async def test_delete_for_user_keeps_the_excepted_session(store: Store) -> None:
     for record in alices:
         await store.create(record, max_sessions=10, now=t0 + 3)
 
-    assert await store.delete_for_user("alice", except_id=alices[1].id) == 2
+    assert await store.delete_for_user("alice", now=t0 + 3, except_id=alices[1].id) == 2
 
     assert await listed_ids(store, "alice", now=t0 + 3) == [alices[1].id]
     assert_same_record(await store.get(alices[1].token_digest, now=t0 + 3), alices[1])
@@ -1361,7 +1420,7 @@ async def test_delete_for_user_ignores_an_except_id_of_another_user(store: Store
     for record in (alice, bob):
         await store.create(record, max_sessions=10, now=t0)
 
-    assert await store.delete_for_user("alice", except_id=bob.id) == 1
+    assert await store.delete_for_user("alice", now=t0, except_id=bob.id) == 1
 
     assert await store.list_for_user("alice", now=t0) == []
     assert await listed_ids(store, "bob", now=t0) == [bob.id]
@@ -1372,8 +1431,8 @@ async def test_delete_for_user_without_sessions_returns_zero(store: Store) -> No
     record = make_record(now=t0)
     await store.create(record, max_sessions=10, now=t0)
 
-    assert await store.delete_for_user("nobody") == 0
-    assert await store.delete_for_user("nobody", except_id=record.id) == 0
+    assert await store.delete_for_user("nobody", now=t0) == 0
+    assert await store.delete_for_user("nobody", now=t0, except_id=record.id) == 0
     assert await listed_ids(store, "alice", now=t0) == [record.id]
 
 
@@ -1444,12 +1503,12 @@ async def test_wildcard_user_id_never_reaches_other_users_sessions(
         await store.create(record, max_sessions=10, now=t0)
 
     assert await store.list_for_user(pattern, now=t0) == []
-    assert await store.delete_for_user(pattern) == 0
+    assert await store.delete_for_user(pattern, now=t0) == 0
 
     attacker = make_record(now=t0 + 1, user_id=pattern)
     await store.create(attacker, max_sessions=1, now=t0 + 1)
     assert await listed_ids(store, pattern, now=t0 + 1) == [attacker.id]
-    assert await store.delete_for_user(pattern) == 1
+    assert await store.delete_for_user(pattern, now=t0 + 1) == 1
     assert await listed_ids(store, "alice", now=t0 + 1) == [alice.id]
     assert await listed_ids(store, "bob", now=t0 + 1) == [bob.id]
 
@@ -1553,8 +1612,8 @@ async def test_delete_expired_counts_only_sessions_still_stored(store: Store) ->
     records = [make_record(now=t0, user_id=f"user{i % 2}", ttl=10) for i in range(6)]
     for record in records:
         await store.create(record, max_sessions=10, now=t0)
-    assert await store.delete(records[0].id)
-    assert await store.delete_for_user("user1") == 3
+    assert await store.delete(records[0].id, now=t0)
+    assert await store.delete_for_user("user1", now=t0) == 3
 
     assert await store.delete_expired(now=t0 + 20) == 2
     assert await store.delete_expired(now=t0 + 20) == 0
@@ -1665,12 +1724,12 @@ async def test_stats_follow_rotations_updates_and_deletes(store: Store) -> None:
 
     update = make_update(now=t0 + 1, token_digest=new_digest(), set_keys={"a": 1})
     assert await store.update(first.id, update, now=t0 + 1)
-    assert await store.delete(bob.id)
+    assert await store.delete(bob.id, now=t0 + 1)
 
     stats = await store.stats(now=t0 + 1)
     assert (stats.live_sessions, stats.users) == (2, 1)
     assert dict(stats.by_device_type) == {"desktop": 1, "mobile": 1}
-    await store.delete_for_user("alice")
+    await store.delete_for_user("alice", now=t0 + 1)
     assert await store.stats(now=t0 + 1) == StoreStats(0, 0, {}, none_expired(store))
 
 
@@ -1827,7 +1886,7 @@ async def test_concurrent_creates_for_one_user_respect_the_limit(store: Store) -
     )
 
     check_kept_after_racing_creates(await listed_ids(store, "alice", now=t0 + 20), records, 5)
-    assert await store.delete_for_user("alice") == 5
+    assert await store.delete_for_user("alice", now=t0 + 20) == 5
 
 
 async def test_concurrent_creates_with_one_token_digest_admit_exactly_one(store: Store) -> None:
@@ -1873,7 +1932,7 @@ async def test_update_racing_delete_never_brings_the_session_back(
             ),
             now=t0 + round_,
         )
-        delete = store.delete(record.id)
+        delete = store.delete(record.id, now=t0 + round_)
 
         if update_first:
             _, deleted = await asyncio.gather(update, delete)
@@ -1915,8 +1974,8 @@ async def test_a_closed_store_refuses_every_primitive_until_reopened(store: Stor
         lambda: store.create(make_record(now=t0), max_sessions=10, now=t0),
         lambda: store.get(record.token_digest, now=t0),
         lambda: store.update(record.id, make_update(now=t0 + 1, set_keys={"a": 1}), now=t0 + 1),
-        lambda: store.delete(record.id),
-        lambda: store.delete_for_user("alice"),
+        lambda: store.delete(record.id, now=t0 + 1),
+        lambda: store.delete_for_user("alice", now=t0 + 1),
         lambda: store.list_for_user("alice", now=t0),
         lambda: store.delete_expired(now=t0 + 10 * TTL),
         lambda: store.stats(now=t0),

@@ -322,7 +322,7 @@ async def test_a_write_that_waited_for_another_servers_commit_goes_through_whate
                     record.id,
                 )
                 if operation == "logout":
-                    waiting = asyncio.ensure_future(store.delete(record.id))
+                    waiting = asyncio.ensure_future(store.delete(record.id, now=now))
                 else:
                     update = make_update(now=now + 1, set_keys={"a": 1}, moves_expiry=False)
                     waiting = asyncio.ensure_future(store.update(record.id, update, now=now + 1))
@@ -572,7 +572,7 @@ async def test_tables_with_other_names_are_separate_stores(
 
         assert await a.get(record.token_digest, now=t0) == record
         assert await b.get(record.token_digest, now=t0) is None
-        assert await b.delete_for_user("alice") == 0
+        assert await b.delete_for_user("alice", now=t0) == 0
 
 
 @pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1starts_with_digit", "a" * 41, ""])
@@ -690,7 +690,7 @@ async def test_an_apps_pool_without_a_command_timeout_gets_the_stores(
             async with table_locked(admin, postgres_schema):
                 for call in (
                     lambda: store.get(record.token_digest, now=t0),
-                    lambda: store.delete_for_user("alice"),
+                    lambda: store.delete_for_user("alice", now=t0),
                 ):
                     # Without the store's timeout the call waits for the lock: wait_for's
                     # TimeoutError, not StoreUnavailable.

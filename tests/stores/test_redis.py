@@ -200,8 +200,8 @@ async def test_keys_of_evicted_and_deleted_sessions_are_removed(setup: Setup) ->
     )
     assert await setup.raw.zcard(setup.keys(kept[0])["index"]) == 3
 
-    assert await setup.store.delete(kept[0].id)
-    assert await setup.store.delete_for_user("alice") == 2
+    assert await setup.store.delete(kept[0].id, now=record.created_at)
+    assert await setup.store.delete_for_user("alice", now=record.created_at) == 2
     assert await setup.all_keys() == []
 
 
@@ -239,9 +239,9 @@ async def test_scripts_that_meet_a_session_redis_dropped_drop_its_index_entry(
 
     left = [kept.id]
     if operation == "delete":
-        assert await setup.store.delete(gone.id, user_id="alice") is False
+        assert await setup.store.delete(gone.id, now=t0, user_id="alice") is False
     elif operation == "delete_for_user":
-        assert await setup.store.delete_for_user("alice", except_id=kept.id) == 0
+        assert await setup.store.delete_for_user("alice", now=t0, except_id=kept.id) == 0
     else:
         new = make_record(now=t0)
         await setup.store.create(new, max_sessions=10, now=t0)
@@ -379,7 +379,7 @@ async def test_a_delete_for_an_owner_refuses_a_session_whose_hash_names_another(
     session_key = setup.keys(record)["session"]
     await setup.raw.hset(session_key, "uid", "mallory")
 
-    assert not await setup.store.delete(record.id, user_id="bob")
+    assert not await setup.store.delete(record.id, now=record.created_at, user_id="bob")
     assert await setup.raw.exists(session_key) == 1
 
 
@@ -493,7 +493,7 @@ async def test_a_remembered_location_never_serves_a_rotated_out_token(setup: Set
     found = await setup.other.get(rotated, now=t0)
     assert found is not None
     assert found.id == record.id
-    assert await setup.store.delete(record.id)
+    assert await setup.store.delete(record.id, now=t0)
     assert await setup.other.get(rotated, now=t0) is None
     assert await setup.other.update(record.id, make_update(now=t0), now=t0) is False
 
@@ -735,12 +735,12 @@ async def test_logouts_on_a_single_server_are_one_command_each(
         for record in records:
             await store.create(record, max_sessions=10, now=record.created_at)
         # Load both scripts: after a flush, a script's first EVALSHA fails and is sent again.
-        await store.delete(records[0].id)
-        await store.delete_for_user("nobody")
+        await store.delete(records[0].id, now=record.created_at)
+        await store.delete_for_user("nobody", now=record.created_at)
 
-        one = store.delete(records[1].id)
+        one = store.delete(records[1].id, now=record.created_at)
         assert await commands_sent(raw, redis_prefix, one) == ["EVALSHA"]
-        others = store.delete_for_user("alice", except_id=records[3].id)
+        others = store.delete_for_user("alice", now=record.created_at, except_id=records[3].id)
         assert await commands_sent(raw, redis_prefix, others) == ["EVALSHA"]
 
         keys = {key async for key in raw.scan_iter(match=redis_prefix + "*")}
@@ -829,7 +829,7 @@ async def test_a_store_without_a_key_prefix_finds_and_ends_sessions_from_another
             assert await other.get(record.token_digest, now=now + 1) is None
             assert (await other.get(rotated, now=now + 1)) is not None
 
-            assert await other.delete(record.id)
+            assert await other.delete(record.id, now=now + 1)
             assert await store.get(rotated, now=now + 1) is None
             assert await keys_left() == []
     finally:

@@ -257,7 +257,7 @@ assert asyncio.run(store.update(kept.id, update, now=now + 1))
 asyncio.run(store.close())
 async def revoke_elsewhere() -> None:
     async with SQLiteStore(sys.argv[1]) as admin:
-        assert await admin.delete(session_id)
+        assert await admin.delete(session_id, now=now)
 asyncio.run(revoke_elsewhere())
 os.write(go_write, b"x")
 _, status = os.waitpid(pid, 0)
@@ -673,7 +673,7 @@ async def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> N
         assert got is not None
         assert got.data == {"a": 1, "b": 2}
 
-        assert await one.delete(record.id)
+        assert await one.delete(record.id, now=t0 + 1)
         assert await two.get(rotated, now=t0 + 1) is None
         assert await two.list_for_user(record.user_id, now=t0 + 1) == []
 
@@ -780,9 +780,9 @@ async def write(store: SQLiteStore, operation: str, session_id: str, now: float)
     elif operation == "update":
         await store.update(session_id, make_update(now=now, set_keys={"x": 1}), now=now)
     elif operation == "delete":
-        await store.delete(session_id)
+        await store.delete(session_id, now=now)
     elif operation == "delete_for_user":
-        await store.delete_for_user("alice")
+        await store.delete_for_user("alice", now=now)
     else:
         await store.delete_expired(now=now + 10**6)
 
@@ -1146,7 +1146,7 @@ async def test_a_commit_by_another_store_on_the_file_empties_the_cache(
         assert await one.get(rotated, now=t0 + 2) is not None
         assert await cached(one, rotated, t0 + 2) is not None
 
-        assert await two.delete(record.id)
+        assert await two.delete(record.id, now=t0 + 2)
         assert await one.get(rotated, now=t0 + 2) is None
 
 
@@ -1214,7 +1214,7 @@ async def test_the_stores_own_writes_are_seen_at_once(
         assert await cached(store, rotated, t0 + 2) is not None
 
         # delete: gone at once
-        assert await store.delete(record.id)
+        assert await store.delete(record.id, now=t0 + 2)
         assert await store.get(rotated, now=t0 + 2) is None
 
         # delete_for_user
@@ -1222,7 +1222,7 @@ async def test_the_stores_own_writes_are_seen_at_once(
         await store.create(other, max_sessions=10, now=t0)
         assert await store.get(other.token_digest, now=t0) == other
         assert await cached(store, other.token_digest, t0) == other
-        assert await store.delete_for_user("alice") == 1
+        assert await store.delete_for_user("alice", now=t0) == 1
         assert await store.get(other.token_digest, now=t0) is None
     finally:
         store._loop_db = loop_db
@@ -1307,7 +1307,7 @@ async def test_the_stores_own_writes_keep_the_other_sessions_cached(
     assert (got.data, got.last_active_at, got.expires_at) == ({"b": [1, "é"]}, t0 + 3, t0 + 3 + TTL)
 
     # a delete, a login that evicts nobody
-    assert await store.delete(written.id)
+    assert await store.delete(written.id, now=t0)
     assert await cached(store, other.token_digest, t0 + 1) == other
     assert await store.get(rotated, now=t0 + 1) is None
     await store.create(make_record(now=t0, user_id="writer"), max_sessions=10, now=t0)
@@ -1357,7 +1357,7 @@ async def test_writes_of_many_sessions_of_a_user_forget_that_users_cached_sessio
     third = make_record(now=t0, user_id="third")
     await store.create(third, max_sessions=10, now=t0)
     assert await store.get(third.token_digest, now=t0) == third
-    assert await store.delete_for_user("bystander") == 1
+    assert await store.delete_for_user("bystander", now=t0) == 1
     assert await cached(store, third.token_digest, t0) == third
     assert_cache_consistent(store)
     assert "bystander" not in store._cache._users
@@ -1647,7 +1647,7 @@ async def test_a_commit_of_the_writer_thread_before_a_write_empties_the_cache(
         busy, loop_db = BusyForWrites(store._loop_db), store._loop_db
         store._loop_db = cast(sqlite3.Connection, busy)
         try:
-            assert await store.delete(ending.id)
+            assert await store.delete(ending.id, now=t0)
         finally:
             store._loop_db = loop_db
         assert busy.refused > 0
@@ -1918,7 +1918,7 @@ async def test_a_store_opened_again_while_its_close_waits_for_the_writer_thread_
         assert store.is_open
         assert await store.delete_expired(now=t0) == 0  # on the writer thread
         monkeypatch.setattr(sqlite_module, "INLINE_DELETE_ROWS", 1)  # there too
-        assert await store.delete_for_user("bob") == 3
+        assert await store.delete_for_user("bob", now=t0) == 3
     finally:
         await store.close()
 
@@ -1973,7 +1973,7 @@ async def test_a_locked_file_sends_the_write_to_the_writer_thread_and_the_loop_r
                 update = make_update(now=t0 + 1, set_keys={"b": 2})
                 assert await store.update(record.id, update, now=t0 + 1)
             else:
-                assert await store.delete(record.id)
+                assert await store.delete(record.id, now=t0 + 1)
 
         ticker = asyncio.create_task(tick())
         try:
@@ -2136,7 +2136,9 @@ async def test_logging_a_user_out_everywhere_runs_on_the_loop_unless_they_have_m
         await impatient_store.create(record, max_sessions=10, now=t0)
 
     with writer_thread_held(impatient_store):
-        deleting = asyncio.create_task(impatient_store.delete_for_user("alice", except_id=kept.id))
+        deleting = asyncio.create_task(
+            impatient_store.delete_for_user("alice", now=t0, except_id=kept.id)
+        )
         await asyncio.sleep(0.1)
         done_while_held = deleting.done()
     deleted = await deleting

@@ -359,15 +359,22 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
         """Delete one session; with ``user_id``, only if it belongs to that user.
 
-        Returns whether a session was deleted.
+        Returns whether a live session (``expires_at > now``) was deleted. An expired
+        one still stored (cleanup has not reached it yet) is deleted too, but counts as
+        not found: a store that drops expired sessions by itself could not tell it apart
+        from one never made.
         """
 
     @abc.abstractmethod
-    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        """Delete every session of ``user_id`` but ``except_id``; returns how many."""
+    async def delete_for_user(
+        self, user_id: str, *, now: float, except_id: str | None = None
+    ) -> int:
+        """Delete every session of ``user_id`` but ``except_id``; returns how many of them
+        were live (``expires_at > now``), as :meth:`delete` counts.
+        """
 
     @abc.abstractmethod
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:

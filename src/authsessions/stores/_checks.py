@@ -222,18 +222,20 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
     return require_time("now", now)
 
 
-def delete_args(session_id: object, user_id: object) -> None:
-    """What ``Store.delete`` checks before any store access."""
+def delete_args(session_id: object, user_id: object, now: object) -> float:
+    """What ``Store.delete`` checks before any store access; returns ``now``."""
     require_text("session_id", session_id)
     if user_id is not None:
         require_text("user_id", user_id)
+    return require_time("now", now)
 
 
-def delete_for_user_args(user_id: object, except_id: object) -> None:
-    """What ``Store.delete_for_user`` checks before any store access."""
+def delete_for_user_args(user_id: object, except_id: object, now: object) -> float:
+    """What ``Store.delete_for_user`` checks before any store access; returns ``now``."""
     require_text("user_id", user_id)
     if except_id is not None:
         require_text("except_id", except_id)
+    return require_time("now", now)
 
 
 def list_for_user_args(user_id: object, now: object) -> float:

@@ -150,11 +150,16 @@ class Sql:
             # Applied only while the session holds the digest $9 (a conditional rotation),
             # with any cap: rare, so it need not spare the data a rewrite.
             guarded_patch=capped_patch(" AND token_digest = $9"),
-            delete=f"DELETE FROM {t} WHERE id = $1",
-            delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $2",
-            delete_for_user=f"DELETE FROM {t} WHERE user_id = $1 AND id IS DISTINCT FROM $2",
-            delete_expired=f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
-            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            # Whether the session deleted was live; NULL when none was.
+            delete=f"DELETE FROM {t} WHERE id = $1 RETURNING expires_at > $2",
+            delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $3"
+            " RETURNING expires_at > $2",
+            delete_for_user=f"WITH gone AS (DELETE FROM {t} WHERE user_id = $1"
+            " AND id IS DISTINCT FROM $3 RETURNING expires_at)"
+            " SELECT count(*) FROM gone WHERE expires_at > $2",
+            delete_expired=f"WITH gone AS (DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
+            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " SELECT count(*) FROM gone",
             # One statement, so one snapshot; the expired count is an expires_at index range.
             stats=f"SELECT e.n, u.n, d.types, d.counts"
             f" FROM (SELECT count(*) AS n FROM {t} WHERE expires_at <= $1) AS e,"

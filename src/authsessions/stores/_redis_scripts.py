@@ -160,28 +160,37 @@ return f[2]
 """
 
 # KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
-# single server (the pointers go too) or '{' in a cluster. Returns the digest.
+# single server (the pointers go too) or '{' in a cluster, now. Returns the digest and
+# 1 if the session was live (0 if expired, not yet gone by its TTL).
 DELETE = """
-local f = redis.call('HMGET', KEYS[1], 'uid', 'td')
+local f = redis.call('HMGET', KEYS[1], 'uid', 'td', 'ea')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 drop_pointers(ARGV[4], ARGV[1], f[2])
-return f[2]
+return {f[2], tonumber(f[3]) > tonumber(ARGV[5]) and 1 or 0}
 """
 
 # KEYS: index. ARGV: session key prefix, id to keep, key prefix on a single server (the
-# pointers go too) or '{' in a cluster. Returns the deleted (id, digest) pairs.
+# pointers go too) or '{' in a cluster, now. Returns how many of the deleted sessions
+# were live, then the deleted (id, digest) pairs.
 DELETE_FOR_USER = """
-local doomed = {}
+local now, live, doomed = tonumber(ARGV[4]), 0, {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sid ~= ARGV[2] then
-    local td = redis.call('HGET', ARGV[1] .. sid, 'td')
-    if td then doomed[#doomed + 1] = {sid, td} else redis.call('ZREM', KEYS[1], sid) end
+    local f = redis.call('HMGET', ARGV[1] .. sid, 'td', 'ea')
+    if f[1] then
+      doomed[#doomed + 1] = {sid, f[1]}
+      if tonumber(f[2]) > now then live = live + 1 end
+    else
+      redis.call('ZREM', KEYS[1], sid)
+    end
   end
 end
-return forget(KEYS[1], ARGV[1], doomed, ARGV[3])
+local out = forget(KEYS[1], ARGV[1], doomed, ARGV[3])
+table.insert(out, 1, live)
+return out
 """
 
 # A session travels as one JSON text, decoded once by the caller: redis-py parses a reply

@@ -115,22 +115,25 @@ class MemoryStore(Store):
             self._file_expiry(session_id, record.expires_at)
         return True
 
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
         self._require_open()
-        _checks.delete_args(session_id, user_id)
+        now = _checks.delete_args(session_id, user_id, now)
         row = self._rows.get(session_id)
         if row is None or (user_id is not None and row.record.user_id != user_id):
             return False
         self._remove(session_id)
-        return True
+        return row.record.expires_at > now
 
-    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
+    async def delete_for_user(
+        self, user_id: str, *, now: float, except_id: str | None = None
+    ) -> int:
         self._require_open()
-        _checks.delete_for_user_args(user_id, except_id)
+        now = _checks.delete_for_user_args(user_id, except_id, now)
         doomed = [sid for sid in self._ids_by_user.get(user_id, ()) if sid != except_id]
+        live = sum(self._rows[sid].record.expires_at > now for sid in doomed)
         for session_id in doomed:
             self._remove(session_id)
-        return len(doomed)
+        return live
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         self._require_open()

@@ -508,15 +508,17 @@ class PostgresStore(Store):
             raise DataTooLarge(size, cap)
         return bool(patched)
 
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        _checks.delete_args(session_id, user_id)
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+        now = _checks.delete_args(session_id, user_id, now)
         if user_id is None:
-            return await self._execute(self._sql.delete, session_id) == 1
-        return await self._execute(self._sql.delete_owned, session_id, user_id) == 1
+            return await self._fetchval(self._sql.delete, session_id, now) is True
+        return await self._fetchval(self._sql.delete_owned, session_id, now, user_id) is True
 
-    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        _checks.delete_for_user_args(user_id, except_id)
-        return await self._execute(self._sql.delete_for_user, user_id, except_id)
+    async def delete_for_user(
+        self, user_id: str, *, now: float, except_id: str | None = None
+    ) -> int:
+        now = _checks.delete_for_user_args(user_id, except_id, now)
+        return int(await self._fetchval(self._sql.delete_for_user, user_id, now, except_id))
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         now = _checks.list_for_user_args(user_id, now)
@@ -530,7 +532,7 @@ class PostgresStore(Store):
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         now = _checks.delete_expired_args(now, limit)
         # SKIP LOCKED: two cleanup jobs at once split the backlog instead of queueing.
-        return await self._execute(self._sql.delete_expired, now, limit)
+        return int(await self._fetchval(self._sql.delete_expired, now, limit))
 
     async def stats(self, *, now: float) -> StoreStats:
         """Counts from one aggregate statement, so one consistent snapshot.
@@ -554,10 +556,11 @@ class PostgresStore(Store):
             expired_sessions=expired,
         )
 
-    async def _execute(self, sql: str, *args: Any) -> int:
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row ``sql`` returns, at READ COMMITTED."""
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn, self._read_committed(conn):
-                return _count(await conn.execute(sql, *args, timeout=self.command_timeout))
+                return await conn.fetchval(sql, *args, timeout=self.command_timeout)
 
 
 async def _keep_connection_state(connection: asyncpg.Connection[asyncpg.Record]) -> None:

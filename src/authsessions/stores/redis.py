@@ -462,34 +462,37 @@ class RedisStore(Store):
             self._digest_locations.pop(old_digest, None)
         return True
 
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        _checks.delete_args(session_id, user_id)
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+        now = _checks.delete_args(session_id, user_id, now)
         self._require_client()
         with translate_errors("Redis", *self._errors):
             tag = _tag(user_id) if user_id is not None else await self._tag_of(session_id)
             if tag is None:
                 return False
-            digest = await self._delete(
+            deleted = await self._delete(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
                 args=[session_id, "0" if user_id is None else "1", user_id or "",
-                      self._pointer_prefix],
+                      self._pointer_prefix, now],
             )  # fmt: skip
-            if digest is None:
+            if deleted is None:
                 return False
+            digest, live = deleted
             await self._drop_pointers([session_id, digest])
-        return True
+        return int(live) == 1
 
-    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        _checks.delete_for_user_args(user_id, except_id)
+    async def delete_for_user(
+        self, user_id: str, *, now: float, except_id: str | None = None
+    ) -> int:
+        now = _checks.delete_for_user_args(user_id, except_id, now)
         self._require_client()
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
-            deleted = await self._delete_for_user(
+            live, *deleted = await self._delete_for_user(
                 keys=[self._index(tag)],
-                args=[self._session_prefix(tag), except_id or "", self._pointer_prefix],
+                args=[self._session_prefix(tag), except_id or "", self._pointer_prefix, now],
             )
             await self._drop_pointers(deleted)
-        return len(deleted) // 2
+        return int(live)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         now = _checks.list_for_user_args(user_id, now)

@@ -650,30 +650,40 @@ class SQLiteStore(Store):
         )  # fmt: skip
         return ((record, data_json),)
 
-    async def delete(self, session_id: str, *, user_id: str | None = None) -> bool:
-        _checks.delete_args(session_id, user_id)
+    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+        now = _checks.delete_args(session_id, user_id, now)
         params: tuple[str, ...]
         if user_id is None:
-            sql, params = f"DELETE FROM {TABLE} WHERE id = ?", (session_id,)
+            select = f"SELECT expires_at FROM {TABLE} WHERE id = ?"
+            params = (session_id,)
         else:
-            sql, params = f"DELETE FROM {TABLE} WHERE id = ? AND user_id = ?", (session_id, user_id)
+            select = f"SELECT expires_at FROM {TABLE} WHERE id = ? AND user_id = ?"
+            params = (session_id, user_id)
 
         def delete(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                return db.execute(sql, params).rowcount == 1
+                found = db.execute(select, params).fetchone()
+                if found is None:
+                    return False
+                db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (session_id,))
+                return bool(found[0] > now)
 
         return await self._write(delete, lambda _deleted: (session_id,))
 
-    async def delete_for_user(self, user_id: str, *, except_id: str | None = None) -> int:
-        _checks.delete_for_user_args(user_id, except_id)
-        sql = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
+    async def delete_for_user(
+        self, user_id: str, *, now: float, except_id: str | None = None
+    ) -> int:
+        now = _checks.delete_for_user_args(user_id, except_id, now)
+        count_live = (
+            f"SELECT COUNT(*) FROM {TABLE} WHERE user_id = ? AND id IS NOT ? AND expires_at > ?"
+        )
+        delete_rows = f"DELETE FROM {TABLE} WHERE user_id = ? AND id IS NOT ?"
 
-        def delete_rows(db: sqlite3.Connection) -> int:
-            return db.execute(sql, (user_id, except_id)).rowcount
-
-        def delete(db: sqlite3.Connection) -> int:
+        def delete(db: sqlite3.Connection) -> tuple[int, int]:
+            """How many live sessions went, and how many rows."""
             with transaction(db):
-                return delete_rows(db)
+                (live,) = db.execute(count_live, (user_id, except_id, now)).fetchone()
+                return live, db.execute(delete_rows, (user_id, except_id)).rowcount
 
         # A user's sessions are few (max_sessions_per_user): one short write on the event
         # loop, like a logout. Many (a raised cap, rows written by other means) go to the
@@ -682,8 +692,12 @@ class SQLiteStore(Store):
         counted = self._read_now(_COUNT_FOR_USER, (user_id,))
         if counted is not None and counted[0][0] <= INLINE_DELETE_ROWS:
             users_sessions = (UsersSessions(user_id),)
-            return await self._write(delete, lambda deleted: users_sessions if deleted else ())
-        return await self._writer.write_many_rows(delete_rows)
+            live, _rows = await self._write(
+                delete, lambda deleted: users_sessions if deleted[1] else ()
+            )
+            return live
+        live, _rows = await self._writer.write_many_rows(delete)
+        return live
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
         now = _checks.delete_expired_args(now, limit)
