@@ -813,8 +813,17 @@ class YieldingAroundWrites(MemoryStore):
             await asyncio.sleep(0)
         return updated
 
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
-        deleted = await super().delete(session_id, now=now, user_id=user_id)
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
+        deleted = await super().delete(
+            session_id, now=now, user_id=user_id, token_digest=token_digest
+        )
         for _ in range(3):
             await asyncio.sleep(0)
         return deleted
@@ -1452,7 +1461,7 @@ async def test_a_new_token_the_response_overtook_ends_its_session(
 
 
 class DownForDeletes(MemoryStore):
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+    async def delete(self, session_id: str, **_: object) -> bool:
         raise StoreUnavailable()
 
 
@@ -1474,6 +1483,65 @@ async def test_the_apps_error_is_raised_when_an_unsent_tokens_session_cannot_be_
 
     assert "whose new token was never sent, is left to expire" in caplog.text
     assert len(await SessionManager(store).list_for_user("alice")) == 1
+
+
+class RotatedDuringTheEnd(MemoryStore):
+    """Once armed, another request rotates a session's token just after this request
+    looks the session up, or just before it deletes it: between a look and a delete."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.rotated_to = token_digest(new_token())
+
+    async def _rotate(self, session_id: str) -> None:
+        if self.armed:
+            self.armed = False
+            now = time.time()
+            update = SessionUpdate(
+                token_digest=self.rotated_to, last_active_at=now, expires_at=now + 60
+            )
+            assert await self.update(session_id, update, now=now)
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        record = await super().get(token_digest, now=now)
+        if record is not None:
+            await self._rotate(record.id)
+        return record
+
+    async def delete(self, session_id: str, **kwargs: Any) -> bool:
+        await self._rotate(session_id)
+        return await super().delete(session_id, **kwargs)
+
+
+@pytest.mark.parametrize("ending", ["logout", "authenticate"])
+async def test_a_rotation_between_ending_a_session_and_its_delete_keeps_the_session(
+    client_factory: ClientFactory, ending: str
+) -> None:
+    """The rotated token's holder keeps the session: a logout (or a login over it) on a
+    request of the old token ends only that request's cookie, however the two interleave.
+    """
+    store = RotatedDuringTheEnd()
+
+    async def ends_the_session(request: Request) -> Response:
+        session = Session.from_request(request)
+        store.armed = True
+        if ending == "logout":
+            await session.logout()
+        else:
+            await session.authenticate("mallory")
+        return JSONResponse({"user_id": session.user_id})
+
+    token, planted = await plant_session(store, "alice")
+    client = client_factory(build_app(store, extra_routes=[Route("/end", ends_the_session)]))
+
+    response = await client.get("/end", headers=cookie_header(token))
+
+    assert response.status_code == 200
+    assert not store.armed  # the rotation did happen
+    holder = await store.get(store.rotated_to, now=time.time())
+    assert holder is not None
+    assert holder.id == planted.id
 
 
 # -- WebSocket ----------------------------------------------------------------------------------

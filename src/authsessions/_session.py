@@ -273,8 +273,7 @@ class Session:
             if (record := self._record) is not None:
                 # As for logout: not a session this request's token no longer names
                 # (rotated away, by the user who now holds it).
-                if await self._still_named(record):
-                    await self._store.delete(record.id, now=time.time())
+                await self._end_if_still_named(record)
                 self._end()  # if the new session cannot be made, the ended one's cookie goes
             if not self._store.is_open:
                 await self._store.open()  # a request without a cookie left it unopened
@@ -283,7 +282,11 @@ class Session:
             kind, headers, client = self._connection
             connection: Scope = {"type": kind, "headers": headers, "client": client}
             device = device_of(connection)
-            ip_address = client_ip(connection, config.trusted_networks)
+            ip_address = client_ip(
+                connection,
+                config.trusted_networks,
+                unix_socket_trusted=config.trusts_unix_socket,
+            )
             user_agent = user_agent_of(connection) or None
             for _attempt in range(3):
                 token = new_token()
@@ -386,8 +389,7 @@ class Session:
             if record is not None:
                 # Not a session this request's token no longer names (rotated away, by the
                 # user who now holds it): only this request's cookie goes.
-                if await self._still_named(record):
-                    await self._store.delete(record.id, now=time.time())
+                await self._end_if_still_named(record)
                 if self._record is record:
                     self._end()
 
@@ -636,6 +638,13 @@ class Session:
     async def _still_named(self, record: SessionRecord) -> bool:
         """Whether ``record``'s token still names a live session in the store."""
         return await self._store.get(record.token_digest, now=time.time()) is not None
+
+    async def _end_if_still_named(self, record: SessionRecord) -> None:
+        """Delete ``record``'s session from the store while its token still names it, in
+        one step: a rotation by another request between a check and the delete would
+        have had the delete end the session the rotated token now holds.
+        """
+        await self._store.delete(record.id, now=time.time(), token_digest=record.token_digest)
 
     def _refuse_cookie_change(self, operation: str) -> None:
         """Refuse, before any store access, what would need a cookie no response can carry."""

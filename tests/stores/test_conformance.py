@@ -519,6 +519,7 @@ async def test_deletes_and_listings_refuse_ids_that_are_not_strings(store: Store
     calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("session_id", lambda: store.delete(kept.id.encode(), now=t0)),  # type: ignore[arg-type]
         ("user_id", lambda: store.delete(kept.id, now=t0, user_id=5)),  # type: ignore[arg-type]
+        ("token_digest", lambda: store.delete(kept.id, now=t0, token_digest=b"digest")),  # type: ignore[arg-type]
         ("except_id", lambda: store.delete_for_user("alice", now=t0, except_id=kept.id.encode())),  # type: ignore[arg-type]
         ("user_id", lambda: store.delete_for_user(5, now=t0)),  # type: ignore[arg-type]
         ("user_id", lambda: store.list_for_user(5, now=t0)),  # type: ignore[arg-type]
@@ -543,6 +544,7 @@ async def test_lookups_by_an_id_no_store_can_keep_are_refused_alike(
     calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("session_id", lambda: store.delete(text, now=t0)),
         ("user_id", lambda: store.delete(kept.id, now=t0, user_id=text)),
+        ("token_digest", lambda: store.delete(kept.id, now=t0, token_digest=text)),
         ("user_id", lambda: store.delete_for_user(text, now=t0)),
         ("except_id", lambda: store.delete_for_user("alice", now=t0, except_id=text)),
         ("user_id", lambda: store.list_for_user(text, now=t0)),
@@ -1368,6 +1370,37 @@ async def test_delete_for_user_counts_only_live_sessions_and_deletes_the_expired
     assert await listed_ids(store, "alice", now=t0 + 1) == [live[0].id]
     assert await store.delete_expired(now=t0 + 10) == 0
     assert await store.delete_for_user("alice", now=t0 + 10) == 1
+
+
+async def test_delete_by_digest_ends_the_session_only_while_it_holds_that_digest(
+    store: Store,
+) -> None:
+    """A request ending the session its token named must not end it once another request
+    has rotated the token: the session is then the new token holder's."""
+    t0 = start_time()
+    rotated, kept = make_record(now=t0), make_record(now=t0)
+    for record in (rotated, kept):
+        await store.create(record, max_sessions=10, now=t0)
+    holder_digest = new_digest()
+    assert await store.update(
+        rotated.id, make_update(now=t0 + 1, token_digest=holder_digest), now=t0 + 1
+    )
+
+    assert await store.delete(rotated.id, now=t0 + 1, token_digest=rotated.token_digest) is False
+    assert await store.delete(kept.id, now=t0 + 1, token_digest=holder_digest) is False
+    assert (
+        await store.delete(kept.id, now=t0 + 1, user_id="bob", token_digest=kept.token_digest)
+        is False
+    )
+    assert await listed_ids(store, "alice", now=t0 + 1) == [rotated.id, kept.id]
+
+    assert await store.delete(rotated.id, now=t0 + 1, token_digest=holder_digest) is True
+    assert (
+        await store.delete(kept.id, now=t0 + 1, user_id="alice", token_digest=kept.token_digest)
+        is True
+    )
+    assert await listed_ids(store, "alice", now=t0 + 1) == []
+    assert await store.get(holder_digest, now=t0 + 1) is None
 
 
 async def test_revoking_another_users_session_by_id_is_refused(store: Store) -> None:

@@ -359,8 +359,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
-        """Delete one session; with ``user_id``, only if it belongs to that user.
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
+        """Delete one session; with ``user_id``, only if it belongs to that user; with
+        ``token_digest``, only while it still holds that digest (a request ending the
+        session its token named, which another request may have rotated meanwhile).
 
         Returns whether a live session (``expires_at > now``) was deleted. An expired
         one still stored (cleanup has not reached it yet) is deleted too, but counts as

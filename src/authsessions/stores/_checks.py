@@ -222,11 +222,13 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
     return require_time("now", now)
 
 
-def delete_args(session_id: object, user_id: object, now: object) -> float:
+def delete_args(session_id: object, user_id: object, token_digest: object, now: object) -> float:
     """What ``Store.delete`` checks before any store access; returns ``now``."""
     require_text("session_id", session_id)
     if user_id is not None:
         require_text("user_id", user_id)
+    if token_digest is not None:
+        _require_key("token_digest", token_digest)
     return require_time("now", now)
 
 

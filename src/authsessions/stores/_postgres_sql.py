@@ -105,7 +105,6 @@ class Sql:
     capped_patch: str
     guarded_patch: str
     delete: str
-    delete_owned: str
     delete_for_user: str
     delete_expired: str
     stats: str
@@ -150,10 +149,10 @@ class Sql:
             # Applied only while the session holds the digest $9 (a conditional rotation),
             # with any cap: rare, so it need not spare the data a rewrite.
             guarded_patch=capped_patch(" AND token_digest = $9"),
-            # Whether the session deleted was live; NULL when none was.
-            delete=f"DELETE FROM {t} WHERE id = $1 RETURNING expires_at > $2",
-            delete_owned=f"DELETE FROM {t} WHERE id = $1 AND user_id = $3"
-            " RETURNING expires_at > $2",
+            # Only the owner $3 and only while it holds the digest $4, where either is
+            # given (the id finds the row). Whether the session was live; NULL if none.
+            delete=f"DELETE FROM {t} WHERE id = $1 AND ($3::text IS NULL OR user_id = $3)"
+            " AND ($4::text IS NULL OR token_digest = $4) RETURNING expires_at > $2",
             delete_for_user=f"WITH gone AS (DELETE FROM {t} WHERE user_id = $1"
             " AND id IS DISTINCT FROM $3 RETURNING expires_at)"
             " SELECT count(*) FROM gone WHERE expires_at > $2",

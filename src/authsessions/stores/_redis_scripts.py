@@ -160,12 +160,14 @@ return f[2]
 """
 
 # KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
-# single server (the pointers go too) or '{' in a cluster, now. Returns the digest and
-# 1 if the session was live (0 if expired, not yet gone by its TTL).
+# single server (the pointers go too) or '{' in a cluster, now, the digest the session
+# must hold ('' for any). Returns the digest and 1 if the session was live (0 if
+# expired, not yet gone by its TTL).
 DELETE = """
 local f = redis.call('HMGET', KEYS[1], 'uid', 'td', 'ea')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
+if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 drop_pointers(ARGV[4], ARGV[1], f[2])

@@ -115,11 +115,22 @@ class MemoryStore(Store):
             self._file_expiry(session_id, record.expires_at)
         return True
 
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
         self._require_open()
-        now = _checks.delete_args(session_id, user_id, now)
+        now = _checks.delete_args(session_id, user_id, token_digest, now)
         row = self._rows.get(session_id)
-        if row is None or (user_id is not None and row.record.user_id != user_id):
+        if (
+            row is None
+            or (user_id is not None and row.record.user_id != user_id)
+            or (token_digest is not None and row.record.token_digest != token_digest)
+        ):
             return False
         self._remove(session_id)
         return row.record.expires_at > now

@@ -508,11 +508,17 @@ class PostgresStore(Store):
             raise DataTooLarge(size, cap)
         return bool(patched)
 
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
-        now = _checks.delete_args(session_id, user_id, now)
-        if user_id is None:
-            return await self._fetchval(self._sql.delete, session_id, now) is True
-        return await self._fetchval(self._sql.delete_owned, session_id, now, user_id) is True
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
+        now = _checks.delete_args(session_id, user_id, token_digest, now)
+        deleted = await self._fetchval(self._sql.delete, session_id, now, user_id, token_digest)
+        return deleted is True
 
     async def delete_for_user(
         self, user_id: str, *, now: float, except_id: str | None = None

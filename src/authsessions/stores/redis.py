@@ -462,8 +462,15 @@ class RedisStore(Store):
             self._digest_locations.pop(old_digest, None)
         return True
 
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
-        now = _checks.delete_args(session_id, user_id, now)
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
+        now = _checks.delete_args(session_id, user_id, token_digest, now)
         self._require_client()
         with translate_errors("Redis", *self._errors):
             tag = _tag(user_id) if user_id is not None else await self._tag_of(session_id)
@@ -472,7 +479,7 @@ class RedisStore(Store):
             deleted = await self._delete(
                 keys=[self._session_prefix(tag) + session_id, self._index(tag)],
                 args=[session_id, "0" if user_id is None else "1", user_id or "",
-                      self._pointer_prefix, now],
+                      self._pointer_prefix, now, token_digest or ""],
             )  # fmt: skip
             if deleted is None:
                 return False

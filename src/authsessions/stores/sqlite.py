@@ -650,15 +650,21 @@ class SQLiteStore(Store):
         )  # fmt: skip
         return ((record, data_json),)
 
-    async def delete(self, session_id: str, *, now: float, user_id: str | None = None) -> bool:
-        now = _checks.delete_args(session_id, user_id, now)
-        params: tuple[str, ...]
-        if user_id is None:
-            select = f"SELECT expires_at FROM {TABLE} WHERE id = ?"
-            params = (session_id,)
-        else:
-            select = f"SELECT expires_at FROM {TABLE} WHERE id = ? AND user_id = ?"
-            params = (session_id, user_id)
+    async def delete(
+        self,
+        session_id: str,
+        *,
+        now: float,
+        user_id: str | None = None,
+        token_digest: str | None = None,
+    ) -> bool:
+        now = _checks.delete_args(session_id, user_id, token_digest, now)
+        select = f"SELECT expires_at FROM {TABLE} WHERE id = ?"
+        params = [session_id]
+        for column, value in (("user_id", user_id), ("token_digest", token_digest)):
+            if value is not None:
+                select += f" AND {column} = ?"
+                params.append(value)
 
         def delete(db: sqlite3.Connection) -> bool:
             with transaction(db):
