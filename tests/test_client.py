@@ -264,6 +264,46 @@ def test_client_ip(
     assert client_ip(scope(peer, headers), trusted) == expected
 
 
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [
+        (None, [(b"x-forwarded-for", b"203.0.113.9")], "203.0.113.9"),
+        (None, [(b"x-forwarded-for", b"198.51.100.1, 203.0.113.9, 10.1.1.1")], "203.0.113.9"),
+        (None, [(b"x-forwarded-for", b"10.2.2.2, 10.1.1.1")], "10.2.2.2"),
+        (None, [(b"x-real-ip", b"203.0.113.9")], "203.0.113.9"),
+        (None, [(b"x-forwarded-for", b"203.0.113.9, not-an-ip")], None),
+        (None, [(b"x-real-ip", b"garbage")], None),
+        (None, [], None),
+        # A peer with an address is judged by the networks alone.
+        ("198.51.100.7", [(b"x-forwarded-for", b"203.0.113.9")], "198.51.100.7"),
+        ("10.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")], "203.0.113.9"),
+    ],
+    ids=[
+        "xff",
+        "rightmost-untrusted-hop",
+        "all-hops-trusted-gives-leftmost",
+        "x-real-ip",
+        "unparsable-hop-gives-none",
+        "garbage-x-real-ip-gives-none",
+        "no-headers",
+        "untrusted-peer-with-an-address",
+        "trusted-peer-with-an-address",
+    ],
+)
+def test_client_ip_behind_a_proxy_on_a_unix_socket(
+    peer: str | None, headers: list[tuple[bytes, bytes]], expected: str | None
+) -> None:
+    """A server on a Unix socket reports no peer: trusted, it is a proxy without an
+    address, whose headers are believed as a trusted network's are."""
+    assert client_ip(scope(peer, headers), PROXIES, unix_socket_trusted=True) == expected
+
+
+def test_a_peer_without_an_address_is_not_trusted_by_default() -> None:
+    forwarded = scope(None, [(b"x-forwarded-for", b"203.0.113.9")])
+
+    assert client_ip(forwarded, nets("0.0.0.0/0", "::/0")) is None
+
+
 def test_devices_are_cached_by_the_part_of_the_user_agent_that_is_parsed() -> None:
     """Keyed on the whole header, the cache would keep every long variant a client sends."""
     prefix = CHROME_MAC.encode().ljust(MAX_USER_AGENT_LENGTH, b" ")

@@ -106,6 +106,15 @@ def test_trusted_ipv6_networks_are_read_as_client_ip_reads_mapped_ipv4(
     assert config.trusted_proxies == (cidr,)
 
 
+def test_trusted_proxies_may_name_a_proxy_on_a_unix_socket() -> None:
+    config = SessionConfig(trusted_proxies=("unix", "10.0.0.0/8"))
+
+    assert config.trusts_unix_socket is True
+    assert config.trusted_networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert config.trusted_proxies == ("unix", "10.0.0.0/8")
+    assert SessionConfig(trusted_proxies=("10.0.0.0/8",)).trusts_unix_socket is False
+
+
 def test_a_list_of_trusted_proxies_is_stored_as_a_tuple() -> None:
     config = SessionConfig(trusted_proxies=["10.0.0.0/8"])  # type: ignore[arg-type]
 
@@ -241,6 +250,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      "trusted_proxies has an invalid CIDR '10.0.0.0/33'"),
     ("cidr-not-ip", {"trusted_proxies": ("proxy.internal",)},
      "trusted_proxies has an invalid CIDR 'proxy.internal'"),
+    ("unix-socket-misspelt", {"trusted_proxies": ("unix:",)},
+     "(a proxy on a Unix socket is 'unix')"),
     ("cidr-bare-string", {"trusted_proxies": "10.0.0.0/8"},
      "trusted_proxies must be a tuple of CIDR strings"),
     # A typo that strict=False would widen into every address there is.

@@ -1,4 +1,5 @@
-"""One real server: the test app under uvicorn on 127.0.0.1, spoken to over TCP by httpx.
+"""One real server: the test app under uvicorn on 127.0.0.1 (or a Unix socket), spoken to
+by httpx.
 
 Plain HTTP, so the cookie is configured without Secure (and without the
 ``__Host-`` prefix that needs it). The middleware builds its store from a
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging.handlers
 import socket
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
@@ -32,11 +35,18 @@ CONFIG = SessionConfig(cookie_secure=False, cookie_name="session")
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """``app`` under uvicorn on a port the OS picked; its ``host:port``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    host, port = sock.getsockname()
+async def serving(app: Starlette, unix_socket: Path | None = None) -> AsyncIterator[str]:
+    """``app`` under uvicorn on a port the OS picked, its ``host:port``; or on
+    ``unix_socket``, its path."""
+    if unix_socket is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        host, port = sock.getsockname()
+        address = f"{host}:{port}"
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(unix_socket))
+        address = str(unix_socket)
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -45,7 +55,7 @@ async def serving(app: Starlette) -> AsyncIterator[str]:
                 if task.done():
                     task.result()  # surfaces the reason the server did not start
                 await asyncio.sleep(0.01)
-        yield f"{host}:{port}"
+        yield address
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
@@ -91,6 +101,32 @@ async def test_login_read_and_logout_through_a_real_server(server_url: str, tmp_
     with sqlite3.connect(tmp_path / "sessions.db") as db:
         assert db.execute("SELECT count(*) FROM authsessions_session").fetchone() == (0,)
     db.close()
+
+
+@pytest.mark.parametrize(
+    ("trusted_proxies", "recorded"), [(("unix",), "203.0.113.9"), ((), None)], ids=str
+)
+async def test_a_proxy_on_a_unix_socket_passes_on_the_clients_address_when_trusted(
+    tmp_path: Path, trusted_proxies: tuple[str, ...], recorded: str | None
+) -> None:
+    """nginx in front of uvicorn --uds: the server reports no peer, so only a config that
+    trusts the socket believes the address the proxy forwards."""
+    config = dataclasses.replace(CONFIG, trusted_proxies=trusted_proxies)
+    app = build_app(SQLiteStore(tmp_path / "sessions.db"), config)
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a socket path holds 107 bytes
+        async with (
+            serving(app, Path(short) / "app.sock") as path,
+            httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=path),
+                base_url="http://app.internal",
+                headers={"x-forwarded-for": "198.51.100.1, 203.0.113.9"},
+            ) as client,
+        ):
+            await client.post("/login", json={"user_id": "alice"})
+            me = await client.get("/me")
+
+    assert me.json()["user_id"] == "alice"
+    assert me.json()["session"]["ip_address"] == recorded
 
 
 async def push_only(websocket: WebSocket) -> None:

@@ -130,7 +130,9 @@ def _device_type(user_agent: str, os_family: str, device: ua_parser.Device | Non
     return "other"
 
 
-def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
+def client_ip(
+    scope: Scope, trusted: Sequence[IPNetwork], *, unix_socket_trusted: bool = False
+) -> str | None:
     """The client's IP address.
 
     The peer address is the answer unless it lies in ``trusted``; only then
@@ -140,10 +142,14 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
     address known good. IPv4 addresses mapped into IPv6 (``::ffff:a.b.c.d``,
     what a server listening on ``::`` reports for IPv4 clients) are given as
     IPv4. A peer longer than any address or socket path gives ``None``.
+
+    A server listening on a Unix socket reports no peer; with ``unix_socket_trusted``
+    that peer is a trusted proxy with no address of its own, so the headers are
+    believed as from one in ``trusted`` (and without them the answer is ``None``).
     """
     client = scope.get("client")
     if not client:
-        return None
+        return _forwarded_ip(scope, trusted, None) if unix_socket_trusted else None
     host: str = client[0]
     if len(host) > MAX_PEER_LENGTH:
         # A server that believes forwarded headers itself (uvicorn does, from 127.0.0.1,
@@ -156,6 +162,11 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
         return host  # not an IP address (a socket path, a test client's name)
     if not any(peer in network for network in trusted):
         return str(peer)
+    return _forwarded_ip(scope, trusted, str(peer))
+
+
+def _forwarded_ip(scope: Scope, trusted: Sequence[IPNetwork], peer: str | None) -> str | None:
+    """What the headers a trusted ``peer`` (``None``: one without an address) sent say."""
     forwarded: list[str] = []
     real_ip: str | None = None
     value: bytes
@@ -165,7 +176,7 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
         elif name == b"x-real-ip":
             real_ip = value.decode("latin-1").strip()
     if forwarded:
-        nearest = str(peer)
+        nearest = peer
         for hop in reversed(forwarded):
             address = _parse_forwarded_ip(hop.strip())
             if address is None:
@@ -176,8 +187,8 @@ def client_ip(scope: Scope, trusted: Sequence[IPNetwork]) -> str | None:
         return nearest
     if real_ip is not None:
         address = _parse_forwarded_ip(real_ip)
-        return str(address if address is not None else peer)
-    return str(peer)
+        return str(address) if address is not None else peer
+    return peer
 
 
 def _parse_forwarded_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -70,13 +70,16 @@ class SessionConfig:
     """CIDRs whose X-Forwarded-For / X-Real-IP headers are believed; empty: never believed.
     A network with host bits set ("10.1.2.3/8") is refused: a typo must not widen it.
     IPv4 peers seen as IPv4-mapped IPv6 (``::ffff:a.b.c.d``) match the IPv4 networks and
-    any IPv6 network holding that address ("::/0")."""
+    any IPv6 network holding that address ("::/0"). ``"unix"`` trusts a proxy that
+    reaches the app over a Unix socket (uvicorn ``--uds``, gunicorn ``--bind unix:``),
+    which the server reports with no address."""
 
     max_data_bytes: int = 65536
     """Cap on the serialised JSON data of one session (at most 2**31 - 1)."""
 
     # Derived once for the per-request path.
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+    trusts_unix_socket: bool = field(init=False, repr=False, compare=False)
     ttl_seconds: float = field(init=False, repr=False, compare=False)
     touch_interval_seconds: float = field(init=False, repr=False, compare=False)
     absolute_ttl_seconds: float | None = field(init=False, repr=False, compare=False)
@@ -102,6 +105,7 @@ class SessionConfig:
         self._check_cookie()
         derived = {
             "trusted_networks": _parse_networks(self.trusted_proxies),
+            "trusts_unix_socket": UNIX_SOCKET in self.trusted_proxies,
             "ttl_seconds": self.ttl.total_seconds(),
             "touch_interval_seconds": self.touch_interval.total_seconds(),
             "absolute_ttl_seconds": self.absolute_ttl.total_seconds()
@@ -197,6 +201,10 @@ def _require_int(name: str, value: object, *, minimum: int) -> None:
         )
 
 
+# What trusted_proxies holds for a proxy on a Unix socket, beside the CIDRs.
+UNIX_SOCKET = "unix"
+
+
 def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
     if isinstance(cidrs, str) or not isinstance(cidrs, tuple | list | frozenset | set):
         raise ValueError(
@@ -209,10 +217,15 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
         # that strict=False would widen ("10.1.2.3/0" into every address there is).
         if not isinstance(cidr, str):
             raise ValueError(f"trusted_proxies must hold CIDR strings, got {cidr!r}.")
+        if cidr == UNIX_SOCKET:
+            continue
         try:
             network = ipaddress.ip_network(cidr)
         except ValueError as exc:
-            raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}") from None
+            raise ValueError(
+                f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}"
+                f" (a proxy on a Unix socket is {UNIX_SOCKET!r})"
+            ) from None
         networks.extend(_as_read_by_client_ip(network))
     return tuple(networks)
 
