@@ -675,6 +675,39 @@ async def test_an_apps_pool_gets_its_connection_back_after_every_call(
         await asyncio.wait_for(pool.close(), timeout=5)
 
 
+async def test_an_apps_pool_never_awaited_is_named_not_reported_unavailable(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """``create_pool`` without ``await`` is the app's mistake: "unavailable, try again
+    shortly" on every request would hide it. The store opens once the pool is ready."""
+    pool = asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    store = PostgresStore(pool=pool, schema=postgres_schema)
+
+    with pytest.raises(RuntimeError, match=r"pool is not initialized.*await asyncpg\.create_pool"):
+        await store.open()
+    assert not store.is_open
+
+    await pool
+    try:
+        async with store:
+            t0 = start_time()
+            assert await store.get(make_record(now=t0).token_digest, now=t0) is None
+    finally:
+        await pool.close()
+
+
+async def test_an_apps_pool_already_closed_is_named_not_reported_unavailable(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    await pool.close()
+    store = PostgresStore(pool=pool, schema=postgres_schema)
+
+    with pytest.raises(RuntimeError, match=r"pool is closed.*close the pool after the store"):
+        await store.open()
+    assert not store.is_open
+
+
 async def test_an_apps_pool_without_a_command_timeout_gets_the_stores(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

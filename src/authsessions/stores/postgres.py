@@ -100,6 +100,8 @@ class PostgresStore(Store):
         ImportError: asyncpg is not installed.
         ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout;
             on open, a DSN asyncpg cannot parse.
+        RuntimeError: on open, a ``pool`` never initialised (``create_pool`` not
+            awaited) or already closed.
     """
 
     _bound_to_loop = True  # asyncpg's connections belong to the loop that opened them
@@ -191,7 +193,7 @@ class PostgresStore(Store):
                     )
             try:
                 # With min_size=0 the pool connects, so parses the DSN, only here.
-                with self._refusing_a_malformed_dsn():
+                with self._refusing_a_malformed_dsn(), self._refusing_an_unusable_pool():
                     async with PooledConnections(pool, self.acquire_timeout).borrow() as conn:
                         await self._migrate(conn)
                         # Every write counts on each statement reading a snapshot of its
@@ -255,6 +257,23 @@ class PostgresStore(Store):
             if refused is None:
                 raise
             raise refused from None
+
+    @contextlib.contextmanager
+    def _refusing_an_unusable_pool(self) -> Iterator[None]:
+        """Name an app's pool that was never initialised (``create_pool`` not awaited) or
+        is already closed: a mistake in the app, which "unavailable, try again shortly"
+        would hide behind a 503 on every request.
+        """
+        try:
+            yield
+        except self._asyncpg.InterfaceError as exc:
+            # The pool's own refusal only: the subclasses are failures of a connection.
+            if self._given_pool is None or type(exc) is not self._asyncpg.InterfaceError:
+                raise
+            raise RuntimeError(
+                f"PostgresStore cannot use the pool it was given ({exc}): pass it"
+                " `await asyncpg.create_pool(...)`, and close the pool after the store."
+            ) from exc
 
     def _refused_url_option(self, exc: Exception) -> ValueError | None:
         """The error for an option of the URL the server refused as the connection started,
