@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import authsessions.stores.redis
 from authsessions import SessionManager, StoreUnavailable
@@ -574,6 +574,57 @@ async def test_a_cluster_timing_out_a_login_logs_no_token_digest(
     assert "TimeoutError" in caplog.text
     assert record.token_digest not in caplog.text
     assert record.token_digest not in "".join(traceback.format_exception(failed.value))
+
+
+@pytest.mark.parametrize("ending", ["logout", "revoke_all"])
+async def test_a_cluster_ends_a_session_though_the_nodes_of_its_pointers_stop_answering(
+    redis_cluster_url: str,
+    raw_cluster: RedisCluster,
+    caplog: pytest.LogCaptureFixture,
+    ending: str,
+) -> None:
+    """In a cluster the pointers live on other nodes than the session, and go after its
+    script has ended it. Their nodes failing then raised StoreUnavailable for a session
+    already gone: a logout answered 503 though it had logged out."""
+    prefix = f"as-{secrets.token_hex(5)}:"
+    t0 = start_time()
+
+    def node_of(key: str) -> ClusterNode:
+        node = raw_cluster.get_node_from_key(key)
+        assert node is not None
+        return node
+
+    try:
+        async with RedisStore(redis_cluster_url, prefix=prefix, socket_timeout=0.3) as store:
+            setup = Setup(store, store, raw_cluster, prefix)
+            await raw_cluster.initialize()  # its map of slots to nodes
+            # A session whose node holds neither of its pointers, so theirs alone can stop.
+            while True:
+                record = make_record(now=t0, user_id=f"user-{secrets.token_hex(4)}")
+                keys = setup.keys(record)
+                paused = [node_of(keys["digest"]), node_of(keys["id"])]
+                if node_of(keys["session"]) not in paused:
+                    break
+            await store.create(record, max_sessions=10, now=t0)
+            await raw_cluster.execute_command("CLIENT PAUSE", "2000", "WRITE", target_nodes=paused)
+            with caplog.at_level("WARNING", logger="authsessions"):
+                if ending == "logout":
+                    assert await store.delete(record.id, now=t0, token_digest=record.token_digest)
+                else:
+                    assert await store.delete_for_user(record.user_id, now=t0) == 1
+            await raw_cluster.execute_command("CLIENT UNPAUSE", target_nodes=paused)
+
+            assert await raw_cluster.exists(keys["session"]) == 0
+            assert await raw_cluster.exists(keys["digest"]) == 1  # left behind, to expire
+            assert await store.get(record.token_digest, now=t0) is None
+            assert await store.list_for_user(record.user_id, now=t0) == []
+    finally:
+        await raw_cluster.execute_command("CLIENT UNPAUSE", target_nodes=RedisCluster.ALL_NODES)
+        if leftover := [key async for key in raw_cluster.scan_iter(match=prefix + "*")]:
+            await raw_cluster.delete(*leftover)
+
+    assert "pointers of 1 ended Redis sessions are left to expire" in caplog.text
+    assert record.token_digest not in caplog.text
 
 
 async def twelve_users(store: RedisStore, t0: float) -> list[SessionRecord]:
