@@ -24,7 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 import authsessions.stores.redis
 from authsessions import SessionManager, StoreUnavailable
-from authsessions._records import SessionRecord, StoreStats
+from authsessions._records import SessionRecord, SessionUpdate, StoreStats
 from authsessions.stores import CreateError, DataTooLarge, RedisStore, open_store
 from authsessions.stores._redis_scripts import DELETE_EXPIRED, LUA_HELPERS
 from tests.stores.records import (
@@ -576,54 +576,100 @@ async def test_a_cluster_timing_out_a_login_logs_no_token_digest(
     assert record.token_digest not in "".join(traceback.format_exception(failed.value))
 
 
-@pytest.mark.parametrize("ending", ["logout", "revoke_all"])
-async def test_a_cluster_ends_a_session_though_the_nodes_of_its_pointers_stop_answering(
-    redis_cluster_url: str,
-    raw_cluster: RedisCluster,
-    caplog: pytest.LogCaptureFixture,
-    ending: str,
-) -> None:
-    """In a cluster the pointers live on other nodes than the session, and go after its
-    script has ended it. Their nodes failing then raised StoreUnavailable for a session
-    already gone: a logout answered 503 though it had logged out."""
+@dataclass
+class PointersApart:
+    """A cluster session whose node holds neither of its pointers, so that the nodes of
+    the pointers alone can stop answering writes."""
+
+    store: RedisStore
+    raw: RedisCluster
+    record: SessionRecord
+    keys: dict[str, str]
+    pointer_nodes: list[ClusterNode]
+
+    async def pause_pointer_nodes(self) -> None:
+        await self.raw.execute_command(
+            "CLIENT PAUSE", "2000", "WRITE", target_nodes=self.pointer_nodes
+        )
+
+    async def unpause(self) -> None:
+        await self.raw.execute_command("CLIENT UNPAUSE", target_nodes=RedisCluster.ALL_NODES)
+
+
+@pytest.fixture
+async def pointers_apart(
+    redis_cluster_url: str, raw_cluster: RedisCluster
+) -> AsyncIterator[PointersApart]:
     prefix = f"as-{secrets.token_hex(5)}:"
     t0 = start_time()
+    await raw_cluster.initialize()  # its map of slots to nodes
 
     def node_of(key: str) -> ClusterNode:
         node = raw_cluster.get_node_from_key(key)
         assert node is not None
         return node
 
-    try:
-        async with RedisStore(redis_cluster_url, prefix=prefix, socket_timeout=0.3) as store:
-            setup = Setup(store, store, raw_cluster, prefix)
-            await raw_cluster.initialize()  # its map of slots to nodes
-            # A session whose node holds neither of its pointers, so theirs alone can stop.
-            while True:
-                record = make_record(now=t0, user_id=f"user-{secrets.token_hex(4)}")
-                keys = setup.keys(record)
-                paused = [node_of(keys["digest"]), node_of(keys["id"])]
-                if node_of(keys["session"]) not in paused:
-                    break
-            await store.create(record, max_sessions=10, now=t0)
-            await raw_cluster.execute_command("CLIENT PAUSE", "2000", "WRITE", target_nodes=paused)
-            with caplog.at_level("WARNING", logger="authsessions"):
-                if ending == "logout":
-                    assert await store.delete(record.id, now=t0, token_digest=record.token_digest)
-                else:
-                    assert await store.delete_for_user(record.user_id, now=t0) == 1
-            await raw_cluster.execute_command("CLIENT UNPAUSE", target_nodes=paused)
+    async with RedisStore(redis_cluster_url, prefix=prefix, socket_timeout=0.3) as store:
+        setup = Setup(store, store, raw_cluster, prefix)
+        while True:
+            record = make_record(now=t0, user_id=f"user-{secrets.token_hex(4)}")
+            keys = setup.keys(record)
+            pointer_nodes = [node_of(keys["digest"]), node_of(keys["id"])]
+            if node_of(keys["session"]) not in pointer_nodes:
+                break
+        await store.create(record, max_sessions=10, now=t0)
+        apart = PointersApart(store, raw_cluster, record, keys, pointer_nodes)
+        try:
+            yield apart
+        finally:
+            await apart.unpause()
+            if leftover := [key async for key in raw_cluster.scan_iter(match=prefix + "*")]:
+                await raw_cluster.delete(*leftover)
 
-            assert await raw_cluster.exists(keys["session"]) == 0
-            assert await raw_cluster.exists(keys["digest"]) == 1  # left behind, to expire
-            assert await store.get(record.token_digest, now=t0) is None
-            assert await store.list_for_user(record.user_id, now=t0) == []
-    finally:
-        await raw_cluster.execute_command("CLIENT UNPAUSE", target_nodes=RedisCluster.ALL_NODES)
-        if leftover := [key async for key in raw_cluster.scan_iter(match=prefix + "*")]:
-            await raw_cluster.delete(*leftover)
 
-    assert "pointers of 1 ended Redis sessions are left to expire" in caplog.text
+@pytest.mark.parametrize("ending", ["logout", "revoke_all"])
+async def test_a_cluster_ends_a_session_though_the_nodes_of_its_pointers_stop_answering(
+    pointers_apart: PointersApart, caplog: pytest.LogCaptureFixture, ending: str
+) -> None:
+    """In a cluster the pointers live on other nodes than the session, and go after its
+    script has ended it. Their nodes failing then raised StoreUnavailable for a session
+    already gone: a logout answered 503 though it had logged out."""
+    store, record, keys = pointers_apart.store, pointers_apart.record, pointers_apart.keys
+    now = record.last_active_at
+    await pointers_apart.pause_pointer_nodes()
+    with caplog.at_level("WARNING", logger="authsessions"):
+        if ending == "logout":
+            assert await store.delete(record.id, now=now, token_digest=record.token_digest)
+        else:
+            assert await store.delete_for_user(record.user_id, now=now) == 1
+    await pointers_apart.unpause()
+
+    raw = pointers_apart.raw
+    assert await raw.exists(keys["session"]) == 0
+    assert await raw.exists(keys["digest"]) == 1  # left behind, to expire
+    assert await store.get(record.token_digest, now=now) is None
+    assert await store.list_for_user(record.user_id, now=now) == []
+    assert "the pointers of 1 ended Redis sessions will expire instead" in caplog.text
+    assert record.token_digest not in caplog.text
+
+
+async def test_a_cluster_keeps_a_touch_though_the_nodes_of_its_pointers_stop_answering(
+    pointers_apart: PointersApart, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A touch moves the pointers' expiry after its script has written the session: their
+    nodes failing then answered 503 for a write that was kept."""
+    store, record = pointers_apart.store, pointers_apart.record
+    later = record.last_active_at + 5
+    touch = SessionUpdate(last_active_at=later, expires_at=later + 3600, set_keys={"theme": "dark"})
+    await pointers_apart.pause_pointer_nodes()
+    with caplog.at_level("WARNING", logger="authsessions"):
+        assert await store.update(record.id, touch, now=later)
+    await pointers_apart.unpause()
+
+    found = await store.get(record.token_digest, now=later)
+    assert found is not None
+    assert (found.data["theme"], found.expires_at) == ("dark", later + 3600)
+    assert "keep their earlier expiry" in caplog.text
     assert record.token_digest not in caplog.text
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -70,7 +70,7 @@ from authsessions.stores._redis_connections import ReadConnections
 from authsessions.stores._url import malformed_url, redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
@@ -453,13 +453,18 @@ class RedisStore(Store):
                 return False
             if in_cluster and ttl is not None:
                 # The pointers follow the session's new expiry; a rotated-out digest goes.
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.pexpire(self._id_key(session_id), ttl)
-                    if new_digest is None:
-                        pipe.pexpire(self._digest_key(old_digest), ttl)
-                    else:
-                        pipe.delete(self._digest_key(old_digest))
-                    await pipe.execute()
+                # Until a later touch renews them, pointers that missed this keep their
+                # earlier expiry; a rotated-out digest left behind names nothing live.
+                with self._after_the_script(
+                    "the pointers of a Redis session keep their earlier expiry"
+                ):
+                    async with client.pipeline(transaction=False) as pipe:
+                        pipe.pexpire(self._id_key(session_id), ttl)
+                        if new_digest is None:
+                            pipe.pexpire(self._digest_key(old_digest), ttl)
+                        else:
+                            pipe.delete(self._digest_key(old_digest))
+                        await pipe.execute()
         if new_digest is not None:
             self._digest_locations.pop(old_digest, None)
         return True
@@ -648,19 +653,24 @@ class RedisStore(Store):
             keys += [self._id_key(session_id), self._digest_key(digest)]
             self._id_tags.pop(session_id, None)
             self._digest_locations.pop(digest, None)
-        if not self._cluster:
-            return
+        if self._cluster:
+            # A pointer left behind names nothing live (``get`` checks the digest the
+            # session holds) and expires when the session would have.
+            ended = len(keys) // 2
+            with self._after_the_script(
+                f"the pointers of {ended} ended Redis sessions will expire instead"
+            ):
+                await self._unlink(keys)
+
+    @contextmanager
+    def _after_the_script(self, outcome: str) -> Iterator[None]:
+        """Log, not raise, the failure of the pointer work that follows a script that
+        succeeded in a cluster: what the script did stands, and a 503 would say it did not.
+        """
         try:
-            await self._unlink(keys)
+            yield
         except self._errors as exc:
-            # What the script did stands: a 503 would say it did not. A pointer left
-            # behind names nothing live (``get`` checks the digest the session holds)
-            # and expires when the session would have.
-            logger.warning(
-                "pointers of %d ended Redis sessions are left to expire: %s",
-                len(keys) // 2,
-                failure_detail(exc),
-            )
+            logger.warning("%s: %s", outcome, failure_detail(exc))
 
     async def _unlink(self, keys: Iterable[str]) -> None:
         if keys := list(keys):
