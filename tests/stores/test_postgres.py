@@ -708,6 +708,38 @@ async def test_an_apps_pool_already_closed_is_named_not_reported_unavailable(
     assert not store.is_open
 
 
+async def test_an_apps_pool_losing_its_connection_while_the_store_opens_is_unavailable(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A connection lost under the open's transaction (a restart, a failover) is an outage
+    to retry, not the app's pool misused: asyncpg reports it leaving the transaction with
+    the same InterfaceError class as a closed pool."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    upgrading = await asyncpg.connect(postgres_url)
+    store = PostgresStore(pool=pool, schema=postgres_schema)
+    try:
+        # Another server's schema upgrade holds the lock: the open waits in its transaction.
+        await upgrading.execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+            f"authsessions migrate {postgres_schema}.authsessions_session",
+        )
+        opening = asyncio.ensure_future(store.open())
+        waiting = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        for _ in range(100):
+            if (pid := await admin.fetchval(waiting)) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert pid is not None
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(opening, 10)
+        assert not store.is_open
+    finally:
+        await upgrading.close()
+        await pool.close()
+
+
 async def test_an_apps_pool_without_a_command_timeout_gets_the_stores(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

@@ -267,8 +267,14 @@ class PostgresStore(Store):
         try:
             yield
         except self._asyncpg.InterfaceError as exc:
-            # The pool's own refusal only: the subclasses are failures of a connection.
-            if self._given_pool is None or type(exc) is not self._asyncpg.InterfaceError:
+            # The pool's own refusal only ("pool is closed", "pool is not initialized"):
+            # the subclasses, and the same class from a connection lost under a
+            # transaction, are outages.
+            if (
+                self._given_pool is None
+                or type(exc) is not self._asyncpg.InterfaceError
+                or not str(exc).startswith("pool is ")
+            ):
                 raise
             raise RuntimeError(
                 f"PostgresStore cannot use the pool it was given ({exc}): pass it"
