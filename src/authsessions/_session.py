@@ -644,7 +644,9 @@ class Session:
         one step: a rotation by another request between a check and the delete would
         have had the delete end the session the rotated token now holds.
         """
-        await self._store.delete(record.id, now=time.time(), token_digest=record.token_digest)
+        await self._store.delete(
+            record.id, now=time.time(), user_id=record.user_id, token_digest=record.token_digest
+        )
 
     def _refuse_cookie_change(self, operation: str) -> None:
         """Refuse, before any store access, what would need a cookie no response can carry."""
