@@ -653,6 +653,20 @@ async def test_a_cluster_ends_a_session_though_the_nodes_of_its_pointers_stop_an
     assert record.token_digest not in caplog.text
 
 
+async def test_a_cluster_cleanup_stops_when_the_nodes_of_the_pointers_stop_answering(
+    pointers_apart: PointersApart,
+) -> None:
+    """A cleanup is no request: it stops at a silent node, which it would otherwise wait
+    out once per user index, and the sessions its scripts removed stay removed."""
+    store, record, keys = pointers_apart.store, pointers_apart.record, pointers_apart.keys
+    await pointers_apart.pause_pointer_nodes()
+    with pytest.raises(StoreUnavailable):
+        await store.delete_expired(now=record.expires_at + 1, limit=1000)
+    await pointers_apart.unpause()
+
+    assert await pointers_apart.raw.exists(keys["session"]) == 0
+
+
 async def test_a_cluster_keeps_a_touch_though_the_nodes_of_its_pointers_stop_answering(
     pointers_apart: PointersApart, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -544,7 +544,7 @@ class RedisStore(Store):
                         removed += int(result[0])
                         # Indexes the limit cut short come first in the next call.
                         self._sweep_pending[:0] = indexes[int(result[1]) :]
-                        await self._drop_pointers(result[2:])
+                        await self._drop_pointers(result[2:], or_raise=True)
             except BaseException:
                 await self._end_sweep()
                 raise
@@ -643,17 +643,20 @@ class RedisStore(Store):
         """
         return _CLUSTER_POINTERS if self._cluster else self.prefix
 
-    async def _drop_pointers(self, id_digest_pairs: list[str]) -> None:
+    async def _drop_pointers(self, id_digest_pairs: list[str], *, or_raise: bool = False) -> None:
         """Forget the pointers of deleted sessions (a flat list of id, digest, id, ...),
         and remove them in a cluster (a single server's scripts removed them already), as
-        far as the nodes holding them answer.
+        far as the nodes holding them answer; ``or_raise``: a failure is raised, for a
+        cleanup that should stop rather than meet the same silent node batch after batch.
         """
         keys = []
         for session_id, digest in zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True):
             keys += [self._id_key(session_id), self._digest_key(digest)]
             self._id_tags.pop(session_id, None)
             self._digest_locations.pop(digest, None)
-        if self._cluster:
+        if self._cluster and or_raise:
+            await self._unlink(keys)
+        elif self._cluster:
             # A pointer left behind names nothing live (``get`` checks the digest the
             # session holds) and expires when the session would have.
             ended = len(keys) // 2
