@@ -252,6 +252,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      "trusted_proxies has an invalid CIDR 'proxy.internal'"),
     ("unix-socket-misspelt", {"trusted_proxies": ("unix:",)},
      "(a proxy on a Unix socket is 'unix')"),
+    ("unix-socket-as-a-path", {"trusted_proxies": ("/run/app.sock",)},
+     "(a proxy on a Unix socket is 'unix')"),
     ("cidr-bare-string", {"trusted_proxies": "10.0.0.0/8"},
      "trusted_proxies must be a tuple of CIDR strings"),
     # A typo that strict=False would widen into every address there is.
@@ -278,6 +280,13 @@ def test_value_errors_suggest_a_remedy() -> None:
         SessionConfig(cookie_secure=False)
     with pytest.raises(ValueError, match="choose another name"):
         SessionConfig(cookie_domain="example.com")
+
+
+@pytest.mark.parametrize("cidr", ["10.1.2.3/8", "proxy.internal", "10.0.0.0/33"])
+def test_a_bad_cidr_that_is_no_socket_gets_no_unix_socket_hint(cidr: str) -> None:
+    with pytest.raises(ValueError, match="invalid CIDR") as raised:
+        SessionConfig(trusted_proxies=(cidr,))
+    assert "Unix socket" not in str(raised.value)
 
 
 def test_the_largest_counts_and_durations_are_taken() -> None:

@@ -222,10 +222,10 @@ def _parse_networks(cidrs: object) -> tuple[IPNetwork, ...]:
         try:
             network = ipaddress.ip_network(cidr)
         except ValueError as exc:
-            raise ValueError(
-                f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}"
-                f" (a proxy on a Unix socket is {UNIX_SOCKET!r})"
-            ) from None
+            hint = ""
+            if cidr.strip().lower().startswith(UNIX_SOCKET) or cidr.startswith("/"):
+                hint = f" (a proxy on a Unix socket is {UNIX_SOCKET!r})"
+            raise ValueError(f"trusted_proxies has an invalid CIDR {cidr!r}: {exc}{hint}") from None
         networks.extend(_as_read_by_client_ip(network))
     return tuple(networks)
 

@@ -559,6 +559,19 @@ async def test_lookups_by_an_id_no_store_can_keep_are_refused_alike(
     assert await stored_at(store, kept, now=t0) == kept
 
 
+async def test_a_delete_refuses_an_empty_token_digest(store: Store) -> None:
+    """Redis's script reads "" as "whatever digest": an empty one must not get that far
+    and end a session it does not name."""
+    t0 = start_time()
+    kept = make_record(now=t0)
+    await store.create(kept, max_sessions=10, now=t0)
+
+    with pytest.raises(ValueError, match="token_digest"):
+        await store.delete(kept.id, now=t0, token_digest="")
+
+    assert await stored_at(store, kept, now=t0) == kept
+
+
 @pytest.mark.parametrize("now", [math.nan, None], ids=["nan", "None"])
 async def test_listings_and_stats_refuse_a_now_that_is_not_a_time(store: Store, now: Any) -> None:
     """Some stores answered a NaN or None with every session, others with none."""

@@ -128,7 +128,9 @@ class WriterThread:
         return result
 
     async def write_many_rows(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, one statement that may change many rows, on the thread.
+        """Run ``work`` on the thread: one statement that may change many rows, or where
+        a count must match what goes, a transaction around one (a user's many sessions at
+        once, which is rare; never a cleanup's every batch, see below).
 
         Its connection checkpoints by itself once the WAL passes the store's
         bulk threshold, so the pages ``work`` adds are not counted towards the
