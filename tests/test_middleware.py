@@ -813,17 +813,8 @@ class YieldingAroundWrites(MemoryStore):
             await asyncio.sleep(0)
         return updated
 
-    async def delete(
-        self,
-        session_id: str,
-        *,
-        now: float,
-        user_id: str | None = None,
-        token_digest: str | None = None,
-    ) -> bool:
-        deleted = await super().delete(
-            session_id, now=now, user_id=user_id, token_digest=token_digest
-        )
+    async def delete(self, session_id: str, **kwargs: Any) -> bool:
+        deleted = await super().delete(session_id, **kwargs)
         for _ in range(3):
             await asyncio.sleep(0)
         return deleted
