@@ -629,15 +629,11 @@ class Session:
         user's devices.
         """
         record = self._require_session()
-        if not await self._still_named(record):
+        if await self._store.get(record.token_digest, now=time.time()) is None:
             if self._record is record:
                 self._end()
             raise Unauthorized()
         return record
-
-    async def _still_named(self, record: SessionRecord) -> bool:
-        """Whether ``record``'s token still names a live session in the store."""
-        return await self._store.get(record.token_digest, now=time.time()) is not None
 
     async def _end_if_still_named(self, record: SessionRecord) -> None:
         """Delete ``record``'s session from the store while its token still names it, in

@@ -659,16 +659,15 @@ class SQLiteStore(Store):
         token_digest: str | None = None,
     ) -> bool:
         now = _checks.delete_args(session_id, user_id, token_digest, now)
-        select = f"SELECT expires_at FROM {TABLE} WHERE id = ?"
-        params = [session_id]
-        for column, value in (("user_id", user_id), ("token_digest", token_digest)):
-            if value is not None:
-                select += f" AND {column} = ?"
-                params.append(value)
+        # Only the owner ?2 and only while it holds the digest ?3, where either is given.
+        select = (
+            f"SELECT expires_at FROM {TABLE} WHERE id = ?1"
+            " AND (?2 IS NULL OR user_id = ?2) AND (?3 IS NULL OR token_digest = ?3)"
+        )
 
         def delete(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                found = db.execute(select, params).fetchone()
+                found = db.execute(select, (session_id, user_id, token_digest)).fetchone()
                 if found is None:
                     return False
                 db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (session_id,))
