@@ -708,6 +708,26 @@ async def test_an_apps_pool_already_closed_is_named_not_reported_unavailable(
     assert not store.is_open
 
 
+async def test_an_apps_pool_closed_under_an_open_store_is_named_in_the_log(
+    postgres_url: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing the pool before the store fails every call closed (a 503 each), and the log
+    says why, where a bare "InterfaceError" left an operator to guess."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    t0 = start_time()
+    async with PostgresStore(pool=pool, schema=postgres_schema) as store:
+        await pool.close()
+        with caplog.at_level("WARNING", logger="authsessions"):
+            with pytest.raises(StoreUnavailable):
+                await store.get(make_record(now=t0).token_digest, now=t0)
+            with pytest.raises(StoreUnavailable):
+                await store.delete_for_user("someone", now=t0)
+    assert (
+        caplog.messages
+        == ["the PostgreSQL session store failed: InterfaceError: pool is closed"] * 2
+    )
+
+
 async def test_an_apps_pool_losing_its_connection_while_the_store_opens_is_unavailable(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

@@ -132,6 +132,10 @@ def _tells_no_values(exc: BaseException) -> bool:
         return sqlstate[:2] in _TELLING_SQLSTATE_CLASSES
     if isinstance(exc, OSError | TimeoutError | sqlite3.Error):
         return True
+    if type(exc).__module__.startswith("asyncpg") and type(exc).__name__ == "InterfaceError":
+        # A pool's own refusals ("pool is closed"), fixed strings; the same class also
+        # reports the protocol's faults, and its subclass DataError quotes an argument.
+        return str(exc).startswith("pool is ")
     return any(
         cls.__module__ == "redis.exceptions" and cls.__name__ in _TELLING_REDIS_ERRORS
         for cls in type(exc).__mro__
