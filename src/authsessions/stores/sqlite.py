@@ -521,13 +521,25 @@ class SQLiteStore(Store):
                     if exc.sqlite_errorcode not in _TAKEN:
                         raise
                     raise CreateError(record.id) from None
-                return db.execute(
-                    f"""DELETE FROM {TABLE} WHERE user_id = ?1 AND id != ?4 AND id NOT IN (
-                        SELECT id FROM {TABLE} WHERE user_id = ?1 AND id != ?4
-                        AND expires_at > ?2
-                        ORDER BY last_active_at DESC, created_at DESC LIMIT ?3)""",
-                    (record.user_id, now, max_sessions - 1, record.id),
-                ).rowcount
+                # The user's other sessions, newest first: the expired ones go, and the live
+                # ones past the newest max_sessions - 1. Chosen here rather than by one
+                # DELETE with a NOT IN subquery, which cost about 30 µs even when it found
+                # nothing to delete (most logins), where this read costs 3 to 6 µs.
+                kept = 0
+                evicted = []
+                for rowid, live in db.execute(
+                    f"""SELECT rowid, expires_at > ?2 FROM {TABLE}
+                        WHERE user_id = ?1 AND id != ?3
+                        ORDER BY last_active_at DESC, created_at DESC""",
+                    (record.user_id, now, record.id),
+                ):
+                    if live and kept < max_sessions - 1:
+                        kept += 1
+                    else:
+                        evicted.append((rowid,))
+                if evicted:
+                    db.executemany(f"DELETE FROM {TABLE} WHERE rowid = ?", evicted)
+                return len(evicted)
 
         # A new row is in no cache; the evicted ones are the user's, not known by id.
         users_sessions = (UsersSessions(record.user_id),)
