@@ -914,6 +914,60 @@ async def test_a_login_or_logout_beside_a_rotation_takes_its_turn(
     assert me.json()["user_id"] == "mallory"
 
 
+class YieldingAroundEveryCall(YieldingAroundWrites):
+    """Lets other tasks run before a read, a login and a listing too, as every call to a
+    networked store does."""
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await super().get(token_digest, now=now)
+
+    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await super().create(record, max_sessions=max_sessions, now=now)
+
+    async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await super().list_for_user(user_id, now=now)
+
+
+@pytest.mark.parametrize("change", ["rotate", "authenticate"])
+@pytest.mark.parametrize("beside", ["list_my_sessions", "logout_other"])
+async def test_listing_or_ending_the_others_beside_a_token_change_takes_its_turn(
+    app_factory: AppFactory, client_factory: ClientFactory, change: str, beside: str
+) -> None:
+    """Started while a rotation or a login of the same request waited for the store, each
+    found the session's old token gone and took it for ended: the user was signed out (the
+    cookie cleared, the new token never sent) and the session left where no cookie reaches."""
+    store = YieldingAroundEveryCall()
+
+    async def change_beside(request: Request) -> Response:
+        session = Session.from_request(request)
+        changing = session.rotate() if change == "rotate" else session.authenticate("alice")
+        await asyncio.gather(changing, getattr(session, beside)())
+        return JSONResponse({"user_id": session.user_id})
+
+    token, _ = await plant_session(store, "alice")
+    await plant_session(store, "alice")  # another device
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/both", change_beside, methods=["POST"])])
+    )
+
+    response = await client.post("/both", headers=cookie_header(token))
+
+    assert response.json() == {"user_id": "alice"}
+    new = session_cookie(response)
+    assert new is not None
+    assert new.value not in ("", token)
+    me = await client.get("/me", headers=cookie_header(new.value))
+    assert me.json()["user_id"] == "alice"
+    others = 1 if beside == "list_my_sessions" else 0
+    assert len(await SessionManager(store).list_for_user("alice")) == 1 + others
+
+
 class HoldingTheTouch(MemoryStore):
     """Applies a touch, then answers it only once ``go_on`` is set: a slow network store's
     reply, overtaken by a logout from a task of the same request."""

@@ -412,8 +412,9 @@ class Session:
             Unauthorized: there is no session (or it ended meanwhile).
             StoreUnavailable: the store failed.
         """
-        record = await self._require_live_session()
-        await self._store.delete_for_user(record.user_id, now=time.time(), except_id=record.id)
+        async with self._turn():
+            record = await self._require_live_session()
+            await self._store.delete_for_user(record.user_id, now=time.time(), except_id=record.id)
 
     async def list_my_sessions(self) -> list[SessionData]:
         """The user's live sessions, most recently active first: this one, active now
@@ -425,25 +426,32 @@ class Session:
                 are not shown to a session they revoked during its request).
             StoreUnavailable: the store failed.
         """
-        record = self._require_session()
-        now = time.time()
-        config = self._config
-        records = within_lifetimes(
-            await self._store.list_for_user(record.user_id, now=now),
-            config.ttl_seconds,
-            config.absolute_ttl_seconds,
-            now,
-        )
+        # In turn: a rotation or a login of the same request, waiting for the store, would
+        # have its new token read here as this session ended.
+        async with self._turn():
+            record = self._require_session()
+            now = time.time()
+            config = self._config
+            records = within_lifetimes(
+                await self._store.list_for_user(record.user_id, now=now),
+                config.ttl_seconds,
+                config.absolute_ttl_seconds,
+                now,
+            )
+            if not any(
+                stored.id == record.id and stored.token_digest == record.token_digest
+                for stored in records
+            ):  # ended meanwhile, or its token rotated away: no longer this request's
+                if self._record is record:
+                    self._end()
+                raise Unauthorized()
+            current = replace(self._current_data(), last_active_at=to_datetime(now))
         # The others are fresh from the store and dropped here, so their data is handed
         # over; this session's own record stays with the session, so its data is copied.
-        others = [stored.to_data(copy_data=False) for stored in records if stored.id != record.id]
-        if not any(
-            stored.id == record.id and stored.token_digest == record.token_digest
-            for stored in records
-        ):  # ended meanwhile, or its token rotated away: no longer this request's
-            self._end()
-            raise Unauthorized()
-        return [replace(self._current_data(), last_active_at=to_datetime(now)), *others]
+        return [
+            current,
+            *(stored.to_data(copy_data=False) for stored in records if stored.id != record.id),
+        ]
 
     async def revoke(self, session_id: str) -> None:
         """Destroy one session of the current user (this one too, which clears the cookie).
@@ -607,10 +615,11 @@ class Session:
 
     def _turn(self) -> asyncio.Lock:
         """Turns for the request's tasks at changing the session it holds (a login, a
-        rotation, a logout, a revocation): each reads that session, waits for the store,
-        then sets what it left, so two at once would act on a session the other had
-        replaced (a rotation conditional on a token the other rotated away; a login
-        overwritten by a rotation of the session it replaced).
+        rotation, a logout, a revocation) or checking it against the store (a listing, a
+        logout of the others): each reads that session, waits for the store, then acts on
+        what it read, so two at once would act on a session the other had replaced (a
+        rotation conditional on a token the other rotated away; a login overwritten by a
+        rotation of the session it replaced; a new token taken for the session ended).
         """
         turns = self._turns
         if turns is None:
