@@ -8,6 +8,7 @@
         await proxy.resume()   # accepting again, on the same port
         proxy.stall()          # connections stay open, bytes stop flowing
         proxy.unstall()
+        proxy.lose_reply_to(b"marker")  # that request is served, its reply never arrives
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TcpProxy:
         self._pumps: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._losing: bytes | None = None
 
     async def __aenter__(self) -> Self:
         await self.resume()
@@ -87,6 +89,12 @@ class TcpProxy:
         """Forward again, including what was held back while stalled."""
         self._flowing.set()
 
+    def lose_reply_to(self, marker: bytes) -> None:
+        """Forward the next request that holds ``marker``, then reset its connection as the
+        server's reply comes: the server did the work, and the client never hears of it
+        (a network cut at the worst moment). Once only."""
+        self._losing = marker
+
     async def _accept(
         self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
     ) -> None:
@@ -97,9 +105,10 @@ class TcpProxy:
             client.transport.abort()
             return
         self._writers |= {client, server}
+        reply_lost = asyncio.Event()
         pumps = [
-            asyncio.ensure_future(self._pump(client_reader, server)),
-            asyncio.ensure_future(self._pump(server_reader, client)),
+            asyncio.ensure_future(self._pump(client_reader, server, marks=reply_lost)),
+            asyncio.ensure_future(self._pump(server_reader, client, unless=reply_lost)),
         ]
         self._pumps.update(pumps)
         try:
@@ -113,9 +122,23 @@ class TcpProxy:
                 writer.transport.abort()
                 self._writers.discard(writer)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        marks: asyncio.Event | None = None,
+        unless: asyncio.Event | None = None,
+    ) -> None:
+        """Forward ``reader`` to ``writer``: a request holding the marker to lose the reply
+        to sets ``marks``, and a reply coming once ``unless`` is set ends the connection."""
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if unless is not None and unless.is_set():
+                    return  # the caller resets both sides
+                if marks is not None and self._losing is not None and self._losing in data:
+                    self._losing = None
+                    marks.set()
                 writer.write(data)
                 await writer.drain()

@@ -1088,6 +1088,41 @@ async def test_dropped_connections_give_store_unavailable_then_the_store_recover
         assert found.data == {"a": 1, "b": 2}
 
 
+async def test_a_login_and_a_rotation_whose_replies_were_lost_stand_after_the_clients_retry(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    """An app's client retries a command whose reply was lost (redis-py's default): the
+    script ran, and ran again. The login's retry refused its own session as a duplicate
+    (the session layer made a second one, a ghost that no cookie holds), and the
+    rotation's found the new token where it wanted the old (the user signed out)."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    client = Redis(host="127.0.0.1", port=proxy.port, decode_responses=True)
+    assert client.get_retry() is not None  # the default: retried after a lost connection
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            proxy.lose_reply_to(record.token_digest.encode())
+            await store.create(record, max_sessions=10, now=t0)
+            assert await store.list_for_user("alice", now=t0) == [record]
+
+            rotated = new_digest()
+            proxy.lose_reply_to(rotated.encode())
+            rotation = make_update(
+                now=t0 + 1,
+                set_keys={"a": 1},
+                token_digest=rotated,
+                expected_token_digest=record.token_digest,
+            )
+            assert await store.update(record.id, rotation, now=t0 + 1)
+            assert await store.get(record.token_digest, now=t0 + 1) is None
+            found = await store.get(rotated, now=t0 + 1)
+            assert found is not None
+            assert (found.id, found.data) == (record.id, {"a": 1})
+            assert proxy.accepted >= 3  # each lost reply cost its connection
+    finally:
+        await client.aclose()
+
+
 async def test_a_silent_server_gives_store_unavailable_within_the_timeout(
     proxy: TcpProxy, redis_prefix: str
 ) -> None:

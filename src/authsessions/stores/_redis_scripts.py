@@ -62,8 +62,10 @@ end
 # KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
 # last_active_at, key prefix on a single server or '{' in a cluster, digest, tag,
 # field/value pairs. Returns nil if the id (or, on a single server, either pointer)
-# exists, else the evicted (id, digest) pairs.
+# exists, else the evicted (id, digest) pairs (none when run again, as a retry).
 CREATE = """
+-- A client's retry of this very create after its reply was lost: it is done.
+if redis.call('HGET', KEYS[1], 'td') == ARGV[8] then return {} end
 local p = ARGV[7]
 if p ~= '{' then
   -- Single server: the pointers (elsewhere in a cluster) are claimed in the same step.
@@ -106,13 +108,19 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 # Returns nil if not live (or not under the digest it must hold), -1 if the new digest is
 # another session's (single server; a cluster claims it before), the size (an integer) if
 # the merged data would exceed the cap (nothing changed in either case), else the digest
-# it had.
+# it had (run again, as a retry, a rotation answers as it first did).
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
 local f = redis.call('HMGET', KEYS[1], 'ea', 'td')
 if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
-if ARGV[10] ~= '' and f[2] ~= ARGV[10] then return false end
+local had = f[2]
+if ARGV[10] ~= '' and had ~= ARGV[10] then
+  -- Holding the new digest, this rotation ran already: a client's retry after its reply
+  -- was lost, which runs again as the first did, from the digest rotated away.
+  if had ~= ARGV[6] then return false end
+  had = ARGV[10]
+end
 if ARGV[6] ~= '' and ARGV[7] ~= '{' then
   local _, new_digest_key = pointer_keys(ARGV[7], ARGV[3], ARGV[6])
   local holder = redis.call('GET', new_digest_key)
@@ -138,7 +146,7 @@ end
 hdel_range(KEYS[1], 12, 11 + n)
 hset_from(KEYS[1], 12 + n)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
-if ARGV[2] == '' then return f[2] end
+if ARGV[2] == '' then return had end
 redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
@@ -146,7 +154,7 @@ extend(KEYS[2], ARGV[2])
 local p = ARGV[7]
 if p ~= '{' then
   -- Single server: the pointers (elsewhere in a cluster) change in the same step.
-  local id_key, digest_key = pointer_keys(p, ARGV[3], f[2])
+  local id_key, digest_key = pointer_keys(p, ARGV[3], had)
   redis.call('PEXPIRE', id_key, ARGV[2])
   if ARGV[6] == '' then
     redis.call('PEXPIRE', digest_key, ARGV[2])
@@ -156,7 +164,7 @@ if p ~= '{' then
     redis.call('SET', new_digest_key, ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
   end
 end
-return f[2]
+return had
 """
 
 # KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
