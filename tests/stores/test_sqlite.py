@@ -108,11 +108,49 @@ def compatibility_marks(path: Path) -> list[int]:
         db.close()
 
 
+def recorded_versions(path: Path) -> list[int]:
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute(f"SELECT version FROM {SCHEMA_TABLE}")]  # noqa: S608
+    finally:
+        db.close()
+
+
 async def test_schema_version_is_recorded(impatient_store: SQLiteStore, db_path: Path) -> None:
     assert SCHEMA_VERSION >= 1
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert recorded_versions(db_path) == [SCHEMA_VERSION]
     assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
     assert COMPATIBLE_FROM <= SCHEMA_VERSION
+    assert pragma(db_path, "user_version") == 0  # the file's, not the store's
+
+
+def an_apps_database(path: Path, user_version: int) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE app_users (id INTEGER PRIMARY KEY, name TEXT)")
+    db.execute(f"PRAGMA user_version = {user_version}")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("user_version", [0, 1, SCHEMA_VERSION, SCHEMA_VERSION + 5])
+async def test_an_apps_own_database_keeps_its_user_version_and_holds_sessions_too(
+    db_path: Path, user_version: int
+) -> None:
+    """``PRAGMA user_version`` is the whole file's, and an app may count its migrations in
+    it: the store took it for its own, so it overwrote 0, took the version it has now
+    for a table never created (every login a 503), and a higher one for a newer
+    release's ("upgrade authsessions")."""
+    an_apps_database(db_path, user_version)
+    t0 = start_time()
+    record = make_record(now=t0)
+
+    async with SQLiteStore(db_path) as store:
+        await store.create(record, max_sessions=10, now=t0)
+    async with SQLiteStore(db_path) as store:
+        assert await store.get(record.token_digest, now=t0) == record
+
+    assert pragma(db_path, "user_version") == user_version
+    assert recorded_versions(db_path) == [SCHEMA_VERSION]
 
 
 async def test_a_relative_path_keeps_naming_the_file_it_named_when_the_store_was_made(
@@ -444,7 +482,7 @@ async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> No
         async with SQLiteStore(db_path) as again:
             assert await again.get(record.token_digest, now=t0) == record
 
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert recorded_versions(db_path) == [SCHEMA_VERSION]
 
 
 async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Path) -> None:
@@ -454,7 +492,7 @@ async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Pat
 
         assert first.is_open
         assert second.is_open
-        assert pragma(db_path, "user_version") == SCHEMA_VERSION
+        assert recorded_versions(db_path) == [SCHEMA_VERSION]
     finally:
         await first.close()
         await second.close()
@@ -480,7 +518,7 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
     class MigratedOverAfterReadingTheVersion(WrappedConnection):
         def execute(self, sql: str, params: Any = ()) -> Any:
             cursor = self.db.execute(sql, params)
-            if sql == "PRAGMA user_version" and other_process.ident is None:
+            if sql.startswith("PRAGMA table_info") and other_process.ident is None:
                 other_process.start()
                 other_process.join(0.5)  # long enough to migrate, unless it waits for us
             return cursor
@@ -497,10 +535,11 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
     finally:
         first.close()
         second.close()
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert recorded_versions(db_path) == [SCHEMA_VERSION]
 
 
 async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_path: Path) -> None:
+    """A file of the first builds, which kept the version in ``PRAGMA user_version``."""
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     db = sqlite3.connect(db_path, isolation_level=None)
@@ -517,7 +556,7 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
         assert await store.get(record.token_digest, now=t0) == record
         assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
 
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert recorded_versions(db_path) == [SCHEMA_VERSION]
     assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
     db = sqlite3.connect(db_path)
     indexes = {
@@ -529,15 +568,34 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
 
 
 def as_if_a_newer_release_migrated(path: Path, compatible_from: int | None) -> None:
-    """The file as a release one schema ahead leaves it; ``None``: unmarked, as by a
-    release before the compatibility mark."""
+    """The file as a release one schema ahead leaves it; ``None``: unmarked, as by one
+    of the first builds, which kept the version in ``PRAGMA user_version``."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-        db.execute(f"DROP TABLE IF EXISTS {SCHEMA_TABLE}")
-        if compatible_from is not None:
-            db.execute(f"CREATE TABLE {SCHEMA_TABLE} (compatible_from INTEGER NOT NULL)")
-            db.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (?)", (compatible_from,))  # noqa: S608
+        db.execute(f"DROP TABLE {SCHEMA_TABLE}")
+        if compatible_from is None:
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        else:
+            db.execute(
+                f"CREATE TABLE {SCHEMA_TABLE} "
+                "(version INTEGER NOT NULL, compatible_from INTEGER NOT NULL)"
+            )
+            db.execute(
+                f"INSERT INTO {SCHEMA_TABLE} VALUES (?, ?)",  # noqa: S608
+                (SCHEMA_VERSION + 1, compatible_from),
+            )
+    finally:
+        db.close()
+
+
+def schema_marks(path: Path) -> tuple[int, list[Any]]:
+    """``PRAGMA user_version``, and the rows of the store's schema table (none without it)."""
+    db = sqlite3.connect(path)
+    try:
+        (user_version,) = db.execute("PRAGMA user_version").fetchone()
+        with contextlib.suppress(sqlite3.OperationalError):  # no such table
+            return user_version, db.execute(f"SELECT * FROM {SCHEMA_TABLE}").fetchall()  # noqa: S608
+        return user_version, []
     finally:
         db.close()
 
@@ -554,6 +612,7 @@ async def test_database_with_a_newer_schema_is_refused(
     async with SQLiteStore(db_path):
         pass
     as_if_a_newer_release_migrated(db_path, compatible_from)
+    marks = schema_marks(db_path)
     store = SQLiteStore(db_path)
 
     with pytest.raises(RuntimeError) as refused:
@@ -564,7 +623,7 @@ async def test_database_with_a_newer_schema_is_refused(
         f"this authsessions release knows ({SCHEMA_VERSION}); upgrade authsessions."
     )
     assert not store.is_open
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION + 1
+    assert schema_marks(db_path) == marks
 
 
 async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
@@ -582,7 +641,7 @@ async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
             assert await store.get(record.token_digest, now=t0) == record
             assert await store.update(record.id, make_update(now=t0 + 1), now=t0 + 1)
 
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION + 1
+    assert recorded_versions(db_path) == [SCHEMA_VERSION + 1]
     assert compatibility_marks(db_path) == [SCHEMA_VERSION]
     assert f"newer than this release knows ({SCHEMA_VERSION}) but marked usable" in caplog.text
 
@@ -2525,7 +2584,7 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
     assert got is not None
     assert got.data["i"] == -1
     # The page it committed to start the WAL over is the header as it was.
-    assert pragma(db_path, "user_version") == SCHEMA_VERSION
+    assert pragma(db_path, "user_version") == 0
 
 
 @linux_only
@@ -3146,13 +3205,23 @@ def fill_with_garbage(path: Path) -> None:
 
 
 def scribble_over_pages(path: Path) -> None:
-    """Overwrite everything but the first page: the file still opens, its tables are garbage."""
+    """Overwrite every page but the first (the schema) and the store's schema table's (its
+    one row): the file still opens, and the session table and its indexes are garbage."""
     page_size = pragma(path, "page_size")
+    db = sqlite3.connect(path)
+    try:
+        (spared,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (SCHEMA_TABLE,)
+        ).fetchone()
+    finally:
+        db.close()
     size = path.stat().st_size
-    assert size > 2 * page_size
+    assert size > 3 * page_size
     with path.open("r+b") as file:
-        file.seek(page_size)
-        file.write(b"\xff" * (size - page_size))
+        for page in range(2, size // page_size + 1):
+            if page != spared:
+                file.seek((page - 1) * page_size)
+                file.write(b"\xff" * page_size)
 
 
 async def test_file_that_is_not_a_database_gives_store_unavailable(db_path: Path) -> None:

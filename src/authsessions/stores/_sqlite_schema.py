@@ -1,5 +1,8 @@
-"""The SQLite store's table and its migrations: ``PRAGMA user_version`` records how far a
-file got, and a table beside it the oldest version whose code can use it as it stands.
+"""The SQLite store's table and its migrations: a table beside it records how far a file
+got, and the oldest version whose code can use it as it stands.
+
+Not ``PRAGMA user_version``: that is the whole file's, and an app that keeps its sessions
+in its own database may count its own migrations there.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-# The oldest schema version whose code can use this one as it stands, recorded beside
-# PRAGMA user_version for releases that know only an older one (see accept_newer_schema).
+# The oldest schema version whose code can use this one as it stands, recorded beside the
+# version for releases that know only an older one (see accept_newer_schema).
 # The second migration only replaced an index: code written for version 1 runs on it
 # unchanged. A migration that changes what older code reads or writes sets it to its own
 # version.
@@ -63,32 +66,44 @@ SCHEMA_TABLE = f"{TABLE}_schema"
 
 def migrate(db: sqlite3.Connection) -> None:
     with transaction(db):
-        (version,) = db.execute("PRAGMA user_version").fetchone()
+        version, compatible_from, recorded = _recorded_version(db)
         if version > SCHEMA_VERSION:
-            accept_newer_schema(
-                "The session database", version, _compatible_from(db), SCHEMA_VERSION
-            )
+            accept_newer_schema("The session database", version, compatible_from, SCHEMA_VERSION)
             return
         for statements in MIGRATIONS[version:]:
             for statement in statements:
                 db.execute(statement)
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION or not recorded:
+            db.execute(f"DROP TABLE IF EXISTS {SCHEMA_TABLE}")
             db.execute(
-                f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (compatible_from INTEGER NOT NULL)"
+                f"CREATE TABLE {SCHEMA_TABLE} "
+                "(version INTEGER NOT NULL, compatible_from INTEGER NOT NULL)"
             )
-            db.execute(f"DELETE FROM {SCHEMA_TABLE}")
             db.execute(
-                f"INSERT INTO {SCHEMA_TABLE} (compatible_from) VALUES (?)",
-                (COMPATIBLE_FROM,),
+                f"INSERT INTO {SCHEMA_TABLE} (version, compatible_from) VALUES (?, ?)",
+                (SCHEMA_VERSION, COMPATIBLE_FROM),
             )
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def _compatible_from(db: sqlite3.Connection) -> int | None:
-    """The oldest schema version the file's release marked usable, ``None`` if unmarked."""
+def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:
+    """The file's schema version, the oldest version marked able to use it (``None`` if
+    unmarked), and whether both are recorded as this release records them.
+
+    The first builds kept the version in ``PRAGMA user_version``: a file of theirs, which
+    holds the session table, is read as that version and recorded anew as it upgrades.
+    """
+    columns = {row[1] for row in db.execute(f"PRAGMA table_info({SCHEMA_TABLE})")}
+    if "version" in columns:
+        row = db.execute(f"SELECT version, compatible_from FROM {SCHEMA_TABLE}").fetchone()
+        if row is not None:
+            return int(row[0]), int(row[1]), True
     if not db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (SCHEMA_TABLE,)
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
     ).fetchone():
-        return None
-    row = db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}").fetchone()
-    return None if row is None else int(row[0])
+        return 0, None, False
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    marked = None
+    if "compatible_from" in columns:
+        row = db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}").fetchone()
+        marked = None if row is None else int(row[0])
+    return int(version), marked, False
