@@ -891,6 +891,35 @@ async def test_a_cluster_is_recognised_from_a_plain_url(redis_cluster_url: str) 
         assert await store.get(record.token_digest, now=t0) == record
 
 
+async def test_a_user_refused_dangerous_commands_opens_a_store_from_a_plain_url(
+    redis_target: str, redis_prefix: str
+) -> None:
+    """Redis's own advice for an app's user, ``-@dangerous``, refuses ``INFO``, which told a
+    cluster from a single server: such a user could open no store from a URL (every
+    request a 503), nor say ``cluster=False`` in one."""
+    in_cluster = "+cluster" in redis_target
+    plain = redis_target.replace("+cluster", "")
+    admin: Redis | RedisCluster = (
+        RedisCluster.from_url(plain) if in_cluster else Redis.from_url(plain)
+    )
+    name, password = f"authsessions-test-{secrets.token_hex(4)}", secrets.token_hex(8)
+    on_every_node: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if in_cluster else {}
+    rules = ("on", f">{password}", "~*", "+@all", "-@dangerous")
+    await admin.execute_command("ACL", "SETUSER", name, *rules, **on_every_node)
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        url = plain.replace("://", f"://{name}:{password}@", 1)
+        async with RedisStore(url, prefix=redis_prefix) as store:
+            assert store.is_cluster is in_cluster
+            await store.create(record, max_sessions=10, now=t0)
+            assert await store.get(record.token_digest, now=t0) == record
+            assert await store.delete(record.id, now=t0)
+    finally:
+        await admin.acl_deluser(name, **on_every_node)
+        await admin.aclose()
+
+
 def test_open_store_accepts_cluster_urls() -> None:
     for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://127.0.0.1:7000"):
         store = open_store(url)

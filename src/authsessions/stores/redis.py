@@ -254,9 +254,7 @@ class RedisStore(Store):
         with translate_errors("Redis", *self._errors):
             client = self._given_client or self._build(cluster=bool(self._cluster))
             try:
-                if self._cluster is None and not (await client.info("cluster")).get(
-                    "cluster_enabled"
-                ):
+                if self._cluster is None and not await self._is_a_cluster(client):
                     self._cluster = False
                 elif self._cluster is None:
                     await client.aclose()
@@ -283,6 +281,22 @@ class RedisStore(Store):
         self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
+
+    async def _is_a_cluster(self, client: Redis | RedisCluster) -> bool:
+        """Whether the server is a cluster node, asked with ``INFO``; a user refused it (as
+        Redis advises for an app's user: ``-@dangerous``) is asked with ``CLUSTER INFO``,
+        which a server not in a cluster refuses as such."""
+        try:
+            return bool((await client.info("cluster")).get("cluster_enabled"))
+        except self._driver.NoPermissionError:
+            pass
+        try:
+            await client.execute_command("CLUSTER INFO")
+        except self._driver.ResponseError as exc:
+            if isinstance(exc, self._driver.NoPermissionError):
+                raise
+            return False  # "This instance has cluster support disabled"
+        return True
 
     def _build(self, *, cluster: bool) -> Redis | RedisCluster:
         assert self._url is not None
@@ -691,6 +705,7 @@ def _import_redis() -> Any:
         from redis.backoff import NoBackoff
         from redis.exceptions import (
             ConnectionError,
+            NoPermissionError,
             NoScriptError,
             RedisClusterException,
             RedisError,
@@ -709,7 +724,8 @@ def _import_redis() -> Any:
         Redis=Redis, RedisCluster=RedisCluster, Retry=Retry, NoBackoff=NoBackoff,
         RedisError=RedisError, RedisClusterException=RedisClusterException,
         NoScriptError=NoScriptError, ResponseError=ResponseError, ConnectionError=ConnectionError,
-        parse_url=parse_url, MaintNotificationsConfig=maint_notifications_config,
+        NoPermissionError=NoPermissionError, parse_url=parse_url,
+        MaintNotificationsConfig=maint_notifications_config,
     )  # fmt: skip
 
 
