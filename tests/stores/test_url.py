@@ -245,13 +245,33 @@ def test_redact_url_hides_a_query_password_when_the_query_holds_an_at_sign(
             "host=db user=app password=*** dbname=app",
         ),
         (f"host=db password = '{PASSWORD} x' port=5432", "host=db password = *** port=5432"),
+        # libpq reads a backslash as escaping the next character, a space included.
+        (f"host=db password=a\\ {PASSWORD}\\\\ dbname=app", "host=db password=*** dbname=app"),
     ],
-    ids=["word", "quoted"],
+    ids=["word", "quoted", "escaped"],
 )
 def test_redact_url_hides_the_password_of_a_libpq_key_value_string(dsn: str, shown: str) -> None:
     """libpq's other connection string form; PostgresStore's repr and its "malformed"
     error both show the DSN through redact_url."""
     assert redact_url(dsn) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://app:{PASSWORD}@db/app?schema=auth&application_name=ops@laptop",
+        f"redis://:{PASSWORD}@cache:6379/0?prefix=app1:&client_name=web@host1",
+    ],
+    ids=["postgres", "redis"],
+)
+def test_a_store_option_before_an_at_sign_in_the_query_is_refused_not_ignored(url: str) -> None:
+    """The "@" reads as the end of a password, so the query seemed to start after it:
+    ``?schema=`` and ``?prefix=`` were left to the driver, which ignored the one (sessions
+    in "public") and refused the other as no option of its own."""
+    with pytest.raises(ValueError, match="percent-encode it as %40") as raised:
+        open_store(url)
+    assert PASSWORD not in str(raised.value)
+    assert open_store(url.replace("ops@laptop", "ops%40laptop").replace("web@host1", "web%40host1"))
 
 
 def test_a_sqlite_url_with_options_is_refused_not_silently_ignored() -> None:
@@ -324,16 +344,14 @@ def test_a_stores_url_option_is_checked_as_its_constructor_checks_it(url: str, t
 
 @pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
 def test_an_option_lookalike_inside_an_unescaped_password_is_not_taken() -> None:
-    """Without a "?" after the last "@", a "?" belongs to the password: taking an option
-    from there would cut the URL and show the password's tail in the option's error.
+    """Without a "?" after the last "@", a "?" may belong to the password (or the "@" to
+    the query): taking an option from there would cut the URL and show the password's
+    tail in the option's error. It is refused, and the password not shown.
     """
-    store = open_store("postgresql://app:pw?schema=sec-ret@db/app")
-
-    assert (store.schema, store.table) == ("public", "authsessions_session")  # type: ignore[attr-defined]
-    assert "sec-ret" not in repr(store)
-    with pytest.raises(ValueError, match="malformed") as raised:
-        open_store("redis://:pw?prefix={sec-ret@cache/0")
-    assert "sec-ret" not in str(raised.value)
+    for url in ("postgresql://app:pw?schema=sec-ret@db/app", "redis://:pw?prefix={sec-ret@cache/0"):
+        with pytest.raises(ValueError, match="a '\\?' in the password as %3F") as raised:
+            open_store(url)
+        assert "sec-ret" not in str(raised.value)
 
 
 def test_a_store_option_of_another_store_is_left_to_the_driver() -> None:

@@ -108,6 +108,14 @@ def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]
     scheme, separator, rest = url.partition("://")
     location, query, fragment = _split_query(rest)
     if query is None:
+        if any(match["name"] in names for match in QUERY_OPTION.finditer(rest)):
+            # An "@" in the query hides it (read as a password's end): left to the driver,
+            # the option would be ignored, or sent to the server as a setting.
+            raise ValueError(
+                f"the store URL {redact_url(url)} has an '@' after a store option: "
+                "percent-encode it as %40 where it stands in the query (or a '?' in the "
+                "password as %3F)."
+            )
         return url, {}
     taken: dict[str, Any] = {}
     kept = []
@@ -152,9 +160,11 @@ def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
 
 # An option after a "?" or "&": its name, and its value up to the next "&" or "#".
 QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
-# A libpq key=value connection string's password: a word, or a quoted string.
+# A libpq key=value connection string's password: a word (where a backslash escapes the
+# next character, a space too), or a quoted string.
 _CONNINFO_PASSWORD = re.compile(
-    r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE
+    r"(?P<name>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|(?:\\.|[^\s\\])*\\?)",
+    re.IGNORECASE | re.DOTALL,
 )
 
 
