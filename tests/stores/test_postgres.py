@@ -473,6 +473,38 @@ async def test_an_app_role_without_the_right_to_create_tables_opens_a_migrated_s
     assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
+@pytest.mark.parametrize("taken", ["sessions", "sessions_user_id"])
+async def test_a_table_name_the_app_has_taken_is_named_not_reported_unavailable(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record], taken: str
+) -> None:
+    """An app's own table (or index) of the name the store's would take: "unavailable, try
+    again shortly" on every request, where retrying meets it again."""
+    await admin.execute(
+        f'CREATE SCHEMA "{postgres_schema}";'
+        f'CREATE TABLE "{postgres_schema}"."{taken}" (id serial PRIMARY KEY)'
+    )
+    store = PostgresStore(postgres_url, schema=postgres_schema, table="sessions")
+
+    with pytest.raises(RuntimeError) as refused:
+        await store.open()
+
+    assert str(refused.value) == (
+        f"The session table {postgres_schema}.sessions cannot be created beside what the "
+        f'schema holds (relation "{taken}" already exists). Give the store a table name '
+        "of its own (table=, or ?table= in its URL), or a schema of its own."
+    )
+    assert not store.is_open
+    columns = await admin.fetch(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = $1"
+        " AND table_name = $2",
+        postgres_schema,
+        taken,
+    )
+    assert [row[0] for row in columns] == ["id"]  # the app's table as it was
+    async with PostgresStore(postgres_url, schema=postgres_schema, table="auth_sessions"):
+        pass
+
+
 async def test_an_app_role_that_may_not_upgrade_an_older_schema_is_told_how_to(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:

@@ -341,6 +341,16 @@ class PostgresStore(Store):
                 return
             try:
                 await self._upgrade(conn, version_table)
+            except (
+                self._asyncpg.DuplicateTableError,  # a table or an index
+                self._asyncpg.DuplicateFunctionError,
+            ) as exc:
+                # The app's own, of the same name: retrying would meet it again.
+                raise RuntimeError(
+                    f"The session table {self.schema}.{self.table} cannot be created beside "
+                    f"what the schema holds ({exc}). Give the store a table name of its own "
+                    "(table=, or ?table= in its URL), or a schema of its own."
+                ) from exc
             except self._asyncpg.InsufficientPrivilegeError as exc:
                 # Not "unavailable, retry": it fails the same way until someone else acts.
                 found = "no schema" if recorded is None else f"schema version {recorded[0]}"
