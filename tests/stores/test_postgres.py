@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -1239,6 +1240,31 @@ async def test_a_server_setting_given_as_a_url_option_is_still_taken(
         record = make_record(now=start_time())
         await store.create(record, max_sessions=1, now=record.created_at)
         assert await store.get(record.token_digest, now=record.created_at) is not None
+
+
+async def test_a_tls_setting_the_host_cannot_meet_is_named_not_called_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg refuses a missing root certificate (``verify-full`` looks for one in
+    ``~/.postgresql``) with the class it refuses a DSN it cannot parse with: the URL was
+    called malformed, with advice on escaping the password."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # a home without ~/.postgresql/root.crt
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    url = "postgresql://app:s3cret-pw@127.0.0.1:5432/test?sslmode=verify-full"
+    store = PostgresStore(url)
+
+    with pytest.raises(ValueError, match="cannot be used") as raised:
+        await store.open()
+
+    message = str(raised.value)
+    assert message.startswith(
+        "the PostgreSQL URL postgresql://app:***@127.0.0.1:5432/test?sslmode=verify-full"
+        f' cannot be used: root certificate file "{tmp_path}/.postgresql/root.crt" does not'
+        " exist or cannot be accessed HINT: Provide the certificate file"
+    )
+    assert "malformed" not in message
+    assert "s3cret-pw" not in message
+    assert not store.is_open
 
 
 async def test_a_key_value_dsn_never_shows_its_password() -> None:

@@ -244,9 +244,16 @@ class PostgresStore(Store):
         """
         try:
             yield
-        except ValueError:  # asyncpg's ClientConfigurationError is one too
+        except ValueError as exc:  # asyncpg's ClientConfigurationError is one too
             if self._dsn is None:
                 raise
+            if str(exc).startswith(_TLS_COMPLAINTS):
+                # Of a well-formed URL's TLS options or files, never quoting the password;
+                # on one line, its HINT after it.
+                raise ValueError(
+                    f"the PostgreSQL URL {redact_url(self._dsn)} cannot be used: "
+                    + " ".join(str(exc).split())
+                ) from None
             raise malformed_url(
                 "PostgreSQL",
                 redact_url(self._dsn),
@@ -610,6 +617,19 @@ async def _keep_connection_state(connection: asyncpg.Connection[asyncpg.Record])
     Open transactions are still rolled back by the pool; advisory locks here
     are transaction-scoped. This saves a round trip on every call.
     """
+
+
+# asyncpg's complaints, as their messages begin, about TLS settings and files: the same
+# exception class as a DSN it cannot parse, whose message may hold a piece of a password.
+_TLS_COMPLAINTS = (
+    "root certificate file ",
+    "`sslmode` parameter",
+    "`sslnegotiation` parameter",
+    "Unsupported TLS version",
+    "No such TLS version",
+    "direct TLS requires",
+    "cannot determine location of user PostgreSQL configuration directory",
+)
 
 
 def _import_asyncpg() -> Any:
