@@ -100,26 +100,18 @@ async def test_database_is_in_wal_mode(impatient_store: SQLiteStore, db_path: Pa
     assert pragma(db_path, "journal_mode") == "wal"
 
 
-def compatibility_marks(path: Path) -> list[int]:
+def recorded_schema(path: Path) -> list[tuple[int, int]]:
+    """The store's schema table: its version and the oldest one marked able to use it."""
     db = sqlite3.connect(path)
     try:
-        return [row[0] for row in db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}")]  # noqa: S608
-    finally:
-        db.close()
-
-
-def recorded_versions(path: Path) -> list[int]:
-    db = sqlite3.connect(path)
-    try:
-        return [row[0] for row in db.execute(f"SELECT version FROM {SCHEMA_TABLE}")]  # noqa: S608
+        return db.execute(f"SELECT version, compatible_from FROM {SCHEMA_TABLE}").fetchall()  # noqa: S608
     finally:
         db.close()
 
 
 async def test_schema_version_is_recorded(impatient_store: SQLiteStore, db_path: Path) -> None:
     assert SCHEMA_VERSION >= 1
-    assert recorded_versions(db_path) == [SCHEMA_VERSION]
-    assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
     assert COMPATIBLE_FROM <= SCHEMA_VERSION
     assert pragma(db_path, "user_version") == 0  # the file's, not the store's
 
@@ -150,7 +142,7 @@ async def test_an_apps_own_database_keeps_its_user_version_and_holds_sessions_to
         assert await store.get(record.token_digest, now=t0) == record
 
     assert pragma(db_path, "user_version") == user_version
-    assert recorded_versions(db_path) == [SCHEMA_VERSION]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
 async def test_a_relative_path_keeps_naming_the_file_it_named_when_the_store_was_made(
@@ -482,7 +474,7 @@ async def test_reopening_an_existing_database_is_idempotent(db_path: Path) -> No
         async with SQLiteStore(db_path) as again:
             assert await again.get(record.token_digest, now=t0) == record
 
-    assert recorded_versions(db_path) == [SCHEMA_VERSION]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
 async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Path) -> None:
@@ -492,7 +484,7 @@ async def test_first_opens_of_a_new_file_by_two_stores_both_succeed(db_path: Pat
 
         assert first.is_open
         assert second.is_open
-        assert recorded_versions(db_path) == [SCHEMA_VERSION]
+        assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
     finally:
         await first.close()
         await second.close()
@@ -535,7 +527,7 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
     finally:
         first.close()
         second.close()
-    assert recorded_versions(db_path) == [SCHEMA_VERSION]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
 async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_path: Path) -> None:
@@ -556,8 +548,7 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
         assert await store.get(record.token_digest, now=t0) == record
         assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
 
-    assert recorded_versions(db_path) == [SCHEMA_VERSION]
-    assert compatibility_marks(db_path) == [COMPATIBLE_FROM]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
     db = sqlite3.connect(db_path)
     indexes = {
         name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
@@ -641,8 +632,7 @@ async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
             assert await store.get(record.token_digest, now=t0) == record
             assert await store.update(record.id, make_update(now=t0 + 1), now=t0 + 1)
 
-    assert recorded_versions(db_path) == [SCHEMA_VERSION + 1]
-    assert compatibility_marks(db_path) == [SCHEMA_VERSION]
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION + 1, SCHEMA_VERSION)]
     assert f"newer than this release knows ({SCHEMA_VERSION}) but marked usable" in caplog.text
 
 
