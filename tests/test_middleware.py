@@ -1344,6 +1344,48 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 
 
+@pytest.mark.parametrize("operation", list(AFTER_THE_RESPONSE))
+async def test_what_needs_the_response_is_refused_in_a_task_outliving_a_failed_request(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """No response will carry a cookie or write a change once the app has failed: a login
+    there left a session no browser holds, taking one of the user's places."""
+    go_on = asyncio.Event()
+    outcomes: list[BaseException | None] = []
+
+    async def act(session: Session) -> None:
+        await go_on.wait()
+        try:
+            outcome = AFTER_THE_RESPONSE[operation](session)
+            if outcome is not None:
+                await outcome
+        except RuntimeError as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    async def fails_leaving_a_task(request: Request) -> Response:
+        request.app.state.task = asyncio.ensure_future(act(Session.from_request(request)))
+        raise RuntimeError("the app failed")
+
+    token, _ = await plant_session(sqlite_store, "alice", data={"theme": "dark"})
+    app = app_factory(sqlite_store, extra_routes=[Route("/fails", fails_leaving_a_task)])
+    client = client_factory(app)
+
+    with pytest.raises(RuntimeError, match="the app failed"):
+        await client.get("/fails", headers=cookie_header(token))
+    go_on.set()
+    await app.state.task
+
+    [refused] = outcomes
+    assert refused is not None
+    assert f"{operation}() after the response started" in str(refused)
+    me = await client.get("/me", headers=cookie_header(token))
+    assert me.json()["session"]["data"] == {"theme": "dark"}
+    assert len(await SessionManager(sqlite_store).list_for_user("alice")) == 1
+    assert await SessionManager(sqlite_store).list_for_user("mallory") == []
+
+
 async def test_a_login_of_an_app_that_sends_no_response_leaves_no_session_behind(
     sqlite_store: Store,
 ) -> None:

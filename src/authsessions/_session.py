@@ -537,8 +537,11 @@ class Session:
 
         Kept, that session would hold a place among its user's sessions until it expired,
         where each failed login pushes out a device the user still has. A store failure
-        here is logged, not raised: the app's own failure is the one to report.
+        here is logged, not raised: the app's own failure is the one to report. From here
+        on, what needs a response (a login, a rotation, a key set) is refused, as after
+        one: a task the request left running would otherwise make such a session anew.
         """
+        self._flushed = True
         record = self._record
         if self._cookie_change != "set" or record is None:
             return
