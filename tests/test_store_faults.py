@@ -199,11 +199,29 @@ SECRET = "digest=0f3a… data={'card': '4111'}"
             "ConnectionError: Error 111 connecting",
         ),
         (redis_errors.ConnectionError(""), "ConnectionError"),
+        # The server's state, which an operator must see to act on.
+        (
+            redis_errors.ReadOnlyError("You can't write against a read only replica."),
+            "ReadOnlyError: You can't write against a read only replica.",
+        ),
+        (
+            redis_errors.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+            "OutOfMemoryError: command not allowed when used memory > 'maxmemory'.",
+        ),
+        (
+            redis_errors.ResponseError("MISCONF Redis is configured to save RDB snapshots"),
+            "ResponseError: MISCONF Redis is configured to save RDB snapshots",
+        ),
         # Anything else may quote what a statement was given: the type (and SQLSTATE) only.
         (asyncpg.UniqueViolationError(SECRET), "UniqueViolationError (23505)"),
         (asyncpg.InterfaceError(SECRET), "InterfaceError"),
         (asyncpg.InternalClientError(SECRET), "InternalClientError"),
         (redis_errors.ResponseError(SECRET), "ResponseError"),
+        (redis_errors.NoPermissionError(SECRET), "NoPermissionError"),
+        (
+            redis_errors.ReadOnlyError(f"Command # 1 (SET {SECRET}) of pipeline caused error"),
+            "ReadOnlyError",
+        ),
         (ValueError(SECRET), "ValueError"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else None,

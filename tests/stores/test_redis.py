@@ -1089,6 +1089,22 @@ async def test_an_unreachable_server_gives_store_unavailable_at_open() -> None:
     assert not store.is_open
 
 
+async def test_a_database_the_server_lacks_is_named_in_the_log(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis has 16 databases unless told otherwise: ``/99`` failed every open with a bare
+    "ResponseError" in the log."""
+    store = RedisStore(redis_url.rsplit("/", 1)[0] + "/99")
+
+    with caplog.at_level("WARNING", logger="authsessions"), pytest.raises(StoreUnavailable):
+        await store.open()
+
+    assert caplog.messages == [
+        "the Redis session store failed: ResponseError: DB index is out of range"
+    ]
+    assert not store.is_open
+
+
 async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(
     proxy: TcpProxy, redis_prefix: str
 ) -> None:

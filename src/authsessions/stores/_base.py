@@ -103,8 +103,24 @@ def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:
 # statement's values: connection exception, invalid authorization, invalid catalog name,
 # insufficient resources, operator intervention.
 _TELLING_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "53", "57"})
-# redis-py's errors of reaching the server, whose messages name the address and the cause.
-_TELLING_REDIS_ERRORS = frozenset({"ConnectionError", "TimeoutError", "AuthenticationError"})
+# redis-py's errors of reaching the server, whose messages name the address and the cause,
+# and of the server's state (out of memory, a replica, loading, a cluster down).
+_TELLING_REDIS_ERRORS = frozenset(
+    {
+        "ConnectionError",
+        "TimeoutError",
+        "AuthenticationError",
+        "BusyLoadingError",
+        "ClusterDownError",
+        "MasterDownError",
+        "OutOfMemoryError",
+        "ReadOnlyError",
+        "TryAgainError",
+    }
+)
+# Replies redis-py raises as a plain ResponseError that name the server's state, never a
+# command's values: a database number it lacks, snapshots it cannot write.
+_TELLING_REDIS_REPLIES = ("DB index is out of range", "MISCONF ")
 # What redis-py writes into the message of an error a pipelined command met, after the
 # command itself, keys and values included ("Command # 1 (SET <prefix>d:<digest> ...) of
 # pipeline caused error: ..."): such a message tells a statement's values after all.
@@ -136,10 +152,12 @@ def _tells_no_values(exc: BaseException) -> bool:
         # A pool's own refusals ("pool is closed"), fixed strings; the same class also
         # reports the protocol's faults, and its subclass DataError quotes an argument.
         return str(exc).startswith("pool is ")
-    return any(
-        cls.__module__ == "redis.exceptions" and cls.__name__ in _TELLING_REDIS_ERRORS
-        for cls in type(exc).__mro__
-    ) and _PIPELINE_ANNOTATION not in str(exc)
+    redis_classes = [cls for cls in type(exc).__mro__ if cls.__module__ == "redis.exceptions"]
+    if not redis_classes or _PIPELINE_ANNOTATION in str(exc):
+        return False
+    return str(exc).startswith(_TELLING_REDIS_REPLIES) or any(
+        cls.__name__ in _TELLING_REDIS_ERRORS for cls in redis_classes
+    )
 
 
 @contextmanager
