@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -27,6 +27,7 @@ from authsessions import SessionManager, StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats
 from authsessions.stores import CreateError, DataTooLarge, RedisStore, open_store
 from authsessions.stores._redis_scripts import DELETE_EXPIRED, LUA_HELPERS
+from tests.store_fixtures import delete_prefixed
 from tests.stores.records import (
     check_kept_after_racing_creates,
     make_record,
@@ -1087,6 +1088,61 @@ async def test_an_unreachable_server_gives_store_unavailable_at_open() -> None:
             await store.open()
     assert time.monotonic() - started < 5
     assert not store.is_open
+
+
+class RunningOneCommandTwice(RedisCluster):
+    """Runs the next command that holds ``marker`` twice, as the client's own retry does
+    when the first reply is lost on its way back: the caller sees the second answer."""
+
+    marker: str | None = None
+    repeated = ""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.marker is not None and args[0] == self.repeated and self.marker in args:
+            self.marker = None
+            await super().execute_command(*args, **kwargs)
+        return await super().execute_command(*args, **kwargs)
+
+
+@pytest.mark.parametrize("retried", ["SET", "EVALSHA"], ids=["pointer-claim", "script"])
+async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
+    redis_cluster_url: str, redis_prefix: str, retried: str
+) -> None:
+    """On a cluster a rotation first claims its new digest's pointer on another node: a
+    retried claim found it taken by itself, and the rotation went on as a touch,
+    answering True with the old token still valid and the new one naming nothing."""
+    client = cast(
+        "RunningOneCommandTwice",
+        RunningOneCommandTwice.from_url(
+            redis_cluster_url.replace("+cluster", ""), decode_responses=True
+        ),
+    )
+    client.repeated = retried
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            client.marker = (
+                f"{redis_prefix}d:{record.token_digest}"
+                if retried == "SET"
+                else (record.token_digest)
+            )
+            await store.create(record, max_sessions=10, now=t0)
+            assert await store.list_for_user("alice", now=t0) == [record]
+
+            rotated = new_digest()
+            client.marker = f"{redis_prefix}d:{rotated}" if retried == "SET" else rotated
+            rotation = make_update(
+                now=t0 + 1, token_digest=rotated, expected_token_digest=record.token_digest
+            )
+            assert await store.update(record.id, rotation, now=t0 + 1)
+            assert client.marker is None  # each ran twice
+            assert await store.get(record.token_digest, now=t0 + 1) is None
+            found = await store.get(rotated, now=t0 + 1)
+            assert found is not None
+            assert found.id == record.id
+    finally:
+        await delete_prefixed(client, redis_prefix)
 
 
 async def test_a_database_the_server_lacks_is_named_in_the_log(

@@ -431,15 +431,14 @@ class RedisStore(Store):
             tag = await self._tag_of(session_id)
             if tag is None:
                 return False
+            session_key = self._session_prefix(tag) + session_id
             if new_digest is not None and in_cluster:
                 pointer, digest_key = f"{tag}:{session_id}", self._digest_key(new_digest)
                 if not await client.set(digest_key, pointer, nx=True, px=ttl):
                     if await client.get(digest_key) != pointer:
                         # Taken; but a session expired, or not under the digest it must
                         # hold, is just gone, as the script says.
-                        expires_at, stored_digest = await client.hmget(
-                            self._session_prefix(tag) + session_id, ["ea", "td"]
-                        )
+                        expires_at, stored_digest = await client.hmget(session_key, ["ea", "td"])
                         if (
                             expires_at is None
                             or float(expires_at) <= now
@@ -447,9 +446,12 @@ class RedisStore(Store):
                         ):
                             return False
                         raise CreateError(session_id)
-                    new_digest = None  # the digest it holds: no rotation, and no clash
+                    if await client.hget(session_key, "td") == new_digest:
+                        new_digest = None  # the digest it holds: no rotation, and no clash
+                    # Else this call's own claim, which a client's retry after a lost reply
+                    # found taken: the rotation goes on.
             old_digest: str | int | None = await self._update(
-                keys=[self._session_prefix(tag) + session_id, self._index(tag)],
+                keys=[session_key, self._index(tag)],
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
                       _or_empty(changes.expires_at),
                       new_digest or "", self._pointer_prefix, tag,
