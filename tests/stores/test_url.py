@@ -274,6 +274,14 @@ def test_a_store_option_before_an_at_sign_in_the_query_is_refused_not_ignored(ur
     assert open_store(url.replace("ops@laptop", "ops%40laptop").replace("web@host1", "web%40host1"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="redis-py not installed")
+def test_a_password_that_holds_what_looks_like_a_store_option_is_taken_as_it_is() -> None:
+    """ "&" and "=" may stand unescaped in a password: only a "?" starts the options."""
+    store = open_store("redis://app:Xk2&prefix=9q@cache:6379/0")
+    assert store.prefix == "authsessions:"  # type: ignore[attr-defined]
+    assert "Xk2" not in repr(store)
+
+
 def test_a_sqlite_url_with_options_is_refused_not_silently_ignored() -> None:
     with pytest.raises(ValueError, match=r"takes no options, got '\?mode=ro'"):
         open_store("sqlite:///sessions.db?mode=ro")

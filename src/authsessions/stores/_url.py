@@ -108,7 +108,9 @@ def _take_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, Any]
     scheme, separator, rest = url.partition("://")
     location, query, fragment = _split_query(rest)
     if query is None:
-        if any(match["name"] in names for match in QUERY_OPTION.finditer(rest)):
+        # After a "?" only: a password may hold "&" and "=" unescaped.
+        after_a_question_mark = rest[rest.find("?") :] if "?" in rest else ""
+        if any(match["name"] in names for match in QUERY_OPTION.finditer(after_a_question_mark)):
             # An "@" in the query hides it (read as a password's end): left to the driver,
             # the option would be ignored, or sent to the server as a setting.
             raise ValueError(
