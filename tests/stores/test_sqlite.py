@@ -530,25 +530,50 @@ def test_two_connections_migrating_a_new_file_at_once_take_turns(db_path: Path) 
     assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
 
-async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_path: Path) -> None:
-    """A file of the first builds, which kept the version in ``PRAGMA user_version``."""
+def a_file_of_the_first_builds(path: Path, version: int, record: SessionRecord) -> None:
+    """A file as the first builds left it at schema ``version``: they kept the version in
+    ``PRAGMA user_version``, and from version 2 marked it usable in a one-column table."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statements in MIGRATIONS[:version]:
+            for statement in statements:
+                db.execute(statement)
+        if version >= 2:
+            db.execute(f"CREATE TABLE {SCHEMA_TABLE} (compatible_from INTEGER NOT NULL)")
+            db.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (1)")  # noqa: S608 - constants
+        db.execute(
+            f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608 - constants
+            (*astuple(record)[:8], json.dumps(record.data), *astuple(record)[9:]),
+        )
+        db.execute(f"PRAGMA user_version = {version}")
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("apps_user_version", [None, 0, 1, 3])
+async def test_a_file_of_the_first_builds_is_upgraded_keeping_its_sessions(
+    db_path: Path, version: int, apps_user_version: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read from what the file holds, not from ``PRAGMA user_version``, which an app
+    sharing the file may have set since (``None``: left as the store set it): at 0 the
+    table was created again, at 1 an index dropped that was gone, at 3 the file taken for
+    a newer release's."""
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
-    db = sqlite3.connect(db_path, isolation_level=None)
-    for statement in MIGRATIONS[0]:
-        db.execute(statement)
-    db.execute(
-        f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608 - constants
-        (*astuple(record)[:8], json.dumps(record.data), *astuple(record)[9:]),
-    )
-    db.execute("PRAGMA user_version = 1")
-    db.close()
+    a_file_of_the_first_builds(db_path, version, record)
+    if apps_user_version is not None:
+        an_apps_database(db_path, apps_user_version)
+    user_version = pragma(db_path, "user_version")
 
-    async with SQLiteStore(db_path) as store:
-        assert await store.get(record.token_digest, now=t0) == record
-        assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
+    with caplog.at_level("INFO", logger="authsessions"):
+        async with SQLiteStore(db_path) as store:
+            assert await store.get(record.token_digest, now=t0) == record
+            assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
 
+    assert caplog.messages == []
     assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+    assert pragma(db_path, "user_version") == user_version
     db = sqlite3.connect(db_path)
     indexes = {
         name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
@@ -558,63 +583,35 @@ async def test_a_file_of_an_older_schema_is_upgraded_keeping_its_sessions(db_pat
     assert f"{TABLE}_user_id" not in indexes
 
 
-def as_if_a_newer_release_migrated(path: Path, compatible_from: int | None) -> None:
-    """The file as a release one schema ahead leaves it; ``None``: unmarked, as by one
-    of the first builds, which kept the version in ``PRAGMA user_version``."""
+def as_if_a_newer_release_migrated(path: Path, compatible_from: int) -> None:
+    """The file as a release one schema ahead leaves it."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        db.execute(f"DROP TABLE {SCHEMA_TABLE}")
-        if compatible_from is None:
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-        else:
-            db.execute(
-                f"CREATE TABLE {SCHEMA_TABLE} "
-                "(version INTEGER NOT NULL, compatible_from INTEGER NOT NULL)"
-            )
-            db.execute(
-                f"INSERT INTO {SCHEMA_TABLE} VALUES (?, ?)",  # noqa: S608
-                (SCHEMA_VERSION + 1, compatible_from),
-            )
+        db.execute(
+            f"UPDATE {SCHEMA_TABLE} SET version = ?, compatible_from = ?",  # noqa: S608
+            (SCHEMA_VERSION + 1, compatible_from),
+        )
     finally:
         db.close()
 
 
-def schema_marks(path: Path) -> tuple[int, list[Any]]:
-    """``PRAGMA user_version``, and the rows of the store's schema table (none without it)."""
-    db = sqlite3.connect(path)
-    try:
-        (user_version,) = db.execute("PRAGMA user_version").fetchone()
-        with contextlib.suppress(sqlite3.OperationalError):  # no such table
-            return user_version, db.execute(f"SELECT * FROM {SCHEMA_TABLE}").fetchall()  # noqa: S608
-        return user_version, []
-    finally:
-        db.close()
-
-
-@pytest.mark.parametrize(
-    ("compatible_from", "usable"),
-    [(None, ""), (SCHEMA_VERSION + 1, f" and usable from version {SCHEMA_VERSION + 1}")],
-    ids=["unmarked", "marked-for-newer-only"],
-)
-async def test_database_with_a_newer_schema_is_refused(
-    db_path: Path, compatible_from: int | None, usable: str
-) -> None:
+async def test_database_with_a_newer_schema_is_refused(db_path: Path) -> None:
     """A newer release may have changed the table; writing to it could corrupt sessions."""
     async with SQLiteStore(db_path):
         pass
-    as_if_a_newer_release_migrated(db_path, compatible_from)
-    marks = schema_marks(db_path)
+    as_if_a_newer_release_migrated(db_path, SCHEMA_VERSION + 1)
     store = SQLiteStore(db_path)
 
     with pytest.raises(RuntimeError) as refused:
         await store.open()
 
     assert str(refused.value) == (
-        f"The session database has schema version {SCHEMA_VERSION + 1}{usable}, newer than "
-        f"this authsessions release knows ({SCHEMA_VERSION}); upgrade authsessions."
+        f"The session database has schema version {SCHEMA_VERSION + 1} and usable from "
+        f"version {SCHEMA_VERSION + 1}, newer than this authsessions release knows "
+        f"({SCHEMA_VERSION}); upgrade authsessions."
     )
     assert not store.is_open
-    assert schema_marks(db_path) == marks
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)]
 
 
 async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
@@ -2551,6 +2548,10 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
     the writer thread starts the WAL over right after: no request waits for any of it.
     """
     t0, record = await one_session(impatient_store)
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA user_version = 7")  # an app's, sharing the file
+    db.commit()
+    db.close()
     wal_index = wal_of(impatient_store)
     with counting_finishes(monkeypatch) as finishes:
         await write_until_a_copy_begins(impatient_store, record.id)
@@ -2574,7 +2575,7 @@ async def test_a_copy_no_request_wrote_during_starts_the_wal_over_itself(
     assert got is not None
     assert got.data["i"] == -1
     # The page it committed to start the WAL over is the header as it was.
-    assert pragma(db_path, "user_version") == 0
+    assert pragma(db_path, "user_version") == 7
 
 
 @linux_only

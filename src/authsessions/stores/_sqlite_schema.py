@@ -89,21 +89,17 @@ def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:
     """The file's schema version, the oldest version marked able to use it (``None`` if
     unmarked), and whether both are recorded as this release records them.
 
-    The first builds kept the version in ``PRAGMA user_version``: a file of theirs, which
-    holds the session table, is read as that version and recorded anew as it upgrades.
+    The first builds kept the version in ``PRAGMA user_version``, which an app sharing
+    the file may have changed since: a file of theirs (the session table, no version
+    recorded) is read from what it holds, and recorded anew as it upgrades.
     """
     columns = {row[1] for row in db.execute(f"PRAGMA table_info({SCHEMA_TABLE})")}
     if "version" in columns:
         row = db.execute(f"SELECT version, compatible_from FROM {SCHEMA_TABLE}").fetchone()
         if row is not None:
             return int(row[0]), int(row[1]), True
-    if not db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
-    ).fetchone():
+    names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    if TABLE not in names:
         return 0, None, False
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    marked = None
-    if "compatible_from" in columns:
-        row = db.execute(f"SELECT compatible_from FROM {SCHEMA_TABLE}").fetchone()
-        marked = None if row is None else int(row[0])
-    return int(version), marked, False
+    # The second migration replaced the index on (user_id, last_active_at) by one on user_id.
+    return (2 if f"{TABLE}_user" in names else 1), None, False
