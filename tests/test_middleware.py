@@ -2016,12 +2016,15 @@ def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:
 
 def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing() -> None:
     """A server error is not the socket's usual end: what the handler set is dropped,
-    as an HTTP request's 500 drops it.
+    as an HTTP request's 500 drops it, and a task it left running may set nothing more
+    (accepted, the key was dropped without a word).
     """
     store = MemoryStore()
+    sessions: list[Session] = []
 
     async def failing_socket_app(scope: Scope, receive: Any, send: Any) -> None:
         session = Session.from_scope(scope)
+        sessions.append(session)
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         session.set("theme", "half-done")
@@ -2036,6 +2039,8 @@ def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing() ->
 
     [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
     assert session.data == {"theme": "dark"}
+    with pytest.raises(RuntimeError, match=r"set\(\) after the response started"):
+        sessions[0].set("late", 1)
 
 
 def test_a_websocket_closed_for_a_session_error_gets_a_reason_a_close_frame_can_hold() -> None:

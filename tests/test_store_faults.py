@@ -212,6 +212,10 @@ SECRET = "digest=0f3a… data={'card': '4111'}"
             redis_errors.ResponseError("MISCONF Redis is configured to save RDB snapshots"),
             "ResponseError: MISCONF Redis is configured to save RDB snapshots",
         ),
+        (
+            redis_errors.ResponseError("NOREPLICAS Not enough good replicas to write."),
+            "ResponseError: NOREPLICAS Not enough good replicas to write.",
+        ),
         # Anything else may quote what a statement was given: the type (and SQLSTATE) only.
         (asyncpg.UniqueViolationError(SECRET), "UniqueViolationError (23505)"),
         (asyncpg.InterfaceError(SECRET), "InterfaceError"),
@@ -219,8 +223,30 @@ SECRET = "digest=0f3a… data={'card': '4111'}"
         (redis_errors.ResponseError(SECRET), "ResponseError"),
         (redis_errors.NoPermissionError(SECRET), "NoPermissionError"),
         (
-            redis_errors.ReadOnlyError(f"Command # 1 (SET {SECRET}) of pipeline caused error"),
-            "ReadOnlyError",
+            redis_errors.ReadOnlyError(
+                f"Command # 1 (SET {SECRET}) of pipeline caused error: You can't write against"
+                " a read only replica."
+            ),
+            "ReadOnlyError: You can't write against a read only replica.",
+        ),
+        (
+            redis_errors.ResponseError(
+                f"Command # 1 (SET {SECRET}) of pipeline caused error: {SECRET}"
+            ),
+            "ResponseError",
+        ),
+        (  # as a cluster's pipeline writes it
+            redis_errors.ResponseError(
+                f"Command # 1 (SET {SECRET}) of pipeline caused error: ('NOREPLICAS Not"
+                " enough good replicas to write.',)"
+            ),
+            "ResponseError: NOREPLICAS Not enough good replicas to write.",
+        ),
+        (
+            redis_errors.ResponseError(
+                f"Command # 1 (SET {SECRET}) of pipeline caused error: ('{SECRET}',)"
+            ),
+            "ResponseError",
         ),
         (ValueError(SECRET), "ValueError"),
     ],

@@ -91,6 +91,9 @@ async def serve_websocket(
             # of its own (Starlette's, Litestar's). Whatever ends the handler after it,
             # nobody is left to answer: what the handler set stays.
             await _save_changes(session, save=True)
+        else:
+            # Nothing is saved, and a task the handler left running may set nothing more.
+            await _save_changes(session, save=False)
         raise
     # A failure the framework answered itself saves nothing, as one raised here would not.
     await _save_changes(session, save=client_left or not scope.get(HANDLER_FAILED))

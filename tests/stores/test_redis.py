@@ -1110,7 +1110,9 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
 ) -> None:
     """On a cluster a rotation first claims its new digest's pointer on another node: a
     retried claim found it taken by itself, and the rotation went on as a touch,
-    answering True with the old token still valid and the new one naming nothing."""
+    answering True with the old token still valid and the new one naming nothing. (A
+    login claims its pointers in one pipeline, which this client does not run twice: its
+    script is.)"""
     client = cast(
         "RunningOneCommandTwice",
         RunningOneCommandTwice.from_url(
@@ -1122,12 +1124,10 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
     record = make_record(now=t0)
     try:
         async with RedisStore(client=client, prefix=redis_prefix) as store:
-            client.marker = (
-                f"{redis_prefix}d:{record.token_digest}"
-                if retried == "SET"
-                else (record.token_digest)
-            )
+            if retried == "EVALSHA":
+                client.marker = record.token_digest
             await store.create(record, max_sessions=10, now=t0)
+            assert client.marker is None  # the login's script ran twice
             assert await store.list_for_user("alice", now=t0) == [record]
 
             rotated = new_digest()
@@ -1136,7 +1136,7 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
                 now=t0 + 1, token_digest=rotated, expected_token_digest=record.token_digest
             )
             assert await store.update(record.id, rotation, now=t0 + 1)
-            assert client.marker is None  # each ran twice
+            assert client.marker is None  # the claim, or the script, ran twice
             assert await store.get(record.token_digest, now=t0 + 1) is None
             found = await store.get(rotated, now=t0 + 1)
             assert found is not None
@@ -1159,6 +1159,29 @@ async def test_a_database_the_server_lacks_is_named_in_the_log(
         "the Redis session store failed: ResponseError: DB index is out of range"
     ]
     assert not store.is_open
+
+
+async def test_a_server_refusing_writes_without_replicas_is_named_in_the_log(
+    redis_cluster_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``min-replicas-to-write`` unmet refuses every login and touch: logged as a bare
+    "ResponseError", the 503s were unexplained. (The test run's own cluster, whose
+    settings no other process shares.)"""
+    admin = RedisCluster.from_url(redis_cluster_url.replace("+cluster", ""))
+    t0 = start_time()
+    async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+        await admin.config_set("min-replicas-to-write", 1, target_nodes=RedisCluster.ALL_NODES)
+        try:
+            with caplog.at_level("WARNING", logger="authsessions"), pytest.raises(StoreUnavailable):
+                await store.create(make_record(now=t0), max_sessions=10, now=t0)
+        finally:
+            await admin.config_set("min-replicas-to-write", 0, target_nodes=RedisCluster.ALL_NODES)
+            await admin.aclose()
+
+    assert caplog.messages == [
+        "the Redis session store failed: ResponseError: NOREPLICAS Not enough good replicas"
+        " to write."
+    ]
 
 
 async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(

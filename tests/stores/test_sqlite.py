@@ -583,6 +583,27 @@ async def test_a_file_of_the_first_builds_is_upgraded_keeping_its_sessions(
     assert f"{TABLE}_user_id" not in indexes
 
 
+async def test_an_apps_table_of_the_session_tables_name_is_named_not_reported_unavailable(
+    db_path: Path,
+) -> None:
+    """Another library's table of that name, in the app's database: taken for a file of
+    the first builds, it was upgraded (a 503, "no such index", on every request)."""
+    db = sqlite3.connect(db_path)
+    db.execute(f"CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY, payload TEXT)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(db_path)
+
+    with pytest.raises(RuntimeError, match="give the sessions a file of their own"):
+        await store.open()
+
+    assert not store.is_open
+    db = sqlite3.connect(db_path)
+    columns = [row[1] for row in db.execute(f"PRAGMA table_info({TABLE})")]
+    db.close()
+    assert columns == ["id", "payload"]  # the app's table as it was
+
+
 def as_if_a_newer_release_migrated(path: Path, compatible_from: int) -> None:
     """The file as a release one schema ahead leaves it."""
     db = sqlite3.connect(path, isolation_level=None)

@@ -10,11 +10,12 @@ without sleeping.
 from __future__ import annotations
 
 import abc
+import ast
 import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import ClassVar, Self
 
@@ -119,11 +120,13 @@ _TELLING_REDIS_ERRORS = frozenset(
     }
 )
 # Replies redis-py raises as a plain ResponseError that name the server's state, never a
-# command's values: a database number it lacks, snapshots it cannot write.
-_TELLING_REDIS_REPLIES = ("DB index is out of range", "MISCONF ")
+# command's values: a database number it lacks, snapshots it cannot write, replicas too
+# few to write, a script running too long.
+_TELLING_REDIS_REPLIES = ("DB index is out of range", "MISCONF ", "NOREPLICAS ", "BUSY ")
 # What redis-py writes into the message of an error a pipelined command met, after the
 # command itself, keys and values included ("Command # 1 (SET <prefix>d:<digest> ...) of
-# pipeline caused error: ..."): such a message tells a statement's values after all.
+# pipeline caused error: <the server's reply>"): such a message tells a statement's values
+# after all; only the server's reply after it may be shown.
 _PIPELINE_ANNOTATION = "of pipeline caused error"
 
 
@@ -137,7 +140,7 @@ def failure_detail(exc: BaseException) -> str:
     label = (
         f"{type(exc).__name__} ({sqlstate})" if isinstance(sqlstate, str) else type(exc).__name__
     )
-    message = str(exc) if _tells_no_values(exc) else ""
+    message = str(exc) if _tells_no_values(exc) else _telling_pipeline_reply(exc)
     return f"{label}: {message}" if message else label
 
 
@@ -152,12 +155,28 @@ def _tells_no_values(exc: BaseException) -> bool:
         # A pool's own refusals ("pool is closed"), fixed strings; the same class also
         # reports the protocol's faults, and its subclass DataError quotes an argument.
         return str(exc).startswith("pool is ")
+    return _PIPELINE_ANNOTATION not in str(exc) and _tells_redis_state(exc, str(exc))
+
+
+def _tells_redis_state(exc: BaseException, reply: str) -> bool:
+    """Whether ``exc`` is redis-py's, for a ``reply`` that names the server's state."""
     redis_classes = [cls for cls in type(exc).__mro__ if cls.__module__ == "redis.exceptions"]
-    if not redis_classes or _PIPELINE_ANNOTATION in str(exc):
-        return False
-    return str(exc).startswith(_TELLING_REDIS_REPLIES) or any(
-        cls.__name__ in _TELLING_REDIS_ERRORS for cls in redis_classes
+    return bool(redis_classes) and (
+        reply.startswith(_TELLING_REDIS_REPLIES)
+        or any(cls.__name__ in _TELLING_REDIS_ERRORS for cls in redis_classes)
     )
+
+
+def _telling_pipeline_reply(exc: BaseException) -> str:
+    """The server's reply in a pipelined command's error, where it names the server's
+    state, without redis-py's annotation (which quotes the command); else ``""``."""
+    _, annotation, reply = str(exc).partition(f"{_PIPELINE_ANNOTATION}: ")
+    if reply.startswith("(") and reply.endswith(",)"):
+        # A cluster's pipeline writes the error's arguments: "('<the reply>',)".
+        with suppress(ValueError, SyntaxError, TypeError, IndexError):
+            arguments = ast.literal_eval(reply)
+            reply = arguments[0] if isinstance(arguments[0], str) else ""
+    return reply if annotation and _tells_redis_state(exc, reply) else ""
 
 
 @contextmanager
