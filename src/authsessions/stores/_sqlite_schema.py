@@ -93,8 +93,7 @@ def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:
     the file may have changed since: a file of theirs (the session table, no version
     recorded) is read from what it holds, and recorded anew as it upgrades.
     """
-    columns = {row[1] for row in db.execute(f"PRAGMA table_info({SCHEMA_TABLE})")}
-    if "version" in columns:
+    if "version" in {row[1] for row in db.execute(f"PRAGMA table_info({SCHEMA_TABLE})")}:
         row = db.execute(f"SELECT version, compatible_from FROM {SCHEMA_TABLE}").fetchone()
         if row is not None:
             return int(row[0]), int(row[1]), True
