@@ -583,25 +583,39 @@ async def test_a_file_of_the_first_builds_is_upgraded_keeping_its_sessions(
     assert f"{TABLE}_user_id" not in indexes
 
 
+@pytest.mark.parametrize(
+    ("made", "kind"),
+    [
+        (f"CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY, payload TEXT)", "table"),
+        (f"CREATE TABLE {TABLE.title()} (id INTEGER PRIMARY KEY, payload TEXT)", "table"),
+        (f"CREATE VIEW {TABLE} AS SELECT 1 AS id, 'x' AS payload", "view"),
+    ],
+    ids=["table", "other-case", "view"],
+)
 async def test_an_apps_table_of_the_session_tables_name_is_named_not_reported_unavailable(
-    db_path: Path,
+    db_path: Path, made: str, kind: str
 ) -> None:
-    """Another library's table of that name, in the app's database: taken for a file of
-    the first builds, it was upgraded (a 503, "no such index", on every request)."""
+    """Another library's table of that name (SQLite's names ignore case), or a view, in
+    the app's database: taken for a file of the first builds, it was upgraded, or created
+    again (a 503 on every request)."""
     db = sqlite3.connect(db_path)
-    db.execute(f"CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY, payload TEXT)")
+    db.execute(made)
     db.commit()
     db.close()
     store = SQLiteStore(db_path)
 
-    with pytest.raises(RuntimeError, match="give the sessions a file of their own"):
+    with pytest.raises(RuntimeError) as refused:
         await store.open()
 
+    assert str(refused.value) == (
+        f"The database holds a {kind} {TABLE} that is not this library's session table: "
+        "give the sessions a file of their own."
+    )
     assert not store.is_open
     db = sqlite3.connect(db_path)
     columns = [row[1] for row in db.execute(f"PRAGMA table_info({TABLE})")]
     db.close()
-    assert columns == ["id", "payload"]  # the app's table as it was
+    assert columns == ["id", "payload"]  # the app's as it was
 
 
 def as_if_a_newer_release_migrated(path: Path, compatible_from: int) -> None:

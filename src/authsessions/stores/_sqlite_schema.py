@@ -97,22 +97,29 @@ def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:
         row = db.execute(f"SELECT version, compatible_from FROM {SCHEMA_TABLE}").fetchone()
         if row is not None:
             return int(row[0]), int(row[1]), True
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if TABLE not in tables:
+    # SQLite's names ignore case, and a view or an index takes a table's name too.
+    kinds = [
+        kind
+        for (kind,) in db.execute(
+            "SELECT type FROM sqlite_master WHERE name = ? COLLATE NOCASE", (TABLE,)
+        )
+    ]
+    if not kinds:
         return 0, None, False
     indexes = {
         name
         for (name,) in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (TABLE,)
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? COLLATE NOCASE",
+            (TABLE,),
         )
     }
     columns = {row[1] for row in db.execute(f"PRAGMA table_info({TABLE})")}
     user_index = {f"{TABLE}_user", f"{TABLE}_user_id"} & indexes
-    if not user_index or not set(COLUMNS.split(", ")) <= columns:
+    if kinds != ["table"] or not user_index or not set(COLUMNS.split(", ")) <= columns:
         # Not retried as "unavailable": it fails the same way until someone acts.
         raise RuntimeError(
-            f"The database holds a table {TABLE} that is not this library's session table: "
-            "give the sessions a file of their own."
+            f"The database holds a {kinds[0]} {TABLE} that is not this library's session "
+            "table: give the sessions a file of their own."
         )
     # The second migration replaced the index on (user_id, last_active_at) by one on user_id.
     return (2 if f"{TABLE}_user" in user_index else 1), None, False
