@@ -27,6 +27,7 @@ __all__ = [
     "DataTooLarge",
     "Store",
     "accept_newer_schema",
+    "is_pool_refusal",
     "store_unavailable",
     "translate_errors",
 ]
@@ -144,6 +145,17 @@ def failure_detail(exc: BaseException) -> str:
     return f"{label}: {message}" if message else label
 
 
+def is_pool_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is an asyncpg pool's own refusal ("pool is closed", "pool is not
+    initialized"), a fixed string: the same class also reports a connection's faults,
+    and its subclass DataError quotes an argument."""
+    return (
+        type(exc).__module__.startswith("asyncpg")
+        and type(exc).__name__ == "InterfaceError"
+        and str(exc).startswith("pool is ")
+    )
+
+
 def _tells_no_values(exc: BaseException) -> bool:
     """Whether ``exc``'s message is safe to show: it cannot hold a statement's values."""
     sqlstate = getattr(exc, "sqlstate", None)
@@ -151,10 +163,8 @@ def _tells_no_values(exc: BaseException) -> bool:
         return sqlstate[:2] in _TELLING_SQLSTATE_CLASSES
     if isinstance(exc, OSError | TimeoutError | sqlite3.Error):
         return True
-    if type(exc).__module__.startswith("asyncpg") and type(exc).__name__ == "InterfaceError":
-        # A pool's own refusals ("pool is closed"), fixed strings; the same class also
-        # reports the protocol's faults, and its subclass DataError quotes an argument.
-        return str(exc).startswith("pool is ")
+    if is_pool_refusal(exc):
+        return True
     return _PIPELINE_ANNOTATION not in str(exc) and _tells_redis_state(exc, str(exc))
 
 

@@ -49,6 +49,7 @@ from authsessions.stores._base import (
     DataTooLarge,
     Store,
     accept_newer_schema,
+    is_pool_refusal,
     store_unavailable,
     translate_errors,
 )
@@ -274,14 +275,9 @@ class PostgresStore(Store):
         try:
             yield
         except self._asyncpg.InterfaceError as exc:
-            # The pool's own refusal only ("pool is closed", "pool is not initialized"):
-            # the subclasses, and the same class from a connection lost under a
-            # transaction, are outages.
-            if (
-                self._given_pool is None
-                or type(exc) is not self._asyncpg.InterfaceError
-                or not str(exc).startswith("pool is ")
-            ):
+            # The pool's own refusal only: the same class from a connection lost under a
+            # transaction, and its subclasses, are outages.
+            if self._given_pool is None or not is_pool_refusal(exc):
                 raise
             raise RuntimeError(
                 f"PostgresStore cannot use the pool it was given ({exc}): pass it"

@@ -292,9 +292,9 @@ class RedisStore(Store):
             pass
         try:
             await client.execute_command("CLUSTER INFO")
-        except self._driver.ResponseError as exc:
-            if isinstance(exc, self._driver.NoPermissionError):
-                raise
+        except self._driver.NoPermissionError:
+            raise
+        except self._driver.ResponseError:
             return False  # "This instance has cluster support disabled"
         return True
 
