@@ -366,3 +366,22 @@ def test_a_store_option_of_another_store_is_left_to_the_driver() -> None:
     """?schema= means nothing to Redis: redis-py refuses it, as any option it does not take."""
     with pytest.raises(ValueError, match="does not take"):
         open_store("redis://cache/0?schema=auth")
+
+
+async def test_a_sqlite_url_path_is_percent_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in any URL: a space, a '?' (else taken for options) and a '%' itself encoded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my app").mkdir()
+
+    store = open_store("sqlite:///my%20app/why%3F%2525.db")
+
+    assert store.path == "my app/why?%25.db"  # type: ignore[attr-defined]
+    await opened_and_closed(store)
+    assert (tmp_path / "my app" / "why?%25.db").is_file()
+
+
+def test_a_sqlite_url_path_that_decodes_to_no_text_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"percent-encode UTF-8, e\.g\. %C3%A9"):
+        open_store("sqlite:///sessions%FF.db")

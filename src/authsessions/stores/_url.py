@@ -22,7 +22,8 @@ def open_store(url: str) -> Store:
     ``await store.open()`` (or ``async with store:``) first.
 
     Accepted forms: ``memory://``, ``sqlite:///relative.db``,
-    ``sqlite:////absolute.db``, ``postgresql://user@host:5432/db`` (or
+    ``sqlite:////absolute.db`` (percent-encoded: ``%20`` for a space, ``%3F`` for a
+    ``?``, ``%25`` for a ``%``), ``postgresql://user@host:5432/db`` (or
     ``postgres://``), ``redis://host:6379/0`` (or ``rediss://``), and
     ``redis+cluster://host:6379`` (or ``rediss+cluster://``) for a Redis Cluster.
 
@@ -61,6 +62,13 @@ def open_store(url: str) -> Store:
                 f"a sqlite URL takes no options, got '?{options:.40}': "
                 "use SQLiteStore(path, timeout=...) for settings."
             )
+        try:
+            # Percent-encoded as in any URL: a '?' in a file name comes as %3F, a space as %20.
+            path = unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError(
+                "a sqlite URL's path must percent-encode UTF-8, e.g. %C3%A9 for 'é'."
+            ) from None
         return SQLiteStore(path)
     if scheme in ("postgresql", "postgres"):
         from authsessions.stores.postgres import PostgresStore
