@@ -1267,6 +1267,60 @@ async def test_a_tls_setting_the_host_cannot_meet_is_named_not_called_malformed(
     assert not store.is_open
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ("sslmode=verify-full&sslrootcert={missing}/root.crt", "sslrootcert={missing}/root.crt"),
+        (
+            "sslmode=require&sslcert={missing}/c.crt&sslkey={missing}/c%20key",
+            "sslcert={missing}/c.crt, sslkey={missing}/c key",
+        ),
+    ],
+)
+async def test_a_tls_file_the_url_names_and_that_is_missing_is_named_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str, named: str
+) -> None:
+    """asyncpg reads the files as it connects and raises the ssl module's bare
+    FileNotFoundError: taken for an outage, every request was a 503 logged as "[Errno 2]
+    No such file or directory", no file named."""
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    missing = tmp_path / "nowhere"
+    url = f"postgresql://app:s3cret-pw@127.0.0.1:5432/test?{options.format(missing=missing)}"
+    store = PostgresStore(url)
+
+    with pytest.raises(ValueError, match="cannot be used") as raised:
+        await store.open()
+
+    message = str(raised.value)
+    assert f"cannot read {named.format(missing=missing)} ([Errno 2]" in message
+    assert "s3cret-pw" not in message
+    assert not store.is_open
+
+
+async def test_a_tls_file_the_environment_names_and_that_holds_no_certificate_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    not_a_certificate = tmp_path / "root.crt"
+    not_a_certificate.write_text("not a certificate\n")
+    monkeypatch.setenv("PGSSLROOTCERT", str(not_a_certificate))
+    store = PostgresStore(
+        with_netloc(postgres_url, urlsplit(postgres_url).netloc, "sslmode=require")
+    )
+
+    with pytest.raises(ValueError, match="no certificate or crl found") as raised:
+        await store.open()
+
+    assert str(raised.value).endswith(f", in one of PGSSLROOTCERT={not_a_certificate}.")
+
+
+async def test_a_missing_unix_socket_is_an_outage_not_a_tls_file() -> None:
+    """Also a FileNotFoundError from asyncpg's connect: the server is not running there."""
+    store = PostgresStore("postgresql://postgres@/test?host=/nonexistent-socket-dir")
+
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+
+
 async def test_a_key_value_dsn_never_shows_its_password() -> None:
     """libpq's "host=… password=…" form, which asyncpg does not take: the store's repr and
     the "malformed" error quote the DSN, without its password."""

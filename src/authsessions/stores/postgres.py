@@ -30,7 +30,9 @@ a comma. The texts are ASCII, so ``octet_length`` counts characters.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import traceback
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -259,6 +261,15 @@ class PostgresStore(Store):
                 "PostgreSQL",
                 redact_url(self._dsn),
                 "postgresql://[user:password@]host[:port]/database[?option=value]",
+            ) from None
+        except OSError as exc:
+            if self._dsn is None or not _raised_loading_tls_files(exc):
+                raise  # a connection's own failure: unavailable, as any outage is
+            # A file the URL or the environment names, which no retry brings: said once
+            # at startup with the file's name, not a 503 on every request logged with none.
+            raise ValueError(
+                f"the PostgreSQL URL {redact_url(self._dsn)} cannot be used: "
+                f"{_unreadable_tls_files(self._dsn, exc)}"
             ) from None
         except self._asyncpg.PostgresError as exc:
             refused = self._refused_url_option(exc)
@@ -626,6 +637,46 @@ _TLS_COMPLAINTS = (
     "direct TLS requires",
     "cannot determine location of user PostgreSQL configuration directory",
 )
+
+
+# The TLS files asyncpg reads as it connects: the URL's options, else the environment's.
+_TLS_FILE_OPTIONS = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+}
+
+
+def _raised_loading_tls_files(exc: OSError) -> bool:
+    """Whether asyncpg raised ``exc`` building its TLS context from the URL, before any
+    network traffic (the ssl module's loading of a certificate, key or CRL file), not
+    connecting: a missing Unix socket is a FileNotFoundError too.
+    """
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    return bool(frames) and frames[-1].f_code.co_name == "_parse_connect_dsn_and_args"
+
+
+def _unreadable_tls_files(dsn: str, exc: OSError) -> str:
+    """What to say of ``exc``, raised loading the TLS files: the files named that cannot
+    be read, else every file named, each by the option or variable that names it.
+    """
+    _, _, query = dsn.partition("?")
+    given = dict(urllib.parse.parse_qsl(query.partition("#")[0]))
+    named = []
+    for option, variable in _TLS_FILE_OPTIONS.items():
+        name, path = (
+            (option, given[option]) if option in given else (variable, os.environ.get(variable))
+        )
+        if path and path != "system":
+            named.append((name, path))
+    reason = " ".join(str(exc).split())
+    unreadable = [f"{name}={path}" for name, path in named if not os.access(path, os.R_OK)]
+    if unreadable:
+        return f"cannot read {', '.join(unreadable)} ({reason})."
+    if named:
+        return f"{reason}, in one of {', '.join(f'{name}={path}' for name, path in named)}."
+    return f"{reason}, in a TLS file of ~/.postgresql."
 
 
 def _import_asyncpg() -> Any:
