@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -919,6 +920,51 @@ async def test_a_user_refused_dangerous_commands_opens_a_store_from_a_plain_url(
     finally:
         await admin.acl_deluser(name, **on_every_node)
         await admin.aclose()
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "rediss+cluster"])
+async def test_a_tls_file_the_url_names_and_that_is_missing_is_named_at_open(
+    scheme: str, tmp_path: Path, redis_url: str
+) -> None:
+    """redis-py loads the files as it connects, and said "Error 2 connecting to host:port.
+    No such file or directory": taken for an outage, every request was a 503."""
+    missing = tmp_path / "nowhere"
+    where = redis_url.partition("://")[2].partition("/")[0]
+    url = f"{scheme}://app:s3cret-pw@{where}/0?ssl_certfile={missing}/c.pem&ssl_keyfile={missing}/k%20ey"
+    store = RedisStore(url)
+
+    with pytest.raises(ValueError, match="cannot be used") as raised:
+        await store.open()
+
+    message = str(raised.value)
+    assert message.endswith(
+        f" cannot be used: cannot read ssl_certfile={missing}/c.pem, "
+        f"ssl_keyfile={missing}/k ey ([Errno 2] No such file or directory)."
+    )
+    assert "s3cret-pw" not in message
+    assert not store.is_open
+
+
+async def test_a_tls_file_that_holds_no_certificate_is_named_at_open(
+    tmp_path: Path, redis_url: str
+) -> None:
+    not_a_certificate = tmp_path / "ca.pem"
+    not_a_certificate.write_text("not a certificate\n")
+    where = redis_url.partition("://")[2].partition("/")[0]
+    store = RedisStore(f"rediss://{where}/0?ssl_ca_certs={not_a_certificate}")
+
+    with pytest.raises(ValueError, match="no certificate or crl found") as raised:
+        await store.open()
+
+    assert str(raised.value).endswith(f", in one of ssl_ca_certs={not_a_certificate}.")
+
+
+async def test_a_missing_unix_socket_is_an_outage_not_a_tls_file(tmp_path: Path) -> None:
+    """Also "Error 2 ... No such file or directory" from redis-py's connect."""
+    store = RedisStore(f"unix://{tmp_path}/no-such.sock")
+
+    with pytest.raises(StoreUnavailable):
+        await store.open()
 
 
 def test_open_store_accepts_cluster_urls() -> None:

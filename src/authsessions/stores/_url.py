@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 if TYPE_CHECKING:
     from authsessions.stores._base import Store
@@ -166,6 +167,46 @@ def malformed_url(kind: str, shown: str, expected: str) -> ValueError:
         f"the {kind} URL {shown} is malformed: expected {expected} (percent-encode a '/', "
         "'?', '#' or '@' in the password, e.g. %2F for '/')."
     )
+
+
+def tls_loading_error(exc: BaseException, loader: str) -> OSError | None:
+    """The :class:`OSError` that ``exc`` is, or was raised from, when the function
+    ``loader`` raised it (a qualified name: the driver's own code that loads the TLS
+    files, before any network traffic); ``None`` for a connection's error (a missing Unix
+    socket is a FileNotFoundError too).
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        frames = [frame for frame, _ in traceback.walk_tb(seen.__traceback__)]
+        if isinstance(seen, OSError) and frames and frames[-1].f_code.co_qualname == loader:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def unusable_tls_files(
+    kind: str, url: str, named: list[tuple[str, str]], exc: OSError
+) -> ValueError:
+    """The error for TLS files the driver could not load as it connected, raising ``exc``
+    (which names no file; see :func:`tls_loading_error`): no retry mends it. It names the
+    files of ``named`` (option or variable name, path) that cannot be read, else all.
+    """
+    reason = " ".join(str(exc).split())
+    unreadable = [f"{name}={path}" for name, path in named if not os.access(path, os.R_OK)]
+    if unreadable:
+        complaint = f"cannot read {', '.join(unreadable)} ({reason})"
+    elif named:
+        complaint = f"{reason}, in one of {', '.join(f'{name}={path}' for name, path in named)}"
+    else:
+        complaint = f"{reason}, in a TLS file it reads by default"
+    return ValueError(f"the {kind} URL {redact_url(url)} cannot be used: {complaint}.")
+
+
+def query_values(url: str) -> dict[str, str]:
+    """The decoded values of the options in ``url``'s query (see :func:`_split_query`)."""
+    _, _, rest = url.partition("://")
+    query = _split_query(rest)[1]
+    return dict(parse_qsl(query)) if query else {}
 
 
 # An option after a "?" or "&": its name, and its value up to the next "&" or "#".

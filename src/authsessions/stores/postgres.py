@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import traceback
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,14 @@ from authsessions.stores._base import (
 )
 from authsessions.stores._postgres_pool import Borrowed, HeldConnections, PooledConnections
 from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION, Sql
-from authsessions.stores._url import QUERY_OPTION, malformed_url, redact_url
+from authsessions.stores._url import (
+    QUERY_OPTION,
+    malformed_url,
+    query_values,
+    redact_url,
+    tls_loading_error,
+    unusable_tls_files,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -263,13 +269,13 @@ class PostgresStore(Store):
                 "postgresql://[user:password@]host[:port]/database[?option=value]",
             ) from None
         except OSError as exc:
-            if self._dsn is None or not _raised_loading_tls_files(exc):
+            loading = tls_loading_error(exc, _ASYNCPG_TLS_LOADER)
+            if self._dsn is None or loading is None:
                 raise  # a connection's own failure: unavailable, as any outage is
             # A file the URL or the environment names, which no retry brings: said once
             # at startup with the file's name, not a 503 on every request logged with none.
-            raise ValueError(
-                f"the PostgreSQL URL {redact_url(self._dsn)} cannot be used: "
-                f"{_unreadable_tls_files(self._dsn, exc)}"
+            raise unusable_tls_files(
+                "PostgreSQL", self._dsn, _tls_files(self._dsn), loading
             ) from None
         except self._asyncpg.PostgresError as exc:
             refused = self._refused_url_option(exc)
@@ -639,6 +645,8 @@ _TLS_COMPLAINTS = (
 )
 
 
+# Where asyncpg loads the TLS files, as it connects but before any network traffic.
+_ASYNCPG_TLS_LOADER = "_parse_connect_dsn_and_args"
 # The TLS files asyncpg reads as it connects: the URL's options, else the environment's.
 _TLS_FILE_OPTIONS = {
     "sslrootcert": "PGSSLROOTCERT",
@@ -648,21 +656,9 @@ _TLS_FILE_OPTIONS = {
 }
 
 
-def _raised_loading_tls_files(exc: OSError) -> bool:
-    """Whether asyncpg raised ``exc`` building its TLS context from the URL, before any
-    network traffic (the ssl module's loading of a certificate, key or CRL file), not
-    connecting: a missing Unix socket is a FileNotFoundError too.
-    """
-    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
-    return bool(frames) and frames[-1].f_code.co_name == "_parse_connect_dsn_and_args"
-
-
-def _unreadable_tls_files(dsn: str, exc: OSError) -> str:
-    """What to say of ``exc``, raised loading the TLS files: the files named that cannot
-    be read, else every file named, each by the option or variable that names it.
-    """
-    _, _, query = dsn.partition("?")
-    given = dict(urllib.parse.parse_qsl(query.partition("#")[0]))
+def _tls_files(dsn: str) -> list[tuple[str, str]]:
+    """The TLS files asyncpg reads for ``dsn``, each by the option or variable naming it."""
+    given = query_values(dsn)
     named = []
     for option, variable in _TLS_FILE_OPTIONS.items():
         name, path = (
@@ -670,13 +666,7 @@ def _unreadable_tls_files(dsn: str, exc: OSError) -> str:
         )
         if path and path != "system":
             named.append((name, path))
-    reason = " ".join(str(exc).split())
-    unreadable = [f"{name}={path}" for name, path in named if not os.access(path, os.R_OK)]
-    if unreadable:
-        return f"cannot read {', '.join(unreadable)} ({reason})."
-    if named:
-        return f"{reason}, in one of {', '.join(f'{name}={path}' for name, path in named)}."
-    return f"{reason}, in a TLS file of ~/.postgresql."
+    return named
 
 
 def _import_asyncpg() -> Any:

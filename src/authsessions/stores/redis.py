@@ -67,7 +67,13 @@ from authsessions.stores._base import (
     translate_errors,
 )
 from authsessions.stores._redis_connections import ReadConnections
-from authsessions.stores._url import malformed_url, redact_url
+from authsessions.stores._url import (
+    malformed_url,
+    query_values,
+    redact_url,
+    tls_loading_error,
+    unusable_tls_files,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
@@ -79,6 +85,10 @@ __all__ = ["RedisStore"]
 
 DEFAULT_PREFIX = "authsessions:"
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# Where redis-py loads the TLS files, as it connects but before any network traffic, and
+# the URL options naming them.
+_REDIS_TLS_LOADER = "RedisSSLContext.get"
+_TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
 _SCAN_BATCH = 1000
@@ -251,7 +261,7 @@ class RedisStore(Store):
     # -- opening -------------------------------------------------------------------
 
     async def _open(self) -> None:
-        with translate_errors("Redis", *self._errors):
+        with translate_errors("Redis", *self._errors), self._refusing_unusable_tls_files():
             client = self._given_client or self._build(cluster=bool(self._cluster))
             try:
                 if self._cluster is None and not await self._is_a_cluster(client):
@@ -281,6 +291,21 @@ class RedisStore(Store):
         self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
+
+    @contextmanager
+    def _refusing_unusable_tls_files(self) -> Iterator[None]:
+        """Name a TLS file the URL names that redis-py cannot load: no retry brings it, and
+        as an outage every request was a 503, logged with "Error 2" and no file name.
+        """
+        try:
+            yield
+        except (self._driver.RedisError, self._driver.RedisClusterException, OSError) as exc:
+            loading = tls_loading_error(exc, _REDIS_TLS_LOADER)
+            if self._url is None or loading is None:
+                raise
+            given = query_values(self._url)
+            named = [(option, given[option]) for option in _TLS_FILE_OPTIONS if given.get(option)]
+            raise unusable_tls_files("Redis", self._url, named, loading) from None
 
     async def _is_a_cluster(self, client: Redis | RedisCluster) -> bool:
         """Whether the server is a cluster node, asked with ``INFO``; a user refused it (as
