@@ -98,6 +98,28 @@ async def test_login_sets_the_secure_cookie_and_the_next_request_is_signed_in(
     assert "Cookie" in me_response.headers["vary"]
 
 
+@post("/login-then-fail", status_code=200)
+async def login_then_fail(session: CurrentSession) -> None:
+    await session.authenticate("alice")
+    raise ValueError("the rest of the login failed")
+
+
+async def test_a_login_whose_handler_fails_signs_nobody_in(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """Litestar answers every error itself, inside the plugin's middleware: its 500 page
+    carried the new token, and the session stayed."""
+    app: Any = Litestar([login_then_fail], plugins=[SessionPlugin(store=sqlite_store)])
+
+    response = await client_for(app).post("/login-then-fail")
+
+    assert response.status_code == 500
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert (cookie.value, cookie.attributes["max-age"]) == ("", "0")  # cleared, never a token
+    assert await SessionManager(sqlite_store).list_for_user("alice") == []
+
+
 class SessionAuthentication(AbstractAuthenticationMiddleware):
     """The app's own middleware, building ``request.user`` from the session."""
 

@@ -24,6 +24,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -1342,6 +1343,35 @@ async def test_a_new_token_no_response_will_carry_leaves_no_session_behind(
     # browser can name any more, has ended.
     left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_an_error_page_answered_inside_the_middleware_carries_no_new_token(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """A 500 that Starlette's own exception handling builds inside this middleware (as
+    Litestar answers every error): it carried the new token, signing in with a page of a
+    failure, while the keys set with it were dropped."""
+
+    async def fails_after(request: Request) -> Response:
+        session = Session.from_request(request)
+        await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
+        session.set("half", "done")
+        raise HTTPException(500, "the app failed")
+
+    _, first = await plant_session(sqlite_store, "alice")
+    token, _ = await plant_session(sqlite_store, "alice")
+    client = client_factory(app_factory(sqlite_store, extra_routes=[Route("/fails", fails_after)]))
+
+    response = await client.get("/fails", headers=cookie_header(token))
+
+    assert response.status_code == 500
+    # The cookie the request carried named a session this request ended: cleared.
+    [set_cookie] = response.headers.get_list("set-cookie")
+    assert "Max-Age=0" in set_cookie
+    assert response.headers["cache-control"] == "no-store"
+    left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
+    assert left == {first.id}  # the login's destroyed second; the rotation ended it
 
 
 @pytest.mark.parametrize("operation", list(AFTER_THE_RESPONSE))

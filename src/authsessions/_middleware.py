@@ -362,6 +362,11 @@ class _SessionSend:
         if session._record is None and session._cookie_change == "keep":
             session._flushed = True  # a login from now on could not send its cookie
             return self._send(message)  # nothing to write, no header to add
+        if message["status"] >= 500 and session._cookie_change == "set":
+            # An error page answered inside this middleware (a framework's own, Litestar's
+            # always) after a login or rotation: as where the error reaches us, no page of
+            # a failure signs the client in, and the new token's session ends.
+            return self._start_after(session.end_unsent_token(), message)
         write = session.pending_write(save=message["status"] < 500)
         if write is not None:
             return self._start_after(write, message)
