@@ -582,9 +582,17 @@ async def test_pages_carry_security_headers_and_the_stylesheet(
 
 
 # The store reads a URL's scheme in any case: the accounts file must follow it.
-@pytest.mark.parametrize("store_url", ["sqlite:///var/sessions.db", "SQLite:///var/sessions.db"])
-def test_accounts_are_kept_beside_a_sqlite_sessions_file(store_url: str) -> None:
-    assert users_path_for(store_url) == os.path.join("var", "demo-users.db")
+# Its path percent-decoded, as the store reads it.
+@pytest.mark.parametrize(
+    ("store_url", "folder"),
+    [
+        ("sqlite:///var/sessions.db", "var"),
+        ("SQLite:///var/sessions.db", "var"),
+        ("sqlite:///my%20var/sessions.db", "my var"),
+    ],
+)
+def test_accounts_are_kept_beside_a_sqlite_sessions_file(store_url: str, folder: str) -> None:
+    assert users_path_for(store_url) == os.path.join(folder, "demo-users.db")
 
 
 def test_accounts_of_other_stores_are_kept_in_the_working_directory() -> None:

@@ -10,7 +10,7 @@ import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from argon2 import PasswordHasher
@@ -27,6 +27,7 @@ from authsessions import Session, SessionConfig, SessionMiddleware, SessionNotFo
 from authsessions._humanize import format_utc, time_ago
 from authsessions.demo._csrf import FORM_FIELD, CsrfGuard
 from authsessions.demo._users import USERNAME_RULE, SignupError, User, UserStore
+from authsessions.stores import SQLiteStore
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, open_store
 
 __all__ = ["create_app", "users_path_for"]
@@ -62,9 +63,9 @@ SECURITY_HEADERS = {
 
 def users_path_for(store_url: str) -> str:
     """Where the demo keeps accounts: beside a SQLite sessions file, else in the working dir."""
-    scheme, _, rest = store_url.partition("://")
-    if scheme.lower() == "sqlite":
-        sessions_path = rest.removeprefix("/").partition("?")[0]
+    if store_url.partition("://")[0].lower() == "sqlite":
+        # The store's own reading of the URL (percent-decoded), not one of ours.
+        sessions_path = cast(SQLiteStore, open_store(store_url)).path
         return os.path.join(os.path.dirname(sessions_path), USERS_FILE)
     return USERS_FILE
 
