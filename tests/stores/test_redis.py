@@ -967,6 +967,28 @@ async def test_a_missing_unix_socket_is_an_outage_not_a_tls_file(tmp_path: Path)
         await store.open()
 
 
+@pytest.mark.parametrize("how", ["scheme", "argument"])
+async def test_a_cluster_url_for_a_single_server_is_named_at_open(
+    redis_url: str, redis_prefix: str, how: str
+) -> None:
+    """redis-py's words for it were dropped: the store was "unavailable" (every request a
+    503), logged as a bare "RedisClusterException"."""
+    where = redis_url.partition("://")[2]
+    url, cluster = (
+        (f"redis+cluster://{where}", None) if how == "scheme" else (f"redis://{where}", True)
+    )
+    store = RedisStore(url, prefix=redis_prefix, cluster=cluster)
+
+    with pytest.raises(ValueError, match="not in cluster mode") as raised:
+        await store.open()
+
+    assert str(raised.value) == (
+        f"the Redis server of {url} is not in cluster mode: name it with redis:// (or "
+        "rediss://), not redis+cluster://, and without cluster=True."
+    )
+    assert not store.is_open
+
+
 def test_open_store_accepts_cluster_urls() -> None:
     for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://127.0.0.1:7000"):
         store = open_store(url)

@@ -162,11 +162,13 @@ class RedisStore(Store):
             raise ValueError(f"the key prefix must not contain braces, got {prefix!r}.")
         if not (socket_timeout > 0 and socket_connect_timeout > 0):
             raise ValueError("socket_timeout and socket_connect_timeout must be positive.")
+        self._shown_url = "<app client>"
         if url is not None:
             scheme, separator, rest = url.partition("://")
             if scheme.lower() in _CLUSTER_SCHEMES:
                 url, cluster = f"{_CLUSTER_SCHEMES[scheme.lower()]}{separator}{rest}", True
-            self._check_url(url, shown_as=redact_url(f"{scheme}{separator}{rest}"))
+            self._shown_url = redact_url(f"{scheme}{separator}{rest}")  # as given
+            self._check_url(url, shown_as=self._shown_url)
             if not cluster:  # a cluster's URL may carry options of RedisCluster's own
                 self._check_url_options(url)
         elif client is not None:
@@ -261,7 +263,7 @@ class RedisStore(Store):
     # -- opening -------------------------------------------------------------------
 
     async def _open(self) -> None:
-        with translate_errors("Redis", *self._errors), self._refusing_unusable_tls_files():
+        with translate_errors("Redis", *self._errors), self._refusing_what_no_retry_mends():
             client = self._given_client or self._build(cluster=bool(self._cluster))
             try:
                 if self._cluster is None and not await self._is_a_cluster(client):
@@ -293,15 +295,25 @@ class RedisStore(Store):
         self._read = register(lua.RECORD_JSON + lua.READ)
 
     @contextmanager
-    def _refusing_unusable_tls_files(self) -> Iterator[None]:
-        """Name a TLS file the URL names that redis-py cannot load: no retry brings it, and
-        as an outage every request was a 503, logged with "Error 2" and no file name.
+    def _refusing_what_no_retry_mends(self) -> Iterator[None]:
+        """Name a mistake in the URL the first connection shows, which no retry mends: as
+        an outage every request was a 503, logged with no word of the cause. A TLS file
+        redis-py cannot load ("Error 2 connecting to host:port"), or a cluster URL for a
+        server not in cluster mode.
         """
         try:
             yield
         except (self._driver.RedisError, self._driver.RedisClusterException, OSError) as exc:
+            if self._url is None:
+                raise
+            if _in_chain(exc, "Cluster mode is not enabled on this node"):
+                raise ValueError(
+                    f"the Redis server of {self._shown_url} is not in cluster mode: name it "
+                    "with redis:// (or rediss://), not redis+cluster://, and without "
+                    "cluster=True."
+                ) from None
             loading = tls_loading_error(exc, _REDIS_TLS_LOADER)
-            if self._url is None or loading is None:
+            if loading is None:
                 raise
             given = query_values(self._url)
             named = [(option, given[option]) for option in _TLS_FILE_OPTIONS if given.get(option)]
@@ -719,6 +731,16 @@ class RedisStore(Store):
     async def _unlink(self, keys: Iterable[str]) -> None:
         if keys := list(keys):
             await self._require_client().delete(*keys)
+
+
+def _in_chain(exc: BaseException, message: str) -> bool:
+    """Whether ``exc``, or an error it was raised from, says exactly ``message``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen) == message:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _import_redis() -> Any:
