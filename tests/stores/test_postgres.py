@@ -1321,6 +1321,24 @@ async def test_a_missing_unix_socket_is_an_outage_not_a_tls_file() -> None:
         await store.open()
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres:s3c@retPW@127.0.0.1:5432/test",
+        "postgresql://app@tenant:s3c-retPW@127.0.0.1:5432/test",
+    ],
+)
+def test_an_unescaped_at_sign_in_the_user_part_is_refused_as_malformed(dsn: str) -> None:
+    """asyncpg ends the user part at the first "@" and took the rest for the host: a
+    lookup of part of the password, then a 503 on every request."""
+    with pytest.raises(ValueError, match="is malformed") as raised:
+        PostgresStore(dsn)
+
+    message = str(raised.value)
+    assert "percent-encode a '/', '?', '#' or '@'" in message
+    assert "retPW" not in message
+
+
 async def test_a_key_value_dsn_never_shows_its_password() -> None:
     """libpq's "host=… password=…" form, which asyncpg does not take: the store's repr and
     the "malformed" error quote the DSN, without its password."""

@@ -158,6 +158,10 @@ class PostgresStore(Store):
         ):
             if not seconds > 0:
                 raise ValueError(f"{what} must be positive, got {seconds!r}.")
+        if dsn is not None and urllib.parse.urlsplit(dsn).netloc.count("@") > 1:
+            # asyncpg ends the password at the first "@", and takes the rest of it for the
+            # host: a lookup of a name that is part of the password, then 503s.
+            raise _malformed_dsn(dsn)
         self._dsn = dsn
         self._given_pool = pool
         self.schema = schema
@@ -263,11 +267,7 @@ class PostgresStore(Store):
                     f"the PostgreSQL URL {redact_url(self._dsn)} cannot be used: "
                     + " ".join(str(exc).split())
                 ) from None
-            raise malformed_url(
-                "PostgreSQL",
-                redact_url(self._dsn),
-                "postgresql://[user:password@]host[:port]/database[?option=value]",
-            ) from None
+            raise _malformed_dsn(self._dsn) from None
         except OSError as exc:
             loading = tls_loading_error(exc, _ASYNCPG_TLS_LOADER)
             if self._dsn is None or loading is None:
@@ -667,6 +667,14 @@ def _tls_files(dsn: str) -> list[tuple[str, str]]:
         if path and path != "system":
             named.append((name, path))
     return named
+
+
+def _malformed_dsn(dsn: str) -> ValueError:
+    return malformed_url(
+        "PostgreSQL",
+        redact_url(dsn),
+        "postgresql://[user:password@]host[:port]/database[?option=value]",
+    )
 
 
 def _import_asyncpg() -> Any:
