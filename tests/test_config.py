@@ -160,6 +160,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
      "touch_interval must be at least 0 and shorter than ttl"),
     ("touch-over-ttl", {"ttl": timedelta(minutes=1), "touch_interval": timedelta(minutes=5)},
      "touch_interval must be at least 0 and shorter than ttl"),
+    # The default touch_interval, which the app did not set: the message says what to do.
+    ("short-ttl-alone", {"ttl": timedelta(seconds=60)},
+     "touch_interval must be at least 0 and shorter than ttl (datetime.timedelta(seconds=60)), "
+     "got datetime.timedelta(seconds=300) (5 minutes by default: give a ttl that short a "
+     "shorter touch_interval too, e.g. a tenth of it)."),
     ("touch-negative", {"touch_interval": timedelta(seconds=-1)},
      "touch_interval must be at least 0"),
     ("touch-not-timedelta", {"touch_interval": 300}, "touch_interval must be a datetime.timedelta"),

@@ -92,9 +92,11 @@ class SessionConfig:
             _require_timedelta("absolute_ttl", self.absolute_ttl)
             _require_duration("absolute_ttl", self.absolute_ttl, or_none=True)
         if not timedelta(0) <= self.touch_interval < self.ttl:
+            # The default's 5 minutes meet a short ttl the app set alone: say what to do.
             raise ValueError(
                 f"touch_interval must be at least 0 and shorter than ttl ({self.ttl!r}), "
-                f"got {self.touch_interval!r}."
+                f"got {self.touch_interval!r} (5 minutes by default: give a ttl that short "
+                "a shorter touch_interval too, e.g. a tenth of it)."
             )
         _require_int("max_sessions_per_user", self.max_sessions_per_user, minimum=1)
         _require_int("max_data_bytes", self.max_data_bytes, minimum=2)
