@@ -1064,6 +1064,28 @@ async def test_from_request_without_middleware_names_session_middleware(
         Session.from_scope({"type": "http", "headers": []})
 
 
+async def test_middleware_reading_the_session_from_outside_is_told_the_order(
+    sqlite_store: Store, client_factory: ClientFactory
+) -> None:
+    """add_middleware wraps the app in the one added last: the advice to add
+    SessionMiddleware, which was there, kept the order wrong."""
+
+    class LoadUser:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            Session.from_scope(scope)
+            await self.app(scope, receive, send)
+
+    app = Starlette(routes=[Route("/", lambda _request: JSONResponse({}))])
+    app.add_middleware(SessionMiddleware, store=sqlite_store)
+    app.add_middleware(LoadUser)
+
+    with pytest.raises(RuntimeError, match=r"must wrap whatever reads the session: first in"):
+        await client_factory(app).get("/")
+
+
 # -- a failing store: fail closed, keep the cookie, recover --------------------------------------
 
 

@@ -133,7 +133,8 @@ class Session:
             raise RuntimeError(
                 "No session on this request: add SessionMiddleware to the app, e.g. "
                 "Starlette(middleware=[Middleware(SessionMiddleware)]) or "
-                "app.add_middleware(SessionMiddleware)."
+                "app.add_middleware(SessionMiddleware). It must wrap whatever reads the "
+                "session: first in middleware=[...], or the last add_middleware() call."
             ) from None
         return session
 

@@ -385,3 +385,17 @@ async def test_a_sqlite_url_path_is_percent_decoded(
 def test_a_sqlite_url_path_that_decodes_to_no_text_is_refused() -> None:
     with pytest.raises(ValueError, match=r"percent-encode UTF-8, e\.g\. %C3%A9"):
         open_store("sqlite:///sessions%FF.db")
+
+
+@pytest.mark.parametrize("url", ["sqlite:/sessions.db", "sqlite:sessions.db", "SQLite:/x.db"])
+def test_a_known_scheme_without_its_slashes_is_told_so(url: str) -> None:
+    """ "needs a scheme" misled: the scheme was there."""
+    with pytest.raises(
+        ValueError, match=r"^a store URL's scheme is followed by '://', as in sqlite://"
+    ):
+        open_store(url)
+
+
+def test_a_url_of_a_known_scheme_with_one_slash_too_few_names_that_scheme() -> None:
+    with pytest.raises(ValueError, match=r"as in postgresql://…"):
+        open_store("postgresql:/db")

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store", "redact_url", "resolve_store"]
 
 DEFAULT_STORE_URL = "sqlite:///sessions.db"
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_SCHEMES = ("memory", "sqlite", *_POSTGRES_SCHEMES, *_REDIS_SCHEMES)
 STORE_URL_ENV = "AUTHSESSIONS_STORE"
 
 
@@ -42,6 +45,12 @@ def open_store(url: str) -> Store:
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
     if not separator:
+        written, colon, _ = url.partition(":")
+        if colon and written.lower() in _SCHEMES:
+            raise ValueError(
+                f"a store URL's scheme is followed by '://', as in {written.lower()}://… "
+                "(sqlite:///relative.db, sqlite:////absolute/path.db)."
+            )
         raise ValueError(
             "a store URL needs a scheme, e.g. sqlite:///sessions.db, memory://, "
             "postgresql://host/db or redis://host:6379/0."
@@ -71,12 +80,12 @@ def open_store(url: str) -> Store:
                 "a sqlite URL's path must percent-encode UTF-8, e.g. %C3%A9 for 'é'."
             ) from None
         return SQLiteStore(path)
-    if scheme in ("postgresql", "postgres"):
+    if scheme in _POSTGRES_SCHEMES:
         from authsessions.stores.postgres import PostgresStore
 
         url, named = _take_options(url, ("schema", "table"))
         return PostgresStore(url, **named)
-    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+    if scheme in _REDIS_SCHEMES:
         from authsessions.stores.redis import RedisStore
 
         url, named = _take_options(url, ("prefix",))
