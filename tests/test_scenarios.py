@@ -538,6 +538,44 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
         assert await store.get(rotated, now=time.time()) is not None  # the user's token
 
 
+@pytest.mark.parametrize("meanwhile", ["revoked", "rotated away"])
+async def test_keys_set_by_a_request_whose_token_was_rotated_away_land_but_not_once_revoked(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory, meanwhile: str
+) -> None:
+    """As the README's security model says: a rotation must not lose the writes of the
+    same browser's requests still in flight; a revoke ends what the session was."""
+    rotated = token_digest(new_token())
+
+    async def changed_then_setting(request: Request) -> Response:
+        session = Session.from_request(request)
+        current = session.current()
+        assert current is not None
+        now = time.time()
+        if meanwhile == "revoked":
+            await store.delete(current.id, now=now)
+        else:
+            update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
+            assert await store.update(current.id, update, now=now)
+        session.set("cart", ["book"])
+        return JSONResponse({})
+
+    token, this = await plant_session(store, "alice", data={"theme": "dark"})
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/changed-then-setting", changed_then_setting)])
+    )
+
+    response = await client.get("/changed-then-setting", headers=cookie_header(token))
+
+    if meanwhile == "revoked":
+        assert_clears_cookie(response)
+        assert await live_sessions(store, "alice") == []
+    else:
+        assert "set-cookie" not in response.headers  # the browser's new cookie stands
+        record = await store.get(rotated, now=time.time())
+        assert record is not None
+        assert (record.id, record.data) == (this.id, {"theme": "dark", "cart": ["book"]})
+
+
 async def test_a_login_on_a_request_whose_token_was_rotated_away_meanwhile_ends_nothing(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:
