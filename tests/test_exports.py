@@ -6,6 +6,8 @@ import dataclasses
 import inspect
 import subprocess
 import sys
+import typing
+from datetime import datetime, timedelta
 from types import ModuleType
 
 import pytest
@@ -47,6 +49,23 @@ def test_root_names_are_importable_and_read_as_authsessions(name: str) -> None:
 
     assert exported.__module__ == "authsessions"
     assert repr(exported) == f"<class 'authsessions.{name}'>"
+
+
+@pytest.mark.parametrize(
+    ("exported", "field_name", "field_type"),
+    [
+        (authsessions.SessionData, "created_at", datetime),
+        (authsessions.SessionConfig, "ttl", timedelta),
+    ],
+    ids=["SessionData", "SessionConfig"],
+)
+def test_the_fields_of_a_public_dataclass_resolve_where_it_reads_as_defined(
+    exported: type, field_name: str, field_type: type
+) -> None:
+    """Frameworks read them (FastAPI's response models, Litestar's OpenAPI schema) in the
+    module ``__module__`` names: annotations kept as strings there were unresolvable."""
+    assert typing.get_type_hints(exported)[field_name] is field_type
+    assert not [field.name for field in dataclasses.fields(exported) if isinstance(field.type, str)]
 
 
 def test_root_exports_exactly_what_api_md_lists() -> None:

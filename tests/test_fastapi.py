@@ -14,7 +14,7 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from authsessions import SessionMiddleware
+from authsessions import SessionData, SessionMiddleware
 from authsessions.fastapi import CurrentSession, RequiredSession, get_session, require_session
 from authsessions.stores import MemoryStore, SQLiteStore, Store
 from tests.apps.session_app import COOKIE, cookie_header, session_cookie
@@ -44,6 +44,10 @@ def build_fastapi_app(store: Store | None) -> FastAPI:
     async def revoke(session: RequiredSession, session_id: str) -> dict[str, bool]:
         await session.revoke(session_id)
         return {"revoked": True}
+
+    @app.get("/devices")
+    async def devices(session: RequiredSession) -> list[SessionData]:
+        return await session.list_my_sessions()
 
     @app.post("/rotate")
     async def rotate(session: CurrentSession) -> dict[str, bool]:
@@ -94,6 +98,24 @@ async def test_login_and_required_session(fastapi_client: httpx.AsyncClient) -> 
     me = await fastapi_client.get("/me")
     assert me.json() == {"user_id": "alice", "via": "fastapi"}
     assert (await fastapi_client.get("/anyone")).json() == {"authenticated": True, "via": "fastapi"}
+
+
+async def test_a_route_may_answer_with_the_sessions_it_lists(
+    fastapi_client: httpx.AsyncClient,
+) -> None:
+    """FastAPI builds a response model from the annotation: SessionData's fields, written
+    as strings in a module SessionData no longer names, could not be resolved (a 500)."""
+    await fastapi_client.post("/login", params={"user_id": "alice"})
+
+    response = await fastapi_client.get("/devices")
+
+    assert response.status_code == 200
+    [device] = response.json()
+    assert (device["user_id"], device["is_current"], device["device_type"]) == (
+        "alice",
+        True,
+        "desktop",
+    )
 
 
 async def test_current_session_does_not_require_a_login(fastapi_client: httpx.AsyncClient) -> None:

@@ -25,7 +25,7 @@ from litestar.testing import TestClient as LitestarTestClient
 from starlette.responses import JSONResponse as StarletteJSON
 from starlette.types import ASGIApp
 
-from authsessions import Session, SessionManager, SessionMiddleware, Unauthorized
+from authsessions import Session, SessionData, SessionManager, SessionMiddleware, Unauthorized
 from authsessions.litestar import CurrentSession, SessionPlugin, provide_session, require_session
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores._sqlite_schema import TABLE
@@ -118,6 +118,27 @@ async def test_a_login_whose_handler_fails_signs_nobody_in(
     assert cookie is not None
     assert (cookie.value, cookie.attributes["max-age"]) == ("", "0")  # cleared, never a token
     assert await SessionManager(sqlite_store).list_for_user("alice") == []
+
+
+@get("/devices")
+async def devices(session: CurrentSession) -> list[SessionData]:
+    return await session.list_my_sessions()
+
+
+async def test_a_route_answering_with_the_sessions_it_lists_has_an_openapi_schema(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """Litestar's schema of SessionData failed on its fields' string annotations."""
+    app: Any = Litestar([login, devices], plugins=[SessionPlugin(store=sqlite_store)])
+    client = client_for(app)
+    await client.post("/login", json={"user_id": "alice"})
+
+    listed = await client.get("/devices")
+    schema = await client.get("/schema/openapi.json")
+
+    assert [device["user_id"] for device in listed.json()] == ["alice"]
+    assert schema.status_code == 200
+    assert "SessionData" in schema.json()["components"]["schemas"]
 
 
 class SessionAuthentication(AbstractAuthenticationMiddleware):

@@ -1,7 +1,5 @@
 """Session settings, validated once at construction."""
 
-from __future__ import annotations
-
 import ipaddress
 import re
 from dataclasses import dataclass, field

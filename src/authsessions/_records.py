@@ -1,7 +1,5 @@
 """What a session is, as callers see it and as stores keep it."""
 
-from __future__ import annotations
-
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -144,7 +142,7 @@ class SessionRecord:
     last_active_at: float
     expires_at: float
 
-    def with_data(self, data: dict[str, Any]) -> SessionRecord:
+    def with_data(self, data: dict[str, Any]) -> "SessionRecord":
         """A copy holding ``data`` (positional: this sits on the per-request path)."""
         return SessionRecord(
             self.id,
