@@ -255,8 +255,14 @@ async def test_cleanup_expired_reports_each_batch(store: Store) -> None:
     for i in range(5):
         await plant_session(store, "alice", created_ago=100, expires_in=-1 - i)
     batches: list[int] = []
+    total = [0]
 
-    deleted = await SessionManager(store).cleanup_expired(batch_size=2, on_batch=batches.append)
+    def progress(count: int) -> int:  # a progress bar's update returns something; ignored
+        batches.append(count)
+        total[0] += count
+        return total[0]
+
+    deleted = await SessionManager(store).cleanup_expired(batch_size=2, on_batch=progress)
 
     assert deleted == 5
     assert batches == [2, 2, 1]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, assert_type
 
 import httpx
 import pytest
@@ -613,6 +613,25 @@ async def test_get_returns_default_for_a_missing_key(run: Runner) -> None:
     )
 
     assert outcome.value == (None, 7, 7)
+
+
+async def test_typed_reads_have_the_static_types_of_what_they_return(run: Runner) -> None:
+    """Checked by mypy over this file (assert_type) and at run time: a default of the
+    type read gives that type, not Optional; a union, Optional or Literal is taken."""
+
+    def reads(session: Session) -> tuple[object, ...]:
+        theme = session.get("theme", type=str, default="light")
+        assert_type(theme, str)
+        count = session.get("int", type=int)
+        assert_type(count, int | None)
+        either = session.get("str_int", type=int | str)
+        mode = session.get("mode", type=Literal["light", "dark"], default="dark")
+        return theme, count, either, mode
+
+    outcome = await run(reads, data=STORED)
+
+    assert outcome.error is None
+    assert outcome.value == ("light", 1, "1", "dark")
 
 
 async def test_get_returns_default_without_a_session(run: Runner) -> None:

@@ -100,7 +100,7 @@ class SessionManager:
         return await store.delete_for_user(user_id, now=time.time(), except_id=except_id)
 
     async def cleanup_expired(
-        self, *, batch_size: int = 1000, on_batch: Callable[[int], None] | None = None
+        self, *, batch_size: int = 1000, on_batch: Callable[[int], object] | None = None
     ) -> int:
         """Delete the sessions that had expired when it started, in batches; returns how
         many were deleted.

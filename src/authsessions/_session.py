@@ -41,6 +41,7 @@ __all__ = ["SCOPE_KEY", "CookieChange", "Session"]
 logger = logging.getLogger("authsessions")
 
 T = TypeVar("T")
+D = TypeVar("D")
 SCOPE_KEY = "authsessions.session"
 
 _NO_DATA: dict[str, Any] = {}  # never changed: a session without a record takes no writes
@@ -170,7 +171,11 @@ class Session:
     @overload
     def get(self, key: str, type: None = None, default: Any = None) -> Any: ...
     @overload
-    def get(self, key: str, type: type[T], default: T | None = None) -> T | None: ...
+    def get(self, key: str, type: type[T], default: None = None) -> T | None: ...
+    @overload
+    def get(self, key: str, type: type[T], default: D) -> T | D: ...
+    @overload  # a form no type[...] expresses: a union, Optional, Literal
+    def get(self, key: str, type: object, default: Any = None) -> Any: ...
 
     def get(self, key: str, type: Any = None, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` without a session or without the key.
