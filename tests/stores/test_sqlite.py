@@ -3328,3 +3328,60 @@ async def test_an_event_loop_connection_that_cannot_open_gives_store_unavailable
     async with store:  # opens once the connection does
         t0, record = await one_session(store)
         assert await store.get(record.token_digest, now=t0) == record
+
+
+@contextmanager
+def mount_of_its_own(folder: Path) -> Iterator[Callable[[str], None]]:
+    """``folder`` bind-mounted over itself, and a function remounting it ``"ro"`` or
+    ``"rw"``: a file system made read-only under an open store, as an operator's mistake
+    (or a restore with another owner) makes it."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root on Linux")
+    if subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode:
+        pytest.skip("mount --bind is not allowed here")
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,bind,{mode}", folder], check=True)
+
+    try:
+        yield remount
+    finally:
+        subprocess.run(["umount", folder], check=True)
+
+
+async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_writable(
+    tmp_path: Path,
+) -> None:
+    """SQLite opens a file it may not write read-only, without a word, and keeps such a
+    connection read-only: every write was a 503 until the process restarted."""
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    path = folder / "sessions.db"
+    t0 = start_time()
+    # Another store (another worker) keeps -wal and -shm there, so the file opens. Opened
+    # before the mount: its files open for writing would refuse the read-only remount.
+    other, store = SQLiteStore(path), SQLiteStore(path)
+    await other.open()
+    await other.create(make_record(now=t0), max_sessions=10, now=t0)
+    with mount_of_its_own(folder) as remount:
+        try:
+            remount("ro")
+            await store.open()
+            with pytest.raises(StoreUnavailable):
+                await store.create(make_record(now=t0), max_sessions=10, now=t0)
+            with pytest.raises(StoreUnavailable):  # on the writer thread
+                await store.delete_expired(now=t0, limit=10)
+            remount("rw")
+            # The first write after the fix succeeds, on the event loop and the thread.
+            expired = make_record(now=t0 - 2 * TTL)
+            await store.create(expired, max_sessions=10, now=expired.created_at)
+            assert await store.delete_expired(now=t0, limit=10) == 1
+            fresh = make_record(now=t0)
+            await store.create(fresh, max_sessions=10, now=t0)
+            assert await other.get(fresh.token_digest, now=t0) == fresh
+        finally:
+            remount("rw")
+            # Both, before the unmount: SQLite holds a closed connection's file open while
+            # another connection of the process holds locks on it.
+            await store.close()
+            await other.close()

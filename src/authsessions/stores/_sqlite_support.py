@@ -34,6 +34,12 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES
 
 
+def is_read_only(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused a write on a connection it opened read-only: it does so,
+    without a word, when the process may not write the file as the connection opens."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
+
+
 class WriteRefused(Exception):
     """A :class:`GuardedConnection` refused the transaction it had just begun; nothing
     was changed, and the caller may run the same work on another connection."""

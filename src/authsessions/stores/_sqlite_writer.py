@@ -20,7 +20,7 @@ from authsessions.stores._checkpoints import (
     copy_wal,
     started_wal_over,
 )
-from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over
+from authsessions.stores._sqlite_support import checkpoint_then, is_read_only, start_wal_over
 from authsessions.stores._wal_index import WalIndexHeader
 
 __all__ = ["WriterThread"]
@@ -48,14 +48,22 @@ class WriterThread:
         self._timeout = timeout
         self._pool: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._reconnect: Callable[[], sqlite3.Connection] = _not_opened
         self._wal_index: WalIndexHeader | None = None
         self.checkpoints = CheckpointSchedule(None)
         self._copying: Future[WalPosition | None] | None = None
         self._finishing: Future[Any] | None = None
         self._finishing_told: asyncio.AbstractEventLoop | None = None  # hears of its end
 
-    async def open(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        """Start the thread and open its connection there with ``connect``."""
+    async def open(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        reconnect: Callable[[], sqlite3.Connection],
+    ) -> None:
+        """Start the thread and open its connection there with ``connect``; ``reconnect``
+        opens it again on a file already set up (after a fork, or a read-only opening).
+        """
+        self._reconnect = reconnect
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="authsessions-sqlite")
         self._db = await self._on_thread(connect)
 
@@ -94,10 +102,10 @@ class WriterThread:
             pool.submit(db.close).result()
             self._db = None
 
-    def reconnect_after_fork(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    def reconnect_after_fork(self) -> None:
         """In the process that forked: open the thread's connection again, blocking."""
         if self._pool is not None:
-            self._db = self._pool.submit(connect).result()
+            self._db = self._pool.submit(self._reconnect).result()
 
     def abandon(self) -> None:
         """Let the thread go without awaiting it, its connection closed already."""
@@ -113,7 +121,28 @@ class WriterThread:
         queued behind it lets go of it at once.
         """
         db = self._connection()
-        return await self._on_thread(lambda: work(db))
+        return await self._on_thread(lambda: self._replacing_if_read_only(db, work))
+
+    def _replacing_if_read_only(
+        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """``work(db)``, on the thread. When SQLite refuses it for having opened ``db``
+        read-only (it stays so after the file can be written again), the connection is
+        replaced and ``work`` runs once more on the new one: refused, nothing was done.
+        Work already queued with the old connection fails on its close.
+        """
+        try:
+            return work(db)
+        except sqlite3.Error as exc:
+            if not is_read_only(exc) or self._db is not db:
+                raise
+            try:
+                self._db = self._reconnect()
+            except sqlite3.Error:
+                raise exc from None
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        return work(self._db)
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
@@ -254,7 +283,7 @@ class WriterThread:
 
         def checkpoint_then_work() -> T:
             try:
-                return checkpoint_then(db, work)
+                return self._replacing_if_read_only(db, lambda db: checkpoint_then(db, work))
             finally:
                 # Whatever the write did (it may have failed, or changed nothing), the WAL
                 # starts over here: left to the next commit, that could be the event loop's
@@ -319,3 +348,7 @@ def _on_loop_when_done(
             loop.call_soon_threadsafe(callback)
 
     job.add_done_callback(on_job_done)
+
+
+def _not_opened() -> sqlite3.Connection:
+    raise RuntimeError("the writer thread was never opened")

@@ -68,6 +68,7 @@ from authsessions.stores._sqlite_support import (
     WriteRefused,
     enable_wal,
     is_busy,
+    is_read_only,
     transaction,
 )
 from authsessions.stores._sqlite_writer import WriterThread
@@ -229,7 +230,9 @@ class SQLiteStore(Store):
                 "thread that uses it, or use multiprocessing's 'spawn' start method."
             )
         try:
-            await self._writer.open(self._connect_writer)
+            await self._writer.open(
+                self._connect_writer, functools.partial(self._connect_writer, again=True)
+            )
             with translate_errors("SQLite", sqlite3.Error):
                 self._open_loop_db()
         except BaseException:
@@ -287,7 +290,7 @@ class SQLiteStore(Store):
         self._closed_for_fork = False
         try:
             # The file is in WAL mode and migrated since the store opened.
-            self._writer.reconnect_after_fork(functools.partial(self._connect_writer, again=True))
+            self._writer.reconnect_after_fork()
         except Exception as exc:
             logger.warning("%r could not open again after the process forked: %s", self, exc)
             _OPEN_STORES.discard(self)
@@ -351,8 +354,9 @@ class SQLiteStore(Store):
         return wal_index.all_checkpointed()
 
     def _reopen_loop_db(self) -> None:
-        """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
-        failed: reads on it would see that transaction's uncommitted writes.
+        """Replace the event loop's connection: left inside a transaction by a ROLLBACK that
+        failed, reads on it would see that transaction's uncommitted writes; opened
+        read-only, it would refuse every write after the file can be written again.
         """
         stuck = self._loop_db
         self._loop_db = self._wal_index = None
@@ -755,10 +759,15 @@ class SQLiteStore(Store):
             except WriteRefused:
                 pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
-                if db.in_transaction:
+                # Opened read-only, it stays so: once the file can be written again, only a
+                # connection opened anew writes (a read-only mount, another user's -shm).
+                if db.in_transaction or is_read_only(exc):
                     with translate_errors("SQLite", sqlite3.Error):
                         self._reopen_loop_db()
-                if not is_busy(exc):
+                # Busy or read-only, the work was refused before it changed anything: the
+                # thread runs it, waiting for the lock, or on a connection of its own
+                # opened anew if needs be.
+                if not (is_busy(exc) or is_read_only(exc)):
                     # It may have taken effect (a COMMIT that failed after its write), which
                     # PRAGMA data_version, counting other connections' commits only, misses.
                     self._cache.clear()
