@@ -1186,6 +1186,35 @@ async def test_failed_flush_turns_the_response_into_503(
         assert after.json()["session"]["data"] == {"theme": "light"}
 
 
+async def test_a_failed_touch_alone_lets_the_apps_answer_through(
+    tmp_path: Path,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store that reads but cannot write (its write lock held, a full disk, a read-only
+    file): a read was a 503 once its "last active" touch was due, so within a
+    touch_interval every signed-in user was locked out, though nothing of theirs was lost."""
+    path = tmp_path / "sessions.db"
+    config = SessionConfig(touch_interval=timedelta(0))  # every request touches
+    async with SQLiteStore(path, timeout=0.2) as store:
+        token, record = await plant_session(store, "alice", data={"theme": "dark"}, idle_for=60)
+        client = client_factory(app_factory(store, config))
+
+        with write_lock_held(path):
+            response = await client.get("/me", headers=cookie_header(token))
+
+        assert response.status_code == 200
+        assert response.json()["session"]["data"] == {"theme": "dark"}
+        assert "set-cookie" not in response.headers  # the expiry did not move
+        assert f"session {record.id}: its last-active touch failed" in caplog.text
+        stored = await store.get(record.token_digest, now=time.time())
+        assert stored is not None
+        assert stored.last_active_at == record.last_active_at
+        touched = await client.get("/me", headers=cookie_header(token))  # the next one does
+        assert session_cookie(touched) is not None
+
+
 async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
     tmp_path: Path, client_factory: ClientFactory
 ) -> None:

@@ -517,6 +517,22 @@ class Session:
         # store then need not rewrite its expiry index.
         changes = self._pending_update(now, moves_expiry=touch_due)
         self._changes = None
+        if changes.changes_data:
+            await self._apply(record, changes, now, touch_due=touch_due)
+            return
+        try:
+            await self._apply(record, changes, now, touch_due=touch_due)
+        except StoreUnavailable:
+            # Only the "last active" touch, on a store that could be read: the app's answer
+            # stands (a 503 would deny a done request), and the next request touches.
+            logger.warning(
+                "session %s: its last-active touch failed; the next request tries again",
+                record.id,
+            )
+
+    async def _apply(
+        self, record: SessionRecord, changes: SessionUpdate, now: float, *, touch_due: bool
+    ) -> None:
         if not await self._update(record, changes, now):
             # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
             logger.info("session %s ended during the request; its changes were dropped", record.id)
