@@ -94,11 +94,14 @@ class PostgresStore(Store):
         max_size: the most connections the store's own pool opens.
         connect_timeout: seconds to establish a connection.
         command_timeout: seconds one statement may take.
-        acquire_timeout: seconds to wait for a free connection (or to connect).
+        acquire_timeout: seconds to wait for a free connection (or to connect), and for
+            a statement that timed out to be cancelled.
 
     An unreachable server or an exhausted pool gives
     :class:`~authsessions.StoreUnavailable` once these timeouts pass, never
-    a hang.
+    a hang: a server that stops answering mid-statement, after
+    ``command_timeout`` and up to ``acquire_timeout`` more, while the pool
+    waits for the statement's cancellation.
 
     The store keeps the idle connections of its own pool at hand between
     calls, sparing the pool's costly acquire and release; an app's pool is
