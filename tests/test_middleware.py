@@ -1425,6 +1425,30 @@ async def test_an_error_page_answered_inside_the_middleware_carries_no_new_token
     assert left == {first.id}  # the login's destroyed second; the rotation ended it
 
 
+async def test_a_session_errors_own_5xx_answer_after_a_login_carries_the_new_cookie(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Unlike a failure's error page: the store holds the session, and the 503 says only
+    that something later in the request could not reach the store."""
+
+    async def signs_in_then_meets_an_outage(request: Request) -> Response:
+        await Session.from_request(request).authenticate("alice")
+        raise StoreUnavailable()
+
+    route = Route("/outage-after-login", signs_in_then_meets_an_outage)
+    client = client_factory(app_factory(sqlite_store, extra_routes=[route]))
+
+    response = await client.get("/outage-after-login")
+
+    assert response.status_code == 503
+    cookie = session_cookie(response)
+    assert cookie is not None
+    [session] = await SessionManager(sqlite_store).list_for_user("alice")
+    stored = await sqlite_store.get(token_digest(cookie.value), now=time.time())
+    assert stored is not None
+    assert stored.id == session.id
+
+
 @pytest.mark.parametrize("operation", list(AFTER_THE_RESPONSE))
 async def test_what_needs_the_response_is_refused_in_a_task_outliving_a_failed_request(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
