@@ -3352,36 +3352,47 @@ def mount_of_its_own(folder: Path) -> Iterator[Callable[[str], None]]:
 async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_writable(
     tmp_path: Path,
 ) -> None:
-    """SQLite opens a file it may not write read-only, without a word, and keeps such a
-    connection read-only: every write was a 503 until the process restarted."""
+    """SQLite opens a file it may not write read-only, without a word, and a process's
+    connections to the file share that state while any of them is open: every write was
+    a 503 until the process restarted."""
     folder = tmp_path / "sessions"
     folder.mkdir()
     path = folder / "sessions.db"
     t0 = start_time()
-    # Another store (another worker) keeps -wal and -shm there, so the file opens. Opened
-    # before the mount: its files open for writing would refuse the read-only remount.
-    other, store = SQLiteStore(path), SQLiteStore(path)
-    await other.open()
-    await other.create(make_record(now=t0), max_sessions=10, now=t0)
-    with mount_of_its_own(folder) as remount:
-        try:
-            remount("ro")
-            await store.open()
-            with pytest.raises(StoreUnavailable):
-                await store.create(make_record(now=t0), max_sessions=10, now=t0)
-            with pytest.raises(StoreUnavailable):  # on the writer thread
-                await store.delete_expired(now=t0, limit=10)
-            remount("rw")
-            # The first write after the fix succeeds, on the event loop and the thread.
-            expired = make_record(now=t0 - 2 * TTL)
-            await store.create(expired, max_sessions=10, now=expired.created_at)
-            assert await store.delete_expired(now=t0, limit=10) == 1
-            fresh = make_record(now=t0)
-            await store.create(fresh, max_sessions=10, now=t0)
-            assert await other.get(fresh.token_digest, now=t0) == fresh
-        finally:
-            remount("rw")
-            # Both, before the unmount: SQLite holds a closed connection's file open while
-            # another connection of the process holds locks on it.
-            await store.close()
-            await other.close()
+    async with SQLiteStore(path) as creating:
+        await creating.create(make_record(now=t0), max_sessions=10, now=t0)
+    # Another worker keeps -wal and -shm there, so the file opens read-only. Started before
+    # the mount: files open for writing under it would refuse the read-only remount.
+    keeping = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
+        " db.execute('SELECT count(*) FROM authsessions_session').fetchall();"
+        " print('open', flush=True); sys.stdin.read()"
+    )
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", keeping, str(path), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None
+        assert await other.stdout.readline() == b"open\n"
+        store = SQLiteStore(path)
+        with mount_of_its_own(folder) as remount:
+            try:
+                remount("ro")
+                await store.open()
+                with pytest.raises(StoreUnavailable):
+                    await store.create(make_record(now=t0), max_sessions=10, now=t0)
+                with pytest.raises(StoreUnavailable):  # on the writer thread
+                    await store.delete_expired(now=t0, limit=10)
+                remount("rw")
+                # The first writes after the fix succeed, on the event loop and the thread.
+                fresh, expired = make_record(now=t0), make_record(now=t0 - 2 * TTL)
+                await store.create(fresh, max_sessions=10, now=t0)
+                await store.create(expired, max_sessions=10, now=expired.created_at)
+                assert await store.delete_expired(now=t0, limit=10) == 1
+            finally:
+                remount("rw")
+                await store.close()
+        async with SQLiteStore(path) as reading:
+            assert await reading.get(fresh.token_digest, now=t0) == fresh
+    finally:
+        await other.communicate(b"")

@@ -20,7 +20,7 @@ from authsessions.stores._checkpoints import (
     copy_wal,
     started_wal_over,
 )
-from authsessions.stores._sqlite_support import checkpoint_then, is_read_only, start_wal_over
+from authsessions.stores._sqlite_support import checkpoint_then, start_wal_over
 from authsessions.stores._wal_index import WalIndexHeader
 
 __all__ = ["WriterThread"]
@@ -49,6 +49,7 @@ class WriterThread:
         self._pool: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._reconnect: Callable[[], sqlite3.Connection] = _not_opened
+        self._replaced: sqlite3.Connection | None = None  # the last one reconnect() closed
         self._wal_index: WalIndexHeader | None = None
         self.checkpoints = CheckpointSchedule(None)
         self._copying: Future[WalPosition | None] | None = None
@@ -61,7 +62,7 @@ class WriterThread:
         reconnect: Callable[[], sqlite3.Connection],
     ) -> None:
         """Start the thread and open its connection there with ``connect``; ``reconnect``
-        opens it again on a file already set up (after a fork, or a read-only opening).
+        opens it again on the file it set up (after a fork, or see :meth:`reconnect`).
         """
         self._reconnect = reconnect
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="authsessions-sqlite")
@@ -121,28 +122,35 @@ class WriterThread:
         queued behind it lets go of it at once.
         """
         db = self._connection()
-        return await self._on_thread(lambda: self._replacing_if_read_only(db, work))
+        return await self._on_thread(lambda: work(self._fresh(db)))
 
-    def _replacing_if_read_only(
-        self, db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]
-    ) -> T:
-        """``work(db)``, on the thread. When SQLite refuses it for having opened ``db``
-        read-only (it stays so after the file can be written again), the connection is
-        replaced and ``work`` runs once more on the new one: refused, nothing was done.
-        Work already queued with the old connection fails on its close.
+    async def reconnect(self) -> None:
+        """Close the thread's connection, then open it anew, once the work in hand is done
+        (see ``SQLiteStore._reconnect_all``). Work handed over meanwhile runs on the new one.
         """
-        try:
-            return work(db)
-        except sqlite3.Error as exc:
-            if not is_read_only(exc) or self._db is not db:
-                raise
-            try:
-                self._db = self._reconnect()
-            except sqlite3.Error:
-                raise exc from None
-            with contextlib.suppress(sqlite3.Error):
-                db.close()
-        return work(self._db)
+        pool = self._pool
+        if pool is None:
+            raise self._closed_error()
+
+        def reconnect() -> None:
+            db = self._db
+            if self._pool is not pool or db is None:
+                return  # closed meanwhile: the close let go of the connection
+            self._replaced = db
+            db.close()
+            self._db = self._reconnect()  # if it fails, the next work tries again
+
+        with translate_errors("SQLite", sqlite3.Error):
+            await asyncio.wrap_future(pool.submit(reconnect))
+
+    def _fresh(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        """On the thread: the connection for work handed over with ``db``, which is the one
+        opened anew when a reconnect has closed ``db`` since (opened here, if it failed)."""
+        if db is not self._replaced:
+            return db
+        if self._db is db:
+            self._db = self._reconnect()
+        return self._db if self._db is not None else db  # None: the store is closing
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
@@ -264,7 +272,8 @@ class WriterThread:
             and pool is not None
             and self.checkpoints.due()
         ):
-            self._copying = pool.submit(copy_wal, self._connection(), wal_index)
+            db = self._connection()
+            self._copying = pool.submit(lambda: copy_wal(self._fresh(db), wal_index))
 
     async def _finish_checkpoint_then(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """The checkpoint's finish, then ``work``, on the thread.
@@ -282,13 +291,14 @@ class WriterThread:
         db = self._connection()  # taken now, as run() does
 
         def checkpoint_then_work() -> T:
+            connection = self._fresh(db)
             try:
-                return self._replacing_if_read_only(db, lambda db: checkpoint_then(db, work))
+                return checkpoint_then(connection, work)
             finally:
                 # Whatever the write did (it may have failed, or changed nothing), the WAL
                 # starts over here: left to the next commit, that could be the event loop's
                 # (where the WAL-index header is not read, nothing would refuse it there).
-                start_wal_over(db, wait_ms=RESTART_WAIT_MS)
+                start_wal_over(connection, wait_ms=RESTART_WAIT_MS)
                 # Here, not once the loop resumes: work queued behind this on the thread
                 # may have added pages by then.
                 ended_at.append(schedule.position())

@@ -41,9 +41,10 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from authsessions._errors import StoreUnavailable
 from authsessions._records import (
     CheckedUpdate,
     SessionRecord,
@@ -210,6 +211,7 @@ class SQLiteStore(Store):
         self._version_at_write: object = None
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
+        self._reconnecting: asyncio.Future[None] | None = None  # see _reconnect_all
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
         self._loop_thread: int | None = None  # the thread that last used the loop's connection
         self._counting = 0  # stats() connections open on worker threads
@@ -717,7 +719,7 @@ class SQLiteStore(Store):
                 delete, lambda deleted: users_sessions if deleted[1] else ()
             )
             return live
-        live, _rows = await self._writer.write_many_rows(delete)
+        live, _rows = await self._on_writer(self._writer.write_many_rows, delete)
         return live
 
     async def delete_expired(self, *, now: float, limit: int = 1000) -> int:
@@ -726,7 +728,9 @@ class SQLiteStore(Store):
             f"DELETE FROM {TABLE} WHERE id IN"
             f" (SELECT id FROM {TABLE} WHERE expires_at <= ? LIMIT ?)"
         )
-        return await self._writer.write_many_rows(lambda db: db.execute(sql, (now, limit)).rowcount)
+        return await self._on_writer(
+            self._writer.write_many_rows, lambda db: db.execute(sql, (now, limit)).rowcount
+        )
 
     async def _write(
         self,
@@ -759,15 +763,15 @@ class SQLiteStore(Store):
             except WriteRefused:
                 pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
-                # Opened read-only, it stays so: once the file can be written again, only a
-                # connection opened anew writes (a read-only mount, another user's -shm).
-                if db.in_transaction or is_read_only(exc):
+                if is_read_only(exc):
+                    # Refused before it changed anything, on connections opened while the
+                    # file could not be written: on new ones, which may write by now.
+                    await self._reconnect_all()
+                    return await writer.write(work)
+                if db.in_transaction:
                     with translate_errors("SQLite", sqlite3.Error):
                         self._reopen_loop_db()
-                # Busy or read-only, the work was refused before it changed anything: the
-                # thread runs it, waiting for the lock, or on a connection of its own
-                # opened anew if needs be.
-                if not (is_busy(exc) or is_read_only(exc)):
+                if not is_busy(exc):
                     # It may have taken effect (a COMMIT that failed after its write), which
                     # PRAGMA data_version, counting other connections' commits only, misses.
                     self._cache.clear()
@@ -782,7 +786,53 @@ class SQLiteStore(Store):
                 writer.copy_if_due()
                 return result
         # The thread's commit changes the version the next get reads, which empties the cache.
-        return await writer.write(work)
+        return await self._on_writer(writer.write, work)
+
+    async def _on_writer(
+        self,
+        hand_over: Callable[[Callable[[sqlite3.Connection], T]], Awaitable[T]],
+        work: Callable[[sqlite3.Connection], T],
+    ) -> T:
+        """``hand_over(work)`` (to the writer thread); refused for a connection SQLite opened
+        read-only (see :meth:`_reconnect_all`), once more on connections opened anew."""
+        try:
+            return await hand_over(work)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, sqlite3.Error) and is_read_only(cause)):
+                raise
+        await self._reconnect_all()
+        return await hand_over(work)
+
+    async def _reconnect_all(self) -> None:
+        """Close the store's connections, then open them anew.
+
+        SQLite opens a file the process may not write (a read-only mount, another
+        user's ``-shm``, a restored file's owner) read-only, without a word, and the
+        process's connections to it share that state while any of them stays open:
+        closed all at once, they can write once the file can be written. Requests
+        that come meanwhile get 503.
+        """
+        reconnecting = self._reconnecting
+        if reconnecting is not None:
+            await asyncio.shield(reconnecting)
+            return
+        self._reconnecting = done = asyncio.get_running_loop().create_future()
+        try:
+            self._wal_index = None  # before the connections that keep its mapping close
+            self._writer.count_pages(None)
+            self._cache.clear()
+            db, self._loop_db = self._loop_db, None
+            if db is not None:
+                db.close()
+            await self._writer.reconnect()
+            if self._is_open:
+                with translate_errors("SQLite", sqlite3.Error):
+                    self._open_loop_db()
+                self._writer.count_pages(self._wal_index)
+        finally:
+            self._reconnecting = None
+            done.set_result(None)
 
     def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange]) -> None:
         """Keep the cached records of the sessions the event loop's commit left as they were,
@@ -821,6 +871,10 @@ class SQLiteStore(Store):
             return connection
         if not self._is_open:
             raise self._closed_error()
+        if self._reconnecting is not None:
+            # Opened now, it would share the read-only state of the connection the writer
+            # thread is closing (see _reconnect_all).
+            raise StoreUnavailable()
         with translate_errors("SQLite", sqlite3.Error):
             self._open_loop_db()
         # The writer's schedule may hold no header, or one whose mapping went with every
