@@ -25,7 +25,14 @@ from litestar.testing import TestClient as LitestarTestClient
 from starlette.responses import JSONResponse as StarletteJSON
 from starlette.types import ASGIApp
 
-from authsessions import Session, SessionData, SessionManager, SessionMiddleware, Unauthorized
+from authsessions import (
+    Session,
+    SessionData,
+    SessionManager,
+    SessionMiddleware,
+    StoreUnavailable,
+    Unauthorized,
+)
 from authsessions.litestar import CurrentSession, SessionPlugin, provide_session, require_session
 from authsessions.stores import SQLiteStore, Store
 from authsessions.stores._sqlite_schema import TABLE
@@ -139,6 +146,28 @@ async def test_a_route_answering_with_the_sessions_it_lists_has_an_openapi_schem
     assert [device["user_id"] for device in listed.json()] == ["alice"]
     assert schema.status_code == 200
     assert "SessionData" in schema.json()["components"]["schemas"]
+
+
+@post("/login-then-outage", status_code=200)
+async def login_then_outage(session: CurrentSession) -> None:
+    await session.authenticate("alice")
+    raise StoreUnavailable()
+
+
+async def test_a_session_errors_own_5xx_after_a_login_carries_the_new_cookie(
+    sqlite_store: Store, client_for: ClientFor
+) -> None:
+    """As under Starlette: the plugin's handler of a SessionError answers inside the
+    middleware, and was taken for a failure's error page (the new session ended)."""
+    app: Any = Litestar([login_then_outage], plugins=[SessionPlugin(store=sqlite_store)])
+
+    response = await client_for(app).post("/login-then-outage")
+
+    assert response.status_code == 503
+    cookie = session_cookie(response)
+    assert cookie is not None
+    assert cookie.value != ""
+    assert len(await SessionManager(sqlite_store).list_for_user("alice")) == 1
 
 
 class SessionAuthentication(AbstractAuthenticationMiddleware):

@@ -120,7 +120,6 @@ class SessionMiddleware:
                     return  # answered with its status already, in a mounted app's place
                 raise
             start, body = _error_response(exc)
-            session_send.answering = True
             await session_send(start)
             await session_send(body)
         except (Exception, asyncio.CancelledError):
@@ -332,7 +331,6 @@ class _SessionSend:
         "_send",
         "_session",
         "answered",
-        "answering",
         "replaced_by_error",
         "response_started",
     )
@@ -344,7 +342,6 @@ class _SessionSend:
         self.response_started = False
         self.replaced_by_error = False
         self.answered: SessionError | None = None
-        self.answering = False  # a SessionError's own response, not the app's
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if self.replaced_by_error:
@@ -365,11 +362,16 @@ class _SessionSend:
         if session._record is None and session._cookie_change == "keep":
             session._flushed = True  # a login from now on could not send its cookie
             return self._send(message)  # nothing to write, no header to add
-        if message["status"] >= 500 and session._cookie_change == "set" and not self.answering:
+        if (
+            message["status"] >= 500
+            and session._cookie_change == "set"
+            and not isinstance(sys.exc_info()[1], SessionError)
+        ):
             # An error page answered inside this middleware (a framework's own, Litestar's
             # always) after a login or rotation: as where the error reaches us, no page of
-            # a failure signs the client in, and the new token's session ends. (A
-            # SessionError's own answer carries it, as the store holds it.)
+            # a failure signs the client in, and the new token's session ends. A
+            # SessionError's own answer (ours, or a framework's handler of it) carries the
+            # new token: the store holds its session.
             return self._start_after(session.end_unsent_token(), message)
         write = session.pending_write(save=message["status"] < 500)
         if write is not None:
@@ -378,7 +380,6 @@ class _SessionSend:
 
     async def _answer(self, error: SessionError) -> None:
         start, body = _error_response(error)
-        self.answering = True
         await self(start)  # the session's write and headers, as for an error raised to us
         if not self.replaced_by_error:  # else that write failed, and was answered
             await self._send(body)
