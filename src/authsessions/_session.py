@@ -526,7 +526,8 @@ class Session:
             # Only the "last active" touch, on a store that could be read: the app's answer
             # stands (a 503 would deny a done request), and the next request touches.
             logger.warning(
-                "session %s: its last-active touch failed; the next request tries again",
+                "session %s: the store failed during its last-active touch; the app's "
+                "answer stands, and the next request tries again",
                 record.id,
             )
 

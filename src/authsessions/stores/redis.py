@@ -88,7 +88,7 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Where redis-py loads the TLS files, as it connects but before any network traffic, and
 # the URL options naming them.
 _REDIS_TLS_LOADER = "RedisSSLContext.get"
-_TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+_TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
 _SCAN_BATCH = 1000
