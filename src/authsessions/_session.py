@@ -517,12 +517,32 @@ class Session:
         # store then need not rewrite its expiry index.
         changes = self._pending_update(now, moves_expiry=touch_due)
         self._changes = None
-        if changes.changes_data:
-            await self._apply(record, changes, now, touch_due=touch_due)
-            return
+        # One coroutine, the except clause in it: a second costs every write.
         try:
-            await self._apply(record, changes, now, touch_due=touch_due)
+            if not await self._update(record, changes, now):
+                # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it
+                # back.
+                logger.info(
+                    "session %s ended during the request; its changes were dropped", record.id
+                )
+                self._end()
+                return
+            if self._record is not record:
+                return  # a task of this request logged out meanwhile: that stands
+            if touch_due:  # else the record's times and token are still the stored ones
+                self._record = record = self._renewed(record, changes)
+            # Re-send the cookie so the browser's expiry follows the store's, unless a
+            # concurrent rotate() replaced this token: the browser's new cookie must not
+            # be overwritten by a dead one. One extra read, once per touch_interval.
+            if (
+                touch_due
+                and self._cookie_change == "keep"
+                and await self._store.get(record.token_digest, now=now) is not None
+            ):
+                self._cookie_change = "set"
         except StoreUnavailable:
+            if changes.changes_data:
+                raise
             # Only the "last active" touch, on a store that could be read: the app's answer
             # stands (a 503 would deny a done request), and the next request touches.
             logger.warning(
@@ -530,28 +550,6 @@ class Session:
                 "answer stands, and the next request tries again",
                 record.id,
             )
-
-    async def _apply(
-        self, record: SessionRecord, changes: SessionUpdate, now: float, *, touch_due: bool
-    ) -> None:
-        if not await self._update(record, changes, now):
-            # Ended meanwhile (logout elsewhere, expiry): its changes must not bring it back.
-            logger.info("session %s ended during the request; its changes were dropped", record.id)
-            self._end()
-            return
-        if self._record is not record:
-            return  # a task of this request logged out meanwhile: that stands
-        if touch_due:  # else the record's times and token are still the stored ones
-            self._record = record = self._renewed(record, changes)
-        # Re-send the cookie so the browser's expiry follows the store's, unless a
-        # concurrent rotate() replaced this token: the browser's new cookie must not
-        # be overwritten by a dead one. One extra read, once per touch_interval.
-        if (
-            touch_due
-            and self._cookie_change == "keep"
-            and await self._store.get(record.token_digest, now=now) is not None
-        ):
-            self._cookie_change = "set"
 
     async def end_unsent_token(self) -> None:
         """End the session a login or rotation of this request gave a new token, when no

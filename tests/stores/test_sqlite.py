@@ -3349,6 +3349,58 @@ def mount_of_its_own(folder: Path) -> Iterator[Callable[[str], None]]:
         subprocess.run(["umount", folder], check=True)
 
 
+@contextlib.asynccontextmanager
+async def another_process_holding(path: Path) -> AsyncIterator[None]:
+    """Another process (a worker of the app) with the SQLite file open, which keeps its
+    ``-wal`` and ``-shm`` in place."""
+    holding = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
+        " db.execute('SELECT count(*) FROM authsessions_session').fetchall();"
+        " print('open', flush=True); sys.stdin.read()"
+    )
+    other = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", holding, str(path), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None
+        assert await other.stdout.readline() == b"open\n"
+        yield
+    finally:
+        await other.communicate(b"")
+
+
+def files_open_under(folder: Path) -> list[str]:
+    """The files under ``folder`` this process has open."""
+    opened = (os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd"))
+    return [name for name in opened if name.startswith(f"{folder}/")]
+
+
+async def reads_beside_failing_writes(store: SQLiteStore, digest: str, now: float) -> int:
+    """How many of 200 reads of the session ``digest`` failed while touches of it failed."""
+    failed = 0
+    record = await store.get(digest, now=now)
+    assert record is not None
+
+    async def read() -> None:
+        nonlocal failed
+        for _ in range(100):
+            try:
+                assert await store.get(digest, now=now) is not None
+            except StoreUnavailable:
+                failed += 1
+            await asyncio.sleep(0)
+
+    async def touch() -> None:
+        for step in range(20):
+            update = SessionUpdate(last_active_at=now + step, expires_at=now + TTL + step)
+            with contextlib.suppress(StoreUnavailable):
+                await store.update(record.id, update, now=now)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(read(), read(), touch())
+    return failed
+
+
 async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_writable(
     tmp_path: Path,
 ) -> None:
@@ -3359,21 +3411,12 @@ async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_wri
     folder.mkdir()
     path = folder / "sessions.db"
     t0 = start_time()
+    kept = make_record(now=t0)
     async with SQLiteStore(path) as creating:
-        await creating.create(make_record(now=t0), max_sessions=10, now=t0)
+        await creating.create(kept, max_sessions=10, now=t0)
     # Another worker keeps -wal and -shm there, so the file opens read-only. Started before
     # the mount: files open for writing under it would refuse the read-only remount.
-    keeping = (
-        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
-        " db.execute('SELECT count(*) FROM authsessions_session').fetchall();"
-        " print('open', flush=True); sys.stdin.read()"
-    )
-    other = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", keeping, str(path), stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        assert other.stdout is not None
-        assert await other.stdout.readline() == b"open\n"
+    async with another_process_holding(path):
         store = SQLiteStore(path)
         with mount_of_its_own(folder) as remount:
             try:
@@ -3383,6 +3426,9 @@ async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_wri
                     await store.create(make_record(now=t0), max_sessions=10, now=t0)
                 with pytest.raises(StoreUnavailable):  # on the writer thread
                     await store.delete_expired(now=t0, limit=10)
+                # While it stays read-only, failing writes leave reads alone (connections
+                # opened anew would be read-only too, and reads meanwhile 503s).
+                assert await reads_beside_failing_writes(store, kept.token_digest, t0) == 0
                 remount("rw")
                 # The first writes after the fix succeed, on the event loop and the thread.
                 fresh, expired = make_record(now=t0), make_record(now=t0 - 2 * TTL)
@@ -3394,5 +3440,41 @@ async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_wri
                 await store.close()
         async with SQLiteStore(path) as reading:
             assert await reading.get(fresh.token_digest, now=t0) == fresh
-    finally:
-        await other.communicate(b"")
+
+
+async def test_a_close_while_the_connections_reopen_leaves_none_open(tmp_path: Path) -> None:
+    """The writer thread's reopened connection was kept after close() had let go of the
+    old one: the file stayed open (a mount could not go), and an open() meanwhile would
+    find a connection of another thread."""
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    path = folder / "sessions.db"
+    t0 = start_time()
+    async with SQLiteStore(path) as creating:
+        await creating.create(make_record(now=t0), max_sessions=10, now=t0)
+    async with another_process_holding(path):
+        store = SQLiteStore(path)
+        with mount_of_its_own(folder) as remount:
+            try:
+                remount("ro")
+                await store.open()
+                remount("rw")
+                reopen = store._writer._reconnect
+
+                def slow_reopen() -> sqlite3.Connection:
+                    time.sleep(0.3)  # as on a slow disk: the close comes meanwhile
+                    return reopen()
+
+                store._writer._reconnect = slow_reopen
+                write = asyncio.ensure_future(
+                    store.create(make_record(now=t0), max_sessions=10, now=t0)
+                )
+                await asyncio.sleep(0.1)
+                await store.close()
+                with contextlib.suppress(StoreUnavailable, RuntimeError):
+                    await write
+                assert store._writer._db is None
+                assert not files_open_under(folder)
+            finally:
+                remount("rw")
+                await store.close()

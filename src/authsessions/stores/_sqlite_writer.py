@@ -138,7 +138,11 @@ class WriterThread:
                 return  # closed meanwhile: the close let go of the connection
             self._replaced = db
             db.close()
-            self._db = self._reconnect()  # if it fails, the next work tries again
+            reopened = self._reconnect()  # if it fails, the next work tries again
+            if self._pool is pool and self._db is db:
+                self._db = reopened
+            else:  # closed meanwhile, which let go of the old one only
+                reopened.close()
 
         with translate_errors("SQLite", sqlite3.Error):
             await asyncio.wrap_future(pool.submit(reconnect))

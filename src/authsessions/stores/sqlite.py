@@ -763,7 +763,7 @@ class SQLiteStore(Store):
             except WriteRefused:
                 pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
-                if is_read_only(exc):
+                if is_read_only(exc) and self._writable_now():
                     # Refused before it changed anything, on connections opened while the
                     # file could not be written: on new ones, which may write by now.
                     await self._reconnect_all()
@@ -801,8 +801,23 @@ class SQLiteStore(Store):
             cause = exc.__cause__
             if not (isinstance(cause, sqlite3.Error) and is_read_only(cause)):
                 raise
+            if not self._writable_now():
+                raise
         await self._reconnect_all()
         return await hand_over(work)
+
+    def _writable_now(self) -> bool:
+        """Whether the process may write the file now (its ``-wal`` and ``-shm``, or the
+        folder to make them in), so that connections opened anew could: while it may not,
+        a reconnect would only close the connection reads use."""
+        folder_needed = False
+        for path in (self._file, f"{self._file}-wal", f"{self._file}-shm"):
+            if os.path.exists(path):
+                if not os.access(path, os.W_OK):
+                    return False
+            else:
+                folder_needed = True
+        return not folder_needed or os.access(os.path.dirname(self._file), os.W_OK)
 
     async def _reconnect_all(self) -> None:
         """Close the store's connections, then open them anew.
