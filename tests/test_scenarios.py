@@ -483,6 +483,19 @@ async def test_a_shortened_ttl_ends_sessions_idle_longer_than_it_at_once(
     assert [s.id for s in await SessionManager(store, config).list_for_user("alice")] == [this.id]
 
 
+async def change_meanwhile(store: Store, session: Session, meanwhile: str, rotated: str) -> None:
+    """What another request did to ``session`` while this one ran: ``"revoked"`` it, or
+    ``"rotated away"`` its token (to the digest ``rotated``)."""
+    current = session.current()
+    assert current is not None
+    now = time.time()
+    if meanwhile == "revoked":
+        await store.delete(current.id, now=now)
+    else:
+        update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
+        assert await store.update(current.id, update, now=now)
+
+
 @pytest.mark.parametrize(
     "operation",
     ["rotate", "logout", "list_my_sessions", "logout_other", "logout_all", "revoke"],
@@ -504,14 +517,7 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
 
     async def changed_then_acting(request: Request) -> Response:
         session = Session.from_request(request)
-        current = session.current()
-        assert current is not None
-        if meanwhile == "revoked":
-            await store.delete(current.id, now=time.time())
-        else:
-            now = time.time()
-            update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
-            assert await store.update(current.id, update, now=now)
+        await change_meanwhile(store, session, meanwhile, rotated)
         if operation == "list_my_sessions":
             return JSONResponse([s.id for s in await session.list_my_sessions()])
         if operation == "revoke":
@@ -548,14 +554,7 @@ async def test_keys_set_by_a_request_whose_token_was_rotated_away_land_but_not_o
 
     async def changed_then_setting(request: Request) -> Response:
         session = Session.from_request(request)
-        current = session.current()
-        assert current is not None
-        now = time.time()
-        if meanwhile == "revoked":
-            await store.delete(current.id, now=now)
-        else:
-            update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
-            assert await store.update(current.id, update, now=now)
+        await change_meanwhile(store, session, meanwhile, rotated)
         session.set("cart", ["book"])
         return JSONResponse({})
 
@@ -587,11 +586,7 @@ async def test_a_login_on_a_request_whose_token_was_rotated_away_meanwhile_ends_
 
     async def rotated_then_signing_in(request: Request) -> Response:
         session = Session.from_request(request)
-        current = session.current()
-        assert current is not None
-        now = time.time()
-        update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
-        assert await store.update(current.id, update, now=now)
+        await change_meanwhile(store, session, "rotated away", rotated)
         await session.authenticate("mallory")
         return JSONResponse({"user_id": session.user_id})
 

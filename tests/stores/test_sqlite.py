@@ -3375,6 +3375,30 @@ def files_open_under(folder: Path) -> list[str]:
     return [name for name in opened if name.startswith(f"{folder}/")]
 
 
+@contextlib.asynccontextmanager
+async def opened_while_read_only(
+    folder: Path, kept: SessionRecord, opened_as: Path | None = None
+) -> AsyncIterator[tuple[SQLiteStore, Callable[[str], None]]]:
+    """A store opened on ``folder``'s ``sessions.db`` (holding ``kept``), by that path or
+    ``opened_as``, while the folder is mounted read-only, and the function remounting it
+    ``"ro"`` or ``"rw"``."""
+    path = folder / "sessions.db"
+    async with SQLiteStore(path) as creating:
+        await creating.create(kept, max_sessions=10, now=kept.created_at)
+    # Another worker keeps -wal and -shm there, so the file opens read-only. Started before
+    # the mount: files open for writing under it would refuse the read-only remount.
+    async with another_process_holding(path):
+        store = SQLiteStore(opened_as or path)
+        with mount_of_its_own(folder) as remount:
+            try:
+                remount("ro")
+                await store.open()
+                yield store, remount
+            finally:
+                remount("rw")
+                await store.close()
+
+
 async def reads_beside_failing_writes(store: SQLiteStore, digest: str, now: float) -> int:
     """How many of 200 reads of the session ``digest`` failed while touches of it failed."""
     failed = 0
@@ -3401,80 +3425,74 @@ async def reads_beside_failing_writes(store: SQLiteStore, digest: str, now: floa
     return failed
 
 
+@pytest.mark.parametrize("opened_as", ["the file", "a symlink in a read-only folder"])
 async def test_a_store_opened_while_its_file_was_read_only_writes_once_it_is_writable(
-    tmp_path: Path,
+    tmp_path: Path, opened_as: str
 ) -> None:
     """SQLite opens a file it may not write read-only, without a word, and a process's
     connections to the file share that state while any of them is open: every write was
-    a 503 until the process restarted."""
-    folder = tmp_path / "sessions"
-    folder.mkdir()
-    path = folder / "sessions.db"
+    a 503 until the process restarted. (SQLite keeps -wal and -shm beside the file a
+    symlink names: what may be written is judged there.)"""
     t0 = start_time()
-    kept = make_record(now=t0)
-    async with SQLiteStore(path) as creating:
-        await creating.create(kept, max_sessions=10, now=t0)
-    # Another worker keeps -wal and -shm there, so the file opens read-only. Started before
-    # the mount: files open for writing under it would refuse the read-only remount.
-    async with another_process_holding(path):
-        store = SQLiteStore(path)
-        with mount_of_its_own(folder) as remount:
-            try:
-                remount("ro")
-                await store.open()
-                with pytest.raises(StoreUnavailable):
-                    await store.create(make_record(now=t0), max_sessions=10, now=t0)
-                with pytest.raises(StoreUnavailable):  # on the writer thread
-                    await store.delete_expired(now=t0, limit=10)
-                # While it stays read-only, failing writes leave reads alone (connections
-                # opened anew would be read-only too, and reads meanwhile 503s).
-                assert await reads_beside_failing_writes(store, kept.token_digest, t0) == 0
-                remount("rw")
-                # The first writes after the fix succeed, on the event loop and the thread.
-                fresh, expired = make_record(now=t0), make_record(now=t0 - 2 * TTL)
-                await store.create(fresh, max_sessions=10, now=t0)
-                await store.create(expired, max_sessions=10, now=expired.created_at)
-                assert await store.delete_expired(now=t0, limit=10) == 1
-            finally:
-                remount("rw")
-                await store.close()
-        async with SQLiteStore(path) as reading:
-            assert await reading.get(fresh.token_digest, now=t0) == fresh
+    kept, fresh, expired = make_record(now=t0), make_record(now=t0), make_record(now=t0 - 2 * TTL)
+    data, links = tmp_path / "sessions", tmp_path / "links"
+    data.mkdir()
+    links.mkdir()
+    (links / "sessions.db").symlink_to(data / "sessions.db")
+    link = links / "sessions.db" if opened_as != "the file" else None
+    async with contextlib.AsyncExitStack() as mounts:
+        if link is not None:
+            mounts.enter_context(mount_of_its_own(links))("ro")
+        async with opened_while_read_only(data, kept, link) as (store, remount):
+            await written_once_writable(store, remount, kept, fresh, expired)
+    async with SQLiteStore(data / "sessions.db") as reading:
+        assert await reading.get(fresh.token_digest, now=t0) == fresh
+
+
+async def written_once_writable(
+    store: SQLiteStore,
+    remount: Callable[[str], None],
+    kept: SessionRecord,
+    fresh: SessionRecord,
+    expired: SessionRecord,
+) -> None:
+    """Writes to ``store``, opened read-only, fail without failing reads; once the folder is
+    writable (``remount``), the first of them succeed."""
+    t0 = kept.created_at
+    with pytest.raises(StoreUnavailable):
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
+    with pytest.raises(StoreUnavailable):  # on the writer thread
+        await store.delete_expired(now=t0, limit=10)
+    # While it stays read-only, failing writes leave reads alone (connections opened
+    # anew would be read-only too, and reads meanwhile 503s).
+    assert await reads_beside_failing_writes(store, kept.token_digest, t0) == 0
+    remount("rw")
+    # The first writes after the fix succeed, on the event loop and the thread.
+    await store.create(fresh, max_sessions=10, now=t0)
+    await store.create(expired, max_sessions=10, now=expired.created_at)
+    assert await store.delete_expired(now=t0, limit=10) == 1
 
 
 async def test_a_close_while_the_connections_reopen_leaves_none_open(tmp_path: Path) -> None:
     """The writer thread's reopened connection was kept after close() had let go of the
     old one: the file stayed open (a mount could not go), and an open() meanwhile would
     find a connection of another thread."""
+    t0 = start_time()
     folder = tmp_path / "sessions"
     folder.mkdir()
-    path = folder / "sessions.db"
-    t0 = start_time()
-    async with SQLiteStore(path) as creating:
-        await creating.create(make_record(now=t0), max_sessions=10, now=t0)
-    async with another_process_holding(path):
-        store = SQLiteStore(path)
-        with mount_of_its_own(folder) as remount:
-            try:
-                remount("ro")
-                await store.open()
-                remount("rw")
-                reopen = store._writer._reconnect
+    async with opened_while_read_only(folder, make_record(now=t0)) as (store, remount):
+        remount("rw")
+        reopen = store._writer._reconnect
 
-                def slow_reopen() -> sqlite3.Connection:
-                    time.sleep(0.3)  # as on a slow disk: the close comes meanwhile
-                    return reopen()
+        def slow_reopen() -> sqlite3.Connection:
+            time.sleep(0.3)  # as on a slow disk: the close comes meanwhile
+            return reopen()
 
-                store._writer._reconnect = slow_reopen
-                write = asyncio.ensure_future(
-                    store.create(make_record(now=t0), max_sessions=10, now=t0)
-                )
-                await asyncio.sleep(0.1)
-                await store.close()
-                with contextlib.suppress(StoreUnavailable, RuntimeError):
-                    await write
-                assert store._writer._db is None
-                assert not files_open_under(folder)
-            finally:
-                remount("rw")
-                await store.close()
+        store._writer._reconnect = slow_reopen
+        write = asyncio.ensure_future(store.create(make_record(now=t0), max_sessions=10, now=t0))
+        await asyncio.sleep(0.1)
+        await store.close()
+        with contextlib.suppress(StoreUnavailable, RuntimeError):
+            await write
+        assert store._writer._db is None
+        assert not files_open_under(folder)

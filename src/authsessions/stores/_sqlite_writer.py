@@ -153,7 +153,11 @@ class WriterThread:
         if db is not self._replaced:
             return db
         if self._db is db:
-            self._db = self._reconnect()
+            pool, reopened = self._pool, self._reconnect()
+            if self._pool is pool and self._db is db:
+                self._db = reopened
+            else:  # closed meanwhile, which let go of the old one only
+                reopened.close()
         return self._db if self._db is not None else db  # None: the store is closing
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:

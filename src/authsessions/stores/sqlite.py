@@ -40,6 +40,7 @@ import functools
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -95,6 +96,10 @@ BULK_CHECKPOINT_PAGES = 10_000
 # The most rows delete_for_user deletes on the event loop (one short write, as a logout is);
 # more go to the writer thread. Well above max_sessions_per_user's default of 10.
 INLINE_DELETE_ROWS = 32
+
+# The shortest time between two reconnects of a store whose file SQLite opened read-only
+# (see SQLiteStore._reconnect_all), in seconds: each closes the connection reads use.
+RECONNECT_INTERVAL = 5.0
 
 # What the WAL file is cut back to when it restarts after a checkpoint, in bytes: a cleanup
 # grows it to about BULK_CHECKPOINT_PAGES, and without a limit it would keep that size.
@@ -212,6 +217,7 @@ class SQLiteStore(Store):
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
         self._reconnecting: asyncio.Future[None] | None = None  # see _reconnect_all
+        self._reconnected_at = -RECONNECT_INTERVAL
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
         self._loop_thread: int | None = None  # the thread that last used the loop's connection
         self._counting = 0  # stats() connections open on worker threads
@@ -763,7 +769,7 @@ class SQLiteStore(Store):
             except WriteRefused:
                 pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
-                if is_read_only(exc) and self._writable_now():
+                if is_read_only(exc) and self._reconnect_may_help():
                     # Refused before it changed anything, on connections opened while the
                     # file could not be written: on new ones, which may write by now.
                     await self._reconnect_all()
@@ -801,23 +807,30 @@ class SQLiteStore(Store):
             cause = exc.__cause__
             if not (isinstance(cause, sqlite3.Error) and is_read_only(cause)):
                 raise
-            if not self._writable_now():
+            if not self._reconnect_may_help():
                 raise
         await self._reconnect_all()
         return await hand_over(work)
 
-    def _writable_now(self) -> bool:
-        """Whether the process may write the file now (its ``-wal`` and ``-shm``, or the
-        folder to make them in), so that connections opened anew could: while it may not,
-        a reconnect would only close the connection reads use."""
+    def _reconnect_may_help(self) -> bool:
+        """Whether connections opened anew could write: the process may write the file now
+        (its ``-wal`` and ``-shm``, or the folder to make them in, beside the file a
+        symlink names, as SQLite keeps them), and no reconnect was tried in the last
+        :data:`RECONNECT_INTERVAL` (another connection of the process to the file, which
+        keeps the state read-only, would make each one fail). Else a reconnect would
+        only close the connection reads use.
+        """
+        if time.monotonic() - self._reconnected_at < RECONNECT_INTERVAL:
+            return False
+        file = os.path.realpath(self._file)
         folder_needed = False
-        for path in (self._file, f"{self._file}-wal", f"{self._file}-shm"):
+        for path in (file, f"{file}-wal", f"{file}-shm"):
             if os.path.exists(path):
                 if not os.access(path, os.W_OK):
                     return False
             else:
                 folder_needed = True
-        return not folder_needed or os.access(os.path.dirname(self._file), os.W_OK)
+        return not folder_needed or os.access(os.path.dirname(file), os.W_OK)
 
     async def _reconnect_all(self) -> None:
         """Close the store's connections, then open them anew.
@@ -833,6 +846,7 @@ class SQLiteStore(Store):
             await asyncio.shield(reconnecting)
             return
         self._reconnecting = done = asyncio.get_running_loop().create_future()
+        self._reconnected_at = time.monotonic()
         try:
             self._wal_index = None  # before the connections that keep its mapping close
             self._writer.count_pages(None)
