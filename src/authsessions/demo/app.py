@@ -10,7 +10,7 @@ import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import jinja2
 from argon2 import PasswordHasher
@@ -63,10 +63,9 @@ SECURITY_HEADERS = {
 
 def users_path_for(store_url: str) -> str:
     """Where the demo keeps accounts: beside a SQLite sessions file, else in the working dir."""
-    if store_url.partition("://")[0].lower() == "sqlite":
-        # The store's own reading of the URL (percent-decoded), not one of ours.
-        sessions_path = cast(SQLiteStore, open_store(store_url)).path
-        return os.path.join(os.path.dirname(sessions_path), USERS_FILE)
+    store = open_store(store_url)  # its own reading of the URL (percent-decoded)
+    if isinstance(store, SQLiteStore):
+        return os.path.join(os.path.dirname(store.path), USERS_FILE)
     return USERS_FILE
 
 

@@ -138,11 +138,7 @@ class WriterThread:
                 return  # closed meanwhile: the close let go of the connection
             self._replaced = db
             db.close()
-            reopened = self._reconnect()  # if it fails, the next work tries again
-            if self._pool is pool and self._db is db:
-                self._db = reopened
-            else:  # closed meanwhile, which let go of the old one only
-                reopened.close()
+            self._reopen_in_place_of(db)  # if it fails, the next work tries again
 
         with translate_errors("SQLite", sqlite3.Error):
             await asyncio.wrap_future(pool.submit(reconnect))
@@ -153,12 +149,17 @@ class WriterThread:
         if db is not self._replaced:
             return db
         if self._db is db:
-            pool, reopened = self._pool, self._reconnect()
-            if self._pool is pool and self._db is db:
-                self._db = reopened
-            else:  # closed meanwhile, which let go of the old one only
-                reopened.close()
+            self._reopen_in_place_of(db)
         return self._db if self._db is not None else db  # None: the store is closing
+
+    def _reopen_in_place_of(self, closed: sqlite3.Connection) -> None:
+        """On the thread: the connection opened anew, in place of ``closed``; closed again
+        at once if the thread was closed meanwhile (which let go of ``closed`` only)."""
+        pool, reopened = self._pool, self._reconnect()
+        if self._pool is pool and self._db is closed:
+            self._db = reopened
+        else:
+            reopened.close()
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when

@@ -362,9 +362,8 @@ class SQLiteStore(Store):
         return wal_index.all_checkpointed()
 
     def _reopen_loop_db(self) -> None:
-        """Replace the event loop's connection: left inside a transaction by a ROLLBACK that
-        failed, reads on it would see that transaction's uncommitted writes; opened
-        read-only, it would refuse every write after the file can be written again.
+        """Replace the event loop's connection, left inside a transaction by a ROLLBACK that
+        failed: reads on it would see that transaction's uncommitted writes.
         """
         stuck = self._loop_db
         self._loop_db = self._wal_index = None
