@@ -3496,3 +3496,38 @@ async def test_a_close_while_the_connections_reopen_leaves_none_open(tmp_path: P
             await write
         assert store._writer._db is None
         assert not files_open_under(folder)
+
+
+async def test_a_write_cancelled_while_the_connections_reopen_leaves_them_reopened(
+    tmp_path: Path,
+) -> None:
+    """The reconnect ran in the write's own task: cancelled with it (a client gone), it
+    stopped halfway, and writes stayed 503s until the next reconnect was allowed."""
+    t0 = start_time()
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    kept = make_record(now=t0)
+    async with opened_while_read_only(folder, kept) as (store, remount):
+        assert await store.get(kept.token_digest, now=t0) == kept
+        remount("rw")
+        reconnecting = asyncio.Event()
+        reconnect_all = store._reconnect_all
+
+        async def noted_reconnect_all() -> None:
+            reconnecting.set()
+            await reconnect_all()
+
+        store._reconnect_all = noted_reconnect_all  # type: ignore[method-assign]
+        # The writer thread busy (a cleanup's batch, say): the reconnect waits its turn.
+        busy = store._writer._pool.submit(time.sleep, 0.3)  # type: ignore[union-attr]
+        write = asyncio.ensure_future(store.create(make_record(now=t0), max_sessions=10, now=t0))
+        await reconnecting.wait()
+        await asyncio.sleep(0)
+        write.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await write
+        await asyncio.wrap_future(busy)
+        await asyncio.sleep(0.1)  # the reconnect, done on its own
+        fresh = make_record(now=t0)
+        await store.create(fresh, max_sessions=10, now=t0)
+        assert await store.get(fresh.token_digest, now=t0) == fresh

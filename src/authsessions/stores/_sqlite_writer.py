@@ -98,10 +98,16 @@ class WriterThread:
         about to fork must hold no connection to the file (see ``SQLiteStore``). The
         caller lets go of the WAL-index header after this, before its own connection.
         """
-        pool, db = self._pool, self._db
-        if pool is not None and db is not None:
-            pool.submit(db.close).result()
-            self._db = None
+        pool = self._pool
+        if pool is not None:
+            # The connection the thread holds when it gets here: a reconnect queued ahead
+            # may replace the one held now.
+            pool.submit(self._close_held).result()
+
+    def _close_held(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def reconnect_after_fork(self) -> None:
         """In the process that forked: open the thread's connection again, blocking."""
@@ -141,7 +147,8 @@ class WriterThread:
             self._reopen_in_place_of(db)  # if it fails, the next work tries again
 
         with translate_errors("SQLite", sqlite3.Error):
-            await asyncio.wrap_future(pool.submit(reconnect))
+            # Shielded: cancelled while queued, the reconnect would never run.
+            await asyncio.shield(asyncio.wrap_future(pool.submit(reconnect)))
 
     def _fresh(self, db: sqlite3.Connection) -> sqlite3.Connection:
         """On the thread: the connection for work handed over with ``db``, which is the one

@@ -216,7 +216,7 @@ class SQLiteStore(Store):
         self._version_at_write: object = None
         # Writes that wait for a lock or change many rows, and checkpoints.
         self._writer = WriterThread(self._closed_error, timeout)
-        self._reconnecting: asyncio.Future[None] | None = None  # see _reconnect_all
+        self._reconnecting: asyncio.Task[None] | None = None  # see _reconnect_all
         self._reconnected_at = -RECONNECT_INTERVAL
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
         self._loop_thread: int | None = None  # the thread that last used the loop's connection
@@ -327,6 +327,7 @@ class SQLiteStore(Store):
         self._cache.clear()
         self._writer = WriterThread(self._closed_error, self.timeout)
         self._counting, self._counting_lock = 0, threading.Lock()  # another thread's, if held
+        self._reconnecting, self._reconnected_at = None, -RECONNECT_INTERVAL  # the parent's
         self._mark_closed()
         self._opening = None
 
@@ -841,11 +842,15 @@ class SQLiteStore(Store):
         that come meanwhile get 503.
         """
         reconnecting = self._reconnecting
-        if reconnecting is not None:
-            await asyncio.shield(reconnecting)
-            return
-        self._reconnecting = done = asyncio.get_running_loop().create_future()
-        self._reconnected_at = time.monotonic()
+        if reconnecting is None:
+            self._reconnected_at = time.monotonic()
+            # A task of its own: a caller cancelled meanwhile (a client gone) must not stop
+            # it halfway, with one connection closed and reads reopening theirs.
+            self._reconnecting = reconnecting = asyncio.ensure_future(self._reopen_all())
+            reconnecting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(reconnecting)
+
+    async def _reopen_all(self) -> None:
         try:
             self._wal_index = None  # before the connections that keep its mapping close
             self._writer.count_pages(None)
@@ -854,13 +859,13 @@ class SQLiteStore(Store):
             if db is not None:
                 db.close()
             await self._writer.reconnect()
-            if self._is_open:
+            # None opened meanwhile (a fork reopens it), and the store still open.
+            if self._is_open and self._loop_db is None:
                 with translate_errors("SQLite", sqlite3.Error):
                     self._open_loop_db()
                 self._writer.count_pages(self._wal_index)
         finally:
             self._reconnecting = None
-            done.set_result(None)
 
     def _after_own_commit(self, wrote: bool, changed: Sequence[CacheChange]) -> None:
         """Keep the cached records of the sessions the event loop's commit left as they were,
