@@ -1908,7 +1908,7 @@ async def test_another_processs_changes_survive_the_stores_writes_to_other_keys(
     take the other process's key back. The tests above pin each ordering that could; this
     one lets two real processes interleave as they will.
     """
-    increments = 1000
+    increments = 3000  # long enough to overlap a busy machine's store loop many times
     t0 = start_time()
     record = make_record(now=t0, data={"p": 0})
     async with SQLiteStore(db_path, timeout=10) as store:
