@@ -3531,3 +3531,72 @@ async def test_a_write_cancelled_while_the_connections_reopen_leaves_them_reopen
         fresh = make_record(now=t0)
         await store.create(fresh, max_sessions=10, now=t0)
         assert await store.get(fresh.token_digest, now=t0) == fresh
+
+
+_FORKED_WHILE_THE_CONNECTIONS_REOPEN = """
+import asyncio, gc, os, subprocess, sys, time
+from authsessions.stores import SQLiteStore
+from tests.stores.records import make_record, start_time
+
+path = sys.argv[1]
+folder = os.path.dirname(path)
+
+def files_open() -> list[str]:
+    opened = (os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd"))
+    return [name for name in opened if name.startswith(folder + "/")]
+
+async def main() -> None:
+    t0 = start_time()
+    store = SQLiteStore(path)
+    await store.open()  # read-only: the folder is mounted so
+    subprocess.run(["mount", "-o", "remount,bind,rw", folder], check=True)
+    store._writer._pool.submit(time.sleep, 0.3)  # the writer thread busy, as with a cleanup
+    write = asyncio.ensure_future(store.create(make_record(now=t0), max_sessions=10, now=t0))
+    while store._reconnecting is None:
+        await asyncio.sleep(0)
+    gc.collect()
+    gc.disable()  # what the store closes, not what the collector would
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writing, repr(files_open()).encode())
+        os._exit(0)
+    os.close(writing)
+    await write
+    await store.close()
+    in_parent = files_open()
+    os.waitpid(pid, 0)
+    in_child = os.read(reading, 10_000).decode()
+    print("child", in_child, "parent", in_parent, flush=True)
+    assert in_child == "[]", "a connection crossed the fork"
+    assert not in_parent, "close() left connections open"
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+async def test_a_fork_while_the_connections_reopen_leaves_none_to_cross_it(
+    tmp_path: Path,
+) -> None:
+    """The writer thread's reconnect, queued behind other work as the process forked,
+    opened a connection the fork did not close (the child inherited it, and the parent's
+    close() missed it), and the event loop's was opened twice."""
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    path = folder / "sessions.db"
+    t0 = start_time()
+    async with SQLiteStore(path) as creating:
+        await creating.create(make_record(now=t0), max_sessions=10, now=t0)
+    async with another_process_holding(path):
+        with mount_of_its_own(folder) as remount:
+            try:
+                remount("ro")
+                done = await asyncio.to_thread(
+                    run_in_a_process_of_its_own, _FORKED_WHILE_THE_CONNECTIONS_REOPEN, path
+                )
+            finally:
+                remount("rw")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "child [] parent []" in done.stdout
