@@ -362,8 +362,9 @@ class _SessionSend:
         if session._record is None and session._cookie_change == "keep":
             session._flushed = True  # a login from now on could not send its cookie
             return self._send(message)  # nothing to write, no header to add
+        failed = message["status"] >= 500
         if (
-            message["status"] >= 500
+            failed
             and session._cookie_change == "set"
             and not isinstance(sys.exc_info()[1], SessionError)
         ):
@@ -373,7 +374,7 @@ class _SessionSend:
             # SessionError's own answer (ours, or a framework's handler of it) carries the
             # new token: the store holds its session.
             return self._start_after(session.end_unsent_token(), message)
-        write = session.pending_write(save=message["status"] < 500)
+        write = session.pending_write(save=not failed)
         if write is not None:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))

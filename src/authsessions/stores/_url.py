@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, unquote_plus
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from authsessions.stores._base import Store
 
 __all__ = ["DEFAULT_STORE_URL", "STORE_URL_ENV", "open_store", "redact_url", "resolve_store"]
@@ -184,13 +186,19 @@ def tls_loading_error(exc: BaseException, loader: str) -> OSError | None:
     files, before any network traffic); ``None`` for a connection's error (a missing Unix
     socket is a FileNotFoundError too).
     """
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in exception_chain(exc):
         frames = [frame for frame, _ in traceback.walk_tb(seen.__traceback__)]
         if isinstance(seen, OSError) and frames and frames[-1].f_code.co_qualname == loader:
             return seen
-        seen = seen.__cause__ or seen.__context__
     return None
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then the error it was raised from, and so on."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def unusable_tls_files(

@@ -68,6 +68,7 @@ from authsessions.stores._base import (
 )
 from authsessions.stores._redis_connections import ReadConnections
 from authsessions.stores._url import (
+    exception_chain,
     malformed_url,
     query_values,
     redact_url,
@@ -89,6 +90,8 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # the URL options naming them.
 _REDIS_TLS_LOADER = "RedisSSLContext.get"
 _TLS_FILE_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+# What redis-py says of a cluster client's server that is not in cluster mode.
+_NOT_A_CLUSTER = "Cluster mode is not enabled on this node"
 _TAG_LENGTH = 32
 _CACHE_SIZE = 10_000
 _SCAN_BATCH = 1000
@@ -306,7 +309,7 @@ class RedisStore(Store):
         except (self._driver.RedisError, self._driver.RedisClusterException, OSError) as exc:
             if self._url is None:
                 raise
-            if _in_chain(exc, "Cluster mode is not enabled on this node"):
+            if any(str(seen) == _NOT_A_CLUSTER for seen in exception_chain(exc)):
                 raise ValueError(
                     f"the Redis server of {self._shown_url} is not in cluster mode: name it "
                     "with redis:// (or rediss://), not redis+cluster://, and without "
@@ -731,16 +734,6 @@ class RedisStore(Store):
     async def _unlink(self, keys: Iterable[str]) -> None:
         if keys := list(keys):
             await self._require_client().delete(*keys)
-
-
-def _in_chain(exc: BaseException, message: str) -> bool:
-    """Whether ``exc``, or an error it was raised from, says exactly ``message``."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if str(seen) == message:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _import_redis() -> Any:

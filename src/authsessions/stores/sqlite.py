@@ -769,15 +769,12 @@ class SQLiteStore(Store):
             except WriteRefused:
                 pass  # its commit would have started the WAL over: on the thread instead
             except sqlite3.Error as exc:
-                if is_read_only(exc) and self._reconnect_may_help():
-                    # Refused before it changed anything, on connections opened while the
-                    # file could not be written: on new ones, which may write by now.
-                    await self._reconnect_all()
-                    return await writer.write(work)
                 if db.in_transaction:
                     with translate_errors("SQLite", sqlite3.Error):
                         self._reopen_loop_db()
-                if not is_busy(exc):
+                # Busy or read-only, the work was refused before it changed anything: the
+                # thread runs it, waiting for the lock, or on connections opened anew.
+                if not (is_busy(exc) or is_read_only(exc)):
                     # It may have taken effect (a COMMIT that failed after its write), which
                     # PRAGMA data_version, counting other connections' commits only, misses.
                     self._cache.clear()
