@@ -206,6 +206,12 @@ class SessionUpdate:
     nothing and reports the session gone. A rotation names the digest it rotates away
     from, so a request whose token was rotated away meanwhile (a stolen copy's, held
     open) cannot take the session over, however the two interleave.
+
+    ``rotated_away_until``, when not ``None``, comes with a new ``token_digest`` and an
+    ``expected_token_digest``: the store remembers the digest rotated away until that
+    time, for :meth:`~authsessions.stores.Store.was_rotated_away`. Requests the browser
+    sent before the rotation's answer carry the old token; told apart from a revoked one,
+    they are answered without clearing the cookie the rotation set.
     """
 
     last_active_at: float | None
@@ -215,6 +221,7 @@ class SessionUpdate:
     token_digest: str | None = field(default=None, repr=False)  # kept out of logs
     max_data_bytes: int | None = None
     expected_token_digest: str | None = field(default=None, repr=False)
+    rotated_away_until: float | None = None
 
     @property
     def changes_data(self) -> bool:

@@ -74,6 +74,7 @@ def make_update(
     max_data_bytes: int | None = None,
     moves_expiry: bool = True,
     expected_token_digest: str | None = None,
+    rotated_away_until: float | None = None,
 ) -> SessionUpdate:
     """Activity at ``now``: the session's expiry slides to ``now + ttl``; without
     ``moves_expiry``, a write that leaves the times as stored.
@@ -86,6 +87,7 @@ def make_update(
         token_digest=token_digest,
         max_data_bytes=max_data_bytes,
         expected_token_digest=expected_token_digest,
+        rotated_away_until=rotated_away_until,
     )
 
 

@@ -472,6 +472,27 @@ UPDATES_NO_STORE_APPLIES_ALIKE = [
     pytest.param(
         {"expected_token_digest": ""}, ValueError, "expected_token_digest", id="empty-expected"
     ),
+    pytest.param(
+        {"rotated_away_until": 1.0}, ValueError, "rotated_away_until", id="grace-without-rotation"
+    ),
+    pytest.param(
+        {"token_digest": new_digest(), "rotated_away_until": 1.0},
+        ValueError,
+        "expected_token_digest",
+        id="grace-without-the-digest-rotated-away",
+    ),
+    pytest.param(
+        {"token_digest": new_digest(), "expected_token_digest": "x", "rotated_away_until": "1"},
+        TypeError,
+        "rotated_away_until",
+        id="str-grace",
+    ),
+    pytest.param(
+        {"token_digest": new_digest(), "expected_token_digest": "x", "rotated_away_until": 1e15},
+        ValueError,
+        "rotated_away_until",
+        id="grace-past-the-year-9999",
+    ),
     pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
     pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
 ]
@@ -890,6 +911,101 @@ async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> No
     assert got.data == {"a": 1, "b": 2}
     (listed,) = await store.list_for_user(record.user_id, now=t0 + 1)
     assert listed.token_digest == rotated
+
+
+async def rotate_away(
+    store: Store, record: SessionRecord, *, now: float, until: float | None
+) -> str:
+    """Rotate ``record``'s session from the digest it holds to a new one, remembering the
+    old digest as rotated away until ``until``; returns the new digest."""
+    rotated = new_digest()
+    update = make_update(
+        now=now,
+        token_digest=rotated,
+        expected_token_digest=(await stored_at(store, record, now=now) or record).token_digest,
+        rotated_away_until=until,
+    )
+    assert await store.update(record.id, update, now=now)
+    return rotated
+
+
+async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: Store) -> None:
+    """A request the browser sent before a rotation's answer must not clear its new
+    cookie: the store says its digest was rotated away, for as long as the caller asked.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    other = make_record(now=t0)
+    for each in (record, other):
+        await store.create(each, max_sessions=10, now=t0)
+
+    rotated = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+
+    assert await store.get(record.token_digest, now=t0 + 2) is None
+    assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+    assert await store.was_rotated_away(record.token_digest, now=t0 + 60)
+    assert not await store.was_rotated_away(record.token_digest, now=t0 + 61)
+    # The digest in use, another session's, and one never stored were not rotated away.
+    for digest in (rotated, other.token_digest, new_digest()):
+        assert not await store.was_rotated_away(digest, now=t0 + 2)
+    assert await store.get(rotated, now=t0 + 2) is not None
+
+
+async def test_a_rotation_without_a_grace_leaves_no_digest_rotated_away(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    await rotate_away(store, record, now=t0 + 1, until=None)
+
+    assert not await store.was_rotated_away(record.token_digest, now=t0 + 2)
+
+
+async def test_the_latest_rotation_names_the_digest_rotated_away(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+
+    first = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+    await rotate_away(
+        store, dataclasses.replace(record, token_digest=first), now=t0 + 2, until=t0 + 62
+    )
+
+    assert await store.was_rotated_away(first, now=t0 + 3)
+    assert not await store.was_rotated_away(first, now=t0 + 62)
+
+
+async def test_a_refused_rotation_leaves_nothing_rotated_away(store: Store) -> None:
+    """A rotation that does not apply (the session holds another digest, or is gone)
+    must not mark the digest it named: that digest was never this session's."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    stale = new_digest()
+
+    update = make_update(
+        now=t0 + 1,
+        token_digest=new_digest(),
+        expected_token_digest=stale,
+        rotated_away_until=t0 + 61,
+    )
+    assert not await store.update(record.id, update, now=t0 + 1)
+    assert not await store.update(new_session_id(), update, now=t0 + 1)
+
+    assert not await store.was_rotated_away(stale, now=t0 + 2)
+    assert await store.get(record.token_digest, now=t0 + 2) is not None
+
+
+@pytest.mark.parametrize(
+    ("digest", "now", "error"),
+    [(b"digest", 0.0, TypeError), ("", 0.0, ValueError), ("d", math.nan, ValueError)],
+    ids=["bytes-digest", "empty-digest", "nan-now"],
+)
+async def test_was_rotated_away_refuses_a_digest_or_now_that_is_not_one(
+    store: Store, digest: Any, now: float, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await store.was_rotated_away(digest, now=now)
 
 
 async def test_an_update_naming_the_digest_the_session_holds_is_no_rotation(store: Store) -> None:

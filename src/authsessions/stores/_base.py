@@ -21,6 +21,7 @@ from typing import ClassVar, Self
 
 from authsessions._errors import StoreUnavailable
 from authsessions._records import SessionRecord, SessionUpdate, StoreStats
+from authsessions.stores import _checks
 
 __all__ = [
     "CreateError",
@@ -408,6 +409,23 @@ class Store(abc.ABC):
             CreateError: the new :attr:`~SessionUpdate.token_digest` is another
                 stored session's; nothing changed (the caller draws a new token).
         """
+
+    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+        """Whether a session was rotated away from ``token_digest`` by an update whose
+        :attr:`~authsessions._records.SessionUpdate.rotated_away_until` is after ``now``.
+
+        Asked only of a digest :meth:`get` found no session for, so it costs nothing on
+        the requests that carry a live token. ``False`` for a digest never rotated away,
+        or once the rotation's time has passed. The session's next rotation may end the
+        previous one's time early, and deleting the session may end it too. This base
+        remembers nothing: a store that does not override it answers ``False``, and a
+        rotated-away token is answered as a revoked one.
+
+        Raises ``TypeError`` or ``ValueError`` when ``token_digest`` is not a key stores
+        keep or ``now`` is not a finite UNIX timestamp, before any store access.
+        """
+        _checks.was_rotated_away_args(token_digest, now)
+        return False
 
     @abc.abstractmethod
     async def delete(

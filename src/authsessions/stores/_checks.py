@@ -35,6 +35,7 @@ __all__ = [
     "require_text",
     "require_time",
     "update_args",
+    "was_rotated_away_args",
 ]
 
 
@@ -219,6 +220,19 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
         _require_key("changes.expected_token_digest", changes.expected_token_digest)
     if changes.max_data_bytes is not None:
         require_count("changes.max_data_bytes", changes.max_data_bytes)
+    if changes.rotated_away_until is not None:
+        if changes.token_digest is None or changes.expected_token_digest is None:
+            raise ValueError(
+                "changes.rotated_away_until comes with a new token_digest and the "
+                "expected_token_digest it rotates away from."
+            )
+        _require_stored_time("changes.rotated_away_until", changes.rotated_away_until)
+    return require_time("now", now)
+
+
+def was_rotated_away_args(token_digest: object, now: object) -> float:
+    """What ``Store.was_rotated_away`` checks before any store access; returns ``now``."""
+    _require_key("token_digest", token_digest)
     return require_time("now", now)
 
 

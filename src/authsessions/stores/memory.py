@@ -30,6 +30,8 @@ _CLEANUP_STEP = 100
 class _Row:
     record: SessionRecord
     data_json: str
+    rotated_away_from: str | None = None
+    rotated_away_until: float = 0.0
 
 
 class MemoryStore(Store):
@@ -42,6 +44,7 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._rows: dict[str, _Row] = {}
         self._ids_by_digest: dict[str, str] = {}
+        self._ids_by_rotated_away_digest: dict[str, str] = {}
         self._ids_by_user: dict[str, set[str]] = {}
         # Sessions filed by the minute they expire in, and a heap of those minutes: a
         # cleanup reads only expired sessions (and the current minute's), where a scan of
@@ -106,6 +109,11 @@ class MemoryStore(Store):
         record = row.record
         if changes.token_digest is not None:
             del self._ids_by_digest[record.token_digest]
+            if changes.rotated_away_until is not None:
+                self._forget_rotated_away(row)
+                row.rotated_away_from = record.token_digest
+                row.rotated_away_until = changes.rotated_away_until
+                self._ids_by_rotated_away_digest[record.token_digest] = session_id
             record.token_digest = changes.token_digest
             self._ids_by_digest[record.token_digest] = session_id
         if changes.last_active_at is not None and changes.expires_at is not None:
@@ -114,6 +122,13 @@ class MemoryStore(Store):
             record.expires_at = changes.expires_at
             self._file_expiry(session_id, record.expires_at)
         return True
+
+    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+        self._require_open()
+        now = _checks.was_rotated_away_args(token_digest, now)
+        session_id = self._ids_by_rotated_away_digest.get(token_digest)
+        row = None if session_id is None else self._rows[session_id]
+        return row is not None and row.rotated_away_until > now
 
     async def delete(
         self,
@@ -235,10 +250,16 @@ class MemoryStore(Store):
         """Remove a session from every index but the expiry minutes'."""
         row = self._rows.pop(session_id)
         del self._ids_by_digest[row.record.token_digest]
+        self._forget_rotated_away(row)
         user_ids = self._ids_by_user[row.record.user_id]
         user_ids.discard(session_id)
         if not user_ids:
             del self._ids_by_user[row.record.user_id]
+
+    def _forget_rotated_away(self, row: _Row) -> None:
+        if row.rotated_away_from is not None:
+            del self._ids_by_rotated_away_digest[row.rotated_away_from]
+            row.rotated_away_from = None
 
 
 def _minute(timestamp: float) -> int:
