@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from authsessions import Session, SessionConfig, SessionData, SessionDataError, SessionManager
+from authsessions._session import ROTATED_AWAY_NOTICE_SECONDS
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.stores import SessionUpdate, Store
 from tests.apps.session_app import (
@@ -238,12 +239,13 @@ async def test_rotate_keeps_id_and_data_and_refreshes_expiry(
 
 
 async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
-    client: httpx.AsyncClient, store: Store
+    client: httpx.AsyncClient, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An attacker who copied the cookie before a privilege change gains nothing after it.
 
-    ``rotate`` replaces the token: the old one must no longer find the session,
-    and a client presenting it is told to drop it.
+    ``rotate`` replaces the token: the old one must no longer find the session. For
+    ``ROTATED_AWAY_NOTICE_SECONDS`` its answer leaves the cookie alone (the same browser's
+    requests sent before the rotation's answer carry it); after that it is told to drop it.
     """
     old = await login(client)
     rotated = await client.post("/rotate")
@@ -253,9 +255,52 @@ async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
     replay = await client.get("/me", headers=cookie_header(old))
 
     assert replay.json()["authenticated"] is False
+    assert "set-cookie" not in replay.headers
+    fresh = await client.get("/me", headers=cookie_header(new.value))
+    assert fresh.json()["authenticated"] is True
+    assert len(await live_sessions(store, "alice")) == 1
+
+    later = time.time() + ROTATED_AWAY_NOTICE_SECONDS
+    monkeypatch.setattr(time, "time", lambda: later)
+    replay = await client.get("/me", headers=cookie_header(old))
+
+    assert replay.json()["authenticated"] is False
     assert_clears_cookie(replay)
     fresh = await client.get("/me", headers=cookie_header(new.value))
     assert fresh.json()["authenticated"] is True
+
+
+async def test_a_devices_request_sent_before_a_rotations_answer_leaves_its_new_cookie_alone(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A page rotates while the same browser's devices page is loading with the old token.
+    Its answer (401: that token no longer names the session), arriving after the
+    rotation's, must not clear the new cookie: the user would be signed out, their
+    rotated session left holding a place until it expired.
+    """
+    gate = asyncio.Event()
+    loaded = asyncio.Event()
+
+    async def slow_devices(request: Request) -> Response:
+        session = Session.from_request(request)
+        loaded.set()
+        await gate.wait()
+        return JSONResponse([s.id for s in await session.list_my_sessions()])
+
+    client = client_factory(app_factory(store, extra_routes=[Route("/devices", slow_devices)]))
+    await login(client)
+    devices = asyncio.create_task(client.get("/devices"))
+    await loaded.wait()
+    rotated = await client.post("/rotate")
+    assert session_cookie(rotated) is not None
+    gate.set()
+
+    answer = await devices
+
+    assert answer.status_code == 401
+    assert "set-cookie" not in answer.headers
+    me = await client.get("/me")  # the cookie jar's, as a browser's
+    assert me.json()["authenticated"] is True
     assert len(await live_sessions(store, "alice")) == 1
 
 
@@ -492,7 +537,16 @@ async def change_meanwhile(store: Store, session: Session, meanwhile: str, rotat
     if meanwhile == "revoked":
         await store.delete(current.id, now=now)
     else:
-        update = SessionUpdate(token_digest=rotated, last_active_at=now, expires_at=now + 60)
+        (held,) = [
+            r for r in await store.list_for_user(current.user_id, now=now) if r.id == current.id
+        ]
+        update = SessionUpdate(  # as Session.rotate() does
+            token_digest=rotated,
+            last_active_at=now,
+            expires_at=now + 60,
+            expected_token_digest=held.token_digest,
+            rotated_away_until=now + ROTATED_AWAY_NOTICE_SECONDS,
+        )
         assert await store.update(current.id, update, now=now)
 
 
@@ -537,7 +591,10 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
     # A logout succeeds without a session; the others need one.
     assert response.status_code == (200 if operation == "logout" else 401)
     assert other.id not in response.text
-    assert_clears_cookie(response)
+    if meanwhile == "revoked" or operation == "logout":
+        assert_clears_cookie(response)
+    else:  # the browser's request sent before a rotation's answer: its new cookie stands
+        assert "set-cookie" not in response.headers
     kept = [other.id] if meanwhile == "revoked" else [this.id, other.id]
     assert sorted(s.id for s in await live_sessions(store, "alice")) == sorted(kept)
     if meanwhile == "rotated away":

@@ -97,11 +97,13 @@ class SessionMiddleware:
                 now = time.time()
                 digest = token_digest(token)
                 record = await store.get(digest, now=now)
-                if record is None and (later := await self._later(scope, token, now)) is not None:
-                    token, digest, record = later
-                session = self._checked(scope, token, digest, record, now)
-                if session is None:
-                    session = await self._end_replayed(scope, record)
+                if record is None:
+                    session = await self._not_found(scope, token, digest, now)
+                else:
+                    checked = self._checked(scope, token, digest, record, now)
+                    session = (
+                        checked if checked is not None else await self._end_replayed(scope, record)
+                    )
             elif token is None:
                 session = self._anonymous(scope)
             else:
@@ -161,18 +163,33 @@ class SessionMiddleware:
         if token is None:
             return self._anonymous(scope)
         now = time.time()
-        record = None
-        if token != MALFORMED:
-            store = self.store
-            if not store.is_open:
-                await store.open()
-            digest = token_digest(token)
-            record = await store.get(digest, now=now)
+        if token == MALFORMED:
+            return await self._not_found(scope, token, None, now)
+        store = self.store
+        if not store.is_open:
+            await store.open()
+        digest = token_digest(token)
+        record = await store.get(digest, now=now)
         if record is None:
-            later = await self._later(scope, token, now)
-            if later is None:
-                return self._cleared(scope)
-            token, digest, record = later
+            return await self._not_found(scope, token, digest, now)
+        return await self._found(scope, token, digest, record, now)
+
+    async def _not_found(self, scope: Scope, token: str, digest: str | None, now: float) -> Session:
+        """The session of the request's other session cookies, when ``token`` (``digest``,
+        ``None`` when malformed) named none; else anonymous, and the cookie cleared unless
+        the token was rotated away moments ago: the browser, whose request was sent before
+        the rotation's answer, may hold the new cookie already.
+        """
+        later = await self._later(scope, token, now)
+        if later is not None:
+            return await self._found(scope, *later, now)
+        if digest is not None and await self.store.was_rotated_away(digest, now=now):
+            return self._anonymous(scope)
+        return self._cleared(scope)
+
+    async def _found(
+        self, scope: Scope, token: str, digest: str, record: SessionRecord, now: float
+    ) -> Session:
         session = self._checked(scope, token, digest, record, now)
         return session if session is not None else await self._end_replayed(scope, record)
 
@@ -198,7 +215,7 @@ class SessionMiddleware:
         return None
 
     def _checked(
-        self, scope: Scope, token: str, digest: str, record: SessionRecord | None, now: float
+        self, scope: Scope, token: str, digest: str, record: SessionRecord, now: float
     ) -> Session | None:
         """The session of ``record`` (what the store found for ``digest``) when it is valid
         for this request; a session that clears the cookie when it is not; ``None`` when
@@ -207,10 +224,9 @@ class SessionMiddleware:
         config = self.config
         # The checks are written out here, not called: every authenticated request runs them.
         if (
-            record is None
             # The store found the row by this digest; comparing again in constant time
             # guards against a store that matches loosely (collation, prefix index).
-            or not hmac.compare_digest(record.token_digest, digest)
+            not hmac.compare_digest(record.token_digest, digest)
             # ttl and absolute_ttl may have been shortened since the store's expiry was set.
             or record.last_active_at + config.ttl_seconds <= now
             or (
@@ -223,9 +239,8 @@ class SessionMiddleware:
             return None
         return Session(self.store, config, scope, record, token, "keep")
 
-    async def _end_replayed(self, scope: Scope, record: SessionRecord | None) -> Session:
+    async def _end_replayed(self, scope: Scope, record: SessionRecord) -> Session:
         """A cookie replayed from another kind of client: end its session for good."""
-        assert record is not None
         logger.warning("session %s used by a different client; ending it", record.id)
         await self.store.delete(record.id, now=time.time())
         return self._cleared(scope)

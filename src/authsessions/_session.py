@@ -46,6 +46,11 @@ SCOPE_KEY = "authsessions.session"
 
 _NO_DATA: dict[str, Any] = {}  # never changed: a session without a record takes no writes
 _REMOVED = object()  # a key's pending change: removed
+# How long a store tells a token rotated away from a revoked one. Requests the browser
+# sent before the rotation's answer still carry it, and a cookie cleared in their answer
+# could arrive after the new one and sign the user out. Longer than the 60 s proxies
+# commonly give a request.
+ROTATED_AWAY_NOTICE_SECONDS = 120.0
 _CONTAINERS = (list, dict)  # the JSON values a caller could change: get() hands out copies
 
 
@@ -359,7 +364,11 @@ class Session:
             # Conditional on the token this request holds: one rotated away meanwhile (a
             # stolen copy's, held open) must not take the session over with one of its own.
             changes = self._pending_update(
-                now, moves_expiry=True, token_digest=digest, expected=record.token_digest
+                now,
+                moves_expiry=True,
+                token_digest=digest,
+                expected=record.token_digest,
+                rotated_away_until=now + ROTATED_AWAY_NOTICE_SECONDS,
             )
             # Keys set while the store works (by another task of this request) are changes
             # still to write; those written now are not, unless the write fails.
@@ -376,8 +385,7 @@ class Session:
         else:
             raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
-            if self._record is record:  # not a new login of another task's
-                self._end()
+            await self._end_found_gone(record)
             raise Unauthorized("This session has ended; sign in again.")
         self._record = self._renewed(record, changes, token_digest=digest)
         self._token = token
@@ -448,8 +456,7 @@ class Session:
                 stored.id == record.id and stored.token_digest == record.token_digest
                 for stored in records
             ):  # ended meanwhile, or its token rotated away: no longer this request's
-                if self._record is record:
-                    self._end()
+                await self._end_found_gone(record)
                 raise Unauthorized()
             current = replace(self._current_data(), last_active_at=to_datetime(now))
         # The others are fresh from the store and dropped here, so their data is handed
@@ -663,10 +670,21 @@ class Session:
         """
         record = self._require_session()
         if await self._store.get(record.token_digest, now=time.time()) is None:
-            if self._record is record:
-                self._end()
+            await self._end_found_gone(record)
             raise Unauthorized()
         return record
+
+    async def _end_found_gone(self, record: SessionRecord) -> None:
+        """This request's session, found ended in the store or its token rotated away:
+        no longer this request's. The cookie is cleared unless the token was rotated away,
+        when the browser may hold the new one already.
+        """
+        rotated_away = await self._store.was_rotated_away(record.token_digest, now=time.time())
+        if self._record is record:  # not a new login of another task's
+            if rotated_away:
+                self._forget()
+            else:
+                self._end()
 
     async def _end_if_still_named(self, record: SessionRecord) -> None:
         """Delete ``record``'s session from the store while its token still names it, in
@@ -717,6 +735,7 @@ class Session:
         moves_expiry: bool,
         token_digest: str | None = None,
         expected: str | None = None,
+        rotated_away_until: float | None = None,
     ) -> SessionUpdate:
         record = self._record
         assert record is not None
@@ -743,6 +762,7 @@ class Session:
             token_digest,
             self._config.max_data_bytes,
             expected,
+            rotated_away_until,
         )
 
     def _forget(self) -> None:
