@@ -951,6 +951,24 @@ async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: 
     assert await store.get(rotated, now=t0 + 2) is not None
 
 
+async def test_a_digest_rotated_away_is_forgotten_with_its_session(store: Store) -> None:
+    """A session that expired, or was deleted, rotated no live session away: its old
+    token is answered as any dead one, its cookie cleared."""
+    t0 = start_time()
+    expiring = make_record(now=t0)
+    deleted = make_record(now=t0)
+    for each in (expiring, deleted):
+        await store.create(each, max_sessions=10, now=t0)
+
+    for each in (expiring, deleted):
+        await rotate_away(store, each, now=t0 + 1, until=t0 + 10 * TTL)
+    assert await store.delete(deleted.id, now=t0 + 2)
+
+    assert not await store.was_rotated_away(deleted.token_digest, now=t0 + 2)
+    assert await store.was_rotated_away(expiring.token_digest, now=t0 + TTL)
+    assert not await store.was_rotated_away(expiring.token_digest, now=t0 + 1 + TTL)
+
+
 async def test_a_rotation_without_a_grace_leaves_no_digest_rotated_away(store: Store) -> None:
     t0 = start_time()
     record = make_record(now=t0)
@@ -1014,12 +1032,19 @@ async def test_an_update_naming_the_digest_the_session_holds_is_no_rotation(stor
     record = make_record(now=t0, data={"a": 1})
     await store.create(record, max_sessions=10, now=t0)
 
-    update = make_update(now=t0 + 1, token_digest=record.token_digest, set_keys={"b": 2})
+    update = make_update(
+        now=t0 + 1,
+        token_digest=record.token_digest,
+        set_keys={"b": 2},
+        expected_token_digest=record.token_digest,
+        rotated_away_until=t0 + 61,
+    )
     assert await store.update(record.id, update, now=t0 + 1)
 
     got = await store.get(record.token_digest, now=t0 + 1)
     assert got is not None
     assert (got.id, got.data, got.last_active_at) == (record.id, {"a": 1, "b": 2}, t0 + 1)
+    assert not await store.was_rotated_away(record.token_digest, now=t0 + 1)
     (listed,) = await store.list_for_user(record.user_id, now=t0 + 1)
     assert listed.token_digest == record.token_digest
 

@@ -148,6 +148,7 @@ async def test_open_creates_the_schema_and_records_its_version(
     assert "UNIQUE INDEX authsessions_session_token_digest" in definitions
     assert "(user_id, last_active_at)" in definitions
     assert "(expires_at)" in definitions
+    assert "(rotated_away_from) WHERE (rotated_away_from IS NOT NULL)" in definitions
 
 
 async def session_stored_by_a_closed_store(postgres_url: str, schema: str) -> SessionRecord:
@@ -169,12 +170,23 @@ async def test_reopening_is_idempotent_and_keeps_sessions(
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
 
 
+async def as_a_third_version_schema(admin: asyncpg.Connection[asyncpg.Record], schema: str) -> None:
+    """The store's schema as version 3 left it: no rotated-away digests."""
+    table = f'"{schema}".authsessions_session'
+    await admin.execute(
+        f'DROP INDEX "{schema}".authsessions_session_rotated_away_from;'
+        f"ALTER TABLE {table} DROP COLUMN rotated_away_from, DROP COLUMN rotated_away_until"
+    )
+    await recorded_versions(admin, schema, set_to=3)
+
+
 async def test_a_first_version_schema_is_upgraded_in_place_and_keeps_its_sessions(
     postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     """A table made by the first release gains the create function and nothing is lost."""
     kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
     t0 = kept.created_at
+    await as_a_third_version_schema(admin, postgres_schema)
     await admin.execute(f'DROP FUNCTION "{postgres_schema}".authsessions_session_create')
     await admin.execute(  # the first release's version table had no compatibility mark
         f'ALTER TABLE "{postgres_schema}".authsessions_session_schema_version '
@@ -202,6 +214,7 @@ async def test_a_second_version_schema_gets_the_create_function_that_keeps_the_n
     the session it made when another was active later (a server's clock ahead).
     """
     kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
+    await as_a_third_version_schema(admin, postgres_schema)
     (second_version_function,) = MIGRATIONS[1]
     await admin.execute(
         f'DROP FUNCTION "{postgres_schema}".authsessions_session_create;'
@@ -221,6 +234,56 @@ async def test_a_second_version_schema_gets_the_create_function_that_keeps_the_n
         assert await store.get(kept.token_digest, now=behind.created_at) is None
 
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION]
+
+
+async def test_a_third_version_schema_gains_the_digests_rotated_away_and_keeps_its_sessions(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
+    t0 = kept.created_at
+    await as_a_third_version_schema(admin, postgres_schema)
+
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        assert await store.get(kept.token_digest, now=t0) == kept
+        assert not await store.was_rotated_away(kept.token_digest, now=t0)
+        rotation = make_update(
+            now=t0 + 1,
+            token_digest=new_digest(),
+            expected_token_digest=kept.token_digest,
+            rotated_away_until=t0 + 61,
+        )
+        assert await store.update(kept.id, rotation, now=t0 + 1)
+        assert await store.was_rotated_away(kept.token_digest, now=t0 + 2)
+
+    assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+
+
+async def test_a_role_that_may_create_but_does_not_own_the_table_is_told_how_to_upgrade(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """The fourth migration is the first to alter the table, which only its owner may:
+    the refusal must read as a misconfiguration, and leave the table as it was."""
+    kept = await session_stored_by_a_closed_store(postgres_url, postgres_schema)
+    await as_a_third_version_schema(admin, postgres_schema)
+
+    async with as_a_role_that_may_only_read_and_write(
+        admin, postgres_url, postgres_schema
+    ) as app_url:
+        role = urlsplit(app_url).username
+        await admin.execute(f'GRANT CREATE ON SCHEMA "{postgres_schema}" TO "{role}"')
+        store = PostgresStore(app_url, schema=postgres_schema)
+        with pytest.raises(RuntimeError) as refused:
+            await store.open()
+
+    assert str(refused.value).startswith(
+        f"The session table {postgres_schema}.authsessions_session has schema version 3 and "
+        f"this release needs {SCHEMA_VERSION}, which this database role may not create "
+        "(must be owner of table authsessions_session)"
+    )
+    assert not store.is_open
+    assert await recorded_versions(admin, postgres_schema) == [3]
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        assert await store.get(kept.token_digest, now=kept.created_at) == kept
 
 
 async def test_concurrent_first_opens_by_many_processes_migrate_once(
@@ -419,6 +482,7 @@ async def test_a_role_that_may_not_read_the_schema_version_is_told_so_not_unavai
         ("public", "sessions_token_digest"),
         ("public", "sessions_user_id"),
         ("public", "sessions_expires_at"),
+        ("public", "sessions_rotated_away_from"),
         ("pg_sessions", "sessions"),
         ("PG_sessions", "sessions"),
     ],

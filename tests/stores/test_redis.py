@@ -57,8 +57,30 @@ class Setup:
             "id": f"{self.prefix}i:{record.id}",
         }
 
+    def rotated_away_key(self, digest: str) -> str:
+        return f"{self.prefix}r:{digest}"
+
+    @staticmethod
+    def location(record: SessionRecord) -> str:
+        """What a pointer to ``record``'s session holds."""
+        return f"{hashlib.sha256(record.user_id.encode()).hexdigest()[:32]}:{record.id}"
+
     async def all_keys(self) -> list[str]:
         return [key async for key in self.raw.scan_iter(match=self.prefix + "*", count=1000)]
+
+    async def rotate_away(self, record: SessionRecord, *, now: float, until: float) -> str:
+        """Rotate ``record``'s session to a new digest (which ``record`` takes), keeping
+        the one it held as rotated away from until ``until``; returns that one."""
+        left, record.token_digest = record.token_digest, new_digest()
+        update = make_update(
+            now=now,
+            ttl=30,
+            token_digest=record.token_digest,
+            expected_token_digest=left,
+            rotated_away_until=until,
+        )
+        assert await self.store.update(record.id, update, now=now)
+        return left
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -189,6 +211,100 @@ async def test_rotation_moves_the_digest_pointer(setup: Setup) -> None:
     assert sorted(await setup.all_keys()) == sorted(new.values())
 
 
+async def test_a_digest_rotated_away_from_points_to_its_session_for_as_long_as_kept(
+    setup: Setup,
+) -> None:
+    """Its pointer expires when the time it is kept for ends, or the session does if
+    sooner; the next rotation's kept digest replaces it, and one kept for no time at all
+    gets none."""
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await setup.store.create(record, max_sessions=10, now=t0)
+
+    first = await setup.rotate_away(record, now=t0, until=t0 + 20)
+    pointer = setup.rotated_away_key(first)
+    assert await setup.raw.get(pointer) == setup.location(record)
+    assert 10_000 < await setup.raw.pttl(pointer) <= 20_000
+    assert sorted(await setup.all_keys()) == sorted([*setup.keys(record).values(), pointer])
+
+    second = await setup.rotate_away(record, now=t0, until=t0 + 100)
+    pointer = setup.rotated_away_key(second)
+    assert 20_000 < await setup.raw.pttl(pointer) <= 30_000  # the session's 30 s
+    assert sorted(await setup.all_keys()) == sorted([*setup.keys(record).values(), pointer])
+    assert not await setup.other.was_rotated_away(first, now=t0)
+    assert await setup.other.was_rotated_away(second, now=t0)
+
+    third = await setup.rotate_away(record, now=t0, until=t0)
+    assert sorted(await setup.all_keys()) == sorted(setup.keys(record).values())
+    assert not await setup.other.was_rotated_away(second, now=t0)
+    assert not await setup.other.was_rotated_away(third, now=t0)
+
+
+async def test_a_pointer_naming_a_session_that_does_not_keep_the_digest_says_nothing(
+    setup: Setup,
+) -> None:
+    """In a cluster a pointer may outlive what made it true (its node did not answer as
+    the session moved on): the session's own fields decide."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    stray = new_digest()
+    await setup.raw.set(setup.rotated_away_key(stray), setup.location(record), px=60_000)
+
+    assert not await setup.store.was_rotated_away(stray, now=t0)  # it keeps none
+    kept = await setup.rotate_away(record, now=t0, until=t0 + 60)
+    assert not await setup.store.was_rotated_away(stray, now=t0)  # it keeps another
+    assert await setup.store.was_rotated_away(kept, now=t0)
+
+
+@pytest.mark.parametrize("ending", ["delete", "delete_for_user", "eviction", "delete_expired"])
+async def test_the_pointer_of_a_digest_rotated_away_goes_with_its_session(
+    setup: Setup, ending: str
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    left = await setup.rotate_away(record, now=t0, until=t0 + 20)
+    assert await setup.raw.exists(setup.rotated_away_key(left)) == 1
+
+    if ending == "delete":
+        assert await setup.store.delete(record.id, now=t0)
+    elif ending == "delete_for_user":
+        assert await setup.store.delete_for_user(record.user_id, now=t0) == 1
+    elif ending == "eviction":
+        newer = make_record(now=t0 + 1)
+        await setup.store.create(newer, max_sessions=1, now=t0 + 1)
+        await setup.store.delete(newer.id, now=t0 + 1)
+    else:
+        assert await setup.store.delete_expired(now=t0 + 30) == 1
+
+    assert await setup.all_keys() == []
+    assert not await setup.other.was_rotated_away(left, now=t0 + 1)
+
+
+async def test_was_rotated_away_on_a_single_server_is_one_command(
+    redis_url: str, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    record = make_record(now=t0)
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        rotation = make_update(
+            now=t0,
+            token_digest=new_digest(),
+            expected_token_digest=record.token_digest,
+            rotated_away_until=t0 + 60,
+        )
+        assert await store.update(record.id, rotation, now=t0)
+        await store.was_rotated_away(new_digest(), now=t0)  # loads the script
+
+        asked = store.was_rotated_away(record.token_digest, now=t0)
+        assert await commands_sent(raw, redis_prefix, asked) == ["EVALSHA"]
+        assert await store.was_rotated_away(record.token_digest, now=t0)
+    await raw.aclose()
+
+
 async def test_keys_of_evicted_and_deleted_sessions_are_removed(setup: Setup) -> None:
     """Logins beyond the limit must not leave pointers or index entries behind."""
     t0 = start_time()
@@ -315,12 +431,12 @@ async def test_an_index_named_twice_in_a_sweep_counts_its_sessions_once(
         index = f"{redis_prefix}{{{hashlib.sha256(b'alice').hexdigest()[:32]}}}:u"
         assert await raw.zcard(index) == 3
 
-        found, swept, *pairs = await raw.eval(
+        found, swept, *ended = await raw.eval(
             LUA_HELPERS + DELETE_EXPIRED, 2, index, index, t0 + 20, 100, redis_prefix
         )
 
         assert (found, swept) == (3, 2)
-        assert sorted(pairs[::2]) == sorted(record.id for record in records)
+        assert sorted(ended[::3]) == sorted(record.id for record in records)
         assert [key async for key in raw.scan_iter(match=redis_prefix + "*")] == []
     await raw.aclose()
 
@@ -1201,11 +1317,15 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
             rotated = new_digest()
             client.marker = f"{redis_prefix}d:{rotated}" if retried == "SET" else rotated
             rotation = make_update(
-                now=t0 + 1, token_digest=rotated, expected_token_digest=record.token_digest
+                now=t0 + 1,
+                token_digest=rotated,
+                expected_token_digest=record.token_digest,
+                rotated_away_until=t0 + 61,
             )
             assert await store.update(record.id, rotation, now=t0 + 1)
             assert client.marker is None  # the claim, or the script, ran twice
             assert await store.get(record.token_digest, now=t0 + 1) is None
+            assert await store.was_rotated_away(record.token_digest, now=t0 + 1)
             found = await store.get(rotated, now=t0 + 1)
             assert found is not None
             assert found.id == record.id
@@ -1304,9 +1424,11 @@ async def test_a_login_and_a_rotation_whose_replies_were_lost_stand_after_the_cl
                 set_keys={"a": 1},
                 token_digest=rotated,
                 expected_token_digest=record.token_digest,
+                rotated_away_until=t0 + 61,
             )
             assert await store.update(record.id, rotation, now=t0 + 1)
             assert await store.get(record.token_digest, now=t0 + 1) is None
+            assert await store.was_rotated_away(record.token_digest, now=t0 + 1)
             found = await store.get(rotated, now=t0 + 1)
             assert found is not None
             assert (found.id, found.data) == (record.id, {"a": 1})

@@ -570,6 +570,8 @@ async def test_a_file_of_the_first_builds_is_upgraded_keeping_its_sessions(
         async with SQLiteStore(db_path) as store:
             assert await store.get(record.token_digest, now=t0) == record
             assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
+            await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+            assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
 
     assert caplog.messages == []
     assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
@@ -666,6 +668,102 @@ async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
 
     assert recorded_schema(db_path) == [(SCHEMA_VERSION + 1, SCHEMA_VERSION)]
     assert f"newer than this release knows ({SCHEMA_VERSION}) but marked usable" in caplog.text
+
+
+def a_file_of_the_previous_release(path: Path, record: SessionRecord) -> None:
+    """A file as the release before the rotated-away columns left it: schema version 2,
+    recorded as this release records it, holding ``record``."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(
+            f"CREATE TABLE {SCHEMA_TABLE} "
+            "(version INTEGER NOT NULL, compatible_from INTEGER NOT NULL)"
+        )
+        db.execute(f"INSERT INTO {SCHEMA_TABLE} VALUES (2, 1)")  # noqa: S608 - constants
+        db.execute(
+            f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608 - constants
+            (*astuple(record)[:8], json.dumps(record.data), *astuple(record)[9:]),
+        )
+    finally:
+        db.close()
+
+
+async def rotate_away(
+    store: SQLiteStore, record: SessionRecord, *, now: float, until: float | None
+) -> str:
+    """Rotate ``record``'s session from the digest it holds to a new one, remembering the
+    old digest as rotated away until ``until``; returns the new digest."""
+    rotated = new_digest()
+    update = make_update(
+        now=now,
+        token_digest=rotated,
+        expected_token_digest=record.token_digest,
+        rotated_away_until=until,
+    )
+    assert await store.update(record.id, update, now=now)
+    return rotated
+
+
+async def test_a_file_of_the_previous_release_is_upgraded_keeping_its_sessions(
+    db_path: Path,
+) -> None:
+    """Its sessions load and rotate as before, and now remember the digest rotated away."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    a_file_of_the_previous_release(db_path, record)
+
+    async with SQLiteStore(db_path) as store:
+        assert await store.get(record.token_digest, now=t0) == record
+        rotated = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+        assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+        got = await store.get(rotated, now=t0 + 2)
+        assert got == replace(
+            record, token_digest=rotated, last_active_at=t0 + 1, expires_at=t0 + 1 + TTL
+        )
+
+    assert recorded_schema(db_path) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
+    db = sqlite3.connect(db_path)
+    indexes = {
+        name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    db.close()
+    assert f"{TABLE}_rotated_away_from" in indexes
+
+
+async def test_the_previous_release_runs_on_the_upgraded_file(db_path: Path) -> None:
+    """A rolling deploy: servers of the release before go on using the file this one
+    upgraded. They name the columns they insert and read, so the new ones are NULL in
+    their rows, and their rotations leave an earlier mark to run out its time.
+    """
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with SQLiteStore(db_path) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        marked = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+    assert COMPATIBLE_FROM <= 2
+    older = make_record(now=t0)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        # What the previous release's create and rotating update run, as they ran them.
+        db.execute(
+            f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608 - constants
+            (*astuple(older)[:8], json.dumps(older.data), *astuple(older)[9:]),
+        )
+        later = new_digest()
+        db.execute(f"UPDATE {TABLE} SET token_digest = ? WHERE id = ?", (later, record.id))  # noqa: S608
+    finally:
+        db.close()
+
+    async with SQLiteStore(db_path) as store:
+        assert await store.get(older.token_digest, now=t0 + 2) == older
+        assert not await store.was_rotated_away(older.token_digest, now=t0 + 2)
+        assert await store.get(later, now=t0 + 2) is not None
+        assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+        assert not await store.was_rotated_away(marked, now=t0 + 2)
+        assert not await store.was_rotated_away(record.token_digest, now=t0 + 61)
 
 
 @pytest.mark.parametrize("path", [":memory:", "file::memory:", "file::memory:?cache=shared"])
@@ -1089,6 +1187,94 @@ async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -
         impatient_store._loop_db = real
 
     assert busy.calls == 1
+
+
+# -- digests rotated away ---------------------------------------------------------------
+
+
+async def test_only_a_rotation_names_the_rotated_away_columns(
+    impatient_store: SQLiteStore,
+) -> None:
+    """get and an ordinary update, on every request's path, cost what they did; a
+    rotation marks the digest it left in the UPDATE that leaves it."""
+    t0, record = await one_session(impatient_store)
+    store = impatient_store
+
+    with statements_on_the_loop(store) as ordinary:
+        assert await store.get(record.token_digest, now=t0) == record
+        assert await store.update(record.id, make_update(now=t0 + 1, set_keys={"b": 2}), now=t0 + 1)
+        assert await store.get(record.token_digest, now=t0 + 1) is not None
+    with statements_on_the_loop(store) as rotating:
+        await rotate_away(store, record, now=t0 + 2, until=t0 + 62)
+
+    assert ordinary
+    assert not [sql for sql in ordinary if "rotated_away" in sql]
+    (marking,) = [sql for sql in rotating if "rotated_away" in sql]
+    assert marking.startswith(f"UPDATE {TABLE} SET ")  # noqa: S608 - a prefix, not run
+    columns = ("token_digest", "rotated_away_from", "rotated_away_until")
+    assert all(f" {column} = " in marking for column in columns)
+
+
+async def test_a_rotation_that_finds_the_file_busy_marks_the_digest_on_the_writer_thread(
+    impatient_store: SQLiteStore,
+) -> None:
+    t0, record = await one_session(impatient_store)
+    busy = BusyForWrites(impatient_store._loop_db)
+    real, impatient_store._loop_db = impatient_store._loop_db, cast(sqlite3.Connection, busy)
+    try:
+        rotated = await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
+    finally:
+        impatient_store._loop_db = real
+
+    assert busy.refused == 1
+    assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
+    assert await impatient_store.get(rotated, now=t0 + 2) is not None
+
+
+async def test_a_busy_lookup_of_a_digest_rotated_away_is_retried_on_the_writer(
+    impatient_store: SQLiteStore,
+) -> None:
+    t0, record = await one_session(impatient_store)
+    await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
+    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._loop_db
+    impatient_store._loop_db = cast(sqlite3.Connection, busy)
+    try:
+        assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
+        assert not await impatient_store.was_rotated_away(new_digest(), now=t0 + 2)
+    finally:
+        impatient_store._loop_db = real
+
+    assert busy.calls == 2
+
+
+@pytest.mark.parametrize("going", ["delete", "delete_for_user", "delete_expired", "evicted"])
+async def test_a_session_that_goes_takes_its_digest_rotated_away_with_it(
+    impatient_store: SQLiteStore, going: str
+) -> None:
+    """The mark is the session row's: nothing is left behind to clean up, even where the
+    time the rotation asked for outlives the session."""
+    t0, record = await one_session(impatient_store)
+    store = impatient_store
+    await rotate_away(store, record, now=t0 + 1, until=t0 + 3 * TTL)
+
+    if going == "delete":
+        assert await store.delete(record.id, now=t0 + 2)
+    elif going == "delete_for_user":
+        assert await store.delete_for_user("alice", now=t0 + 2) == 1
+    elif going == "delete_expired":
+        assert await store.delete_expired(now=t0 + 1 + TTL) == 1
+    else:
+        await store.create(make_record(now=t0 + 2), max_sessions=1, now=t0 + 2)
+
+    assert not await store.was_rotated_away(record.token_digest, now=t0 + 2 * TTL)
+    db = sqlite3.connect(store.path)
+    try:
+        marked = db.execute(
+            f"SELECT COUNT(*) FROM {TABLE} WHERE rotated_away_from IS NOT NULL"  # noqa: S608
+        ).fetchone()
+    finally:
+        db.close()
+    assert marked == (0,)
 
 
 # -- the row cache of get ---------------------------------------------------------------

@@ -82,14 +82,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END
         $body$""",
     ),
+    (
+        # The digest the session's latest graced rotation left, kept until the time it was
+        # given. Nullable without a default: PostgreSQL adds them without rewriting the
+        # table, and existing sessions hold none. The index holds only the rows that have
+        # one, so only a rotation's write pays for it.
+        "ALTER TABLE {table} ADD COLUMN rotated_away_from text,"
+        " ADD COLUMN rotated_away_until double precision",
+        'CREATE INDEX "{name}_rotated_away_from" ON {table} (rotated_away_from)'
+        " WHERE rotated_away_from IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema version whose code can use this one as it stands, recorded in the
 # version table for releases that know only an older one (see accept_newer_schema). The
 # third migration replaced the create function keeping its signature: code written for
-# version 2 runs on it unchanged. A migration that changes what older code reads or writes
-# sets it to its own version.
+# version 2 runs on it unchanged. The fourth added nullable columns, which older code
+# neither names (it selects, inserts and updates by column) nor needs: its rotations leave
+# them as they are, as this release's rotations without a grace do. A migration that
+# changes what older code reads or writes sets it to its own version.
 COMPATIBLE_FROM = 2
 
 
@@ -104,6 +116,8 @@ class Sql:
     patch: str
     capped_patch: str
     guarded_patch: str
+    remembering_patch: str
+    was_rotated_away: str
     delete: str
     delete_for_user: str
     delete_expired: str
@@ -119,7 +133,7 @@ class Sql:
         update += " WHERE id = $1 AND expires_at > $5"
         merged = "(data - $6::text[]) || $7::text::jsonb"
 
-        def capped_patch(guard: str) -> str:
+        def capped_patch(guard: str, remember: str = "") -> str:
             # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
             # the row before the size is taken, and reads its newest version: a concurrent
             # patch is waited for and measured, never merged past. Returns whether the row
@@ -132,7 +146,8 @@ class Sql:
                 " FROM jsonb_each_text(target.data)) AS size FROM target),"
                 f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
                 " expires_at = coalesce($3, s.expires_at),"
-                " token_digest = coalesce($4, s.token_digest), data = sized.data FROM sized"
+                f" token_digest = coalesce($4, s.token_digest), data = sized.data{remember}"
+                " FROM sized"
                 " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
                 " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)"
             )
@@ -149,6 +164,15 @@ class Sql:
             # Applied only while the session holds the digest $9 (a conditional rotation),
             # with any cap: rare, so it need not spare the data a rewrite.
             guarded_patch=capped_patch(" AND token_digest = $9"),
+            # A rotation with a grace: also remembers the digest rotated away ($9, the one
+            # the guard found) until $10, in the same statement, so never without it.
+            remembering_patch=capped_patch(
+                " AND token_digest = $9",
+                ", rotated_away_from = $9, rotated_away_until = $10",
+            ),
+            # Not the session's once it has expired, as for every other read.
+            was_rotated_away=f"SELECT EXISTS (SELECT FROM {t} WHERE rotated_away_from = $1"
+            " AND rotated_away_until > $2 AND expires_at > $2)",
             # Only the owner $3 and only while it holds the digest $4, where either is
             # given (the id finds the row). Whether the session was live; NULL if none.
             delete=f"DELETE FROM {t} WHERE id = $1 AND ($3::text IS NULL OR user_id = $3)"

@@ -16,6 +16,7 @@ __all__ = [
     "LUA_HELPERS",
     "READ",
     "RECORD_JSON",
+    "ROTATED_AWAY",
     "UPDATE",
 ]
 
@@ -38,22 +39,29 @@ end
 local function pointer_keys(p, id, digest)
   return p .. 'i:' .. id, p .. 'd:' .. digest
 end
--- On a single server (p the key prefix) a deleted session's pointers go with it; in a
+-- On a single server (p the key prefix) a deleted session's pointers go with it, that of
+-- the digest it was rotated away from (the hash's 'ra', false or '' for none) too; in a
 -- cluster (p '{', which no key prefix holds) they live on other nodes, and the caller
 -- removes them.
-local function drop_pointers(p, id, digest)
-  if p ~= '{' then redis.call('DEL', pointer_keys(p, id, digest)) end
+local function drop_pointers(p, id, digest, left)
+  if p == '{' then return end
+  if left and left ~= '' then
+    redis.call('DEL', p .. 'r:' .. left, pointer_keys(p, id, digest))
+  else
+    redis.call('DEL', pointer_keys(p, id, digest))
+  end
 end
--- Deletes the doomed (id, digest) sessions and, on a single server, their pointers;
--- returns them as a flat list.
+-- Deletes the doomed (id, digest, digest rotated away from) sessions and, on a single
+-- server, their pointers; returns them as a flat list ('' for no digest rotated away).
 local function forget(index, prefix, doomed, pointers)
   local out = {}
   for _, d in ipairs(doomed) do
     redis.call('DEL', prefix .. d[1])
     redis.call('ZREM', index, d[1])
-    drop_pointers(pointers, d[1], d[2])
+    drop_pointers(pointers, d[1], d[2], d[3])
     out[#out + 1] = d[1]
     out[#out + 1] = d[2]
+    out[#out + 1] = d[3] or ''
   end
   return out
 end
@@ -62,7 +70,8 @@ end
 # KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
 # last_active_at, key prefix on a single server or '{' in a cluster, digest, tag,
 # field/value pairs. Returns nil if the id (or, on a single server, either pointer)
-# exists, else the evicted (id, digest) pairs (none when run again, as a retry).
+# exists, else the evicted (id, digest, digest rotated away from or '') triples (none
+# when run again, as a retry).
 CREATE = """
 -- A client's retry of this very create after its reply was lost: it is done.
 if redis.call('HGET', KEYS[1], 'td') == ARGV[8] then return {} end
@@ -82,18 +91,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 -- at most max sessions - 1 of them, however recent their activity (a clock ahead).
 local now, live, doomed = tonumber(ARGV[1]), {}, {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca')
+  local f = redis.call('HMGET', ARGV[4] .. sid, 'ea', 'td', 'la', 'ca', 'ra')
   if not f[1] then
     redis.call('ZREM', KEYS[2], sid)
   elseif tonumber(f[1]) <= now then
-    doomed[#doomed + 1] = {sid, f[2]}
+    doomed[#doomed + 1] = {sid, f[2], f[5]}
   else
-    live[#live + 1] = {sid, f[2], tonumber(f[3]), tonumber(f[4])}
+    live[#live + 1] = {sid, f[2], f[5], tonumber(f[3]), tonumber(f[4])}
   end
 end
 table.sort(live, function(a, b)
-  if a[3] ~= b[3] then return a[3] > b[3] end
-  return a[4] > b[4]
+  if a[4] ~= b[4] then return a[4] > b[4] end
+  return a[5] > b[5]
 end)
 for i = tonumber(ARGV[3]), #live do doomed[#doomed + 1] = live[i] end
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
@@ -104,11 +113,15 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 # KEYS: session, index. ARGV: now, ttl ms, id, last_active_at, expires_at (ttl and both
 # times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
 # single server or '{' in a cluster, tag, size cap or '', the digest the session must hold
-# or '' (any), n, n removed fields, field/value pairs.
+# or '' (any), the time until which a rotation keeps the digest it rotates away from or
+# '' (none kept), the TTL in ms of that digest's pointer (0: none), n, n removed fields,
+# field/value pairs.
 # Returns nil if not live (or not under the digest it must hold), -1 if the new digest is
 # another session's (single server; a cluster claims it before), the size (an integer) if
 # the merged data would exceed the cap (nothing changed in either case), else the digest
-# it had (run again, as a retry, a rotation answers as it first did).
+# it had (run again, as a retry, a rotation answers as it first did); for a rotation that
+# keeps the digest it rotates away from, that digest and the one an earlier rotation kept
+# (or ''), whose pointer goes.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
@@ -126,11 +139,11 @@ if ARGV[6] ~= '' and ARGV[7] ~= '{' then
   local holder = redis.call('GET', new_digest_key)
   if holder and holder ~= ARGV[8] .. ':' .. ARGV[3] then return -1 end
 end
-local n = tonumber(ARGV[11])
+local n = tonumber(ARGV[13])
 if ARGV[9] ~= '' then
   local size, count, named = 0, 0, {}
-  for i = 12, 11 + n do named[ARGV[i]] = true end
-  for i = 12 + n, #ARGV, 2 do
+  for i = 14, 13 + n do named[ARGV[i]] = true end
+  for i = 14 + n, #ARGV, 2 do
     named[ARGV[i]] = true
     size, count = size + #ARGV[i] - 1 + #ARGV[i + 1], count + 1
   end
@@ -143,9 +156,18 @@ if ARGV[9] ~= '' then
   size = size + math.max(count + 1, 2)
   if size > tonumber(ARGV[9]) then return size end
 end
-hdel_range(KEYS[1], 12, 11 + n)
-hset_from(KEYS[1], 12 + n)
+hdel_range(KEYS[1], 14, 13 + n)
+hset_from(KEYS[1], 14 + n)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
+local kept
+if ARGV[11] ~= '' and had ~= ARGV[6] then
+  -- The session keeps one digest rotated away from, its latest rotation's (a "rotation"
+  -- to the digest it holds rotates away from none). Run again, as a retry, this rotation
+  -- finds its own digest kept already, and keeps it again.
+  kept = redis.call('HGET', KEYS[1], 'ra') or ''
+  if kept == had then kept = '' end
+  redis.call('HSET', KEYS[1], 'ra', had, 'ru', ARGV[11])
+end
 if ARGV[2] == '' then return had end
 redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -163,35 +185,42 @@ if p ~= '{' then
     redis.call('DEL', digest_key)
     redis.call('SET', new_digest_key, ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
   end
+  if kept then
+    if kept ~= '' then redis.call('DEL', p .. 'r:' .. kept) end
+    if ARGV[12] ~= '0' then
+      redis.call('SET', p .. 'r:' .. had, ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[12])
+    end
+  end
 end
+if kept then return {had, kept} end
 return had
 """
 
 # KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
 # single server (the pointers go too) or '{' in a cluster, now, the digest the session
-# must hold ('' for any). Returns the digest and 1 if the session was live (0 if
-# expired, not yet gone by its TTL).
+# must hold ('' for any). Returns the digest, 1 if the session was live (0 if expired,
+# not yet gone by its TTL), and the digest it was rotated away from (or '').
 DELETE = """
-local f = redis.call('HMGET', KEYS[1], 'uid', 'td', 'ea')
+local f = redis.call('HMGET', KEYS[1], 'uid', 'td', 'ea', 'ra')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
 if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-drop_pointers(ARGV[4], ARGV[1], f[2])
-return {f[2], tonumber(f[3]) > tonumber(ARGV[5]) and 1 or 0}
+drop_pointers(ARGV[4], ARGV[1], f[2], f[4])
+return {f[2], tonumber(f[3]) > tonumber(ARGV[5]) and 1 or 0, f[4] or ''}
 """
 
 # KEYS: index. ARGV: session key prefix, id to keep, key prefix on a single server (the
 # pointers go too) or '{' in a cluster, now. Returns how many of the deleted sessions
-# were live, then the deleted (id, digest) pairs.
+# were live, then the deleted (id, digest, digest rotated away from or '') triples.
 DELETE_FOR_USER = """
 local now, live, doomed = tonumber(ARGV[4]), 0, {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sid ~= ARGV[2] then
-    local f = redis.call('HMGET', ARGV[1] .. sid, 'td', 'ea')
+    local f = redis.call('HMGET', ARGV[1] .. sid, 'td', 'ea', 'ra')
     if f[1] then
-      doomed[#doomed + 1] = {sid, f[1]}
+      doomed[#doomed + 1] = {sid, f[1], f[3]}
       if tonumber(f[2]) > now then live = live + 1 end
     else
       redis.call('ZREM', KEYS[1], sid)
@@ -255,7 +284,7 @@ return record_json(cjson.null, h)
 # `limit` sessions are found, then deletes them: reading everything first means an error
 # (a damaged hash) deletes nothing, leaving no pointer of a deleted session to the caller.
 # Returns the count removed, how many indexes were swept to the end, then the deleted
-# (id, digest) pairs.
+# (id, digest, digest rotated away from or '') triples.
 DELETE_EXPIRED = """
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local found, swept, gone, doomed, seen = 0, 0, {}, {}, {}
@@ -267,12 +296,12 @@ for _, index in ipairs(KEYS) do
     local cut = false
     for _, sid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
       if found >= limit then cut = true; break end
-      local f = redis.call('HMGET', prefix .. sid, 'ea', 'td')
+      local f = redis.call('HMGET', prefix .. sid, 'ea', 'td', 'ra')
       if not f[1] then
         gone[#gone + 1] = {index, sid}
         found = found + 1
       elseif tonumber(f[1]) <= now then
-        doomed[#doomed + 1] = {index, prefix .. sid, sid, f[2]}
+        doomed[#doomed + 1] = {index, prefix .. sid, sid, f[2], f[3]}
         found = found + 1
       end
     end
@@ -285,9 +314,10 @@ for _, g in ipairs(gone) do redis.call('ZREM', g[1], g[2]) end
 for _, d in ipairs(doomed) do
   redis.call('DEL', d[2])
   redis.call('ZREM', d[1], d[3])
-  drop_pointers(ARGV[3], d[3], d[4])
+  drop_pointers(ARGV[3], d[3], d[4], d[5])
   out[#out + 1] = d[3]
   out[#out + 1] = d[4]
+  out[#out + 1] = d[5] or ''
 end
 return out
 """
@@ -302,4 +332,18 @@ local tag, sid = string.match(loc, '^(%x+):(.+)$')
 local h = redis.call('HGETALL', ARGV[1] .. '{' .. tag .. '}:s:' .. sid)
 if #h == 0 then return false end
 return record_json(loc, h)
+"""
+
+# Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
+# KEYS: rotated-away digest pointer. ARGV: key prefix, the digest, now. Returns 1 if the
+# session the pointer names is live and still keeps the digest as the one it was rotated
+# away from, until after now, else nil.
+ROTATED_AWAY = """
+local loc = redis.call('GET', KEYS[1])
+if not loc then return false end
+local tag, sid = string.match(loc, '^(%x+):(.+)$')
+local f = redis.call('HMGET', ARGV[1] .. '{' .. tag .. '}:s:' .. sid, 'ra', 'ru', 'ea')
+local now = tonumber(ARGV[3])
+if f[1] ~= ARGV[2] or tonumber(f[2]) <= now or tonumber(f[3]) <= now then return false end
+return 1
 """

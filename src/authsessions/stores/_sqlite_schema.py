@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 TABLE = "authsessions_session"
+# What a record holds, as reads and inserts name it. Not the rotated-away columns: get
+# reads only these, and a file of the first builds is known by holding them.
 COLUMNS = (
     "id, token_digest, user_id, ip_address, user_agent, device_name, device_type,"
     " fingerprint, data, created_at, last_active_at, expires_at"
@@ -53,13 +55,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"DROP INDEX {TABLE}_user_id",
         f"CREATE INDEX {TABLE}_user ON {TABLE} (user_id)",
     ),
+    # The digest a session's latest rotation left, for was_rotated_away. Columns of the
+    # row, not a table of their own: they go with the session however it goes, and a
+    # rotation sets them in its own UPDATE. Added without a default, which SQLite does
+    # without rewriting a row. The index holds only rows a rotation marked, so no other
+    # write touches it.
+    (
+        f"ALTER TABLE {TABLE} ADD COLUMN rotated_away_from TEXT",
+        f"ALTER TABLE {TABLE} ADD COLUMN rotated_away_until REAL",
+        f"CREATE INDEX {TABLE}_rotated_away_from ON {TABLE} (rotated_away_from)"
+        " WHERE rotated_away_from IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema version whose code can use this one as it stands, recorded beside the
 # version for releases that know only an older one (see accept_newer_schema).
 # The second migration only replaced an index: code written for version 1 runs on it
-# unchanged. A migration that changes what older code reads or writes sets it to its own
-# version.
+# unchanged. The third only added columns that may be NULL, and an index: every release
+# names the columns it reads and inserts, so older code runs on it unchanged too. Its
+# rotations leave a digest marked by an earlier one as it was, until that one's time,
+# which was_rotated_away allows (a rotation "may" end the previous one's time). A
+# migration that changes what older code reads or writes sets it to its own version.
 COMPATIBLE_FROM = 1
 SCHEMA_TABLE = f"{TABLE}_schema"
 
@@ -122,4 +138,5 @@ def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:
             "table: give the sessions a file of their own."
         )
     # The second migration replaced the index on (user_id, last_active_at) by one on user_id.
+    # The first builds went no further, and every later release records its version.
     return (2 if f"{TABLE}_user" in user_index else 1), None, False

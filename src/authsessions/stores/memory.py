@@ -109,7 +109,10 @@ class MemoryStore(Store):
         record = row.record
         if changes.token_digest is not None:
             del self._ids_by_digest[record.token_digest]
-            if changes.rotated_away_until is not None:
+            if (
+                changes.rotated_away_until is not None
+                and changes.token_digest != record.token_digest
+            ):
                 self._forget_rotated_away(row)
                 row.rotated_away_from = record.token_digest
                 row.rotated_away_until = changes.rotated_away_until
@@ -128,7 +131,7 @@ class MemoryStore(Store):
         now = _checks.was_rotated_away_args(token_digest, now)
         session_id = self._ids_by_rotated_away_digest.get(token_digest)
         row = None if session_id is None else self._rows[session_id]
-        return row is not None and row.rotated_away_until > now
+        return row is not None and row.rotated_away_until > now and row.record.expires_at > now
 
     async def delete(
         self,

@@ -72,7 +72,14 @@ __all__ = ["PostgresStore"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 # What the relations the store makes beside its table are named after it: "{table}{suffix}".
-_NAMED_AFTER_THE_TABLE = ("_schema_version", "_pkey", "_token_digest", "_user_id", "_expires_at")
+_NAMED_AFTER_THE_TABLE = (
+    "_schema_version",
+    "_pkey",
+    "_token_digest",
+    "_user_id",
+    "_expires_at",
+    "_rotated_away_from",
+)
 
 
 class PostgresStore(Store):
@@ -542,10 +549,12 @@ class PostgresStore(Store):
         measured = True
         if expected is not None:
             # With the largest cap there is when none is asked for: nothing to refuse.
-            statement, args = (
-                sql.guarded_patch,
-                (*args, MAX_COUNT if cap is None else cap, expected),
-            )
+            args += (MAX_COUNT if cap is None else cap, expected)
+            # A "rotation" onto the digest the session holds rotates nothing away.
+            if changes.rotated_away_until is None or changes.token_digest == expected:
+                statement = sql.guarded_patch
+            else:
+                statement, args = sql.remembering_patch, (*args, changes.rotated_away_until)
         elif cap is not None:
             statement, args = sql.capped_patch, (*args, cap)
         else:
@@ -565,6 +574,16 @@ class PostgresStore(Store):
         if not patched and size is not None and cap is not None:
             raise DataTooLarge(size, cap)
         return bool(patched)
+
+    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+        now = _checks.was_rotated_away_args(token_digest, now)
+        # No transaction: one read, whatever the isolation, sees one snapshot.
+        with translate_errors("PostgreSQL", *self._errors):
+            async with self._borrow() as conn:
+                found = await conn.fetchval(
+                    self._sql.was_rotated_away, token_digest, now, timeout=self.command_timeout
+                )
+        return found is True
 
     async def delete(
         self,

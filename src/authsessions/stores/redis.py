@@ -7,6 +7,7 @@ SHA-256 of the user id, so any id makes a valid, fixed-size hash tag)::
     P{T}:u                sorted set: the user's session ids, scored by last activity
     Pd:<token digest>     string "T:<session id>": where the digest's session lives
     Pi:<session id>       string "T": whose session an id is
+    Pr:<token digest>     string "T:<session id>": the session rotated away from it
 
 Everything of one user shares the tag, hence one cluster slot, so every
 per-user or per-session change is one Lua script: create with its eviction,
@@ -21,6 +22,15 @@ makes them true and removed after the one that makes them false. On a
 single server the scripts write and remove them themselves, so a login, an
 update and a logout are one round trip each.
 
+A rotation may keep the digest it rotates away from for a while (see
+``was_rotated_away``): the hash records it (field ``ra``) and until when
+(``ru``), one per session, its latest rotation's, and a third pointer leads
+from it to the session for that long. A hint too: the answer is yes only
+while the session is live and still keeps that digest. In a cluster it is
+written after the script, as it makes it true. During a rolling deploy an
+older release reads past the two fields, and its scripts, knowing nothing of
+this pointer, leave it to expire as it names a session they deleted.
+
 ``get`` is one round trip: on a single server, one script follows the
 pointer to the record, sent on one of a few connections the store keeps
 from the client's pool between reads (``_redis_connections.py``); in a
@@ -30,7 +40,8 @@ the hash directly, paying a second round trip only the first time it sees a
 digest.
 
 Every key expires when its session does (``PEXPIRE`` with the session's
-remaining life as the caller's clock counts it); the index lives as long as
+remaining life as the caller's clock counts it; a rotated-away digest's
+pointer sooner, when its time ends); the index lives as long as
 its longest session and each script that walks it drops ids whose hash has
 gone. Redis forgets expired sessions by itself, so ``delete_expired`` only
 sweeps the indexes: it deletes sessions that are expired by the caller's
@@ -296,6 +307,7 @@ class RedisStore(Store):
         self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
+        self._rotated_away = register(lua.ROTATED_AWAY)
 
     @contextmanager
     def _refusing_what_no_retry_mends(self) -> Iterator[None]:
@@ -378,6 +390,9 @@ class RedisStore(Store):
 
     def _id_key(self, session_id: str) -> str:
         return f"{self.prefix}i:{session_id}"
+
+    def _rotated_away_key(self, digest: str) -> str:
+        return f"{self.prefix}r:{digest}"
 
     # -- primitives ------------------------------------------------------------------
 
@@ -466,7 +481,7 @@ class RedisStore(Store):
         ttl = None if changes.expires_at is None else _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
         in_cluster, cap = bool(self._cluster), changes.size_cap
-        expected = changes.expected_token_digest
+        expected, until = changes.expected_token_digest, changes.rotated_away_until
         with translate_errors("Redis", *self._errors):
             tag = await self._tag_of(session_id)
             if tag is None:
@@ -487,17 +502,23 @@ class RedisStore(Store):
                             return False
                         raise CreateError(session_id)
                     if await client.hget(session_key, "td") == new_digest:
-                        new_digest = None  # the digest it holds: no rotation, and no clash
+                        # The digest it holds: no rotation, and no clash.
+                        new_digest = until = None
                     # Else this call's own claim, which a client's retry after a lost reply
                     # found taken: the rotation goes on.
-            old_digest: str | int | None = await self._update(
+            # _checks.update_args saw that a rotation's time comes with a new digest.
+            kept_ms = 0 if until is None else _kept_ms(until, now, cast("int", ttl))
+            old_digest: str | int | list[str] | None = await self._update(
                 keys=[session_key, self._index(tag)],
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
                       _or_empty(changes.expires_at),
                       new_digest or "", self._pointer_prefix, tag,
-                      "" if cap is None else cap, expected or "", len(removed), *removed,
-                      *_data_fields(changes.set_keys)],
+                      "" if cap is None else cap, expected or "", _or_empty(until), kept_ms,
+                      len(removed), *removed, *_data_fields(changes.set_keys)],
             )  # fmt: skip
+            kept_before = None
+            if isinstance(old_digest, list):  # a rotation keeping the digest it left
+                old_digest, kept_before = old_digest
             if not isinstance(old_digest, str):  # not live (None), taken, or refused (its size)
                 if old_digest == _DIGEST_TAKEN:  # only on a single server: nothing to unlink
                     raise CreateError(session_id)
@@ -511,6 +532,10 @@ class RedisStore(Store):
                 # The pointers follow the session's new expiry; a rotated-out digest goes.
                 # Until a later touch renews them, pointers that missed this keep their
                 # earlier expiry; a rotated-out digest left behind names nothing live.
+                # A digest kept as rotated away from gains its pointer here, after the
+                # script that keeps it (missed, its token is answered as a revoked one),
+                # and the one kept before loses its own (left, it names what the session
+                # no longer keeps, and expires with that one's time).
                 with self._after_the_script(
                     "the pointers of a Redis session keep their earlier expiry"
                 ):
@@ -520,6 +545,14 @@ class RedisStore(Store):
                             pipe.pexpire(self._digest_key(old_digest), ttl)
                         else:
                             pipe.delete(self._digest_key(old_digest))
+                        if kept_before:
+                            pipe.delete(self._rotated_away_key(kept_before))
+                        if kept_before is not None and kept_ms:
+                            pipe.set(
+                                self._rotated_away_key(old_digest),
+                                f"{tag}:{session_id}",
+                                px=kept_ms,
+                            )
                         await pipe.execute()
         if new_digest is not None:
             self._digest_locations.pop(old_digest, None)
@@ -546,9 +579,33 @@ class RedisStore(Store):
             )  # fmt: skip
             if deleted is None:
                 return False
-            digest, live = deleted
-            await self._drop_pointers([session_id, digest])
+            digest, live, kept = deleted
+            await self._drop_pointers([session_id, digest, kept])
         return int(live) == 1
+
+    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+        """One script on a single server; in a cluster, where the session may sit on
+        another node than the pointer, two round trips (asked only for unknown tokens).
+        """
+        now = _checks.was_rotated_away_args(token_digest, now)
+        client = self._require_client()
+        key = self._rotated_away_key(token_digest)
+        with translate_errors("Redis", *self._errors):
+            if not self._cluster:
+                found = await self._rotated_away(keys=[key], args=[self.prefix, token_digest, now])
+                return found is not None
+            pointer = cast("str | None", await client.get(key))
+            if pointer is None:
+                return False
+            tag, session_id = _location(pointer)
+            session_key = self._session_prefix(tag) + session_id
+            kept, until, expires_at = await client.hmget(session_key, ["ra", "ru", "ea"])
+        return (
+            kept == token_digest
+            and until is not None
+            and expires_at is not None
+            and min(float(until), float(expires_at)) > now
+        )
 
     async def delete_for_user(
         self, user_id: str, *, now: float, except_id: str | None = None
@@ -699,25 +756,29 @@ class RedisStore(Store):
         """
         return _CLUSTER_POINTERS if self._cluster else self.prefix
 
-    async def _drop_pointers(self, id_digest_pairs: list[str], *, or_raise: bool = False) -> None:
-        """Forget the pointers of deleted sessions (a flat list of id, digest, id, ...),
-        and remove them in a cluster (a single server's scripts removed them already), as
-        far as the nodes holding them answer; ``or_raise``: a failure is raised, for a
-        cleanup that should stop rather than meet the same silent node batch after batch.
+    async def _drop_pointers(self, ended: list[str], *, or_raise: bool = False) -> None:
+        """Forget the pointers of deleted sessions (a flat list of id, digest, digest
+        rotated away from or ``""``, id, ...), and remove them in a cluster (a single
+        server's scripts removed them already), as far as the nodes holding them answer;
+        ``or_raise``: a failure is raised, for a cleanup that should stop rather than meet
+        the same silent node batch after batch.
         """
         keys = []
-        for session_id, digest in zip(id_digest_pairs[::2], id_digest_pairs[1::2], strict=True):
+        for session_id, digest, kept in zip(ended[::3], ended[1::3], ended[2::3], strict=True):
             keys += [self._id_key(session_id), self._digest_key(digest)]
+            if kept:
+                keys.append(self._rotated_away_key(kept))
             self._id_tags.pop(session_id, None)
             self._digest_locations.pop(digest, None)
         if self._cluster and or_raise:
             await self._unlink(keys)
         elif self._cluster:
             # A pointer left behind names nothing live (``get`` checks the digest the
-            # session holds) and expires when the session would have.
-            ended = len(keys) // 2
+            # session holds, ``was_rotated_away`` the one it keeps) and expires when the
+            # session, or the time it kept a digest for, would have.
+            count = len(ended) // 3
             with self._after_the_script(
-                f"the pointers of {ended} ended Redis sessions will expire instead"
+                f"the pointers of {count} ended Redis sessions will expire instead"
             ):
                 await self._unlink(keys)
 
@@ -795,6 +856,11 @@ def _ttl_ms(expires_at: float, now: float) -> int:
     # Counted from the caller's clock, so a clock that differs from Redis's (or a test's
     # own clock) still gives the key exactly the session's remaining life.
     return min(max(1, math.ceil((expires_at - now) * 1000)), _MAX_TTL_MS)
+
+
+def _kept_ms(until: float, now: float, ttl: int) -> int:
+    # No longer than the session lives: past that, the pointer would name nothing.
+    return max(0, min(math.ceil((until - now) * 1000), ttl))
 
 
 def _location(pointer: str) -> tuple[str, str]:

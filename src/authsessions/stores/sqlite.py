@@ -113,6 +113,11 @@ _SELECT_FOR_UPDATE = (
     f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
     " WHERE id = ? AND expires_at > ?"
 )
+# Over the partial index on rotated_away_from: "= ?" is never true of a NULL.
+_SELECT_ROTATED_AWAY = (
+    f"SELECT 1 FROM {TABLE} WHERE rotated_away_from = ? AND rotated_away_until > ?"
+    " AND expires_at > ? LIMIT 1"
+)
 _SELECT_BY_USER = (
     f"SELECT {COLUMNS} FROM {TABLE} WHERE user_id = ? AND expires_at > ?"
     " ORDER BY last_active_at DESC, created_at DESC"
@@ -443,6 +448,14 @@ class SQLiteStore(Store):
             rows = await self._read_when_free(_SELECT_BY_USER, params)
         return [_record(row) for row in rows]
 
+    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+        now = _checks.was_rotated_away_args(token_digest, now)
+        params = (token_digest, now, now)
+        rows = self._read_now(_SELECT_ROTATED_AWAY, params)
+        if rows is None:
+            rows = await self._read_when_free(_SELECT_ROTATED_AWAY, params)
+        return bool(rows)
+
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
         db = self._connection(self._loop_db)
@@ -591,6 +604,11 @@ class SQLiteStore(Store):
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
+                    if changes.rotated_away_until is not None:
+                        # In the same UPDATE: marked only if the rotation applies. Replaces
+                        # the previous rotation's mark, as a session keeps one.
+                        assignments += ("rotated_away_from = ?", "rotated_away_until = ?")
+                        params += (stored_digest, changes.rotated_away_until)
                 new_data: dict[str, Any] | None = None
                 if changes.changes_data:
                     # A copy one level deep is enough: keys are only removed or set whole.
