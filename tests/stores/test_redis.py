@@ -1542,6 +1542,42 @@ async def test_cluster_reads_on_connections_the_nodes_closed_while_idle_go_on(
     assert results == records
 
 
+async def test_cluster_rotated_away_reads_on_connections_the_nodes_closed_while_idle_go_on(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """The request this answer spares (its token rotated away moments ago) must not get a
+    503 because a node closed an idle connection: the pointer and the session it reads
+    seldom sit on the node ``get`` just used."""
+    t0 = start_time()
+    records = [make_record(now=t0, user_id=f"user-{i}") for i in range(5)]
+    admin = RedisCluster.from_url(redis_cluster_url.replace("redis+cluster", "redis"))
+    try:
+        async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+            for record in records:
+                await store.create(record, max_sessions=10, now=t0)
+                update = make_update(
+                    now=t0 + 1,
+                    token_digest=new_digest(),
+                    expected_token_digest=record.token_digest,
+                    rotated_away_until=t0 + 61,
+                )
+                assert await store.update(record.id, update, now=t0 + 1)
+            for record in records:  # a connection to every node, idle in its pool
+                assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+            await admin.client_kill_filter(
+                _type="normal", skipme=True, target_nodes=RedisCluster.ALL_NODES
+            )
+
+            results = await asyncio.gather(
+                *(store.was_rotated_away(record.token_digest, now=t0 + 2) for record in records),
+                return_exceptions=True,
+            )
+    finally:
+        await admin.aclose()
+
+    assert results == [True] * len(records)
+
+
 async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(
     proxy: TcpProxy, redis_prefix: str
 ) -> None:

@@ -88,7 +88,7 @@ from authsessions.stores._url import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
@@ -594,18 +594,31 @@ class RedisStore(Store):
             if not self._cluster:
                 found = await self._rotated_away(keys=[key], args=[self.prefix, token_digest, now])
                 return found is not None
-            pointer = cast("str | None", await client.get(key))
+            pointer = cast("str | None", await self._read_once_more_if_closed(client.get, key))
             if pointer is None:
                 return False
             tag, session_id = _location(pointer)
             session_key = self._session_prefix(tag) + session_id
-            kept, until, expires_at = await client.hmget(session_key, ["ra", "ru", "ea"])
+            kept, until, expires_at = await self._read_once_more_if_closed(
+                client.hmget, session_key, ["ra", "ru", "ea"]
+            )
         return (
             kept == token_digest
             and until is not None
             and expires_at is not None
             and min(float(until), float(expires_at)) > now
         )
+
+    async def _read_once_more_if_closed(
+        self, read: Callable[..., Awaitable[Any]], *args: Any
+    ) -> Any:
+        """``read(*args)``, once more after a ConnectionError: as in :meth:`get`, a cluster
+        node's pool hands out, unchecked, connections the node closed while they sat idle.
+        """
+        try:
+            return await read(*args)
+        except self._driver.ConnectionError:
+            return await read(*args)
 
     async def delete_for_user(
         self, user_id: str, *, now: float, except_id: str | None = None
