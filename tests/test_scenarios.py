@@ -24,7 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from authsessions import Session, SessionConfig, SessionData, SessionDataError, SessionManager
+from authsessions import (
+    Session,
+    SessionConfig,
+    SessionData,
+    SessionDataError,
+    SessionManager,
+    Unauthorized,
+)
 from authsessions._session import ROTATED_AWAY_NOTICE_SECONDS
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.stores import SessionUpdate, Store
@@ -270,25 +277,32 @@ async def test_token_stolen_before_rotate_is_rejected_and_cleared_after_it(
     assert fresh.json()["authenticated"] is True
 
 
-async def test_a_devices_request_sent_before_a_rotations_answer_leaves_its_new_cookie_alone(
+async def test_a_devices_page_loading_as_the_session_rotates_leaves_the_new_cookie_alone(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:
     """A page rotates while the same browser's devices page is loading with the old token.
-    Its answer (401: that token no longer names the session), arriving after the
-    rotation's, must not clear the new cookie: the user would be signed out, their
-    rotated session left holding a place until it expired.
+    Its listing finds that token rotated away. Its answer, arriving after the rotation's,
+    must not clear the new cookie (the user would be signed out, their rotated session
+    left holding a place until it expired), must stay out of shared caches (it may show
+    the user's data), and the keys it set must land, as at the end of any such request.
     """
     gate = asyncio.Event()
     loaded = asyncio.Event()
 
     async def slow_devices(request: Request) -> Response:
         session = Session.from_request(request)
+        session.set("visited", "devices")
+        name = session.get("name")
         loaded.set()
         await gate.wait()
-        return JSONResponse([s.id for s in await session.list_my_sessions()])
+        try:
+            devices: int | None = len(await session.list_my_sessions())
+        except Unauthorized:
+            devices = None
+        return JSONResponse({"name": name, "devices": devices})
 
     client = client_factory(app_factory(store, extra_routes=[Route("/devices", slow_devices)]))
-    await login(client)
+    await login(client, data={"name": "Alice"})
     devices = asyncio.create_task(client.get("/devices"))
     await loaded.wait()
     rotated = await client.post("/rotate")
@@ -297,11 +311,46 @@ async def test_a_devices_request_sent_before_a_rotations_answer_leaves_its_new_c
 
     answer = await devices
 
-    assert answer.status_code == 401
+    assert answer.json() == {"name": "Alice", "devices": None}
     assert "set-cookie" not in answer.headers
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["vary"] == "Cookie"
     me = await client.get("/me")  # the cookie jar's, as a browser's
     assert me.json()["authenticated"] is True
-    assert len(await live_sessions(store, "alice")) == 1
+    (session,) = await live_sessions(store, "alice")
+    assert session.data == {"name": "Alice", "visited": "devices"}
+
+
+@pytest.mark.parametrize("first", ["unknown", "malformed"])
+async def test_a_token_rotated_away_behind_another_cookie_of_the_name_is_told_apart(
+    client: httpx.AsyncClient, first: str
+) -> None:
+    """A cookie a former ``cookie_path`` or ``cookie_domain`` left comes first; the one the
+    last login set, just rotated away, second: its answer must not clear the new cookie."""
+    old = await login(client)
+    new = session_cookie(await client.post("/rotate"))
+    assert new is not None
+    stale = new_token() if first == "unknown" else "not-a-token"
+
+    answer = await client.get("/me", headers={"cookie": f"{COOKIE}={stale}; {COOKIE}={old}"})
+
+    assert answer.json()["authenticated"] is False
+    assert "set-cookie" not in answer.headers
+    unknown = await client.get("/me", headers={"cookie": f"{COOKIE}={stale}; {COOKIE}={stale}"})
+    assert_clears_cookie(unknown)
+
+
+async def test_a_logout_carrying_a_token_rotated_away_clears_the_cookie(
+    client: httpx.AsyncClient,
+) -> None:
+    """The user asked to sign out: the cookie goes, whichever token it holds."""
+    old = await login(client)
+    assert session_cookie(await client.post("/rotate")) is not None
+
+    answer = await client.post("/logout", headers=cookie_header(old))
+
+    assert answer.status_code == 200
+    assert_clears_cookie(answer)
 
 
 def drawing_first(taken: str, draw: Callable[[], str]) -> Callable[[], str]:
@@ -630,6 +679,40 @@ async def test_keys_set_by_a_request_whose_token_was_rotated_away_land_but_not_o
         record = await store.get(rotated, now=time.time())
         assert record is not None
         assert (record.id, record.data) == (this.id, {"theme": "dark", "cart": ["book"]})
+
+
+@pytest.mark.parametrize(
+    "operation", ["rotate", "list_my_sessions", "logout_other", "logout_all", "revoke"]
+)
+async def test_keys_set_before_an_operation_finds_the_token_rotated_away_land(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory, operation: str
+) -> None:
+    """The operation answers 401, as the token no longer names the session; the keys the
+    request set before it land, as they do at the end of a request rotated away."""
+    rotated = token_digest(new_token())
+
+    async def setting_then_acting(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("cart", ["book"])
+        await change_meanwhile(store, session, "rotated away", rotated)
+        if operation == "revoke":
+            await session.revoke(new_session_id())
+        else:
+            await getattr(session, operation)()
+        return JSONResponse({})
+
+    token, this = await plant_session(store, "alice", data={"theme": "dark"})
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/setting-then-acting", setting_then_acting)])
+    )
+
+    response = await client.get("/setting-then-acting", headers=cookie_header(token))
+
+    assert response.status_code == 401
+    assert "set-cookie" not in response.headers
+    record = await store.get(rotated, now=time.time())
+    assert record is not None
+    assert (record.id, record.data) == (this.id, {"theme": "dark", "cart": ["book"]})
 
 
 async def test_a_login_on_a_request_whose_token_was_rotated_away_meanwhile_ends_nothing(

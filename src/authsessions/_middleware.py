@@ -177,14 +177,18 @@ class SessionMiddleware:
     async def _not_found(self, scope: Scope, token: str, digest: str | None, now: float) -> Session:
         """The session of the request's other session cookies, when ``token`` (``digest``,
         ``None`` when malformed) named none; else anonymous, and the cookie cleared unless
-        the token was rotated away moments ago: the browser, whose request was sent before
-        the rotation's answer, may hold the new cookie already.
+        one of them was rotated away moments ago: the browser, whose request was sent
+        before the rotation's answer, may hold the new cookie already.
         """
         later = await self._later(scope, token, now)
         if later is not None:
             return await self._found(scope, *later, now)
-        if digest is not None and await self.store.was_rotated_away(digest, now=now):
-            return self._anonymous(scope)
+        # Each of them: a cookie a former cookie_domain or cookie_path left may come first.
+        digests = [] if digest is None else [digest]
+        digests += (token_digest(other) for other in self._cookie.later_tokens(scope, token))
+        for tried in digests:
+            if await self.store.was_rotated_away(tried, now=now):
+                return Session(self.store, self.config, scope, None, None, "spare")
         return self._cleared(scope)
 
     async def _found(
@@ -268,7 +272,7 @@ class SessionMiddleware:
         if sent.__class__ is not list:
             sent = list(sent)  # a tuple, or any iterable, which one pass would use up
         message = {**message}
-        if change == "keep":
+        if change == "keep" or change == "spare":
             for name, _ in sent:
                 if name in _CACHING_HEADERS:
                     break
@@ -283,7 +287,7 @@ class SessionMiddleware:
             headers = [*sent, (b"set-cookie", set_cookie)]
         # A shared cache must never keep a response that sets a cookie or shows a user's data.
         # Header names in ASGI messages are lower-case.
-        if change != "keep":
+        if change == "set" or change == "clear":
             # Instead of every one of the app's own: a cache may read only the first.
             headers = [header for header in headers if header[0] != b"cache-control"]
         cache_control, vary, varies = False, -1, False

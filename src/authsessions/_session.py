@@ -56,7 +56,10 @@ _CONTAINERS = (list, dict)  # the JSON values a caller could change: get() hands
 
 # What the response must do to the session cookie. Strings, not an Enum: on Python 3.11
 # each Enum member lookup costs about 70 ns, and the per-request path makes several.
-CookieChange = Literal["keep", "set", "clear"]
+# "spare": the request's token was rotated away moments ago (see was_rotated_away): the
+# cookie is left alone, the browser may hold the new one, and the answer is kept out of
+# shared caches as a signed-in user's is (the request may have shown the session's data).
+CookieChange = Literal["keep", "set", "clear", "spare"]
 
 
 class Session:
@@ -385,6 +388,8 @@ class Session:
         else:
             raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
+            if written is not None and self._record is record:
+                self._changes = {**written, **(self._changes or {})}
             await self._end_found_gone(record)
             raise Unauthorized("This session has ended; sign in again.")
         self._record = self._renewed(record, changes, token_digest=digest)
@@ -406,6 +411,8 @@ class Session:
                 await self._end_if_still_named(record)
                 if self._record is record:
                     self._end()
+            elif self._cookie_change == "spare":
+                self._end()  # a token rotated away: its cookie goes, as asked
 
     async def logout_all(self) -> None:
         """Destroy every session of the current user, this one included, and clear the cookie.
@@ -677,14 +684,24 @@ class Session:
     async def _end_found_gone(self, record: SessionRecord) -> None:
         """This request's session, found ended in the store or its token rotated away:
         no longer this request's. The cookie is cleared unless the token was rotated away,
-        when the browser may hold the new one already.
+        when the browser may hold the new one already; then the keys the request set so
+        far are written, as they would have been at its end (see the README's security
+        model: a rotation must not lose the same browser's writes in flight).
         """
-        rotated_away = await self._store.was_rotated_away(record.token_digest, now=time.time())
-        if self._record is record:  # not a new login of another task's
-            if rotated_away:
-                self._forget()
-            else:
-                self._end()
+        now = time.time()
+        rotated_away = await self._store.was_rotated_away(record.token_digest, now=now)
+        if self._record is not record:  # a new login of another task's
+            return
+        if not rotated_away:
+            self._end()
+            return
+        if self._changes:
+            changes = self._pending_update(now, moves_expiry=False)
+            self._changes = None
+            await self._update(record, changes, now)
+        if self._record is record:
+            self._forget()
+            self._cookie_change = "spare"
 
     async def _end_if_still_named(self, record: SessionRecord) -> None:
         """Delete ``record``'s session from the store while its token still names it, in
