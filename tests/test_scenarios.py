@@ -11,17 +11,18 @@ these by being added there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from authsessions import (
@@ -30,6 +31,7 @@ from authsessions import (
     SessionData,
     SessionDataError,
     SessionManager,
+    StoreUnavailable,
     Unauthorized,
 )
 from authsessions._session import ROTATED_AWAY_NOTICE_SECONDS
@@ -338,6 +340,99 @@ async def test_a_token_rotated_away_behind_another_cookie_of_the_name_is_told_ap
     assert "set-cookie" not in answer.headers
     unknown = await client.get("/me", headers={"cookie": f"{COOKIE}={stale}; {COOKIE}={stale}"})
     assert_clears_cookie(unknown)
+
+
+async def test_a_failed_login_on_a_request_carrying_a_token_rotated_away_spares_its_cookie(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A login on such a request whose own 500 page is answered (its new session ends
+    unsent) must leave the cookie alone: the browser may hold the rotation's."""
+
+    async def login_then_failing(request: Request) -> Response:
+        await Session.from_request(request).authenticate("bob")
+        return JSONResponse({"error": "boom"}, status_code=500)
+
+    client = client_factory(
+        app_factory(store, extra_routes=[Route("/login-then-failing", login_then_failing)])
+    )
+    old = await login(client)
+    new = session_cookie(await client.post("/rotate"))
+    assert new is not None
+
+    answer = await client.get("/login-then-failing", headers=cookie_header(old))
+
+    assert answer.status_code == 500
+    assert "set-cookie" not in answer.headers
+    assert (await client.get("/me", headers=cookie_header(new.value))).json()["user_id"] == "alice"
+    assert [s.user_id for s in await SessionManager(store).list_for_user("bob")] == []
+
+
+async def test_a_login_finding_its_token_rotated_away_spares_the_cookie_when_the_store_fails(
+    store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The login ended nothing (the token no longer named the session), so its 503 must
+    not clear the cookie the browser may hold the rotation's new token in."""
+    gate, loaded = asyncio.Event(), asyncio.Event()
+
+    async def slow_login(request: Request) -> Response:
+        session = Session.from_request(request)
+        loaded.set()
+        await gate.wait()
+        await session.authenticate("alice")
+        return JSONResponse({})
+
+    async def failing_create(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable()
+
+    client = client_factory(app_factory(store, extra_routes=[Route("/slow-login", slow_login)]))
+    await login(client)
+    signing_in = asyncio.create_task(client.get("/slow-login"))
+    await loaded.wait()
+    new = session_cookie(await client.post("/rotate"))
+    assert new is not None
+    monkeypatch.setattr(store, "create", failing_create)
+    gate.set()
+
+    answer = await signing_in
+
+    assert answer.status_code == 503
+    assert "set-cookie" not in answer.headers
+    assert (await client.get("/me", headers=cookie_header(new.value))).json()["user_id"] == "alice"
+
+
+async def test_keys_an_error_page_dropped_stay_dropped_when_a_later_listing_finds_a_rotation(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A 5xx answer saves nothing; a listing in its streamed body that finds the token
+    rotated away must not write the keys after all."""
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def failing_stream(request: Request) -> Response:
+        session = Session.from_request(request)
+        session.set("cart", ["dropped"])
+
+        async def body() -> AsyncIterator[bytes]:
+            started.set()
+            await gate.wait()
+            with contextlib.suppress(Unauthorized):
+                await session.list_my_sessions()
+            yield b"failed"
+
+        return StreamingResponse(body(), status_code=500)
+
+    client = client_factory(app_factory(store, extra_routes=[Route("/failing", failing_stream)]))
+    token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+    failing = asyncio.create_task(client.get("/failing", headers=cookie_header(token)))
+    await started.wait()
+    assert session_cookie(await client.post("/rotate", headers=cookie_header(token))) is not None
+    gate.set()
+
+    assert (await failing).status_code == 500
+    (record,) = await live_sessions(store, "alice")
+    assert record.data == {"theme": "dark"}
 
 
 async def test_a_logout_carrying_a_token_rotated_away_clears_the_cookie(

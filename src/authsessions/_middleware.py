@@ -157,8 +157,9 @@ class SessionMiddleware:
 
     async def _load(self, scope: Scope, token: str | None) -> Session:
         """The session ``token`` (read from the cookie) names; anonymous, marked to clear the
-        cookie, when it is not valid. Opens the store on first use, and only for a token:
-        a request without one needs no store (unless it logs in).
+        cookie, when it is not valid (see :meth:`_not_found` for one rotated away). Opens
+        the store on first use, and only for a token: a request without one needs no store
+        (unless it logs in).
         """
         if token is None:
             return self._anonymous(scope)
@@ -175,20 +176,26 @@ class SessionMiddleware:
         return await self._found(scope, token, digest, record, now)
 
     async def _not_found(self, scope: Scope, token: str, digest: str | None, now: float) -> Session:
-        """The session of the request's other session cookies, when ``token`` (``digest``,
-        ``None`` when malformed) named none; else anonymous, and the cookie cleared unless
-        one of them was rotated away moments ago: the browser, whose request was sent
-        before the rotation's answer, may hold the new cookie already.
+        """When ``token`` (``digest``, ``None`` when malformed) named no session: the first
+        other session cookie of the request that names one (see
+        :meth:`SessionCookie.later_tokens`; taking only the first, an old cookie left by a
+        former ``cookie_domain`` or ``cookie_path`` would clear the valid one on every
+        request). Else anonymous, and the cookie cleared unless one of them was rotated
+        away moments ago: the browser, whose request was sent before the rotation's
+        answer, may hold the new cookie already.
         """
-        later = await self._later(scope, token, now)
-        if later is not None:
-            return await self._found(scope, *later, now)
-        # Each of them: a cookie a former cookie_domain or cookie_path left may come first.
-        digests = [] if digest is None else [digest]
-        digests += (token_digest(other) for other in self._cookie.later_tokens(scope, token))
-        for tried in digests:
-            if await self.store.was_rotated_away(tried, now=now):
-                return Session(self.store, self.config, scope, None, None, "spare")
+        others = [(other, token_digest(other)) for other in self._cookie.later_tokens(scope, token)]
+        store = self.store
+        if others and not store.is_open:
+            await store.open()
+        for other, other_digest in others:
+            record = await store.get(other_digest, now=now)
+            if record is not None:
+                return await self._found(scope, other, other_digest, record, now)
+        tried = [other_digest for _, other_digest in others]
+        for each in tried if digest is None else [digest, *tried]:
+            if await store.was_rotated_away(each, now=now):
+                return Session(store, self.config, scope, None, None, "spare")
         return self._cleared(scope)
 
     async def _found(
@@ -196,27 +203,6 @@ class SessionMiddleware:
     ) -> Session:
         session = self._checked(scope, token, digest, record, now)
         return session if session is not None else await self._end_replayed(scope, record)
-
-    async def _later(
-        self, scope: Scope, tried: str, now: float
-    ) -> tuple[str, str, SessionRecord] | None:
-        """The first other session cookie of the request that names a session, when
-        ``tried`` did not (see :meth:`SessionCookie.later_tokens`): taking only the first,
-        an old cookie left by a former ``cookie_domain`` or ``cookie_path`` would clear the
-        valid one on every request.
-        """
-        tokens = self._cookie.later_tokens(scope, tried)
-        if not tokens:
-            return None
-        store = self.store
-        if not store.is_open:
-            await store.open()
-        for token in tokens:
-            digest = token_digest(token)
-            record = await store.get(digest, now=now)
-            if record is not None:
-                return token, digest, record
-        return None
 
     def _checked(
         self, scope: Scope, token: str, digest: str, record: SessionRecord, now: float
@@ -287,7 +273,7 @@ class SessionMiddleware:
             headers = [*sent, (b"set-cookie", set_cookie)]
         # A shared cache must never keep a response that sets a cookie or shows a user's data.
         # Header names in ASGI messages are lower-case.
-        if change == "set" or change == "clear":
+        if change != "keep" and change != "spare":  # "set" or "clear"
             # Instead of every one of the app's own: a cache may read only the first.
             headers = [header for header in headers if header[0] != b"cache-control"]
         cache_control, vary, varies = False, -1, False

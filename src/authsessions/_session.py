@@ -85,6 +85,7 @@ class Session:
         "_config",
         "_connection",
         "_cookie_change",
+        "_cookie_if_unsent",
         "_data",
         "_flushed",
         "_record",
@@ -286,9 +287,11 @@ class Session:
             self._refuse_cookie_change("authenticate")
             if (record := self._record) is not None:
                 # As for logout: not a session this request's token no longer names
-                # (rotated away, by the user who now holds it).
-                await self._end_if_still_named(record)
-                self._end()  # if the new session cannot be made, the ended one's cookie goes
+                # (rotated away, by the user who now holds it), whose cookie is spared.
+                if await self._end_if_still_named(record):
+                    self._end()  # if the new session cannot be made, the ended one's goes
+                else:
+                    await self._end_found_gone(record)
             if not self._store.is_open:
                 await self._store.open()  # a request without a cookie left it unopened
             now = time.time()
@@ -328,6 +331,9 @@ class Session:
                 self._data = initial
                 self._changes = None  # nothing of an earlier session's goes into this one
                 self._token = token
+                # What the cookie the request carried needs should no response carry the
+                # new one: a spared cookie stays spared (see end_unsent_token).
+                self._cookie_if_unsent = "spare" if self._cookie_change == "spare" else "clear"
                 self._cookie_change = "set"
                 await self._refuse_if_unsent("authenticate")
                 return
@@ -379,8 +385,7 @@ class Session:
             try:
                 updated = await self._update(record, changes, now)
             except BaseException as exc:
-                if written is not None and self._record is record:
-                    self._changes = {**written, **(self._changes or {})}
+                self._unwrite(record, written)
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
                 raise
@@ -388,8 +393,7 @@ class Session:
         else:
             raise RuntimeError("could not rotate to a fresh token three times in a row")
         if not updated:
-            if written is not None and self._record is record:
-                self._changes = {**written, **(self._changes or {})}
+            self._unwrite(record, written)  # for _end_found_gone to write, if it may
             await self._end_found_gone(record)
             raise Unauthorized("This session has ended; sign in again.")
         self._record = self._renewed(record, changes, token_digest=digest)
@@ -419,6 +423,9 @@ class Session:
 
         Raises:
             Unauthorized: there is no session (or it ended meanwhile).
+            SessionDataError: its token was rotated away meanwhile, and the keys set
+                earlier in the request (then written at once), merged with what concurrent
+                requests stored, would exceed ``max_data_bytes``.
             StoreUnavailable: the store failed.
         """
         async with self._turn():
@@ -431,6 +438,9 @@ class Session:
 
         Raises:
             Unauthorized: there is no session (or it ended meanwhile).
+            SessionDataError: its token was rotated away meanwhile, and the keys set
+                earlier in the request (then written at once), merged with what concurrent
+                requests stored, would exceed ``max_data_bytes``.
             StoreUnavailable: the store failed.
         """
         async with self._turn():
@@ -445,6 +455,9 @@ class Session:
         Raises:
             Unauthorized: there is no session (or it ended meanwhile: the user's devices
                 are not shown to a session they revoked during its request).
+            SessionDataError: its token was rotated away meanwhile, and the keys set
+                earlier in the request (then written at once), merged with what concurrent
+                requests stored, would exceed ``max_data_bytes``.
             StoreUnavailable: the store failed.
         """
         # In turn: a rotation or a login of the same request, waiting for the store, would
@@ -482,6 +495,9 @@ class Session:
             Unauthorized: there is no session (or it ended meanwhile).
             SessionNotFound: no session has this id, or it is another user's
                 (indistinguishable on purpose).
+            SessionDataError: its token was rotated away meanwhile, and the keys set
+                earlier in the request (then written at once), merged with what concurrent
+                requests stored, would exceed ``max_data_bytes``.
             StoreUnavailable: the store failed.
         """
         require_str("session_id", session_id)
@@ -580,7 +596,9 @@ class Session:
         record = self._record
         if self._cookie_change != "set" or record is None:
             return
-        self._end()
+        self._forget()
+        # Unset but by a login: a rotation's new token, unsent, leaves no session behind it.
+        self._cookie_change = getattr(self, "_cookie_if_unsent", "clear")
         try:
             # Shielded: a cancelled request's cancellation may be delivered again here.
             await asyncio.shield(self._store.delete(record.id, now=time.time()))
@@ -681,12 +699,23 @@ class Session:
             raise Unauthorized()
         return record
 
+    def _unwrite(self, record: SessionRecord, written: dict[str, Any] | None) -> None:
+        """Put back the changes a write of ``record``'s session took but did not make."""
+        if written is not None and self._record is record:
+            self._changes = {**written, **(self._changes or {})}
+
     async def _end_found_gone(self, record: SessionRecord) -> None:
         """This request's session, found ended in the store or its token rotated away:
         no longer this request's. The cookie is cleared unless the token was rotated away,
         when the browser may hold the new one already; then the keys the request set so
         far are written, as they would have been at its end (see the README's security
-        model: a rotation must not lose the same browser's writes in flight).
+        model: a rotation must not lose the same browser's writes in flight), unless the
+        response has started: its write was made, or dropped with an error page.
+
+        Raises:
+            SessionDataError: those keys, merged with what concurrent requests stored,
+                would exceed ``max_data_bytes``; the session is no longer this request's
+                all the same.
         """
         now = time.time()
         rotated_away = await self._store.was_rotated_away(record.token_digest, now=now)
@@ -695,20 +724,22 @@ class Session:
         if not rotated_away:
             self._end()
             return
-        if self._changes:
-            changes = self._pending_update(now, moves_expiry=False)
-            self._changes = None
-            await self._update(record, changes, now)
-        if self._record is record:
-            self._forget()
-            self._cookie_change = "spare"
+        try:
+            if self._changes and not self._flushed:
+                changes = self._pending_update(now, moves_expiry=False)
+                self._changes = None
+                await self._update(record, changes, now)
+        finally:
+            if self._record is record:
+                self._spare()
 
-    async def _end_if_still_named(self, record: SessionRecord) -> None:
+    async def _end_if_still_named(self, record: SessionRecord) -> bool:
         """Delete ``record``'s session from the store while its token still names it, in
         one step: a rotation by another request between a check and the delete would
-        have had the delete end the session the rotated token now holds.
+        have had the delete end the session the rotated token now holds. Returns whether
+        a live session was deleted.
         """
-        await self._store.delete(
+        return await self._store.delete(
             record.id, now=time.time(), user_id=record.user_id, token_digest=record.token_digest
         )
 
@@ -791,6 +822,11 @@ class Session:
     def _end(self) -> None:
         self._forget()
         self._cookie_change = "clear"
+
+    def _spare(self) -> None:
+        """No longer this request's session, its token rotated away: the cookie stays."""
+        self._forget()
+        self._cookie_change = "spare"
 
 
 def _plain_key(key: object) -> str:

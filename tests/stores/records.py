@@ -13,7 +13,15 @@ from authsessions._records import DeviceType, SessionRecord, SessionUpdate
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.stores import Store
 
-__all__ = ["TTL", "make_record", "make_update", "new_digest", "start_time", "typed"]
+__all__ = [
+    "TTL",
+    "make_record",
+    "make_update",
+    "new_digest",
+    "rotate_away",
+    "start_time",
+    "typed",
+]
 
 TTL = 3600.0
 """Lifetime of a record built here, in seconds."""
@@ -89,6 +97,23 @@ def make_update(
         expected_token_digest=expected_token_digest,
         rotated_away_until=rotated_away_until,
     )
+
+
+async def rotate_away(
+    store: Store, record: SessionRecord, *, now: float, until: float | None
+) -> str:
+    """Rotate ``record``'s session from the digest ``record`` holds to a new one, as the
+    session layer does, remembering the old one as rotated away until ``until``; returns
+    the new digest."""
+    rotated = new_digest()
+    update = make_update(
+        now=now,
+        token_digest=rotated,
+        expected_token_digest=record.token_digest,
+        rotated_away_until=until,
+    )
+    assert await store.update(record.id, update, now=now)
+    return rotated
 
 
 def typed(value: Any) -> str:

@@ -29,6 +29,7 @@ from tests.stores.records import (
     make_record,
     make_update,
     new_digest,
+    rotate_away,
     start_time,
     typed,
 )
@@ -473,25 +474,25 @@ UPDATES_NO_STORE_APPLIES_ALIKE = [
         {"expected_token_digest": ""}, ValueError, "expected_token_digest", id="empty-expected"
     ),
     pytest.param(
-        {"rotated_away_until": 1.0}, ValueError, "rotated_away_until", id="grace-without-rotation"
+        {"rotated_away_until": 1.0}, ValueError, "rotated_away_until", id="notice-without-rotation"
     ),
     pytest.param(
         {"token_digest": new_digest(), "rotated_away_until": 1.0},
         ValueError,
         "expected_token_digest",
-        id="grace-without-the-digest-rotated-away",
+        id="notice-without-the-digest-rotated-away",
     ),
     pytest.param(
         {"token_digest": new_digest(), "expected_token_digest": "x", "rotated_away_until": "1"},
         TypeError,
         "rotated_away_until",
-        id="str-grace",
+        id="str-notice",
     ),
     pytest.param(
         {"token_digest": new_digest(), "expected_token_digest": "x", "rotated_away_until": 1e15},
         ValueError,
         "rotated_away_until",
-        id="grace-past-the-year-9999",
+        id="notice-past-the-year-9999",
     ),
     pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
     pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
@@ -913,22 +914,6 @@ async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> No
     assert listed.token_digest == rotated
 
 
-async def rotate_away(
-    store: Store, record: SessionRecord, *, now: float, until: float | None
-) -> str:
-    """Rotate ``record``'s session from the digest it holds to a new one, remembering the
-    old digest as rotated away until ``until``; returns the new digest."""
-    rotated = new_digest()
-    update = make_update(
-        now=now,
-        token_digest=rotated,
-        expected_token_digest=(await stored_at(store, record, now=now) or record).token_digest,
-        rotated_away_until=until,
-    )
-    assert await store.update(record.id, update, now=now)
-    return rotated
-
-
 async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: Store) -> None:
     """A request the browser sent before a rotation's answer must not clear its new
     cookie: the store says its digest was rotated away, for as long as the caller asked.
@@ -969,7 +954,7 @@ async def test_a_digest_rotated_away_is_forgotten_with_its_session(store: Store)
     assert not await store.was_rotated_away(expiring.token_digest, now=t0 + 1 + TTL)
 
 
-async def test_a_rotation_without_a_grace_leaves_no_digest_rotated_away(store: Store) -> None:
+async def test_a_rotation_without_a_notice_time_leaves_no_digest_rotated_away(store: Store) -> None:
     t0 = start_time()
     record = make_record(now=t0)
     await store.create(record, max_sessions=10, now=t0)
@@ -1011,6 +996,7 @@ async def test_a_refused_rotation_leaves_nothing_rotated_away(store: Store) -> N
     assert not await store.update(new_session_id(), update, now=t0 + 1)
 
     assert not await store.was_rotated_away(stale, now=t0 + 2)
+    assert not await store.was_rotated_away(record.token_digest, now=t0 + 2)
     assert await store.get(record.token_digest, now=t0 + 2) is not None
 
 

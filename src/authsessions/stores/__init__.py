@@ -9,7 +9,9 @@ Pick one by URL with :func:`open_store`, or build it directly::
     store = open_store("redis://cache:6379/0")
 
 A new store subclasses :class:`Store` and implements its eight primitives,
-each speaking only in records, token digests, session ids and times::
+each speaking only in records, token digests, session ids and times, and
+a ninth, :meth:`Store.was_rotated_away`, whose default (remembering nothing)
+answers a token rotated away moments ago as a revoked one, its cookie cleared::
 
     class DictStore(Store):
         async def get(self, token_digest, *, now):

@@ -416,10 +416,13 @@ class Store(abc.ABC):
 
         Asked only of a digest :meth:`get` found no session for, so it costs nothing on
         the requests that carry a live token. ``False`` for a digest never rotated away,
-        or once the rotation's time has passed. The session's next rotation may end the
-        previous one's time early, and deleting the session may end it too. This base
-        remembers nothing: a store that does not override it answers ``False``, and a
-        rotated-away token is answered as a revoked one.
+        once the rotation's time has passed, and once the session has expired or been
+        deleted. A session keeps one such digest, its latest rotation's: the next
+        rotation (given a time) replaces it; one the store refuses (the session holds
+        another digest, or is gone), or onto the digest the session holds, marks none.
+        A rotation by code that gives no time (an older release's) may leave it as it
+        was. This base remembers nothing: a store that does not override it answers
+        ``False``, and a rotated-away token is answered as a revoked one.
 
         Raises ``TypeError`` or ``ValueError`` when ``token_digest`` is not a key stores
         keep or ``now`` is not a finite UNIX timestamp, before any store access.

@@ -83,8 +83,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         $body$""",
     ),
     (
-        # The digest the session's latest graced rotation left, kept until the time it was
-        # given. Nullable without a default: PostgreSQL adds them without rewriting the
+        # The digest the session's latest rotation left, kept until the notice time it
+        # was given. Nullable without a default: PostgreSQL adds them without rewriting the
         # table, and existing sessions hold none. The index holds only the rows that have
         # one, so only a rotation's write pays for it.
         "ALTER TABLE {table} ADD COLUMN rotated_away_from text,"
@@ -100,7 +100,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # third migration replaced the create function keeping its signature: code written for
 # version 2 runs on it unchanged. The fourth added nullable columns, which older code
 # neither names (it selects, inserts and updates by column) nor needs: its rotations leave
-# them as they are, as this release's rotations without a grace do. A migration that
+# them as they are, as this release's rotations without a notice time do. A migration that
 # changes what older code reads or writes sets it to its own version.
 COMPATIBLE_FROM = 2
 
@@ -164,7 +164,7 @@ class Sql:
             # Applied only while the session holds the digest $9 (a conditional rotation),
             # with any cap: rare, so it need not spare the data a rewrite.
             guarded_patch=capped_patch(" AND token_digest = $9"),
-            # A rotation with a grace: also remembers the digest rotated away ($9, the one
+            # A rotation with a notice time: also remembers the digest rotated away ($9, the one
             # the guard found) until $10, in the same statement, so never without it.
             remembering_patch=capped_patch(
                 " AND token_digest = $9",
