@@ -195,7 +195,7 @@ class SessionMiddleware:
         tried = [other_digest for _, other_digest in others]
         for each in tried if digest is None else [digest, *tried]:
             if await store.was_rotated_away(each, now=now):
-                return Session(store, self.config, scope, None, None, "spare")
+                return self._spared(scope)
         return self._cleared(scope)
 
     async def _found(
@@ -237,6 +237,10 @@ class SessionMiddleware:
 
     def _anonymous(self, scope: Scope) -> Session:
         return Session(self.store, self.config, scope, None, None, "keep")
+
+    def _spared(self, scope: Scope) -> Session:
+        """Anonymous, its token rotated away moments ago: the cookie stays (see CookieChange)."""
+        return Session(self.store, self.config, scope, None, None, "spare")
 
     def _cleared(self, scope: Scope) -> Session:
         """Anonymous, and the response clears the cookie the request carried."""
