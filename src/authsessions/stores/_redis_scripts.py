@@ -12,6 +12,8 @@ __all__ = [
     "DELETE_EXPIRED",
     "DELETE_FOR_USER",
     "FOLLOW",
+    "KEEPS_ROTATED_AWAY",
+    "KEEPS_ROTATED_AWAY_ON",
     "LIST",
     "LUA_HELPERS",
     "READ",
@@ -334,16 +336,30 @@ if #h == 0 then return false end
 return record_json(loc, h)
 """
 
+# Whether the session hash at `key` is live and keeps `digest` as the one it was rotated
+# away from, until after `now`. Prepended to the two scripts below.
+KEEPS_ROTATED_AWAY = """
+local function keeps_rotated_away(key, digest, now)
+  local f = redis.call('HMGET', key, 'ra', 'ru', 'ea')
+  return f[1] == digest and tonumber(f[2]) > now and tonumber(f[3]) > now
+end
+"""
+
 # Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
 # KEYS: rotated-away digest pointer. ARGV: key prefix, the digest, now. Returns 1 if the
-# session the pointer names is live and still keeps the digest as the one it was rotated
-# away from, until after now, else nil.
+# session the pointer names keeps the digest (see KEEPS_ROTATED_AWAY), else nil.
 ROTATED_AWAY = """
 local loc = redis.call('GET', KEYS[1])
 if not loc then return false end
 local tag, sid = string.match(loc, '^(%x+):(.+)$')
-local f = redis.call('HMGET', ARGV[1] .. '{' .. tag .. '}:s:' .. sid, 'ra', 'ru', 'ea')
-local now = tonumber(ARGV[3])
-if f[1] ~= ARGV[2] or tonumber(f[2]) <= now or tonumber(f[3]) <= now then return false end
-return 1
+local key = ARGV[1] .. '{' .. tag .. '}:s:' .. sid
+if keeps_rotated_away(key, ARGV[2], tonumber(ARGV[3])) then return 1 end
+return false
+"""
+
+# In a cluster, once the pointer is read. KEYS: session. ARGV: the digest, now. Returns 1
+# if the session keeps the digest (see KEEPS_ROTATED_AWAY), else nil.
+KEEPS_ROTATED_AWAY_ON = """
+if keeps_rotated_away(KEYS[1], ARGV[1], tonumber(ARGV[2])) then return 1 end
+return false
 """

@@ -307,7 +307,8 @@ class RedisStore(Store):
         self._delete_expired = register(lua.LUA_HELPERS + lua.DELETE_EXPIRED)
         self._follow = register(lua.RECORD_JSON + lua.FOLLOW)
         self._read = register(lua.RECORD_JSON + lua.READ)
-        self._rotated_away = register(lua.ROTATED_AWAY)
+        self._rotated_away = register(lua.KEEPS_ROTATED_AWAY + lua.ROTATED_AWAY)
+        self._keeps_rotated_away = register(lua.KEEPS_ROTATED_AWAY + lua.KEEPS_ROTATED_AWAY_ON)
 
     @contextmanager
     def _refusing_what_no_retry_mends(self) -> Iterator[None]:
@@ -599,26 +600,22 @@ class RedisStore(Store):
                 return False
             tag, session_id = _location(pointer)
             session_key = self._session_prefix(tag) + session_id
-            kept, until, expires_at = await self._read_once_more_if_closed(
-                client.hmget, session_key, ["ra", "ru", "ea"]
+            found = await self._read_once_more_if_closed(
+                self._keeps_rotated_away, keys=[session_key], args=[token_digest, now]
             )
-        return (
-            kept == token_digest
-            and until is not None
-            and expires_at is not None
-            and min(float(until), float(expires_at)) > now
-        )
+        return found is not None
 
     async def _read_once_more_if_closed(
-        self, read: Callable[..., Awaitable[Any]], *args: Any
+        self, read: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> Any:
-        """``read(*args)``, once more after a ConnectionError: as in :meth:`get`, a cluster
-        node's pool hands out, unchecked, connections the node closed while they sat idle.
+        """``read(*args, **kwargs)``, once more after a ConnectionError: as in :meth:`get`,
+        a cluster node's pool hands out, unchecked, connections the node closed while they
+        sat idle.
         """
         try:
-            return await read(*args)
+            return await read(*args, **kwargs)
         except self._driver.ConnectionError:
-            return await read(*args)
+            return await read(*args, **kwargs)
 
     async def delete_for_user(
         self, user_id: str, *, now: float, except_id: str | None = None
