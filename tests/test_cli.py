@@ -30,8 +30,11 @@ from authsessions._records import SessionRecord
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.cli import INSTALL_HINT, main, make_cli
 from authsessions.stores import SQLiteStore, open_store
+from authsessions.stores._sqlite_schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from authsessions.stores._url import redact_url
 from tests.services import POSTGRES_URL, REDIS_URL, require_port
+from tests.stores import records
+from tests.stores.test_sqlite import a_file_of_the_previous_release
 
 CHROME_WINDOWS = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -169,6 +172,20 @@ def test_migrate_creates_the_schema_and_is_idempotent(store_url: str) -> None:
         result = run("migrate", "--store", store_url)
         assert result.exit_code == 0, result.output
         assert f"The session store at {redact_url(store_url)} is ready." in result.stdout
+
+
+def test_migrate_says_what_it_created_and_what_it_upgraded(tmp_path: Path) -> None:
+    """An operator upgrading ahead of a deploy sees which schema versions it went between."""
+    created, upgraded = tmp_path / "created.db", tmp_path / "upgraded.db"
+    a_file_of_the_previous_release(upgraded, records.make_record(now=records.start_time()))
+
+    first = run("migrate", "--store", f"sqlite:///{created}")
+    again = run("migrate", "--store", f"sqlite:///{created}")
+    upgrade = run("migrate", "--store", f"sqlite:///{upgraded}")
+
+    assert f"was created at schema version {SQLITE_SCHEMA_VERSION}\n" in first.stdout
+    assert "schema version" not in again.stdout
+    assert f"from schema version 2 to {SQLITE_SCHEMA_VERSION}\n" in upgrade.stdout
 
 
 # -- list ---------------------------------------------------------------------------------

@@ -151,8 +151,12 @@ def make_cli() -> click.Group:
     @store_option
     def migrate(store_url: str) -> None:
         """Create or upgrade the store's schema; safe to run again."""
-        _run(_with_store(store_url, _nothing, create=True))
-        _stdout().print(f"The session store at {redact_url(store_url)} is ready.")
+        with _library_notes() as notes:
+            _run(_with_store(store_url, _nothing, create=True))
+        out = _stdout()
+        out.print(f"The session store at {redact_url(store_url)} is ready.")
+        for note in notes:  # what was created or upgraded, or a newer schema opened
+            out.print(note)
 
     @cli.command(name="list", cls=TakesAnId)
     @store_option
@@ -343,6 +347,27 @@ def one_line_errors() -> Iterator[None]:
         raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
     finally:
         library_log.removeHandler(logged)
+
+
+@contextmanager
+def _library_notes() -> Iterator[list[str]]:
+    """The library's informational log messages while it runs, gathered to be printed."""
+    notes: list[str] = []
+
+    class Gather(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno < logging.WARNING:  # warnings: see one_line_errors
+                notes.append(record.getMessage())
+
+    library_log, gather = logging.getLogger("authsessions"), Gather(logging.INFO)
+    level = library_log.level
+    library_log.setLevel(logging.INFO)
+    library_log.addHandler(gather)
+    try:
+        yield notes
+    finally:
+        library_log.removeHandler(gather)
+        library_log.setLevel(level)
 
 
 class _LastWarning(logging.Handler):

@@ -29,6 +29,7 @@ __all__ = [
     "Store",
     "accept_newer_schema",
     "is_pool_refusal",
+    "log_schema_upgrade",
     "store_unavailable",
     "translate_errors",
 ]
@@ -83,6 +84,15 @@ def accept_newer_schema(what: str, version: int, compatible_from: int | None, kn
         known,
         compatible_from,
     )
+
+
+def log_schema_upgrade(what: str, found: int, now: int) -> None:
+    """Say that ``what`` (a database or table) was created (``found`` 0) or upgraded from
+    schema version ``found`` to ``now``; ``authsessions migrate`` prints it."""
+    if found == 0:
+        logger.info("%s was created at schema version %d", what, now)
+    else:
+        logger.info("%s was upgraded from schema version %d to %d", what, found, now)
 
 
 def store_unavailable(store_name: str, exc: BaseException) -> StoreUnavailable:

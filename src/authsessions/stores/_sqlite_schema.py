@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from authsessions.stores._base import accept_newer_schema
+from authsessions.stores._base import accept_newer_schema, log_schema_upgrade
 from authsessions.stores._sqlite_support import transaction
 
 __all__ = [
@@ -99,6 +99,8 @@ def migrate(db: sqlite3.Connection) -> None:
                 f"INSERT INTO {SCHEMA_TABLE} (version, compatible_from) VALUES (?, ?)",
                 (SCHEMA_VERSION, COMPATIBLE_FROM),
             )
+    if version < SCHEMA_VERSION:
+        log_schema_upgrade("The session database", version, SCHEMA_VERSION)
 
 
 def _recorded_version(db: sqlite3.Connection) -> tuple[int, int | None, bool]:

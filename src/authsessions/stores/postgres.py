@@ -51,6 +51,7 @@ from authsessions.stores._base import (
     Store,
     accept_newer_schema,
     is_pool_refusal,
+    log_schema_upgrade,
     store_unavailable,
     translate_errors,
 )
@@ -370,7 +371,7 @@ class PostgresStore(Store):
             if self._needs_no_migration(recorded):
                 return
             try:
-                await self._upgrade(conn, version_table)
+                upgraded_from = await self._upgrade(conn, version_table)
             except (
                 self._asyncpg.DuplicateTableError,  # a table or an index
                 self._asyncpg.DuplicateFunctionError,
@@ -390,11 +391,16 @@ class PostgresStore(Store):
                     f"create ({exc}). Run `authsessions migrate` as a role that may, or "
                     "grant this one CREATE on the schema."
                 ) from exc
+        if upgraded_from is not None:
+            log_schema_upgrade(
+                f"The session table {self.schema}.{self.table}", upgraded_from, SCHEMA_VERSION
+            )
 
     async def _upgrade(
         self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version_table: str
-    ) -> None:
-        """Bring the schema up to this release's, inside the caller's transaction."""
+    ) -> int | None:
+        """Bring the schema up to this release's, inside the caller's transaction; returns
+        the version it found (0: none), or ``None`` when another server had done it."""
         timeout = self.command_timeout
         # Serialises concurrent opens (many workers starting at once): DDL races on
         # the catalogs otherwise, even with IF NOT EXISTS. Keyed on the schema, which
@@ -418,7 +424,7 @@ class PostgresStore(Store):
         # Again under the lock: another server may have migrated since.
         recorded = await self._recorded_schema(conn, version_table)
         if self._needs_no_migration(recorded):
-            return
+            return None
         version = 0 if recorded is None else recorded[0]
         for statements in MIGRATIONS[version:]:
             for statement in statements:
@@ -437,6 +443,7 @@ class PostgresStore(Store):
             COMPATIBLE_FROM,
             timeout=timeout,
         )
+        return version
 
     async def _recorded_schema(
         self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], version_table: str
