@@ -924,10 +924,17 @@ class YieldingAroundEveryCall(YieldingAroundWrites):
             await asyncio.sleep(0)
         return await super().get(token_digest, now=now)
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
         for _ in range(3):
             await asyncio.sleep(0)
-        await super().create(record, max_sessions=max_sessions, now=now)
+        await super().create(record, max_sessions=max_sessions, now=now, replaced=replaced)
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         for _ in range(3):
@@ -1612,9 +1619,16 @@ class HoldingNewTokens(MemoryStore):
         super().__init__()
         self.go_on = asyncio.Event()
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
         await self.go_on.wait()
-        await super().create(record, max_sessions=max_sessions, now=now)
+        await super().create(record, max_sessions=max_sessions, now=now, replaced=replaced)
 
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         if changes.token_digest is not None:

@@ -936,6 +936,79 @@ async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: 
     assert await store.get(rotated, now=t0 + 2) is not None
 
 
+async def test_a_login_over_a_session_keeps_its_digest_as_rotated_away(store: Store) -> None:
+    """A login replaces the session the browser held (deleted first): the new session
+    keeps that session's digest as rotated away from, for as long as asked, as a rotation
+    would, so that the browser's requests still carrying it are told apart."""
+    t0 = start_time()
+    replaced = make_record(now=t0)
+    await store.create(replaced, max_sessions=10, now=t0)
+    assert await store.delete(replaced.id, now=t0 + 1)
+    login = make_record(now=t0 + 1)
+
+    await store.create(
+        login, max_sessions=10, now=t0 + 1, replaced=(replaced.token_digest, t0 + 61)
+    )
+
+    assert await store.get(replaced.token_digest, now=t0 + 2) is None
+    assert await store.was_rotated_away(replaced.token_digest, now=t0 + 2)
+    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 61)
+    assert not await store.was_rotated_away(login.token_digest, now=t0 + 2)
+    assert_same_record(await stored_at(store, login, now=t0 + 2), login)
+    # The login's own rotation replaces the mark, as any rotation's does.
+    rotated = await rotate_away(store, login, now=t0 + 3, until=t0 + 63)
+    assert await store.was_rotated_away(login.token_digest, now=t0 + 4)
+    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 4)
+    assert await store.get(rotated, now=t0 + 4) is not None
+
+
+async def test_a_login_over_a_session_forgets_its_digest_with_the_new_session(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    replaced, login = make_record(now=t0), make_record(now=t0)
+    await store.create(login, max_sessions=10, now=t0, replaced=(replaced.token_digest, t0 + 61))
+    assert await store.was_rotated_away(replaced.token_digest, now=t0 + 1)
+
+    assert await store.delete(login.id, now=t0 + 1)
+
+    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 2)
+
+
+@pytest.mark.parametrize(
+    ("replaced", "error"),
+    [
+        (("d" * 64,), TypeError),
+        (["d" * 64, 1.0], TypeError),
+        (("", 1.0), ValueError),
+        ((b"d", 1.0), TypeError),
+        (("d" * 64, math.nan), ValueError),
+        (("d" * 64, "1"), TypeError),
+    ],
+    ids=["one-item", "list", "empty-digest", "bytes-digest", "nan-time", "str-time"],
+)
+async def test_create_refuses_a_replaced_session_that_is_not_a_digest_and_a_time(
+    store: Store, replaced: Any, error: type[Exception]
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+
+    with pytest.raises(error, match="replaced"):
+        await store.create(record, max_sessions=10, now=t0, replaced=replaced)
+
+    assert await store.get(record.token_digest, now=t0) is None
+
+
+async def test_create_refuses_a_replaced_session_under_its_own_digest(store: Store) -> None:
+    t0 = start_time()
+    record = make_record(now=t0)
+
+    with pytest.raises(ValueError, match="own token digest"):
+        await store.create(record, max_sessions=10, now=t0, replaced=(record.token_digest, t0 + 60))
+
+    assert await store.get(record.token_digest, now=t0) is None
+
+
 async def test_a_digest_rotated_away_is_forgotten_with_its_session(store: Store) -> None:
     """A session that expired, or was deleted, rotated no live session away: its old
     token is answered as any dead one, its cookie cleared."""

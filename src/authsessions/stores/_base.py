@@ -371,7 +371,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
         """Insert ``record`` and evict, as one atomic step.
 
         Afterwards the user has at most ``max_sessions`` live sessions: the
@@ -380,11 +387,16 @@ class Store(abc.ABC):
         recent their activity: another server's clock may be ahead). Concurrent
         creates for one user never leave more than the limit.
 
+        ``replaced``, a login's over a live session (deleted before): that session's
+        token digest, which the new session keeps as the one it was rotated away from,
+        and until when (see :meth:`was_rotated_away`), as a rotation's update would.
+        The same browser's requests sent before the login's answer carry it.
+
         Raises :class:`CreateError` when the id or token digest exists already, and
         ``TypeError`` or ``ValueError`` when ``max_sessions`` is not an int from 1 to
-        ``MAX_COUNT``, ``now`` is not a finite UNIX timestamp or the record holds what
-        no store keeps alike (see :mod:`authsessions.stores._checks`), before anything
-        is stored.
+        ``MAX_COUNT``, ``now`` is not a finite UNIX timestamp, ``replaced`` is not a
+        digest and a time, or the record holds what no store keeps alike (see
+        :mod:`authsessions.stores._checks`), before anything is stored.
         """
 
     @abc.abstractmethod

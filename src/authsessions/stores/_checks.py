@@ -171,17 +171,26 @@ def check_record(record: SessionRecord) -> None:
         _require_stored_time(f"record.{name}", getattr(record, name))
 
 
-def create_args(record: SessionRecord, max_sessions: object, now: object) -> float:
+def create_args(
+    record: SessionRecord, max_sessions: object, now: object, replaced: object = None
+) -> float:
     """What ``Store.create`` checks before any store access; returns ``now`` as a float.
 
     The session layer's logins pass unchecked: it built the record (a
-    :class:`CheckedRecord`), took ``max_sessions`` from a checked config and ``now``
-    from the clock.
+    :class:`CheckedRecord`), took ``max_sessions`` from a checked config, ``now``
+    from the clock and ``replaced`` from a stored record.
     """
     if record.__class__ is CheckedRecord:
         return cast(float, now)
     check_record(record)
     require_count("max_sessions", max_sessions)
+    if replaced is not None:
+        if not isinstance(replaced, tuple) or len(replaced) != 2:
+            raise TypeError("replaced must be a (token digest, time) tuple, or None.")
+        _require_key("replaced's token digest", replaced[0])
+        _require_stored_time("replaced's time", replaced[1])
+        if replaced[0] == record.token_digest:
+            raise ValueError("replaced names the new record's own token digest.")
     return require_time("now", now)
 
 

@@ -55,12 +55,26 @@ class MemoryStore(Store):
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._rows)} sessions>)"
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
         self._require_open()
-        now = _checks.create_args(record, max_sessions, now)
+        now = _checks.create_args(record, max_sessions, now, replaced)
         if record.id in self._rows or record.token_digest in self._ids_by_digest:
             raise CreateError(record.id)
-        self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
+        row = self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
+        if replaced is not None:
+            row.rotated_away_from, row.rotated_away_until = replaced
+            # One session per digest rotated away from (two never share one, but with
+            # random tokens): forgetting either must not find the other's gone.
+            if (before := self._ids_by_rotated_away_digest.get(replaced[0])) is not None:
+                self._rows[before].rotated_away_from = None
+            self._ids_by_rotated_away_digest[replaced[0]] = record.id
         self._ids_by_digest[record.token_digest] = record.id
         self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
         self._file_expiry(record.id, record.expires_at)
