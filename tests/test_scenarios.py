@@ -435,6 +435,26 @@ async def test_keys_an_error_page_dropped_stay_dropped_when_a_later_listing_find
     assert record.data == {"theme": "dark"}
 
 
+async def test_a_token_a_login_replaced_moments_ago_leaves_the_new_cookie_alone(
+    client: httpx.AsyncClient, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signing in again (as anyone) in a browser holding a session ends that session; the
+    browser's requests sent before the login's answer still carry its token, and theirs
+    must not clear the new cookie. After the notice time such a cookie is cleared."""
+    old = await login(client)
+    new = await login(client, "bob")
+    assert await live_sessions(store, "alice") == []
+
+    answer = await client.get("/me", headers=cookie_header(old))
+
+    assert answer.json()["authenticated"] is False
+    assert "set-cookie" not in answer.headers
+    assert (await client.get("/me", headers=cookie_header(new))).json()["user_id"] == "bob"
+    later = time.time() + ROTATED_AWAY_NOTICE_SECONDS
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert_clears_cookie(await client.get("/me", headers=cookie_header(old)))
+
+
 async def test_a_logout_carrying_a_token_rotated_away_clears_the_cookie(
     client: httpx.AsyncClient,
 ) -> None:

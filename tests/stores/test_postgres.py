@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -25,7 +26,7 @@ import pytest
 
 from authsessions import StoreUnavailable
 from authsessions._records import SessionRecord
-from authsessions.stores import PostgresStore, Store, _postgres_pool, open_store
+from authsessions.stores import CreateError, PostgresStore, Store, _postgres_pool, open_store
 from authsessions.stores._postgres_pool import HeldConnections, _unwrapped
 from authsessions.stores._postgres_sql import COMPATIBLE_FROM, MIGRATIONS, SCHEMA_VERSION
 from tests.services import CONNECTIONS_NAMED, named_dsn, with_netloc
@@ -316,13 +317,15 @@ async def test_concurrent_first_opens_of_two_tables_in_one_new_schema_both_succe
         await asyncio.gather(*(store.close() for store in stores))
 
 
+@pytest.mark.parametrize("over_a_session", [False, True], ids=["login", "login-over-a-session"])
 @pytest.mark.parametrize("isolation", ["repeatable%20read", "serializable"])
 async def test_concurrent_logins_keep_the_limit_whatever_the_default_isolation(
-    postgres_url: str, postgres_schema: str, isolation: str
+    postgres_url: str, postgres_schema: str, isolation: str, over_a_session: bool
 ) -> None:
     """Some databases or roles default to a stricter isolation: each login's eviction then
     read a snapshot from before the lock and missed the others' sessions (or failed to
-    serialise, as a 503)."""
+    serialise, as a 503). A login over a live session runs in a transaction of its own,
+    which must be READ COMMITTED too."""
     separator = "&" if "?" in postgres_url else "?"
     dsn = f"{postgres_url}{separator}default_transaction_isolation={isolation}"
     stores = [PostgresStore(dsn, schema=postgres_schema, max_size=2) for _ in range(4)]
@@ -333,7 +336,12 @@ async def test_concurrent_logins_keep_the_limit_whatever_the_default_isolation(
             await store.open()
         results = await asyncio.gather(
             *(
-                stores[i % 4].create(record, max_sessions=2, now=record.created_at)
+                stores[i % 4].create(
+                    record,
+                    max_sessions=2,
+                    now=record.created_at,
+                    replaced=(new_digest(), t0 + 60) if over_a_session else None,
+                )
                 for i, record in enumerate(records)
             ),
             return_exceptions=True,
@@ -709,6 +717,90 @@ async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
     assert typed(found.data) == typed(
         {"nul\x00key": "nul\x00value", "huge": 1e300, "exact": 0.1, "more\x00": [1e20]}
     )
+
+
+# -- a login over a live session ------------------------------------------------------------
+
+
+async def test_a_login_over_a_session_whose_mark_fails_creates_nothing(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """The create function cannot take the replaced digest (its signature is fixed), so a
+    second statement marks the new session: both in one transaction, or a failure between
+    them leaves a session whose browser's requests in flight are answered as dead ones."""
+    t0 = start_time()
+    login = make_record(now=t0)
+    table = f'"{postgres_schema}".authsessions_session'
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await admin.execute(
+            f'CREATE FUNCTION "{postgres_schema}".refuse() RETURNS trigger LANGUAGE plpgsql'
+            " AS $$BEGIN RAISE EXCEPTION 'refused'; END$$;"
+            f" CREATE TRIGGER refuse BEFORE UPDATE ON {table}"
+            f' FOR EACH ROW EXECUTE FUNCTION "{postgres_schema}".refuse()'
+        )
+
+        with pytest.raises(StoreUnavailable):
+            await store.create(login, max_sessions=10, now=t0, replaced=(new_digest(), t0 + 60))
+
+        assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 0  # noqa: S608
+        # A login over no session writes once, so the trigger never fires.
+        await store.create(login, max_sessions=10, now=t0)
+        assert await store.get(login.token_digest, now=t0) == login
+
+
+@pytest.mark.parametrize("taken", ["id", "token digest"])
+async def test_a_login_over_a_session_under_a_taken_name_is_refused_and_marks_nothing(
+    postgres_store: Store, taken: str
+) -> None:
+    """The unique violation raised inside the transaction is still a CreateError, and the
+    transaction's rollback leaves the connection fit for the next call."""
+    t0 = start_time()
+    kept, login, replaced_digest = make_record(now=t0), make_record(now=t0), new_digest()
+    await postgres_store.create(kept, max_sessions=10, now=t0)
+    if taken == "id":
+        login = dataclasses.replace(login, id=kept.id)
+    else:
+        login = dataclasses.replace(login, token_digest=kept.token_digest)
+
+    for _ in range(3):  # over the few connections the store holds
+        with pytest.raises(CreateError):
+            await postgres_store.create(
+                login, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60)
+            )
+
+    assert not await postgres_store.was_rotated_away(replaced_digest, now=t0)
+    assert await postgres_store.get(kept.token_digest, now=t0) == kept
+    again = make_record(now=t0)
+    await postgres_store.create(again, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60))
+    assert await postgres_store.was_rotated_away(replaced_digest, now=t0)
+
+
+async def test_a_login_over_a_session_that_times_out_leaves_nothing_and_the_store_recovers(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A statement timing out inside the transaction: the rollback waits for its
+    cancellation, and the connection goes back to the pool, not terminated as lost."""
+    dsn, name = named_dsn(postgres_url)
+    t0 = start_time()
+    kept, login, replaced_digest = make_record(now=t0), make_record(now=t0), new_digest()
+    store = PostgresStore(
+        dsn, schema=postgres_schema, max_size=1, command_timeout=0.3, acquire_timeout=2
+    )
+    async with asyncio.timeout(10), store:
+        await store.create(kept, max_sessions=10, now=t0)
+        (pid,) = await admin.fetchval(BACKENDS_NAMED, name)
+        async with table_locked(admin, postgres_schema):
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.create(
+                    login, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60)
+                )
+            assert isinstance(raised.value.__cause__, TimeoutError)
+
+        assert await store.get(login.token_digest, now=t0) is None
+        assert not await store.was_rotated_away(replaced_digest, now=t0)
+        await store.create(login, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60))
+        assert await store.was_rotated_away(replaced_digest, now=t0)
+        assert await admin.fetchval(BACKENDS_NAMED, name) == [pid]
 
 
 # -- the pool -------------------------------------------------------------------------------

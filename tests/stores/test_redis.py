@@ -257,6 +257,57 @@ async def test_a_pointer_naming_a_session_that_does_not_keep_the_digest_says_not
     assert await setup.store.was_rotated_away(kept, now=t0)
 
 
+async def test_a_login_over_a_session_points_from_its_digest_for_as_long_as_kept(
+    setup: Setup,
+) -> None:
+    """A login over a live session keeps that session's digest as a rotation would: its
+    pointer lasts the time asked, or the new session's life if shorter, and goes with
+    the new session; one kept for no time at all gets none."""
+    t0 = start_time()
+    replaced, login = new_digest(), make_record(now=t0, ttl=60)
+
+    await setup.store.create(login, max_sessions=10, now=t0, replaced=(replaced, t0 + 20))
+
+    pointer = setup.rotated_away_key(replaced)
+    assert await setup.raw.get(pointer) == setup.location(login)
+    assert 10_000 < await setup.raw.pttl(pointer) <= 20_000
+    assert sorted(await setup.all_keys()) == sorted([*setup.keys(login).values(), pointer])
+    assert await setup.other.was_rotated_away(replaced, now=t0)
+
+    longer, outliving = new_digest(), make_record(now=t0, ttl=30)
+    await setup.store.create(outliving, max_sessions=10, now=t0, replaced=(longer, t0 + 100))
+    assert 20_000 < await setup.raw.pttl(setup.rotated_away_key(longer)) <= 30_000
+
+    assert await setup.store.delete(login.id, now=t0)
+    assert await setup.store.delete(outliving.id, now=t0)
+    assert await setup.all_keys() == []
+    assert not await setup.other.was_rotated_away(replaced, now=t0)
+
+    past, late = new_digest(), make_record(now=t0)
+    await setup.store.create(late, max_sessions=10, now=t0, replaced=(past, t0))
+    assert sorted(await setup.all_keys()) == sorted(setup.keys(late).values())
+    assert not await setup.other.was_rotated_away(past, now=t0)
+
+
+async def test_a_refused_login_over_a_session_leaves_no_pointer_of_its_digest(
+    setup: Setup,
+) -> None:
+    """In a cluster the kept digest's pointer is written with the claimed ones, before the
+    script: a refused create removes it too."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await setup.store.create(record, max_sessions=10, now=t0)
+    keys_before = sorted(await setup.all_keys())
+    clash, replaced = make_record(now=t0), new_digest()
+    clash.id = record.id
+
+    with pytest.raises(CreateError):
+        await setup.store.create(clash, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+
+    assert sorted(await setup.all_keys()) == keys_before
+    assert not await setup.other.was_rotated_away(replaced, now=t0)
+
+
 @pytest.mark.parametrize("ending", ["delete", "delete_for_user", "eviction", "delete_expired"])
 async def test_the_pointer_of_a_digest_rotated_away_goes_with_its_session(
     setup: Setup, ending: str
@@ -954,6 +1005,22 @@ async def test_a_login_on_a_single_server_is_one_command_evictions_included(
     assert not any(first.id in key or first.token_digest in key for key in keys)
 
 
+async def test_a_login_over_a_session_on_a_single_server_is_one_command(
+    redis_url: str, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    raw = Redis.from_url(redis_url, decode_responses=True)
+    first, second, replaced = make_record(now=t0), make_record(now=t0), new_digest()
+    async with RedisStore(redis_url, prefix=redis_prefix) as store:
+        await store.create(first, max_sessions=10, now=t0)  # loads the script
+
+        login = store.create(second, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+        assert await commands_sent(raw, redis_prefix, login) == ["EVALSHA"]
+
+        assert await store.was_rotated_away(replaced, now=t0)
+    await raw.aclose()
+
+
 async def test_logouts_on_a_single_server_are_one_command_each(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -1333,6 +1400,31 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
         await delete_prefixed(client, redis_prefix)
 
 
+async def test_a_cluster_login_over_a_session_stands_after_the_clients_retry(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """Its script run twice, the second run finds the login done: it keeps the digest of
+    the session it replaced, pointer included."""
+    client = cast(
+        "RunningOneCommandTwice",
+        RunningOneCommandTwice.from_url(
+            redis_cluster_url.replace("+cluster", ""), decode_responses=True
+        ),
+    )
+    client.repeated = "EVALSHA"
+    t0 = start_time()
+    record, replaced = make_record(now=t0), new_digest()
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            client.marker = record.token_digest
+            await store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+            assert client.marker is None  # the login's script ran twice
+            assert await store.list_for_user("alice", now=t0) == [record]
+            assert await store.was_rotated_away(replaced, now=t0)
+    finally:
+        await delete_prefixed(client, redis_prefix)
+
+
 async def test_a_database_the_server_lacks_is_named_in_the_log(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1433,6 +1525,23 @@ async def test_a_login_and_a_rotation_whose_replies_were_lost_stand_after_the_cl
             assert found is not None
             assert (found.id, found.data) == (record.id, {"a": 1})
             assert proxy.accepted >= 3  # each lost reply cost its connection
+    finally:
+        await client.aclose()
+
+
+async def test_a_login_over_a_session_whose_reply_was_lost_stands_after_the_clients_retry(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    t0 = start_time()
+    record, replaced = make_record(now=t0), new_digest()
+    client = Redis(host="127.0.0.1", port=proxy.port, decode_responses=True)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            proxy.lose_reply_to(record.token_digest.encode())
+            await store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+            assert await store.list_for_user("alice", now=t0) == [record]
+            assert await store.was_rotated_away(replaced, now=t0)
+            assert proxy.accepted >= 2  # the lost reply cost its connection
     finally:
         await client.aclose()
 

@@ -1242,6 +1242,72 @@ async def test_a_busy_lookup_of_a_digest_rotated_away_is_retried_on_the_writer(
     assert busy.calls == 2
 
 
+async def test_only_a_login_over_a_session_names_the_rotated_away_columns_in_its_insert(
+    impatient_store: SQLiteStore,
+) -> None:
+    """Every other login runs the statements it did; one over a live session marks the
+    digest it replaced in its own INSERT, no statement more."""
+    store, t0 = impatient_store, start_time()
+    replaced = new_digest()
+
+    with statements_on_the_loop(store) as ordinary:
+        await store.create(make_record(now=t0), max_sessions=10, now=t0)
+    with statements_on_the_loop(store) as replacing:
+        await store.create(
+            make_record(now=t0), max_sessions=10, now=t0, replaced=(replaced, t0 + 60)
+        )
+
+    assert ordinary
+    assert not [sql for sql in ordinary if "rotated_away" in sql]
+    assert len(replacing) == len(ordinary)
+    (marking,) = [sql for sql in replacing if "rotated_away" in sql]
+    assert marking.startswith(f"INSERT INTO {TABLE} (")
+    assert await store.was_rotated_away(replaced, now=t0 + 1)
+
+
+async def test_a_login_over_a_session_that_finds_the_file_busy_marks_the_digest_on_the_writer(
+    impatient_store: SQLiteStore,
+) -> None:
+    t0, replaced = start_time(), new_digest()
+    record = make_record(now=t0)
+    busy = BusyForWrites(impatient_store._loop_db)
+    real, impatient_store._loop_db = impatient_store._loop_db, cast(sqlite3.Connection, busy)
+    try:
+        await impatient_store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+    finally:
+        impatient_store._loop_db = real
+
+    assert busy.refused == 1
+    assert await impatient_store.was_rotated_away(replaced, now=t0 + 1)
+    assert await impatient_store.get(record.token_digest, now=t0 + 1) == record
+
+
+async def test_a_login_over_a_session_that_is_refused_marks_nothing(
+    impatient_store: SQLiteStore,
+) -> None:
+    t0, record = await one_session(impatient_store)
+    replaced = new_digest()
+    taken = replace(make_record(now=t0), token_digest=record.token_digest)
+
+    with pytest.raises(CreateError):
+        await impatient_store.create(taken, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
+
+    assert not await impatient_store.was_rotated_away(replaced, now=t0 + 1)
+
+
+async def test_a_login_evicted_takes_the_digest_it_replaced_with_it(
+    impatient_store: SQLiteStore,
+) -> None:
+    t0, replaced = start_time(), new_digest()
+    await impatient_store.create(
+        make_record(now=t0), max_sessions=10, now=t0, replaced=(replaced, t0 + 3 * TTL)
+    )
+
+    await impatient_store.create(make_record(now=t0 + 1), max_sessions=1, now=t0 + 1)
+
+    assert not await impatient_store.was_rotated_away(replaced, now=t0 + 2)
+
+
 @pytest.mark.parametrize("going", ["delete", "delete_for_user", "delete_expired", "evicted"])
 async def test_a_session_that_goes_takes_its_digest_rotated_away_with_it(
     impatient_store: SQLiteStore, going: str

@@ -112,6 +112,7 @@ class Sql:
     get: str
     list_for_user: str
     create: str
+    remember_replaced: str
     touch: str
     patch: str
     capped_patch: str
@@ -157,6 +158,12 @@ class Sql:
             list_for_user=f"SELECT {_COLUMNS} FROM {t} WHERE user_id = $1 AND expires_at > $2"
             " ORDER BY last_active_at DESC, created_at DESC",
             create=f"SELECT {create}({', '.join(f'${n}' for n in range(1, 16))})",
+            # A login over a live session: the new session $3 remembers that session's
+            # digest $1 until $2, as a rotation's remembering patch would. Run after the
+            # create function in its transaction, as the function's signature is fixed
+            # (older releases call it too), so it cannot take them.
+            remember_replaced=f"UPDATE {t} SET rotated_away_from = $1, rotated_away_until = $2"
+            " WHERE id = $3",
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
             patch=update.format(t=t, data=f", data = {merged}"),

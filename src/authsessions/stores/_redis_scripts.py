@@ -70,10 +70,12 @@ end
 """
 
 # KEYS: session, index. ARGV: now, ttl ms, max sessions, session key prefix, id,
-# last_active_at, key prefix on a single server or '{' in a cluster, digest, tag,
-# field/value pairs. Returns nil if the id (or, on a single server, either pointer)
-# exists, else the evicted (id, digest, digest rotated away from or '') triples (none
-# when run again, as a retry).
+# last_active_at, key prefix on a single server or '{' in a cluster, digest, tag, the TTL
+# in ms of the pointer of the digest the session keeps as rotated away from (a login's
+# over a live session: the pairs hold its 'ra' and 'ru') on a single server, else '' (none,
+# or a cluster's, which the caller writes), field/value pairs. Returns nil if the id (or,
+# on a single server, either pointer) exists, else the evicted (id, digest, digest rotated
+# away from or '') triples (none when run again, as a retry).
 CREATE = """
 -- A client's retry of this very create after its reply was lost: it is done.
 if redis.call('HGET', KEYS[1], 'td') == ARGV[8] then return {} end
@@ -87,8 +89,13 @@ if p ~= '{' then
 elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return false
 end
-hset_from(KEYS[1], 10)
+hset_from(KEYS[1], 11)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[10] ~= '' and p ~= '{' then
+  -- Read back from the hash: the pairs just written hold the digest, where any may sit.
+  local kept = redis.call('HGET', KEYS[1], 'ra')
+  redis.call('SET', p .. 'r:' .. kept, ARGV[9] .. ':' .. ARGV[5], 'PX', ARGV[10])
+end
 -- The user's other sessions, read before the new one joins the index: it stays, and
 -- at most max sessions - 1 of them, however recent their activity (a clock ahead).
 local now, live, doomed = tonumber(ARGV[1]), {}, {}

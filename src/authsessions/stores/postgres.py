@@ -1,6 +1,7 @@
 """A store in PostgreSQL, shared by every app server, through an asyncpg pool.
 
-Every primitive is one statement, so one round trip. ``create`` calls a
+Every primitive is one statement, so one round trip (but a login over a
+live session: a transaction of two, see ``create``). ``create`` calls a
 function that the schema defines beside the table: it takes a
 transaction-scoped advisory lock per user, inserts, then evicts, so
 concurrent logins never leave a user above the limit. The eviction needs a
@@ -501,12 +502,30 @@ class PostgresStore(Store):
 
     # -- primitives ------------------------------------------------------------------
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = _checks.create_args(record, max_sessions, now)
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
+        now = _checks.create_args(record, max_sessions, now, replaced)
         sql, timeout = self._sql, self.command_timeout
         with translate_errors("PostgreSQL", *self._errors):
             try:
-                async with self._borrow() as conn, self._read_committed(conn):
+                async with (
+                    self._borrow() as conn,
+                    # A login over a live session also marks the new session (see
+                    # Sql.remember_replaced): one transaction, so that no session is ever
+                    # created without its mark. Rare, so its BEGIN and COMMIT round trips
+                    # are affordable; at READ COMMITTED whatever the default, as the
+                    # function needs (see _read_committed). Every other login stays one
+                    # statement, one round trip.
+                    self._read_committed(conn)
+                    if replaced is None
+                    else conn.transaction(isolation="read_committed"),
+                ):
                     await conn.execute(
                         sql.create,
                         record.id, record.token_digest, record.user_id, record.ip_address,
@@ -516,7 +535,14 @@ class PostgresStore(Store):
                         f"{self._qualified} {record.user_id}", now, max_sessions,
                         timeout=timeout,
                     )  # fmt: skip
-            except self._asyncpg.UniqueViolationError:  # only the insert can raise it
+                    if replaced is not None:
+                        await conn.execute(
+                            sql.remember_replaced, replaced[0], replaced[1], record.id,
+                            timeout=timeout,
+                        )  # fmt: skip
+            # Only the function's insert can raise it (the mark's columns are in no unique
+            # index), and the transaction, if any, has rolled back: nothing was created.
+            except self._asyncpg.UniqueViolationError:
                 # Not chained: the violation's detail shows the taken digest.
                 raise CreateError(record.id) from None
 

@@ -25,9 +25,12 @@ update and a logout are one round trip each.
 A rotation may keep the digest it rotates away from for a while (see
 ``was_rotated_away``): the hash records it (field ``ra``) and until when
 (``ru``), one per session, its latest rotation's, and a third pointer leads
-from it to the session for that long. A hint too: the answer is yes only
-while the session is live and still keeps that digest. In a cluster it is
-written after the script, as it makes it true. During a rolling deploy an
+from it to the session for that long. A login over a live session keeps that
+session's digest alike, from its create (``replaced``). A hint too: the
+answer is yes only while the session is live and still keeps that digest. In
+a cluster a rotation writes it after the script, as it makes it true, and a
+login with the two pointers it claims before its script (no extra round
+trip). During a rolling deploy an
 older release reads past the two fields, and its scripts, knowing nothing of
 this pointer, leave it to expire as it names a session they deleted.
 
@@ -397,18 +400,35 @@ class RedisStore(Store):
 
     # -- primitives ------------------------------------------------------------------
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = _checks.create_args(record, max_sessions, now)
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
+        now = _checks.create_args(record, max_sessions, now, replaced)
         self._require_client()
         tag = _tag(record.user_id)
         ttl = _ttl_ms(record.expires_at, now)
         prefix = self._session_prefix(tag)
         keys = [prefix + record.id, self._index(tag)]
+        fields, kept_ms = _fields(record), 0
+        if replaced is not None:
+            # Kept as a rotation's update keeps the digest it rotates away from.
+            fields += ["ra", replaced[0], "ru", replaced[1]]
+            kept_ms = _kept_ms(replaced[1], now, ttl)
         args = [now, ttl, max_sessions, prefix, record.id, record.last_active_at,
-                self._pointer_prefix, record.token_digest, tag, *_fields(record)]  # fmt: skip
+                self._pointer_prefix, record.token_digest, tag,
+                kept_ms if kept_ms and not self._cluster else "", *fields]  # fmt: skip
         with translate_errors("Redis", *self._errors):
             # On a single server the script claims the pointers itself: one round trip.
-            pointers = await self._claim_pointers(record, tag, ttl) if self._cluster else ()
+            pointers = (
+                await self._claim_pointers(record, tag, ttl, replaced, kept_ms)
+                if self._cluster
+                else ()
+            )
             evicted = await self._create(keys=keys, args=args)
             if evicted is None:
                 await self._unlink(pointers)
@@ -416,15 +436,28 @@ class RedisStore(Store):
             await self._drop_pointers(evicted)
         self._remember(record.token_digest, tag, record.id)
 
-    async def _claim_pointers(self, record: SessionRecord, tag: str, ttl: int) -> tuple[str, str]:
+    async def _claim_pointers(
+        self,
+        record: SessionRecord,
+        tag: str,
+        ttl: int,
+        replaced: tuple[str, float] | None,
+        kept_ms: int,
+    ) -> tuple[str, ...]:
         """In a cluster, where they live on other nodes: the new session's two pointers,
         claimed before its script runs, so that a colliding digest or id fails before
-        anything of the user's changes.
+        anything of the user's changes. A login's over a live session writes the pointer of
+        the digest it keeps as rotated away from in the same round trip (a hint: until the
+        script, the session it names keeps nothing); a refused create removes it with the
+        others, as nothing else names that digest (the session holding it was deleted).
         """
-        pointers = (self._digest_key(record.token_digest), self._id_key(record.id))
+        pointers: tuple[str, ...] = (self._digest_key(record.token_digest), self._id_key(record.id))
         async with self._require_client().pipeline(transaction=False) as pipe:
             pipe.set(pointers[0], f"{tag}:{record.id}", nx=True, px=ttl)
             pipe.set(pointers[1], tag, nx=True, px=ttl)
+            if replaced is not None and kept_ms:
+                pointers += (self._rotated_away_key(replaced[0]),)
+                pipe.set(pointers[2], f"{tag}:{record.id}", px=kept_ms)
             claimed = await pipe.execute()
         if not all(claimed):
             await self._unlink(key for key, ok in zip(pointers, claimed, strict=True) if ok)

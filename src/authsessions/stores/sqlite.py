@@ -106,6 +106,15 @@ RECONNECT_INTERVAL = 5.0
 WAL_SIZE_LIMIT = 8 << 20
 
 _SELECT_BY_DIGEST = f"SELECT {COLUMNS} FROM {TABLE} WHERE token_digest = ? AND expires_at > ?"
+_INSERT = f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})"
+# A login over a live session marks the digest it replaced in its own INSERT, as a
+# rotation does in its UPDATE: atomic with the row, and gone with it. A statement of its
+# own, so that every other login's INSERT neither names nor writes the rotated-away
+# columns (nor the partial index on them).
+_INSERT_REPLACED = (
+    f"INSERT INTO {TABLE} ({COLUMNS}, rotated_away_from, rotated_away_until)"
+    f" VALUES ({', '.join('?' * 14)})"
+)
 _WrittenRow = tuple[str, dict[str, Any] | None, float, float, str]
 """What an update left in a row: its data as JSON and, when that changed, as the record a
 get would read holds it; the times and the token digest."""
@@ -528,20 +537,31 @@ class SQLiteStore(Store):
 
     # -- writes: on the event loop when the file is free, else on the writer thread --
 
-    async def create(self, record: SessionRecord, *, max_sessions: int, now: float) -> None:
-        now = _checks.create_args(record, max_sessions, now)
-        values = (
+    async def create(
+        self,
+        record: SessionRecord,
+        *,
+        max_sessions: int,
+        now: float,
+        replaced: tuple[str, float] | None = None,
+    ) -> None:
+        now = _checks.create_args(record, max_sessions, now, replaced)
+        values: tuple[Any, ...] = (
             record.id, record.token_digest, record.user_id, record.ip_address, record.user_agent,
             record.device_name, record.device_type, record.fingerprint, dump_json(record.data),
             record.created_at, record.last_active_at, record.expires_at,
         )  # fmt: skip
+        insert = _INSERT
+        if replaced is not None:
+            # Another row marked with the same digest (never, with random tokens) is left
+            # as it is: each row's mark goes with its row, and was_rotated_away finds any.
+            insert = _INSERT_REPLACED
+            values += replaced
 
         def create(db: sqlite3.Connection) -> int:
             with transaction(db):
                 try:
-                    db.execute(
-                        f"INSERT INTO {TABLE} ({COLUMNS}) VALUES ({', '.join('?' * 12)})", values
-                    )
+                    db.execute(insert, values)
                 except sqlite3.IntegrityError as exc:
                     if exc.sqlite_errorcode not in _TAKEN:
                         raise
