@@ -455,6 +455,43 @@ async def test_a_token_a_login_replaced_moments_ago_leaves_the_new_cookie_alone(
     assert_clears_cookie(await client.get("/me", headers=cookie_header(old)))
 
 
+@pytest.mark.parametrize("writes", ["a key", "a due touch"])
+async def test_a_request_in_flight_as_the_browser_signs_in_again_leaves_the_new_cookie_alone(
+    store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    writes: str,
+) -> None:
+    """It loaded the session the login then ended; its write finds that session gone, and
+    its answer must not clear the new login's cookie."""
+    gate, loaded = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        session = Session.from_request(request)
+        loaded.set()
+        await gate.wait()
+        if writes == "a key":
+            session.set("cart", ["book"])
+        else:
+            later = time.time() + 60  # past the touch interval, within the notice time
+            monkeypatch.setattr(time, "time", lambda: later)
+        return JSONResponse({})
+
+    config = SessionConfig(touch_interval=timedelta(seconds=30))
+    client = client_factory(app_factory(store, config, extra_routes=[Route("/slow", slow)]))
+    await login(client)
+    in_flight = asyncio.create_task(client.get("/slow"))
+    await loaded.wait()
+    new = await login(client, "bob")
+    gate.set()
+
+    answer = await in_flight
+
+    assert "set-cookie" not in answer.headers
+    assert (await client.get("/me", headers=cookie_header(new))).json()["user_id"] == "bob"
+
+
 async def test_a_logout_carrying_a_token_rotated_away_clears_the_cookie(
     client: httpx.AsyncClient,
 ) -> None:

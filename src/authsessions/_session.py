@@ -566,7 +566,8 @@ class Session:
                 logger.info(
                     "session %s ended during the request; its changes were dropped", record.id
                 )
-                self._end()
+                # A login in the same browser may have ended it: then its cookie is spared.
+                await self._end_found_gone(record)
                 return
             if self._record is not record:
                 return  # a task of this request logged out meanwhile: that stands
