@@ -113,10 +113,13 @@ async def redis_store(redis_url: str, redis_prefix: str) -> AsyncIterator[Store]
         yield store
 
 
-def free_cluster_port() -> int:
-    """A port that is free, and whose cluster bus port (+10000) is free too."""
+def free_cluster_port(taken: frozenset[int] = frozenset()) -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too, neither of
+    them ``taken`` (nor the bus port of one taken)."""
     for _ in range(100):
         port = 20000 + secrets.randbelow(20000)
+        if {port, port + 10000} & (taken | {other + 10000 for other in taken}):
+            continue
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as probe:
@@ -157,7 +160,9 @@ class LocalRedisCluster:
     @classmethod
     def start(cls, server: str, cli: str, directory: Path) -> str:
         if cls.url is None:
-            ports = [free_cluster_port() for _ in range(3)]
+            ports: list[int] = []
+            for _ in range(3):  # three draws may meet, as one did once in a run
+                ports.append(free_cluster_port(frozenset(ports)))
             for port in ports:
                 node_dir = directory / str(port)
                 node_dir.mkdir()
