@@ -193,7 +193,9 @@ class SessionMiddleware:
             if record is not None:
                 return await self._found(scope, other, other_digest, record, now)
         tried = [other_digest for _, other_digest in others]
-        for each in tried if digest is None else [digest, *tried]:
+        if digest is not None:
+            tried.insert(0, digest)
+        for each in tried:
             if await store.was_rotated_away(each, now=now):
                 return self._spared(scope)
         return self._cleared(scope)

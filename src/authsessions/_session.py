@@ -285,18 +285,21 @@ class Session:
         self._check_fits(initial, "the initial session data")
         async with self._turn():
             self._refuse_cookie_change("authenticate")
-            replaced: str | None = None  # the digest of the session this login ends
+            ended: str | None = None  # the digest of the session this login ends
             if (record := self._record) is not None:
                 # As for logout: not a session this request's token no longer names
                 # (rotated away, by the user who now holds it), whose cookie is spared.
                 if await self._end_if_still_named(record):
                     self._end()  # if the new session cannot be made, the ended one's goes
-                    replaced = record.token_digest
+                    ended = record.token_digest
                 else:
                     await self._end_found_gone(record)
             if not self._store.is_open:
                 await self._store.open()  # a request without a cookie left it unopened
             now = time.time()
+            # The browser's requests sent before this login's answer carry the token it
+            # replaced: their answers must not clear the new cookie.
+            replaced = None if ended is None else (ended, now + ROTATED_AWAY_NOTICE_SECONDS)
             config = self._config
             kind, headers, client = self._connection
             connection: Scope = {"type": kind, "headers": headers, "client": client}
@@ -324,17 +327,11 @@ class Session:
                     expires_at=self._expiry(created_at=now, now=now),
                 )
                 try:
-                    # The browser's requests sent before this login's answer carry the
-                    # token it replaced: their answers must not clear the new cookie.
                     await self._store.create(
                         record,
                         max_sessions=config.max_sessions_per_user,
                         now=now,
-                        replaced=(
-                            None
-                            if replaced is None
-                            else (replaced, now + ROTATED_AWAY_NOTICE_SECONDS)
-                        ),
+                        replaced=replaced,
                     )
                 except CreateError:  # 2**-128 odds, but never overwrite someone's session
                     continue

@@ -34,6 +34,7 @@ from tests.stores.records import (
     make_record,
     make_update,
     new_digest,
+    rotate_away,
     start_time,
 )
 from tests.tcp_proxy import TcpProxy, refusing_port
@@ -1623,6 +1624,18 @@ async def test_connections_the_server_closed_while_idle_do_not_fail_the_next_cal
     assert [r for r in results if isinstance(r, BaseException)] == []
 
 
+async def close_the_clients_connections(cluster_url: str) -> None:
+    """Every node closes its clients' connections, as it does with those idle past its
+    timeout: the store's pools still hold them."""
+    admin = RedisCluster.from_url(cluster_url.replace("redis+cluster", "redis"))
+    try:
+        await admin.client_kill_filter(
+            _type="normal", skipme=True, target_nodes=RedisCluster.ALL_NODES
+        )
+    finally:
+        await admin.aclose()
+
+
 async def test_cluster_reads_on_connections_the_nodes_closed_while_idle_go_on(
     redis_cluster_url: str, redis_prefix: str
 ) -> None:
@@ -1630,23 +1643,17 @@ async def test_cluster_reads_on_connections_the_nodes_closed_while_idle_go_on(
     the node closed while it sat idle must go again on another, not answer 503."""
     t0 = start_time()
     records = [make_record(now=t0, user_id=f"user-{i}") for i in range(5)]
-    admin = RedisCluster.from_url(redis_cluster_url.replace("redis+cluster", "redis"))
-    try:
-        async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
-            for record in records:
-                await store.create(record, max_sessions=10, now=t0)
-            await asyncio.gather(*(store.get(r.token_digest, now=t0) for r in records))
-            store._digest_locations.clear()  # the pointer's read too, then the session's
-            await admin.client_kill_filter(
-                _type="normal", skipme=True, target_nodes=RedisCluster.ALL_NODES
-            )
+    async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+        await asyncio.gather(*(store.get(r.token_digest, now=t0) for r in records))
+        store._digest_locations.clear()  # the pointer's read too, then the session's
+        await close_the_clients_connections(redis_cluster_url)
 
-            results = await asyncio.gather(
-                *(store.get(record.token_digest, now=t0) for record in records),
-                return_exceptions=True,
-            )
-    finally:
-        await admin.aclose()
+        results = await asyncio.gather(
+            *(store.get(record.token_digest, now=t0) for record in records),
+            return_exceptions=True,
+        )
 
     assert results == records
 
@@ -1659,30 +1666,18 @@ async def test_cluster_rotated_away_reads_on_connections_the_nodes_closed_while_
     seldom sit on the node ``get`` just used."""
     t0 = start_time()
     records = [make_record(now=t0, user_id=f"user-{i}") for i in range(5)]
-    admin = RedisCluster.from_url(redis_cluster_url.replace("redis+cluster", "redis"))
-    try:
-        async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
-            for record in records:
-                await store.create(record, max_sessions=10, now=t0)
-                update = make_update(
-                    now=t0 + 1,
-                    token_digest=new_digest(),
-                    expected_token_digest=record.token_digest,
-                    rotated_away_until=t0 + 61,
-                )
-                assert await store.update(record.id, update, now=t0 + 1)
-            for record in records:  # a connection to every node, idle in its pool
-                assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
-            await admin.client_kill_filter(
-                _type="normal", skipme=True, target_nodes=RedisCluster.ALL_NODES
-            )
+    async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+            await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
+        for record in records:  # a connection to every node, idle in its pool
+            assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+        await close_the_clients_connections(redis_cluster_url)
 
-            results = await asyncio.gather(
-                *(store.was_rotated_away(record.token_digest, now=t0 + 2) for record in records),
-                return_exceptions=True,
-            )
-    finally:
-        await admin.aclose()
+        results = await asyncio.gather(
+            *(store.was_rotated_away(record.token_digest, now=t0 + 2) for record in records),
+            return_exceptions=True,
+        )
 
     assert results == [True] * len(records)
 
