@@ -6,7 +6,10 @@
     python3 scripts/dev.py check    # ruff and mypy (strict)
 
 The first run creates .venv/ and installs the project into it; later runs
-reinstall only when pyproject.toml changes.
+reinstall only when pyproject.toml changes. $AUTHSESSIONS_VENV names another
+folder, for the same tasks under another Python:
+
+    AUTHSESSIONS_VENV=.venv-3.13 python3.13 scripts/dev.py test
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
+VENV = ROOT / os.environ.get("AUTHSESSIONS_VENV", ".venv")
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 # check type-checks the benchmarks too, which import the peers they compare with.
 EXTRAS = {"demo": "cli", "test": "test", "check": "test,bench"}
@@ -29,13 +32,13 @@ def ensure_environment(extra: str) -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - this script may be run by an older python3
         sys.exit(f"authsessions needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
     if not (BIN / "python").exists():
-        print("Creating .venv …", flush=True)
+        print(f"Creating {VENV.name}/ …", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     stamp = VENV / f".installed-{extra}-{hashlib.sha256(pyproject).hexdigest()[:16]}"
     if stamp.exists():
         return
-    print(f"Installing authsessions[{extra}] into .venv …", flush=True)
+    print(f"Installing authsessions[{extra}] into {VENV.name}/ …", flush=True)
     run([BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
     run([BIN / "python", "-m", "pip", "install", "--quiet", "--editable", f".[{extra}]"])
     stamp.touch()

@@ -319,11 +319,11 @@ async def test_an_unreadable_store_gives_503_and_keeps_the_cookie(
         client = client_for(app)
         token = session_cookie(await client.post("/login", json={"user_id": "alice"}))
         assert token is not None
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
             db.execute(f"ALTER TABLE {TABLE} RENAME TO moved_away")
 
         down = await client.get("/me", headers=cookie_header(token.value))
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
             db.execute(f"ALTER TABLE moved_away RENAME TO {TABLE}")
         back = await client.get("/me", headers=cookie_header(token.value))
 
@@ -623,7 +623,7 @@ def test_a_store_down_in_a_websocket_closes_it_with_try_again_later(tmp_path: Pa
     app = Litestar([login, me, ws_fail], plugins=[SessionPlugin(store=f"sqlite:///{path}")])
 
     def rename_table(old: str, new: str) -> None:
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
             db.execute(f"ALTER TABLE {old} RENAME TO {new}")
 
     closed, me_after = socket_closed_after(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -135,7 +136,7 @@ async def test_database_leak_cannot_be_replayed_as_cookies(
         [stored] = await SessionManager(store).list_for_user("alice")
 
         assert token.encode() not in all_bytes_in(tmp_path)
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
             rows = db.execute("SELECT id, token_digest FROM authsessions_session").fetchall()
         db.close()
         assert rows == [(stored.id, token_digest(token))]

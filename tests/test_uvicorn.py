@@ -98,7 +98,7 @@ async def test_login_read_and_logout_through_a_real_server(server_url: str, tmp_
         replay = await client.get("/me", headers={"cookie": f"session={cookie.value}"})
         assert replay.json()["authenticated"] is False
 
-    with sqlite3.connect(tmp_path / "sessions.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "sessions.db")) as db, db:
         assert db.execute("SELECT count(*) FROM authsessions_session").fetchone() == (0,)
     db.close()
 

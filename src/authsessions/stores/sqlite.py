@@ -133,8 +133,8 @@ _SELECT_BY_USER = (
 )
 # The expired count is a range of the expires_at index; the live counts read the rows.
 _COUNT_USERS_AND_EXPIRED = (
-    f"SELECT (SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?1),"
-    f" (SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?1)"
+    f"SELECT (SELECT COUNT(DISTINCT user_id) FROM {TABLE} WHERE expires_at > ?),"
+    f" (SELECT COUNT(*) FROM {TABLE} WHERE expires_at <= ?)"
 )
 _COUNT_FOR_USER = f"SELECT COUNT(*) FROM {TABLE} WHERE user_id = ?"
 _COUNT_BY_DEVICE_TYPE = (
@@ -518,7 +518,7 @@ class SQLiteStore(Store):
             try:
                 db.execute("PRAGMA query_only = ON")
                 db.execute("BEGIN")
-                users, expired = db.execute(_COUNT_USERS_AND_EXPIRED, (now,)).fetchone()
+                users, expired = db.execute(_COUNT_USERS_AND_EXPIRED, (now, now)).fetchone()
                 by_type: list[tuple[str, int]] = db.execute(
                     _COUNT_BY_DEVICE_TYPE, (now,)
                 ).fetchall()
@@ -573,10 +573,10 @@ class SQLiteStore(Store):
                 kept = 0
                 evicted = []
                 for rowid, live in db.execute(
-                    f"""SELECT rowid, expires_at > ?2 FROM {TABLE}
-                        WHERE user_id = ?1 AND id != ?3
+                    f"""SELECT rowid, expires_at > ? FROM {TABLE}
+                        WHERE user_id = ? AND id != ?
                         ORDER BY last_active_at DESC, created_at DESC""",
-                    (record.user_id, now, record.id),
+                    (now, record.user_id, record.id),
                 ):
                     if live and kept < max_sessions - 1:
                         kept += 1
@@ -721,15 +721,17 @@ class SQLiteStore(Store):
         token_digest: str | None = None,
     ) -> bool:
         now = _checks.delete_args(session_id, user_id, token_digest, now)
-        # Only the owner ?2 and only while it holds the digest ?3, where either is given.
+        # Only the owner, and only while it holds the digest, where either is given.
         select = (
-            f"SELECT expires_at FROM {TABLE} WHERE id = ?1"
-            " AND (?2 IS NULL OR user_id = ?2) AND (?3 IS NULL OR token_digest = ?3)"
+            f"SELECT expires_at FROM {TABLE} WHERE id = ?"
+            " AND (? IS NULL OR user_id = ?) AND (? IS NULL OR token_digest = ?)"
         )
 
         def delete(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                found = db.execute(select, (session_id, user_id, token_digest)).fetchone()
+                found = db.execute(
+                    select, (session_id, user_id, user_id, token_digest, token_digest)
+                ).fetchone()
                 if found is None:
                     return False
                 db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (session_id,))
