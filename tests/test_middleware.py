@@ -1842,7 +1842,6 @@ def test_a_websocket_with_a_malformed_cookie_never_reaches_the_store(tmp_path: P
 def count_rows(path: Path) -> int:
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         (count,) = db.execute("SELECT count(*) FROM authsessions_session").fetchone()
-    db.close()
     assert isinstance(count, int)
     return count
 

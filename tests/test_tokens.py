@@ -138,7 +138,6 @@ async def test_database_leak_cannot_be_replayed_as_cookies(
         assert token.encode() not in all_bytes_in(tmp_path)
         with contextlib.closing(sqlite3.connect(path)) as db, db:
             rows = db.execute("SELECT id, token_digest FROM authsessions_session").fetchall()
-        db.close()
         assert rows == [(stored.id, token_digest(token))]
         assert token not in repr(stored)
         assert token_digest(token) not in repr(stored)

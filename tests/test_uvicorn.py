@@ -100,7 +100,6 @@ async def test_login_read_and_logout_through_a_real_server(server_url: str, tmp_
 
     with contextlib.closing(sqlite3.connect(tmp_path / "sessions.db")) as db, db:
         assert db.execute("SELECT count(*) FROM authsessions_session").fetchone() == (0,)
-    db.close()
 
 
 @pytest.mark.parametrize(
