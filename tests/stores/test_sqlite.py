@@ -89,6 +89,16 @@ def pragma(path: Path, name: str) -> Any:
 
 
 @contextmanager
+def loop_db_replaced(store: SQLiteStore, stand_in: object) -> Iterator[None]:
+    """The store's event-loop connection replaced by ``stand_in`` for the block."""
+    real, store._loop_db = store._loop_db, cast(sqlite3.Connection, stand_in)
+    try:
+        yield
+    finally:
+        store._loop_db = real
+
+
+@contextmanager
 def write_lock(path: Path) -> Iterator[sqlite3.Connection]:
     """Another connection (as another process would) holding the database's write lock."""
     db = sqlite3.connect(path, isolation_level=None, timeout=0)
@@ -1159,13 +1169,10 @@ async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, 
     Each of them means "busy", and the read must be retried, not failed.
     """
     t0, record = await one_session(impatient_store)
-    busy, real = BusyReader(code), impatient_store._loop_db
-    impatient_store._loop_db = cast(sqlite3.Connection, busy)
-    try:
+    busy = BusyReader(code)
+    with loop_db_replaced(impatient_store, busy):
         got = await impatient_store.get(record.token_digest, now=t0)
         listed = await impatient_store.list_for_user("alice", now=t0)
-    finally:
-        impatient_store._loop_db = real
 
     assert busy.calls == 2
     assert got == record
@@ -1173,13 +1180,9 @@ async def test_busy_read_is_retried_on_the_writer(impatient_store: SQLiteStore, 
 
 
 async def test_other_read_errors_are_not_retried(impatient_store: SQLiteStore) -> None:
-    busy, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._loop_db
-    impatient_store._loop_db = cast(sqlite3.Connection, busy)
-    try:
-        with pytest.raises(StoreUnavailable):
-            await impatient_store.get(new_digest(), now=start_time())
-    finally:
-        impatient_store._loop_db = real
+    busy = BusyReader(sqlite3.SQLITE_IOERR)
+    with loop_db_replaced(impatient_store, busy), pytest.raises(StoreUnavailable):
+        await impatient_store.get(new_digest(), now=start_time())
 
     assert busy.calls == 1
 
@@ -1215,11 +1218,8 @@ async def test_a_rotation_that_finds_the_file_busy_marks_the_digest_on_the_write
 ) -> None:
     t0, record = await one_session(impatient_store)
     busy = BusyForWrites(impatient_store._loop_db)
-    real, impatient_store._loop_db = impatient_store._loop_db, cast(sqlite3.Connection, busy)
-    try:
+    with loop_db_replaced(impatient_store, busy):
         rotated = await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
-    finally:
-        impatient_store._loop_db = real
 
     assert busy.refused == 1
     assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
@@ -1231,13 +1231,10 @@ async def test_a_busy_lookup_of_a_digest_rotated_away_is_retried_on_the_writer(
 ) -> None:
     t0, record = await one_session(impatient_store)
     await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
-    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._loop_db
-    impatient_store._loop_db = cast(sqlite3.Connection, busy)
-    try:
+    busy = BusyReader(sqlite3.SQLITE_BUSY)
+    with loop_db_replaced(impatient_store, busy):
         assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
         assert not await impatient_store.was_rotated_away(new_digest(), now=t0 + 2)
-    finally:
-        impatient_store._loop_db = real
 
     assert busy.calls == 2
 
@@ -1271,11 +1268,8 @@ async def test_a_login_over_a_session_that_finds_the_file_busy_marks_the_digest_
     t0, replaced = start_time(), new_digest()
     record = make_record(now=t0)
     busy = BusyForWrites(impatient_store._loop_db)
-    real, impatient_store._loop_db = impatient_store._loop_db, cast(sqlite3.Connection, busy)
-    try:
+    with loop_db_replaced(impatient_store, busy):
         await impatient_store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
-    finally:
-        impatient_store._loop_db = real
 
     assert busy.refused == 1
     assert await impatient_store.was_rotated_away(replaced, now=t0 + 1)
@@ -2336,12 +2330,9 @@ async def test_busy_inline_write_is_retried_on_the_writer_thread(
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await impatient_store.create(record, max_sessions=10, now=t0)
-    busy, real = BusyReader(sqlite3.SQLITE_BUSY), impatient_store._loop_db
-    impatient_store._loop_db = cast(sqlite3.Connection, busy)
-    try:
+    busy = BusyReader(sqlite3.SQLITE_BUSY)
+    with loop_db_replaced(impatient_store, busy):
         await write(impatient_store, operation, record.id, t0)
-    finally:
-        impatient_store._loop_db = real
 
     assert busy.calls == 1
     listed = await impatient_store.list_for_user("alice", now=t0)
@@ -2353,13 +2344,9 @@ async def test_other_inline_write_errors_are_not_retried(impatient_store: SQLite
     t0 = start_time()
     record = make_record(now=t0, data={"a": 1})
     await impatient_store.create(record, max_sessions=10, now=t0)
-    failing, real = BusyReader(sqlite3.SQLITE_IOERR), impatient_store._loop_db
-    impatient_store._loop_db = cast(sqlite3.Connection, failing)
-    try:
-        with pytest.raises(StoreUnavailable) as raised:
-            await impatient_store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
-    finally:
-        impatient_store._loop_db = real
+    failing = BusyReader(sqlite3.SQLITE_IOERR)
+    with loop_db_replaced(impatient_store, failing), pytest.raises(StoreUnavailable) as raised:
+        await impatient_store.update(record.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
 
     assert failing.calls == 1
     assert isinstance(raised.value.__cause__, sqlite3.OperationalError)

@@ -69,12 +69,7 @@ class MemoryStore(Store):
             raise CreateError(record.id)
         row = self._rows[record.id] = _Row(record.with_data({}), dump_json(record.data))
         if replaced is not None:
-            row.rotated_away_from, row.rotated_away_until = replaced
-            # One session per digest rotated away from (two never share one, but with
-            # random tokens): forgetting either must not find the other's gone.
-            if (before := self._ids_by_rotated_away_digest.get(replaced[0])) is not None:
-                self._rows[before].rotated_away_from = None
-            self._ids_by_rotated_away_digest[replaced[0]] = record.id
+            self._mark_rotated_away(record.id, row, *replaced)
         self._ids_by_digest[record.token_digest] = record.id
         self._ids_by_user.setdefault(record.user_id, set()).add(record.id)
         self._file_expiry(record.id, record.expires_at)
@@ -127,10 +122,9 @@ class MemoryStore(Store):
                 changes.rotated_away_until is not None
                 and changes.token_digest != record.token_digest
             ):
-                self._forget_rotated_away(row)
-                row.rotated_away_from = record.token_digest
-                row.rotated_away_until = changes.rotated_away_until
-                self._ids_by_rotated_away_digest[record.token_digest] = session_id
+                self._mark_rotated_away(
+                    session_id, row, record.token_digest, changes.rotated_away_until
+                )
             record.token_digest = changes.token_digest
             self._ids_by_digest[record.token_digest] = session_id
         if changes.last_active_at is not None and changes.expires_at is not None:
@@ -272,6 +266,17 @@ class MemoryStore(Store):
         user_ids.discard(session_id)
         if not user_ids:
             del self._ids_by_user[row.record.user_id]
+
+    def _mark_rotated_away(self, session_id: str, row: _Row, digest: str, until: float) -> None:
+        """Remember that ``row``'s session was rotated away from ``digest`` until ``until``:
+        its latest such digest, in place of any earlier one."""
+        self._forget_rotated_away(row)
+        # One session per digest rotated away from (two never share one, but with random
+        # tokens): forgetting either must not find the other's gone.
+        if (before := self._ids_by_rotated_away_digest.get(digest)) is not None:
+            self._rows[before].rotated_away_from = None
+        row.rotated_away_from, row.rotated_away_until = digest, until
+        self._ids_by_rotated_away_digest[digest] = session_id
 
     def _forget_rotated_away(self, row: _Row) -> None:
         if row.rotated_away_from is not None:

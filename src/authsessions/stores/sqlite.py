@@ -122,6 +122,17 @@ _SELECT_FOR_UPDATE = (
     f"SELECT data, last_active_at, expires_at, token_digest FROM {TABLE}"
     " WHERE id = ? AND expires_at > ?"
 )
+# A login's read of the user's other sessions, newest first: whether each is live.
+_SELECT_USERS_OTHERS = (
+    f"SELECT rowid, expires_at > ? FROM {TABLE} WHERE user_id = ? AND id != ?"
+    " ORDER BY last_active_at DESC, created_at DESC"
+)
+# A session to delete: only the owner's, and only while it holds the digest, where either
+# is given.
+_SELECT_TO_DELETE = (
+    f"SELECT expires_at FROM {TABLE} WHERE id = ?"
+    " AND (? IS NULL OR user_id = ?) AND (? IS NULL OR token_digest = ?)"
+)
 # Over the partial index on rotated_away_from: "= ?" is never true of a NULL.
 _SELECT_ROTATED_AWAY = (
     f"SELECT 1 FROM {TABLE} WHERE rotated_away_from = ? AND rotated_away_until > ?"
@@ -573,10 +584,7 @@ class SQLiteStore(Store):
                 kept = 0
                 evicted = []
                 for rowid, live in db.execute(
-                    f"""SELECT rowid, expires_at > ? FROM {TABLE}
-                        WHERE user_id = ? AND id != ?
-                        ORDER BY last_active_at DESC, created_at DESC""",
-                    (now, record.user_id, record.id),
+                    _SELECT_USERS_OTHERS, (now, record.user_id, record.id)
                 ):
                     if live and kept < max_sessions - 1:
                         kept += 1
@@ -721,16 +729,11 @@ class SQLiteStore(Store):
         token_digest: str | None = None,
     ) -> bool:
         now = _checks.delete_args(session_id, user_id, token_digest, now)
-        # Only the owner, and only while it holds the digest, where either is given.
-        select = (
-            f"SELECT expires_at FROM {TABLE} WHERE id = ?"
-            " AND (? IS NULL OR user_id = ?) AND (? IS NULL OR token_digest = ?)"
-        )
 
         def delete(db: sqlite3.Connection) -> bool:
             with transaction(db):
                 found = db.execute(
-                    select, (session_id, user_id, user_id, token_digest, token_digest)
+                    _SELECT_TO_DELETE, (session_id, user_id, user_id, token_digest, token_digest)
                 ).fetchone()
                 if found is None:
                     return False
