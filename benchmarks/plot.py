@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.scale import lookup_series
+
 COLOURS = {"memory": "#4c72b0", "sqlite": "#55a868", "postgres": "#c44e52", "redis": "#8172b2"}
 
 
@@ -16,16 +18,26 @@ def lookup_plot(scale_results: dict[str, Any], path: Path, *, subtitle: str) -> 
 
     figure, axes = plt.subplots(figsize=(9, 5), dpi=120)
     all_sizes: set[int] = set()
-    for kind, result in scale_results.items():
-        lookups = {int(size): cell for size, cell in result["lookups"].items()}  # JSON: str keys
+    for label, series in lookup_series(scale_results).items():
+        lookups = {int(size): cell for size, cell in series.items()}  # JSON: str keys
         sizes = sorted(lookups)
         if not sizes:
             continue
         all_sizes.update(sizes)
         cells = [lookups[size] for size in sizes]
-        colour = COLOURS.get(kind)
+        colour = COLOURS.get(label.partition(",")[0])
+        if label not in scale_results:  # a store's lookups with its row cache emptied
+            axes.plot(
+                sizes,
+                [c["p50_us"] for c in cells],
+                marker="s",
+                linestyle=":",
+                color=colour,
+                label=f"{label} p50",
+            )
+            continue
         axes.plot(
-            sizes, [c["p50_us"] for c in cells], marker="o", color=colour, label=f"{kind} p50"
+            sizes, [c["p50_us"] for c in cells], marker="o", color=colour, label=f"{label} p50"
         )
         axes.plot(
             sizes,
@@ -34,7 +46,7 @@ def lookup_plot(scale_results: dict[str, Any], path: Path, *, subtitle: str) -> 
             linestyle="--",
             color=colour,
             alpha=0.6,
-            label=f"{kind} p99",
+            label=f"{label} p99",
         )
     axes.set_xscale("log")
     axes.set_yscale("log")

@@ -27,6 +27,7 @@ import random
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from authsessions import SessionManager
@@ -309,7 +310,7 @@ store (see :func:`measure_lookups`)."""
 
 
 async def measure_lookups(
-    inserter: BulkInserter, beside: BulkInserter, count: int
+    inserter: BulkInserter, beside: BulkInserter, count: int, *, uncached: bool = False
 ) -> dict[str, float]:
     """p50 and p99 of ``count`` lookups of random stored sessions, and their cost against a
     store of few sessions (``beside``) looked up in the same minutes.
@@ -318,14 +319,17 @@ async def measure_lookups(
     of each pair of batches' medians: on a guest whose speed moves, sizes measured minutes
     apart (the millionth session is stored minutes after the thousandth) differ by the
     guest's drift as well as by the store's size; the ratio keeps only the size's share.
+
+    ``uncached``: both stores' row caches are emptied before each lookup (untimed), so
+    that every lookup reads the index, as a store too large for its cache mostly does.
     """
     samples: list[float] = []
     ratios: list[float] = []
     batch = max(1, count // LOOKUP_ROUNDS)
     for turn in range(LOOKUP_ROUNDS):
         ours, theirs = (inserter, beside) if turn % 2 else (beside, inserter)
-        first = await _lookup_batch(ours, batch)
-        second = await _lookup_batch(theirs, batch)
+        first = await _lookup_batch(ours, batch, uncached=uncached)
+        second = await _lookup_batch(theirs, batch, uncached=uncached)
         large, small = (first, second) if ours is inserter else (second, first)
         samples += large
         ratios.append(median(large) / median(small))
@@ -336,18 +340,23 @@ async def measure_lookups(
     }
 
 
-async def _lookup_batch(inserter: BulkInserter, count: int) -> list[float]:
+async def _lookup_batch(
+    inserter: BulkInserter, count: int, *, uncached: bool = False
+) -> list[float]:
     """Durations in µs of ``count`` lookups of random sessions ``inserter`` stored."""
     store = inserter.handle.store
     digests = [
         synthetic_digest(inserter.choose.randrange(inserter.count), inserter.salt)
         for _ in range(count)
     ]
+    empty_cache = row_cache_emptier(store) if uncached else None
     gc.collect()
     samples = []
     clock = time.perf_counter_ns
     misses = 0
     for digest in digests:
+        if empty_cache is not None:
+            empty_cache()
         start = clock()
         found = await store.get(digest, now=time.time())
         samples.append((clock() - start) / 1000)
@@ -355,6 +364,13 @@ async def _lookup_batch(inserter: BulkInserter, count: int) -> list[float]:
     if misses:
         raise RuntimeError(f"{inserter.handle.kind}: {misses} lookups of stored sessions missed")
     return samples
+
+
+def row_cache_emptier(store: Store) -> Callable[[], None] | None:
+    """What empties ``store``'s cache of the rows it read, for a store that keeps one
+    (SQLiteStore's, which is private: no API offers to empty it)."""
+    cache = getattr(store, "_cache", None)
+    return None if cache is None else cache.clear
 
 
 # -- 2. per-user operations ----------------------------------------------------------------------
@@ -543,6 +559,10 @@ async def measure_store(kind: str, settings: Settings) -> dict[str, Any]:
             result["lookups"][reached] = await measure_lookups(
                 inserter, small, settings.scale_lookups
             )
+            if row_cache_emptier(handle.store) is not None:
+                result.setdefault("uncached_lookups", {})[reached] = await measure_lookups(
+                    inserter, small, settings.scale_lookups, uncached=True
+                )
             if reached < size:
                 break
         result["insert_method"] = inserter.method
@@ -567,19 +587,34 @@ async def run(settings: Settings, kinds: list[str]) -> dict[str, Any]:
     return results
 
 
+UNCACHED = "{kind}, row cache emptied"
+"""The label of a store's lookups with its row cache emptied before each one."""
+
+
+def lookup_series(results: dict[str, Any]) -> dict[str, dict[Any, dict[str, float]]]:
+    """Each store's lookups by size, under its name; a store with a row cache also under
+    :data:`UNCACHED`, with its cache emptied before each lookup."""
+    series = {}
+    for kind, result in results.items():
+        series[kind] = result["lookups"]
+        if "uncached_lookups" in result:
+            series[UNCACHED.format(kind=kind)] = result["uncached_lookups"]
+    return series
+
+
 def tables(results: dict[str, Any]) -> str:
     sizes = sorted({size for result in results.values() for size in result["lookups"]})
     lookup_rows = [
-        [kind]
+        [label]
         + [
             (
                 f"{fmt_us(cell['p50_us'])} (p99 {fmt_us(cell['p99_us'])}; {cell['vs_small']:.2f}x)"
-                if (cell := result["lookups"].get(size))
+                if (cell := lookups.get(size))
                 else "-"
             )
             for size in sizes
         ]
-        for kind, result in results.items()
+        for label, lookups in lookup_series(results).items()
     ]
     lookups = markdown_table(["store"] + [f"{size:,} sessions" for size in sizes], lookup_rows)
     counts = sorted({count for result in results.values() for count in result["users"]})
