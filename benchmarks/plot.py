@@ -26,19 +26,17 @@ def lookup_plot(scale_results: dict[str, Any], path: Path, *, subtitle: str) -> 
         all_sizes.update(sizes)
         cells = [lookups[size] for size in sizes]
         colour = COLOURS.get(label.partition(",")[0])
-        if label not in scale_results:  # a store's lookups with its row cache emptied
-            axes.plot(
-                sizes,
-                [c["p50_us"] for c in cells],
-                marker="s",
-                linestyle=":",
-                color=colour,
-                label=f"{label} p50",
-            )
-            continue
+        cached = label in scale_results  # else a store's lookups with its row cache emptied
         axes.plot(
-            sizes, [c["p50_us"] for c in cells], marker="o", color=colour, label=f"{label} p50"
+            sizes,
+            [c["p50_us"] for c in cells],
+            marker="o" if cached else "s",
+            linestyle="-" if cached else ":",
+            color=colour,
+            label=f"{label} p50",
         )
+        if not cached:
+            continue
         axes.plot(
             sizes,
             [c["p99_us"] for c in cells],
