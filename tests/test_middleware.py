@@ -1224,6 +1224,46 @@ async def test_a_failed_touch_alone_lets_the_apps_answer_through(
         assert session_cookie(touched) is not None
 
 
+class DownAfterAnUpdate(MemoryStore):
+    """Applies an update, then fails the next read: a network store whose connection
+    drops between a write's round trip and the next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        updated = await super().update(session_id, changes, now=now)
+        self.down = True
+        return updated
+
+    async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
+        if self.down:
+            raise StoreUnavailable()
+        return await super().get(token_digest, now=now)
+
+
+async def test_a_saved_write_stands_when_the_cookies_recheck_fails(
+    app_factory: AppFactory, client_factory: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a touch due, a write is followed by a read that decides whether to renew the
+    cookie: its failure came after the keys were stored, and was answered as a 503."""
+    store = DownAfterAnUpdate()
+    token, record = await plant_session(store, "alice", idle_for=600)
+    client = client_factory(app_factory(store))
+
+    response = await client.post("/set", json={"cart": [1, 2]}, headers=cookie_header(token))
+
+    assert response.status_code == 200
+    assert session_cookie(response) is None  # not renewed: the next touch does
+    assert f"session {record.id}: the store failed after its write" in caplog.text
+    store.down = False
+    stored = await store.get(record.token_digest, now=time.time())
+    assert stored is not None
+    assert stored.data == {"cart": [1, 2]}
+    assert stored.last_active_at > record.last_active_at
+
+
 async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
     tmp_path: Path, client_factory: ClientFactory
 ) -> None:
@@ -1610,6 +1650,86 @@ async def test_a_request_cancelled_while_the_response_start_writes_leaves_no_new
     assert session_cookie(response) is None
     left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
+
+
+@pytest.mark.parametrize("operation", ["authenticate", "rotate"])
+async def test_a_request_cancelled_while_the_store_takes_its_new_token_leaves_no_session(
+    sqlite_store: SQLiteStore,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    operation: str,
+) -> None:
+    """Cancelled while the login's create or the rotation's update waits for the write
+    lock: the writer thread still makes it once the lock is free, and no response carries
+    its token. The session stayed, holding one of the user's places, until it expired."""
+    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+
+    async def act(request: Request) -> Response:
+        session = Session.from_request(request)
+        other_process.execute("BEGIN IMMEDIATE")  # its write lock: the store's write waits
+        await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
+        return Response("never sent")
+
+    config = SessionConfig(max_sessions_per_user=2)
+    app = app_factory(sqlite_store, config, extra_routes=[Route("/act", act)])
+
+    async def release_the_lock_later() -> None:
+        await asyncio.sleep(0.6)
+        other_process.execute("ROLLBACK")
+
+    _, first = await plant_session(sqlite_store, "alice")
+    token, second = await plant_session(sqlite_store, "alice")
+    client = client_factory(answering_504_after(app, seconds=0.3))
+    headers = cookie_header(token) if operation == "rotate" else {}
+    release = asyncio.create_task(release_the_lock_later())
+    try:
+        response = await client.get("/act", headers=headers)
+    finally:
+        await release
+        other_process.close()
+
+    assert response.status_code == 504
+    assert session_cookie(response) is None
+    # Queued on the writer thread behind the cancelled request's write, which it awaits.
+    await sqlite_store.delete_expired(now=time.time())
+    left = {s.id for s in await SessionManager(sqlite_store).list_for_user("alice")}
+    # The login took place, its eviction with it (as for a login whose app then fails),
+    # and the rotation; neither's session stays, since no one holds its token.
+    assert left == ({second.id} if operation == "authenticate" else {first.id})
+
+
+async def test_a_request_cancelled_while_a_session_errors_answer_writes_leaves_no_session(
+    sqlite_store: SQLiteStore, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """A SessionError after a login is answered by the middleware, whose response start
+    writes the keys set since: cancelled there, the new token was never sent."""
+    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+
+    async def login_then_not_found(request: Request) -> Response:
+        session = Session.from_request(request)
+        await session.authenticate("alice")
+        session.set("theme", "dark")
+        other_process.execute("BEGIN IMMEDIATE")  # the response start's write waits
+        raise SessionNotFound()
+
+    app = app_factory(sqlite_store, extra_routes=[Route("/act", login_then_not_found)])
+
+    async def release_the_lock_later() -> None:
+        await asyncio.sleep(0.6)
+        other_process.execute("ROLLBACK")
+
+    client = client_factory(answering_504_after(app, seconds=0.3))
+    release = asyncio.create_task(release_the_lock_later())
+    try:
+        response = await client.get("/act")
+    finally:
+        await release
+        other_process.close()
+
+    assert response.status_code == 504
+    assert session_cookie(response) is None
+    await sqlite_store.delete_expired(now=time.time())  # behind the request's writes
+    assert await SessionManager(sqlite_store).list_for_user("alice") == []
 
 
 class HoldingNewTokens(MemoryStore):

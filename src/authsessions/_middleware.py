@@ -122,16 +122,17 @@ class SessionMiddleware:
                     return  # answered with its status already, in a mounted app's place
                 raise
             start, body = _error_response(exc)
-            await session_send(start)
-            await session_send(body)
+            try:
+                await session_send(start)  # writes what the session owes, as for the app's
+                await session_send(body)
+            except (Exception, asyncio.CancelledError):
+                await _end_if_unsent(session, session_send)
+                raise
         except (Exception, asyncio.CancelledError):
-            if not session_send.response_started:
-                # An error page built outside this middleware will carry no cookie, and a
-                # cancelled request (a timeout, a client gone) sends none at all.
-                await session.end_unsent_token()
+            await _end_if_unsent(session, session_send)
             raise
         else:
-            if not session_send.response_started:
+            if not session_send.response_started:  # inline: every request comes here
                 # An app that answered nothing: the server's own 500 carries no cookie.
                 await session.end_unsent_token()
 
@@ -429,6 +430,14 @@ async def open_at_startup(store: Store) -> None:
             "requests will retry and get 503 until it opens",
             exc,
         )
+
+
+async def _end_if_unsent(session: Session, session_send: _SessionSend) -> None:
+    """When no response started: end the session of a new token that none will carry. An
+    error page built outside the middleware carries no cookie, and a cancelled request (a
+    timeout, a client gone) sends none at all."""
+    if not session_send.response_started:
+        await session.end_unsent_token()
 
 
 async def _nothing() -> None:

@@ -335,6 +335,9 @@ class Session:
                     )
                 except CreateError:  # 2**-128 odds, but never overwrite someone's session
                     continue
+                except asyncio.CancelledError:
+                    await self._end_if_stored_anyway(record)
+                    raise
                 self._record = record
                 self._data = initial
                 self._changes = None  # nothing of an earlier session's goes into this one
@@ -396,6 +399,8 @@ class Session:
                 self._unwrite(record, written)
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
+                if isinstance(exc, asyncio.CancelledError):
+                    await self._end_if_stored_anyway(replace(record, token_digest=digest))
                 raise
             break
         else:
@@ -573,12 +578,20 @@ class Session:
             # Re-send the cookie so the browser's expiry follows the store's, unless a
             # concurrent rotate() replaced this token: the browser's new cookie must not
             # be overwritten by a dead one. One extra read, once per touch_interval.
-            if (
-                touch_due
-                and self._cookie_change == "keep"
-                and await self._store.get(record.token_digest, now=now) is not None
-            ):
-                self._cookie_change = "set"
+            if touch_due and self._cookie_change == "keep":
+                try:
+                    still_named = await self._store.get(record.token_digest, now=now)
+                except StoreUnavailable:
+                    # The write is done: a 503 would deny it. The cookie's expiry catches
+                    # up at the next touch.
+                    logger.warning(
+                        "session %s: the store failed after its write, before its cookie "
+                        "could be renewed; the app's answer stands",
+                        record.id,
+                    )
+                    return
+                if still_named is not None:
+                    self._cookie_change = "set"
         except StoreUnavailable:
             if changes.changes_data:
                 raise
@@ -741,6 +754,20 @@ class Session:
         finally:
             if self._record is record:
                 self._spare()
+
+    async def _end_if_stored_anyway(self, record: SessionRecord) -> None:
+        """Cancelled while the store took ``record``'s new token (a login's session, a
+        rotation's): the store may take it all the same (a thread's work goes on, a server
+        may have committed), and no response will carry the token. End the session while
+        it holds that token; a rotation that did not happen leaves the old one be.
+        """
+        try:
+            # Shielded: the cancellation may be delivered again here.
+            await asyncio.shield(self._end_if_still_named(record))
+        except StoreUnavailable:
+            logger.warning(
+                "session %s, whose new token was never sent, is left to expire", record.id
+            )
 
     async def _end_if_still_named(self, record: SessionRecord) -> bool:
         """Delete ``record``'s session from the store while its token still names it, in
