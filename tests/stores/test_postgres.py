@@ -1432,6 +1432,10 @@ async def test_a_tls_setting_the_host_cannot_meet_is_named_not_called_malformed(
             "sslmode=require&sslcert={missing}/c.crt&sslkey={missing}/c%20key",
             "sslcert={missing}/c.crt, sslkey={missing}/c key",
         ),
+        (  # an "@" in the query (as in an Azure user name) hid the file's option
+            "sslmode=verify-full&sslrootcert={missing}/root.crt&application_name=ops@laptop",
+            "sslrootcert={missing}/root.crt",
+        ),
     ],
 )
 async def test_a_tls_file_the_url_names_and_that_is_missing_is_named_at_open(

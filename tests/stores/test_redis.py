@@ -1114,7 +1114,10 @@ async def test_a_tls_file_the_url_names_and_that_is_missing_is_named_at_open(
     No such file or directory": taken for an outage, every request was a 503."""
     missing = tmp_path / "nowhere"
     where = redis_url.partition("://")[2].partition("/")[0]
-    url = f"{scheme}://app:s3cret-pw@{where}/0?ssl_certfile={missing}/c.pem&ssl_keyfile={missing}/k%20ey"
+    url = (
+        f"{scheme}://app:s3cret-pw@{where}/0?ssl_certfile={missing}/c.pem"
+        f"&ssl_keyfile={missing}/k%20ey&client_name=ops@laptop"  # an "@" hid the options
+    )
     store = RedisStore(url)
 
     with pytest.raises(ValueError, match="cannot be used") as raised:

@@ -204,7 +204,14 @@ async def opened_and_closed(store: Store) -> None:
         ("postgresql://app:p@ss@db/app", "postgresql://app:***@db/app"),
         ("postgresql:///app?host=/tmp&password=pw", "postgresql:///app?host=/tmp&password=***"),
         ("postgresql://app@db/app", "postgresql://app@db/app"),
-        ("redis://cache/0?password=pw#frag", "redis://cache/0?password=***#frag"),
+        # An unescaped "#" or "&" in a password option's value: what follows is hidden
+        # up to the next option.
+        ("redis://cache/0?password=pw#frag", "redis://cache/0?password=***"),
+        ("postgresql://db/app?password=Tr0ub4dor&3horse", "postgresql://db/app?password=***"),
+        (
+            "rediss://c:6379/0?ssl_ca_certs=/ca.pem&password=Tr0ub#3horse&db=1",
+            "rediss://c:6379/0?ssl_ca_certs=/ca.pem&password=***&db=1",
+        ),
     ],
 )
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:

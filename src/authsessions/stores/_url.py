@@ -6,7 +6,7 @@ import os
 import re
 import traceback
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, unquote_plus
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -220,14 +220,17 @@ def unusable_tls_files(
 
 
 def query_values(url: str) -> dict[str, str]:
-    """The decoded values of the options in ``url``'s query (see :func:`_split_query`)."""
-    _, _, rest = url.partition("://")
-    query = _split_query(rest)[1]
-    return dict(parse_qsl(query)) if query else {}
+    """The decoded values of the options in ``url``'s query, split as the drivers split it
+    (``urllib.parse``), to name the files they read: not :func:`_split_query`, whose query
+    starts after the last "@", and so found none in ``?user=admin@server&sslrootcert=…``.
+    """
+    return dict(parse_qsl(urlsplit(url).query))
 
 
-# An option after a "?" or "&": its name, and its value up to the next "&" or "#".
-QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=[^&#]*")
+# An option after a "?" or "&": its name, and its value up to the next "&" that starts
+# another option (a "name=" follows it). A password's value may hold an unescaped "&" or
+# "#": what follows it up to there is taken for the value (more is hidden, never less).
+QUERY_OPTION = re.compile(r"(?<=[?&])(?P<name>[^?&#=]*)=(?:[^&]|&(?![^?&#=]*=))*")
 # A libpq key=value connection string's password: a word (where a backslash escapes the
 # next character, a space too), or a quoted string.
 _CONNINFO_PASSWORD = re.compile(
