@@ -2392,6 +2392,57 @@ async def test_a_transaction_left_open_by_a_failed_rollback_does_not_outlive_the
     assert store._loop_db is not stuck
 
 
+async def test_a_transaction_a_failed_rollback_left_open_on_the_writer_thread_ends_with_it(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """The writer thread's connection, left inside its transaction, held the file's write
+    lock: every later write of the store failed ("cannot start a transaction within a
+    transaction"), and every other process's ("database is locked"), until a restart."""
+    t0 = start_time()
+    store = impatient_store
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    stuck = cast(sqlite3.Connection, RollbackFails(store._writer._db))
+    store._writer._db = stuck
+
+    with loop_db_replaced(store, BusyForWrites(store._loop_db)):  # writes go to the thread
+        too_big = make_update(now=t0 + 1, set_keys={"a": "x" * 200}, max_data_bytes=100)
+        with pytest.raises(StoreUnavailable):
+            await store.update(record.id, too_big, now=t0 + 1)
+
+        write_as_another_program(db_path, record.id)
+        assert await store.update(record.id, make_update(now=t0 + 2, set_keys={"b": 3}), now=t0 + 2)
+
+    got = await store.get(record.token_digest, now=t0 + 2)
+    assert got is not None
+    assert got.data == {"dirty": True, "b": 3}
+    assert store._writer._db is not stuck
+
+
+@linux_only
+async def test_a_checkpoints_finish_whose_write_left_its_transaction_open_lets_go_of_the_lock(
+    impatient_store: SQLiteStore, db_path: Path
+) -> None:
+    """The same, for a write that runs on the writer thread after a checkpoint's finish."""
+    t0, record = await one_session(impatient_store)
+    await copy_held_back_by_a_reader(impatient_store, record.id)
+    assert impatient_store._writer.finish_due()
+    stuck = cast(sqlite3.Connection, RollbackFails(impatient_store._writer._db))
+    impatient_store._writer._db = stuck
+
+    too_big = make_update(now=t0 + 1, set_keys={"a": "x" * 200}, max_data_bytes=100)
+    with pytest.raises(StoreUnavailable):
+        await impatient_store.update(record.id, too_big, now=t0 + 1)
+
+    write_as_another_program(db_path, record.id)
+    changes = make_update(now=t0 + 2, set_keys={"b": 3})
+    assert await impatient_store.update(record.id, changes, now=t0 + 2)
+    got = await impatient_store.get(record.token_digest, now=t0 + 2)
+    assert got is not None
+    assert got.data["dirty"] is True
+    assert impatient_store._writer._db is not stuck
+
+
 async def test_a_connection_that_could_not_be_replaced_is_opened_again_by_the_next_call(
     impatient_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

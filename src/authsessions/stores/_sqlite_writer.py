@@ -128,7 +128,16 @@ class WriterThread:
         queued behind it lets go of it at once.
         """
         db = self._connection()
-        return await self._on_thread(lambda: work(self._fresh(db)))
+
+        def on_thread() -> T:
+            connection = self._fresh(db)
+            try:
+                return work(connection)
+            except BaseException:
+                self._released_if_stuck(connection)
+                raise
+
+        return await self._on_thread(on_thread)
 
     async def reconnect(self) -> None:
         """Close the thread's connection, then open it anew, once the work in hand is done
@@ -158,6 +167,21 @@ class WriterThread:
         if self._db is db:
             self._reopen_in_place_of(db)
         return self._db if self._db is not None else db  # None: the store is closing
+
+    def _released_if_stuck(self, db: sqlite3.Connection) -> None:
+        """On the thread, after work on ``db`` failed or suppressed a failure: a ROLLBACK
+        that failed too (a disk error) leaves its transaction open, and the write lock held
+        against every process until this one ends. Closing the connection lets go of it;
+        the next work gets one opened anew (see :meth:`_fresh`).
+        """
+        if not db.in_transaction:
+            return
+        self._replaced = db
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+        if self._db is db:
+            with contextlib.suppress(sqlite3.Error):  # else the next work tries again
+                self._reopen_in_place_of(db)
 
     def _reopen_in_place_of(self, closed: sqlite3.Connection) -> None:
         """On the thread: the connection opened anew, in place of ``closed``; closed again
@@ -311,13 +335,17 @@ class WriterThread:
             try:
                 return checkpoint_then(connection, work)
             finally:
-                # Whatever the write did (it may have failed, or changed nothing), the WAL
-                # starts over here: left to the next commit, that could be the event loop's
-                # (where the WAL-index header is not read, nothing would refuse it there).
-                start_wal_over(connection, wait_ms=RESTART_WAIT_MS)
-                # Here, not once the loop resumes: work queued behind this on the thread
-                # may have added pages by then.
-                ended_at.append(schedule.position())
+                try:
+                    # Whatever the write did (it may have failed, or changed nothing), the
+                    # WAL starts over here: left to the next commit, that could be the
+                    # event loop's (where the WAL-index header is not read, nothing would
+                    # refuse it there).
+                    start_wal_over(connection, wait_ms=RESTART_WAIT_MS)
+                    # Here, not once the loop resumes: work queued behind this on the
+                    # thread may have added pages by then.
+                    ended_at.append(schedule.position())
+                finally:
+                    self._released_if_stuck(connection)  # start_wal_over suppresses errors
 
         def finished() -> None:
             if self._finishing is job:
