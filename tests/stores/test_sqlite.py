@@ -210,6 +210,31 @@ async def test_writes_that_meet_a_held_lock_each_fail_within_the_timeout(db_path
     assert waited < 2.0  # one timeout and some slack, where eight in turn took 4 s
 
 
+@linux_only
+async def test_a_write_queued_behind_a_checkpoints_finish_fails_within_the_timeout(
+    db_path: Path,
+) -> None:
+    """It waited for the finish (whose own write waited for the lock), then its whole
+    timeout again on the writer thread: about twice the timeout, 10 s by default."""
+    async with SQLiteStore(db_path, timeout=0.5) as store:
+        t0, record = await one_session(store)
+        await copy_held_back_by_a_reader(store, record.id)
+        assert store._writer.finish_due()
+
+        async def write_after(delay: float) -> float:
+            await asyncio.sleep(delay)
+            asked = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.update(record.id, data_write(1), now=t0)
+            return time.monotonic() - asked
+
+        with write_lock(db_path):
+            finishing, queued = await asyncio.gather(write_after(0), write_after(0.05))
+
+    assert finishing < 0.5 + 0.25
+    assert queued < 0.5 + 0.25  # where it took 0.95 s
+
+
 def run_in_a_process_of_its_own(script: str, db_path: Path) -> subprocess.CompletedProcess[str]:
     """``script`` run by a Python of its own (forks, at-fork hooks), given ``db_path``."""
     return subprocess.run(
@@ -2056,9 +2081,11 @@ async def test_a_write_refused_on_the_loop_reads_the_row_on_the_writer_thread(
 
         on_thread = store._writer.write
 
-        async def after_a_commit_elsewhere(work: Callable[[sqlite3.Connection], Any]) -> Any:
+        async def after_a_commit_elsewhere(
+            work: Callable[[sqlite3.Connection], Any], *, asked_at: float | None = None
+        ) -> Any:
             write_as_another_program(db_path, written.id)
-            return await on_thread(work)
+            return await on_thread(work, asked_at=asked_at)
 
         loop_db.refuse_write = refuse_after_reading_the_version
         store._writer.write = after_a_commit_elsewhere  # type: ignore[method-assign]

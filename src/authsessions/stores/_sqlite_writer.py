@@ -192,10 +192,13 @@ class WriterThread:
         else:
             reopened.close()
 
-    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(
+        self, work: Callable[[sqlite3.Connection], T], *, asked_at: float | None = None
+    ) -> T:
         """Run ``work`` (a request's write) on the thread, after the checkpoint's finish when
-        it is due."""
-        work = self._within_timeout(work)
+        it is due; its lock timeout counted from ``asked_at`` (``time.monotonic()``), or
+        from now."""
+        work = self._within_timeout(work, asked_at)
         finish_due = self.finish_due()
         self.copy_if_due()
         if finish_due:
@@ -232,15 +235,15 @@ class WriterThread:
         return result
 
     def _within_timeout(
-        self, work: Callable[[sqlite3.Connection], T]
+        self, work: Callable[[sqlite3.Connection], T], asked_at: float | None = None
     ) -> Callable[[sqlite3.Connection], T]:
-        """``work``, waiting for a lock only what is left of the timeout from now when the
-        thread gets to it: queued behind others that each waited theirs, the last of many
-        writes meeting a held lock failed after all of their timeouts (and a close at
-        shutdown waited as long).
+        """``work``, waiting for a lock only what is left of the timeout from ``asked_at``
+        (else from now) when the thread gets to it: queued behind others that each waited
+        theirs, the last of many writes meeting a held lock failed after all of their
+        timeouts (and a close at shutdown waited as long).
         """
         timeout_ms = round(self._timeout * 1000)
-        deadline = time.monotonic() + self._timeout
+        deadline = (time.monotonic() if asked_at is None else asked_at) + self._timeout
 
         def within_timeout(db: sqlite3.Connection) -> T:
             left_ms = round((deadline - time.monotonic()) * 1000)

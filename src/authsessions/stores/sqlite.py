@@ -795,10 +795,13 @@ class SQLiteStore(Store):
         the cache keeps the others.
         """
         writer = self._writer
+        asked_at = None
         if writer.finishing:
             # Queue behind the checkpoint's finish here, to run on the loop once it is done:
             # handed to the thread, each write would wait for the GIL both ways, from a loop
-            # kept busy by the others (under 16 request streams, 18% of logins did).
+            # kept busy by the others (under 16 request streams, 18% of logins did). The
+            # wait counts towards the timeout, which the finish's own write may fill.
+            asked_at = time.monotonic()
             await writer.wait_for_finish()
         db = self._connection(self._loop_db)
         # While the checkpoint's finish is due, writes go to the thread, the first to run
@@ -832,7 +835,9 @@ class SQLiteStore(Store):
                 writer.copy_if_due()
                 return result
         # The thread's commit changes the version the next get reads, which empties the cache.
-        return await self._on_writer(writer.write, work)
+        if asked_at is None:
+            return await self._on_writer(writer.write, work)
+        return await self._on_writer(functools.partial(writer.write, asked_at=asked_at), work)
 
     async def _on_writer(
         self,
