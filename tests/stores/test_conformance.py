@@ -1085,6 +1085,32 @@ async def test_was_rotated_away_refuses_a_digest_or_now_that_is_not_one(
         await store.was_rotated_away(digest, now=now)
 
 
+async def test_an_update_guarded_by_another_sessions_digest_is_refused(store: Store) -> None:
+    """Naming the digest the session holds as the new one looked, on a single Redis
+    server, like a retry of a rotation that ran already: the update went through, and
+    the other session's digest no longer found it."""
+    t0 = start_time()
+    alice = make_record(now=t0, user_id="alice", data={"a": 1})
+    bob = make_record(now=t0, user_id="bob", data={"b": 1})
+    await store.create(alice, max_sessions=10, now=t0)
+    await store.create(bob, max_sessions=10, now=t0)
+
+    update = make_update(
+        now=t0 + 1,
+        token_digest=alice.token_digest,
+        set_keys={"c": 1},
+        expected_token_digest=bob.token_digest,
+    )
+    assert not await store.update(alice.id, update, now=t0 + 1)
+
+    got_alice = await store.get(alice.token_digest, now=t0 + 1)
+    got_bob = await store.get(bob.token_digest, now=t0 + 1)
+    assert got_alice is not None
+    assert got_alice.data == {"a": 1}
+    assert got_bob is not None
+    assert got_bob.id == bob.id
+
+
 async def test_an_update_naming_the_digest_the_session_holds_is_no_rotation(store: Store) -> None:
     """``CreateError`` is for a digest another session holds; a session's own is no clash."""
     t0 = start_time()

@@ -139,8 +139,13 @@ if not f[1] or tonumber(f[1]) <= tonumber(ARGV[1]) then return false end
 local had = f[2]
 if ARGV[10] ~= '' and had ~= ARGV[10] then
   -- Holding the new digest, this rotation ran already: a client's retry after its reply
-  -- was lost, which runs again as the first did, from the digest rotated away.
+  -- was lost, which runs again as the first did, from the digest rotated away. Not while
+  -- that digest still names a session (the first run let go of it): this one never held it.
   if had ~= ARGV[6] then return false end
+  if ARGV[7] ~= '{' then
+    local _, expected_key = pointer_keys(ARGV[7], ARGV[3], ARGV[10])
+    if redis.call('EXISTS', expected_key) == 1 then return false end
+  end
   had = ARGV[10]
 end
 if ARGV[6] ~= '' and ARGV[7] ~= '{' then
