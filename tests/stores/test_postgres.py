@@ -1558,6 +1558,29 @@ async def test_a_cleanup_skips_the_sessions_another_cleanup_holds(
         assert await store.delete_expired(now=t0 + 20) == 1
 
 
+async def test_a_cleanup_batch_on_stale_statistics_deletes_at_most_its_limit(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Statistics taken of the emptied table (one page, no rows) led the planner to run
+    the batch's LIMIT subquery again for each row, each time taking the next expired rows
+    (those deleted so far skipped as locked): one batch of 5 deleted all 30."""
+    t0 = start_time()
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        first = make_record(now=t0, user_id="first", ttl=60)
+        await store.create(first, max_sessions=5, now=t0)
+        await store.delete(first.id, now=t0)
+        await admin.execute(f'ANALYZE "{postgres_schema}".authsessions_session')
+        for i in range(30):
+            record = make_record(now=t0, user_id=f"user{i}", ttl=60)
+            await store.create(record, max_sessions=5, now=t0)
+
+        assert await store.delete_expired(now=t0 + 3600, limit=5) == 5
+        left = await admin.fetchval(
+            f'SELECT count(*) FROM "{postgres_schema}".authsessions_session'  # noqa: S608
+        )
+        assert left == 25
+
+
 # -- without the driver -----------------------------------------------------------------------
 
 

@@ -187,8 +187,12 @@ class Sql:
             delete_for_user=f"WITH gone AS (DELETE FROM {t} WHERE user_id = $1"
             " AND id IS DISTINCT FROM $3 RETURNING expires_at)"
             " SELECT count(*) FROM gone WHERE expires_at > $2",
-            delete_expired=f"WITH gone AS (DELETE FROM {t} WHERE id IN (SELECT id FROM {t}"
-            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            # The batch chosen once (MATERIALIZED): as an IN subquery, a plan that ran it
+            # again for each row (a semi join, on stale statistics) took the next rows
+            # each time, past $2, the rows deleted so far being skipped as locked.
+            delete_expired=f"WITH doomed AS MATERIALIZED (SELECT id FROM {t}"
+            " WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED),"
+            f" gone AS (DELETE FROM {t} AS s USING doomed WHERE s.id = doomed.id RETURNING 1)"
             " SELECT count(*) FROM gone",
             # One statement, so one snapshot; the expired count is an expires_at index range.
             stats=f"SELECT e.n, u.n, d.types, d.counts"
