@@ -1217,6 +1217,39 @@ async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
             apps_pool.terminate()
 
 
+@pytest.mark.parametrize("call", ["get", "update"])
+async def test_a_call_cancelled_while_the_server_is_silent_ends_cancelled(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy, call: str
+) -> None:
+    """The connection's release, after the cancellation, times out on a silent server:
+    its TimeoutError replaced the cancellation, and a cancelled request (a timeout around
+    it, a task group, a shutdown) ended as a store outage instead."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    user = urlsplit(postgres_url).username or "postgres"
+    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    store = PostgresStore(dsn, schema=postgres_schema, command_timeout=5.0, acquire_timeout=1.0)
+    try:
+        async with store:
+            await store.create(record, max_sessions=10, now=t0)
+            proxy.stall()
+            if call == "get":
+                task = asyncio.ensure_future(store.get(record.token_digest, now=t0))
+            else:
+                changes = make_update(now=t0, set_keys={"a": 1})
+                task = asyncio.ensure_future(store.update(record.id, changes, now=t0))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+
+            ended_as = "cancelled" if task.cancelled() else repr(task.exception())
+            assert ended_as == "cancelled"
+            proxy.unstall()
+            assert await store.get(record.token_digest, now=t0) is not None
+    finally:
+        proxy.unstall()
+
+
 async def test_dropped_connections_give_store_unavailable_then_the_store_recovers(
     postgres_url: str, postgres_schema: str, proxy: TcpProxy
 ) -> None:

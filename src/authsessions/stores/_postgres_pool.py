@@ -76,7 +76,19 @@ class PooledConnections:
         await self.give_back(connection)
 
     async def drop(self, connection: Connection, error: BaseException) -> None:
-        """Take back ``connection`` after a call that raised ``error`` (or was cancelled)."""
+        """Take back ``connection`` after a call that raised ``error`` (or was cancelled).
+
+        After a cancellation, a failure to take it back (the pool's release timing out
+        on a silent server, having terminated the connection) is not raised: it would
+        replace the cancellation, which the caller must see as such.
+        """
+        if isinstance(error, Exception):
+            await self._take_back(connection, error)
+            return
+        with contextlib.suppress(Exception):
+            await self._take_back(connection, error)
+
+    async def _take_back(self, connection: Connection, error: BaseException) -> None:
         await self.give_back(connection)
 
     async def give_back(self, connection: Connection) -> None:
@@ -177,7 +189,7 @@ class HeldConnections(PooledConnections):
             return idle.popleft()[0]
         return None
 
-    async def drop(self, connection: Connection, error: BaseException) -> None:
+    async def _take_back(self, connection: Connection, error: BaseException) -> None:
         if self._lost(connection, error):
             # Not worth a graceful close, nor trusting the pool's reset (which runs no
             # query here). The pool opens new connections when they are next needed, and
