@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -1233,11 +1233,13 @@ async def test_a_call_cancelled_while_the_server_is_silent_ends_cancelled(
         async with store:
             await store.create(record, max_sessions=10, now=t0)
             proxy.stall()
-            if call == "get":
-                task = asyncio.ensure_future(store.get(record.token_digest, now=t0))
-            else:
-                changes = make_update(now=t0, set_keys={"a": 1})
-                task = asyncio.ensure_future(store.update(record.id, changes, now=t0))
+            changes = make_update(now=t0, set_keys={"a": 1})
+            running: Awaitable[object] = (
+                store.get(record.token_digest, now=t0)
+                if call == "get"
+                else store.update(record.id, changes, now=t0)
+            )
+            task = asyncio.ensure_future(running)
             await asyncio.sleep(0.2)
             task.cancel()
             await asyncio.wait([task], timeout=10)
