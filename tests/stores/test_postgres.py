@@ -1217,6 +1217,50 @@ async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
             apps_pool.terminate()
 
 
+@pytest.mark.parametrize("write", ["login over a session", "update at repeatable read"])
+async def test_a_write_in_a_transaction_on_an_apps_pool_does_not_hang_on_a_silent_server(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy, write: str
+) -> None:
+    """asyncpg's transaction, rolling back after the statement timed out, first waits for
+    the statement's cancellation, bounded only by the pool's own command_timeout: on an
+    app's pool made without one, the call never returned."""
+    t0 = start_time()
+    old = make_record(now=t0)
+    user = urlsplit(postgres_url).username or "postgres"
+    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    settings = {"default_transaction_isolation": "repeatable read"}
+    apps_pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=2, server_settings=settings if "repeatable" in write else None
+    )
+    store = PostgresStore(
+        pool=apps_pool, schema=postgres_schema, command_timeout=0.5, acquire_timeout=1.0
+    )
+    try:
+        async with store:
+            await store.create(old, max_sessions=10, now=t0)
+            proxy.stall()
+            if write == "login over a session":
+                running: Awaitable[object] = store.create(
+                    make_record(now=t0),
+                    max_sessions=10,
+                    now=t0,
+                    replaced=(old.token_digest, t0 + 120),
+                )
+            else:
+                running = store.update(old.id, make_update(now=t0, set_keys={"a": 1}), now=t0)
+
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(running, 10)
+            assert time.monotonic() - started < 5
+
+            proxy.unstall()
+            assert await store.get(old.token_digest, now=t0) is not None
+    finally:
+        proxy.unstall()
+        apps_pool.terminate()
+
+
 @pytest.mark.parametrize("call", ["get", "update"])
 async def test_a_call_cancelled_while_the_server_is_silent_ends_cancelled(
     postgres_url: str, postgres_schema: str, proxy: TcpProxy, call: str

@@ -34,7 +34,7 @@ import contextlib
 import os
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from authsessions._records import (
@@ -524,7 +524,7 @@ class PostgresStore(Store):
                     # statement, one round trip.
                     self._read_committed(conn)
                     if replaced is None
-                    else conn.transaction(isolation="read_committed"),
+                    else self._transaction(conn),
                 ):
                     await conn.execute(
                         sql.create,
@@ -551,8 +551,27 @@ class PostgresStore(Store):
     ) -> contextlib.AbstractAsyncContextManager[object]:
         """A READ COMMITTED transaction where connections default to another level."""
         if self._needs_read_committed:
-            return conn.transaction(isolation="read_committed")
+            return self._transaction(conn)
         return contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+    ) -> AsyncIterator[None]:
+        """A READ COMMITTED transaction, each of its statements bounded by
+        ``command_timeout``, on a connection borrowed with ``_borrow()``.
+
+        Not asyncpg's ``transaction()``: after a statement timed out or was cancelled,
+        its ROLLBACK first waits for the statement's cancellation, bounded only by the
+        pool's own ``command_timeout``, which an app's pool may not have: on a silent
+        server the call never returned. After a failure the connection goes back to the
+        pool instead, whose release (bounded by ``acquire_timeout``) rolls it back, or
+        terminates it.
+        """
+        timeout = self.command_timeout
+        await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", timeout=timeout)
+        yield
+        await conn.execute("COMMIT", timeout=timeout)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
