@@ -1611,6 +1611,32 @@ async def test_a_new_token_of_a_cancelled_request_leaves_no_session_behind(
     assert left == ({first.id, second.id} if operation == "authenticate" else {first.id})
 
 
+class LockTakenMidRequest:
+    """Another process's connection to the file at ``path``: a handler calls :meth:`take`
+    to hold its write lock, so that the store's next write waits; :meth:`get` sends the
+    request (to an app answering 504 at 0.3 s) and lets go of the lock at 0.6 s."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+
+    def take(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    async def get(
+        self, client: httpx.AsyncClient, url: str, headers: dict[str, str]
+    ) -> httpx.Response:
+        async def release_later() -> None:
+            await asyncio.sleep(0.6)
+            self.db.execute("ROLLBACK")
+
+        release = asyncio.create_task(release_later())
+        try:
+            return await client.get(url, headers=headers)
+        finally:
+            await release
+            self.db.close()
+
+
 @pytest.mark.parametrize("operation", ["authenticate", "rotate"])
 async def test_a_request_cancelled_while_the_response_start_writes_leaves_no_new_token(
     sqlite_store: SQLiteStore,
@@ -1620,31 +1646,21 @@ async def test_a_request_cancelled_while_the_response_start_writes_leaves_no_new
 ) -> None:
     """Cancelled while the values set after a login or rotation are written, as the
     response starts: nothing reached the server, so the new token was never sent."""
-    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+    lock = LockTakenMidRequest(sqlite_store.path)
 
     async def then_set(request: Request) -> Response:
         session = Session.from_request(request)
         await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
         session.set("theme", "dark")
-        other_process.execute("BEGIN IMMEDIATE")  # its write lock: the write below waits
+        lock.take()  # the write below waits
         return Response("never sent")
 
     app = app_factory(sqlite_store, extra_routes=[Route("/then-set", then_set)])
-
-    async def release_the_lock_later() -> None:
-        await asyncio.sleep(0.6)
-        other_process.execute("ROLLBACK")
-
     _, first = await plant_session(sqlite_store, "alice")
     token, second = await plant_session(sqlite_store, "alice")
     client = client_factory(answering_504_after(app, seconds=0.3))
     headers = cookie_header(token) if operation == "rotate" else {}
-    release = asyncio.create_task(release_the_lock_later())
-    try:
-        response = await client.get("/then-set", headers=headers)
-    finally:
-        await release
-        other_process.close()
+    response = await lock.get(client, "/then-set", headers)
 
     assert response.status_code == 504
     assert session_cookie(response) is None
@@ -1662,31 +1678,21 @@ async def test_a_request_cancelled_while_the_store_takes_its_new_token_leaves_no
     """Cancelled while the login's create or the rotation's update waits for the write
     lock: the writer thread still makes it once the lock is free, and no response carries
     its token. The session stayed, holding one of the user's places, until it expired."""
-    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+    lock = LockTakenMidRequest(sqlite_store.path)
 
     async def act(request: Request) -> Response:
         session = Session.from_request(request)
-        other_process.execute("BEGIN IMMEDIATE")  # its write lock: the store's write waits
+        lock.take()  # the store's write waits
         await (session.authenticate("alice") if operation == "authenticate" else session.rotate())
         return Response("never sent")
 
     config = SessionConfig(max_sessions_per_user=2)
     app = app_factory(sqlite_store, config, extra_routes=[Route("/act", act)])
-
-    async def release_the_lock_later() -> None:
-        await asyncio.sleep(0.6)
-        other_process.execute("ROLLBACK")
-
     _, first = await plant_session(sqlite_store, "alice")
     token, second = await plant_session(sqlite_store, "alice")
     client = client_factory(answering_504_after(app, seconds=0.3))
     headers = cookie_header(token) if operation == "rotate" else {}
-    release = asyncio.create_task(release_the_lock_later())
-    try:
-        response = await client.get("/act", headers=headers)
-    finally:
-        await release
-        other_process.close()
+    response = await lock.get(client, "/act", headers)
 
     assert response.status_code == 504
     assert session_cookie(response) is None
@@ -1703,28 +1709,18 @@ async def test_a_request_cancelled_while_a_session_errors_answer_writes_leaves_n
 ) -> None:
     """A SessionError after a login is answered by the middleware, whose response start
     writes the keys set since: cancelled there, the new token was never sent."""
-    other_process = sqlite3.connect(sqlite_store.path, isolation_level=None)
+    lock = LockTakenMidRequest(sqlite_store.path)
 
     async def login_then_not_found(request: Request) -> Response:
         session = Session.from_request(request)
         await session.authenticate("alice")
         session.set("theme", "dark")
-        other_process.execute("BEGIN IMMEDIATE")  # the response start's write waits
+        lock.take()  # the response start's write waits
         raise SessionNotFound()
 
     app = app_factory(sqlite_store, extra_routes=[Route("/act", login_then_not_found)])
-
-    async def release_the_lock_later() -> None:
-        await asyncio.sleep(0.6)
-        other_process.execute("ROLLBACK")
-
     client = client_factory(answering_504_after(app, seconds=0.3))
-    release = asyncio.create_task(release_the_lock_later())
-    try:
-        response = await client.get("/act")
-    finally:
-        await release
-        other_process.close()
+    response = await lock.get(client, "/act", {})
 
     assert response.status_code == 504
     assert session_cookie(response) is None

@@ -56,14 +56,18 @@ async def proxy(postgres_url: str) -> AsyncIterator[TcpProxy]:
         yield proxy
 
 
+def dsn_through(proxy: TcpProxy, postgres_url: str, query: str = "") -> str:
+    """``postgres_url``, reaching the server through ``proxy``."""
+    user = urlsplit(postgres_url).username or "postgres"
+    return with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}", query)
+
+
 def impatient_store_through(
     proxy: TcpProxy, postgres_url: str, schema: str, *, max_size: int = 10, query: str = ""
 ) -> PostgresStore:
     """A store reaching the server through ``proxy``, giving up on anything after 1 s."""
-    user = urlsplit(postgres_url).username or "postgres"
-    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}", query)
     return PostgresStore(
-        dsn,
+        dsn_through(proxy, postgres_url, query),
         schema=schema,
         connect_timeout=1.0,
         command_timeout=1.0,
@@ -1193,8 +1197,7 @@ async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
     if pool == "own":
         store = impatient_store_through(proxy, postgres_url, postgres_schema)
     else:
-        user = urlsplit(postgres_url).username or "postgres"
-        dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+        dsn = dsn_through(proxy, postgres_url)
         apps_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         store = PostgresStore(
             pool=apps_pool, schema=postgres_schema, command_timeout=0.5, acquire_timeout=1.0
@@ -1226,8 +1229,7 @@ async def test_a_write_in_a_transaction_on_an_apps_pool_does_not_hang_on_a_silen
     app's pool made without one, the call never returned."""
     t0 = start_time()
     old = make_record(now=t0)
-    user = urlsplit(postgres_url).username or "postgres"
-    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    dsn = dsn_through(proxy, postgres_url)
     settings = {"default_transaction_isolation": "repeatable read"}
     apps_pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=2, server_settings=settings if "repeatable" in write else None
@@ -1270,8 +1272,7 @@ async def test_a_call_cancelled_while_the_server_is_silent_ends_cancelled(
     it, a task group, a shutdown) ended as a store outage instead."""
     t0 = start_time()
     record = make_record(now=t0)
-    user = urlsplit(postgres_url).username or "postgres"
-    dsn = with_netloc(postgres_url, f"{user}@127.0.0.1:{proxy.port}")
+    dsn = dsn_through(proxy, postgres_url)
     store = PostgresStore(dsn, schema=postgres_schema, command_timeout=5.0, acquire_timeout=1.0)
     try:
         async with store:
