@@ -522,9 +522,7 @@ class PostgresStore(Store):
                     # are affordable; at READ COMMITTED whatever the default, as the
                     # function needs (see _read_committed). Every other login stays one
                     # statement, one round trip.
-                    self._read_committed(conn)
-                    if replaced is None
-                    else self._transaction(conn),
+                    self._read_committed(conn) if replaced is None else self._transaction(conn),
                 ):
                     await conn.execute(
                         sql.create,
