@@ -417,6 +417,34 @@ async def test_a_write_that_waited_for_another_servers_commit_goes_through_whate
         assert found.data == {"a": 1, "b": 1}
 
 
+async def test_a_rotation_onto_a_taken_digest_in_a_transaction_leaves_the_connection_clean(
+    postgres_url: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a stricter default every write is a transaction of the store's own: one the
+    server refused (a digest another session holds) is rolled back there, and the
+    connection serves the next call, with no transaction found open by the pool."""
+    separator = "&" if "?" in postgres_url else "?"
+    dsn = f"{postgres_url}{separator}default_transaction_isolation=repeatable%20read"
+    now = start_time()
+    mine, other = make_record(now=now), make_record(now=now, user_id="bob")
+    async with PostgresStore(dsn, schema=postgres_schema, max_size=1) as store:
+        await store.create(mine, max_sessions=5, now=now)
+        await store.create(other, max_sessions=5, now=now)
+        onto_bobs = make_update(
+            now=now, token_digest=other.token_digest, expected_token_digest=mine.token_digest
+        )
+
+        with pytest.raises(CreateError):
+            await store.update(mine.id, onto_bobs, now=now)
+
+        written = make_update(now=now, set_keys={"a": 1})
+        assert await store.update(mine.id, written, now=now)
+        found = await store.get(mine.token_digest, now=now)
+    assert found is not None
+    assert found.data == {"a": 1}
+    assert "active transaction" not in caplog.text
+
+
 @pytest.mark.parametrize("schema_exists", [False, True])
 async def test_an_open_that_waited_for_another_servers_migration_opens_under_repeatable_read(
     postgres_url: str, postgres_schema: str, schema_exists: bool

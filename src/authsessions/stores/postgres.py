@@ -568,7 +568,13 @@ class PostgresStore(Store):
         """
         timeout = self.command_timeout
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", timeout=timeout)
-        yield
+        try:
+            yield
+        except self._asyncpg.PostgresError:
+            # The server refused a statement: nothing is being cancelled, so the rollback
+            # is ours (the pool's would log the transaction it found open as an error).
+            await conn.execute("ROLLBACK", timeout=timeout)
+            raise
         await conn.execute("COMMIT", timeout=timeout)
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
