@@ -336,7 +336,9 @@ class Session:
                 except CreateError:  # 2**-128 odds, but never overwrite someone's session
                     continue
                 except asyncio.CancelledError:
-                    await self._end_if_stored_anyway(record)
+                    # The store may make it all the same (a thread's work goes on, a server
+                    # may have committed), and no response will carry its token.
+                    await self._end_unsent(self._end_if_still_named(record), record.id)
                     raise
                 self._record = record
                 self._data = initial
@@ -400,7 +402,11 @@ class Session:
                 if isinstance(exc, CreateError):
                     continue  # 2**-256 odds, but never take another session's token
                 if isinstance(exc, asyncio.CancelledError):
-                    await self._end_if_stored_anyway(replace(record, token_digest=digest))
+                    # As for a login's: ended while it holds the new token, if it took it.
+                    ending = self._store.delete(
+                        record.id, now=time.time(), user_id=record.user_id, token_digest=digest
+                    )
+                    await self._end_unsent(ending, record.id)
                 raise
             break
         else:
@@ -621,13 +627,7 @@ class Session:
         self._forget()
         # Unset but by a login: a rotation's new token, unsent, leaves no session behind it.
         self._cookie_change = getattr(self, "_cookie_if_unsent", "clear")
-        try:
-            # Shielded: a cancelled request's cancellation may be delivered again here.
-            await asyncio.shield(self._store.delete(record.id, now=time.time()))
-        except StoreUnavailable:
-            logger.warning(
-                "session %s, whose new token was never sent, is left to expire", record.id
-            )
+        await self._end_unsent(self._store.delete(record.id, now=time.time()), record.id)
 
     # -- internals -------------------------------------------------------------
 
@@ -755,18 +755,16 @@ class Session:
             if self._record is record:
                 self._spare()
 
-    async def _end_if_stored_anyway(self, record: SessionRecord) -> None:
-        """Cancelled while the store took ``record``'s new token (a login's session, a
-        rotation's): the store may take it all the same (a thread's work goes on, a server
-        may have committed), and no response will carry the token. End the session while
-        it holds that token; a rotation that did not happen leaves the old one be.
-        """
+    async def _end_unsent(self, ending: Awaitable[bool], session_id: str) -> None:
+        """Await ``ending``, the delete of session ``session_id``, whose new token no
+        response will carry; a store failure is logged, not raised (the request's own
+        failure or cancellation is the one to report)."""
         try:
-            # Shielded: the cancellation may be delivered again here.
-            await asyncio.shield(self._end_if_still_named(record))
+            # Shielded: a cancelled request's cancellation may be delivered again here.
+            await asyncio.shield(ending)
         except StoreUnavailable:
             logger.warning(
-                "session %s, whose new token was never sent, is left to expire", record.id
+                "session %s, whose new token was never sent, is left to expire", session_id
             )
 
     async def _end_if_still_named(self, record: SessionRecord) -> bool:

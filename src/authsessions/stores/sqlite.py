@@ -835,8 +835,6 @@ class SQLiteStore(Store):
                 writer.copy_if_due()
                 return result
         # The thread's commit changes the version the next get reads, which empties the cache.
-        if asked_at is None:
-            return await self._on_writer(writer.write, work)
         return await self._on_writer(functools.partial(writer.write, asked_at=asked_at), work)
 
     async def _on_writer(
