@@ -45,6 +45,7 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._losing: bytes | None = None
+        self._stalling_at: bytes | None = None
 
     async def __aenter__(self) -> Self:
         await self.resume()
@@ -85,8 +86,14 @@ class TcpProxy:
         """Keep connections open but forward nothing: a server that stopped answering."""
         self._flowing.clear()
 
+    def stall_at(self, marker: bytes) -> None:
+        """Forward until a request holds ``marker``, then :meth:`stall`, holding that
+        request back. Once only."""
+        self._stalling_at = marker
+
     def unstall(self) -> None:
         """Forward again, including what was held back while stalled."""
+        self._stalling_at = None
         self._flowing.set()
 
     def lose_reply_to(self, marker: bytes) -> None:
@@ -134,6 +141,9 @@ class TcpProxy:
         to sets ``marks``, and a reply coming once ``unless`` is set ends the connection."""
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if self._stalling_at is not None and self._stalling_at in data:
+                    self._stalling_at = None
+                    self._flowing.clear()
                 await self._flowing.wait()
                 if unless is not None and unless.is_set():
                     return  # the caller resets both sides

@@ -675,6 +675,28 @@ async def test_a_newer_schema_is_refused_with_a_remedy(
     assert await recorded_versions(admin, postgres_schema) == [SCHEMA_VERSION + 1]
 
 
+async def test_a_refused_open_leaves_the_apps_connection_outside_any_transaction(
+    postgres_url: str,
+    postgres_schema: str,
+    admin: asyncpg.Connection[asyncpg.Record],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refusal is raised inside the migration's transaction, which is rolled back
+    there: left to the pool's release, asyncpg logged it as an error."""
+    async with PostgresStore(postgres_url, schema=postgres_schema):
+        pass
+    await as_if_a_newer_release_migrated(admin, postgres_schema, None)
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="newer than this authsessions release knows"):
+            await PostgresStore(pool=pool, schema=postgres_schema).open()
+        async with pool.acquire() as connection:
+            assert not connection.is_in_transaction()
+    finally:
+        await pool.close()
+    assert "active transaction" not in caplog.text
+
+
 async def test_a_newer_schema_marked_usable_by_this_release_is_used_as_it_is(
     postgres_url: str,
     postgres_schema: str,
@@ -897,6 +919,25 @@ async def test_an_apps_pool_gets_its_connection_back_after_every_call(
         await asyncio.wait_for(pool.close(), timeout=5)
 
 
+async def test_a_store_opens_again_on_the_apps_connection_that_migrated_its_table(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The migration read the version table with ``SELECT *``, which asyncpg had
+    prepared on that connection before it added a column: opening the store again there
+    (a restart of the app's sessions, a second store of the same table) failed with
+    "cached plan must not change result type", as unavailable."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        async with PostgresStore(pool=pool, schema=postgres_schema) as store:
+            await store.create(record, max_sessions=10, now=t0)
+        async with PostgresStore(pool=pool, schema=postgres_schema) as store:
+            assert await store.get(record.token_digest, now=t0) == record
+    finally:
+        await pool.close()
+
+
 async def test_an_apps_pool_never_awaited_is_named_not_reported_unavailable(
     postgres_url: str, postgres_schema: str
 ) -> None:
@@ -1006,6 +1047,38 @@ async def test_an_apps_pool_without_a_command_timeout_gets_the_stores(
             assert await store.get(record.token_digest, now=t0) == record
     finally:
         pool.terminate()
+
+
+async def test_a_write_in_a_transaction_that_timed_out_is_rolled_back_by_the_store(
+    postgres_url: str,
+    postgres_schema: str,
+    admin: asyncpg.Connection[asyncpg.Record],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A login over a session is a transaction of the store's own: timed out (here behind
+    a lock), it was left open for the pool's release to roll back, which asyncpg logged
+    as an error ("Resetting connection with an active transaction")."""
+    pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+    t0 = start_time()
+    old, new = make_record(now=t0), make_record(now=t0)
+    try:
+        store = PostgresStore(pool=pool, schema=postgres_schema, command_timeout=0.5)
+        async with store:
+            await store.create(old, max_sessions=10, now=t0)
+            async with table_locked(admin, postgres_schema):
+                with pytest.raises(StoreUnavailable):
+                    await asyncio.wait_for(
+                        store.create(
+                            new, max_sessions=10, now=t0, replaced=(old.token_digest, t0 + 120)
+                        ),
+                        10,
+                    )
+            assert await store.get(new.token_digest, now=t0) is None
+            async with pool.acquire() as connection:
+                assert not connection.is_in_transaction()
+    finally:
+        await pool.close()
+    assert "active transaction" not in caplog.text
 
 
 async def test_an_exhausted_own_pool_gives_store_unavailable_within_the_timeout(
@@ -1286,6 +1359,47 @@ async def test_a_write_in_a_transaction_on_an_apps_pool_does_not_hang_on_a_silen
 
             proxy.unstall()
             assert await store.get(old.token_digest, now=t0) is not None
+    finally:
+        proxy.unstall()
+        apps_pool.terminate()
+
+
+@pytest.mark.parametrize(
+    "stalls_at", ["its first statement", "the migration", "the isolation check"]
+)
+async def test_opening_on_an_apps_pool_does_not_hang_on_a_silent_server(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy, stalls_at: str
+) -> None:
+    """On an app's pool made without a command_timeout, the open's migration ran in
+    asyncpg's transaction (whose BEGIN, and whose ROLLBACK after a timeout, were bounded
+    by nothing) and its isolation check had no timeout: on a silent server the open,
+    and so the app's startup or first request, never returned."""
+    apps_pool = await asyncpg.create_pool(dsn_through(proxy, postgres_url), min_size=1)
+    store = PostgresStore(
+        pool=apps_pool, schema=postgres_schema, command_timeout=0.5, acquire_timeout=1.0
+    )
+    try:
+        if stalls_at == "its first statement":
+            proxy.stall()
+        elif stalls_at == "the migration":
+            proxy.stall_at(b"pg_advisory_xact_lock")
+        else:
+            # Migrated by another server: the open goes straight on to the check.
+            async with PostgresStore(postgres_url, schema=postgres_schema):
+                pass
+            proxy.stall_at(b"SHOW default_transaction_isolation")
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.open(), 10)
+        assert time.monotonic() - started < 5
+        assert not store.is_open
+
+        proxy.unstall()
+        record = make_record(now=start_time())
+        async with store:
+            await store.create(record, max_sessions=10, now=record.created_at)
+            assert await store.get(record.token_digest, now=record.created_at) == record
     finally:
         proxy.unstall()
         apps_pool.terminate()

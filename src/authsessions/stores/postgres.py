@@ -30,6 +30,7 @@ a comma. The texts are ASCII, so ``octet_length`` counts characters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -227,7 +228,10 @@ class PostgresStore(Store):
                         # max_sessions, and a write or logout that waited for a row another
                         # server changed failed to serialise (a 503, the change lost).
                         self._needs_read_committed = (
-                            await conn.fetchval("SHOW default_transaction_isolation")
+                            await conn.fetchval(
+                                "SHOW default_transaction_isolation",
+                                timeout=self.command_timeout,
+                            )
                             != "read committed"
                         )
             except BaseException:
@@ -356,7 +360,7 @@ class PostgresStore(Store):
         version_table = f'"{self.schema}"."{self.table}_schema_version"'
         # READ COMMITTED whatever the default: what the checks under the lock read must be
         # what the server that held it committed, not a snapshot from before it.
-        async with conn.transaction(isolation="read_committed"):
+        async with self._transaction(conn):
             # A store at this release's schema (or a newer one it may use) needs no DDL,
             # nor the lock: the app's role need not be allowed to create tables when an
             # admin ran `authsessions migrate`.
@@ -455,10 +459,17 @@ class PostgresStore(Store):
         timeout = self.command_timeout
         if await conn.fetchval("SELECT to_regclass($1)", version_table, timeout=timeout) is None:
             return None
-        # Every column: compatible_from is missing from tables no release marked yet.
-        rows = await conn.fetch(f"SELECT * FROM {version_table}", timeout=timeout)
-        newest = max(rows, key=lambda row: row["version"], default=None)
-        return (0, None) if newest is None else (newest["version"], newest.get("compatible_from"))
+        # compatible_from is missing from tables no release marked yet, so it is read
+        # through to_jsonb. Not `SELECT *`: its result type changes when a migration adds
+        # the column, and asyncpg, having prepared it before on the same connection (an
+        # app's pool), failed inside the transaction with "cached plan must not change
+        # result type".
+        newest = await conn.fetchrow(
+            f"SELECT version, (to_jsonb(v) ->> 'compatible_from')::integer"
+            f" FROM {version_table} AS v ORDER BY version DESC LIMIT 1",
+            timeout=timeout,
+        )
+        return (0, None) if newest is None else (newest[0], newest[1])
 
     def _needs_no_migration(self, recorded: tuple[int, int | None] | None) -> bool:
         """Whether the schema ``recorded`` is this release's, or a newer one it may use.
@@ -562,20 +573,29 @@ class PostgresStore(Store):
         Not asyncpg's ``transaction()``: after a statement timed out or was cancelled,
         its ROLLBACK first waits for the statement's cancellation, bounded only by the
         pool's own ``command_timeout``, which an app's pool may not have: on a silent
-        server the call never returned. After a failure the connection goes back to the
-        pool instead, whose release (bounded by ``acquire_timeout``) rolls it back, or
-        terminates it.
+        server the call never returned.
         """
         timeout = self.command_timeout
         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", timeout=timeout)
         try:
             yield
-        except self._asyncpg.PostgresError:
-            # The server refused a statement: nothing is being cancelled, so the rollback
-            # is ours (the pool's would log the transaction it found open as an error).
-            await conn.execute("ROLLBACK", timeout=timeout)
+        except BaseException:
+            await self._roll_back(conn)
             raise
         await conn.execute("COMMIT", timeout=timeout)
+
+    async def _roll_back(self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
+        """End a failed transaction: ours to end, since the pool's release, finding it
+        open, logs it as an error. ROLLBACK first waits for a timed-out or cancelled
+        statement's cancellation; both within ``acquire_timeout``, as the release would
+        wait, and a connection that cannot is terminated, as the release would do.
+        """
+        try:
+            async with asyncio.timeout(self.acquire_timeout):
+                await conn.execute("ROLLBACK")
+        except Exception:
+            with contextlib.suppress(self._asyncpg.InterfaceError):  # already given back
+                conn.terminate()
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         # Every authenticated request runs this: no context managers of our own here.
