@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, assert_type
+from typing import Annotated, Any, Literal, Protocol, assert_type
 
 import httpx
 import pytest
@@ -372,6 +372,22 @@ async def test_max_data_bytes_counts_the_whole_session_not_one_value(
     assert await stored_data(sqlite_store) == {"a": "y" * 30, "b": "y" * 30}
 
 
+async def test_initial_data_may_nest_its_values_as_deep_as_set_takes(
+    run: Runner, sqlite_store: Store
+) -> None:
+    """The data's own dict was counted as a level of its values: a value set() takes
+    was refused at login."""
+    value = _deep(MAX_NESTING - 1)  # as deep as set() takes
+
+    taken = await run(lambda s: s.authenticate_with("bob", {"tree": value}), signed_in=False)
+    refused = await run(lambda s: s.authenticate_with("bob", {"tree": [value]}), signed_in=False)
+
+    assert taken.error is None
+    assert await stored_data(sqlite_store, "bob") == {"tree": value}
+    assert isinstance(refused.error, SessionDataError)
+    assert f"more than {MAX_NESTING + 1} deep" in str(refused.error)
+
+
 async def test_initial_data_is_held_to_the_same_rules(run: Runner) -> None:
     config = SessionConfig(max_data_bytes=50)
 
@@ -673,6 +689,17 @@ async def test_current_returns_a_copy(run: Runner, sqlite_store: Store) -> None:
 
     assert outcome.value == (None, [1, 2])
     assert await stored_data(sqlite_store) == {"list": [1, 2]}
+
+
+async def test_get_converts_to_a_type_that_cannot_be_hashed(run: Runner) -> None:
+    """Metadata pydantic does not know is legal, and leaves the type unhashable: the
+    check for plain types and the adapters' cache raised TypeError (a 500)."""
+    seconds = Annotated[int, {"unit": "s"}]
+
+    outcome = await run(lambda s: s.get("timeout", type=seconds), data={"timeout": 30})
+
+    assert outcome.error is None
+    assert outcome.value == 30
 
 
 async def test_get_with_a_type_nothing_can_convert_to_raises_session_data_error(

@@ -32,7 +32,7 @@ from authsessions._tokens import (
     new_token,
     token_digest,
 )
-from authsessions._values import plain_json_copy, read_as, require_text
+from authsessions._values import MAX_NESTING, plain_json_copy, read_as, require_text
 from authsessions.stores._base import CreateError, DataTooLarge, Store
 from authsessions.stores._checks import require_str
 
@@ -281,7 +281,10 @@ class Session:
         user_id = str.__str__(user_id)
         if not isinstance(data, Mapping):
             raise SessionDataError(f"session data must be a mapping, got {type(data).__name__}.")
-        initial = plain_json_copy(dict(data), "the initial session data")
+        # Its own dict is one level above the values, each held to set()'s limit.
+        initial = plain_json_copy(
+            dict(data), "the initial session data", max_nesting=MAX_NESTING + 1
+        )
         self._check_fits(initial, "the initial session data")
         async with self._turn():
             self._refuse_cookie_change("authenticate")

@@ -25,12 +25,12 @@ MAX_NESTING = 100
 session (at about 500), or writing it from deeper in a store's stack."""
 
 
-def plain_json_copy(value: Any, what: str) -> Any:
+def plain_json_copy(value: Any, what: str, *, max_nesting: int = MAX_NESTING) -> Any:
     """A private copy of ``value`` after checking it is exactly representable as JSON.
 
     Rejects what ``json`` would silently change (tuples, non-string keys),
-    NaN and infinities, and anything JSON has no form for (sets, bytes,
-    datetimes, objects).
+    NaN and infinities, anything JSON has no form for (sets, bytes,
+    datetimes, objects), and lists and dicts nested more than ``max_nesting`` deep.
 
     Raises:
         SessionDataError: naming ``what`` and the reason.
@@ -58,9 +58,9 @@ def plain_json_copy(value: Any, what: str) -> Any:
     if "\\ud" in encoded and not _is_text(copy):
         raise _lone_surrogate(what)
     # Each list or dict opens with a bracket: few of them, and it cannot nest deeply.
-    if encoded.count("[") + encoded.count("{") > MAX_NESTING and _nesting(copy) > MAX_NESTING:
+    if encoded.count("[") + encoded.count("{") > max_nesting and _nesting(copy) > max_nesting:
         raise SessionDataError(
-            f"{what} nests lists and dicts more than {MAX_NESTING} deep; store a flatter value."
+            f"{what} nests lists and dicts more than {max_nesting} deep; store a flatter value."
         )
     if copy != value:  # json turned a tuple into a list or an int key into a string
         raise SessionDataError(
@@ -99,7 +99,7 @@ def _lone_surrogate(what: str) -> SessionDataError:
 
 def _nesting(value: Any) -> int:
     """How deep the lists and dicts of plain JSON ``value`` nest, counted without
-    recursion, up to one level past :data:`MAX_NESTING`.
+    recursion, up to one level past what any check allows.
     """
     deepest, pending = 0, [(value, 1)]
     while pending:
@@ -111,7 +111,7 @@ def _nesting(value: Any) -> int:
         else:
             continue
         deepest = max(deepest, depth)
-        if deepest > MAX_NESTING:
+        if deepest > MAX_NESTING + 1:
             break
         pending.extend((child, depth + 1) for child in children)
     return deepest
@@ -128,7 +128,11 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
         SessionDataError: the value does not fit ``type_``, or pydantic is
             needed for ``type_`` and not installed.
     """
-    if type_ in _PLAIN_TYPES:
+    try:
+        plain, hashable = type_ in _PLAIN_TYPES, True
+    except TypeError:  # as Annotated[int, {"unit": "s"}]: pydantic reads it, uncached
+        plain, hashable = False, False
+    if plain:
         if type_ is float and type(value) is int:
             try:
                 return float(value)  # type: ignore[return-value]
@@ -149,7 +153,7 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
             "pip install 'authsessions[pydantic]'."
         ) from None
     try:
-        adapter = _adapter(cast(Hashable, type_))
+        adapter = _adapter(cast(Hashable, type_)) if hashable else _new_adapter(type_)
     except PydanticUserError as exc:
         raise SessionDataError(f"pydantic cannot read {type_!r}: {exc.message}") from None
     try:
@@ -162,8 +166,10 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
     return result
 
 
-@lru_cache(maxsize=256)
-def _adapter(type_: Hashable) -> Any:
+def _new_adapter(type_: Any) -> Any:
     from pydantic import TypeAdapter
 
-    return TypeAdapter(cast(Any, type_))
+    return TypeAdapter(type_)
+
+
+_adapter = lru_cache(maxsize=256)(_new_adapter)
