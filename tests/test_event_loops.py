@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 from starlette.testclient import TestClient
 
+from authsessions import SessionManager
 from authsessions.stores import PostgresStore, RedisStore, SQLiteStore, Store
 from tests.apps.session_app import CHROME_MAC, build_app
 from tests.services import CONNECTIONS_NAMED, named_dsn
+from tests.stores.records import make_record
 
 StoreMaker = Callable[[], Store]
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
@@ -99,3 +105,44 @@ def test_a_store_closes_with_the_loop_that_opened_it(
         gc.enable()
 
     assert asyncio.run(server_connections()) == 0
+
+
+def test_a_store_open_on_another_threads_loop_is_refused_before_any_change(
+    make_store: StoreMaker,
+) -> None:
+    """An admin job on a loop of its own, beside an app whose loop opened the store and
+    runs on: PostgreSQL's driver failed midway (and broke a connection of the pool), and
+    Redis ran the revoke, then failed, so the caller was told it had not happened.
+    SQLite's connections belong to no loop: it serves both."""
+    store = make_store()
+    app_loop = asyncio.new_event_loop()
+    app_thread = threading.Thread(target=app_loop.run_forever, daemon=True)
+    app_thread.start()
+
+    def on_app_loop(call: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(call, app_loop).result(timeout=30)
+
+    async def ids(user_id: str) -> list[str]:
+        return [s.id for s in await SessionManager(store).list_for_user(user_id)]
+
+    try:
+        t0 = time.time()
+        kept, revoked = make_record(now=t0), make_record(now=t0)
+        on_app_loop(store.open())
+        for record in (kept, revoked):
+            on_app_loop(store.create(record, max_sessions=10, now=t0))
+
+        if store._bound_to_loop:
+            with pytest.raises(RuntimeError, match="open on another event loop"):
+                asyncio.run(SessionManager(store).revoke("alice", revoked.id))
+            with pytest.raises(RuntimeError, match="open on another event loop"):
+                asyncio.run(store.close())
+            assert sorted(on_app_loop(ids("alice"))) == sorted([kept.id, revoked.id])
+        else:
+            asyncio.run(SessionManager(store).revoke("alice", revoked.id))
+            assert on_app_loop(ids("alice")) == [kept.id]
+        on_app_loop(store.close())
+    finally:
+        app_loop.call_soon_threadsafe(app_loop.stop)
+        app_thread.join(timeout=10)
+        app_loop.close()

@@ -243,20 +243,35 @@ class Store(abc.ABC):
 
     @property
     def is_open(self) -> bool:
-        """Open, and usable here: not on connections of an event loop that has closed
-        (a test client runs each request or block on a loop of its own, for instance).
+        """Open, and usable here: for a store whose connections belong to the event loop
+        that opened it, on that loop (outside any loop: while it is not closed). Not on
+        one that has closed (a test client runs each request or block on a loop of its
+        own, for instance), nor on another thread's.
         """
         opened_on = self._opened_on
+        if not self._is_open or opened_on is None:
+            return self._is_open
         # The running loop's identity first: a C call, where is_closed() is a Python one.
-        return self._is_open and (
-            opened_on is None
-            or opened_on is asyncio._get_running_loop()
-            or not opened_on.is_closed()
-        )
+        running = asyncio._get_running_loop()
+        return opened_on is running or (running is None and not opened_on.is_closed())
 
     def _closed_error(self) -> RuntimeError:
         """What a primitive raises when called on a store that is not open."""
         return RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
+
+    def _refuse_another_running_loop(self) -> None:
+        """Refuse a store open on another loop that has not closed: its connections work
+        only there (used here, the driver failed midway, some writes done).
+
+        Raises:
+            RuntimeError: saying so.
+        """
+        if self._is_open and self._opened_on is not None and not self._opened_on.is_closed():
+            raise RuntimeError(
+                f"{self!r} is open on another event loop (another thread's?), whose "
+                "connections work only there: give each loop a store of its own, or run "
+                "this call on that loop (asyncio.run_coroutine_threadsafe)."
+            )
 
     async def open(self) -> None:
         """Connect and create the schema if missing. Calling it again does nothing.
@@ -267,6 +282,7 @@ class Store(abc.ABC):
         """
         if self.is_open:
             return
+        self._refuse_another_running_loop()
         if self._is_open:  # opened on a loop that closed without closing it (see below)
             self._drop_opening_of_closed_loop()
         attempt = self._attempt_under_way()
@@ -345,6 +361,7 @@ class Store(abc.ABC):
             self._mark_closed()
             await self._close()
         elif self._is_open:
+            self._refuse_another_running_loop()
             self._drop_opening_of_closed_loop()
 
     async def __aenter__(self) -> Self:
