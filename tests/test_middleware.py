@@ -13,7 +13,7 @@ import gc
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -2011,6 +2011,26 @@ async def test_a_store_that_cannot_open_fails_the_startup_once_whatever_the_app_
     assert sent[0]["message"].startswith("the session store could not be opened: ")
 
 
+async def test_a_store_built_from_url_is_closed_when_the_apps_own_startup_fails(
+    tmp_path: Path,
+) -> None:
+    """No shutdown comes after a failed startup: the store opened for it stayed open."""
+
+    @contextlib.asynccontextmanager
+    async def failing_startup(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("the app's own startup failed")
+        yield
+
+    app = Starlette(routes=ROUTES, lifespan=failing_startup)
+    middleware = SessionMiddleware(app, store=f"sqlite:///{tmp_path / 'sessions.db'}")
+
+    with pytest.raises(RuntimeError, match="the app's own startup failed"):
+        async with LifespanManager(middleware):
+            pass
+
+    assert not middleware.store.is_open
+
+
 async def test_unopened_store_object_is_opened_on_first_request(
     tmp_path: Path, client_factory: ClientFactory
 ) -> None:
@@ -2082,8 +2102,29 @@ def test_invalid_arguments_are_rejected_at_construction() -> None:
         SessionMiddleware(Starlette(), store=MemoryStore(), config={"ttl": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Store"):
         SessionMiddleware(Starlette(), store=42)  # type: ignore[arg-type]
+
+
+async def test_a_store_url_no_store_takes_is_refused_as_the_store_opens() -> None:
+    """Not as the middleware is built: Starlette and FastAPI build it as the lifespan call
+    comes, and an error raised there made uvicorn take the app for one without lifespan
+    support (see test_uvicorn). At startup the server stops; without a lifespan, each
+    request that needs the store fails with the same reason."""
+    middleware = SessionMiddleware(Starlette(routes=ROUTES), store="mysql://nope")
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
     with pytest.raises(ValueError, match="scheme"):
-        SessionMiddleware(Starlette(), store="mysql://nope")
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
+    assert "scheme" in sent[0]["message"]
+    client = TestClient(middleware, base_url="https://testserver", raise_server_exceptions=True)
+    with pytest.raises(ValueError, match="scheme"):
+        client.post("/login", json={"user_id": "alice"})
 
 
 async def test_a_request_leaves_no_reference_cycle_behind(

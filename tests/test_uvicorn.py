@@ -167,8 +167,19 @@ async def test_a_websocket_that_only_sends_keeps_what_it_set_when_the_client_lea
 
 
 @pytest.mark.parametrize("lifespan", ["auto", "on"])
+@pytest.mark.parametrize(
+    ("url", "told"),
+    [
+        # An unescaped "/": refused as the store opens.
+        ("postgresql://app:s3cret/PW@127.0.0.1:5432/test", "the PostgreSQL URL"),
+        # No store's scheme: refused as the middleware is built, which Starlette does as
+        # the lifespan call comes.
+        ("postgresql+asyncpg://app:s3cret@127.0.0.1:5432/test", "unknown store URL scheme"),
+    ],
+    ids=["malformed", "unknown-scheme"],
+)
 async def test_a_store_the_app_cannot_use_stops_the_server_saying_why(
-    lifespan: Literal["auto", "on"],
+    lifespan: Literal["auto", "on"], url: str, told: str
 ) -> None:
     """A misconfigured store, which no retry mends, raised out of the lifespan: uvicorn's
     "auto" took the app for one without lifespan support, skipped its own startup, and
@@ -180,8 +191,7 @@ async def test_a_store_the_app_cannot_use_stops_the_server_saying_why(
         started_by_the_app.append(True)
         yield
 
-    malformed = "postgresql://app:s3cret/PW@127.0.0.1:5432/test"  # an unescaped "/"
-    app = build_app(malformed, CONFIG)
+    app = build_app(url, CONFIG)
     app.router.lifespan_context = app_lifespan
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -197,10 +207,10 @@ async def test_a_store_the_app_cannot_use_stops_the_server_saying_why(
     finally:
         logging.getLogger("uvicorn.error").removeHandler(said)
         sock.close()
-    told = "\n".join(record.getMessage() for record in said.buffer)
+    said_text = "\n".join(record.getMessage() for record in said.buffer)
 
     assert exited.value.code == 3  # uvicorn's "startup failed"
     assert not server.started
     assert started_by_the_app == []
-    assert "the session store could not be opened: the PostgreSQL URL" in told
-    assert "s3cret" not in told
+    assert f"the session store could not be opened: {told}" in said_text
+    assert "s3cret" not in said_text

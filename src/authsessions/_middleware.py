@@ -22,6 +22,7 @@ from authsessions._tokens import token_digest
 from authsessions._websocket import serve_websocket
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
+from authsessions.stores.memory import MemoryStore
 
 __all__ = ["SessionMiddleware", "open_at_startup"]
 
@@ -51,7 +52,9 @@ class SessionMiddleware:
     Args:
         store: a :class:`~authsessions.stores.Store` (the app closes it), a
             store URL, or ``None`` for ``$AUTHSESSIONS_STORE`` or else
-            ``sqlite:///sessions.db`` (the middleware closes those at shutdown).
+            ``sqlite:///sessions.db`` (the middleware closes those at shutdown). A URL
+            no store takes raises its ``ValueError`` as the store opens: at startup,
+            which fails, or else at the first request that needs the store.
         config: settings; ``SessionConfig()`` by default.
 
     Uncaught :class:`SessionError`\\ s become JSON responses with their status
@@ -69,7 +72,15 @@ class SessionMiddleware:
             raise TypeError(f"config must be a SessionConfig, got {type(config).__name__}.")
         self.app = app
         self.config = config if config is not None else SessionConfig()
-        self.store, self._owns_store = resolve_store(store)
+        try:
+            self.store, self._owns_store = resolve_store(store)
+        except ValueError as exc:
+            # A URL no store takes (often from the environment). Starlette and FastAPI
+            # build their middleware as the server's lifespan call comes: raised here, it
+            # took the app for one without lifespan support (uvicorn's "auto"), skipped
+            # the app's own startup and served 500s. Opened at startup, it stops the
+            # server, saying why.
+            self.store, self._owns_store = _RefusedStore(exc), True
         self._cookie = SessionCookie(self.config)
         # Only a store of its own can be the wrong one (see _check_placement).
         self._placement_checked = not self._owns_store
@@ -327,7 +338,11 @@ class SessionMiddleware:
                 await self.store.close()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if self._owns_store:  # no shutdown comes after the app's own startup failed
+                await self.store.close()
 
 
 class _SessionSend:
@@ -430,6 +445,20 @@ async def open_at_startup(store: Store) -> None:
             "requests will retry and get 503 until it opens",
             exc,
         )
+
+
+class _RefusedStore(MemoryStore):
+    """Stands for a store URL the middleware refused: opening it raises the refusal."""
+
+    def __init__(self, refusal: ValueError) -> None:
+        super().__init__()
+        self._refusal = refusal
+
+    def __repr__(self) -> str:
+        return f"<refused store URL: {self._refusal}>"
+
+    async def _open(self) -> None:
+        raise ValueError(*self._refusal.args)
 
 
 async def _end_if_unsent(session: Session, session_send: _SessionSend) -> None:
