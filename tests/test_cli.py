@@ -349,6 +349,27 @@ def test_list_on_a_narrow_terminal_shows_ids_and_addresses_whole(
     assert ("┃" in shown.stdout) == (columns == 200)  # a table where it fits, else blocks
 
 
+@pytest.mark.parametrize("ip_address", ["203.0.113.9", "2001:db8:1234:5678:9abc:def0:1234:5678"])
+def test_list_cuts_nothing_short_at_any_terminal_width(
+    sqlite_url: str, user: str, ip_address: str
+) -> None:
+    """Where the table's narrowest form just fitted, rich shrank the columns that wrap
+    below their longest word: the expiry read "2027-01…"."""
+    seed(sqlite_url, make_record(user, user_agent=CHROME_WINDOWS, ip_address=ip_address))
+
+    for columns in range(60, 131):
+        shown = run(
+            "list",
+            user,
+            "--store",
+            sqlite_url,
+            env={"TTY_COMPATIBLE": "1", "COLUMNS": str(columns)},
+        )
+
+        assert shown.exit_code == 0, shown.output
+        assert "…" not in shown.stdout, (columns, shown.stdout)
+
+
 @pytest.mark.parametrize(
     "arguments",
     [
@@ -655,10 +676,15 @@ async def _schema_exists(schema: str) -> bool:
     return found is not None
 
 
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
 @pytest.mark.parametrize("command", [["list", "42"], ["revoke-user", "42"], ["stats"]])
-def test_a_sqlite_file_without_a_store_is_left_alone(command: list[str], tmp_path: Path) -> None:
+def test_a_sqlite_file_without_a_store_is_left_alone(
+    command: list[str], tmp_path: Path, journal_mode: str
+) -> None:
+    """In WAL mode too: read-only, SQLite made the -wal and -shm files it needs."""
     path = tmp_path / "app.db"
     with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA journal_mode={journal_mode}")
         db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
         db.commit()
     before = path.read_bytes()
@@ -821,6 +847,20 @@ def test_main_without_the_cli_extra_says_what_to_install(
     monkeypatch.setitem(sys.modules, "click", None)  # makes `import click` fail
     with pytest.raises(SystemExit) as exit_info:
         main(["list", "42"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"{INSTALL_HINT}\n"
+
+
+@pytest.mark.parametrize("missing", ["uvicorn", "jinja2"])
+def test_demo_without_the_rest_of_the_cli_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    """click and rich often come with other tools: the demo's own modules, imported only
+    as it starts, failed with a traceback."""
+    monkeypatch.setitem(sys.modules, missing, None)
+    monkeypatch.delitem(sys.modules, "authsessions.demo.app", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--store", "memory://", "--port", "1"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"{INSTALL_HINT}\n"
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from authsessions import SessionData, SessionError, SessionManager, StoreUnavailable, __version__
 from authsessions._records import MAX_COUNT, MAX_USER_ID_LENGTH, check_user_id
@@ -58,11 +58,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli = make_cli()
     except ImportError as exc:
-        if (exc.name or "").partition(".")[0] not in CLI_EXTRA_MODULES:
-            raise
-        print(INSTALL_HINT, file=sys.stderr)
-        sys.exit(1)
+        _exit_with_install_hint(exc)
     cli.main(args=argv, prog_name="authsessions")
+
+
+def _exit_with_install_hint(exc: ImportError) -> NoReturn:
+    """Say which extra to install when ``exc`` is a module of it missing, else re-raise."""
+    if (exc.name or "").partition(".")[0] not in CLI_EXTRA_MODULES:
+        raise exc
+    print(INSTALL_HINT, file=sys.stderr)
+    sys.exit(1)
 
 
 def make_cli() -> click.Group:
@@ -268,8 +273,13 @@ def _require_sqlite_store(store: Store, url: str) -> None:
     create = f"create it with: authsessions migrate --store {redact_url(url)}"
     if not os.path.isfile(path):
         raise click.ClickException(f"no session store at {path} ({create}).")
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    if _is_closed_wal_database(path):
+        # Read-only, SQLite would still make the -wal and -shm files it needs, and leave
+        # them beside another app's file this refuses. No -wal: nobody has it open.
+        uri += "&immutable=1"
     try:
-        with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(uri, uri=True)) as db:
             found = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
             ).fetchone()
@@ -280,6 +290,17 @@ def _require_sqlite_store(store: Store, url: str) -> None:
             f"no session store in {path}: the file holds no authsessions tables "
             f"(check the path, or {create})."
         )
+
+
+def _is_closed_wal_database(path: str) -> bool:
+    """Whether ``path`` is a database in WAL mode without a ``-wal`` file beside it."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    # The header's read and write versions, 2 in WAL mode.
+    return header[18:20] == b"\x02\x02" and not os.path.exists(f"{path}-wal")
 
 
 async def _require_postgres_store(store: Store, url: str) -> None:
@@ -420,9 +441,12 @@ async def _cleanup_with_progress(store: Store, batch_size: int) -> int:
 
 
 def _serve_demo(store_url: str, host: str, port: int) -> None:
-    import uvicorn
+    try:  # not checked by make_cli: only the demo needs them, and they cost a start
+        import uvicorn
 
-    from authsessions.demo.app import create_app, users_path_for
+        from authsessions.demo.app import create_app, users_path_for
+    except ImportError as exc:
+        _exit_with_install_hint(exc)
 
     with one_line_errors():
         app = create_app(store_url)
@@ -560,12 +584,13 @@ def _print_sessions(console: Console, user_id: str, sessions: list[SessionData])
     title = f"Sessions of user {user_id!r}"
     table = Table(title=title, title_justify="left")
     # The id and the address are what an admin copies or decides by: never cut short,
-    # where the columns with spaces in them wrap.
+    # where the columns with spaces in them wrap, and fold a word they cannot wrap at
+    # (rich may shrink them below their longest word, and would cut it short).
     table.add_column("ID", no_wrap=True)
-    table.add_column("Device")
+    table.add_column("Device", overflow="fold")
     table.add_column("IP", no_wrap=True)
-    table.add_column("Last active")
-    table.add_column("Expires")
+    table.add_column("Last active", overflow="fold")
+    table.add_column("Expires", overflow="fold")
     for row in rows:
         table.add_row(*row)
     # Measured without the console's width, which the measure would be clamped to.
