@@ -249,11 +249,13 @@ class Store(abc.ABC):
         own, for instance), nor on another thread's.
         """
         opened_on = self._opened_on
-        if not self._is_open or opened_on is None:
+        if opened_on is None:
             return self._is_open
         # The running loop's identity first: a C call, where is_closed() is a Python one.
         running = asyncio._get_running_loop()
-        return opened_on is running or (running is None and not opened_on.is_closed())
+        return self._is_open and (
+            opened_on is running or (running is None and not opened_on.is_closed())
+        )
 
     def _closed_error(self) -> RuntimeError:
         """What a primitive raises when called on a store that is not open."""
