@@ -156,6 +156,26 @@ async def test_an_expired_session_cleanup_has_not_reached_is_neither_revoked_nor
         assert await store.get(record.token_digest, now=record.created_at) is None
 
 
+async def test_a_session_past_a_given_configs_lifetimes_is_neither_revoked_nor_counted(
+    store: Store,
+) -> None:
+    """The store keeps it (its expiry was set under a longer ttl, or before absolute_ttl
+    was), but list_for_user leaves it out as the middleware refuses it: "no such device"
+    and "logged out of N devices" must agree with that list."""
+    _, live = await plant_session(store, "alice", created_ago=1800, idle_for=30)
+    _, too_old = await plant_session(store, "alice", created_ago=7200, idle_for=10)
+    _, other_too_old = await plant_session(store, "alice", created_ago=7300, idle_for=10)
+    manager = SessionManager(store, SessionConfig(absolute_ttl=timedelta(hours=1)))
+
+    with pytest.raises(SessionNotFound):
+        await manager.revoke("alice", too_old.id)
+    assert await manager.revoke_all("alice", except_id=other_too_old.id) == 1
+
+    for record in (live, too_old):  # gone, not merely hidden
+        assert await store.get(record.token_digest, now=record.created_at) is None
+    assert await store.get(other_too_old.token_digest, now=time.time()) is not None
+
+
 async def test_revoke_all_ends_every_session_of_the_user(store: Store) -> None:
     for _ in range(3):
         await plant_session(store, "alice")

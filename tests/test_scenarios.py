@@ -707,6 +707,22 @@ async def test_list_my_sessions_leaves_out_sessions_past_a_shortened_absolute_tt
     assert old.json()["user_id"] is None
 
 
+async def test_revoke_finds_no_session_past_a_shortened_absolute_ttl(
+    store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Left out of the device list, as its cookie signs no one in: revoking it answered
+    as if it were a live device."""
+    token, _ = await plant_session(store, "alice", created_ago=60)
+    _, old = await plant_session(store, "alice", created_ago=7200, idle_for=10)
+    client = client_factory(app_factory(store, SessionConfig(absolute_ttl=timedelta(hours=1))))
+
+    response = await client.post(f"/sessions/{old.id}/revoke", headers=cookie_header(token))
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": "No such session."}
+    assert (await client.get("/me", headers=cookie_header(token))).json()["user_id"] == "alice"
+
+
 async def test_a_shortened_ttl_ends_sessions_idle_longer_than_it_at_once(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from authsessions._config import SessionConfig
 from authsessions._errors import SessionNotFound
-from authsessions._records import SessionData, check_user_id, within_lifetimes
+from authsessions._records import SessionData, SessionRecord, check_user_id, within_lifetimes
 from authsessions._tokens import is_well_formed_session_id
 from authsessions.stores._base import Store
 from authsessions.stores._checks import require_count, require_str
@@ -57,15 +57,25 @@ class SessionManager:
         check_user_id(user_id)
         store = await self._store()
         now = time.time()
-        config = self.config
-        records = within_lifetimes(
-            await store.list_for_user(user_id, now=now),
-            config.ttl_seconds if self._ttl_known else None,
-            config.absolute_ttl_seconds,
-            now,
-        )
+        records = self._within_lifetimes(await store.list_for_user(user_id, now=now), now)
         # Fresh from the store and dropped here: each record's data can be handed over.
         return [record.to_data(copy_data=False) for record in records]
+
+    def _within_lifetimes(self, records: list[SessionRecord], now: float) -> list[SessionRecord]:
+        config = self.config
+        ttl = config.ttl_seconds if self._ttl_known else None
+        return within_lifetimes(records, ttl, config.absolute_ttl_seconds, now)
+
+    async def _ended_by_lifetimes(self, store: Store, user_id: str, now: float) -> set[str]:
+        """The ids of the user's sessions the store keeps but the config's lifetimes have
+        ended (shortened, or set, since they were written): not listed, so not found by
+        the calls that end sessions either. Asked of the store only when a config can
+        end any."""
+        if not self._ttl_known and self.config.absolute_ttl_seconds is None:
+            return set()
+        records = await store.list_for_user(user_id, now=now)
+        live = {record.id for record in self._within_lifetimes(records, now)}
+        return {record.id for record in records} - live
 
     async def revoke(self, user_id: str, session_id: str) -> None:
         """End one session of ``user_id``.
@@ -73,19 +83,25 @@ class SessionManager:
         Raises:
             ValueError: ``user_id`` is not a string a session could have.
             TypeError: ``session_id`` is not a string.
-            SessionNotFound: no such session, or it belongs to another user.
+            SessionNotFound: no such session, or it belongs to another user, or its
+                lifetime under a config given has ended (as :meth:`list_for_user` leaves
+                it out).
             StoreUnavailable: the store failed.
         """
         check_user_id(user_id)
         require_str("session_id", session_id)
         store = await self._store()
-        if not is_well_formed_session_id(session_id) or not await store.delete(
-            session_id, now=time.time(), user_id=user_id
+        now = time.time()
+        if (
+            not is_well_formed_session_id(session_id)
+            or session_id in await self._ended_by_lifetimes(store, user_id, now)
+            or not await store.delete(session_id, now=now, user_id=user_id)
         ):
             raise SessionNotFound()
 
     async def revoke_all(self, user_id: str, *, except_id: str | None = None) -> int:
-        """End every session of ``user_id`` (but ``except_id``); returns how many ended.
+        """End every session of ``user_id`` (but ``except_id``); returns how many ended,
+        counting only those :meth:`list_for_user` would list.
 
         Raises:
             ValueError: ``user_id`` is not a string a session could have (an int: pass
@@ -97,7 +113,13 @@ class SessionManager:
         if except_id is not None:
             require_str("except_id", except_id)
         store = await self._store()
-        return await store.delete_for_user(user_id, now=time.time(), except_id=except_id)
+        now = time.time()
+        ended_before = await self._ended_by_lifetimes(store, user_id, now)
+        ended_before.discard(except_id or "")
+        deleted = await store.delete_for_user(user_id, now=now, except_id=except_id)
+        # Gone too, but not counted: they had ended already (another call may have deleted
+        # some of them meanwhile, hence the floor).
+        return max(0, deleted - len(ended_before))
 
     async def cleanup_expired(
         self, *, batch_size: int = 1000, on_batch: Callable[[int], object] | None = None

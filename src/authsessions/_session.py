@@ -525,12 +525,24 @@ class Session:
         require_str("session_id", session_id)
         async with self._turn():
             record = await self._require_live_session()
-            if not is_well_formed_session_id(session_id) or not await self._store.delete(
-                session_id, now=time.time(), user_id=record.user_id
+            now = time.time()
+            if (
+                not is_well_formed_session_id(session_id)
+                or (session_id != record.id and not await self._lists(record, session_id, now))
+                or not await self._store.delete(session_id, now=now, user_id=record.user_id)
             ):
                 raise SessionNotFound()
             if session_id == record.id:
                 self._end()
+
+    async def _lists(self, record: SessionRecord, session_id: str, now: float) -> bool:
+        """Whether :meth:`list_my_sessions` would list ``session_id`` among the sessions of
+        ``record``'s user: one the store keeps, whose lifetime the config has ended since
+        it was written (a shorter ``ttl``, an ``absolute_ttl`` set), is not found either."""
+        config = self._config
+        records = await self._store.list_for_user(record.user_id, now=now)
+        live = within_lifetimes(records, config.ttl_seconds, config.absolute_ttl_seconds, now)
+        return any(stored.id == session_id for stored in live)
 
     # -- for the middleware ----------------------------------------------------------
     # (SessionMiddleware also reads _record and _cookie_change directly, on every response.)
