@@ -124,7 +124,7 @@ class Settings:
             e2e_warmup=1.0,
             e2e_connections=16,
             instruction_warmup=300,
-            instruction_requests=500,
+            instruction_requests=1000,
             scale_sizes=(1_000, 100_000, 1_000_000),
             scale_lookups=3_000,
             user_session_counts=(1, 10, 100, 1000),
