@@ -492,17 +492,24 @@ async def test_a_request_in_flight_as_the_browser_signs_in_again_leaves_the_new_
     assert (await client.get("/me", headers=cookie_header(new))).json()["user_id"] == "bob"
 
 
-async def test_a_logout_carrying_a_token_rotated_away_clears_the_cookie(
-    client: httpx.AsyncClient,
+async def test_a_logout_carrying_a_token_rotated_away_signs_the_browser_out(
+    client: httpx.AsyncClient, store: Store
 ) -> None:
-    """The user asked to sign out: the cookie goes, whichever token it holds."""
+    """The user asked to sign out from a tab whose request carried the token another tab
+    had just rotated away: the session the token was rotated to ended too. Left live, the
+    rotation's answer, reaching the browser after the logout's clearing cookie, kept the
+    browser signed in."""
     old = await login(client)
-    assert session_cookie(await client.post("/rotate")) is not None
+    rotated = session_cookie(await client.post("/rotate"))
+    assert rotated is not None
 
     answer = await client.post("/logout", headers=cookie_header(old))
 
     assert answer.status_code == 200
     assert_clears_cookie(answer)
+    assert await live_sessions(store, "alice") == []
+    after = await client.get("/me", headers=cookie_header(rotated.value))
+    assert after.json()["authenticated"] is False
 
 
 def drawing_first(taken: str, draw: Callable[[], str]) -> Callable[[], str]:
@@ -782,7 +789,10 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
     """The user revoked a strange device, or rotated (a privilege change, a suspected
     theft), while a request of a stolen copy of the cookie was still running (a slow
     upload keeps it open as long as its sender likes): that request must not take the
-    session over with a token of its own, end the user's sessions, or list their devices.
+    session over with a token of its own, end the user's other sessions, or list their
+    devices. A logout ends the session it was rotated to: the same browser's other tab
+    may have rotated it, and a sign-out must sign out (at worst the thief signs the user
+    out of that one session).
     """
     rotated = token_digest(new_token())
 
@@ -812,9 +822,10 @@ async def test_a_request_whose_session_was_revoked_or_rotated_away_meanwhile_can
         assert_clears_cookie(response)
     else:  # the browser's request sent before a rotation's answer: its new cookie stands
         assert "set-cookie" not in response.headers
-    kept = [other.id] if meanwhile == "revoked" else [this.id, other.id]
+    ended = meanwhile == "revoked" or operation == "logout"
+    kept = [other.id] if ended else [this.id, other.id]
     assert sorted(s.id for s in await live_sessions(store, "alice")) == sorted(kept)
-    if meanwhile == "rotated away":
+    if meanwhile == "rotated away" and operation != "logout":
         assert await store.get(rotated, now=time.time()) is not None  # the user's token
 
 

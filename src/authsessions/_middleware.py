@@ -208,8 +208,8 @@ class SessionMiddleware:
         if digest is not None:
             tried.insert(0, digest)
         for each in tried:
-            if await store.was_rotated_away(each, now=now):
-                return self._spared(scope)
+            if (holder := await store.rotated_away_to(each, now=now)) is not None:
+                return self._spared(scope, holder)
         return self._cleared(scope)
 
     async def _found(
@@ -252,9 +252,12 @@ class SessionMiddleware:
     def _anonymous(self, scope: Scope) -> Session:
         return Session(self.store, self.config, scope, None, None, "keep")
 
-    def _spared(self, scope: Scope) -> Session:
-        """Anonymous, its token rotated away moments ago: the cookie stays (see CookieChange)."""
-        return Session(self.store, self.config, scope, None, None, "spare")
+    def _spared(self, scope: Scope, holder: str) -> Session:
+        """Anonymous, its token rotated away moments ago to session ``holder``: the cookie
+        stays (see CookieChange)."""
+        session = Session(self.store, self.config, scope, None, None, "spare")
+        session._rotated_to = holder
+        return session
 
     def _cleared(self, scope: Scope) -> Session:
         """Anonymous, and the response clears the cookie the request carried."""

@@ -209,7 +209,7 @@ class SessionUpdate:
 
     ``rotated_away_until``, when not ``None``, comes with a new ``token_digest`` and an
     ``expected_token_digest``: the store remembers the digest rotated away until that
-    time, for :meth:`~authsessions.stores.Store.was_rotated_away`. Requests the browser
+    time, for :meth:`~authsessions.stores.Store.rotated_away_to`. Requests the browser
     sent before the rotation's answer carry the old token; told apart from a revoked one,
     they are answered without clearing the cookie the rotation set.
     """

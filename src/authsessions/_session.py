@@ -56,7 +56,7 @@ _CONTAINERS = (list, dict)  # the JSON values a caller could change: get() hands
 
 # What the response must do to the session cookie. Strings, not an Enum: on Python 3.11
 # each Enum member lookup costs about 70 ns, and the per-request path makes several.
-# "spare": the request's token was rotated away moments ago (see was_rotated_away): the
+# "spare": the request's token was rotated away moments ago (see rotated_away_to): the
 # cookie is left alone, the browser may hold the new one, and the answer is kept out of
 # shared caches as a signed-in user's is (the request may have shown the session's data).
 CookieChange = Literal["keep", "set", "clear", "spare"]
@@ -89,6 +89,7 @@ class Session:
         "_data",
         "_flushed",
         "_record",
+        "_rotated_to",
         "_store",
         "_token",
         "_turns",
@@ -122,6 +123,8 @@ class Session:
         # The response has started (the socket has ended): nothing more can be written.
         self._flushed = False
         self._turns: asyncio.Lock | None = None  # see _turn(); made when first needed
+        # (_rotated_to, with the cookie "spare": the session the token was rotated away to;
+        # set only then, so that other requests pay nothing for it.)
 
     def __repr__(self) -> str:
         if self._record is None:
@@ -432,13 +435,18 @@ class Session:
         async with self._turn():
             record = self._record
             if record is not None:
-                # Not a session this request's token no longer names (rotated away, by the
-                # user who now holds it): only this request's cookie goes.
-                await self._end_if_still_named(record)
+                if not await self._end_if_still_named(record):
+                    # Its token rotated away meanwhile, as like as not by this browser's
+                    # other tab, whose new cookie may reach the browser after this
+                    # answer's clearing one: the session it was rotated to ends too.
+                    await self._end_rotated_to(
+                        await self._store.rotated_away_to(record.token_digest, now=time.time())
+                    )
                 if self._record is record:
                     self._end()
             elif self._cookie_change == "spare":
-                self._end()  # a token rotated away: its cookie goes, as asked
+                await self._end_rotated_to(getattr(self, "_rotated_to", None))  # as above
+                self._end()
 
     async def logout_all(self) -> None:
         """Destroy every session of the current user, this one included, and clear the cookie.
@@ -755,10 +763,10 @@ class Session:
                 all the same.
         """
         now = time.time()
-        rotated_away = await self._store.was_rotated_away(record.token_digest, now=now)
+        holder = await self._store.rotated_away_to(record.token_digest, now=now)
         if self._record is not record:  # a new login of another task's
             return
-        if not rotated_away:
+        if holder is None:
             self._end()
             return
         try:
@@ -768,7 +776,7 @@ class Session:
                 await self._update(record, changes, now)
         finally:
             if self._record is record:
-                self._spare()
+                self._spare(holder)
 
     async def _end_unsent(self, ending: Awaitable[bool], session_id: str) -> None:
         """Await ``ending``, the delete of session ``session_id``, whose new token no
@@ -872,10 +880,17 @@ class Session:
         self._forget()
         self._cookie_change = "clear"
 
-    def _spare(self) -> None:
-        """No longer this request's session, its token rotated away: the cookie stays."""
+    def _spare(self, holder: str) -> None:
+        """No longer this request's session, its token rotated away to session ``holder``:
+        the cookie stays."""
         self._forget()
         self._cookie_change = "spare"
+        self._rotated_to = holder
+
+    async def _end_rotated_to(self, holder: str | None) -> None:
+        """End session ``holder``, the one this request's token was rotated away to, if any."""
+        if holder is not None:
+            await self._store.delete(holder, now=time.time())
 
 
 def _plain_key(key: object) -> str:

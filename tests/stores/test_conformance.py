@@ -916,7 +916,8 @@ async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> No
 
 async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: Store) -> None:
     """A request the browser sent before a rotation's answer must not clear its new
-    cookie: the store says its digest was rotated away, for as long as the caller asked.
+    cookie: the store names the session its digest was rotated away to (which a logout
+    with it ends), for as long as the caller asked.
     """
     t0 = start_time()
     record = make_record(now=t0)
@@ -927,12 +928,12 @@ async def test_a_digest_rotated_away_is_told_apart_until_its_time_passes(store: 
     rotated = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
 
     assert await store.get(record.token_digest, now=t0 + 2) is None
-    assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
-    assert await store.was_rotated_away(record.token_digest, now=t0 + 60)
-    assert not await store.was_rotated_away(record.token_digest, now=t0 + 61)
+    assert await store.rotated_away_to(record.token_digest, now=t0 + 2) == record.id
+    assert await store.rotated_away_to(record.token_digest, now=t0 + 60)
+    assert not await store.rotated_away_to(record.token_digest, now=t0 + 61)
     # The digest in use, another session's, and one never stored were not rotated away.
     for digest in (rotated, other.token_digest, new_digest()):
-        assert not await store.was_rotated_away(digest, now=t0 + 2)
+        assert not await store.rotated_away_to(digest, now=t0 + 2)
     assert await store.get(rotated, now=t0 + 2) is not None
 
 
@@ -951,14 +952,14 @@ async def test_a_login_over_a_session_keeps_its_digest_as_rotated_away(store: St
     )
 
     assert await store.get(replaced.token_digest, now=t0 + 2) is None
-    assert await store.was_rotated_away(replaced.token_digest, now=t0 + 2)
-    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 61)
-    assert not await store.was_rotated_away(login.token_digest, now=t0 + 2)
+    assert await store.rotated_away_to(replaced.token_digest, now=t0 + 2) == login.id
+    assert not await store.rotated_away_to(replaced.token_digest, now=t0 + 61)
+    assert not await store.rotated_away_to(login.token_digest, now=t0 + 2)
     assert_same_record(await stored_at(store, login, now=t0 + 2), login)
     # The login's own rotation replaces the mark, as any rotation's does.
     rotated = await rotate_away(store, login, now=t0 + 3, until=t0 + 63)
-    assert await store.was_rotated_away(login.token_digest, now=t0 + 4)
-    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 4)
+    assert await store.rotated_away_to(login.token_digest, now=t0 + 4)
+    assert not await store.rotated_away_to(replaced.token_digest, now=t0 + 4)
     assert await store.get(rotated, now=t0 + 4) is not None
 
 
@@ -968,11 +969,11 @@ async def test_a_login_over_a_session_forgets_its_digest_with_the_new_session(
     t0 = start_time()
     replaced, login = make_record(now=t0), make_record(now=t0)
     await store.create(login, max_sessions=10, now=t0, replaced=(replaced.token_digest, t0 + 61))
-    assert await store.was_rotated_away(replaced.token_digest, now=t0 + 1)
+    assert await store.rotated_away_to(replaced.token_digest, now=t0 + 1)
 
     assert await store.delete(login.id, now=t0 + 1)
 
-    assert not await store.was_rotated_away(replaced.token_digest, now=t0 + 2)
+    assert not await store.rotated_away_to(replaced.token_digest, now=t0 + 2)
 
 
 @pytest.mark.parametrize(
@@ -1022,9 +1023,9 @@ async def test_a_digest_rotated_away_is_forgotten_with_its_session(store: Store)
         await rotate_away(store, each, now=t0 + 1, until=t0 + 10 * TTL)
     assert await store.delete(deleted.id, now=t0 + 2)
 
-    assert not await store.was_rotated_away(deleted.token_digest, now=t0 + 2)
-    assert await store.was_rotated_away(expiring.token_digest, now=t0 + TTL)
-    assert not await store.was_rotated_away(expiring.token_digest, now=t0 + 1 + TTL)
+    assert not await store.rotated_away_to(deleted.token_digest, now=t0 + 2)
+    assert await store.rotated_away_to(expiring.token_digest, now=t0 + TTL)
+    assert not await store.rotated_away_to(expiring.token_digest, now=t0 + 1 + TTL)
 
 
 async def test_a_rotation_without_a_notice_time_leaves_no_digest_rotated_away(store: Store) -> None:
@@ -1034,7 +1035,7 @@ async def test_a_rotation_without_a_notice_time_leaves_no_digest_rotated_away(st
 
     await rotate_away(store, record, now=t0 + 1, until=None)
 
-    assert not await store.was_rotated_away(record.token_digest, now=t0 + 2)
+    assert not await store.rotated_away_to(record.token_digest, now=t0 + 2)
 
 
 async def test_the_latest_rotation_names_the_digest_rotated_away(store: Store) -> None:
@@ -1047,8 +1048,8 @@ async def test_the_latest_rotation_names_the_digest_rotated_away(store: Store) -
         store, dataclasses.replace(record, token_digest=first), now=t0 + 2, until=t0 + 62
     )
 
-    assert await store.was_rotated_away(first, now=t0 + 3)
-    assert not await store.was_rotated_away(first, now=t0 + 62)
+    assert await store.rotated_away_to(first, now=t0 + 3)
+    assert not await store.rotated_away_to(first, now=t0 + 62)
 
 
 async def test_a_refused_rotation_leaves_nothing_rotated_away(store: Store) -> None:
@@ -1068,8 +1069,8 @@ async def test_a_refused_rotation_leaves_nothing_rotated_away(store: Store) -> N
     assert not await store.update(record.id, update, now=t0 + 1)
     assert not await store.update(new_session_id(), update, now=t0 + 1)
 
-    assert not await store.was_rotated_away(stale, now=t0 + 2)
-    assert not await store.was_rotated_away(record.token_digest, now=t0 + 2)
+    assert not await store.rotated_away_to(stale, now=t0 + 2)
+    assert not await store.rotated_away_to(record.token_digest, now=t0 + 2)
     assert await store.get(record.token_digest, now=t0 + 2) is not None
 
 
@@ -1078,11 +1079,11 @@ async def test_a_refused_rotation_leaves_nothing_rotated_away(store: Store) -> N
     [(b"digest", 0.0, TypeError), ("", 0.0, ValueError), ("d", math.nan, ValueError)],
     ids=["bytes-digest", "empty-digest", "nan-now"],
 )
-async def test_was_rotated_away_refuses_a_digest_or_now_that_is_not_one(
+async def test_rotated_away_to_refuses_a_digest_or_now_that_is_not_one(
     store: Store, digest: Any, now: float, error: type[Exception]
 ) -> None:
     with pytest.raises(error):
-        await store.was_rotated_away(digest, now=now)
+        await store.rotated_away_to(digest, now=now)
 
 
 async def test_an_update_guarded_by_another_sessions_digest_is_refused(store: Store) -> None:
@@ -1129,7 +1130,7 @@ async def test_an_update_naming_the_digest_the_session_holds_is_no_rotation(stor
     got = await store.get(record.token_digest, now=t0 + 1)
     assert got is not None
     assert (got.id, got.data, got.last_active_at) == (record.id, {"a": 1, "b": 2}, t0 + 1)
-    assert not await store.was_rotated_away(record.token_digest, now=t0 + 1)
+    assert not await store.rotated_away_to(record.token_digest, now=t0 + 1)
     (listed,) = await store.list_for_user(record.user_id, now=t0 + 1)
     assert listed.token_digest == record.token_digest
 

@@ -251,7 +251,7 @@ async def test_a_third_version_schema_gains_the_digests_rotated_away_and_keeps_i
 
     async with PostgresStore(postgres_url, schema=postgres_schema) as store:
         assert await store.get(kept.token_digest, now=t0) == kept
-        assert not await store.was_rotated_away(kept.token_digest, now=t0)
+        assert not await store.rotated_away_to(kept.token_digest, now=t0)
         rotation = make_update(
             now=t0 + 1,
             token_digest=new_digest(),
@@ -259,7 +259,7 @@ async def test_a_third_version_schema_gains_the_digests_rotated_away_and_keeps_i
             rotated_away_until=t0 + 61,
         )
         assert await store.update(kept.id, rotation, now=t0 + 1)
-        assert await store.was_rotated_away(kept.token_digest, now=t0 + 2)
+        assert await store.rotated_away_to(kept.token_digest, now=t0 + 2)
 
     assert await recorded_marks(admin, postgres_schema) == [(SCHEMA_VERSION, COMPATIBLE_FROM)]
 
@@ -822,11 +822,11 @@ async def test_a_login_over_a_session_under_a_taken_name_is_refused_and_marks_no
                 login, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60)
             )
 
-    assert not await postgres_store.was_rotated_away(replaced_digest, now=t0)
+    assert not await postgres_store.rotated_away_to(replaced_digest, now=t0)
     assert await postgres_store.get(kept.token_digest, now=t0) == kept
     again = make_record(now=t0)
     await postgres_store.create(again, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60))
-    assert await postgres_store.was_rotated_away(replaced_digest, now=t0)
+    assert await postgres_store.rotated_away_to(replaced_digest, now=t0)
 
 
 async def test_a_login_over_a_session_that_times_out_leaves_nothing_and_the_store_recovers(
@@ -851,9 +851,9 @@ async def test_a_login_over_a_session_that_times_out_leaves_nothing_and_the_stor
             assert isinstance(raised.value.__cause__, TimeoutError)
 
         assert await store.get(login.token_digest, now=t0) is None
-        assert not await store.was_rotated_away(replaced_digest, now=t0)
+        assert not await store.rotated_away_to(replaced_digest, now=t0)
         await store.create(login, max_sessions=10, now=t0, replaced=(replaced_digest, t0 + 60))
-        assert await store.was_rotated_away(replaced_digest, now=t0)
+        assert await store.rotated_away_to(replaced_digest, now=t0)
         assert await admin.fetchval(BACKENDS_NAMED, name) == [pid]
 
 

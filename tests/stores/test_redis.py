@@ -232,13 +232,13 @@ async def test_a_digest_rotated_away_from_points_to_its_session_for_as_long_as_k
     pointer = setup.rotated_away_key(second)
     assert 20_000 < await setup.raw.pttl(pointer) <= 30_000  # the session's 30 s
     assert sorted(await setup.all_keys()) == sorted([*setup.keys(record).values(), pointer])
-    assert not await setup.other.was_rotated_away(first, now=t0)
-    assert await setup.other.was_rotated_away(second, now=t0)
+    assert not await setup.other.rotated_away_to(first, now=t0)
+    assert await setup.other.rotated_away_to(second, now=t0)
 
     third = await setup.rotate_away(record, now=t0, until=t0)
     assert sorted(await setup.all_keys()) == sorted(setup.keys(record).values())
-    assert not await setup.other.was_rotated_away(second, now=t0)
-    assert not await setup.other.was_rotated_away(third, now=t0)
+    assert not await setup.other.rotated_away_to(second, now=t0)
+    assert not await setup.other.rotated_away_to(third, now=t0)
 
 
 async def test_a_pointer_naming_a_session_that_does_not_keep_the_digest_says_nothing(
@@ -252,10 +252,10 @@ async def test_a_pointer_naming_a_session_that_does_not_keep_the_digest_says_not
     stray = new_digest()
     await setup.raw.set(setup.rotated_away_key(stray), setup.location(record), px=60_000)
 
-    assert not await setup.store.was_rotated_away(stray, now=t0)  # it keeps none
+    assert not await setup.store.rotated_away_to(stray, now=t0)  # it keeps none
     kept = await setup.rotate_away(record, now=t0, until=t0 + 60)
-    assert not await setup.store.was_rotated_away(stray, now=t0)  # it keeps another
-    assert await setup.store.was_rotated_away(kept, now=t0)
+    assert not await setup.store.rotated_away_to(stray, now=t0)  # it keeps another
+    assert await setup.store.rotated_away_to(kept, now=t0)
 
 
 async def test_a_login_over_a_session_points_from_its_digest_for_as_long_as_kept(
@@ -273,7 +273,7 @@ async def test_a_login_over_a_session_points_from_its_digest_for_as_long_as_kept
     assert await setup.raw.get(pointer) == setup.location(login)
     assert 10_000 < await setup.raw.pttl(pointer) <= 20_000
     assert sorted(await setup.all_keys()) == sorted([*setup.keys(login).values(), pointer])
-    assert await setup.other.was_rotated_away(replaced, now=t0)
+    assert await setup.other.rotated_away_to(replaced, now=t0)
 
     longer, outliving = new_digest(), make_record(now=t0, ttl=30)
     await setup.store.create(outliving, max_sessions=10, now=t0, replaced=(longer, t0 + 100))
@@ -282,12 +282,12 @@ async def test_a_login_over_a_session_points_from_its_digest_for_as_long_as_kept
     assert await setup.store.delete(login.id, now=t0)
     assert await setup.store.delete(outliving.id, now=t0)
     assert await setup.all_keys() == []
-    assert not await setup.other.was_rotated_away(replaced, now=t0)
+    assert not await setup.other.rotated_away_to(replaced, now=t0)
 
     past, late = new_digest(), make_record(now=t0)
     await setup.store.create(late, max_sessions=10, now=t0, replaced=(past, t0))
     assert sorted(await setup.all_keys()) == sorted(setup.keys(late).values())
-    assert not await setup.other.was_rotated_away(past, now=t0)
+    assert not await setup.other.rotated_away_to(past, now=t0)
 
 
 async def test_a_refused_login_over_a_session_leaves_no_pointer_of_its_digest(
@@ -306,7 +306,7 @@ async def test_a_refused_login_over_a_session_leaves_no_pointer_of_its_digest(
         await setup.store.create(clash, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
 
     assert sorted(await setup.all_keys()) == keys_before
-    assert not await setup.other.was_rotated_away(replaced, now=t0)
+    assert not await setup.other.rotated_away_to(replaced, now=t0)
 
 
 @pytest.mark.parametrize("ending", ["delete", "delete_for_user", "eviction", "delete_expired"])
@@ -331,10 +331,10 @@ async def test_the_pointer_of_a_digest_rotated_away_goes_with_its_session(
         assert await setup.store.delete_expired(now=t0 + 30) == 1
 
     assert await setup.all_keys() == []
-    assert not await setup.other.was_rotated_away(left, now=t0 + 1)
+    assert not await setup.other.rotated_away_to(left, now=t0 + 1)
 
 
-async def test_was_rotated_away_on_a_single_server_is_one_command(
+async def test_rotated_away_to_on_a_single_server_is_one_command(
     redis_url: str, redis_prefix: str
 ) -> None:
     t0 = start_time()
@@ -349,11 +349,11 @@ async def test_was_rotated_away_on_a_single_server_is_one_command(
             rotated_away_until=t0 + 60,
         )
         assert await store.update(record.id, rotation, now=t0)
-        await store.was_rotated_away(new_digest(), now=t0)  # loads the script
+        await store.rotated_away_to(new_digest(), now=t0)  # loads the script
 
-        asked = store.was_rotated_away(record.token_digest, now=t0)
+        asked = store.rotated_away_to(record.token_digest, now=t0)
         assert await commands_sent(raw, redis_prefix, asked) == ["EVALSHA"]
-        assert await store.was_rotated_away(record.token_digest, now=t0)
+        assert await store.rotated_away_to(record.token_digest, now=t0)
     await raw.aclose()
 
 
@@ -1018,7 +1018,7 @@ async def test_a_login_over_a_session_on_a_single_server_is_one_command(
         login = store.create(second, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
         assert await commands_sent(raw, redis_prefix, login) == ["EVALSHA"]
 
-        assert await store.was_rotated_away(replaced, now=t0)
+        assert await store.rotated_away_to(replaced, now=t0)
     await raw.aclose()
 
 
@@ -1396,7 +1396,7 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
             assert await store.update(record.id, rotation, now=t0 + 1)
             assert client.marker is None  # the claim, or the script, ran twice
             assert await store.get(record.token_digest, now=t0 + 1) is None
-            assert await store.was_rotated_away(record.token_digest, now=t0 + 1)
+            assert await store.rotated_away_to(record.token_digest, now=t0 + 1)
             found = await store.get(rotated, now=t0 + 1)
             assert found is not None
             assert found.id == record.id
@@ -1424,7 +1424,7 @@ async def test_a_cluster_login_over_a_session_stands_after_the_clients_retry(
             await store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
             assert client.marker is None  # the login's script ran twice
             assert await store.list_for_user("alice", now=t0) == [record]
-            assert await store.was_rotated_away(replaced, now=t0)
+            assert await store.rotated_away_to(replaced, now=t0)
     finally:
         await delete_prefixed(client, redis_prefix)
 
@@ -1524,7 +1524,7 @@ async def test_a_login_and_a_rotation_whose_replies_were_lost_stand_after_the_cl
             )
             assert await store.update(record.id, rotation, now=t0 + 1)
             assert await store.get(record.token_digest, now=t0 + 1) is None
-            assert await store.was_rotated_away(record.token_digest, now=t0 + 1)
+            assert await store.rotated_away_to(record.token_digest, now=t0 + 1)
             found = await store.get(rotated, now=t0 + 1)
             assert found is not None
             assert (found.id, found.data) == (record.id, {"a": 1})
@@ -1544,7 +1544,7 @@ async def test_a_login_over_a_session_whose_reply_was_lost_stands_after_the_clie
             proxy.lose_reply_to(record.token_digest.encode())
             await store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
             assert await store.list_for_user("alice", now=t0) == [record]
-            assert await store.was_rotated_away(replaced, now=t0)
+            assert await store.rotated_away_to(replaced, now=t0)
             assert proxy.accepted >= 2  # the lost reply cost its connection
     finally:
         await client.aclose()
@@ -1674,15 +1674,15 @@ async def test_cluster_rotated_away_reads_on_connections_the_nodes_closed_while_
             await store.create(record, max_sessions=10, now=t0)
             await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
         for record in records:  # a connection to every node, idle in its pool
-            assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+            assert await store.rotated_away_to(record.token_digest, now=t0 + 2)
         await close_the_clients_connections(redis_cluster_url)
 
         results = await asyncio.gather(
-            *(store.was_rotated_away(record.token_digest, now=t0 + 2) for record in records),
+            *(store.rotated_away_to(record.token_digest, now=t0 + 2) for record in records),
             return_exceptions=True,
         )
 
-    assert results == [True] * len(records)
+    assert results == [record.id for record in records]
 
 
 async def test_a_read_cancelled_mid_reply_leaves_nothing_for_the_next_read(

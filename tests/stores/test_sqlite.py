@@ -614,7 +614,7 @@ async def test_a_file_of_the_first_builds_is_upgraded_keeping_its_sessions(
             assert await store.get(record.token_digest, now=t0) == record
             assert [r.id for r in await store.list_for_user("alice", now=t0)] == [record.id]
             await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
-            assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+            assert await store.rotated_away_to(record.token_digest, now=t0 + 2)
 
     # Never "newer than this release knows": the upgrade, and only it.
     assert caplog.messages == [
@@ -748,7 +748,7 @@ async def test_a_file_of_the_previous_release_is_upgraded_keeping_its_sessions(
     async with SQLiteStore(db_path) as store:
         assert await store.get(record.token_digest, now=t0) == record
         rotated = await rotate_away(store, record, now=t0 + 1, until=t0 + 61)
-        assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
+        assert await store.rotated_away_to(record.token_digest, now=t0 + 2)
         got = await store.get(rotated, now=t0 + 2)
         assert got == replace(
             record, token_digest=rotated, last_active_at=t0 + 1, expires_at=t0 + 1 + TTL
@@ -789,11 +789,11 @@ async def test_the_previous_release_runs_on_the_upgraded_file(db_path: Path) -> 
 
     async with SQLiteStore(db_path) as store:
         assert await store.get(older.token_digest, now=t0 + 2) == older
-        assert not await store.was_rotated_away(older.token_digest, now=t0 + 2)
+        assert not await store.rotated_away_to(older.token_digest, now=t0 + 2)
         assert await store.get(later, now=t0 + 2) is not None
-        assert await store.was_rotated_away(record.token_digest, now=t0 + 2)
-        assert not await store.was_rotated_away(marked, now=t0 + 2)
-        assert not await store.was_rotated_away(record.token_digest, now=t0 + 61)
+        assert await store.rotated_away_to(record.token_digest, now=t0 + 2)
+        assert not await store.rotated_away_to(marked, now=t0 + 2)
+        assert not await store.rotated_away_to(record.token_digest, now=t0 + 61)
 
 
 @pytest.mark.parametrize("path", [":memory:", "file::memory:", "file::memory:?cache=shared"])
@@ -1247,7 +1247,7 @@ async def test_a_rotation_that_finds_the_file_busy_marks_the_digest_on_the_write
         rotated = await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
 
     assert busy.refused == 1
-    assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
+    assert await impatient_store.rotated_away_to(record.token_digest, now=t0 + 2)
     assert await impatient_store.get(rotated, now=t0 + 2) is not None
 
 
@@ -1258,8 +1258,8 @@ async def test_a_busy_lookup_of_a_digest_rotated_away_is_retried_on_the_writer(
     await rotate_away(impatient_store, record, now=t0 + 1, until=t0 + 61)
     busy = BusyReader(sqlite3.SQLITE_BUSY)
     with loop_db_replaced(impatient_store, busy):
-        assert await impatient_store.was_rotated_away(record.token_digest, now=t0 + 2)
-        assert not await impatient_store.was_rotated_away(new_digest(), now=t0 + 2)
+        assert await impatient_store.rotated_away_to(record.token_digest, now=t0 + 2)
+        assert not await impatient_store.rotated_away_to(new_digest(), now=t0 + 2)
 
     assert busy.calls == 2
 
@@ -1284,7 +1284,7 @@ async def test_only_a_login_over_a_session_names_the_rotated_away_columns_in_its
     assert len(replacing) == len(ordinary)
     (marking,) = [sql for sql in replacing if "rotated_away" in sql]
     assert marking.startswith(f"INSERT INTO {TABLE} (")
-    assert await store.was_rotated_away(replaced, now=t0 + 1)
+    assert await store.rotated_away_to(replaced, now=t0 + 1)
 
 
 async def test_a_login_over_a_session_that_finds_the_file_busy_marks_the_digest_on_the_writer(
@@ -1297,7 +1297,7 @@ async def test_a_login_over_a_session_that_finds_the_file_busy_marks_the_digest_
         await impatient_store.create(record, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
 
     assert busy.refused == 1
-    assert await impatient_store.was_rotated_away(replaced, now=t0 + 1)
+    assert await impatient_store.rotated_away_to(replaced, now=t0 + 1)
     assert await impatient_store.get(record.token_digest, now=t0 + 1) == record
 
 
@@ -1311,7 +1311,7 @@ async def test_a_login_over_a_session_that_is_refused_marks_nothing(
     with pytest.raises(CreateError):
         await impatient_store.create(taken, max_sessions=10, now=t0, replaced=(replaced, t0 + 60))
 
-    assert not await impatient_store.was_rotated_away(replaced, now=t0 + 1)
+    assert not await impatient_store.rotated_away_to(replaced, now=t0 + 1)
 
 
 async def test_a_login_evicted_takes_the_digest_it_replaced_with_it(
@@ -1324,7 +1324,7 @@ async def test_a_login_evicted_takes_the_digest_it_replaced_with_it(
 
     await impatient_store.create(make_record(now=t0 + 1), max_sessions=1, now=t0 + 1)
 
-    assert not await impatient_store.was_rotated_away(replaced, now=t0 + 2)
+    assert not await impatient_store.rotated_away_to(replaced, now=t0 + 2)
 
 
 @pytest.mark.parametrize("going", ["delete", "delete_for_user", "delete_expired", "evicted"])
@@ -1348,7 +1348,7 @@ async def test_a_session_that_goes_takes_its_digest_rotated_away_with_it(
 
     # Within the rotation's time, and (but once expired) the session's.
     asked_at = t0 + 1 + TTL if going == "delete_expired" else t0 + 2
-    assert not await store.was_rotated_away(record.token_digest, now=asked_at)
+    assert not await store.rotated_away_to(record.token_digest, now=asked_at)
     db = sqlite3.connect(store.path)
     try:
         marked = db.execute(

@@ -10,7 +10,7 @@ Pick one by URL with :func:`open_store`, or build it directly::
 
 A new store subclasses :class:`Store` and implements its eight primitives,
 each speaking only in records, token digests, session ids and times, and
-a ninth, :meth:`Store.was_rotated_away`, whose default (remembering nothing)
+a ninth, :meth:`Store.rotated_away_to`, whose default (remembering nothing)
 answers a token rotated away moments ago as a revoked one, its cookie cleared::
 
     class DictStore(Store):

@@ -408,7 +408,7 @@ class Store(abc.ABC):
 
         ``replaced``, a login's over a live session (deleted before): that session's
         token digest, which the new session keeps as the one it was rotated away from,
-        and until when (see :meth:`was_rotated_away`), as a rotation's update would.
+        and until when (see :meth:`rotated_away_to`), as a rotation's update would.
         The same browser's requests sent before the login's answer carry it.
 
         Raises :class:`CreateError` when the id or token digest exists already, and
@@ -451,25 +451,26 @@ class Store(abc.ABC):
                 stored session's; nothing changed (the caller draws a new token).
         """
 
-    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
-        """Whether a session was rotated away from ``token_digest`` by an update whose
-        :attr:`~authsessions._records.SessionUpdate.rotated_away_until` is after ``now``.
+    async def rotated_away_to(self, token_digest: str, *, now: float) -> str | None:
+        """The id of the session that was rotated away from ``token_digest`` by an update
+        whose :attr:`~authsessions._records.SessionUpdate.rotated_away_until` is after
+        ``now`` (or by a login's create given it as ``replaced``), else ``None``.
 
         Asked only of a digest :meth:`get` found no session for, so it costs nothing on
-        the requests that carry a live token. ``False`` for a digest never rotated away,
+        the requests that carry a live token. ``None`` for a digest never rotated away,
         once the rotation's time has passed, and once the session has expired or been
         deleted. A session keeps one such digest, its latest rotation's: the next
         rotation (given a time) replaces it; one the store refuses (the session holds
         another digest, or is gone), or onto the digest the session holds, marks none.
         A rotation by code that gives no time (an older release's) may leave it as it
         was. This base remembers nothing: a store that does not override it answers
-        ``False``, and a rotated-away token is answered as a revoked one.
+        ``None``, and a rotated-away token is answered as a revoked one.
 
         Raises ``TypeError`` or ``ValueError`` when ``token_digest`` is not a key stores
         keep or ``now`` is not a finite UNIX timestamp, before any store access.
         """
-        _checks.was_rotated_away_args(token_digest, now)
-        return False
+        _checks.rotated_away_to_args(token_digest, now)
+        return None
 
     @abc.abstractmethod
     async def delete(

@@ -34,8 +34,8 @@ __all__ = [
     "require_str",
     "require_text",
     "require_time",
+    "rotated_away_to_args",
     "update_args",
-    "was_rotated_away_args",
 ]
 
 
@@ -239,8 +239,8 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
     return require_time("now", now)
 
 
-def was_rotated_away_args(token_digest: object, now: object) -> float:
-    """What ``Store.was_rotated_away`` checks before any store access; returns ``now``."""
+def rotated_away_to_args(token_digest: object, now: object) -> float:
+    """What ``Store.rotated_away_to`` checks before any store access; returns ``now``."""
     _require_key("token_digest", token_digest)
     return require_time("now", now)
 

@@ -118,7 +118,7 @@ class Sql:
     capped_patch: str
     guarded_patch: str
     remembering_patch: str
-    was_rotated_away: str
+    rotated_away_to: str
     delete: str
     delete_for_user: str
     delete_expired: str
@@ -178,8 +178,8 @@ class Sql:
                 ", rotated_away_from = $9, rotated_away_until = $10",
             ),
             # Not the session's once it has expired, as for every other read.
-            was_rotated_away=f"SELECT EXISTS (SELECT FROM {t} WHERE rotated_away_from = $1"
-            " AND rotated_away_until > $2 AND expires_at > $2)",
+            rotated_away_to=f"SELECT id FROM {t} WHERE rotated_away_from = $1"
+            " AND rotated_away_until > $2 AND expires_at > $2 LIMIT 1",
             # Only the owner $3 and only while it holds the digest $4, where either is
             # given (the id finds the row). Whether the session was live; NULL if none.
             delete=f"DELETE FROM {t} WHERE id = $1 AND ($3::text IS NULL OR user_id = $3)"

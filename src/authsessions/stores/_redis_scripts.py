@@ -358,14 +358,14 @@ end
 """
 
 # Single server only: reads a key KEYS does not name, which a cluster may hold elsewhere.
-# KEYS: rotated-away digest pointer. ARGV: key prefix, the digest, now. Returns 1 if the
-# session the pointer names keeps the digest (see KEEPS_ROTATED_AWAY), else nil.
+# KEYS: rotated-away digest pointer. ARGV: key prefix, the digest, now. Returns the id of
+# the session the pointer names if it keeps the digest (see KEEPS_ROTATED_AWAY), else nil.
 ROTATED_AWAY = """
 local loc = redis.call('GET', KEYS[1])
 if not loc then return false end
 local tag, sid = string.match(loc, '^(%x+):(.+)$')
 local key = ARGV[1] .. '{' .. tag .. '}:s:' .. sid
-if keeps_rotated_away(key, ARGV[2], tonumber(ARGV[3])) then return 1 end
+if keeps_rotated_away(key, ARGV[2], tonumber(ARGV[3])) then return sid end
 return false
 """
 

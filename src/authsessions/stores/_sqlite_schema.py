@@ -55,7 +55,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"DROP INDEX {TABLE}_user_id",
         f"CREATE INDEX {TABLE}_user ON {TABLE} (user_id)",
     ),
-    # The digest a session's latest rotation left, for was_rotated_away. Columns of the
+    # The digest a session's latest rotation left, for rotated_away_to. Columns of the
     # row, not a table of their own: they go with the session however it goes, and a
     # rotation sets them in its own UPDATE. Added without a default, which SQLite does
     # without rewriting a row. The index holds only rows a rotation marked, so no other
@@ -74,7 +74,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # unchanged. The third only added columns that may be NULL, and an index: every release
 # names the columns it reads and inserts, so older code runs on it unchanged too. Its
 # rotations leave a digest marked by an earlier one as it was, until that one's time,
-# which was_rotated_away allows (a rotation "may" end the previous one's time). A
+# which rotated_away_to allows (a rotation "may" end the previous one's time). A
 # migration that changes what older code reads or writes sets it to its own version.
 COMPATIBLE_FROM = 1
 SCHEMA_TABLE = f"{TABLE}_schema"

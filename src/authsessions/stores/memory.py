@@ -134,12 +134,14 @@ class MemoryStore(Store):
             self._file_expiry(session_id, record.expires_at)
         return True
 
-    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+    async def rotated_away_to(self, token_digest: str, *, now: float) -> str | None:
         self._require_open()
-        now = _checks.was_rotated_away_args(token_digest, now)
+        now = _checks.rotated_away_to_args(token_digest, now)
         session_id = self._ids_by_rotated_away_digest.get(token_digest)
         row = None if session_id is None else self._rows[session_id]
-        return row is not None and row.rotated_away_until > now and row.record.expires_at > now
+        if row is not None and row.rotated_away_until > now and row.record.expires_at > now:
+            return session_id
+        return None
 
     async def delete(
         self,

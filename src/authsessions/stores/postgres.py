@@ -651,15 +651,15 @@ class PostgresStore(Store):
             raise DataTooLarge(size, cap)
         return bool(patched)
 
-    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
-        now = _checks.was_rotated_away_args(token_digest, now)
+    async def rotated_away_to(self, token_digest: str, *, now: float) -> str | None:
+        now = _checks.rotated_away_to_args(token_digest, now)
         # No transaction: one read, whatever the isolation, sees one snapshot.
         with translate_errors("PostgreSQL", *self._errors):
             async with self._borrow() as conn:
-                found = await conn.fetchval(
-                    self._sql.was_rotated_away, token_digest, now, timeout=self.command_timeout
+                found: str | None = await conn.fetchval(
+                    self._sql.rotated_away_to, token_digest, now, timeout=self.command_timeout
                 )
-        return found is True
+        return found
 
     async def delete(
         self,

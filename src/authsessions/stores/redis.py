@@ -23,7 +23,7 @@ single server the scripts write and remove them themselves, so a login, an
 update and a logout are one round trip each.
 
 A rotation may keep the digest it rotates away from for a while (see
-``was_rotated_away``): the hash records it (field ``ra``) and until when
+``rotated_away_to``): the hash records it (field ``ra``) and until when
 (``ru``), one per session, its latest rotation's, and a third pointer leads
 from it to the session for that long. A login over a live session keeps that
 session's digest alike, from its create (``replaced``). A hint too: the
@@ -617,26 +617,26 @@ class RedisStore(Store):
             await self._drop_pointers([session_id, digest, kept])
         return int(live) == 1
 
-    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
+    async def rotated_away_to(self, token_digest: str, *, now: float) -> str | None:
         """One script on a single server; in a cluster, where the session may sit on
         another node than the pointer, two round trips (asked only for unknown tokens).
         """
-        now = _checks.was_rotated_away_args(token_digest, now)
+        now = _checks.rotated_away_to_args(token_digest, now)
         client = self._require_client()
         key = self._rotated_away_key(token_digest)
         with translate_errors("Redis", *self._errors):
             if not self._cluster:
                 found = await self._rotated_away(keys=[key], args=[self.prefix, token_digest, now])
-                return found is not None
+                return None if found is None else str(found)
             pointer = cast("str | None", await self._read_once_more_if_closed(client.get, key))
             if pointer is None:
-                return False
+                return None
             tag, session_id = _location(pointer)
             session_key = self._session_prefix(tag) + session_id
             found = await self._read_once_more_if_closed(
                 self._keeps_rotated_away, keys=[session_key], args=[token_digest, now]
             )
-        return found is not None
+        return None if found is None else session_id
 
     async def _read_once_more_if_closed(
         self, read: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
@@ -817,7 +817,7 @@ class RedisStore(Store):
             await self._unlink(keys)
         elif self._cluster:
             # A pointer left behind names nothing live (``get`` checks the digest the
-            # session holds, ``was_rotated_away`` the one it keeps) and expires when the
+            # session holds, ``rotated_away_to`` the one it keeps) and expires when the
             # session, or the time it kept a digest for, would have.
             count = len(ended) // 3
             with self._after_the_script(

@@ -135,7 +135,7 @@ _SELECT_TO_DELETE = (
 )
 # Over the partial index on rotated_away_from: "= ?" is never true of a NULL.
 _SELECT_ROTATED_AWAY = (
-    f"SELECT 1 FROM {TABLE} WHERE rotated_away_from = ? AND rotated_away_until > ?"
+    f"SELECT id FROM {TABLE} WHERE rotated_away_from = ? AND rotated_away_until > ?"
     " AND expires_at > ? LIMIT 1"
 )
 _SELECT_BY_USER = (
@@ -468,13 +468,13 @@ class SQLiteStore(Store):
             rows = await self._read_when_free(_SELECT_BY_USER, params)
         return [_record(row) for row in rows]
 
-    async def was_rotated_away(self, token_digest: str, *, now: float) -> bool:
-        now = _checks.was_rotated_away_args(token_digest, now)
+    async def rotated_away_to(self, token_digest: str, *, now: float) -> str | None:
+        now = _checks.rotated_away_to_args(token_digest, now)
         params = (token_digest, now, now)
         rows = self._read_now(_SELECT_ROTATED_AWAY, params)
         if rows is None:
             rows = await self._read_when_free(_SELECT_ROTATED_AWAY, params)
-        return bool(rows)
+        return rows[0][0] if rows else None
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
@@ -565,7 +565,7 @@ class SQLiteStore(Store):
         insert = _INSERT
         if replaced is not None:
             # Another row marked with the same digest (never, with random tokens) is left
-            # as it is: each row's mark goes with its row, and was_rotated_away finds any.
+            # as it is: each row's mark goes with its row, and rotated_away_to finds any.
             insert = _INSERT_REPLACED
             values += replaced
 
