@@ -1749,6 +1749,26 @@ async def test_a_read_finishing_after_close_gives_its_connection_back(
         await client.aclose()
 
 
+@pytest.mark.parametrize("server", ["single", "cluster"])
+async def test_a_burst_of_calls_is_not_capped_without_max_connections(
+    request: pytest.FixtureRequest, redis_prefix: str, server: str
+) -> None:
+    """``None`` means no cap, as documented: left to redis-py, its pool allowed 100 (a
+    cluster's, per node) and failed the 101st call at once, so a burst of requests on a
+    fresh process got 503s."""
+    url = request.getfixturevalue("redis_url" if server == "single" else "redis_cluster_url")
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with RedisStore(url, prefix=redis_prefix) as store:
+        await store.create(record, max_sessions=10, now=t0)
+
+        listed = await asyncio.gather(
+            *(store.list_for_user(record.user_id, now=t0) for _ in range(150))
+        )
+
+    assert [len(each) for each in listed] == [1] * 150
+
+
 @pytest.mark.parametrize("max_connections", [1, 8, 32])
 async def test_reads_leave_an_apps_capped_client_connections_to_spare(
     redis_url: str, redis_prefix: str, max_connections: int

@@ -121,6 +121,10 @@ _DIGEST_TAKEN = -1
 _CLUSTER_POINTERS = "{"
 
 
+NO_CAP = 2**31 - 1
+"""The built client's connection cap when none is given: none at all, in effect."""
+
+
 class RedisStore(Store):
     """Sessions in Redis, or in a Redis Cluster, under a key prefix.
 
@@ -145,8 +149,9 @@ class RedisStore(Store):
             to ask the server on open.
         socket_timeout: seconds a command may wait for its reply.
         socket_connect_timeout: seconds to establish a connection.
-        max_connections: cap on the built client's connections (``None``: no cap);
-            a call beyond it fails at once with ``StoreUnavailable``.
+        max_connections: cap on the built client's connections (``None``: no cap, but
+            the server's ``maxclients``); a call beyond it fails at once with
+            ``StoreUnavailable``. A URL's ``?max_connections=`` sets it too.
 
     A failed command is not retried: the caller gets
     :class:`~authsessions.StoreUnavailable` once the timeouts pass.
@@ -214,7 +219,10 @@ class RedisStore(Store):
                 self._driver.MaintNotificationsConfig(enabled=False)
             )
         if max_connections is None:
-            del self._client_options["max_connections"]  # RedisCluster wants an int
+            # No cap, as said: redis-py's own default (100 since 6, per cluster node) made a
+            # burst of requests on a fresh process fail at once with 503s. An int, which
+            # RedisCluster wants.
+            self._client_options["max_connections"] = NO_CAP
         if url is not None and cluster:
             # RedisCluster takes options of its own, and refuses any other only as it is
             # built: built here unconnected, not first at open as its own TypeError.
