@@ -1981,6 +1981,22 @@ async def test_store_built_from_url_opens_at_startup_and_closes_at_shutdown(
     assert count_rows(path) == 1
 
 
+async def startup_failing_with(middleware: SessionMiddleware, error: str) -> list[Message]:
+    """What ``middleware`` sends the server at a lifespan startup that fails with a
+    ``ValueError`` matching ``error``."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(ValueError, match=error):
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    return sent
+
+
 async def test_a_store_that_cannot_open_fails_the_startup_once_whatever_the_app_sends() -> None:
     """An app whose lifespan answers any failure with its own ``startup.failed`` must
     not send the server a second one (a state error to the server).
@@ -1996,16 +2012,8 @@ async def test_a_store_that_cannot_open_fails_the_startup_once_whatever_the_app_
             raise
 
     middleware.app = app_failing_in_its_own_words
-    sent: list[Message] = []
 
-    async def receive() -> Message:
-        return {"type": "lifespan.startup"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    with pytest.raises(ValueError, match="PostgreSQL URL"):
-        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    sent = await startup_failing_with(middleware, "PostgreSQL URL")
 
     assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
     assert sent[0]["message"].startswith("the session store could not be opened: ")
@@ -2110,16 +2118,9 @@ async def test_a_store_url_no_store_takes_is_refused_as_the_store_opens() -> Non
     support (see test_uvicorn). At startup the server stops; without a lifespan, each
     request that needs the store fails with the same reason."""
     middleware = SessionMiddleware(Starlette(routes=ROUTES), store="mysql://nope")
-    sent: list[Message] = []
 
-    async def receive() -> Message:
-        return {"type": "lifespan.startup"}
+    sent = await startup_failing_with(middleware, "scheme")
 
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    with pytest.raises(ValueError, match="scheme"):
-        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert [message["type"] for message in sent] == ["lifespan.startup.failed"]
     assert "scheme" in sent[0]["message"]
     client = TestClient(middleware, base_url="https://testserver", raise_server_exceptions=True)
