@@ -429,6 +429,10 @@ class Session:
     async def logout(self) -> None:
         """Destroy the current session and clear its cookie; succeeds silently without one.
 
+        A token rotated away moments ago (by the same browser's other tab, as like as
+        not) destroys the session it was rotated to: that tab's answer, reaching the
+        browser after this one, must not keep it signed in.
+
         Raises:
             StoreUnavailable: the store failed; the session still exists.
         """
