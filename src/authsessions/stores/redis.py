@@ -121,7 +121,7 @@ _DIGEST_TAKEN = -1
 _CLUSTER_POINTERS = "{"
 
 
-NO_CAP = 2**31 - 1
+_NO_CAP = 2**31 - 1
 """The built client's connection cap when none is given: none at all, in effect."""
 
 
@@ -222,7 +222,7 @@ class RedisStore(Store):
             # No cap, as said: redis-py's own default (100 since 6, per cluster node) made a
             # burst of requests on a fresh process fail at once with 503s. An int, which
             # RedisCluster wants.
-            self._client_options["max_connections"] = NO_CAP
+            self._client_options["max_connections"] = _NO_CAP
         if url is not None and cluster:
             # RedisCluster takes options of its own, and refuses any other only as it is
             # built: built here unconnected, not first at open as its own TypeError.
