@@ -1236,6 +1236,47 @@ async def test_fifty_concurrent_requests_writing_different_keys_keep_all_fifty(
     assert stored.data == {"base": True, **{f"k{i}": i for i in range(50)}}
 
 
+@pytest.mark.parametrize("writes", ["nothing", "a key"])
+async def test_a_request_finding_its_due_touch_made_meanwhile_leaves_the_times_alone(
+    store: Store,
+    app_factory: AppFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    writes: str,
+) -> None:
+    """Requests that loaded a session together all find its touch due: the first to
+    write moves the times, once per touch interval, and the others keep them."""
+    gate, loaded = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        session = Session.from_request(request)
+        loaded.set()
+        await gate.wait()
+        if writes == "a key":
+            session.set("cart", ["book"])
+        return JSONResponse({})
+
+    config = SessionConfig(touch_interval=timedelta(seconds=60))
+    client = client_factory(app_factory(store, config, extra_routes=[Route("/slow", slow)]))
+    token, _ = await plant_session(store, "alice", idle_for=120)
+    in_flight = asyncio.create_task(client.get("/slow", headers=cookie_header(token)))
+    await loaded.wait()
+    assert (await client.get("/me", headers=cookie_header(token))).status_code == 200
+    [touched] = await live_sessions(store, "alice")
+    later = time.time() + 5
+    monkeypatch.setattr(time, "time", lambda: later)
+    gate.set()
+
+    assert (await in_flight).status_code == 200
+
+    [stored] = await live_sessions(store, "alice")
+    assert (stored.last_active_at, stored.expires_at) == (
+        touched.last_active_at,
+        touched.expires_at,
+    )
+    assert stored.data == ({"cart": ["book"]} if writes == "a key" else {})
+
+
 async def test_concurrent_writes_cannot_together_exceed_max_data_bytes(
     store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

@@ -212,6 +212,13 @@ class SessionUpdate:
     time, for :meth:`~authsessions.stores.Store.rotated_away_to`. Requests the browser
     sent before the rotation's answer carry the old token; told apart from a revoked one,
     they are answered without clearing the cookie the rotation set.
+
+    ``touch_if_last_active_by``, when not ``None``, comes with times and makes them
+    conditional: they apply only while the stored ``last_active_at`` is at or before it,
+    and otherwise stay as stored while the rest of the update applies. A touch names
+    ``now - touch_interval``: of the requests that loaded a session together and all
+    found its touch due, only the first to write moves the times, and a request's time
+    never replaces a later one stored meanwhile (another server's clock may be behind).
     """
 
     last_active_at: float | None
@@ -222,6 +229,7 @@ class SessionUpdate:
     max_data_bytes: int | None = None
     expected_token_digest: str | None = field(default=None, repr=False)
     rotated_away_until: float | None = None
+    touch_if_last_active_by: float | None = None
 
     @property
     def changes_data(self) -> bool:

@@ -859,10 +859,14 @@ class Session:
             # The usual case, keys set and none removed. No copy: the callers hand the dict
             # over (set() starts a new one), so keys set while the store works are not in it.
             set_keys, removed_keys = changes, frozenset()
-        last_active_at: float | None = None
-        expires_at: float | None = None
+        last_active_at = expires_at = touch_if_last_active_by = None
         if moves_expiry:
             last_active_at, expires_at = now, self._expiry(created_at=record.created_at, now=now)
+            # A touch moves the times once per interval, however many requests found it
+            # due together; a rotation's only never steps them back.
+            touch_if_last_active_by = (
+                now if token_digest is not None else now - self._config.touch_interval_seconds
+            )
         return CheckedUpdate(
             last_active_at,
             expires_at,
@@ -872,6 +876,7 @@ class Session:
             self._config.max_data_bytes,
             expected,
             rotated_away_until,
+            touch_if_last_active_by,
         )
 
     def _forget(self) -> None:

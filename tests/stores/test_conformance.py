@@ -494,6 +494,21 @@ UPDATES_NO_STORE_APPLIES_ALIKE = [
         "rotated_away_until",
         id="notice-past-the-year-9999",
     ),
+    pytest.param(
+        {"last_active_at": None, "expires_at": None, "touch_if_last_active_by": 1.0},
+        ValueError,
+        "touch_if_last_active_by",
+        id="cutoff-without-times",
+    ),
+    pytest.param(
+        {"touch_if_last_active_by": "1"}, TypeError, "touch_if_last_active_by", id="str-cutoff"
+    ),
+    pytest.param(
+        {"touch_if_last_active_by": math.nan},
+        ValueError,
+        "touch_if_last_active_by",
+        id="nan-cutoff",
+    ),
     pytest.param({"max_data_bytes": True}, TypeError, "max_data_bytes", id="bool-cap"),
     pytest.param({"max_data_bytes": "100"}, TypeError, "max_data_bytes", id="str-cap"),
 ]
@@ -889,6 +904,92 @@ async def test_update_can_shorten_the_expiry(store: Store) -> None:
 
     assert await store.get(record.token_digest, now=t0 + 9) is not None
     assert await store.get(record.token_digest, now=t0 + 10) is None
+
+
+# What an update that finds the session touched since its cutoff still does: all but the
+# times. "new" stands for a fresh digest, "held" for the session's own.
+UPDATES_AFTER_A_TOUCH = {
+    "touch": {},
+    "data": {"set_keys": {"b": 2}, "removed_keys": frozenset({"a"})},
+    "capped-data": {"set_keys": {"b": 2}, "max_data_bytes": 1000},
+    "new-digest": {"token_digest": "new"},
+    "rotation": {"token_digest": "new", "expected_token_digest": "held"},
+    "rotation-remembering-the-digest": {
+        "token_digest": "new",
+        "expected_token_digest": "held",
+        "rotated_away_until": "soon",
+    },
+}
+
+
+@pytest.mark.parametrize("fields", UPDATES_AFTER_A_TOUCH.values(), ids=UPDATES_AFTER_A_TOUCH.keys())
+async def test_an_update_finding_the_session_touched_since_its_cutoff_keeps_the_times(
+    store: Store, fields: dict[str, Any]
+) -> None:
+    """Requests that loaded a session together all find its touch due; only the first
+    to write moves the times, and the others apply the rest of what they change."""
+    t0 = start_time()
+    record = make_record(now=t0, data={"a": 1})
+    await store.create(record, max_sessions=10, now=t0)
+    first = update_with(t0 + 100, touch_if_last_active_by=t0 + 40)
+    assert await store.update(record.id, first, now=t0 + 100)
+    named = {"new": new_digest(), "held": record.token_digest, "soon": t0 + 160}
+    fields = {name: named.get(value, value) if isinstance(value, str) else value
+              for name, value in fields.items()}  # fmt: skip
+
+    second = update_with(t0 + 101, touch_if_last_active_by=t0 + 41, **fields)
+    assert await store.update(record.id, second, now=t0 + 101)
+
+    digest = second.token_digest or record.token_digest
+    got = await store.get(digest, now=t0 + 101)
+    assert got is not None
+    assert (got.last_active_at, got.expires_at) == (t0 + 100, t0 + 100 + TTL)
+    assert got.data == ({"b": 2} if "removed_keys" in fields else {"a": 1, **second.set_keys})
+    (listed,) = await store.list_for_user("alice", now=t0 + 101)
+    assert (listed.id, listed.last_active_at) == (record.id, t0 + 100)
+    if second.token_digest is not None:
+        assert await store.get(record.token_digest, now=t0 + 101) is None
+    remembered = "rotated_away_until" in fields
+    assert await store.rotated_away_to(record.token_digest, now=t0 + 101) == (
+        record.id if remembered else None
+    )
+    # The session ends when the first touch set, neither later nor sooner.
+    assert await store.get(digest, now=t0 + 99 + TTL) is not None
+    assert await store.get(digest, now=t0 + 100 + TTL) is None
+
+
+async def test_an_update_never_steps_the_times_back(store: Store) -> None:
+    """A server whose clock is behind, touching after one whose clock is ahead, leaves the
+    later times; a cutoff at the stored time itself still applies."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    await store.create(record, max_sessions=10, now=t0)
+    assert await store.update(record.id, make_update(now=t0 + 100), now=t0 + 100)
+
+    behind = update_with(t0 + 99, touch_if_last_active_by=t0 + 99)
+    assert await store.update(record.id, behind, now=t0 + 99)
+    got = await store.get(record.token_digest, now=t0 + 100)
+    assert got is not None
+    assert (got.last_active_at, got.expires_at) == (t0 + 100, t0 + 100 + TTL)
+
+    at_the_cutoff = update_with(t0 + 130, touch_if_last_active_by=t0 + 100)
+    assert await store.update(record.id, at_the_cutoff, now=t0 + 130)
+    got = await store.get(record.token_digest, now=t0 + 130)
+    assert got is not None
+    assert (got.last_active_at, got.expires_at) == (t0 + 130, t0 + 130 + TTL)
+
+
+async def test_a_conditional_touch_of_a_session_that_is_not_live_returns_false(
+    store: Store,
+) -> None:
+    t0 = start_time()
+    record = make_record(now=t0, ttl=60)
+    await store.create(record, max_sessions=10, now=t0)
+    late = update_with(t0 + 60, touch_if_last_active_by=t0 + 30)
+
+    assert not await store.update(record.id, late, now=t0 + 60)
+    assert not await store.update(new_session_id(), late, now=t0 + 60)
+    assert await store.get(record.token_digest, now=t0 + 59) == record
 
 
 async def test_rotated_out_token_no_longer_loads_the_session(store: Store) -> None:

@@ -773,6 +773,28 @@ async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
     )
 
 
+async def test_a_touch_another_request_made_since_its_cutoff_writes_no_row_version(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Of the requests that found a touch due together, only the first writes: the others
+    leave the row as it is, where a rewrite with the same values is a new row version."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        first = dataclasses.replace(make_update(now=t0 + 100), touch_if_last_active_by=t0 + 40)
+        assert await store.update(record.id, first, now=t0 + 100)
+        version_of_the_row = (
+            f'SELECT xmin::text FROM "{postgres_schema}".authsessions_session WHERE id = $1'  # noqa: S608
+        )
+        touched = await admin.fetchval(version_of_the_row, record.id)
+
+        later = dataclasses.replace(make_update(now=t0 + 101), touch_if_last_active_by=t0 + 41)
+        assert await store.update(record.id, later, now=t0 + 101)
+
+        assert await admin.fetchval(version_of_the_row, record.id) == touched
+
+
 # -- a login over a live session ------------------------------------------------------------
 
 

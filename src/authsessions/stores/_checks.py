@@ -236,6 +236,12 @@ def update_args(session_id: object, changes: SessionUpdate, now: object) -> floa
                 "expected_token_digest it rotates away from."
             )
         _require_stored_time("changes.rotated_away_until", changes.rotated_away_until)
+    if changes.touch_if_last_active_by is not None:
+        if last_active_at is None:
+            raise ValueError(
+                "changes.touch_if_last_active_by comes with last_active_at and expires_at."
+            )
+        _require_stored_time("changes.touch_if_last_active_by", changes.touch_if_last_active_by)
     return require_time("now", now)
 
 

@@ -114,6 +114,7 @@ class Sql:
     create: str
     remember_replaced: str
     touch: str
+    due_touch: str
     patch: str
     capped_patch: str
     guarded_patch: str
@@ -126,16 +127,24 @@ class Sql:
 
     @classmethod
     def for_table(cls, t: str, create: str) -> Sql:
-        # coalesce: an update without times keeps them, which lets PostgreSQL update the
-        # row in place (HOT) when no indexed column changes.
-        update = "UPDATE {t} SET last_active_at = coalesce($2, last_active_at),"
-        update += " expires_at = coalesce($3, expires_at),"
-        update += " token_digest = coalesce($4, token_digest){data}"
-        update += " WHERE id = $1 AND expires_at > $5"
-        merged = "(data - $6::text[]) || $7::text::jsonb"
+        def times(row: str, cutoff: int) -> str:
+            # The times $2 and $3, unless none are given or the row was last active after
+            # the cutoff (see SessionUpdate.touch_if_last_active_by): then those stored, which
+            # lets PostgreSQL update the row in place (HOT) when no indexed column changes.
+            kept = f"{row}last_active_at > ${cutoff}::double precision"
+            return (
+                f"last_active_at = CASE WHEN {kept} THEN {row}last_active_at"
+                f" ELSE coalesce($2, {row}last_active_at) END,"
+                f" expires_at = CASE WHEN {kept} THEN {row}expires_at"
+                f" ELSE coalesce($3, {row}expires_at) END"
+            )
+
+        update = f"UPDATE {{t}} SET {times('', 6)}, token_digest = coalesce($4, token_digest)"
+        update += "{data} WHERE id = $1 AND expires_at > $5"
+        merged = "(data - $7::text[]) || $8::text::jsonb"
 
         def capped_patch(guard: str, remember: str = "") -> str:
-            # The patch, refused when the merged data's size exceeds $8. FOR UPDATE locks
+            # The patch, refused when the merged data's size exceeds $9. FOR UPDATE locks
             # the row before the size is taken, and reads its newest version: a concurrent
             # patch is waited for and measured, never merged past. Returns whether the row
             # changed and the size (NULL when the session is not live).
@@ -145,11 +154,10 @@ class Sql:
                 " sized AS (SELECT id, data, (SELECT coalesce(1 + count(*)"
                 " + sum(octet_length(key) + 1 + octet_length(value)), 2)"
                 " FROM jsonb_each_text(target.data)) AS size FROM target),"
-                f" patched AS (UPDATE {t} AS s SET last_active_at = coalesce($2, s.last_active_at),"
-                " expires_at = coalesce($3, s.expires_at),"
+                f" patched AS (UPDATE {t} AS s SET {times('s.', 6)},"
                 f" token_digest = coalesce($4, s.token_digest), data = sized.data{remember}"
                 " FROM sized"
-                " WHERE s.id = sized.id AND sized.size <= $8 RETURNING 1)"
+                " WHERE s.id = sized.id AND sized.size <= $9 RETURNING 1)"
                 " SELECT (SELECT count(*) FROM patched), (SELECT size FROM sized)"
             )
 
@@ -166,16 +174,22 @@ class Sql:
             " WHERE id = $3",
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
+            # A touch of the times $2 and $3 alone, due while the row was last active by $5,
+            # writes no row when another request touched it since. Whether it is live.
+            due_touch=f"WITH touched AS (UPDATE {t} SET last_active_at = $2, expires_at = $3"
+            " WHERE id = $1 AND expires_at > $4 AND last_active_at <= $5 RETURNING 1)"
+            " SELECT EXISTS (SELECT FROM touched)"
+            f" OR EXISTS (SELECT FROM {t} WHERE id = $1 AND expires_at > $4)",
             patch=update.format(t=t, data=f", data = {merged}"),
             capped_patch=capped_patch(""),
-            # Applied only while the session holds the digest $9 (a conditional rotation),
+            # Applied only while the session holds the digest $10 (a conditional rotation),
             # with any cap: rare, so it need not spare the data a rewrite.
-            guarded_patch=capped_patch(" AND token_digest = $9"),
-            # A rotation with a notice time: also remembers the digest rotated away ($9, the one
-            # the guard found) until $10, in the same statement, so never without it.
+            guarded_patch=capped_patch(" AND token_digest = $10"),
+            # A rotation with a notice time: also remembers the digest rotated away ($10, the
+            # one the guard found) until $11, in the same statement, so never without it.
             remembering_patch=capped_patch(
-                " AND token_digest = $9",
-                ", rotated_away_from = $9, rotated_away_until = $10",
+                " AND token_digest = $10",
+                ", rotated_away_from = $10, rotated_away_until = $11",
             ),
             # Not the session's once it has expired, as for every other read.
             rotated_away_to=f"SELECT id FROM {t} WHERE rotated_away_from = $1"

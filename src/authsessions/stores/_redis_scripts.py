@@ -123,14 +123,17 @@ return forget(KEYS[2], ARGV[4], doomed, p)
 # times '' to keep the times and TTLs as they are), new digest or '', key prefix on a
 # single server or '{' in a cluster, tag, size cap or '', the digest the session must hold
 # or '' (any), the time until which a rotation keeps the digest it rotates away from or
-# '' (none kept), the TTL in ms of that digest's pointer (0: none), n, n removed fields,
+# '' (none kept), the TTL in ms of that digest's pointer (0: none), the time the session
+# must have been last active by for the times to apply or '' (any), n, n removed fields,
 # field/value pairs.
 # Returns nil if not live (or not under the digest it must hold), -1 if the new digest is
 # another session's (single server; a cluster claims it before), the size (an integer) if
 # the merged data would exceed the cap (nothing changed in either case), else the digest
 # it had (run again, as a retry, a rotation answers as it first did); for a rotation that
 # keeps the digest it rotates away from, that digest and the one an earlier rotation kept
-# (or ''), whose pointer goes.
+# (or ''), whose pointer goes; and when the session was last active after the time given,
+# which keeps its times as stored, the digest it had, that kept digest (nil when none is),
+# and the session's TTL in ms, which its pointers follow.
 # The size is data_size()'s, from the stored texts: a field 'd:<key JSON>' holding
 # <value JSON> adds #key + 1 + #value (#field - 1 + #value), each after the first a comma.
 UPDATE = """
@@ -153,11 +156,11 @@ if ARGV[6] ~= '' and ARGV[7] ~= '{' then
   local holder = redis.call('GET', new_digest_key)
   if holder and holder ~= ARGV[8] .. ':' .. ARGV[3] then return -1 end
 end
-local n = tonumber(ARGV[13])
+local n = tonumber(ARGV[14])
 if ARGV[9] ~= '' then
   local size, count, named = 0, 0, {}
-  for i = 14, 13 + n do named[ARGV[i]] = true end
-  for i = 14 + n, #ARGV, 2 do
+  for i = 15, 14 + n do named[ARGV[i]] = true end
+  for i = 15 + n, #ARGV, 2 do
     named[ARGV[i]] = true
     size, count = size + #ARGV[i] - 1 + #ARGV[i + 1], count + 1
   end
@@ -170,8 +173,8 @@ if ARGV[9] ~= '' then
   size = size + math.max(count + 1, 2)
   if size > tonumber(ARGV[9]) then return size end
 end
-hdel_range(KEYS[1], 14, 13 + n)
-hset_from(KEYS[1], 14 + n)
+hdel_range(KEYS[1], 15, 14 + n)
+hset_from(KEYS[1], 15 + n)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'td', ARGV[6]) end
 local kept
 if ARGV[11] ~= '' and had ~= ARGV[6] then
@@ -183,21 +186,31 @@ if ARGV[11] ~= '' and had ~= ARGV[6] then
   redis.call('HSET', KEYS[1], 'ra', had, 'ru', ARGV[11])
 end
 if ARGV[2] == '' then return had end
-redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-extend(KEYS[2], ARGV[2])
+local ttl = ARGV[2]
+-- Last active after the time given, the session keeps its stored times, and the pointers
+-- follow its own expiry.
+local touched_since = ARGV[13] ~= ''
+  and tonumber(redis.call('HGET', KEYS[1], 'la')) > tonumber(ARGV[13])
+if touched_since then
+  ttl = redis.call('PTTL', KEYS[1])
+  if ARGV[6] == '' then return {had, false, ttl} end
+else
+  redis.call('HSET', KEYS[1], 'la', ARGV[4], 'ea', ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+  extend(KEYS[2], ttl)
+end
 local p = ARGV[7]
 if p ~= '{' then
   -- Single server: the pointers (elsewhere in a cluster) change in the same step.
   local id_key, digest_key = pointer_keys(p, ARGV[3], had)
-  redis.call('PEXPIRE', id_key, ARGV[2])
+  redis.call('PEXPIRE', id_key, ttl)
   if ARGV[6] == '' then
-    redis.call('PEXPIRE', digest_key, ARGV[2])
+    redis.call('PEXPIRE', digest_key, ttl)
   else
     local _, new_digest_key = pointer_keys(p, ARGV[3], ARGV[6])
     redis.call('DEL', digest_key)
-    redis.call('SET', new_digest_key, ARGV[8] .. ':' .. ARGV[3], 'PX', ARGV[2])
+    redis.call('SET', new_digest_key, ARGV[8] .. ':' .. ARGV[3], 'PX', ttl)
   end
   if kept then
     if kept ~= '' then redis.call('DEL', p .. 'r:' .. kept) end
@@ -206,6 +219,7 @@ if p ~= '{' then
     end
   end
 end
+if touched_since then return {had, kept or false, ttl} end
 if kept then return {had, kept} end
 return had
 """

@@ -127,7 +127,12 @@ class MemoryStore(Store):
                 )
             record.token_digest = changes.token_digest
             self._ids_by_digest[record.token_digest] = session_id
-        if changes.last_active_at is not None and changes.expires_at is not None:
+        cutoff = changes.touch_if_last_active_by
+        if (
+            changes.last_active_at is not None
+            and changes.expires_at is not None
+            and (cutoff is None or record.last_active_at <= cutoff)
+        ):
             del self._ids_by_expiry_minute[_minute(record.expires_at)][session_id]
             record.last_active_at = changes.last_active_at
             record.expires_at = changes.expires_at

@@ -613,10 +613,21 @@ class PostgresStore(Store):
     async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
         now = _checks.update_args(session_id, changes, now)
         sql = self._sql
+        cap, expected = changes.size_cap, changes.expected_token_digest
+        cutoff = changes.touch_if_last_active_by
+        if cutoff is not None and changes.token_digest is None and not changes.changes_data:
+            # A touch and nothing else: one another request made since writes no row.
+            with translate_errors("PostgreSQL", *self._errors):
+                async with self._borrow() as conn, self._read_committed(conn):
+                    live: bool = await conn.fetchval(
+                        sql.due_touch, session_id, changes.last_active_at, changes.expires_at,
+                        now, cutoff, timeout=self.command_timeout,
+                    )  # fmt: skip
+            return live
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,
+            cutoff,
         )  # fmt: skip
-        cap, expected = changes.size_cap, changes.expected_token_digest
         if changes.changes_data or expected is not None:
             removed = [dump_json(key) for key in changes.removed_keys]
             args += (removed, _encode_data(changes.set_keys))

@@ -550,17 +550,25 @@ class RedisStore(Store):
                     # found taken: the rotation goes on.
             # _checks.update_args saw that a rotation's time comes with a new digest.
             kept_ms = 0 if until is None else _kept_ms(until, now, cast("int", ttl))
-            old_digest: str | int | list[str] | None = await self._update(
+            reply: str | int | list[Any] | None = await self._update(
                 keys=[session_key, self._index(tag)],
                 args=[now, _or_empty(ttl), session_id, _or_empty(changes.last_active_at),
                       _or_empty(changes.expires_at),
                       new_digest or "", self._pointer_prefix, tag,
                       "" if cap is None else cap, expected or "", _or_empty(until), kept_ms,
+                      _or_empty(changes.touch_if_last_active_by),
                       len(removed), *removed, *_data_fields(changes.set_keys)],
             )  # fmt: skip
+            old_digest: str | int | None
             kept_before = None
-            if isinstance(old_digest, list):  # a rotation keeping the digest it left
-                old_digest, kept_before = old_digest
+            if not isinstance(reply, list):
+                old_digest = reply
+            elif len(reply) == 2:  # a rotation keeping the digest it left
+                old_digest, kept_before = reply
+            else:  # last active since the cutoff: the times stayed as stored
+                old_digest, kept_before, ttl = reply[0], reply[1], int(reply[2])
+                if new_digest is None:
+                    return True  # the touch since renewed the pointers
             if not isinstance(old_digest, str):  # not live (None), taken, or refused (its size)
                 if old_digest == _DIGEST_TAKEN:  # only on a single server: nothing to unlink
                     raise CreateError(session_id)

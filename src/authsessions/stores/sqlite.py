@@ -622,13 +622,23 @@ class SQLiteStore(Store):
                 # _after_own_commit).
                 assignments: list[str] = []
                 params: list[Any] = []
-                if changes.expires_at is not None and (
-                    changes.last_active_at != last_active_at or changes.expires_at != expires_at
+                new_times: tuple[float, float] | None = None
+                new_active, new_expiry = changes.last_active_at, changes.expires_at
+                if (
+                    new_active is not None
+                    and new_expiry is not None
+                    and (new_active != last_active_at or new_expiry != expires_at)
+                    and (
+                        (cutoff := changes.touch_if_last_active_by) is None
+                        or last_active_at <= cutoff
+                    )
                 ):
                     # Left out otherwise: setting expires_at rewrites its index, a third
                     # of a write's cost.
                     assignments += ("last_active_at = ?", "expires_at = ?")
-                    params += (changes.last_active_at, changes.expires_at)
+                    params += (new_active, new_expiry)
+                    # Read back as a SELECT would: REAL columns give floats.
+                    new_times = (float(new_active), float(new_expiry))
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
@@ -671,10 +681,8 @@ class SQLiteStore(Store):
                         if exc.sqlite_errorcode not in _TAKEN:
                             raise
                         raise CreateError(session_id) from None  # rolls the transaction back
-                    # Read back as a SELECT would: REAL columns give floats.
-                    if changes.last_active_at is not None and changes.expires_at is not None:
-                        last_active_at = float(changes.last_active_at)
-                        expires_at = float(changes.expires_at)
+                    if new_times is not None:
+                        last_active_at, expires_at = new_times
                     if changes.token_digest is not None:
                         stored_digest = changes.token_digest
                     written.append(
