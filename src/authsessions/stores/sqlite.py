@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from authsessions._errors import StoreUnavailable
 from authsessions._records import (
@@ -623,11 +623,11 @@ class SQLiteStore(Store):
                 assignments: list[str] = []
                 params: list[Any] = []
                 new_times: tuple[float, float] | None = None
-                new_active, new_expiry = changes.last_active_at, changes.expires_at
                 if (
-                    new_active is not None
-                    and new_expiry is not None
-                    and (new_active != last_active_at or new_expiry != expires_at)
+                    changes.expires_at is not None
+                    and (
+                        changes.last_active_at != last_active_at or changes.expires_at != expires_at
+                    )
                     and (
                         (cutoff := changes.touch_if_last_active_by) is None
                         or last_active_at <= cutoff
@@ -636,9 +636,13 @@ class SQLiteStore(Store):
                     # Left out otherwise: setting expires_at rewrites its index, a third
                     # of a write's cost.
                     assignments += ("last_active_at = ?", "expires_at = ?")
-                    params += (new_active, new_expiry)
-                    # Read back as a SELECT would: REAL columns give floats.
-                    new_times = (float(new_active), float(new_expiry))
+                    params += (changes.last_active_at, changes.expires_at)
+                    # Read back as a SELECT would: REAL columns give floats. (The times
+                    # come together: _checks.update_args saw to it.)
+                    new_times = (
+                        float(cast(float, changes.last_active_at)),
+                        float(changes.expires_at),
+                    )
                 if changes.token_digest is not None and changes.token_digest != stored_digest:
                     assignments.append("token_digest = ?")
                     params.append(changes.token_digest)
