@@ -203,6 +203,11 @@ async def test_session_errors_in_a_mounted_sub_app_answer_with_their_status(
         await session.revoke(session_id)
         return {}
 
+    @sub.post("/keep-a-set")
+    async def keep_a_set(session: RequiredSession) -> dict[str, Any]:
+        session.set("tags", {"a", "b"})  # not JSON: a SessionDataError, a 500 of ours
+        return {}
+
     app.mount("/v1", sub)
     client = client_factory(app)
 
@@ -210,11 +215,15 @@ async def test_session_errors_in_a_mounted_sub_app_answer_with_their_status(
     token = session_cookie(await client.post("/login", params={"user_id": "alice"}))
     assert token is not None
     unknown = await client.post("/v1/revoke/no-such-session", headers=cookie_header(token.value))
+    not_json = await client.post("/v1/keep-a-set", headers=cookie_header(token.value))
 
     assert (signed_out.status_code, signed_out.headers["cache-control"]) == (401, "no-store")
     assert "detail" in signed_out.json()
     assert unknown.status_code == 404
     assert "detail" in unknown.json()
+    # Was the sub-app's plain-text "Internal Server Error".
+    assert not_json.status_code == 500
+    assert "set" in not_json.json()["detail"]
 
 
 class SignedInStandIn:

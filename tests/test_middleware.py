@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +37,7 @@ from authsessions import (
     Session,
     SessionConfig,
     SessionData,
+    SessionError,
     SessionManager,
     SessionMiddleware,
     SessionNotFound,
@@ -1290,6 +1291,33 @@ async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
                 pytest.fail(f"no response, the app raised {exc!r}")
 
         assert response.status_code == 503
+
+
+async def test_an_apps_own_handler_answering_a_session_error_with_a_500_page_stands(
+    memory_store: Store, client_factory: ClientFactory
+) -> None:
+    """Only a 500 page whose error is raised on (a mounted app's error middleware's) is
+    answered in its place: an app's handler answering one deliberately is the app's call.
+    It was replaced by the error's own 404."""
+
+    async def house_page(request: Request, exc: Exception) -> Response:
+        return HTMLResponse("<h1>Something went wrong</h1>", status_code=500)
+
+    async def revoke_unknown(request: Request) -> Response:
+        await Session.from_request(request).revoke("no-such-session")
+        return JSONResponse({})
+
+    token, _ = await plant_session(memory_store, "alice")
+    app = Starlette(
+        routes=[Route("/revoke-unknown", revoke_unknown)],
+        middleware=[Middleware(SessionMiddleware, store=memory_store)],
+        exception_handlers={SessionError: house_page},
+    )
+
+    response = await client_factory(app).get("/revoke-unknown", headers=cookie_header(token))
+
+    assert (response.status_code, response.text) == (500, "<h1>Something went wrong</h1>")
+    assert await memory_store.get(token_digest(token), now=time.time()) is not None
 
 
 async def test_a_failed_flush_after_rotate_still_hands_over_the_new_token(

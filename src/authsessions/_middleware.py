@@ -129,9 +129,8 @@ class SessionMiddleware:
             await self.app(scope, receive, session_send)
         except SessionError as exc:
             if session_send.response_started:
-                if session_send.answered is exc:
-                    return  # answered with its status already, in a mounted app's place
                 raise
+            session_send.stop_holding()  # drops a mounted app's 500 page of it: ours instead
             start, body = _error_response(exc)
             try:
                 await session_send(start)  # writes what the session owes, as for the app's
@@ -144,8 +143,12 @@ class SessionMiddleware:
             raise
         else:
             if not session_send.response_started:  # inline: every request comes here
-                # An app that answered nothing: the server's own 500 carries no cookie.
-                await session.end_unsent_token()
+                if session_send.held is not None:
+                    # The app's own answer to a SessionError, which it did not raise on.
+                    await session_send.release_held()
+                else:
+                    # An app that answered nothing: the server's own 500 carries no cookie.
+                    await session.end_unsent_token()
 
     def _check_placement(self, scope: Scope) -> None:
         """Refuse to run as a Litestar route's middleware with a store of its own.
@@ -352,6 +355,11 @@ class _SessionSend:
     """The ``send`` the app gets: when the response starts, it writes what the session
     owes and adds the session's headers.
 
+    A 500 page sent while a :class:`SessionError` is being handled is held back: a
+    mounted app's error middleware sends one and raises the error on, which is then
+    answered as where no such middleware stands between (with the error's status and
+    detail); an app's own handler of the error returns instead, and its page is sent.
+
     A plain callable that hands back the server's own awaitable, not a coroutine
     function: a message with nothing to add costs a call, not a coroutine.
     """
@@ -360,7 +368,7 @@ class _SessionSend:
         "_middleware",
         "_send",
         "_session",
-        "answered",
+        "held",
         "replaced_by_error",
         "response_started",
     )
@@ -371,22 +379,24 @@ class _SessionSend:
         self._send = send
         self.response_started = False
         self.replaced_by_error = False
-        self.answered: SessionError | None = None
+        # The messages of a 500 page held back; [] once holding stopped (what comes next
+        # answers a SessionError, and is sent on); None before any was held.
+        self.held: list[Message] | None = None
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if self.replaced_by_error:
+            if self.held is not None:
+                self.held.append(message)
             return _nothing()  # the app's response was replaced by an error response
         if message["type"] != "http.response.start":
             return self._send(message)
         if (
             message["status"] == 500
-            and isinstance(error := sys.exc_info()[1], SessionError)
-            and error.status_code != 500
+            and self.held is None
+            and isinstance(sys.exc_info()[1], SessionError)
         ):
-            # A mounted app's own error middleware (a Starlette or FastAPI app's), answering
-            # one of ours with its 500 page from inside its except block: the error's own
-            # status instead, as where no such middleware stands between.
-            return self._answer(error)
+            self.held, self.replaced_by_error = [message], True
+            return _nothing()
         self.response_started = True
         session = self._session
         if session._record is None and session._cookie_change == "keep":
@@ -396,6 +406,7 @@ class _SessionSend:
         if (
             failed
             and session._cookie_change == "set"
+            and self.held is None
             and not isinstance(sys.exc_info()[1], SessionError)
         ):
             # An error page answered inside this middleware (a framework's own, Litestar's
@@ -409,13 +420,16 @@ class _SessionSend:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))
 
-    async def _answer(self, error: SessionError) -> None:
-        start, body = _error_response(error)
-        await self(start)  # the session's write and headers, as for an error raised to us
-        if not self.replaced_by_error:  # else that write failed, and was answered
-            await self._send(body)
-        self.replaced_by_error = True  # the mounted app's page goes nowhere
-        self.answered = error
+    def stop_holding(self) -> None:
+        """Drop any held page, and send what comes next on: the answer to a SessionError."""
+        self.held, self.replaced_by_error = [], False
+
+    async def release_held(self) -> None:
+        """Send the held page on, as the app's own answer to a SessionError."""
+        held = self.held or []
+        self.stop_holding()
+        for message in held:
+            await self(message)
 
     async def _start_after(self, write: Awaitable[None], message: Message) -> None:
         try:
