@@ -122,7 +122,9 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
 
     Plain JSON types are checked directly (an int is accepted for float);
     anything else (dataclasses, TypedDicts, pydantic models, ``list[int]``…)
-    goes through pydantic in strict mode.
+    goes through pydantic in strict mode, which refuses an int too large for a
+    float where a float is expected, but for a field of a model, dataclass or
+    TypedDict, which reads it as its own config says (pydantic's default: inf).
 
     Raises:
         SessionDataError: the value does not fit ``type_``, or pydantic is
@@ -167,9 +169,16 @@ def read_as(value: Any, type_: type[T], key: str) -> T:
 
 
 def _new_adapter(type_: Any) -> Any:
-    from pydantic import TypeAdapter
+    from pydantic import ConfigDict, PydanticUserError, TypeAdapter
 
-    return TypeAdapter(type_)
+    try:
+        # Else pydantic reads an int too large for a float as inf, where a plain float
+        # read refuses it.
+        return TypeAdapter(type_, config=ConfigDict(allow_inf_nan=False))
+    except PydanticUserError as exc:
+        if exc.code != "type-adapter-config-unused":
+            raise
+        return TypeAdapter(type_)  # a model, dataclass or TypedDict: its own config rules
 
 
 _adapter = lru_cache(maxsize=256)(_new_adapter)
