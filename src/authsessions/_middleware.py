@@ -124,13 +124,14 @@ class SessionMiddleware:
             await _send_error(send, exc)
             return
         scope[SCOPE_KEY] = session
-        session_send = _SessionSend(self, session, send)
+        session_send = _SessionSend(self, session, send, scope)
         try:
             await self.app(scope, receive, session_send)
         except SessionError as exc:
             if session_send.response_started:
+                if session_send.answered is exc:
+                    return  # answered with its status already, in a mounted app's place
                 raise
-            session_send.stop_holding()  # drops a mounted app's 500 page of it: ours instead
             start, body = _error_response(exc)
             try:
                 await session_send(start)  # writes what the session owes, as for the app's
@@ -143,12 +144,8 @@ class SessionMiddleware:
             raise
         else:
             if not session_send.response_started:  # inline: every request comes here
-                if session_send.held is not None:
-                    # The app's own answer to a SessionError, which it did not raise on.
-                    await session_send.release_held()
-                else:
-                    # An app that answered nothing: the server's own 500 carries no cookie.
-                    await session.end_unsent_token()
+                # An app that answered nothing: the server's own 500 carries no cookie.
+                await session.end_unsent_token()
 
     def _check_placement(self, scope: Scope) -> None:
         """Refuse to run as a Litestar route's middleware with a store of its own.
@@ -355,48 +352,51 @@ class _SessionSend:
     """The ``send`` the app gets: when the response starts, it writes what the session
     owes and adds the session's headers.
 
-    A 500 page sent while a :class:`SessionError` is being handled is held back: a
-    mounted app's error middleware sends one and raises the error on, which is then
-    answered as where no such middleware stands between (with the error's status and
-    detail); an app's own handler of the error returns instead, and its page is sent.
-
     A plain callable that hands back the server's own awaitable, not a coroutine
     function: a message with nothing to add costs a call, not a coroutine.
     """
 
     __slots__ = (
+        "_app_called",
         "_middleware",
+        "_scope",
         "_send",
         "_session",
-        "held",
+        "answered",
         "replaced_by_error",
         "response_started",
     )
 
-    def __init__(self, middleware: SessionMiddleware, session: Session, send: Send) -> None:
+    def __init__(
+        self, middleware: SessionMiddleware, session: Session, send: Send, scope: Scope
+    ) -> None:
         self._middleware = middleware
         self._session = session
         self._send = send
+        # A Starlette, FastAPI or Litestar app names itself in the scope, which a mount
+        # hands on: another app at the response start is a mounted one.
+        self._scope = scope
+        self._app_called = scope.get("app")
         self.response_started = False
         self.replaced_by_error = False
-        # The messages of a 500 page held back; [] once holding stopped (what comes next
-        # answers a SessionError, and is sent on); None before any was held.
-        self.held: list[Message] | None = None
+        self.answered: SessionError | None = None
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if self.replaced_by_error:
-            if self.held is not None:
-                self.held.append(message)
             return _nothing()  # the app's response was replaced by an error response
         if message["type"] != "http.response.start":
             return self._send(message)
         if (
             message["status"] == 500
-            and self.held is None
-            and isinstance(sys.exc_info()[1], SessionError)
+            and isinstance(error := sys.exc_info()[1], SessionError)
+            and self._scope.get("app") is not self._app_called
+            and self.answered is None
         ):
-            self.held, self.replaced_by_error = [message], True
-            return _nothing()
+            # A mounted app's own error middleware (a Starlette or FastAPI app's), answering
+            # one of ours with its 500 page from inside its except block, to raise it on:
+            # the error's own answer instead, as where no such middleware stands between.
+            # The app the middleware called answers a SessionError as its handlers say.
+            return self._answer(error)
         self.response_started = True
         session = self._session
         if session._record is None and session._cookie_change == "keep":
@@ -406,7 +406,6 @@ class _SessionSend:
         if (
             failed
             and session._cookie_change == "set"
-            and self.held is None
             and not isinstance(sys.exc_info()[1], SessionError)
         ):
             # An error page answered inside this middleware (a framework's own, Litestar's
@@ -420,16 +419,13 @@ class _SessionSend:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))
 
-    def stop_holding(self) -> None:
-        """Drop any held page, and send what comes next on: the answer to a SessionError."""
-        self.held, self.replaced_by_error = [], False
-
-    async def release_held(self) -> None:
-        """Send the held page on, as the app's own answer to a SessionError."""
-        held = self.held or []
-        self.stop_holding()
-        for message in held:
-            await self(message)
+    async def _answer(self, error: SessionError) -> None:
+        start, body = _error_response(error)
+        self.answered = error
+        await self(start)  # the session's write and headers, as for an error raised to us
+        if not self.replaced_by_error:  # else that write failed, and was answered
+            await self._send(body)
+        self.replaced_by_error = True  # the mounted app's page goes nowhere
 
     async def _start_after(self, write: Awaitable[None], message: Message) -> None:
         try:
