@@ -455,6 +455,25 @@ async def test_a_token_a_login_replaced_moments_ago_leaves_the_new_cookie_alone(
     assert_clears_cookie(await client.get("/me", headers=cookie_header(old)))
 
 
+def loads_then_waits(then: Callable[[Session], None]) -> tuple[Route, asyncio.Event, asyncio.Event]:
+    """``/slow``, which loads the session, sets the second event, waits for the first,
+    then calls ``then`` with the session."""
+    gate, loaded = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        session = Session.from_request(request)
+        loaded.set()
+        await gate.wait()
+        then(session)
+        return JSONResponse({})
+
+    return Route("/slow", slow), gate, loaded
+
+
+def set_cart(session: Session) -> None:
+    session.set("cart", ["book"])
+
+
 @pytest.mark.parametrize("writes", ["a key", "a due touch"])
 async def test_a_request_in_flight_as_the_browser_signs_in_again_leaves_the_new_cookie_alone(
     store: Store,
@@ -465,21 +484,16 @@ async def test_a_request_in_flight_as_the_browser_signs_in_again_leaves_the_new_
 ) -> None:
     """It loaded the session the login then ended; its write finds that session gone, and
     its answer must not clear the new login's cookie."""
-    gate, loaded = asyncio.Event(), asyncio.Event()
 
-    async def slow(request: Request) -> Response:
-        session = Session.from_request(request)
-        loaded.set()
-        await gate.wait()
-        if writes == "a key":
-            session.set("cart", ["book"])
-        else:
-            later = time.time() + 60  # past the touch interval, within the notice time
-            monkeypatch.setattr(time, "time", lambda: later)
-        return JSONResponse({})
+    def past_the_touch_interval(session: Session) -> None:
+        later = time.time() + 60  # within the notice time
+        monkeypatch.setattr(time, "time", lambda: later)
 
+    slow, gate, loaded = loads_then_waits(
+        set_cart if writes == "a key" else past_the_touch_interval
+    )
     config = SessionConfig(touch_interval=timedelta(seconds=30))
-    client = client_factory(app_factory(store, config, extra_routes=[Route("/slow", slow)]))
+    client = client_factory(app_factory(store, config, extra_routes=[slow]))
     await login(client)
     in_flight = asyncio.create_task(client.get("/slow"))
     await loaded.wait()
@@ -1246,18 +1260,9 @@ async def test_a_request_finding_its_due_touch_made_meanwhile_leaves_the_times_a
 ) -> None:
     """Requests that loaded a session together all find its touch due: the first to
     write moves the times, once per touch interval, and the others keep them."""
-    gate, loaded = asyncio.Event(), asyncio.Event()
-
-    async def slow(request: Request) -> Response:
-        session = Session.from_request(request)
-        loaded.set()
-        await gate.wait()
-        if writes == "a key":
-            session.set("cart", ["book"])
-        return JSONResponse({})
-
+    slow, gate, loaded = loads_then_waits(set_cart if writes == "a key" else lambda session: None)
     config = SessionConfig(touch_interval=timedelta(seconds=60))
-    client = client_factory(app_factory(store, config, extra_routes=[Route("/slow", slow)]))
+    client = client_factory(app_factory(store, config, extra_routes=[slow]))
     token, _ = await plant_session(store, "alice", idle_for=120)
     in_flight = asyncio.create_task(client.get("/slow", headers=cookie_header(token)))
     await loaded.wait()
