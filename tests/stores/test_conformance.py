@@ -1354,6 +1354,8 @@ async def test_update_touches_only_the_named_session(store: Store) -> None:
 
 CONDITIONAL_UPDATES = {
     "touch": {},
+    # Due: the session was last active before 2096. PostgreSQL ran such a touch unguarded.
+    "due-touch": {"touch_if_last_active_by": 4e9},
     "data": {"set_keys": {"b": 2}, "removed_keys": frozenset({"a"})},
     "capped-data": {"set_keys": {"b": 2}, "max_data_bytes": 1000},
     "rotation": {"token_digest": "new"},

@@ -795,6 +795,34 @@ async def test_a_touch_another_request_made_since_its_cutoff_writes_no_row_versi
         assert await admin.fetchval(version_of_the_row, record.id) == touched
 
 
+async def test_a_touch_waiting_for_a_concurrent_logout_finds_the_session_gone(
+    postgres_url: str, postgres_schema: str, admin: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """The touch writes no row when the session was touched since its cutoff, and then
+    asks whether it is live: in a statement of its own, as the touch's snapshot, taken
+    while the logout's delete was not yet committed, still held the row."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        await store.create(record, max_sessions=10, now=t0)
+        logout = admin.transaction()
+        await logout.start()
+        await admin.execute(
+            f'DELETE FROM "{postgres_schema}".authsessions_session WHERE id = $1',  # noqa: S608
+            record.id,
+        )
+        touch = dataclasses.replace(make_update(now=t0 + 100), touch_if_last_active_by=t0 + 40)
+        touching = asyncio.create_task(store.update(record.id, touch, now=t0 + 100))
+        watcher = await asyncpg.connect(postgres_url)  # admin's transaction sees no change
+        try:
+            await wait_until_blocked(watcher, "%UPDATE")  # alone, or in a WITH
+        finally:
+            await watcher.close()
+        await logout.commit()
+
+        assert await asyncio.wait_for(touching, timeout=5) is False
+
+
 # -- a login over a live session ------------------------------------------------------------
 
 

@@ -1404,6 +1404,42 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
         await delete_prefixed(client, redis_prefix)
 
 
+async def test_a_cluster_touch_renews_the_pointers_after_the_clients_retry(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """Its script run twice, the second run finds the times moved (by the first) since
+    its cutoff: the pointers, which a cluster renews after the script, must still follow
+    the session. They kept their old expiry, and once it passed, the session was lost to
+    every process that did not know where it lives."""
+    client = cast(
+        "RunningOneCommandTwice",
+        RunningOneCommandTwice.from_url(
+            redis_cluster_url.replace("+cluster", ""), decode_responses=True
+        ),
+    )
+    client.repeated = "EVALSHA"
+    t0 = start_time()
+    record = make_record(now=t0, ttl=10)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            await store.create(record, max_sessions=10, now=t0)
+            # Run once first: a server that has yet to load the script refuses the first
+            # run, which is then not run again.
+            assert await store.update(record.id, SessionUpdate(None, None), now=t0)
+            client.marker = record.id
+            touch = SessionUpdate(t0 + 1, t0 + 3601, touch_if_last_active_by=t0)
+            assert await store.update(record.id, touch, now=t0 + 1)
+            assert client.marker is None  # the script ran twice
+
+            keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*")]
+            lifetimes = {key.removeprefix(redis_prefix): await client.pttl(key) for key in keys}
+    finally:
+        await delete_prefixed(client, redis_prefix)
+
+    assert len(lifetimes) >= 3  # the session, its id's pointer and its digest's
+    assert all(ms > 3_000_000 for ms in lifetimes.values()), lifetimes
+
+
 async def test_a_cluster_login_over_a_session_stands_after_the_clients_retry(
     redis_cluster_url: str, redis_prefix: str
 ) -> None:

@@ -115,6 +115,7 @@ class Sql:
     remember_replaced: str
     touch: str
     due_touch: str
+    is_live: str
     patch: str
     capped_patch: str
     guarded_patch: str
@@ -175,11 +176,12 @@ class Sql:
             # A touch leaves ``data`` alone, so a large TOASTed value is not rewritten.
             touch=update.format(t=t, data=""),
             # A touch of the times $2 and $3 alone, due while the row was last active by $5,
-            # writes no row when another request touched it since. Whether it is live.
-            due_touch=f"WITH touched AS (UPDATE {t} SET last_active_at = $2, expires_at = $3"
-            " WHERE id = $1 AND expires_at > $4 AND last_active_at <= $5 RETURNING 1)"
-            " SELECT EXISTS (SELECT FROM touched)"
-            f" OR EXISTS (SELECT FROM {t} WHERE id = $1 AND expires_at > $4)",
+            # writes no row when another request touched it since (then is_live tells, in a
+            # statement of its own: this one's snapshot would still see a row a concurrent
+            # logout deleted as it waited).
+            due_touch=f"UPDATE {t} SET last_active_at = $2, expires_at = $3"
+            " WHERE id = $1 AND expires_at > $4 AND last_active_at <= $5",
+            is_live=f"SELECT EXISTS (SELECT FROM {t} WHERE id = $1 AND expires_at > $2)",
             patch=update.format(t=t, data=f", data = {merged}"),
             capped_patch=capped_patch(""),
             # Applied only while the session holds the digest $10 (a conditional rotation),

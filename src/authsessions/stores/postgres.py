@@ -615,14 +615,24 @@ class PostgresStore(Store):
         sql = self._sql
         cap, expected = changes.size_cap, changes.expected_token_digest
         cutoff = changes.touch_if_last_active_by
-        if cutoff is not None and changes.token_digest is None and not changes.changes_data:
+        if (
+            cutoff is not None
+            and changes.token_digest is None
+            and expected is None
+            and not changes.changes_data
+        ):
             # A touch and nothing else: one another request made since writes no row.
             with translate_errors("PostgreSQL", *self._errors):
                 async with self._borrow() as conn, self._read_committed(conn):
-                    live: bool = await conn.fetchval(
+                    status = await conn.execute(
                         sql.due_touch, session_id, changes.last_active_at, changes.expires_at,
                         now, cutoff, timeout=self.command_timeout,
                     )  # fmt: skip
+                    if _count(status) == 1:
+                        return True
+                    live: bool = await conn.fetchval(
+                        sql.is_live, session_id, now, timeout=self.command_timeout
+                    )
             return live
         args: tuple[Any, ...] = (
             session_id, changes.last_active_at, changes.expires_at, changes.token_digest, now,

@@ -567,8 +567,10 @@ class RedisStore(Store):
                 old_digest, kept_before = reply
             else:  # last active since the cutoff: the times stayed as stored
                 old_digest, kept_before, ttl = reply[0], reply[1], int(reply[2])
-                if new_digest is None:
-                    return True  # the touch since renewed the pointers
+                if new_digest is None and not in_cluster:
+                    return True  # the script renewed the pointers with the times
+                # In a cluster, the pointers follow the session's own TTL all the same:
+                # this may be a retry whose first run moved the times, but never got here.
             if not isinstance(old_digest, str):  # not live (None), taken, or refused (its size)
                 if old_digest == _DIGEST_TAKEN:  # only on a single server: nothing to unlink
                     raise CreateError(session_id)
