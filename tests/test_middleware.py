@@ -2067,6 +2067,40 @@ async def test_a_store_built_from_url_is_closed_when_the_apps_own_startup_fails(
     assert not middleware.store.is_open
 
 
+async def http_only(scope: Scope, receive: Receive, send: Send) -> None:
+    """An app without lifespan support, refusing it as Django's ASGI handler does."""
+    if scope["type"] != "http":
+        raise ValueError(f"only HTTP, not {scope['type']}")
+    session = Session.from_request(Request(scope))
+    await JSONResponse({"signed in": session.is_authenticated})(scope, receive, send)
+
+
+async def test_a_store_built_from_url_opens_and_closes_around_an_app_without_lifespan(
+    tmp_path: Path, client_factory: ClientFactory
+) -> None:
+    """The middleware runs the lifespan for the store it owns: it was never closed (a
+    SQLite store left its write-ahead log behind, unmerged)."""
+    path = tmp_path / "sessions.db"
+    middleware = SessionMiddleware(http_only, store=f"sqlite:///{path}")
+
+    async with LifespanManager(middleware):
+        assert middleware.store.is_open
+        response = await client_factory(middleware).get("/")
+        assert response.json() == {"signed in": False}
+
+    assert not middleware.store.is_open
+    assert not (tmp_path / "sessions.db-wal").exists()
+
+
+async def test_an_app_without_lifespan_is_left_to_the_server_with_a_store_of_the_apps() -> None:
+    """A store the app passed is the app's to open and close: the server learns that the
+    app has no lifespan support, as without the middleware."""
+    middleware = SessionMiddleware(http_only, store=MemoryStore())
+
+    with pytest.raises(ValueError, match="only HTTP, not lifespan"):
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, None, None)  # type: ignore[arg-type]
+
+
 async def test_unopened_store_object_is_opened_on_first_request(
     tmp_path: Path, client_factory: ClientFactory
 ) -> None:

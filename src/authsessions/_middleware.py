@@ -313,21 +313,16 @@ class SessionMiddleware:
         return message
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        failure_sent = False
+        received = failure_sent = False
 
         async def receive_wrapper() -> Message:
-            nonlocal failure_sent
+            nonlocal received, failure_sent
+            received = True
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await open_at_startup(self.store)
-                except Exception as exc:
-                    # A store no retry mends (a malformed URL, an option the server
-                    # refuses, a newer schema): the server stops, saying why. Raised alone,
-                    # it took the app for one without lifespan support (uvicorn's "auto"),
-                    # skipped the app's own startup and served 500s.
-                    failed = f"the session store could not be opened: {exc}"
-                    await send({"type": "lifespan.startup.failed", "message": failed})
+                    await self._open_at_startup(send)
+                except Exception:
                     failure_sent = True
                     raise
             return message
@@ -342,10 +337,46 @@ class SessionMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except Exception:
+                if received or not self._owns_store:
+                    raise
+                # An app without lifespan support, raising before its first receive (as
+                # Django's does): the middleware runs the lifespan for the store it owns,
+                # which would otherwise never be closed.
+                logger.info(
+                    "the app raised %r before its first lifespan receive, as one without "
+                    "lifespan support does: the session store opens and closes alone",
+                    sys.exc_info()[1],
+                )
+                await self._run_lifespan_alone(receive, send)
         finally:
             if self._owns_store:  # no shutdown comes after the app's own startup failed
                 await self.store.close()
+
+    async def _open_at_startup(self, send: Send) -> None:
+        try:
+            await open_at_startup(self.store)
+        except Exception as exc:
+            # A store no retry mends (a malformed URL, an option the server refuses, a
+            # newer schema): the server stops, saying why. Raised alone, it took the app
+            # for one without lifespan support (uvicorn's "auto"), skipped the app's own
+            # startup and served 500s.
+            failed = f"the session store could not be opened: {exc}"
+            await send({"type": "lifespan.startup.failed", "message": failed})
+            raise
+
+    async def _run_lifespan_alone(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._open_at_startup(send)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.store.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 class _SessionSend:
