@@ -1320,6 +1320,21 @@ async def test_an_apps_own_handler_answering_a_session_error_with_a_500_page_sta
     assert await memory_store.get(token_digest(token), now=time.time()) is not None
 
 
+async def test_a_session_error_inside_an_app_the_middleware_wraps_from_outside_is_answered(
+    memory_store: Store, client_factory: ClientFactory
+) -> None:
+    """``SessionMiddleware(app)``: the app's own error middleware answers the error with
+    its 500 page and raises it on, as a mounted app's does; the error's answer instead."""
+    token, _ = await plant_session(memory_store, "alice")
+    middleware = SessionMiddleware(Starlette(routes=ROUTES), store=memory_store)
+
+    response = await client_factory(middleware).post(
+        "/sessions/no-such-session/revoke", headers=cookie_header(token)
+    )
+
+    assert (response.status_code, response.json()) == (404, {"detail": "No such session."})
+
+
 async def test_a_failed_flush_after_rotate_still_hands_over_the_new_token(
     tmp_path: Path, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:

@@ -388,7 +388,6 @@ class _SessionSend:
     """
 
     __slots__ = (
-        "_app_called",
         "_middleware",
         "_scope",
         "_send",
@@ -404,10 +403,7 @@ class _SessionSend:
         self._middleware = middleware
         self._session = session
         self._send = send
-        # A Starlette, FastAPI or Litestar app names itself in the scope, which a mount
-        # hands on: another app at the response start is a mounted one.
-        self._scope = scope
-        self._app_called = scope.get("app")
+        self._scope = scope  # read only for an error page: see _from_a_mounted_app
         self.response_started = False
         self.replaced_by_error = False
         self.answered: SessionError | None = None
@@ -420,13 +416,12 @@ class _SessionSend:
         if (
             message["status"] == 500
             and isinstance(error := sys.exc_info()[1], SessionError)
-            and self._scope.get("app") is not self._app_called
             and self.answered is None
+            and self._from_a_mounted_app()
         ):
             # A mounted app's own error middleware (a Starlette or FastAPI app's), answering
             # one of ours with its 500 page from inside its except block, to raise it on:
             # the error's own answer instead, as where no such middleware stands between.
-            # The app the middleware called answers a SessionError as its handlers say.
             return self._answer(error)
         self.response_started = True
         session = self._session
@@ -449,6 +444,23 @@ class _SessionSend:
         if write is not None:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))
+
+    def _from_a_mounted_app(self) -> bool:
+        """Whether the app sending the response is a Starlette or FastAPI app other than
+        the one whose middleware holds this one: one mounted inside it (a Starlette app
+        names itself in the scope, which a mount hands on), or the app this middleware
+        wraps from outside. The app that holds it answers a SessionError as its own
+        handlers say; so does an app of another kind (Litestar never raises on what its
+        handlers answered).
+        """
+        layer = getattr(self._scope.get("app"), "middleware_stack", None)
+        if layer is None:
+            return False
+        while layer is not None:
+            if layer is self._middleware:
+                return False
+            layer = getattr(layer, "app", None)
+        return True
 
     async def _answer(self, error: SessionError) -> None:
         start, body = _error_response(error)
