@@ -22,7 +22,10 @@ from litestar.middleware import (
 )
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse as StarletteJSON
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from authsessions import (
@@ -485,6 +488,36 @@ async def test_an_asgi_app_with_its_own_middleware_mounted_under_litestar_works(
     response = await client.get("/api", headers=cookie_header(cookie.value))
 
     assert response.json() == {"user": "alice"}
+
+
+@pytest.mark.parametrize("copy_scope", [False, True])
+async def test_a_session_error_in_a_starlette_app_mounted_under_litestar_keeps_its_status(
+    sqlite_store: Store, copy_scope: bool
+) -> None:
+    """The Starlette app's error middleware answers it with its 500 page, then raises it
+    on: the error's own answer instead, also where the mount copies the scope (Litestar
+    3's default), which hid the mounted app from a look at the scope. (Litestar's own
+    error handling, between the two, then tells the server of an error after the
+    response started.)"""
+
+    async def signed_in_only(request: StarletteRequest) -> StarletteJSON:
+        await Session.from_request(request).list_my_sessions()
+        return StarletteJSON({})
+
+    sub = Starlette(routes=[Route("/{rest:path}", signed_in_only)])
+
+    @asgi("/v1", is_mount=True, copy_scope=copy_scope)
+    async def mounted(scope: Any, receive: Any, send: Any) -> None:
+        await sub(scope, receive, send)
+
+    app = Litestar([mounted], plugins=[SessionPlugin(store=sqlite_store)])
+    transport = httpx.ASGITransport(app=cast(Any, app), raise_app_exceptions=False)
+
+    async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as client:
+        response = await client.get("/v1/devices")
+
+    assert response.status_code == 401
+    assert "detail" in response.json()
 
 
 @websocket("/ws/keep")

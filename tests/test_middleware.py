@@ -1293,8 +1293,9 @@ async def test_failed_flush_is_503_even_when_the_app_handles_store_unavailable(
         assert response.status_code == 503
 
 
+@pytest.mark.parametrize("placement", ["in the app's middleware", "around the app"])
 async def test_an_apps_own_handler_answering_a_session_error_with_a_500_page_stands(
-    memory_store: Store, client_factory: ClientFactory
+    memory_store: Store, client_factory: ClientFactory, placement: str
 ) -> None:
     """Only a 500 page whose error is raised on (a mounted app's error middleware's) is
     answered in its place: an app's handler answering one deliberately is the app's call.
@@ -1308,11 +1309,14 @@ async def test_an_apps_own_handler_answering_a_session_error_with_a_500_page_sta
         return JSONResponse({})
 
     token, _ = await plant_session(memory_store, "alice")
-    app = Starlette(
+    inside = placement == "in the app's middleware"
+    app: ASGIApp = Starlette(
         routes=[Route("/revoke-unknown", revoke_unknown)],
-        middleware=[Middleware(SessionMiddleware, store=memory_store)],
+        middleware=[Middleware(SessionMiddleware, store=memory_store)] if inside else [],
         exception_handlers={SessionError: house_page},
     )
+    if not inside:
+        app = SessionMiddleware(app, store=memory_store)
 
     response = await client_factory(app).get("/revoke-unknown", headers=cookie_header(token))
 
@@ -2105,6 +2109,32 @@ async def test_a_store_built_from_url_opens_and_closes_around_an_app_without_lif
 
     assert not middleware.store.is_open
     assert not (tmp_path / "sessions.db-wal").exists()
+
+
+async def test_an_app_failing_before_its_first_lifespan_receive_fails_the_startup(
+    tmp_path: Path,
+) -> None:
+    """Not taken for an app without lifespan support: a Starlette app builds its
+    middleware before its first receive, and a middleware refusing its settings there
+    must stop the server (under ``--lifespan on``) as it did."""
+
+    class NeedsASecret:
+        def __init__(self, app: ASGIApp) -> None:
+            raise RuntimeError("SECRET_KEY is not set")
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            raise AssertionError("never built")
+
+    app = Starlette(routes=ROUTES, middleware=[Middleware(NeedsASecret)])
+    middleware = SessionMiddleware(app, store=f"sqlite:///{tmp_path / 'sessions.db'}")
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    with pytest.raises(RuntimeError, match="SECRET_KEY"):
+        await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, receive)  # type: ignore[arg-type]
+
+    assert not middleware.store.is_open
 
 
 async def test_an_app_without_lifespan_is_left_to_the_server_with_a_store_of_the_apps() -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable
 
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from authsessions._client import device_of
@@ -27,6 +28,8 @@ from authsessions.stores.memory import MemoryStore
 __all__ = ["SessionMiddleware", "open_at_startup"]
 
 logger = logging.getLogger("authsessions")
+
+_SERVER_ERROR_MIDDLEWARE_CALL = ServerErrorMiddleware.__call__.__code__
 
 _NO_STORE = (b"cache-control", b"no-store")
 _VARY_COOKIE = (b"vary", b"Cookie")
@@ -124,7 +127,7 @@ class SessionMiddleware:
             await _send_error(send, exc)
             return
         scope[SCOPE_KEY] = session
-        session_send = _SessionSend(self, session, send, scope)
+        session_send = _SessionSend(self, session, send)
         try:
             await self.app(scope, receive, session_send)
         except SessionError as exc:
@@ -339,16 +342,17 @@ class SessionMiddleware:
         try:
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
-            except Exception:
-                if received or not self._owns_store:
+            except Exception as exc:
+                # An app without lifespan support refuses the scope, naming it, before its
+                # first receive (as Django's does): the middleware runs the lifespan for the
+                # store it owns, which would otherwise never be closed. Any other failure
+                # is the app's startup failing (Starlette builds its middleware then).
+                if received or not self._owns_store or "lifespan" not in str(exc):
                     raise
-                # An app without lifespan support, raising before its first receive (as
-                # Django's does): the middleware runs the lifespan for the store it owns,
-                # which would otherwise never be closed.
                 logger.info(
-                    "the app raised %r before its first lifespan receive, as one without "
-                    "lifespan support does: the session store opens and closes alone",
-                    sys.exc_info()[1],
+                    "the app refused the lifespan (%s): the session store opens at startup "
+                    "and closes at shutdown all the same",
+                    exc,
                 )
                 await self._run_lifespan_alone(receive, send)
         finally:
@@ -374,7 +378,12 @@ class SessionMiddleware:
                 await self._open_at_startup(send)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.store.close()
+                try:
+                    await self.store.close()
+                except Exception as exc:
+                    failed = f"the session store could not be closed: {exc}"
+                    await send({"type": "lifespan.shutdown.failed", "message": failed})
+                    raise
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -389,7 +398,6 @@ class _SessionSend:
 
     __slots__ = (
         "_middleware",
-        "_scope",
         "_send",
         "_session",
         "answered",
@@ -397,13 +405,10 @@ class _SessionSend:
         "response_started",
     )
 
-    def __init__(
-        self, middleware: SessionMiddleware, session: Session, send: Send, scope: Scope
-    ) -> None:
+    def __init__(self, middleware: SessionMiddleware, session: Session, send: Send) -> None:
         self._middleware = middleware
         self._session = session
         self._send = send
-        self._scope = scope  # read only for an error page: see _from_a_mounted_app
         self.response_started = False
         self.replaced_by_error = False
         self.answered: SessionError | None = None
@@ -417,11 +422,12 @@ class _SessionSend:
             message["status"] == 500
             and isinstance(error := sys.exc_info()[1], SessionError)
             and self.answered is None
-            and self._from_a_mounted_app()
+            and _sent_by_starlettes_error_middleware()
         ):
-            # A mounted app's own error middleware (a Starlette or FastAPI app's), answering
-            # one of ours with its 500 page from inside its except block, to raise it on:
-            # the error's own answer instead, as where no such middleware stands between.
+            # The error middleware of a Starlette or FastAPI app inside this one (mounted,
+            # or wrapped from outside), answering one of ours with its 500 page before it
+            # raises it on: the error's own answer instead, as where no such middleware
+            # stands between. An app's own handler of the error answers as it likes.
             return self._answer(error)
         self.response_started = True
         session = self._session
@@ -444,23 +450,6 @@ class _SessionSend:
         if write is not None:
             return self._start_after(write, message)
         return self._send(self._middleware._with_headers(message, session))
-
-    def _from_a_mounted_app(self) -> bool:
-        """Whether the app sending the response is a Starlette or FastAPI app other than
-        the one whose middleware holds this one: one mounted inside it (a Starlette app
-        names itself in the scope, which a mount hands on), or the app this middleware
-        wraps from outside. The app that holds it answers a SessionError as its own
-        handlers say; so does an app of another kind (Litestar never raises on what its
-        handlers answered).
-        """
-        layer = getattr(self._scope.get("app"), "middleware_stack", None)
-        if layer is None:
-            return False
-        while layer is not None:
-            if layer is self._middleware:
-                return False
-            layer = getattr(layer, "app", None)
-        return True
 
     async def _answer(self, error: SessionError) -> None:
         start, body = _error_response(error)
@@ -527,6 +516,13 @@ async def _end_if_unsent(session: Session, session_send: _SessionSend) -> None:
 
 async def _nothing() -> None:
     pass
+
+
+def _sent_by_starlettes_error_middleware() -> bool:
+    """Whether the exception being handled was caught in Starlette's ServerErrorMiddleware
+    (the first frame of its traceback), which sends its 500 page and then raises it on."""
+    traceback = sys.exc_info()[2]
+    return traceback is not None and traceback.tb_frame.f_code is _SERVER_ERROR_MIDDLEWARE_CALL
 
 
 def _error_response(exc: SessionError) -> tuple[Message, Message]:
