@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, WebSocket
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from authsessions import SessionData, SessionMiddleware
@@ -274,20 +274,19 @@ def test_the_session_dependencies_run_on_the_event_loop() -> None:
     assert inspect.iscoroutinefunction(require_session)
 
 
-def test_a_session_error_on_a_websocket_closes_it_with_policy_violation() -> None:
-    """Not a failed ASGI call with a traceback in the server's log: the socket's answer
-    to what an HTTP request would get as 401.
-    """
+def test_a_session_error_on_a_websocket_denies_its_handshake_with_the_errors_response() -> None:
+    """Not a failed ASGI call with a traceback in the server's log: what an HTTP request
+    would get, 401, where the server lets the app deny the handshake with a response."""
     app = build_fastapi_app(MemoryStore())
     with (
         TestClient(app, base_url="https://testserver") as client,
-        pytest.raises(WebSocketDisconnect) as closed,
+        pytest.raises(WebSocketDenialResponse) as denied,
         client.websocket_connect("/ws/required"),
     ):
         pass
 
-    assert closed.value.code == 1008
-    assert closed.value.reason == "Not authenticated: sign in first."
+    assert denied.value.status_code == 401
+    assert denied.value.json() == {"detail": "Not authenticated: sign in first."}
 
 
 def test_what_a_websocket_set_is_kept_when_the_client_leaves() -> None:

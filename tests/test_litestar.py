@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,6 +15,7 @@ from asgi_lifespan import LifespanManager
 from litestar import Litestar, Request, Response, WebSocket, asgi, get, post, websocket
 from litestar.connection import ASGIConnection
 from litestar.exceptions import WebSocketDisconnect, WebSocketException
+from litestar.handlers import websocket_stream
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
     AuthenticationResult,
@@ -548,6 +549,36 @@ def test_what_a_websocket_set_is_kept_when_the_client_leaves(sqlite_store: Store
             send_then_leave()
         me_after = client.get("/me", headers=cookie_header(token.value))
 
+    assert me_after.json() == {"user": "alice", "theme": "solarized"}
+
+
+@websocket_stream("/ws/feed")
+async def ws_feed(session: CurrentSession) -> AsyncGenerator[str, None]:
+    """Keeps a key, sends a tick, then finds the user signed out (a liveness check)."""
+    session.set("theme", "solarized")
+    yield "tick"
+    raise Unauthorized("signed out meanwhile")
+
+
+def test_a_session_error_in_a_streaming_websocket_closes_it_as_in_a_plain_one(
+    sqlite_store: Store,
+) -> None:
+    """Litestar runs a stream in a task group, which raises its error in a group: the
+    socket was closed with Litestar's own 4500, and what the stream set was dropped."""
+    app = Litestar([login, me, ws_feed], plugins=[SessionPlugin(store=sqlite_store)])
+    with LitestarTestClient(app, base_url="https://testserver.local") as client:
+        client.headers["user-agent"] = CHROME_MAC
+        token = session_cookie(client.post("/login", json={"user_id": "alice"}))
+        assert token is not None
+
+        with client.websocket_connect("/ws/feed", headers=cookie_header(token.value)) as ws:
+            tick = ws.receive_text()
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+        me_after = client.get("/me", headers=cookie_header(token.value))
+
+    assert tick == "tick"
+    assert (closed.value.code, closed.value.detail) == (1008, "signed out meanwhile")
     assert me_after.json() == {"user": "alice", "theme": "solarized"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import sqlite3
 import time
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -29,7 +31,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
@@ -37,6 +39,7 @@ from authsessions import (
     Session,
     SessionConfig,
     SessionData,
+    SessionDataError,
     SessionError,
     SessionManager,
     SessionMiddleware,
@@ -46,7 +49,14 @@ from authsessions import (
 )
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_token, token_digest
-from authsessions.stores import CreateError, MemoryStore, SessionUpdate, SQLiteStore, Store
+from authsessions.stores import (
+    CreateError,
+    MemoryStore,
+    PostgresStore,
+    SessionUpdate,
+    SQLiteStore,
+    Store,
+)
 from tests.apps.session_app import (
     CHROME_MAC,
     COOKIE,
@@ -1607,7 +1617,7 @@ async def test_a_login_of_an_app_that_sends_no_response_leaves_no_session_behind
     }  # fmt: skip
     _, kept = await plant_session(sqlite_store, "alice")
 
-    await SessionMiddleware(answers_nothing, store=sqlite_store)(scope, receive, sent.append)  # type: ignore[arg-type]
+    await SessionMiddleware(answers_nothing, store=sqlite_store)(scope, receive, collecting(sent))
 
     assert sent == []
     assert [s.id for s in await SessionManager(sqlite_store).list_for_user("alice")] == [kept.id]
@@ -1965,7 +1975,7 @@ def test_websocket_is_refused_with_try_again_later_while_the_store_is_down(
 
         with (
             table_renamed_away(path),
-            pytest.raises(WebSocketDisconnect) as refused,
+            pytest.raises(WebSocketDenialResponse) as refused,
             client.websocket_connect("/ws", headers=cookie_header(token)),
         ):
             pytest.fail("the WebSocket was accepted while the store was down")
@@ -1976,7 +1986,7 @@ def test_websocket_is_refused_with_try_again_later_while_the_store_is_down(
             ws.send_json(1)
         client.portal.call(store.close)  # type: ignore[union-attr]
 
-    assert refused.value.code == 1013
+    assert (refused.value.status_code, refused.value.headers["cache-control"]) == (503, "no-store")
     assert hello["user_id"] == "alice"
 
 
@@ -2304,31 +2314,170 @@ def behind_the_middleware(app: Any, store: MemoryStore) -> tuple[TestClient, dic
     return client, headers, token
 
 
-def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_client_left() -> None:
-    """Starlette raises its WebSocketDisconnect, Litestar its own, others theirs: what
-    tells the client left is the ASGI disconnect message the app received.
-    """
-    store = MemoryStore()
+def socket_scope(token: str) -> Scope:
+    """A WebSocket's scope carrying ``token``, from a server that offers no extensions."""
+    return {
+        "type": "websocket",
+        "path": "/",
+        "headers": [
+            (b"cookie", f"{COOKIE}={token}".encode()),
+            (b"user-agent", CHROME_MAC.encode()),
+        ],
+        "client": ("127.0.0.1", 123),
+    }
 
-    async def bare_socket_app(scope: Scope, receive: Any, send: Any) -> None:
+
+def collecting(sent: list[Message]) -> Send:
+    """A server's ``send`` keeping what the app sends in ``sent``."""
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    return send
+
+
+def receiving(*messages: Message) -> Receive:
+    """A server's ``receive`` handing the app ``messages``, then waiting for ever."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if not pending:
+            await asyncio.Event().wait()
+        return pending.pop(0)
+
+    return receive
+
+
+@pytest.mark.parametrize(
+    "ends_it", [ClientLeft(), SessionDataError("a later value could not be stored")]
+)
+async def test_a_websocket_keeps_what_it_set_whatever_exception_ends_it_once_the_client_left(
+    ends_it: Exception,
+) -> None:
+    """Starlette raises its WebSocketDisconnect, Litestar its own, others theirs: what
+    tells the client left is the ASGI disconnect message the app received. Whatever
+    ends the handler then, a session error's 5xx too, nobody is left to answer."""
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+    sent: list[Message] = []
+
+    async def bare_socket_app(scope: Scope, receive: Receive, send: Send) -> None:
         session = Session.from_scope(scope)
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         session.set("theme", (await receive())["text"])
         assert (await receive())["type"] == "websocket.disconnect"
-        raise ClientLeft
+        raise ends_it
 
-    client, headers, _ = behind_the_middleware(bare_socket_app, store)
+    receive = receiving(
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "solarized"},
+        {"type": "websocket.disconnect", "code": 1001},
+    )
+    middleware = SessionMiddleware(bare_socket_app, store=store)
+    if isinstance(ends_it, ClientLeft):  # not swallowed: only its changes were written first
+        with pytest.raises(ClientLeft):
+            await middleware(socket_scope(token), receive, collecting(sent))
+    else:
+        await middleware(socket_scope(token), receive, collecting(sent))
 
-    def send_then_leave() -> None:
-        with client.websocket_connect("/", headers=headers) as ws:
-            ws.send_text("solarized")
+    assert (await only_session(store)).data == {"theme": "solarized"}
 
-    with pytest.raises(ClientLeft):  # not swallowed: only its changes were written first
-        send_then_leave()
 
-    [session] = asyncio.run(SessionManager(store).list_for_user("alice"))
-    assert session.data == {"theme": "solarized"}
+@pytest.mark.parametrize("accepted", [False, True], ids=["before-accept", "after-accept"])
+async def test_a_session_error_in_a_task_group_closes_the_websocket_as_one_alone(
+    accepted: bool,
+) -> None:
+    """A task group raises its tasks' errors as an ExceptionGroup (Litestar's streaming
+    handlers run in one): it was taken for another failure, and the server dropped the
+    socket with no close frame."""
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice")
+    sent: list[Message] = []
+
+    async def grouped_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        if accepted:
+            await send({"type": "websocket.accept"})
+        raise ExceptionGroup("a task group", [Unauthorized("sign in again")])
+
+    middleware = SessionMiddleware(grouped_app, store=store)
+    await middleware(
+        socket_scope(token), receiving({"type": "websocket.connect"}), collecting(sent)
+    )
+
+    assert sent[-1] == {"type": "websocket.close", "code": 1008, "reason": "sign in again"}
+
+
+async def test_a_websocket_refused_before_accept_is_denied_with_the_errors_response() -> None:
+    """Where the server offers the denial extension: a signed-out client and a store
+    outage got the same bare 403 from the server, which a client cannot tell apart."""
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice")
+    sent: list[Message] = []
+
+    async def refusing_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        raise Unauthorized()
+
+    scope = {**socket_scope(token), "extensions": {"websocket.http.response": {}}}
+    middleware = SessionMiddleware(refusing_app, store=store)
+    await middleware(scope, receiving({"type": "websocket.connect"}), collecting(sent))
+
+    start, body = sent
+    assert (start["type"], start["status"]) == ("websocket.http.response.start", 401)
+    assert (body["type"], json.loads(body["body"])) == (
+        "websocket.http.response.body",
+        {"detail": Unauthorized().message},
+    )
+
+
+async def test_shutdown_waits_for_the_save_of_a_websocket_the_server_cancelled(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    """The client left, and the socket's save waits for a row another transaction holds,
+    when the server's shutdown cancels the task: the save was cut short, and what the
+    socket set was lost."""
+
+    async def socket_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await Starlette()(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        Session.from_scope(scope).set("theme", "solarized")
+        await receive()  # websocket.disconnect: the client left
+
+    url = f"{postgres_url}?schema={postgres_schema}"
+    middleware = SessionMiddleware(socket_app, store=url)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        async with LifespanManager(middleware):
+            token, record = await plant_session(middleware.store, "alice", data={"theme": "dark"})
+            holding = admin.transaction()
+            await holding.start()
+            await admin.execute(
+                f'SELECT 1 FROM "{postgres_schema}".authsessions_session WHERE id = $1'  # noqa: S608
+                " FOR UPDATE",
+                record.id,
+            )
+            receive = receiving({"type": "websocket.connect"}, {"type": "websocket.disconnect"})
+            serving = asyncio.create_task(middleware(socket_scope(token), receive, _ignore))
+            await asyncio.sleep(0.2)  # the save waits for the row
+            serving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await serving
+            # The shutdown waits for the save, which waits for the row.
+            asyncio.get_running_loop().call_later(0.3, asyncio.ensure_future, holding.commit())
+    finally:
+        await admin.close()
+
+    async with PostgresStore(postgres_url, schema=postgres_schema) as store:
+        assert (await only_session(store)).data == {"theme": "solarized"}
+
+
+async def _ignore(message: Message) -> None:
+    pass
 
 
 async def test_a_websocket_the_server_cancels_keeps_what_it_set() -> None:
@@ -2437,14 +2586,15 @@ def test_a_websocket_closed_for_a_session_error_gets_a_reason_a_close_frame_can_
 
     async def refusing_socket_app(scope: Scope, receive: Any, send: Any) -> None:
         await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
         raise Unauthorized(message)
 
     client, headers, _ = behind_the_middleware(refusing_socket_app, store)
     with (
         pytest.raises(WebSocketDisconnect) as closed,
-        client.websocket_connect("/", headers=headers),
+        client.websocket_connect("/", headers=headers) as socket,
     ):
-        pass
+        socket.receive_text()
 
     reason = closed.value.reason
     assert closed.value.code == 1008

@@ -11,6 +11,9 @@ Messages say what happened and what to do; they never contain a token or a diges
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 __all__ = [
     "SessionDataError",
     "SessionError",
@@ -75,3 +78,24 @@ class StoreUnavailable(SessionError):
 
     status_code = 503
     default_message = "The session store is unavailable; try again shortly."
+
+
+NO_STORE = (b"cache-control", b"no-store")
+
+
+def error_response(exc: SessionError, kind: str = "http") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ASGI start and body messages of ``{"detail": message}`` with the error's
+    status, never kept by a cache (an outage's 503 or a signed-out 401 would outlive its
+    cause). ``kind`` ``"websocket.http"``: as the denial of a WebSocket's handshake.
+    """
+    body = json.dumps({"detail": exc.message}).encode()
+    start = {
+        "type": f"{kind}.response.start",
+        "status": exc.status_code,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            NO_STORE,
+        ],
+    }
+    return start, {"type": f"{kind}.response.body", "body": body}

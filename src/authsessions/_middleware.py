@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import sys
 import time
@@ -16,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from authsessions._client import device_of
 from authsessions._config import SessionConfig
 from authsessions._cookies import MALFORMED, SessionCookie
-from authsessions._errors import SessionError, StoreUnavailable
+from authsessions._errors import NO_STORE, SessionError, StoreUnavailable, error_response
 from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
@@ -31,9 +30,8 @@ logger = logging.getLogger("authsessions")
 
 _SERVER_ERROR_MIDDLEWARE_CALL = ServerErrorMiddleware.__call__.__code__
 
-_NO_STORE = (b"cache-control", b"no-store")
 _VARY_COOKIE = (b"vary", b"Cookie")
-_NO_STORE_VARY_COOKIE = [_NO_STORE, _VARY_COOKIE]  # added by concatenation, never changed
+_NO_STORE_VARY_COOKIE = [NO_STORE, _VARY_COOKIE]  # added by concatenation, never changed
 _CACHING_HEADERS = frozenset({b"cache-control", b"vary"})
 
 
@@ -85,6 +83,7 @@ class SessionMiddleware:
             # server, saying why.
             self.store, self._owns_store = _RefusedStore(exc), True
         self._cookie = SessionCookie(self.config)
+        self._socket_saves: set[asyncio.Task[None]] = set()  # see serve_websocket
         # Only a store of its own can be the wrong one (see _check_placement).
         self._placement_checked = not self._owns_store
 
@@ -93,9 +92,8 @@ class SessionMiddleware:
             self._check_placement(scope)
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await serve_websocket(
-                    self.app, self._load(scope, self._cookie.read(scope)), scope, receive, send
-                )
+                loading = self._load(scope, self._cookie.read(scope))
+                await serve_websocket(self.app, loading, scope, receive, send, self._socket_saves)
             elif scope["type"] == "lifespan":
                 await self._lifespan(scope, receive, send)
             else:
@@ -135,7 +133,7 @@ class SessionMiddleware:
                 if session_send.answered is exc:
                     return  # answered with its status already, in a mounted app's place
                 raise
-            start, body = _error_response(exc)
+            start, body = error_response(exc)
             try:
                 await session_send(start)  # writes what the session owes, as for the app's
                 await session_send(body)
@@ -307,7 +305,7 @@ class SessionMiddleware:
             elif name == b"vary":
                 vary, varies = index, varies or _varies_on_cookie(value)
         if not cache_control:
-            headers.append(_NO_STORE)
+            headers.append(NO_STORE)
         if vary < 0:
             headers.append(_VARY_COOKIE)
         elif not varies:
@@ -328,6 +326,8 @@ class SessionMiddleware:
                 except Exception:
                     failure_sent = True
                     raise
+            elif message["type"] == "lifespan.shutdown":
+                await self._finish_socket_saves()  # before the app closes its store
             return message
 
         async def send_wrapper(message: Message) -> None:
@@ -371,6 +371,11 @@ class SessionMiddleware:
             await send({"type": "lifespan.startup.failed", "message": failed})
             raise
 
+    async def _finish_socket_saves(self) -> None:
+        """Wait for the saves of WebSockets the server cancelled as it shuts down."""
+        if self._socket_saves:
+            await asyncio.wait(set(self._socket_saves))
+
     async def _run_lifespan_alone(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -379,6 +384,7 @@ class SessionMiddleware:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
+                    await self._finish_socket_saves()
                     await self.store.close()
                 except Exception as exc:
                     failed = f"the session store could not be closed: {exc}"
@@ -452,7 +458,7 @@ class _SessionSend:
         return self._send(self._middleware._with_headers(message, session))
 
     async def _answer(self, error: SessionError) -> None:
-        start, body = _error_response(error)
+        start, body = error_response(error)
         self.answered = error
         await self(start)  # the session's write and headers, as for an error raised to us
         if not self.replaced_by_error:  # else that write failed, and was answered
@@ -466,7 +472,7 @@ class _SessionSend:
             # Answer here instead of raising into the app: its own error handlers
             # would see a started response and send a bare 500.
             self.replaced_by_error = True
-            start, body = _error_response(exc)
+            start, body = error_response(exc)
             await self._send(self._middleware._with_headers(start, self._session))
             await self._send(body)
             return
@@ -525,25 +531,8 @@ def _sent_by_starlettes_error_middleware() -> bool:
     return traceback is not None and traceback.tb_frame.f_code is _SERVER_ERROR_MIDDLEWARE_CALL
 
 
-def _error_response(exc: SessionError) -> tuple[Message, Message]:
-    """The start and body messages of ``{"detail": message}`` with the error's status,
-    never kept by a cache (an outage's 503 or a signed-out 401 would outlive its cause).
-    """
-    body = json.dumps({"detail": exc.message}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": exc.status_code,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            _NO_STORE,
-        ],
-    }
-    return start, {"type": "http.response.body", "body": body}
-
-
 async def _send_error(send: Send, exc: SessionError) -> None:
-    for message in _error_response(exc):
+    for message in error_response(exc):
         await send(message)
 
 

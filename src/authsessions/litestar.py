@@ -36,7 +36,7 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionError, Unauthorized
 from authsessions._middleware import SessionMiddleware, open_at_startup
 from authsessions._session import Session
-from authsessions._websocket import HANDLER_FAILED
+from authsessions._websocket import HANDLER_FAILED, session_error_in
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
@@ -94,7 +94,7 @@ def pass_session_errors_on_websockets(exc: Exception, scope: Scope) -> None:
     """
     if scope["type"] != ScopeType.WEBSOCKET:
         return
-    if isinstance(exc, SessionError):
+    if session_error_in(exc) is not None:  # one, or a task group's of nothing else
         raise exc
     # Any other error Litestar answers itself, closing the socket, and the handler's call
     # ends without it: say that it failed, so that (as under Starlette, and as an HTTP 500)
