@@ -3914,3 +3914,57 @@ async def test_a_fork_while_the_connections_reopen_leaves_none_to_cross_it(
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "child [] parent []" in done.stdout
+
+
+def test_two_threads_each_on_a_loop_of_its_own_share_one_store(db_path: Path) -> None:
+    """An app's loop and an admin job's loop (``asyncio.run`` on a thread) at the same
+    time: they shared the event loop's connection, a transaction begun by one failed
+    inside the other's, and one reopening the connection under the other's statement
+    crashed the process."""
+    t0 = start_time()
+    store = SQLiteStore(db_path, timeout=10)
+    records = [make_record(now=t0, user_id=f"user{n}") for n in range(10)]
+
+    async def create_all() -> None:
+        await store.open()
+        for record in records:
+            await store.create(record, max_sessions=10, now=t0)
+
+    asyncio.run(create_all())
+    failures: list[BaseException] = []
+    written: dict[str, set[str]] = {record.id: set() for record in records}
+
+    def serve(worker: int) -> None:
+        async def requests() -> None:
+            for n in range(1000):
+                record, key = records[n % len(records)], f"w{worker}-{n}"
+                update = make_update(now=t0 + 1, set_keys={key: n}, moves_expiry=False)
+                assert await store.update(record.id, update, now=t0 + 1)
+                written[record.id].add(key)
+                found = await store.get(record.token_digest, now=t0 + 1)
+                assert found is not None
+                assert key in found.data
+                await asyncio.sleep(0)
+
+        try:
+            asyncio.run(requests())
+        except BaseException as exc:  # reported by the test below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(worker,)) for worker in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    async def stored() -> dict[str, set[str]]:
+        found = {}
+        for record in records:
+            got = await store.get(record.token_digest, now=t0 + 1)
+            assert got is not None
+            found[record.id] = set(got.data)
+        await store.close()
+        return found
+
+    assert failures == []
+    assert all(written[id_] <= keys for id_, keys in asyncio.run(stored()).items())

@@ -245,6 +245,10 @@ class SQLiteStore(Store):
         self._reconnected_at = -RECONNECT_INTERVAL
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
         self._loop_thread: int | None = None  # the thread that last used the loop's connection
+        # Held while a thread uses the event loop's connection (and the cache read with
+        # it): another thread's loop may use the store at the same time, and one closing
+        # the connection under the other's statement crashed the process.
+        self._loop_db_lock = threading.Lock()
         self._counting = 0  # stats() connections open on worker threads
         self._counting_lock = threading.Lock()
 
@@ -421,44 +425,47 @@ class SQLiteStore(Store):
         _OPEN_STORES.discard(self)
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
-        if self._loop_db is not None:
-            self._loop_db.close()
-            self._loop_db = None
+        with self._loop_db_lock:
+            if self._loop_db is not None:
+                self._loop_db.close()
+                self._loop_db = None
         await self._writer.close()
 
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
         self._loop_thread = _get_ident()  # before the connection is taken: _close_for_fork
-        db = self._loop_db
-        if db is None:
-            db = self._connection(db)
-        cache = self._cache
-        try:
-            # Read before the row: see RecordCache.put.
-            wal_index = self._wal_index
-            version = (
-                wal_index.version()
-                if wal_index is not None
-                else db.execute("PRAGMA data_version").fetchone()[0]
-            )
-            record = cache.get(version, token_digest)
-            if record is None:
-                rows = db.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
-                if not rows:
-                    # Misses are not kept: any client can send unknown tokens, which
-                    # would crowd out the sessions that do exist.
-                    return None
-                record = _record(rows[0])
-                cache.put(token_digest, record, rows[0][_DATA])
-            elif record.expires_at <= now:
-                return None  # as the SELECT's "expires_at > ?" would
-        except sqlite3.Error as exc:
-            if not is_busy(exc):
-                raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
-            rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
-            return _record(rows[0]) if rows else None
-        return record
+        with self._loop_db_lock:
+            db = self._loop_db
+            if db is None:
+                db = self._connection(db)
+            cache = self._cache
+            try:
+                # Read before the row: see RecordCache.put.
+                wal_index = self._wal_index
+                version = (
+                    wal_index.version()
+                    if wal_index is not None
+                    else db.execute("PRAGMA data_version").fetchone()[0]
+                )
+                record = cache.get(version, token_digest)
+                if record is None:
+                    rows = db.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
+                    if not rows:
+                        # Misses are not kept: any client can send unknown tokens, which
+                        # would crowd out the sessions that do exist.
+                        return None
+                    record = _record(rows[0])
+                    cache.put(token_digest, record, rows[0][_DATA])
+                elif record.expires_at <= now:
+                    return None  # as the SELECT's "expires_at > ?" would
+                return record
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+        # The file is busy: the writer thread's connection waits the lock out.
+        rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
+        return _record(rows[0]) if rows else None
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         now = _checks.list_for_user_args(user_id, now)
@@ -478,14 +485,15 @@ class SQLiteStore(Store):
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
-        db = self._connection(self._loop_db)
-        try:
-            # fetchall() finishes the statement, so no read transaction stays open.
-            return db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            if is_busy(exc):
-                return None
-            raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+        with self._loop_db_lock:
+            db = self._connection(self._loop_db)
+            try:
+                # fetchall() finishes the statement, so no read transaction stays open.
+                return db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                if is_busy(exc):
+                    return None
+                raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
 
     async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a SELECT on the writer thread, whose connection waits out locks."""
@@ -504,7 +512,8 @@ class SQLiteStore(Store):
             StoreUnavailable: the database could not be read.
         """
         now = _checks.require_time("now", now)
-        self._connection(self._loop_db)  # refuses a closed store
+        with self._loop_db_lock:
+            self._connection(self._loop_db)  # refuses a closed store
         # Counted before the thread has it: a fork meanwhile leaves the connections open.
         # Counted out by the thread, or here if it never began (cancelled before).
         began: list[bool] = []
@@ -815,37 +824,42 @@ class SQLiteStore(Store):
             # wait counts towards the timeout, which the finish's own write may fill.
             asked_at = time.monotonic()
             await writer.wait_for_finish()
-        db = self._connection(self._loop_db)
         # While the checkpoint's finish is due, writes go to the thread, the first to run
         # it: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
         if not writer.finish_due():
-            self._version_at_write = None
-            changes_before = db.total_changes
-            try:
-                result = work(db)
-            except WriteRefused:
-                pass  # its commit would have started the WAL over: on the thread instead
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    with translate_errors("SQLite", sqlite3.Error):
-                        self._reopen_loop_db()
-                # Busy or read-only, the work was refused before it changed anything: the
-                # thread runs it, waiting for the lock, or on connections opened anew.
-                if not (is_busy(exc) or is_read_only(exc)):
-                    # It may have taken effect (a COMMIT that failed after its write), which
-                    # PRAGMA data_version, counting other connections' commits only, misses.
-                    self._cache.clear()
-                    raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
-            else:
-                writer.checkpoints.wrote()
+            with self._loop_db_lock:
+                db = self._connection(self._loop_db)
+                self._version_at_write = None
+                changes_before = db.total_changes
                 try:
-                    self._after_own_commit(db.total_changes != changes_before, changed(result))
-                except BaseException:
-                    self._cache.clear()
-                    raise
-                writer.copy_if_due()
-                return result
+                    result = work(db)
+                except WriteRefused:
+                    pass  # its commit would have started the WAL over: on the thread instead
+                except sqlite3.Error as exc:
+                    if db.in_transaction:
+                        with translate_errors("SQLite", sqlite3.Error):
+                            self._reopen_loop_db()
+                    # Busy or read-only, the work was refused before it changed anything:
+                    # the thread runs it, waiting for the lock, or on connections opened anew.
+                    if not (is_busy(exc) or is_read_only(exc)):
+                        # It may have taken effect (a COMMIT that failed after its write),
+                        # which PRAGMA data_version, counting other connections' commits
+                        # only, misses.
+                        self._cache.clear()
+                        raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+                else:
+                    writer.checkpoints.wrote()
+                    try:
+                        self._after_own_commit(db.total_changes != changes_before, changed(result))
+                    except BaseException:
+                        self._cache.clear()
+                        raise
+                    writer.copy_if_due()
+                    return result
+        else:
+            with self._loop_db_lock:
+                self._connection(self._loop_db)  # refuses a closed store
         # The thread's commit changes the version the next get reads, which empties the cache.
         return await self._on_writer(functools.partial(writer.write, asked_at=asked_at), work)
 
@@ -910,15 +924,17 @@ class SQLiteStore(Store):
             self._wal_index = None  # before the connections that keep its mapping close
             self._writer.count_pages(None)
             self._cache.clear()
-            db, self._loop_db = self._loop_db, None
-            if db is not None:
-                db.close()
+            with self._loop_db_lock:
+                db, self._loop_db = self._loop_db, None
+                if db is not None:
+                    db.close()
             await self._writer.reconnect()
             # None opened meanwhile (a fork reopens it), and the store still open.
-            if self._is_open and self._loop_db is None:
-                with translate_errors("SQLite", sqlite3.Error):
-                    self._open_loop_db()
-                self._writer.count_pages(self._wal_index)
+            with self._loop_db_lock:
+                if self._is_open and self._loop_db is None:
+                    with translate_errors("SQLite", sqlite3.Error):
+                        self._open_loop_db()
+                    self._writer.count_pages(self._wal_index)
         finally:
             self._reconnecting = None
 
