@@ -30,6 +30,7 @@ from authsessions.stores import CreateError, DataTooLarge, RedisStore, open_stor
 from authsessions.stores._redis_scripts import DELETE_EXPIRED, LUA_HELPERS
 from tests.store_fixtures import delete_prefixed
 from tests.stores.records import (
+    TTL,
     check_kept_after_racing_creates,
     make_record,
     make_update,
@@ -1186,6 +1187,16 @@ def test_open_store_accepts_cluster_urls() -> None:
     assert not single.is_cluster
 
 
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://127.0.0.1:7000/2", "redis+cluster://127.0.0.1:7000?db=2"]
+)
+def test_a_cluster_url_naming_a_database_is_refused_as_a_bad_url(url: str) -> None:
+    """A cluster has one database: redis-py's own exception escaped the middleware's
+    check of the URL, and the server served 500s instead of stopping at startup."""
+    with pytest.raises(ValueError, match="'db' must be 0"):
+        open_store(url)
+
+
 # -- options ---------------------------------------------------------------------------------------
 
 
@@ -1438,6 +1449,37 @@ async def test_a_cluster_touch_renews_the_pointers_after_the_clients_retry(
 
     assert len(lifetimes) >= 3  # the session, its id's pointer and its digest's
     assert all(ms > 3_000_000 for ms in lifetimes.values()), lifetimes
+
+
+async def test_a_cluster_rotation_keeping_the_stored_times_gives_the_new_pointer_their_expiry(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """A rotation finding the session touched since its cutoff keeps the stored times:
+    the new digest's pointer, claimed with the rotation's own (shorter) expiry, kept it,
+    and the session was lost once it passed to every process not knowing where it lives."""
+    t0 = start_time()
+    record = make_record(now=t0)
+    async with RedisStore(redis_cluster_url, prefix=redis_prefix) as store:
+        try:
+            await store.create(record, max_sessions=10, now=t0)
+            touch = SessionUpdate(t0 + 100, t0 + 100 + TTL, touch_if_last_active_by=t0 + 40)
+            assert await store.update(record.id, touch, now=t0 + 100)
+            rotated = new_digest()
+            rotation = SessionUpdate(
+                t0 + 101,
+                t0 + 161,  # a server with a shorter ttl, say, in a rolling deploy
+                token_digest=rotated,
+                expected_token_digest=record.token_digest,
+                touch_if_last_active_by=t0 + 50,
+            )
+            assert await store.update(record.id, rotation, now=t0 + 101)
+
+            client = store._require_client()
+            pointer_ms = await client.pttl(store._digest_key(rotated))
+        finally:
+            await delete_prefixed(store._require_client(), redis_prefix)
+
+    assert pointer_ms > 60_000
 
 
 async def test_a_cluster_login_over_a_session_stands_after_the_clients_retry(

@@ -232,6 +232,10 @@ class RedisStore(Store):
                 raise ValueError(
                     f"the Redis URL has an option redis-py does not take: {exc}"
                 ) from None
+            except self._driver.RedisClusterException as exc:
+                # A database number, say, which a cluster has only one of: a ValueError,
+                # as the middleware refuses such a URL at startup, saying why.
+                raise ValueError(f"the Redis cluster URL is refused: {exc}") from None
         self._errors = (self._driver.RedisError, self._driver.RedisClusterException, OSError)
         self._client: Redis | RedisCluster | None = None
         self._reads: ReadConnections | None = None  # a single server's per-request reads
@@ -560,13 +564,14 @@ class RedisStore(Store):
                       len(removed), *removed, *_data_fields(changes.set_keys)],
             )  # fmt: skip
             old_digest: str | int | None
-            kept_before = None
+            kept_before, times_kept = None, False
             if not isinstance(reply, list):
                 old_digest = reply
             elif len(reply) == 2:  # a rotation keeping the digest it left
                 old_digest, kept_before = reply
             else:  # last active since the cutoff: the times stayed as stored
                 old_digest, kept_before, ttl = reply[0], reply[1], int(reply[2])
+                times_kept = True
                 if new_digest is None and not in_cluster:
                     return True  # the script renewed the pointers with the times
                 # In a cluster, the pointers follow the session's own TTL all the same:
@@ -597,6 +602,8 @@ class RedisStore(Store):
                             pipe.pexpire(self._digest_key(old_digest), ttl)
                         else:
                             pipe.delete(self._digest_key(old_digest))
+                            if times_kept:  # claimed with this call's expiry, not the kept one
+                                pipe.pexpire(self._digest_key(new_digest), ttl)
                         if kept_before:
                             pipe.delete(self._rotated_away_key(kept_before))
                         if kept_before is not None and kept_ms:
