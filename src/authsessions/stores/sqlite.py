@@ -244,11 +244,10 @@ class SQLiteStore(Store):
         self._reconnecting: asyncio.Task[None] | None = None  # see _reconnect_all
         self._reconnected_at = -RECONNECT_INTERVAL
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
-        self._loop_thread: int | None = None  # the thread that last used the loop's connection
-        # Held while a thread uses the event loop's connection (and the cache read with
-        # it): another thread's loop may use the store at the same time, and one closing
-        # the connection under the other's statement crashed the process.
-        self._loop_db_lock = threading.Lock()
+        # The thread, and its event loop, that use the loop's connection (and the record
+        # cache): see _claim_loop_db.
+        self._loop_thread: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._counting = 0  # stats() connections open on worker threads
         self._counting_lock = threading.Lock()
 
@@ -379,7 +378,12 @@ class SQLiteStore(Store):
         if wal_index is not None:
             db.refuse_write = self._write_locked
         self._loop_db, self._wal_index = db, wal_index
-        self._loop_thread = _get_ident()  # see _close_for_fork
+        # The opener's, as a claim would make it (see _claim_loop_db and _close_for_fork).
+        self._loop_thread = _get_ident()
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # reopened after a fork, outside any loop
+            self._loop = None
 
     def _write_locked(self) -> bool:
         """Whether to refuse the write the event loop's connection began: one whose commit
@@ -425,50 +429,67 @@ class SQLiteStore(Store):
         _OPEN_STORES.discard(self)
         self._wal_index = None  # before the connections that keep its mapping close
         self._cache.clear()
-        with self._loop_db_lock:
-            if self._loop_db is not None:
-                self._loop_db.close()
-                self._loop_db = None
+        if self._loop_db is not None:
+            self._loop_db.close()
+            self._loop_db = None
         await self._writer.close()
 
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        self._loop_thread = _get_ident()  # before the connection is taken: _close_for_fork
-        # Not a with block: under callgrind, one costs twice the instructions.
-        self._loop_db_lock.acquire()
-        try:
+        if _get_ident() == self._loop_thread or self._claim_loop_db():
             db = self._loop_db
             if db is None:
                 db = self._connection(db)
-            # Read before the row: see RecordCache.put.
-            wal_index = self._wal_index
-            version = (
-                wal_index.version()
-                if wal_index is not None
-                else db.execute("PRAGMA data_version").fetchone()[0]
-            )
-            cache = self._cache
-            record = cache.get(version, token_digest)
-            if record is None:
-                rows = db.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
-                if not rows:
-                    # Misses are not kept: any client can send unknown tokens, which would
-                    # crowd out the sessions that do exist.
-                    return None
-                record = _record(rows[0])
-                cache.put(token_digest, record, rows[0][_DATA])
-            elif record.expires_at <= now:
-                return None  # as the SELECT's "expires_at > ?" would
-            return record
-        except sqlite3.Error as exc:
-            if not is_busy(exc):
-                raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
-        finally:
-            self._loop_db_lock.release()
-        # The file is busy: the writer thread's connection waits the lock out.
+            try:
+                # Read before the row: see RecordCache.put.
+                wal_index = self._wal_index
+                version = (
+                    wal_index.version()
+                    if wal_index is not None
+                    else db.execute("PRAGMA data_version").fetchone()[0]
+                )
+                cache = self._cache
+                record = cache.get(version, token_digest)
+                if record is None:
+                    rows = db.execute(_SELECT_BY_DIGEST, (token_digest, now)).fetchall()
+                    if not rows:
+                        # Misses are not kept: any client can send unknown tokens, which
+                        # would crowd out the sessions that do exist.
+                        return None
+                    record = _record(rows[0])
+                    cache.put(token_digest, record, rows[0][_DATA])
+                elif record.expires_at <= now:
+                    return None  # as the SELECT's "expires_at > ?" would
+                return record
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+        else:
+            self._require_open()
+        # The file is busy, or another thread's loop has the connection: the writer thread's
+        # connection waits the lock out.
         rows = await self._read_when_free(_SELECT_BY_DIGEST, (token_digest, now))
         return _record(rows[0]) if rows else None
+
+    def _claim_loop_db(self) -> bool:
+        """Whether this thread may use the event loop's connection (and the record cache),
+        which only one thread's loop uses: made this one's unless another thread's loop
+        running now has it. Another thread's calls (an admin job's ``asyncio.run`` beside
+        the app's loop) go to the writer thread instead: sharing the connection, one
+        thread's transaction began inside the other's, and one reopening it under the
+        other's statement crashed the process.
+        """
+        loop = asyncio.get_running_loop()
+        holder = self._loop
+        if holder is not None and holder is not loop and holder.is_running():
+            return False
+        self._loop_thread, self._loop = _get_ident(), loop
+        return True
+
+    def _require_open(self) -> None:
+        if not self._is_open:
+            raise self._closed_error()
 
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         now = _checks.list_for_user_args(user_id, now)
@@ -488,15 +509,16 @@ class SQLiteStore(Store):
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
-        with self._loop_db_lock:
-            db = self._connection(self._loop_db)
-            try:
-                # fetchall() finishes the statement, so no read transaction stays open.
-                return db.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                if is_busy(exc):
-                    return None
-                raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+        if _get_ident() != self._loop_thread and not self._claim_loop_db():
+            return None
+        db = self._connection(self._loop_db)
+        try:
+            # fetchall() finishes the statement, so no read transaction stays open.
+            return db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if is_busy(exc):
+                return None
+            raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
 
     async def _read_when_free(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Run a SELECT on the writer thread, whose connection waits out locks."""
@@ -515,8 +537,7 @@ class SQLiteStore(Store):
             StoreUnavailable: the database could not be read.
         """
         now = _checks.require_time("now", now)
-        with self._loop_db_lock:
-            self._connection(self._loop_db)  # refuses a closed store
+        self._require_open()
         # Counted before the thread has it: a fork meanwhile leaves the connections open.
         # Counted out by the thread, or here if it never began (cancelled before).
         began: list[bool] = []
@@ -830,42 +851,36 @@ class SQLiteStore(Store):
         # While the checkpoint's finish is due, writes go to the thread, the first to run
         # it: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not writer.finish_due():
-            self._loop_db_lock.acquire()  # not a with block: see get
+        if not writer.finish_due() and (_get_ident() == self._loop_thread or self._claim_loop_db()):
+            db = self._connection(self._loop_db)
+            self._version_at_write = None
+            changes_before = db.total_changes
             try:
-                db = self._connection(self._loop_db)
-                self._version_at_write = None
-                changes_before = db.total_changes
+                result = work(db)
+            except WriteRefused:
+                pass  # its commit would have started the WAL over: on the thread instead
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    with translate_errors("SQLite", sqlite3.Error):
+                        self._reopen_loop_db()
+                # Busy or read-only, the work was refused before it changed anything: the
+                # thread runs it, waiting for the lock, or on connections opened anew.
+                if not (is_busy(exc) or is_read_only(exc)):
+                    # It may have taken effect (a COMMIT that failed after its write), which
+                    # PRAGMA data_version, counting other connections' commits only, misses.
+                    self._cache.clear()
+                    raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
+            else:
+                writer.checkpoints.wrote()
                 try:
-                    result = work(db)
-                except WriteRefused:
-                    pass  # its commit would have started the WAL over: on the thread instead
-                except sqlite3.Error as exc:
-                    if db.in_transaction:
-                        with translate_errors("SQLite", sqlite3.Error):
-                            self._reopen_loop_db()
-                    # Busy or read-only, the work was refused before it changed anything:
-                    # the thread runs it, waiting for the lock, or on connections opened anew.
-                    if not (is_busy(exc) or is_read_only(exc)):
-                        # It may have taken effect (a COMMIT that failed after its write),
-                        # which PRAGMA data_version, counting other connections' commits
-                        # only, misses.
-                        self._cache.clear()
-                        raise store_unavailable("SQLite", exc)  # noqa: B904 (it chains itself)
-                else:
-                    writer.checkpoints.wrote()
-                    try:
-                        self._after_own_commit(db.total_changes != changes_before, changed(result))
-                    except BaseException:
-                        self._cache.clear()
-                        raise
-                    writer.copy_if_due()
-                    return result
-            finally:
-                self._loop_db_lock.release()
+                    self._after_own_commit(db.total_changes != changes_before, changed(result))
+                except BaseException:
+                    self._cache.clear()
+                    raise
+                writer.copy_if_due()
+                return result
         else:
-            with self._loop_db_lock:
-                self._connection(self._loop_db)  # refuses a closed store
+            self._require_open()
         # The thread's commit changes the version the next get reads, which empties the cache.
         return await self._on_writer(functools.partial(writer.write, asked_at=asked_at), work)
 
@@ -883,6 +898,10 @@ class SQLiteStore(Store):
             if not (isinstance(cause, sqlite3.Error) and is_read_only(cause)):
                 raise
             if not self._reconnect_may_help():
+                raise
+            # Only where the event loop's connection may be closed: not under another
+            # thread's loop (see _claim_loop_db).
+            if _get_ident() != self._loop_thread and not self._claim_loop_db():
                 raise
         await self._reconnect_all()
         return await hand_over(work)
@@ -930,17 +949,15 @@ class SQLiteStore(Store):
             self._wal_index = None  # before the connections that keep its mapping close
             self._writer.count_pages(None)
             self._cache.clear()
-            with self._loop_db_lock:
-                db, self._loop_db = self._loop_db, None
-                if db is not None:
-                    db.close()
+            db, self._loop_db = self._loop_db, None
+            if db is not None:
+                db.close()
             await self._writer.reconnect()
             # None opened meanwhile (a fork reopens it), and the store still open.
-            with self._loop_db_lock:
-                if self._is_open and self._loop_db is None:
-                    with translate_errors("SQLite", sqlite3.Error):
-                        self._open_loop_db()
-                    self._writer.count_pages(self._wal_index)
+            if self._is_open and self._loop_db is None:
+                with translate_errors("SQLite", sqlite3.Error):
+                    self._open_loop_db()
+                self._writer.count_pages(self._wal_index)
         finally:
             self._reconnecting = None
 
@@ -976,7 +993,6 @@ class SQLiteStore(Store):
         is open: replacing one left in a transaction failed (see :meth:`_reopen_loop_db`),
         and each call tries until the file opens.
         """
-        self._loop_thread = _get_ident()  # see _close_for_fork
         if connection is not None:
             return connection
         if not self._is_open:
