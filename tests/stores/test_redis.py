@@ -1197,6 +1197,32 @@ def test_a_cluster_url_naming_a_database_is_refused_as_a_bad_url(url: str) -> No
         open_store(url)
 
 
+@pytest.mark.parametrize("policy", ["noeviction", "allkeys-lru", "volatile-ttl"])
+async def test_a_server_that_evicts_keys_once_full_is_named_at_open(
+    redis_url: str, redis_prefix: str, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every key of a session expires, so even a volatile policy takes them: a user's index
+    gone, a logout everywhere missed sessions that still signed in."""
+    admin = Redis.from_url(redis_url)
+    before = cast("dict[str, str]", await admin.config_get("maxmemory", "maxmemory-policy"))
+    try:
+        await admin.config_set("maxmemory", str(1 << 30))
+        await admin.config_set("maxmemory-policy", policy)
+        async with RedisStore(redis_url, prefix=redis_prefix):
+            pass
+    finally:
+        await admin.config_set("maxmemory", before["maxmemory"])
+        await admin.config_set("maxmemory-policy", before["maxmemory-policy"])
+        await admin.aclose()
+
+    warned = [r.getMessage() for r in caplog.records if "evicts keys" in r.getMessage()]
+    if policy == "noeviction":
+        assert warned == []
+    else:
+        assert len(warned) == 1
+        assert f"maxmemory-policy {policy}" in warned[0]
+
+
 # -- options ---------------------------------------------------------------------------------------
 
 

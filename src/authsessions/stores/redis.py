@@ -301,6 +301,7 @@ class RedisStore(Store):
                     await client.aclose()
                     self._cluster, client = True, self._build(cluster=True)
                 await client.ping()
+                await self._warn_if_evicting(client)
             except BaseException:
                 if client is not self._given_client:
                     await client.aclose()
@@ -349,6 +350,31 @@ class RedisStore(Store):
             given = query_values(self._url)
             named = [(option, given[option]) for option in _TLS_FILE_OPTIONS if given.get(option)]
             raise unusable_tls_files("Redis", self._url, named, loading) from None
+
+    async def _warn_if_evicting(self, client: Redis | RedisCluster) -> None:
+        """Say so where the server evicts keys once full: any of a session's keys can go
+        (they all expire, so even a ``volatile-*`` policy takes them), and then a logout
+        everywhere or the per-user limit misses sessions whose index went, while their
+        tokens still work. ``INFO`` refused to the app's user says nothing."""
+        try:
+            reply: dict[str, Any] = await client.info("memory")
+        except self._driver.ResponseError:  # refused to the app's user, or by a proxy
+            return
+        # A cluster's answer is each node's, by node.
+        nodes = [reply] if "maxmemory_policy" in reply else list(reply.values())
+        for node in nodes:
+            policy = node.get("maxmemory_policy", "noeviction")
+            if node.get("maxmemory") and policy != "noeviction":
+                logger.warning(
+                    "the Redis server of %s evicts keys once full (maxmemory-policy %s): "
+                    "sessions, their pointers or a user's index can vanish, and a logout "
+                    "everywhere or the per-user session limit then misses sessions that "
+                    "still sign in. Set maxmemory-policy noeviction (a full server then "
+                    "refuses writes, answered 503), or give sessions a server of their own.",
+                    self._shown_url,
+                    policy,
+                )
+                return
 
     async def _is_a_cluster(self, client: Redis | RedisCluster) -> bool:
         """Whether the server is a cluster node, asked with ``INFO``; a user refused it (as
