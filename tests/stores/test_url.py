@@ -87,6 +87,25 @@ def test_sqlite_url_without_a_file_is_refused(url: str) -> None:
         open_store(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://localhost/tmp/sessions.db", "names no host"),
+        ("sqlite:///data/", "needs a file"),
+        ("sqlite:///sessions.db#backup", "percent-encode it as %23"),
+        ("sqlite:///sessions%00.db", "NUL"),
+    ],
+)
+def test_a_sqlite_url_that_would_open_another_file_than_it_names_is_refused(
+    url: str, message: str
+) -> None:
+    """Each opened a file the URL did not mean (a relative ``localhost/tmp/…``, a file
+    named ``data``, one named ``sessions.db#backup``) or failed only at open (a NUL):
+    refused with the URL, so the server stops at startup saying why."""
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
 def test_sqlite_memory_url_is_refused() -> None:
     with pytest.raises(ValueError, match="MemoryStore"):
         open_store("sqlite:///:memory:")

@@ -64,10 +64,19 @@ def open_store(url: str) -> Store:
     if scheme == "sqlite":
         from authsessions.stores.sqlite import SQLiteStore
 
+        if rest and not rest.startswith("/"):
+            # sqlite://localhost/x.db would open the relative path localhost/x.db.
+            raise ValueError(
+                "a sqlite URL names no host: sqlite:///relative.db or sqlite:////absolute/path.db."
+            )
         path, _, options = rest.removeprefix("/").partition("?")
-        if not path:
+        if not path or path.endswith("/"):
             raise ValueError(
                 "a sqlite URL needs a file: sqlite:///relative.db or sqlite:////absolute/path.db."
+            )
+        if "#" in path:
+            raise ValueError(
+                "a sqlite URL's path holds a '#': percent-encode it as %23 in a file name."
             )
         if options:
             raise ValueError(
@@ -81,6 +90,8 @@ def open_store(url: str) -> Store:
             raise ValueError(
                 "a sqlite URL's path must percent-encode UTF-8, e.g. %C3%A9 for 'é'."
             ) from None
+        if "\x00" in path:
+            raise ValueError("a sqlite URL's path holds a NUL (%00), which no file name can.")
         return SQLiteStore(path)
     if scheme in _POSTGRES_SCHEMES:
         from authsessions.stores.postgres import PostgresStore
