@@ -1348,10 +1348,16 @@ def test_a_password_redis_py_misreads_is_refused_without_showing_it(
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://127.0.0.1:6379/abc", "redis://127.0.0.1/sessions", "redis+cluster://node:7000/x"],
+    [
+        "redis://127.0.0.1:6379/abc",
+        "redis://127.0.0.1/sessions",
+        "redis+cluster://node:7000/x",
+        "redis://127.0.0.1/1/2",
+    ],
 )
 def test_a_database_that_is_not_a_number_is_refused_when_the_store_is_built(url: str) -> None:
-    """redis-py would take database 0 for it, shared with whatever else lives there."""
+    """redis-py would take database 0 for it, shared with whatever else lives there (and
+    database 12 for /1/2)."""
     with pytest.raises(ValueError, match="names a database that is not a number"):
         RedisStore(url)
 
@@ -1361,6 +1367,13 @@ def test_a_database_that_is_not_a_number_is_refused_when_the_store_is_built(url:
 )
 def test_a_database_number_or_none_is_taken(url: str) -> None:
     assert RedisStore(url)
+
+
+@pytest.mark.parametrize("option", ["socket_timeout=0", "socket_connect_timeout=-1"])
+def test_a_url_timeout_of_no_time_is_refused_when_the_store_is_built(option: str) -> None:
+    """Every call timed out at once: the server started, and answered 503s."""
+    with pytest.raises(ValueError, match="above 0"):
+        RedisStore(f"redis://127.0.0.1:6379/0?{option}")
 
 
 # -- failures -------------------------------------------------------------------------------------

@@ -260,15 +260,26 @@ class RedisStore(Store):
         # redis-py reads the path as the database number, and takes database 0 for a path
         # that is none: redis://cache/sessions would share database 0 with anything.
         parts = urlsplit(url)
-        database = unquote(parts.path).replace("/", "")
-        if parts.scheme in ("redis", "rediss") and "db" not in options and database:
+        database = unquote(parts.path).removeprefix("/").removesuffix("/")
+        if (
+            parts.scheme in ("redis", "rediss")
+            and database
+            and ("db" not in options or "/" in database)
+        ):
             try:
-                int(database)
+                int(database.replace("/", "#"))  # not database 12, as redis-py read /1/2
             except ValueError:
                 raise ValueError(
                     f"the Redis URL {shown_as} names a database that is not a number: "
                     "expected redis://host:port/0 (or no path, for database 0)."
                 ) from None
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            seconds = options.get(name)
+            if seconds is not None and not seconds > 0:  # every call would time out at once
+                raise ValueError(
+                    f"the Redis URL {shown_as} sets {name} to {seconds}: give a number of "
+                    "seconds above 0, or leave it out."
+                )
 
     def _check_url_options(self, url: str) -> None:
         """Refuse, here, an option in ``url`` that redis-py would only reject as it first
