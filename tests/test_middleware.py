@@ -2496,23 +2496,9 @@ async def test_a_websocket_the_server_cancels_keeps_what_it_set() -> None:
         changed.set()
         await asyncio.Event().wait()  # serving the client until the server gives up
 
-    async def receive() -> Message:
-        return {"type": "websocket.connect"}
-
-    async def send(message: Message) -> None:
-        pass
-
-    scope = {
-        "type": "websocket",
-        "path": "/",
-        "headers": [
-            (b"cookie", f"{COOKIE}={token}".encode()),
-            (b"user-agent", CHROME_MAC.encode()),
-        ],
-        "client": ("127.0.0.1", 123),
-    }
+    receive = receiving({"type": "websocket.connect"})
     serving = asyncio.create_task(
-        SessionMiddleware(long_lived_socket_app, store=store)(scope, receive, send)
+        SessionMiddleware(long_lived_socket_app, store=store)(socket_scope(token), receive, _ignore)
     )
     await changed.wait()
     serving.cancel()

@@ -1409,6 +1409,19 @@ class RunningOneCommandTwice(RedisCluster):
         return await super().execute_command(*args, **kwargs)
 
 
+def running_one_command_twice(redis_cluster_url: str, repeated: str) -> RunningOneCommandTwice:
+    """A client of the test cluster that runs the next ``repeated`` command holding its
+    ``marker`` twice."""
+    client = cast(
+        "RunningOneCommandTwice",
+        RunningOneCommandTwice.from_url(
+            redis_cluster_url.replace("+cluster", ""), decode_responses=True
+        ),
+    )
+    client.repeated = repeated
+    return client
+
+
 @pytest.mark.parametrize("retried", ["SET", "EVALSHA"], ids=["pointer-claim", "script"])
 async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
     redis_cluster_url: str, redis_prefix: str, retried: str
@@ -1418,13 +1431,7 @@ async def test_a_cluster_login_and_rotation_stand_after_the_clients_retry(
     answering True with the old token still valid and the new one naming nothing. (A
     login claims its pointers in one pipeline, which this client does not run twice: its
     script is.)"""
-    client = cast(
-        "RunningOneCommandTwice",
-        RunningOneCommandTwice.from_url(
-            redis_cluster_url.replace("+cluster", ""), decode_responses=True
-        ),
-    )
-    client.repeated = retried
+    client = running_one_command_twice(redis_cluster_url, retried)
     t0 = start_time()
     record = make_record(now=t0)
     try:
@@ -1461,13 +1468,7 @@ async def test_a_cluster_touch_renews_the_pointers_after_the_clients_retry(
     its cutoff: the pointers, which a cluster renews after the script, must still follow
     the session. They kept their old expiry, and once it passed, the session was lost to
     every process that did not know where it lives."""
-    client = cast(
-        "RunningOneCommandTwice",
-        RunningOneCommandTwice.from_url(
-            redis_cluster_url.replace("+cluster", ""), decode_responses=True
-        ),
-    )
-    client.repeated = "EVALSHA"
+    client = running_one_command_twice(redis_cluster_url, "EVALSHA")
     t0 = start_time()
     record = make_record(now=t0, ttl=10)
     try:
@@ -1526,13 +1527,7 @@ async def test_a_cluster_login_over_a_session_stands_after_the_clients_retry(
 ) -> None:
     """Its script run twice, the second run finds the login done: it keeps the digest of
     the session it replaced, pointer included."""
-    client = cast(
-        "RunningOneCommandTwice",
-        RunningOneCommandTwice.from_url(
-            redis_cluster_url.replace("+cluster", ""), decode_responses=True
-        ),
-    )
-    client.repeated = "EVALSHA"
+    client = running_one_command_twice(redis_cluster_url, "EVALSHA")
     t0 = start_time()
     record, replaced = make_record(now=t0), new_digest()
     try:
