@@ -3918,9 +3918,9 @@ async def test_a_fork_while_the_connections_reopen_leaves_none_to_cross_it(
 
 def test_two_threads_each_on_a_loop_of_its_own_share_one_store(db_path: Path) -> None:
     """An app's loop and an admin job's loop (``asyncio.run`` on a thread) at the same
-    time: they shared the event loop's connection, a transaction begun by one failed
-    inside the other's, and one reopening the connection under the other's statement
-    crashed the process."""
+    time, each thread starting loop after loop: they shared the event loop's connection,
+    a transaction begun by one failed inside the other's, and one reopening the
+    connection under the other's statement crashed the process."""
     t0 = start_time()
     store = SQLiteStore(db_path, timeout=10)
     records = [make_record(now=t0, user_id=f"user{n}") for n in range(10)]
@@ -3935,8 +3935,8 @@ def test_two_threads_each_on_a_loop_of_its_own_share_one_store(db_path: Path) ->
     written: dict[str, set[str]] = {record.id: set() for record in records}
 
     def serve(worker: int) -> None:
-        async def requests() -> None:
-            for n in range(1000):
+        async def requests(batch: int) -> None:
+            for n in range(batch * 10, batch * 10 + 10):
                 record, key = records[n % len(records)], f"w{worker}-{n}"
                 update = make_update(now=t0 + 1, set_keys={key: n}, moves_expiry=False)
                 assert await store.update(record.id, update, now=t0 + 1)
@@ -3947,7 +3947,8 @@ def test_two_threads_each_on_a_loop_of_its_own_share_one_store(db_path: Path) ->
                 await asyncio.sleep(0)
 
         try:
-            asyncio.run(requests())
+            for batch in range(100):  # a loop of its own for each batch, as each job's
+                asyncio.run(requests(batch))
         except BaseException as exc:  # reported by the test below
             failures.append(exc)
 
@@ -3968,3 +3969,34 @@ def test_two_threads_each_on_a_loop_of_its_own_share_one_store(db_path: Path) ->
 
     assert failures == []
     assert all(written[id_] <= keys for id_, keys in asyncio.run(stored()).items())
+
+
+def test_a_store_in_use_by_another_threads_running_loop_is_not_closed_under_it(
+    db_path: Path,
+) -> None:
+    """An admin job's ``async with store`` on a thread of its own closed the app's store
+    as it ended, under a statement of the app's loop (which crashed the process)."""
+    t0 = start_time()
+    store = SQLiteStore(db_path)
+    record = make_record(now=t0)
+    app_loop = asyncio.new_event_loop()
+    app_thread = threading.Thread(target=app_loop.run_forever, daemon=True)
+    app_thread.start()
+
+    def on_app_loop(call: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(call, app_loop).result(timeout=30)
+
+    try:
+        on_app_loop(store.open())
+        on_app_loop(store.create(record, max_sessions=10, now=t0))
+
+        with pytest.raises(RuntimeError, match="in use by an event loop running on another"):
+            asyncio.run(store.close())
+
+        assert on_app_loop(store.get(record.token_digest, now=t0)) == record
+        on_app_loop(store.close())
+    finally:
+        app_loop.call_soon_threadsafe(app_loop.stop)
+        app_thread.join(timeout=10)
+        app_loop.close()
+    assert not store.is_open

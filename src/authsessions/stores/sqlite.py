@@ -42,6 +42,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -244,10 +245,11 @@ class SQLiteStore(Store):
         self._reconnecting: asyncio.Task[None] | None = None  # see _reconnect_all
         self._reconnected_at = -RECONNECT_INTERVAL
         self._closed_for_fork = False  # by _close_for_fork, until the fork is over
-        # The thread, and its event loop, that use the loop's connection (and the record
-        # cache): see _claim_loop_db.
-        self._loop_thread: int | None = None
+        # The event loop that uses the loop's connection (and the record cache), and its
+        # thread: see _claim_loop_db.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._claim_lock = threading.Lock()
         self._counting = 0  # stats() connections open on worker threads
         self._counting_lock = threading.Lock()
 
@@ -378,12 +380,10 @@ class SQLiteStore(Store):
         if wal_index is not None:
             db.refuse_write = self._write_locked
         self._loop_db, self._wal_index = db, wal_index
-        # The opener's, as a claim would make it (see _claim_loop_db and _close_for_fork).
-        self._loop_thread = _get_ident()
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:  # reopened after a fork, outside any loop
-            self._loop = None
+        # The opener's, as a claim would make it (see _claim_loop_db and _close_for_fork);
+        # no loop's, reopened after a fork outside any loop.
+        with self._claim_lock:
+            self._loop_thread, self._loop = _get_ident(), _get_running_loop()
 
     def _write_locked(self) -> bool:
         """Whether to refuse the write the event loop's connection began: one whose commit
@@ -437,7 +437,7 @@ class SQLiteStore(Store):
     # -- reads, on the event loop -------------------------------------------
 
     async def get(self, token_digest: str, *, now: float) -> SessionRecord | None:
-        if _get_ident() == self._loop_thread or self._claim_loop_db():
+        if _get_running_loop() is self._loop or self._claim_loop_db():
             db = self._loop_db
             if db is None:
                 db = self._connection(db)
@@ -473,19 +473,41 @@ class SQLiteStore(Store):
         return _record(rows[0]) if rows else None
 
     def _claim_loop_db(self) -> bool:
-        """Whether this thread may use the event loop's connection (and the record cache),
-        which only one thread's loop uses: made this one's unless another thread's loop
-        running now has it. Another thread's calls (an admin job's ``asyncio.run`` beside
-        the app's loop) go to the writer thread instead: sharing the connection, one
-        thread's transaction began inside the other's, and one reopening it under the
-        other's statement crashed the process.
+        """Whether this loop may use the event loop's connection (and the record cache),
+        which only one loop at a time uses: made this one's unless another loop, running
+        now (on another thread), has it. Another thread's calls (an admin job's
+        ``asyncio.run`` beside the app's loop) go to the writer thread instead: sharing
+        the connection, one thread's transaction began inside the other's, and one
+        reopening it under the other's statement crashed the process.
         """
         loop = asyncio.get_running_loop()
+        with self._claim_lock:  # two threads claiming at once must not both have it
+            holder = self._loop
+            if holder is not None and holder is not loop and holder.is_running():
+                return False
+            self._loop_thread, self._loop = _get_ident(), loop
+            return True
+
+    async def close(self) -> None:
+        """Release connections. The store can be opened again afterwards.
+
+        Raises:
+            RuntimeError: the store is in use by an event loop running on another thread
+                (see :meth:`_claim_loop_db`), whose statement the close would cut short.
+        """
         holder = self._loop
-        if holder is not None and holder is not loop and holder.is_running():
-            return False
-        self._loop_thread, self._loop = _get_ident(), loop
-        return True
+        if (
+            self.is_open
+            and holder is not None
+            and holder is not asyncio.get_running_loop()
+            and holder.is_running()
+        ):
+            raise RuntimeError(
+                f"{self!r} is in use by an event loop running on another thread: close it "
+                "on that loop (asyncio.run_coroutine_threadsafe), or give each thread a "
+                "store of its own."
+            )
+        await super().close()
 
     def _require_open(self) -> None:
         if not self._is_open:
@@ -509,7 +531,7 @@ class SQLiteStore(Store):
 
     def _read_now(self, sql: str, params: tuple[Any, ...]) -> list[Any] | None:
         """Run a SELECT on the loop's thread; ``None`` in the rare case the file is busy."""
-        if _get_ident() != self._loop_thread and not self._claim_loop_db():
+        if _get_running_loop() is not self._loop and not self._claim_loop_db():
             return None
         db = self._connection(self._loop_db)
         try:
@@ -851,7 +873,7 @@ class SQLiteStore(Store):
         # While the checkpoint's finish is due, writes go to the thread, the first to run
         # it: the first commit after it may start the WAL over and fsync. After anyone
         # else's checkpoint, the connection itself refuses such a commit (see _open_loop_db).
-        if not writer.finish_due() and (_get_ident() == self._loop_thread or self._claim_loop_db()):
+        if not writer.finish_due() and (_get_running_loop() is self._loop or self._claim_loop_db()):
             db = self._connection(self._loop_db)
             self._version_at_write = None
             changes_before = db.total_changes
@@ -901,7 +923,7 @@ class SQLiteStore(Store):
                 raise
             # Only where the event loop's connection may be closed: not under another
             # thread's loop (see _claim_loop_db).
-            if _get_ident() != self._loop_thread and not self._claim_loop_db():
+            if _get_running_loop() is not self._loop and not self._claim_loop_db():
                 raise
         await self._reconnect_all()
         return await hand_over(work)
