@@ -2409,6 +2409,25 @@ async def test_a_session_error_in_a_task_group_closes_the_websocket_as_one_alone
     assert sent[-1] == {"type": "websocket.close", "code": 1008, "reason": "sign in again"}
 
 
+async def test_a_websocket_whose_task_group_the_server_cancelled_keeps_what_it_set() -> None:
+    """A cancellation that reaches the handler inside a task group comes out of it in a
+    group: it was taken for the handler's failure, and what the socket set was dropped."""
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+
+    async def grouped_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        Session.from_scope(scope).set("theme", "solarized")
+        raise BaseExceptionGroup("a task group", [asyncio.CancelledError()])
+
+    middleware = SessionMiddleware(grouped_app, store=store)
+    with pytest.raises(BaseExceptionGroup):
+        await middleware(socket_scope(token), receiving({"type": "websocket.connect"}), _ignore)
+
+    assert (await only_session(store)).data == {"theme": "solarized"}
+
+
 async def test_a_websocket_refused_before_accept_is_denied_with_the_errors_response() -> None:
     """Where the server offers the denial extension: a signed-out client and a store
     outage got the same bare 403 from the server, which a client cannot tell apart."""

@@ -77,7 +77,11 @@ async def serve_websocket(
     except (SessionError, BaseExceptionGroup) as raised:
         error = session_error_in(raised)
         if error is None:  # a task group's failures, not all of them session errors
-            await _save_changes(session, saves, save=client_left)
+            # A cancellation among them is the server's, as below: what was set stays.
+            cancelled = isinstance(raised, BaseExceptionGroup) and (
+                raised.split(asyncio.CancelledError)[0] is not None
+            )
+            await _save_changes(session, saves, save=client_left or cancelled)
             raise
         # Where an HTTP request gets a response with the error's status, the socket
         # is closed (before the handshake, refused), instead of failing the server's
