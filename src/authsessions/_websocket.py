@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
+from typing import cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,10 +78,10 @@ async def serve_websocket(
     except (SessionError, BaseExceptionGroup) as raised:
         error = session_error_in(raised)
         if error is None:  # a task group's failures, not all of them session errors
-            # A cancellation among them is the server's, as below: what was set stays.
-            cancelled = isinstance(raised, BaseExceptionGroup) and (
-                raised.split(asyncio.CancelledError)[0] is not None
-            )
+            # A group (a SessionError is its own error). A cancellation among its failures
+            # is the server's, as below: what was set stays.
+            group = cast("BaseExceptionGroup[BaseException]", raised)
+            cancelled = group.split(asyncio.CancelledError)[0] is not None
             await _save_changes(session, saves, save=client_left or cancelled)
             raise
         # Where an HTTP request gets a response with the error's status, the socket

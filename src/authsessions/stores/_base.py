@@ -261,6 +261,12 @@ class Store(abc.ABC):
         """What a primitive raises when called on a store that is not open."""
         return RuntimeError(f"{self!r} is closed; open it first (await store.open()).")
 
+    def _require_open(self) -> None:
+        # As every store does: code that forgot open() would pass its tests on one that
+        # did not, and fail on the first real store.
+        if not self._is_open:
+            raise self._closed_error()
+
     def _refuse_another_running_loop(self) -> None:
         """Refuse a store open on another loop that has not closed: its connections work
         only there (used here, the driver failed midway, some writes done).

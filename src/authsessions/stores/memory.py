@@ -226,12 +226,6 @@ class MemoryStore(Store):
             expired_sessions=len(self._rows) - len(live),
         )
 
-    def _require_open(self) -> None:
-        # As every other store does: code that forgot open() would pass its tests here
-        # and fail on the first real store.
-        if not self._is_open:
-            raise self._closed_error()
-
     def _rows_of(self, user_id: str) -> list[_Row]:
         return [self._rows[session_id] for session_id in self._ids_by_user.get(user_id, ())]
 

@@ -261,18 +261,18 @@ class RedisStore(Store):
         # that is none: redis://cache/sessions would share database 0 with anything.
         parts = urlsplit(url)
         database = unquote(parts.path).removeprefix("/").removesuffix("/")
-        if (
-            parts.scheme in ("redis", "rediss")
-            and database
-            and ("db" not in options or "/" in database)
-        ):
-            try:
-                int(database.replace("/", "#"))  # not database 12, as redis-py read /1/2
-            except ValueError:
+        if parts.scheme in ("redis", "rediss") and database:
+            one_number = "/" not in database  # redis-py read /1/2 as database 12
+            if one_number and "db" not in options:
+                try:
+                    int(database)
+                except ValueError:
+                    one_number = False
+            if not one_number:
                 raise ValueError(
                     f"the Redis URL {shown_as} names a database that is not a number: "
                     "expected redis://host:port/0 (or no path, for database 0)."
-                ) from None
+                )
         for name in ("socket_timeout", "socket_connect_timeout"):
             seconds = options.get(name)
             if seconds is not None and not seconds > 0:  # every call would time out at once

@@ -509,10 +509,6 @@ class SQLiteStore(Store):
             )
         await super().close()
 
-    def _require_open(self) -> None:
-        if not self._is_open:
-            raise self._closed_error()
-
     async def list_for_user(self, user_id: str, *, now: float) -> list[SessionRecord]:
         now = _checks.list_for_user_args(user_id, now)
         params = (user_id, now)
