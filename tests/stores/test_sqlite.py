@@ -979,6 +979,34 @@ def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
     db.close()
 
 
+def test_a_statement_left_unfinished_in_a_transaction_holds_no_read_after_it(
+    tmp_path: Path,
+) -> None:
+    """A transaction's statements share its connection's one cursor (``statements``): a
+    SELECT read only in part must not keep a snapshot open past the COMMIT, which would
+    hold every later frame of the WAL back from checkpoints.
+    """
+    path = tmp_path / "cursor.db"
+    db = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, factory=GuardedConnection
+    )
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE t (n INTEGER)")
+    db.executemany("INSERT INTO t VALUES (?)", [(n,) for n in range(100)])
+    with transaction(db) as sql:
+        assert sql is db.statements
+        sql.execute("INSERT INTO t VALUES (100)")
+        assert sql.execute("SELECT n FROM t ORDER BY n").fetchone() == (0,)  # 100 more
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("INSERT INTO t VALUES (101)")
+        busy, logged, copied = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        other.close()
+        db.close()
+    assert (busy, logged, copied) == (0, 0, 0)  # every frame copied, and the WAL emptied
+
+
 WRITES = ["create", "update", "delete", "delete_for_user", "delete_expired"]
 
 
@@ -1141,6 +1169,11 @@ class BusyReader:
         exc.sqlite_errorcode = self.code
         raise exc
 
+    @property
+    def statements(self) -> BusyReader:
+        """The cursor a transaction runs on (as a GuardedConnection's): this ``execute``."""
+        return self
+
     def close(self) -> None:
         pass
 
@@ -1151,6 +1184,11 @@ class WrappedConnection:
     def __init__(self, db: sqlite3.Connection | None) -> None:
         assert db is not None
         self.db = db
+
+    @property
+    def statements(self) -> WrappedConnection:
+        """The cursor a transaction runs on (as a GuardedConnection's): this ``execute``."""
+        return self
 
     @property
     def in_transaction(self) -> bool:
@@ -2106,17 +2144,17 @@ async def test_a_commit_elsewhere_just_before_the_write_takes_its_lock_is_merged
     t0 = start_time()
     store = caching_store
     written, _ = await cache_two_sessions(store, t0)
-    loop_db = store._loop_db
-    assert loop_db is not None
-    begin = loop_db.execute
+    loop_db = cast(GuardedConnection, store._loop_db)
+    statements = loop_db.statements
 
-    def commit_elsewhere_then(sql: str, params: Any = ()) -> Any:
-        if sql == "BEGIN IMMEDIATE":
-            monkeypatch.undo()
-            write_as_another_program(db_path, written.id)
-        return begin(sql, params)
+    class CommitElsewhereBeforeBegin:
+        def execute(self, sql: str, params: Any = ()) -> Any:
+            if sql == "BEGIN IMMEDIATE":
+                monkeypatch.undo()
+                write_as_another_program(db_path, written.id)
+            return statements.execute(sql, params)
 
-    monkeypatch.setattr(loop_db, "execute", commit_elsewhere_then)
+    monkeypatch.setattr(loop_db, "statements", CommitElsewhereBeforeBegin())
     assert await store.update(written.id, make_update(now=t0, set_keys={"b": 2}), now=t0)
     assert stored_data(db_path, written.id) == {"dirty": True, "b": 2}
 

@@ -621,9 +621,9 @@ class SQLiteStore(Store):
             values += replaced
 
         def create(db: sqlite3.Connection) -> int:
-            with transaction(db):
+            with transaction(db) as sql:
                 try:
-                    db.execute(insert, values)
+                    sql.execute(insert, values)
                 except sqlite3.IntegrityError as exc:
                     if exc.sqlite_errorcode not in _TAKEN:
                         raise
@@ -634,7 +634,7 @@ class SQLiteStore(Store):
                 # nothing to delete (most logins), where this read costs 3 to 6 µs.
                 kept = 0
                 evicted = []
-                for rowid, live in db.execute(
+                for rowid, live in sql.execute(
                     _SELECT_USERS_OTHERS, (now, record.user_id, record.id)
                 ):
                     if live and kept < max_sessions - 1:
@@ -642,7 +642,7 @@ class SQLiteStore(Store):
                     else:
                         evicted.append((rowid,))
                 if evicted:
-                    db.executemany(f"DELETE FROM {TABLE} WHERE rowid = ?", evicted)
+                    sql.executemany(f"DELETE FROM {TABLE} WHERE rowid = ?", evicted)
                 return len(evicted)
 
         # A new row is in no cache; the evicted ones are the user's, not known by id.
@@ -654,14 +654,14 @@ class SQLiteStore(Store):
         written: list[_WrittenRow] = []
 
         def update(db: sqlite3.Connection) -> bool:
-            with transaction(db):
+            with transaction(db) as sql:
                 kept = self._kept_at_lock(db, session_id, now)
                 if kept is not None:
                     record, stored_data = kept
                     last_active_at, expires_at = record.last_active_at, record.expires_at
                     stored_digest = record.token_digest
                 else:
-                    row = db.execute(_SELECT_FOR_UPDATE, (session_id, now)).fetchone()
+                    row = sql.execute(_SELECT_FOR_UPDATE, (session_id, now)).fetchone()
                     if row is None:
                         return False
                     stored_data, last_active_at, expires_at, stored_digest = row
@@ -728,7 +728,7 @@ class SQLiteStore(Store):
                         )
                 if assignments:
                     try:
-                        db.execute(
+                        sql.execute(
                             f"UPDATE {TABLE} SET {', '.join(assignments)} WHERE id = ?",
                             (*params, session_id),
                         )
@@ -794,13 +794,13 @@ class SQLiteStore(Store):
         now = _checks.delete_args(session_id, user_id, token_digest, now)
 
         def delete(db: sqlite3.Connection) -> bool:
-            with transaction(db):
-                found = db.execute(
+            with transaction(db) as sql:
+                found = sql.execute(
                     _SELECT_TO_DELETE, (session_id, user_id, user_id, token_digest, token_digest)
                 ).fetchone()
                 if found is None:
                     return False
-                db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (session_id,))
+                sql.execute(f"DELETE FROM {TABLE} WHERE id = ?", (session_id,))
                 return bool(found[0] > now)
 
         return await self._write(delete, lambda _deleted: (session_id,))
@@ -816,9 +816,9 @@ class SQLiteStore(Store):
 
         def delete(db: sqlite3.Connection) -> tuple[int, int]:
             """How many live sessions went, and how many rows."""
-            with transaction(db):
-                (live,) = db.execute(count_live, (user_id, except_id, now)).fetchone()
-                return live, db.execute(delete_rows, (user_id, except_id)).rowcount
+            with transaction(db) as sql:
+                (live,) = sql.execute(count_live, (user_id, except_id, now)).fetchone()
+                return live, sql.execute(delete_rows, (user_id, except_id)).rowcount
 
         # A user's sessions are few (max_sessions_per_user): one short write on the event
         # loop, like a logout. Many (a raised cap, rows written by other means) go to the
