@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -23,6 +24,7 @@ from litestar.middleware import (
 )
 from litestar.params import FromPath, JSONBody
 from litestar.testing import TestClient as LitestarTestClient
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse as StarletteJSON
@@ -31,6 +33,7 @@ from starlette.types import ASGIApp
 
 from authsessions import (
     Session,
+    SessionConfig,
     SessionData,
     SessionManager,
     SessionMiddleware,
@@ -38,9 +41,9 @@ from authsessions import (
     Unauthorized,
 )
 from authsessions.litestar import CurrentSession, SessionPlugin, provide_session, require_session
-from authsessions.stores import SQLiteStore, Store
+from authsessions.stores import RedisStore, SQLiteStore, Store
 from authsessions.stores._sqlite_schema import TABLE
-from tests.apps.session_app import CHROME_MAC, cookie_header, session_cookie
+from tests.apps.session_app import CHROME_MAC, cookie_header, plant_session, session_cookie
 
 
 @post("/login", status_code=200)
@@ -730,3 +733,75 @@ def test_a_websocket_handler_that_fails_with_the_client_there_saves_nothing(
 
     assert closed.code == code
     assert me_after == {"user": "alice", "theme": theme}
+
+
+@websocket("/ws/set-then-wait")
+async def ws_set_then_wait(socket: WebSocket[Any, Any, Any], session: CurrentSession) -> None:
+    await socket.accept()
+    session.set("theme", "solarized")
+    await socket.receive_text()  # until the client leaves
+
+
+@pytest.mark.parametrize("owner", ["plugin", "app"])
+async def test_shutdown_waits_for_the_save_of_a_websocket_the_server_cancelled(
+    redis_url: str, redis_prefix: str, owner: str
+) -> None:
+    """As under Starlette. The plugin's middleware runs per route, so no lifespan passes
+    through it: the store (closed by the plugin, or by the app's own hook) closed under
+    the save, and what the socket set was lost."""
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    plugin = SessionPlugin(
+        store=f"{redis_url}?prefix={redis_prefix}" if owner == "plugin" else store
+    )
+    app: Any = Litestar(
+        [ws_set_then_wait],
+        plugins=[plugin],
+        on_shutdown=[] if owner == "plugin" else [store.close],
+    )
+    admin = Redis.from_url(redis_url)
+    leaving = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not connected:
+            connected.append(True)
+            return {"type": "websocket.connect"}
+        await leaving.wait()
+        return {"type": "websocket.disconnect", "code": 1001}
+
+    async def send(message: Any) -> None:
+        pass
+
+    connected: list[bool] = []
+    try:
+        async with LifespanManager(app):
+            token, _ = await plant_session(plugin.store, "alice", data={"theme": "dark"})
+            scope = {
+                "type": "websocket",
+                "path": "/ws/set-then-wait",
+                "raw_path": b"/ws/set-then-wait",
+                "root_path": "",
+                "query_string": b"",
+                "headers": [
+                    (b"cookie", f"{SessionConfig().cookie_name}={token}".encode()),
+                    (b"user-agent", CHROME_MAC.encode()),
+                ],
+                "client": ("127.0.0.1", 123),
+                "server": ("testserver", 443),
+                "scheme": "wss",
+                "subprotocols": [],
+            }
+            serving = asyncio.create_task(app(scope, receive, send))
+            await asyncio.sleep(0.1)  # accepted, the key set
+            await admin.client_pause(500, all=False)  # writes wait half a second
+            leaving.set()  # the client leaves: the save waits for the server
+            await asyncio.sleep(0.1)
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
+    finally:
+        await admin.aclose()
+
+    assert not plugin.store.is_open
+    async with RedisStore(redis_url, prefix=redis_prefix) as reopened:
+        (session,) = await SessionManager(reopened).list_for_user("alice")
+        assert session.data == {"theme": "solarized"}

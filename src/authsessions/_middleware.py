@@ -19,7 +19,7 @@ from authsessions._errors import NO_STORE, SessionError, StoreUnavailable, error
 from authsessions._records import SessionRecord
 from authsessions._session import SCOPE_KEY, Session
 from authsessions._tokens import token_digest
-from authsessions._websocket import serve_websocket
+from authsessions._websocket import finish_saves, serve_websocket
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 from authsessions.stores.memory import MemoryStore
@@ -327,7 +327,7 @@ class SessionMiddleware:
                     failure_sent = True
                     raise
             elif message["type"] == "lifespan.shutdown":
-                await self._finish_socket_saves()  # before the app closes its store
+                await finish_saves(self._socket_saves)  # before the app closes its store
             return message
 
         async def send_wrapper(message: Message) -> None:
@@ -371,11 +371,6 @@ class SessionMiddleware:
             await send({"type": "lifespan.startup.failed", "message": failed})
             raise
 
-    async def _finish_socket_saves(self) -> None:
-        """Wait for the saves of WebSockets the server cancelled as it shuts down."""
-        if self._socket_saves:
-            await asyncio.wait(set(self._socket_saves))
-
     async def _run_lifespan_alone(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -384,7 +379,7 @@ class SessionMiddleware:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    await self._finish_socket_saves()
+                    await finish_saves(self._socket_saves)
                     await self.store.close()
                 except Exception as exc:
                     failed = f"the session store could not be closed: {exc}"

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from authsessions._errors import SessionError, StoreUnavailable, error_response
 from authsessions._session import SCOPE_KEY, Session
 
-__all__ = ["HANDLER_FAILED", "serve_websocket", "session_error_in"]
+__all__ = ["HANDLER_FAILED", "finish_saves", "serve_websocket", "session_error_in"]
 
 logger = logging.getLogger("authsessions")
 
@@ -155,6 +155,13 @@ async def _save_changes(session: Session, saves: set[asyncio.Task[None]], *, sav
     # Shielded: the server's cancellation (its shutdown) may arrive while the store works,
     # and the save must go on; the middleware waits for it before the store closes.
     await asyncio.shield(saving)
+
+
+async def finish_saves(saves: set[asyncio.Task[None]]) -> None:
+    """Wait for the saves of WebSockets the server cancelled as it shuts down: to be
+    called before the store closes."""
+    if saves:
+        await asyncio.wait(set(saves))
 
 
 async def _logging_failure(write: Awaitable[None]) -> None:

@@ -18,10 +18,12 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any, cast
 
-from litestar import Request, Response
+from litestar import Litestar, Request, Response
 from litestar.config.app import AppConfig
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
@@ -36,7 +38,7 @@ from authsessions._config import SessionConfig
 from authsessions._errors import SessionError, Unauthorized
 from authsessions._middleware import SessionMiddleware, open_at_startup
 from authsessions._session import Session
-from authsessions._websocket import HANDLER_FAILED, session_error_in
+from authsessions._websocket import HANDLER_FAILED, finish_saves, session_error_in
 from authsessions.stores._base import Store
 from authsessions.stores._url import resolve_store
 
@@ -107,6 +109,23 @@ def pass_session_errors_on_websockets(exc: Exception, scope: Scope) -> None:
     cast("MutableMapping[str, Any]", scope)[HANDLER_FAILED] = True
 
 
+class _RouteSessionMiddleware(SessionMiddleware):
+    """``SessionMiddleware`` as the plugin adds it, one per route: the lifespan never
+    passes through these, so the saves of their WebSockets go into one set the plugin
+    waits for at shutdown, before the store closes."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        store: Store,
+        config: SessionConfig,
+        socket_saves: set[asyncio.Task[None]],
+    ) -> None:
+        super().__init__(app, store=store, config=config)
+        self._socket_saves = socket_saves
+
+
 class SessionPlugin(InitPlugin):
     """Sessions for a Litestar app.
 
@@ -134,14 +153,18 @@ class SessionPlugin(InitPlugin):
         # so every stack shares one store instead of opening one each.
         self.store, self._owns_store = resolve_store(store)
         self.config = config if config is not None else SessionConfig()
+        self._socket_saves: set[asyncio.Task[None]] = set()
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         # SessionMiddleware speaks Starlette's (structurally equal) ASGI types.
-        middleware: Any = SessionMiddleware
+        middleware: Any = _RouteSessionMiddleware
         # First, so outermost: the app's own middleware (one that authenticates from the
         # session, say) runs inside it and finds the session loaded.
         app_config.middleware.insert(
-            0, DefineMiddleware(middleware, store=self.store, config=self.config)
+            0,
+            DefineMiddleware(
+                middleware, store=self.store, config=self.config, socket_saves=self._socket_saves
+            ),
         )
         app_config.dependencies.setdefault(
             "session", Provide(provide_session, sync_to_thread=False)
@@ -151,9 +174,19 @@ class SessionPlugin(InitPlugin):
         # after this one adds its hooks after it, and they miss a WebSocket's.
         app_config.after_exception.append(pass_session_errors_on_websockets)
         app_config.on_startup.append(self._open_store)
+        # Last, so that it ends first at shutdown: before the app's other lifespan
+        # managers and every on_shutdown hook, any of which may close the store.
+        app_config.lifespan.append(self._finishing_socket_saves)
         if self._owns_store:
             app_config.on_shutdown.append(self.store.close)
         return app_config
 
     async def _open_store(self) -> None:
         await open_at_startup(self.store)
+
+    @contextlib.asynccontextmanager
+    async def _finishing_socket_saves(self, _app: Litestar) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await finish_saves(self._socket_saves)
