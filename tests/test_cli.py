@@ -17,19 +17,24 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import pytest
 from click.testing import CliRunner, Result
+from redis.asyncio import Redis
 
+from authsessions import __version__
 from authsessions._client import describe_device
 from authsessions._records import SessionRecord
 from authsessions._tokens import new_session_id, new_token, token_digest
 from authsessions.cli import INSTALL_HINT, main, make_cli
 from authsessions.stores import SQLiteStore, open_store
+from authsessions.stores._postgres_sql import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
 from authsessions.stores._sqlite_schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from authsessions.stores._url import redact_url
 from tests.services import POSTGRES_URL, REDIS_URL, require_port
@@ -189,6 +194,95 @@ def test_migrate_says_what_it_created_and_what_it_upgraded(tmp_path: Path) -> No
 
 
 # -- list ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["list", "42"], ["stats"], ["revoke-user", "42"], ["cleanup"]])
+def test_only_migrate_upgrades_an_older_schema(tmp_path: Path, command: list[str]) -> None:
+    """The others upgraded it without a word: on a large PostgreSQL table, an upgrade may
+    build an index while the app's requests wait, which an operator runs when they choose.
+    """
+    path = tmp_path / "previous.db"
+    record = records.make_record(now=records.start_time())
+    a_file_of_the_previous_release(path, record)
+    url = f"sqlite:///{path}"
+
+    refused = run(*command, "--store", url)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        recorded = db.execute("SELECT version FROM authsessions_session_schema").fetchall()
+    upgraded = run("migrate", "--store", url)
+
+    assert_one_line_error(
+        refused,
+        f"the session store's schema is version 2, older than this release's "
+        f"{SQLITE_SCHEMA_VERSION}; this command changes no schema. Upgrade it with: "
+        f"authsessions migrate --store {url} (the app upgrades it too",
+    )
+    assert recorded == [(2,)]
+    assert upgraded.exit_code == 0
+    assert run(*command, "--store", url).exit_code == 0
+
+
+def test_only_migrate_upgrades_an_older_postgresql_schema(postgres_schema: str) -> None:
+    url = f"{POSTGRES_URL}?schema={postgres_schema}"
+    assert run("migrate", "--store", url).exit_code == 0
+    older = POSTGRES_SCHEMA_VERSION - 1
+    table = f'"{postgres_schema}".authsessions_session_schema_version'
+
+    async def versions(set_to: int | None = None) -> list[int]:
+        connection = await asyncpg.connect(POSTGRES_URL)
+        try:
+            if set_to is not None:
+                await connection.execute(f"UPDATE {table} SET version = $1", set_to)  # noqa: S608
+            return [row[0] for row in await connection.fetch(f"SELECT version FROM {table}")]  # noqa: S608
+        finally:
+            await connection.close()
+
+    asyncio.run(versions(set_to=older))
+    refused = run("list", "42", "--store", url)
+
+    assert_one_line_error(refused, f"the session store's schema is version {older}, older ")
+    assert asyncio.run(versions()) == [older]
+
+
+def test_a_newer_schema_is_reported_as_the_store_says_it(tmp_path: Path) -> None:
+    """Not as an internal error ("RuntimeError: …"): the operator is to upgrade authsessions."""
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    seed(url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "newer.db")) as db, db:
+        db.execute("UPDATE authsessions_session_schema SET version = 99, compatible_from = 99")
+
+    result = run("list", "42", "--store", url)
+
+    assert_one_line_error(result)
+    assert result.stderr.startswith("Error: The session database has schema version 99")
+
+
+def test_a_warning_the_store_logs_is_printed_by_a_command_that_succeeds(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A Redis that evicts keys once full: `migrate`, run to check a store before a deploy,
+    said only that it was ready."""
+
+    async def configure(settings: dict[str, str]) -> dict[str, str]:
+        admin = Redis.from_url(redis_url)
+        try:
+            before = cast("dict[str, str]", await admin.config_get(*settings))
+            for name, value in settings.items():
+                await admin.config_set(name, value)
+            return before
+        finally:
+            await admin.aclose()
+
+    before = asyncio.run(configure({"maxmemory": str(1 << 30), "maxmemory-policy": "allkeys-lru"}))
+    try:
+        result = run("migrate", "--store", f"{redis_url}?prefix={redis_prefix}")
+    finally:
+        asyncio.run(configure(before))
+
+    assert result.exit_code == 0, result.output
+    assert "is ready." in result.stdout
+    assert result.stderr.startswith("Warning: the Redis server of ")
+    assert "maxmemory-policy allkeys-lru" in result.stderr
 
 
 def test_list_prints_a_table_of_live_sessions(store_url: str, user: str) -> None:
@@ -868,11 +962,13 @@ def test_demo_without_the_rest_of_the_cli_extra_says_what_to_install(
 # -- the real console script ------------------------------------------------------------------
 
 
-def console_script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def console_script(
+    *args: str, cwd: Path, command: Sequence[str] = (str(CONSOLE_SCRIPT),)
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ}
     env.pop("AUTHSESSIONS_STORE", None)
     return subprocess.run(
-        [str(CONSOLE_SCRIPT), *args],
+        [*command, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -900,6 +996,17 @@ def test_console_script_reports_an_unreachable_store_in_one_line(tmp_path: Path)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_python_m_authsessions_cli_runs_the_command(tmp_path: Path) -> None:
+    """It ran nothing and exited 0: a cron job's revocation would never have happened."""
+    module = (sys.executable, "-m", "authsessions.cli")
+    refused = console_script("revoke-user", "42", cwd=tmp_path, command=module)
+    version = console_script("--version", cwd=tmp_path, command=module)
+
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("Error: no session store at "), refused.stderr
+    assert (version.returncode, version.stdout) == (0, f"authsessions, version {__version__}\n")
 
 
 def free_port() -> int:

@@ -259,12 +259,13 @@ async def _with_store(
 
 
 def _require_sqlite_store(store: Store, url: str) -> None:
-    """Refuse a SQLite store whose file is missing or holds no session table, reading it
-    through a read-only connection, so that nothing is written to it.
+    """Refuse a SQLite store whose file is missing, holds no session table, or holds an
+    older schema, reading it through a read-only connection, so that nothing is written
+    to it.
     """
     import click
 
-    from authsessions.stores._sqlite_schema import TABLE
+    from authsessions.stores._sqlite_schema import SCHEMA_VERSION, TABLE, _recorded_version
     from authsessions.stores.sqlite import SQLiteStore
 
     if not isinstance(store, SQLiteStore):
@@ -283,12 +284,29 @@ def _require_sqlite_store(store: Store, url: str) -> None:
             found = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
             ).fetchone()
+            version = _recorded_version(db)[0] if found is not None else 0
     except sqlite3.Error as exc:
         raise click.ClickException(f"cannot read {path} as a session store: {exc}.") from None
     if found is None:
         raise click.ClickException(
             f"no session store in {path}: the file holds no authsessions tables "
             f"(check the path, or {create})."
+        )
+    _require_current_schema(version, SCHEMA_VERSION, url)
+
+
+def _require_current_schema(version: int, current: int, url: str) -> None:
+    """Refuse a store whose schema is older than this release's: only ``migrate`` upgrades
+    it, when an operator chose to (on a large PostgreSQL table, an upgrade may build an
+    index while requests wait)."""
+    import click
+
+    if version < current:
+        raise click.ClickException(
+            f"the session store's schema is version {version}, older than this release's "
+            f"{current}; this command changes no schema. Upgrade it with: authsessions "
+            f"migrate --store {redact_url(url)} (the app upgrades it too, as it opens the "
+            "store)."
         )
 
 
@@ -304,17 +322,23 @@ def _is_closed_wal_database(path: str) -> bool:
 
 
 async def _require_postgres_store(store: Store, url: str) -> None:
-    """Refuse a PostgreSQL store whose table does not exist, asking without creating it."""
+    """Refuse a PostgreSQL store whose table does not exist, or whose schema is older than
+    this release's, asking without creating or upgrading anything."""
     import click
 
+    from authsessions.stores._postgres_sql import SCHEMA_VERSION
     from authsessions.stores.postgres import PostgresStore
 
-    if isinstance(store, PostgresStore) and not await store._is_created():
+    if not isinstance(store, PostgresStore):
+        return
+    version = await store._created_version()
+    if version is None:
         raise click.ClickException(
             f"no session store in schema {store.schema!r} (create it with: authsessions "
             f"migrate --store {redact_url(url)}; or check ?schema= and ?table=, which "
             f"named the table {store.table!r})."
         )
+    _require_current_schema(version, SCHEMA_VERSION, url)
 
 
 async def _nothing(store: Store) -> None:
@@ -336,8 +360,9 @@ def one_line_errors() -> Iterator[None]:
     import click
 
     # The failure the library logs is the one this reports: kept here, not printed as
-    # well (where nothing configured logging, Python would print it to stderr).
-    library_log, logged = logging.getLogger("authsessions"), _LastWarning()
+    # well (where nothing configured logging, Python would print it to stderr). A
+    # command that succeeds prints them: a store that evicts keys, say.
+    library_log, logged = logging.getLogger("authsessions"), _Warnings()
     library_log.addHandler(logged)
     try:
         yield
@@ -350,7 +375,7 @@ def one_line_errors() -> Iterator[None]:
         if cause is None:
             # Not chained where the driver's message could hold a statement's values; the
             # log line says what failed without them ("ReadOnlySQLTransactionError").
-            said = logged.message or exc.message
+            said = logged.messages[-1] if logged.messages else exc.message
             raise click.ClickException(_first_line(said)) from None
         said = _first_line(str(cause)).rstrip(".") if str(cause) else type(cause).__name__
         raise click.ClickException(f"cannot use the session store: {said}.") from None
@@ -364,8 +389,15 @@ def one_line_errors() -> Iterator[None]:
         raise click.ClickException(f"cannot load this store ({exc}).") from None
     except ValueError as exc:  # open_store: an unknown scheme or a malformed URL
         raise click.ClickException(_first_line(str(exc))) from None
+    except RuntimeError as exc:
+        # Where a store says what to do: a newer schema than this release knows, a role
+        # that may not upgrade it, a table of that name that is not a session table.
+        raise click.ClickException(_first_line(str(exc))) from None
     except Exception as exc:
         raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
+    else:
+        for message in logged.messages:
+            click.echo(f"Warning: {message}", err=True)
     finally:
         library_log.removeHandler(logged)
 
@@ -391,15 +423,15 @@ def _library_notes() -> Iterator[list[str]]:
         library_log.setLevel(level)
 
 
-class _LastWarning(logging.Handler):
-    """Keeps the message of the last warning (or worse) logged, instead of printing it."""
+class _Warnings(logging.Handler):
+    """Keeps the messages of the warnings (or worse) logged, instead of printing them."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.message: str | None = None
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.message = record.getMessage()
+        self.messages.append(record.getMessage())
 
 
 def _first_line(text: str) -> str:
@@ -629,3 +661,7 @@ def _print_stats(console: Console, where: str, stats: StoreStats) -> None:
         for kind, count in _by_count(stats.by_device_type):
             table.add_row(kind, f"{count:,}")
         console.print(table)
+
+
+if __name__ == "__main__":  # python -m authsessions.cli, as the console script
+    main()

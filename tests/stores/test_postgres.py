@@ -1371,6 +1371,22 @@ async def test_a_silent_server_gives_store_unavailable_within_the_timeouts(
             apps_pool.terminate()
 
 
+async def test_asking_for_the_schema_version_gives_up_on_a_silent_server(
+    postgres_url: str, postgres_schema: str, proxy: TcpProxy
+) -> None:
+    """The command line asks it before any command: the query timed out, and then closing
+    its connection waited for the server for ever."""
+    store = impatient_store_through(proxy, postgres_url, postgres_schema)
+    proxy.stall_at(b"to_regclass")  # connected; then the server stops answering
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store._created_version(), 10)
+    finally:
+        proxy.unstall()
+    assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("write", ["login over a session", "update at repeatable read"])
 async def test_a_write_in_a_transaction_on_an_apps_pool_does_not_hang_on_a_silent_server(
     postgres_url: str, postgres_schema: str, proxy: TcpProxy, write: str

@@ -245,25 +245,30 @@ class PostgresStore(Store):
         else:
             self._connections = HeldConnections(pool, self.acquire_timeout, max_idle=self.max_size)
 
-    async def _is_created(self) -> bool:
-        """Whether the session table exists, asked on a connection of its own without
-        creating anything: for the command line, where a mistyped ``?schema=`` or
-        ``?table=`` would otherwise make a new, empty store. ``True`` with a pool of the
-        app's, which only the app's own code is given.
+    async def _created_version(self) -> int | None:
+        """The schema version of the session table (0 where none is recorded), ``None``
+        when there is no such table, asked on a connection of its own without creating
+        or upgrading anything: for the command line, where a mistyped ``?schema=`` or
+        ``?table=`` would otherwise make a new, empty store, and a read would upgrade
+        the schema unasked. This release's version with a pool of the app's, which only
+        the app's own code is given.
         """
         if self._dsn is None:
-            return True
+            return SCHEMA_VERSION
+        version_table = f'"{self.schema}"."{self.table}_schema_version"'
         with translate_errors("PostgreSQL", *self._errors), self._refusing_a_malformed_dsn():
-            conn = await self._asyncpg.connect(self._dsn, timeout=self.connect_timeout)
+            # command_timeout bounds the close too: a server gone silent held it for ever.
+            conn = await self._asyncpg.connect(
+                self._dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
+            )
             try:
-                found = await conn.fetchval(
-                    "SELECT to_regclass($1) IS NOT NULL",
-                    self._qualified,
-                    timeout=self.command_timeout,
-                )
+                found = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self._qualified)
+                recorded = await self._recorded_schema(conn, version_table) if found else None
             finally:
                 await conn.close()
-        return bool(found)
+        if not found:
+            return None
+        return 0 if recorded is None else recorded[0]
 
     @contextlib.contextmanager
     def _refusing_a_malformed_dsn(self) -> Iterator[None]:
