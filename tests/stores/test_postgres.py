@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 import secrets
 import subprocess
@@ -752,6 +753,24 @@ def test_pool_sizes_no_pool_can_have_are_refused_when_the_store_is_built(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(refused)):
         PostgresStore("postgresql://localhost/db", min_size=min_size, max_size=max_size)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("max_size", 2.5, TypeError),  # asyncpg's own TypeError, only as the store opened
+        ("min_size", True, TypeError),
+        ("command_timeout", math.inf, ValueError),  # a silent server held calls for ever
+        ("acquire_timeout", math.nan, ValueError),
+        ("connect_timeout", 0, ValueError),
+        ("connect_timeout", "5", TypeError),
+    ],
+)
+def test_sizes_and_timeouts_no_store_can_honour_are_refused_when_it_is_built(
+    option: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=option):
+        PostgresStore("postgresql://localhost/db", **{option: value})  # type: ignore[arg-type]
 
 
 async def test_data_jsonb_alone_would_mangle_round_trips_exactly(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import secrets
 import subprocess
 import sys
@@ -1374,6 +1375,21 @@ def test_a_url_timeout_of_no_time_is_refused_when_the_store_is_built(option: str
     """Every call timed out at once: the server started, and answered 503s."""
     with pytest.raises(ValueError, match="above 0"):
         RedisStore(f"redis://127.0.0.1:6379/0?{option}")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("socket_timeout", math.inf, ValueError),  # a silent server held calls for ever
+        ("socket_connect_timeout", math.nan, ValueError),
+        ("socket_timeout", True, TypeError),
+    ],
+)
+def test_a_timeout_no_store_can_honour_is_refused_when_it_is_built(
+    option: str, value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=option):
+        RedisStore("redis://127.0.0.1:6379/0", **{option: value})  # type: ignore[arg-type]
 
 
 # -- failures -------------------------------------------------------------------------------------

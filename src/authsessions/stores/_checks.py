@@ -31,6 +31,7 @@ __all__ = [
     "delete_for_user_args",
     "list_for_user_args",
     "require_count",
+    "require_seconds",
     "require_str",
     "require_text",
     "require_time",
@@ -55,6 +56,21 @@ def require_count(name: str, value: object) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}.")
     if value > MAX_COUNT:
         raise ValueError(f"{name} must be at most {MAX_COUNT}, got {value}.")
+
+
+def require_seconds(name: str, value: object) -> None:
+    """Refuse a timeout a store cannot honour, as it is built: a positive, finite number
+    of seconds. 0 made every call time out, and infinity (or NaN) let a silent server
+    hold a request for ever, where a store promises ``StoreUnavailable`` instead.
+
+    Raises:
+        TypeError: ``value`` is not an int or a float (a bool is not one here).
+        ValueError: ``value`` is not above 0, or not finite.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}.")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a number of seconds above 0, got {value!r}.")
 
 
 def require_time(name: str, value: object) -> float:

@@ -120,6 +120,7 @@ class PostgresStore(Store):
 
     Raises:
         ImportError: asyncpg is not installed.
+        TypeError: a size that is not an int, or a timeout that is not a number.
         ValueError: neither ``dsn`` nor ``pool``, or an invalid name, size or timeout;
             on open, a DSN asyncpg cannot parse.
         RuntimeError: on open, a ``pool`` never initialised (``create_pool`` not
@@ -160,17 +161,16 @@ class PostgresStore(Store):
                 f"table must not end with {', '.join(_NAMED_AFTER_THE_TABLE)}: the store "
                 f"names its indexes and version table so, got {table!r}."
             )
+        for what, size in (("min_size", min_size), ("max_size", max_size)):
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise TypeError(f"{what} must be an int, got {type(size).__name__}.")
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError(
                 f"need 0 <= min_size <= max_size and max_size >= 1, got {min_size}, {max_size}."
             )
-        for what, seconds in (
-            ("connect_timeout", connect_timeout),
-            ("command_timeout", command_timeout),
-            ("acquire_timeout", acquire_timeout),
-        ):
-            if not seconds > 0:
-                raise ValueError(f"{what} must be positive, got {seconds!r}.")
+        _checks.require_seconds("connect_timeout", connect_timeout)
+        _checks.require_seconds("command_timeout", command_timeout)
+        _checks.require_seconds("acquire_timeout", acquire_timeout)
         if dsn is not None and urllib.parse.urlsplit(dsn).netloc.count("@") > 1:
             # asyncpg ends the password at the first "@", and takes the rest of it for the
             # host: a lookup of a name that is part of the password, then 503s.

@@ -158,9 +158,10 @@ class RedisStore(Store):
 
     Raises:
         ImportError: redis-py is not installed.
+        TypeError: a timeout that is not a number.
         ValueError: neither ``url`` nor ``client``, a malformed URL, a client that
-            returns bytes, a prefix with braces, a timeout that is not positive, or an
-            option in the URL that redis-py does not take.
+            returns bytes, a prefix with braces, a timeout that is not positive and
+            finite, or an option in the URL that redis-py does not take.
     """
 
     counts_expired_sessions = False  # Redis drops expired sessions by itself
@@ -182,8 +183,8 @@ class RedisStore(Store):
             raise ValueError("RedisStore needs a url or a client (exactly one of them).")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not contain braces, got {prefix!r}.")
-        if not (socket_timeout > 0 and socket_connect_timeout > 0):
-            raise ValueError("socket_timeout and socket_connect_timeout must be positive.")
+        _checks.require_seconds("socket_timeout", socket_timeout)
+        _checks.require_seconds("socket_connect_timeout", socket_connect_timeout)
         self._shown_url = "<app client>"
         if url is not None:
             scheme, separator, rest = url.partition("://")
