@@ -389,12 +389,13 @@ def one_line_errors() -> Iterator[None]:
         raise click.ClickException(f"cannot load this store ({exc}).") from None
     except ValueError as exc:  # open_store: an unknown scheme or a malformed URL
         raise click.ClickException(_first_line(str(exc))) from None
-    except RuntimeError as exc:
-        # Where a store says what to do: a newer schema than this release knows, a role
-        # that may not upgrade it, a table of that name that is not a session table.
-        raise click.ClickException(_first_line(str(exc))) from None
     except Exception as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
+        message = _first_line(str(exc))
+        if type(exc) is not RuntimeError:
+            message = f"{type(exc).__name__}: {message}"
+        # Else where a store says what to do: a newer schema than this release knows, a
+        # role that may not upgrade it, a table of that name that is not a session table.
+        raise click.ClickException(message) from None
     else:
         for message in logged.messages:
             click.echo(f"Warning: {message}", err=True)

@@ -1370,9 +1370,13 @@ def test_a_database_number_or_none_is_taken(url: str) -> None:
     assert RedisStore(url)
 
 
-@pytest.mark.parametrize("option", ["socket_timeout=0", "socket_connect_timeout=-1"])
+@pytest.mark.parametrize(
+    "option",
+    ["socket_timeout=0", "socket_connect_timeout=-1", "socket_timeout=inf", "socket_timeout=nan"],
+)
 def test_a_url_timeout_of_no_time_is_refused_when_the_store_is_built(option: str) -> None:
-    """Every call timed out at once: the server started, and answered 503s."""
+    """Every call timed out at once (the server started, and answered 503s), or a silent
+    server held it for ever."""
     with pytest.raises(ValueError, match="above 0"):
         RedisStore(f"redis://127.0.0.1:6379/0?{option}")
 

@@ -276,7 +276,8 @@ class RedisStore(Store):
                 )
         for name in ("socket_timeout", "socket_connect_timeout"):
             seconds = options.get(name)
-            if seconds is not None and not seconds > 0:  # every call would time out at once
+            # 0: every call timed out at once; inf (or nan): a silent server held it for ever.
+            if seconds is not None and not 0 < seconds < math.inf:
                 raise ValueError(
                     f"the Redis URL {shown_as} sets {name} to {seconds}: give a number of "
                     "seconds above 0, or leave it out."
