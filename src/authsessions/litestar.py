@@ -174,8 +174,9 @@ class SessionPlugin(InitPlugin):
         # after this one adds its hooks after it, and they miss a WebSocket's.
         app_config.after_exception.append(pass_session_errors_on_websockets)
         app_config.on_startup.append(self._open_store)
-        # Last, so that it ends first at shutdown: before the app's other lifespan
-        # managers and every on_shutdown hook, any of which may close the store.
+        # Last so far, so that it ends first at shutdown: before the app's own lifespan
+        # managers and every on_shutdown hook, any of which may close the store (a plugin
+        # listed after this one adds its managers after it).
         app_config.lifespan.append(self._finishing_socket_saves)
         if self._owns_store:
             app_config.on_shutdown.append(self.store.close)
