@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 from authsessions.demo._csrf import CsrfGuard
-from authsessions.demo.app import create_app, users_path_for
+from authsessions.demo.app import NOTICES, create_app, users_path_for
 
 DESKTOP_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -649,3 +649,90 @@ async def test_signing_in_upgrades_a_hash_made_with_weaker_settings(tmp_path: Pa
     upgraded = stored_hash(users, "alice")
     assert not stronger.check_needs_rehash(upgraded)
     assert stronger.verify(upgraded, PASSWORD)
+
+
+# -- failures get pages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/signin", "/profile"])
+async def test_a_malformed_origin_is_refused_not_a_server_error(
+    desktop: httpx.AsyncClient, page: str
+) -> None:
+    await sign_up(desktop, "origin-user")
+    if page == "/signin":
+        await post_form(desktop, "/profile", "/signout")
+    token = await csrf_token(desktop, page)
+    fields = account_fields("/signin", "origin-user") if page == "/signin" else {"theme": "dark"}
+
+    posted = await desktop.post(
+        page, data={"csrf_token": token, **fields}, headers={"origin": "http://[::1"}
+    )
+
+    assert posted.status_code == 403
+    assert "That form was refused" in posted.text
+
+
+def replace_with_a_folder(path: str) -> None:
+    """A file SQLite cannot open in its place."""
+    Path(path).unlink(missing_ok=True)
+    Path(path).mkdir()
+
+
+async def test_an_accounts_file_that_cannot_be_opened_gets_a_page(
+    app: Starlette, desktop: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """It was a bare 500 and a traceback."""
+    token = await csrf_token(desktop, "/signin")
+    replace_with_a_folder(users_path_for(f"sqlite:///{tmp_path / 'sessions.db'}"))
+
+    posted = await desktop.post(
+        "/signin", data={"csrf_token": token, **account_fields("/signin", "alice")}
+    )
+
+    assert posted.status_code == 503
+    assert posted.headers["content-type"].startswith("text/html")
+    assert "Try again in a moment" in posted.text
+
+
+async def test_a_sign_up_whose_session_cannot_be_made_says_the_account_exists(
+    desktop: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """It answered the library's JSON 503, and a second try said the name was taken."""
+    with closing(sqlite3.connect(tmp_path / "sessions.db")) as db, db:
+        db.execute("ALTER TABLE authsessions_session RENAME TO moved_away")
+    try:
+        failed = await sign_up(desktop, "bob")
+    finally:
+        with closing(sqlite3.connect(tmp_path / "sessions.db")) as db, db:
+            db.execute("ALTER TABLE moved_away RENAME TO authsessions_session")
+
+    assert failed.status_code == 503
+    assert "Your account was created, but you could not be signed in." in failed.text
+    assert (await sign_in(desktop, "bob")).headers["location"] == "/profile"
+
+
+async def test_a_form_of_a_session_another_device_ends_meanwhile_sends_to_sign_in(
+    desktop: httpx.AsyncClient, phone: httpx.AsyncClient
+) -> None:
+    """The session was loaded and the form's token checked, then the other device signed
+    everyone out before this one acted on it: a JSON 401, where a page belongs."""
+    await sign_up(desktop, "carol")
+    await sign_in(phone, "carol")
+    token = await csrf_token(desktop, "/devices")
+
+    async def body_sent_in_two_parts() -> AsyncIterator[bytes]:
+        yield b"csrf_token="
+        ended = await post_form(phone, "/devices", "/devices/all")  # the session loaded
+        assert ended.headers["location"] == "/signin?notice=signed-out-everywhere"
+        yield token.encode()
+
+    posted = await desktop.post(
+        "/devices/others",
+        content=body_sent_in_two_parts(),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+
+    assert posted.status_code == 303
+    assert posted.headers["location"] == "/signin?notice=session-ended"
+    assert NOTICES["session-ended"] in (await desktop.get(posted.headers["location"])).text
+    assert (await desktop.get("/profile")).headers["location"] == "/signin"

@@ -85,13 +85,13 @@ class CsrfGuard:
         if origin is None:
             return True
         # "null" is refused: a sandboxed frame's, or a cross-site redirect's.
-        parts = urlsplit(origin)
         url = request.url
         try:
+            parts = urlsplit(origin)
             return _origin(parts.scheme, parts.hostname, parts.port) == _origin(
                 url.scheme, url.hostname, url.port
             )
-        except ValueError:  # a port that is no number
+        except ValueError:  # a port that is no number, a bracket left open ("http://[::1")
             return False
 
     # -- signed in -------------------------------------------------------------------

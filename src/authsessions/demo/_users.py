@@ -11,14 +11,18 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from anyio import to_thread
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-__all__ = ["USERNAME_RULE", "SignupError", "User", "UserStore"]
+__all__ = ["USERNAME_RULE", "AccountsUnavailable", "SignupError", "User", "UserStore"]
+
+T = TypeVar("T")
 
 USERNAME_RULE = "3 to 32 characters: letters, digits, '.', '_' or '-'"
 _USERNAME = re.compile(r"[a-z0-9._-]{3,32}")
@@ -36,6 +40,10 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS demo_user (
 
 class SignupError(ValueError):
     """The sign-up form cannot be accepted; the message is shown to the person."""
+
+
+class AccountsUnavailable(Exception):
+    """The accounts file cannot be used right now (locked, unreadable, full)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,7 @@ class UserStore:
 
         Raises:
             SignupError: the username or password breaks a rule, or the name is taken.
+            AccountsUnavailable: the accounts file cannot be used.
         """
         username = normalise_username(username)
         if not _USERNAME.fullmatch(username):
@@ -79,7 +88,7 @@ class UserStore:
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise SignupError(f"Choose a password of {MIN_PASSWORD} to {MAX_PASSWORD} characters.")
         password_hash = await to_thread.run_sync(self.hasher.hash, password)
-        user_id = await to_thread.run_sync(self._insert, username, password_hash)
+        user_id = await _on_accounts_file(self._insert, username, password_hash)
         if user_id is None:
             raise SignupError("That username is taken; choose another.")
         return User(id=user_id, username=username)
@@ -89,9 +98,12 @@ class UserStore:
 
         An unknown username costs one argon2 verification too, so response
         times do not reveal which usernames exist.
+
+        Raises:
+            AccountsUnavailable: the accounts file cannot be used.
         """
         username = normalise_username(username)
-        row = await to_thread.run_sync(self._find, username)
+        row = await _on_accounts_file(self._find, username)
         if row is None or len(password) > MAX_PASSWORD:
             await to_thread.run_sync(self._verify_dummy, password)
             return None
@@ -102,7 +114,7 @@ class UserStore:
             # The hasher's settings were raised since this hash was made: upgrade it now,
             # the only moment the plain password is at hand.
             new_hash = await to_thread.run_sync(self.hasher.hash, password)
-            await to_thread.run_sync(self._set_hash, user_id, new_hash)
+            await _on_accounts_file(self._set_hash, user_id, new_hash)
         return User(id=user_id, username=username)
 
     # -- in the worker thread ------------------------------------------------------
@@ -146,3 +158,12 @@ class UserStore:
         if self._dummy_hash is None:
             self._dummy_hash = self.hasher.hash("not anyone's password")
         self._verify(self._dummy_hash, password)
+
+
+async def _on_accounts_file(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in a worker thread; a failure of the accounts file as
+    :class:`AccountsUnavailable`."""
+    try:
+        return await to_thread.run_sync(work, *args)
+    except sqlite3.Error as exc:
+        raise AccountsUnavailable(str(exc)) from exc

@@ -23,10 +23,23 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from authsessions import Session, SessionConfig, SessionMiddleware, SessionNotFound
+from authsessions import (
+    Session,
+    SessionConfig,
+    SessionMiddleware,
+    SessionNotFound,
+    StoreUnavailable,
+    Unauthorized,
+)
 from authsessions._humanize import format_utc, time_ago
 from authsessions.demo._csrf import FORM_FIELD, CsrfGuard
-from authsessions.demo._users import USERNAME_RULE, SignupError, User, UserStore
+from authsessions.demo._users import (
+    USERNAME_RULE,
+    AccountsUnavailable,
+    SignupError,
+    User,
+    UserStore,
+)
 from authsessions.stores import SQLiteStore
 from authsessions.stores._url import DEFAULT_STORE_URL, STORE_URL_ENV, open_store
 
@@ -48,6 +61,7 @@ NOTICES = {
     "already-ended": "That session had already ended.",
     "others-signed-out": "Every other device is signed out.",
     "rotated": "Your session token was replaced; the old one no longer works.",
+    "session-ended": "Your session had ended (signed out from another device?); sign in again.",
 }
 
 # Pages are plain HTML with one same-origin stylesheet, so the policy can be strict.
@@ -127,7 +141,15 @@ def create_app(
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(
-        routes=routes, middleware=[Middleware(SessionMiddleware, store=url, config=config)]
+        routes=routes,
+        middleware=[Middleware(SessionMiddleware, store=url, config=config)],
+        # Pages, not the library's JSON: a session ended by another device while this
+        # request ran, or a store that is down.
+        exception_handlers={
+            Unauthorized: demo.session_ended,
+            StoreUnavailable: demo.unavailable,
+            AccountsUnavailable: demo.unavailable,
+        },
     )
 
 
@@ -188,6 +210,24 @@ class _Demo:
     def _forbidden(self, request: Request) -> Response:
         return self._page(request, "forbidden.html", status_code=403)
 
+    def _unavailable_page(self, request: Request, message: str | None = None) -> Response:
+        # Rendered without the session: showing it signed in would set its CSRF token, a
+        # write to the store that just failed.
+        context = {"notice": None, "error": None, "theme": "light", "message": message}
+        return self.templates.TemplateResponse(
+            request,
+            "unavailable.html",
+            context,
+            status_code=503,
+            headers={**SECURITY_HEADERS, "Retry-After": "5"},
+        )
+
+    async def unavailable(self, request: Request, exc: Exception) -> Response:
+        return self._unavailable_page(request)
+
+    async def session_ended(self, request: Request, exc: Exception) -> Response:
+        return _redirect("/signin", "session-ended")
+
     async def _form(self, request: Request) -> FormData:
         # A handful of short fields at most: refuse uploads and long field lists outright.
         return await request.form(max_files=0, max_fields=10)
@@ -245,7 +285,14 @@ class _Demo:
                 rule=USERNAME_RULE,
                 error=str(exc),
             )
-        await self._start_session(request, user)
+        try:
+            await self._start_session(request, user)
+        except StoreUnavailable:
+            return self._unavailable_page(
+                request,
+                "Your account was created, but you could not be signed in. "
+                "Sign in with it in a moment.",
+            )
         return _redirect("/profile", "signed-up")
 
     async def _start_session(self, request: Request, user: User) -> None:
