@@ -2527,6 +2527,42 @@ async def test_a_websocket_the_server_cancels_keeps_what_it_set() -> None:
     assert (await only_session(store)).data == {"theme": "solarized"}
 
 
+async def test_a_websocket_removes_a_key_another_request_set_after_it_opened() -> None:
+    """Its data is what the session held as it opened, which may be hours old: a removal
+    of a key it lacks was dropped, and the key set over HTTP meanwhile stayed."""
+    store = MemoryStore()
+    token, _ = await plant_session(store, "alice", data={"theme": "dark"})
+    opened, set_meanwhile = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        session = Session.from_scope(scope)
+        if scope["type"] == "http":
+            session.set("draft", "unsent")
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        opened.set()
+        await set_meanwhile.wait()
+        session.remove_key("draft")  # the client sent it
+        session.remove_key("never-set")
+        await send({"type": "websocket.close", "code": 1000})
+
+    middleware = SessionMiddleware(app, store=store)
+    socket = asyncio.create_task(
+        middleware(socket_scope(token), receiving({"type": "websocket.connect"}), _ignore)
+    )
+    await opened.wait()
+    http_scope = {**socket_scope(token), "type": "http", "method": "POST", "path": "/draft"}
+    await middleware(http_scope, receiving({"type": "http.request"}), _ignore)
+    assert (await only_session(store)).data == {"theme": "dark", "draft": "unsent"}
+    set_meanwhile.set()
+    await socket
+
+    assert (await only_session(store)).data == {"theme": "dark"}
+
+
 def test_a_websocket_cannot_rotate_the_token_it_cannot_hand_over() -> None:
     """A new token would reach the store but never the browser: it would be signed out."""
     store = MemoryStore()

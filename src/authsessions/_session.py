@@ -238,7 +238,9 @@ class Session:
         self._change(key, value)
 
     def remove_key(self, key: str) -> None:
-        """Remove ``key``; written when the response starts. No-op without a session or key.
+        """Remove ``key``; written when the response starts. No-op without a session or key
+        (on a WebSocket, the key is removed from the store even when the data the socket
+        read as it opened lacked it: another request may have set it since).
 
         Raises:
             SessionDataError: ``key`` is not a string.
@@ -248,11 +250,13 @@ class Session:
             return
         if key.__class__ is not str:
             key = _plain_key(key)
-        if key not in self._data:
+        # A request's data is as fresh as its load: a key it lacks needs no write. A
+        # socket's may be hours old, and another request may have set the key since.
+        if key not in self._data and self._connection[0] != "websocket":
             return
         if self._flushed:
             raise self._too_late("remove_key")
-        del self._own_data()[key]
+        self._own_data().pop(key, None)
         self._change(key, _REMOVED)
 
     # -- acting on the store -------------------------------------------------------
