@@ -355,6 +355,22 @@ async def test_an_old_cookie_of_the_same_name_sent_first_does_not_undo_the_login
     assert session_cookie(response, "sid") is None  # the valid cookie is not cleared
 
 
+async def test_an_old_cookie_past_a_shortened_ttl_sent_first_does_not_undo_the_login(
+    sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """Its session is still stored (the store's expiry was set under the longer ttl), but
+    past the new one: taken alone, it signed the user out and cleared the valid cookie."""
+    config = SessionConfig(cookie_name="sid", ttl=timedelta(days=1))
+    client = client_factory(app_factory(sqlite_store, config))
+    old, _ = await plant_session(sqlite_store, "alice", idle_for=2 * 86400, expires_in=86400)
+    token, _ = await plant_session(sqlite_store, "alice")
+
+    response = await client.get("/me", headers={"cookie": f"sid={old}; sid={token}"})
+
+    assert response.json()["authenticated"] is True
+    assert session_cookie(response, "sid") is None  # the valid cookie is not cleared
+
+
 async def test_duplicate_cookies_that_name_no_session_are_still_cleared(
     sqlite_store: Store, app_factory: AppFactory, client_factory: ClientFactory
 ) -> None:
@@ -1002,6 +1018,83 @@ class HoldingTheTouch(MemoryStore):
             self.touching.set()
             await self.go_on.wait()
         return updated
+
+
+class CommitsThenAnswersLate(MemoryStore):
+    """A store whose rotation commits, then whose answer comes late (a server that
+    committed; a writer thread whose work goes on)."""
+
+    answers_late = False
+
+    async def update(self, session_id: str, changes: SessionUpdate, *, now: float) -> bool:
+        updated = await super().update(session_id, changes, now=now)
+        if self.answers_late and changes.token_digest is not None:
+            await asyncio.sleep(0.5)
+        return updated
+
+
+async def test_a_rotation_that_timed_out_after_it_took_leaves_the_request_signed_out(
+    app_factory: AppFactory, client_factory: ClientFactory
+) -> None:
+    """The cancelled rotation ends the session holding the new token no response will
+    carry: the handler, going on, still saw it signed in."""
+    store = CommitsThenAnswersLate()
+    token, _ = await plant_session(store, "alice")
+
+    async def rotate_within_a_deadline(request: Request) -> JSONResponse:
+        session = Session.from_request(request)
+        store.answers_late = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.rotate(), 0.1)
+        live = await SessionManager(store).list_for_user("alice")
+        return JSONResponse({"authenticated": session.is_authenticated, "live": len(live)})
+
+    app = Starlette(
+        routes=[Route("/rotate", rotate_within_a_deadline)],
+        middleware=[Middleware(SessionMiddleware, store=store)],
+    )
+    response = await client_factory(app).get("/rotate", headers=cookie_header(token))
+
+    assert response.json() == {"authenticated": False, "live": 0}
+    assert_clears_cookie(response)
+
+
+async def test_a_second_response_start_leaves_the_session_the_first_signed_in() -> None:
+    """An app's error handler sending a 500 after its response began: the server refuses
+    it, but the new session, whose token the first start carried, had been ended."""
+    store = MemoryStore()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await Session.from_scope(scope).authenticate("alice")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            raise ValueError("failed mid-body")
+        except ValueError:
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+
+    sent: list[Message] = []
+
+    async def server_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and sent:
+            raise RuntimeError("the response has already started")
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"user-agent", CHROME_MAC.encode())],
+        "client": ("127.0.0.1", 123),
+    }
+    with pytest.raises(RuntimeError, match="already started"):
+        await SessionMiddleware(app, store=store)(
+            scope, receiving({"type": "http.request"}), server_send
+        )
+
+    (start,) = (message for message in sent if message["type"] == "http.response.start")
+    assert any(name == b"set-cookie" for name, _ in start["headers"])
+    assert len(await SessionManager(store).list_for_user("alice")) == 1
 
 
 async def test_a_logout_while_the_touch_is_written_leaves_the_session_ended(

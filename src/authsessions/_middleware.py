@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable
+from typing import Literal
 
 from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -113,9 +114,12 @@ class SessionMiddleware:
                     session = await self._not_found(scope, token, digest, now)
                 else:
                     checked = self._checked(scope, token, digest, record, now)
-                    session = (
-                        checked if checked is not None else await self._end_replayed(scope, record)
-                    )
+                    if checked is None:
+                        session = await self._end_replayed(scope, record)
+                    elif checked is False:
+                        session = await self._not_found(scope, token, digest, now)
+                    else:
+                        session = checked
             elif token is None:
                 session = self._anonymous(scope)
             else:
@@ -184,13 +188,17 @@ class SessionMiddleware:
             await store.open()
         digest = token_digest(token)
         record = await store.get(digest, now=now)
-        if record is None:
-            return await self._not_found(scope, token, digest, now)
-        return await self._found(scope, token, digest, record, now)
+        if record is not None:
+            checked = self._checked(scope, token, digest, record, now)
+            if checked is None:
+                return await self._end_replayed(scope, record)
+            if checked is not False:
+                return checked
+        return await self._not_found(scope, token, digest, now)
 
     async def _not_found(self, scope: Scope, token: str, digest: str | None, now: float) -> Session:
-        """When ``token`` (``digest``, ``None`` when malformed) named no session: the first
-        other session cookie of the request that names one (see
+        """When ``token`` (``digest``, ``None`` when malformed) named no valid session: the
+        first other session cookie of the request that names one (see
         :meth:`SessionCookie.later_tokens`; taking only the first, an old cookie left by a
         former ``cookie_domain`` or ``cookie_path`` would clear the valid one on every
         request). Else anonymous, and the cookie cleared unless one of them was rotated
@@ -204,7 +212,11 @@ class SessionMiddleware:
         for other, other_digest in others:
             record = await store.get(other_digest, now=now)
             if record is not None:
-                return await self._found(scope, other, other_digest, record, now)
+                checked = self._checked(scope, other, other_digest, record, now)
+                if checked is None:
+                    return await self._end_replayed(scope, record)
+                if checked is not False:
+                    return checked
         tried = [other_digest for _, other_digest in others]
         if digest is not None:
             tried.insert(0, digest)
@@ -213,18 +225,14 @@ class SessionMiddleware:
                 return self._spared(scope, holder)
         return self._cleared(scope)
 
-    async def _found(
-        self, scope: Scope, token: str, digest: str, record: SessionRecord, now: float
-    ) -> Session:
-        session = self._checked(scope, token, digest, record, now)
-        return session if session is not None else await self._end_replayed(scope, record)
-
     def _checked(
         self, scope: Scope, token: str, digest: str, record: SessionRecord, now: float
-    ) -> Session | None:
+    ) -> Session | Literal[False] | None:
         """The session of ``record`` (what the store found for ``digest``) when it is valid
-        for this request; a session that clears the cookie when it is not; ``None`` when
-        another kind of client replays the cookie (see :meth:`_end_replayed`).
+        for this request; ``False`` when it is not (past a ``ttl`` or ``absolute_ttl``
+        shortened since the store's expiry was set): as where the store found none, a
+        later cookie of the request may name the valid session (see :meth:`_not_found`);
+        ``None`` when another kind of client replays the cookie (see :meth:`_end_replayed`).
         """
         config = self.config
         # The checks are written out here, not called: every authenticated request runs them.
@@ -239,7 +247,7 @@ class SessionMiddleware:
                 and record.created_at + config.absolute_ttl_seconds <= now
             )
         ):
-            return self._cleared(scope)
+            return False
         if config.validate_fingerprint and device_of(scope).fingerprint != record.fingerprint:
             return None
         return Session(self.store, config, scope, record, token, "keep")
@@ -417,7 +425,9 @@ class _SessionSend:
     def __call__(self, message: Message) -> Awaitable[None]:
         if self.replaced_by_error:
             return _nothing()  # the app's response was replaced by an error response
-        if message["type"] != "http.response.start":
+        if message["type"] != "http.response.start" or self.response_started:
+            # A second start (an app's error handler after its response began) is the
+            # server's to refuse: the first carried what the session owed.
             return self._send(message)
         if (
             message["status"] == 500

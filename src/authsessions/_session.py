@@ -416,7 +416,8 @@ class Session:
                     ending = self._store.delete(
                         record.id, now=time.time(), user_id=record.user_id, token_digest=digest
                     )
-                    await self._end_unsent(ending, record.id)
+                    if await self._end_unsent(ending, record.id) and self._record is record:
+                        self._end()  # else a handler that goes on still saw it signed in
                 raise
             break
         else:
@@ -786,17 +787,19 @@ class Session:
             if self._record is record:
                 self._spare(holder)
 
-    async def _end_unsent(self, ending: Awaitable[bool], session_id: str) -> None:
+    async def _end_unsent(self, ending: Awaitable[bool], session_id: str) -> bool:
         """Await ``ending``, the delete of session ``session_id``, whose new token no
-        response will carry; a store failure is logged, not raised (the request's own
-        failure or cancellation is the one to report)."""
+        response will carry, and return whether it deleted the session; a store failure
+        is logged, not raised (the request's own failure or cancellation is the one to
+        report)."""
         try:
             # Shielded: a cancelled request's cancellation may be delivered again here.
-            await asyncio.shield(ending)
+            return await asyncio.shield(ending)
         except StoreUnavailable:
             logger.warning(
                 "session %s, whose new token was never sent, is left to expire", session_id
             )
+            return False
 
     async def _end_if_still_named(self, record: SessionRecord) -> bool:
         """Delete ``record``'s session from the store while its token still names it, in
