@@ -239,6 +239,16 @@ async def test_set_rejects_non_string_keys(run: Runner, sqlite_store: Store, key
     assert await stored_data(sqlite_store) == {}
 
 
+@pytest.mark.parametrize("key", [1, None, ["a"], b"a"], ids=["int", "none", "list", "bytes"])
+async def test_get_refuses_non_string_keys_as_set_does(run: Runner, key: object) -> None:
+    """It returned the default (an int, bytes) or raised a bare "unhashable type" (a list),
+    where set() and remove_key() say what keys are."""
+    outcome = await run(lambda s: s.get(key), data={"a": 1, "1": 2})  # type: ignore[call-overload]
+
+    assert isinstance(outcome.error, SessionDataError)
+    assert "session keys are strings" in str(outcome.error)
+
+
 async def test_set_refuses_a_key_holding_a_lone_surrogate(run: Runner, sqlite_store: Store) -> None:
     """As a value's (and a login's initial data's keys): no UTF-8 JSON could show it."""
 

@@ -198,13 +198,17 @@ class Session:
         returned list or dict changes nothing stored: call :meth:`set`.
 
         Raises:
-            SessionDataError: the stored value does not fit ``type``.
+            SessionDataError: the stored value does not fit ``type``, or ``key`` is not a
+                string (as :meth:`set` says).
         """
         if self._record is None:
             return default
         try:
             value = self._data[key]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: unhashable
+            # Checked only on a miss: every stored key is a string.
+            if key.__class__ is not str:
+                _plain_key(key)
             return default
         if value.__class__ in _CONTAINERS:
             value = copy_json(value)
