@@ -768,6 +768,31 @@ class PointersApart:
         await self.raw.execute_command("CLIENT UNPAUSE", target_nodes=RedisCluster.ALL_NODES)
 
 
+async def test_a_cluster_rotation_refused_for_a_value_no_json_holds_claims_no_pointer(
+    redis_cluster_url: str, raw_cluster: RedisCluster
+) -> None:
+    """The new digest's pointer was claimed before the data was encoded: refused, the
+    update left it naming the session until its expiry."""
+    prefix = f"as-{secrets.token_hex(5)}:"
+    t0 = start_time()
+    record, rotated = make_record(now=t0), new_digest()
+    refused = SessionUpdate(
+        t0 + 1, t0 + TTL, {"x": {1, 2}}, token_digest=rotated,
+        expected_token_digest=record.token_digest,
+    )  # fmt: skip
+    try:
+        async with RedisStore(redis_cluster_url, prefix=prefix) as store:
+            await store.create(record, max_sessions=10, now=t0)
+            with pytest.raises(TypeError):
+                await store.update(record.id, refused, now=t0 + 1)
+            left = await raw_cluster.get(store._digest_key(rotated))
+            assert await store.get(record.token_digest, now=t0 + 1) == record
+    finally:
+        if leftover := [key async for key in raw_cluster.scan_iter(match=prefix + "*")]:
+            await raw_cluster.delete(*leftover)
+    assert left is None
+
+
 @pytest.fixture
 async def pointers_apart(
     redis_cluster_url: str, raw_cluster: RedisCluster

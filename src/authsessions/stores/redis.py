@@ -565,6 +565,9 @@ class RedisStore(Store):
         # _checks.update_args saw that a new digest comes with times.
         ttl = None if changes.expires_at is None else _ttl_ms(changes.expires_at, now)
         removed = ["d:" + dump_json(key) for key in changes.removed_keys]
+        # Encoded before any command: a value no JSON holds is refused with nothing written
+        # (a cluster's claim of the new digest's pointer would have stayed behind).
+        data_fields = _data_fields(changes.set_keys)
         in_cluster, cap = bool(self._cluster), changes.size_cap
         expected, until = changes.expected_token_digest, changes.rotated_away_until
         with translate_errors("Redis", *self._errors):
@@ -600,7 +603,7 @@ class RedisStore(Store):
                       new_digest or "", self._pointer_prefix, tag,
                       "" if cap is None else cap, expected or "", _or_empty(until), kept_ms,
                       _or_empty(changes.touch_if_last_active_by),
-                      len(removed), *removed, *_data_fields(changes.set_keys)],
+                      len(removed), *removed, *data_fields],
             )  # fmt: skip
             old_digest: str | int | None
             kept_before, times_kept = None, False
