@@ -69,7 +69,10 @@ class Setup:
         return f"{hashlib.sha256(record.user_id.encode()).hexdigest()[:32]}:{record.id}"
 
     async def all_keys(self) -> list[str]:
-        return [key async for key in self.raw.scan_iter(match=self.prefix + "*", count=1000)]
+        """The store's keys, but the answers deletes keep for a client's retry, which hold
+        no session and expire in a minute (see ``RETRY_ANSWER_MS``)."""
+        keys = self.raw.scan_iter(match=self.prefix + "*", count=1000)
+        return [key async for key in keys if ":a:" not in key]
 
     async def rotate_away(self, record: SessionRecord, *, now: float, until: float) -> str:
         """Rotate ``record``'s session to a new digest (which ``record`` takes), keeping
@@ -1705,6 +1708,59 @@ async def test_a_login_over_a_session_whose_reply_was_lost_stands_after_the_clie
             assert proxy.accepted >= 2  # the lost reply cost its connection
     finally:
         await client.aclose()
+
+
+async def test_a_logout_and_a_logout_everywhere_whose_replies_were_lost_count_what_they_ended(
+    proxy: TcpProxy, redis_prefix: str
+) -> None:
+    """The client's retry found nothing left to delete: a revoke answered "not found" for
+    the session it had ended, and a logout everywhere 0."""
+    t0 = start_time()
+    records = [make_record(now=t0 + i) for i in range(4)]
+    client = Redis(host="127.0.0.1", port=proxy.port, decode_responses=True)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            for record in records:
+                await store.create(record, max_sessions=10, now=t0 + 4)
+            proxy.lose_reply_to(records[3].id.encode())
+            assert await store.delete(records[3].id, now=t0 + 4, user_id="alice")
+            proxy.lose_reply_to(records[0].id.encode())
+            ended = await store.delete_for_user("alice", now=t0 + 4, except_id=records[0].id)
+            assert ended == 2
+            assert await store.list_for_user("alice", now=t0 + 4) == [records[0]]
+            assert proxy.accepted >= 3  # each lost reply cost its connection
+            answers = [key async for key in client.scan_iter(match=f"{redis_prefix}*:a:*")]
+            assert len(answers) == 2
+            for answer in answers:
+                assert 0 < await client.pttl(answer) <= 60_000
+            # A delete of its own, not a retry, is answered anew.
+            assert not await store.delete(records[3].id, now=t0 + 4, user_id="alice")
+            assert await store.delete_for_user("alice", now=t0 + 4, except_id=records[0].id) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_cluster_logout_run_twice_by_the_clients_retry_reports_what_it_ended(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """Its pointers, on other nodes, went only after a True answer: they stayed."""
+    client = running_one_command_twice(redis_cluster_url, "EVALSHA")
+    t0 = start_time()
+    record = make_record(now=t0)
+    try:
+        async with RedisStore(client=client, prefix=redis_prefix) as store:
+            await store.create(record, max_sessions=10, now=t0)
+            # Run once first: a server that has yet to load the script refuses the first
+            # run, which is then not run again.
+            assert not await store.delete("nothing-here", now=t0, user_id="alice")
+            client.marker = record.id
+            assert await store.delete(record.id, now=t0, user_id="alice")
+            assert client.marker is None  # the script ran twice
+            assert await store.list_for_user("alice", now=t0) == []
+            left = [key async for key in client.scan_iter(match=f"{redis_prefix}*")]
+            assert [key for key in left if ":a:" not in key] == []
+    finally:
+        await delete_prefixed(client, redis_prefix)
 
 
 async def test_a_silent_server_gives_store_unavailable_within_the_timeout(

@@ -224,11 +224,19 @@ if kept then return {had, kept} end
 return had
 """
 
-# KEYS: session, index. ARGV: id, '1' to require the owner, owner, key prefix on a
-# single server (the pointers go too) or '{' in a cluster, now, the digest the session
-# must hold ('' for any). Returns the digest, 1 if the session was live (0 if expired,
-# not yet gone by its TTL), and the digest it was rotated away from (or '').
+# A delete that ended something keeps its answer for a minute under a key of the call's
+# own, in the slot of the keys it changed: a client's retry after the reply was lost finds
+# the first run's answer, where it found nothing left to delete (a revoke answered "not
+# found", a logout everywhere 0, and a cluster's pointers stayed).
+RETRY_ANSWER_MS = 60_000
+
+# KEYS: session, index, the call's answer key. ARGV: id, '1' to require the owner, owner,
+# key prefix on a single server (the pointers go too) or '{' in a cluster, now, the digest
+# the session must hold ('' for any). Returns the digest, 1 if the session was live (0 if
+# expired, not yet gone by its TTL), and the digest it was rotated away from (or '').
 DELETE = """
+local answered = redis.call('GET', KEYS[3])
+if answered then return cjson.decode(answered) end
 local f = redis.call('HMGET', KEYS[1], 'uid', 'td', 'ea', 'ra')
 if not f[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return false end
 if ARGV[2] == '1' and f[1] ~= ARGV[3] then return false end
@@ -236,13 +244,18 @@ if ARGV[6] ~= '' and f[2] ~= ARGV[6] then return false end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 drop_pointers(ARGV[4], ARGV[1], f[2], f[4])
-return {f[2], tonumber(f[3]) > tonumber(ARGV[5]) and 1 or 0, f[4] or ''}
-"""
+local out = {f[2], tonumber(f[3]) > tonumber(ARGV[5]) and 1 or 0, f[4] or ''}
+redis.call('SET', KEYS[3], cjson.encode(out), 'PX', RETRY_ANSWER_MS)
+return out
+""".replace("RETRY_ANSWER_MS", str(RETRY_ANSWER_MS))
 
-# KEYS: index. ARGV: session key prefix, id to keep, key prefix on a single server (the
-# pointers go too) or '{' in a cluster, now. Returns how many of the deleted sessions
-# were live, then the deleted (id, digest, digest rotated away from or '') triples.
+# KEYS: index, the call's answer key. ARGV: session key prefix, id to keep, key prefix on
+# a single server (the pointers go too) or '{' in a cluster, now. Returns how many of the
+# deleted sessions were live, then the deleted (id, digest, digest rotated away from or
+# '') triples.
 DELETE_FOR_USER = """
+local answered = redis.call('GET', KEYS[2])
+if answered then return cjson.decode(answered) end
 local now, live, doomed = tonumber(ARGV[4]), 0, {}
 for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sid ~= ARGV[2] then
@@ -257,8 +270,11 @@ for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 local out = forget(KEYS[1], ARGV[1], doomed, ARGV[3])
 table.insert(out, 1, live)
+if #out > 1 then
+  redis.call('SET', KEYS[2], cjson.encode(out), 'PX', RETRY_ANSWER_MS)
+end
 return out
-"""
+""".replace("RETRY_ANSWER_MS", str(RETRY_ANSWER_MS))
 
 # A session travels as one JSON text, decoded once by the caller: redis-py parses a reply
 # element by element in Python (a session's hash is two dozen of them), and decoding

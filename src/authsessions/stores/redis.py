@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import secrets
 from contextlib import aclosing, contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
@@ -440,6 +441,11 @@ class RedisStore(Store):
     def _index(self, tag: str) -> str:
         return f"{self.prefix}{{{tag}}}:u"
 
+    def _answer(self, tag: str) -> str:
+        """A key of one call's own, in ``tag``'s slot, where a delete keeps its answer for a
+        client's retry (see ``_redis_scripts.RETRY_ANSWER_MS``)."""
+        return f"{self.prefix}{{{tag}}}:a:{secrets.token_hex(8)}"
+
     def _digest_key(self, digest: str) -> str:
         return f"{self.prefix}d:{digest}"
 
@@ -674,7 +680,7 @@ class RedisStore(Store):
             if tag is None:
                 return False
             deleted = await self._delete(
-                keys=[self._session_prefix(tag) + session_id, self._index(tag)],
+                keys=[self._session_prefix(tag) + session_id, self._index(tag), self._answer(tag)],
                 args=[session_id, "0" if user_id is None else "1", user_id or "",
                       self._pointer_prefix, now, token_digest or ""],
             )  # fmt: skip
@@ -725,7 +731,7 @@ class RedisStore(Store):
         tag = _tag(user_id)
         with translate_errors("Redis", *self._errors):
             live, *deleted = await self._delete_for_user(
-                keys=[self._index(tag)],
+                keys=[self._index(tag), self._answer(tag)],
                 args=[self._session_prefix(tag), except_id or "", self._pointer_prefix, now],
             )
             await self._drop_pointers(deleted)
