@@ -187,14 +187,20 @@ class SessionMiddleware:
         if not store.is_open:
             await store.open()
         digest = token_digest(token)
-        record = await store.get(digest, now=now)
-        if record is not None:
-            checked = self._checked(scope, token, digest, record, now)
-            if checked is None:
-                return await self._end_replayed(scope, record)
-            if checked is not False:
-                return checked
-        return await self._not_found(scope, token, digest, now)
+        session = await self._named(scope, token, digest, now)
+        return session if session is not None else await self._not_found(scope, token, digest, now)
+
+    async def _named(self, scope: Scope, token: str, digest: str, now: float) -> Session | None:
+        """The session ``token`` names, when it is valid for this request (anonymous, and
+        the cookie cleared, when another kind of client replays it); ``None`` when it names
+        no valid session."""
+        record = await self.store.get(digest, now=now)
+        if record is None:
+            return None
+        checked = self._checked(scope, token, digest, record, now)
+        if checked is None:
+            return await self._end_replayed(scope, record)
+        return None if checked is False else checked
 
     async def _not_found(self, scope: Scope, token: str, digest: str | None, now: float) -> Session:
         """When ``token`` (``digest``, ``None`` when malformed) named no valid session: the
@@ -210,13 +216,8 @@ class SessionMiddleware:
         if others and not store.is_open:
             await store.open()
         for other, other_digest in others:
-            record = await store.get(other_digest, now=now)
-            if record is not None:
-                checked = self._checked(scope, other, other_digest, record, now)
-                if checked is None:
-                    return await self._end_replayed(scope, record)
-                if checked is not False:
-                    return checked
+            if (session := await self._named(scope, other, other_digest, now)) is not None:
+                return session
         tried = [other_digest for _, other_digest in others]
         if digest is not None:
             tried.insert(0, digest)
