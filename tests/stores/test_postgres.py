@@ -773,6 +773,19 @@ def test_sizes_and_timeouts_no_store_can_honour_are_refused_when_it_is_built(
         PostgresStore("postgresql://localhost/db", **{option: value})  # type: ignore[arg-type]
 
 
+def test_a_size_of_any_integer_type_is_taken_as_an_int() -> None:
+    """A numpy integer, say: not an int, but an integer (``__index__``)."""
+
+    class Integer:
+        def __index__(self) -> int:
+            return 3
+
+    store = PostgresStore("postgresql://localhost/db", min_size=Integer(), max_size=Integer())  # type: ignore[arg-type]
+
+    assert (store.min_size, store.max_size) == (3, 3)
+    assert type(store.max_size) is int
+
+
 async def test_data_jsonb_alone_would_mangle_round_trips_exactly(
     postgres_store: Store,
 ) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import os
 import re
 import urllib.parse
@@ -161,9 +162,7 @@ class PostgresStore(Store):
                 f"table must not end with {', '.join(_NAMED_AFTER_THE_TABLE)}: the store "
                 f"names its indexes and version table so, got {table!r}."
             )
-        for what, size in (("min_size", min_size), ("max_size", max_size)):
-            if isinstance(size, bool) or not isinstance(size, int):
-                raise TypeError(f"{what} must be an int, got {type(size).__name__}.")
+        min_size, max_size = _pool_size("min_size", min_size), _pool_size("max_size", max_size)
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError(
                 f"need 0 <= min_size <= max_size and max_size >= 1, got {min_size}, {max_size}."
@@ -799,6 +798,18 @@ def _malformed_dsn(dsn: str) -> ValueError:
         redact_url(dsn),
         "postgresql://[user:password@]host[:port]/database[?option=value]",
     )
+
+
+def _pool_size(name: str, size: object) -> int:
+    """``size`` as the int asyncpg takes: any integer (a numpy one too), not a float or bool.
+
+    Raises:
+        TypeError: ``size`` is not an integer.
+    """
+    if not isinstance(size, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(size)  # type: ignore[arg-type]
+    raise TypeError(f"{name} must be an int, got {type(size).__name__}.")
 
 
 def _import_asyncpg() -> Any:
